@@ -1,0 +1,59 @@
+"""The daemon's user-facing failures.
+
+Each carries the HTTP status it maps to, a short machine-readable ``error``
+code and a human ``message``.  ``api.py`` turns any ``ApiError`` into a JSON
+body ``{"error": ..., "message": ...}`` in exactly one place.
+"""
+
+
+class ApiError(Exception):
+    status = 500
+    error = "internal"
+
+    def __init__(self, message, *, error=None, field=None):
+        super().__init__(message)
+        self.message = message
+        if error:
+            self.error = error
+        self.field = field
+
+    def body(self):
+        body = {"error": self.error, "message": self.message}
+        if self.field:
+            body["field"] = self.field
+        return body
+
+
+class BadRequest(ApiError):
+    status = 400
+    error = "bad-request"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    error = "unauthorized"
+
+
+class NotFound(ApiError):
+    status = 404
+    error = "not-found"
+
+
+class Conflict(ApiError):
+    status = 409
+    error = "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    error = "payload-too-large"
+
+
+class QueueFull(ApiError):
+    status = 429
+    error = "queue-full"
+
+
+class Unavailable(ApiError):
+    status = 503
+    error = "unavailable"
