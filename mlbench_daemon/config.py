@@ -1,0 +1,292 @@
+"""The one declared table of settings.
+
+Every key is declared once in ``SETTINGS`` as (section, key, converter,
+default, doc), in the style of waitress's ``adjustments.py``.  ``load()`` reads
+a TOML file, applies ``MLBENCH_DAEMON_<SECTION>_<KEY>`` environment overrides
+(lists and tables as JSON, bools as true/false/1/0), converts and validates
+each value, and returns a ``Config`` with one frozen object per section.
+
+Any problem raises ``ConfigError`` with one line naming the key, e.g.
+``ssh.port: must be an integer from 1 to 65535, got 'abc'``.
+
+Values keep their TOML types (str, int, float, bool, list, dict); path keys
+(``server.token_file``, ``ssh.key_file``, ``ssh.known_hosts``) have
+``$VAR``/``${VAR}`` expanded from the environment, so
+``${CREDENTIALS_DIRECTORY}/ssh_key`` works with systemd's LoadCredential.
+"""
+
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import tomllib
+
+ENV_PREFIX = "MLBENCH_DAEMON_"
+CLIENT_ENV = ("MLBENCH_DAEMON_URL", "MLBENCH_DAEMON_TOKEN_FILE")  # read by the CLI, not here
+REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """A bad config file or value; str() is one line naming the key."""
+
+
+# --- converters: value (TOML-typed, or str from the environment) -> value,
+# raising ValueError("must be ...") on bad input.
+
+def string(value):
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def nonempty(value):
+    if not string(value).strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def path(value):
+    return string(value)
+
+
+path.expand = True  # $VAR / ${VAR} expanded from the environment
+
+
+def boolean(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise ValueError("must be true or false")
+
+
+def integer(lo, hi=None):
+    rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+
+    def convert(value):
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+            raise ValueError(f"must be an integer {rng}")
+        return value
+    return convert
+
+
+def number(lo, *, strict=False):
+    rng = f"> {lo}" if strict else f">= {lo}"
+
+    def convert(value):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"must be a number {rng}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or value in (float("inf"), float("-inf")) or value < lo or (strict and value == lo):
+            raise ValueError(f"must be a number {rng}")
+        return float(value)
+    return convert
+
+
+def one_of(*choices):
+    def convert(value):
+        if not isinstance(value, str) or value.strip().lower() not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return value.strip().lower()
+    return convert
+
+
+def str_list(value, *, what="a list of strings"):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"must be {what}")
+    return list(value)
+
+
+str_list.json_env = True
+
+
+def argv(value):
+    what = "a non-empty list of non-empty strings"
+    if not str_list(value, what=what) or not all(value):
+        raise ValueError(f"must be {what}")
+    return list(value)
+
+
+argv.json_env = True
+
+
+def nameservers(value):
+    what = 'a list of "IP" or "IP:port" strings'
+    for item in str_list(value, what=what):
+        try:
+            parse_nameserver(item)
+        except ValueError:
+            raise ValueError(f"must be {what}; bad entry {item!r}") from None
+    return list(value)
+
+
+nameservers.json_env = True
+
+
+def parse_nameserver(text, default_port=53):
+    """'IP', 'IP:port', '[IPv6]:port' or a bare IPv6 -> (ip, port)."""
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:]+):(\d+)|([^\[\]]+)", text.strip())
+    if not m:
+        raise ValueError(text)
+    ip = m.group(1) or m.group(3) or m.group(5)
+    port = int(m.group(2) or m.group(4) or default_port)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return str(ipaddress.ip_address(ip)), port
+
+
+def label_rules(value):
+    what = 'a list of tables {match = "glob", labels = {key = "value"}}'
+    if not isinstance(value, list):
+        raise ValueError(f"must be {what}")
+    rules = []
+    for i, rule in enumerate(value):
+        if not isinstance(rule, dict) or set(rule) != {"match", "labels"} \
+                or not isinstance(rule["match"], str) or not rule["match"] \
+                or not isinstance(rule["labels"], dict) \
+                or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in rule["labels"].items()):
+            raise ValueError(f"must be {what}; bad entry [{i}]")
+        rules.append({"match": rule["match"], "labels": dict(rule["labels"])})
+    return rules
+
+
+label_rules.json_env = True
+
+
+SETTINGS = (
+    # section, key, converter, default, doc
+    ("server", "host", nonempty, "127.0.0.1", "address to bind; non-loopback needs token_file"),
+    ("server", "port", integer(0, 65535), 8080, "TCP port to bind (0 = any free port)"),
+    ("server", "token_file", path, "", "file holding the bearer token for /api/; empty = no auth"),
+    ("server", "threads", integer(1, 256), 8, "waitress worker threads"),
+    ("server", "max_body_bytes", integer(1), 1048576, "largest accepted request body"),
+
+    ("discovery", "service", nonempty, REQUIRED, "headless service name, e.g. rel-mlbench-worker.default.svc.cluster.local"),
+    ("discovery", "srv", nonempty, "_ssh._tcp", "SRV prefix queried under the service"),
+    ("discovery", "nameservers", nameservers, ["127.0.0.1:5353"], '"IP" or "IP:port" list; empty = system resolver'),
+    ("discovery", "namespace", nonempty, "default", "namespace when the service name does not carry one"),
+    ("discovery", "selector", string, "", "label selector, e.g. app=mlbench,component=worker"),
+    ("discovery", "refresh_s", number(0, strict=True), 10.0, "longest time between DNS refreshes"),
+    ("discovery", "timeout_s", number(0, strict=True), 2.0, "deadline of one DNS lookup"),
+    ("discovery", "label_rules", label_rules, [], "static labels: [{match = glob on node name, labels = {...}}]"),
+
+    ("ssh", "user", nonempty, "mlbench", "cluster user to log in as"),
+    ("ssh", "port", integer(1, 65535), 22, "SSH port when DNS gives none"),
+    ("ssh", "key_file", path, "", "private key file; empty = agent/default keys"),
+    ("ssh", "known_hosts", path, "", "known_hosts file checked (and written by accept-new)"),
+    ("ssh", "host_key_policy", one_of("reject", "accept-new"), "reject", "unknown host keys: reject or pin on first sight"),
+    ("ssh", "connect_timeout_s", number(0, strict=True), 5.0, "deadline for TCP connect + SSH handshake + auth"),
+    ("ssh", "probe_interval_s", number(0, strict=True), 5.0, "time between reachability probes of one node"),
+    ("ssh", "keepalive_s", number(0), 10.0, "SSH keepalive interval (0 = off)"),
+    ("ssh", "max_connects", integer(1, 1024), 16, "SSH connects in flight at once"),
+    ("ssh", "max_channels", integer(1, 1024), 8, "channels open at once per connection (sshd MaxSessions is 10)"),
+    ("ssh", "use_system_known_hosts", boolean, True, "also trust the system/user known_hosts files"),
+
+    ("mpi", "mpirun", nonempty, "/usr/bin/mpirun", "mpirun path on the master"),
+    ("mpi", "program", argv, ["/usr/local/bin/python", "/app/main.py"], "default program argv"),
+    ("mpi", "args", str_list, [], "extra mpirun arguments, placed before the program"),
+    ("mpi", "max_concurrent_jobs", integer(1, 1024), 1, "jobs running at once"),
+    ("mpi", "queue_size", integer(0, 100000), 16, "jobs waiting beyond that; more get 429"),
+    ("mpi", "default_timeout_s", number(0), 0.0, "job timeout when the request gives none (0 = none)"),
+    ("mpi", "cancel_grace_s", number(0), 5.0, "seconds between TERM and KILL on cancel"),
+    ("mpi", "remote_dir", nonempty, ".mlbench-daemon/jobs", "job directory on the master, relative to the user's home"),
+
+    ("state", "dir", nonempty, "/var/lib/mlbench-daemon", "job database and logs"),
+
+    ("log", "level", one_of("debug", "info", "warning", "error"), "info", "log level"),
+)
+
+SECTIONS = tuple(dict.fromkeys(s for s, *_ in SETTINGS))
+
+_section_types = {
+    section: dataclasses.make_dataclass(
+        section.title(), [k for s, k, *_ in SETTINGS if s == section], frozen=True)
+    for section in SECTIONS
+}
+
+Config = dataclasses.make_dataclass("Config", list(SECTIONS), frozen=True)
+Config.__doc__ = "One frozen object per section: cfg.server.port, cfg.ssh.user, ..."
+
+
+def _expand(text, environ):
+    def sub(m):
+        name = m.group(1) or m.group(2)
+        if name not in environ:
+            raise ValueError(f"${name} is not set")
+        return environ[name]
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)
+
+
+def _convert(convert, value, environ):
+    value = convert(value)
+    if getattr(convert, "expand", False):
+        value = _expand(value, environ)
+    return value
+
+
+def _show(value):
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load(path=None, environ=os.environ):
+    """Read the TOML file at *path* (None = defaults only) plus env overrides."""
+    data = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+    known = {(s, k) for s, k, *_ in SETTINGS}
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: must be a table [{section}]")
+        for key in table:
+            if (section, key) not in known:
+                raise ConfigError(f"{section}.{key}: unknown key")
+
+    for name in environ:
+        if name.startswith(ENV_PREFIX) and name not in CLIENT_ENV and not _env_key(name, known):
+            raise ConfigError(f"{name}: unknown setting (no matching section.key)")
+
+    values = {s: {} for s in SECTIONS}
+    for section, key, convert, default, _doc in SETTINGS:
+        where = f"{section}.{key}"
+        env_name = f"{ENV_PREFIX}{section}_{key}".upper()
+        if env_name in environ:
+            where = f"{where} (from {env_name})"
+            value = environ[env_name]
+            if getattr(convert, "json_env", False):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise ConfigError(f"{where}: must be JSON, got {_show(value)}") from None
+        elif key in data.get(section, {}):
+            value = data[section][key]
+        elif default is REQUIRED:
+            raise ConfigError(f"{section}.{key}: required; set it in the config file or {env_name}")
+        else:
+            value = json.loads(json.dumps(default))  # a fresh copy of lists/dicts
+        try:
+            values[section][key] = _convert(convert, value, environ)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}, got {_show(value)}") from None
+
+    return Config(**{s: _section_types[s](**values[s]) for s in SECTIONS})
+
+
+def _env_key(name, known):
+    rest = name[len(ENV_PREFIX):].lower()
+    return any(rest == f"{s}_{k}" for s, k in known)
