@@ -1,0 +1,45 @@
+"""Prometheus collectors, all on one registry (``REGISTRY``, not the global default).
+
+Other modules import this one and update the collectors; the names are stable:
+
+==========================================  =========  ===================  ==============================
+metric                                      type       labels               updated by
+==========================================  =========  ===================  ==============================
+mlbench_daemon_nodes                        gauge      phase                nodes (count per phase)
+mlbench_daemon_probe_latency_seconds        histogram  -                    nodes (successful SSH probes)
+mlbench_daemon_probe_failures_total         counter    reason               nodes (SSHError.reason)
+mlbench_daemon_jobs                         gauge      state                jobs (count per state)
+mlbench_daemon_job_duration_seconds         histogram  -                    jobs (finished jobs)
+mlbench_daemon_ssh_reconnects_total         counter    -                    ssh (each new connection
+                                                                            after the first to a host)
+mlbench_daemon_http_requests_total          counter    route, method,       api (route = the route
+                                                       status               pattern, not the raw path)
+==========================================  =========  ===================  ==============================
+
+``render()`` gives the exposition text and its content type for ``GET /metrics``.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_NS = "mlbench_daemon"
+
+nodes_by_phase = Gauge("nodes", "Discovered nodes by phase", ["phase"], namespace=_NS, registry=REGISTRY)
+probe_latency_seconds = Histogram(
+    "probe_latency_seconds", "SSH probe round-trip time", namespace=_NS, registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+probe_failures_total = Counter("probe_failures", "Failed SSH probes by reason", ["reason"],
+                               namespace=_NS, registry=REGISTRY)
+jobs = Gauge("jobs", "Jobs by state", ["state"], namespace=_NS, registry=REGISTRY)
+job_duration_seconds = Histogram(
+    "job_duration_seconds", "Wall time of finished jobs", namespace=_NS, registry=REGISTRY,
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400))
+ssh_reconnects_total = Counter("ssh_reconnects", "SSH connections re-established", namespace=_NS, registry=REGISTRY)
+http_requests_total = Counter("http_requests", "HTTP requests served", ["route", "method", "status"],
+                              namespace=_NS, registry=REGISTRY)
+
+
+def render():
+    """-> (body bytes, content type) of the whole registry."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
