@@ -1,0 +1,3 @@
+from .cluster import MPI_ARGS, MPIRUN, Cluster, ClusterError, Host, cleanup_leftovers, to_toml
+
+__all__ = ["Cluster", "ClusterError", "Host", "MPI_ARGS", "MPIRUN", "cleanup_leftovers", "to_toml"]

@@ -1,0 +1,681 @@
+"""A real multi-host cluster on one machine, for tests, benchmarks and the demo.
+
+Each host is a Linux network namespace with its own IPv4 address on a bridge
+in the root namespace (the "head", where the daemon under test runs). Every
+host runs its own OpenSSH sshd with its own host key; a dedicated non-root
+cluster user with one shared home (like an NFS home) logs in by key and can
+ssh between hosts with host keys verified, so OpenMPI's mpirun works from any
+host. A dnsmasq in a namespace of its own publishes a Kubernetes-style
+headless-service zone: A records of the service, SRV records
+`_ssh._tcp.<service>` pointing at per-host names, per-host A/PTR records and
+TXT label records.
+
+Addresses come from 198.18.0.0/15 (the range set aside for network testing);
+one /24 per run, chosen so that it overlaps no route on the machine. All
+traffic stays between the head and the namespaces this module made.
+
+Safety: names are unique per run (`mlbt<id>...`), every process is tracked by
+the pid we started (and its sshd children), a state file lets a later run
+remove what a killed run left behind, and `teardown()` removes everything.
+Needs root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PREFIX = "mlbt"
+STATE_ROOT = Path("/tmp")
+NET_POOL = ipaddress.ip_network("198.18.0.0/15")
+ZONE = "svc.cluster.local"
+DNS_TTL = 2
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+MPIRUN = shutil.which("mpirun") or "/usr/bin/mpirun"
+# OpenMPI options that make a namespace cluster behave like a real one:
+# TCP between hosts, shared memory within one, no probing of absent fabrics.
+MPI_ARGS = ["--mca", "btl", "self,vader,tcp", "--mca", "pml", "ob1",
+            "--mca", "btl_vader_single_copy_mechanism", "none"]
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def sh(argv, *, check=True, input=None, timeout=60, quiet=False):
+    """Run one command (never through a shell); raise with its stderr on failure."""
+    r = subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
+                       text=isinstance(input, str) or input is None)
+    if check and r.returncode != 0:
+        raise ClusterError(f"{' '.join(map(str, argv))}: exit {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def _pid_alive(pid):
+    """True while pid runs; reaps it when it is our own exited child."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _children():
+    """Map ppid -> [pid] over /proc."""
+    kids = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _comm(pid):
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def sshd_tree(pid):
+    """The sshd we started and every sshd process below it (its connections)."""
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        if p == pid or _comm(p) == "sshd":
+            out.append(p)
+            todo.extend(kids.get(p, []))
+    return out
+
+
+def _signal(pids, sig):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(pids, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_pid_alive(p) for p in pids):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _stop(proc_or_pids, timeout=5.0):
+    pids = proc_or_pids if isinstance(proc_or_pids, list) else [proc_or_pids]
+    _signal(pids, signal.SIGCONT)
+    _signal(pids, signal.SIGTERM)
+    if not _wait_gone(pids, timeout):
+        _signal(pids, signal.SIGKILL)
+        _wait_gone(pids, timeout)
+
+
+def _free_subnet():
+    used = []
+    for line in sh(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines():
+        word = line.split()[0] if line.split() else ""
+        if word in ("local", "broadcast", "unicast"):
+            word = line.split()[1]
+        try:
+            if word != "default":
+                used.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            pass
+    for _ in range(200):
+        net = ipaddress.ip_network(
+            f"{NET_POOL.network_address + 256 * secrets.randbelow(512)}/24")
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise ClusterError("no free /24 left in 198.18.0.0/15")
+
+
+@dataclass
+class Host:
+    index: int
+    name: str
+    fqdn: str
+    ip: str
+    ns: str
+    veth: str
+    labels: dict
+    dir: Path
+    published: bool = True
+    sshd_pid: int | None = None
+    frozen: list = field(default_factory=list)
+    link_down: bool = False
+    partitioned: bool = False
+    key_replaced: bool = False
+
+    @property
+    def host_key(self):
+        return self.dir / "host_key"
+
+
+class Cluster:
+    """Build with `Cluster(workers=3, extra=1).build()`; always `teardown()`."""
+
+    def __init__(self, workers=3, extra=1, release=None):
+        cleanup_leftovers()
+        self.id = secrets.token_hex(3)
+        self.prefix = f"{PREFIX}{self.id}"
+        self.release = release or f"t{self.id}"
+        self.namespace = "default"
+        self.service = f"{self.release}-mlbench-worker.{self.namespace}.{ZONE}"
+        self.dir = STATE_ROOT / f"{PREFIX}-{self.id}"
+        self.user = self.prefix
+        self.home = self.dir / "home"
+        self.bridge = f"{self.prefix}br"
+        self.n_workers, self.n_extra = workers, extra
+        self.hosts: list[Host] = []
+        self.dns_ns = f"{self.prefix}dns"
+        self.dns_pid = None
+        self.uid = None
+        self._built = False
+
+    # ---- paths -------------------------------------------------------------
+    client_key = property(lambda s: s.dir / "client_key")
+    wrong_key = property(lambda s: s.dir / "wrong_key")
+    known_hosts = property(lambda s: s.dir / "known_hosts")
+    mpi_program = property(lambda s: s.dir / "bin" / "mpiprog")
+    workers = property(lambda s: [h for h in s.hosts if h.labels.get("component") == "worker"])
+    nameserver = property(lambda s: f"{s.dns_ip}:53")
+
+    # ---- build ---------------------------------------------------------------
+    def build(self):
+        try:
+            self._build()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def _build(self):
+        self.dir.mkdir(mode=0o755)
+        self._save_state()
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep dir
+        self.net = _free_subnet()
+        addrs = list(self.net.hosts())
+        self.head_ip, self.dns_ip = str(addrs[0]), str(addrs[1])
+        self._next_addr = 10
+        self._make_user()
+        self._make_bridge()
+        self._make_ns(self.dns_ns, f"{self.prefix}d", self.dns_ip)
+        self._build_mpi_program()
+        for i in range(self.n_workers):
+            self._new_host(f"{self.release}-mlbench-worker-{i}", "worker")
+        for i in range(self.n_extra):
+            self._new_host(f"{self.release}-mlbench-dashboard-{i}", "dashboard")
+        self._write_known_hosts()
+        for h in self.hosts:
+            self.start_sshd(h)
+        self.start_dns()
+        for h in self.hosts:
+            self._wait_port(h.ip, 22)
+        self._built = True
+
+    def _save_state(self):
+        state = {"owner": os.getpid(), "user": self.user, "bridge": self.bridge,
+                 "netns": [self.dns_ns] + [h.ns for h in self.hosts]}
+        (self.dir / "state.json").write_text(json.dumps(state))
+
+    def _make_user(self):
+        sh(["useradd", "-M", "-d", str(self.home), "-s", "/bin/sh", "-c",
+            "mlbench test cluster", self.user])
+        sh(["usermod", "-p", "*", self.user])  # unlocked, no password
+        pw = pwd.getpwnam(self.user)
+        self.uid, gid = pw.pw_uid, pw.pw_gid
+        ssh_dir = self.home / ".ssh"
+        ssh_dir.mkdir(parents=True)
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cluster", "-f", str(self.client_key)])
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "wrong", "-f", str(self.wrong_key)])
+        shutil.copy(self.client_key, ssh_dir / "id_ed25519")
+        shutil.copy(f"{self.client_key}.pub", ssh_dir / "id_ed25519.pub")
+        shutil.copy(f"{self.client_key}.pub", ssh_dir / "authorized_keys")
+        (ssh_dir / "config").write_text(
+            "Host *\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
+            f"  UserKnownHostsFile {ssh_dir}/known_hosts\n  ConnectTimeout 10\n"
+            "  LogLevel ERROR\n")
+        for p in [self.home, ssh_dir, *ssh_dir.iterdir()]:
+            os.chown(p, self.uid, gid)
+        self.home.chmod(0o755)
+        ssh_dir.chmod(0o700)
+        os.chmod(self.client_key, 0o600)
+
+    def _make_bridge(self):
+        sh(["ip", "link", "add", self.bridge, "type", "bridge"])
+        sh(["ip", "addr", "add", f"{self.head_ip}/{self.net.prefixlen}", "dev", self.bridge])
+        sh(["ip", "link", "set", self.bridge, "up"])
+
+    def _make_ns(self, ns, veth, ip):
+        """A namespace with lo up and eth0 = `ip`, its peer `veth` on the bridge."""
+        sh(["ip", "netns", "add", ns])
+        self._save_state_ns(ns)
+        sh(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        sh(["ip", "link", "set", veth, "master", self.bridge, "up"])
+        sh(["ip", "-n", ns, "-b", "-"], input=(
+            f"addr add {ip}/{self.net.prefixlen} dev eth0\n"
+            "link set lo up\nlink set eth0 up\n"))
+
+    def _save_state_ns(self, ns):
+        state = json.loads((self.dir / "state.json").read_text())
+        state["netns"] = sorted(set(state["netns"]) | {ns})
+        (self.dir / "state.json").write_text(json.dumps(state))
+
+    def _new_host(self, name, component, labels=None):
+        i = len(self.hosts)
+        ip = str(self.net.network_address + self._next_addr)
+        self._next_addr += 1
+        hdir = self.dir / f"h{i}"
+        hdir.mkdir()
+        h = Host(index=i, name=name, fqdn=f"{name}.{self.service}", ip=ip,
+                 ns=f"{self.prefix}h{i}", veth=f"{self.prefix}v{i}",
+                 labels=labels or {"app": "mlbench", "component": component,
+                                   "release": self.release},
+                 dir=hdir)
+        self._make_ns(h.ns, h.veth, h.ip)
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(h.host_key)])
+        (hdir / "sshd_config").write_text(
+            f"ListenAddress {h.ip}:22\nHostKey {h.host_key}\nPidFile none\n"
+            "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+            f"AuthorizedKeysFile {self.home}/.ssh/authorized_keys\n"
+            f"AllowUsers {self.user}\nPermitRootLogin no\nUseDNS no\n"
+            "MaxStartups 200:30:400\nPrintMotd no\nLogLevel ERROR\n"
+            "Subsystem sftp internal-sftp\n")
+        self.hosts.append(h)
+        return h
+
+    def _build_mpi_program(self):
+        (self.dir / "bin").mkdir()
+        sh(["mpicc", "-O2", "-o", str(self.mpi_program), str(HERE / "mpiprog.c")], timeout=120)
+
+    def _write_known_hosts(self):
+        lines = []
+        for h in self.hosts:
+            key = " ".join(Path(f"{h.host_key}.pub").read_text().split()[:2])
+            lines.append(f"{h.ip},{h.fqdn},{h.name} {key}\n")
+        text = "".join(lines)
+        self.known_hosts.write_text(text)
+        user_kh = self.home / ".ssh" / "known_hosts"
+        user_kh.write_text(text)
+        os.chown(user_kh, self.uid, -1)
+
+    def _wait_port(self, ip, port, timeout=10.0):
+        import socket
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection((ip, port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{ip}:{port} did not come up")
+                time.sleep(0.02)
+
+    # ---- DNS -----------------------------------------------------------------
+    def _dns_conf(self):
+        hosts = [h for h in self.hosts if h.published]
+        addn = "".join(f"{h.ip} {h.fqdn}\n" for h in self.hosts)
+        addn += "".join(f"{h.ip} {self.service}\n" for h in hosts)
+        (self.dir / "dns.hosts").write_text(addn)
+        rev = ipaddress.ip_network(self.net).network_address.reverse_pointer.split(".", 1)[1]
+        conf = [f"listen-address={self.dns_ip}", "port=53", "bind-interfaces",
+                "no-resolv", "no-hosts", "no-negcache", f"local-ttl={DNS_TTL}",
+                f"local=/{ZONE}/", f"local=/{rev}/",
+                f"addn-hosts={self.dir / 'dns.hosts'}", "user=root"]
+        for h in hosts:
+            conf.append(f"srv-host=_ssh._tcp.{self.service},{h.fqdn},22")
+        for h in self.hosts:
+            conf.append("txt-record=" + ",".join(
+                [h.fqdn] + [f"{k}={v}" for k, v in sorted(h.labels.items())]))
+        (self.dir / "dnsmasq.conf").write_text("\n".join(conf) + "\n")
+
+    def start_dns(self):
+        if self.dns_pid and _pid_alive(self.dns_pid):
+            return
+        self._dns_conf()
+        log = open(self.dir / "dnsmasq.log", "ab")
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", self.dns_ns, DNSMASQ, "--keep-in-foreground",
+             f"--conf-file={self.dir / 'dnsmasq.conf'}", "--pid-file=",
+             f"--log-facility={self.dir / 'dnsmasq.query.log'}"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        self.dns_pid = p.pid
+        self._wait_dns()
+
+    def _wait_dns(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = sh(["ip", "netns", "exec", self.dns_ns, "ss", "-Hlun", f"src {self.dns_ip}:53"],
+                   check=False)
+            if r.stdout.strip():
+                return
+            if not _pid_alive(self.dns_pid):
+                raise ClusterError("dnsmasq exited: " + (self.dir / "dnsmasq.log").read_text())
+            time.sleep(0.02)
+        raise ClusterError("dnsmasq did not start listening")
+
+    def stop_dns(self):
+        if self.dns_pid:
+            _stop(self.dns_pid)
+            self.dns_pid = None
+
+    def restart_dns(self):
+        self.stop_dns()
+        self.start_dns()
+
+    def unpublish(self, h):
+        self._host(h).published = False
+        if self.dns_pid:
+            self.restart_dns()
+
+    def publish(self, h):
+        self._host(h).published = True
+        if self.dns_pid:
+            self.restart_dns()
+
+    def add_host(self, labels=None, name=None):
+        """A new running host with sshd, published in DNS (membership change)."""
+        i = len(self.hosts)
+        h = self._new_host(name or f"{self.release}-mlbench-worker-{i}", "worker", labels)
+        self._write_known_hosts()
+        self.start_sshd(h)
+        self._wait_port(h.ip, 22)
+        self.restart_dns()
+        return h
+
+    # ---- sshd faults ---------------------------------------------------------
+    def _host(self, h):
+        return self.hosts[h] if isinstance(h, int) else h
+
+    def start_sshd(self, h):
+        h = self._host(h)
+        if h.sshd_pid and _pid_alive(h.sshd_pid):
+            return
+        log = open(h.dir / "sshd.log", "ab")
+        p = subprocess.Popen(["ip", "netns", "exec", h.ns, SSHD, "-D", "-e", "-f",
+                              str(h.dir / "sshd_config")],
+                             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        h.sshd_pid = p.pid
+        try:
+            self._wait_port(h.ip, 22)
+        except ClusterError as e:
+            raise ClusterError(f"{e}: {(h.dir / 'sshd.log').read_text()[-500:]}") from None
+
+    def stop_sshd(self, h):
+        """Stop the host's sshd and every connection it serves (like a crash)."""
+        h = self._host(h)
+        if h.sshd_pid:
+            _stop(sshd_tree(h.sshd_pid))
+            h.sshd_pid, h.frozen = None, []
+
+    def freeze(self, h):
+        """SIGSTOP the host's sshd tree: TCP still connects, no banner ever comes."""
+        h = self._host(h)
+        h.frozen = sshd_tree(h.sshd_pid)
+        _signal(h.frozen, signal.SIGSTOP)
+
+    def thaw(self, h):
+        h = self._host(h)
+        _signal(h.frozen, signal.SIGCONT)
+        h.frozen = []
+
+    def replace_host_key(self, h):
+        """The host comes back with a different host key (reinstalled)."""
+        h = self._host(h)
+        alt = h.dir / "alt_host_key"
+        if not alt.exists():
+            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alt", "-f", str(alt)])
+            shutil.copy(h.host_key, h.dir / "orig_host_key")
+            shutil.copy(f"{h.host_key}.pub", h.dir / "orig_host_key.pub")
+        self._swap_key(h, alt)
+        h.key_replaced = True
+
+    def restore_host_key(self, h):
+        h = self._host(h)
+        if h.key_replaced:
+            self._swap_key(h, h.dir / "orig_host_key")
+            h.key_replaced = False
+
+    def _swap_key(self, h, src):
+        self.stop_sshd(h)
+        shutil.copy(src, h.host_key)
+        shutil.copy(f"{src}.pub", f"{h.host_key}.pub")
+        os.chmod(h.host_key, 0o600)
+        self.start_sshd(h)
+
+    # ---- network faults ------------------------------------------------------
+    def cut_link(self, h):
+        h = self._host(h)
+        sh(["ip", "link", "set", h.veth, "down"])
+        h.link_down = True
+
+    def restore_link(self, h):
+        h = self._host(h)
+        sh(["ip", "link", "set", h.veth, "up"])
+        h.link_down = False
+
+    def partition(self, h):
+        """Drop traffic between the head and this host only; hosts still talk."""
+        h = self._host(h)
+        sh(["ip", "netns", "exec", h.ns, "nft", "-f", "-"], input=(
+            "table inet mlbt_partition {\n"
+            f"  chain in {{ type filter hook input priority 0; ip saddr {self.head_ip} drop; }}\n"
+            f"  chain out {{ type filter hook output priority 0; ip daddr {self.head_ip} drop; }}\n"
+            "}\n"))
+        h.partitioned = True
+
+    def heal(self, h):
+        h = self._host(h)
+        sh(["ip", "netns", "exec", h.ns, "nft", "delete", "table", "inet", "mlbt_partition"],
+           check=False)
+        h.partitioned = False
+
+    def reset(self):
+        """Undo every fault: each test starts from a healthy cluster."""
+        changed_dns = False
+        for h in self.hosts:
+            if h.frozen:
+                self.thaw(h)
+            if h.link_down:
+                self.restore_link(h)
+            if h.partitioned:
+                self.heal(h)
+            if h.key_replaced:
+                self.restore_host_key(h)
+            if not (h.sshd_pid and _pid_alive(h.sshd_pid)):
+                self.start_sshd(h)
+            if not h.published and h.index < self.n_workers + self.n_extra:
+                h.published = changed_dns = True
+        for h in self.hosts[self.n_workers + self.n_extra:]:
+            self._remove_host(h)
+            changed_dns = True
+        self.hosts = self.hosts[:self.n_workers + self.n_extra]
+        if changed_dns:
+            self._write_known_hosts()
+            self.restart_dns()
+        elif not (self.dns_pid and _pid_alive(self.dns_pid)):
+            self.start_dns()
+        self.kill_user_processes(keep_sshd=True)
+
+    def _remove_host(self, h):
+        self.stop_sshd(h)
+        _teardown_ns(h.ns)
+
+    # ---- using it ------------------------------------------------------------
+    def ssh(self, h, argv, timeout=30, key=None, check=False):
+        """Run argv on host h with OpenSSH as the cluster user, keys verified."""
+        h = self._host(h)
+        import shlex
+        cmd = ["ssh", "-F", "none", "-i", str(key or self.client_key),
+               "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+               "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "LogLevel=ERROR",
+               "-o", "ConnectTimeout=5", "-l", self.user, h.ip,
+               shlex.join(argv) if isinstance(argv, list) else argv]
+        return sh(cmd, check=check, timeout=timeout)
+
+    def netns_exec(self, h, argv, **kw):
+        return sh(["ip", "netns", "exec", self._host(h).ns, *argv], **kw)
+
+    def user_processes(self):
+        """(pid, cmdline) of every process owned by the cluster user."""
+        out = []
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    if os.stat(f"/proc/{d}").st_uid == self.uid:
+                        cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+                        out.append((int(d), cmd.replace(b"\0", b" ").decode(errors="replace")))
+                except OSError:
+                    pass
+        return out
+
+    def kill_user_processes(self, keep_sshd=False):
+        """End what the cluster user left running (jobs of a failed test)."""
+        pids = [p for p, cmd in self.user_processes()
+                if not (keep_sshd and cmd.startswith("sshd"))]
+        _stop(pids, timeout=3)
+
+    def daemon_config(self, state_dir, **overrides):
+        """A daemon config (TOML-ready dict) for this cluster."""
+        cfg = {
+            "server": {"host": "127.0.0.1", "port": 8080},
+            "discovery": {"service": self.service, "nameservers": [self.nameserver],
+                          "selector": "component=worker", "refresh_s": 1.0,
+                          "timeout_s": 1.0},
+            "ssh": {"user": self.user, "port": 22, "key_file": str(self.client_key),
+                    "known_hosts": str(self.known_hosts), "host_key_policy": "reject",
+                    "connect_timeout_s": 2.0, "probe_interval_s": 1.0},
+            "mpi": {"mpirun": MPIRUN, "args": MPI_ARGS,
+                    "program": [str(self.mpi_program)]},
+            "state": {"dir": str(state_dir)},
+        }
+        for section, values in overrides.items():
+            cfg.setdefault(section, {}).update(values)
+        return cfg
+
+    def write_config(self, path, state_dir, **overrides):
+        path = Path(path)
+        path.write_text(to_toml(self.daemon_config(state_dir, **overrides)))
+        return path
+
+    # ---- teardown ------------------------------------------------------------
+    def teardown(self):
+        for h in self.hosts:
+            if h.frozen:
+                self.thaw(h)
+            if h.sshd_pid:
+                _stop(sshd_tree(h.sshd_pid))
+        if self.dns_pid:
+            _stop(self.dns_pid)
+        if self.dir.exists():
+            _teardown_state(self.dir)
+
+    def __enter__(self):
+        return self.build()
+
+    def __exit__(self, *exc):
+        self.teardown()
+
+
+def to_toml(cfg):
+    """Just enough TOML for our config dicts (tables of scalars and lists)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(v)
+    return "".join(f"[{s}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in kv.items()) + "\n"
+                   for s, kv in cfg.items())
+
+
+def _teardown_ns(ns):
+    r = sh(["ip", "netns", "pids", ns], check=False)
+    pids = [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
+    _stop(pids, timeout=3)
+    sh(["ip", "netns", "del", ns], check=False)
+
+
+def _teardown_state(d):
+    """Remove everything one run's state file names."""
+    try:
+        state = json.loads((d / "state.json").read_text())
+    except (OSError, ValueError):
+        state = {}
+    for ns in state.get("netns", []):
+        _teardown_ns(ns)
+    if state.get("bridge"):
+        sh(["ip", "link", "del", state["bridge"]], check=False)
+    user = state.get("user")
+    if user:
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            uid = None
+        if uid is not None:
+            pids = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                    and _owner(p) == uid]
+            _stop(pids, timeout=3)
+            sh(["userdel", user], check=False)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _owner(pid):
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def cleanup_leftovers():
+    """Remove what earlier runs, killed before their teardown, left behind."""
+    for d in STATE_ROOT.glob(f"{PREFIX}-*"):
+        try:
+            owner = json.loads((d / "state.json").read_text())["owner"]
+        except (OSError, ValueError, KeyError):
+            owner = None
+        if owner and _pid_alive(owner):
+            continue
+        _teardown_state(d)
+    live = {p.name[len(PREFIX) + 1:] for p in STATE_ROOT.glob(f"{PREFIX}-*")}
+    for line in sh(["ip", "netns", "list"], check=False).stdout.splitlines():
+        ns = line.split()[0] if line.split() else ""
+        if ns.startswith(PREFIX) and ns[len(PREFIX):len(PREFIX) + 6] not in live:
+            _teardown_ns(ns)
+    for line in sh(["ip", "-o", "link", "show", "type", "bridge"], check=False).stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith(PREFIX) and name[len(PREFIX):len(PREFIX) + 6] not in live:
+            sh(["ip", "link", "del", name], check=False)
