@@ -1,0 +1,329 @@
+"""Command line: ``mlbench-daemon serve`` runs the daemon; the other commands are
+HTTP clients of a running daemon (urllib only).
+
+    mlbench-daemon serve --config FILE [--log-level L]
+    mlbench-daemon nodes | jobs | logs [-f] ID | cancel ID
+    mlbench-daemon run [--np N] [--node NAME ...] [--master NAME] [--env K=V ...]
+                       [--timeout S] [-- PROGRAM ARGS...]
+
+Global options (before or after the command): ``--url`` (env MLBENCH_DAEMON_URL),
+``--token-file`` (env MLBENCH_DAEMON_TOKEN_FILE), ``--json``.
+
+Exit codes: 0 ok; 1 the daemon answered with an error (its message is printed);
+2 the daemon is unreachable or the command line/config is wrong; ``run`` exits with
+the job's exit code (1 if it failed without one, 130 after Ctrl-C cancelled it).
+"""
+
+import argparse
+import ast
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import mlbench_daemon
+
+PROG = "mlbench-daemon"
+DEFAULT_URL = "http://127.0.0.1:8080"
+TIMEOUT_S = 30.0          # one request/response
+FOLLOW_READ_S = 60.0      # a silent job: reconnect the follow stream after this
+TERMINAL = ("succeeded", "failed", "cancelled", "lost")
+COLOURS = {"Running": "32", "Pending": "33", "Unknown": "31", "Failed": "31"}
+
+
+class Failure(Exception):
+    """One line for the user, and the exit code."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+# --- HTTP ------------------------------------------------------------------------------
+
+class Client:
+    def __init__(self, url, token_file=None):
+        self.url = url.rstrip("/")
+        self.headers = {"Accept": "application/json", "User-Agent": f"{PROG}/{mlbench_daemon.__version__}"}
+        if token_file:
+            try:
+                with open(token_file, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise Failure(f"cannot read token file {token_file}: {getattr(e, 'strerror', None) or e}", 2)
+            if not token:
+                raise Failure(f"token file {token_file} is empty", 2)
+            self.headers["Authorization"] = f"Bearer {token}"
+
+    def open(self, method, path, body=None, timeout=TIMEOUT_S):
+        """-> the open response; raises Failure for an unreachable daemon or an HTTP error."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = dict(self.headers, **({"Content-Type": "application/json"} if data else {}))
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            return urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            with e:
+                raise Failure(_error_message(e), 1) from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise Failure(f"cannot reach daemon at {self.url}: {reason}", 2) from None
+
+    def json(self, method, path, body=None):
+        with self.open(method, path, body) as resp:
+            raw = resp.read()
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise Failure(f"daemon at {self.url} sent something that is not JSON for {method} {path}", 1) from None
+
+
+def _error_message(e):
+    try:
+        body = json.loads(e.read(65536))
+        return f"HTTP {e.code}: {body['message']}"
+    except Exception:
+        return f"HTTP {e.code}: {e.reason}"
+
+
+def _logs_path(job_id, offset, follow=False):
+    query = {"offset": offset, **({"follow": 1} if follow else {})}
+    return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}/logs?{urllib.parse.urlencode(query)}"
+
+
+def _job_path(job_id):
+    return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}"
+
+
+def copy_logs(client, job_id, offset, out, follow):
+    """Write the job's output from *offset* to *out*; returns the next offset.
+
+    Without follow: read bounded chunks until there is no more. With follow: stream
+    until the daemon ends the stream (the job ended); a stream silent for
+    FOLLOW_READ_S is re-opened from the current offset, so no read blocks unbounded.
+    """
+    while True:
+        got, timed_out = 0, False
+        try:
+            with client.open("GET", _logs_path(job_id, offset, follow),
+                             timeout=FOLLOW_READ_S if follow else TIMEOUT_S) as resp:
+                next_offset = resp.headers.get("X-Next-Offset")
+                while chunk := resp.read1(65536):
+                    out.write(chunk)
+                    out.flush()
+                    got += len(chunk)
+        except TimeoutError:
+            if not follow:
+                raise Failure(f"daemon at {client.url} stopped answering", 2) from None
+            timed_out = True
+        if follow:
+            offset += got
+            if not timed_out:
+                return offset
+        elif not got:
+            return offset
+        else:
+            offset = int(next_offset) if next_offset else offset + got
+
+
+# --- commands --------------------------------------------------------------------------
+
+def cmd_nodes(client, args, out):
+    nodes = client.json("GET", "/api/nodes/")
+    if args.json:
+        return _print_json(nodes, out)
+    colour = out.isatty() and not os.environ.get("NO_COLOR")
+    rows = [(n.get("name", ""), n.get("phase", ""), n.get("ip", ""), n.get("reason") or "",
+             _labels_text(n.get("labels", ""))) for n in nodes]
+    _table(out, ("NAME", "PHASE", "IP", "REASON", "LABELS"), rows,
+           paint={1: (lambda v: f"\033[{COLOURS[v]}m{v}\033[0m" if colour and v in COLOURS else v)})
+
+
+def _labels_text(labels):
+    if isinstance(labels, str):
+        try:
+            labels = ast.literal_eval(labels)
+        except (ValueError, SyntaxError):
+            return labels
+    if isinstance(labels, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return str(labels)
+
+
+def cmd_jobs(client, args, out):
+    jobs = client.json("GET", "/api/mpi_jobs/")
+    if args.json:
+        return _print_json(jobs, out)
+    if isinstance(jobs, dict):
+        jobs = jobs.get("jobs", [])
+    rows = [(str(j.get("id", "")), j.get("state", ""), _text(j.get("exit_code")),
+             j.get("master_name") or j.get("master") or "", _text(j.get("command"))) for j in jobs]
+    _table(out, ("ID", "STATE", "EXIT", "MASTER", "COMMAND"), rows)
+
+
+def cmd_logs(client, args, out):
+    copy_logs(client, args.id, 0, out.buffer, follow=args.follow)
+
+
+def cmd_cancel(client, args, out):
+    job = client.json("DELETE", _job_path(args.id))
+    if args.json:
+        return _print_json(job, out)
+    out.write(f"job {args.id}: {job.get('state', 'cancel requested') if isinstance(job, dict) else 'cancel requested'}\n")
+
+
+def cmd_run(client, args, out):
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    body = {"wait": False}
+    for key, value in (("program", program), ("np", args.np), ("nodes", args.node),
+                       ("master", args.master), ("env", dict(args.env or ())), ("timeout_s", args.timeout)):
+        if value:
+            body[key] = value
+    job = client.json("POST", "/api/mpi_jobs/", body)
+    job_id = job["id"]
+    offset = 0
+    try:
+        while True:
+            offset = copy_logs(client, job_id, offset, out.buffer, follow=True)
+            job = client.json("GET", _job_path(job_id))
+            if job.get("state") in TERMINAL:
+                break
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: cancelling job {job_id}\n")
+        try:
+            client.json("DELETE", _job_path(job_id))
+        except Failure as e:
+            sys.stderr.write(f"{PROG}: {e}\n")
+        return 130
+    if args.json:
+        _print_json(job, out)
+    if isinstance(job.get("exit_code"), int):
+        return job["exit_code"]
+    if job.get("state") == "succeeded":
+        return 0
+    sys.stderr.write(f"{PROG}: job {job_id} {job.get('state')}: {job.get('error') or 'no exit code'}\n")
+    return 130 if job.get("state") == "cancelled" else 1
+
+
+def _text(value):
+    return "" if value is None else str(value)
+
+
+def _print_json(value, out):
+    out.write(json.dumps(value, indent=2) + "\n")
+
+
+def _table(out, header, rows, paint=None):
+    paint = paint or {}
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [paint[i](c) if row is not header and i in paint else c for i, c in enumerate(row)]
+        pads = [w - len(str(c)) for w, c in zip(widths, row)]
+        out.write("  ".join(f"{c}{' ' * p}" for c, p in zip(cells, pads)).rstrip() + "\n")
+
+
+# --- serve -----------------------------------------------------------------------------
+
+def cmd_serve(args):
+    from mlbench_daemon import config, logs
+
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        raise Failure(str(e), 2) from None
+    logs.setup(args.log_level or cfg.log.level)
+    from mlbench_daemon import server  # the heavy imports only for serve
+
+    try:
+        return server.Daemon(cfg).run()
+    except server.StartupError as e:
+        raise Failure(str(e), 2) from None
+
+
+# --- argument parsing ------------------------------------------------------------------
+
+def _env_pair(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
+    return key, value
+
+
+def _positive(kind):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        return value
+    return convert
+
+
+def build_parser(environ=os.environ):
+    def add_globals(p, default):
+        # on the main parser with real defaults; on each command with SUPPRESS so an
+        # option given before the command is not overwritten by the command's default
+        p.add_argument("--url", default=default(environ.get("MLBENCH_DAEMON_URL", DEFAULT_URL)),
+                       help="daemon base URL (env MLBENCH_DAEMON_URL, default %s)" % DEFAULT_URL)
+        p.add_argument("--token-file", default=default(environ.get("MLBENCH_DAEMON_TOKEN_FILE")),
+                       help="file with the API bearer token (env MLBENCH_DAEMON_TOKEN_FILE)")
+        p.add_argument("--json", action="store_true", default=default(False), help="print JSON")
+
+    parser = argparse.ArgumentParser(prog=PROG, description="SSH-native launcher daemon for MPI jobs.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {mlbench_daemon.__version__}")
+    add_globals(parser, lambda v: v)
+    common = argparse.ArgumentParser(add_help=False)
+    add_globals(common, lambda v: argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="override log.level")
+
+    sub.add_parser("nodes", parents=[common], help="list nodes and their phase").set_defaults(func=cmd_nodes)
+    sub.add_parser("jobs", parents=[common], help="list jobs").set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("logs", parents=[common], help="print a job's output")
+    p.add_argument("-f", "--follow", action="store_true", help="keep following until the job ends")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel a job")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("run", parents=[common], help="run a job, follow its output, exit with its code",
+                       usage=f"{PROG} run [options] [-- PROGRAM ARGS...]")
+    p.add_argument("--np", type=_positive(int), help="number of processes")
+    p.add_argument("--node", action="append", metavar="NAME", help="run on this node (repeatable)")
+    p.add_argument("--master", metavar="NAME", help="the node that runs mpirun")
+    p.add_argument("--env", action="append", type=_env_pair, metavar="K=V", help="environment for all ranks")
+    p.add_argument("--timeout", type=_positive(float), metavar="S", help="job timeout in seconds")
+    p.add_argument("program", nargs=argparse.REMAINDER, help="program and arguments (default: mpi.program)")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv=None, environ=os.environ, out=None):
+    out = out or sys.stdout
+    args = build_parser(environ).parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        return args.func(Client(args.url, args.token_file), args, out) or 0
+    except Failure as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

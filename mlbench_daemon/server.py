@@ -1,0 +1,193 @@
+"""The daemon process: build the parts, serve HTTP with waitress, talk to systemd.
+
+``Daemon(cfg).run()``:
+
+1. starts the node registry and the jobs (which re-attaches jobs still running),
+2. binds the HTTP socket (so a client connecting after READY never gets refused),
+3. waits (bounded) for the first probe pass, sends ``READY=1`` and ``STATUS=``,
+4. serves until SIGTERM/SIGINT, while a supervisor thread refreshes ``STATUS=`` and
+   sends ``WATCHDOG=1`` only while the registry loops and the HTTP loop make progress,
+5. on shutdown: ``STOPPING=1``, stop accepting, let in-flight requests finish
+   (bounded), stop following jobs WITHOUT cancelling them on the cluster, stop the
+   registry, close the SSH pool.
+
+Start-up problems raise ``StartupError`` with one line for the user.
+"""
+
+import ipaddress
+import logging
+import signal
+import threading
+import time
+
+import waitress
+from waitress import wasyncore
+
+from mlbench_daemon import api, metrics, sdnotify
+from mlbench_daemon.discovery import Discovery
+from mlbench_daemon.jobs import Jobs
+from mlbench_daemon.nodes import Registry
+from mlbench_daemon.ssh import Pool
+from mlbench_daemon.store import Store
+
+log = logging.getLogger("mlbench_daemon.server")
+
+DRAIN_S = 10.0         # longest wait for in-flight requests at shutdown
+LOOP_CHECK_S = 2.0     # the HTTP loop must answer a trigger within this
+STATUS_EVERY_S = 5.0   # STATUS= refresh when there is no watchdog
+
+
+class StartupError(Exception):
+    """The daemon cannot start; str() is one line for the user."""
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(server_cfg):
+    """The API token from server.token_file, or None; refuses a non-loopback bind without one."""
+    path = server_cfg.token_file
+    if not path:
+        if not is_loopback(server_cfg.host):
+            raise StartupError(
+                f"server.host is {server_cfg.host!r}, not loopback: set server.token_file "
+                "so the API is not open to the network")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StartupError(f"server.token_file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not token or any(c.isspace() for c in token):
+        raise StartupError(f"server.token_file: {path} must hold one non-empty token")
+    return token
+
+
+class Daemon:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        token = read_token(cfg.server)
+        self.pool = Pool(cfg.ssh)
+        self.registry = Registry(cfg, Discovery(cfg.discovery, ssh_port=cfg.ssh.port), self.pool)
+        self.store = Store(cfg.state.dir)
+        self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
+        self.app = api.make_app(self.registry, self.jobs, token=token,
+                                max_body_bytes=cfg.server.max_body_bytes)
+        self.http = None
+        self.url = None
+        self._stop = threading.Event()
+
+    # --- life cycle -----------------------------------------------------------------
+
+    def run(self):
+        """Serve until SIGTERM/SIGINT (or stop()); returns the exit code."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        code = 0
+        self.registry.start()
+        try:
+            self.jobs.start()
+            self.http = self._bind()
+            http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
+            http_thread.start()
+            first = self.cfg.discovery.timeout_s + self.cfg.ssh.connect_timeout_s + 1.0
+            if not self.registry.wait_first_pass(first):
+                log.warning("first probe pass not finished after %.0fs; serving anyway", first)
+            log.info("serving on %s", self.url)
+            self._notify(f"READY=1\nSTATUS={self.status()}")
+            supervisor = threading.Thread(target=self._supervise, args=(http_thread,),
+                                          name="supervisor", daemon=True)
+            supervisor.start()
+            while not self._stop.wait(1.0):
+                if not http_thread.is_alive():
+                    log.error("the HTTP server loop stopped unexpectedly; shutting down")
+                    code = 1
+                    break
+            log.info("stopping")
+            self._notify("STOPPING=1")
+            self._drain(http_thread)
+        finally:
+            self._stop.set()
+            self.jobs.stop()
+            self.registry.stop()
+            self.pool.close()
+        log.info("stopped")
+        return code
+
+    def stop(self):
+        """Ask run() to shut down (what SIGTERM does)."""
+        self._stop.set()
+
+    def _bind(self):
+        s = self.cfg.server
+        try:
+            # api enforces max_body_bytes itself, so the 413 is JSON like every other error
+            http = waitress.create_server(self.app, host=s.host, port=s.port, threads=s.threads,
+                                          ident="mlbench-daemon")
+        except OSError as e:
+            raise StartupError(f"server: cannot listen on {s.host}:{s.port}: {e.strerror or e}") from None
+        if not hasattr(http, "effective_port"):  # a name resolving to several addresses
+            http.close()
+            raise StartupError(f"server.host: {s.host!r} resolves to several addresses; give one IP")
+        host = http.effective_host
+        self.url = f"http://[{host}]:{http.effective_port}" if ":" in host else f"http://{host}:{http.effective_port}"
+        return http
+
+    def _drain(self, http_thread):
+        """Stop accepting, give in-flight requests DRAIN_S, then close everything."""
+        http = self.http
+        http.trigger.pull_trigger(lambda: wasyncore.dispatcher.close(http))  # the listening socket
+        tasks = http.task_dispatcher
+        deadline = time.monotonic() + DRAIN_S
+        while (tasks.active_count or tasks.queue) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if tasks.active_count:
+            log.warning("closing %d request(s) still running after %.0fs", tasks.active_count, DRAIN_S)
+        http.trigger.pull_trigger(lambda: wasyncore.close_all(http._map))
+        tasks.shutdown(timeout=2.0)
+        http_thread.join(5.0)
+
+    # --- supervision ----------------------------------------------------------------
+
+    def _http_alive(self, http_thread):
+        if not http_thread.is_alive():
+            return False
+        answered = threading.Event()
+        self.http.trigger.pull_trigger(answered.set)
+        return answered.wait(LOOP_CHECK_S)
+
+    def _supervise(self, http_thread):
+        interval = sdnotify.watchdog_interval()
+        every = interval / 2 if interval else STATUS_EVERY_S
+        while not self._stop.wait(every):
+            healthy = self.registry.alive() and self._http_alive(http_thread)
+            message = f"STATUS={self.status()}"
+            if interval and healthy:
+                message += "\nWATCHDOG=1"
+            elif interval:
+                log.error("not healthy (registry alive: %s); withholding the watchdog ping",
+                          self.registry.alive())
+            self._notify(message)
+
+    def status(self):
+        """One line: '3/4 nodes Running, 1 job running'."""
+        nodes = self.registry.nodes()
+        up = sum(1 for n in nodes if n.phase == "Running")
+        running = int(metrics.REGISTRY.get_sample_value("mlbench_daemon_jobs", {"state": "running"}) or 0)
+        stale = ", DNS stale" if self.registry.stale else ""
+        return (f"{up}/{len(nodes)} nodes Running, {running} job{'' if running == 1 else 's'} running"
+                f"{stale}; API on {self.url}")
+
+    @staticmethod
+    def _notify(state):
+        try:
+            sdnotify.notify(state)
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
