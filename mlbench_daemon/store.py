@@ -1,0 +1,188 @@
+"""Job records (SQLite) and one append-only log file per job under state.dir.
+
+Layout::
+
+    <state_dir>/jobs.sqlite3      table ``jobs`` (WAL, synchronous=FULL)
+    <state_dir>/logs/<id>.log     the job's output, bytes exactly as produced
+
+A record is a dict with the columns of ``COLUMNS``; ``nodes`` (list of
+``[ip, namespace, name, labels]``), ``command`` (argv list) and ``env_names``
+(list of names; values are never stored) are JSON in the table and plain
+lists here.  Ids are 20 hex digits: creation time in milliseconds, then
+random bits, so they sort by creation; ``seq`` gives the exact order.
+
+One connection is shared by all threads behind a lock.  Every write commits
+at once; with ``synchronous=FULL`` a commit (a state transition) is on disk
+when ``create``/``update`` returns.  Log appends are plain writes: they
+survive a killed daemon (the page cache keeps them), and the follower
+resumes from ``log_size()`` after a restart.
+"""
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+
+STATES = ("pending", "running", "succeeded", "failed", "cancelled", "lost")
+FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
+
+COLUMNS = (
+    "id", "seq", "state", "created", "started", "finished",
+    "master_name", "master_ip", "master_port", "nodes", "command", "np",
+    "timeout_s", "env_names", "remote_dir", "pid", "exit_code", "error", "reason",
+)
+JSON_COLUMNS = ("nodes", "command", "env_names")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    master_name TEXT,
+    master_ip TEXT,
+    master_port INTEGER,
+    nodes TEXT NOT NULL DEFAULT '[]',
+    command TEXT NOT NULL DEFAULT '[]',
+    np INTEGER,
+    timeout_s REAL,
+    env_names TEXT NOT NULL DEFAULT '[]',
+    remote_dir TEXT,
+    pid INTEGER,
+    exit_code INTEGER,
+    error TEXT,
+    reason TEXT
+)
+"""
+
+
+def new_id():
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+class Store:
+    def __init__(self, state_dir):
+        self.dir = state_dir
+        self.logs = os.path.join(state_dir, "logs")
+        os.makedirs(self.logs, mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(os.path.join(state_dir, "jobs.sqlite3"),
+                                   check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(SCHEMA)
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    # --- records
+
+    def create(self, **fields):
+        """Insert a new job (state pending unless given); returns the record."""
+        fields = {"state": "pending", "created": time.time(), **fields}
+        fields.setdefault("id", new_id())
+        self._check(fields)
+        names = list(fields)
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [self._encode(k, fields[k]) for k in names])
+        return self.get(fields["id"])
+
+    def update(self, job_id, **fields):
+        """Change some columns of one job; returns the record (None if unknown)."""
+        self._check(fields)
+        if fields:
+            with self._lock:
+                self._db.execute(
+                    f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                    [self._encode(k, v) for k, v in fields.items()] + [job_id])
+        return self.get(job_id)
+
+    def get(self, job_id):
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._decode(row) if row else None
+
+    def list(self, limit=50, offset=0, before=None):
+        """Newest first; ``before`` (an id) pages from just below that job."""
+        sql, args = "SELECT * FROM jobs", []
+        if before is not None:
+            sql += " WHERE seq < (SELECT seq FROM jobs WHERE id = ?)"
+            args.append(before)
+        sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
+        with self._lock:
+            rows = self._db.execute(sql, args + [int(limit), int(offset)]).fetchall()
+        return [self._decode(r) for r in rows]
+
+    def running(self):
+        """Jobs not yet final (pending or running), oldest first: what a restart re-attaches."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state IN ('pending', 'running') ORDER BY seq").fetchall()
+        return [self._decode(r) for r in rows]
+
+    @staticmethod
+    def _check(fields):
+        unknown = set(fields) - set(COLUMNS) | ({"seq"} & set(fields))
+        if unknown:
+            raise ValueError(f"not a settable job column: {', '.join(sorted(unknown))}")
+        if "state" in fields and fields["state"] not in STATES:
+            raise ValueError(f"bad state {fields['state']!r}")
+
+    @staticmethod
+    def _encode(key, value):
+        return json.dumps(value) if key in JSON_COLUMNS else value
+
+    @staticmethod
+    def _decode(row):
+        rec = {k: row[k] for k in COLUMNS}
+        for k in JSON_COLUMNS:
+            rec[k] = json.loads(rec[k])
+        return rec
+
+    # --- logs
+
+    def log_path(self, job_id):
+        if not job_id.isalnum():  # ids are hex; never let one name another path
+            raise ValueError(f"bad job id {job_id!r}")
+        return os.path.join(self.logs, f"{job_id}.log")
+
+    def append_log(self, job_id, data):
+        """Append bytes to the job's log; returns the new size."""
+        with open(self.log_path(job_id), "ab", buffering=0) as f:
+            f.write(data)
+            return f.tell()
+
+    def sync_log(self, job_id):
+        """fsync the log (called once when the job reaches a final state)."""
+        try:
+            fd = os.open(self.log_path(job_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def log_size(self, job_id):
+        try:
+            return os.path.getsize(self.log_path(job_id))
+        except FileNotFoundError:
+            return 0
+
+    def read_log(self, job_id, offset, limit):
+        """Up to ``limit`` bytes from ``offset`` -> (data, next_offset)."""
+        try:
+            with open(self.log_path(job_id), "rb") as f:
+                f.seek(offset)
+                data = f.read(limit)
+        except FileNotFoundError:
+            data = b""
+        return data, offset + len(data)

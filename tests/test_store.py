@@ -1,0 +1,107 @@
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from mlbench_daemon.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(str(tmp_path))
+    yield s
+    s.close()
+
+
+def test_create_get_update_roundtrip(store):
+    nodes = [["10.0.0.1", "default", "w-0", "{'app': 'mlbench'}"]]
+    rec = store.create(nodes=nodes, command=["mpirun", "a b"], env_names=["X"], np=2)
+    assert rec["state"] == "pending" and len(rec["id"]) == 20
+    assert rec["nodes"] == nodes and rec["command"] == ["mpirun", "a b"] and rec["env_names"] == ["X"]
+    rec = store.update(rec["id"], state="running", pid=1234, started=5.0)
+    assert (rec["state"], rec["pid"], rec["started"]) == ("running", 1234, 5.0)
+    assert store.get(rec["id"]) == rec
+    assert store.get("nope") is None
+
+
+def test_rejects_unknown_columns_and_states(store):
+    rec = store.create()
+    with pytest.raises(ValueError):
+        store.update(rec["id"], bogus=1)
+    with pytest.raises(ValueError):
+        store.update(rec["id"], seq=7)
+    with pytest.raises(ValueError):
+        store.update(rec["id"], state="exploded")
+
+
+def test_list_newest_first_with_paging(store):
+    ids = [store.create()["id"] for _ in range(5)]
+    assert [r["id"] for r in store.list(limit=10)] == ids[::-1]
+    assert [r["id"] for r in store.list(limit=2, offset=1)] == [ids[3], ids[2]]
+    assert [r["id"] for r in store.list(limit=10, before=ids[2])] == [ids[1], ids[0]]
+    assert sorted(ids) == ids  # ids sort by creation too
+
+
+def test_running_lists_unfinished_oldest_first(store):
+    a, b, c = (store.create()["id"] for _ in range(3))
+    store.update(a, state="running")
+    store.update(b, state="succeeded")
+    assert [r["id"] for r in store.running()] == [a, c]
+
+
+def test_log_append_and_bounded_reads(store):
+    rec = store.create()
+    assert store.read_log(rec["id"], 0, 10) == (b"", 0)
+    assert store.log_size(rec["id"]) == 0
+    store.append_log(rec["id"], b"hello ")
+    assert store.append_log(rec["id"], b"\x00\xffworld") == 13
+    assert store.read_log(rec["id"], 0, 4) == (b"hell", 4)
+    assert store.read_log(rec["id"], 4, 100) == (b"o \x00\xffworld", 13)
+    assert store.read_log(rec["id"], 13, 100) == (b"", 13)
+    assert store.read_log(rec["id"], 99, 100) == (b"", 99)
+    store.sync_log(rec["id"])
+    with pytest.raises(ValueError):
+        store.log_path("../etc")
+
+
+def test_concurrent_writers(store):
+    ids = []
+
+    def work():
+        for _ in range(20):
+            rec = store.create()
+            store.update(rec["id"], state="running")
+            ids.append(rec["id"])
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(store.running()) == 80 == len(set(ids))
+
+
+def test_survives_a_killed_process(tmp_path):
+    """A record committed and log bytes written before SIGKILL are there afterwards."""
+    code = (
+        "import os, signal, sys\n"
+        "from mlbench_daemon.store import Store\n"
+        "s = Store(sys.argv[1])\n"
+        "r = s.create(command=['x'])\n"
+        "s.update(r['id'], state='running', pid=42)\n"
+        "s.append_log(r['id'], b'partial output')\n"
+        "print(r['id'], flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, env=env, timeout=60)
+    job_id = out.stdout.decode().strip()
+    assert job_id, out.stderr
+    s = Store(str(tmp_path))
+    rec = s.get(job_id)
+    assert (rec["state"], rec["pid"], rec["command"]) == ("running", 42, ["x"])
+    assert [r["id"] for r in s.running()] == [job_id]
+    assert s.read_log(job_id, 0, 100) == (b"partial output", 14)
+    s.close()
