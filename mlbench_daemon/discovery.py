@@ -1,0 +1,363 @@
+"""DNS -> list of Node: SRV/A/AAAA/PTR/TXT records, label rules, selectors, natural sort.
+
+No SSH and no HTTP here. `Discovery` takes the `cfg.discovery` section (any object with
+the attributes `service`, `srv`, `nameservers`, `namespace`, `timeout_s`, `label_rules`)
+and an optional dnspython resolver, so tests can drive it.
+
+One discovery pass:
+
+* SRV `<srv>.<service>`: each target is a member (host name + SSH port); its address
+  comes from the additional section of the SRV answer, else from A (then AAAA) queries.
+* No SRV records at all: the A/AAAA records of the service are the members (port =
+  `ssh_port`), named by the PTR record of each address, or by the address itself.
+* Labels: TXT strings `key=value` at the member's host name, then the config's label
+  rules in order (rules win).
+
+Every name is queried absolute, with one deadline of `timeout_s` for the whole pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+
+log = logging.getLogger("mlbench_daemon.discovery")
+
+REASONS = ("dns-timeout", "nxdomain", "no-members", "dns-error")
+
+
+class DiscoveryError(Exception):
+    """A discovery pass failed; `.reason` is one of REASONS, str() is the human message."""
+
+    def __init__(self, reason: str, message: str):
+        assert reason in REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+
+
+# --- nodes -----------------------------------------------------------------------------
+
+
+class Labels(dict):
+    """A read-only, hashable dict with its keys in sorted order.
+
+    A dict (not just a Mapping) so that json.dumps and str() treat it like the plain dict
+    it compares equal to.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(sorted(dict(*args, **kwargs).items()))
+
+    def __hash__(self):
+        return hash(tuple(self.items()))
+
+    def __reduce__(self):
+        return (Labels, (dict(self),))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("node labels are read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    name: str  # first DNS label of host, else the IP
+    host: str  # host name without trailing dot, or the IP
+    ip: str
+    port: int
+    namespace: str
+    labels: Mapping[str, str] = Labels()  # TXT labels merged with config rules (rules win)
+
+    def __post_init__(self):
+        if not isinstance(self.labels, Labels):
+            object.__setattr__(self, "labels", Labels(self.labels))
+
+    @property
+    def labels_str(self) -> str:
+        """The seed's format: str() of the label dict with keys sorted."""
+        return str(dict(self.labels))
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key putting "w-2" before "w-10"; ties broken by the exact name."""
+    parts = re.split(r"(\d+)", name)
+    return (tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name)
+
+
+# --- selectors -------------------------------------------------------------------------
+
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+_KEY_RE = re.compile(rf"({_PREFIX}/)?{_NAME}")
+_VALUE_RE = re.compile(rf"({_NAME})?")
+# Operators, longest first so that "!=" and "==" are not read as "=".
+_OPS = (("!=", "!="), ("==", "="), ("=", "="))
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Requirement:
+    key: str
+    op: str  # "=", "!=", "exists", "!exists"
+    value: str = ""
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.op == "=":
+            return self.key in labels and labels[self.key] == self.value
+        if self.op == "!=":
+            return labels.get(self.key) != self.value
+        return (self.key in labels) == (self.op == "exists")
+
+    def __str__(self):
+        if self.op in ("=", "!="):
+            return f"{self.key}{self.op}{self.value}"
+        return self.key if self.op == "exists" else f"!{self.key}"
+
+
+def _check_key(key: str, term: str) -> str:
+    prefix, _, _ = key.rpartition("/")
+    if not _KEY_RE.fullmatch(key) or len(prefix) > 253:
+        raise ValueError(
+            f"selector term {term!r}: bad label key {key!r} "
+            "(want [prefix/]name, name up to 63 of [A-Za-z0-9-_.] starting and ending alphanumeric)"
+        )
+    return key
+
+
+def _check_value(value: str, term: str) -> str:
+    if not _VALUE_RE.fullmatch(value):
+        raise ValueError(
+            f"selector term {term!r}: bad label value {value!r} "
+            "(want up to 63 of [A-Za-z0-9-_.] starting and ending alphanumeric, or empty)"
+        )
+    return value
+
+
+def _parse_term(term: str) -> Requirement:
+    for token, op in _OPS:
+        if token in term:
+            key, _, value = term.partition(token)
+            return Requirement(_check_key(key.strip(), term), op, _check_value(value.strip(), term))
+    if term.startswith("!"):
+        return Requirement(_check_key(term[1:].strip(), term), "!exists")
+    return Requirement(_check_key(term, term), "exists")
+
+
+@dataclasses.dataclass(frozen=True)
+class Selector:
+    """A Kubernetes equality-based label selector: `k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-separated.
+
+    Requirements are kept sorted and without duplicates, so equal selectors compare equal
+    and str() is canonical. The empty selector matches everything.
+    """
+
+    requirements: tuple[Requirement, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "Selector":
+        if not text.strip():
+            return cls()
+        terms = [t.strip() for t in text.split(",")]
+        if "" in terms:
+            raise ValueError(f"selector {text!r}: empty term (stray comma?)")
+        return cls(tuple(sorted(set(map(_parse_term, terms)))))
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(r.matches(labels) for r in self.requirements)
+
+    def __str__(self):
+        return ",".join(map(str, self.requirements))
+
+
+def select(nodes: Iterable[Node], selector: Selector | str | None) -> list[Node]:
+    """The nodes whose labels match `selector` (a Selector, its text, or None for all), in order."""
+    if isinstance(selector, str):
+        selector = Selector.parse(selector)
+    return [n for n in nodes if selector is None or selector.matches(n.labels)]
+
+
+# --- DNS -------------------------------------------------------------------------------
+
+
+def parse_nameserver(text: str) -> dns.nameserver.Do53Nameserver:
+    """ "IP", "IP:port", "[IPv6]:port" -> a nameserver (default port 53)."""
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        if rest:
+            port = rest.removeprefix(":")
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    try:
+        ipaddress.ip_address(host)
+        port_num = int(port)
+        if not 0 < port_num < 65536:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"nameserver {text!r}: want IP or IP:port") from None
+    return dns.nameserver.Do53Nameserver(host, port_num)
+
+
+def namespace_of(service: str, default: str) -> str:
+    """`<ns>` when the service is `<svc>.<ns>.svc.<zone...>`, else `default`."""
+    labels = service.rstrip(".").split(".")
+    if len(labels) >= 4 and labels[2].lower() == "svc":
+        return labels[1]
+    return default
+
+
+def txt_labels(rdatas) -> dict[str, str]:
+    """RFC 6763 key/value strings: `k=v`, `k` alone = empty value, first key wins, `=x` ignored."""
+    labels: dict[str, str] = {}
+    for rdata in sorted(rdatas, key=lambda r: r.strings):  # several TXT records: a stable order
+        for raw in rdata.strings:
+            key, _, value = raw.decode("utf-8", errors="replace").partition("=")
+            if key:
+                labels.setdefault(key, value)
+    return labels
+
+
+def _ip_order(address: str) -> tuple[int, int]:
+    """IPv4 before IPv6, then numeric."""
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip)
+
+
+class Discovery:
+    def __init__(self, cfg, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22):
+        if not cfg.service:
+            raise ValueError("discovery.service is empty")
+        self.cfg = cfg
+        self.ssh_port = ssh_port
+        self.service = dns.name.from_text(cfg.service)  # absolute: no search domains, ever
+        self.srv_name = dns.name.from_text(cfg.srv, origin=self.service)
+        self.namespace = namespace_of(cfg.service, cfg.namespace)
+        if resolver is None:
+            if cfg.nameservers:
+                resolver = dns.resolver.Resolver(configure=False)
+                resolver.nameservers = [parse_nameserver(ns) for ns in cfg.nameservers]
+            else:
+                resolver = dns.resolver.Resolver()
+        self.resolver = resolver
+
+    def discover(self) -> tuple[list[Node], float]:
+        """All members (unfiltered, natural order) and the shortest TTL of the answers used.
+
+        Raises DiscoveryError. A member whose host name has no address is dropped with a
+        warning; a timeout or server failure on any other query fails the whole pass, so
+        the caller keeps its last good list rather than losing members to a flaky server.
+        Safe to call from several threads: a pass keeps its state in a _Pass.
+        """
+        p = _Pass(self.resolver, time.monotonic() + self.cfg.timeout_s)
+        srv = p.query(self.srv_name, "SRV")
+        if srv is not None:
+            members = self._srv_members(p, srv)
+        else:
+            addresses = [a.address for t in ("A", "AAAA") for a in p.query(self.service, t) or ()]
+            if p.nxdomain == {self.srv_name, self.service}:
+                raise DiscoveryError(
+                    "nxdomain", f"no such name: neither SRV {self.srv_name} nor A/AAAA {self.service} exists"
+                )
+            members = self._address_members(p, addresses)
+        nodes: dict[str, Node] = {}
+        for target, ip, port in members:
+            name = target.labels[0].decode(errors="replace") if target else ip
+            host = target.to_text(omit_final_dot=True) if target else ip
+            if name in nodes:
+                if nodes[name].host != host:
+                    log.warning("%s: %s and %s share the name %s; keeping %s", self.cfg.service, nodes[name].host, host, name, nodes[name].host)
+                continue
+            nodes[name] = Node(name, host, ip, port, self.namespace, self._labels(p, target, name))
+        if not nodes:
+            raise DiscoveryError(
+                "no-members", f"no members: SRV {self.srv_name} and A/AAAA {self.service} gave no usable address"
+            )
+        return sorted(nodes.values(), key=lambda n: natural_key(n.name)), p.ttl
+
+    def _srv_members(self, p: "_Pass", srv) -> Iterable[tuple]:
+        """(target name, ip, port) per SRV target with an address."""
+        for rr in sorted(srv, key=lambda r: (r.priority, -r.weight, r.target, r.port)):
+            if rr.target == dns.name.root:  # "." = service decidedly not available there
+                continue
+            ip = p.address_of(rr.target, srv.response)
+            if ip is None:
+                log.warning("%s: SRV target %s has no A/AAAA record; skipped", self.srv_name, rr.target)
+                continue
+            yield rr.target, ip, rr.port
+
+    def _address_members(self, p: "_Pass", addresses: list[str]) -> Iterable[tuple]:
+        """(PTR name or None, ip, ssh port) per address of the service."""
+        for ip in sorted(set(addresses), key=_ip_order):
+            ptr = p.query(dns.reversename.from_address(ip), "PTR", optional=True)
+            yield (min(r.target for r in ptr) if ptr else None), ip, self.ssh_port
+
+    def _labels(self, p: "_Pass", host: dns.name.Name | None, name: str) -> Labels:
+        labels = txt_labels(p.query(host, "TXT") or ()) if host else {}
+        for rule in self.cfg.label_rules:
+            if fnmatch.fnmatchcase(name, rule["match"]):
+                labels.update(rule["labels"])
+        return Labels(labels)
+
+
+class _Pass:
+    """The queries of one discovery pass: one deadline, the minimum TTL, the NXDOMAIN names."""
+
+    def __init__(self, resolver: dns.resolver.Resolver, deadline: float):
+        self.resolver = resolver
+        self.deadline = deadline
+        self.ttl = float("inf")
+        self.nxdomain: set[dns.name.Name] = set()
+
+    def query(self, name: dns.name.Name, rdtype: str, optional: bool = False) -> dns.resolver.Answer | None:
+        """The answer, or None when the name or the type does not exist.
+
+        optional=True: a server failure also gives None (logged). Used for PTR, which many
+        servers refuse for reverse zones they do not serve.
+        """
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DiscoveryError("dns-timeout", f"DNS timeout: no time left to query {rdtype} {name}")
+        try:
+            answer = self.resolver.resolve(name, rdtype, search=False, lifetime=remaining)
+        except dns.resolver.NXDOMAIN:
+            self.nxdomain.add(name)
+            return None
+        except dns.resolver.NoAnswer:
+            return None
+        except dns.exception.Timeout:
+            raise DiscoveryError("dns-timeout", f"DNS timeout querying {rdtype} {name}") from None
+        except (dns.exception.DNSException, OSError) as e:
+            if optional:
+                log.warning("DNS query %s %s failed, ignored: %s", rdtype, name, e)
+                return None
+            raise DiscoveryError("dns-error", f"DNS error querying {rdtype} {name}: {e}") from None
+        self.ttl = min(self.ttl, answer.rrset.ttl)
+        return answer
+
+    def address_of(self, host: dns.name.Name, response: dns.message.Message) -> str | None:
+        """host's first IPv4 (else IPv6) address: from the additional section of `response`
+        when it carries any, else queried (A, then AAAA)."""
+        extra = [r for r in response.additional if r.name == host and r.rdtype in _ADDRESS_TYPES]
+        if extra:
+            self.ttl = min([self.ttl] + [r.ttl for r in extra])
+            rdatas = [a for rrset in extra for a in rrset]
+        else:
+            rdatas = self.query(host, "A") or self.query(host, "AAAA") or ()
+        return min((a.address for a in rdatas), key=_ip_order, default=None)
+
+
+_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)

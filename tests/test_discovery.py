@@ -1,0 +1,455 @@
+"""Discovery against a real dnsmasq on loopback: SRV/A/AAAA/PTR/TXT, labels, errors, TTLs,
+plus selector and natural-sort unit and property tests."""
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import types
+
+import dns.name
+import dns.resolver
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mlbench_daemon.discovery import (
+    Discovery,
+    DiscoveryError,
+    Node,
+    Requirement,
+    Selector,
+    namespace_of,
+    natural_key,
+    parse_nameserver,
+    select,
+)
+
+DNSMASQ = "/usr/sbin/dnsmasq"
+ZONE = "default.svc.cluster.local"
+SVC = f"workers.{ZONE}"  # the SRV service
+SRV = f"_ssh._tcp.{SVC}"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(DNSMASQ), reason="dnsmasq not installed")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(port: int) -> bool:
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers = [parse_nameserver(f"127.0.0.1:{port}")]
+    try:
+        r.resolve("ready.probe.cluster.local.", "A", lifetime=0.2)
+    except dns.resolver.NXDOMAIN:
+        return True
+    except dns.exception.DNSException:
+        return False
+    return True
+
+
+@pytest.fixture
+def dnsmasq(tmp_path, request):
+    """start(*records) -> port of a dnsmasq on 127.0.0.1 serving those records
+    (authoritative-like for cluster.local and 127.in-addr.arpa: unknown names are NXDOMAIN)."""
+
+    def start(*records, ttl=300):
+        for _ in range(5):
+            port = free_udp_port()
+            argv = [
+                DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                "--listen-address=127.0.0.1", f"--port={port}", "--pid-file=", "--conf-file=/dev/null",
+                "--user=root", "--local=/cluster.local/", "--local=/127.in-addr.arpa/", "--local=/lab.test/",
+                f"--local-ttl={ttl}", *records,
+            ]  # fmt: skip
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            request.addfinalizer(lambda p=proc: (p.kill(), p.wait(), p.stderr.close()))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and proc.poll() is None and not answers(port):
+                time.sleep(0.02)
+            if proc.poll() is None and answers(port):
+                start.proc = proc
+                return port
+            err = proc.stderr.read().decode() if proc.poll() is not None else "no answer within 5 s"
+            if "in use" not in err:
+                raise RuntimeError(f"dnsmasq did not start: {err}")
+        raise RuntimeError("no free port for dnsmasq")
+
+    return start
+
+
+def hosts_file(tmp_path, *lines) -> str:
+    path = tmp_path / f"hosts{len(list(tmp_path.iterdir()))}"
+    path.write_text("".join(line + "\n" for line in lines))
+    return f"--addn-hosts={path}"
+
+
+def cfg(port, service=SVC, **kw):
+    values = dict(
+        service=service, srv="_ssh._tcp", nameservers=[f"127.0.0.1:{port}"], namespace="default",
+        selector="", refresh_s=10, timeout_s=2.0, label_rules=[],
+    )  # fmt: skip
+    values.update(kw)
+    return types.SimpleNamespace(**values)
+
+
+def discover(port, service=SVC, ssh_port=22, **kw):
+    return Discovery(cfg(port, service, **kw), ssh_port=ssh_port).discover()
+
+
+# --- SRV path --------------------------------------------------------------------------
+
+
+def test_srv_members_hosts_ports_and_addresses(dnsmasq, tmp_path):
+    port = dnsmasq(
+        f"--srv-host={SRV},w-10.{SVC},2210",
+        f"--srv-host={SRV},w-2.{SVC},2202",
+        f"--srv-host={SRV},w-1.{SVC},2201",
+        f"--srv-host={SRV},w-1.{SVC},2201",  # duplicate target: one member
+        f"--srv-host={SRV}",  # target "." (service not offered): ignored
+        hosts_file(tmp_path, f"127.77.0.1 w-1.{SVC}", f"127.77.0.10 w-10.{SVC}"),  # in the additional section
+        f"--host-record=w-2.{SVC},fd00::2",  # IPv6 only
+    )
+    nodes, ttl = discover(port)
+    assert [(n.name, n.host, n.ip, n.port, n.namespace) for n in nodes] == [
+        ("w-1", f"w-1.{SVC}", "127.77.0.1", 2201, "default"),
+        ("w-2", f"w-2.{SVC}", "fd00::2", 2202, "default"),
+        ("w-10", f"w-10.{SVC}", "127.77.0.10", 2210, "default"),
+    ]
+    assert ttl == 300
+    assert all(n.labels == {} and n.labels_str == "{}" for n in nodes)
+
+
+def test_srv_target_address_queried_when_not_in_additional(dnsmasq):
+    # --address answers A queries but dnsmasq does not put it in the SRV additional section
+    port = dnsmasq(f"--srv-host={SRV},w-1.{SVC},2222", f"--address=/w-1.{SVC}/127.77.0.5")
+    (node,), _ = discover(port)
+    assert (node.name, node.ip, node.port) == ("w-1", "127.77.0.5", 2222)
+
+
+def test_dual_stack_target_prefers_ipv4(dnsmasq):
+    port = dnsmasq(f"--srv-host={SRV},w-1.{SVC},22", f"--host-record=w-1.{SVC},127.77.0.7,fd00::7")
+    (node,), _ = discover(port)
+    assert node.ip == "127.77.0.7"
+
+
+def test_target_without_address_is_dropped_with_warning(dnsmasq, tmp_path, caplog):
+    port = dnsmasq(
+        f"--srv-host={SRV},w-1.{SVC},22",
+        f"--srv-host={SRV},gone.{SVC},22",
+        hosts_file(tmp_path, f"127.77.0.1 w-1.{SVC}"),
+    )
+    with caplog.at_level(logging.WARNING, logger="mlbench_daemon.discovery"):
+        nodes, _ = discover(port)
+    assert [n.name for n in nodes] == ["w-1"]
+    assert any(f"gone.{SVC}" in r.getMessage() for r in caplog.records)
+
+
+def test_txt_labels(dnsmasq, tmp_path):
+    port = dnsmasq(
+        f"--srv-host={SRV},w-1.{SVC},22",
+        hosts_file(tmp_path, f"127.77.0.1 w-1.{SVC}"),
+        # one TXT record, one string per comma piece; bytes so that one string is not UTF-8
+        os.fsencode(f"--txt-record=w-1.{SVC},app=mlbench,gpu,zone=zé,app=dup,=ignored,url=a=b,")
+        + b"raw=\xff",
+    )
+    (node,), _ = discover(port)
+    assert node.labels == {"app": "mlbench", "gpu": "", "zone": "zé", "url": "a=b", "raw": "\ufffd"}
+    assert node.labels_str == "{'app': 'mlbench', 'gpu': '', 'raw': '\ufffd', 'url': 'a=b', 'zone': 'zé'}"
+
+
+def test_label_rules_win_over_txt_and_apply_in_order(dnsmasq, tmp_path):
+    port = dnsmasq(
+        f"--srv-host={SRV},w-1.{SVC},22",
+        f"--srv-host={SRV},w-2.{SVC},22",
+        hosts_file(tmp_path, f"127.77.0.1 w-1.{SVC}", f"127.77.0.2 w-2.{SVC}"),
+        f"--txt-record=w-1.{SVC},component=txt,app=mlbench",
+    )
+    rules = [
+        {"match": "w-*", "labels": {"component": "worker", "release": "worn-mouse"}},
+        {"match": "w-2", "labels": {"release": "other"}},
+        {"match": "W-1", "labels": {"case": "sensitive"}},  # never matches
+    ]
+    nodes, _ = discover(port, label_rules=rules)
+    assert [dict(n.labels) for n in nodes] == [
+        {"app": "mlbench", "component": "worker", "release": "worn-mouse"},
+        {"component": "worker", "release": "other"},
+    ]
+    assert nodes[0].labels_str == "{'app': 'mlbench', 'component': 'worker', 'release': 'worn-mouse'}"
+
+
+def test_ttl_is_the_shortest_of_the_answers_used(dnsmasq, tmp_path):
+    port = dnsmasq(
+        f"--srv-host={SRV},w-1.{SVC},22",
+        f"--srv-host={SRV},w-2.{SVC},22",
+        hosts_file(tmp_path, f"127.77.0.1 w-1.{SVC}"),
+        f"--host-record=w-2.{SVC},127.77.0.2,7",
+        ttl=120,
+    )
+    assert discover(port)[1] == 7
+
+
+# --- fallback: A/AAAA of the service + PTR ----------------------------------------------
+
+
+def test_fallback_to_service_addresses_named_by_ptr(dnsmasq, tmp_path):
+    # first name on a hosts line = the PTR name; the service name is an alias (A only)
+    port = dnsmasq(
+        hosts_file(tmp_path, f"127.77.0.2 w-2.{SVC} {SVC}", f"127.77.0.11 w-11.{SVC} {SVC}"),
+        f"--txt-record=w-2.{SVC},component=worker",
+    )
+    nodes, ttl = discover(port, ssh_port=2022)
+    assert [(n.name, n.host, n.ip, n.port, dict(n.labels)) for n in nodes] == [
+        ("w-2", f"w-2.{SVC}", "127.77.0.2", 2022, {"component": "worker"}),
+        ("w-11", f"w-11.{SVC}", "127.77.0.11", 2022, {}),
+    ]
+    assert ttl == 300
+
+
+def test_fallback_without_ptr_names_nodes_by_ip(dnsmasq):
+    # 127.77.0.20 has no PTR (NXDOMAIN); fd00::20's reverse zone is REFUSED: both named by IP
+    port = dnsmasq(f"--address=/{SVC}/127.77.0.20", f"--address=/{SVC}/fd00::20")
+    rules = [{"match": "127.77.*", "labels": {"v": "4"}}]
+    nodes, _ = discover(port, label_rules=rules)
+    assert [(n.name, n.host, n.ip, n.port, dict(n.labels)) for n in nodes] == [
+        ("127.77.0.20", "127.77.0.20", "127.77.0.20", 22, {"v": "4"}),
+        ("fd00::20", "fd00::20", "fd00::20", 22, {}),
+    ]
+
+
+# --- namespace -------------------------------------------------------------------------
+
+
+def test_namespace_from_service_name_or_config(dnsmasq, tmp_path):
+    port = dnsmasq(hosts_file(tmp_path, "127.77.0.1 w-1.lab.test workers.lab.test", "127.77.0.2 x.team-a.svc.cluster.local"))
+    (node,), _ = discover(port, service="workers.lab.test", namespace="research")
+    assert node.namespace == "research"
+    (node,), _ = discover(port, service="x.team-a.svc.cluster.local.", namespace="research")
+    assert node.namespace == "team-a"
+
+
+def test_namespace_of():
+    assert namespace_of("svc.ns.svc.cluster.local", "d") == "ns"
+    assert namespace_of("svc.ns.svc.cluster.local.", "d") == "ns"
+    assert namespace_of("svc.ns.SVC.example", "d") == "ns"
+    assert namespace_of("svc.ns.svc", "d") == "d"  # no zone
+    assert namespace_of("workers.lab.test", "d") == "d"
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def test_nxdomain(dnsmasq):
+    port = dnsmasq()
+    with pytest.raises(DiscoveryError) as e:
+        discover(port, service=f"missing.{ZONE}")
+    assert e.value.reason == "nxdomain"
+    assert f"_ssh._tcp.missing.{ZONE}." in str(e.value) and f" missing.{ZONE}." in str(e.value)
+
+
+def test_names_are_absolute_never_searched(dnsmasq, tmp_path):
+    port = dnsmasq(f"--srv-host={SRV},w-1.{SVC},22", hosts_file(tmp_path, f"127.77.0.1 w-1.{SVC}"))
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [parse_nameserver(f"127.0.0.1:{port}")]
+    resolver.search = [dns.name.from_text("svc.cluster.local")]
+    resolver.use_search_by_default = True
+    with pytest.raises(DiscoveryError) as e:  # "workers.default" + search domain would find it
+        Discovery(cfg(port, service="workers.default"), resolver=resolver).discover()
+    assert e.value.reason == "dns-error"  # dnsmasq refuses names outside its local zones
+    assert "_ssh._tcp.workers.default." in str(e.value)
+
+
+def test_no_members(dnsmasq):
+    port = dnsmasq(f"--srv-host={SRV},gone.{SVC},22", f"--srv-host={SRV}")
+    with pytest.raises(DiscoveryError) as e:
+        discover(port)
+    assert e.value.reason == "no-members"
+    assert SRV in str(e.value)
+
+
+def test_service_name_exists_without_addresses_is_no_members(dnsmasq):
+    port = dnsmasq(f"--txt-record={SVC},just=text")
+    with pytest.raises(DiscoveryError) as e:
+        discover(port)
+    assert e.value.reason == "no-members"
+
+
+def test_refused_is_dns_error(dnsmasq):
+    port = dnsmasq()
+    with pytest.raises(DiscoveryError) as e:
+        discover(port, service="workers.elsewhere.example")
+    assert e.value.reason == "dns-error"
+    assert "SRV _ssh._tcp.workers.elsewhere.example." in str(e.value) and "REFUSED" in str(e.value)
+
+
+def test_timeout_on_a_silent_server():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        t0 = time.monotonic()
+        with pytest.raises(DiscoveryError) as e:
+            discover(silent.getsockname()[1], timeout_s=0.5)
+        elapsed = time.monotonic() - t0
+    assert e.value.reason == "dns-timeout"
+    assert f"SRV {SRV}." in str(e.value)
+    assert 0.4 <= elapsed <= 1.5
+
+
+def test_timeout_on_a_stopped_dnsmasq_then_recovery(dnsmasq, tmp_path):
+    port = dnsmasq(f"--srv-host={SRV},w-1.{SVC},22", hosts_file(tmp_path, f"127.77.0.1 w-1.{SVC}"))
+    d = Discovery(cfg(port, timeout_s=0.5))
+    os.kill(dnsmasq.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DiscoveryError) as e:
+            d.discover()
+        assert e.value.reason == "dns-timeout"
+        assert time.monotonic() - t0 <= 1.5
+    finally:
+        os.kill(dnsmasq.proc.pid, signal.SIGCONT)
+    time.sleep(0.1)  # let dnsmasq drain the queries queued while stopped
+    assert [n.name for n in d.discover()[0]] == ["w-1"]
+
+
+def test_discovery_error_reason():
+    e = DiscoveryError("nxdomain", "no such name")
+    assert (e.reason, str(e)) == ("nxdomain", "no such name")
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, host, port",
+    [("127.0.0.1", "127.0.0.1", 53), ("127.0.0.1:5353", "127.0.0.1", 5353), ("::1", "::1", 53),
+     ("[::1]:5353", "::1", 5353), ("[::1]", "::1", 53)],
+)  # fmt: skip
+def test_parse_nameserver(text, host, port):
+    ns = parse_nameserver(text)
+    assert (ns.address, ns.port) == (host, port)
+
+
+@pytest.mark.parametrize("text", ["", "dns.example", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", "[::1]x"])
+def test_parse_nameserver_rejects(text):
+    with pytest.raises(ValueError, match="nameserver"):
+        parse_nameserver(text)
+
+
+def test_empty_service_rejected():
+    with pytest.raises(ValueError, match="discovery.service"):
+        Discovery(cfg(53, service=""))
+
+
+# --- Node ------------------------------------------------------------------------------
+
+
+def test_node_labels_read_only_hashable_by_value():
+    a = Node("w-1", "w-1.x", "127.77.0.1", 22, "default", {"b": "2", "a": "1"})
+    b = Node("w-1", "w-1.x", "127.77.0.1", 22, "default", {"a": "1", "b": "2"})
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a.labels == {"a": "1", "b": "2"} and list(a.labels) == ["a", "b"]
+    assert a.labels_str == "{'a': '1', 'b': '2'}"
+    with pytest.raises(TypeError):
+        a.labels["c"] = "3"
+    with pytest.raises(TypeError):
+        a.labels.update(c="3")
+    assert Node("w-1", "w-1", "127.77.0.1", 22, "default").labels == {}
+
+
+# --- natural sort ----------------------------------------------------------------------
+
+
+def test_natural_key():
+    names = ["w-10", "w-2", "w-1", "a", "w-1b", "w-01", "W-3", "127.77.0.20", "fd00::20"]
+    assert sorted(names, key=natural_key) == ["127.77.0.20", "a", "fd00::20", "w-01", "w-1", "w-1b", "w-2", "W-3", "w-10"]
+
+
+@given(st.lists(st.text(alphabet="ab-0123456789", max_size=8)))
+def test_natural_key_is_a_total_order(names):
+    ordered = sorted(names, key=natural_key)
+    assert sorted(ordered, key=natural_key) == ordered
+    assert sorted(reversed(names), key=natural_key) == ordered
+
+
+# --- selectors -------------------------------------------------------------------------
+
+
+def test_selector_parse_and_str():
+    s = Selector.parse(" tier != gpu , app==mlbench,component=worker, rack ,!spot,example.com/zone=a")
+    assert str(s) == "app=mlbench,component=worker,example.com/zone=a,rack,!spot,tier!=gpu"
+    assert Selector.parse(str(s)) == s
+    assert Selector.parse("a=1,b=2") == Selector.parse("b=2, a=1") == Selector.parse("a=1,b=2,a=1")
+    assert str(Selector.parse("")) == "" and Selector.parse("  ") == Selector()
+    assert Selector.parse("k=") == Selector((Requirement("k", "=", ""),))
+
+
+@pytest.mark.parametrize(
+    "text, bad",
+    [("a=b,", "empty term"), ("a,,b", "empty term"), ("=b", "''"), ("a=b=c", "'b=c'"), ("-a", "'-a'"), ("a b", "'a b'"),
+     ("k=" + "v" * 64, "v" * 64), ("a=-b", "'-b'"), ("!=a", "''"), ("Prefix.com/a", "'Prefix.com/a'"),
+     ("a in (b)", "'a in (b)'"), ("!a=b", "'!a'"), ("a=!b", "'!b'")],
+)  # fmt: skip
+def test_selector_parse_errors_name_the_bad_term(text, bad):
+    with pytest.raises(ValueError, match="selector") as e:
+        Selector.parse(text)
+    assert bad in str(e.value)
+
+
+def test_selector_matches():
+    labels = {"app": "mlbench", "component": "worker", "gpu": ""}
+    assert Selector.parse("").matches({})
+    assert Selector.parse("app=mlbench,component==worker").matches(labels)
+    assert not Selector.parse("app=other").matches(labels)
+    assert Selector.parse("tier!=gpu").matches(labels)  # absent key: != matches (Kubernetes)
+    assert not Selector.parse("app!=mlbench").matches(labels)
+    assert Selector.parse("gpu,!spot,gpu=").matches(labels)
+    assert not Selector.parse("spot").matches(labels)
+    assert not Selector.parse("!gpu").matches(labels)
+
+
+def test_select():
+    nodes = [Node(f"w-{i}", f"w-{i}", f"127.77.0.{i}", 22, "default", {"i": str(i % 2)}) for i in range(4)]
+    assert [n.name for n in select(nodes, "i=1")] == ["w-1", "w-3"]
+    assert [n.name for n in select(nodes, Selector.parse("i!=1"))] == ["w-0", "w-2"]
+    assert select(nodes, None) == select(nodes, "") == nodes
+
+
+KEYS = st.sampled_from(["app", "tier", "example.com/zone", "a_b.c-d"])
+VALUES = st.sampled_from(["", "x", "mlbench", "A.b_c-9"])
+REQS = st.one_of(
+    st.builds(Requirement, KEYS, st.sampled_from(["=", "!="]), VALUES),
+    st.builds(Requirement, KEYS, st.sampled_from(["exists", "!exists"])),
+)
+SELECTORS = st.lists(REQS, max_size=5).map(lambda rs: Selector(tuple(sorted(set(rs)))))
+LABELS = st.dictionaries(KEYS, VALUES, max_size=4)
+
+
+def reference_matches(selector: Selector, labels: dict) -> bool:
+    for r in selector.requirements:
+        present = r.key in labels
+        ok = {
+            "=": present and labels[r.key] == r.value,
+            "!=": not present or labels[r.key] != r.value,
+            "exists": present,
+            "!exists": not present,
+        }[r.op]
+        if not ok:
+            return False
+    return True
+
+
+@given(SELECTORS)
+def test_selector_roundtrip(s):
+    assert Selector.parse(str(s)) == s
+
+
+@given(st.lists(REQS, max_size=5), LABELS, st.booleans())
+def test_selector_matches_reference(reqs, labels, spaced):
+    sep = " , " if spaced else ","
+    text = sep.join(f"{r.key}{'==' if spaced else '='}{r.value}" if r.op == "=" else str(r) for r in reqs)
+    s = Selector.parse(text)
+    assert s.matches(labels) == reference_matches(Selector(tuple(reqs)), labels)
