@@ -1,0 +1,376 @@
+"""The CLI against a small real HTTP daemon stand-in (bottle on waitress, loopback).
+
+The stand-in runs each job's program as a local subprocess, so output, exit codes
+and cancellation are real, and serves the logs endpoint with the same contract as
+the daemon: ``?offset=N&limit=M`` -> raw bytes + ``X-Next-Offset``; ``follow=1``
+streams until the job ends.
+"""
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import bottle
+import pytest
+import waitress
+
+import mlbench_daemon
+from mlbench_daemon import cli, logs, metrics
+
+TOKEN = "s3cret-token"
+NODES = [
+    {"name": "w-2", "labels": "{'app': 'mlbench', 'slots': '2'}", "phase": "Unknown", "ip": "10.0.0.3",
+     "reason": "connect-timeout"},
+    {"name": "w-10", "labels": "{'app': 'mlbench'}", "phase": "Running", "ip": "10.0.0.11", "reason": None},
+]
+
+
+class StandIn:
+    def __init__(self, token=None):
+        self.token = token
+        self.jobs = {}
+        self.requests = []
+        self.lock = threading.Lock()
+        app = bottle.Bottle()
+        app.route("/api/nodes/", "GET", self.nodes)
+        app.route("/api/mpi_jobs/", "GET", self.list_jobs)
+        app.route("/api/mpi_jobs/", "POST", self.create)
+        app.route("/api/mpi_jobs/<jid>", "GET", self.get)
+        app.route("/api/mpi_jobs/<jid>", "DELETE", self.cancel)
+        app.route("/api/mpi_jobs/<jid>/logs", "GET", self.logs)
+        app.add_hook("before_request", self.check)
+        self.app = app
+
+    def check(self):
+        self.requests.append((bottle.request.method, bottle.request.fullpath, bottle.request.query_string))
+        if self.token and bottle.request.get_header("Authorization") != f"Bearer {self.token}":
+            raise self.error(401, "unauthorized", "missing or wrong token")
+
+    @staticmethod
+    def error(status, error, message):
+        return bottle.HTTPResponse(json.dumps({"error": error, "message": message}), status,
+                                   {"Content-Type": "application/json"})
+
+    def nodes(self):
+        return json.dumps(NODES)
+
+    def view(self, job):
+        return {k: job[k] for k in ("id", "state", "exit_code", "command", "master_name")}
+
+    def list_jobs(self):
+        return json.dumps([self.view(j) for j in self.jobs.values()])
+
+    def create(self):
+        body = bottle.request.json or {}
+        if body.get("np", 1) > 2:
+            raise self.error(409, "conflict", f"np={body['np']} but only 2 Running nodes")
+        argv = body.get("program") or ["echo", "default program"]
+        env = dict(os.environ, **body.get("env", {}))
+        with self.lock:
+            jid = str(len(self.jobs) + 1)
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            job = self.jobs[jid] = {"id": jid, "state": "running", "exit_code": None, "command": str(argv),
+                                    "master_name": "w-10", "out": bytearray(), "proc": proc, "body": body,
+                                    "done": threading.Event()}
+        threading.Thread(target=self.pump, args=(job,), daemon=True).start()
+        return bottle.HTTPResponse(json.dumps(self.view(job)), 202,
+                                   {"Location": f"/api/mpi_jobs/{jid}", "Content-Type": "application/json"})
+
+    def pump(self, job):
+        for chunk in iter(lambda: job["proc"].stdout.read1(4096), b""):
+            job["out"] += chunk
+        code = job["proc"].wait()
+        if job["state"] != "cancelled":
+            job["state"], job["exit_code"] = ("succeeded" if code == 0 else "failed"), code
+        job["done"].set()
+
+    def job(self, jid):
+        if jid not in self.jobs:
+            raise self.error(404, "not-found", f"no job {jid}")
+        return self.jobs[jid]
+
+    def get(self, jid):
+        return json.dumps(self.view(self.job(jid)))
+
+    def cancel(self, jid):
+        job = self.job(jid)
+        job["state"] = "cancelled"
+        job["proc"].kill()
+        job["done"].wait(10)
+        return json.dumps(self.view(job))
+
+    def logs(self, jid):
+        job = self.job(jid)
+        offset = int(bottle.request.query.get("offset", 0))
+        limit = int(bottle.request.query.get("limit", 5))  # tiny, so clients must page
+        if bottle.request.query.get("follow") == "1":
+            def stream(pos=offset):
+                while True:
+                    done = job["done"].is_set()
+                    if len(job["out"]) > pos:
+                        chunk = bytes(job["out"][pos:])
+                        pos += len(chunk)
+                        yield chunk
+                    elif done:
+                        return
+                    else:
+                        time.sleep(0.02)
+            bottle.response.content_type = "application/octet-stream"
+            return stream()
+        chunk = bytes(job["out"][offset:offset + limit])
+        return bottle.HTTPResponse(chunk, 200, {"Content-Type": "application/octet-stream",
+                                                "X-Next-Offset": str(offset + len(chunk))})
+
+
+@pytest.fixture
+def standin(request):
+    token = getattr(request, "param", None)
+    s = StandIn(token)
+    server = waitress.create_server(s.app, host="127.0.0.1", port=0, threads=6)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    s.url = f"http://127.0.0.1:{server.effective_port}"
+    yield s
+    for job in s.jobs.values():
+        if job["proc"].poll() is None:
+            job["proc"].kill()
+            job["proc"].wait()
+    server.close()
+    thread.join(10)
+
+
+class Out(io.StringIO):
+    """A text stdout with a .buffer, like sys.stdout."""
+
+    def __init__(self, tty=False):
+        super().__init__()
+        self.buffer = io.BytesIO()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+    def text(self):
+        return self.getvalue() + self.buffer.getvalue().decode()
+
+
+def run_cli(argv, environ=None, tty=False):
+    out = Out(tty)
+    code = cli.main(argv, environ=environ or {}, out=out)
+    return code, out.text()
+
+
+# --- global options -------------------------------------------------------------------
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"], environ={})
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mlbench-daemon {mlbench_daemon.__version__}"
+
+
+def test_globals_before_and_after_the_command(standin):
+    for argv in (["--url", standin.url, "--json", "nodes"], ["nodes", "--url", standin.url, "--json"]):
+        code, text = run_cli(argv)
+        assert code == 0
+        assert json.loads(text) == NODES
+
+
+def test_url_from_environment(standin):
+    code, text = run_cli(["--json", "nodes"], environ={"MLBENCH_DAEMON_URL": standin.url})
+    assert code == 0 and json.loads(text) == NODES
+
+
+def test_unreachable_daemon_is_one_line_exit_2(capsys, unused_port):
+    url = f"http://127.0.0.1:{unused_port}"
+    code, _ = run_cli(["--url", url, "nodes"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"mlbench-daemon: cannot reach daemon at {url}: ")
+    assert err.count("\n") == 1
+
+
+@pytest.fixture
+def unused_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- nodes / jobs ---------------------------------------------------------------------
+
+def test_nodes_table(standin):
+    code, text = run_cli(["--url", standin.url, "nodes"])
+    assert code == 0
+    lines = text.splitlines()
+    assert lines[0].split() == ["NAME", "PHASE", "IP", "REASON", "LABELS"]
+    assert lines[1].split() == ["w-2", "Unknown", "10.0.0.3", "connect-timeout", "app=mlbench,slots=2"]
+    assert lines[2].split() == ["w-10", "Running", "10.0.0.11", "app=mlbench"]
+    assert "\033[" not in text
+
+
+def test_nodes_phase_coloured_on_a_tty(standin):
+    code, text = run_cli(["--url", standin.url, "nodes"], tty=True)
+    assert code == 0
+    assert "\033[32mRunning\033[0m" in text and "\033[31mUnknown\033[0m" in text
+    # columns still line up: the IP column starts at the same place on every line
+    lines = [l.replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "") for l in text.splitlines()]
+    assert len({l.index(ip) for l, ip in zip(lines[1:], ("10.0.0.3", "10.0.0.11"))}) == 1
+
+
+@pytest.mark.parametrize("standin", [TOKEN], indirect=True)
+def test_token_file_is_sent(standin, tmp_path, capsys):
+    code, _ = run_cli(["--url", standin.url, "nodes"])
+    assert code == 1
+    assert capsys.readouterr().err == "mlbench-daemon: HTTP 401: missing or wrong token\n"
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    code, text = run_cli(["nodes", "--url", standin.url, "--token-file", str(token_file)])
+    assert code == 0 and "w-10" in text
+    code, text = run_cli(["nodes", "--url", standin.url], environ={"MLBENCH_DAEMON_TOKEN_FILE": str(token_file)})
+    assert code == 0
+
+
+def test_unreadable_token_file(tmp_path, capsys):
+    code, _ = run_cli(["--token-file", str(tmp_path / "absent"), "nodes"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("mlbench-daemon: cannot read token file ")
+
+
+# --- run / logs / cancel --------------------------------------------------------------
+
+def test_run_streams_output_and_exits_with_the_job_code(standin):
+    code, text = run_cli(["--url", standin.url, "run", "--np", "2", "--env", "GREETING=hi there",
+                          "--", "sh", "-c", 'echo "$GREETING"; sleep 0.3; echo second; exit 3'])
+    assert code == 3
+    assert text == "hi there\nsecond\n"
+    body = next(iter(standin.jobs.values()))["body"]
+    assert body == {"wait": False, "np": 2, "env": {"GREETING": "hi there"},
+                    "program": ["sh", "-c", 'echo "$GREETING"; sleep 0.3; echo second; exit 3']}
+
+
+def test_run_success_and_large_output(standin):
+    code, text = run_cli(["--url", standin.url, "run", "--", "seq", "1", "20000"])
+    assert code == 0
+    assert text == "".join(f"{i}\n" for i in range(1, 20001))
+
+
+def test_run_default_program_sends_no_program(standin):
+    code, text = run_cli(["run", "--url", standin.url, "--node", "w-10", "--master", "w-10", "--timeout", "5"])
+    assert code == 0 and text == "default program\n"
+    body = next(iter(standin.jobs.values()))["body"]
+    assert body == {"wait": False, "nodes": ["w-10"], "master": "w-10", "timeout_s": 5.0}
+
+
+def test_run_refused_prints_the_message(standin, capsys):
+    code, _ = run_cli(["--url", standin.url, "run", "--np", "9", "--", "true"])
+    assert code == 1
+    assert capsys.readouterr().err == "mlbench-daemon: HTTP 409: np=9 but only 2 Running nodes\n"
+
+
+def test_run_bad_env_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--env", "NOEQUALS", "--", "true"], environ={})
+    assert e.value.code == 2
+    assert "expected K=V" in capsys.readouterr().err
+
+
+def test_logs_pages_through_bounded_chunks(standin):
+    run_cli(["--url", standin.url, "run", "--", "echo", "0123456789abcdefghij"])
+    code, text = run_cli(["--url", standin.url, "logs", "1"])
+    assert code == 0 and text == "0123456789abcdefghij\n"
+    pages = [q for m, p, q in standin.requests if p == "/api/mpi_jobs/1/logs" and "follow" not in q]
+    assert len(pages) == 6  # 21 bytes in chunks of 5, then the empty one
+
+
+def test_logs_follow(standin):
+    job_id = _start(standin, ["sh", "-c", "echo a; sleep 0.5; echo b"])
+    code, text = run_cli(["--url", standin.url, "logs", "-f", job_id])
+    assert code == 0 and text == "a\nb\n"
+
+
+def test_jobs_and_cancel(standin):
+    job_id = _start(standin, ["sleep", "30"])
+    code, text = run_cli(["--url", standin.url, "jobs"])
+    assert code == 0
+    assert text.splitlines()[0].split() == ["ID", "STATE", "EXIT", "MASTER", "COMMAND"]
+    assert text.splitlines()[1].split()[:3] == [job_id, "running", "w-10"]
+    code, text = run_cli(["--url", standin.url, "cancel", job_id])
+    assert code == 0 and text == f"job {job_id}: cancelled\n"
+    code, _ = run_cli(["--url", standin.url, "cancel", "99"])
+    assert code == 1
+
+
+def _start(standin, argv):
+    client = cli.Client(standin.url)
+    return client.json("POST", "/api/mpi_jobs/", {"program": argv, "wait": False})["id"]
+
+
+def test_run_ctrl_c_cancels_the_job(standin):
+    proc = subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "--url", standin.url, "run", "--",
+                             "sh", "-c", "echo started; exec sleep 60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert b"cancelling job 1" in err
+    assert standin.jobs["1"]["state"] == "cancelled"
+    assert ("DELETE", "/api/mpi_jobs/1", "") in standin.requests
+
+
+# --- serve ----------------------------------------------------------------------------
+
+def test_serve_bad_config_is_one_line_exit_2(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[discovery]\nservice = "s"\n[ssh]\nport = "abc"\n')
+    proc = subprocess.run([sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(p)],
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("MLBENCH_DAEMON_")})
+    assert proc.returncode == 2
+    assert proc.stderr == "mlbench-daemon: ssh.port: must be an integer from 1 to 65535, got 'abc'\n"
+
+
+# --- logging setup (used by serve) -----------------------------------------------------
+
+def test_log_lines_plain_and_journald():
+    for journald, prefix in ((False, None), (True, "<4>mlbench_daemon.test: ")):
+        stream = io.StringIO()
+        logs.setup("info", journald=journald, stream=stream)
+        log = logging.getLogger("mlbench_daemon.test")
+        log.debug("hidden")
+        log.warning("node %s: two\nlines", "w-1")
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 1
+        if prefix:
+            assert lines[0] == prefix + "node w-1: two\\nlines"
+        else:
+            assert lines[0].endswith(" WARNING mlbench_daemon.test: node w-1: two\\nlines")
+            assert lines[0][:4].isdigit()  # timestamp
+        assert logging.getLogger("paramiko").level == logging.WARNING
+    logging.getLogger().handlers.clear()
+
+
+def test_journald_detection():
+    assert logs.under_systemd({"INVOCATION_ID": "x"}) and logs.under_systemd({"JOURNAL_STREAM": "8:1"})
+    assert not logs.under_systemd({})
+
+
+def test_metrics_render_uses_own_registry():
+    metrics.http_requests_total.labels("/api/nodes/", "GET", "200").inc()
+    body, ctype = metrics.render()
+    assert ctype.startswith("text/plain")
+    assert b'mlbench_daemon_http_requests_total{method="GET",route="/api/nodes/",status="200"}' in body
+    from prometheus_client import REGISTRY as GLOBAL
+    assert GLOBAL.get_sample_value("mlbench_daemon_http_requests_total",
+                                   {"method": "GET", "route": "/api/nodes/", "status": "200"}) is None
