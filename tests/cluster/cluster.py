@@ -527,6 +527,7 @@ class Cluster:
     def _remove_host(self, h):
         self.stop_sshd(h)
         _teardown_ns(h.ns)
+        shutil.rmtree(h.dir, ignore_errors=True)
 
     # ---- using it ------------------------------------------------------------
     def ssh(self, h, argv, timeout=30, key=None, check=False):

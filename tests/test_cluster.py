@@ -1,0 +1,254 @@
+"""The test cluster itself: records, logins, MPI, and every fault control with its undo."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import dns.exception
+import dns.resolver
+import dns.reversename
+import pytest
+
+from tests.cluster import MPI_ARGS, cleanup_leftovers
+from tests.cluster.cluster import PREFIX, STATE_ROOT
+
+
+def resolver(c):
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers = [c.dns_ip]
+    r.lifetime = 2
+    return r
+
+
+def resolve(c, name, rdtype):
+    return [x.to_text() for x in resolver(c).resolve(name, rdtype)]
+
+
+def banner(ip, timeout=1.0):
+    """The SSH banner, b'' when the port is refused, None when it never comes."""
+    try:
+        s = socket.create_connection((ip, 22), timeout=timeout)
+    except ConnectionRefusedError:
+        return b""
+    except OSError:
+        return None
+    with s:
+        s.settimeout(timeout)
+        try:
+            return s.recv(64)
+        except socket.timeout:
+            return None
+
+
+def login_ok(c, h, **kw):
+    r = c.ssh(h, ["id", "-un"], timeout=15, **kw)
+    return r.returncode == 0 and r.stdout.strip() == c.user
+
+
+def test_dns_publishes_the_headless_service(cluster):
+    c = cluster
+    srv = resolve(c, f"_ssh._tcp.{c.service}.", "SRV")
+    assert sorted(srv) == sorted(f"0 0 22 {h.fqdn}." for h in c.hosts)
+    assert sorted(resolve(c, f"{c.service}.", "A")) == sorted(h.ip for h in c.hosts)
+    for h in c.hosts:
+        assert resolve(c, f"{h.fqdn}.", "A") == [h.ip]
+        assert resolve(c, dns.reversename.from_address(h.ip), "PTR") == [f"{h.fqdn}."]
+        txt = resolver(c).resolve(f"{h.fqdn}.", "TXT")
+        strings = sorted(s.decode() for r in txt for s in r.strings)
+        assert strings == sorted(f"{k}={v}" for k, v in h.labels.items())
+    # at least one published host is not a worker
+    assert [h for h in c.hosts if h.labels["component"] != "worker"]
+    assert len(c.workers) == 3
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        resolver(c).resolve(f"nothing-here.{c.service}.", "A")
+
+
+def test_every_sshd_takes_the_cluster_key_and_refuses_others(cluster):
+    for h in cluster.hosts:
+        assert login_ok(cluster, h)
+        r = cluster.ssh(h, ["true"], key=cluster.wrong_key)
+        assert r.returncode == 255 and "Permission denied" in r.stderr
+
+
+def test_host_keys_are_verified(cluster, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    r = subprocess.run(
+        ["ssh", "-F", "none", "-i", str(cluster.client_key), "-o", "BatchMode=yes",
+         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={empty}",
+         "-l", cluster.user, cluster.hosts[0].ip, "true"],
+        capture_output=True, text=True, timeout=15)
+    assert r.returncode == 255 and "Host key verification failed" in r.stderr
+
+
+def test_hosts_ssh_to_each_other_with_keys_verified(cluster):
+    for a in cluster.hosts:
+        for b in cluster.hosts:
+            r = cluster.ssh(a, ["ssh", b.ip, "echo", "hop"])
+            assert (r.returncode, r.stdout) == (0, "hop\n"), r.stderr
+
+
+def run_mpi(c, hosts, *args, timeout=120):
+    return c.ssh(hosts[0], ["mpirun", *MPI_ARGS, "--host", ",".join(h.ip for h in hosts),
+                            str(c.mpi_program), *args], timeout=timeout)
+
+
+def test_mpirun_over_ssh_reaches_every_host(cluster):
+    r = run_mpi(cluster, cluster.workers, "--env", "HOME")
+    assert r.returncode == 0, r.stderr
+    n = len(cluster.workers)
+    assert f"allreduce ok {n}" in r.stdout
+    ranks = re.findall(r"rank (\d+) of (\d+) on (\S+): sum=(\d+)", r.stdout)
+    assert sorted(int(x[0]) for x in ranks) == list(range(n))
+    assert {x[2] for x in ranks} == {h.ip for h in cluster.workers}
+    assert all(int(x[3]) == n * (n - 1) // 2 for x in ranks)
+
+
+def test_mpi_program_reports_argv_bytes_and_exit_code(cluster):
+    weird = "a b;$(x)`y`'\"\n\u00e9"
+    r = run_mpi(cluster, cluster.workers[:2], "--argv", weird, "--exit", "3")
+    assert r.returncode == 3
+    assert f"arg 2 {weird.encode().hex()}" in r.stdout
+
+
+def test_stop_and_start_sshd(cluster):
+    h = cluster.hosts[1]
+    cluster.stop_sshd(h)
+    assert banner(h.ip) == b""
+    assert not login_ok(cluster, h)
+    cluster.start_sshd(h)
+    assert login_ok(cluster, h)
+
+
+def test_freeze_gives_tcp_but_no_banner(cluster):
+    h = cluster.hosts[1]
+    assert banner(h.ip).startswith(b"SSH-2.0-")
+    cluster.freeze(h)
+    assert banner(h.ip, timeout=1.0) is None  # TCP connects, banner never comes
+    cluster.thaw(h)
+    assert banner(h.ip).startswith(b"SSH-2.0-")
+    assert login_ok(cluster, h)
+
+
+def test_cut_link_and_restore(cluster):
+    h = cluster.hosts[2]
+    cluster.cut_link(h)
+    assert banner(h.ip, timeout=1.0) is None
+    cluster.restore_link(h)
+    deadline = time.monotonic() + 10
+    while not login_ok(cluster, h) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert login_ok(cluster, h)
+
+
+def test_partition_cuts_only_the_head(cluster):
+    h, other = cluster.hosts[2], cluster.hosts[0]
+    cluster.partition(h)
+    assert banner(h.ip, timeout=1.0) is None
+    r = cluster.ssh(other, ["ssh", h.ip, "echo", "still-here"])
+    assert r.stdout == "still-here\n", r.stderr
+    cluster.heal(h)
+    assert login_ok(cluster, h)
+
+
+def test_stop_and_start_dns(cluster):
+    cluster.stop_dns()
+    with pytest.raises(dns.exception.Timeout):
+        r = resolver(cluster)
+        r.lifetime = 1
+        r.resolve(f"{cluster.service}.", "A")
+    cluster.start_dns()
+    assert len(resolve(cluster, f"{cluster.service}.", "A")) == len(cluster.hosts)
+
+
+def test_replace_and_restore_host_key(cluster):
+    h = cluster.hosts[0]
+    cluster.replace_host_key(h)
+    r = cluster.ssh(h, ["true"])
+    assert r.returncode == 255 and "HOST IDENTIFICATION HAS CHANGED" in r.stderr
+    cluster.restore_host_key(h)
+    assert login_ok(cluster, h)
+
+
+def test_membership_changes(cluster):
+    new = cluster.add_host()
+    assert login_ok(cluster, new)
+    assert f"0 0 22 {new.fqdn}." in resolve(cluster, f"_ssh._tcp.{cluster.service}.", "SRV")
+    assert new.ip in resolve(cluster, f"{cluster.service}.", "A")
+    gone = cluster.hosts[1]
+    cluster.unpublish(gone)
+    srv = resolve(cluster, f"_ssh._tcp.{cluster.service}.", "SRV")
+    assert f"0 0 22 {gone.fqdn}." not in srv and f"0 0 22 {new.fqdn}." in srv
+    assert gone.ip not in resolve(cluster, f"{cluster.service}.", "A")
+    assert login_ok(cluster, gone)  # still running, just not published
+    cluster.publish(gone)
+    assert gone.ip in resolve(cluster, f"{cluster.service}.", "A")
+
+
+def test_reset_undoes_every_fault(cluster):
+    c = cluster
+    c.freeze(0)
+    c.stop_sshd(1)
+    c.partition(2)
+    c.cut_link(3)
+    c.unpublish(3)
+    c.stop_dns()
+    c.add_host()
+    c.reset()
+    assert len(c.hosts) == 4
+    for h in c.hosts:
+        assert login_ok(c, h)
+    assert sorted(resolve(c, f"{c.service}.", "A")) == sorted(h.ip for h in c.hosts)
+
+
+def _namespaces():
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_32_hosts_run_one_mpi_job(make_cluster):
+    t0 = time.monotonic()
+    c = make_cluster(workers=32)
+    built = time.monotonic() - t0
+    r = run_mpi(c, c.workers, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "allreduce ok 32" in r.stdout
+    assert len(set(re.findall(r"on (\S+): sum=496", r.stdout))) == 32
+    print(f"32-host cluster built in {built:.2f}s")
+
+
+def test_teardown_and_leftover_cleanup(tmp_path):
+    """A run killed before its teardown is cleaned by the next run's start."""
+    script = (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from tests.cluster import Cluster\n"
+        "c = Cluster(workers=2, extra=0).build()\n"
+        "print(c.id, flush=True)\n"
+        "time.sleep(600)\n") % os.getcwd()
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        run_id = p.stdout.readline().strip()
+        assert run_id, "the child failed to build its cluster"
+        ours = {ns for ns in _namespaces() if ns.startswith(PREFIX + run_id)}
+        assert len(ours) == 3  # dns + 2 hosts
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    cleanup_leftovers()
+    assert not {ns for ns in _namespaces() if ns.startswith(PREFIX + run_id)}
+    assert not (STATE_ROOT / f"{PREFIX}-{run_id}").exists()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert PREFIX + run_id not in links
+    assert f"{PREFIX}{run_id}:" not in open("/etc/passwd").read()
+    # and nothing of that run still runs
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+            except OSError:
+                continue
+            assert f"{PREFIX}-{run_id}".encode() not in cmd
