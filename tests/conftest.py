@@ -19,6 +19,8 @@ def cluster_unavailable():
 
 def pytest_collection_modifyitems(config, items):
     why = cluster_unavailable()
+    if why and os.environ.get("MLBENCH_REQUIRE_CLUSTER"):
+        raise pytest.UsageError(f"cluster tests required but cannot run: {why}")
     if why:
         for item in items:
             if "cluster" in item.fixturenames or "make_cluster" in item.fixturenames:
