@@ -1,0 +1,662 @@
+"""The SSH pool: one persistent paramiko connection per host, host keys verified.
+
+Every blocking step has a bound:
+
+- connect: TCP connect, banner, key exchange and auth share one deadline of
+  ``ssh.connect_timeout_s`` (paramiko's own banner/handshake/auth timeouts are
+  set from what is left of it);
+- channel open and ``exec``: bounded by the same connect timeout; paramiko's
+  ``exec_command`` waits without a bound for the server's reply, so a watchdog
+  timer closes the channel (and the connection: the host is silent) when it
+  does not come;
+- data: ``run`` is bounded by its ``timeout`` (``CommandTimeout``), ``stream``
+  by its ``idle_timeout`` per chunk, ``probe`` by the connect timeout overall.
+
+Failures are mapped to ``Unreachable`` / ``Untrusted`` in one place,
+``classify()``.  A connection that failed is closed; the next use reconnects
+(and counts a reconnect).
+
+Channels: at most ``ssh.max_channels`` run/stream channels per connection at
+once, plus one reserved for probes, so a host whose channels are all busy
+following job output is still probed (keep the sum under sshd's MaxSessions,
+default 10).
+
+Remote commands are built only by ``quote(argv)`` (``shlex.join``): the login
+shell sees one word per argv item, whatever the bytes.
+"""
+
+import base64
+import dataclasses
+import errno
+import fcntl
+import fnmatch
+import hashlib
+import hmac
+import logging
+import os
+import shlex
+import socket
+import threading
+import time
+
+import paramiko
+
+from mlbench_daemon.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")  # under ~/.ssh when ssh.key_file is empty
+WINDOW_SIZE = 16 * 2**20  # per-channel receive window: bulk output never waits on window adjusts
+MAX_PACKET_SIZE = 2**15  # OpenSSH's own; larger packets gain nothing against sshd
+RECV_SIZE = 2**20
+TCP_USER_TIMEOUT_S = 30  # unacknowledged data for this long kills the socket (frozen peer)
+
+
+class SSHError(Exception):
+    """An SSH failure: ``.reason`` (machine-readable), ``.phase`` (node phase), str() = message."""
+
+    phase = "Unknown"
+    reasons = ()
+
+    def __init__(self, reason, message):
+        assert reason in self.reasons, reason
+        super().__init__(message)
+        self.reason = reason
+
+
+class Unreachable(SSHError):
+    """Could not reach the host or lost it (node phase Unknown)."""
+
+    phase = "Unknown"
+    reasons = ("connection-refused", "connect-timeout", "no-banner", "network-unreachable",
+               "connection-lost", "ssh-error", "command-timeout")
+
+
+class CommandTimeout(Unreachable, TimeoutError):
+    """``run()`` did not finish within its timeout (reason ``command-timeout``).
+
+    The channel is closed; a command without a pty may go on running remotely.
+    """
+
+    def __init__(self, message):
+        super().__init__("command-timeout", message)
+
+
+class Untrusted(SSHError):
+    """Reached the host, but it refused us or could not be trusted (node phase Failed)."""
+
+    phase = "Failed"
+    reasons = ("auth-failed", "host-key-unknown", "host-key-changed")
+
+
+def quote(argv):
+    """The only way a remote command string is built: one shell word per argv item."""
+    if isinstance(argv, (str, bytes)) or not argv:
+        raise TypeError("argv must be a non-empty list of strings")
+    return shlex.join(argv)
+
+
+def classify(exc, where=""):
+    """Map any exception from socket/paramiko to an SSHError (the one place this is done)."""
+    if isinstance(exc, SSHError):
+        return exc
+    at = f"{where}: " if where else ""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return Untrusted("host-key-changed", f"{at}{text}")
+    if isinstance(exc, paramiko.AuthenticationException):
+        if "timeout" in text.lower():  # paramiko's auth wait raises this type on timeout
+            return Unreachable("connect-timeout", f"{at}no answer to authentication in time")
+        return Untrusted("auth-failed", f"{at}authentication failed: {text}")
+    if isinstance(exc, paramiko.SSHException):
+        if "banner" in text.lower():
+            return Unreachable("no-banner", f"{at}no SSH banner: {text}")
+        if "timeout" in text.lower():
+            return Unreachable("connect-timeout", f"{at}{text}")
+        return Unreachable("ssh-error", f"{at}{text}")
+    if isinstance(exc, ConnectionRefusedError):
+        return Unreachable("connection-refused", f"{at}connection refused")
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return Unreachable("connect-timeout", f"{at}timed out")
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, EOFError)):
+        return Unreachable("connection-lost", f"{at}connection lost: {text}")
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL):
+            return Unreachable("network-unreachable", f"{at}{text}")
+        if exc.errno == errno.ETIMEDOUT:
+            return Unreachable("connect-timeout", f"{at}{text}")
+        return Unreachable("connection-lost", f"{at}{text}")
+    return Unreachable("ssh-error", f"{at}{type(exc).__name__}: {text}")
+
+
+def fingerprint(key):
+    """OpenSSH's SHA256 fingerprint, e.g. ``SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8``."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_names(ip, port, host=None):
+    """The known_hosts names of a host: ``name`` and ``ip``, or ``[name]:port`` off port 22."""
+    names = [n for n in dict.fromkeys([host, ip]) if n]
+    return names if port == 22 else [f"[{n}]:{port}" for n in names]
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownKey:
+    patterns: tuple
+    key: paramiko.PKey
+    revoked: bool = False
+
+    def matches(self, name):
+        hit = False
+        for p in self.patterns:
+            negated, p = p.startswith("!"), p.lstrip("!")
+            if p.startswith("|1|"):
+                m = hmac.compare_digest(paramiko.HostKeys.hash_host(name, p), p)
+            else:
+                m = fnmatch.fnmatchcase(name.lower(), p.lower())
+            if m and negated:
+                return False
+            hit = hit or m
+        return hit
+
+
+def parse_known_hosts(text, source="known_hosts"):
+    """known_hosts lines -> [KnownKey]; ``@revoked`` kept, ``@cert-authority`` and bad lines skipped."""
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        revoked = line.startswith("@revoked")
+        if line.startswith("@"):
+            if not revoked:
+                continue  # @cert-authority: we do not do host certificates
+            line = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
+        if not line or line.startswith("#"):
+            continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
+        except Exception as e:  # a bad line must not hide the good ones
+            log.warning("%s:%d: skipped: %s", source, lineno, e)
+            continue
+        if entry is not None:
+            out.append(KnownKey(tuple(entry.hostnames), entry.key, revoked))
+    return out
+
+
+class KnownHosts:
+    """Host key checks against known_hosts files; ``accept-new`` pins into the first one."""
+
+    def __init__(self, path, system, policy):
+        self.path = path
+        self.paths = [p for p in (path, SYSTEM_KNOWN_HOSTS if system else None) if p]
+        self.policy = policy
+        self._lock = threading.Lock()
+
+    def _load(self):
+        keys = []
+        for p in self.paths:
+            try:
+                with open(p, encoding="utf-8", errors="replace") as f:
+                    keys += parse_known_hosts(f.read(), p)
+            except FileNotFoundError:
+                pass
+        return keys
+
+    def preferred_types(self, names):
+        """Key types already known for these names (negotiate those first, like OpenSSH)."""
+        return {k.key.get_name() for k in self._load() if any(k.matches(n) for n in names)}
+
+    def verify(self, key, names, where):
+        """Raise Untrusted unless `key` is the known key of `names` (or pinned under accept-new)."""
+        try:
+            self._check(self._load(), key, names, where)
+        except Untrusted as e:
+            if e.reason != "host-key-unknown" or self.policy != "accept-new" or not self.path:
+                raise
+            self._pin(key, names, where)
+
+    @staticmethod
+    def _check(keys, key, names, where):
+        blob = key.asbytes()
+        mine = [k for k in keys if any(k.matches(n) for n in names)]
+        if any(k.revoked and k.key.asbytes() == blob for k in mine):
+            raise Untrusted("host-key-changed", f"{where}: host key {fingerprint(key)} is revoked")
+        known = [k for k in mine if not k.revoked]
+        if any(k.key.asbytes() == blob for k in known):
+            return
+        if known:
+            was = ", ".join(f"{k.key.get_name()} {fingerprint(k.key)}" for k in known)
+            raise Untrusted("host-key-changed",
+                            f"{where}: HOST KEY CHANGED: known {was}, "
+                            f"offered {key.get_name()} {fingerprint(key)}")
+        raise Untrusted("host-key-unknown",
+                        f"{where}: host key {key.get_name()} {fingerprint(key)} is not in known_hosts "
+                        f"(names {', '.join(names)})")
+
+    def _pin(self, key, names, where):
+        """Append the key under an exclusive lock, unless someone pinned one meanwhile."""
+        with self._lock, open(self.path, "a+", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            text = f.read()
+            try:
+                self._check(parse_known_hosts(text, self.path), key, names, where)
+                return  # pinned by another writer, and it is this key
+            except Untrusted as e:
+                if e.reason != "host-key-unknown":
+                    raise
+            sep = "" if not text or text.endswith("\n") else "\n"
+            f.write(f"{sep}{','.join(names)} {key.get_name()} {key.get_base64()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.warning("%s: pinned new host key %s %s", where, key.get_name(), fingerprint(key))
+
+
+def load_client_key(key_file):
+    """The client key, loaded once; ``ssh.key_file`` empty = the first of ~/.ssh/id_*."""
+    paths = [key_file] if key_file else [os.path.expanduser(f"~/.ssh/{n}") for n in DEFAULT_KEYS]
+    for p in paths:
+        if not key_file and not os.path.exists(p):
+            continue
+        try:
+            return paramiko.PKey.from_path(p)
+        except (OSError, paramiko.SSHException, ValueError) as e:
+            raise ConfigError(f"ssh.key_file: cannot load {p}: {e}") from None
+    return None
+
+
+class _Watchdog:
+    """Call `action` if the with-block has not finished after `seconds`; `.fired` tells."""
+
+    def __init__(self, seconds, action):
+        self.fired = False
+        self._action = action
+        self._timer = threading.Timer(max(0.0, seconds), self._fire)
+        self._timer.daemon = True
+
+    def _fire(self):
+        self.fired = True
+        self._action()
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+
+
+def _remaining(deadline):
+    return max(0.0, deadline - time.monotonic())
+
+
+class Connection:
+    """One persistent SSH connection to (ip, port): opens lazily, closes in one place."""
+
+    def __init__(self, pool, ip, port):
+        self.pool, self.ip, self.port = pool, ip, port
+        self.host = None
+        self.where = f"{ip}:{port}"
+        self.transport = None
+        self.connects = 0
+        self.channels = threading.BoundedSemaphore(pool.cfg.max_channels)
+        self.probe_channel = threading.BoundedSemaphore(1)
+        self._open_lock = threading.Lock()
+        self._lock = threading.Lock()
+
+    @property
+    def is_connected(self):
+        t = self.transport
+        return t is not None and t.is_active() and t.is_authenticated()
+
+    def open(self, deadline):
+        """The live transport, connecting first if needed (bounded by `deadline`)."""
+        t = self.transport
+        if self.is_connected:
+            return t
+        if not self._open_lock.acquire(timeout=_remaining(deadline)):
+            raise Unreachable("connect-timeout", f"{self.where}: another connect did not finish in time")
+        try:
+            if self.is_connected:
+                return self.transport
+            self.close()
+            if not self.pool._connects.acquire(timeout=_remaining(deadline)):
+                raise Unreachable("connect-timeout", f"{self.where}: too many connects in flight")
+            try:
+                t = self._connect(deadline)
+            finally:
+                self.pool._connects.release()
+            with self._lock:
+                self.transport = t
+            self.connects += 1
+            if self.connects > 1:
+                self.pool._reconnected(self)
+            return t
+        finally:
+            self._open_lock.release()
+
+    def connect_kwargs(self, deadline):
+        """Everything a connect depends on, gathered in one place."""
+        cfg = self.pool.cfg
+        return dict(
+            timeout=_remaining(deadline),
+            user=cfg.user,
+            pkey=self.pool.client_key,
+            names=known_names(self.ip, self.port, self.host),
+            keepalive=cfg.keepalive_s,
+        )
+
+    def _connect(self, deadline):
+        kw = self.connect_kwargs(deadline)
+        sock = transport = None
+        try:
+            sock = socket.create_connection((self.ip, self.port), timeout=kw["timeout"])
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_S * 1000)
+            transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
+                                           default_max_packet_size=MAX_PACKET_SIZE)
+            left = _remaining(deadline)
+            transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = left
+            transport.clear_to_send_timeout = self.pool.cfg.connect_timeout_s
+            self._prefer_known_key_types(transport, kw["names"])
+            transport.start_client(timeout=_remaining(deadline))
+            if not transport.completion_event.is_set():  # start_client returns quietly on timeout
+                if transport.remote_version:
+                    raise Unreachable("connect-timeout", f"{self.where}: key exchange did not finish in time")
+                raise Unreachable("no-banner", f"{self.where}: no SSH banner within the connect timeout")
+            self.pool.known_hosts.verify(transport.get_remote_server_key(), kw["names"], self.where)
+            if kw["pkey"] is None:
+                raise Untrusted("auth-failed", f"{self.where}: no client key (ssh.key_file empty, no ~/.ssh/id_*)")
+            transport.auth_timeout = max(0.1, _remaining(deadline))
+            if transport.auth_publickey(kw["user"], kw["pkey"]):
+                raise Untrusted("auth-failed", f"{self.where}: server wants more than a public key")
+            if kw["keepalive"]:
+                transport.set_keepalive(max(1, int(kw["keepalive"])))
+            return transport
+        except BaseException as e:
+            if transport is not None:
+                transport.close()
+            elif sock is not None:
+                sock.close()
+            if isinstance(e, Exception):
+                raise classify(e, self.where) from e
+            raise
+
+    def _prefer_known_key_types(self, transport, names):
+        known = self.pool.known_hosts.preferred_types(names)
+        if not known:
+            return
+        base = {"rsa-sha2-512": "ssh-rsa", "rsa-sha2-256": "ssh-rsa"}
+        opts = transport.get_security_options()
+        types = list(opts.key_types)
+        opts.key_types = [t for t in types if base.get(t, t) in known] + \
+                         [t for t in types if base.get(t, t) not in known]
+
+    def close(self):
+        """Close the connection (idempotent, never blocks for long); the next use reconnects."""
+        with self._lock:
+            t, self.transport = self.transport, None
+        if t is not None:
+            t.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Stream:
+    """Output of a remote command as it arrives (stdout and stderr combined).
+
+    Iterate for bytes chunks; ``.exit_code`` is set after the last one (-1 if the
+    command died by a signal).  Raises Unreachable("connection-lost") when the
+    link dies or nothing arrives for ``idle_timeout`` seconds.  ``close()`` (or
+    leaving a with-block) closes the channel.
+    """
+
+    def __init__(self, conn, chan, release, idle_timeout):
+        self._conn, self._chan, self._release = conn, chan, release
+        self.idle_timeout = idle_timeout
+        self.exit_code = None
+        self._closed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._closed:
+            raise StopIteration
+        try:
+            data = self._chan.recv(RECV_SIZE)
+        except socket.timeout:
+            self.close()
+            raise self._lost(f"no output for {self.idle_timeout:g} s") from None
+        except Exception as e:
+            self.close()
+            raise self._lost(str(e)) from e
+        if data:
+            return data
+        code = _exit_status(self._chan, self.idle_timeout)
+        self.close()
+        if code is None:
+            raise self._lost("output ended without an exit status")
+        self.exit_code = code
+        raise StopIteration
+
+    def _lost(self, why):
+        alive = self._conn.is_connected
+        if not alive:
+            self._conn.close()
+        state = "connection alive" if alive else "connection dead"
+        return Unreachable("connection-lost", f"{self._conn.where}: {why} ({state})")
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            _close_channel(self._chan)
+            self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _close_channel(chan):
+    try:
+        chan.close()
+    except Exception:  # the transport is already gone: nothing left to close
+        pass
+
+
+def _exit_status(chan, timeout):
+    """The exit status after EOF, None if the channel closed without one in `timeout`.
+
+    paramiko reports -1 for "no exit-status"; that is a signal death if the
+    transport is still up, and a lost connection otherwise.
+    """
+    if not chan.status_event.wait(timeout):
+        return None
+    code = chan.exit_status
+    if code == -1 and not chan.get_transport().is_active():
+        return None
+    return code
+
+
+class Pool:
+    """Persistent SSH connections keyed by (ip, port), shared by all threads."""
+
+    def __init__(self, cfg, on_reconnect=None):
+        self.cfg = cfg
+        self.client_key = load_client_key(cfg.key_file)
+        self.known_hosts = KnownHosts(cfg.known_hosts, cfg.use_system_known_hosts, cfg.host_key_policy)
+        self.on_reconnect = on_reconnect
+        self.reconnects = 0
+        self._conns = {}
+        self._lock = threading.Lock()
+        self._connects = threading.BoundedSemaphore(cfg.max_connects)
+
+    # --- public API -----------------------------------------------------------------
+
+    def probe(self, ip, port, host=None):
+        """Seconds it took to log in (if needed) and run `true`; bounded by the connect timeout."""
+        start = time.monotonic()
+        deadline = start + self.cfg.connect_timeout_s
+        conn = self.connection(ip, port, host)
+        try:
+            chan, release = self._exec(conn, ["true"], deadline, probe=True)
+            try:
+                chan.settimeout(_remaining(deadline))
+                while chan.recv(RECV_SIZE):
+                    pass
+                code = _exit_status(chan, _remaining(deadline))
+            finally:
+                _close_channel(chan)
+                release()
+            if code is None:
+                raise Unreachable("connect-timeout", f"{conn.where}: `true` did not finish in time")
+            if code != 0:
+                raise Unreachable("ssh-error", f"{conn.where}: logged in, but `true` exited {code}")
+            return time.monotonic() - start
+        except Exception as e:
+            conn.close()
+            raise classify(e, conn.where) from e
+
+    def run(self, ip, port, argv, *, stdin=b"", timeout):
+        """Run argv to completion -> Result; raises CommandTimeout after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        conn = self.connection(ip, port)
+        chan, release = self._exec(conn, argv, min(deadline, time.monotonic() + self.cfg.connect_timeout_s))
+        try:
+            chan.settimeout(timeout)
+            out, err, errors = bytearray(), bytearray(), []
+            workers = [_thread(_drain, chan.recv, out, errors),
+                       _thread(_drain, chan.recv_stderr, err, errors),
+                       _thread(_feed, chan, stdin, errors)]
+            for w in workers:
+                w.join(_remaining(deadline))
+            if any(w.is_alive() for w in workers):
+                raise CommandTimeout(f"{conn.where}: {quote(argv)[:200]} did not finish in {timeout:g} s")
+            if errors:
+                raise errors[0]
+            code = _exit_status(chan, _remaining(deadline))
+            if code is None:
+                if conn.is_connected:
+                    raise CommandTimeout(f"{conn.where}: no exit status within {timeout:g} s")
+                raise Unreachable("connection-lost", f"{conn.where}: connection lost while running")
+            return Result(code, bytes(out), bytes(err))
+        except CommandTimeout:
+            raise
+        except Exception as e:
+            if not conn.is_connected:
+                conn.close()
+            raise classify(e, conn.where) from e
+        finally:
+            _close_channel(chan)
+            release()
+
+    def stream(self, ip, port, argv, *, stdin=b"", idle_timeout):
+        """Start argv and return a Stream of its combined output."""
+        conn = self.connection(ip, port)
+        chan, release = self._exec(conn, argv, time.monotonic() + self.cfg.connect_timeout_s,
+                                   combine_stderr=True)
+        chan.settimeout(idle_timeout)
+        if stdin:
+            _thread(_feed, chan, stdin, [])
+        else:
+            try:
+                chan.shutdown_write()
+            except Exception:
+                pass  # a dead channel shows up as connection-lost on the first read
+        return Stream(conn, chan, release, idle_timeout)
+
+    def drop(self, ip, port):
+        """Forget and close the connection to (ip, port)."""
+        with self._lock:
+            conn = self._conns.pop((ip, port), None)
+        if conn is not None:
+            conn.close()
+
+    def close(self):
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for c in conns:
+            c.close()
+
+    def connection(self, ip, port, host=None):
+        """The pool's Connection for (ip, port) (not necessarily connected)."""
+        with self._lock:
+            conn = self._conns.get((ip, port))
+            if conn is None:
+                conn = self._conns[(ip, port)] = Connection(self, ip, port)
+            if host:
+                conn.host = host
+            return conn
+
+    # --- internals ------------------------------------------------------------------
+
+    def _reconnected(self, conn):
+        with self._lock:
+            self.reconnects += 1
+        if self.on_reconnect is not None:
+            try:
+                self.on_reconnect(conn.ip, conn.port)
+            except Exception:
+                log.exception("on_reconnect callback failed")
+
+    def _exec(self, conn, argv, deadline, *, probe=False, combine_stderr=False):
+        """Open a session channel on `conn` and exec argv -> (channel, release); all by `deadline`."""
+        command = quote(argv)
+        transport = conn.open(deadline)
+        slots = conn.probe_channel if probe else conn.channels
+        if not slots.acquire(timeout=_remaining(deadline)):
+            raise Unreachable("ssh-error", f"{conn.where}: all {self.cfg.max_channels} channels busy")
+        chan = None
+        try:
+            chan = transport.open_session(timeout=max(0.01, _remaining(deadline)))
+            chan.set_combine_stderr(combine_stderr)
+            with _Watchdog(_remaining(deadline), chan.close) as dog:
+                try:
+                    chan.exec_command(command)
+                except Exception:
+                    if dog.fired:
+                        raise Unreachable("connect-timeout", f"{conn.where}: no answer to exec in time") from None
+                    raise
+            return chan, slots.release
+        except Exception as e:
+            if chan is not None:
+                _close_channel(chan)
+            slots.release()
+            e = classify(e, conn.where)
+            if e.reason in ("connect-timeout", "connection-lost") or not conn.is_connected:
+                conn.close()  # a silent or dead connection: reconnect next time
+            raise e
+
+
+def _thread(target, *args):
+    t = threading.Thread(target=target, args=args, daemon=True)
+    t.start()
+    return t
+
+
+def _drain(recv, buf, errors):
+    try:
+        while data := recv(RECV_SIZE):
+            buf += data
+    except Exception as e:
+        errors.append(e)
+
+
+def _feed(chan, data, errors):
+    try:
+        if data:
+            chan.sendall(data)
+        chan.shutdown_write()
+    except Exception as e:
+        errors.append(e)
