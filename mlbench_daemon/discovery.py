@@ -231,6 +231,9 @@ def txt_labels(rdatas) -> dict[str, str]:
     return labels
 
 
+_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+
+
 def _ip_order(address: str) -> tuple[int, int]:
     """IPv4 before IPv6, then numeric."""
     ip = ipaddress.ip_address(address)
@@ -251,7 +254,12 @@ class Discovery:
                 resolver = dns.resolver.Resolver(configure=False)
                 resolver.nameservers = [parse_nameserver(ns) for ns in cfg.nameservers]
             else:
-                resolver = dns.resolver.Resolver()
+                try:
+                    resolver = dns.resolver.Resolver()
+                except dns.resolver.NoResolverConfiguration as e:
+                    raise DiscoveryError(
+                        "dns-error", f"discovery.nameservers is empty and the system resolver is unusable: {e}"
+                    ) from None
         self.resolver = resolver
 
     def discover(self) -> tuple[list[Node], float]:
@@ -279,7 +287,8 @@ class Discovery:
             host = target.to_text(omit_final_dot=True) if target else ip
             if name in nodes:
                 if nodes[name].host != host:
-                    log.warning("%s: %s and %s share the name %s; keeping %s", self.cfg.service, nodes[name].host, host, name, nodes[name].host)
+                    kept = nodes[name].host
+                    log.warning("%s: %s and %s share the name %s; keeping %s", self.cfg.service, kept, host, name, kept)
                 continue
             nodes[name] = Node(name, host, ip, port, self.namespace, self._labels(p, target, name))
         if not nodes:
@@ -358,6 +367,3 @@ class _Pass:
         else:
             rdatas = self.query(host, "A") or self.query(host, "AAAA") or ()
         return min((a.address for a in rdatas), key=_ip_order, default=None)
-
-
-_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)

@@ -222,11 +222,31 @@ def test_fallback_without_ptr_names_nodes_by_ip(dnsmasq):
     ]
 
 
+def test_fallback_dual_stack_host_is_one_node_on_ipv4(dnsmasq, tmp_path):
+    port = dnsmasq(hosts_file(tmp_path, f"fd00::1 w-1.{SVC} {SVC}", f"127.77.0.1 w-1.{SVC} {SVC}"))
+    (node,), _ = discover(port)
+    assert (node.name, node.ip) == ("w-1", "127.77.0.1")
+
+
+def test_two_hosts_with_one_first_label_keep_one_with_warning(dnsmasq, tmp_path, caplog):
+    port = dnsmasq(
+        f"--srv-host={SRV},w-1.a.{ZONE},2201",
+        f"--srv-host={SRV},w-1.b.{ZONE},2202",
+        hosts_file(tmp_path, f"127.77.0.1 w-1.a.{ZONE}", f"127.77.0.2 w-1.b.{ZONE}"),
+    )
+    with caplog.at_level(logging.WARNING, logger="mlbench_daemon.discovery"):
+        (node,), _ = discover(port)
+    assert (node.host, node.port) == (f"w-1.a.{ZONE}", 2201)
+    assert "share the name w-1" in caplog.text
+
+
 # --- namespace -------------------------------------------------------------------------
 
 
 def test_namespace_from_service_name_or_config(dnsmasq, tmp_path):
-    port = dnsmasq(hosts_file(tmp_path, "127.77.0.1 w-1.lab.test workers.lab.test", "127.77.0.2 x.team-a.svc.cluster.local"))
+    port = dnsmasq(
+        hosts_file(tmp_path, "127.77.0.1 w-1.lab.test workers.lab.test", "127.77.0.2 x.team-a.svc.cluster.local")
+    )
     (node,), _ = discover(port, service="workers.lab.test", namespace="research")
     assert node.namespace == "research"
     (node,), _ = discover(port, service="x.team-a.svc.cluster.local.", namespace="research")
@@ -365,7 +385,8 @@ def test_node_labels_read_only_hashable_by_value():
 
 def test_natural_key():
     names = ["w-10", "w-2", "w-1", "a", "w-1b", "w-01", "W-3", "127.77.0.20", "fd00::20"]
-    assert sorted(names, key=natural_key) == ["127.77.0.20", "a", "fd00::20", "w-01", "w-1", "w-1b", "w-2", "W-3", "w-10"]
+    expected = ["127.77.0.20", "a", "fd00::20", "w-01", "w-1", "w-1b", "w-2", "W-3", "w-10"]
+    assert sorted(names, key=natural_key) == expected
 
 
 @given(st.lists(st.text(alphabet="ab-0123456789", max_size=8)))
