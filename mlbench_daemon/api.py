@@ -1,0 +1,201 @@
+"""The HTTP API: Bottle routes only.
+
+Each handler parses its input, calls the node registry or the jobs, and
+shapes JSON. Every failure leaves as JSON ``{"error", "message"}`` with its
+status, from exactly one place (``_error_body``); never an HTML page or a
+stack trace. Every path works with and without its trailing slash.
+"""
+
+import hmac
+import json
+import logging
+
+import bottle
+
+from mlbench_daemon import metrics, openapi
+from mlbench_daemon.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
+
+log = logging.getLogger("mlbench_daemon.api")
+
+JSON = "application/json"
+REFRESH_TIMEOUT_S = 10.0
+LOG_CHUNK = 1 << 20           # default and largest bytes per /logs answer
+STATUS_TEXT = {400: "bad-request", 401: "unauthorized", 404: "not-found",
+               405: "method-not-allowed", 413: "payload-too-large", 500: "internal"}
+
+
+def _json(value, status=200):
+    bottle.response.status = status
+    bottle.response.content_type = JSON
+    return json.dumps(value)
+
+
+def _int_param(name, default, lo, hi):
+    raw = bottle.request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: must be an integer, got {raw!r}", field=name) from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name}: must be from {lo} to {hi}, got {value}", field=name)
+    return value
+
+
+def _flag(name):
+    raw = bottle.request.query.get(name, "")
+    if raw.lower() in ("", "0", "false", "no"):
+        return False
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    raise BadRequest(f"{name}: must be 0 or 1, got {raw!r}", field=name)
+
+
+def _body(max_bytes):
+    """The request's JSON object, or None for an empty body."""
+    length = bottle.request.content_length
+    if length > max_bytes:
+        raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_bytes}")
+    raw = bottle.request.body.read(max_bytes + 1) if length else b""
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
+    if not raw.strip():
+        return None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"body: not valid JSON: {e}", field="body") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body: must be a JSON object", field="body")
+    return body
+
+
+def _error_body(status, error, message):
+    bottle.response.status = status
+    bottle.response.content_type = JSON
+    return json.dumps({"error": error, "message": message})
+
+
+def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
+    app = bottle.Bottle(catchall=True)
+
+    @app.hook("before_request")
+    def _normalise():
+        env = bottle.request.environ
+        path = env.get("PATH_INFO", "/")
+        if len(path) > 1 and path.endswith("/"):
+            env["PATH_INFO"] = path.rstrip("/") or "/"
+
+    @app.hook("after_request")
+    def _count():
+        route = bottle.request.route.rule if "bottle.route" in bottle.request.environ else "unmatched"
+        metrics.http_requests_total.labels(route, bottle.request.method,
+                                           str(bottle.response.status_code)).inc()
+
+    def guard(callback):
+        """Authentication and ApiError -> JSON, around every route."""
+        def wrapper(*args, **kwargs):
+            try:
+                if token and bottle.request.path.startswith("/api/"):
+                    given = bottle.request.get_header("Authorization", "")
+                    scheme, _, value = given.partition(" ")
+                    if scheme.lower() != "bearer" or not hmac.compare_digest(
+                            value.strip().encode(), token.encode()):
+                        bottle.response.set_header("WWW-Authenticate", 'Bearer realm="mlbench-daemon"')
+                        raise Unauthorized("missing or wrong bearer token")
+                return callback(*args, **kwargs)
+            except ApiError as e:
+                bottle.response.status = e.status
+                bottle.response.content_type = JSON
+                return json.dumps(e.body())
+        return wrapper
+
+    app.install(guard)
+
+    @app.error(404)
+    @app.error(405)
+    @app.error(413)
+    @app.error(500)
+    def _http_error(err):
+        if err.status_code == 500:
+            log.error("internal error on %s %s: %r", bottle.request.method,
+                      bottle.request.path, err.exception, exc_info=err.exception)
+            message = "internal error; see the daemon's log"
+        elif err.status_code == 405:
+            message = f"{bottle.request.method} is not allowed on {bottle.request.path}"
+        elif err.status_code == 404:
+            message = f"no such endpoint: {bottle.request.path}"
+        else:
+            message = str(err.body)
+        return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)
+
+    # ---- nodes ---------------------------------------------------------------
+    @app.get("/api/nodes")
+    @app.get("/api/pods")
+    def nodes():
+        if _flag("refresh"):
+            registry.refresh(REFRESH_TIMEOUT_S)
+        if registry.stale:
+            bottle.response.set_header("X-Discovery-Stale", registry.stale_reason or "stale")
+        return _json([n.to_json() for n in registry.nodes()])
+
+    @app.get("/healthz")
+    def healthz():
+        nodes = registry.nodes()
+        return _json({"status": "ok",
+                      "nodes": len(nodes),
+                      "running": sum(1 for n in nodes if n.phase == "Running"),
+                      "discovery_stale": registry.stale,
+                      "discovery_stale_reason": registry.stale_reason if registry.stale else None})
+
+    @app.get("/metrics")
+    def prometheus():
+        body, content_type = metrics.render()
+        bottle.response.content_type = content_type
+        return body
+
+    @app.get("/api/openapi.json")
+    def openapi_document():
+        return _json(openapi.DOCUMENT)
+
+    # ---- jobs ----------------------------------------------------------------
+    @app.post("/api/mpi_jobs")
+    def submit():
+        body = _body(max_body_bytes)
+        wait = True if body is None else body.pop("wait", True)
+        if not isinstance(wait, bool):
+            raise BadRequest("wait: must be true or false", field="wait")
+        job = jobs.submit(body)
+        if not wait:
+            bottle.response.set_header("Location", f"/api/mpi_jobs/{job['id']}")
+            return _json(job, 202)
+        return _json(jobs.wait(job["id"]))
+
+    @app.get("/api/mpi_jobs")
+    def list_jobs():
+        return _json(jobs.list(limit=_int_param("limit", 50, 1, 1000),
+                               offset=_int_param("offset", 0, 0, 1 << 31)))
+
+    @app.get("/api/mpi_jobs/<job_id>")
+    def get_job(job_id):
+        return _json(jobs.get(job_id))
+
+    @app.delete("/api/mpi_jobs/<job_id>")
+    def cancel_job(job_id):
+        return _json(jobs.cancel(job_id))
+
+    @app.get("/api/mpi_jobs/<job_id>/logs")
+    def job_logs(job_id):
+        offset = _int_param("offset", 0, 0, 1 << 62)
+        bottle.response.content_type = "application/octet-stream"
+        if _flag("follow"):
+            jobs.get(job_id)  # a 404 must come before the stream starts
+            chunks = jobs.follow_log(job_id, offset)
+            bottle.response.set_header("X-Content-Type-Options", "nosniff")
+            return chunks
+        data, next_offset = jobs.read_log(job_id, offset, _int_param("limit", LOG_CHUNK, 1, LOG_CHUNK))
+        bottle.response.set_header("X-Next-Offset", str(next_offset))
+        return data
+
+    return app
