@@ -239,7 +239,7 @@ def cmd_serve(args):
 
     try:
         return server.Daemon(cfg).run()
-    except server.StartupError as e:
+    except (config.ConfigError, server.StartupError) as e:
         raise Failure(str(e), 2) from None
 
 

@@ -11,12 +11,14 @@
    (bounded), stop following jobs WITHOUT cancelling them on the cluster, stop the
    registry, close the SSH pool.
 
-Start-up problems raise ``StartupError`` with one line for the user.
+Start-up problems raise ``StartupError`` (or ``config.ConfigError`` from a part that
+checks its own settings) with one line for the user.
 """
 
 import ipaddress
 import logging
 import signal
+import sqlite3
 import threading
 import time
 
@@ -75,7 +77,10 @@ class Daemon:
         token = read_token(cfg.server)
         self.pool = Pool(cfg.ssh)
         self.registry = Registry(cfg, Discovery(cfg.discovery, ssh_port=cfg.ssh.port), self.pool)
-        self.store = Store(cfg.state.dir)
+        try:
+            self.store = Store(cfg.state.dir)
+        except (OSError, sqlite3.Error) as e:
+            raise StartupError(f"state.dir: cannot use {cfg.state.dir}: {getattr(e, 'strerror', None) or e}") from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.app = api.make_app(self.registry, self.jobs, token=token,
                                 max_body_bytes=cfg.server.max_body_bytes)

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -374,3 +375,81 @@ def test_metrics_render_uses_own_registry():
     from prometheus_client import REGISTRY as GLOBAL
     assert GLOBAL.get_sample_value("mlbench_daemon_http_requests_total",
                                    {"method": "GET", "route": "/api/nodes/", "status": "200"}) is None
+
+
+# --- serve: the whole daemon process -----------------------------------------------------
+
+def _daemon_parts_missing():
+    import importlib.util
+    return [m for m in ("nodes", "jobs", "api", "ssh", "store", "discovery")
+            if importlib.util.find_spec(f"mlbench_daemon.{m}") is None]
+
+
+needs_daemon = pytest.mark.skipif(bool(_daemon_parts_missing()),
+                                  reason=f"daemon modules not written yet: {_daemon_parts_missing()}")
+
+
+def _serve_config(tmp_path, dns_port, **server):
+    lines = ["[server]", 'host = "127.0.0.1"', "port = 0"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in server.items()]
+    lines += ["[discovery]", 'service = "w.default.svc.cluster.local"',
+              f'nameservers = ["127.0.0.1:{dns_port}"]', "timeout_s = 0.5", "refresh_s = 1",
+              "[ssh]", f'known_hosts = "{tmp_path}/known_hosts"', "connect_timeout_s = 1",
+              "[state]", f'dir = "{tmp_path}/state"']
+    path = tmp_path / "daemon.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _serve(config_path, **env):
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MLBENCH_DAEMON_", "NOTIFY_SOCKET", "WATCHDOG_", "INVOCATION_ID", "JOURNAL_STREAM"))}
+    return subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(environ, **env))
+
+
+@needs_daemon
+@pytest.mark.parametrize("server, expected", [
+    ({"host": "0.0.0.0"}, "mlbench-daemon: server.host is '0.0.0.0', not loopback: set server.token_file"),
+    ({"token_file": "/nonexistent/token"}, "mlbench-daemon: server.token_file: cannot read /nonexistent/token: "),
+    ({"token_file": "EMPTY"}, "mlbench-daemon: server.token_file: "),
+])
+def test_serve_refuses_to_start(tmp_path, unused_port, server, expected):
+    if server.get("token_file") == "EMPTY":
+        (tmp_path / "empty").write_text("\n")
+        server = {"token_file": str(tmp_path / "empty")}
+    proc = _serve(_serve_config(tmp_path, unused_port, **server))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.startswith(expected) and err.count("\n") == 1, err
+
+
+@needs_daemon
+def test_serve_notifies_systemd_serves_and_stops_on_sigterm(tmp_path, unused_port):
+    import socket
+    import urllib.request
+    sock_path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(sock_path)
+        notify.settimeout(30)
+        proc = _serve(_serve_config(tmp_path, unused_port), NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000")
+        try:
+            messages = [notify.recv(4096).decode()]
+            assert messages[0].startswith("READY=1\nSTATUS="), messages
+            url = re.search(r"API on (http://127\.0\.0\.1:\d+)", messages[0]).group(1)
+            with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+                assert resp.status == 200
+            while "WATCHDOG=1" not in messages[-1]:
+                messages.append(notify.recv(4096).decode())
+            assert re.search(r"STATUS=\d+/\d+ nodes Running, 0 jobs running", messages[-1])
+            proc.send_signal(signal.SIGTERM)
+            while messages[-1] != "STOPPING=1":
+                messages.append(notify.recv(4096).decode())
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "serving on " + url in err
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/healthz", timeout=5)
