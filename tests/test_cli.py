@@ -392,8 +392,8 @@ needs_daemon = pytest.mark.skipif(_daemon_import_error() is not None,
 
 
 def _serve_config(tmp_path, dns_port, **server):
-    lines = ["[server]", 'host = "127.0.0.1"', "port = 0"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in server.items()]
+    server = {"host": "127.0.0.1", "port": 0, **server}
+    lines = ["[server]"] + [f"{k} = {json.dumps(v)}" for k, v in server.items()]
     lines += ["[discovery]", 'service = "w.default.svc.cluster.local"',
               f'nameservers = ["127.0.0.1:{dns_port}"]', "timeout_s = 0.5", "refresh_s = 1",
               "[ssh]", f'known_hosts = "{tmp_path}/known_hosts"', "connect_timeout_s = 1",
