@@ -131,7 +131,7 @@ nameservers.json_env = True
 
 def parse_nameserver(text, default_port=53):
     """'IP', 'IP:port', '[IPv6]:port' or a bare IPv6 -> (ip, port)."""
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:]+):(\d+)|([^\[\]]+)", text.strip())
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]+):(\d+)|([^\[\]]+)", text.strip())
     if not m:
         raise ValueError(text)
     ip = m.group(1) or m.group(3) or m.group(5)

@@ -34,6 +34,8 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from mlbench_daemon.config import parse_nameserver
+
 log = logging.getLogger("mlbench_daemon.discovery")
 
 REASONS = ("dns-timeout", "nxdomain", "no-members", "dns-error")
@@ -193,25 +195,6 @@ def select(nodes: Iterable[Node], selector: Selector | str | None) -> list[Node]
 # --- DNS -------------------------------------------------------------------------------
 
 
-def parse_nameserver(text: str) -> dns.nameserver.Do53Nameserver:
-    """ "IP", "IP:port", "[IPv6]:port" -> a nameserver (default port 53)."""
-    host, port = text.strip(), "53"
-    if host.startswith("["):
-        host, _, rest = host[1:].partition("]")
-        if rest:
-            port = rest.removeprefix(":")
-    elif host.count(":") == 1:
-        host, port = host.split(":")
-    try:
-        ipaddress.ip_address(host)
-        port_num = int(port)
-        if not 0 < port_num < 65536:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"nameserver {text!r}: want IP or IP:port") from None
-    return dns.nameserver.Do53Nameserver(host, port_num)
-
-
 def namespace_of(service: str, default: str) -> str:
     """`<ns>` when the service is `<svc>.<ns>.svc.<zone...>`, else `default`."""
     labels = service.rstrip(".").split(".")
@@ -252,7 +235,8 @@ class Discovery:
         if resolver is None:
             if cfg.nameservers:
                 resolver = dns.resolver.Resolver(configure=False)
-                resolver.nameservers = [parse_nameserver(ns) for ns in cfg.nameservers]
+                resolver.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(ns))
+                                        for ns in cfg.nameservers]
             else:
                 try:
                     resolver = dns.resolver.Resolver()
