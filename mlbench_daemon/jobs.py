@@ -628,7 +628,7 @@ def validate(body, default_program):
         raise BadRequest("the request body must be a JSON object", field="body")
     for key in body:
         if key not in FIELDS:
-            raise BadRequest(f"unknown field {key!r} (known: {', '.join(FIELDS)})", field=str(key))
+            raise BadRequest(f"unknown field {key!r} (known: {', '.join(FIELDS)})", field=str(key) or "body")
     req = {"program": list(default_program), "env": {}, "np": None, "selector": None,
            "nodes": None, "master": None, "timeout_s": None, "wait": True}
     size = 0

@@ -1,0 +1,438 @@
+"""jobs.Jobs: request validation, and whole jobs on the real namespace cluster
+(real sshd, real mpirun across hosts, the real ssh.Pool and nodes.Registry)."""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlbench_daemon import config
+from mlbench_daemon.discovery import Discovery
+from mlbench_daemon.errors import BadRequest, Conflict, QueueFull, Unavailable
+from mlbench_daemon.jobs import Jobs, validate
+from mlbench_daemon.nodes import Registry
+from mlbench_daemon.ssh import Pool
+from mlbench_daemon.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAM = ["/bin/prog"]
+SEED_KEYS = ["nodes", "command", "master_name", "response"]
+HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
+
+
+# --- validation (no cluster) -------------------------------------------------------------
+
+@pytest.mark.parametrize("body, field", [
+    ([], "body"),
+    ({"bogus": 1}, "bogus"),
+    ({"program": "prog"}, "program"),
+    ({"program": []}, "program"),
+    ({"program": ["prog", 3]}, "program"),
+    ({"program": ["prog", "a\0b"]}, "program"),
+    ({"program": ["prog", "\ud800"]}, "program"),
+    ({"program": ["-np", "5"]}, "program"),
+    ({"program": ["", "x"]}, "program"),
+    ({"program": ["prog", ":", "evil"]}, "program"),
+    ({"env": ["A=1"]}, "env"),
+    ({"env": {"1A": "x"}}, "env"),
+    ({"env": {"A-B": "x"}}, "env"),
+    ({"env": {"A=B": "x"}}, "env"),
+    ({"env": {"A": 1}}, "env"),
+    ({"env": {"A": "x\0"}}, "env"),
+    ({"env": {"OMPI_MCA_mlbench_job_id": "x"}}, "env"),
+    ({"env": {"A": "x" * 300_000}}, "env"),
+    ({"np": 0}, "np"),
+    ({"np": True}, "np"),
+    ({"np": "2"}, "np"),
+    ({"np": 1.5}, "np"),
+    ({"selector": 5}, "selector"),
+    ({"selector": "a=b,,c"}, "selector"),
+    ({"nodes": "w-0"}, "nodes"),
+    ({"nodes": []}, "nodes"),
+    ({"nodes": ["w-0", "w-0"]}, "nodes"),
+    ({"nodes": [None]}, "nodes"),
+    ({"master": ["w-0"]}, "master"),
+    ({"timeout_s": 0}, "timeout_s"),
+    ({"timeout_s": -1}, "timeout_s"),
+    ({"timeout_s": "5"}, "timeout_s"),
+    ({"timeout_s": float("nan")}, "timeout_s"),
+    ({"timeout_s": float("inf")}, "timeout_s"),
+    ({"wait": "yes"}, "wait"),
+])
+def test_bad_requests_name_the_field(body, field):
+    with pytest.raises(BadRequest) as info:
+        validate(body, PROGRAM)
+    assert info.value.field == field and info.value.status == 400
+
+
+def test_defaults_and_accepted_values():
+    assert validate(None, PROGRAM) == validate({}, PROGRAM) == {
+        "program": PROGRAM, "env": {}, "np": None, "selector": None, "nodes": None,
+        "master": None, "timeout_s": None, "wait": True}
+    req = validate({"program": ["p", "", ";", "ü"], "env": {"_A1": "$(x)\n"}, "np": 2,
+                    "nodes": ["a", "b"], "master": "a", "timeout_s": 1, "wait": False}, PROGRAM)
+    assert req["program"] == ["p", "", ";", "ü"] and req["env"] == {"_A1": "$(x)\n"}
+    assert req["timeout_s"] == 1.0 and req["wait"] is False
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300)
+@given(st.one_of(json_values, st.dictionaries(st.sampled_from(
+    ["program", "env", "np", "selector", "nodes", "master", "timeout_s", "wait", "x"]), json_values)))
+def test_any_json_body_is_accepted_or_a_400(body):
+    try:
+        validate(body, PROGRAM)
+    except BadRequest as e:
+        assert e.field
+    except Exception as e:  # anything else would be a 500
+        pytest.fail(f"{type(e).__name__}: {e}")
+
+
+# --- the cluster -------------------------------------------------------------------------
+
+class Env:
+    """A daemon's parts wired to the cluster, as server.Daemon wires them."""
+
+    def __init__(self, cluster, state_dir, ssh=None, **mpi):
+        self.cluster = cluster
+        path = cluster.write_config(state_dir.parent / f"{state_dir.name}.toml", state_dir,
+                                    ssh={"use_system_known_hosts": False, **(ssh or {})}, mpi=mpi)
+        self.config_path = path
+        self.cfg = config.load(path, environ={})
+        self.pool = Pool(self.cfg.ssh)
+        self.registry = Registry(self.cfg, Discovery(self.cfg.discovery, ssh_port=self.cfg.ssh.port), self.pool)
+        self.store = Store(self.cfg.state.dir)
+        self.jobs = Jobs(self.cfg, self.registry, self.pool, self.store)
+        self.registry.start()
+        assert self.registry.wait_first_pass(30)
+        self.jobs.start()
+
+    def close(self):
+        self.jobs.stop()
+        self.registry.stop()
+        self.pool.close()
+        self.store.close()
+
+    def prog(self, *args):
+        return [str(self.cluster.mpi_program), *args]
+
+    def run(self, body, timeout=HANG):
+        job = self.jobs.submit(body)
+        done = self.jobs.wait(job["id"], timeout)
+        assert done["state"] not in ("pending", "running"), f"job still {done['state']} after {timeout} s"
+        return done
+
+
+@pytest.fixture
+def env(cluster, tmp_path):
+    e = Env(cluster, tmp_path / "state")
+    yield e
+    e.close()
+
+
+def job_processes(cluster):
+    """The cluster user's processes other than sshd: ranks, orted, mpirun, wrappers."""
+    return [(pid, cmd) for pid, cmd in cluster.user_processes() if not cmd.startswith("sshd")]
+
+
+def wait_for(predicate, timeout=HANG, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def wait_ranks(env, job_id, n=3):
+    """Wait until every rank has printed; fail at once (with the log) if the job ends first."""
+    def ready():
+        text = env.jobs.read_log(job_id, 0, 1 << 20)[0].decode(errors="replace")
+        if rank_lines(text, n):
+            return True
+        job = env.jobs.get(job_id)
+        assert job["state"] in ("pending", "running"), (job, text)
+        return False
+    wait_for(ready, what="every rank's output")
+
+
+def rank_lines(text, n):
+    return all(f"rank {r} of {n} on " in text for r in range(n))
+
+
+def test_empty_body_runs_the_default_program_on_all_running_nodes(env, cluster):
+    job = env.run(None)
+    assert list(job)[:4] == SEED_KEYS
+    assert job["state"] == "succeeded" and job["exit_code"] == 0
+    workers = sorted(cluster.workers, key=lambda h: h.index)
+    assert job["nodes"] == [[h.ip, cluster.namespace, h.name, str(dict(sorted(h.labels.items())))]
+                            for h in workers]
+    assert job["master_name"] == workers[0].name
+    argv = [env.cfg.mpi.mpirun, *env.cfg.mpi.args, "--host", ",".join(h.ip for h in workers),
+            str(cluster.mpi_program)]
+    assert job["command"] == str(argv)
+    assert rank_lines(job["response"], 3) and "allreduce ok 3" in job["response"]
+    for h in workers:
+        assert f"on {h.ip}: sum=3" in job["response"]
+    assert env.jobs.get(job["id"])["state"] == "succeeded"
+    assert "response" not in env.jobs.get(job["id"])
+
+
+def test_exit_code_3_fails_the_job(env):
+    job = env.run({"program": env.prog("--exit", "3"), "np": 2})
+    assert (job["state"], job["exit_code"]) == ("failed", 3)
+    assert "-np', '2'" in job["command"]
+
+
+HOSTILE = st.sampled_from([";", "$(touch {canary})", "`touch {canary}`", "'", '"', "\n", "\\", "&&",
+                           "|", ">{canary}", "--host", "-np", "99", "ü€😀", "*", "~", "$HOME", " ", ""])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(HOSTILE | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                                  max_size=12).filter(lambda a: a != ":"),
+                min_size=1, max_size=6))
+def test_hostile_argv_arrives_byte_identical_and_runs_nothing_else(env, cluster, tmp_path, args):
+    canary = cluster.home / f"canary-{secrets.token_hex(4)}"
+    args = [a.replace("{canary}", str(canary)) for a in args]
+    job = env.run({"program": env.prog("--argv", *args), "nodes": [cluster.workers[1].name]})
+    assert job["state"] == "succeeded", job
+    got = [line.split()[2] if len(line.split()) == 3 else ""
+           for line in job["response"].splitlines() if line.startswith("arg ")]
+    assert [bytes.fromhex(h) for h in got] == [a.encode() for a in ["--argv", *args]]
+    assert not canary.exists()
+
+
+def test_env_reaches_every_rank_but_no_argv_record_or_log(env, cluster, caplog):
+    secret = f"s3cr3t-{secrets.token_hex(8)}"
+    job = env.jobs.submit({"program": env.prog("--env", "TOKEN", "--sleep", "4"),
+                           "env": {"TOKEN": secret, "OTHER": "x y"}, "wait": False})
+    seen_running = False
+    while env.jobs.get(job["id"])["state"] in ("pending", "running"):
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    assert secret.encode() not in Path(f"/proc/{d}/cmdline").read_bytes(), d
+                except OSError:
+                    pass
+        seen_running = seen_running or bool(job_processes(cluster))
+        time.sleep(0.05)
+    assert seen_running
+    done = env.jobs.wait(job["id"], HANG)
+    assert done["state"] == "succeeded"
+    assert all(f"env {r} TOKEN={secret}" in done["response"] for r in range(3))
+    assert done["env"] == {"OTHER": "***", "TOKEN": "***"}
+    assert "-x', 'OTHER', '-x', 'TOKEN'" in done["command"]
+    assert secret not in json.dumps({k: v for k, v in done.items() if k != "response"})
+    assert secret.encode() not in (Path(env.cfg.state.dir) / "jobs.sqlite3").read_bytes()
+    assert secret not in caplog.text
+    assert not list(cluster.home.glob(".mlbench-daemon/jobs/*/env"))
+
+
+def test_async_job_log_paging_and_follow(env):
+    job = env.jobs.submit({"program": env.prog("--bytes", "250000", "--sleep", "2"), "wait": False})
+    assert job["state"] in ("pending", "running") and job["exit_code"] is None
+    followed = b"".join(env.jobs.follow_log(job["id"], 0))  # returns when the job has ended
+    assert env.jobs.get(job["id"])["state"] == "succeeded"
+    paged, offset = b"", 0
+    while True:
+        chunk, offset = env.jobs.read_log(job["id"], offset, 70000)
+        assert len(chunk) <= 70000
+        if not chunk:
+            break
+        paged += chunk
+    assert paged == followed == env.jobs.wait(job["id"])["response"].encode()
+    assert followed.count(b"0123456789") >= 250000 // 100 * 9
+    assert b"".join(env.jobs.follow_log(job["id"], 100)) == followed[100:]
+    assert [j["id"] for j in env.jobs.list(limit=5)][0] == job["id"]
+
+
+def test_cancel_mid_run_leaves_no_process_on_any_host(env, cluster):
+    job = env.jobs.submit({"program": env.prog("--sleep", "60"), "wait": False})
+    wait_ranks(env, job["id"])
+    assert any("orted" in cmd for _, cmd in job_processes(cluster))
+    done = env.jobs.cancel(job["id"])
+    assert done["state"] == "cancelled" and done["reason"] == "cancelled"
+    assert "verified no process left on 3 host(s)" in done["error"]
+    assert job_processes(cluster) == []
+    with pytest.raises(Conflict):
+        env.jobs.cancel(job["id"])
+
+
+def test_timeout_cancels_with_reason_timeout(env, cluster):
+    job = env.run({"program": env.prog("--sleep", "60"), "timeout_s": 3})
+    assert (job["state"], job["reason"]) == ("cancelled", "timeout")
+    assert job_processes(cluster) == []
+
+
+def test_queue_is_bounded_fifo(cluster, tmp_path):
+    e = Env(cluster, tmp_path / "state", max_concurrent_jobs=1, queue_size=1)
+    try:
+        first = e.jobs.submit({"program": e.prog("--sleep", "60"), "wait": False})
+        second = e.jobs.submit({"program": e.prog(), "wait": False})
+        with pytest.raises(QueueFull):
+            e.jobs.submit({"program": e.prog()})
+        assert e.jobs.get(second["id"])["state"] == "pending"
+        e.jobs.cancel(first["id"])
+        assert e.jobs.wait(second["id"], HANG)["state"] == "succeeded"
+        queued = e.jobs.submit({"program": e.prog("--sleep", "60"), "wait": False})
+        assert e.jobs.cancel(queued["id"])["state"] == "cancelled"
+    finally:
+        e.close()
+
+
+def test_named_nodes_master_and_conflicts(env, cluster):
+    w = sorted(cluster.workers, key=lambda h: h.index)
+    job = env.run({"program": env.prog(), "nodes": [w[2].name, w[1].name], "master": w[2].name})
+    assert job["state"] == "succeeded" and job["master_name"] == w[2].name
+    assert [n[2] for n in job["nodes"]] == [w[1].name, w[2].name]
+    with pytest.raises(Conflict) as info:
+        env.jobs.submit({"nodes": ["no-such-node"]})
+    assert info.value.field == "nodes"
+    with pytest.raises(Conflict):
+        env.jobs.submit({"master": "no-such-node"})
+    with pytest.raises(BadRequest):
+        env.jobs.submit({"nodes": [w[1].name], "master": w[2].name})
+
+
+def test_down_worker_is_excluded_and_all_down_is_503(env, cluster):
+    w = sorted(cluster.workers, key=lambda h: h.index)
+    cluster.stop_sshd(w[1])
+    env.registry.refresh(30)
+    job = env.run(None)
+    assert job["state"] == "succeeded" and rank_lines(job["response"], 2)
+    assert [n[2] for n in job["nodes"]] == [w[0].name, w[2].name]
+    with pytest.raises(Conflict):
+        env.jobs.submit({"nodes": [w[1].name]})
+    for h in w:
+        cluster.stop_sshd(h)
+    env.registry.refresh(30)
+    with pytest.raises(Unavailable):
+        env.jobs.submit(None)
+
+
+def test_master_failing_preflight_falls_back_to_the_next(cluster, tmp_path):
+    # probes only at start: the registry keeps saying Running, so the pre-flight must catch it
+    e = Env(cluster, tmp_path / "state", ssh={"probe_interval_s": 3600.0})
+    try:
+        w = sorted(cluster.workers, key=lambda h: h.index)
+        cluster.stop_sshd(w[0])
+        e.pool.drop(w[0].ip, 22)
+        assert [s.phase for s in e.registry.nodes()] == ["Running"] * 3
+        done = e.run({"program": e.prog()})
+        assert done["state"] == "succeeded" and done["master_name"] == w[1].name
+        assert [n[2] for n in done["nodes"]] == [w[1].name, w[2].name] and rank_lines(done["response"], 2)
+    finally:
+        e.close()
+
+
+def test_partition_of_the_master_mid_job_then_heal(env, cluster):
+    w = sorted(cluster.workers, key=lambda h: h.index)
+    job = env.jobs.submit({"program": env.prog("--sleep", "10", "--bytes", "20000"), "wait": False})
+    wait_ranks(env, job["id"])
+    cluster.partition(w[0])
+    try:
+        for _ in range(20):  # the API keeps answering while the master is cut off
+            t = time.monotonic()
+            assert env.jobs.get(job["id"])["state"] == "running"
+            env.jobs.read_log(job["id"], 0, 100)
+            assert time.monotonic() - t < 5
+            time.sleep(0.25)
+    finally:
+        cluster.heal(w[0])
+    done = env.jobs.wait(job["id"], HANG)
+    assert done["state"] == "succeeded", done
+    assert rank_lines(done["response"], 3) and done["response"].count("0123456789") >= 20000 // 100 * 9
+
+
+# --- the real daemon: kill -9 mid-job and restart ---------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(config_path):
+    return subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config_path)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def http(url, method="GET", body=None, timeout=30):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def wait_http(url):
+    def up():
+        try:
+            return http(url + "/healthz", timeout=2)[0] == 200
+        except OSError:
+            return False
+    wait_for(up, what="the daemon to serve")
+
+
+def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    path = cluster.write_config(tmp_path / "daemon.toml", tmp_path / "state",
+                                server={"host": "127.0.0.1", "port": port},
+                                ssh={"use_system_known_hosts": False})
+    daemon = serve(path)
+    try:
+        wait_http(url)
+        wait_for(lambda: all(n["phase"] == "Running" for n in json.loads(http(url + "/api/nodes")[1]))
+                 and len(json.loads(http(url + "/api/nodes")[1])) == 3, what="nodes Running")
+        prog = [str(cluster.mpi_program), "--bytes", "300000", "--sleep", "6", "--exit", "5"]
+        status, body = http(url + "/api/mpi_jobs/", "POST", {"program": prog, "wait": False})
+        job_id = json.loads(body)["id"]
+        assert status == 202
+        wait_for(lambda: b"rank 2 of 3" in http(f"{url}/api/mpi_jobs/{job_id}/logs?limit=1000000")[1],
+                 what="ranks")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(30)
+        daemon = serve(path)
+        wait_http(url)
+        wait_for(lambda: json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])["state"] not in ("pending", "running"),
+                 what="the job to end")
+        job = json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])
+        assert (job["state"], job["exit_code"]) == ("failed", 5)
+        log = b"".join(paged_log(url, job_id))
+        assert rank_lines(log.decode(), 3)
+        body_lines = [ln for ln in log.split(b"\n") if ln.startswith(b"0123456789")]
+        assert sum(len(ln) + 1 for ln in body_lines) == 300000  # every byte, once, in order
+        assert all(ln == body_lines[0] for ln in body_lines[:-1])
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait(10)
+
+
+def paged_log(url, job_id):
+    offset = 0
+    while True:
+        with urllib.request.urlopen(f"{url}/api/mpi_jobs/{job_id}/logs?offset={offset}&limit=65536",
+                                    timeout=30) as r:
+            data = r.read()
+            offset = int(r.headers["X-Next-Offset"])
+        if not data:
+            return
+        yield data
