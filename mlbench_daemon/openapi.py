@@ -1,0 +1,440 @@
+"""The OpenAPI 3.1 description of the HTTP API, served at ``GET /api/openapi.json``.
+
+``DOCUMENT`` is a plain dict, kept in step with ``api.py`` (routes, query
+parameters, status codes, headers), ``nodes.NodeStatus.to_json`` (node items)
+and ``jobs.Jobs.to_json``/``jobs.validate`` (job dicts and the request body).
+``tests/test_openapi.py`` checks that it is a valid OpenAPI 3.1 document, that
+it names exactly the routes of ``api.make_app``, and runs schemathesis against
+a live daemon on the test cluster with it.
+
+Every path also works with a trailing slash (or without one).  The seed's two
+endpoints are described under both spellings, so that generated tests exercise
+both; the others under one.
+"""
+
+from mlbench_daemon import __version__
+
+_REF = "#/components/schemas/"
+
+
+def _ref(name):
+    return {"$ref": _REF + name}
+
+
+def _json_content(schema):
+    return {"application/json": {"schema": schema}}
+
+
+def _error(description):
+    return {"description": description, "content": _json_content(_ref("Error"))}
+
+
+# Error responses shared by the /api/ operations.
+_UNAUTHORIZED = {
+    "description": "The daemon has a token (`server.token_file`) and the request did not carry "
+                   "`Authorization: Bearer <token>`.",
+    "headers": {"WWW-Authenticate": {"description": 'Always `Bearer realm="mlbench-daemon"`.',
+                                     "schema": {"type": "string"}}},
+    "content": _json_content(_ref("Error")),
+}
+_INTERNAL = _error("A bug in the daemon; the message points to its log (never a stack trace).")
+
+
+def _api_responses(**responses):
+    """The given responses plus 401 and 500, as every /api/ operation can answer them."""
+    out = dict(responses)
+    out.setdefault("401", _UNAUTHORIZED)
+    out.setdefault("500", _INTERNAL)
+    return out
+
+
+# A request string: no NUL byte (mpirun and the remote shell cannot carry one).
+_TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
+
+# The Kubernetes equality-based selector grammar of discovery.Selector.parse:
+# comma-separated terms `k=v`, `k==v`, `k!=v`, `k`, `!k`; keys `[prefix/]name`.
+_NAME = "[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_PREFIX = "[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+_KEY = f"(?:{_PREFIX}/)?{_NAME}"
+_TERM = f"\\s*(?:{_KEY}\\s*(?:!=|==|=)\\s*(?:{_NAME})?|!\\s*{_KEY}|{_KEY})\\s*"
+SELECTOR_PATTERN = f"^(?:\\s*|{_TERM}(?:,{_TERM})*)$"
+
+# A query flag as api._flag reads it: 1/true/yes or 0/false/no (any case); empty = off.
+_FLAG = {"type": "string",
+         "pattern": "^(?:[01]|[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Yy][Ee][Ss]|[Nn][Oo])?$"}
+
+_JOB_ID = {"name": "job_id", "in": "path", "required": True,
+           "description": "The job's id (hex digits: creation time in milliseconds, then random bits).",
+           "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"}}
+
+_NODES_OP = {
+    "summary": "All worker nodes and their status (the seed's endpoint)",
+    "description": (
+        "A JSON array in natural name order.  Each item starts with the seed's four keys "
+        "(`name`, `labels`, `phase`, `ip`), then extras.  Reachability comes from background "
+        "SSH probes; the request never waits on DNS or SSH unless `refresh=1` is given.  "
+        "When the last DNS refresh failed, the last good list is returned with an "
+        "`X-Discovery-Stale` header giving the reason."),
+    "tags": ["nodes"],
+    "parameters": [{
+        "name": "refresh", "in": "query", "required": False, "allowEmptyValue": True,
+        "description": "`1` (or `true`, `yes`) runs one probe round now and waits for it "
+                       "(at most 10 s) before answering; `0`, `false`, `no` or empty: do not.",
+        "schema": _FLAG,
+    }],
+    "responses": _api_responses(**{
+        "200": {
+            "description": "The nodes.",
+            "headers": {"X-Discovery-Stale": {
+                "description": "Present when the node list is stale: why DNS discovery failed "
+                               "(e.g. `dns-timeout`, `nxdomain`, `not-discovered-yet`).",
+                "schema": {"type": "string"}}},
+            "content": _json_content({"type": "array", "items": _ref("Node")}),
+        },
+        "400": _error("Bad query parameter (`field` names it)."),
+    }),
+}
+
+
+def _nodes_op(operation_id, summary=None, extra=""):
+    op = dict(_NODES_OP, operationId=operation_id)
+    if summary:
+        op["summary"] = summary
+    if extra:
+        op["description"] = _NODES_OP["description"] + "  " + extra
+    return op
+
+
+_SUBMIT_OP = {
+    "summary": "Start an MPI job (the seed's endpoint)",
+    "description": (
+        "The body is optional: an empty body runs `mpi.program` on every selected `Running` "
+        "node.  With `wait` true (the default) the answer comes when the job is over: the "
+        "seed's keys `nodes`, `command`, `master_name`, `response` (the whole output), plus "
+        "`id`, `state`, `exit_code` and the rest of the job.  With `wait` false the answer is "
+        "202 at once, with the job and a `Location` header.  Program and env together must "
+        "stay under 256 KiB."),
+    "tags": ["jobs"],
+    "requestBody": {
+        "required": False,
+        "content": _json_content(_ref("JobRequest")),
+    },
+    "responses": _api_responses(**{
+        "200": {"description": "`wait` true: the job has ended (in any final state).",
+                "content": _json_content(_ref("JobResult"))},
+        "202": {"description": "`wait` false: the job is accepted (pending or running).",
+                "headers": {"Location": {"description": "`/api/mpi_jobs/<id>`", "required": True,
+                                         "schema": {"type": "string"}}},
+                "content": _json_content(_ref("Job"))},
+        "400": _error("Bad request body; `field` names the field (`body` for the body as a whole)."),
+        "409": _error("A requested node or master is unknown, not matching the selector, "
+                      "or not `Running`."),
+        "413": _error("The body is over `server.max_body_bytes`."),
+        "429": _error("`mpi.max_concurrent_jobs` are running and `mpi.queue_size` more are queued."),
+        "503": _error("No `Running` node matches the selector."),
+    }),
+}
+
+
+def _submit_op(operation_id, summary=None):
+    op = dict(_SUBMIT_OP, operationId=operation_id)
+    if summary:
+        op["summary"] = summary
+    return op
+
+
+_LIST_JOBS_OP = {
+    "operationId": "listJobs",
+    "summary": "Jobs, newest first",
+    "tags": ["jobs"],
+    "parameters": [
+        {"name": "limit", "in": "query", "required": False, "allowEmptyValue": True, "description": "At most this many jobs.",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}},
+        {"name": "offset", "in": "query", "required": False, "allowEmptyValue": True, "description": "Skip this many of the newest.",
+         "schema": {"type": "integer", "minimum": 0, "maximum": 2 ** 31, "default": 0}},
+    ],
+    "responses": _api_responses(**{
+        "200": {"description": "The jobs.", "content": _json_content({"type": "array", "items": _ref("Job")})},
+        "400": _error("Bad `limit` or `offset` (`field` names it)."),
+    }),
+}
+
+SCHEMAS = {
+    "Error": {
+        "type": "object",
+        "description": "Every error, with its 4xx/5xx status.",
+        "required": ["error", "message"],
+        "properties": {
+            "error": {"type": "string", "description": "Machine-readable code, e.g. `bad-request`, "
+                      "`unauthorized`, `not-found`, `conflict`, `queue-full`, `unavailable`."},
+            "message": {"type": "string", "description": "For a human."},
+            "field": {"type": "string", "description": "The request field at fault (400, 409)."},
+        },
+    },
+    "Phase": {
+        "type": "string",
+        "enum": ["Pending", "Running", "Unknown", "Failed"],
+        "description": "`Pending`: first probe not finished; `Running`: SSH login with the "
+                       "configured key succeeded and the host key was verified; `Unknown`: could "
+                       "not reach it; `Failed`: reached it but it refused us or could not be trusted.",
+    },
+    "Node": {
+        "type": "object",
+        "required": ["name", "labels", "phase", "ip", "label_map", "host", "port", "namespace",
+                     "reason", "message", "last_probe", "latency_ms"],
+        "properties": {
+            "name": {"type": "string", "description": "First label of the host name, else the IP."},
+            "labels": {"type": "string",
+                       "description": "Python `str()` of the label dict with keys sorted, as in the seed: "
+                                      "`{'app': 'mlbench', 'component': 'worker'}`."},
+            "phase": _ref("Phase"),
+            "ip": {"type": "string"},
+            "label_map": {"type": "object", "additionalProperties": {"type": "string"},
+                          "description": "The same labels as a JSON object."},
+            "host": {"type": "string", "description": "Host name (no trailing dot), or the IP."},
+            "port": {"type": "integer", "minimum": 1, "maximum": 65535, "description": "SSH port."},
+            "namespace": {"type": "string"},
+            "reason": {"type": "string",
+                       "description": "Machine-readable: `ok`, `not-probed-yet`, `connection-refused`, "
+                                      "`connect-timeout`, `no-banner`, `auth-failed`, "
+                                      "`host-key-unknown`, `host-key-changed`, ..."},
+            "message": {"type": "string"},
+            "last_probe": {"type": ["string", "null"], "format": "date-time"},
+            "latency_ms": {"type": ["number", "null"], "minimum": 0},
+        },
+    },
+    "NodeRow": {
+        "type": "array",
+        "description": "The seed's `[ip, namespace, name, labels]`.",
+        "prefixItems": [{"type": "string"}] * 4,
+        "minItems": 4,
+        "items": False,
+    },
+    "JobState": {
+        "type": "string",
+        "enum": ["pending", "running", "succeeded", "failed", "cancelled", "lost"],
+    },
+    "Job": {
+        "type": "object",
+        "required": ["nodes", "command", "master_name", "id", "state", "exit_code", "created",
+                     "started", "finished", "error", "reason", "np", "timeout_s", "env"],
+        "properties": {
+            "nodes": {"type": "array", "items": _ref("NodeRow")},
+            "command": {"type": "string",
+                        "description": "Python `str()` of the exact argv run on the master."},
+            "master_name": {"type": ["string", "null"], "description": "Null until the job is launched."},
+            "id": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
+            "state": _ref("JobState"),
+            "exit_code": {"type": ["integer", "null"]},
+            "created": {"type": "string", "format": "date-time"},
+            "started": {"type": ["string", "null"], "format": "date-time"},
+            "finished": {"type": ["string", "null"], "format": "date-time"},
+            "error": {"type": ["string", "null"]},
+            "reason": {"type": ["string", "null"],
+                       "description": "Machine-readable cause of a failed, cancelled or lost job "
+                                      "(`launch-failed`, `cancelled`, `timeout`, ...)."},
+            "np": {"type": ["integer", "null"], "minimum": 1},
+            "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            "env": {"type": "object", "additionalProperties": {"const": "***"},
+                    "description": "The names of the exported variables; values are never shown."},
+        },
+    },
+    "JobResult": {
+        "description": "A finished job with its whole output (`POST` with `wait` true).",
+        "allOf": [_ref("Job"), {
+            "type": "object",
+            "required": ["response"],
+            "properties": {"response": {
+                "type": "string",
+                "description": "stdout and stderr interleaved as produced (invalid UTF-8 replaced)."}},
+        }],
+    },
+    "JobRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Every field is optional.",
+        "properties": {
+            "program": {
+                "type": "array", "minItems": 1,
+                "description": "The argv run by mpirun on every rank (replaces `mpi.program`).  "
+                               "The first item is a program: not empty, not an option.  A lone "
+                               '`:` is reserved by mpirun.',
+                "prefixItems": [{"type": "string", "pattern": "^[^-:\\u0000][^\\u0000]*$|^:[^\\u0000]+$"}],
+                "items": {"type": "string", "pattern": "^[^\\u0000]*$", "not": {"const": ":"}},
+            },
+            "env": {
+                "type": "object",
+                "description": "Exported to every rank; values never appear in any argv.",
+                "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
+                                  "not": {"pattern": "^OMPI_MCA_mlbench"}},
+                "additionalProperties": _TEXT,
+            },
+            "np": {"type": "integer", "minimum": 1, "maximum": 1000000,
+                   "description": "Number of ranks (mpirun `-np`); default: one per host slot."},
+            "selector": dict(_TEXT, pattern=SELECTOR_PATTERN,
+                             description="Label selector applied on top of `discovery.selector`: "
+                                         "`k=v,k!=v,k,!k`."),
+            "nodes": {"type": "array", "minItems": 1, "uniqueItems": True, "items": _TEXT,
+                      "description": "Run on exactly these nodes (names); default: every selected "
+                                     "`Running` node."},
+            "master": dict(_TEXT, description="The node mpirun runs on; one of `nodes` when both are "
+                                              "given.  Default: the first `Running` node in natural "
+                                              "name order."),
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1e9,
+                          "description": "Cancel the job after this long (default `mpi.default_timeout_s`)."},
+            "wait": {"type": "boolean", "default": True,
+                     "description": "Answer when the job is over (200) or at once (202)."},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "nodes", "running", "discovery_stale", "discovery_stale_reason"],
+        "properties": {
+            "status": {"const": "ok"},
+            "nodes": {"type": "integer", "minimum": 0},
+            "running": {"type": "integer", "minimum": 0},
+            "discovery_stale": {"type": "boolean"},
+            "discovery_stale_reason": {"type": ["string", "null"]},
+        },
+    },
+}
+
+PATHS = {
+    "/api/nodes/": {"get": _nodes_op("listNodes")},
+    "/api/nodes": {"get": _nodes_op("listNodesNoSlash", "All worker nodes (same as `/api/nodes/`)")},
+    "/api/pods/": {"get": _nodes_op("listPods", "Alias of `/api/nodes/` (what mlbench-core's client calls)")},
+    "/api/mpi_jobs/": {
+        "post": _submit_op("submitJob"),
+        "get": _LIST_JOBS_OP,
+    },
+    "/api/mpi_jobs": {
+        "post": _submit_op("submitJobNoSlash", "Start an MPI job (same as `/api/mpi_jobs/`)"),
+        "get": dict(_LIST_JOBS_OP, operationId="listJobsNoSlash", summary="Jobs (same as `/api/mpi_jobs/`)"),
+    },
+    "/api/mpi_jobs/{job_id}": {
+        "parameters": [_JOB_ID],
+        "get": {
+            "operationId": "getJob",
+            "summary": "One job",
+            "tags": ["jobs"],
+            "responses": _api_responses(**{
+                "200": {"description": "The job.", "content": _json_content(_ref("Job"))},
+                "404": _error("No such job."),
+            }),
+        },
+        "delete": {
+            "operationId": "cancelJob",
+            "summary": "Cancel a job",
+            "description": "TERM to the job's process group on the master, `mpi.cancel_grace_s`, then "
+                           "KILL; then every host of the job is swept for its processes (the result is "
+                           "in `error`).  Answers with the job once it is final (bounded wait).",
+            "tags": ["jobs"],
+            "responses": _api_responses(**{
+                "200": {"description": "The job, normally `cancelled`.", "content": _json_content(_ref("Job"))},
+                "404": _error("No such job."),
+                "409": _error("The job is already final, or not followed by this daemon."),
+                "503": _error("The master could not be reached to deliver the cancel."),
+            }),
+        },
+    },
+    "/api/mpi_jobs/{job_id}/logs": {
+        "parameters": [_JOB_ID],
+        "get": {
+            "operationId": "getJobLogs",
+            "summary": "A chunk of a job's output, or all of it as it comes",
+            "description": "Raw bytes (stdout and stderr interleaved) from `offset`: at most `limit` "
+                           "bytes, with the offset to ask for next in `X-Next-Offset`.  With "
+                           "`follow=1` the answer streams from `offset` until the job is final "
+                           "(no `X-Next-Offset`; `limit` is ignored).",
+            "tags": ["jobs"],
+            "parameters": [
+                {"name": "offset", "in": "query", "required": False, "allowEmptyValue": True,
+                 "schema": {"type": "integer", "minimum": 0, "maximum": 2 ** 62, "default": 0}},
+                {"name": "limit", "in": "query", "required": False, "allowEmptyValue": True,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 1 << 20, "default": 1 << 20}},
+                {"name": "follow", "in": "query", "required": False, "allowEmptyValue": True,
+                 "description": "`1` (or `true`, `yes`) streams until the job is final; "
+                                "`0`, `false`, `no` or empty: one chunk.",
+                 "schema": _FLAG},
+            ],
+            "responses": _api_responses(**{
+                "200": {
+                    "description": "Output bytes (possibly none).",
+                    "headers": {
+                        "X-Next-Offset": {"description": "`offset` plus the bytes returned (not with `follow=1`).",
+                                          "schema": {"type": "integer", "minimum": 0}},
+                    },
+                    "content": {"application/octet-stream": {}},
+                },
+                "400": _error("Bad `offset`, `limit` or `follow` (`field` names it)."),
+                "404": _error("No such job."),
+            }),
+        },
+    },
+    "/api/openapi.json": {
+        "get": {
+            "operationId": "getOpenApi",
+            "summary": "This document",
+            "tags": ["meta"],
+            "responses": _api_responses(**{
+                "200": {"description": "The OpenAPI 3.1 document.",
+                        "content": _json_content({"type": "object", "required": ["openapi", "info", "paths"]})},
+            }),
+        },
+    },
+    "/healthz": {
+        "get": {
+            "operationId": "health",
+            "summary": "Liveness and a node count (no authentication)",
+            "tags": ["meta"],
+            "security": [],
+            "responses": {
+                "200": {"description": "The daemon serves.", "content": _json_content(_ref("Health"))},
+                "500": _INTERNAL,
+            },
+        },
+    },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics (no authentication)",
+            "tags": ["meta"],
+            "security": [],
+            "responses": {
+                "200": {"description": "The Prometheus text exposition format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "500": _INTERNAL,
+            },
+        },
+    },
+}
+
+DOCUMENT = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "mlbench-daemon",
+        "version": __version__,
+        "summary": "SSH-native launcher for MPI jobs, serving the MLBench dashboard's REST API.",
+        "description": (
+            "JSON everywhere, including every error (`Error`: `{\"error\", \"message\"}`, plus "
+            "`field` for bad input), with its 4xx/5xx status: unknown paths answer 404 and "
+            "unsupported methods 405 (with `Allow`), both as `Error`.  Every path works with and "
+            "without its trailing slash.  When the daemon has a token (`server.token_file`), "
+            "every `/api/` call needs `Authorization: Bearer <token>`; without one, none does."),
+    },
+    "tags": [
+        {"name": "nodes", "description": "Discovered nodes and their SSH reachability."},
+        {"name": "jobs", "description": "MPI jobs: start, list, inspect, follow output, cancel."},
+        {"name": "meta", "description": "Health, metrics and this document."},
+    ],
+    "security": [{}, {"bearerAuth": []}],
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {
+            "bearerAuth": {"type": "http", "scheme": "bearer",
+                           "description": "The token in `server.token_file`; required only when "
+                                          "the daemon has one."},
+        },
+    },
+}

@@ -1,0 +1,386 @@
+"""The OpenAPI document: a valid OpenAPI 3.1 document, exactly the routes of
+api.make_app, and true of a live daemon on the test cluster (schemathesis).
+"""
+
+import collections
+import json
+import re
+import sys
+import threading
+import time
+import urllib.request
+import wsgiref.util
+
+import hypothesis
+import jsonschema_rs
+import pytest
+import schemathesis
+from hypothesis import strategies as st
+from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
+
+from mlbench_daemon import api, config, openapi, server
+from mlbench_daemon.discovery import Selector
+
+DOC = openapi.DOCUMENT
+METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+def operations(doc=DOC):
+    """{(METHOD, path)} of the document."""
+    return {(m.upper(), path) for path, item in doc["paths"].items() for m in item if m in METHODS}
+
+
+def schema_objects(node, where="#"):
+    """Every Schema Object of the document (component schemas, parameters, media types, headers)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{where}/{key}"
+            if key == "schema" and isinstance(value, dict):
+                yield here, value
+            elif where == "#/components/schemas":
+                yield here, value
+            else:
+                yield from schema_objects(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from schema_objects(value, f"{where}/{i}")
+
+
+# --- the document itself ----------------------------------------------------------------
+
+def test_document_is_valid_openapi_31():
+    assert DOC["openapi"] == "3.1.0"
+    errors = [f"{'/'.join(map(str, e.instance_path))}: {e.message}"
+              for e in OPENAPI_31_VALIDATOR.iter_errors(DOC)]
+    assert not errors, errors
+    # The OAS 3.1 meta-schema leaves Schema Objects to the JSON Schema 2020-12 dialect.
+    found = 0
+    for where, schema in schema_objects(DOC):
+        found += 1
+        dialect = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+        assert jsonschema_rs.meta.is_valid(dialect), (where, schema)
+    assert found > 20
+
+
+def test_document_passes_openapi_spec_validator():
+    """A second, independent validator (refs resolved, operation ids unique, path params declared)."""
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(DOC)
+
+
+def test_refs_resolve_and_operation_ids_unique():
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.add(node["$ref"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(DOC)
+    schemas = DOC["components"]["schemas"]
+    assert refs and all(r.startswith("#/components/schemas/") and r.rsplit("/", 1)[1] in schemas for r in refs)
+    ids = [op["operationId"] for item in DOC["paths"].values() for m, op in item.items() if m in METHODS]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_error_response_is_the_error_schema():
+    for path, item in DOC["paths"].items():
+        for method, op in item.items():
+            if method not in METHODS:
+                continue
+            for status, response in op["responses"].items():
+                if int(status) >= 400:
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+
+
+def test_node_and_job_schemas_list_what_the_code_emits():
+    from mlbench_daemon.discovery import Node
+    from mlbench_daemon.jobs import Jobs
+    from mlbench_daemon.nodes import NodeStatus
+    from mlbench_daemon.store import COLUMNS, STATES
+
+    labels = {"component": "worker", "app": "mlbench"}
+    node = Node(name="w-0", host="w-0.svc.example", ip="10.0.0.1", port=22, namespace="default", labels=labels)
+    item = NodeStatus(node, phase="Running", reason="ok", message="fine", last_probe=time.time(), latency_ms=1.5)
+    as_json = item.to_json()
+    node_schema = DOC["components"]["schemas"]["Node"]
+    assert list(as_json)[:4] == ["name", "labels", "phase", "ip"]
+    assert set(as_json) == set(node_schema["properties"]) == set(node_schema["required"])
+    assert jsonschema_rs.validator_for(_bundle("Node")).is_valid(as_json)
+    assert as_json["labels"] == "{'app': 'mlbench', 'component': 'worker'}"
+
+    rec = {k: None for k in COLUMNS}
+    rec.update(id="0123456789abcdef0123", seq=1, state="failed", created=time.time(), finished=time.time(),
+               nodes=[["10.0.0.1", "default", "w-0", "{}"]], command=["mpirun", "x"], env_names=["A"],
+               exit_code=1, np=2, timeout_s=3.0)
+    job = Jobs.to_json(rec)
+    job_schema = DOC["components"]["schemas"]["Job"]
+    assert list(job)[:3] == ["nodes", "command", "master_name"]
+    assert set(job) == set(job_schema["properties"]) == set(job_schema["required"])
+    assert jsonschema_rs.validator_for(_bundle("Job")).is_valid(job)
+    assert DOC["components"]["schemas"]["JobState"]["enum"] == list(STATES)
+
+
+def test_request_schema_names_the_fields_jobs_accepts():
+    from mlbench_daemon import jobs
+    props = DOC["components"]["schemas"]["JobRequest"]["properties"]
+    assert set(props) == set(jobs.FIELDS)
+
+
+def _bundle(name):
+    """Component `name` as a standalone 2020-12 schema (its refs resolved through $defs)."""
+    text = json.dumps(DOC["components"]["schemas"]).replace("#/components/schemas/", "#/$defs/")
+    defs = json.loads(text)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$defs": defs, **defs[name]}
+
+
+# The request schema must say exactly what jobs.validate() accepts, or schemathesis'
+# positive/negative data checks fail: the selector pattern is checked against the parser.
+_SELECTOR_ALPHABET = st.sampled_from(list("ab-_./=!, \t") + ["app", "x.io/", "==", "!=", "Z9"])
+
+
+@hypothesis.settings(max_examples=3000, deadline=None)
+@hypothesis.given(st.lists(_SELECTOR_ALPHABET, max_size=12).map("".join))
+def test_selector_pattern_agrees_with_the_parser(text):
+    pattern = DOC["components"]["schemas"]["JobRequest"]["properties"]["selector"]["pattern"]
+    try:
+        Selector.parse(text)
+        parses = True
+    except ValueError:
+        parses = False
+    assert bool(re.search(pattern, text)) == parses
+
+
+# --- the document against the code --------------------------------------------------------
+
+def app_routes(app):
+    """{(METHOD, path)} of a Bottle app, with <name> (or <name:filter>) as {name}."""
+    out = set()
+    for route in app.routes:
+        path = re.sub(r"<([A-Za-z_][A-Za-z0-9_]*)(?::[^>]*)?>", r"{\1}", route.rule)
+        out.add((route.method.upper(), path))
+    return out
+
+
+def test_every_route_is_documented_and_every_operation_routed():
+    app = api.make_app(registry=None, jobs=None)
+    routes = app_routes(app)
+    documented = {(m, p.rstrip("/") or "/") for m, p in operations()}
+    assert routes == documented
+    # The seed's two endpoints under both spellings, so both are exercised.
+    for method, path in [("GET", "/api/nodes"), ("POST", "/api/mpi_jobs")]:
+        assert (method, path) in operations() and (method, path + "/") in operations()
+    assert ("GET", "/api/pods/") in operations()
+
+
+def _wsgi_get(app, path):
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update(PATH_INFO=path, REQUEST_METHOD="GET")
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen.update(status=status, headers=dict(headers))
+    body = b"".join(app(environ, start_response))
+    return seen["status"], seen["headers"], body
+
+
+def test_served_document_is_this_document():
+    app = api.make_app(registry=None, jobs=None)
+    for path in ("/api/openapi.json", "/api/openapi.json/"):
+        status, headers, body = _wsgi_get(app, path)
+        assert status.startswith("200") and headers["Content-Type"].startswith("application/json")
+        assert json.loads(body) == json.loads(json.dumps(DOC))
+
+
+# --- reported bugs in other modules (strict: an xfail that starts passing fails the run,
+# so the workaround in _work_around_known_issues gets dropped with the fix) ---------------
+
+@pytest.mark.xfail(strict=True, reason="jobs.validate rejects np=4.0, which JSON Schema calls an integer")
+def test_np_as_integral_float_is_accepted():
+    from mlbench_daemon import jobs
+    assert jobs.validate({"np": 4.0}, ["prog"])["np"] == 4
+
+
+@pytest.mark.xfail(raises=OSError, reason="Store.read_log seeks past the file system's largest "
+                                         "offset (EINVAL -> 500) for offsets api.py allows")
+def test_log_offset_far_past_the_end_reads_nothing(tmp_path):
+    from mlbench_daemon.store import Store
+    store = Store(str(tmp_path))
+    store.append_log("abc123", b"hello")
+    offset = 2 ** 62  # the largest offset api.py accepts
+    assert store.read_log("abc123", offset, 10) == (b"", offset)
+
+
+class _OneJob:
+    """Just enough of jobs.Jobs for the logs route."""
+
+    def get(self, job_id):
+        return {"id": job_id}
+
+    def follow_log(self, job_id, offset):
+        return iter([b"out"])
+
+    def read_log(self, job_id, offset, limit):
+        return b"out", offset + 3
+
+
+@pytest.mark.xfail(strict=True, reason="api.job_logs parses `limit` only without follow, so "
+                                       "?follow=1&limit=junk answers 200, not 400")
+def test_logs_limit_is_checked_when_following():
+    app = api.make_app(registry=None, jobs=_OneJob())
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update(PATH_INFO="/api/mpi_jobs/abc/logs", QUERY_STRING="follow=1&limit=junk")
+    statuses = []
+    b"".join(app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    assert statuses[0].startswith("400")
+
+
+# --- a live daemon on the test cluster ------------------------------------------------------
+
+SCHEMATHESIS_CONFIG = {
+    # A 503 ("no Running node matches the selector") is a documented answer, not a crash.
+    "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]}},
+    "generation": {"max-examples": 12, "allow-x00": True},
+    "phases": {"stateful": {"enabled": False}},
+    "request-timeout": 60,
+}
+
+KNOWN_ISSUES = True  # work around the reported disagreements below until they are fixed
+# Offsets past what the file system can seek to (16 TiB on ext4) make Store.read_log raise.
+SEEKABLE = 1 << 40
+
+
+def _work_around_known_issues(case):
+    """Steer generated cases around the reported bugs (see the xfail tests below), so the
+    run keeps checking everything else.  Drop each one when its xfail test passes."""
+    if not KNOWN_ISSUES:
+        return
+    body = case.body
+    if isinstance(body, dict) and isinstance(body.get("np"), float) and body["np"].is_integer():
+        case.body = {**body, "np": int(body["np"])}  # JSON Schema counts 4.0 as an integer
+    query = dict(case.query or {})
+    if case.path.endswith("/logs") and query:
+        offset = query.get("offset")
+        if isinstance(offset, (int, str)) and not isinstance(offset, bool) and str(offset).isdigit() \
+                and SEEKABLE < int(offset) <= 2 ** 62:
+            query["offset"] = type(offset)(SEEKABLE)
+        if str(query.get("follow", "")).lower() in ("1", "true", "yes"):
+            query.pop("limit", None)  # api.py never checks limit when following
+        if query != case.query:
+            case.query = query  # schemathesis re-decides whether the case is still negative
+
+
+STATS = collections.defaultdict(collections.Counter)  # "METHOD path" -> Counter(status)
+
+
+def _get(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # loopback only
+        return r.status, r.read()
+
+
+@pytest.fixture
+def live_daemon(cluster, tmp_path):
+    path = cluster.write_config(
+        tmp_path / "daemon.toml", tmp_path / "state",
+        server={"host": "127.0.0.1", "port": 0, "threads": 8},
+        # generated programs fail to exec on the cluster; a real one that lingers is cut short
+        mpi={"default_timeout_s": 10.0, "cancel_grace_s": 1.0, "queue_size": 4},
+        log={"level": "warning"})
+    daemon = server.Daemon(config.load(path))
+    errors = []
+
+    def run():
+        try:
+            daemon.run()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    t = threading.Thread(target=run, name="daemon", daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while daemon.url is None and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.url, f"daemon did not bind: {errors}"
+    # all three workers Running before the run starts
+    while time.monotonic() < deadline:
+        status, body = _get(daemon.url + "/healthz")
+        if status == 200 and b'"running": 3' in body:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"workers not Running: {body!r}")
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        t.join(30)
+        assert not t.is_alive(), "daemon did not stop"
+        assert not errors, errors
+        if STATS:
+            print("\nschemathesis requests by operation and status:", file=sys.stderr)
+            for op, counter in sorted(STATS.items()):
+                print(f"  {op}: {dict(sorted(counter.items()))}", file=sys.stderr)
+
+
+@pytest.fixture
+def live_schema(live_daemon):
+    # The document as the daemon serves it.  (from_url would leave out the operation that
+    # serves the document itself; from_dict with the base URL keeps it.)
+    status, body = _get(live_daemon.url + "/api/openapi.json")
+    assert status == 200
+    cfg = schemathesis.Config.from_dict({**SCHEMATHESIS_CONFIG, "base-url": live_daemon.url})
+    schema = schemathesis.openapi.from_dict(json.loads(body), config=cfg)
+    assert len(list(schema.get_all_operations())) == len(operations())
+    return schema
+
+
+live = schemathesis.pytest.from_fixture("live_schema")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+@live.parametrize()
+def test_live_daemon_conforms_to_the_document(case):
+    _work_around_known_issues(case)
+    response = case.call_and_validate()
+    STATS[f"{case.method} {case.path}"][response.status_code] += 1
+
+
+def _post(url, body, timeout=60):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
+        return r.status, json.loads(r.read())
+
+
+@pytest.fixture
+def live_job_schema(live_daemon, cluster):
+    """The job operations against one real job: a run that sleeps (so the first DELETE
+    cancels it and later ones answer 409) and prints (so /logs has bytes to page)."""
+    status, job = _post(live_daemon.url + "/api/mpi_jobs/",
+                        {"program": [str(cluster.mpi_program), "--bytes", "5000", "--sleep", "8"],
+                         "wait": False})
+    assert status == 202 and job["state"] in ("pending", "running"), job
+    cfg = schemathesis.Config.from_dict({**SCHEMATHESIS_CONFIG, "base-url": live_daemon.url,
+                                         "parameters": {"path.job_id": job["id"]}})
+    status, body = _get(live_daemon.url + "/api/openapi.json")
+    return schemathesis.openapi.from_dict(json.loads(body), config=cfg)
+
+
+live_job = schemathesis.pytest.from_fixture("live_job_schema").include(path_regex=r"\{job_id\}")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+@live_job.parametrize()
+def test_live_job_operations_conform_to_the_document(case):
+    _work_around_known_issues(case)
+    response = case.call_and_validate()
+    STATS[f"{case.method} {case.path} (one real job)"][response.status_code] += 1
