@@ -647,8 +647,10 @@ def validate(body, default_program):
         if not isinstance(env, dict):
             raise BadRequest("env must be an object of name -> string", field="env")
         for name, value in env.items():
-            if not ENV_NAME.match(name) or name.startswith("OMPI_MCA_mlbench"):
+            if not ENV_NAME.match(name):
                 raise BadRequest(f"env name {name[:64]!r} must match [A-Za-z_][A-Za-z0-9_]*", field="env")
+            if name.startswith("OMPI_MCA_mlbench"):
+                raise BadRequest(f"env name {name[:64]!r} is reserved for the daemon", field="env")
             size += len(name) + _text(value, "env")
         req["env"] = dict(env)
     if size > MAX_REQUEST_BYTES:

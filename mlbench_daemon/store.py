@@ -8,8 +8,9 @@ Layout::
 A record is a dict with the columns of ``COLUMNS``; ``nodes`` (list of
 ``[ip, namespace, name, labels]``), ``command`` (argv list) and ``env_names``
 (list of names; values are never stored) are JSON in the table and plain
-lists here.  Ids are 20 hex digits: creation time in milliseconds, then
-random bits, so they sort by creation; ``seq`` gives the exact order.
+lists here.  Ids are 20 hex digits: creation time in milliseconds (kept
+strictly increasing), then random bits, so they sort by creation; ``seq``
+gives the exact order.
 
 One connection is shared by all threads behind a lock.  Every write commits
 at once; with ``synchronous=FULL`` a commit (a state transition) is on disk
@@ -60,16 +61,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
-def new_id():
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
-
-
 class Store:
     def __init__(self, state_dir):
         self.dir = state_dir
         self.logs = os.path.join(state_dir, "logs")
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
+        self._last_ms = 0
         self._db = sqlite3.connect(os.path.join(state_dir, "jobs.sqlite3"),
                                    check_same_thread=False, isolation_level=None, timeout=10)
         self._db.row_factory = sqlite3.Row
@@ -86,10 +84,12 @@ class Store:
     def create(self, **fields):
         """Insert a new job (state pending unless given); returns the record."""
         fields = {"state": "pending", "created": time.time(), **fields}
-        fields.setdefault("id", new_id())
         self._check(fields)
-        names = list(fields)
         with self._lock:
+            if "id" not in fields:
+                self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)  # strictly increasing
+                fields["id"] = f"{self._last_ms:012x}{secrets.token_hex(4)}"
+            names = list(fields)
             self._db.execute(
                 f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                 [self._encode(k, fields[k]) for k in names])
