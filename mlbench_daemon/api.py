@@ -9,6 +9,7 @@ stack trace. Every path works with and without its trailing slash.
 import hmac
 import json
 import logging
+import re
 
 import bottle
 
@@ -34,10 +35,9 @@ def _int_param(name, default, lo, hi):
     raw = bottle.request.query.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name}: must be an integer, got {raw!r}", field=name) from None
+    if not re.fullmatch(r"[0-9]{1,19}", raw):
+        raise BadRequest(f"{name}: must be a whole number, got {raw!r}", field=name)
+    value = int(raw)
     if not lo <= value <= hi:
         raise BadRequest(f"{name}: must be from {lo} to {hi}, got {value}", field=name)
     return value
@@ -188,13 +188,14 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
     @app.get("/api/mpi_jobs/<job_id>/logs")
     def job_logs(job_id):
         offset = _int_param("offset", 0, 0, 1 << 62)
+        limit = _int_param("limit", LOG_CHUNK, 1, LOG_CHUNK)
         bottle.response.content_type = "application/octet-stream"
         if _flag("follow"):
             jobs.get(job_id)  # a 404 must come before the stream starts
             chunks = jobs.follow_log(job_id, offset)
             bottle.response.set_header("X-Content-Type-Options", "nosniff")
             return chunks
-        data, next_offset = jobs.read_log(job_id, offset, _int_param("limit", LOG_CHUNK, 1, LOG_CHUNK))
+        data, next_offset = jobs.read_log(job_id, offset, limit)
         bottle.response.set_header("X-Next-Offset", str(next_offset))
         return data
 
