@@ -419,8 +419,8 @@ class Stream:
     leaving a with-block) closes the channel.
     """
 
-    def __init__(self, conn, chan, release, idle_timeout):
-        self._conn, self._chan, self._release = conn, chan, release
+    def __init__(self, conn, chan, release, idle_timeout, writer):
+        self._conn, self._chan, self._release, self._writer = conn, chan, release, writer
         self.idle_timeout = idle_timeout
         self.exit_code = None
         self._closed = False
@@ -458,6 +458,7 @@ class Stream:
     def close(self):
         if not self._closed:
             self._closed = True
+            self._writer.stop()
             _close_channel(self._chan)
             self._release()
 
@@ -510,7 +511,7 @@ class Pool:
         deadline = start + self.cfg.connect_timeout_s
         conn = self.connection(ip, port, host)
         try:
-            chan, release = self._exec(conn, ["true"], deadline, probe=True)
+            chan, release = self._exec(conn, ["true"], deadline, probe=True, stdin=False)
             try:
                 chan.settimeout(_remaining(deadline))
                 while chan.recv(RECV_SIZE):
@@ -532,18 +533,20 @@ class Pool:
         """Run argv to completion -> Result; raises CommandTimeout after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         conn = self.connection(ip, port)
-        chan, release = self._exec(conn, argv, min(deadline, time.monotonic() + self.cfg.connect_timeout_s))
+        chan, release = self._exec(conn, argv, min(deadline, time.monotonic() + self.cfg.connect_timeout_s),
+                                   stdin=bool(stdin))
+        writer = None
         try:
             chan.settimeout(timeout)
             out, err, errors = bytearray(), bytearray(), []
-            workers = [_thread(_drain, chan.recv, out, errors),
-                       _thread(_drain, chan.recv_stderr, err, errors),
-                       _thread(_feed, chan, stdin, errors)]
-            for w in workers:
-                w.join(_remaining(deadline))
-            if any(w.is_alive() for w in workers):
+            readers = [_thread(_drain, chan.recv, out, errors),
+                       _thread(_drain, chan.recv_stderr, err, errors)]
+            writer = _Writer(chan, stdin)
+            for r in readers:
+                r.join(_remaining(deadline))
+            if any(r.is_alive() for r in readers):
                 raise CommandTimeout(f"{conn.where}: {quote(argv)[:200]} did not finish in {timeout:g} s")
-            if errors:
+            if errors:  # (a failed stdin write shows here too if the link died)
                 raise errors[0]
             code = _exit_status(chan, _remaining(deadline))
             if code is None:
@@ -558,6 +561,8 @@ class Pool:
                 conn.close()
             raise classify(e, conn.where) from e
         finally:
+            if writer is not None:
+                writer.stop()
             _close_channel(chan)
             release()
 
@@ -565,16 +570,9 @@ class Pool:
         """Start argv and return a Stream of its combined output."""
         conn = self.connection(ip, port)
         chan, release = self._exec(conn, argv, time.monotonic() + self.cfg.connect_timeout_s,
-                                   combine_stderr=True)
+                                   stdin=bool(stdin), combine_stderr=True)
         chan.settimeout(idle_timeout)
-        if stdin:
-            _thread(_feed, chan, stdin, [])
-        else:
-            try:
-                chan.shutdown_write()
-            except Exception:
-                pass  # a dead channel shows up as connection-lost on the first read
-        return Stream(conn, chan, release, idle_timeout)
+        return Stream(conn, chan, release, idle_timeout, _Writer(chan, stdin))
 
     def drop(self, ip, port):
         """Forget and close the connection to (ip, port)."""
@@ -588,6 +586,11 @@ class Pool:
             conns, self._conns = list(self._conns.values()), {}
         for c in conns:
             c.close()
+
+    def __contains__(self, key):
+        """`(ip, port) in pool`: the pool holds a connection object for that host."""
+        with self._lock:
+            return tuple(key) in self._conns
 
     def connection(self, ip, port, host=None):
         """The pool's Connection for (ip, port) (not necessarily connected)."""
@@ -610,16 +613,21 @@ class Pool:
             except Exception:
                 log.exception("on_reconnect callback failed")
 
-    def _exec(self, conn, argv, deadline, *, probe=False, combine_stderr=False):
-        """Open a session channel on `conn` and exec argv -> (channel, release); all by `deadline`."""
-        command = quote(argv)
+    def _exec(self, conn, argv, deadline, *, stdin, probe=False, combine_stderr=False):
+        """Open a session channel on `conn` and exec argv -> (channel, release); all by `deadline`.
+
+        Without stdin the command reads /dev/null instead of waiting for our EOF:
+        paramiko can send that EOF after the channel's CLOSE when the command ends
+        first (paramiko#1115), and sshd then drops the whole connection.
+        """
+        command = quote(argv) if stdin else quote(argv) + " </dev/null"
         transport = conn.open(deadline)
         slots = conn.probe_channel if probe else conn.channels
         if not slots.acquire(timeout=_remaining(deadline)):
             raise Unreachable("ssh-error", f"{conn.where}: all {self.cfg.max_channels} channels busy")
         chan = None
         try:
-            chan = transport.open_session(timeout=max(0.01, _remaining(deadline)))
+            chan = _open_session(transport, deadline)
             chan.set_combine_stderr(combine_stderr)
             with _Watchdog(_remaining(deadline), chan.close) as dog:
                 try:
@@ -639,6 +647,21 @@ class Pool:
             raise e
 
 
+def _open_session(transport, deadline):
+    """A session channel; sshd refuses opens over MaxSessions until our last close has
+    reached it (we free a slot when we send CLOSE), so a refusal is retried until `deadline`.
+    (With opens in parallel paramiko may report a refusal as a bare "Unable to open channel.")"""
+    pause = 0.01
+    while True:
+        try:
+            return transport.open_session(timeout=max(0.01, _remaining(deadline)))
+        except paramiko.SSHException:
+            if not transport.is_active() or _remaining(deadline) < pause:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+
 def _thread(target, *args):
     t = threading.Thread(target=target, args=args, daemon=True)
     t.start()
@@ -653,10 +676,45 @@ def _drain(recv, buf, errors):
         errors.append(e)
 
 
-def _feed(chan, data, errors):
-    try:
+class _Writer:
+    """Feeds stdin, then EOF, in its own thread (so output is drained meanwhile).
+
+    sshd drops the whole connection on data or EOF for a channel it has already
+    freed, and paramiko sends those outside its channel lock (paramiko#1115).
+    So every send here happens under ``self._lock``, only while the window is
+    open (never blocking on it) and only while the command is still running;
+    ``stop()`` takes the lock before we close the channel.  What is left is
+    paramiko's own CLOSE reply racing our last write when a command exits
+    without reading its stdin to the end: give stdin only to commands that read
+    it all.  No stdin: nothing is sent (the command reads /dev/null).
+    """
+
+    POLL_S = 0.002  # wait for window while the remote is not reading
+
+    def __init__(self, chan, data):
+        self.chan = chan
+        self._lock = threading.Lock()
+        self._stopped = False
         if data:
-            chan.sendall(data)
-        chan.shutdown_write()
-    except Exception as e:
-        errors.append(e)
+            _thread(self._feed, memoryview(data))
+
+    def _feed(self, view):
+        chan = self.chan
+        try:
+            while True:
+                with self._lock:
+                    if self._stopped or chan.closed or chan.exit_status_ready():
+                        return
+                    if not view:
+                        chan.shutdown_write()
+                        return
+                    if chan.send_ready():
+                        view = view[chan.send(bytes(view[:MAX_PACKET_SIZE * 8])):]
+                        continue
+                time.sleep(self.POLL_S)
+        except Exception as e:  # the command stopped reading or the link died: readers see it
+            log.debug("stdin write stopped: %s", e)
+
+    def stop(self):
+        with self._lock:
+            self._stopped = True

@@ -251,6 +251,12 @@ def test_run_exit_code_stderr_and_stdin(cluster, pool):
     assert (r.exit_code, r.stdout, r.stderr) == (7, b"in\x00put\n", b"oops\n")
 
 
+def test_run_without_stdin_reads_nothing(cluster, pool):
+    h = cluster.workers[0]
+    r = pool.run(h.ip, 22, ["cat"], timeout=10)  # must not wait for input
+    assert (r.exit_code, r.stdout) == (0, b"")
+
+
 def test_run_large_output_on_both_streams_no_deadlock(cluster, pool):
     h = cluster.workers[0]
     script = "head -c 20000000 /dev/zero; head -c 5000000 /dev/zero >&2"
@@ -332,7 +338,10 @@ def test_parallel_users_share_one_connection(cluster, pool):
 
     def work(i):
         try:
-            results.append(pool.run(h.ip, 22, ["echo", str(i)], timeout=20).stdout)
+            if i % 2:
+                results.append(pool.run(h.ip, 22, ["cat"], stdin=f"{i}\n".encode(), timeout=20).stdout)
+            else:
+                results.append(pool.run(h.ip, 22, ["echo", str(i)], timeout=20).stdout)
         except Exception as e:  # collected and asserted below
             errors.append(e)
 

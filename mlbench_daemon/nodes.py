@@ -1,0 +1,281 @@
+"""The node registry: background discovery refresh and SSH probes; readers never wait.
+
+Two daemon threads keep one immutable snapshot (a tuple of frozen NodeStatus,
+in natural name order) that readers take without waiting:
+
+- refresh loop: ``discovery.discover()`` every ``min(discovery.refresh_s,
+  max(ttl, 1))`` seconds; nodes outside ``discovery.selector`` are never
+  tracked.  New members start ``Pending`` (reason ``not-probed-yet``); removed
+  ones disappear and their pool connection is dropped.  On DiscoveryError the
+  last good list stays and ``stale``/``stale_reason`` say why (before the
+  first success the table is empty and stale, reason ``not-discovered-yet``).
+- probe loop: every ``ssh.probe_interval_s`` all nodes are probed in parallel
+  (at most ``ssh.max_connects`` at once) under one deadline for the whole
+  sweep; a probe still running at that deadline makes its node ``Unknown``
+  (``connect-timeout``) and a node whose previous probe is still running is not
+  probed again, so one silent host never stalls the others.  Each result is
+  applied as soon as it arrives.
+"""
+
+import concurrent.futures
+import dataclasses
+import datetime
+import logging
+import threading
+import time
+
+from mlbench_daemon.discovery import DiscoveryError, Node, Selector, natural_key
+from mlbench_daemon.ssh import SSHError
+
+log = logging.getLogger(__name__)
+
+SWEEP_SLACK_S = 1.0  # sweep deadline = ssh.connect_timeout_s + this (each probe bounds itself)
+RETRY_S = 2.0  # discovery retry after a failure (at most discovery.refresh_s)
+ALIVE_FACTOR = 3  # alive() while each loop made progress within this many of its periods
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeStatus:
+    node: Node
+    phase: str = "Pending"
+    reason: str = "not-probed-yet"
+    message: str = "discovered, first probe not finished"
+    last_probe: float | None = None  # epoch seconds
+    latency_ms: float | None = None
+
+    def to_json(self):
+        n = self.node
+        return {
+            "name": n.name, "labels": n.labels_str, "phase": self.phase, "ip": n.ip,
+            "label_map": dict(n.labels), "host": n.host, "port": n.port, "namespace": n.namespace,
+            "reason": self.reason, "message": self.message,
+            "last_probe": _iso(self.last_probe), "latency_ms": self.latency_ms,
+        }
+
+
+def _iso(epoch):
+    if epoch is None:
+        return None
+    t = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _key(node):
+    return (node.name, node.ip, node.port)
+
+
+class Registry:
+    def __init__(self, cfg, discovery, pool, clock=time.monotonic, on_probe=None):
+        """`on_probe(status)` is called after each probe result (metrics hook), if given."""
+        self.cfg, self.discovery, self.pool, self.clock = cfg, discovery, pool, clock
+        self.on_probe = on_probe
+        self.selector = Selector.parse(cfg.discovery.selector)
+        self.generation = 0  # bumped on every change of the table
+        self.refreshed_at = None  # epoch of the last successful discovery
+        self._snapshot = ()
+        self._stale, self._stale_reason = True, "not-discovered-yet"
+        self._lock = threading.Lock()  # guards every swap of the snapshot and the stale flag
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # start a probe round now
+        self._rounds = threading.Condition()
+        self._started = self._done = 0
+        self._discovered = threading.Event()
+        self._first_pass = threading.Event()
+        self._inflight = set()
+        self._beats = {}
+        self._threads = []
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=cfg.ssh.max_connects, thread_name_prefix="probe")
+
+    # --- readers (never wait) -----------------------------------------------------------
+
+    def nodes(self, selector=None):
+        """Current status of every selected node, in natural name order."""
+        if isinstance(selector, str):
+            selector = Selector.parse(selector)
+        snap = self._snapshot
+        return [s for s in snap if selector is None or selector.matches(s.node.labels)]
+
+    @property
+    def stale(self):
+        return self._stale
+
+    @property
+    def stale_reason(self):
+        return self._stale_reason
+
+    def wait_first_pass(self, timeout):
+        """True once discovery has run and a probe round started after it has finished."""
+        return self._first_pass.wait(timeout)
+
+    def alive(self):
+        """Both loops made progress lately (for the systemd watchdog)."""
+        d, s = self.cfg.discovery, self.cfg.ssh
+        periods = {"refresh": d.refresh_s + d.timeout_s,
+                   "probe": s.probe_interval_s + s.connect_timeout_s + SWEEP_SLACK_S}
+        now = self.clock()
+        return bool(self._threads) and not self._stop.is_set() and all(
+            now - self._beats.get(name, -1e18) < ALIVE_FACTOR * period
+            for name, period in periods.items())
+
+    # --- control ------------------------------------------------------------------------
+
+    def start(self):
+        now = self.clock()
+        self._beats = {"refresh": now, "probe": now}
+        for name, loop in (("refresh", self._refresh_loop), ("probe", self._probe_loop)):
+            t = threading.Thread(target=loop, name=f"nodes-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout=None):
+        """Stop both loops; waits at most `timeout` (default: one discovery + one sweep)."""
+        if timeout is None:
+            timeout = self.cfg.discovery.timeout_s + self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def refresh(self, timeout):
+        """Run one probe round now and wait (at most `timeout`) until it has finished."""
+        with self._rounds:
+            want = self._started + 1
+            self._wake.set()
+            self._rounds.wait_for(lambda: self._done >= want, timeout)
+
+    # --- refresh loop -------------------------------------------------------------------
+
+    def _refresh_loop(self):
+        while not self._stop.is_set():
+            wait = self._refresh_once()
+            self._discovered.set()
+            self._wake.set()  # probe new members now (and let the first pass finish)
+            self._beats["refresh"] = self.clock()
+            self._stop.wait(wait)
+
+    def _refresh_once(self):
+        """One discovery pass; returns the seconds until the next one."""
+        refresh_s = self.cfg.discovery.refresh_s
+        try:
+            nodes, ttl = self.discovery.discover()
+        except Exception as e:
+            reason = e.reason if isinstance(e, DiscoveryError) else "dns-error"
+            if not isinstance(e, DiscoveryError):
+                log.exception("discovery failed unexpectedly")
+            if not self._stale or self._stale_reason != reason:
+                log.warning("discovery failed (%s): %s; keeping the last good node list", reason, e)
+            with self._lock:
+                self._stale, self._stale_reason = True, reason
+            return min(refresh_s, RETRY_S)
+        self._set_members(n for n in nodes if self.selector.matches(n.labels))
+        return min(refresh_s, max(ttl, 1.0))
+
+    def _set_members(self, nodes):
+        members = {_key(n): n for n in nodes}
+        with self._lock:
+            old = {_key(s.node): s for s in self._snapshot}
+            table = [dataclasses.replace(old[k], node=n) if k in old else NodeStatus(n)
+                     for k, n in members.items()]
+            self._snapshot = tuple(sorted(table, key=lambda s: natural_key(s.node.name)))
+            self._stale, self._stale_reason = False, ""
+            self.refreshed_at = time.time()
+            self.generation += 1
+        kept = {(n.ip, n.port) for n in members.values()}
+        for k in old.keys() - members.keys():
+            log.info("node %s (%s:%d) left", *k)
+            if k[1:] not in kept:
+                self.pool.drop(*k[1:])
+        for k in members.keys() - old.keys():
+            log.info("node %s (%s:%d) joined", *k)
+
+    # --- probe loop ---------------------------------------------------------------------
+
+    def _probe_loop(self):
+        while not self._stop.is_set():
+            with self._rounds:
+                self._wake.clear()
+                self._started += 1
+                n = self._started
+                after_discovery = self._discovered.is_set()
+            try:
+                self._sweep()
+            except Exception:  # never let the loop die; the watchdog would notice anyway
+                log.exception("probe sweep failed")
+            with self._rounds:
+                self._done = n
+                self._rounds.notify_all()
+            if after_discovery:
+                self._first_pass.set()
+            self._beats["probe"] = self.clock()
+            self._wake.wait(self.cfg.ssh.probe_interval_s)
+
+    def _sweep(self):
+        """Probe every node in parallel under one deadline for the whole round."""
+        budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
+        futures = {}
+        for s in self._snapshot:
+            k = _key(s.node)
+            with self._lock:
+                if k in self._inflight:
+                    continue  # its previous probe is still running: do not pile up
+                self._inflight.add(k)
+            try:
+                f = self._executor.submit(self._probe, s.node)
+            except RuntimeError:  # executor shut down: we are stopping
+                self._inflight.discard(k)
+                return
+            futures[f] = s.node
+        concurrent.futures.wait(futures, timeout=budget)
+        for f, node in futures.items():
+            if f.running():
+                self._update(node, lambda s: dataclasses.replace(
+                    s, phase="Unknown", reason="connect-timeout", latency_ms=None,
+                    message=f"no answer within {budget:g} s", last_probe=time.time()),
+                    if_inflight=True)
+
+    def _probe(self, node):
+        """Probe one node and record the result (runs in the worker pool)."""
+        try:
+            latency = self.pool.probe(node.ip, node.port, node.host)
+            change = dict(phase="Running", reason="ok", latency_ms=round(latency * 1000, 3),
+                          message=f"logged in as {self.cfg.ssh.user} and ran `true`")
+        except SSHError as e:
+            change = dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
+        except Exception as e:  # a bug must not leave the node Pending forever
+            log.exception("probe of %s failed unexpectedly", node.name)
+            change = dict(phase="Unknown", reason="ssh-error", message=repr(e), latency_ms=None)
+        self._update(node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change),
+                     finished=True)
+
+    def _update(self, node, change, *, finished=False, if_inflight=False):
+        """Apply change(status) to the node's entry, if it is still a member.
+
+        `finished`: this is the probe's own result (its node leaves the in-flight
+        set); `if_inflight`: apply only while the probe has not reported yet.
+        """
+        k = _key(node)
+        with self._lock:
+            if if_inflight and k not in self._inflight:
+                return
+            if finished:
+                self._inflight.discard(k)
+            table = list(self._snapshot)
+            for i, s in enumerate(table):
+                if _key(s.node) == k:
+                    table[i] = new = change(s)
+                    break
+            else:
+                return
+            self._snapshot = tuple(table)
+            self.generation += 1
+        if new.phase != s.phase or new.reason != s.reason:
+            level = logging.INFO if new.phase == "Running" else logging.WARNING
+            log.log(level, "node %s: %s (%s) %s", node.name, new.phase, new.reason, new.message)
+        if self.on_probe is not None:
+            try:
+                self.on_probe(new)
+            except Exception:
+                log.exception("on_probe callback failed")
