@@ -170,11 +170,13 @@ def wait_ranks(env, job_id, n=3):
     wait_for(ready, what="every rank's output")
 
 
-RANK_LINE = re.compile(rb"rank \d+ of \d+ on [0-9.]+: sum=\d+ expected=\d+\n|allreduce ok \d+\n")
+RANK_LINE = re.compile(rb"rank \d+ of \d+ on [0-9.]+: sum=\d+ expected=\d+\n|allreduce ok \d+\n"
+                       rb"|\[[\w.-]+:\d+\] [^\n]*\n")  # the last: OpenMPI/PMIx diagnostics
 
 
 def payload(log):
-    """The log without the ranks' report lines (mpirun may splice them into rank 0's output)."""
+    """The log without the ranks' report lines (mpirun may splice them into rank 0's output)
+    and OpenMPI's own "[host:pid] ..." diagnostics (the test hosts share /dev/shm)."""
     return RANK_LINE.sub(b"", log)
 
 
