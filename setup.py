@@ -13,6 +13,6 @@ setup(
     packages=find_packages(include=["mlbench_daemon", "mlbench_daemon.*"]),
     python_requires=">=3.11",
     install_requires=["paramiko", "bottle", "dnspython", "waitress", "prometheus_client"],
-    extras_require={"test": ["pytest", "pytest-mock", "hypothesis", "schemathesis"]},
+    extras_require={"test": ["pytest", "pytest-mock", "hypothesis", "schemathesis", "pytest-timeout"]},
     entry_points={"console_scripts": ["mlbench-daemon=mlbench_daemon.cli:main"]},
 )

@@ -658,6 +658,8 @@ def validate(body, default_program):
                          field="env" if "env" in body else "program")
     if "np" in body:
         np = body["np"]
+        if isinstance(np, float) and np.is_integer():  # JSON has one number type: 4.0 is 4
+            np = int(np)
         if isinstance(np, bool) or not isinstance(np, int) or not 1 <= np <= 1_000_000:
             raise BadRequest("np must be an integer >= 1", field="np")
         req["np"] = np

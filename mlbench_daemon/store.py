@@ -181,6 +181,8 @@ class Store:
         """Up to ``limit`` bytes from ``offset`` -> (data, next_offset)."""
         try:
             with open(self.log_path(job_id), "rb") as f:
+                if offset >= os.fstat(f.fileno()).st_size:
+                    return b"", offset
                 f.seek(offset)
                 data = f.read(limit)
         except FileNotFoundError:

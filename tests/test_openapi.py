@@ -198,17 +198,13 @@ def test_served_document_is_this_document():
         assert json.loads(body) == json.loads(json.dumps(DOC))
 
 
-# --- reported bugs in other modules (strict: an xfail that starts passing fails the run,
-# so the workaround in _work_around_known_issues gets dropped with the fix) ---------------
+# --- regressions schemathesis once found -----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="jobs.validate rejects np=4.0, which JSON Schema calls an integer")
 def test_np_as_integral_float_is_accepted():
     from mlbench_daemon import jobs
     assert jobs.validate({"np": 4.0}, ["prog"])["np"] == 4
 
 
-@pytest.mark.xfail(raises=OSError, reason="Store.read_log seeks past the file system's largest "
-                                         "offset (EINVAL -> 500) for offsets api.py allows")
 def test_log_offset_far_past_the_end_reads_nothing(tmp_path):
     from mlbench_daemon.store import Store
     store = Store(str(tmp_path))
@@ -249,29 +245,6 @@ SCHEMATHESIS_CONFIG = {
     "phases": {"stateful": {"enabled": False}},
     "request-timeout": 60,
 }
-
-KNOWN_ISSUES = True  # work around the reported disagreements below until they are fixed
-# Offsets past what the file system can seek to (16 TiB on ext4) make Store.read_log raise.
-SEEKABLE = 1 << 40
-
-
-def _work_around_known_issues(case):
-    """Steer generated cases around the reported bugs (see the xfail tests below), so the
-    run keeps checking everything else.  Drop each one when its xfail test passes."""
-    if not KNOWN_ISSUES:
-        return
-    body = case.body
-    if isinstance(body, dict) and isinstance(body.get("np"), float) and body["np"].is_integer():
-        case.body = {**body, "np": int(body["np"])}  # JSON Schema counts 4.0 as an integer
-    query = dict(case.query or {})
-    if case.path.endswith("/logs") and query:
-        offset = query.get("offset")
-        if isinstance(offset, (int, str)) and not isinstance(offset, bool) and str(offset).isdigit() \
-                and SEEKABLE < int(offset) <= 2 ** 62:
-            query["offset"] = type(offset)(SEEKABLE)
-        if query != case.query:
-            case.query = query  # schemathesis re-decides whether the case is still negative
-
 
 STATS = collections.defaultdict(collections.Counter)  # "METHOD path" -> Counter(status)
 
@@ -344,7 +317,6 @@ live = schemathesis.pytest.from_fixture("live_schema")
 @pytest.mark.timeout(600)
 @live.parametrize()
 def test_live_daemon_conforms_to_the_document(case):
-    _work_around_known_issues(case)
     response = case.call_and_validate()
     STATS[f"{case.method} {case.path}"][response.status_code] += 1
 
@@ -377,6 +349,5 @@ live_job = schemathesis.pytest.from_fixture("live_job_schema").include(path_rege
 @pytest.mark.timeout(300)
 @live_job.parametrize()
 def test_live_job_operations_conform_to_the_document(case):
-    _work_around_known_issues(case)
     response = case.call_and_validate()
     STATS[f"{case.method} {case.path} (one real job)"][response.status_code] += 1
