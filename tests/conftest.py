@@ -1,7 +1,13 @@
 """Shared fixtures: the real namespace cluster (see tests/cluster/)."""
 
+import http.client
+import json
 import os
 import shutil
+import threading
+import time
+import traceback
+import urllib.parse
 
 import pytest
 
@@ -60,3 +66,107 @@ def make_cluster():
     finally:
         for c in made:
             c.teardown()
+
+
+class LiveDaemon:
+    """The real daemon (server.Daemon) serving on a loopback port, in a thread."""
+
+    def __init__(self, cfg_path):
+        from mlbench_daemon import config, server
+
+        self.daemon = server.Daemon(config.load(cfg_path))
+        self.errors = []
+        self.thread = threading.Thread(target=self._run, name="daemon", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while self.daemon.url is None and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.daemon.url, f"daemon did not bind: {self.errors}"
+        self.url = self.daemon.url
+        self.token = None
+
+    def _run(self):
+        try:
+            self.daemon.run()
+        except BaseException:  # surfaced by stop()
+            self.errors.append(traceback.format_exc())
+
+    def request(self, method, path, body=None, headers=None, timeout=120):
+        """-> (status, headers, raw body); never raises on an HTTP error status."""
+        u = urllib.parse.urlsplit(self.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+        headers = dict(headers or {})
+        if self.token and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            r = conn.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+        finally:
+            conn.close()
+
+    def json(self, method, path, body=None, **kw):
+        status, _, raw = self.request(method, path, body, **kw)
+        return status, json.loads(raw)
+
+    def wait_nodes(self, predicate, timeout=20):
+        """Poll GET /api/nodes/ until predicate(nodes) holds; -> nodes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, nodes = self.json("GET", "/api/nodes/")
+            if status == 200 and predicate(nodes):
+                return nodes
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nodes never matched: {nodes}")
+            time.sleep(0.1)
+
+    def wait_job(self, job_id, timeout=120):
+        deadline = time.monotonic() + timeout
+        while True:
+            status, job = self.json("GET", f"/api/mpi_jobs/{job_id}")
+            if job.get("state") not in ("pending", "running"):
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job still {job.get('state')}: {job}")
+            time.sleep(0.1)
+
+    def stop(self):
+        self.daemon.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "daemon did not stop"
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def start_daemon(cluster, tmp_path):
+    """start_daemon(**config_overrides) -> LiveDaemon on the shared cluster, all workers Running."""
+    started = []
+
+    def start(wait_running=True, **overrides):
+        overrides.setdefault("server", {}).setdefault("port", 0)
+        overrides.setdefault("log", {}).setdefault("level", "warning")
+        n = len(started)
+        path = cluster.write_config(tmp_path / f"daemon{n}.toml", tmp_path / f"state{n}", **overrides)
+        d = LiveDaemon(path)
+        started.append(d)
+        token_file = overrides.get("server", {}).get("token_file")
+        if token_file:
+            d.token = open(token_file).read().strip()
+        if wait_running:
+            d.wait_nodes(lambda ns: len(ns) == len(cluster.workers)
+                         and all(x["phase"] == "Running" for x in ns))
+        return d
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            d.stop()
+
+
+@pytest.fixture
+def daemon(start_daemon):
+    return start_daemon()
