@@ -151,6 +151,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
 
     @app.get("/metrics")
     def prometheus():
+        metrics.set_gauges(registry.nodes(), jobs.counts())
         body, content_type = metrics.render()
         bottle.response.content_type = content_type
         return body

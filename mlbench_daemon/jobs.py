@@ -46,6 +46,7 @@ import shlex
 import threading
 import time
 
+from mlbench_daemon import metrics
 from mlbench_daemon.discovery import Selector, natural_key
 from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
 from mlbench_daemon.ssh import SSHError
@@ -202,6 +203,10 @@ class Jobs:
                 self._queue.append(live)
         log.info("job %s submitted: %d node(s), env %s", live.id, len(nodes), env_names)
         return self.to_json(rec)
+
+    def counts(self):
+        """{state: number of jobs}, for metrics and the status line."""
+        return self.store.count_by_state()
 
     def get(self, job_id):
         return self.to_json(self._record(job_id))
@@ -489,10 +494,12 @@ class Jobs:
     def _finish(self, live, state, **fields):
         self.store.sync_log(live.id)
         with self._lock:
-            self.store.update(live.id, state=state, finished=time.time(), **fields)
+            rec = self.store.update(live.id, state=state, finished=time.time(), **fields)
             self._live.pop(live.id, None)
             self._changed.notify_all()
         live.done.set()
+        if rec["started"]:
+            metrics.job_duration_seconds.observe(rec["finished"] - rec["started"])
         log.info("job %s: %s %s", live.id, state, fields or "")
 
     # --- cancel ------------------------------------------------------------------------

@@ -40,6 +40,26 @@ http_requests_total = Counter("http_requests", "HTTP requests served", ["route",
                               namespace=_NS, registry=REGISTRY)
 
 
+PHASES = ("Pending", "Running", "Unknown", "Failed")
+STATES = ("pending", "running", "succeeded", "failed", "cancelled", "lost")
+
+
+def observe_probe(status):
+    """One node's new probe result (the registry's on_probe hook)."""
+    if status.phase == "Running" and status.latency_ms is not None:
+        probe_latency_seconds.observe(status.latency_ms / 1000)
+    elif status.phase in ("Unknown", "Failed"):
+        probe_failures_total.labels(status.reason).inc()
+
+
+def set_gauges(nodes, job_counts):
+    """Nodes by phase and jobs by state, as they are now (called at scrape time)."""
+    for phase in PHASES:
+        nodes_by_phase.labels(phase).set(sum(1 for n in nodes if n.phase == phase))
+    for state in STATES:
+        jobs.labels(state).set(job_counts.get(state, 0))
+
+
 def render():
     """-> (body bytes, content type) of the whole registry."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

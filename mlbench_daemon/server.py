@@ -26,7 +26,7 @@ import waitress
 from waitress import wasyncore
 
 from mlbench_daemon import api, metrics, sdnotify
-from mlbench_daemon.discovery import Discovery
+from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
@@ -75,8 +75,14 @@ class Daemon:
     def __init__(self, cfg):
         self.cfg = cfg
         token = read_token(cfg.server)
-        self.pool = Pool(cfg.ssh)
-        self.registry = Registry(cfg, Discovery(cfg.discovery, ssh_port=cfg.ssh.port), self.pool)
+        self.pool = Pool(cfg.ssh, on_reconnect=lambda ip, port: metrics.ssh_reconnects_total.inc())
+        try:
+            self.registry = Registry(cfg, Discovery(cfg.discovery, ssh_port=cfg.ssh.port), self.pool,
+                                     on_probe=metrics.observe_probe)
+        except ValueError as e:  # the selector
+            raise StartupError(f"discovery.selector: {e}") from None
+        except DiscoveryError as e:  # no usable resolver
+            raise StartupError(str(e)) from None
         try:
             self.store = Store(cfg.state.dir)
         except (OSError, sqlite3.Error) as e:
@@ -185,7 +191,7 @@ class Daemon:
         """One line: '3/4 nodes Running, 1 job running'."""
         nodes = self.registry.nodes()
         up = sum(1 for n in nodes if n.phase == "Running")
-        running = int(metrics.REGISTRY.get_sample_value("mlbench_daemon_jobs", {"state": "running"}) or 0)
+        running = self.jobs.counts().get("running", 0)
         stale = ", DNS stale" if self.registry.stale else ""
         return (f"{up}/{len(nodes)} nodes Running, {running} job{'' if running == 1 else 's'} running"
                 f"{stale}; API on {self.url}")

@@ -121,6 +121,12 @@ class Store:
             rows = self._db.execute(sql, args + [int(limit), int(offset)]).fetchall()
         return [self._decode(r) for r in rows]
 
+    def count_by_state(self):
+        """{state: number of jobs} over the whole history."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: n for state, n in rows}
+
     def running(self):
         """Jobs not yet final (pending or running), oldest first: what a restart re-attaches."""
         with self._lock:

@@ -294,3 +294,21 @@ def test_cli_run_exits_with_the_job_code(daemon, cluster):
     r = subprocess.run([sys.executable, "-m", "mlbench_daemon", "nodes", "--url", daemon.url, "--json"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and [n["name"] for n in json.loads(r.stdout)] == worker_names(cluster)
+
+
+def test_metrics(daemon, cluster):
+    daemon.json("POST", "/api/mpi_jobs/", {"program": [str(cluster.mpi_program), "--exit", "2"]})
+    cluster.stop_sshd(cluster.workers[1])
+    phase_of(daemon, cluster.workers[1].name, "Unknown")
+    status, headers, raw = daemon.request("GET", "/metrics")
+    text = raw.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    values = dict(re.findall(r"^(mlbench_daemon_\S+) (\S+)$", text, re.M))
+    assert values['mlbench_daemon_nodes{phase="Running"}'] == "2.0"
+    assert values['mlbench_daemon_nodes{phase="Unknown"}'] == "1.0"
+    assert float(values['mlbench_daemon_jobs{state="failed"}']) >= 1
+    assert float(values["mlbench_daemon_probe_latency_seconds_count"]) > 0
+    assert float(values['mlbench_daemon_probe_failures_total{reason="connection-refused"}']) >= 1
+    assert float(values["mlbench_daemon_job_duration_seconds_count"]) >= 1
+    assert any(k.startswith('mlbench_daemon_http_requests_total{method="POST",route="/api/mpi_jobs",status="200"}')
+               for k in values)
