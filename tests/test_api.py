@@ -233,8 +233,8 @@ def test_async_job_logs_paging_and_follow(daemon, cluster):
         paged += chunk
         offset = int(h["x-next-offset"])
     assert paged == streamed and b"allreduce ok 2" in paged
-    line = bytes(ord("0") + i % 10 for i in range(99))
-    assert paged.splitlines().count(line) == 300000 // 100
+    # rank 1's line may land inside rank 0's output (mpirun forwards chunks, not lines)
+    assert len(re.sub(rb"rank \d of 2 on [\d.]+: sum=1 expected=1\n|allreduce ok 2\n", b"", paged)) == 300000
     listed = daemon.json("GET", "/api/mpi_jobs/?limit=5")[1]
     assert listed[0]["id"] == job["id"]  # newest first
 

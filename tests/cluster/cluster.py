@@ -298,7 +298,14 @@ class Cluster:
                  dir=hdir)
         self._make_ns(h.ns, h.veth, h.ip)
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(h.host_key)])
+        # Hosts share one filesystem and hostname here, so give each its own
+        # TMPDIR (OpenMPI's session directories) and keep PMIx off its
+        # shared-memory store, as separate machines would be.
+        tmp = hdir / "tmp"
+        tmp.mkdir(mode=0o1777)
+        tmp.chmod(0o1777)
         (hdir / "sshd_config").write_text(
+            f"SetEnv TMPDIR={tmp} PMIX_MCA_gds=hash\n"
             f"ListenAddress {h.ip}:22\nHostKey {h.host_key}\nPidFile none\n"
             "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
