@@ -19,7 +19,8 @@ import argparse
 import http.client
 import json
 import multiprocessing
-import os
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -68,7 +69,7 @@ def refresh(conn, n):
     elapsed = time.perf_counter() - t
     nodes = json.loads(body)
     running = sum(1 for x in nodes if x["phase"] == "Running")
-    assert status == 200 and running == n, f"refresh: HTTP {status}, {running}/{n} Running"
+    assert status == 200 and running == n, f"refresh: HTTP {status}, {running}/{n} Running: {nodes[:2]}"
     return elapsed
 
 
@@ -87,8 +88,21 @@ def _client(port, deadline, out):
     out.put((ok, errors))
 
 
+def wrk(port, clients, seconds):
+    """req/s and errors from wrk (a C load generator), which leaves the CPU to the daemon."""
+    out = subprocess.run(["wrk", "-t", "2", "-c", str(clients), "-d", f"{max(1, round(seconds))}s",
+                          f"http://127.0.0.1:{port}/api/nodes/"],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|timeout) (\d+)", out))
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if socket_errors:
+        errors += sum(int(x) for x in socket_errors.groups())
+    return rps, errors
+
+
 def throughput(port, clients, seconds):
-    """req/s of `clients` keep-alive clients in separate processes."""
+    """req/s of `clients` keep-alive clients in separate Python processes."""
     out = multiprocessing.Queue()
     deadline = time.monotonic() + seconds
     procs = [multiprocessing.Process(target=_client, args=(port, deadline, out))
@@ -157,7 +171,8 @@ def main():
             lat.append(time.perf_counter() - t)
             assert status == 200
         lat.sort()
-        rps, errors = throughput(port, 32, args.seconds)
+        load = wrk if shutil.which("wrk") else throughput
+        rps, errors = load(port, 32, args.seconds)
 
         med = statistics.median
         s = med(sweep)
@@ -167,7 +182,8 @@ def main():
         print(f"  forced re-probe, cold              {med(cold) * 1000:8.1f} ms   ratio {med(cold) / s:.3f}  (target <= 0.5)")
         print(f"  GET /api/nodes/ 1 client           p50 {lat[len(lat) // 2] * 1000:.2f} ms   "
               f"p99 {lat[int(len(lat) * 0.99)] * 1000:.2f} ms  (target p50 <= 2 ms)")
-        print(f"  GET /api/nodes/ 32 clients         {rps:8.0f} req/s, {errors} errors  (target >= 1000, 0)")
+        print(f"  GET /api/nodes/ 32 clients         {rps:8.0f} req/s, {errors} errors  (target >= 1000, 0)"
+              f"  [load from {load.__name__}]")
     finally:
         if daemon and daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)

@@ -131,6 +131,8 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
         return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)
 
     # ---- nodes ---------------------------------------------------------------
+    cached = [None, None]  # (registry generation, JSON body): the table changes per probe, reads are many
+
     @app.get("/api/nodes")
     @app.get("/api/pods")
     def nodes():
@@ -138,7 +140,11 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
             registry.refresh(REFRESH_TIMEOUT_S)
         if registry.stale:
             bottle.response.set_header("X-Discovery-Stale", registry.stale_reason or "stale")
-        return _json([n.to_json() for n in registry.nodes()])
+        generation = registry.generation
+        if cached[0] != generation:
+            cached[:] = [generation, json.dumps([n.to_json() for n in registry.nodes()])]
+        bottle.response.content_type = JSON
+        return cached[1]
 
     @app.get("/healthz")
     def healthz():

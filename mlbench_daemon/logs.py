@@ -46,4 +46,6 @@ def setup(level="info", journald=None, stream=None):
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
     logging.getLogger("paramiko").setLevel(logging.WARNING)
+    # "Task queue depth is N" on every burst of requests: load, not an event to log
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     return handler

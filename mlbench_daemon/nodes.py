@@ -81,7 +81,7 @@ class Registry:
         self._started = self._done = 0
         self._discovered = threading.Event()
         self._first_pass = threading.Event()
-        self._inflight = set()
+        self._inflight = {}  # node key -> the future of its probe still running
         self._beats = {}
         self._threads = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -219,14 +219,13 @@ class Registry:
         for s in self._snapshot:
             k = _key(s.node)
             with self._lock:
-                if k in self._inflight:
-                    continue  # its previous probe is still running: do not pile up
-                self._inflight.add(k)
-            try:
-                f = self._executor.submit(self._probe, s.node)
-            except RuntimeError:  # executor shut down: we are stopping
-                self._inflight.discard(k)
-                return
+                f = self._inflight.get(k)
+                if f is None:
+                    try:
+                        f = self._inflight[k] = self._executor.submit(self._probe, s.node)
+                    except RuntimeError:  # executor shut down: we are stopping
+                        return
+            # a probe still running from an earlier round is waited for, not piled up
             futures[f] = s.node
         concurrent.futures.wait(futures, timeout=budget)
         for f, node in futures.items():
@@ -261,7 +260,7 @@ class Registry:
             if if_inflight and k not in self._inflight:
                 return
             if finished:
-                self._inflight.discard(k)
+                self._inflight.pop(k, None)
             table = list(self._snapshot)
             for i, s in enumerate(table):
                 if _key(s.node) == k:
