@@ -75,7 +75,22 @@ setsid sh -c "$w" sh "$@" </dev/null >out 2>&1 &
 echo $! > pid
 echo $!
 """
-FOLLOW = 'cd "$1" && exec tail -c "+$2" -s 0.5 --pid="$3" -F out 2>/dev/null'
+# $1 = job dir, $2 = first byte wanted (1-based), $3 = process group.  Streams `out`
+# from $2 until the job is over.  The end is the rc file, not the process: an orphaned
+# wrapper stays a zombie until init reaps it, which some inits do only once a second.
+# tail may be a few bytes behind when it is stopped; the caller then reads the rest
+# with a second call, which finds rc and prints what is left without following.
+FOLLOW = """exec 2>/dev/null
+cd "$1" || exit 1
+[ -e rc ] && exec tail -c "+$2" out
+tail -c "+$2" -F out &
+t=$!
+while [ ! -e rc ] && kill -0 "-$3" 2>/dev/null && kill -0 $t 2>/dev/null; do sleep 0.05; done
+sleep 0.05
+kill $t 2>/dev/null
+wait $t
+exit 0
+"""
 # -> "done RC SIZE" | "running - SIZE" | "gone - SIZE" | "missing"
 STATUS = """cd "$1" 2>/dev/null || { echo missing; exit 0; }
 s=$(stat -c %s out 2>/dev/null || echo 0)
@@ -457,7 +472,8 @@ class Jobs:
                 live.stream = None
             if status[0] == "missing" or (status[0] != "running" and int(status[2]) <= self.store.log_size(live.id)):
                 return status
-            self._stop.wait(backoff)  # tail ended early or output is still to fetch: go again
+            if status[0] == "running":
+                self._stop.wait(backoff)  # the stream ended early: go again, without spinning
 
     def _status(self, ip, port, job_dir, pid):
         r = self.pool.run(ip, port, ["sh", "-c", STATUS, "sh", job_dir, str(pid or "")],
