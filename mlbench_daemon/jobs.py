@@ -456,9 +456,12 @@ class Jobs:
             try:
                 live.stream = self.pool.stream(ip, port, ["sh", "-c", FOLLOW, "sh", job_dir, str(offset + 1), str(pid)],
                                                idle_timeout=FOLLOW_IDLE_S)
-                for chunk in live.stream:
-                    self._append(live.id, chunk)
-                    backoff = BACKOFF_S[0]
+                with self.store.log_writer(live.id) as log_file:
+                    for chunk in live.stream:
+                        log_file.write(chunk)
+                        with self._changed:
+                            self._changed.notify_all()
+                        backoff = BACKOFF_S[0]
                 status = self._status(ip, port, job_dir, pid)
             except SSHError as e:
                 if self._stop.is_set():
@@ -482,11 +485,6 @@ class Jobs:
         if r.exit_code != 0 or not words:
             raise SSHError("ssh-error", f"status check exited {r.exit_code}")
         return words
-
-    def _append(self, job_id, data):
-        self.store.append_log(job_id, data)
-        with self._changed:
-            self._changed.notify_all()
 
     def _finish_from(self, live, status):
         rec = self.store.get(live.id)

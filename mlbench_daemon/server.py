@@ -154,16 +154,24 @@ class Daemon:
     def _drain(self, http_thread):
         """Stop accepting, give in-flight requests DRAIN_S, then close everything."""
         http = self.http
-        http.trigger.pull_trigger(lambda: wasyncore.dispatcher.close(http))  # the listening socket
+        self._in_loop(lambda: wasyncore.dispatcher.close(http))  # the listening socket
         tasks = http.task_dispatcher
         deadline = time.monotonic() + DRAIN_S
         while (tasks.active_count or tasks.queue) and time.monotonic() < deadline:
             time.sleep(0.05)
         if tasks.active_count:
             log.warning("closing %d request(s) still running after %.0fs", tasks.active_count, DRAIN_S)
-        http.trigger.pull_trigger(lambda: wasyncore.close_all(http._map))
+        self._in_loop(lambda: wasyncore.close_all(http._map))
         tasks.shutdown(timeout=2.0)
         http_thread.join(5.0)
+
+    def _in_loop(self, thunk):
+        """Run thunk in the HTTP loop's thread; False once the loop has shut its trigger."""
+        try:
+            self.http.trigger.pull_trigger(thunk)
+            return True
+        except OSError:  # the loop closed its trigger (and with it everything): it is ending
+            return False
 
     # --- supervision ----------------------------------------------------------------
 
@@ -171,8 +179,7 @@ class Daemon:
         if not http_thread.is_alive():
             return False
         answered = threading.Event()
-        self.http.trigger.pull_trigger(answered.set)
-        return answered.wait(LOOP_CHECK_S)
+        return self._in_loop(answered.set) and answered.wait(LOOP_CHECK_S)
 
     def _supervise(self, http_thread):
         interval = sdnotify.watchdog_interval()

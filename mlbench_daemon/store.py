@@ -160,9 +160,13 @@ class Store:
             raise ValueError(f"bad job id {job_id!r}")
         return os.path.join(self.logs, f"{job_id}.log")
 
+    def log_writer(self, job_id):
+        """The job's log opened for appending, unbuffered (readers see every write)."""
+        return open(self.log_path(job_id), "ab", buffering=0)
+
     def append_log(self, job_id, data):
         """Append bytes to the job's log; returns the new size."""
-        with open(self.log_path(job_id), "ab", buffering=0) as f:
+        with self.log_writer(job_id) as f:
             f.write(data)
             return f.tell()
 

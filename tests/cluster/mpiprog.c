@@ -41,12 +41,14 @@ static void host_ip(char *buf, size_t len) {
 }
 
 static void write_bytes(long long n) {
-    static char line[100];
-    for (int i = 0; i < 99; i++) line[i] = '0' + i % 10;
-    line[99] = '\n';
+    /* whole blocks of 100-byte lines, as a program logging at full speed would */
+    static char block[1 << 16];
+    for (size_t i = 0; i < sizeof block; i++) block[i] = i % 100 == 99 ? '\n' : '0' + i % 100 % 10;
+    fflush(stdout);
     while (n > 0) {
-        size_t k = n < 100 ? (size_t)n : 100;
-        fwrite(line, 1, k, stdout);
+        size_t k = n < 65500 ? (size_t)n : 65500;  /* a multiple of 100: lines stay whole */
+        if (fwrite(block, 1, k, stdout) != k) return;
+        fflush(stdout);
         n -= k;
     }
 }
