@@ -9,6 +9,7 @@ demo:
 	bash demo/run.sh
 
 bench:
+	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
 	$(PYTHON) bench/nodes.py && $(PYTHON) bench/jobs.py
 
 install:

@@ -144,6 +144,7 @@ class _Live:
         self.program, self.np, self.candidates = program, np, list(candidates)
         self.cancel_reason = None
         self.killing = False
+        self.killed = threading.Event()  # the kill and the sweep of every host are over
         self.stream = None
         self.timer = None
         self.done = threading.Event()
@@ -490,6 +491,8 @@ class Jobs:
         rec = self.store.get(live.id)
         rc = int(status[1]) if status[0] == "done" and status[1].lstrip("-").isdigit() else None
         if live.cancel_reason:
+            # "cancelled" promises no process is left: let the sweep of every host finish
+            live.killed.wait(self.mpi.cancel_grace_s + 3 * self._ssh_timeout())
             self._finish(live, "cancelled", exit_code=rc, reason=live.cancel_reason)
         elif status[0] == "missing":
             self._finish(live, "lost", reason="remote-record-missing",
@@ -541,6 +544,13 @@ class Jobs:
             if live.killing:
                 return True
             live.killing = True
+            live.killed.clear()  # a retry after an undelivered cancel
+        try:
+            return self._kill_and_sweep(live)
+        finally:
+            live.killed.set()
+
+    def _kill_and_sweep(self, live):
         rec = self.store.get(live.id)
         ticks = math.ceil(self.mpi.cancel_grace_s * 10)
         try:
