@@ -18,10 +18,7 @@ import argparse
 import http.client
 import json
 import os
-import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,13 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.cluster import MPI_ARGS, MPIRUN, Cluster  # noqa: E402
+from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process  # noqa: E402
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(port, method, path, body=None, timeout=600):
@@ -62,11 +55,8 @@ def rss_kb(pid):
 
 
 def openssh(c, argv, timeout=600):
-    return subprocess.run(
-        ["ssh", "-F", "none", "-i", str(c.client_key), "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={c.known_hosts}",
-         "-l", c.user, c.workers[0].ip, shlex.join(argv)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=timeout)
+    return subprocess.run(c.ssh_argv(c.workers[0], argv), stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, timeout=timeout)
 
 
 def launch(c, port, n, rounds):
@@ -175,11 +165,7 @@ def catch_up(c, port, daemon, start, nbytes, state_dir):
     job = wait_state(port, job["id"], ("succeeded", "failed", "lost", "cancelled"))
     assert job["state"] == "succeeded" and log.read_bytes() == same.read_bytes(), job
     t = time.perf_counter()
-    r = subprocess.run(
-        ["ssh", "-F", "none", "-i", str(c.client_key), "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={c.known_hosts}",
-         "-l", c.user, master.ip, shlex.join(["cat", str(same)])],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=600)
+    r = openssh(c, ["cat", str(same)])
     theirs = time.perf_counter() - t
     assert len(r.stdout) == final
     same.unlink()
@@ -234,12 +220,8 @@ def main():
               f"ssh master cat {theirs_bps / 1e6:6.1f} MB/s   ratio {ours_bps / theirs_bps:.2f}  (target >= 0.8)")
         print(f"  daemon RSS growth while catching up {growth:.1f} MB  (target < 50)")
     finally:
-        if daemon and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(20)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+        if daemon:
+            stop_process(daemon)
         c.teardown()
         subprocess.run(["rm", "-rf", str(work)])
 

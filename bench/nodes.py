@@ -21,8 +21,6 @@ import json
 import multiprocessing
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,13 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.cluster import Cluster  # noqa: E402
+from tests.cluster import Cluster, free_port, stop_process  # noqa: E402
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(conn, path):
@@ -52,11 +46,8 @@ def get(conn, path):
 def openssh_sweep(c):
     """Every host at once with OpenSSH, as a person or Horovod would check them."""
     t = time.perf_counter()
-    procs = [subprocess.Popen(
-        ["ssh", "-F", "none", "-i", str(c.client_key), "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={c.known_hosts}",
-         "-o", "ConnectTimeout=5", "-l", c.user, h.ip, "true"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for h in c.workers]
+    procs = [subprocess.Popen(c.ssh_argv(h, ["true"]), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for h in c.workers]
     codes = [p.wait() for p in procs]
     elapsed = time.perf_counter() - t
     assert codes == [0] * len(codes), f"OpenSSH sweep failed: {codes}"
@@ -185,12 +176,8 @@ def main():
         print(f"  GET /api/nodes/ 32 clients         {rps:8.0f} req/s, {errors} errors  (target >= 1000, 0)"
               f"  [load from {load.__name__}]")
     finally:
-        if daemon and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(20)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+        if daemon:
+            stop_process(daemon)
         c.teardown()
 
 

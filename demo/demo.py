@@ -1,9 +1,7 @@
 """The live demo: a real 3-host cluster, the daemon on it, a real MPI job via REST and CLI."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,17 +12,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.cluster import Cluster  # noqa: E402
+from tests.cluster import Cluster, free_port, stop_process  # noqa: E402
 
 
 def say(text):
     print(f"\n\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"\n==> {text}", flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method, url, body=None, timeout=120):
@@ -94,12 +88,8 @@ def main():
             input("\nthe cluster and daemon stay up until you press Enter... ")
     finally:
         say("tearing down")
-        if daemon and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(20)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+        if daemon:
+            stop_process(daemon)
         cluster.teardown()
         print("  cluster removed (namespaces, sshd, dnsmasq, cluster user)")
 

@@ -18,7 +18,6 @@ import argparse
 import ast
 import json
 import os
-import socket
 import sys
 import urllib.error
 import urllib.parse

@@ -137,19 +137,18 @@ def test_changed_host_key_fails_until_the_right_key_returns(daemon, cluster):
     assert phase_of(daemon, h.name, "Running")["reason"] == "ok"
 
 
-def test_wrong_client_key_fails(start_daemon, cluster):
-    d = start_daemon(wait_running=False, ssh={"key_file": str(cluster.wrong_key)})
-    nodes = d.wait_nodes(lambda ns: len(ns) == 3 and all(n["phase"] == "Failed" for n in ns))
-    assert {n["reason"] for n in nodes} == {"auth-failed"}
-
-
-def test_unknown_host_key_rejected(start_daemon, cluster, tmp_path):
+@pytest.mark.parametrize("setting, reason", [
+    ("wrong client key", "auth-failed"),
+    ("empty known_hosts", "host-key-unknown"),
+])
+def test_untrusted_nodes_fail(start_daemon, cluster, tmp_path, setting, reason):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    d = start_daemon(wait_running=False, ssh={"known_hosts": str(empty),
-                                              "use_system_known_hosts": False})
+    ssh = ({"key_file": str(cluster.wrong_key)} if setting == "wrong client key"
+           else {"known_hosts": str(empty), "use_system_known_hosts": False})
+    d = start_daemon(wait_running=False, ssh=ssh)
     nodes = d.wait_nodes(lambda ns: len(ns) == 3 and all(n["phase"] == "Failed" for n in ns))
-    assert {n["reason"] for n in nodes} == {"host-key-unknown"}
+    assert {n["reason"] for n in nodes} == {reason}
 
 
 def test_dns_down_keeps_the_last_list_and_says_stale(daemon, cluster):

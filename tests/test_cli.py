@@ -379,16 +379,6 @@ def test_metrics_render_uses_own_registry():
 
 # --- serve: the whole daemon process -----------------------------------------------------
 
-def _daemon_import_error():
-    try:
-        import mlbench_daemon.server  # noqa: F401  (pulls in every part of the daemon)
-    except ImportError as e:
-        return str(e)
-    return None
-
-
-needs_daemon = pytest.mark.skipif(_daemon_import_error() is not None,
-                                  reason=f"the daemon's modules do not import yet: {_daemon_import_error()}")
 
 
 def _serve_config(tmp_path, dns_port, **server):
@@ -410,7 +400,6 @@ def _serve(config_path, **env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(environ, **env))
 
 
-@needs_daemon
 @pytest.mark.parametrize("server, expected", [
     ({"host": "0.0.0.0"}, "mlbench-daemon: server.host is '0.0.0.0', not loopback: set server.token_file"),
     ({"token_file": "/nonexistent/token"}, "mlbench-daemon: server.token_file: cannot read /nonexistent/token: "),
@@ -426,7 +415,6 @@ def test_serve_refuses_to_start(tmp_path, unused_port, server, expected):
     assert err.startswith(expected) and err.count("\n") == 1, err
 
 
-@needs_daemon
 def test_serve_notifies_systemd_serves_and_stops_on_sigterm(tmp_path, unused_port):
     import socket
     import urllib.request

@@ -77,11 +77,8 @@ def test_every_sshd_takes_the_cluster_key_and_refuses_others(cluster):
 def test_host_keys_are_verified(cluster, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    r = subprocess.run(
-        ["ssh", "-F", "none", "-i", str(cluster.client_key), "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={empty}",
-         "-l", cluster.user, cluster.hosts[0].ip, "true"],
-        capture_output=True, text=True, timeout=15)
+    r = subprocess.run(cluster.ssh_argv(0, ["true"], known_hosts=empty),
+                       capture_output=True, text=True, timeout=15)
     assert r.returncode == 255 and "Host key verification failed" in r.stderr
 
 

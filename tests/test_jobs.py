@@ -6,7 +6,6 @@ import re
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from mlbench_daemon.jobs import Jobs, validate
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store
+from tests.cluster import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ["/bin/prog"]
@@ -377,10 +377,6 @@ def test_partition_of_the_master_mid_job_then_heal(env, cluster):
 
 # --- the real daemon: kill -9 mid-job and restart ---------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(config_path):
@@ -434,12 +430,7 @@ def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_pat
         assert b"exited on signal" not in log and b"-----" in log  # mpirun's notice of exit code 5
         assert payload(log[:log.index(b"-----")]) == written_bytes(300000)  # every byte, once, in order
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(10)
+        stop_process(daemon, timeout=30)
 
 
 def paged_log(url, job_id):

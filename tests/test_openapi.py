@@ -6,7 +6,6 @@ import collections
 import json
 import re
 import sys
-import threading
 import time
 import urllib.request
 import wsgiref.util
@@ -18,7 +17,7 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 
-from mlbench_daemon import api, config, openapi, server
+from mlbench_daemon import api, openapi
 from mlbench_daemon.discovery import Selector
 
 DOC = openapi.DOCUMENT
@@ -255,43 +254,12 @@ def _get(url, timeout=5):
 
 
 @pytest.fixture
-def live_daemon(cluster, tmp_path):
-    path = cluster.write_config(
-        tmp_path / "daemon.toml", tmp_path / "state",
-        server={"host": "127.0.0.1", "port": 0, "threads": 8},
-        # generated programs fail to exec on the cluster; a real one that lingers is cut short
-        mpi={"default_timeout_s": 10.0, "cancel_grace_s": 1.0, "queue_size": 4},
-        log={"level": "warning"})
-    daemon = server.Daemon(config.load(path))
-    errors = []
-
-    def run():
-        try:
-            daemon.run()
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-
-    t = threading.Thread(target=run, name="daemon", daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while daemon.url is None and t.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert daemon.url, f"daemon did not bind: {errors}"
-    # all three workers Running before the run starts
-    while time.monotonic() < deadline:
-        status, body = _get(daemon.url + "/healthz")
-        if status == 200 and b'"running": 3' in body:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"workers not Running: {body!r}")
+def live_daemon(start_daemon):
+    # generated programs fail to exec on the cluster; a real one that lingers is cut short
+    daemon = start_daemon(mpi={"default_timeout_s": 10.0, "cancel_grace_s": 1.0, "queue_size": 4})
     try:
         yield daemon
     finally:
-        daemon.stop()
-        t.join(30)
-        assert not t.is_alive(), "daemon did not stop"
-        assert not errors, errors
         if STATS:
             print("\nschemathesis requests by operation and status:", file=sys.stderr)
             for op, counter in sorted(STATS.items()):

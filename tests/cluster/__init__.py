@@ -1,3 +1,5 @@
-from .cluster import MPI_ARGS, MPIRUN, Cluster, ClusterError, Host, cleanup_leftovers, to_toml
+from .cluster import (MPI_ARGS, MPIRUN, Cluster, ClusterError, Host, cleanup_leftovers, free_port,
+                      stop_process, to_toml)
 
-__all__ = ["Cluster", "ClusterError", "Host", "MPI_ARGS", "MPIRUN", "cleanup_leftovers", "to_toml"]
+__all__ = ["Cluster", "ClusterError", "Host", "MPI_ARGS", "MPIRUN", "cleanup_leftovers", "free_port",
+           "stop_process", "to_toml"]

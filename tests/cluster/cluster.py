@@ -27,6 +27,7 @@ import json
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -537,16 +538,19 @@ class Cluster:
         shutil.rmtree(h.dir, ignore_errors=True)
 
     # ---- using it ------------------------------------------------------------
+    def ssh_argv(self, h, command, key=None, known_hosts=None):
+        """OpenSSH client argv running `command` (argv list or shell text) on host h
+        as the cluster user, host keys verified, no config file."""
+        h = self._host(h)
+        return ["ssh", "-F", "none", "-i", str(key or self.client_key),
+                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"UserKnownHostsFile={known_hosts or self.known_hosts}", "-o", "LogLevel=ERROR",
+                "-o", "ConnectTimeout=5", "-l", self.user, h.ip,
+                shlex.join(command) if isinstance(command, list) else command]
+
     def ssh(self, h, argv, timeout=30, key=None, check=False):
         """Run argv on host h with OpenSSH as the cluster user, keys verified."""
-        h = self._host(h)
-        import shlex
-        cmd = ["ssh", "-F", "none", "-i", str(key or self.client_key),
-               "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-               "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "LogLevel=ERROR",
-               "-o", "ConnectTimeout=5", "-l", self.user, h.ip,
-               shlex.join(argv) if isinstance(argv, list) else argv]
-        return sh(cmd, check=check, timeout=timeout)
+        return sh(self.ssh_argv(h, argv, key=key), check=check, timeout=timeout)
 
     def netns_exec(self, h, argv, **kw):
         return sh(["ip", "netns", "exec", self._host(h).ns, *argv], **kw)
@@ -610,6 +614,25 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.teardown()
+
+
+def free_port():
+    """A free TCP port on loopback (for a daemon under test)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(p, timeout=20):
+    """SIGTERM a subprocess.Popen we started (a daemon), SIGKILL if it lingers."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def to_toml(cfg):
