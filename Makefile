@@ -10,7 +10,7 @@ demo:
 
 bench:
 	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
-	$(PYTHON) bench/nodes.py && $(PYTHON) bench/jobs.py
+	$(PYTHON) bench/cluster.py && $(PYTHON) bench/nodes.py && $(PYTHON) bench/jobs.py
 
 install:
 	$(PYTHON) -m pip install .

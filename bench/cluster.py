@@ -1,0 +1,40 @@
+"""How long the namespace test cluster takes to build and to tear down (needs root).
+
+    python3 bench/cluster.py [--sizes 3 32] [--rounds 3]
+
+Prints the median build and teardown time per size. Build includes the
+namespaces, bridge, cluster user and keys, one sshd per host (until each
+accepts TCP), dnsmasq, and compiling the MPI program.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.cluster import Cluster  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[3, 32])
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    for n in args.sizes:
+        builds, teardowns = [], []
+        for _ in range(args.rounds):
+            t = time.perf_counter()
+            c = Cluster(workers=n, extra=1).build()
+            builds.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            c.teardown()
+            teardowns.append(time.perf_counter() - t)
+        print(f"{n:3d} workers (+1 dashboard host): build {statistics.median(builds):.2f} s, "
+              f"teardown {statistics.median(teardowns):.2f} s  (median of {args.rounds})")
+
+
+if __name__ == "__main__":
+    main()
