@@ -311,3 +311,37 @@ def test_metrics(daemon, cluster):
     assert float(values["mlbench_daemon_job_duration_seconds_count"]) >= 1
     assert any(k.startswith('mlbench_daemon_http_requests_total{method="POST",route="/api/mpi_jobs",status="200"}')
                for k in values)
+
+
+def test_label_rules_slots_and_np(start_daemon, cluster):
+    w0, w1, w2 = cluster.workers
+    d = start_daemon(discovery={"label_rules": [{"match": w0.name, "labels": {"slots": "2", "rack": "a"}}]})
+    node = by_name(d.json("GET", "/api/nodes/")[1])[w0.name]
+    assert node["labels"] == str(dict(sorted({**w0.labels, "slots": "2", "rack": "a"}.items())))
+    status, job = d.json("POST", "/api/mpi_jobs/", {"np": 4})
+    assert status == 200 and job["exit_code"] == 0, job
+    argv = ast.literal_eval(job["command"])
+    assert argv[argv.index("--host") + 1] == f"{w0.ip}:2,{w1.ip},{w2.ip}"
+    assert argv[argv.index("-np") + 1] == "4"
+    placed = re.findall(r"rank \d of 4 on (\S+):", job["response"])
+    assert sorted(placed) == sorted([w0.ip, w0.ip, w1.ip, w2.ip])
+
+
+def test_a_waiting_sync_request_holds_its_place(start_daemon, cluster):
+    import threading
+    d = start_daemon(mpi={"max_concurrent_jobs": 1, "queue_size": 1})
+    first = d.json("POST", "/api/mpi_jobs/", {"program": [str(cluster.mpi_program), "--sleep", "60"],
+                                               "wait": False})[1]
+    result = {}
+    sync = threading.Thread(target=lambda: result.update(
+        zip(("status", "job"), d.json("POST", "/api/mpi_jobs/", {"program": [str(cluster.mpi_program)]}))))
+    sync.start()
+    deadline = time.monotonic() + 10
+    while len(d.json("GET", "/api/mpi_jobs/")[1]) < 2:
+        assert time.monotonic() < deadline, "the sync request never queued"
+        time.sleep(0.05)
+    assert d.json("POST", "/api/mpi_jobs/", {"wait": False})[0] == 429  # its place is taken
+    assert d.json("DELETE", f"/api/mpi_jobs/{first['id']}")[0] == 200
+    sync.join(120)
+    assert result["status"] == 200 and result["job"]["state"] == "succeeded"
+    assert "allreduce ok 3" in result["job"]["response"]
