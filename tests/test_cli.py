@@ -20,6 +20,7 @@ import time
 import bottle
 import pytest
 import waitress
+from waitress import wasyncore
 
 import mlbench_daemon
 from mlbench_daemon import cli, logs, metrics
@@ -142,8 +143,10 @@ def standin(request):
         if job["proc"].poll() is None:
             job["proc"].kill()
             job["proc"].wait()
-    server.close()
+    # close inside the loop's own thread: closing from here races its select()
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
     thread.join(10)
+    server.task_dispatcher.shutdown()
 
 
 class Out(io.StringIO):
