@@ -397,7 +397,8 @@ class Jobs:
                               stdin=env.encode(), timeout=self._ssh_timeout())
             pid = int(r.stdout.split()[-1]) if r.exit_code == 0 and r.stdout.split() else None
         except SSHError as e:
-            r, pid = None, None
+            # the link may have died after the job started: its pid file tells
+            r, pid = None, self._recorded_pid(master.ip, master.port, job_dir)
             why = f"{e.reason}: {e}"
         if pid is None:
             if r is not None:
@@ -407,13 +408,16 @@ class Jobs:
         log.info("job %s: started on %s as process group %d", live.id, master.name, pid)
         return self._running(live, pid)
 
-    def _relaunched(self, live, rec):
+    def _recorded_pid(self, ip, port, job_dir):
+        """The pid the launch wrote on the master, or None (none, or unreachable)."""
         try:
-            r = self.pool.run(rec["master_ip"], rec["master_port"], ["sh", "-c", PIDFILE, "sh", rec["remote_dir"]],
-                              timeout=self._ssh_timeout())
-            pid = int(r.stdout) if r.stdout.strip().isdigit() else None
+            r = self.pool.run(ip, port, ["sh", "-c", PIDFILE, "sh", job_dir], timeout=self._ssh_timeout())
         except SSHError:
-            pid = None
+            return None
+        return int(r.stdout) if r.stdout.strip().isdigit() else None
+
+    def _relaunched(self, live, rec):
+        pid = self._recorded_pid(rec["master_ip"], rec["master_port"], rec["remote_dir"])
         if pid is None:
             self._finish(live, "lost", reason="launch-interrupted",
                          error="the daemon restarted while launching; no job process was recorded")

@@ -21,7 +21,7 @@ from mlbench_daemon.discovery import Discovery
 from mlbench_daemon.errors import BadRequest, Conflict, QueueFull, Unavailable
 from mlbench_daemon.jobs import Jobs, validate
 from mlbench_daemon.nodes import Registry
-from mlbench_daemon.ssh import Pool
+from mlbench_daemon.ssh import Pool, Unreachable
 from mlbench_daemon.store import Store
 from tests.cluster import free_port, stop_process
 
@@ -443,3 +443,21 @@ def paged_log(url, job_id):
         if not data:
             return
         yield data
+
+
+def test_link_lost_right_after_launch_still_follows_the_job(env, mocker):
+    """The launch ran on the master, but its answer never came back (a dropped link
+    at the worst moment, which no real part produces on demand): the job is found by
+    its pid file and followed, not reported failed while it runs unobserved."""
+    real_run = env.pool.run
+
+    def run(ip, port, argv, **kw):
+        result = real_run(ip, port, argv, **kw)
+        if "cat > env" in argv[2]:  # the launch script
+            raise Unreachable("connection-lost", f"{ip}:{port}: link dropped after the launch")
+        return result
+
+    mocker.patch.object(env.pool, "run", side_effect=run)
+    job = env.run({"program": env.prog("--exit", "4")})
+    assert (job["state"], job["exit_code"]) == ("failed", 4), job
+    assert "allreduce ok 3" in job["response"]
