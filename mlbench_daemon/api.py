@@ -170,11 +170,8 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
     @app.post("/api/mpi_jobs")
     def submit():
         body = _body(max_body_bytes)
-        wait = True if body is None else body.pop("wait", True)
-        if not isinstance(wait, bool):
-            raise BadRequest("wait: must be true or false", field="wait")
-        job = jobs.submit(body)
-        if not wait:
+        job = jobs.submit(body)  # validates every field, `wait` included
+        if not (body or {}).get("wait", True):
             bottle.response.set_header("Location", f"/api/mpi_jobs/{job['id']}")
             return _json(job, 202)
         return _json(jobs.wait(job["id"]))
