@@ -24,6 +24,7 @@ import urllib.parse
 import urllib.request
 
 import mlbench_daemon
+from mlbench_daemon.config import read_token
 
 PROG = "mlbench-daemon"
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -49,12 +50,9 @@ class Client:
         self.headers = {"Accept": "application/json", "User-Agent": f"{PROG}/{mlbench_daemon.__version__}"}
         if token_file:
             try:
-                with open(token_file, encoding="utf-8") as f:
-                    token = f.read().strip()
-            except (OSError, UnicodeDecodeError) as e:
-                raise Failure(f"cannot read token file {token_file}: {getattr(e, 'strerror', None) or e}", 2)
-            if not token:
-                raise Failure(f"token file {token_file} is empty", 2)
+                token = read_token(token_file)
+            except ValueError as e:
+                raise Failure(f"token file: {e}", 2) from None
             self.headers["Authorization"] = f"Bearer {token}"
 
     def open(self, method, path, body=None, timeout=TIMEOUT_S):

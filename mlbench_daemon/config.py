@@ -129,6 +129,18 @@ def nameservers(value):
 nameservers.json_env = True
 
 
+def read_token(path):
+    """The bearer token in file `path`; ValueError (one line, naming the file) if unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"{path} must hold one non-empty token")
+    return token
+
+
 def parse_nameserver(text, default_port=53):
     """'IP', 'IP:port', '[IPv6]:port' or a bare IPv6 -> (ip, port)."""
     m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]+):(\d+)|([^\[\]]+)", text.strip())

@@ -26,6 +26,7 @@ import waitress
 from waitress import wasyncore
 
 from mlbench_daemon import api, metrics, sdnotify
+from mlbench_daemon import config
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.nodes import Registry
@@ -62,13 +63,9 @@ def read_token(server_cfg):
                 "so the API is not open to the network")
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise StartupError(f"server.token_file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not token or any(c.isspace() for c in token):
-        raise StartupError(f"server.token_file: {path} must hold one non-empty token")
-    return token
+        return config.read_token(path)
+    except ValueError as e:
+        raise StartupError(f"server.token_file: {e}") from None
 
 
 class Daemon:

@@ -245,7 +245,7 @@ def test_token_file_is_sent(standin, tmp_path, capsys):
 def test_unreadable_token_file(tmp_path, capsys):
     code, _ = run_cli(["--token-file", str(tmp_path / "absent"), "nodes"])
     assert code == 2
-    assert capsys.readouterr().err.startswith("mlbench-daemon: cannot read token file ")
+    assert capsys.readouterr().err.startswith("mlbench-daemon: token file: cannot read ")
 
 
 # --- run / logs / cancel --------------------------------------------------------------
