@@ -261,17 +261,12 @@ class Jobs:
         """Yield output from `offset` as it arrives, until the job is final and all is read."""
         self.read_log(job_id, offset, 0)  # validates
         while True:
+            final = self.store.get(job_id)["state"] in FINAL_STATES  # before the read: then nothing is missed
             data, offset = self.store.read_log(job_id, offset, LOG_CHUNK_MAX)
             if data:
                 yield data
                 continue
-            if self.store.get(job_id)["state"] in FINAL_STATES:
-                data, offset = self.store.read_log(job_id, offset, LOG_CHUNK_MAX)
-                if data:
-                    yield data
-                    continue
-                return
-            if self._stop.is_set():
+            if final or self._stop.is_set():
                 return
             with self._changed:
                 if self.store.log_size(job_id) <= offset:
