@@ -26,6 +26,7 @@ shell sees one word per argv item, whatever the bytes.
 """
 
 import base64
+import collections
 import dataclasses
 import errno
 import fcntl
@@ -40,6 +41,7 @@ import threading
 import time
 
 import paramiko
+from paramiko.buffered_pipe import PipeTimeout
 
 from mlbench_daemon.config import ConfigError
 
@@ -676,12 +678,94 @@ def _open_session(transport, deadline):
     pause = 0.01
     while True:
         try:
-            return transport.open_session(timeout=max(0.01, _remaining(deadline)))
+            chan = transport.open_session(timeout=max(0.01, _remaining(deadline)))
+            chan.in_buffer = _ChunkPipe()  # before exec: no data can have arrived yet
+            return chan
         except paramiko.SSHException:
             if not transport.is_active() or _remaining(deadline) < pause:
                 raise
             time.sleep(pause)
             pause = min(pause * 2, 0.2)
+
+
+class _ChunkPipe:
+    """paramiko's ``BufferedPipe`` (a channel's receive buffer), keeping each packet
+    as the bytes object paramiko made of it.
+
+    The stock pipe copies every byte three times (into an ``array``, out through
+    a slice, into ``bytes``); following a job's output is bound by memory copies,
+    so this pipe hands over whole packets and joins only when a read spans
+    several.  Same interface and semantics (``read`` blocks, raises
+    ``PipeTimeout``, returns b"" once closed and empty).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._chunks = collections.deque()
+        self._size = 0
+        self._event = None
+        self._closed = False
+
+    def set_event(self, event):
+        with self._lock:
+            self._event = event
+            if self._closed or self._size:
+                event.set()
+            else:
+                event.clear()
+
+    def feed(self, data):
+        with self._lock:
+            if data:
+                self._chunks.append(bytes(data))
+                self._size += len(data)
+            if self._event is not None:
+                self._event.set()
+            self._cv.notify_all()
+
+    def read_ready(self):
+        with self._lock:
+            return self._size > 0
+
+    def read(self, nbytes, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self._size and not self._closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise PipeTimeout()
+                self._cv.wait(left)
+            return self._take(nbytes)
+
+    def _take(self, nbytes):
+        parts, n = [], 0
+        while self._chunks and n < nbytes:
+            chunk = self._chunks.popleft()
+            if n + len(chunk) > nbytes:
+                chunk, rest = chunk[:nbytes - n], chunk[nbytes - n:]
+                self._chunks.appendleft(rest)
+            parts.append(chunk)
+            n += len(chunk)
+        self._size -= n
+        if not self._size and self._event is not None and not self._closed:
+            self._event.clear()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def empty(self):
+        with self._lock:
+            return self._take(self._size)
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            self._cv.notify_all()
+            if self._event is not None:
+                self._event.set()
+
+    def __len__(self):
+        with self._lock:
+            return self._size
 
 
 def _thread(target, *args):

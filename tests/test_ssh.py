@@ -1,11 +1,13 @@
 """ssh.Pool against the test cluster's real sshd hosts."""
 
+import itertools
 import shutil
 import threading
 import time
 
 import paramiko
 import pytest
+from hypothesis import given, strategies as st
 
 from mlbench_daemon import config, ssh
 from mlbench_daemon.ssh import CommandTimeout, Pool, Unreachable, Untrusted
@@ -386,3 +388,44 @@ def test_classify_maps_each_failure_once():
     ]
     for exc, reason in cases:
         assert ssh.classify(exc).reason == reason, exc
+
+
+# --- the channel receive buffer --------------------------------------------------------
+# A pure data structure: checked against paramiko's own BufferedPipe, which it replaces.
+
+
+@given(st.lists(st.binary(max_size=300), max_size=20), st.lists(st.integers(1, 400), min_size=1))
+def test_chunk_pipe_reads_what_paramikos_pipe_reads(feeds, sizes):
+    ours, theirs = ssh._ChunkPipe(), paramiko.buffered_pipe.BufferedPipe()
+    for data in feeds:
+        ours.feed(data)
+        theirs.feed(data)
+    assert len(ours) == len(theirs)
+    for n in itertools.islice(itertools.cycle(sizes), 1000):
+        if not len(theirs):
+            break
+        assert ours.read(n, 0) == theirs.read(n, 0)
+        assert len(ours) == len(theirs)
+    assert ours.empty() == theirs.empty() and len(ours) == 0
+
+
+def test_chunk_pipe_blocking_timeout_close_and_event():
+    pipe, event = ssh._ChunkPipe(), threading.Event()
+    pipe.set_event(event)
+    assert not event.is_set() and not pipe.read_ready()
+    with pytest.raises(paramiko.buffered_pipe.PipeTimeout):
+        pipe.read(10, 0)
+    start = time.monotonic()
+    with pytest.raises(paramiko.buffered_pipe.PipeTimeout):
+        pipe.read(10, 0.05)
+    assert 0.04 < time.monotonic() - start < 5
+    threading.Timer(0.05, pipe.feed, (b"late",)).start()
+    assert pipe.read(10, 5) == b"late"  # a blocked read wakes up on data
+    pipe.feed(b"abc")
+    assert event.is_set() and pipe.read_ready()
+    assert pipe.read(3) == b"abc" and not event.is_set()
+    threading.Timer(0.05, pipe.close).start()
+    assert pipe.read(10) == b""  # ... and on close: b"" means closed
+    assert event.is_set()
+    pipe.feed(b"")
+    assert pipe.read(10, 0) == b""
