@@ -14,10 +14,11 @@ receive request data only as positional parameters or on stdin):
   status to ``rc``.  The pid (= process group, session) goes to ``pid`` and
   back to us.  Env values therefore reach mpirun through its environment and
   the ranks through ``-x NAME``; they are never in any argv;
-- follow: ``tail -c +N --pid=PID -F out`` streamed from the local log size, so
-  output lands in the log as it is written; on a dropped link the follower
-  reconnects with backoff and resumes from the local log size.  When tail
-  ends, a status check reads ``rc``;
+- follow: ``tail -F out`` from the local log size, until ``flock -s lock``
+  returns (the wrapper, which holds the lock, has exited), so output lands in
+  the log as it is written and the end is seen at once; on a dropped link the
+  follower reconnects with backoff and resumes from the local log size.  When
+  tail ends, a status check reads ``rc``;
 - cancel: TERM to the process group, ``mpi.cancel_grace_s``, then KILL; then
   every host of the job is swept for processes carrying the job marker
   (mpirun/ranks in their environment, orted on its command line, where
@@ -59,11 +60,12 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MARKER = "OMPI_MCA_mlbench_job_id"  # OpenMPI hands OMPI_MCA_* to ranks and to every orted
 MAX_REQUEST_BYTES = 256 * 1024  # program + env, well under the kernel's argv/env limits
 LOG_CHUNK_MAX = 1 << 20
-FOLLOW_IDLE_S = 30.0  # a silent stream is re-opened after this long (and a dead link noticed)
+FOLLOW_IDLE_S = 30.0  # a silent stream's master is probed after this long (a frozen host noticed)
 BACKOFF_S = (0.5, 5.0)
 
-# Runs in the job dir (argument $1); stdin is the env file; "$@" is the mpirun argv.
-WRAPPER = 'set -a; . ./env; set +a; command -p rm -f ./env; "$@"; echo $? > rc'
+# Runs in the job dir; stdin is the env file; "$@" is the mpirun argv.  The wrapper
+# holds the job's lock (fd 9, taken by LAUNCH) until it exits; mpirun does not get it.
+WRAPPER = 'set -a; . ./env; set +a; command -p rm -f ./env; "$@" 9>&-; echo $? > rc'
 LAUNCH = """set -e
 umask 077
 w=$1
@@ -71,24 +73,26 @@ mkdir -p "$2"
 cd "$2"
 cat > env
 shift 2
+exec 9> lock
+flock -x 9
 setsid sh -c "$w" sh "$@" </dev/null >out 2>&1 &
 echo $! > pid
 echo $!
 """
-# $1 = job dir, $2 = first byte wanted (1-based), $3 = process group.  Streams `out`
-# from $2 until the job is over.  The end is the rc file, not the process: an orphaned
-# wrapper stays a zombie until init reaps it, which some inits do only once a second.
-# tail may be a few bytes behind when it is stopped; the caller then reads the rest
-# with a second call, which finds rc and prints what is left without following.
+# $1 = job dir, $2 = first byte wanted (1-based).  Streams `out` from $2 until the job
+# is over, without polling: `flock -s lock` returns the moment the wrapper has exited
+# (after writing rc, or killed), and tail, told to follow while that flock runs, then
+# prints what is left and exits.  (Not the wrapper's own pid: an orphan stays a zombie
+# until init reaps it, which some inits do only once a second.)  A stream that ends
+# short is resumed by the caller, which compares sizes with STATUS.
 FOLLOW = """exec 2>/dev/null
 cd "$1" || exit 1
 [ -e rc ] && exec tail -c "+$2" out
-tail -c "+$2" -F out &
-t=$!
-while [ ! -e rc ] && kill -0 "-$3" 2>/dev/null && kill -0 $t 2>/dev/null; do sleep 0.05; done
-sleep 0.05
-kill $t 2>/dev/null
-wait $t
+flock -s lock true >/dev/null </dev/null &
+f=$!
+tail -c "+$2" -F -s 0.01 --pid=$f out &
+wait $!
+kill $f
 exit 0
 """
 # -> "done RC SIZE" | "running - SIZE" | "gone - SIZE" | "missing"
@@ -454,7 +458,7 @@ class Jobs:
                 raise _Stopped()
             offset = self.store.log_size(live.id)
             try:
-                live.stream = self.pool.stream(ip, port, ["sh", "-c", FOLLOW, "sh", job_dir, str(offset + 1), str(pid)],
+                live.stream = self.pool.stream(ip, port, ["sh", "-c", FOLLOW, "sh", job_dir, str(offset + 1)],
                                                idle_timeout=FOLLOW_IDLE_S)
                 with self.store.log_writer(live.id) as log_file:
                     for chunk in live.stream:
@@ -466,10 +470,9 @@ class Jobs:
             except SSHError as e:
                 if self._stop.is_set():
                     raise _Stopped() from None
-                if e.reason != "connection-lost" or "no output" not in str(e):
-                    log.warning("job %s: following on %s: %s; retrying in %.1f s", live.id, ip, e, backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_S[1])
+                log.warning("job %s: following on %s: %s; retrying in %.1f s", live.id, ip, e, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_S[1])
                 continue
             finally:
                 live.stream = None

@@ -438,14 +438,16 @@ class Stream:
     """Output of a remote command as it arrives (stdout and stderr combined).
 
     Iterate for bytes chunks; ``.exit_code`` is set after the last one (-1 if the
-    command died by a signal).  Raises Unreachable("connection-lost") when the
-    link dies or nothing arrives for ``idle_timeout`` seconds.  ``close()`` (or
+    command died by a signal).  When nothing arrives for ``idle_timeout`` seconds
+    the host is probed: a silent command on a live host is waited for as long as
+    it runs; a failed probe (frozen or unreachable host, dead link) raises
+    Unreachable("connection-lost"), as does a link that dies.  ``close()`` (or
     leaving a with-block) closes the channel.
     """
 
-    def __init__(self, conn, chan, release, idle_timeout, writer):
+    def __init__(self, conn, chan, release, idle_timeout, writer, ping):
         self._conn, self._chan, self._release, self._writer = conn, chan, release, writer
-        self.idle_timeout = idle_timeout
+        self.idle_timeout, self._ping = idle_timeout, ping
         self.exit_code = None
         self._closed = False
 
@@ -455,14 +457,19 @@ class Stream:
     def __next__(self):
         if self._closed:
             raise StopIteration
-        try:
-            data = self._chan.recv(RECV_SIZE)
-        except socket.timeout:
-            self.close()
-            raise self._lost(f"no output for {self.idle_timeout:g} s") from None
-        except Exception as e:
-            self.close()
-            raise self._lost(str(e)) from e
+        while True:
+            try:
+                data = self._chan.recv(RECV_SIZE)
+                break
+            except socket.timeout:
+                try:
+                    self._ping()
+                except SSHError as e:
+                    self.close()
+                    raise self._lost(f"no output for {self.idle_timeout:g} s and {e}") from None
+            except Exception as e:
+                self.close()
+                raise self._lost(str(e)) from e
         if data:
             return data
         code = _exit_status(self._chan, self.idle_timeout)
@@ -596,7 +603,7 @@ class Pool:
         chan, release = self._exec(conn, argv, time.monotonic() + self.cfg.connect_timeout_s,
                                    stdin=bool(stdin), combine_stderr=True)
         chan.settimeout(idle_timeout)
-        return Stream(conn, chan, release, idle_timeout, _Writer(chan, stdin))
+        return Stream(conn, chan, release, idle_timeout, _Writer(chan, stdin), lambda: self.probe(ip, port))
 
     def drop(self, ip, port):
         """Forget and close the connection to (ip, port)."""

@@ -305,9 +305,14 @@ def test_stream_stdin_and_idle_timeout(cluster, pool):
     with pool.stream(h.ip, 22, ["cat"], stdin=b"hello", idle_timeout=10) as s:
         assert b"".join(s) == b"hello"
     assert s.exit_code == 0
+    # silent for longer than the idle timeout, on a host that answers: waited for
+    with pool.stream(h.ip, 22, ["sh", "-c", "sleep 2; echo late"], idle_timeout=0.3) as s:
+        assert b"".join(s) == b"late\n"
+    # silent on a frozen host: the probe fails, bounded
     with pool.stream(h.ip, 22, ["sleep", "30"], idle_timeout=0.5) as s:
-        e = bounded(lambda: next(s), 5)
-    assert e.reason == "connection-lost" and "connection alive" in str(e)
+        cluster.freeze(h)
+        e = bounded(lambda: next(s), 0.5 + 3 * CONNECT_TIMEOUT)
+    assert e.reason == "connection-lost" and "no output for 0.5 s" in str(e)
 
 
 def test_stream_link_cut_raises_connection_lost(cluster, pool):
