@@ -39,7 +39,6 @@ once ``submit`` has accepted the body.
 
 import collections
 import concurrent.futures
-import datetime
 import logging
 import math
 import re
@@ -50,6 +49,7 @@ import time
 from mlbench_daemon import metrics
 from mlbench_daemon.discovery import Selector, natural_key
 from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
+from mlbench_daemon.nodes import iso
 from mlbench_daemon.ssh import SSHError
 from mlbench_daemon.store import FINAL_STATES
 
@@ -128,10 +128,6 @@ done
 if [ "$1" = kill ] && [ -n "$found" ]; then kill -KILL $found 2>/dev/null; fi
 echo $found
 """
-
-
-def iso(t):
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat() if t else None
 
 
 class _Stopped(Exception):

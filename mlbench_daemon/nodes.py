@@ -49,12 +49,13 @@ class NodeStatus:
             "name": n.name, "labels": n.labels_str, "phase": self.phase, "ip": n.ip,
             "label_map": dict(n.labels), "host": n.host, "port": n.port, "namespace": n.namespace,
             "reason": self.reason, "message": self.message,
-            "last_probe": _iso(self.last_probe), "latency_ms": self.latency_ms,
+            "last_probe": iso(self.last_probe), "latency_ms": self.latency_ms,
         }
 
 
-def _iso(epoch):
-    if epoch is None:
+def iso(epoch):
+    """The API's one timestamp format: RFC 3339, UTC, milliseconds, e.g. 2026-11-28T00:14:04.047Z."""
+    if not epoch:
         return None
     t = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
     return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")

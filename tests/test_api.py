@@ -195,6 +195,12 @@ def test_empty_post_runs_the_default_job_as_the_seed(daemon, cluster):
         assert re.search(rf"rank \d of 3 on {re.escape(h.ip)}: sum=3", job["response"])
     assert "allreduce ok 3" in job["response"]
     assert (job["state"], job["exit_code"]) == ("succeeded", 0) and job["id"]
+    # one timestamp format across the API: RFC 3339, UTC, milliseconds
+    _, nodes = daemon.json("GET", "/api/nodes/")
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
+    for t in [job["created"], job["started"], job["finished"]] + [n["last_probe"] for n in nodes]:
+        assert stamp.match(t), t
+    assert job["created"] <= job["started"] <= job["finished"]
 
 
 def test_failing_job_reports_its_exit_code(daemon, cluster):
