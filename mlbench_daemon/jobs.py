@@ -390,29 +390,39 @@ class Jobs:
         try:
             r = self.pool.run(master.ip, master.port, ["sh", "-c", LAUNCH, "sh", WRAPPER, job_dir, *command],
                               stdin=env.encode(), timeout=self._ssh_timeout())
-            pid = int(r.stdout.split()[-1]) if r.exit_code == 0 and r.stdout.split() else None
         except SSHError as e:
-            # the link may have died after the job started: its pid file tells
-            r, pid = None, self._recorded_pid(master.ip, master.port, job_dir)
-            why = f"{e.reason}: {e}"
+            # the job may have started and only the answer was lost: its pid file tells
+            log.warning("job %s: no answer from the launch on %s (%s); asking for its pid file",
+                        live.id, master.name, e)
+            pid = self._confirmed_pid(live, master.ip, master.port, job_dir)
+            why = f"{e.reason}: {e}; the master has no record of the job"
+        else:
+            pid = int(r.stdout.split()[-1]) if r.exit_code == 0 and r.stdout.split() else None
+            why = f"launch exited {r.exit_code}: {r.stderr.decode(errors='replace').strip()[:500]}"
         if pid is None:
-            if r is not None:
-                why = f"launch exited {r.exit_code}: {r.stderr.decode(errors='replace').strip()[:500]}"
             self._finish(live, "failed", reason="launch-failed", error=why)
             return None
         log.info("job %s: started on %s as process group %d", live.id, master.name, pid)
         return self._running(live, pid)
 
-    def _recorded_pid(self, ip, port, job_dir):
-        """The pid the launch wrote on the master, or None (none, or unreachable)."""
-        try:
-            r = self.pool.run(ip, port, ["sh", "-c", PIDFILE, "sh", job_dir], timeout=self._ssh_timeout())
-        except SSHError:
-            return None
-        return int(r.stdout) if r.stdout.strip().isdigit() else None
+    def _confirmed_pid(self, live, ip, port, job_dir):
+        """The pid a launch wrote on the master, or None if it wrote none.  While the
+        master cannot be asked, the job stays pending and we keep asking (a job that
+        may be running is never recorded as failed); a stop leaves it for the next run."""
+        backoff = BACKOFF_S[0]
+        while True:
+            try:
+                r = self.pool.run(ip, port, ["sh", "-c", PIDFILE, "sh", job_dir], timeout=self._ssh_timeout())
+                return int(r.stdout) if r.stdout.strip().isdigit() else None
+            except SSHError as e:
+                log.warning("job %s: cannot read the pid file on %s: %s; retrying in %.1f s",
+                            live.id, ip, e, backoff)
+            if self._stop.wait(backoff):
+                raise _Stopped()
+            backoff = min(backoff * 2, BACKOFF_S[1])
 
     def _relaunched(self, live, rec):
-        pid = self._recorded_pid(rec["master_ip"], rec["master_port"], rec["remote_dir"])
+        pid = self._confirmed_pid(live, rec["master_ip"], rec["master_port"], rec["remote_dir"])
         if pid is None:
             self._finish(live, "lost", reason="launch-interrupted",
                          error="the daemon restarted while launching; no job process was recorded")

@@ -461,3 +461,31 @@ def test_link_lost_right_after_launch_still_follows_the_job(env, mocker):
     job = env.run({"program": env.prog("--exit", "4")})
     assert (job["state"], job["exit_code"]) == ("failed", 4), job
     assert "allreduce ok 3" in job["response"]
+
+
+def test_launch_unconfirmed_while_the_master_is_cut_off_stays_pending(env, cluster, mocker):
+    """The launch's answer is lost and the master is then unreachable for a while:
+    the job may be running, so it stays pending (never failed) until the master
+    answers, and is then followed to its end."""
+    real_run = env.pool.run
+    master = cluster.workers[0]
+
+    def run(ip, port, argv, **kw):
+        result = real_run(ip, port, argv, **kw)
+        if "cat > env" in argv[2]:
+            cluster.partition(master)
+            raise Unreachable("connection-lost", f"{ip}:{port}: link dropped after the launch")
+        return result
+
+    mocker.patch.object(env.pool, "run", side_effect=run)
+    job = env.jobs.submit({"program": env.prog("--sleep", "1"), "wait": False})
+    deadline = time.monotonic() + HANG
+    while not cluster.workers[0].partitioned:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(5)  # several failed attempts to read the pid file
+    assert env.jobs.get(job["id"])["state"] == "pending"
+    cluster.heal(master)
+    done = env.jobs.wait(job["id"], HANG)
+    assert (done["state"], done["exit_code"]) == ("succeeded", 0), done
+    assert "allreduce ok 3" in done["response"]
