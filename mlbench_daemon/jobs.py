@@ -29,16 +29,19 @@ API contract (used by api.py):
 
     submit(body) -> job dict        (raises BadRequest/Conflict/Unavailable/QueueFull)
     wait(id, timeout=None) -> job dict with "response" (the whole log) after master_name
+    wait_json(id, timeout=None) -> the same as JSON, an iterator of bytes (streamed)
     get(id), list(limit, offset), cancel(id), read_log(id, offset, limit) -> (bytes, next)
     follow_log(id, offset) -> iterator of bytes chunks until the job ends
 
 ``submit`` never blocks on the job; a request with ``wait`` true (the default)
-is answered with ``wait(job["id"])``.  ``body.get("wait", True)`` is a bool
+is answered with ``wait_json(job["id"])``.  ``body.get("wait", True)`` is a bool
 once ``submit`` has accepted the body.
 """
 
+import codecs
 import collections
 import concurrent.futures
+import json
 import logging
 import math
 import re
@@ -235,20 +238,38 @@ class Jobs:
 
     def wait(self, job_id, timeout=None):
         """Block until the job is final (or `timeout`); the job dict with "response"."""
+        return json.loads(b"".join(self.wait_json(job_id, timeout)))
+
+    def wait_json(self, job_id, timeout=None):
+        """wait() as JSON: blocks until the job is final (or `timeout`), then returns an
+        iterator of bytes pieces of the document.  The log is read, decoded and escaped
+        a chunk at a time, so a sync request for a job that wrote gigabytes never holds
+        its output in memory; the bytes are the same as json.dumps of wait()'s dict."""
         self._record(job_id)
         with self._lock:
             live = self._live.get(job_id)
         if live is not None:
             live.done.wait(timeout)
-        rec = self._record(job_id)
-        job = self.to_json(rec)
-        data, _ = self.store.read_log(job_id, 0, self.store.log_size(job_id))
-        out = {}
+        job = self.to_json(self._record(job_id))
+        return self._json_with_response(job, self.store.log_size(job_id))
+
+    def _json_with_response(self, job, size):
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = lambda s: json.dumps(s)[1:-1].encode()  # noqa: E731 - a JSON string's inside
+        sep = b"{"
         for k, v in job.items():
-            out[k] = v
+            yield sep + json.dumps(k).encode() + b": " + json.dumps(v).encode()
+            sep = b", "
             if k == "master_name":
-                out["response"] = data.decode("utf-8", errors="replace")
-        return out
+                yield b', "response": "'
+                offset = 0
+                while offset < size:
+                    data, offset = self.store.read_log(job["id"], offset, min(LOG_CHUNK_MAX, size - offset))
+                    if not data:
+                        break
+                    yield text(decoder.decode(data))
+                yield text(decoder.decode(b"", final=True)) + b'"'
+        yield b"}"
 
     def read_log(self, job_id, offset=0, limit=65536):
         self._record(job_id)

@@ -203,6 +203,45 @@ def test_empty_post_runs_the_default_job_as_the_seed(daemon, cluster):
     assert job["created"] <= job["started"] <= job["finished"]
 
 
+def _rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_sync_answer_of_a_large_job_is_streamed_not_held(daemon, cluster):
+    """A sync POST for a job that wrote 150 MB: the daemon (in this process) must not
+    build the answer in memory (that would be the log, its decoded text and its JSON:
+    several times 150 MB); it streams it after the job ends."""
+    import http.client
+    import threading
+    import urllib.parse
+    nbytes = 150_000_000
+    peak, base, done = [0], _rss_kb(), threading.Event()
+
+    def sample():
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], _rss_kb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    u = urllib.parse.urlsplit(daemon.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
+    try:
+        conn.request("POST", "/api/mpi_jobs/", body=json.dumps(
+            {"nodes": [cluster.workers[0].name], "program": [str(cluster.mpi_program), "--bytes", str(nbytes)]}),
+            headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()  # the job is over; from here on the client holds the body
+        done.set()
+        sampler.join()
+        assert resp.status == 200 and resp.getheader("Content-Type") == "application/json"
+        job = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert (job["state"], list(job)[:4]) == ("succeeded", ["nodes", "command", "master_name", "response"])
+    assert len(job["response"]) >= nbytes and "allreduce ok 1" in job["response"]
+    assert (peak[0] - base) / 1024 < 100, f"RSS grew {(peak[0] - base) / 1024:.0f} MB before the answer"
+
+
 def test_failing_job_reports_its_exit_code(daemon, cluster):
     status, job = daemon.json("POST", "/api/mpi_jobs", {"program": [str(cluster.mpi_program), "--exit", "3"]})
     assert status == 200 and (job["state"], job["exit_code"]) == ("failed", 3)

@@ -31,6 +31,42 @@ SEED_KEYS = ["nodes", "command", "master_name", "response"]
 HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
 
 
+# --- the sync answer, streamed (no cluster) -----------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(log=st.one_of(st.binary(max_size=64), st.text(max_size=40).map(str.encode)),
+       chunk=st.integers(1, 9), master=st.one_of(st.none(), st.text(max_size=5)))
+def test_streamed_sync_answer_is_the_json_of_the_whole_answer(log, chunk, master):
+    """Whatever the bytes (split UTF-8, invalid sequences, quotes, controls) and
+    wherever the chunks split them, the streamed document is json.dumps of the
+    job dict with the whole log decoded as "response"."""
+    import tempfile
+    import types
+    from mlbench_daemon import jobs as jobs_module
+    with tempfile.TemporaryDirectory() as d:
+        store = Store(d)
+        try:
+            rec = store.create(command=["mpirun", "x"], env_names=["K"])
+            if master is not None:
+                rec = store.update(rec["id"], master_name=master)
+            store.append_log(rec["id"], log)
+            job = Jobs.to_json(rec)
+            expect = {}
+            for k, v in job.items():
+                expect[k] = v
+                if k == "master_name":
+                    expect["response"] = log.decode("utf-8", errors="replace")
+            saved, jobs_module.LOG_CHUNK_MAX = jobs_module.LOG_CHUNK_MAX, chunk
+            try:
+                pieces = Jobs._json_with_response(types.SimpleNamespace(store=store), job, len(log))
+                assert b"".join(pieces) == json.dumps(expect).encode()
+            finally:
+                jobs_module.LOG_CHUNK_MAX = saved
+        finally:
+            store.close()
+
+
 # --- validation (no cluster) -------------------------------------------------------------
 
 @pytest.mark.parametrize("body, field", [
