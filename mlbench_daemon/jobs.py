@@ -150,6 +150,7 @@ class _Live:
         self.killed = threading.Event()  # the kill and the sweep of every host are over
         self.stream = None
         self.timer = None
+        self.reattached = False
         self.done = threading.Event()
 
 
@@ -168,9 +169,13 @@ class Jobs:
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self):
-        """Re-attach to the jobs a previous run left pending or running."""
+        """Re-attach to the jobs a previous run left pending or running.  They count
+        against max_concurrent_jobs at once; their followers connect once the
+        registry's first probe pass is over (bounded), so a backlog of output is
+        caught up on open connections, not against the start-up handshakes."""
         for rec in self.store.running():
             live = _Live(rec["id"])
+            live.reattached = True
             with self._lock:
                 self._live[live.id] = live
                 self._active += 1
@@ -360,6 +365,8 @@ class Jobs:
 
     def _run(self, live):
         try:
+            if live.reattached:
+                self.registry.wait_first_pass(self.cfg.discovery.timeout_s + self._ssh_timeout())
             rec = self.store.get(live.id)
             if rec["pid"] is None:
                 rec = self._launch(live, rec)
