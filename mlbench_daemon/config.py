@@ -207,6 +207,8 @@ SETTINGS = (
     ("mpi", "queue_size", integer(0, 100000), 16, "jobs waiting beyond that; more get 429"),
     ("mpi", "default_timeout_s", number(0), 0.0, "job timeout when the request gives none (0 = none)"),
     ("mpi", "cancel_grace_s", number(0), 5.0, "seconds between TERM and KILL on cancel"),
+    ("mpi", "lost_after_s", number(0), 900.0,
+     "a running job whose master cannot be reached for this long is recorded lost (0 = never)"),
     ("mpi", "remote_dir", nonempty, ".mlbench-daemon/jobs", "job directory on the master, relative to the user's home"),
 
     ("state", "dir", nonempty, "/var/lib/mlbench-daemon", "job database and logs"),

@@ -137,6 +137,10 @@ class _Stopped(Exception):
     """The daemon is stopping: leave the remote job running and its record as it is."""
 
 
+class _MasterLost(Exception):
+    """The master stayed unreachable for mpi.lost_after_s: record the job lost."""
+
+
 class _Live:
     """In-memory state of a job that is not final yet."""
 
@@ -378,6 +382,8 @@ class Jobs:
             self._finish_from(live, self._follow(live))
         except _Stopped:
             pass
+        except _MasterLost as e:
+            self._finish(live, "lost", reason="master-unreachable", error=str(e))
         except Exception as e:  # a bug must not leave a job running forever in the table
             log.exception("job %s: follower failed", live.id)
             self._finish(live, "lost", reason="daemon-error", error=f"{type(e).__name__}: {e}")
@@ -437,12 +443,13 @@ class Jobs:
         """The pid a launch wrote on the master, or None if it wrote none.  While the
         master cannot be asked, the job stays pending and we keep asking (a job that
         may be running is never recorded as failed); a stop leaves it for the next run."""
-        backoff = BACKOFF_S[0]
+        backoff, down_since = BACKOFF_S[0], time.monotonic()
         while True:
             try:
                 r = self.pool.run(ip, port, ["sh", "-c", PIDFILE, "sh", job_dir], timeout=self._ssh_timeout())
                 return int(r.stdout) if r.stdout.strip().isdigit() else None
             except SSHError as e:
+                self._check_reachable(down_since, e)
                 log.warning("job %s: cannot read the pid file on %s: %s; retrying in %.1f s",
                             live.id, ip, e, backoff)
             if self._stop.wait(backoff):
@@ -472,6 +479,13 @@ class Jobs:
             return f"{e.reason}: {e}"
         return None if r.exit_code == 0 else f"{self.mpi.mpirun} not found"
 
+    def _check_reachable(self, down_since, error):
+        """Raise _MasterLost once the master has been unreachable for mpi.lost_after_s."""
+        limit = self.mpi.lost_after_s
+        if limit and time.monotonic() - down_since >= limit:
+            raise _MasterLost(f"the master was unreachable for {limit:g} s ({error}); the job may "
+                              "still be running there, unobserved")
+
     def _ssh_timeout(self):
         return self.cfg.ssh.connect_timeout_s + 10
 
@@ -486,7 +500,7 @@ class Jobs:
         """Stream the remote output into the log until the job is over -> STATUS words."""
         rec = self.store.get(live.id)
         ip, port, job_dir, pid = rec["master_ip"], rec["master_port"], rec["remote_dir"], rec["pid"]
-        backoff = BACKOFF_S[0]
+        backoff, down_since = BACKOFF_S[0], None
         while True:
             if self._stop.is_set():
                 raise _Stopped()
@@ -494,6 +508,7 @@ class Jobs:
             try:
                 live.stream = self.pool.stream(ip, port, ["sh", "-c", FOLLOW, "sh", job_dir, str(offset + 1)],
                                                idle_timeout=FOLLOW_IDLE_S)
+                down_since = None  # the master answered
                 with self.store.log_writer(live.id) as log_file:
                     for chunk in live.stream:
                         log_file.write(chunk)
@@ -504,6 +519,8 @@ class Jobs:
             except SSHError as e:
                 if self._stop.is_set():
                     raise _Stopped() from None
+                down_since = down_since or time.monotonic()
+                self._check_reachable(down_since, e)
                 log.warning("job %s: following on %s: %s; retrying in %.1f s", live.id, ip, e, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_S[1])

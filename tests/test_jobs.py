@@ -411,6 +411,26 @@ def test_partition_of_the_master_mid_job_then_heal(env, cluster):
     assert rank_lines(done["response"], 3) and payload(done["response"].encode()) == written_bytes(20000)
 
 
+def test_master_unreachable_for_lost_after_s_makes_the_job_lost(cluster, tmp_path):
+    """A master cut off for good: after mpi.lost_after_s the job is recorded lost
+    (not running forever), its slot is freed, and the next job runs elsewhere."""
+    w = sorted(cluster.workers, key=lambda h: h.index)
+    e = Env(cluster, tmp_path / "state", lost_after_s=2.0)
+    try:
+        job = e.jobs.submit({"program": e.prog("--sleep", "60"), "wait": False})
+        wait_ranks(e, job["id"])
+        cluster.partition(w[0])
+        done = e.jobs.wait(job["id"], HANG)
+        assert (done["state"], done["reason"]) == ("lost", "master-unreachable"), done
+        assert "unreachable for 2 s" in done["error"] and "may still be running" in done["error"]
+        wait_for(lambda: [s.phase for s in e.registry.nodes()][0] != "Running", what="master not Running")
+        second = e.run({"program": e.prog()})  # max_concurrent_jobs = 1: the slot was freed
+        assert second["state"] == "succeeded" and second["master_name"] == w[1].name
+    finally:
+        cluster.heal(w[0])
+        e.close()
+
+
 # --- the real daemon: kill -9 mid-job and restart ---------------------------------------
 
 
