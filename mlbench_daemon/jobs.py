@@ -155,6 +155,7 @@ class _Live:
         self.stream = None
         self.timer = None
         self.reattached = False
+        self.names = None             # node names, for a job queued again after a restart
         self.done = threading.Event()
 
 
@@ -173,21 +174,38 @@ class Jobs:
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self):
-        """Re-attach to the jobs a previous run left pending or running.  They count
-        against max_concurrent_jobs at once; their followers connect once the
-        registry's first probe pass is over (bounded), so a backlog of output is
-        caught up on open connections, not against the start-up handshakes."""
+        """Take up the jobs a previous run left pending or running.
+
+        Launched jobs are re-attached and count against max_concurrent_jobs at once.
+        Jobs still queued are queued again, in order, from their stored request,
+        unless they had env values, which are never stored: those become lost.
+        Followers and launches wait for the registry's first probe pass (bounded),
+        so a backlog of output is caught up on open connections, not against the
+        start-up handshakes, and queued jobs see which nodes are Running."""
         for rec in self.store.running():
             live = _Live(rec["id"])
             live.reattached = True
-            with self._lock:
-                self._live[live.id] = live
-                self._active += 1
             if rec["state"] == "pending" and not rec["master_name"]:
-                self._finish(live, "lost", reason="daemon-restarted",
-                             error="the daemon restarted before the job was launched")
-                self._release()
+                req = rec["request"]
+                if rec["env_names"] or not req:
+                    self._finish(live, "lost", reason="daemon-restarted", error=(
+                        "the daemon restarted before the job was launched, and env values are never "
+                        "stored: submit it again" if rec["env_names"] else
+                        "the daemon restarted before the job was launched"))
+                    continue
+                live.program, live.np, live.master, live.names = \
+                    req["program"], req["np"], req["master"], req["nodes"]
+                with self._lock:
+                    self._live[live.id] = live
+                    if self._active < self.mpi.max_concurrent_jobs:
+                        self._active += 1
+                        self._spawn(live)
+                    else:
+                        self._queue.append(live)
             else:
+                with self._lock:
+                    self._live[live.id] = live
+                    self._active += 1
                 self._spawn(live)
 
     def stop(self, timeout=10.0):
@@ -220,7 +238,8 @@ class Jobs:
                 raise QueueFull(f"{self._active} job(s) running and {len(self._queue)} queued; try later")
             rec = self.store.create(
                 nodes=[node_row(s.node) for s in nodes], np=req["np"], timeout_s=timeout_s,
-                env_names=env_names,
+                env_names=env_names, request={"program": req["program"], "np": req["np"], "master": master,
+                                              "nodes": [s.node.name for s in nodes]},
                 command=self.mpirun_argv([s.node for s in nodes], req["np"], env_names, req["program"]))
             live.id = rec["id"]
             self._live[live.id] = live
@@ -399,9 +418,14 @@ class Jobs:
         if live.cancel_reason:
             self._finish(live, "cancelled", reason=live.cancel_reason)
             return None
+        failed, master = [], None
+        if live.names is not None:  # queued before a restart: its nodes as they are now
+            now = {s.node.name: s for s in self.registry.nodes()}
+            live.candidates = [now[n].node for n in live.names if n in now and now[n].phase == "Running"]
+            failed = [f"{n}: not Running after the restart" for n in live.names
+                      if n not in [c.name for c in live.candidates]]
         nodes = list(live.candidates)
         order = sorted(nodes, key=lambda n: n.name != live.master)  # requested master first
-        failed, master = [], None
         for node in order:
             why = self._preflight(node)
             if why is None:

@@ -6,11 +6,13 @@ Layout::
     <state_dir>/logs/<id>.log     the job's output, bytes exactly as produced
 
 A record is a dict with the columns of ``COLUMNS``; ``nodes`` (list of
-``[ip, namespace, name, labels]``), ``command`` (argv list) and ``env_names``
-(list of names; values are never stored) are JSON in the table and plain
-lists here.  Ids are 20 hex digits: creation time in milliseconds (kept
-strictly increasing), then random bits, so they sort by creation; ``seq``
-gives the exact order.
+``[ip, namespace, name, labels]``), ``command`` (argv list), ``env_names``
+(list of names; values are never stored) and ``request`` (what a queued job
+needs to be launched after a restart: program, np, master, node names) are
+JSON in the table and plain values here.  Ids are 20 hex digits: creation
+time in milliseconds (kept strictly increasing), then random bits, so they
+sort by creation; ``seq`` gives the exact order.  A database from an older
+version gets the columns of ``ADDED_COLUMNS`` when it is opened.
 
 One connection is shared by all threads behind a lock.  Every write commits
 at once; with ``synchronous=FULL`` a commit (a state transition) is on disk
@@ -32,9 +34,11 @@ FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
 COLUMNS = (
     "id", "seq", "state", "created", "started", "finished",
     "master_name", "master_ip", "master_port", "nodes", "command", "np",
-    "timeout_s", "env_names", "remote_dir", "pid", "exit_code", "error", "reason",
+    "timeout_s", "env_names", "remote_dir", "pid", "exit_code", "error", "reason", "request",
 )
-JSON_COLUMNS = ("nodes", "command", "env_names")
+JSON_COLUMNS = ("nodes", "command", "env_names", "request")
+# Columns added after the first release: (name, declaration), added to older databases.
+ADDED_COLUMNS = (("request", "TEXT NOT NULL DEFAULT '{}'"),)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -56,7 +60,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER,
     exit_code INTEGER,
     error TEXT,
-    reason TEXT
+    reason TEXT,
+    request TEXT NOT NULL DEFAULT '{}'
 )
 """
 
@@ -74,6 +79,10 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     def close(self):
         with self._lock:

@@ -456,7 +456,7 @@ def wait_http(url):
     wait_for(up, what="the daemon to serve")
 
 
-def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_path):
+def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     path = cluster.write_config(tmp_path / "daemon.toml", tmp_path / "state",
@@ -473,6 +473,14 @@ def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_pat
         assert status == 202
         wait_for(lambda: b"rank 2 of 3" in http(f"{url}/api/mpi_jobs/{job_id}/logs?limit=1000000")[1],
                  what="ranks")
+        # two more wait in the queue (max_concurrent_jobs = 1): one with env values, which are
+        # never stored, and one without, which can be launched again from its record
+        w = sorted(cluster.workers, key=lambda h: h.index)
+        queued = json.loads(http(url + "/api/mpi_jobs/", "POST", {
+            "program": [str(cluster.mpi_program)], "nodes": [w[1].name, w[2].name], "wait": False})[1])
+        secret = json.loads(http(url + "/api/mpi_jobs/", "POST", {
+            "program": [str(cluster.mpi_program)], "env": {"TOKEN": "s3cret"}, "wait": False})[1])
+        assert queued["state"] == secret["state"] == "pending"
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(30)
         daemon = serve(path)
@@ -485,6 +493,13 @@ def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_pat
         assert rank_lines(log.decode(), 3)
         assert b"exited on signal" not in log and b"-----" in log  # mpirun's notice of exit code 5
         assert payload(log[:log.index(b"-----")]) == written_bytes(300000)  # every byte, once, in order
+        wait_for(lambda: json.loads(http(f"{url}/api/mpi_jobs/{queued['id']}")[1])["state"] not in
+                 ("pending", "running"), what="the queued job to end")
+        again = json.loads(http(f"{url}/api/mpi_jobs/{queued['id']}")[1])
+        assert (again["state"], again["master_name"]) == ("succeeded", w[1].name), again
+        assert [n[2] for n in again["nodes"]] == [w[1].name, w[2].name] and again["started"] >= job["finished"]
+        lost = json.loads(http(f"{url}/api/mpi_jobs/{secret['id']}")[1])
+        assert (lost["state"], lost["reason"]) == ("lost", "daemon-restarted") and "env values" in lost["error"]
     finally:
         stop_process(daemon, timeout=30)
 

@@ -105,3 +105,23 @@ def test_survives_a_killed_process(tmp_path):
     assert [r["id"] for r in s.running()] == [job_id]
     assert s.read_log(job_id, 0, 100) == (b"partial output", 14)
     s.close()
+
+
+def test_a_database_from_before_the_request_column_is_upgraded(tmp_path):
+    import sqlite3
+    from mlbench_daemon import store as store_module
+    old_schema = store_module.SCHEMA.replace(",\n    request TEXT NOT NULL DEFAULT '{}'", "")
+    assert "request" not in old_schema
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute(old_schema)
+    db.execute("INSERT INTO jobs (id, state, created) VALUES ('00000000000000000001', 'pending', 1.0)")
+    db.commit()
+    db.close()
+    s = Store(str(tmp_path))
+    try:
+        assert s.get("00000000000000000001")["request"] == {}
+        rec = s.create(request={"program": ["p"], "np": None, "master": None, "nodes": ["w-0"]})
+        assert s.get(rec["id"])["request"]["nodes"] == ["w-0"]
+    finally:
+        s.close()
+    Store(str(tmp_path)).close()  # and opening it again changes nothing
