@@ -4,7 +4,9 @@ Prints, with the baseline measured in the same run:
 
 - launch: a synchronous `POST /api/mpi_jobs/` of the short MPI program on 4
   and on 16 hosts, against the same mpirun typed through OpenSSH
-  (`ssh master mpirun --host ... prog`), as a person at a terminal would;
+  (`ssh master mpirun --host ... prog`), as a person at a terminal would; and
+  each one's overhead beyond mpirun's own run time (mpirun is run through a
+  small wrapper that records when it starts and ends, in both paths);
 - log throughput: a job writing 1 GB, start to end, against the same job run
   through `ssh master mpirun`; and 1 GB already written, streamed into the
   daemon's log on re-attach after a kill -9, against `ssh master cat` of the
@@ -61,22 +63,48 @@ def openssh(c, argv, timeout=600):
                           stderr=subprocess.DEVNULL, timeout=timeout)
 
 
-def launch(c, port, n, rounds):
+def timed_mpirun(c):
+    """A wrapper that appends mpirun's own start and end times to a file, so that
+    each path's overhead beyond mpirun itself can be told apart from mpirun's
+    run-to-run variation (hundreds of ms on a busy 2-core machine)."""
+    times = c.home / "mpirun-times"
+    wrapper = c.home / "timed-mpirun"
+    wrapper.write_text(f"""#!/bin/sh
+echo "$(date +%s.%N)" >> {times}
+{MPIRUN} "$@"
+r=$?
+echo "$(date +%s.%N)" >> {times}
+exit $r
+""")
+    wrapper.chmod(0o755)
+    return wrapper, times
+
+
+def mpirun_seconds(times):
+    start, end = map(float, times.read_text().split())
+    times.unlink()
+    return end - start
+
+
+def launch(c, port, n, rounds, wrapper, times):
     hosts = c.workers[:n]
     names = [h.name for h in hosts]
-    mpirun = [MPIRUN, *MPI_ARGS, "--host", ",".join(h.ip for h in hosts), str(c.mpi_program)]
-    ours, theirs = [], []
+    mpirun = [str(wrapper), *MPI_ARGS, "--host", ",".join(h.ip for h in hosts), str(c.mpi_program)]
+    ours, theirs, ours_over, theirs_over = [], [], [], []
     for _ in range(rounds):
         t = time.perf_counter()
         r = openssh(c, mpirun)
         theirs.append(time.perf_counter() - t)
+        theirs_over.append(theirs[-1] - mpirun_seconds(times))
         assert r.returncode == 0 and f"allreduce ok {n}".encode() in r.stdout, r.stdout[-500:]
         t = time.perf_counter()
         status, job = call(port, "POST", "/api/mpi_jobs/", {"nodes": names})
         ours.append(time.perf_counter() - t)
+        ours_over.append(ours[-1] - mpirun_seconds(times))
         assert status == 200 and job["exit_code"] == 0, job
         assert f"allreduce ok {n}" in job["response"], job["response"][-500:]
-    return statistics.median(ours), statistics.median(theirs)
+    med = statistics.median
+    return med(ours), med(theirs), med(ours_over), med(theirs_over)
 
 
 class RSS:
@@ -111,7 +139,7 @@ def wait_state(port, job_id, states, timeout=600):
         time.sleep(0.02)
 
 
-def live_stream(c, port, daemon_pid, nbytes):
+def live_stream(c, port, daemon_pid, nbytes, wrapper):
     """A job writing nbytes, start to end: via the daemon, and via ssh + mpirun at a terminal."""
     master = c.workers[0]
     rss = RSS(daemon_pid)
@@ -124,7 +152,7 @@ def live_stream(c, port, daemon_pid, nbytes):
     ours = time.perf_counter() - t
     assert job["state"] == "succeeded", job
     growth = rss.growth_mb()
-    mpirun = [MPIRUN, *MPI_ARGS, "--host", master.ip, str(c.mpi_program), "--bytes", str(nbytes)]
+    mpirun = [str(wrapper), *MPI_ARGS, "--host", master.ip, str(c.mpi_program), "--bytes", str(nbytes)]
     t = time.perf_counter()
     r = openssh(c, mpirun)
     theirs = time.perf_counter() - t
@@ -191,8 +219,10 @@ def main():
     daemon = None
     try:
         port = free_port()
+        wrapper, times = timed_mpirun(c)
         cfg = c.write_config(work / "cfg.toml", work / "state", server={"port": port},
-                             ssh={"probe_interval_s": 5.0, "max_connects": 16})
+                             ssh={"probe_interval_s": 5.0, "max_connects": 16},
+                             mpi={"mpirun": str(wrapper)})
         def start():
             return subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "serve",
                                      "--config", str(cfg), "--log-level", "warning"])
@@ -210,14 +240,15 @@ def main():
                 raise SystemExit("daemon did not see 16 Running hosts")
             time.sleep(0.2)
 
-        print(f"\nlaunch, medians of {args.rounds} rounds")
+        print(f"\nlaunch, medians of {args.rounds} rounds (overhead = total minus mpirun's own time)")
         for n in (4, 16):
-            ours, theirs = launch(c, port, n, args.rounds)
+            ours, theirs, ours_over, theirs_over = launch(c, port, n, args.rounds, wrapper, times)
             print(f"  {n:2d} hosts: POST {ours * 1000:7.1f} ms   ssh+mpirun {theirs * 1000:7.1f} ms"
                   f"   ratio {ours / theirs:.2f}  (target <= 0.9)")
+            print(f"            overhead: POST {ours_over * 1000:5.1f} ms   ssh+mpirun {theirs_over * 1000:5.1f} ms")
 
         nbytes = int(args.gigabytes * 1e9)
-        ours, theirs, growth = live_stream(c, port, daemon.pid, nbytes)
+        ours, theirs, growth = live_stream(c, port, daemon.pid, nbytes, wrapper)
         print(f"\nlog throughput, a job writing {nbytes / 1e9:.2f} GB")
         print(f"  live, job start to end: daemon {nbytes / ours / 1e6:6.1f} MB/s   "
               f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   ratio {theirs / ours:.2f}")
