@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from mlbench_daemon import config
 from mlbench_daemon.discovery import Discovery
 from mlbench_daemon.errors import BadRequest, Conflict, QueueFull, Unavailable
+from mlbench_daemon import jobs as jobs_module
 from mlbench_daemon.jobs import Jobs, validate
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool, Unreachable
@@ -43,7 +44,6 @@ def test_streamed_sync_answer_is_the_json_of_the_whole_answer(log, chunk, master
     job dict with the whole log decoded as "response"."""
     import tempfile
     import types
-    from mlbench_daemon import jobs as jobs_module
     with tempfile.TemporaryDirectory() as d:
         store = Store(d)
         try:
@@ -242,6 +242,22 @@ def test_empty_body_runs_the_default_program_on_all_running_nodes(env, cluster):
         assert f"on {h.ip}: sum=3" in job["response"]
     assert env.jobs.get(job["id"])["state"] == "succeeded"
     assert "response" not in env.jobs.get(job["id"])
+    wait_for(lambda: job_processes(cluster) == [], what="no follower, tail, flock or wrapper left")
+
+
+def test_a_silent_job_keeps_one_follower(env, cluster, monkeypatch, mocker):
+    """Silent longer than the follower's idle timeout: the master is probed and the
+    stream kept (one stream, one remote tail at any time), and nothing is left after."""
+    monkeypatch.setattr(jobs_module, "FOLLOW_IDLE_S", 0.3)
+    streams = mocker.spy(env.pool, "stream")  # counts calls; the real stream runs
+    job = env.jobs.submit({"program": env.prog("--sleep", "4"), "wait": False})
+    tails = []
+    while env.jobs.get(job["id"])["state"] in ("pending", "running"):
+        tails.append(sum(cmd.startswith("tail ") for _, cmd in job_processes(cluster)))
+        time.sleep(0.1)
+    assert env.jobs.get(job["id"])["state"] == "succeeded", env.jobs.get(job["id"])
+    assert streams.call_count == 1 and max(tails) == 1, (streams.call_count, tails)
+    wait_for(lambda: job_processes(cluster) == [], what="no follower, tail, flock or wrapper left")
 
 
 def test_exit_code_3_fails_the_job(env):
