@@ -196,12 +196,7 @@ class Jobs:
                 live.program, live.np, live.master, live.names = \
                     req["program"], req["np"], req["master"], req["nodes"]
                 with self._lock:
-                    self._live[live.id] = live
-                    if self._active < self.mpi.max_concurrent_jobs:
-                        self._active += 1
-                        self._spawn(live)
-                    else:
-                        self._queue.append(live)
+                    self._admit(live)
             else:
                 with self._lock:
                     self._live[live.id] = live
@@ -242,12 +237,7 @@ class Jobs:
                                               "nodes": [s.node.name for s in nodes]},
                 command=self.mpirun_argv([s.node for s in nodes], req["np"], env_names, req["program"]))
             live.id = rec["id"]
-            self._live[live.id] = live
-            if self._active < self.mpi.max_concurrent_jobs:
-                self._active += 1
-                self._spawn(live)
-            else:
-                self._queue.append(live)
+            self._admit(live)
         log.info("job %s submitted: %d node(s), env %s", live.id, len(nodes), env_names)
         return self.to_json(rec)
 
@@ -373,6 +363,15 @@ class Jobs:
         return argv + list(program)
 
     # --- running -----------------------------------------------------------------------
+
+    def _admit(self, live):
+        """Run `live` now if a slot is free, else queue it (the caller holds self._lock)."""
+        self._live[live.id] = live
+        if self._active < self.mpi.max_concurrent_jobs:
+            self._active += 1
+            self._spawn(live)
+        else:
+            self._queue.append(live)
 
     def _spawn(self, live):
         t = threading.Thread(target=self._run, args=(live,), name=f"job-{live.id}", daemon=True)
