@@ -86,16 +86,17 @@ echo $!
 # is over, without polling: `flock -s lock` returns the moment the wrapper has exited
 # (after writing rc, or killed), and tail, told to follow while that flock runs, then
 # prints what is left and exits.  (Not the wrapper's own pid: an orphan stays a zombie
-# until init reaps it, which some inits do only once a second.)  A stream that ends
-# short is resumed by the caller, which compares sizes with STATUS.
+# until init reaps it, which some inits do only once a second.)  Only a tail that did
+# not end that way (its channel closed: SIGPIPE) leaves a flock to stop; after a normal
+# end the flock is gone and its pid may be reaped already, so it is not signalled.
+# A stream that ends short is resumed by the caller, which compares sizes with STATUS.
 FOLLOW = """exec 2>/dev/null
 cd "$1" || exit 1
 [ -e rc ] && exec tail -c "+$2" out
 flock -s lock true >/dev/null </dev/null &
 f=$!
 tail -c "+$2" -F -s 0.01 --pid=$f out &
-wait $!
-kill $f
+wait $! || kill $f
 exit 0
 """
 # -> "done RC SIZE" | "running - SIZE" | "gone - SIZE" | "missing"
