@@ -174,9 +174,9 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
         if not (body or {}).get("wait", True):
             bottle.response.set_header("Location", f"/api/mpi_jobs/{job['id']}")
             return _json(job, 202)
-        body = jobs.wait_json(job["id"])  # blocks here, before the 200 is sent
+        answer = jobs.wait_json(job["id"])  # blocks here, before the 200 is sent
         bottle.response.content_type = JSON
-        return body
+        return answer
 
     @app.get("/api/mpi_jobs")
     def list_jobs():

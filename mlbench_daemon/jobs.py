@@ -421,9 +421,9 @@ class Jobs:
         failed, master = [], None
         if live.names is not None:  # queued before a restart: its nodes as they are now
             now = {s.node.name: s for s in self.registry.nodes()}
-            live.candidates = [now[n].node for n in live.names if n in now and now[n].phase == "Running"]
-            failed = [f"{n}: not Running after the restart" for n in live.names
-                      if n not in [c.name for c in live.candidates]]
+            running = [n for n in live.names if n in now and now[n].phase == "Running"]
+            live.candidates = [now[n].node for n in running]
+            failed = [f"{n}: not Running after the restart" for n in live.names if n not in running]
         nodes = list(live.candidates)
         order = sorted(nodes, key=lambda n: n.name != live.master)  # requested master first
         for node in order:

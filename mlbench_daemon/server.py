@@ -25,8 +25,7 @@ import time
 import waitress
 from waitress import wasyncore
 
-from mlbench_daemon import api, metrics, sdnotify
-from mlbench_daemon import config
+from mlbench_daemon import api, config, metrics, sdnotify
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.nodes import Registry
