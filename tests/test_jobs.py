@@ -5,6 +5,7 @@ import json
 import re
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,44 @@ PROGRAM = ["/bin/prog"]
 SEED_KEYS = ["nodes", "command", "master_name", "response"]
 HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
 
+
+
+# --- the follow script, run locally (real sh, tail, flock) ---------------------------------
+
+
+@pytest.mark.parametrize("tail_knows_the_switch", [True, False])
+def test_follow_streams_to_the_end_with_or_without_tails_polling_switch(tmp_path, tail_knows_the_switch):
+    """FOLLOW asks GNU tail to poll (fewer, larger SSH packets); a tail that does not
+    know the switch must still follow the whole output to the job's end."""
+    job, fake = tmp_path / "job", tmp_path / "bin"
+    job.mkdir()
+    fake.mkdir()
+    calls = tmp_path / "tail-calls"
+    reject = "" if tail_knows_the_switch else 'echo "tail: unrecognized option" >&2; exit 1'
+    (fake / "tail").write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case " $* " in *" ---disable-inotify "*) {reject};; esac
+exec {shutil.which("tail")} "$@"
+""")
+    (fake / "tail").chmod(0o755)
+    # the job: holds the lock as the wrapper does, writes 200 lines over about a second
+    ready = job / "ready"
+    writer = subprocess.Popen(["sh", "-c", "exec 9> lock; flock -x 9; : > out; : > ready; i=0; "
+                               "while [ $i -lt 200 ]; do echo line $i >> out; i=$((i+1)); "
+                               "[ $((i % 20)) = 0 ] && sleep 0.1; done; echo 0 > rc"], cwd=job)
+    deadline = time.monotonic() + HANG
+    while not ready.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    follow = subprocess.run(["sh", "-c", jobs_module.FOLLOW, "sh", str(job), "1"], env=env,
+                            capture_output=True, timeout=HANG)
+    writer.wait(HANG)
+    assert follow.returncode == 0
+    assert follow.stdout == b"".join(b"line %d\n" % i for i in range(200))
+    following = calls.read_text().splitlines()[-1]  # the tail that followed
+    assert "-F" in following.split()
+    assert ("---disable-inotify" in following.split()) == tail_knows_the_switch
 
 # --- the sync answer, streamed (no cluster) -----------------------------------------------
 
