@@ -244,18 +244,18 @@ def main():
         for n in (4, 16):
             ours, theirs, ours_over, theirs_over = launch(c, port, n, args.rounds, wrapper, times)
             print(f"  {n:2d} hosts: POST {ours * 1000:7.1f} ms   ssh+mpirun {theirs * 1000:7.1f} ms"
-                  f"   ratio {ours / theirs:.2f}  (target <= 0.9)")
+                  f"   ratio {ours / theirs:.3f}  (target <= 0.9)")
             print(f"            overhead: POST {ours_over * 1000:5.1f} ms   ssh+mpirun {theirs_over * 1000:5.1f} ms")
 
         nbytes = int(args.gigabytes * 1e9)
         ours, theirs, growth = live_stream(c, port, daemon.pid, nbytes, wrapper)
         print(f"\nlog throughput, a job writing {nbytes / 1e9:.2f} GB")
         print(f"  live, job start to end: daemon {nbytes / ours / 1e6:6.1f} MB/s   "
-              f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   ratio {theirs / ours:.2f}")
+              f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   ratio {theirs / ours:.3f}")
         print(f"  daemon RSS growth while streaming {growth:.1f} MB  (target < 50)")
         daemon, ours_bps, theirs_bps, growth = catch_up(c, port, daemon, start, nbytes, work / "state")
         print(f"  written, after kill -9 + restart: daemon re-attach {ours_bps / 1e6:6.1f} MB/s   "
-              f"ssh master cat {theirs_bps / 1e6:6.1f} MB/s   ratio {ours_bps / theirs_bps:.2f}  (target >= 0.8)")
+              f"ssh master cat {theirs_bps / 1e6:6.1f} MB/s   ratio {ours_bps / theirs_bps:.3f}  (target >= 0.8)")
         print(f"  daemon RSS growth while catching up {growth:.1f} MB  (target < 50)")
     finally:
         if daemon:
