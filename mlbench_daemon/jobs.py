@@ -84,9 +84,9 @@ echo $! > pid
 echo $!
 """
 # $1 = job dir, $2 = first byte wanted (1-based).  Streams `out` from $2 until the job
-# is over, seen without polling for rc: `flock -s lock` returns the moment the wrapper has exited
-# (after writing rc, or killed), and tail, told to follow while that flock runs, then
-# prints what is left and exits.  (Not the wrapper's own pid: an orphan stays a zombie
+# is over, which is seen without polling for rc: `flock -s lock` returns the moment the
+# wrapper has exited (after writing rc, or killed), and tail, told to follow while that
+# flock runs, then prints what is left and exits.  (Not the wrapper's own pid: an orphan stays a zombie
 # until init reaps it, which some inits do only once a second.)  Only a tail that did
 # not end that way (its channel closed: SIGPIPE) leaves a flock to stop; after a normal
 # end the flock is gone and its pid may be reaped already, so it is not signalled.
