@@ -17,9 +17,8 @@ receive request data only as positional parameters or on stdin):
 - follow: ``tail -F out`` (checking every 10 ms) from the local log size,
   until ``flock -s lock`` returns (the wrapper, which holds the lock, has
   exited), so output lands in the log as it is written and the end is seen
-  within 10 ms; on a dropped link the
-  follower reconnects with backoff and resumes from the local log size.  When
-  tail ends, a status check reads ``rc``;
+  within 10 ms; on a dropped link the follower reconnects with backoff and
+  resumes from the local log size.  When tail ends, a status check reads ``rc``;
 - cancel: TERM to the process group, ``mpi.cancel_grace_s``, then KILL; then
   every host of the job is swept for processes carrying the job marker
   (mpirun/ranks in their environment, orted on its command line, where
@@ -86,10 +85,11 @@ echo $!
 # $1 = job dir, $2 = first byte wanted (1-based).  Streams `out` from $2 until the job
 # is over, which is seen without polling for rc: `flock -s lock` returns the moment the
 # wrapper has exited (after writing rc, or killed), and tail, told to follow while that
-# flock runs, then prints what is left and exits.  (Not the wrapper's own pid: an orphan stays a zombie
-# until init reaps it, which some inits do only once a second.)  Only a tail that did
-# not end that way (its channel closed: SIGPIPE) leaves a flock to stop; after a normal
-# end the flock is gone and its pid may be reaped already, so it is not signalled.
+# flock runs, then prints what is left and exits.  (Not the wrapper's own pid: an
+# orphan stays a zombie until init reaps it, which some inits do only once a second.)
+# Only a tail that did not end that way (its channel closed: SIGPIPE) leaves a flock
+# to stop; after a normal end the flock is gone and its pid may be reaped already, so
+# it is not signalled.
 # A stream that ends short is resumed by the caller, which compares sizes with STATUS.
 # tail checks the file every 10 ms instead of waking on each inotify event: mpirun
 # writes a few KiB at a time, and woken per write, tail and sshd pass each piece on as

@@ -33,7 +33,6 @@ SEED_KEYS = ["nodes", "command", "master_name", "response"]
 HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
 
 
-
 # --- the follow script, run locally (real sh, tail, flock) ---------------------------------
 
 
@@ -70,6 +69,7 @@ exec {shutil.which("tail")} "$@"
     following = calls.read_text().splitlines()[-1]  # the tail that followed
     assert "-F" in following.split()
     assert ("---disable-inotify" in following.split()) == tail_knows_the_switch
+
 
 # --- the sync answer, streamed (no cluster) -----------------------------------------------
 
