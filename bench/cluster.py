@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.cluster import Cluster  # noqa: E402
+from tests.cluster import Cluster
 
 
 def main():
@@ -32,8 +32,10 @@ def main():
             t = time.perf_counter()
             c.teardown()
             teardowns.append(time.perf_counter() - t)
-        print(f"{n:3d} workers (+1 dashboard host): build {statistics.median(builds):.2f} s, "
-              f"teardown {statistics.median(teardowns):.2f} s  (median of {args.rounds})")
+        print(
+            f"{n:3d} workers (+1 dashboard host): build {statistics.median(builds):.2f} s, "
+            f"teardown {statistics.median(teardowns):.2f} s  (median of {args.rounds})"
+        )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def call(port, method, path, body=None, timeout=600):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = None if body is None else json.dumps(body)
-        conn.request(method, path, body=data,
-                     headers={"Content-Type": "application/json"} if data else {})
+        conn.request(
+            method, path, body=data, headers={"Content-Type": "application/json"} if data else {}
+        )
         r = conn.getresponse()
         return r.status, json.loads(r.read())
     finally:
@@ -59,8 +60,12 @@ def rss_kb(pid):
 
 
 def openssh(c, argv, timeout=600):
-    return subprocess.run(c.ssh_argv(c.workers[0], argv), stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, timeout=timeout)
+    return subprocess.run(
+        c.ssh_argv(c.workers[0], argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        timeout=timeout,
+    )
 
 
 def timed_mpirun(c):
@@ -110,7 +115,7 @@ def launch(c, port, n, rounds, wrapper, times):
     # Each path goes first in every other round, and each starts on a settled machine
     # (the previous run's 16 remote sessions and the daemon's clean-up have ended).
     for i in range(rounds):
-        for run in ((by_openssh, by_post) if i % 2 == 0 else (by_post, by_openssh)):
+        for run in (by_openssh, by_post) if i % 2 == 0 else (by_post, by_openssh):
             time.sleep(SETTLE_S)
             run()
     med = statistics.median
@@ -154,15 +159,30 @@ def live_stream(c, port, daemon_pid, nbytes, wrapper):
     master = c.workers[0]
     rss = RSS(daemon_pid)
     t = time.perf_counter()
-    status, job = call(port, "POST", "/api/mpi_jobs/",
-                       {"nodes": [master.name], "program": [str(c.mpi_program), "--bytes", str(nbytes)],
-                        "wait": False})
+    status, job = call(
+        port,
+        "POST",
+        "/api/mpi_jobs/",
+        {
+            "nodes": [master.name],
+            "program": [str(c.mpi_program), "--bytes", str(nbytes)],
+            "wait": False,
+        },
+    )
     assert status == 202, job
     job = wait_state(port, job["id"], ("succeeded", "failed", "lost", "cancelled"))
     ours = time.perf_counter() - t
     assert job["state"] == "succeeded", job
     growth = rss.growth_mb()
-    mpirun = [str(wrapper), *MPI_ARGS, "--host", master.ip, str(c.mpi_program), "--bytes", str(nbytes)]
+    mpirun = [
+        str(wrapper),
+        *MPI_ARGS,
+        "--host",
+        master.ip,
+        str(c.mpi_program),
+        "--bytes",
+        str(nbytes),
+    ]
     t = time.perf_counter()
     r = openssh(c, mpirun)
     theirs = time.perf_counter() - t
@@ -174,9 +194,16 @@ def catch_up(c, port, daemon, start, nbytes, state_dir):
     """Re-attach after kill -9 to a job whose nbytes are already written: the daemon's
     streaming rate (log growth after restart), and `ssh master cat` of the same file."""
     master = c.workers[0]
-    status, job = call(port, "POST", "/api/mpi_jobs/",
-                       {"nodes": [master.name], "wait": False,
-                        "program": [str(c.mpi_program), "--bytes", str(nbytes), "--sleep", "1"]})
+    status, job = call(
+        port,
+        "POST",
+        "/api/mpi_jobs/",
+        {
+            "nodes": [master.name],
+            "wait": False,
+            "program": [str(c.mpi_program), "--bytes", str(nbytes), "--sleep", "1"],
+        },
+    )
     wait_state(port, job["id"], ("running",))
     daemon.kill()
     daemon.wait()
@@ -230,12 +257,27 @@ def main():
     try:
         port = free_port()
         wrapper, times = timed_mpirun(c)
-        cfg = c.write_config(work / "cfg.toml", work / "state", server={"port": port},
-                             ssh={"probe_interval_s": 5.0, "max_connects": 16},
-                             mpi={"mpirun": str(wrapper)})
+        cfg = c.write_config(
+            work / "cfg.toml",
+            work / "state",
+            server={"port": port},
+            ssh={"probe_interval_s": 5.0, "max_connects": 16},
+            mpi={"mpirun": str(wrapper)},
+        )
+
         def start():
-            return subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "serve",
-                                     "--config", str(cfg), "--log-level", "warning"])
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlbench_daemon",
+                    "serve",
+                    "--config",
+                    str(cfg),
+                    "--log-level",
+                    "warning",
+                ]
+            )
 
         daemon = start()
         deadline = time.monotonic() + 30
@@ -250,22 +292,34 @@ def main():
                 raise SystemExit("daemon did not see 16 Running hosts")
             time.sleep(0.2)
 
-        print(f"\nlaunch, medians of {args.rounds} rounds (overhead = total minus mpirun's own time)")
+        print(
+            f"\nlaunch, medians of {args.rounds} rounds (overhead = total minus mpirun's own time)"
+        )
         for n in (4, 16):
             ours, theirs, ours_over, theirs_over = launch(c, port, n, args.rounds, wrapper, times)
-            print(f"  {n:2d} hosts: POST {ours * 1000:7.1f} ms   ssh+mpirun {theirs * 1000:7.1f} ms"
-                  f"   ratio {ours / theirs:.3f}  (target <= 0.9)")
-            print(f"            overhead: POST {ours_over * 1000:5.1f} ms   ssh+mpirun {theirs_over * 1000:5.1f} ms")
+            print(
+                f"  {n:2d} hosts: POST {ours * 1000:7.1f} ms   ssh+mpirun {theirs * 1000:7.1f} ms"
+                f"   ratio {ours / theirs:.3f}  (target <= 0.9)"
+            )
+            print(
+                f"            overhead: POST {ours_over * 1000:5.1f} ms   ssh+mpirun {theirs_over * 1000:5.1f} ms"
+            )
 
         nbytes = int(args.gigabytes * 1e9)
         ours, theirs, growth = live_stream(c, port, daemon.pid, nbytes, wrapper)
         print(f"\nlog throughput, a job writing {nbytes / 1e9:.2f} GB")
-        print(f"  live, job start to end: daemon {nbytes / ours / 1e6:6.1f} MB/s   "
-              f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   ratio {theirs / ours:.3f}")
+        print(
+            f"  live, job start to end: daemon {nbytes / ours / 1e6:6.1f} MB/s   "
+            f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   ratio {theirs / ours:.3f}"
+        )
         print(f"  daemon RSS growth while streaming {growth:.1f} MB  (target < 50)")
-        daemon, ours_bps, theirs_bps, growth = catch_up(c, port, daemon, start, nbytes, work / "state")
-        print(f"  written, after kill -9 + restart: daemon re-attach {ours_bps / 1e6:6.1f} MB/s   "
-              f"ssh master cat {theirs_bps / 1e6:6.1f} MB/s   ratio {ours_bps / theirs_bps:.3f}  (target >= 0.8)")
+        daemon, ours_bps, theirs_bps, growth = catch_up(
+            c, port, daemon, start, nbytes, work / "state"
+        )
+        print(
+            f"  written, after kill -9 + restart: daemon re-attach {ours_bps / 1e6:6.1f} MB/s   "
+            f"ssh master cat {theirs_bps / 1e6:6.1f} MB/s   ratio {ours_bps / theirs_bps:.3f}  (target >= 0.8)"
+        )
         print(f"  daemon RSS growth while catching up {growth:.1f} MB  (target < 50)")
     finally:
         if daemon:

@@ -34,8 +34,6 @@ sys.path.insert(0, str(ROOT))
 from tests.cluster import Cluster, free_port, stop_process  # noqa: E402
 
 
-
-
 def get(conn, path):
     conn.request("GET", path)
     r = conn.getresponse()
@@ -46,8 +44,12 @@ def get(conn, path):
 def openssh_sweep(c):
     """Every host at once with OpenSSH, as a person or Horovod would check them."""
     t = time.perf_counter()
-    procs = [subprocess.Popen(c.ssh_argv(h, ["true"]), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for h in c.workers]
+    procs = [
+        subprocess.Popen(
+            c.ssh_argv(h, ["true"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for h in c.workers
+    ]
     codes = [p.wait() for p in procs]
     elapsed = time.perf_counter() - t
     assert codes == [0] * len(codes), f"OpenSSH sweep failed: {codes}"
@@ -60,7 +62,9 @@ def refresh(conn, n):
     elapsed = time.perf_counter() - t
     nodes = json.loads(body)
     running = sum(1 for x in nodes if x["phase"] == "Running")
-    assert status == 200 and running == n, f"refresh: HTTP {status}, {running}/{n} Running: {nodes[:2]}"
+    assert status == 200 and running == n, (
+        f"refresh: HTTP {status}, {running}/{n} Running: {nodes[:2]}"
+    )
     return elapsed
 
 
@@ -81,12 +85,26 @@ def _client(port, deadline, out):
 
 def wrk(port, clients, seconds):
     """req/s and errors from wrk (a C load generator), which leaves the CPU to the daemon."""
-    out = subprocess.run(["wrk", "-t", "2", "-c", str(clients), "-d", f"{max(1, round(seconds))}s",
-                          f"http://127.0.0.1:{port}/api/nodes/"],
-                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "2",
+            "-c",
+            str(clients),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            f"http://127.0.0.1:{port}/api/nodes/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|timeout) (\d+)", out))
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
     if socket_errors:
         errors += sum(int(x) for x in socket_errors.groups())
     return rps, errors
@@ -96,8 +114,9 @@ def throughput(port, clients, seconds):
     """req/s of `clients` keep-alive clients in separate Python processes."""
     out = multiprocessing.Queue()
     deadline = time.monotonic() + seconds
-    procs = [multiprocessing.Process(target=_client, args=(port, deadline, out))
-             for _ in range(clients)]
+    procs = [
+        multiprocessing.Process(target=_client, args=(port, deadline, out)) for _ in range(clients)
+    ]
     t = time.perf_counter()
     for p in procs:
         p.start()
@@ -122,13 +141,25 @@ def main():
     daemon = None
     try:
         port = free_port()
-        cfg = c.write_config(work / "cfg.toml", work / "state",
-                             server={"port": port, "threads": 8},
-                             ssh={"probe_interval_s": 60.0, "connect_timeout_s": 5.0,
-                                  "max_connects": 32},
-                             discovery={"refresh_s": 60.0})
-        daemon = subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "serve",
-                                   "--config", str(cfg), "--log-level", "warning"])
+        cfg = c.write_config(
+            work / "cfg.toml",
+            work / "state",
+            server={"port": port, "threads": 8},
+            ssh={"probe_interval_s": 60.0, "connect_timeout_s": 5.0, "max_connects": 32},
+            discovery={"refresh_s": 60.0},
+        )
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlbench_daemon",
+                "serve",
+                "--config",
+                str(cfg),
+                "--log-level",
+                "warning",
+            ]
+        )
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         deadline = time.monotonic() + 30
         while True:
@@ -169,12 +200,20 @@ def main():
         s = med(sweep)
         print(f"\n{n} hosts, medians of {args.rounds} rounds")
         print(f"  OpenSSH parallel sweep (baseline)  {s * 1000:8.1f} ms")
-        print(f"  forced re-probe, warm              {med(warm) * 1000:8.1f} ms   ratio {med(warm) / s:.3f}  (target <= 0.05)")
-        print(f"  forced re-probe, cold              {med(cold) * 1000:8.1f} ms   ratio {med(cold) / s:.3f}  (target <= 0.5)")
-        print(f"  GET /api/nodes/ 1 client           p50 {lat[len(lat) // 2] * 1000:.2f} ms   "
-              f"p99 {lat[int(len(lat) * 0.99)] * 1000:.2f} ms  (target p50 <= 2 ms)")
-        print(f"  GET /api/nodes/ 32 clients         {rps:8.0f} req/s, {errors} errors  (target >= 1000, 0)"
-              f"  [load from {load.__name__}]")
+        print(
+            f"  forced re-probe, warm              {med(warm) * 1000:8.1f} ms   ratio {med(warm) / s:.3f}  (target <= 0.05)"
+        )
+        print(
+            f"  forced re-probe, cold              {med(cold) * 1000:8.1f} ms   ratio {med(cold) / s:.3f}  (target <= 0.5)"
+        )
+        print(
+            f"  GET /api/nodes/ 1 client           p50 {lat[len(lat) // 2] * 1000:.2f} ms   "
+            f"p99 {lat[int(len(lat) * 0.99)] * 1000:.2f} ms  (target p50 <= 2 ms)"
+        )
+        print(
+            f"  GET /api/nodes/ 32 clients         {rps:8.0f} req/s, {errors} errors  (target >= 1000, 0)"
+            f"  [load from {load.__name__}]"
+        )
     finally:
         if daemon:
             stop_process(daemon)

@@ -19,12 +19,11 @@ def say(text):
     print(f"\n\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"\n==> {text}", flush=True)
 
 
-
-
 def http(method, url, body=None, timeout=120):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"} if data else {})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"} if data else {}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status, json.loads(r.read())
 
@@ -52,27 +51,47 @@ def main():
             print(f"  {h.name:36} {h.ip:15} {h.labels}")
         print(f"  DNS {cluster.nameserver} publishes {cluster.service}")
         port = free_port()
-        config = cluster.write_config(work / "mlbench-daemon.toml", work / "state",
-                                      server={"host": "127.0.0.1", "port": port})
+        config = cluster.write_config(
+            work / "mlbench-daemon.toml", work / "state", server={"host": "127.0.0.1", "port": port}
+        )
         url = f"http://127.0.0.1:{port}"
         say(f"starting: mlbench-daemon serve --config {config}")
-        daemon = subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "serve",
-                                   "--config", str(config)],
-                                  stderr=open(work / "daemon.log", "wb"))
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config)],
+            stderr=open(work / "daemon.log", "wb"),
+        )
         print(json.dumps(wait_healthy(url, daemon)[1]))
 
         say(f"curl {url}/api/nodes/")
         _, nodes = http("GET", f"{url}/api/nodes/?refresh=1")
         print(json.dumps(nodes, indent=2))
 
-        say(f"curl -X POST {url}/api/mpi_jobs/   (empty body: the configured MPI program on all Running workers)")
+        say(
+            f"curl -X POST {url}/api/mpi_jobs/   (empty body: the configured MPI program on all Running workers)"
+        )
         status, job = http("POST", f"{url}/api/mpi_jobs/")
         print(f"HTTP {status}")
         print(json.dumps(job, indent=2))
 
-        say(f"mlbench-daemon run --url {url} -- {cluster.mpi_program} --argv 'hello world' --exit 3")
-        r = subprocess.run([sys.executable, "-m", "mlbench_daemon", "run", "--url", url, "--",
-                            str(cluster.mpi_program), "--argv", "hello world", "--exit", "3"])
+        say(
+            f"mlbench-daemon run --url {url} -- {cluster.mpi_program} --argv 'hello world' --exit 3"
+        )
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlbench_daemon",
+                "run",
+                "--url",
+                url,
+                "--",
+                str(cluster.mpi_program),
+                "--argv",
+                "hello world",
+                "--exit",
+                "3",
+            ]
+        )
         print(f"(the CLI exited with {r.returncode}: the job's own exit code)")
 
         say(f"mlbench-daemon jobs --url {url}")

@@ -20,9 +20,15 @@ log = logging.getLogger("mlbench_daemon.api")
 
 JSON = "application/json"
 REFRESH_TIMEOUT_S = 10.0
-LOG_CHUNK = 1 << 20           # default and largest bytes per /logs answer
-STATUS_TEXT = {400: "bad-request", 401: "unauthorized", 404: "not-found",
-               405: "method-not-allowed", 413: "payload-too-large", 500: "internal"}
+LOG_CHUNK = 1 << 20  # default and largest bytes per /logs answer
+STATUS_TEXT = {
+    400: "bad-request",
+    401: "unauthorized",
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "payload-too-large",
+    500: "internal",
+}
 
 
 def _json(value, status=200):
@@ -89,26 +95,34 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
 
     @app.hook("after_request")
     def _count():
-        route = bottle.request.route.rule if "bottle.route" in bottle.request.environ else "unmatched"
-        metrics.http_requests_total.labels(route, bottle.request.method,
-                                           str(bottle.response.status_code)).inc()
+        route = (
+            bottle.request.route.rule if "bottle.route" in bottle.request.environ else "unmatched"
+        )
+        metrics.http_requests_total.labels(
+            route, bottle.request.method, str(bottle.response.status_code)
+        ).inc()
 
     def guard(callback):
         """Authentication and ApiError -> JSON, around every route."""
+
         def wrapper(*args, **kwargs):
             try:
                 if token and bottle.request.path.startswith("/api/"):
                     given = bottle.request.get_header("Authorization", "")
                     scheme, _, value = given.partition(" ")
                     if scheme.lower() != "bearer" or not hmac.compare_digest(
-                            value.strip().encode(), token.encode()):
-                        bottle.response.set_header("WWW-Authenticate", 'Bearer realm="mlbench-daemon"')
+                        value.strip().encode(), token.encode()
+                    ):
+                        bottle.response.set_header(
+                            "WWW-Authenticate", 'Bearer realm="mlbench-daemon"'
+                        )
                         raise Unauthorized("missing or wrong bearer token")
                 return callback(*args, **kwargs)
             except ApiError as e:
                 bottle.response.status = e.status
                 bottle.response.content_type = JSON
                 return json.dumps(e.body())
+
         return wrapper
 
     app.install(guard)
@@ -119,8 +133,13 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
     @app.error(500)
     def _http_error(err):
         if err.status_code == 500:
-            log.error("internal error on %s %s: %r", bottle.request.method,
-                      bottle.request.path, err.exception, exc_info=err.exception)
+            log.error(
+                "internal error on %s %s: %r",
+                bottle.request.method,
+                bottle.request.path,
+                err.exception,
+                exc_info=err.exception,
+            )
             message = "internal error; see the daemon's log"
         elif err.status_code == 405:
             message = f"{bottle.request.method} is not allowed on {bottle.request.path}"
@@ -131,7 +150,10 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
         return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)
 
     # ---- nodes ---------------------------------------------------------------
-    cached = [None, None]  # (registry generation, JSON body): the table changes per probe, reads are many
+    cached = [
+        None,
+        None,
+    ]  # (registry generation, JSON body): the table changes per probe, reads are many
 
     @app.get("/api/nodes")
     @app.get("/api/pods")
@@ -149,11 +171,15 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
     @app.get("/healthz")
     def healthz():
         nodes = registry.nodes()
-        return _json({"status": "ok",
-                      "nodes": len(nodes),
-                      "running": sum(1 for n in nodes if n.phase == "Running"),
-                      "discovery_stale": registry.stale,
-                      "discovery_stale_reason": registry.stale_reason if registry.stale else None})
+        return _json(
+            {
+                "status": "ok",
+                "nodes": len(nodes),
+                "running": sum(1 for n in nodes if n.phase == "Running"),
+                "discovery_stale": registry.stale,
+                "discovery_stale_reason": registry.stale_reason if registry.stale else None,
+            }
+        )
 
     @app.get("/metrics")
     def prometheus():
@@ -180,8 +206,11 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
 
     @app.get("/api/mpi_jobs")
     def list_jobs():
-        return _json(jobs.list(limit=_int_param("limit", 50, 1, 1000),
-                               offset=_int_param("offset", 0, 0, 1 << 31)))
+        return _json(
+            jobs.list(
+                limit=_int_param("limit", 50, 1, 1000), offset=_int_param("offset", 0, 0, 1 << 31)
+            )
+        )
 
     @app.get("/api/mpi_jobs/<job_id>")
     def get_job(job_id):

@@ -28,8 +28,8 @@ from mlbench_daemon.config import read_token
 
 PROG = "mlbench-daemon"
 DEFAULT_URL = "http://127.0.0.1:8080"
-TIMEOUT_S = 30.0          # one request/response
-FOLLOW_READ_S = 60.0      # a silent job: reconnect the follow stream after this
+TIMEOUT_S = 30.0  # one request/response
+FOLLOW_READ_S = 60.0  # a silent job: reconnect the follow stream after this
 TERMINAL = ("succeeded", "failed", "cancelled", "lost")
 COLOURS = {"Running": "32", "Pending": "33", "Unknown": "31", "Failed": "31"}
 
@@ -44,10 +44,14 @@ class Failure(Exception):
 
 # --- HTTP ------------------------------------------------------------------------------
 
+
 class Client:
     def __init__(self, url, token_file=None):
         self.url = url.rstrip("/")
-        self.headers = {"Accept": "application/json", "User-Agent": f"{PROG}/{mlbench_daemon.__version__}"}
+        self.headers = {
+            "Accept": "application/json",
+            "User-Agent": f"{PROG}/{mlbench_daemon.__version__}",
+        }
         if token_file:
             try:
                 token = read_token(token_file)
@@ -75,7 +79,9 @@ class Client:
         try:
             return json.loads(raw)
         except ValueError:
-            raise Failure(f"daemon at {self.url} sent something that is not JSON for {method} {path}", 1) from None
+            raise Failure(
+                f"daemon at {self.url} sent something that is not JSON for {method} {path}", 1
+            ) from None
 
 
 def _error_message(e):
@@ -105,8 +111,11 @@ def copy_logs(client, job_id, offset, out, follow):
     while True:
         got, timed_out = 0, False
         try:
-            with client.open("GET", _logs_path(job_id, offset, follow),
-                             timeout=FOLLOW_READ_S if follow else TIMEOUT_S) as resp:
+            with client.open(
+                "GET",
+                _logs_path(job_id, offset, follow),
+                timeout=FOLLOW_READ_S if follow else TIMEOUT_S,
+            ) as resp:
                 next_offset = resp.headers.get("X-Next-Offset")
                 while chunk := resp.read1(65536):
                     out.write(chunk)
@@ -128,15 +137,28 @@ def copy_logs(client, job_id, offset, out, follow):
 
 # --- commands --------------------------------------------------------------------------
 
+
 def cmd_nodes(client, args, out):
     nodes = client.json("GET", "/api/nodes/")
     if args.json:
         return _print_json(nodes, out)
     colour = out.isatty() and not os.environ.get("NO_COLOR")
-    rows = [(n.get("name", ""), n.get("phase", ""), n.get("ip", ""), n.get("reason") or "",
-             _labels_text(n.get("labels", ""))) for n in nodes]
-    _table(out, ("NAME", "PHASE", "IP", "REASON", "LABELS"), rows,
-           paint={1: (lambda v: f"\033[{COLOURS[v]}m{v}\033[0m" if colour and v in COLOURS else v)})
+    rows = [
+        (
+            n.get("name", ""),
+            n.get("phase", ""),
+            n.get("ip", ""),
+            n.get("reason") or "",
+            _labels_text(n.get("labels", "")),
+        )
+        for n in nodes
+    ]
+    _table(
+        out,
+        ("NAME", "PHASE", "IP", "REASON", "LABELS"),
+        rows,
+        paint={1: (lambda v: f"\033[{COLOURS[v]}m{v}\033[0m" if colour and v in COLOURS else v)},
+    )
 
 
 def _labels_text(labels):
@@ -156,8 +178,16 @@ def cmd_jobs(client, args, out):
         return _print_json(jobs, out)
     if isinstance(jobs, dict):
         jobs = jobs.get("jobs", [])
-    rows = [(str(j.get("id", "")), j.get("state", ""), _text(j.get("exit_code")),
-             j.get("master_name") or j.get("master") or "", _text(j.get("command"))) for j in jobs]
+    rows = [
+        (
+            str(j.get("id", "")),
+            j.get("state", ""),
+            _text(j.get("exit_code")),
+            j.get("master_name") or j.get("master") or "",
+            _text(j.get("command")),
+        )
+        for j in jobs
+    ]
     _table(out, ("ID", "STATE", "EXIT", "MASTER", "COMMAND"), rows)
 
 
@@ -169,14 +199,22 @@ def cmd_cancel(client, args, out):
     job = client.json("DELETE", _job_path(args.id))
     if args.json:
         return _print_json(job, out)
-    out.write(f"job {args.id}: {job.get('state', 'cancel requested') if isinstance(job, dict) else 'cancel requested'}\n")
+    out.write(
+        f"job {args.id}: {job.get('state', 'cancel requested') if isinstance(job, dict) else 'cancel requested'}\n"
+    )
 
 
 def cmd_run(client, args, out):
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     body = {"wait": False}
-    for key, value in (("program", program), ("np", args.np), ("nodes", args.node),
-                       ("master", args.master), ("env", dict(args.env or ())), ("timeout_s", args.timeout)):
+    for key, value in (
+        ("program", program),
+        ("np", args.np),
+        ("nodes", args.node),
+        ("master", args.master),
+        ("env", dict(args.env or ())),
+        ("timeout_s", args.timeout),
+    ):
         if value:
             body[key] = value
     job = client.json("POST", "/api/mpi_jobs/", body)
@@ -201,7 +239,9 @@ def cmd_run(client, args, out):
         return job["exit_code"]
     if job.get("state") == "succeeded":
         return 0
-    sys.stderr.write(f"{PROG}: job {job_id} {job.get('state')}: {job.get('error') or 'no exit code'}\n")
+    sys.stderr.write(
+        f"{PROG}: job {job_id} {job.get('state')}: {job.get('error') or 'no exit code'}\n"
+    )
     return 130 if job.get("state") == "cancelled" else 1
 
 
@@ -224,6 +264,7 @@ def _table(out, header, rows, paint=None):
 
 # --- serve -----------------------------------------------------------------------------
 
+
 def cmd_serve(args):
     from mlbench_daemon import config, logs
 
@@ -242,6 +283,7 @@ def cmd_serve(args):
 
 # --- argument parsing ------------------------------------------------------------------
 
+
 def _env_pair(text):
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -258,6 +300,7 @@ def _positive(kind):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
         return value
+
     return convert
 
 
@@ -265,14 +308,24 @@ def build_parser(environ=os.environ):
     def add_globals(p, default):
         # on the main parser with real defaults; on each command with SUPPRESS so an
         # option given before the command is not overwritten by the command's default
-        p.add_argument("--url", default=default(environ.get("MLBENCH_DAEMON_URL", DEFAULT_URL)),
-                       help="daemon base URL (env MLBENCH_DAEMON_URL, default %s)" % DEFAULT_URL)
-        p.add_argument("--token-file", default=default(environ.get("MLBENCH_DAEMON_TOKEN_FILE")),
-                       help="file with the API bearer token (env MLBENCH_DAEMON_TOKEN_FILE)")
+        p.add_argument(
+            "--url",
+            default=default(environ.get("MLBENCH_DAEMON_URL", DEFAULT_URL)),
+            help="daemon base URL (env MLBENCH_DAEMON_URL, default %s)" % DEFAULT_URL,
+        )
+        p.add_argument(
+            "--token-file",
+            default=default(environ.get("MLBENCH_DAEMON_TOKEN_FILE")),
+            help="file with the API bearer token (env MLBENCH_DAEMON_TOKEN_FILE)",
+        )
         p.add_argument("--json", action="store_true", default=default(False), help="print JSON")
 
-    parser = argparse.ArgumentParser(prog=PROG, description="SSH-native launcher daemon for MPI jobs.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {mlbench_daemon.__version__}")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="SSH-native launcher daemon for MPI jobs."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"{PROG} {mlbench_daemon.__version__}"
+    )
     add_globals(parser, lambda v: v)
     common = argparse.ArgumentParser(add_help=False)
     add_globals(common, lambda v: argparse.SUPPRESS)
@@ -280,9 +333,13 @@ def build_parser(environ=os.environ):
 
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="override log.level")
+    p.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="override log.level"
+    )
 
-    sub.add_parser("nodes", parents=[common], help="list nodes and their phase").set_defaults(func=cmd_nodes)
+    sub.add_parser("nodes", parents=[common], help="list nodes and their phase").set_defaults(
+        func=cmd_nodes
+    )
     sub.add_parser("jobs", parents=[common], help="list jobs").set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("logs", parents=[common], help="print a job's output")
@@ -294,14 +351,22 @@ def build_parser(environ=os.environ):
     p.add_argument("id")
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("run", parents=[common], help="run a job, follow its output, exit with its code",
-                       usage=f"{PROG} run [options] [-- PROGRAM ARGS...]")
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a job, follow its output, exit with its code",
+        usage=f"{PROG} run [options] [-- PROGRAM ARGS...]",
+    )
     p.add_argument("--np", type=_positive(int), help="number of processes")
     p.add_argument("--node", action="append", metavar="NAME", help="run on this node (repeatable)")
     p.add_argument("--master", metavar="NAME", help="the node that runs mpirun")
-    p.add_argument("--env", action="append", type=_env_pair, metavar="K=V", help="environment for all ranks")
+    p.add_argument(
+        "--env", action="append", type=_env_pair, metavar="K=V", help="environment for all ranks"
+    )
     p.add_argument("--timeout", type=_positive(float), metavar="S", help="job timeout in seconds")
-    p.add_argument("program", nargs=argparse.REMAINDER, help="program and arguments (default: mpi.program)")
+    p.add_argument(
+        "program", nargs=argparse.REMAINDER, help="program and arguments (default: mpi.program)"
+    )
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -34,6 +34,7 @@ class ConfigError(Exception):
 # --- converters: value (TOML-typed, or str from the environment) -> value,
 # raising ValueError("must be ...") on bad input.
 
+
 def string(value):
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -67,9 +68,15 @@ def integer(lo, hi=None):
     def convert(value):
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < lo
+            or (hi is not None and value > hi)
+        ):
             raise ValueError(f"must be an integer {rng}")
         return value
+
     return convert
 
 
@@ -82,10 +89,17 @@ def number(lo, *, strict=False):
                 value = float(value)
             except ValueError:
                 raise ValueError(f"must be a number {rng}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-                or value in (float("inf"), float("-inf")) or value < lo or (strict and value == lo):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value != value
+            or value in (float("inf"), float("-inf"))
+            or value < lo
+            or (strict and value == lo)
+        ):
             raise ValueError(f"must be a number {rng}")
         return float(value)
+
     return convert
 
 
@@ -94,6 +108,7 @@ def one_of(*choices):
         if not isinstance(value, str) or value.strip().lower() not in choices:
             raise ValueError("must be one of " + ", ".join(choices))
         return value.strip().lower()
+
     return convert
 
 
@@ -159,10 +174,16 @@ def label_rules(value):
         raise ValueError(f"must be {what}")
     rules = []
     for i, rule in enumerate(value):
-        if not isinstance(rule, dict) or set(rule) != {"match", "labels"} \
-                or not isinstance(rule["match"], str) or not rule["match"] \
-                or not isinstance(rule["labels"], dict) \
-                or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in rule["labels"].items()):
+        if (
+            not isinstance(rule, dict)
+            or set(rule) != {"match", "labels"}
+            or not isinstance(rule["match"], str)
+            or not rule["match"]
+            or not isinstance(rule["labels"], dict)
+            or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in rule["labels"].items()
+            )
+        ):
             raise ValueError(f"must be {what}; bad entry [{i}]")
         rules.append({"match": rule["match"], "labels": dict(rule["labels"])})
     return rules
@@ -178,41 +199,107 @@ SETTINGS = (
     ("server", "token_file", path, "", "file holding the bearer token for /api/; empty = no auth"),
     ("server", "threads", integer(1, 256), 8, "waitress worker threads"),
     ("server", "max_body_bytes", integer(1), 1048576, "largest accepted request body"),
-
-    ("discovery", "service", nonempty, REQUIRED, "headless service name, e.g. rel-mlbench-worker.default.svc.cluster.local"),
+    (
+        "discovery",
+        "service",
+        nonempty,
+        REQUIRED,
+        "headless service name, e.g. rel-mlbench-worker.default.svc.cluster.local",
+    ),
     ("discovery", "srv", nonempty, "_ssh._tcp", "SRV prefix queried under the service"),
-    ("discovery", "nameservers", nameservers, ["127.0.0.1:5353"], '"IP" or "IP:port" list; empty = system resolver'),
-    ("discovery", "namespace", nonempty, "default", "namespace when the service name does not carry one"),
+    (
+        "discovery",
+        "nameservers",
+        nameservers,
+        ["127.0.0.1:5353"],
+        '"IP" or "IP:port" list; empty = system resolver',
+    ),
+    (
+        "discovery",
+        "namespace",
+        nonempty,
+        "default",
+        "namespace when the service name does not carry one",
+    ),
     ("discovery", "selector", string, "", "label selector, e.g. app=mlbench,component=worker"),
     ("discovery", "refresh_s", number(0, strict=True), 10.0, "longest time between DNS refreshes"),
     ("discovery", "timeout_s", number(0, strict=True), 2.0, "deadline of one DNS lookup"),
-    ("discovery", "label_rules", label_rules, [], "static labels: [{match = glob on node name, labels = {...}}]"),
-
+    (
+        "discovery",
+        "label_rules",
+        label_rules,
+        [],
+        "static labels: [{match = glob on node name, labels = {...}}]",
+    ),
     ("ssh", "user", nonempty, "mlbench", "cluster user to log in as"),
     ("ssh", "port", integer(1, 65535), 22, "SSH port when DNS gives none"),
     ("ssh", "key_file", path, "", "private key file; empty = agent/default keys"),
     ("ssh", "known_hosts", path, "", "known_hosts file checked (and written by accept-new)"),
-    ("ssh", "host_key_policy", one_of("reject", "accept-new"), "reject", "unknown host keys: reject or pin on first sight"),
-    ("ssh", "connect_timeout_s", number(0, strict=True), 5.0, "deadline for TCP connect + SSH handshake + auth"),
-    ("ssh", "probe_interval_s", number(0, strict=True), 5.0, "time between reachability probes of one node"),
+    (
+        "ssh",
+        "host_key_policy",
+        one_of("reject", "accept-new"),
+        "reject",
+        "unknown host keys: reject or pin on first sight",
+    ),
+    (
+        "ssh",
+        "connect_timeout_s",
+        number(0, strict=True),
+        5.0,
+        "deadline for TCP connect + SSH handshake + auth",
+    ),
+    (
+        "ssh",
+        "probe_interval_s",
+        number(0, strict=True),
+        5.0,
+        "time between reachability probes of one node",
+    ),
     ("ssh", "keepalive_s", number(0), 10.0, "SSH keepalive interval (0 = off)"),
     ("ssh", "max_connects", integer(1, 1024), 16, "SSH connects in flight at once"),
-    ("ssh", "max_channels", integer(1, 1024), 8, "channels open at once per connection (sshd MaxSessions is 10)"),
-    ("ssh", "use_system_known_hosts", boolean, True, "also trust the system/user known_hosts files"),
-
+    (
+        "ssh",
+        "max_channels",
+        integer(1, 1024),
+        8,
+        "channels open at once per connection (sshd MaxSessions is 10)",
+    ),
+    (
+        "ssh",
+        "use_system_known_hosts",
+        boolean,
+        True,
+        "also trust the system/user known_hosts files",
+    ),
     ("mpi", "mpirun", nonempty, "/usr/bin/mpirun", "mpirun path on the master"),
     ("mpi", "program", argv, ["/usr/local/bin/python", "/app/main.py"], "default program argv"),
     ("mpi", "args", str_list, [], "extra mpirun arguments, placed before the program"),
     ("mpi", "max_concurrent_jobs", integer(1, 1024), 1, "jobs running at once"),
     ("mpi", "queue_size", integer(0, 100000), 16, "jobs waiting beyond that; more get 429"),
-    ("mpi", "default_timeout_s", number(0), 0.0, "job timeout when the request gives none (0 = none)"),
+    (
+        "mpi",
+        "default_timeout_s",
+        number(0),
+        0.0,
+        "job timeout when the request gives none (0 = none)",
+    ),
     ("mpi", "cancel_grace_s", number(0), 5.0, "seconds between TERM and KILL on cancel"),
-    ("mpi", "lost_after_s", number(0), 900.0,
-     "a running job whose master cannot be reached for this long is recorded lost (0 = never)"),
-    ("mpi", "remote_dir", nonempty, ".mlbench-daemon/jobs", "job directory on the master, relative to the user's home"),
-
+    (
+        "mpi",
+        "lost_after_s",
+        number(0),
+        900.0,
+        "a running job whose master cannot be reached for this long is recorded lost (0 = never)",
+    ),
+    (
+        "mpi",
+        "remote_dir",
+        nonempty,
+        ".mlbench-daemon/jobs",
+        "job directory on the master, relative to the user's home",
+    ),
     ("state", "dir", nonempty, "/var/lib/mlbench-daemon", "job database and logs"),
-
     ("log", "level", one_of("debug", "info", "warning", "error"), "info", "log level"),
 )
 
@@ -220,7 +307,8 @@ SECTIONS = tuple(dict.fromkeys(s for s, *_ in SETTINGS))
 
 _section_types = {
     section: dataclasses.make_dataclass(
-        section.title(), [k for s, k, *_ in SETTINGS if s == section], frozen=True)
+        section.title(), [k for s, k, *_ in SETTINGS if s == section], frozen=True
+    )
     for section in SECTIONS
 }
 
@@ -234,6 +322,7 @@ def _expand(text, environ):
         if name not in environ:
             raise ValueError(f"${name} is not set")
         return environ[name]
+
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)
 
 
@@ -302,5 +391,5 @@ def load(path=None, environ=os.environ):
 
 
 def _env_key(name, known):
-    rest = name[len(ENV_PREFIX):].lower()
+    rest = name[len(ENV_PREFIX) :].lower()
     return any(rest == f"{s}_{k}" for s, k in known)

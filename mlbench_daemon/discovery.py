@@ -170,7 +170,7 @@ class Selector:
     requirements: tuple[Requirement, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "Selector":
+    def parse(cls, text: str) -> Selector:
         if not text.strip():
             return cls()
         terms = [t.strip() for t in text.split(",")]
@@ -235,14 +235,16 @@ class Discovery:
         if resolver is None:
             if cfg.nameservers:
                 resolver = dns.resolver.Resolver(configure=False)
-                resolver.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(ns))
-                                        for ns in cfg.nameservers]
+                resolver.nameservers = [
+                    dns.nameserver.Do53Nameserver(*parse_nameserver(ns)) for ns in cfg.nameservers
+                ]
             else:
                 try:
                     resolver = dns.resolver.Resolver()
                 except dns.resolver.NoResolverConfiguration as e:
                     raise DiscoveryError(
-                        "dns-error", f"discovery.nameservers is empty and the system resolver is unusable: {e}"
+                        "dns-error",
+                        f"discovery.nameservers is empty and the system resolver is unusable: {e}",
                     ) from None
         self.resolver = resolver
 
@@ -262,7 +264,8 @@ class Discovery:
             addresses = [a.address for t in ("A", "AAAA") for a in p.query(self.service, t) or ()]
             if p.nxdomain == {self.srv_name, self.service}:
                 raise DiscoveryError(
-                    "nxdomain", f"no such name: neither SRV {self.srv_name} nor A/AAAA {self.service} exists"
+                    "nxdomain",
+                    f"no such name: neither SRV {self.srv_name} nor A/AAAA {self.service} exists",
                 )
             members = self._address_members(p, addresses)
         nodes: dict[str, Node] = {}
@@ -272,33 +275,43 @@ class Discovery:
             if name in nodes:
                 if nodes[name].host != host:
                     kept = nodes[name].host
-                    log.warning("%s: %s and %s share the name %s; keeping %s", self.cfg.service, kept, host, name, kept)
+                    log.warning(
+                        "%s: %s and %s share the name %s; keeping %s",
+                        self.cfg.service,
+                        kept,
+                        host,
+                        name,
+                        kept,
+                    )
                 continue
             nodes[name] = Node(name, host, ip, port, self.namespace, self._labels(p, target, name))
         if not nodes:
             raise DiscoveryError(
-                "no-members", f"no members: SRV {self.srv_name} and A/AAAA {self.service} gave no usable address"
+                "no-members",
+                f"no members: SRV {self.srv_name} and A/AAAA {self.service} gave no usable address",
             )
         return sorted(nodes.values(), key=lambda n: natural_key(n.name)), p.ttl
 
-    def _srv_members(self, p: "_Pass", srv) -> Iterable[tuple]:
+    def _srv_members(self, p: _Pass, srv) -> Iterable[tuple]:
         """(target name, ip, port) per SRV target with an address."""
         for rr in sorted(srv, key=lambda r: (r.priority, -r.weight, r.target, r.port)):
             if rr.target == dns.name.root:  # "." = service decidedly not available there
                 continue
             ip = p.address_of(rr.target, srv.response)
             if ip is None:
-                log.warning("%s: SRV target %s has no A/AAAA record; skipped", self.srv_name, rr.target)
+                log.warning(
+                    "%s: SRV target %s has no A/AAAA record; skipped", self.srv_name, rr.target
+                )
                 continue
             yield rr.target, ip, rr.port
 
-    def _address_members(self, p: "_Pass", addresses: list[str]) -> Iterable[tuple]:
+    def _address_members(self, p: _Pass, addresses: list[str]) -> Iterable[tuple]:
         """(PTR name or None, ip, ssh port) per address of the service."""
         for ip in sorted(set(addresses), key=_ip_order):
             ptr = p.query(dns.reversename.from_address(ip), "PTR", optional=True)
             yield (min(r.target for r in ptr) if ptr else None), ip, self.ssh_port
 
-    def _labels(self, p: "_Pass", host: dns.name.Name | None, name: str) -> Labels:
+    def _labels(self, p: _Pass, host: dns.name.Name | None, name: str) -> Labels:
         labels = txt_labels(p.query(host, "TXT") or ()) if host else {}
         for rule in self.cfg.label_rules:
             if fnmatch.fnmatchcase(name, rule["match"]):
@@ -315,7 +328,9 @@ class _Pass:
         self.ttl = float("inf")
         self.nxdomain: set[dns.name.Name] = set()
 
-    def query(self, name: dns.name.Name, rdtype: str, optional: bool = False) -> dns.resolver.Answer | None:
+    def query(
+        self, name: dns.name.Name, rdtype: str, optional: bool = False
+    ) -> dns.resolver.Answer | None:
         """The answer, or None when the name or the type does not exist.
 
         optional=True: a server failure also gives None (logged). Used for PTR, which many
@@ -323,7 +338,9 @@ class _Pass:
         """
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise DiscoveryError("dns-timeout", f"DNS timeout: no time left to query {rdtype} {name}")
+            raise DiscoveryError(
+                "dns-timeout", f"DNS timeout: no time left to query {rdtype} {name}"
+            )
         try:
             answer = self.resolver.resolve(name, rdtype, search=False, lifetime=remaining)
         except dns.resolver.NXDOMAIN:

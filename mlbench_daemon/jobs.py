@@ -156,8 +156,8 @@ class _Live:
 
     def __init__(self, job_id, env=None, master=None, program=None, np=None, candidates=()):
         self.id = job_id
-        self.env = env or {}          # values; dropped once the job is launched
-        self.master = master          # requested master name, or None
+        self.env = env or {}  # values; dropped once the job is launched
+        self.master = master  # requested master name, or None
         self.program, self.np, self.candidates = program, np, list(candidates)
         self.cancel_reason = None
         self.killing = False
@@ -165,13 +165,19 @@ class _Live:
         self.stream = None
         self.timer = None
         self.reattached = False
-        self.names = None             # node names, for a job queued again after a restart
+        self.names = None  # node names, for a job queued again after a restart
         self.done = threading.Event()
 
 
 class Jobs:
     def __init__(self, cfg, registry, pool, store, clock=time.monotonic):
-        self.cfg, self.registry, self.pool, self.store, self.clock = cfg, registry, pool, store, clock
+        self.cfg, self.registry, self.pool, self.store, self.clock = (
+            cfg,
+            registry,
+            pool,
+            store,
+            clock,
+        )
         self.mpi = cfg.mpi
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # log appends and state changes
@@ -198,13 +204,24 @@ class Jobs:
             if rec["state"] == "pending" and not rec["master_name"]:
                 req = rec["request"]
                 if rec["env_names"] or not req:
-                    self._finish(live, "lost", reason="daemon-restarted", error=(
-                        "the daemon restarted before the job was launched, and env values are never "
-                        "stored: submit it again" if rec["env_names"] else
-                        "the daemon restarted before the job was launched"))
+                    self._finish(
+                        live,
+                        "lost",
+                        reason="daemon-restarted",
+                        error=(
+                            "the daemon restarted before the job was launched, and env values are never "
+                            "stored: submit it again"
+                            if rec["env_names"]
+                            else "the daemon restarted before the job was launched"
+                        ),
+                    )
                     continue
-                live.program, live.np, live.master, live.names = \
-                    req["program"], req["np"], req["master"], req["nodes"]
+                live.program, live.np, live.master, live.names = (
+                    req["program"],
+                    req["np"],
+                    req["master"],
+                    req["nodes"],
+                )
                 with self._lock:
                     self._admit(live)
             else:
@@ -235,17 +252,38 @@ class Jobs:
         req = validate(body, self.mpi.program)
         nodes, master = self._choose(req)
         env_names = sorted(req["env"])
-        live = _Live(None, env=req["env"], master=master, program=req["program"], np=req["np"],
-                     candidates=[s.node for s in nodes])
+        live = _Live(
+            None,
+            env=req["env"],
+            master=master,
+            program=req["program"],
+            np=req["np"],
+            candidates=[s.node for s in nodes],
+        )
         timeout_s = req["timeout_s"] or self.mpi.default_timeout_s or None
         with self._lock:
-            if self._active >= self.mpi.max_concurrent_jobs and len(self._queue) >= self.mpi.queue_size:
-                raise QueueFull(f"{self._active} job(s) running and {len(self._queue)} queued; try later")
+            if (
+                self._active >= self.mpi.max_concurrent_jobs
+                and len(self._queue) >= self.mpi.queue_size
+            ):
+                raise QueueFull(
+                    f"{self._active} job(s) running and {len(self._queue)} queued; try later"
+                )
             rec = self.store.create(
-                nodes=[node_row(s.node) for s in nodes], np=req["np"], timeout_s=timeout_s,
-                env_names=env_names, request={"program": req["program"], "np": req["np"], "master": master,
-                                              "nodes": [s.node.name for s in nodes]},
-                command=self.mpirun_argv([s.node for s in nodes], req["np"], env_names, req["program"]))
+                nodes=[node_row(s.node) for s in nodes],
+                np=req["np"],
+                timeout_s=timeout_s,
+                env_names=env_names,
+                request={
+                    "program": req["program"],
+                    "np": req["np"],
+                    "master": master,
+                    "nodes": [s.node.name for s in nodes],
+                },
+                command=self.mpirun_argv(
+                    [s.node for s in nodes], req["np"], env_names, req["program"]
+                ),
+            )
             live.id = rec["id"]
             self._admit(live)
         log.info("job %s submitted: %d node(s), env %s", live.id, len(nodes), env_names)
@@ -292,7 +330,9 @@ class Jobs:
                 yield b', "response": "'
                 offset = 0
                 while offset < size:
-                    data, offset = self.store.read_log(job["id"], offset, min(LOG_CHUNK_MAX, size - offset))
+                    data, offset = self.store.read_log(
+                        job["id"], offset, min(LOG_CHUNK_MAX, size - offset)
+                    )
                     if not data:
                         break
                     yield text(decoder.decode(data))
@@ -310,7 +350,9 @@ class Jobs:
         """Yield output from `offset` as it arrives, until the job is final and all is read."""
         self.read_log(job_id, offset, 0)  # validates
         while True:
-            final = self.store.get(job_id)["state"] in FINAL_STATES  # before the read: then nothing is missed
+            final = (
+                self.store.get(job_id)["state"] in FINAL_STATES
+            )  # before the read: then nothing is missed
             data, offset = self.store.read_log(job_id, offset, LOG_CHUNK_MAX)
             if data:
                 yield data
@@ -342,13 +384,20 @@ class Jobs:
         if req["nodes"]:
             unknown = [n for n in req["nodes"] if n not in by_name]
             if unknown:
-                raise Conflict(f"unknown node(s) (or not matching the selector): {', '.join(unknown)}",
-                               field="nodes")
+                raise Conflict(
+                    f"unknown node(s) (or not matching the selector): {', '.join(unknown)}",
+                    field="nodes",
+                )
             down = [by_name[n] for n in req["nodes"] if by_name[n].phase != "Running"]
             if down:
-                raise Conflict("node(s) not Running: " + ", ".join(
-                    f"{s.node.name} ({s.phase}: {s.reason})" for s in down), field="nodes")
-            chosen = sorted((by_name[n] for n in req["nodes"]), key=lambda s: natural_key(s.node.name))
+                raise Conflict(
+                    "node(s) not Running: "
+                    + ", ".join(f"{s.node.name} ({s.phase}: {s.reason})" for s in down),
+                    field="nodes",
+                )
+            chosen = sorted(
+                (by_name[n] for n in req["nodes"]), key=lambda s: natural_key(s.node.name)
+            )
         else:
             chosen = [s for s in statuses if s.phase == "Running"]
         master = req["master"]
@@ -356,11 +405,16 @@ class Jobs:
             if req["nodes"]:
                 raise BadRequest("master must be one of nodes", field="master")
             s = by_name.get(master)
-            raise Conflict(f"master {master}: " + (f"not Running ({s.phase}: {s.reason})" if s
-                                                    else "unknown node"), field="master")
+            raise Conflict(
+                f"master {master}: "
+                + (f"not Running ({s.phase}: {s.reason})" if s else "unknown node"),
+                field="master",
+            )
         if not chosen:
-            raise Unavailable("no Running node matches the selector" +
-                              (f" ({len(statuses)} node(s) known, none Running)" if statuses else ""))
+            raise Unavailable(
+                "no Running node matches the selector"
+                + (f" ({len(statuses)} node(s) known, none Running)" if statuses else "")
+            )
         return chosen, master
 
     def mpirun_argv(self, nodes, np, env_names, program):
@@ -440,7 +494,9 @@ class Jobs:
             if why is None:
                 master = node
                 break
-            log.warning("job %s: master candidate %s failed pre-flight: %s", live.id, node.name, why)
+            log.warning(
+                "job %s: master candidate %s failed pre-flight: %s", live.id, node.name, why
+            )
             failed.append(f"{node.name}: {why}")
             nodes.remove(node)
         if master is None:
@@ -448,19 +504,34 @@ class Jobs:
             return None
         command = self.mpirun_argv(nodes, live.np, sorted(live.env), live.program)
         job_dir = f"{self.mpi.remote_dir.rstrip('/')}/{live.id}"
-        rec = self.store.update(live.id, master_name=master.name, master_ip=master.ip,
-                                master_port=master.port, nodes=[node_row(n) for n in nodes],
-                                command=command, remote_dir=job_dir,
-                                error=("; ".join(failed) or None))
+        rec = self.store.update(
+            live.id,
+            master_name=master.name,
+            master_ip=master.ip,
+            master_port=master.port,
+            nodes=[node_row(n) for n in nodes],
+            command=command,
+            remote_dir=job_dir,
+            error=("; ".join(failed) or None),
+        )
         env = "".join(f"{k}={shlex.quote(v)}\n" for k, v in {**live.env, MARKER: live.id}.items())
         live.env = None
         try:
-            r = self.pool.run(master.ip, master.port, ["sh", "-c", LAUNCH, "sh", WRAPPER, job_dir, *command],
-                              stdin=env.encode(), timeout=self._ssh_timeout())
+            r = self.pool.run(
+                master.ip,
+                master.port,
+                ["sh", "-c", LAUNCH, "sh", WRAPPER, job_dir, *command],
+                stdin=env.encode(),
+                timeout=self._ssh_timeout(),
+            )
         except SSHError as e:
             # the job may have started and only the answer was lost: its pid file tells
-            log.warning("job %s: no answer from the launch on %s (%s); asking for its pid file",
-                        live.id, master.name, e)
+            log.warning(
+                "job %s: no answer from the launch on %s (%s); asking for its pid file",
+                live.id,
+                master.name,
+                e,
+            )
             pid = self._confirmed_pid(live, master.ip, master.port, job_dir)
             why = f"{e.reason}: {e}; the master has no record of the job"
         else:
@@ -479,12 +550,19 @@ class Jobs:
         backoff, down_since = BACKOFF_S[0], time.monotonic()
         while True:
             try:
-                r = self.pool.run(ip, port, ["sh", "-c", PIDFILE, "sh", job_dir], timeout=self._ssh_timeout())
+                r = self.pool.run(
+                    ip, port, ["sh", "-c", PIDFILE, "sh", job_dir], timeout=self._ssh_timeout()
+                )
                 return int(r.stdout) if r.stdout.strip().isdigit() else None
             except SSHError as e:
                 self._check_reachable(down_since, e)
-                log.warning("job %s: cannot read the pid file on %s: %s; retrying in %.1f s",
-                            live.id, ip, e, backoff)
+                log.warning(
+                    "job %s: cannot read the pid file on %s: %s; retrying in %.1f s",
+                    live.id,
+                    ip,
+                    e,
+                    backoff,
+                )
             if self._stop.wait(backoff):
                 raise _Stopped()
             backoff = min(backoff * 2, BACKOFF_S[1])
@@ -492,8 +570,12 @@ class Jobs:
     def _relaunched(self, live, rec):
         pid = self._confirmed_pid(live, rec["master_ip"], rec["master_port"], rec["remote_dir"])
         if pid is None:
-            self._finish(live, "lost", reason="launch-interrupted",
-                         error="the daemon restarted while launching; no job process was recorded")
+            self._finish(
+                live,
+                "lost",
+                reason="launch-interrupted",
+                error="the daemon restarted while launching; no job process was recorded",
+            )
             return None
         return self._running(live, pid)
 
@@ -506,8 +588,9 @@ class Jobs:
     def _preflight(self, node):
         """None if `node` can run mpirun now, else why not."""
         try:
-            r = self.pool.run(node.ip, node.port, ["command", "-v", self.mpi.mpirun],
-                              timeout=self._ssh_timeout())
+            r = self.pool.run(
+                node.ip, node.port, ["command", "-v", self.mpi.mpirun], timeout=self._ssh_timeout()
+            )
         except SSHError as e:
             return f"{e.reason}: {e}"
         return None if r.exit_code == 0 else f"{self.mpi.mpirun} not found"
@@ -516,8 +599,10 @@ class Jobs:
         """Raise _MasterLost once the master has been unreachable for mpi.lost_after_s."""
         limit = self.mpi.lost_after_s
         if limit and time.monotonic() - down_since >= limit:
-            raise _MasterLost(f"the master was unreachable for {limit:g} s ({error}); the job may "
-                              "still be running there, unobserved")
+            raise _MasterLost(
+                f"the master was unreachable for {limit:g} s ({error}); the job may "
+                "still be running there, unobserved"
+            )
 
     def _ssh_timeout(self):
         return self.cfg.ssh.connect_timeout_s + 10
@@ -539,8 +624,12 @@ class Jobs:
                 raise _Stopped()
             offset = self.store.log_size(live.id)
             try:
-                live.stream = self.pool.stream(ip, port, ["sh", "-c", FOLLOW, "sh", job_dir, str(offset + 1)],
-                                               idle_timeout=FOLLOW_IDLE_S)
+                live.stream = self.pool.stream(
+                    ip,
+                    port,
+                    ["sh", "-c", FOLLOW, "sh", job_dir, str(offset + 1)],
+                    idle_timeout=FOLLOW_IDLE_S,
+                )
                 down_since = None  # the master answered
                 with self.store.log_writer(live.id) as log_file:
                     for chunk in live.stream:
@@ -554,20 +643,28 @@ class Jobs:
                     raise _Stopped() from None
                 down_since = down_since or time.monotonic()
                 self._check_reachable(down_since, e)
-                log.warning("job %s: following on %s: %s; retrying in %.1f s", live.id, ip, e, backoff)
+                log.warning(
+                    "job %s: following on %s: %s; retrying in %.1f s", live.id, ip, e, backoff
+                )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_S[1])
                 continue
             finally:
                 live.stream = None
-            if status[0] == "missing" or (status[0] != "running" and int(status[2]) <= self.store.log_size(live.id)):
+            if status[0] == "missing" or (
+                status[0] != "running" and int(status[2]) <= self.store.log_size(live.id)
+            ):
                 return status
             if status[0] == "running":
                 self._stop.wait(backoff)  # the stream ended early: go again, without spinning
 
     def _status(self, ip, port, job_dir, pid):
-        r = self.pool.run(ip, port, ["sh", "-c", STATUS, "sh", job_dir, str(pid or "")],
-                          timeout=self._ssh_timeout())
+        r = self.pool.run(
+            ip,
+            port,
+            ["sh", "-c", STATUS, "sh", job_dir, str(pid or "")],
+            timeout=self._ssh_timeout(),
+        )
         words = r.stdout.decode(errors="replace").split()
         if r.exit_code != 0 or not words:
             raise SSHError("ssh-error", f"status check exited {r.exit_code}")
@@ -581,18 +678,36 @@ class Jobs:
             live.killed.wait(self.mpi.cancel_grace_s + 3 * self._ssh_timeout())
             self._finish(live, "cancelled", exit_code=rc, reason=live.cancel_reason)
         elif status[0] == "missing":
-            self._finish(live, "lost", reason="remote-record-missing",
-                         error=f"job directory {rec['remote_dir']} is gone from {rec['master_name']}")
+            self._finish(
+                live,
+                "lost",
+                reason="remote-record-missing",
+                error=f"job directory {rec['remote_dir']} is gone from {rec['master_name']}",
+            )
         elif rc is None:
-            self._finish(live, "lost", reason="no-exit-status",
-                         error="the job's processes are gone and left no exit status")
+            self._finish(
+                live,
+                "lost",
+                reason="no-exit-status",
+                error="the job's processes are gone and left no exit status",
+            )
         else:
             self._finish(live, "succeeded" if rc == 0 else "failed", exit_code=rc)
         try:
-            self.pool.run(rec["master_ip"], rec["master_port"], ["rm", "-rf", "--", rec["remote_dir"]],
-                          timeout=self._ssh_timeout())
+            self.pool.run(
+                rec["master_ip"],
+                rec["master_port"],
+                ["rm", "-rf", "--", rec["remote_dir"]],
+                timeout=self._ssh_timeout(),
+            )
         except SSHError as e:
-            log.warning("job %s: could not remove %s on %s: %s", live.id, rec["remote_dir"], rec["master_name"], e)
+            log.warning(
+                "job %s: could not remove %s on %s: %s",
+                live.id,
+                rec["remote_dir"],
+                rec["master_name"],
+                e,
+            )
 
     def _finish(self, live, state, **fields):
         self.store.sync_log(live.id)
@@ -640,9 +755,12 @@ class Jobs:
         rec = self.store.get(live.id)
         ticks = math.ceil(self.mpi.cancel_grace_s * 10)
         try:
-            r = self.pool.run(rec["master_ip"], rec["master_port"],
-                              ["sh", "-c", TERMINATE, "sh", str(rec["pid"]), str(ticks)],
-                              timeout=self.mpi.cancel_grace_s + self._ssh_timeout())
+            r = self.pool.run(
+                rec["master_ip"],
+                rec["master_port"],
+                ["sh", "-c", TERMINATE, "sh", str(rec["pid"]), str(ticks)],
+                timeout=self.mpi.cancel_grace_s + self._ssh_timeout(),
+            )
         except SSHError as e:
             reason = live.cancel_reason
             with self._lock:
@@ -676,16 +794,29 @@ class Jobs:
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(ips) or 1)) as ex:
             results = list(ex.map(sweep, ips))
-        notes = [f"{ip}: killed {len(k)} leftover process(es)" for ip, k, left, err in results if k and not left]
-        notes += [f"{ip}: {len(left)} process(es) still there" for ip, k, left, err in results if left]
+        notes = [
+            f"{ip}: killed {len(k)} leftover process(es)"
+            for ip, k, left, err in results
+            if k and not left
+        ]
+        notes += [
+            f"{ip}: {len(left)} process(es) still there" for ip, k, left, err in results if left
+        ]
         notes += [f"{ip}: not checked ({err})" for ip, k, left, err in results if err]
         clean = all(not left and not err for ip, k, left, err in results)
-        verdict = f"verified no process left on {len(ips)} host(s)" if clean else "NOT verified clean"
+        verdict = (
+            f"verified no process left on {len(ips)} host(s)" if clean else "NOT verified clean"
+        )
         return verdict + "".join(f"; {n}" for n in notes)
 
     def _sweep_one(self, ip, port, job_id, mode):
-        r = self.pool.run(ip, port, ["sh", "-c", SWEEP, "sh", mode], stdin=f"{job_id}\n".encode(),
-                          timeout=self._ssh_timeout())
+        r = self.pool.run(
+            ip,
+            port,
+            ["sh", "-c", SWEEP, "sh", mode],
+            stdin=f"{job_id}\n".encode(),
+            timeout=self._ssh_timeout(),
+        )
         return r.stdout.split()
 
     # --- shapes ------------------------------------------------------------------------
@@ -734,7 +865,9 @@ def _text(value, field):
     try:
         return len(value.encode("utf-8"))
     except UnicodeEncodeError:
-        raise BadRequest(f"{field} must be valid Unicode text (no lone surrogates)", field=field) from None
+        raise BadRequest(
+            f"{field} must be valid Unicode text (no lone surrogates)", field=field
+        ) from None
 
 
 def validate(body, default_program):
@@ -745,19 +878,35 @@ def validate(body, default_program):
         raise BadRequest("the request body must be a JSON object", field="body")
     for key in body:
         if key not in FIELDS:
-            raise BadRequest(f"unknown field {key!r} (known: {', '.join(FIELDS)})", field=str(key) or "body")
-    req = {"program": list(default_program), "env": {}, "np": None, "selector": None,
-           "nodes": None, "master": None, "timeout_s": None, "wait": True}
+            raise BadRequest(
+                f"unknown field {key!r} (known: {', '.join(FIELDS)})", field=str(key) or "body"
+            )
+    req = {
+        "program": list(default_program),
+        "env": {},
+        "np": None,
+        "selector": None,
+        "nodes": None,
+        "master": None,
+        "timeout_s": None,
+        "wait": True,
+    }
     size = 0
     if "program" in body:
         prog = body["program"]
         if not isinstance(prog, list) or not prog:
-            raise BadRequest("program must be a non-empty list of strings (an argv)", field="program")
+            raise BadRequest(
+                "program must be a non-empty list of strings (an argv)", field="program"
+            )
         size += sum(_text(a, "program") for a in prog)
         if not prog[0] or prog[0].startswith("-"):
-            raise BadRequest("program[0] must be a program, not empty or an option", field="program")
+            raise BadRequest(
+                "program[0] must be a program, not empty or an option", field="program"
+            )
         if ":" in prog:  # mpirun takes a lone ":" anywhere as its MPMD separator
-            raise BadRequest('program must not contain a lone ":" argument (mpirun reserves it)', field="program")
+            raise BadRequest(
+                'program must not contain a lone ":" argument (mpirun reserves it)', field="program"
+            )
         req["program"] = list(prog)
     if "env" in body:
         env = body["env"]
@@ -765,14 +914,18 @@ def validate(body, default_program):
             raise BadRequest("env must be an object of name -> string", field="env")
         for name, value in env.items():
             if not ENV_NAME.match(name):
-                raise BadRequest(f"env name {name[:64]!r} must match [A-Za-z_][A-Za-z0-9_]*", field="env")
+                raise BadRequest(
+                    f"env name {name[:64]!r} must match [A-Za-z_][A-Za-z0-9_]*", field="env"
+                )
             if name.startswith("OMPI_MCA_mlbench"):
                 raise BadRequest(f"env name {name[:64]!r} is reserved for the daemon", field="env")
             size += len(name) + _text(value, "env")
         req["env"] = dict(env)
     if size > MAX_REQUEST_BYTES:
-        raise BadRequest(f"program and env together must stay under {MAX_REQUEST_BYTES} bytes",
-                         field="env" if "env" in body else "program")
+        raise BadRequest(
+            f"program and env together must stay under {MAX_REQUEST_BYTES} bytes",
+            field="env" if "env" in body else "program",
+        )
     if "np" in body:
         np = body["np"]
         if isinstance(np, float) and np.is_integer():  # JSON has one number type: 4.0 is 4

@@ -25,19 +25,37 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 REGISTRY = CollectorRegistry(auto_describe=True)
 _NS = "mlbench_daemon"
 
-nodes_by_phase = Gauge("nodes", "Discovered nodes by phase", ["phase"], namespace=_NS, registry=REGISTRY)
+nodes_by_phase = Gauge(
+    "nodes", "Discovered nodes by phase", ["phase"], namespace=_NS, registry=REGISTRY
+)
 probe_latency_seconds = Histogram(
-    "probe_latency_seconds", "SSH probe round-trip time", namespace=_NS, registry=REGISTRY,
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-probe_failures_total = Counter("probe_failures", "Failed SSH probes by reason", ["reason"],
-                               namespace=_NS, registry=REGISTRY)
+    "probe_latency_seconds",
+    "SSH probe round-trip time",
+    namespace=_NS,
+    registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+probe_failures_total = Counter(
+    "probe_failures", "Failed SSH probes by reason", ["reason"], namespace=_NS, registry=REGISTRY
+)
 jobs = Gauge("jobs", "Jobs by state", ["state"], namespace=_NS, registry=REGISTRY)
 job_duration_seconds = Histogram(
-    "job_duration_seconds", "Wall time of finished jobs", namespace=_NS, registry=REGISTRY,
-    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400))
-ssh_reconnects_total = Counter("ssh_reconnects", "SSH connections re-established", namespace=_NS, registry=REGISTRY)
-http_requests_total = Counter("http_requests", "HTTP requests served", ["route", "method", "status"],
-                              namespace=_NS, registry=REGISTRY)
+    "job_duration_seconds",
+    "Wall time of finished jobs",
+    namespace=_NS,
+    registry=REGISTRY,
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
+)
+ssh_reconnects_total = Counter(
+    "ssh_reconnects", "SSH connections re-established", namespace=_NS, registry=REGISTRY
+)
+http_requests_total = Counter(
+    "http_requests",
+    "HTTP requests served",
+    ["route", "method", "status"],
+    namespace=_NS,
+    registry=REGISTRY,
+)
 
 
 PHASES = ("Pending", "Running", "Unknown", "Failed")

@@ -46,10 +46,18 @@ class NodeStatus:
     def to_json(self):
         n = self.node
         return {
-            "name": n.name, "labels": n.labels_str, "phase": self.phase, "ip": n.ip,
-            "label_map": dict(n.labels), "host": n.host, "port": n.port, "namespace": n.namespace,
-            "reason": self.reason, "message": self.message,
-            "last_probe": iso(self.last_probe), "latency_ms": self.latency_ms,
+            "name": n.name,
+            "labels": n.labels_str,
+            "phase": self.phase,
+            "ip": n.ip,
+            "label_map": dict(n.labels),
+            "host": n.host,
+            "port": n.port,
+            "namespace": n.namespace,
+            "reason": self.reason,
+            "message": self.message,
+            "last_probe": iso(self.last_probe),
+            "latency_ms": self.latency_ms,
         }
 
 
@@ -57,7 +65,7 @@ def iso(epoch):
     """The API's one timestamp format: RFC 3339, UTC, milliseconds, e.g. 2026-11-28T00:14:04.047Z."""
     if not epoch:
         return None
-    t = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    t = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
     return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -86,7 +94,8 @@ class Registry:
         self._beats = {}
         self._threads = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=cfg.ssh.max_connects, thread_name_prefix="probe")
+            max_workers=cfg.ssh.max_connects, thread_name_prefix="probe"
+        )
 
     # --- readers (never wait) -----------------------------------------------------------
 
@@ -112,12 +121,19 @@ class Registry:
     def alive(self):
         """Both loops made progress lately (for the systemd watchdog)."""
         d, s = self.cfg.discovery, self.cfg.ssh
-        periods = {"refresh": d.refresh_s + d.timeout_s,
-                   "probe": s.probe_interval_s + s.connect_timeout_s + SWEEP_SLACK_S}
+        periods = {
+            "refresh": d.refresh_s + d.timeout_s,
+            "probe": s.probe_interval_s + s.connect_timeout_s + SWEEP_SLACK_S,
+        }
         now = self.clock()
-        return bool(self._threads) and not self._stop.is_set() and all(
-            now - self._beats.get(name, -1e18) < ALIVE_FACTOR * period
-            for name, period in periods.items())
+        return (
+            bool(self._threads)
+            and not self._stop.is_set()
+            and all(
+                now - self._beats.get(name, -1e18) < ALIVE_FACTOR * period
+                for name, period in periods.items()
+            )
+        )
 
     # --- control ------------------------------------------------------------------------
 
@@ -178,8 +194,10 @@ class Registry:
         members = {_key(n): n for n in nodes}
         with self._lock:
             old = {_key(s.node): s for s in self._snapshot}
-            table = [dataclasses.replace(old[k], node=n) if k in old else NodeStatus(n)
-                     for k, n in members.items()]
+            table = [
+                dataclasses.replace(old[k], node=n) if k in old else NodeStatus(n)
+                for k, n in members.items()
+            ]
             self._snapshot = tuple(sorted(table, key=lambda s: natural_key(s.node.name)))
             self._stale, self._stale_reason = False, ""
             self.refreshed_at = time.time()
@@ -231,24 +249,37 @@ class Registry:
         concurrent.futures.wait(futures, timeout=budget)
         for f, node in futures.items():
             if f.running():
-                self._update(node, lambda s: dataclasses.replace(
-                    s, phase="Unknown", reason="connect-timeout", latency_ms=None,
-                    message=f"no answer within {budget:g} s", last_probe=time.time()),
-                    if_inflight=True)
+                self._update(
+                    node,
+                    lambda s: dataclasses.replace(
+                        s,
+                        phase="Unknown",
+                        reason="connect-timeout",
+                        latency_ms=None,
+                        message=f"no answer within {budget:g} s",
+                        last_probe=time.time(),
+                    ),
+                    if_inflight=True,
+                )
 
     def _probe(self, node):
         """Probe one node and record the result (runs in the worker pool)."""
         try:
             latency = self.pool.probe(node.ip, node.port, node.host)
-            change = dict(phase="Running", reason="ok", latency_ms=round(latency * 1000, 3),
-                          message=f"logged in as {self.cfg.ssh.user} and ran `true`")
+            change = dict(
+                phase="Running",
+                reason="ok",
+                latency_ms=round(latency * 1000, 3),
+                message=f"logged in as {self.cfg.ssh.user} and ran `true`",
+            )
         except SSHError as e:
             change = dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
         except Exception as e:  # a bug must not leave the node Pending forever
             log.exception("probe of %s failed unexpectedly", node.name)
             change = dict(phase="Unknown", reason="ssh-error", message=repr(e), latency_ms=None)
-        self._update(node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change),
-                     finished=True)
+        self._update(
+            node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
+        )
 
     def _update(self, node, change, *, finished=False, if_inflight=False):
         """Apply change(status) to the node's entry, if it is still a member.

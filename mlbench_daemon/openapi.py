@@ -32,9 +32,13 @@ def _error(description):
 # Error responses shared by the /api/ operations.
 _UNAUTHORIZED = {
     "description": "The daemon has a token (`server.token_file`) and the request did not carry "
-                   "`Authorization: Bearer <token>`.",
-    "headers": {"WWW-Authenticate": {"description": 'Always `Bearer realm="mlbench-daemon"`.',
-                                     "schema": {"type": "string"}}},
+    "`Authorization: Bearer <token>`.",
+    "headers": {
+        "WWW-Authenticate": {
+            "description": 'Always `Bearer realm="mlbench-daemon"`.',
+            "schema": {"type": "string"},
+        }
+    },
     "content": _json_content(_ref("Error")),
 }
 _INTERNAL = _error("A bug in the daemon; the message points to its log (never a stack trace).")
@@ -60,12 +64,18 @@ _TERM = f"\\s*(?:{_KEY}\\s*(?:!=|==|=)\\s*(?:{_NAME})?|!\\s*{_KEY}|{_KEY})\\s*"
 SELECTOR_PATTERN = f"^(?:\\s*|{_TERM}(?:,{_TERM})*)$"
 
 # A query flag as api._flag reads it: 1/true/yes or 0/false/no (any case); empty = off.
-_FLAG = {"type": "string",
-         "pattern": "^(?:[01]|[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Yy][Ee][Ss]|[Nn][Oo])?$"}
+_FLAG = {
+    "type": "string",
+    "pattern": "^(?:[01]|[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Yy][Ee][Ss]|[Nn][Oo])?$",
+}
 
-_JOB_ID = {"name": "job_id", "in": "path", "required": True,
-           "description": "The job's id (hex digits: creation time in milliseconds, then random bits).",
-           "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"}}
+_JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "description": "The job's id (hex digits: creation time in milliseconds, then random bits).",
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
+}
 
 _NODES_OP = {
     "summary": "All worker nodes and their status (the seed's endpoint)",
@@ -74,25 +84,36 @@ _NODES_OP = {
         "(`name`, `labels`, `phase`, `ip`), then extras.  Reachability comes from background "
         "SSH probes; the request never waits on DNS or SSH unless `refresh=1` is given.  "
         "When the last DNS refresh failed, the last good list is returned with an "
-        "`X-Discovery-Stale` header giving the reason."),
+        "`X-Discovery-Stale` header giving the reason."
+    ),
     "tags": ["nodes"],
-    "parameters": [{
-        "name": "refresh", "in": "query", "required": False, "allowEmptyValue": True,
-        "description": "`1` (or `true`, `yes`) runs one probe round now and waits for it "
-                       "(at most 10 s) before answering; `0`, `false`, `no` or empty: do not.",
-        "schema": _FLAG,
-    }],
-    "responses": _api_responses(**{
-        "200": {
-            "description": "The nodes.",
-            "headers": {"X-Discovery-Stale": {
-                "description": "Present when the node list is stale: why DNS discovery failed "
-                               "(e.g. `dns-timeout`, `nxdomain`, `not-discovered-yet`).",
-                "schema": {"type": "string"}}},
-            "content": _json_content({"type": "array", "items": _ref("Node")}),
-        },
-        "400": _error("Bad query parameter (`field` names it)."),
-    }),
+    "parameters": [
+        {
+            "name": "refresh",
+            "in": "query",
+            "required": False,
+            "allowEmptyValue": True,
+            "description": "`1` (or `true`, `yes`) runs one probe round now and waits for it "
+            "(at most 10 s) before answering; `0`, `false`, `no` or empty: do not.",
+            "schema": _FLAG,
+        }
+    ],
+    "responses": _api_responses(
+        **{
+            "200": {
+                "description": "The nodes.",
+                "headers": {
+                    "X-Discovery-Stale": {
+                        "description": "Present when the node list is stale: why DNS discovery failed "
+                        "(e.g. `dns-timeout`, `nxdomain`, `not-discovered-yet`).",
+                        "schema": {"type": "string"},
+                    }
+                },
+                "content": _json_content({"type": "array", "items": _ref("Node")}),
+            },
+            "400": _error("Bad query parameter (`field` names it)."),
+        }
+    ),
 }
 
 
@@ -113,26 +134,44 @@ _SUBMIT_OP = {
         "seed's keys `nodes`, `command`, `master_name`, `response` (the whole output), plus "
         "`id`, `state`, `exit_code` and the rest of the job.  With `wait` false the answer is "
         "202 at once, with the job and a `Location` header.  Program and env together must "
-        "stay under 256 KiB."),
+        "stay under 256 KiB."
+    ),
     "tags": ["jobs"],
     "requestBody": {
         "required": False,
         "content": _json_content(_ref("JobRequest")),
     },
-    "responses": _api_responses(**{
-        "200": {"description": "`wait` true: the job has ended (in any final state).",
-                "content": _json_content(_ref("JobResult"))},
-        "202": {"description": "`wait` false: the job is accepted (pending or running).",
-                "headers": {"Location": {"description": "`/api/mpi_jobs/<id>`", "required": True,
-                                         "schema": {"type": "string"}}},
-                "content": _json_content(_ref("Job"))},
-        "400": _error("Bad request body; `field` names the field (`body` for the body as a whole)."),
-        "409": _error("A requested node or master is unknown, not matching the selector, "
-                      "or not `Running`."),
-        "413": _error("The body is over `server.max_body_bytes`."),
-        "429": _error("`mpi.max_concurrent_jobs` are running and `mpi.queue_size` more are queued."),
-        "503": _error("No `Running` node matches the selector."),
-    }),
+    "responses": _api_responses(
+        **{
+            "200": {
+                "description": "`wait` true: the job has ended (in any final state).",
+                "content": _json_content(_ref("JobResult")),
+            },
+            "202": {
+                "description": "`wait` false: the job is accepted (pending or running).",
+                "headers": {
+                    "Location": {
+                        "description": "`/api/mpi_jobs/<id>`",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                },
+                "content": _json_content(_ref("Job")),
+            },
+            "400": _error(
+                "Bad request body; `field` names the field (`body` for the body as a whole)."
+            ),
+            "409": _error(
+                "A requested node or master is unknown, not matching the selector, "
+                "or not `Running`."
+            ),
+            "413": _error("The body is over `server.max_body_bytes`."),
+            "429": _error(
+                "`mpi.max_concurrent_jobs` are running and `mpi.queue_size` more are queued."
+            ),
+            "503": _error("No `Running` node matches the selector."),
+        }
+    ),
 }
 
 
@@ -148,15 +187,32 @@ _LIST_JOBS_OP = {
     "summary": "Jobs, newest first",
     "tags": ["jobs"],
     "parameters": [
-        {"name": "limit", "in": "query", "required": False, "allowEmptyValue": True, "description": "At most this many jobs.",
-         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}},
-        {"name": "offset", "in": "query", "required": False, "allowEmptyValue": True, "description": "Skip this many of the newest.",
-         "schema": {"type": "integer", "minimum": 0, "maximum": 2 ** 31, "default": 0}},
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "allowEmptyValue": True,
+            "description": "At most this many jobs.",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+        },
+        {
+            "name": "offset",
+            "in": "query",
+            "required": False,
+            "allowEmptyValue": True,
+            "description": "Skip this many of the newest.",
+            "schema": {"type": "integer", "minimum": 0, "maximum": 2**31, "default": 0},
+        },
     ],
-    "responses": _api_responses(**{
-        "200": {"description": "The jobs.", "content": _json_content({"type": "array", "items": _ref("Job")})},
-        "400": _error("Bad `limit` or `offset` (`field` names it)."),
-    }),
+    "responses": _api_responses(
+        **{
+            "200": {
+                "description": "The jobs.",
+                "content": _json_content({"type": "array", "items": _ref("Job")}),
+            },
+            "400": _error("Bad `limit` or `offset` (`field` names it)."),
+        }
+    ),
 }
 
 SCHEMAS = {
@@ -165,8 +221,11 @@ SCHEMAS = {
         "description": "Every error, with its 4xx/5xx status.",
         "required": ["error", "message"],
         "properties": {
-            "error": {"type": "string", "description": "Machine-readable code, e.g. `bad-request`, "
-                      "`unauthorized`, `not-found`, `conflict`, `queue-full`, `unavailable`."},
+            "error": {
+                "type": "string",
+                "description": "Machine-readable code, e.g. `bad-request`, "
+                "`unauthorized`, `not-found`, `conflict`, `queue-full`, `unavailable`.",
+            },
             "message": {"type": "string", "description": "For a human."},
             "field": {"type": "string", "description": "The request field at fault (400, 409)."},
         },
@@ -175,29 +234,48 @@ SCHEMAS = {
         "type": "string",
         "enum": ["Pending", "Running", "Unknown", "Failed"],
         "description": "`Pending`: first probe not finished; `Running`: SSH login with the "
-                       "configured key succeeded and the host key was verified; `Unknown`: could "
-                       "not reach it; `Failed`: reached it but it refused us or could not be trusted.",
+        "configured key succeeded and the host key was verified; `Unknown`: could "
+        "not reach it; `Failed`: reached it but it refused us or could not be trusted.",
     },
     "Node": {
         "type": "object",
-        "required": ["name", "labels", "phase", "ip", "label_map", "host", "port", "namespace",
-                     "reason", "message", "last_probe", "latency_ms"],
+        "required": [
+            "name",
+            "labels",
+            "phase",
+            "ip",
+            "label_map",
+            "host",
+            "port",
+            "namespace",
+            "reason",
+            "message",
+            "last_probe",
+            "latency_ms",
+        ],
         "properties": {
             "name": {"type": "string", "description": "First label of the host name, else the IP."},
-            "labels": {"type": "string",
-                       "description": "Python `str()` of the label dict with keys sorted, as in the seed: "
-                                      "`{'app': 'mlbench', 'component': 'worker'}`."},
+            "labels": {
+                "type": "string",
+                "description": "Python `str()` of the label dict with keys sorted, as in the seed: "
+                "`{'app': 'mlbench', 'component': 'worker'}`.",
+            },
             "phase": _ref("Phase"),
             "ip": {"type": "string"},
-            "label_map": {"type": "object", "additionalProperties": {"type": "string"},
-                          "description": "The same labels as a JSON object."},
+            "label_map": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "The same labels as a JSON object.",
+            },
             "host": {"type": "string", "description": "Host name (no trailing dot), or the IP."},
             "port": {"type": "integer", "minimum": 1, "maximum": 65535, "description": "SSH port."},
             "namespace": {"type": "string"},
-            "reason": {"type": "string",
-                       "description": "Machine-readable: `ok`, `not-probed-yet`, `connection-refused`, "
-                                      "`connect-timeout`, `no-banner`, `auth-failed`, "
-                                      "`host-key-unknown`, `host-key-changed`, ..."},
+            "reason": {
+                "type": "string",
+                "description": "Machine-readable: `ok`, `not-probed-yet`, `connection-refused`, "
+                "`connect-timeout`, `no-banner`, `auth-failed`, "
+                "`host-key-unknown`, `host-key-changed`, ...",
+            },
             "message": {"type": "string"},
             "last_probe": {"type": ["string", "null"], "format": "date-time"},
             "latency_ms": {"type": ["number", "null"], "minimum": 0},
@@ -216,13 +294,32 @@ SCHEMAS = {
     },
     "Job": {
         "type": "object",
-        "required": ["nodes", "command", "master_name", "id", "state", "exit_code", "created",
-                     "started", "finished", "error", "reason", "np", "timeout_s", "env"],
+        "required": [
+            "nodes",
+            "command",
+            "master_name",
+            "id",
+            "state",
+            "exit_code",
+            "created",
+            "started",
+            "finished",
+            "error",
+            "reason",
+            "np",
+            "timeout_s",
+            "env",
+        ],
         "properties": {
             "nodes": {"type": "array", "items": _ref("NodeRow")},
-            "command": {"type": "string",
-                        "description": "Python `str()` of the exact argv run on the master."},
-            "master_name": {"type": ["string", "null"], "description": "Null until the job is launched."},
+            "command": {
+                "type": "string",
+                "description": "Python `str()` of the exact argv run on the master.",
+            },
+            "master_name": {
+                "type": ["string", "null"],
+                "description": "Null until the job is launched.",
+            },
             "id": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
             "state": _ref("JobState"),
             "exit_code": {"type": ["integer", "null"]},
@@ -230,24 +327,35 @@ SCHEMAS = {
             "started": {"type": ["string", "null"], "format": "date-time"},
             "finished": {"type": ["string", "null"], "format": "date-time"},
             "error": {"type": ["string", "null"]},
-            "reason": {"type": ["string", "null"],
-                       "description": "Machine-readable cause of a failed, cancelled or lost job "
-                                      "(`launch-failed`, `cancelled`, `timeout`, ...)."},
+            "reason": {
+                "type": ["string", "null"],
+                "description": "Machine-readable cause of a failed, cancelled or lost job "
+                "(`launch-failed`, `cancelled`, `timeout`, ...).",
+            },
             "np": {"type": ["integer", "null"], "minimum": 1},
             "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
-            "env": {"type": "object", "additionalProperties": {"const": "***"},
-                    "description": "The names of the exported variables; values are never shown."},
+            "env": {
+                "type": "object",
+                "additionalProperties": {"const": "***"},
+                "description": "The names of the exported variables; values are never shown.",
+            },
         },
     },
     "JobResult": {
         "description": "A finished job with its whole output (`POST` with `wait` true).",
-        "allOf": [_ref("Job"), {
-            "type": "object",
-            "required": ["response"],
-            "properties": {"response": {
-                "type": "string",
-                "description": "stdout and stderr interleaved as produced (invalid UTF-8 replaced)."}},
-        }],
+        "allOf": [
+            _ref("Job"),
+            {
+                "type": "object",
+                "required": ["response"],
+                "properties": {
+                    "response": {
+                        "type": "string",
+                        "description": "stdout and stderr interleaved as produced (invalid UTF-8 replaced).",
+                    }
+                },
+            },
+        ],
     },
     "JobRequest": {
         "type": "object",
@@ -255,35 +363,62 @@ SCHEMAS = {
         "description": "Every field is optional.",
         "properties": {
             "program": {
-                "type": "array", "minItems": 1,
+                "type": "array",
+                "minItems": 1,
                 "description": "The argv run by mpirun on every rank (replaces `mpi.program`).  "
-                               "The first item is a program: not empty, not an option.  A lone "
-                               '`:` is reserved by mpirun.',
-                "prefixItems": [{"type": "string", "pattern": "^[^-:\\u0000][^\\u0000]*$|^:[^\\u0000]+$"}],
+                "The first item is a program: not empty, not an option.  A lone "
+                "`:` is reserved by mpirun.",
+                "prefixItems": [
+                    {"type": "string", "pattern": "^[^-:\\u0000][^\\u0000]*$|^:[^\\u0000]+$"}
+                ],
                 "items": {"type": "string", "pattern": "^[^\\u0000]*$", "not": {"const": ":"}},
             },
             "env": {
                 "type": "object",
                 "description": "Exported to every rank; values never appear in any argv.",
-                "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
-                                  "not": {"pattern": "^OMPI_MCA_mlbench"}},
+                "propertyNames": {
+                    "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
+                    "not": {"pattern": "^OMPI_MCA_mlbench"},
+                },
                 "additionalProperties": _TEXT,
             },
-            "np": {"type": "integer", "minimum": 1, "maximum": 1000000,
-                   "description": "Number of ranks (mpirun `-np`); default: one per host slot."},
-            "selector": dict(_TEXT, pattern=SELECTOR_PATTERN,
-                             description="Label selector applied on top of `discovery.selector`: "
-                                         "`k=v,k!=v,k,!k`."),
-            "nodes": {"type": "array", "minItems": 1, "uniqueItems": True, "items": _TEXT,
-                      "description": "Run on exactly these nodes (names); default: every selected "
-                                     "`Running` node."},
-            "master": dict(_TEXT, description="The node mpirun runs on; one of `nodes` when both are "
-                                              "given.  Default: the first `Running` node in natural "
-                                              "name order."),
-            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1e9,
-                          "description": "Cancel the job after this long (default `mpi.default_timeout_s`)."},
-            "wait": {"type": "boolean", "default": True,
-                     "description": "Answer when the job is over (200) or at once (202)."},
+            "np": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 1000000,
+                "description": "Number of ranks (mpirun `-np`); default: one per host slot.",
+            },
+            "selector": dict(
+                _TEXT,
+                pattern=SELECTOR_PATTERN,
+                description="Label selector applied on top of `discovery.selector`: "
+                "`k=v,k!=v,k,!k`.",
+            ),
+            "nodes": {
+                "type": "array",
+                "minItems": 1,
+                "uniqueItems": True,
+                "items": _TEXT,
+                "description": "Run on exactly these nodes (names); default: every selected "
+                "`Running` node.",
+            },
+            "master": dict(
+                _TEXT,
+                description="The node mpirun runs on; one of `nodes` when both are "
+                "given.  Default: the first `Running` node in natural "
+                "name order.",
+            ),
+            "timeout_s": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "exclusiveMaximum": 1e9,
+                "description": "Cancel the job after this long (default `mpi.default_timeout_s`).",
+            },
+            "wait": {
+                "type": "boolean",
+                "default": True,
+                "description": "Answer when the job is over (200) or at once (202).",
+            },
         },
     },
     "Health": {
@@ -301,15 +436,21 @@ SCHEMAS = {
 
 PATHS = {
     "/api/nodes/": {"get": _nodes_op("listNodes")},
-    "/api/nodes": {"get": _nodes_op("listNodesNoSlash", "All worker nodes (same as `/api/nodes/`)")},
-    "/api/pods/": {"get": _nodes_op("listPods", "Alias of `/api/nodes/` (what mlbench-core's client calls)")},
+    "/api/nodes": {
+        "get": _nodes_op("listNodesNoSlash", "All worker nodes (same as `/api/nodes/`)")
+    },
+    "/api/pods/": {
+        "get": _nodes_op("listPods", "Alias of `/api/nodes/` (what mlbench-core's client calls)")
+    },
     "/api/mpi_jobs/": {
         "post": _submit_op("submitJob"),
         "get": _LIST_JOBS_OP,
     },
     "/api/mpi_jobs": {
         "post": _submit_op("submitJobNoSlash", "Start an MPI job (same as `/api/mpi_jobs/`)"),
-        "get": dict(_LIST_JOBS_OP, operationId="listJobsNoSlash", summary="Jobs (same as `/api/mpi_jobs/`)"),
+        "get": dict(
+            _LIST_JOBS_OP, operationId="listJobsNoSlash", summary="Jobs (same as `/api/mpi_jobs/`)"
+        ),
     },
     "/api/mpi_jobs/{job_id}": {
         "parameters": [_JOB_ID],
@@ -317,24 +458,31 @@ PATHS = {
             "operationId": "getJob",
             "summary": "One job",
             "tags": ["jobs"],
-            "responses": _api_responses(**{
-                "200": {"description": "The job.", "content": _json_content(_ref("Job"))},
-                "404": _error("No such job."),
-            }),
+            "responses": _api_responses(
+                **{
+                    "200": {"description": "The job.", "content": _json_content(_ref("Job"))},
+                    "404": _error("No such job."),
+                }
+            ),
         },
         "delete": {
             "operationId": "cancelJob",
             "summary": "Cancel a job",
             "description": "TERM to the job's process group on the master, `mpi.cancel_grace_s`, then "
-                           "KILL; then every host of the job is swept for its processes (the result is "
-                           "in `error`).  Answers with the job once it is final (bounded wait).",
+            "KILL; then every host of the job is swept for its processes (the result is "
+            "in `error`).  Answers with the job once it is final (bounded wait).",
             "tags": ["jobs"],
-            "responses": _api_responses(**{
-                "200": {"description": "The job, normally `cancelled`.", "content": _json_content(_ref("Job"))},
-                "404": _error("No such job."),
-                "409": _error("The job is already final, or not followed by this daemon."),
-                "503": _error("The master could not be reached to deliver the cancel."),
-            }),
+            "responses": _api_responses(
+                **{
+                    "200": {
+                        "description": "The job, normally `cancelled`.",
+                        "content": _json_content(_ref("Job")),
+                    },
+                    "404": _error("No such job."),
+                    "409": _error("The job is already final, or not followed by this daemon."),
+                    "503": _error("The master could not be reached to deliver the cancel."),
+                }
+            ),
         },
     },
     "/api/mpi_jobs/{job_id}/logs": {
@@ -343,32 +491,56 @@ PATHS = {
             "operationId": "getJobLogs",
             "summary": "A chunk of a job's output, or all of it as it comes",
             "description": "Raw bytes (stdout and stderr interleaved) from `offset`: at most `limit` "
-                           "bytes, with the offset to ask for next in `X-Next-Offset`.  With "
-                           "`follow=1` the answer streams from `offset` until the job is final "
-                           "(no `X-Next-Offset`; `limit` is ignored).",
+            "bytes, with the offset to ask for next in `X-Next-Offset`.  With "
+            "`follow=1` the answer streams from `offset` until the job is final "
+            "(no `X-Next-Offset`; `limit` is ignored).",
             "tags": ["jobs"],
             "parameters": [
-                {"name": "offset", "in": "query", "required": False, "allowEmptyValue": True,
-                 "schema": {"type": "integer", "minimum": 0, "maximum": 2 ** 62, "default": 0}},
-                {"name": "limit", "in": "query", "required": False, "allowEmptyValue": True,
-                 "schema": {"type": "integer", "minimum": 1, "maximum": 1 << 20, "default": 1 << 20}},
-                {"name": "follow", "in": "query", "required": False, "allowEmptyValue": True,
-                 "description": "`1` (or `true`, `yes`) streams until the job is final; "
-                                "`0`, `false`, `no` or empty: one chunk.",
-                 "schema": _FLAG},
-            ],
-            "responses": _api_responses(**{
-                "200": {
-                    "description": "Output bytes (possibly none).",
-                    "headers": {
-                        "X-Next-Offset": {"description": "`offset` plus the bytes returned (not with `follow=1`).",
-                                          "schema": {"type": "integer", "minimum": 0}},
-                    },
-                    "content": {"application/octet-stream": {}},
+                {
+                    "name": "offset",
+                    "in": "query",
+                    "required": False,
+                    "allowEmptyValue": True,
+                    "schema": {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0},
                 },
-                "400": _error("Bad `offset`, `limit` or `follow` (`field` names it)."),
-                "404": _error("No such job."),
-            }),
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "allowEmptyValue": True,
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": 1 << 20,
+                        "default": 1 << 20,
+                    },
+                },
+                {
+                    "name": "follow",
+                    "in": "query",
+                    "required": False,
+                    "allowEmptyValue": True,
+                    "description": "`1` (or `true`, `yes`) streams until the job is final; "
+                    "`0`, `false`, `no` or empty: one chunk.",
+                    "schema": _FLAG,
+                },
+            ],
+            "responses": _api_responses(
+                **{
+                    "200": {
+                        "description": "Output bytes (possibly none).",
+                        "headers": {
+                            "X-Next-Offset": {
+                                "description": "`offset` plus the bytes returned (not with `follow=1`).",
+                                "schema": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                        "content": {"application/octet-stream": {}},
+                    },
+                    "400": _error("Bad `offset`, `limit` or `follow` (`field` names it)."),
+                    "404": _error("No such job."),
+                }
+            ),
         },
     },
     "/api/openapi.json": {
@@ -376,10 +548,16 @@ PATHS = {
             "operationId": "getOpenApi",
             "summary": "This document",
             "tags": ["meta"],
-            "responses": _api_responses(**{
-                "200": {"description": "The OpenAPI 3.1 document.",
-                        "content": _json_content({"type": "object", "required": ["openapi", "info", "paths"]})},
-            }),
+            "responses": _api_responses(
+                **{
+                    "200": {
+                        "description": "The OpenAPI 3.1 document.",
+                        "content": _json_content(
+                            {"type": "object", "required": ["openapi", "info", "paths"]}
+                        ),
+                    },
+                }
+            ),
         },
     },
     "/healthz": {
@@ -389,7 +567,10 @@ PATHS = {
             "tags": ["meta"],
             "security": [],
             "responses": {
-                "200": {"description": "The daemon serves.", "content": _json_content(_ref("Health"))},
+                "200": {
+                    "description": "The daemon serves.",
+                    "content": _json_content(_ref("Health")),
+                },
                 "500": _INTERNAL,
             },
         },
@@ -401,8 +582,10 @@ PATHS = {
             "tags": ["meta"],
             "security": [],
             "responses": {
-                "200": {"description": "The Prometheus text exposition format.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "200": {
+                    "description": "The Prometheus text exposition format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
                 "500": _INTERNAL,
             },
         },
@@ -416,11 +599,12 @@ DOCUMENT = {
         "version": __version__,
         "summary": "SSH-native launcher for MPI jobs, serving the MLBench dashboard's REST API.",
         "description": (
-            "JSON everywhere, including every error (`Error`: `{\"error\", \"message\"}`, plus "
+            'JSON everywhere, including every error (`Error`: `{"error", "message"}`, plus '
             "`field` for bad input), with its 4xx/5xx status: unknown paths answer 404 and "
             "unsupported methods 405 (with `Allow`), both as `Error`.  Every path works with and "
             "without its trailing slash.  When the daemon has a token (`server.token_file`), "
-            "every `/api/` call needs `Authorization: Bearer <token>`; without one, none does."),
+            "every `/api/` call needs `Authorization: Bearer <token>`; without one, none does."
+        ),
     },
     "tags": [
         {"name": "nodes", "description": "Discovered nodes and their SSH reachability."},
@@ -432,9 +616,12 @@ DOCUMENT = {
     "components": {
         "schemas": SCHEMAS,
         "securitySchemes": {
-            "bearerAuth": {"type": "http", "scheme": "bearer",
-                           "description": "The token in `server.token_file`; required only when "
-                                          "the daemon has one."},
+            "bearerAuth": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The token in `server.token_file`; required only when "
+                "the daemon has one.",
+            },
         },
     },
 }

@@ -34,9 +34,9 @@ from mlbench_daemon.store import Store
 
 log = logging.getLogger("mlbench_daemon.server")
 
-DRAIN_S = 10.0         # longest wait for in-flight requests at shutdown
-LOOP_CHECK_S = 2.0     # the HTTP loop must answer a trigger within this
-STATUS_EVERY_S = 5.0   # STATUS= refresh when there is no watchdog
+DRAIN_S = 10.0  # longest wait for in-flight requests at shutdown
+LOOP_CHECK_S = 2.0  # the HTTP loop must answer a trigger within this
+STATUS_EVERY_S = 5.0  # STATUS= refresh when there is no watchdog
 
 
 class StartupError(Exception):
@@ -59,7 +59,8 @@ def read_token(server_cfg):
         if not is_loopback(server_cfg.host):
             raise StartupError(
                 f"server.host is {server_cfg.host!r}, not loopback: set server.token_file "
-                "so the API is not open to the network")
+                "so the API is not open to the network"
+            )
         return None
     try:
         return config.read_token(path)
@@ -73,8 +74,12 @@ class Daemon:
         token = read_token(cfg.server)
         self.pool = Pool(cfg.ssh, on_reconnect=lambda ip, port: metrics.ssh_reconnects_total.inc())
         try:
-            self.registry = Registry(cfg, Discovery(cfg.discovery, ssh_port=cfg.ssh.port), self.pool,
-                                     on_probe=metrics.observe_probe)
+            self.registry = Registry(
+                cfg,
+                Discovery(cfg.discovery, ssh_port=cfg.ssh.port),
+                self.pool,
+                on_probe=metrics.observe_probe,
+            )
         except ValueError as e:  # the selector
             raise StartupError(f"discovery.selector: {e}") from None
         except DiscoveryError as e:  # no usable resolver
@@ -82,10 +87,13 @@ class Daemon:
         try:
             self.store = Store(cfg.state.dir)
         except (OSError, sqlite3.Error) as e:
-            raise StartupError(f"state.dir: cannot use {cfg.state.dir}: {getattr(e, 'strerror', None) or e}") from None
+            raise StartupError(
+                f"state.dir: cannot use {cfg.state.dir}: {getattr(e, 'strerror', None) or e}"
+            ) from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
-        self.app = api.make_app(self.registry, self.jobs, token=token,
-                                max_body_bytes=cfg.server.max_body_bytes)
+        self.app = api.make_app(
+            self.registry, self.jobs, token=token, max_body_bytes=cfg.server.max_body_bytes
+        )
         self.http = None
         self.url = None
         self._stop = threading.Event()
@@ -109,8 +117,9 @@ class Daemon:
                 log.warning("first probe pass not finished after %.0fs; serving anyway", first)
             log.info("serving on %s", self.url)
             self._notify(f"READY=1\nSTATUS={self.status()}")
-            supervisor = threading.Thread(target=self._supervise, args=(http_thread,),
-                                          name="supervisor", daemon=True)
+            supervisor = threading.Thread(
+                target=self._supervise, args=(http_thread,), name="supervisor", daemon=True
+            )
             supervisor.start()
             while not self._stop.wait(1.0):
                 if not http_thread.is_alive():
@@ -136,15 +145,24 @@ class Daemon:
         s = self.cfg.server
         try:
             # api enforces max_body_bytes itself, so the 413 is JSON like every other error
-            http = waitress.create_server(self.app, host=s.host, port=s.port, threads=s.threads,
-                                          ident="mlbench-daemon")
+            http = waitress.create_server(
+                self.app, host=s.host, port=s.port, threads=s.threads, ident="mlbench-daemon"
+            )
         except OSError as e:
-            raise StartupError(f"server: cannot listen on {s.host}:{s.port}: {e.strerror or e}") from None
+            raise StartupError(
+                f"server: cannot listen on {s.host}:{s.port}: {e.strerror or e}"
+            ) from None
         if not hasattr(http, "effective_port"):  # a name resolving to several addresses
             http.close()
-            raise StartupError(f"server.host: {s.host!r} resolves to several addresses; give one IP")
+            raise StartupError(
+                f"server.host: {s.host!r} resolves to several addresses; give one IP"
+            )
         host = http.effective_host
-        self.url = f"http://[{host}]:{http.effective_port}" if ":" in host else f"http://{host}:{http.effective_port}"
+        self.url = (
+            f"http://[{host}]:{http.effective_port}"
+            if ":" in host
+            else f"http://{host}:{http.effective_port}"
+        )
         return http
 
     def _drain(self, http_thread):
@@ -156,7 +174,9 @@ class Daemon:
         while (tasks.active_count or tasks.queue) and time.monotonic() < deadline:
             time.sleep(0.05)
         if tasks.active_count:
-            log.warning("closing %d request(s) still running after %.0fs", tasks.active_count, DRAIN_S)
+            log.warning(
+                "closing %d request(s) still running after %.0fs", tasks.active_count, DRAIN_S
+            )
         self._in_loop(lambda: wasyncore.close_all(http._map))
         tasks.shutdown(timeout=2.0)
         http_thread.join(5.0)
@@ -186,8 +206,10 @@ class Daemon:
             if interval and healthy:
                 message += "\nWATCHDOG=1"
             elif interval:
-                log.error("not healthy (registry alive: %s); withholding the watchdog ping",
-                          self.registry.alive())
+                log.error(
+                    "not healthy (registry alive: %s); withholding the watchdog ping",
+                    self.registry.alive(),
+                )
             self._notify(message)
 
     def status(self):
@@ -196,8 +218,10 @@ class Daemon:
         up = sum(1 for n in nodes if n.phase == "Running")
         running = self.jobs.counts().get("running", 0)
         stale = ", DNS stale" if self.registry.stale else ""
-        return (f"{up}/{len(nodes)} nodes Running, {running} job{'' if running == 1 else 's'} running"
-                f"{stale}; API on {self.url}")
+        return (
+            f"{up}/{len(nodes)} nodes Running, {running} job{'' if running == 1 else 's'} running"
+            f"{stale}; API on {self.url}"
+        )
 
     @staticmethod
     def _notify(state):

@@ -73,8 +73,9 @@ def _tune(transport):
     ourselves and let OpenSSH's sshd rekey by its RekeyLimit; paramiko answers those.
     """
     opts = transport.get_security_options()
-    opts.ciphers = [c for c in FAST_CIPHERS if c in opts.ciphers] + \
-                   [c for c in opts.ciphers if c not in FAST_CIPHERS]
+    opts.ciphers = [c for c in FAST_CIPHERS if c in opts.ciphers] + [
+        c for c in opts.ciphers if c not in FAST_CIPHERS
+    ]
     transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = 2**62
 
 
@@ -94,8 +95,15 @@ class Unreachable(SSHError):
     """Could not reach the host or lost it (node phase Unknown)."""
 
     phase = "Unknown"
-    reasons = ("connection-refused", "connect-timeout", "no-banner", "network-unreachable",
-               "connection-lost", "ssh-error", "command-timeout")
+    reasons = (
+        "connection-refused",
+        "connect-timeout",
+        "no-banner",
+        "network-unreachable",
+        "connection-lost",
+        "ssh-error",
+        "command-timeout",
+    )
 
 
 class CommandTimeout(Unreachable, TimeoutError):
@@ -147,7 +155,12 @@ def classify(exc, where=""):
     if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, EOFError)):
         return Unreachable("connection-lost", f"{at}connection lost: {text}")
     if isinstance(exc, OSError):
-        if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL):
+        if exc.errno in (
+            errno.ENETUNREACH,
+            errno.EHOSTUNREACH,
+            errno.EHOSTDOWN,
+            errno.EADDRNOTAVAIL,
+        ):
             return Unreachable("network-unreachable", f"{at}{text}")
         if exc.errno == errno.ETIMEDOUT:
             return Unreachable("connect-timeout", f"{at}{text}")
@@ -252,12 +265,16 @@ class KnownHosts:
             return
         if known:
             was = ", ".join(f"{k.key.get_name()} {fingerprint(k.key)}" for k in known)
-            raise Untrusted("host-key-changed",
-                            f"{where}: HOST KEY CHANGED: known {was}, "
-                            f"offered {key.get_name()} {fingerprint(key)}")
-        raise Untrusted("host-key-unknown",
-                        f"{where}: host key {key.get_name()} {fingerprint(key)} is not in known_hosts "
-                        f"(names {', '.join(names)})")
+            raise Untrusted(
+                "host-key-changed",
+                f"{where}: HOST KEY CHANGED: known {was}, "
+                f"offered {key.get_name()} {fingerprint(key)}",
+            )
+        raise Untrusted(
+            "host-key-unknown",
+            f"{where}: host key {key.get_name()} {fingerprint(key)} is not in known_hosts "
+            f"(names {', '.join(names)})",
+        )
 
     def _pin(self, key, names, where):
         """Append the key under an exclusive lock, unless someone pinned one meanwhile."""
@@ -341,7 +358,9 @@ class Connection:
         if self.is_connected:
             return t
         if not self._open_lock.acquire(timeout=_remaining(deadline)):
-            raise Unreachable("connect-timeout", f"{self.where}: another connect did not finish in time")
+            raise Unreachable(
+                "connect-timeout", f"{self.where}: another connect did not finish in time"
+            )
         try:
             if self.is_connected:
                 return self.transport
@@ -380,9 +399,12 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if hasattr(socket, "TCP_USER_TIMEOUT"):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_S * 1000)
-            transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
-                                           default_max_packet_size=MAX_PACKET_SIZE)
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_S * 1000
+                )
+            transport = paramiko.Transport(
+                sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
+            )
             left = _remaining(deadline)
             transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = left
             self._prefer_known_key_types(transport, kw["names"])
@@ -390,11 +412,18 @@ class Connection:
             transport.start_client(timeout=_remaining(deadline))
             if not transport.completion_event.is_set():  # start_client returns quietly on timeout
                 if transport.remote_version:
-                    raise Unreachable("connect-timeout", f"{self.where}: key exchange did not finish in time")
-                raise Unreachable("no-banner", f"{self.where}: no SSH banner within the connect timeout")
+                    raise Unreachable(
+                        "connect-timeout", f"{self.where}: key exchange did not finish in time"
+                    )
+                raise Unreachable(
+                    "no-banner", f"{self.where}: no SSH banner within the connect timeout"
+                )
             self.pool.known_hosts.verify(transport.get_remote_server_key(), kw["names"], self.where)
             if kw["pkey"] is None:
-                raise Untrusted("auth-failed", f"{self.where}: no client key (ssh.key_file empty, no ~/.ssh/id_*)")
+                raise Untrusted(
+                    "auth-failed",
+                    f"{self.where}: no client key (ssh.key_file empty, no ~/.ssh/id_*)",
+                )
             transport.auth_timeout = max(0.1, _remaining(deadline))
             if transport.auth_publickey(kw["user"], kw["pkey"]):
                 raise Untrusted("auth-failed", f"{self.where}: server wants more than a public key")
@@ -417,8 +446,9 @@ class Connection:
         base = {"rsa-sha2-512": "ssh-rsa", "rsa-sha2-256": "ssh-rsa"}
         opts = transport.get_security_options()
         types = list(opts.key_types)
-        opts.key_types = [t for t in types if base.get(t, t) in known] + \
-                         [t for t in types if base.get(t, t) not in known]
+        opts.key_types = [t for t in types if base.get(t, t) in known] + [
+            t for t in types if base.get(t, t) not in known
+        ]
 
     def close(self):
         """Close the connection (idempotent, never blocks for long); the next use reconnects."""
@@ -462,7 +492,7 @@ class Stream:
             try:
                 data = self._chan.recv(RECV_SIZE)
                 break
-            except socket.timeout:
+            except TimeoutError:
                 try:
                     self._ping()
                 except SSHError as e:
@@ -528,7 +558,9 @@ class Pool:
     def __init__(self, cfg, on_reconnect=None):
         self.cfg = cfg
         self.client_key = load_client_key(cfg.key_file)
-        self.known_hosts = KnownHosts(cfg.known_hosts, cfg.use_system_known_hosts, cfg.host_key_policy)
+        self.known_hosts = KnownHosts(
+            cfg.known_hosts, cfg.use_system_known_hosts, cfg.host_key_policy
+        )
         self.on_reconnect = on_reconnect
         self.reconnects = 0
         self._conns = {}
@@ -565,19 +597,27 @@ class Pool:
         """Run argv to completion -> Result; raises CommandTimeout after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         conn = self.connection(ip, port)
-        chan, release = self._exec(conn, argv, min(deadline, time.monotonic() + self.cfg.connect_timeout_s),
-                                   stdin=bool(stdin))
+        chan, release = self._exec(
+            conn,
+            argv,
+            min(deadline, time.monotonic() + self.cfg.connect_timeout_s),
+            stdin=bool(stdin),
+        )
         writer = None
         try:
             chan.settimeout(timeout)
             out, err, errors = bytearray(), bytearray(), []
-            readers = [_thread(_drain, chan.recv, out, errors),
-                       _thread(_drain, chan.recv_stderr, err, errors)]
+            readers = [
+                _thread(_drain, chan.recv, out, errors),
+                _thread(_drain, chan.recv_stderr, err, errors),
+            ]
             writer = _Writer(chan, stdin)
             for r in readers:
                 r.join(_remaining(deadline))
             if any(r.is_alive() for r in readers):
-                raise CommandTimeout(f"{conn.where}: {quote(argv)[:200]} did not finish in {timeout:g} s")
+                raise CommandTimeout(
+                    f"{conn.where}: {quote(argv)[:200]} did not finish in {timeout:g} s"
+                )
             if errors:  # (a failed stdin write shows here too if the link died)
                 raise errors[0]
             code = _exit_status(chan, _remaining(deadline))
@@ -601,10 +641,17 @@ class Pool:
     def stream(self, ip, port, argv, *, stdin=b"", idle_timeout):
         """Start argv and return a Stream of its combined output."""
         conn = self.connection(ip, port)
-        chan, release = self._exec(conn, argv, time.monotonic() + self.cfg.connect_timeout_s,
-                                   stdin=bool(stdin), combine_stderr=True)
+        chan, release = self._exec(
+            conn,
+            argv,
+            time.monotonic() + self.cfg.connect_timeout_s,
+            stdin=bool(stdin),
+            combine_stderr=True,
+        )
         chan.settimeout(idle_timeout)
-        return Stream(conn, chan, release, idle_timeout, _Writer(chan, stdin), lambda: self.probe(ip, port))
+        return Stream(
+            conn, chan, release, idle_timeout, _Writer(chan, stdin), lambda: self.probe(ip, port)
+        )
 
     def drop(self, ip, port):
         """Forget and close the connection to (ip, port)."""
@@ -656,7 +703,9 @@ class Pool:
         transport = conn.open(deadline)
         slots = conn.probe_channel if probe else conn.channels
         if not slots.acquire(timeout=_remaining(deadline)):
-            raise Unreachable("ssh-error", f"{conn.where}: all {self.cfg.max_channels} channels busy")
+            raise Unreachable(
+                "ssh-error", f"{conn.where}: all {self.cfg.max_channels} channels busy"
+            )
         chan = None
         try:
             chan = _open_session(transport, deadline)
@@ -666,7 +715,9 @@ class Pool:
                     chan.exec_command(command)
                 except Exception:
                     if dog.fired:
-                        raise Unreachable("connect-timeout", f"{conn.where}: no answer to exec in time") from None
+                        raise Unreachable(
+                            "connect-timeout", f"{conn.where}: no answer to exec in time"
+                        ) from None
                     raise
             return chan, slots.release
         except Exception as e:
@@ -751,7 +802,7 @@ class _ChunkPipe:
         while self._chunks and n < nbytes:
             chunk = self._chunks.popleft()
             if n + len(chunk) > nbytes:
-                chunk, rest = chunk[:nbytes - n], chunk[nbytes - n:]
+                chunk, rest = chunk[: nbytes - n], chunk[nbytes - n :]
                 self._chunks.appendleft(rest)
             parts.append(chunk)
             n += len(chunk)
@@ -823,7 +874,7 @@ class _Writer:
                         chan.shutdown_write()
                         return
                     if chan.send_ready():
-                        view = view[chan.send(bytes(view[:2**15])):]  # sshd's packet size
+                        view = view[chan.send(bytes(view[: 2**15])) :]  # sshd's packet size
                         continue
                 time.sleep(self.POLL_S)
         except Exception as e:  # the command stopped reading or the link died: readers see it

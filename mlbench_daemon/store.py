@@ -32,9 +32,26 @@ STATES = ("pending", "running", "succeeded", "failed", "cancelled", "lost")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
 
 COLUMNS = (
-    "id", "seq", "state", "created", "started", "finished",
-    "master_name", "master_ip", "master_port", "nodes", "command", "np",
-    "timeout_s", "env_names", "remote_dir", "pid", "exit_code", "error", "reason", "request",
+    "id",
+    "seq",
+    "state",
+    "created",
+    "started",
+    "finished",
+    "master_name",
+    "master_ip",
+    "master_port",
+    "nodes",
+    "command",
+    "np",
+    "timeout_s",
+    "env_names",
+    "remote_dir",
+    "pid",
+    "exit_code",
+    "error",
+    "reason",
+    "request",
 )
 JSON_COLUMNS = ("nodes", "command", "env_names", "request")
 # Columns added after the first release: (name, declaration), added to older databases.
@@ -73,8 +90,12 @@ class Store:
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._last_ms = 0
-        self._db = sqlite3.connect(os.path.join(state_dir, "jobs.sqlite3"),
-                                   check_same_thread=False, isolation_level=None, timeout=10)
+        self._db = sqlite3.connect(
+            os.path.join(state_dir, "jobs.sqlite3"),
+            check_same_thread=False,
+            isolation_level=None,
+            timeout=10,
+        )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -96,12 +117,15 @@ class Store:
         self._check(fields)
         with self._lock:
             if "id" not in fields:
-                self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)  # strictly increasing
+                self._last_ms = max(
+                    int(time.time() * 1000), self._last_ms + 1
+                )  # strictly increasing
                 fields["id"] = f"{self._last_ms:012x}{secrets.token_hex(4)}"
             names = list(fields)
             self._db.execute(
                 f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                [self._encode(k, fields[k]) for k in names])
+                [self._encode(k, fields[k]) for k in names],
+            )
         return self.get(fields["id"])
 
     def update(self, job_id, **fields):
@@ -111,7 +135,8 @@ class Store:
             with self._lock:
                 self._db.execute(
                     f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
-                    [self._encode(k, v) for k, v in fields.items()] + [job_id])
+                    [self._encode(k, v) for k, v in fields.items()] + [job_id],
+                )
         return self.get(job_id)
 
     def get(self, job_id):
@@ -140,7 +165,8 @@ class Store:
         """Jobs not yet final (pending or running), oldest first: what a restart re-attaches."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs WHERE state IN ('pending', 'running') ORDER BY seq").fetchall()
+                "SELECT * FROM jobs WHERE state IN ('pending', 'running') ORDER BY seq"
+            ).fetchall()
         return [self._decode(r) for r in rows]
 
     @staticmethod

@@ -149,15 +149,20 @@ def start_daemon(cluster, tmp_path):
         overrides.setdefault("server", {}).setdefault("port", 0)
         overrides.setdefault("log", {}).setdefault("level", "warning")
         n = len(started)
-        path = cluster.write_config(tmp_path / f"daemon{n}.toml", tmp_path / f"state{n}", **overrides)
+        path = cluster.write_config(
+            tmp_path / f"daemon{n}.toml", tmp_path / f"state{n}", **overrides
+        )
         d = LiveDaemon(path)
         started.append(d)
         token_file = overrides.get("server", {}).get("token_file")
         if token_file:
             d.token = open(token_file).read().strip()
         if wait_running:
-            d.wait_nodes(lambda ns: len(ns) == len(cluster.workers)
-                         and all(x["phase"] == "Running" for x in ns))
+            d.wait_nodes(
+                lambda ns: (
+                    len(ns) == len(cluster.workers) and all(x["phase"] == "Running" for x in ns)
+                )
+            )
         return d
 
     try:

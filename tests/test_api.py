@@ -44,12 +44,15 @@ def test_natural_name_order(daemon, cluster):
     assert names == worker_names(cluster)[:3] + [late.name]  # worker-2 before worker-10
 
 
-@pytest.mark.parametrize("selector, expect", [
-    ("", ["dashboard-0", "worker-0", "worker-1", "worker-2"]),
-    ("component!=worker", ["dashboard-0"]),
-    ("app=mlbench,component=worker", ["worker-0", "worker-1", "worker-2"]),
-    ("!component", []),
-])
+@pytest.mark.parametrize(
+    "selector, expect",
+    [
+        ("", ["dashboard-0", "worker-0", "worker-1", "worker-2"]),
+        ("component!=worker", ["dashboard-0"]),
+        ("app=mlbench,component=worker", ["worker-0", "worker-1", "worker-2"]),
+        ("!component", []),
+    ],
+)
 def test_selector(start_daemon, cluster, selector, expect):
     d = start_daemon(wait_running=False, discovery={"selector": selector})
     nodes = d.wait_nodes(lambda ns: len(ns) == len(expect))
@@ -60,8 +63,11 @@ def test_bearer_token(start_daemon, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
     d = start_daemon(server={"token_file": str(token)})
-    for headers in ({"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"},
-                    {"Authorization": ""}):
+    for headers in (
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic s3cret-token"},
+        {"Authorization": ""},
+    ):
         status, h, raw = d.request("GET", "/api/nodes/", headers=headers)
         assert status == 401 and h["www-authenticate"].startswith("Bearer")
         assert json.loads(raw)["error"] == "unauthorized"
@@ -70,12 +76,15 @@ def test_bearer_token(start_daemon, tmp_path):
 
 
 def test_every_error_is_json(daemon):
-    cases = [("GET", "/api/nothing", None, 404), ("PUT", "/api/nodes/", None, 405),
-             ("POST", "/api/mpi_jobs/", b"{not json", 400),
-             ("POST", "/api/mpi_jobs/", b"[1, 2]", 400),
-             ("POST", "/api/mpi_jobs/", b"x" * (2 << 20), 413),
-             ("GET", "/api/mpi_jobs/nope", None, 404),
-             ("GET", "/api/nodes/?refresh=maybe", None, 400)]
+    cases = [
+        ("GET", "/api/nothing", None, 404),
+        ("PUT", "/api/nodes/", None, 405),
+        ("POST", "/api/mpi_jobs/", b"{not json", 400),
+        ("POST", "/api/mpi_jobs/", b"[1, 2]", 400),
+        ("POST", "/api/mpi_jobs/", b"x" * (2 << 20), 413),
+        ("GET", "/api/mpi_jobs/nope", None, 404),
+        ("GET", "/api/nodes/?refresh=maybe", None, 400),
+    ]
     for method, path, body, want in cases:
         status, headers, raw = daemon.request(method, path, body)
         assert status == want, (method, path, raw)
@@ -89,15 +98,21 @@ def test_every_error_is_json(daemon):
 
 
 def phase_of(daemon, name, phase, timeout=20):
-    return by_name(daemon.wait_nodes(
-        lambda ns: name in by_name(ns) and by_name(ns)[name]["phase"] == phase, timeout))[name]
+    return by_name(
+        daemon.wait_nodes(
+            lambda ns: name in by_name(ns) and by_name(ns)[name]["phase"] == phase, timeout
+        )
+    )[name]
 
 
-@pytest.mark.parametrize("fault, undo, phase, reasons", [
-    ("stop_sshd", "start_sshd", "Unknown", {"connection-refused"}),
-    ("partition", "heal", "Unknown", {"connect-timeout", "connection-lost", "no-banner"}),
-    ("replace_host_key", "restore_host_key", "Failed", {"host-key-changed"}),
-])
+@pytest.mark.parametrize(
+    "fault, undo, phase, reasons",
+    [
+        ("stop_sshd", "start_sshd", "Unknown", {"connection-refused"}),
+        ("partition", "heal", "Unknown", {"connect-timeout", "connection-lost", "no-banner"}),
+        ("replace_host_key", "restore_host_key", "Failed", {"host-key-changed"}),
+    ],
+)
 def test_node_fault_shows_then_clears(daemon, cluster, fault, undo, phase, reasons):
     h = cluster.workers[1]
     getattr(cluster, fault)(h)
@@ -113,7 +128,9 @@ def test_frozen_host_is_unknown_and_the_api_never_waits(daemon, cluster):
     h = cluster.workers[2]
     cluster.freeze(h)
     t0 = time.monotonic()
-    n = phase_of(daemon, h.name, "Unknown", timeout=2 + 1 + 10)  # connect timeout + interval + slack
+    n = phase_of(
+        daemon, h.name, "Unknown", timeout=2 + 1 + 10
+    )  # connect timeout + interval + slack
     assert n["reason"] in ("no-banner", "connect-timeout", "connection-lost")
     assert time.monotonic() - t0 < 15
     slowest = 0.0
@@ -126,15 +143,21 @@ def test_frozen_host_is_unknown_and_the_api_never_waits(daemon, cluster):
     phase_of(daemon, h.name, "Running")
 
 
-@pytest.mark.parametrize("setting, reason", [
-    ("wrong client key", "auth-failed"),
-    ("empty known_hosts", "host-key-unknown"),
-])
+@pytest.mark.parametrize(
+    "setting, reason",
+    [
+        ("wrong client key", "auth-failed"),
+        ("empty known_hosts", "host-key-unknown"),
+    ],
+)
 def test_untrusted_nodes_fail(start_daemon, cluster, tmp_path, setting, reason):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    ssh = ({"key_file": str(cluster.wrong_key)} if setting == "wrong client key"
-           else {"known_hosts": str(empty), "use_system_known_hosts": False})
+    ssh = (
+        {"key_file": str(cluster.wrong_key)}
+        if setting == "wrong client key"
+        else {"known_hosts": str(empty), "use_system_known_hosts": False}
+    )
     d = start_daemon(wait_running=False, ssh=ssh)
     nodes = d.wait_nodes(lambda ns: len(ns) == 3 and all(n["phase"] == "Failed" for n in ns))
     assert {n["reason"] for n in nodes} == {reason}
@@ -185,8 +208,9 @@ def test_empty_post_runs_the_default_job_as_the_seed(daemon, cluster):
     status, job = daemon.json("POST", "/api/mpi_jobs/")
     assert status == 200
     assert list(job)[:4] == ["nodes", "command", "master_name", "response"]
-    assert job["nodes"] == [[h.ip, "default", h.name, str(dict(sorted(h.labels.items())))]
-                            for h in cluster.workers]
+    assert job["nodes"] == [
+        [h.ip, "default", h.name, str(dict(sorted(h.labels.items())))] for h in cluster.workers
+    ]
     argv = ast.literal_eval(job["command"])
     assert argv[0] == "/usr/bin/mpirun" and argv[-1] == str(cluster.mpi_program)
     assert argv[argv.index("--host") + 1] == ",".join(h.ip for h in cluster.workers)
@@ -215,6 +239,7 @@ def test_sync_answer_of_a_large_job_is_streamed_not_held(daemon, cluster):
     import http.client
     import threading
     import urllib.parse
+
     nbytes = 150_000_000
     peak, base, done = [0], _rss_kb(), threading.Event()
 
@@ -227,9 +252,17 @@ def test_sync_answer_of_a_large_job_is_streamed_not_held(daemon, cluster):
     u = urllib.parse.urlsplit(daemon.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
     try:
-        conn.request("POST", "/api/mpi_jobs/", body=json.dumps(
-            {"nodes": [cluster.workers[0].name], "program": [str(cluster.mpi_program), "--bytes", str(nbytes)]}),
-            headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/api/mpi_jobs/",
+            body=json.dumps(
+                {
+                    "nodes": [cluster.workers[0].name],
+                    "program": [str(cluster.mpi_program), "--bytes", str(nbytes)],
+                }
+            ),
+            headers={"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()  # the job is over; from here on the client holds the body
         done.set()
         sampler.join()
@@ -237,19 +270,29 @@ def test_sync_answer_of_a_large_job_is_streamed_not_held(daemon, cluster):
         job = json.loads(resp.read())
     finally:
         conn.close()
-    assert (job["state"], list(job)[:4]) == ("succeeded", ["nodes", "command", "master_name", "response"])
+    assert (job["state"], list(job)[:4]) == (
+        "succeeded",
+        ["nodes", "command", "master_name", "response"],
+    )
     assert len(job["response"]) >= nbytes and "allreduce ok 1" in job["response"]
-    assert (peak[0] - base) / 1024 < 100, f"RSS grew {(peak[0] - base) / 1024:.0f} MB before the answer"
+    assert (peak[0] - base) / 1024 < 100, (
+        f"RSS grew {(peak[0] - base) / 1024:.0f} MB before the answer"
+    )
 
 
 def test_failing_job_reports_its_exit_code(daemon, cluster):
-    status, job = daemon.json("POST", "/api/mpi_jobs", {"program": [str(cluster.mpi_program), "--exit", "3"]})
+    status, job = daemon.json(
+        "POST", "/api/mpi_jobs", {"program": [str(cluster.mpi_program), "--exit", "3"]}
+    )
     assert status == 200 and (job["state"], job["exit_code"]) == ("failed", 3)
 
 
 def test_async_job_logs_paging_and_follow(daemon, cluster):
-    body = {"program": [str(cluster.mpi_program), "--bytes", "300000", "--sleep", "1"], "wait": False,
-            "nodes": [h.name for h in cluster.workers[:2]]}
+    body = {
+        "program": [str(cluster.mpi_program), "--bytes", "300000", "--sleep", "1"],
+        "wait": False,
+        "nodes": [h.name for h in cluster.workers[:2]],
+    }
     status, headers, raw = daemon.request("POST", "/api/mpi_jobs/", body)
     job = json.loads(raw)
     assert status == 202 and headers["location"] == f"/api/mpi_jobs/{job['id']}"
@@ -259,7 +302,9 @@ def test_async_job_logs_paging_and_follow(daemon, cluster):
     assert done["state"] == "succeeded"
     paged, offset = b"", 0
     while True:
-        status, h, chunk = daemon.request("GET", f"/api/mpi_jobs/{job['id']}/logs/?offset={offset}&limit=65536")
+        status, h, chunk = daemon.request(
+            "GET", f"/api/mpi_jobs/{job['id']}/logs/?offset={offset}&limit=65536"
+        )
         assert status == 200 and len(chunk) <= 65536
         if not chunk:
             break
@@ -267,17 +312,29 @@ def test_async_job_logs_paging_and_follow(daemon, cluster):
         offset = int(h["x-next-offset"])
     assert paged == streamed and b"allreduce ok 2" in paged
     # rank 1's line may land inside rank 0's output (mpirun forwards chunks, not lines)
-    assert len(re.sub(rb"rank \d of 2 on [\d.]+: sum=1 expected=1\n|allreduce ok 2\n", b"", paged)) == 300000
+    assert (
+        len(re.sub(rb"rank \d of 2 on [\d.]+: sum=1 expected=1\n|allreduce ok 2\n", b"", paged))
+        == 300000
+    )
     listed = daemon.json("GET", "/api/mpi_jobs/?limit=5")[1]
     assert listed[0]["id"] == job["id"]  # newest first
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"program": "prog"}, "program"), ({"program": []}, "program"),
-    ({"program": ["a\0b"]}, "program"), ({"env": {"1BAD": "x"}}, "env"),
-    ({"np": 0}, "np"), ({"nodes": "x"}, "nodes"), ({"bogus": 1}, "bogus"),
-    ({"wait": "yes"}, "wait"), ({"timeout_s": -1}, "timeout_s"), ({"selector": "a=(b"}, "selector"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"program": "prog"}, "program"),
+        ({"program": []}, "program"),
+        ({"program": ["a\0b"]}, "program"),
+        ({"env": {"1BAD": "x"}}, "env"),
+        ({"np": 0}, "np"),
+        ({"nodes": "x"}, "nodes"),
+        ({"bogus": 1}, "bogus"),
+        ({"wait": "yes"}, "wait"),
+        ({"timeout_s": -1}, "timeout_s"),
+        ({"selector": "a=(b"}, "selector"),
+    ],
+)
 def test_bad_input_is_400_naming_the_field(daemon, body, field):
     status, err = daemon.json("POST", "/api/mpi_jobs/", body)
     assert status == 400 and err["field"] == field, err
@@ -312,20 +369,39 @@ def test_queue_full_is_429_and_cancel_stops_everything(start_daemon, cluster):
         status, got = d.json("DELETE", f"/api/mpi_jobs/{job['id']}")
         assert status == 200
         assert d.wait_job(job["id"], timeout=60)["state"] == "cancelled"
-    left = [cmd for _, cmd in cluster.user_processes()
-            if re.search(r"mpirun|orted|mpiprog", cmd)]
+    left = [cmd for _, cmd in cluster.user_processes() if re.search(r"mpirun|orted|mpiprog", cmd)]
     assert left == []
     assert d.json("DELETE", f"/api/mpi_jobs/{first['id']}")[0] == 409
 
 
 def test_cli_run_exits_with_the_job_code(daemon, cluster):
-    r = subprocess.run([sys.executable, "-m", "mlbench_daemon", "run", "--url", daemon.url, "--",
-                        str(cluster.mpi_program), "--argv", "hello world", "--exit", "7"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlbench_daemon",
+            "run",
+            "--url",
+            daemon.url,
+            "--",
+            str(cluster.mpi_program),
+            "--argv",
+            "hello world",
+            "--exit",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 7, r.stderr
-    assert "hello world".encode().hex() in r.stdout and "allreduce ok 3" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "mlbench_daemon", "nodes", "--url", daemon.url, "--json"],
-                       capture_output=True, text=True, timeout=30)
+    assert b"hello world".hex() in r.stdout and "allreduce ok 3" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "mlbench_daemon", "nodes", "--url", daemon.url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0 and [n["name"] for n in json.loads(r.stdout)] == worker_names(cluster)
 
 
@@ -343,13 +419,19 @@ def test_metrics(daemon, cluster):
     assert float(values["mlbench_daemon_probe_latency_seconds_count"]) > 0
     assert float(values['mlbench_daemon_probe_failures_total{reason="connection-refused"}']) >= 1
     assert float(values["mlbench_daemon_job_duration_seconds_count"]) >= 1
-    assert any(k.startswith('mlbench_daemon_http_requests_total{method="POST",route="/api/mpi_jobs",status="200"}')
-               for k in values)
+    assert any(
+        k.startswith(
+            'mlbench_daemon_http_requests_total{method="POST",route="/api/mpi_jobs",status="200"}'
+        )
+        for k in values
+    )
 
 
 def test_label_rules_slots_and_np(start_daemon, cluster):
     w0, w1, w2 = cluster.workers
-    d = start_daemon(discovery={"label_rules": [{"match": w0.name, "labels": {"slots": "2", "rack": "a"}}]})
+    d = start_daemon(
+        discovery={"label_rules": [{"match": w0.name, "labels": {"slots": "2", "rack": "a"}}]}
+    )
     node = by_name(d.json("GET", "/api/nodes/")[1])[w0.name]
     assert node["labels"] == str(dict(sorted({**w0.labels, "slots": "2", "rack": "a"}.items())))
     status, job = d.json("POST", "/api/mpi_jobs/", {"np": 4})
@@ -363,12 +445,22 @@ def test_label_rules_slots_and_np(start_daemon, cluster):
 
 def test_a_waiting_sync_request_holds_its_place(start_daemon, cluster):
     import threading
+
     d = start_daemon(mpi={"max_concurrent_jobs": 1, "queue_size": 1})
-    first = d.json("POST", "/api/mpi_jobs/", {"program": [str(cluster.mpi_program), "--sleep", "60"],
-                                               "wait": False})[1]
+    first = d.json(
+        "POST",
+        "/api/mpi_jobs/",
+        {"program": [str(cluster.mpi_program), "--sleep", "60"], "wait": False},
+    )[1]
     result = {}
-    sync = threading.Thread(target=lambda: result.update(
-        zip(("status", "job"), d.json("POST", "/api/mpi_jobs/", {"program": [str(cluster.mpi_program)]}))))
+    sync = threading.Thread(
+        target=lambda: result.update(
+            zip(
+                ("status", "job"),
+                d.json("POST", "/api/mpi_jobs/", {"program": [str(cluster.mpi_program)]}),
+            )
+        )
+    )
     sync.start()
     deadline = time.monotonic() + 10
     while len(d.json("GET", "/api/mpi_jobs/")[1]) < 2:

@@ -27,9 +27,20 @@ from mlbench_daemon import cli, logs, metrics
 
 TOKEN = "s3cret-token"
 NODES = [
-    {"name": "w-2", "labels": "{'app': 'mlbench', 'slots': '2'}", "phase": "Unknown", "ip": "10.0.0.3",
-     "reason": "connect-timeout"},
-    {"name": "w-10", "labels": "{'app': 'mlbench'}", "phase": "Running", "ip": "10.0.0.11", "reason": None},
+    {
+        "name": "w-2",
+        "labels": "{'app': 'mlbench', 'slots': '2'}",
+        "phase": "Unknown",
+        "ip": "10.0.0.3",
+        "reason": "connect-timeout",
+    },
+    {
+        "name": "w-10",
+        "labels": "{'app': 'mlbench'}",
+        "phase": "Running",
+        "ip": "10.0.0.11",
+        "reason": None,
+    },
 ]
 
 
@@ -50,14 +61,19 @@ class StandIn:
         self.app = app
 
     def check(self):
-        self.requests.append((bottle.request.method, bottle.request.fullpath, bottle.request.query_string))
+        self.requests.append(
+            (bottle.request.method, bottle.request.fullpath, bottle.request.query_string)
+        )
         if self.token and bottle.request.get_header("Authorization") != f"Bearer {self.token}":
             raise self.error(401, "unauthorized", "missing or wrong token")
 
     @staticmethod
     def error(status, error, message):
-        return bottle.HTTPResponse(json.dumps({"error": error, "message": message}), status,
-                                   {"Content-Type": "application/json"})
+        return bottle.HTTPResponse(
+            json.dumps({"error": error, "message": message}),
+            status,
+            {"Content-Type": "application/json"},
+        )
 
     def nodes(self):
         return json.dumps(NODES)
@@ -77,12 +93,23 @@ class StandIn:
         with self.lock:
             jid = str(len(self.jobs) + 1)
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-            job = self.jobs[jid] = {"id": jid, "state": "running", "exit_code": None, "command": str(argv),
-                                    "master_name": "w-10", "out": bytearray(), "proc": proc, "body": body,
-                                    "done": threading.Event()}
+            job = self.jobs[jid] = {
+                "id": jid,
+                "state": "running",
+                "exit_code": None,
+                "command": str(argv),
+                "master_name": "w-10",
+                "out": bytearray(),
+                "proc": proc,
+                "body": body,
+                "done": threading.Event(),
+            }
         threading.Thread(target=self.pump, args=(job,), daemon=True).start()
-        return bottle.HTTPResponse(json.dumps(self.view(job)), 202,
-                                   {"Location": f"/api/mpi_jobs/{jid}", "Content-Type": "application/json"})
+        return bottle.HTTPResponse(
+            json.dumps(self.view(job)),
+            202,
+            {"Location": f"/api/mpi_jobs/{jid}", "Content-Type": "application/json"},
+        )
 
     def pump(self, job):
         for chunk in iter(lambda: job["proc"].stdout.read1(4096), b""):
@@ -112,6 +139,7 @@ class StandIn:
         offset = int(bottle.request.query.get("offset", 0))
         limit = int(bottle.request.query.get("limit", 5))  # tiny, so clients must page
         if bottle.request.query.get("follow") == "1":
+
             def stream(pos=offset):
                 while True:
                     done = job["done"].is_set()
@@ -123,11 +151,15 @@ class StandIn:
                         return
                     else:
                         time.sleep(0.02)
+
             bottle.response.content_type = "application/octet-stream"
             return stream()
-        chunk = bytes(job["out"][offset:offset + limit])
-        return bottle.HTTPResponse(chunk, 200, {"Content-Type": "application/octet-stream",
-                                                "X-Next-Offset": str(offset + len(chunk))})
+        chunk = bytes(job["out"][offset : offset + limit])
+        return bottle.HTTPResponse(
+            chunk,
+            200,
+            {"Content-Type": "application/octet-stream", "X-Next-Offset": str(offset + len(chunk))},
+        )
 
 
 @pytest.fixture
@@ -172,6 +204,7 @@ def run_cli(argv, environ=None, tty=False):
 
 # --- global options -------------------------------------------------------------------
 
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"], environ={})
@@ -180,7 +213,10 @@ def test_version(capsys):
 
 
 def test_globals_before_and_after_the_command(standin):
-    for argv in (["--url", standin.url, "--json", "nodes"], ["nodes", "--url", standin.url, "--json"]):
+    for argv in (
+        ["--url", standin.url, "--json", "nodes"],
+        ["nodes", "--url", standin.url, "--json"],
+    ):
         code, text = run_cli(argv)
         assert code == 0
         assert json.loads(text) == NODES
@@ -203,6 +239,7 @@ def test_unreachable_daemon_is_one_line_exit_2(capsys, unused_port):
 @pytest.fixture
 def unused_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -210,12 +247,19 @@ def unused_port():
 
 # --- nodes / jobs ---------------------------------------------------------------------
 
+
 def test_nodes_table(standin):
     code, text = run_cli(["--url", standin.url, "nodes"])
     assert code == 0
     lines = text.splitlines()
     assert lines[0].split() == ["NAME", "PHASE", "IP", "REASON", "LABELS"]
-    assert lines[1].split() == ["w-2", "Unknown", "10.0.0.3", "connect-timeout", "app=mlbench,slots=2"]
+    assert lines[1].split() == [
+        "w-2",
+        "Unknown",
+        "10.0.0.3",
+        "connect-timeout",
+        "app=mlbench,slots=2",
+    ]
     assert lines[2].split() == ["w-10", "Running", "10.0.0.11", "app=mlbench"]
     assert "\033[" not in text
 
@@ -225,7 +269,10 @@ def test_nodes_phase_coloured_on_a_tty(standin):
     assert code == 0
     assert "\033[32mRunning\033[0m" in text and "\033[31mUnknown\033[0m" in text
     # columns still line up: the IP column starts at the same place on every line
-    lines = [l.replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "") for l in text.splitlines()]
+    lines = [
+        l.replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "")
+        for l in text.splitlines()
+    ]
     assert len({l.index(ip) for l, ip in zip(lines[1:], ("10.0.0.3", "10.0.0.11"))}) == 1
 
 
@@ -238,7 +285,9 @@ def test_token_file_is_sent(standin, tmp_path, capsys):
     token_file.write_text(TOKEN + "\n")
     code, text = run_cli(["nodes", "--url", standin.url, "--token-file", str(token_file)])
     assert code == 0 and "w-10" in text
-    code, text = run_cli(["nodes", "--url", standin.url], environ={"MLBENCH_DAEMON_TOKEN_FILE": str(token_file)})
+    code, text = run_cli(
+        ["nodes", "--url", standin.url], environ={"MLBENCH_DAEMON_TOKEN_FILE": str(token_file)}
+    )
     assert code == 0
 
 
@@ -250,14 +299,32 @@ def test_unreadable_token_file(tmp_path, capsys):
 
 # --- run / logs / cancel --------------------------------------------------------------
 
+
 def test_run_streams_output_and_exits_with_the_job_code(standin):
-    code, text = run_cli(["--url", standin.url, "run", "--np", "2", "--env", "GREETING=hi there",
-                          "--", "sh", "-c", 'echo "$GREETING"; sleep 0.3; echo second; exit 3'])
+    code, text = run_cli(
+        [
+            "--url",
+            standin.url,
+            "run",
+            "--np",
+            "2",
+            "--env",
+            "GREETING=hi there",
+            "--",
+            "sh",
+            "-c",
+            'echo "$GREETING"; sleep 0.3; echo second; exit 3',
+        ]
+    )
     assert code == 3
     assert text == "hi there\nsecond\n"
     body = next(iter(standin.jobs.values()))["body"]
-    assert body == {"wait": False, "np": 2, "env": {"GREETING": "hi there"},
-                    "program": ["sh", "-c", 'echo "$GREETING"; sleep 0.3; echo second; exit 3']}
+    assert body == {
+        "wait": False,
+        "np": 2,
+        "env": {"GREETING": "hi there"},
+        "program": ["sh", "-c", 'echo "$GREETING"; sleep 0.3; echo second; exit 3'],
+    }
 
 
 def test_run_success_and_large_output(standin):
@@ -267,7 +334,9 @@ def test_run_success_and_large_output(standin):
 
 
 def test_run_default_program_sends_no_program(standin):
-    code, text = run_cli(["run", "--url", standin.url, "--node", "w-10", "--master", "w-10", "--timeout", "5"])
+    code, text = run_cli(
+        ["run", "--url", standin.url, "--node", "w-10", "--master", "w-10", "--timeout", "5"]
+    )
     assert code == 0 and text == "default program\n"
     body = next(iter(standin.jobs.values()))["body"]
     assert body == {"wait": False, "nodes": ["w-10"], "master": "w-10", "timeout_s": 5.0}
@@ -318,9 +387,22 @@ def _start(standin, argv):
 
 
 def test_run_ctrl_c_cancels_the_job(standin):
-    proc = subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "--url", standin.url, "run", "--",
-                             "sh", "-c", "echo started; exec sleep 60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlbench_daemon",
+            "--url",
+            standin.url,
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert proc.stdout.readline() == b"started\n"
         proc.send_signal(signal.SIGINT)
@@ -335,17 +417,25 @@ def test_run_ctrl_c_cancels_the_job(standin):
 
 # --- serve ----------------------------------------------------------------------------
 
+
 def test_serve_bad_config_is_one_line_exit_2(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('[discovery]\nservice = "s"\n[ssh]\nport = "abc"\n')
-    proc = subprocess.run([sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(p)],
-                          capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("MLBENCH_DAEMON_")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLBENCH_DAEMON_")},
+    )
     assert proc.returncode == 2
-    assert proc.stderr == "mlbench-daemon: ssh.port: must be an integer from 1 to 65535, got 'abc'\n"
+    assert (
+        proc.stderr == "mlbench-daemon: ssh.port: must be an integer from 1 to 65535, got 'abc'\n"
+    )
 
 
 # --- logging setup (used by serve) -----------------------------------------------------
+
 
 def test_log_lines_plain_and_journald():
     for journald, prefix in ((False, None), (True, "<4>mlbench_daemon.test: ")):
@@ -366,7 +456,9 @@ def test_log_lines_plain_and_journald():
 
 
 def test_journald_detection():
-    assert logs.under_systemd({"INVOCATION_ID": "x"}) and logs.under_systemd({"JOURNAL_STREAM": "8:1"})
+    assert logs.under_systemd({"INVOCATION_ID": "x"}) and logs.under_systemd(
+        {"JOURNAL_STREAM": "8:1"}
+    )
     assert not logs.under_systemd({})
 
 
@@ -374,40 +466,74 @@ def test_metrics_render_uses_own_registry():
     metrics.http_requests_total.labels("/api/nodes/", "GET", "200").inc()
     body, ctype = metrics.render()
     assert ctype.startswith("text/plain")
-    assert b'mlbench_daemon_http_requests_total{method="GET",route="/api/nodes/",status="200"}' in body
+    assert (
+        b'mlbench_daemon_http_requests_total{method="GET",route="/api/nodes/",status="200"}' in body
+    )
     from prometheus_client import REGISTRY as GLOBAL
-    assert GLOBAL.get_sample_value("mlbench_daemon_http_requests_total",
-                                   {"method": "GET", "route": "/api/nodes/", "status": "200"}) is None
+
+    assert (
+        GLOBAL.get_sample_value(
+            "mlbench_daemon_http_requests_total",
+            {"method": "GET", "route": "/api/nodes/", "status": "200"},
+        )
+        is None
+    )
 
 
 # --- serve: the whole daemon process -----------------------------------------------------
 
 
-
 def _serve_config(tmp_path, dns_port, **server):
     server = {"host": "127.0.0.1", "port": 0, **server}
     lines = ["[server]"] + [f"{k} = {json.dumps(v)}" for k, v in server.items()]
-    lines += ["[discovery]", 'service = "w.default.svc.cluster.local"',
-              f'nameservers = ["127.0.0.1:{dns_port}"]', "timeout_s = 0.5", "refresh_s = 1",
-              "[ssh]", f'known_hosts = "{tmp_path}/known_hosts"', "connect_timeout_s = 1",
-              "[state]", f'dir = "{tmp_path}/state"']
+    lines += [
+        "[discovery]",
+        'service = "w.default.svc.cluster.local"',
+        f'nameservers = ["127.0.0.1:{dns_port}"]',
+        "timeout_s = 0.5",
+        "refresh_s = 1",
+        "[ssh]",
+        f'known_hosts = "{tmp_path}/known_hosts"',
+        "connect_timeout_s = 1",
+        "[state]",
+        f'dir = "{tmp_path}/state"',
+    ]
     path = tmp_path / "daemon.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def _serve(config_path, **env):
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith(("MLBENCH_DAEMON_", "NOTIFY_SOCKET", "WATCHDOG_", "INVOCATION_ID", "JOURNAL_STREAM"))}
-    return subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(environ, **env))
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("MLBENCH_DAEMON_", "NOTIFY_SOCKET", "WATCHDOG_", "INVOCATION_ID", "JOURNAL_STREAM")
+        )
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(environ, **env),
+    )
 
 
-@pytest.mark.parametrize("server, expected", [
-    ({"host": "0.0.0.0"}, "mlbench-daemon: server.host is '0.0.0.0', not loopback: set server.token_file"),
-    ({"token_file": "/nonexistent/token"}, "mlbench-daemon: server.token_file: cannot read /nonexistent/token: "),
-    ({"token_file": "EMPTY"}, "mlbench-daemon: server.token_file: "),
-])
+@pytest.mark.parametrize(
+    "server, expected",
+    [
+        (
+            {"host": "0.0.0.0"},
+            "mlbench-daemon: server.host is '0.0.0.0', not loopback: set server.token_file",
+        ),
+        (
+            {"token_file": "/nonexistent/token"},
+            "mlbench-daemon: server.token_file: cannot read /nonexistent/token: ",
+        ),
+        ({"token_file": "EMPTY"}, "mlbench-daemon: server.token_file: "),
+    ],
+)
 def test_serve_refuses_to_start(tmp_path, unused_port, server, expected):
     if server.get("token_file") == "EMPTY":
         (tmp_path / "empty").write_text("\n")
@@ -421,11 +547,14 @@ def test_serve_refuses_to_start(tmp_path, unused_port, server, expected):
 def test_serve_notifies_systemd_serves_and_stops_on_sigterm(tmp_path, unused_port):
     import socket
     import urllib.request
+
     sock_path = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(sock_path)
         notify.settimeout(30)
-        proc = _serve(_serve_config(tmp_path, unused_port), NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000")
+        proc = _serve(
+            _serve_config(tmp_path, unused_port), NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000"
+        )
         try:
             messages = [notify.recv(4096).decode()]
             assert messages[0].startswith("READY=1\nSTATUS="), messages

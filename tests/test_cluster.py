@@ -40,7 +40,7 @@ def banner(ip, timeout=1.0):
         s.settimeout(timeout)
         try:
             return s.recv(64)
-        except socket.timeout:
+        except TimeoutError:
             return None
 
 
@@ -77,8 +77,9 @@ def test_every_sshd_takes_the_cluster_key_and_refuses_others(cluster):
 def test_host_keys_are_verified(cluster, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    r = subprocess.run(cluster.ssh_argv(0, ["true"], known_hosts=empty),
-                       capture_output=True, text=True, timeout=15)
+    r = subprocess.run(
+        cluster.ssh_argv(0, ["true"], known_hosts=empty), capture_output=True, text=True, timeout=15
+    )
     assert r.returncode == 255 and "Host key verification failed" in r.stderr
 
 
@@ -90,8 +91,11 @@ def test_hosts_ssh_to_each_other_with_keys_verified(cluster):
 
 
 def run_mpi(c, hosts, *args, timeout=120):
-    return c.ssh(hosts[0], ["mpirun", *MPI_ARGS, "--host", ",".join(h.ip for h in hosts),
-                            str(c.mpi_program), *args], timeout=timeout)
+    return c.ssh(
+        hosts[0],
+        ["mpirun", *MPI_ARGS, "--host", ",".join(h.ip for h in hosts), str(c.mpi_program), *args],
+        timeout=timeout,
+    )
 
 
 def test_mpirun_over_ssh_reaches_every_host(cluster):
@@ -225,7 +229,8 @@ def test_teardown_and_leftover_cleanup(tmp_path):
         "from tests.cluster import Cluster\n"
         "c = Cluster(workers=2, extra=0).build()\n"
         "print(c.id, flush=True)\n"
-        "time.sleep(600)\n") % os.getcwd()
+        "time.sleep(600)\n"
+    ) % os.getcwd()
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         run_id = p.stdout.readline().strip()

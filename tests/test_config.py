@@ -2,7 +2,8 @@ import dataclasses
 import pathlib
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mlbench_daemon import config
 from mlbench_daemon.config import ConfigError, load
@@ -51,7 +52,10 @@ def test_default_lists_are_not_shared():
 
 
 def test_file_values(tmp_path):
-    cfg = load(write(tmp_path, """
+    cfg = load(
+        write(
+            tmp_path,
+            """
 [server]
 port = 9000
 [discovery]
@@ -64,7 +68,10 @@ use_system_known_hosts = false
 host_key_policy = "accept-new"
 [mpi]
 args = ["--bind-to", "none"]
-"""), {})
+""",
+        ),
+        {},
+    )
     assert cfg.server.port == 9000
     assert cfg.discovery.service == "svc.ns.svc.cluster.local"
     assert cfg.discovery.refresh_s == 3.0 and isinstance(cfg.discovery.refresh_s, float)
@@ -76,15 +83,18 @@ args = ["--bind-to", "none"]
 
 def test_env_overrides_file(tmp_path):
     p = write(tmp_path, '[ssh]\nport = 22\n[discovery]\nservice = "a"\n')
-    cfg = load(p, {
-        "MLBENCH_DAEMON_SSH_PORT": "2222",
-        "MLBENCH_DAEMON_SSH_USE_SYSTEM_KNOWN_HOSTS": "0",
-        "MLBENCH_DAEMON_DISCOVERY_NAMESERVERS": "[]",
-        "MLBENCH_DAEMON_DISCOVERY_REFRESH_S": "0.5",
-        "MLBENCH_DAEMON_MPI_PROGRAM": '["/bin/echo", "hi"]',
-        "MLBENCH_DAEMON_DISCOVERY_LABEL_RULES": '[{"match": "n*", "labels": {"a": "b"}}]',
-        "MLBENCH_DAEMON_URL": "http://127.0.0.1:1",  # the CLI's, ignored here
-    })
+    cfg = load(
+        p,
+        {
+            "MLBENCH_DAEMON_SSH_PORT": "2222",
+            "MLBENCH_DAEMON_SSH_USE_SYSTEM_KNOWN_HOSTS": "0",
+            "MLBENCH_DAEMON_DISCOVERY_NAMESERVERS": "[]",
+            "MLBENCH_DAEMON_DISCOVERY_REFRESH_S": "0.5",
+            "MLBENCH_DAEMON_MPI_PROGRAM": '["/bin/echo", "hi"]',
+            "MLBENCH_DAEMON_DISCOVERY_LABEL_RULES": '[{"match": "n*", "labels": {"a": "b"}}]',
+            "MLBENCH_DAEMON_URL": "http://127.0.0.1:1",  # the CLI's, ignored here
+        },
+    )
     assert cfg.ssh.port == 2222
     assert cfg.ssh.use_system_known_hosts is False
     assert cfg.discovery.nameservers == []
@@ -94,8 +104,10 @@ def test_env_overrides_file(tmp_path):
 
 
 def test_path_keys_expand_environment(tmp_path):
-    p = write(tmp_path, '[ssh]\nkey_file = "${CREDENTIALS_DIRECTORY}/ssh_key"\n'
-                        'known_hosts = "$STATE/kh"\n')
+    p = write(
+        tmp_path,
+        '[ssh]\nkey_file = "${CREDENTIALS_DIRECTORY}/ssh_key"\nknown_hosts = "$STATE/kh"\n',
+    )
     cfg = load(p, dict(ENV, CREDENTIALS_DIRECTORY="/run/credentials/x", STATE="/s"))
     assert cfg.ssh.key_file == "/run/credentials/x/ssh_key"
     assert cfg.ssh.known_hosts == "/s/kh"
@@ -104,31 +116,58 @@ def test_path_keys_expand_environment(tmp_path):
 
 
 def test_non_path_keys_are_not_expanded(tmp_path):
-    cfg = load(write(tmp_path, '[mpi]\nprogram = ["/bin/sh", "-c", "echo $HOME"]\n'), dict(ENV, HOME="/root"))
+    cfg = load(
+        write(tmp_path, '[mpi]\nprogram = ["/bin/sh", "-c", "echo $HOME"]\n'),
+        dict(ENV, HOME="/root"),
+    )
     assert cfg.mpi.program[2] == "echo $HOME"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('[ssh]\nport = "abc"', "ssh.port: must be an integer from 1 to 65535, got 'abc'"),
-    ('[ssh]\nport = 70000', "ssh.port: must be an integer from 1 to 65535, got 70000"),
-    ('[ssh]\nport = true', "ssh.port: must be an integer from 1 to 65535, got True"),
-    ('[ssh]\nhost_key_policy = "yes"', "ssh.host_key_policy: must be one of reject, accept-new, got 'yes'"),
-    ('[ssh]\nuse_system_known_hosts = "maybe"', "ssh.use_system_known_hosts: must be true or false"),
-    ('[discovery]\nrefresh_s = 0', "discovery.refresh_s: must be a number > 0, got 0"),
-    ('[discovery]\nnameservers = ["dns.example"]', "discovery.nameservers: must be a list of \"IP\" or \"IP:port\" strings; bad entry 'dns.example'"),
-    ('[discovery]\nnameservers = ["1.2.3.4:0"]', "discovery.nameservers: "),
-    ('[discovery]\nnameservers = "1.2.3.4"', "discovery.nameservers: "),
-    ('[discovery]\nlabel_rules = [{match = "x"}]', "discovery.label_rules: must be a list of tables"),
-    ('[discovery]\nlabel_rules = [{match = "x", labels = {a = 1}}]', "discovery.label_rules: "),
-    ('[mpi]\nprogram = []', "mpi.program: must be a non-empty list of non-empty strings, got []"),
-    ('[mpi]\nprogram = ["a", 1]', "mpi.program: "),
-    ('[mpi]\nmax_concurrent_jobs = 0', "mpi.max_concurrent_jobs: must be an integer from 1 to 1024, got 0"),
-    ('[log]\nlevel = "loud"', "log.level: must be one of debug, info, warning, error, got 'loud'"),
-    ('[server]\nhost = ""', "server.host: must be a non-empty string"),
-    ('[sever]\nport = 1', "sever: unknown section"),
-    ('[ssh]\nprot = 22', "ssh.prot: unknown key"),
-    ('ssh = 1', "ssh: must be a table"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('[ssh]\nport = "abc"', "ssh.port: must be an integer from 1 to 65535, got 'abc'"),
+        ("[ssh]\nport = 70000", "ssh.port: must be an integer from 1 to 65535, got 70000"),
+        ("[ssh]\nport = true", "ssh.port: must be an integer from 1 to 65535, got True"),
+        (
+            '[ssh]\nhost_key_policy = "yes"',
+            "ssh.host_key_policy: must be one of reject, accept-new, got 'yes'",
+        ),
+        (
+            '[ssh]\nuse_system_known_hosts = "maybe"',
+            "ssh.use_system_known_hosts: must be true or false",
+        ),
+        ("[discovery]\nrefresh_s = 0", "discovery.refresh_s: must be a number > 0, got 0"),
+        (
+            '[discovery]\nnameservers = ["dns.example"]',
+            'discovery.nameservers: must be a list of "IP" or "IP:port" strings; bad entry \'dns.example\'',
+        ),
+        ('[discovery]\nnameservers = ["1.2.3.4:0"]', "discovery.nameservers: "),
+        ('[discovery]\nnameservers = "1.2.3.4"', "discovery.nameservers: "),
+        (
+            '[discovery]\nlabel_rules = [{match = "x"}]',
+            "discovery.label_rules: must be a list of tables",
+        ),
+        ('[discovery]\nlabel_rules = [{match = "x", labels = {a = 1}}]', "discovery.label_rules: "),
+        (
+            "[mpi]\nprogram = []",
+            "mpi.program: must be a non-empty list of non-empty strings, got []",
+        ),
+        ('[mpi]\nprogram = ["a", 1]', "mpi.program: "),
+        (
+            "[mpi]\nmax_concurrent_jobs = 0",
+            "mpi.max_concurrent_jobs: must be an integer from 1 to 1024, got 0",
+        ),
+        (
+            '[log]\nlevel = "loud"',
+            "log.level: must be one of debug, info, warning, error, got 'loud'",
+        ),
+        ('[server]\nhost = ""', "server.host: must be a non-empty string"),
+        ("[sever]\nport = 1", "sever: unknown section"),
+        ("[ssh]\nprot = 22", "ssh.prot: unknown key"),
+        ("ssh = 1", "ssh: must be a table"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, text, expected):
     assert error(tmp_path, text).startswith(expected)
 
@@ -139,12 +178,23 @@ def test_service_is_required(tmp_path):
     assert "MLBENCH_DAEMON_DISCOVERY_SERVICE" in msg
 
 
-@pytest.mark.parametrize("name, value, expected", [
-    ("MLBENCH_DAEMON_SSH_PORT", "x", "ssh.port (from MLBENCH_DAEMON_SSH_PORT): must be an integer"),
-    ("MLBENCH_DAEMON_MPI_PROGRAM", "/bin/true", "mpi.program (from MLBENCH_DAEMON_MPI_PROGRAM): must be JSON"),
-    ("MLBENCH_DAEMON_SSH_USE_SYSTEM_KNOWN_HOSTS", "yes", "ssh.use_system_known_hosts (from"),
-    ("MLBENCH_DAEMON_SSH_PROT", "22", "MLBENCH_DAEMON_SSH_PROT: unknown setting"),
-])
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        (
+            "MLBENCH_DAEMON_SSH_PORT",
+            "x",
+            "ssh.port (from MLBENCH_DAEMON_SSH_PORT): must be an integer",
+        ),
+        (
+            "MLBENCH_DAEMON_MPI_PROGRAM",
+            "/bin/true",
+            "mpi.program (from MLBENCH_DAEMON_MPI_PROGRAM): must be JSON",
+        ),
+        ("MLBENCH_DAEMON_SSH_USE_SYSTEM_KNOWN_HOSTS", "yes", "ssh.use_system_known_hosts (from"),
+        ("MLBENCH_DAEMON_SSH_PROT", "22", "MLBENCH_DAEMON_SSH_PROT: unknown setting"),
+    ],
+)
 def test_bad_env_names_the_key_and_variable(tmp_path, name, value, expected):
     assert error(tmp_path, "", dict(ENV, **{name: value})).startswith(expected)
 
@@ -160,7 +210,7 @@ def test_missing_file_is_one_line(tmp_path):
     assert "cannot read config" in str(e.value) and "\n" not in str(e.value)
 
 
-@given(st.integers(min_value=-10**6, max_value=10**6))
+@given(st.integers(min_value=-(10**6), max_value=10**6))
 def test_port_accepts_exactly_the_valid_range(n):
     env = dict(ENV, MLBENCH_DAEMON_SSH_PORT=str(n))
     if 1 <= n <= 65535:

@@ -9,13 +9,14 @@ import subprocess
 import time
 import types
 
-import dns.nameserver
 import dns.name
+import dns.nameserver
 import dns.resolver
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mlbench_daemon.config import parse_nameserver
 from mlbench_daemon.discovery import (
     Discovery,
     DiscoveryError,
@@ -26,7 +27,6 @@ from mlbench_daemon.discovery import (
     natural_key,
     select,
 )
-from mlbench_daemon.config import parse_nameserver
 
 DNSMASQ = "/usr/sbin/dnsmasq"
 ZONE = "default.svc.cluster.local"
@@ -113,7 +113,9 @@ def test_srv_members_hosts_ports_and_addresses(dnsmasq, tmp_path):
         f"--srv-host={SRV},w-1.{SVC},2201",
         f"--srv-host={SRV},w-1.{SVC},2201",  # duplicate target: one member
         f"--srv-host={SRV}",  # target "." (service not offered): ignored
-        hosts_file(tmp_path, f"127.77.0.1 w-1.{SVC}", f"127.77.0.10 w-10.{SVC}"),  # in the additional section
+        hosts_file(
+            tmp_path, f"127.77.0.1 w-1.{SVC}", f"127.77.0.10 w-10.{SVC}"
+        ),  # in the additional section
         f"--host-record=w-2.{SVC},fd00::2",  # IPv6 only
     )
     nodes, ttl = discover(port)
@@ -161,7 +163,10 @@ def test_txt_labels(dnsmasq, tmp_path):
     )
     (node,), _ = discover(port)
     assert node.labels == {"app": "mlbench", "gpu": "", "zone": "zé", "url": "a=b", "raw": "\ufffd"}
-    assert node.labels_str == "{'app': 'mlbench', 'gpu': '', 'raw': '\ufffd', 'url': 'a=b', 'zone': 'zé'}"
+    assert (
+        node.labels_str
+        == "{'app': 'mlbench', 'gpu': '', 'raw': '\ufffd', 'url': 'a=b', 'zone': 'zé'}"
+    )
 
 
 def test_label_rules_win_over_txt_and_apply_in_order(dnsmasq, tmp_path):
@@ -181,7 +186,9 @@ def test_label_rules_win_over_txt_and_apply_in_order(dnsmasq, tmp_path):
         {"app": "mlbench", "component": "worker", "release": "worn-mouse"},
         {"component": "worker", "release": "other"},
     ]
-    assert nodes[0].labels_str == "{'app': 'mlbench', 'component': 'worker', 'release': 'worn-mouse'}"
+    assert (
+        nodes[0].labels_str == "{'app': 'mlbench', 'component': 'worker', 'release': 'worn-mouse'}"
+    )
 
 
 def test_ttl_is_the_shortest_of_the_answers_used(dnsmasq, tmp_path):
@@ -246,7 +253,11 @@ def test_two_hosts_with_one_first_label_keep_one_with_warning(dnsmasq, tmp_path,
 
 def test_namespace_from_service_name_or_config(dnsmasq, tmp_path):
     port = dnsmasq(
-        hosts_file(tmp_path, "127.77.0.1 w-1.lab.test workers.lab.test", "127.77.0.2 x.team-a.svc.cluster.local")
+        hosts_file(
+            tmp_path,
+            "127.77.0.1 w-1.lab.test workers.lab.test",
+            "127.77.0.2 x.team-a.svc.cluster.local",
+        )
     )
     (node,), _ = discover(port, service="workers.lab.test", namespace="research")
     assert node.namespace == "research"
@@ -353,7 +364,9 @@ def test_parse_nameserver(text, host, port):
     assert parse_nameserver(text) == (host, port)
 
 
-@pytest.mark.parametrize("text", ["", "dns.example", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", "[::1]x"])
+@pytest.mark.parametrize(
+    "text", ["", "dns.example", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", "[::1]x"]
+)
 def test_parse_nameserver_rejects(text):
     with pytest.raises(ValueError):
         parse_nameserver(text)
@@ -400,7 +413,9 @@ def test_natural_key_is_a_total_order(names):
 
 
 def test_selector_parse_and_str():
-    s = Selector.parse(" tier != gpu , app==mlbench,component=worker, rack ,!spot,example.com/zone=a")
+    s = Selector.parse(
+        " tier != gpu , app==mlbench,component=worker, rack ,!spot,example.com/zone=a"
+    )
     assert str(s) == "app=mlbench,component=worker,example.com/zone=a,rack,!spot,tier!=gpu"
     assert Selector.parse(str(s)) == s
     assert Selector.parse("a=1,b=2") == Selector.parse("b=2, a=1") == Selector.parse("a=1,b=2,a=1")
@@ -433,7 +448,10 @@ def test_selector_matches():
 
 
 def test_select():
-    nodes = [Node(f"w-{i}", f"w-{i}", f"127.77.0.{i}", 22, "default", {"i": str(i % 2)}) for i in range(4)]
+    nodes = [
+        Node(f"w-{i}", f"w-{i}", f"127.77.0.{i}", 22, "default", {"i": str(i % 2)})
+        for i in range(4)
+    ]
     assert [n.name for n in select(nodes, "i=1")] == ["w-1", "w-3"]
     assert [n.name for n in select(nodes, Selector.parse("i!=1"))] == ["w-0", "w-2"]
     assert select(nodes, None) == select(nodes, "") == nodes
@@ -471,6 +489,8 @@ def test_selector_roundtrip(s):
 @given(st.lists(REQS, max_size=5), LABELS, st.booleans())
 def test_selector_matches_reference(reqs, labels, spaced):
     sep = " , " if spaced else ","
-    text = sep.join(f"{r.key}{'==' if spaced else '='}{r.value}" if r.op == "=" else str(r) for r in reqs)
+    text = sep.join(
+        f"{r.key}{'==' if spaced else '='}{r.value}" if r.op == "=" else str(r) for r in reqs
+    )
     s = Selector.parse(text)
     assert s.matches(labels) == reference_matches(Selector(tuple(reqs)), labels)

@@ -2,8 +2,8 @@
 (real sshd, real mpirun across hosts, the real ssh.Pool and nodes.Registry)."""
 
 import json
-import re
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlbench_daemon import config
+from mlbench_daemon import jobs as jobs_module
 from mlbench_daemon.discovery import Discovery
 from mlbench_daemon.errors import BadRequest, Conflict, QueueFull, Unavailable
-from mlbench_daemon import jobs as jobs_module
 from mlbench_daemon.jobs import Jobs, validate
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool, Unreachable
@@ -37,7 +37,9 @@ HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
 
 
 @pytest.mark.parametrize("tail_knows_the_switch", [True, False])
-def test_follow_streams_to_the_end_with_or_without_tails_polling_switch(tmp_path, tail_knows_the_switch):
+def test_follow_streams_to_the_end_with_or_without_tails_polling_switch(
+    tmp_path, tail_knows_the_switch
+):
     """FOLLOW asks GNU tail to poll (fewer, larger SSH packets); a tail that does not
     know the switch must still follow the whole output to the job's end."""
     job, fake = tmp_path / "job", tmp_path / "bin"
@@ -53,16 +55,27 @@ exec {shutil.which("tail")} "$@"
     (fake / "tail").chmod(0o755)
     # the job: holds the lock as the wrapper does, writes 200 lines over about a second
     ready = job / "ready"
-    writer = subprocess.Popen(["sh", "-c", "exec 9> lock; flock -x 9; : > out; : > ready; i=0; "
-                               "while [ $i -lt 200 ]; do echo line $i >> out; i=$((i+1)); "
-                               "[ $((i % 20)) = 0 ] && sleep 0.1; done; echo 0 > rc"], cwd=job)
+    writer = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            "exec 9> lock; flock -x 9; : > out; : > ready; i=0; "
+            "while [ $i -lt 200 ]; do echo line $i >> out; i=$((i+1)); "
+            "[ $((i % 20)) = 0 ] && sleep 0.1; done; echo 0 > rc",
+        ],
+        cwd=job,
+    )
     deadline = time.monotonic() + HANG
     while not ready.exists():
         assert time.monotonic() < deadline
         time.sleep(0.01)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
-    follow = subprocess.run(["sh", "-c", jobs_module.FOLLOW, "sh", str(job), "1"], env=env,
-                            capture_output=True, timeout=HANG)
+    follow = subprocess.run(
+        ["sh", "-c", jobs_module.FOLLOW, "sh", str(job), "1"],
+        env=env,
+        capture_output=True,
+        timeout=HANG,
+    )
     writer.wait(HANG)
     assert follow.returncode == 0
     assert follow.stdout == b"".join(b"line %d\n" % i for i in range(200))
@@ -75,14 +88,18 @@ exec {shutil.which("tail")} "$@"
 
 
 @settings(max_examples=200, deadline=None)
-@given(log=st.one_of(st.binary(max_size=64), st.text(max_size=40).map(str.encode)),
-       chunk=st.integers(1, 9), master=st.one_of(st.none(), st.text(max_size=5)))
+@given(
+    log=st.one_of(st.binary(max_size=64), st.text(max_size=40).map(str.encode)),
+    chunk=st.integers(1, 9),
+    master=st.one_of(st.none(), st.text(max_size=5)),
+)
 def test_streamed_sync_answer_is_the_json_of_the_whole_answer(log, chunk, master):
     """Whatever the bytes (split UTF-8, invalid sequences, quotes, controls) and
     wherever the chunks split them, the streamed document is json.dumps of the
     job dict with the whole log decoded as "response"."""
     import tempfile
     import types
+
     with tempfile.TemporaryDirectory() as d:
         store = Store(d)
         try:
@@ -108,43 +125,47 @@ def test_streamed_sync_answer_is_the_json_of_the_whole_answer(log, chunk, master
 
 # --- validation (no cluster) -------------------------------------------------------------
 
-@pytest.mark.parametrize("body, field", [
-    ([], "body"),
-    ({"bogus": 1}, "bogus"),
-    ({"program": "prog"}, "program"),
-    ({"program": []}, "program"),
-    ({"program": ["prog", 3]}, "program"),
-    ({"program": ["prog", "a\0b"]}, "program"),
-    ({"program": ["prog", "\ud800"]}, "program"),
-    ({"program": ["-np", "5"]}, "program"),
-    ({"program": ["", "x"]}, "program"),
-    ({"program": ["prog", ":", "evil"]}, "program"),
-    ({"env": ["A=1"]}, "env"),
-    ({"env": {"1A": "x"}}, "env"),
-    ({"env": {"A-B": "x"}}, "env"),
-    ({"env": {"A=B": "x"}}, "env"),
-    ({"env": {"A": 1}}, "env"),
-    ({"env": {"A": "x\0"}}, "env"),
-    ({"env": {"OMPI_MCA_mlbench_job_id": "x"}}, "env"),
-    ({"env": {"A": "x" * 300_000}}, "env"),
-    ({"np": 0}, "np"),
-    ({"np": True}, "np"),
-    ({"np": "2"}, "np"),
-    ({"np": 1.5}, "np"),
-    ({"selector": 5}, "selector"),
-    ({"selector": "a=b,,c"}, "selector"),
-    ({"nodes": "w-0"}, "nodes"),
-    ({"nodes": []}, "nodes"),
-    ({"nodes": ["w-0", "w-0"]}, "nodes"),
-    ({"nodes": [None]}, "nodes"),
-    ({"master": ["w-0"]}, "master"),
-    ({"timeout_s": 0}, "timeout_s"),
-    ({"timeout_s": -1}, "timeout_s"),
-    ({"timeout_s": "5"}, "timeout_s"),
-    ({"timeout_s": float("nan")}, "timeout_s"),
-    ({"timeout_s": float("inf")}, "timeout_s"),
-    ({"wait": "yes"}, "wait"),
-])
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ([], "body"),
+        ({"bogus": 1}, "bogus"),
+        ({"program": "prog"}, "program"),
+        ({"program": []}, "program"),
+        ({"program": ["prog", 3]}, "program"),
+        ({"program": ["prog", "a\0b"]}, "program"),
+        ({"program": ["prog", "\ud800"]}, "program"),
+        ({"program": ["-np", "5"]}, "program"),
+        ({"program": ["", "x"]}, "program"),
+        ({"program": ["prog", ":", "evil"]}, "program"),
+        ({"env": ["A=1"]}, "env"),
+        ({"env": {"1A": "x"}}, "env"),
+        ({"env": {"A-B": "x"}}, "env"),
+        ({"env": {"A=B": "x"}}, "env"),
+        ({"env": {"A": 1}}, "env"),
+        ({"env": {"A": "x\0"}}, "env"),
+        ({"env": {"OMPI_MCA_mlbench_job_id": "x"}}, "env"),
+        ({"env": {"A": "x" * 300_000}}, "env"),
+        ({"np": 0}, "np"),
+        ({"np": True}, "np"),
+        ({"np": "2"}, "np"),
+        ({"np": 1.5}, "np"),
+        ({"selector": 5}, "selector"),
+        ({"selector": "a=b,,c"}, "selector"),
+        ({"nodes": "w-0"}, "nodes"),
+        ({"nodes": []}, "nodes"),
+        ({"nodes": ["w-0", "w-0"]}, "nodes"),
+        ({"nodes": [None]}, "nodes"),
+        ({"master": ["w-0"]}, "master"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"timeout_s": -1}, "timeout_s"),
+        ({"timeout_s": "5"}, "timeout_s"),
+        ({"timeout_s": float("nan")}, "timeout_s"),
+        ({"timeout_s": float("inf")}, "timeout_s"),
+        ({"wait": "yes"}, "wait"),
+    ],
+)
 def test_bad_requests_name_the_field(body, field):
     with pytest.raises(BadRequest) as info:
         validate(body, PROGRAM)
@@ -152,24 +173,57 @@ def test_bad_requests_name_the_field(body, field):
 
 
 def test_defaults_and_accepted_values():
-    assert validate(None, PROGRAM) == validate({}, PROGRAM) == {
-        "program": PROGRAM, "env": {}, "np": None, "selector": None, "nodes": None,
-        "master": None, "timeout_s": None, "wait": True}
-    req = validate({"program": ["p", "", ";", "ü"], "env": {"_A1": "$(x)\n"}, "np": 2,
-                    "nodes": ["a", "b"], "master": "a", "timeout_s": 1, "wait": False}, PROGRAM)
+    assert (
+        validate(None, PROGRAM)
+        == validate({}, PROGRAM)
+        == {
+            "program": PROGRAM,
+            "env": {},
+            "np": None,
+            "selector": None,
+            "nodes": None,
+            "master": None,
+            "timeout_s": None,
+            "wait": True,
+        }
+    )
+    req = validate(
+        {
+            "program": ["p", "", ";", "ü"],
+            "env": {"_A1": "$(x)\n"},
+            "np": 2,
+            "nodes": ["a", "b"],
+            "master": "a",
+            "timeout_s": 1,
+            "wait": False,
+        },
+        PROGRAM,
+    )
     assert req["program"] == ["p", "", ";", "ü"] and req["env"] == {"_A1": "$(x)\n"}
     assert req["timeout_s"] == 1.0 and req["wait"] is False
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=300)
-@given(st.one_of(json_values, st.dictionaries(st.sampled_from(
-    ["program", "env", "np", "selector", "nodes", "master", "timeout_s", "wait", "x"]), json_values)))
+@given(
+    st.one_of(
+        json_values,
+        st.dictionaries(
+            st.sampled_from(
+                ["program", "env", "np", "selector", "nodes", "master", "timeout_s", "wait", "x"]
+            ),
+            json_values,
+        ),
+    )
+)
 def test_any_json_body_is_accepted_or_a_400(body):
     try:
         validate(body, PROGRAM)
@@ -181,17 +235,24 @@ def test_any_json_body_is_accepted_or_a_400(body):
 
 # --- the cluster -------------------------------------------------------------------------
 
+
 class Env:
     """A daemon's parts wired to the cluster, as server.Daemon wires them."""
 
     def __init__(self, cluster, state_dir, ssh=None, **mpi):
         self.cluster = cluster
-        path = cluster.write_config(state_dir.parent / f"{state_dir.name}.toml", state_dir,
-                                    ssh={"use_system_known_hosts": False, **(ssh or {})}, mpi=mpi)
+        path = cluster.write_config(
+            state_dir.parent / f"{state_dir.name}.toml",
+            state_dir,
+            ssh={"use_system_known_hosts": False, **(ssh or {})},
+            mpi=mpi,
+        )
         self.config_path = path
         self.cfg = config.load(path, environ={})
         self.pool = Pool(self.cfg.ssh)
-        self.registry = Registry(self.cfg, Discovery(self.cfg.discovery, ssh_port=self.cfg.ssh.port), self.pool)
+        self.registry = Registry(
+            self.cfg, Discovery(self.cfg.discovery, ssh_port=self.cfg.ssh.port), self.pool
+        )
         self.store = Store(self.cfg.state.dir)
         self.jobs = Jobs(self.cfg, self.registry, self.pool, self.store)
         self.registry.start()
@@ -210,7 +271,9 @@ class Env:
     def run(self, body, timeout=HANG):
         job = self.jobs.submit(body)
         done = self.jobs.wait(job["id"], timeout)
-        assert done["state"] not in ("pending", "running"), f"job still {done['state']} after {timeout} s"
+        assert done["state"] not in ("pending", "running"), (
+            f"job still {done['state']} after {timeout} s"
+        )
         return done
 
 
@@ -235,6 +298,7 @@ def wait_for(predicate, timeout=HANG, what="condition"):
 
 def wait_ranks(env, job_id, n=3):
     """Wait until every rank has printed; fail at once (with the log) if the job ends first."""
+
     def ready():
         text = env.jobs.read_log(job_id, 0, 1 << 20)[0].decode(errors="replace")
         if rank_lines(text, n):
@@ -242,11 +306,14 @@ def wait_ranks(env, job_id, n=3):
         job = env.jobs.get(job_id)
         assert job["state"] in ("pending", "running"), (job, text)
         return False
+
     wait_for(ready, what="every rank's output")
 
 
-RANK_LINE = re.compile(rb"rank \d+ of \d+ on [0-9.]+: sum=\d+ expected=\d+\n|allreduce ok \d+\n"
-                       rb"|\[[\w.-]+:\d+\] [^\n]*\n")  # the last: OpenMPI/PMIx diagnostics
+RANK_LINE = re.compile(
+    rb"rank \d+ of \d+ on [0-9.]+: sum=\d+ expected=\d+\n|allreduce ok \d+\n"
+    rb"|\[[\w.-]+:\d+\] [^\n]*\n"
+)  # the last: OpenMPI/PMIx diagnostics
 
 
 def payload(log):
@@ -270,11 +337,17 @@ def test_empty_body_runs_the_default_program_on_all_running_nodes(env, cluster):
     assert list(job)[:4] == SEED_KEYS
     assert job["state"] == "succeeded" and job["exit_code"] == 0
     workers = sorted(cluster.workers, key=lambda h: h.index)
-    assert job["nodes"] == [[h.ip, cluster.namespace, h.name, str(dict(sorted(h.labels.items())))]
-                            for h in workers]
+    assert job["nodes"] == [
+        [h.ip, cluster.namespace, h.name, str(dict(sorted(h.labels.items())))] for h in workers
+    ]
     assert job["master_name"] == workers[0].name
-    argv = [env.cfg.mpi.mpirun, *env.cfg.mpi.args, "--host", ",".join(h.ip for h in workers),
-            str(cluster.mpi_program)]
+    argv = [
+        env.cfg.mpi.mpirun,
+        *env.cfg.mpi.args,
+        "--host",
+        ",".join(h.ip for h in workers),
+        str(cluster.mpi_program),
+    ]
     assert job["command"] == str(argv)
     assert rank_lines(job["response"], 3) and "allreduce ok 3" in job["response"]
     for h in workers:
@@ -305,29 +378,65 @@ def test_exit_code_3_fails_the_job(env):
     assert "-np', '2'" in job["command"]
 
 
-HOSTILE = st.sampled_from([";", "$(touch {canary})", "`touch {canary}`", "'", '"', "\n", "\\", "&&",
-                           "|", ">{canary}", "--host", "-np", "99", "ü€😀", "*", "~", "$HOME", " ", ""])
+HOSTILE = st.sampled_from(
+    [
+        ";",
+        "$(touch {canary})",
+        "`touch {canary}`",
+        "'",
+        '"',
+        "\n",
+        "\\",
+        "&&",
+        "|",
+        ">{canary}",
+        "--host",
+        "-np",
+        "99",
+        "ü€😀",
+        "*",
+        "~",
+        "$HOME",
+        " ",
+        "",
+    ]
+)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(HOSTILE | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
-                                  max_size=12).filter(lambda a: a != ":"),
-                min_size=1, max_size=6))
+@given(
+    st.lists(
+        HOSTILE
+        | st.text(
+            st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12
+        ).filter(lambda a: a != ":"),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_hostile_argv_arrives_byte_identical_and_runs_nothing_else(env, cluster, tmp_path, args):
     canary = cluster.home / f"canary-{secrets.token_hex(4)}"
     args = [a.replace("{canary}", str(canary)) for a in args]
     job = env.run({"program": env.prog("--argv", *args), "nodes": [cluster.workers[1].name]})
     assert job["state"] == "succeeded", job
-    got = [line.split()[2] if len(line.split()) == 3 else ""
-           for line in job["response"].splitlines() if line.startswith("arg ")]
+    got = [
+        line.split()[2] if len(line.split()) == 3 else ""
+        for line in job["response"].splitlines()
+        if line.startswith("arg ")
+    ]
     assert [bytes.fromhex(h) for h in got] == [a.encode() for a in ["--argv", *args]]
     assert not canary.exists()
 
 
 def test_env_reaches_every_rank_but_no_argv_record_or_log(env, cluster, caplog):
     secret = f"s3cr3t-{secrets.token_hex(8)}"
-    job = env.jobs.submit({"program": env.prog("--env", "TOKEN", "--sleep", "4"),
-                           "env": {"TOKEN": secret, "OTHER": "x y"}, "wait": False})
+    job = env.jobs.submit(
+        {
+            "program": env.prog("--env", "TOKEN", "--sleep", "4"),
+            "env": {"TOKEN": secret, "OTHER": "x y"},
+            "wait": False,
+        }
+    )
     seen_running = False
     while env.jobs.get(job["id"])["state"] in ("pending", "running"):
         for d in os.listdir("/proc"):
@@ -442,7 +551,9 @@ def test_master_failing_preflight_falls_back_to_the_next(cluster, tmp_path):
         assert [s.phase for s in e.registry.nodes()] == ["Running"] * 3
         done = e.run({"program": e.prog()})
         assert done["state"] == "succeeded" and done["master_name"] == w[1].name
-        assert [n[2] for n in done["nodes"]] == [w[1].name, w[2].name] and rank_lines(done["response"], 2)
+        assert [n[2] for n in done["nodes"]] == [w[1].name, w[2].name] and rank_lines(
+            done["response"], 2
+        )
     finally:
         e.close()
 
@@ -463,7 +574,9 @@ def test_partition_of_the_master_mid_job_then_heal(env, cluster):
         cluster.heal(w[0])
     done = env.jobs.wait(job["id"], HANG)
     assert done["state"] == "succeeded", done
-    assert rank_lines(done["response"], 3) and payload(done["response"].encode()) == written_bytes(20000)
+    assert rank_lines(done["response"], 3) and payload(done["response"].encode()) == written_bytes(
+        20000
+    )
 
 
 def test_master_unreachable_for_lost_after_s_makes_the_job_lost(cluster, tmp_path):
@@ -478,7 +591,9 @@ def test_master_unreachable_for_lost_after_s_makes_the_job_lost(cluster, tmp_pat
         done = e.jobs.wait(job["id"], HANG)
         assert (done["state"], done["reason"]) == ("lost", "master-unreachable"), done
         assert "unreachable for 2 s" in done["error"] and "may still be running" in done["error"]
-        wait_for(lambda: [s.phase for s in e.registry.nodes()][0] != "Running", what="master not Running")
+        wait_for(
+            lambda: [s.phase for s in e.registry.nodes()][0] != "Running", what="master not Running"
+        )
         second = e.run({"program": e.prog()})  # max_concurrent_jobs = 1: the slot was freed
         assert second["state"] == "succeeded" and second["master_name"] == w[1].name
     finally:
@@ -489,15 +604,20 @@ def test_master_unreachable_for_lost_after_s_makes_the_job_lost(cluster, tmp_pat
 # --- the real daemon: kill -9 mid-job and restart ---------------------------------------
 
 
-
 def serve(config_path):
-    return subprocess.Popen([sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config_path)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config_path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def http(url, method="GET", body=None, timeout=30):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status, r.read()
 
@@ -508,53 +628,95 @@ def wait_http(url):
             return http(url + "/healthz", timeout=2)[0] == 200
         except OSError:
             return False
+
     wait_for(up, what="the daemon to serve")
 
 
 def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    path = cluster.write_config(tmp_path / "daemon.toml", tmp_path / "state",
-                                server={"host": "127.0.0.1", "port": port},
-                                ssh={"use_system_known_hosts": False})
+    path = cluster.write_config(
+        tmp_path / "daemon.toml",
+        tmp_path / "state",
+        server={"host": "127.0.0.1", "port": port},
+        ssh={"use_system_known_hosts": False},
+    )
     daemon = serve(path)
     try:
         wait_http(url)
-        wait_for(lambda: all(n["phase"] == "Running" for n in json.loads(http(url + "/api/nodes")[1]))
-                 and len(json.loads(http(url + "/api/nodes")[1])) == 3, what="nodes Running")
+        wait_for(
+            lambda: (
+                all(n["phase"] == "Running" for n in json.loads(http(url + "/api/nodes")[1]))
+                and len(json.loads(http(url + "/api/nodes")[1])) == 3
+            ),
+            what="nodes Running",
+        )
         prog = [str(cluster.mpi_program), "--bytes", "300000", "--sleep", "6", "--exit", "5"]
         status, body = http(url + "/api/mpi_jobs/", "POST", {"program": prog, "wait": False})
         job_id = json.loads(body)["id"]
         assert status == 202
-        wait_for(lambda: b"rank 2 of 3" in http(f"{url}/api/mpi_jobs/{job_id}/logs?limit=1000000")[1],
-                 what="ranks")
+        wait_for(
+            lambda: b"rank 2 of 3" in http(f"{url}/api/mpi_jobs/{job_id}/logs?limit=1000000")[1],
+            what="ranks",
+        )
         # two more wait in the queue (max_concurrent_jobs = 1): one with env values, which are
         # never stored, and one without, which can be launched again from its record
         w = sorted(cluster.workers, key=lambda h: h.index)
-        queued = json.loads(http(url + "/api/mpi_jobs/", "POST", {
-            "program": [str(cluster.mpi_program)], "nodes": [w[1].name, w[2].name], "wait": False})[1])
-        secret = json.loads(http(url + "/api/mpi_jobs/", "POST", {
-            "program": [str(cluster.mpi_program)], "env": {"TOKEN": "s3cret"}, "wait": False})[1])
+        queued = json.loads(
+            http(
+                url + "/api/mpi_jobs/",
+                "POST",
+                {
+                    "program": [str(cluster.mpi_program)],
+                    "nodes": [w[1].name, w[2].name],
+                    "wait": False,
+                },
+            )[1]
+        )
+        secret = json.loads(
+            http(
+                url + "/api/mpi_jobs/",
+                "POST",
+                {"program": [str(cluster.mpi_program)], "env": {"TOKEN": "s3cret"}, "wait": False},
+            )[1]
+        )
         assert queued["state"] == secret["state"] == "pending"
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(30)
         daemon = serve(path)
         wait_http(url)
-        wait_for(lambda: json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])["state"] not in ("pending", "running"),
-                 what="the job to end")
+        wait_for(
+            lambda: (
+                json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])["state"]
+                not in ("pending", "running")
+            ),
+            what="the job to end",
+        )
         job = json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])
         assert (job["state"], job["exit_code"]) == ("failed", 5)
         log = b"".join(paged_log(url, job_id))
         assert rank_lines(log.decode(), 3)
         assert b"exited on signal" not in log and b"-----" in log  # mpirun's notice of exit code 5
-        assert payload(log[:log.index(b"-----")]) == written_bytes(300000)  # every byte, once, in order
-        wait_for(lambda: json.loads(http(f"{url}/api/mpi_jobs/{queued['id']}")[1])["state"] not in
-                 ("pending", "running"), what="the queued job to end")
+        assert payload(log[: log.index(b"-----")]) == written_bytes(
+            300000
+        )  # every byte, once, in order
+        wait_for(
+            lambda: (
+                json.loads(http(f"{url}/api/mpi_jobs/{queued['id']}")[1])["state"]
+                not in ("pending", "running")
+            ),
+            what="the queued job to end",
+        )
         again = json.loads(http(f"{url}/api/mpi_jobs/{queued['id']}")[1])
         assert (again["state"], again["master_name"]) == ("succeeded", w[1].name), again
-        assert [n[2] for n in again["nodes"]] == [w[1].name, w[2].name] and again["started"] >= job["finished"]
+        assert [n[2] for n in again["nodes"]] == [w[1].name, w[2].name] and again["started"] >= job[
+            "finished"
+        ]
         lost = json.loads(http(f"{url}/api/mpi_jobs/{secret['id']}")[1])
-        assert (lost["state"], lost["reason"]) == ("lost", "daemon-restarted") and "env values" in lost["error"]
+        assert (lost["state"], lost["reason"]) == (
+            "lost",
+            "daemon-restarted",
+        ) and "env values" in lost["error"]
     finally:
         stop_process(daemon, timeout=30)
 
@@ -562,8 +724,9 @@ def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster
 def paged_log(url, job_id):
     offset = 0
     while True:
-        with urllib.request.urlopen(f"{url}/api/mpi_jobs/{job_id}/logs?offset={offset}&limit=65536",
-                                    timeout=30) as r:
+        with urllib.request.urlopen(
+            f"{url}/api/mpi_jobs/{job_id}/logs?offset={offset}&limit=65536", timeout=30
+        ) as r:
             data = r.read()
             offset = int(r.headers["X-Next-Offset"])
         if not data:

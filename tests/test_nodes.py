@@ -14,10 +14,18 @@ CONNECT_TIMEOUT = 2.0
 
 
 def load_cfg(cluster, tmp_path, ssh=None, discovery=None):
-    ssh = {"connect_timeout_s": CONNECT_TIMEOUT, "probe_interval_s": 1.0,
-           "use_system_known_hosts": False, **(ssh or {})}
-    path = cluster.write_config(tmp_path / "daemon.toml", tmp_path / "state", ssh=ssh,
-                               discovery={"refresh_s": 1.0, **(discovery or {})})
+    ssh = {
+        "connect_timeout_s": CONNECT_TIMEOUT,
+        "probe_interval_s": 1.0,
+        "use_system_known_hosts": False,
+        **(ssh or {}),
+    }
+    path = cluster.write_config(
+        tmp_path / "daemon.toml",
+        tmp_path / "state",
+        ssh=ssh,
+        discovery={"refresh_s": 1.0, **(discovery or {})},
+    )
     return config.load(path, environ={})
 
 
@@ -54,7 +62,9 @@ def test_all_workers_running_in_natural_order(cluster, tmp_path):
         assert reg.wait_first_pass(15)
         assert wait_for(lambda: all(s.phase == "Running" for s in reg.nodes()))
         got = reg.nodes()
-        assert [s.node.name for s in got] == sorted((h.name for h in cluster.workers), key=natural_key)
+        assert [s.node.name for s in got] == sorted(
+            (h.name for h in cluster.workers), key=natural_key
+        )
         assert not reg.stale and reg.alive()
         s = got[0]
         assert (s.reason, s.node.ip) == ("ok", cluster.workers[0].ip)
@@ -67,15 +77,31 @@ def test_to_json_shape(cluster, tmp_path):
         j = reg.nodes()[0].to_json()
     h = cluster.workers[0]
     assert list(j)[:4] == ["name", "labels", "phase", "ip"]
-    assert list(j) == ["name", "labels", "phase", "ip", "label_map", "host", "port",
-                       "namespace", "reason", "message", "last_probe", "latency_ms"]
+    assert list(j) == [
+        "name",
+        "labels",
+        "phase",
+        "ip",
+        "label_map",
+        "host",
+        "port",
+        "namespace",
+        "reason",
+        "message",
+        "last_probe",
+        "latency_ms",
+    ]
     assert j["name"] == h.name and j["ip"] == h.ip and j["phase"] == "Running"
     assert j["labels"] == str(dict(sorted(h.labels.items())))
     assert j["label_map"] == h.labels and j["namespace"] == "default" and j["port"] == 22
     assert j["last_probe"].endswith("Z") and isinstance(j["latency_ms"], float)
     pending = NodeStatus(reg.nodes()[0].node).to_json()
-    assert (pending["phase"], pending["reason"], pending["last_probe"], pending["latency_ms"]) == \
-        ("Pending", "not-probed-yet", None, None)
+    assert (pending["phase"], pending["reason"], pending["last_probe"], pending["latency_ms"]) == (
+        "Pending",
+        "not-probed-yet",
+        None,
+        None,
+    )
 
 
 def test_selector_filters(cluster, tmp_path):
@@ -92,8 +118,9 @@ def test_frozen_host_does_not_stall_others_and_readers_never_wait(cluster, tmp_p
     with running_registry(cluster, tmp_path) as reg:
         others = {h.name for h in cluster.workers} - {frozen.name}
         # the healthy hosts are Running while the frozen one is still being probed
-        assert wait_for(lambda: all(by_name(reg).get(n) and by_name(reg)[n].phase == "Running"
-                                    for n in others))
+        assert wait_for(
+            lambda: all(by_name(reg).get(n) and by_name(reg)[n].phase == "Running" for n in others)
+        )
         slowest = 0.0
         for _ in range(50):
             start = time.monotonic()
@@ -126,7 +153,9 @@ def test_phases_follow_faults(cluster, tmp_path):
         assert (s[a.name].phase, s[a.name].reason) == ("Unknown", "connection-refused")
         assert (s[b.name].phase, s[b.name].reason) == ("Failed", "host-key-changed")
         assert s[c.name].phase == "Unknown" and s[c.name].reason in (
-            "connect-timeout", "network-unreachable"), s[c.name]
+            "connect-timeout",
+            "network-unreachable",
+        ), s[c.name]
 
 
 def test_refresh_is_bounded(cluster, tmp_path):

@@ -47,10 +47,13 @@ def schema_objects(node, where="#"):
 
 # --- the document itself ----------------------------------------------------------------
 
+
 def test_document_is_valid_openapi_31():
     assert DOC["openapi"] == "3.1.0"
-    errors = [f"{'/'.join(map(str, e.instance_path))}: {e.message}"
-              for e in OPENAPI_31_VALIDATOR.iter_errors(DOC)]
+    errors = [
+        f"{'/'.join(map(str, e.instance_path))}: {e.message}"
+        for e in OPENAPI_31_VALIDATOR.iter_errors(DOC)
+    ]
     assert not errors, errors
     # The OAS 3.1 meta-schema leaves Schema Objects to the JSON Schema 2020-12 dialect.
     found = 0
@@ -79,10 +82,18 @@ def test_refs_resolve_and_operation_ids_unique():
         elif isinstance(node, list):
             for v in node:
                 walk(v)
+
     walk(DOC)
     schemas = DOC["components"]["schemas"]
-    assert refs and all(r.startswith("#/components/schemas/") and r.rsplit("/", 1)[1] in schemas for r in refs)
-    ids = [op["operationId"] for item in DOC["paths"].values() for m, op in item.items() if m in METHODS]
+    assert refs and all(
+        r.startswith("#/components/schemas/") and r.rsplit("/", 1)[1] in schemas for r in refs
+    )
+    ids = [
+        op["operationId"]
+        for item in DOC["paths"].values()
+        for m, op in item.items()
+        if m in METHODS
+    ]
     assert len(ids) == len(set(ids))
 
 
@@ -104,8 +115,17 @@ def test_node_and_job_schemas_list_what_the_code_emits():
     from mlbench_daemon.store import COLUMNS, STATES
 
     labels = {"component": "worker", "app": "mlbench"}
-    node = Node(name="w-0", host="w-0.svc.example", ip="10.0.0.1", port=22, namespace="default", labels=labels)
-    item = NodeStatus(node, phase="Running", reason="ok", message="fine", last_probe=time.time(), latency_ms=1.5)
+    node = Node(
+        name="w-0",
+        host="w-0.svc.example",
+        ip="10.0.0.1",
+        port=22,
+        namespace="default",
+        labels=labels,
+    )
+    item = NodeStatus(
+        node, phase="Running", reason="ok", message="fine", last_probe=time.time(), latency_ms=1.5
+    )
     as_json = item.to_json()
     node_schema = DOC["components"]["schemas"]["Node"]
     assert list(as_json)[:4] == ["name", "labels", "phase", "ip"]
@@ -114,9 +134,19 @@ def test_node_and_job_schemas_list_what_the_code_emits():
     assert as_json["labels"] == "{'app': 'mlbench', 'component': 'worker'}"
 
     rec = {k: None for k in COLUMNS}
-    rec.update(id="0123456789abcdef0123", seq=1, state="failed", created=time.time(), finished=time.time(),
-               nodes=[["10.0.0.1", "default", "w-0", "{}"]], command=["mpirun", "x"], env_names=["A"],
-               exit_code=1, np=2, timeout_s=3.0)
+    rec.update(
+        id="0123456789abcdef0123",
+        seq=1,
+        state="failed",
+        created=time.time(),
+        finished=time.time(),
+        nodes=[["10.0.0.1", "default", "w-0", "{}"]],
+        command=["mpirun", "x"],
+        env_names=["A"],
+        exit_code=1,
+        np=2,
+        timeout_s=3.0,
+    )
     job = Jobs.to_json(rec)
     job_schema = DOC["components"]["schemas"]["Job"]
     assert list(job)[:3] == ["nodes", "command", "master_name"]
@@ -127,6 +157,7 @@ def test_node_and_job_schemas_list_what_the_code_emits():
 
 def test_request_schema_names_the_fields_jobs_accepts():
     from mlbench_daemon import jobs
+
     props = DOC["components"]["schemas"]["JobRequest"]["properties"]
     assert set(props) == set(jobs.FIELDS)
 
@@ -157,6 +188,7 @@ def test_selector_pattern_agrees_with_the_parser(text):
 
 # --- the document against the code --------------------------------------------------------
 
+
 def app_routes(app):
     """{(METHOD, path)} of a Bottle app, with <name> (or <name:filter>) as {name}."""
     out = set()
@@ -185,6 +217,7 @@ def _wsgi_get(app, path):
 
     def start_response(status, headers, exc_info=None):
         seen.update(status=status, headers=dict(headers))
+
     body = b"".join(app(environ, start_response))
     return seen["status"], seen["headers"], body
 
@@ -199,16 +232,19 @@ def test_served_document_is_this_document():
 
 # --- regressions schemathesis once found -----------------------------------------------------
 
+
 def test_np_as_integral_float_is_accepted():
     from mlbench_daemon import jobs
+
     assert jobs.validate({"np": 4.0}, ["prog"])["np"] == 4
 
 
 def test_log_offset_far_past_the_end_reads_nothing(tmp_path):
     from mlbench_daemon.store import Store
+
     store = Store(str(tmp_path))
     store.append_log("abc123", b"hello")
-    offset = 2 ** 62  # the largest offset api.py accepts
+    offset = 2**62  # the largest offset api.py accepts
     assert store.read_log("abc123", offset, 10) == (b"", offset)
 
 
@@ -290,8 +326,12 @@ def test_live_daemon_conforms_to_the_document(case):
 
 
 def _post(url, body, timeout=60):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
         return r.status, json.loads(r.read())
 
@@ -300,12 +340,18 @@ def _post(url, body, timeout=60):
 def live_job_schema(live_daemon, cluster):
     """The job operations against one real job: a run that sleeps (so the first DELETE
     cancels it and later ones answer 409) and prints (so /logs has bytes to page)."""
-    status, job = _post(live_daemon.url + "/api/mpi_jobs/",
-                        {"program": [str(cluster.mpi_program), "--bytes", "5000", "--sleep", "8"],
-                         "wait": False})
+    status, job = _post(
+        live_daemon.url + "/api/mpi_jobs/",
+        {"program": [str(cluster.mpi_program), "--bytes", "5000", "--sleep", "8"], "wait": False},
+    )
     assert status == 202 and job["state"] in ("pending", "running"), job
-    cfg = schemathesis.Config.from_dict({**SCHEMATHESIS_CONFIG, "base-url": live_daemon.url,
-                                         "parameters": {"path.job_id": job["id"]}})
+    cfg = schemathesis.Config.from_dict(
+        {
+            **SCHEMATHESIS_CONFIG,
+            "base-url": live_daemon.url,
+            "parameters": {"path.job_id": job["id"]},
+        }
+    )
     status, body = _get(live_daemon.url + "/api/openapi.json")
     return schemathesis.openapi.from_dict(json.loads(body), config=cfg)
 

@@ -7,7 +7,8 @@ import time
 
 import paramiko
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mlbench_daemon import config, ssh
 from mlbench_daemon.ssh import CommandTimeout, Pool, Unreachable, Untrusted
@@ -17,8 +18,12 @@ CONNECT_TIMEOUT = 2.0
 
 def ssh_cfg(cluster, tmp_path, **overrides):
     """The cluster's [ssh] section (system known_hosts off: only the cluster's file counts)."""
-    values = {"connect_timeout_s": CONNECT_TIMEOUT, "use_system_known_hosts": False,
-              "keepalive_s": 5.0, **overrides}
+    values = {
+        "connect_timeout_s": CONNECT_TIMEOUT,
+        "use_system_known_hosts": False,
+        "keepalive_s": 5.0,
+        **overrides,
+    }
     path = cluster.write_config(tmp_path / "daemon.toml", tmp_path / "state", ssh=values)
     return config.load(path, environ={}).ssh
 
@@ -145,9 +150,14 @@ def test_changed_host_key_fails_then_recovers(cluster, pool):
 
 def test_fingerprint_matches_openssh(cluster):
     import subprocess
+
     h = cluster.workers[0]
-    out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", f"{h.host_key}.pub"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", f"{h.host_key}.pub"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.split()[1] == ssh.fingerprint(paramiko.PKey.from_path(h.host_key))
 
 
@@ -167,7 +177,9 @@ def test_unknown_host_key_rejected(cluster, tmp_path):
 
 def test_accept_new_pins_then_refuses_change(cluster, tmp_path):
     kh = tmp_path / "known_hosts"
-    kh.write_text("@cert-authority *.example ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZ\n")
+    kh.write_text(
+        "@cert-authority *.example ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZ\n"
+    )
     pool = Pool(ssh_cfg(cluster, tmp_path, known_hosts=str(kh), host_key_policy="accept-new"))
     try:
         h = cluster.workers[1]
@@ -193,6 +205,7 @@ def test_hashed_known_hosts_and_nonstandard_port_names(cluster, tmp_path):
     kh = tmp_path / "known_hosts"
     shutil.copy(cluster.known_hosts, kh)
     import subprocess
+
     subprocess.run(["ssh-keygen", "-H", "-f", str(kh)], capture_output=True, check=True)
     assert h.ip not in kh.read_text()
     pool = Pool(ssh_cfg(cluster, tmp_path, known_hosts=str(kh)))
@@ -236,8 +249,26 @@ def test_unreadable_key_file_is_a_config_error(cluster, tmp_path):
 # --- run and stream --------------------------------------------------------------------
 
 
-HOSTILE = ["it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "a; rm -rf /", "two\nlines",
-           "tab\there", "ünï©ødé ✓", "*", "~", "", " ", "\\", "-n", "%s%d", "&&", "|", "#x"]
+HOSTILE = [
+    "it's",
+    'say "hi"',
+    "$(touch /tmp/pwned)",
+    "`id`",
+    "a; rm -rf /",
+    "two\nlines",
+    "tab\there",
+    "ünï©ødé ✓",
+    "*",
+    "~",
+    "",
+    " ",
+    "\\",
+    "-n",
+    "%s%d",
+    "&&",
+    "|",
+    "#x",
+]
 
 
 def test_run_argv_round_trip_is_byte_identical(cluster, pool):
@@ -249,7 +280,9 @@ def test_run_argv_round_trip_is_byte_identical(cluster, pool):
 
 def test_run_exit_code_stderr_and_stdin(cluster, pool):
     h = cluster.workers[0]
-    r = pool.run(h.ip, 22, ["sh", "-c", "cat; echo oops >&2; exit 7"], stdin=b"in\x00put\n", timeout=10)
+    r = pool.run(
+        h.ip, 22, ["sh", "-c", "cat; echo oops >&2; exit 7"], stdin=b"in\x00put\n", timeout=10
+    )
     assert (r.exit_code, r.stdout, r.stderr) == (7, b"in\x00put\n", b"oops\n")
 
 
@@ -285,8 +318,9 @@ def test_run_timeout(cluster, pool):
 
 def test_stream_large_output_and_exit_code(cluster, pool):
     h = cluster.workers[1]
-    s = pool.stream(h.ip, 22, ["sh", "-c", "head -c 20000000 /dev/zero; echo end >&2; exit 3"],
-                    idle_timeout=10)
+    s = pool.stream(
+        h.ip, 22, ["sh", "-c", "head -c 20000000 /dev/zero; echo end >&2; exit 3"], idle_timeout=10
+    )
     with s:
         data = b"".join(s)
     # sshd reads the two pipes separately: stderr may overtake buffered stdout
@@ -346,7 +380,9 @@ def test_parallel_users_share_one_connection(cluster, pool):
     def work(i):
         try:
             if i % 2:
-                results.append(pool.run(h.ip, 22, ["cat"], stdin=f"{i}\n".encode(), timeout=20).stdout)
+                results.append(
+                    pool.run(h.ip, 22, ["cat"], stdin=f"{i}\n".encode(), timeout=20).stdout
+                )
             else:
                 results.append(pool.run(h.ip, 22, ["echo", str(i)], timeout=20).stdout)
         except Exception as e:  # collected and asserted below
@@ -369,8 +405,11 @@ def test_quote_refuses_a_string():
 
 def test_rare_paramiko_errors_are_classified(cluster, pool, mocker):
     h = cluster.workers[0]
-    mocker.patch.object(paramiko.Transport, "start_client",
-                        side_effect=paramiko.ssh_exception.IncompatiblePeer("no matching kex"))
+    mocker.patch.object(
+        paramiko.Transport,
+        "start_client",
+        side_effect=paramiko.ssh_exception.IncompatiblePeer("no matching kex"),
+    )
     e = bounded(lambda: pool.probe(h.ip, 22), 3 * CONNECT_TIMEOUT)
     assert (type(e), e.reason) == (Unreachable, "ssh-error")
     assert "no matching kex" in str(e)
@@ -378,10 +417,10 @@ def test_rare_paramiko_errors_are_classified(cluster, pool, mocker):
 
 def test_classify_maps_each_failure_once():
     import errno
-    import socket
+
     cases = [
         (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), "connection-refused"),
-        (socket.timeout("timed out"), "connect-timeout"),
+        (TimeoutError("timed out"), "connect-timeout"),
         (OSError(errno.EHOSTUNREACH, "No route to host"), "network-unreachable"),
         (OSError(errno.ENETUNREACH, "Network is unreachable"), "network-unreachable"),
         (ConnectionResetError(errno.ECONNRESET, "reset"), "connection-lost"),

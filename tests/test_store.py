@@ -19,7 +19,9 @@ def test_create_get_update_roundtrip(store):
     nodes = [["10.0.0.1", "default", "w-0", "{'app': 'mlbench'}"]]
     rec = store.create(nodes=nodes, command=["mpirun", "a b"], env_names=["X"], np=2)
     assert rec["state"] == "pending" and len(rec["id"]) == 20
-    assert rec["nodes"] == nodes and rec["command"] == ["mpirun", "a b"] and rec["env_names"] == ["X"]
+    assert (
+        rec["nodes"] == nodes and rec["command"] == ["mpirun", "a b"] and rec["env_names"] == ["X"]
+    )
     rec = store.update(rec["id"], state="running", pid=1234, started=5.0)
     assert (rec["state"], rec["pid"], rec["started"]) == ("running", 1234, 5.0)
     assert store.get(rec["id"]) == rec
@@ -96,7 +98,9 @@ def test_survives_a_killed_process(tmp_path):
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, env=env, timeout=60
+    )
     job_id = out.stdout.decode().strip()
     assert job_id, out.stderr
     s = Store(str(tmp_path))
@@ -109,12 +113,16 @@ def test_survives_a_killed_process(tmp_path):
 
 def test_a_database_from_before_the_request_column_is_upgraded(tmp_path):
     import sqlite3
+
     from mlbench_daemon import store as store_module
+
     old_schema = store_module.SCHEMA.replace(",\n    request TEXT NOT NULL DEFAULT '{}'", "")
     assert "request" not in old_schema
     db = sqlite3.connect(tmp_path / "jobs.sqlite3")
     db.execute(old_schema)
-    db.execute("INSERT INTO jobs (id, state, created) VALUES ('00000000000000000001', 'pending', 1.0)")
+    db.execute(
+        "INSERT INTO jobs (id, state, created) VALUES ('00000000000000000001', 'pending', 1.0)"
+    )
     db.commit()
     db.close()
     s = Store(str(tmp_path))

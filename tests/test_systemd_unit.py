@@ -14,14 +14,22 @@ needs_analyze = pytest.mark.skipif(not ANALYZE, reason="systemd-analyze is not i
 
 
 def settings():
-    pairs = [line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#")]
+    pairs = [
+        line.split("=", 1)
+        for line in UNIT.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    ]
     return [(k.strip(), v.strip()) for k, v in pairs]
 
 
 @needs_analyze
 def test_security_exposure_at_most_2():
-    proc = subprocess.run([ANALYZE, "security", "--offline=true", str(UNIT)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [ANALYZE, "security", "--offline=true", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     m = re.search(r"Overall exposure level for mlbench-daemon\.service: (\d+\.\d+)", proc.stdout)
     assert m, proc.stdout + proc.stderr
     assert float(m.group(1)) <= 2.0, proc.stdout
@@ -33,8 +41,14 @@ def test_verify_is_clean(tmp_path):
     text = UNIT.read_text()
     assert "ExecStart=/usr/local/bin/mlbench-daemon serve " in text
     copy = tmp_path / "mlbench-daemon.service"
-    copy.write_text(text.replace("/usr/local/bin/mlbench-daemon serve", f"{sys.executable} -m mlbench_daemon serve"))
-    proc = subprocess.run([ANALYZE, "verify", str(copy)], capture_output=True, text=True, timeout=120)
+    copy.write_text(
+        text.replace(
+            "/usr/local/bin/mlbench-daemon serve", f"{sys.executable} -m mlbench_daemon serve"
+        )
+    )
+    proc = subprocess.run(
+        [ANALYZE, "verify", str(copy)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "mlbench-daemon.service" not in proc.stderr + proc.stdout
 
@@ -78,6 +92,11 @@ metrics.render()
 sqlite3.connect(":memory:").execute("select 1")
 print("ok")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=UNIT.parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=UNIT.parent.parent,
+    )
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr

@@ -56,8 +56,13 @@ class ClusterError(RuntimeError):
 
 def sh(argv, *, check=True, input=None, timeout=60, quiet=False):
     """Run one command (never through a shell); raise with its stderr on failure."""
-    r = subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
-                       text=isinstance(input, str) or input is None)
+    r = subprocess.run(
+        argv,
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        text=isinstance(input, str) or input is None,
+    )
     if check and r.returncode != 0:
         raise ClusterError(f"{' '.join(map(str, argv))}: exit {r.returncode}: {r.stderr.strip()}")
     return r
@@ -147,8 +152,7 @@ def _free_subnet():
         except ValueError:
             pass
     for _ in range(200):
-        net = ipaddress.ip_network(
-            f"{NET_POOL.network_address + 256 * secrets.randbelow(512)}/24")
+        net = ipaddress.ip_network(f"{NET_POOL.network_address + 256 * secrets.randbelow(512)}/24")
         if not any(net.overlaps(u) for u in used):
             return net
     raise ClusterError("no free /24 left in 198.18.0.0/15")
@@ -239,27 +243,69 @@ class Cluster:
         self._built = True
 
     def _save_state(self):
-        state = {"owner": os.getpid(), "user": self.user, "bridge": self.bridge,
-                 "netns": [self.dns_ns] + [h.ns for h in self.hosts]}
+        state = {
+            "owner": os.getpid(),
+            "user": self.user,
+            "bridge": self.bridge,
+            "netns": [self.dns_ns] + [h.ns for h in self.hosts],
+        }
         (self.dir / "state.json").write_text(json.dumps(state))
 
     def _make_user(self):
-        sh(["useradd", "-M", "-d", str(self.home), "-s", "/bin/sh", "-c",
-            "mlbench test cluster", self.user])
+        sh(
+            [
+                "useradd",
+                "-M",
+                "-d",
+                str(self.home),
+                "-s",
+                "/bin/sh",
+                "-c",
+                "mlbench test cluster",
+                self.user,
+            ]
+        )
         sh(["usermod", "-p", "*", self.user])  # unlocked, no password
         pw = pwd.getpwnam(self.user)
         self.uid, gid = pw.pw_uid, pw.pw_gid
         ssh_dir = self.home / ".ssh"
         ssh_dir.mkdir(parents=True)
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cluster", "-f", str(self.client_key)])
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "wrong", "-f", str(self.wrong_key)])
+        sh(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "cluster",
+                "-f",
+                str(self.client_key),
+            ]
+        )
+        sh(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "wrong",
+                "-f",
+                str(self.wrong_key),
+            ]
+        )
         shutil.copy(self.client_key, ssh_dir / "id_ed25519")
         shutil.copy(f"{self.client_key}.pub", ssh_dir / "id_ed25519.pub")
         shutil.copy(f"{self.client_key}.pub", ssh_dir / "authorized_keys")
         (ssh_dir / "config").write_text(
             "Host *\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
             f"  UserKnownHostsFile {ssh_dir}/known_hosts\n  ConnectTimeout 10\n"
-            "  LogLevel ERROR\n")
+            "  LogLevel ERROR\n"
+        )
         for p in [self.home, ssh_dir, *ssh_dir.iterdir()]:
             os.chown(p, self.uid, gid)
         self.home.chmod(0o755)
@@ -277,9 +323,12 @@ class Cluster:
         self._save_state_ns(ns)
         sh(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
         sh(["ip", "link", "set", veth, "master", self.bridge, "up"])
-        sh(["ip", "-n", ns, "-b", "-"], input=(
-            f"addr add {ip}/{self.net.prefixlen} dev eth0\n"
-            "link set lo up\nlink set eth0 up\n"))
+        sh(
+            ["ip", "-n", ns, "-b", "-"],
+            input=(
+                f"addr add {ip}/{self.net.prefixlen} dev eth0\nlink set lo up\nlink set eth0 up\n"
+            ),
+        )
 
     def _save_state_ns(self, ns):
         state = json.loads((self.dir / "state.json").read_text())
@@ -292,11 +341,16 @@ class Cluster:
         self._next_addr += 1
         hdir = self.dir / f"h{i}"
         hdir.mkdir()
-        h = Host(index=i, name=name, fqdn=f"{name}.{self.service}", ip=ip,
-                 ns=f"{self.prefix}h{i}", veth=f"{self.prefix}v{i}",
-                 labels=labels or {"app": "mlbench", "component": component,
-                                   "release": self.release},
-                 dir=hdir)
+        h = Host(
+            index=i,
+            name=name,
+            fqdn=f"{name}.{self.service}",
+            ip=ip,
+            ns=f"{self.prefix}h{i}",
+            veth=f"{self.prefix}v{i}",
+            labels=labels or {"app": "mlbench", "component": component, "release": self.release},
+            dir=hdir,
+        )
         self._make_ns(h.ns, h.veth, h.ip)
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(h.host_key)])
         # Hosts share one filesystem and hostname here, so give each its own
@@ -313,7 +367,8 @@ class Cluster:
             f"AuthorizedKeysFile {self.home}/.ssh/authorized_keys\n"
             f"AllowUsers {self.user}\nPermitRootLogin no\nUseDNS no\n"
             "MaxStartups 200:30:400\nPrintMotd no\nLogLevel ERROR\n"
-            "Subsystem sftp internal-sftp\n")
+            "Subsystem sftp internal-sftp\n"
+        )
         self.hosts.append(h)
         return h
 
@@ -334,6 +389,7 @@ class Cluster:
 
     def _wait_port(self, ip, port, timeout=10.0):
         import socket
+
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -351,15 +407,26 @@ class Cluster:
         addn += "".join(f"{h.ip} {self.service}\n" for h in hosts)
         (self.dir / "dns.hosts").write_text(addn)
         rev = ipaddress.ip_network(self.net).network_address.reverse_pointer.split(".", 1)[1]
-        conf = [f"listen-address={self.dns_ip}", "port=53", "bind-interfaces",
-                "no-resolv", "no-hosts", "no-negcache", f"local-ttl={DNS_TTL}",
-                f"local=/{ZONE}/", f"local=/{rev}/",
-                f"addn-hosts={self.dir / 'dns.hosts'}", "user=root"]
+        conf = [
+            f"listen-address={self.dns_ip}",
+            "port=53",
+            "bind-interfaces",
+            "no-resolv",
+            "no-hosts",
+            "no-negcache",
+            f"local-ttl={DNS_TTL}",
+            f"local=/{ZONE}/",
+            f"local=/{rev}/",
+            f"addn-hosts={self.dir / 'dns.hosts'}",
+            "user=root",
+        ]
         for h in hosts:
             conf.append(f"srv-host=_ssh._tcp.{self.service},{h.fqdn},22")
         for h in self.hosts:
-            conf.append("txt-record=" + ",".join(
-                [h.fqdn] + [f"{k}={v}" for k, v in sorted(h.labels.items())]))
+            conf.append(
+                "txt-record="
+                + ",".join([h.fqdn] + [f"{k}={v}" for k, v in sorted(h.labels.items())])
+            )
         (self.dir / "dnsmasq.conf").write_text("\n".join(conf) + "\n")
 
     def start_dns(self):
@@ -368,10 +435,21 @@ class Cluster:
         self._dns_conf()
         log = open(self.dir / "dnsmasq.log", "ab")
         p = subprocess.Popen(
-            ["ip", "netns", "exec", self.dns_ns, DNSMASQ, "--keep-in-foreground",
-             f"--conf-file={self.dir / 'dnsmasq.conf'}", "--pid-file=",
-             f"--log-facility={self.dir / 'dnsmasq.query.log'}"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.dns_ns,
+                DNSMASQ,
+                "--keep-in-foreground",
+                f"--conf-file={self.dir / 'dnsmasq.conf'}",
+                "--pid-file=",
+                f"--log-facility={self.dir / 'dnsmasq.query.log'}",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         self.dns_pid = p.pid
         self._wait_dns()
@@ -379,8 +457,10 @@ class Cluster:
     def _wait_dns(self, timeout=10.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            r = sh(["ip", "netns", "exec", self.dns_ns, "ss", "-Hlun", f"src {self.dns_ip}:53"],
-                   check=False)
+            r = sh(
+                ["ip", "netns", "exec", self.dns_ns, "ss", "-Hlun", f"src {self.dns_ip}:53"],
+                check=False,
+            )
             if r.stdout.strip():
                 return
             if not _pid_alive(self.dns_pid):
@@ -426,9 +506,12 @@ class Cluster:
         if h.sshd_pid and _pid_alive(h.sshd_pid):
             return
         log = open(h.dir / "sshd.log", "ab")
-        p = subprocess.Popen(["ip", "netns", "exec", h.ns, SSHD, "-D", "-e", "-f",
-                              str(h.dir / "sshd_config")],
-                             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", h.ns, SSHD, "-D", "-e", "-f", str(h.dir / "sshd_config")],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         h.sshd_pid = p.pid
         try:
@@ -492,17 +575,23 @@ class Cluster:
     def partition(self, h):
         """Drop traffic between the head and this host only; hosts still talk."""
         h = self._host(h)
-        sh(["ip", "netns", "exec", h.ns, "nft", "-f", "-"], input=(
-            "table inet mlbt_partition {\n"
-            f"  chain in {{ type filter hook input priority 0; ip saddr {self.head_ip} drop; }}\n"
-            f"  chain out {{ type filter hook output priority 0; ip daddr {self.head_ip} drop; }}\n"
-            "}\n"))
+        sh(
+            ["ip", "netns", "exec", h.ns, "nft", "-f", "-"],
+            input=(
+                "table inet mlbt_partition {\n"
+                f"  chain in {{ type filter hook input priority 0; ip saddr {self.head_ip} drop; }}\n"
+                f"  chain out {{ type filter hook output priority 0; ip daddr {self.head_ip} drop; }}\n"
+                "}\n"
+            ),
+        )
         h.partitioned = True
 
     def heal(self, h):
         h = self._host(h)
-        sh(["ip", "netns", "exec", h.ns, "nft", "delete", "table", "inet", "mlbt_partition"],
-           check=False)
+        sh(
+            ["ip", "netns", "exec", h.ns, "nft", "delete", "table", "inet", "mlbt_partition"],
+            check=False,
+        )
         h.partitioned = False
 
     def reset(self):
@@ -521,10 +610,10 @@ class Cluster:
                 self.start_sshd(h)
             if not h.published and h.index < self.n_workers + self.n_extra:
                 h.published = changed_dns = True
-        for h in self.hosts[self.n_workers + self.n_extra:]:
+        for h in self.hosts[self.n_workers + self.n_extra :]:
             self._remove_host(h)
             changed_dns = True
-        self.hosts = self.hosts[:self.n_workers + self.n_extra]
+        self.hosts = self.hosts[: self.n_workers + self.n_extra]
         if changed_dns:
             self._write_known_hosts()
             self.restart_dns()
@@ -542,11 +631,27 @@ class Cluster:
         """OpenSSH client argv running `command` (argv list or shell text) on host h
         as the cluster user, host keys verified, no config file."""
         h = self._host(h)
-        return ["ssh", "-F", "none", "-i", str(key or self.client_key),
-                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-                "-o", f"UserKnownHostsFile={known_hosts or self.known_hosts}", "-o", "LogLevel=ERROR",
-                "-o", "ConnectTimeout=5", "-l", self.user, h.ip,
-                shlex.join(command) if isinstance(command, list) else command]
+        return [
+            "ssh",
+            "-F",
+            "none",
+            "-i",
+            str(key or self.client_key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={known_hosts or self.known_hosts}",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=5",
+            "-l",
+            self.user,
+            h.ip,
+            shlex.join(command) if isinstance(command, list) else command,
+        ]
 
     def ssh(self, h, argv, timeout=30, key=None, check=False):
         """Run argv on host h with OpenSSH as the cluster user, keys verified."""
@@ -570,22 +675,30 @@ class Cluster:
 
     def kill_user_processes(self, keep_sshd=False):
         """End what the cluster user left running (jobs of a failed test)."""
-        pids = [p for p, cmd in self.user_processes()
-                if not (keep_sshd and cmd.startswith("sshd"))]
+        pids = [p for p, cmd in self.user_processes() if not (keep_sshd and cmd.startswith("sshd"))]
         _stop(pids, timeout=3)
 
     def daemon_config(self, state_dir, **overrides):
         """A daemon config (TOML-ready dict) for this cluster."""
         cfg = {
             "server": {"host": "127.0.0.1", "port": 8080},
-            "discovery": {"service": self.service, "nameservers": [self.nameserver],
-                          "selector": "component=worker", "refresh_s": 1.0,
-                          "timeout_s": 1.0},
-            "ssh": {"user": self.user, "port": 22, "key_file": str(self.client_key),
-                    "known_hosts": str(self.known_hosts), "host_key_policy": "reject",
-                    "connect_timeout_s": 2.0, "probe_interval_s": 1.0},
-            "mpi": {"mpirun": MPIRUN, "args": MPI_ARGS,
-                    "program": [str(self.mpi_program)]},
+            "discovery": {
+                "service": self.service,
+                "nameservers": [self.nameserver],
+                "selector": "component=worker",
+                "refresh_s": 1.0,
+                "timeout_s": 1.0,
+            },
+            "ssh": {
+                "user": self.user,
+                "port": 22,
+                "key_file": str(self.client_key),
+                "known_hosts": str(self.known_hosts),
+                "host_key_policy": "reject",
+                "connect_timeout_s": 2.0,
+                "probe_interval_s": 1.0,
+            },
+            "mpi": {"mpirun": MPIRUN, "args": MPI_ARGS, "program": [str(self.mpi_program)]},
             "state": {"dir": str(state_dir)},
         }
         for section, values in overrides.items():
@@ -619,6 +732,7 @@ class Cluster:
 def free_port():
     """A free TCP port on loopback (for a daemon under test)."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -637,6 +751,7 @@ def stop_process(p, timeout=20):
 
 def to_toml(cfg):
     """Just enough TOML for our config dicts (tables of scalars and lists)."""
+
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -649,8 +764,11 @@ def to_toml(cfg):
         if isinstance(v, dict):
             return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
         raise TypeError(v)
-    return "".join(f"[{s}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in kv.items()) + "\n"
-                   for s, kv in cfg.items())
+
+    return "".join(
+        f"[{s}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in kv.items()) + "\n"
+        for s, kv in cfg.items()
+    )
 
 
 def _teardown_ns(ns):
@@ -677,8 +795,7 @@ def _teardown_state(d):
         except KeyError:
             uid = None
         if uid is not None:
-            pids = [int(p) for p in os.listdir("/proc") if p.isdigit()
-                    and _owner(p) == uid]
+            pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _owner(p) == uid]
             _stop(pids, timeout=3)
             sh(["userdel", user], check=False)
     shutil.rmtree(d, ignore_errors=True)
@@ -701,12 +818,12 @@ def cleanup_leftovers():
         if owner and _pid_alive(owner):
             continue
         _teardown_state(d)
-    live = {p.name[len(PREFIX) + 1:] for p in STATE_ROOT.glob(f"{PREFIX}-*")}
+    live = {p.name[len(PREFIX) + 1 :] for p in STATE_ROOT.glob(f"{PREFIX}-*")}
     for line in sh(["ip", "netns", "list"], check=False).stdout.splitlines():
         ns = line.split()[0] if line.split() else ""
-        if ns.startswith(PREFIX) and ns[len(PREFIX):len(PREFIX) + 6] not in live:
+        if ns.startswith(PREFIX) and ns[len(PREFIX) : len(PREFIX) + 6] not in live:
             _teardown_ns(ns)
     for line in sh(["ip", "-o", "link", "show", "type", "bridge"], check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
-        if name.startswith(PREFIX) and name[len(PREFIX):len(PREFIX) + 6] not in live:
+        if name.startswith(PREFIX) and name[len(PREFIX) : len(PREFIX) + 6] not in live:
             sh(["ip", "link", "del", name], check=False)
