@@ -8,12 +8,14 @@ receive request data only as positional parameters or on stdin):
 - job dir ``<mpi.remote_dir>/<id>`` under the cluster user's home on the
   master, created with umask 077;
 - launch: one ``run`` writes stdin (``NAME='value'`` lines: the request's env
-  plus the job marker ``OMPI_MCA_mlbench_job_id=<id>``) into ``env`` and
+  plus the flavour's job marker, e.g. ``OMPI_MCA_mlbench_job_id=<id>``) into ``env`` and
   starts ``setsid sh -c WRAPPER sh <mpirun argv...>`` with output to ``out``;
   the wrapper exports and deletes ``env``, runs mpirun and writes its exit
   status to ``rc``.  The pid (= process group, session) goes to ``pid`` and
   back to us.  Env values therefore reach mpirun through its environment and
-  the ranks through ``-x NAME``; they are never in any argv;
+  the ranks through ``-x NAME`` (OpenMPI) or Hydra's forwarding of the whole
+  environment (MPICH); they are never in any argv.  Which launcher the master has
+  (``mpi.flavour``, see flavour.py) is asked once per master and launcher path;
 - follow: ``tail -F out`` (checking every 10 ms) from the local log size,
   until ``flock -s lock`` returns (the wrapper, which holds the lock, has
   exited), so output lands in the log as it is written and the end is seen
@@ -21,9 +23,11 @@ receive request data only as positional parameters or on stdin):
   resumes from the local log size.  When tail ends, a status check reads ``rc``;
 - cancel: TERM to the process group, ``mpi.cancel_grace_s``, then KILL; then
   every host of the job is swept for processes carrying the job marker
-  (mpirun/ranks in their environment, orted on its command line, where
-  OpenMPI passes ``OMPI_MCA_*`` variables as ``-mca`` options); any found are
-  killed and the sweep is repeated; the result is recorded in ``error``.
+  (mpirun/ranks in their environment, orted/prted on their command lines, where
+  OpenMPI passes its MCA variables as options; Hydra's remote proxies, which carry
+  no marker, by the ``--control-port`` of the job's mpiexec, read on the master
+  before the kill); any found are killed and the sweep is repeated; the result
+  is recorded in ``error``.
 
 API contract (used by api.py):
 
@@ -49,7 +53,7 @@ import shlex
 import threading
 import time
 
-from mlbench_daemon import metrics
+from mlbench_daemon import flavour, metrics
 from mlbench_daemon.discovery import Selector, natural_key
 from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
 from mlbench_daemon.nodes import iso
@@ -60,7 +64,6 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("program", "env", "np", "selector", "nodes", "master", "timeout_s", "wait")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-MARKER = "OMPI_MCA_mlbench_job_id"  # OpenMPI hands OMPI_MCA_* to ranks and to every orted
 MAX_REQUEST_BYTES = 256 * 1024  # program + env, well under the kernel's argv/env limits
 LOG_CHUNK_MAX = 1 << 20
 FOLLOW_IDLE_S = 30.0  # a silent stream's master is probed after this long (a frozen host noticed)
@@ -125,21 +128,34 @@ while kill -0 "-$1" 2>/dev/null; do
 done
 echo terminated
 """
-# The job id comes on stdin, so no sweeping process carries it.  Prints the pids of
-# the cluster user's processes marked with it; with $1 = kill, KILLs them first.
+# The job id comes on stdin, so no sweeping process carries it; a second line may
+# name an option and a third its value (Hydra's proxies: --control-port and the
+# job's mpiexec's address:port), which marks a process too.  Prints the pids of the
+# cluster user's processes marked with it; with $1 = kill, KILLs them first; with
+# $1 = values, prints instead the values of that option on the marked processes'
+# command lines.
 SWEEP = """read -r id
+read -r opt || opt=
+read -r val || val=
 nl='
 '
 found=
+vals=
 for d in /proc/[0-9]*; do
   [ -O "$d" ] || continue
   c=$(tr '\\0' '\\n' < "$d/environ" 2>/dev/null; tr '\\0' '\\n' < "$d/cmdline" 2>/dev/null)
   case "$c" in
-    *"mlbench_job_id=$id$nl"*|*"mlbench_job_id$nl$id$nl"*) found="$found ${d#/proc/}";;
+    *"mlbench_job_id=$id$nl"*|*"MLBENCH_JOB_ID=$id$nl"*|*"mlbench_job_id$nl$id$nl"*) ;;
+    *"$nl$opt$nl$val$nl"*) [ -n "$val" ] || continue;;
+    *) continue;;
   esac
+  found="$found ${d#/proc/}"
+  if [ "$1" = values ]; then
+    vals="$vals $(tr '\\0' '\\n' < "$d/cmdline" 2>/dev/null | sed -n "/^$opt\\$/{n;p;q}")"
+  fi
 done
 if [ "$1" = kill ] && [ -n "$found" ]; then kill -KILL $found 2>/dev/null; fi
-echo $found
+if [ "$1" = values ]; then echo $vals; else echo $found; fi
 """
 
 
@@ -186,6 +202,8 @@ class Jobs:
         self._active = 0
         self._stop = threading.Event()
         self._threads = []
+        # (ip, port, launcher path) -> (flavour, version), asked once per master
+        self._flavours = {}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -281,7 +299,11 @@ class Jobs:
                     "nodes": [s.node.name for s in nodes],
                 },
                 command=self.mpirun_argv(
-                    [s.node for s in nodes], req["np"], env_names, req["program"]
+                    [s.node for s in nodes],
+                    req["np"],
+                    env_names,
+                    req["program"],
+                    self._known_flavour(master, nodes),
                 ),
             )
             live.id = rec["id"]
@@ -417,14 +439,22 @@ class Jobs:
             )
         return chosen, master
 
-    def mpirun_argv(self, nodes, np, env_names, program):
-        argv = [self.mpi.mpirun, *self.mpi.args]
-        for name in env_names:
-            argv += ["-x", name]
-        argv += ["--host", ",".join(host_spec(n) for n in nodes)]
-        if np:
-            argv += ["-np", str(np)]
-        return argv + list(program)
+    def mpirun_argv(self, nodes, np, env_names, program, flavour_name="openmpi4"):
+        return flavour.get(flavour_name).argv(
+            self.mpi.mpirun, self.mpi.args, [host_spec(n) for n in nodes], np, env_names, program
+        )
+
+    def _known_flavour(self, master, statuses):
+        """The flavour a job will use, as far as known before its master is chosen
+        (for the command shown while it waits); openmpi4 when not known yet."""
+        if self.mpi.flavour != "auto":
+            return self.mpi.flavour
+        order = sorted(statuses, key=lambda s: s.node.name != master)
+        for s in order:
+            known = self._flavours.get((s.node.ip, s.node.port, self.mpi.mpirun))
+            if known:
+                return known[0]
+        return "openmpi4"
 
     # --- running -----------------------------------------------------------------------
 
@@ -490,7 +520,7 @@ class Jobs:
         nodes = list(live.candidates)
         order = sorted(nodes, key=lambda n: n.name != live.master)  # requested master first
         for node in order:
-            why = self._preflight(node)
+            why, flavour_name = self._preflight(node)
             if why is None:
                 master = node
                 break
@@ -502,10 +532,11 @@ class Jobs:
         if master is None:
             self._finish(live, "failed", reason="no-usable-master", error="; ".join(failed))
             return None
-        command = self.mpirun_argv(nodes, live.np, sorted(live.env), live.program)
+        command = self.mpirun_argv(nodes, live.np, sorted(live.env), live.program, flavour_name)
         job_dir = f"{self.mpi.remote_dir.rstrip('/')}/{live.id}"
         rec = self.store.update(
             live.id,
+            flavour=flavour_name,
             master_name=master.name,
             master_ip=master.ip,
             master_port=master.port,
@@ -514,7 +545,8 @@ class Jobs:
             remote_dir=job_dir,
             error=("; ".join(failed) or None),
         )
-        env = "".join(f"{k}={shlex.quote(v)}\n" for k, v in {**live.env, MARKER: live.id}.items())
+        marker = flavour.get(flavour_name).marker_env(live.id)
+        env = "".join(f"{k}={shlex.quote(v)}\n" for k, v in {**live.env, **marker}.items())
         live.env = None
         try:
             r = self.pool.run(
@@ -586,14 +618,30 @@ class Jobs:
         return rec
 
     def _preflight(self, node):
-        """None if `node` can run mpirun now, else why not."""
+        """(None, flavour) if `node` can run mpirun now, else (why not, None).
+
+        With mpi.flavour auto, a master not asked before runs `<mpirun> --version`
+        (which also proves it is there); the answer is kept for that master and path."""
+        key = (node.ip, node.port, self.mpi.mpirun)
+        known = self.mpi.flavour if self.mpi.flavour != "auto" else self._flavours.get(key)
+        argv = ["command", "-v", self.mpi.mpirun] if known else [self.mpi.mpirun, "--version"]
         try:
-            r = self.pool.run(
-                node.ip, node.port, ["command", "-v", self.mpi.mpirun], timeout=self._ssh_timeout()
-            )
+            r = self.pool.run(node.ip, node.port, argv, timeout=self._ssh_timeout())
         except SSHError as e:
-            return f"{e.reason}: {e}"
-        return None if r.exit_code == 0 else f"{self.mpi.mpirun} not found"
+            return f"{e.reason}: {e}", None
+        if r.exit_code != 0:
+            self._flavours.pop(key, None)
+            if known or r.exit_code == 127:
+                return f"{self.mpi.mpirun} not found", None
+            return f"{self.mpi.mpirun} --version exited {r.exit_code}", None
+        if known:
+            return None, known if isinstance(known, str) else known[0]
+        try:
+            self._flavours[key] = flavour.detect((r.stdout + r.stderr).decode(errors="replace"))
+        except ValueError as e:
+            return f"{self.mpi.mpirun}: {e}; set mpi.flavour", None
+        log.info("%s: %s is %s (%s)", node.name, self.mpi.mpirun, *self._flavours[key])
+        return None, self._flavours[key][0]
 
     def _check_reachable(self, down_since, error):
         """Raise _MasterLost once the master has been unreachable for mpi.lost_after_s."""
@@ -691,8 +739,10 @@ class Jobs:
                 reason="no-exit-status",
                 error="the job's processes are gone and left no exit status",
             )
+        elif rc == 0:
+            self._finish(live, "succeeded", exit_code=rc)
         else:
-            self._finish(live, "succeeded" if rc == 0 else "failed", exit_code=rc)
+            self._finish(live, "failed", exit_code=rc, error=self._explain(rec))
         try:
             self.pool.run(
                 rec["master_ip"],
@@ -708,6 +758,19 @@ class Jobs:
                 rec["master_name"],
                 e,
             )
+
+    def _explain(self, rec):
+        """What the launcher's output says failed, and on which node; None if unknown."""
+        size = self.store.log_size(rec["id"])
+        tail, _ = self.store.read_log(rec["id"], max(0, size - 65536), 65536)
+        said = flavour.explain(
+            rec["flavour"] or "openmpi4",
+            tail.decode(errors="replace"),
+            rec["command"],
+            rec["master_ip"],
+            [(row[0], row[2]) for row in rec["nodes"]],
+        )
+        return said[1] if said else None
 
     def _finish(self, live, state, **fields):
         self.store.sync_log(live.id)
@@ -754,7 +817,14 @@ class Jobs:
     def _kill_and_sweep(self, live):
         rec = self.store.get(live.id)
         ticks = math.ceil(self.mpi.cancel_grace_s * 10)
+        proxies = None
+        option = flavour.get(rec["flavour"] or "openmpi4").proxy_option
         try:
+            if option:  # read before the kill: the proxies carry no marker of their own
+                values = self._sweep_one(
+                    rec["master_ip"], rec["master_port"], live.id, "values", option
+                )
+                proxies = (option, sorted({v.decode() for v in values}))
             r = self.pool.run(
                 rec["master_ip"],
                 rec["master_port"],
@@ -773,21 +843,31 @@ class Jobs:
                 live.timer.start()
             return False
         how = r.stdout.decode(errors="replace").strip()
-        msg = f"{live.cancel_reason}: process group {how}; " + self._sweep(live.id, rec["nodes"])
+        msg = f"{live.cancel_reason}: process group {how}; " + self._sweep(
+            live.id, rec["nodes"], proxies
+        )
         log.info("job %s: %s", live.id, msg)
         self.store.update(live.id, error=msg)
         return True
 
-    def _sweep(self, job_id, rows):
-        """Kill and then look for processes marked with the job on every host -> summary."""
+    def _sweep(self, job_id, rows, proxies=None):
+        """Kill and then look for processes marked with the job on every host -> summary.
+        `proxies`: (option, [values]) marking processes that carry no marker."""
         ports = {s.node.ip: s.node.port for s in self.registry.nodes()}
         ips = [row[0] for row in rows]
+        option, values = proxies or (None, [])
+
+        def sweep_marked(ip, port, mode):
+            found = self._sweep_one(ip, port, job_id, mode)
+            for v in values:
+                found += self._sweep_one(ip, port, job_id, mode, option, v)
+            return found
 
         def sweep(ip):
             port = ports.get(ip, self.cfg.ssh.port)
             try:
-                killed = self._sweep_one(ip, port, job_id, "kill")
-                left = self._sweep_one(ip, port, job_id, "list") if killed else []
+                killed = sweep_marked(ip, port, "kill")
+                left = sweep_marked(ip, port, "list") if killed else []
                 return ip, killed, left, None
             except SSHError as e:
                 return ip, [], [], e.reason
@@ -809,12 +889,12 @@ class Jobs:
         )
         return verdict + "".join(f"; {n}" for n in notes)
 
-    def _sweep_one(self, ip, port, job_id, mode):
+    def _sweep_one(self, ip, port, job_id, mode, option="", value=""):
         r = self.pool.run(
             ip,
             port,
             ["sh", "-c", SWEEP, "sh", mode],
-            stdin=f"{job_id}\n".encode(),
+            stdin=f"{job_id}\n{option}\n{value}\n".encode(),
             timeout=self._ssh_timeout(),
         )
         return r.stdout.split()
@@ -845,6 +925,7 @@ class Jobs:
             "np": rec["np"],
             "timeout_s": rec["timeout_s"],
             "env": {name: "***" for name in rec["env_names"]},
+            "flavour": rec["flavour"],
         }
 
 
@@ -917,7 +998,7 @@ def validate(body, default_program):
                 raise BadRequest(
                     f"env name {name[:64]!r} must match [A-Za-z_][A-Za-z0-9_]*", field="env"
                 )
-            if name.startswith("OMPI_MCA_mlbench"):
+            if name.startswith("OMPI_MCA_mlbench") or flavour.reserved(name):
                 raise BadRequest(f"env name {name[:64]!r} is reserved for the daemon", field="env")
             size += len(name) + _text(value, "env")
         req["env"] = dict(env)

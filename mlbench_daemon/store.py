@@ -52,10 +52,11 @@ COLUMNS = (
     "error",
     "reason",
     "request",
+    "flavour",
 )
 JSON_COLUMNS = ("nodes", "command", "env_names", "request")
 # Columns added after the first release: (name, declaration), added to older databases.
-ADDED_COLUMNS = (("request", "TEXT NOT NULL DEFAULT '{}'"),)
+ADDED_COLUMNS = (("request", "TEXT NOT NULL DEFAULT '{}'"), ("flavour", "TEXT"))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -78,7 +79,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     error TEXT,
     reason TEXT,
-    request TEXT NOT NULL DEFAULT '{}'
+    request TEXT NOT NULL DEFAULT '{}',
+    flavour TEXT
 )
 """
 
