@@ -269,7 +269,7 @@ def main():
             work / "state",
             server={"port": port},
             ssh={"probe_interval_s": 5.0, "max_connects": 16},
-            mpi={"mpirun": str(wrapper)},
+            mpi={"mpirun": str(wrapper), "flavour": "openmpi4"},
         )
 
         def start(config=cfg):
@@ -314,7 +314,9 @@ def main():
                 work / f"state-{name}",
                 server={"port": port},
                 ssh={"probe_interval_s": 5.0, "max_connects": 16},
-                mpi={"mpirun": str(fwrapper), "args": list(m.args),
+                # named: auto would ask `<wrapper> --version` once per master, which the
+                # wrapper would time as a run
+                mpi={"mpirun": str(fwrapper), "args": list(m.args), "flavour": name,
                      "program": [str(c.program_for(name))]},
             )  # fmt: skip
             daemon = start(fcfg)

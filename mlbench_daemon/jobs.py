@@ -742,7 +742,8 @@ class Jobs:
         elif rc == 0:
             self._finish(live, "succeeded", exit_code=rc)
         else:
-            self._finish(live, "failed", exit_code=rc, error=self._explain(rec))
+            said = "; ".join(x for x in (rec["error"], self._explain(rec)) if x)
+            self._finish(live, "failed", exit_code=rc, error=said or None)
         try:
             self.pool.run(
                 rec["master_ip"],
