@@ -15,8 +15,9 @@ import bottle
 
 from mlbench_daemon import metrics, openapi
 from mlbench_daemon.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
+from mlbench_daemon.vocabulary import Phase
 
-log = logging.getLogger("mlbench_daemon.api")
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 REFRESH_TIMEOUT_S = 10.0
@@ -175,7 +176,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
             {
                 "status": "ok",
                 "nodes": len(nodes),
-                "running": sum(1 for n in nodes if n.phase == "Running"),
+                "running": sum(1 for n in nodes if n.phase == Phase.RUNNING),
                 "discovery_stale": registry.stale,
                 "discovery_stale_reason": registry.stale_reason if registry.stale else None,
             }

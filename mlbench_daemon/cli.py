@@ -15,7 +15,6 @@ the job's exit code (1 if it failed without one, 130 after Ctrl-C cancelled it).
 """
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -25,13 +24,13 @@ import urllib.request
 
 import mlbench_daemon
 from mlbench_daemon.config import read_token
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState, Phase
 
 PROG = "mlbench-daemon"
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT_S = 30.0  # one request/response
 FOLLOW_READ_S = 60.0  # a silent job: reconnect the follow stream after this
-TERMINAL = ("succeeded", "failed", "cancelled", "lost")
-COLOURS = {"Running": "32", "Pending": "33", "Unknown": "31", "Failed": "31"}
+COLOURS = {Phase.RUNNING: "32", Phase.PENDING: "33", Phase.UNKNOWN: "31", Phase.FAILED: "31"}
 
 
 class Failure(Exception):
@@ -149,7 +148,7 @@ def cmd_nodes(client, args, out):
             n.get("phase", ""),
             n.get("ip", ""),
             n.get("reason") or "",
-            _labels_text(n.get("labels", "")),
+            _labels_text(n),
         )
         for n in nodes
     ]
@@ -161,15 +160,12 @@ def cmd_nodes(client, args, out):
     )
 
 
-def _labels_text(labels):
-    if isinstance(labels, str):
-        try:
-            labels = ast.literal_eval(labels)
-        except (ValueError, SyntaxError):
-            return labels
+def _labels_text(node):
+    """k=v,... from the API's ``label_map``; a server without it: its ``labels`` text as is."""
+    labels = node.get("label_map")
     if isinstance(labels, dict):
         return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-    return str(labels)
+    return _text(node.get("labels"))
 
 
 def cmd_jobs(client, args, out):
@@ -199,9 +195,8 @@ def cmd_cancel(client, args, out):
     job = client.json("DELETE", _job_path(args.id))
     if args.json:
         return _print_json(job, out)
-    out.write(
-        f"job {args.id}: {job.get('state', 'cancel requested') if isinstance(job, dict) else 'cancel requested'}\n"
-    )
+    state = job.get("state", "cancel requested") if isinstance(job, dict) else "cancel requested"
+    out.write(f"job {args.id}: {state}\n")
 
 
 def cmd_run(client, args, out):
@@ -224,7 +219,7 @@ def cmd_run(client, args, out):
         while True:
             offset = copy_logs(client, job_id, offset, out.buffer, follow=True)
             job = client.json("GET", _job_path(job_id))
-            if job.get("state") in TERMINAL:
+            if job.get("state") in FINAL_STATES:
                 break
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: cancelling job {job_id}\n")
@@ -237,12 +232,12 @@ def cmd_run(client, args, out):
         _print_json(job, out)
     if isinstance(job.get("exit_code"), int):
         return job["exit_code"]
-    if job.get("state") == "succeeded":
+    if job.get("state") == JobState.SUCCEEDED:
         return 0
     sys.stderr.write(
         f"{PROG}: job {job_id} {job.get('state')}: {job.get('error') or 'no exit code'}\n"
     )
-    return 130 if job.get("state") == "cancelled" else 1
+    return 130 if job.get("state") == JobState.CANCELLED else 1
 
 
 def _text(value):

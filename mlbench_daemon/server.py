@@ -31,8 +31,9 @@ from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store
+from mlbench_daemon.vocabulary import JobState, Phase
 
-log = logging.getLogger("mlbench_daemon.server")
+log = logging.getLogger(__name__)
 
 DRAIN_S = 10.0  # longest wait for in-flight requests at shutdown
 LOOP_CHECK_S = 2.0  # the HTTP loop must answer a trigger within this
@@ -215,8 +216,8 @@ class Daemon:
     def status(self):
         """One line: '3/4 nodes Running, 1 job running'."""
         nodes = self.registry.nodes()
-        up = sum(1 for n in nodes if n.phase == "Running")
-        running = self.jobs.counts().get("running", 0)
+        up = sum(1 for n in nodes if n.phase == Phase.RUNNING)
+        running = self.jobs.counts().get(JobState.RUNNING, 0)
         stale = ", DNS stale" if self.registry.stale else ""
         return (
             f"{up}/{len(nodes)} nodes Running, {running} job{'' if running == 1 else 's'} running"

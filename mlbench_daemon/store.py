@@ -28,8 +28,10 @@ import sqlite3
 import threading
 import time
 
-STATES = ("pending", "running", "succeeded", "failed", "cancelled", "lost")
-FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState
+
+STATES = tuple(JobState)
+__all__ = ["COLUMNS", "FINAL_STATES", "STATES", "Store"]
 
 COLUMNS = (
     "id",
@@ -113,7 +115,7 @@ class Store:
 
     def create(self, **fields):
         """Insert a new job (state pending unless given); returns the record."""
-        fields = {"state": "pending", "created": time.time(), **fields}
+        fields = {"state": JobState.PENDING, "created": time.time(), **fields}
         self._check(fields)
         with self._lock:
             if "id" not in fields:
@@ -144,15 +146,12 @@ class Store:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._decode(row) if row else None
 
-    def list(self, limit=50, offset=0, before=None):
-        """Newest first; ``before`` (an id) pages from just below that job."""
-        sql, args = "SELECT * FROM jobs", []
-        if before is not None:
-            sql += " WHERE seq < (SELECT seq FROM jobs WHERE id = ?)"
-            args.append(before)
-        sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
+    def list(self, limit=50, offset=0):
+        """Newest first."""
         with self._lock:
-            rows = self._db.execute(sql, args + [int(limit), int(offset)]).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (int(limit), int(offset))
+            ).fetchall()
         return [self._decode(r) for r in rows]
 
     def count_by_state(self):
@@ -165,7 +164,8 @@ class Store:
         """Jobs not yet final (pending or running), oldest first: what a restart re-attaches."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs WHERE state IN ('pending', 'running') ORDER BY seq"
+                "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY seq",
+                (JobState.PENDING, JobState.RUNNING),
             ).fetchall()
         return [self._decode(r) for r in rows]
 
@@ -198,12 +198,6 @@ class Store:
     def log_writer(self, job_id):
         """The job's log opened for appending, unbuffered (readers see every write)."""
         return open(self.log_path(job_id), "ab", buffering=0)
-
-    def append_log(self, job_id, data):
-        """Append bytes to the job's log; returns the new size."""
-        with self.log_writer(job_id) as f:
-            f.write(data)
-            return f.tell()
 
     def sync_log(self, job_id):
         """fsync the log (called once when the job reaches a final state)."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from tests.cluster import free_port  # one definition, where the cluster needs it too
 
-__all__ = ["HANG", "free_port", "http", "wait_for"]
+__all__ = ["HANG", "append_log", "free_port", "http", "wait_for"]
 
 HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
 
@@ -25,6 +25,13 @@ def wait_for(
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval)
+
+
+def append_log(store, job_id: str, data: bytes) -> int:
+    """Append to a job's log as the follower does (``Store.log_writer``) -> the new size."""
+    with store.log_writer(job_id) as f:
+        f.write(data)
+        return f.tell()
 
 
 def http(

@@ -19,6 +19,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 
 from mlbench_daemon import api, openapi
 from mlbench_daemon.discovery import Selector
+from tests.helpers import append_log
 
 DOC = openapi.DOCUMENT
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -243,7 +244,7 @@ def test_log_offset_far_past_the_end_reads_nothing(tmp_path):
     from mlbench_daemon.store import Store
 
     store = Store(str(tmp_path))
-    store.append_log("abc123", b"hello")
+    append_log(store, "abc123", b"hello")
     offset = 2**62  # the largest offset api.py accepts
     assert store.read_log("abc123", offset, 10) == (b"", offset)
 
