@@ -19,13 +19,13 @@ in natural name order) that readers take without waiting:
 
 import concurrent.futures
 import dataclasses
-import datetime
 import logging
 import threading
 import time
 
 from mlbench_daemon.discovery import DiscoveryError, Node, Selector, natural_key
 from mlbench_daemon.ssh_errors import SSHError
+from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import DiscoveryReason, NodeReason, Phase, SSHReason
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,6 @@ class NodeStatus:
             "last_probe": iso(self.last_probe),
             "latency_ms": self.latency_ms,
         }
-
-
-def iso(epoch):
-    """The API's one timestamp format: RFC 3339, UTC, milliseconds, e.g. 2026-11-28T00:14:04.047Z."""
-    if not epoch:
-        return None
-    t = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _key(node):

@@ -31,7 +31,8 @@ import time
 from mlbench_daemon.vocabulary import FINAL_STATES, JobState
 
 STATES = tuple(JobState)
-__all__ = ["COLUMNS", "FINAL_STATES", "STATES", "Store"]
+LOG_CHUNK_MAX = 1 << 20  # the most bytes of a log read at once (and per /logs answer)
+__all__ = ["COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "Store"]
 
 COLUMNS = (
     "id",
