@@ -169,7 +169,7 @@ def main():
             except OSError:
                 conn.close()
                 if time.monotonic() > deadline:
-                    raise SystemExit("daemon did not come up")
+                    raise SystemExit("daemon did not come up") from None
                 time.sleep(0.2)
 
         n = len(c.workers)
@@ -201,17 +201,20 @@ def main():
         print(f"\n{n} hosts, medians of {args.rounds} rounds")
         print(f"  OpenSSH parallel sweep (baseline)  {s * 1000:8.1f} ms")
         print(
-            f"  forced re-probe, warm              {med(warm) * 1000:8.1f} ms   ratio {med(warm) / s:.3f}  (target <= 0.05)"
+            f"  forced re-probe, warm              {med(warm) * 1000:8.1f} ms   "
+            f"ratio {med(warm) / s:.3f}  (target <= 0.05)"
         )
         print(
-            f"  forced re-probe, cold              {med(cold) * 1000:8.1f} ms   ratio {med(cold) / s:.3f}  (target <= 0.5)"
+            f"  forced re-probe, cold              {med(cold) * 1000:8.1f} ms   "
+            f"ratio {med(cold) / s:.3f}  (target <= 0.5)"
         )
         print(
             f"  GET /api/nodes/ 1 client           p50 {lat[len(lat) // 2] * 1000:.2f} ms   "
             f"p99 {lat[int(len(lat) * 0.99)] * 1000:.2f} ms  (target p50 <= 2 ms)"
         )
         print(
-            f"  GET /api/nodes/ 32 clients         {rps:8.0f} req/s, {errors} errors  (target >= 1000, 0)"
+            f"  GET /api/nodes/ 32 clients         {rps:8.0f} req/s, {errors} errors  "
+            "(target >= 1000, 0)"
             f"  [load from {load.__name__}]"
         )
     finally:

@@ -67,7 +67,8 @@ def main():
         print(json.dumps(nodes, indent=2))
 
         say(
-            f"curl -X POST {url}/api/mpi_jobs/   (empty body: the configured MPI program on all Running workers)"
+            f"curl -X POST {url}/api/mpi_jobs/   "
+            "(empty body: the configured MPI program on all Running workers)"
         )
         status, job = http("POST", f"{url}/api/mpi_jobs/")
         print(f"HTTP {status}")

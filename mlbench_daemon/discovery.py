@@ -163,7 +163,8 @@ def _parse_term(term: str) -> Requirement:
 
 @dataclasses.dataclass(frozen=True)
 class Selector:
-    """A Kubernetes equality-based label selector: `k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-separated.
+    """A Kubernetes equality-based label selector: `k=v`, `k==v`, `k!=v`, `k`, `!k`,
+    comma-separated.
 
     Requirements are kept sorted and without duplicates, so equal selectors compare equal
     and str() is canonical. The empty selector matches everything.

@@ -2,19 +2,19 @@
 
 Other modules import this one and update the collectors; the names are stable:
 
-==========================================  =========  ===================  ==============================
-metric                                      type       labels               updated by
-==========================================  =========  ===================  ==============================
-mlbench_daemon_nodes                        gauge      phase                nodes (count per phase)
-mlbench_daemon_probe_latency_seconds        histogram  -                    nodes (successful SSH probes)
-mlbench_daemon_probe_failures_total         counter    reason               nodes (SSHError.reason)
-mlbench_daemon_jobs                         gauge      state                jobs (count per state)
-mlbench_daemon_job_duration_seconds         histogram  -                    jobs (finished jobs)
-mlbench_daemon_ssh_reconnects_total         counter    -                    ssh (each new connection
-                                                                            after the first to a host)
-mlbench_daemon_http_requests_total          counter    route, method,       api (route = the route
-                                                       status               pattern, not the raw path)
-==========================================  =========  ===================  ==============================
+=====================================  =========  ==============  ================================
+metric                                 type       labels          updated by
+=====================================  =========  ==============  ================================
+mlbench_daemon_nodes                   gauge      phase           nodes (count per phase)
+mlbench_daemon_probe_latency_seconds   histogram  -               nodes (successful SSH probes)
+mlbench_daemon_probe_failures_total    counter    reason          nodes (SSHError.reason)
+mlbench_daemon_jobs                    gauge      state           jobs (count per state)
+mlbench_daemon_job_duration_seconds    histogram  -               jobs (finished jobs)
+mlbench_daemon_ssh_reconnects_total    counter    -               ssh (each new connection after
+                                                                  the first to a host)
+mlbench_daemon_http_requests_total     counter    route, method,  api (route = the route pattern,
+                                                  status          not the raw path)
+=====================================  =========  ==============  ================================
 
 ``render()`` gives the exposition text and its content type for ``GET /metrics``.
 """

@@ -104,7 +104,8 @@ _NODES_OP = {
                 "description": "The nodes.",
                 "headers": {
                     "X-Discovery-Stale": {
-                        "description": "Present when the node list is stale: why DNS discovery failed "
+                        "description": "Present when the node list is stale: why DNS "
+                        "discovery failed "
                         "(e.g. `dns-timeout`, `nxdomain`, `not-discovered-yet`).",
                         "schema": {"type": "string"},
                     }
@@ -351,7 +352,8 @@ SCHEMAS = {
                 "properties": {
                     "response": {
                         "type": "string",
-                        "description": "stdout and stderr interleaved as produced (invalid UTF-8 replaced).",
+                        "description": "stdout and stderr interleaved as produced "
+                        "(invalid UTF-8 replaced).",
                     }
                 },
             },
@@ -468,7 +470,8 @@ PATHS = {
         "delete": {
             "operationId": "cancelJob",
             "summary": "Cancel a job",
-            "description": "TERM to the job's process group on the master, `mpi.cancel_grace_s`, then "
+            "description": "TERM to the job's process group on the master, "
+            "`mpi.cancel_grace_s`, then "
             "KILL; then every host of the job is swept for its processes (the result is "
             "in `error`).  Answers with the job once it is final (bounded wait).",
             "tags": ["jobs"],
@@ -490,7 +493,8 @@ PATHS = {
         "get": {
             "operationId": "getJobLogs",
             "summary": "A chunk of a job's output, or all of it as it comes",
-            "description": "Raw bytes (stdout and stderr interleaved) from `offset`: at most `limit` "
+            "description": "Raw bytes (stdout and stderr interleaved) from `offset`: "
+            "at most `limit` "
             "bytes, with the offset to ask for next in `X-Next-Offset`.  With "
             "`follow=1` the answer streams from `offset` until the job is final "
             "(no `X-Next-Offset`; `limit` is ignored).",
@@ -531,7 +535,8 @@ PATHS = {
                         "description": "Output bytes (possibly none).",
                         "headers": {
                             "X-Next-Offset": {
-                                "description": "`offset` plus the bytes returned (not with `follow=1`).",
+                                "description": "`offset` plus the bytes returned "
+                                "(not with `follow=1`).",
                                 "schema": {"type": "integer", "minimum": 0},
                             },
                         },
