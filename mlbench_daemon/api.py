@@ -50,7 +50,7 @@ def _int_param(name, default, lo, hi):
     return value
 
 
-def _flag(name):
+def _flag(name) -> bool:
     raw = bottle.request.query.get(name, "")
     if raw.lower() in ("", "0", "false", "no"):
         return False
@@ -88,14 +88,14 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
     app = bottle.Bottle(catchall=True)
 
     @app.hook("before_request")
-    def _normalise():
+    def _normalise() -> None:
         env = bottle.request.environ
         path = env.get("PATH_INFO", "/")
         if len(path) > 1 and path.endswith("/"):
             env["PATH_INFO"] = path.rstrip("/") or "/"
 
     @app.hook("after_request")
-    def _count():
+    def _count() -> None:
         route = (
             bottle.request.route.rule if "bottle.route" in bottle.request.environ else "unmatched"
         )

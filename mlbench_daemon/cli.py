@@ -36,7 +36,7 @@ COLOURS = {Phase.RUNNING: "32", Phase.PENDING: "33", Phase.UNKNOWN: "31", Phase.
 class Failure(Exception):
     """One line for the user, and the exit code."""
 
-    def __init__(self, message, code):
+    def __init__(self, message, code) -> None:
         super().__init__(message)
         self.code = code
 
@@ -45,7 +45,7 @@ class Failure(Exception):
 
 
 class Client:
-    def __init__(self, url, token_file=None):
+    def __init__(self, url, token_file=None) -> None:
         self.url = url.rstrip("/")
         self.headers = {
             "Accept": "application/json",
@@ -83,7 +83,7 @@ class Client:
             ) from None
 
 
-def _error_message(e):
+def _error_message(e) -> str | None:
     try:
         body = json.loads(e.read(65536))
         return f"HTTP {e.code}: {body['message']}"
@@ -91,13 +91,13 @@ def _error_message(e):
         return f"HTTP {e.code}: {e.reason}"
 
 
-def _logs_path(job_id, offset, follow=False):
+def _logs_path(job_id, offset, follow=False) -> str:
     query = {"offset": offset, **({"follow": 1} if follow else {})}
     job = urllib.parse.quote(str(job_id), safe="")
     return f"/api/mpi_jobs/{job}/logs?{urllib.parse.urlencode(query)}"
 
 
-def _job_path(job_id):
+def _job_path(job_id) -> str:
     return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}"
 
 
@@ -188,7 +188,7 @@ def cmd_jobs(client, args, out):
     _table(out, ("ID", "STATE", "EXIT", "MASTER", "COMMAND"), rows)
 
 
-def cmd_logs(client, args, out):
+def cmd_logs(client, args, out) -> None:
     copy_logs(client, args.id, 0, out.buffer, follow=args.follow)
 
 
@@ -245,11 +245,11 @@ def _text(value):
     return "" if value is None else str(value)
 
 
-def _print_json(value, out):
+def _print_json(value, out) -> None:
     out.write(json.dumps(value, indent=2) + "\n")
 
 
-def _table(out, header, rows, paint=None):
+def _table(out, header, rows, paint=None) -> None:
     paint = paint or {}
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -302,7 +302,7 @@ def _positive(kind):
 
 
 def build_parser(environ=os.environ):
-    def add_globals(p, default):
+    def add_globals(p, default) -> None:
         # on the main parser with real defaults; on each command with SUPPRESS so an
         # option given before the command is not overwritten by the command's default
         p.add_argument(

@@ -36,6 +36,7 @@ import dns.reversename
 
 from mlbench_daemon.config import parse_nameserver
 from mlbench_daemon.vocabulary import DiscoveryReason, checked
+from typing import Never
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ REASONS = tuple(r for r in DiscoveryReason if r != DiscoveryReason.NOT_DISCOVERE
 class DiscoveryError(Exception):
     """A discovery pass failed; `.reason` is one of REASONS, str() is the human message."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = DiscoveryReason(checked(reason, REASONS, "DiscoveryError"))
 
@@ -60,7 +61,7 @@ class Labels(dict):
     it compares equal to.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(sorted(dict(*args, **kwargs).items()))
 
     def __hash__(self):
@@ -69,7 +70,7 @@ class Labels(dict):
     def __reduce__(self):
         return (Labels, (dict(self),))
 
-    def _read_only(self, *args, **kwargs):
+    def _read_only(self, *args, **kwargs) -> Never:
         raise TypeError("node labels are read-only")
 
     __setitem__ = __delitem__ = __ior__ = _read_only
@@ -126,7 +127,7 @@ class Requirement:
             return labels.get(self.key) != self.value
         return (self.key in labels) == (self.op == "exists")
 
-    def __str__(self):
+    def __str__(self) -> str:
         if self.op in ("=", "!="):
             return f"{self.key}{self.op}{self.value}"
         return self.key if self.op == "exists" else f"!{self.key}"
@@ -184,7 +185,7 @@ class Selector:
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(r.matches(labels) for r in self.requirements)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return ",".join(map(str, self.requirements))
 
 
@@ -220,7 +221,7 @@ def _ip_order(address: str) -> tuple[int, int]:
 
 
 class Discovery:
-    def __init__(self, cfg, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22):
+    def __init__(self, cfg, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22) -> None:
         if not cfg.service:
             raise ValueError("discovery.service is empty")
         self.cfg = cfg
@@ -318,7 +319,7 @@ class Discovery:
 class _Pass:
     """The queries of one discovery pass: one deadline, the minimum TTL, the NXDOMAIN names."""
 
-    def __init__(self, resolver: dns.resolver.Resolver, deadline: float):
+    def __init__(self, resolver: dns.resolver.Resolver, deadline: float) -> None:
         self.resolver = resolver
         self.deadline = deadline
         self.ttl = float("inf")

@@ -10,7 +10,7 @@ class ApiError(Exception):
     status = 500
     error = "internal"
 
-    def __init__(self, message, *, error=None, field=None):
+    def __init__(self, message, *, error=None, field=None) -> None:
         super().__init__(message)
         self.message = message
         if error:

@@ -87,7 +87,7 @@ def parse_known_hosts(text, source="known_hosts"):
 class KnownHosts:
     """Host key checks against known_hosts files; ``accept-new`` pins into the first one."""
 
-    def __init__(self, path, system, policy):
+    def __init__(self, path, system, policy) -> None:
         self.path = path
         self.paths = [p for p in (path, SYSTEM_KNOWN_HOSTS if system else None) if p]
         self.policy = policy
@@ -107,7 +107,7 @@ class KnownHosts:
         """Key types already known for these names (negotiate those first, like OpenSSH)."""
         return {k.key.get_name() for k in self._load() if any(k.matches(n) for n in names)}
 
-    def verify(self, key, names, where):
+    def verify(self, key, names, where) -> None:
         """Raise Untrusted unless `key` is the known key of `names` (or pinned under accept-new)."""
         try:
             self._check(self._load(), key, names, where)
@@ -121,7 +121,7 @@ class KnownHosts:
             self._pin(key, names, where)
 
     @staticmethod
-    def _check(keys, key, names, where):
+    def _check(keys, key, names, where) -> None:
         blob = key.asbytes()
         mine = [k for k in keys if any(k.matches(n) for n in names)]
         if any(k.revoked and k.key.asbytes() == blob for k in mine):
@@ -144,7 +144,7 @@ class KnownHosts:
             f"(names {', '.join(names)})",
         )
 
-    def _pin(self, key, names, where):
+    def _pin(self, key, names, where) -> None:
         """Append the key under an exclusive lock, unless someone pinned one meanwhile."""
         with self._lock, open(self.path, "a+", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)

@@ -28,7 +28,7 @@ class _OneLine(logging.Formatter):
 
 
 class _JournalFormatter(_OneLine):
-    def format(self, record):
+    def format(self, record) -> str:
         prio = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
         return f"<{prio}>{super().format(record)}"
 

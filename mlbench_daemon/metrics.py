@@ -60,7 +60,7 @@ http_requests_total = Counter(
 )
 
 
-def observe_probe(status):
+def observe_probe(status) -> None:
     """One node's new probe result (the registry's on_probe hook)."""
     if status.phase == Phase.RUNNING and status.latency_ms is not None:
         probe_latency_seconds.observe(status.latency_ms / 1000)
@@ -68,7 +68,7 @@ def observe_probe(status):
         probe_failures_total.labels(status.reason).inc()
 
 
-def set_gauges(nodes, job_counts):
+def set_gauges(nodes, job_counts) -> None:
     """Nodes by phase and jobs by state, as they are now (called at scrape time)."""
     for phase in Phase:
         nodes_by_phase.labels(phase).set(sum(1 for n in nodes if n.phase == phase))

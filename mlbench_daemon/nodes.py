@@ -67,7 +67,7 @@ def _key(node):
 
 
 class Registry:
-    def __init__(self, cfg, discovery, pool, clock=time.monotonic, on_probe=None):
+    def __init__(self, cfg, discovery, pool, clock=time.monotonic, on_probe=None) -> None:
         """`on_probe(status)` is called after each probe result (metrics hook), if given."""
         self.cfg, self.discovery, self.pool, self.clock = cfg, discovery, pool, clock
         self.on_probe = on_probe
@@ -130,7 +130,7 @@ class Registry:
 
     # --- control ------------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         now = self.clock()
         self._beats = {"refresh": now, "probe": now}
         for name, loop in (("refresh", self._refresh_loop), ("probe", self._probe_loop)):
@@ -138,7 +138,7 @@ class Registry:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout=None):
+    def stop(self, timeout=None) -> None:
         """Stop both loops; waits at most `timeout` (default: one discovery + one sweep)."""
         if timeout is None:
             timeout = self.cfg.discovery.timeout_s + self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
@@ -149,7 +149,7 @@ class Registry:
             t.join(max(0.0, deadline - time.monotonic()))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def refresh(self, timeout):
+    def refresh(self, timeout) -> None:
         """Run one probe round now and wait (at most `timeout`) until it has finished."""
         with self._rounds:
             want = self._started + 1
@@ -158,7 +158,7 @@ class Registry:
 
     # --- refresh loop -------------------------------------------------------------------
 
-    def _refresh_loop(self):
+    def _refresh_loop(self) -> None:
         while not self._stop.is_set():
             wait = self._refresh_once()
             self._discovered.set()
@@ -183,7 +183,7 @@ class Registry:
         self._set_members(n for n in nodes if self.selector.matches(n.labels))
         return min(refresh_s, max(ttl, 1.0))
 
-    def _set_members(self, nodes):
+    def _set_members(self, nodes) -> None:
         members = {_key(n): n for n in nodes}
         with self._lock:
             old = {_key(s.node): s for s in self._snapshot}
@@ -205,7 +205,7 @@ class Registry:
 
     # --- probe loop ---------------------------------------------------------------------
 
-    def _probe_loop(self):
+    def _probe_loop(self) -> None:
         while not self._stop.is_set():
             with self._rounds:
                 self._wake.clear()
@@ -224,7 +224,7 @@ class Registry:
             self._beats["probe"] = self.clock()
             self._wake.wait(self.cfg.ssh.probe_interval_s)
 
-    def _sweep(self):
+    def _sweep(self) -> None:
         """Probe every node in parallel under one deadline for the whole round."""
         budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
         futures = {}
@@ -255,7 +255,7 @@ class Registry:
                     if_inflight=True,
                 )
 
-    def _probe(self, node):
+    def _probe(self, node) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
         try:
             latency = self.pool.probe(node.ip, node.port, node.host)
@@ -276,7 +276,7 @@ class Registry:
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
 
-    def _update(self, node, change, *, finished=False, if_inflight=False):
+    def _update(self, node, change, *, finished=False, if_inflight=False) -> None:
         """Apply change(status) to the node's entry, if it is still a member.
 
         `finished`: this is the probe's own result (its node leaves the in-flight

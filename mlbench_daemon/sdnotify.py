@@ -9,7 +9,7 @@ import os
 import socket
 
 
-def notify(state, environ=os.environ):
+def notify(state, environ=os.environ) -> bool:
     """Send *state* (e.g. "READY=1\\nSTATUS=...") to systemd; False when not under systemd.
 
     A send failure raises OSError: the caller decides whether it matters.

@@ -70,7 +70,7 @@ def read_token(server_cfg):
 
 
 class Daemon:
-    def __init__(self, cfg):
+    def __init__(self, cfg) -> None:
         self.cfg = cfg
         token = read_token(cfg.server)
         self.pool = Pool(cfg.ssh, on_reconnect=lambda ip, port: metrics.ssh_reconnects_total.inc())
@@ -138,7 +138,7 @@ class Daemon:
         log.info("stopped")
         return code
 
-    def stop(self):
+    def stop(self) -> None:
         """Ask run() to shut down (what SIGTERM does)."""
         self._stop.set()
 
@@ -166,7 +166,7 @@ class Daemon:
         )
         return http
 
-    def _drain(self, http_thread):
+    def _drain(self, http_thread) -> None:
         """Stop accepting, give in-flight requests DRAIN_S, then close everything."""
         http = self.http
         self._in_loop(lambda: wasyncore.dispatcher.close(http))  # the listening socket
@@ -182,7 +182,7 @@ class Daemon:
         tasks.shutdown(timeout=2.0)
         http_thread.join(5.0)
 
-    def _in_loop(self, thunk):
+    def _in_loop(self, thunk) -> bool | None:
         """Run thunk in the HTTP loop's thread; False once the loop has shut its trigger."""
         try:
             self.http.trigger.pull_trigger(thunk)
@@ -198,7 +198,7 @@ class Daemon:
         answered = threading.Event()
         return self._in_loop(answered.set) and answered.wait(LOOP_CHECK_S)
 
-    def _supervise(self, http_thread):
+    def _supervise(self, http_thread) -> None:
         interval = sdnotify.watchdog_interval()
         every = interval / 2 if interval else STATUS_EVERY_S
         while not self._stop.wait(every):
@@ -213,7 +213,7 @@ class Daemon:
                 )
             self._notify(message)
 
-    def status(self):
+    def status(self) -> str:
         """One line: '3/4 nodes Running, 1 job running'."""
         nodes = self.registry.nodes()
         up = sum(1 for n in nodes if n.phase == Phase.RUNNING)
@@ -225,7 +225,7 @@ class Daemon:
         )
 
     @staticmethod
-    def _notify(state):
+    def _notify(state) -> None:
         try:
             sdnotify.notify(state)
         except OSError as e:

@@ -94,7 +94,7 @@ TCP_USER_TIMEOUT_S = 30  # unacknowledged data for this long kills the socket (f
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
-def _tune(transport):
+def _tune(transport) -> None:
     """Fast ciphers first; leave rekeying to the server.
 
     paramiko's own rekey (every 512 MiB) races with a busy session channel and can stall
@@ -170,13 +170,13 @@ def load_client_key(key_file):
 class _Watchdog:
     """Call `action` if the with-block has not finished after `seconds`; `.fired` tells."""
 
-    def __init__(self, seconds, action):
+    def __init__(self, seconds, action) -> None:
         self.fired = False
         self._action = action
         self._timer = threading.Timer(max(0.0, seconds), self._fire)
         self._timer.daemon = True
 
-    def _fire(self):
+    def _fire(self) -> None:
         self.fired = True
         self._action()
 
@@ -195,7 +195,7 @@ def _remaining(deadline):
 class Connection:
     """One persistent SSH connection to (ip, port): opens lazily, closes in one place."""
 
-    def __init__(self, pool, ip, port):
+    def __init__(self, pool, ip, port) -> None:
         self.pool, self.ip, self.port = pool, ip, port
         self.host = None
         self.where = f"{ip}:{port}"
@@ -298,7 +298,7 @@ class Connection:
                 raise classify(e, self.where) from e
             raise
 
-    def _prefer_known_key_types(self, transport, names):
+    def _prefer_known_key_types(self, transport, names) -> None:
         known = self.pool.known_hosts.preferred_types(names)
         if not known:
             return
@@ -309,7 +309,7 @@ class Connection:
             t for t in types if base.get(t, t) not in known
         ]
 
-    def close(self):
+    def close(self) -> None:
         """Close the connection (idempotent, never blocks for long); the next use reconnects."""
         with self._lock:
             t, self.transport = self.transport, None
@@ -335,7 +335,7 @@ class Stream:
     leaving a with-block) closes the channel.
     """
 
-    def __init__(self, conn, chan, release, idle_timeout, writer, ping):
+    def __init__(self, conn, chan, release, idle_timeout, writer, ping) -> None:
         self._conn, self._chan, self._release, self._writer = conn, chan, release, writer
         self.idle_timeout, self._ping = idle_timeout, ping
         self.exit_code = None
@@ -376,7 +376,7 @@ class Stream:
         state = "connection alive" if alive else "connection dead"
         return Unreachable(R.CONNECTION_LOST, f"{self._conn.where}: {why} ({state})")
 
-    def close(self):
+    def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._writer.stop()
@@ -390,7 +390,7 @@ class Stream:
         self.close()
 
 
-def _close_channel(chan):
+def _close_channel(chan) -> None:
     try:
         chan.close()
     except Exception:  # the transport is already gone: nothing left to close
@@ -414,7 +414,7 @@ def _exit_status(chan, timeout):
 class Pool:
     """Persistent SSH connections keyed by (ip, port), shared by all threads."""
 
-    def __init__(self, cfg, on_reconnect=None):
+    def __init__(self, cfg, on_reconnect=None) -> None:
         self.cfg = cfg
         self.client_key = load_client_key(cfg.key_file)
         self.known_hosts = KnownHosts(
@@ -512,14 +512,14 @@ class Pool:
             conn, chan, release, idle_timeout, _Writer(chan, stdin), lambda: self.probe(ip, port)
         )
 
-    def drop(self, ip, port):
+    def drop(self, ip, port) -> None:
         """Forget and close the connection to (ip, port)."""
         with self._lock:
             conn = self._conns.pop((ip, port), None)
         if conn is not None:
             conn.close()
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
         for c in conns:
@@ -537,7 +537,7 @@ class Pool:
 
     # --- internals ------------------------------------------------------------------
 
-    def _reconnected(self, conn):
+    def _reconnected(self, conn) -> None:
         with self._lock:
             self.reconnects += 1
         if self.on_reconnect is not None:
@@ -612,7 +612,7 @@ class _ChunkPipe:
     ``PipeTimeout``, returns b"" once closed and empty).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._chunks = collections.deque()
@@ -620,7 +620,7 @@ class _ChunkPipe:
         self._event = None
         self._closed = False
 
-    def set_event(self, event):
+    def set_event(self, event) -> None:
         with self._lock:
             self._event = event
             if self._closed or self._size:
@@ -628,7 +628,7 @@ class _ChunkPipe:
             else:
                 event.clear()
 
-    def feed(self, data):
+    def feed(self, data) -> None:
         with self._lock:
             if data:
                 self._chunks.append(bytes(data))
@@ -669,14 +669,14 @@ class _ChunkPipe:
         with self._lock:
             return self._take(self._size)
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             self._closed = True
             self._cv.notify_all()
             if self._event is not None:
                 self._event.set()
 
-    def __len__(self):
+    def __len__(self) -> int:
         with self._lock:
             return self._size
 
@@ -687,7 +687,7 @@ def _thread(target, *args):
     return t
 
 
-def _drain(recv, buf, errors):
+def _drain(recv, buf, errors) -> None:
     try:
         while data := recv(RECV_SIZE):
             buf += data
@@ -710,14 +710,14 @@ class _Writer:
 
     POLL_S = 0.002  # wait for window while the remote is not reading
 
-    def __init__(self, chan, data):
+    def __init__(self, chan, data) -> None:
         self.chan = chan
         self._lock = threading.Lock()
         self._stopped = False
         if data:
             _thread(self._feed, memoryview(data))
 
-    def _feed(self, view):
+    def _feed(self, view) -> None:
         chan = self.chan
         try:
             while True:
@@ -734,6 +734,6 @@ class _Writer:
         except Exception as e:  # the command stopped reading or the link died: readers see it
             log.debug("stdin write stopped: %s", e)
 
-    def stop(self):
+    def stop(self) -> None:
         with self._lock:
             self._stopped = True

@@ -87,7 +87,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 
 class Store:
-    def __init__(self, state_dir):
+    def __init__(self, state_dir) -> None:
         self.dir = state_dir
         self.logs = os.path.join(state_dir, "logs")
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
@@ -108,7 +108,7 @@ class Store:
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             self._db.close()
 
@@ -171,7 +171,7 @@ class Store:
         return [self._decode(r) for r in rows]
 
     @staticmethod
-    def _check(fields):
+    def _check(fields) -> None:
         unknown = set(fields) - set(COLUMNS) | ({"seq"} & set(fields))
         if unknown:
             raise ValueError(f"not a settable job column: {', '.join(sorted(unknown))}")
@@ -200,7 +200,7 @@ class Store:
         """The job's log opened for appending, unbuffered (readers see every write)."""
         return open(self.log_path(job_id), "ab", buffering=0)
 
-    def sync_log(self, job_id):
+    def sync_log(self, job_id) -> None:
         """fsync the log (called once when the job reaches a final state)."""
         try:
             fd = os.open(self.log_path(job_id), os.O_RDONLY)
