@@ -25,6 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
+from typing import Never
 
 import dns.exception
 import dns.message
@@ -36,7 +37,6 @@ import dns.reversename
 
 from mlbench_daemon.config import parse_nameserver
 from mlbench_daemon.vocabulary import DiscoveryReason, checked
-from typing import Never
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,9 @@ def _ip_order(address: str) -> tuple[int, int]:
 
 
 class Discovery:
-    def __init__(self, cfg, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22) -> None:
+    def __init__(
+        self, cfg, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22
+    ) -> None:
         if not cfg.service:
             raise ValueError("discovery.service is empty")
         self.cfg = cfg
