@@ -15,7 +15,7 @@ Prints, with the baseline measured in the same run:
 
 Targets: launch ratio <= 0.9; throughput >= 0.8x OpenSSH; RSS growth < 50 MB.
 
-    python3 bench/jobs.py [--rounds 5] [--gigabytes 1]
+    python3 -m bench.jobs [--rounds 5] [--gigabytes 1]   (from the repository root)
 """
 
 import argparse
@@ -31,10 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process
 
-from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SETTLE_S = 0.5
 

@@ -12,7 +12,7 @@ Prints, with the baseline measured in the same run:
 Targets: warm <= 0.05x the sweep, cold <= 0.5x, p50 <= 2 ms, >= 1000 req/s
 with zero errors.
 
-    python3 bench/nodes.py [--hosts 32] [--rounds 5]
+    python3 -m bench.nodes [--hosts 32] [--rounds 5]   (from the repository root)
 """
 
 import argparse
@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.cluster import Cluster, free_port, stop_process
 
-from tests.cluster import Cluster, free_port, stop_process  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def get(conn, path):

@@ -16,6 +16,8 @@ from waitress import wasyncore
 
 from mlbench_daemon import ssh
 
+pytestmark = pytest.mark.logic
+
 
 def need(obj, attr, used_by):
     assert hasattr(obj, attr), (
