@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import re
+from typing import Any
 
 import bottle
 
@@ -181,10 +182,8 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
         return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)
 
     # ---- nodes ---------------------------------------------------------------
-    cached = [
-        None,
-        None,
-    ]  # (registry generation, JSON body): the table changes per probe, reads are many
+    # (registry generation, JSON body): the table changes per probe, reads are many
+    cached: list[Any] = [None, None]
 
     @app.get("/api/nodes")
     @app.get("/api/pods")
@@ -208,6 +207,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
                 "nodes": len(nodes),
                 "running": sum(1 for n in nodes if n.phase == Phase.RUNNING),
                 "discovery_stale": registry.stale,
+                "discovery_age_s": registry.discovery_age_s(),
             }
         )
 

@@ -21,6 +21,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 
 import mlbench_daemon
 from mlbench_daemon.config import read_token
@@ -202,7 +203,7 @@ def cmd_cancel(client, args, out):
 
 def cmd_run(client, args, out):
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
-    body = {"wait": False}
+    body: dict[str, Any] = {"wait": False}
     for key, value in (
         ("program", program),
         ("np", args.np),

@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Never
+from typing import Any, Never
 
 import dns.exception
 import dns.message
@@ -61,16 +61,16 @@ class Labels(dict):
     it compares equal to.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(sorted(dict(*args, **kwargs).items()))
 
-    def __hash__(self):
+    def __hash__(self) -> int:  # type: ignore[override]  # dict is unhashable; these are not
         return hash(tuple(self.items()))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Labels], tuple[dict[str, str]]]:
         return (Labels, (dict(self),))
 
-    def _read_only(self, *args, **kwargs) -> Never:
+    def _read_only(self, *args: Any, **kwargs: Any) -> Never:
         raise TypeError("node labels are read-only")
 
     __setitem__ = __delitem__ = __ior__ = _read_only
@@ -86,7 +86,7 @@ class Node:
     namespace: str
     labels: Mapping[str, str] = Labels()  # TXT labels merged with config rules (rules win)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.labels, Labels):
             object.__setattr__(self, "labels", Labels(self.labels))
 
@@ -96,7 +96,7 @@ class Node:
         return str(dict(self.labels))
 
 
-def natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple[Any, ...]:
     """Sort key putting "w-2" before "w-10"; ties broken by the exact name."""
     parts = re.split(r"(\d+)", name)
     return (tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name)
@@ -200,7 +200,7 @@ def namespace_of(service: str, default: str) -> str:
     return default
 
 
-def txt_labels(rdatas) -> dict[str, str]:
+def txt_labels(rdatas: Iterable[Any]) -> dict[str, str]:
     """RFC 6763 key/value strings: `k=v`, `k` alone = empty value, first key wins, `=x` ignored."""
     labels: dict[str, str] = {}
     for rdata in sorted(rdatas, key=lambda r: r.strings):  # several TXT records: a stable order
@@ -291,7 +291,7 @@ class Discovery:
             )
         return sorted(nodes.values(), key=lambda n: natural_key(n.name)), p.ttl
 
-    def _srv_members(self, p: _Pass, srv) -> Iterable[tuple]:
+    def _srv_members(self, p: _Pass, srv: Any) -> Iterable[tuple[Any, ...]]:
         """(target name, ip, port) per SRV target with an address."""
         for rr in sorted(srv, key=lambda r: (r.priority, -r.weight, r.target, r.port)):
             if rr.target == dns.name.root:  # "." = service decidedly not available there
@@ -304,7 +304,7 @@ class Discovery:
                 continue
             yield rr.target, ip, rr.port
 
-    def _address_members(self, p: _Pass, addresses: list[str]) -> Iterable[tuple]:
+    def _address_members(self, p: _Pass, addresses: list[str]) -> Iterable[tuple[Any, ...]]:
         """(PTR name or None, ip, ssh port) per address of the service."""
         for ip in sorted(set(addresses), key=_ip_order):
             ptr = p.query(dns.reversename.from_address(ip), "PTR", optional=True)
@@ -358,7 +358,8 @@ class _Pass:
             raise DiscoveryError(
                 DiscoveryReason.DNS_ERROR, f"DNS error querying {rdtype} {name}: {e}"
             ) from None
-        self.ttl = min(self.ttl, answer.rrset.ttl)
+        if answer.rrset is not None:
+            self.ttl = min(self.ttl, answer.rrset.ttl)
         return answer
 
     def address_of(self, host: dns.name.Name, response: dns.message.Message) -> str | None:
@@ -367,7 +368,7 @@ class _Pass:
         extra = [r for r in response.additional if r.name == host and r.rdtype in _ADDRESS_TYPES]
         if extra:
             self.ttl = min([self.ttl] + [r.ttl for r in extra])
-            rdatas = [a for rrset in extra for a in rrset]
+            rdatas: Iterable[Any] = [a for rrset in extra for a in rrset]
         else:
             rdatas = self.query(host, "A") or self.query(host, "AAAA") or ()
         return min((a.address for a in rdatas), key=_ip_order, default=None)

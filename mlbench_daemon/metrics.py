@@ -19,10 +19,18 @@ mlbench_daemon_http_requests_total     counter    route, method,  api (route = t
 ``render()`` gives the exposition text and its content type for ``GET /metrics``.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from mlbench_daemon.vocabulary import JobState, Phase
+
+if TYPE_CHECKING:  # nodes imports nothing of this module; only the type is needed
+    from mlbench_daemon.nodes import NodeStatus
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _NS = "mlbench_daemon"
@@ -60,7 +68,7 @@ http_requests_total = Counter(
 )
 
 
-def observe_probe(status) -> None:
+def observe_probe(status: NodeStatus) -> None:
     """One node's new probe result (the registry's on_probe hook)."""
     if status.phase == Phase.RUNNING and status.latency_ms is not None:
         probe_latency_seconds.observe(status.latency_ms / 1000)
@@ -68,7 +76,7 @@ def observe_probe(status) -> None:
         probe_failures_total.labels(status.reason).inc()
 
 
-def set_gauges(nodes, job_counts) -> None:
+def set_gauges(nodes: Iterable[NodeStatus], job_counts: Mapping[str, int]) -> None:
     """Nodes by phase and jobs by state, as they are now (called at scrape time)."""
     for phase in Phase:
         nodes_by_phase.labels(phase).set(sum(1 for n in nodes if n.phase == phase))
@@ -76,6 +84,6 @@ def set_gauges(nodes, job_counts) -> None:
         jobs.labels(state).set(job_counts.get(state, 0))
 
 
-def render():
+def render() -> tuple[bytes, str]:
     """-> (body bytes, content type) of the whole registry."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -22,8 +22,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
-from mlbench_daemon.discovery import DiscoveryError, Node, Selector, natural_key
+from mlbench_daemon.discovery import Discovery, DiscoveryError, Node, Selector, natural_key
 from mlbench_daemon.ssh_errors import SSHError
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import DiscoveryReason, NodeReason, Phase, SSHReason
@@ -35,6 +37,13 @@ RETRY_S = 2.0  # discovery retry after a failure (at most discovery.refresh_s)
 ALIVE_FACTOR = 3  # alive() while each loop made progress within this many of its periods
 
 
+class Prober(Protocol):
+    """What the registry needs of ssh.Pool."""
+
+    def probe(self, ip: str, port: int, host: str | None = None) -> float: ...
+    def drop(self, ip: str, port: int) -> None: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeStatus:
     node: Node
@@ -44,7 +53,7 @@ class NodeStatus:
     last_probe: float | None = None  # epoch seconds
     latency_ms: float | None = None
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         n = self.node
         return {
             "name": n.name,
@@ -62,20 +71,27 @@ class NodeStatus:
         }
 
 
-def _key(node):
+def _key(node: Node) -> tuple[str, str, int]:
     return (node.name, node.ip, node.port)
 
 
 class Registry:
-    def __init__(self, cfg, discovery, pool, clock=time.monotonic, on_probe=None) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        discovery: Discovery,
+        pool: Prober,
+        clock: Callable[[], float] = time.monotonic,
+        on_probe: Callable[[NodeStatus], object] | None = None,
+    ) -> None:
         """`on_probe(status)` is called after each probe result (metrics hook), if given."""
         self.cfg, self.discovery, self.pool, self.clock = cfg, discovery, pool, clock
         self.on_probe = on_probe
         self.selector = Selector.parse(cfg.discovery.selector)
         self.generation = 0  # bumped on every change of the table
-        self.refreshed_at = None  # epoch of the last successful discovery
-        self._snapshot = ()
-        self._stale, self._stale_reason = True, DiscoveryReason.NOT_DISCOVERED_YET
+        self.refreshed_at: float | None = None  # epoch of the last successful discovery
+        self._snapshot: tuple[NodeStatus, ...] = ()
+        self._stale, self._stale_reason = True, str(DiscoveryReason.NOT_DISCOVERED_YET)
         self._lock = threading.Lock()  # guards every swap of the snapshot and the stale flag
         self._stop = threading.Event()
         self._wake = threading.Event()  # start a probe round now
@@ -83,16 +99,17 @@ class Registry:
         self._started = self._done = 0
         self._discovered = threading.Event()
         self._first_pass = threading.Event()
-        self._inflight = {}  # node key -> the future of its probe still running
-        self._beats = {}
-        self._threads = []
+        # node key -> the future of its probe still running
+        self._inflight: dict[tuple[str, str, int], concurrent.futures.Future[None]] = {}
+        self._beats: dict[str, float] = {}
+        self._threads: list[threading.Thread] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=cfg.ssh.max_connects, thread_name_prefix="probe"
         )
 
     # --- readers (never wait) -----------------------------------------------------------
 
-    def nodes(self, selector=None):
+    def nodes(self, selector: Selector | str | None = None) -> list[NodeStatus]:
         """Current status of every selected node, in natural name order."""
         if isinstance(selector, str):
             selector = Selector.parse(selector)
@@ -100,18 +117,23 @@ class Registry:
         return [s for s in snap if selector is None or selector.matches(s.node.labels)]
 
     @property
-    def stale(self):
+    def stale(self) -> bool:
         return self._stale
 
     @property
-    def stale_reason(self):
+    def stale_reason(self) -> str:
         return self._stale_reason
 
-    def wait_first_pass(self, timeout):
+    def discovery_age_s(self) -> float | None:
+        """Seconds since the last successful discovery (how old the node list is)."""
+        at = self.refreshed_at
+        return None if at is None else round(max(0.0, time.time() - at), 3)
+
+    def wait_first_pass(self, timeout: float) -> bool:
         """True once discovery has run and a probe round started after it has finished."""
         return self._first_pass.wait(timeout)
 
-    def alive(self):
+    def alive(self) -> bool:
         """Both loops made progress lately (for the systemd watchdog)."""
         d, s = self.cfg.discovery, self.cfg.ssh
         periods = {
@@ -138,7 +160,7 @@ class Registry:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout=None) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop both loops; waits at most `timeout` (default: one discovery + one sweep)."""
         if timeout is None:
             timeout = self.cfg.discovery.timeout_s + self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
@@ -149,7 +171,7 @@ class Registry:
             t.join(max(0.0, deadline - time.monotonic()))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def refresh(self, timeout) -> None:
+    def refresh(self, timeout: float) -> None:
         """Run one probe round now and wait (at most `timeout`) until it has finished."""
         with self._rounds:
             want = self._started + 1
@@ -166,7 +188,7 @@ class Registry:
             self._beats["refresh"] = self.clock()
             self._stop.wait(wait)
 
-    def _refresh_once(self):
+    def _refresh_once(self) -> float:
         """One discovery pass; returns the seconds until the next one."""
         refresh_s = self.cfg.discovery.refresh_s
         try:
@@ -183,7 +205,7 @@ class Registry:
         self._set_members(n for n in nodes if self.selector.matches(n.labels))
         return min(refresh_s, max(ttl, 1.0))
 
-    def _set_members(self, nodes) -> None:
+    def _set_members(self, nodes: Iterable[Node]) -> None:
         members = {_key(n): n for n in nodes}
         with self._lock:
             old = {_key(s.node): s for s in self._snapshot}
@@ -227,7 +249,7 @@ class Registry:
     def _sweep(self) -> None:
         """Probe every node in parallel under one deadline for the whole round."""
         budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
-        futures = {}
+        futures: dict[concurrent.futures.Future[None], Node] = {}
         for s in self._snapshot:
             k = _key(s.node)
             with self._lock:
@@ -255,11 +277,11 @@ class Registry:
                     if_inflight=True,
                 )
 
-    def _probe(self, node) -> None:
+    def _probe(self, node: Node) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
         try:
             latency = self.pool.probe(node.ip, node.port, node.host)
-            change = dict(
+            change: dict[str, Any] = dict(
                 phase=Phase.RUNNING,
                 reason=NodeReason.OK,
                 latency_ms=round(latency * 1000, 3),
@@ -276,7 +298,14 @@ class Registry:
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
 
-    def _update(self, node, change, *, finished=False, if_inflight=False) -> None:
+    def _update(
+        self,
+        node: Node,
+        change: Callable[[NodeStatus], NodeStatus],
+        *,
+        finished: bool = False,
+        if_inflight: bool = False,
+    ) -> None:
         """Apply change(status) to the node's entry, if it is still a member.
 
         `finished`: this is the probe's own result (its node leaves the in-flight

@@ -433,12 +433,18 @@ SCHEMAS = {
     "Health": {
         "type": "object",
         "description": "Counts only: /healthz needs no token, so it says nothing more.",
-        "required": ["status", "nodes", "running", "discovery_stale"],
+        "required": ["status", "nodes", "running", "discovery_stale", "discovery_age_s"],
         "properties": {
             "status": {"const": "ok"},
             "nodes": {"type": "integer", "minimum": 0},
             "running": {"type": "integer", "minimum": 0},
             "discovery_stale": {"type": "boolean"},
+            "discovery_age_s": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "description": "Seconds since the node list was last discovered "
+                "(null before the first discovery).",
+            },
         },
     },
 }

@@ -20,8 +20,9 @@ import signal
 import sqlite3
 import threading
 import time
+from typing import Any
 
-import waitress
+import waitress.server
 from waitress import wasyncore
 
 from mlbench_daemon import api, config, metrics, sdnotify
@@ -61,7 +62,7 @@ def read_token(server_cfg):
 
 
 class Daemon:
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         token = read_token(cfg.server)
         self.pool = Pool(cfg.ssh, on_reconnect=lambda ip, port: metrics.ssh_reconnects_total.inc())
@@ -90,8 +91,8 @@ class Daemon:
             max_body_bytes=cfg.server.max_body_bytes,
             policy=Policy.from_config(cfg.server),
         )
-        self.http = None
-        self.url = None
+        self.http: Any = None  # waitress's server, once bound (private parts: test_internals)
+        self.url: str | None = None
         self._stop = threading.Event()
 
     # --- life cycle -----------------------------------------------------------------
@@ -137,11 +138,11 @@ class Daemon:
         """Ask run() to shut down (what SIGTERM does)."""
         self._stop.set()
 
-    def _bind(self):
+    def _bind(self) -> Any:
         s = self.cfg.server
         try:
             # api enforces max_body_bytes itself, so the 413 is JSON like every other error
-            http = waitress.create_server(
+            http: Any = waitress.server.create_server(
                 self.app, host=s.host, port=s.port, threads=s.threads, ident="mlbench-daemon"
             )
         except OSError as e:

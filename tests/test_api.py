@@ -178,6 +178,7 @@ def test_dns_down_keeps_the_last_list_and_says_stale(daemon, cluster):
     health = daemon.json("GET", "/healthz")[1]
     assert health["discovery_stale"] is True and headers["x-discovery-stale"]
     assert "discovery_stale_reason" not in health  # open to all: counts only
+    assert health["discovery_age_s"] >= 0  # the last good list is kept, and ages
     cluster.start_dns()
     deadline = time.monotonic() + 15
     while "x-discovery-stale" in daemon.request("GET", "/api/nodes/")[1]:

@@ -9,6 +9,7 @@ from mlbench_daemon import config
 from mlbench_daemon.discovery import REASONS, Discovery, natural_key
 from mlbench_daemon.nodes import NodeStatus, Registry
 from mlbench_daemon.ssh import Pool
+from tests.helpers import wait_for
 
 CONNECT_TIMEOUT = 2.0
 
@@ -41,16 +42,6 @@ def running_registry(cluster, tmp_path, start=True, **sections):
     finally:
         reg.stop()
         pool.close()
-
-
-def wait_for(cond, timeout=20.0):
-    """Poll cond() until true; a generous bound that only catches hangs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def by_name(reg):

@@ -97,11 +97,11 @@ class JobRun:
                 self.ctx.registry.wait_first_pass(
                     self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
                 )
-            rec = self.ctx.store.get(self.id)
-            if rec["pid"] is None:
+            rec: dict | None = self.ctx.store.record(self.id)
+            if rec is not None and rec["pid"] is None:
                 rec = launch(self, rec)
-                if rec is None:
-                    return
+            if rec is None:  # the launch ended the job
+                return
             self._arm_timeout(rec)
             if self.cancel_reason:
                 self._kill()
@@ -154,7 +154,7 @@ class JobRun:
     def _follow(self) -> Status:
         """Stream the remote output into the log until the job is over -> its Status."""
         ctx, clock = self.ctx, self.ctx.clock
-        rec = ctx.store.get(self.id)
+        rec = ctx.store.record(self.id)
         host, job_dir, pid = (
             Host(rec["master_ip"], rec["master_port"]),
             rec["remote_dir"],
@@ -199,7 +199,7 @@ class JobRun:
     # --- ending -------------------------------------------------------------------------
 
     def _finish_from(self, status: Status) -> None:
-        rec = self.ctx.store.get(self.id)
+        rec = self.ctx.store.record(self.id)
         rc = status.exit_code
         if self.cancel_reason:
             # "cancelled" promises no process is left: let the sweep of every host finish
@@ -255,7 +255,7 @@ class JobRun:
         if queued:
             self.finish(JobState.CANCELLED, reason=reason)
             return Cancel.DEQUEUED
-        if self.ctx.store.get(self.id)["pid"] is None:
+        if self.ctx.store.record(self.id)["pid"] is None:
             return Cancel.AFTER_LAUNCH  # the job's thread kills right after launching
         return self._kill()
 
@@ -273,7 +273,7 @@ class JobRun:
 
     def _kill_and_sweep(self) -> Cancel:
         ctx = self.ctx
-        rec = ctx.store.get(self.id)
+        rec = ctx.store.record(self.id)
         try:
             how = ctx.remote.terminate(
                 Host(rec["master_ip"], rec["master_port"]), rec["pid"], self.mpi.cancel_grace_s
