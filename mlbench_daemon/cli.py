@@ -21,7 +21,8 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO, TextIO
 
 import mlbench_daemon
 from mlbench_daemon.config import read_token
@@ -37,7 +38,7 @@ COLOURS = {Phase.RUNNING: "32", Phase.PENDING: "33", Phase.UNKNOWN: "31", Phase.
 class Failure(Exception):
     """One line for the user, and the exit code."""
 
-    def __init__(self, message, code) -> None:
+    def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
 
@@ -46,7 +47,7 @@ class Failure(Exception):
 
 
 class Client:
-    def __init__(self, url, token_file=None) -> None:
+    def __init__(self, url: str, token_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.headers = {
             "Accept": "application/json",
@@ -59,7 +60,7 @@ class Client:
                 raise Failure(f"token file: {e}", 2) from None
             self.headers["Authorization"] = f"Bearer {token}"
 
-    def open(self, method, path, body=None, timeout=TIMEOUT_S):
+    def open(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT_S) -> Any:
         """-> the open response; raises Failure for an unreachable daemon or an HTTP error."""
         data = None if body is None else json.dumps(body).encode()
         headers = dict(self.headers, **({"Content-Type": "application/json"} if data else {}))
@@ -73,7 +74,7 @@ class Client:
             reason = getattr(e, "reason", None) or e
             raise Failure(f"cannot reach daemon at {self.url}: {reason}", 2) from None
 
-    def json(self, method, path, body=None):
+    def json(self, method: str, path: str, body: Any = None) -> Any:
         with self.open(method, path, body) as resp:
             raw = resp.read()
         try:
@@ -84,7 +85,7 @@ class Client:
             ) from None
 
 
-def _error_message(e) -> str | None:
+def _error_message(e: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(e.read(65536))
         return f"HTTP {e.code}: {body['message']}"
@@ -92,17 +93,17 @@ def _error_message(e) -> str | None:
         return f"HTTP {e.code}: {e.reason}"
 
 
-def _logs_path(job_id, offset, follow=False) -> str:
+def _logs_path(job_id: str, offset: int, follow: bool = False) -> str:
     query = {"offset": offset, **({"follow": 1} if follow else {})}
     job = urllib.parse.quote(str(job_id), safe="")
     return f"/api/mpi_jobs/{job}/logs?{urllib.parse.urlencode(query)}"
 
 
-def _job_path(job_id) -> str:
+def _job_path(job_id: str) -> str:
     return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}"
 
 
-def copy_logs(client, job_id, offset, out, follow):
+def copy_logs(client: Client, job_id: str, offset: int, out: BinaryIO, follow: bool) -> int:
     """Write the job's output from *offset* to *out*; returns the next offset.
 
     Without follow: read bounded chunks until there is no more. With follow: stream
@@ -139,7 +140,7 @@ def copy_logs(client, job_id, offset, out, follow):
 # --- commands --------------------------------------------------------------------------
 
 
-def cmd_nodes(client, args, out):
+def cmd_nodes(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     nodes = client.json("GET", "/api/nodes/")
     if args.json:
         return _print_json(nodes, out)
@@ -162,7 +163,7 @@ def cmd_nodes(client, args, out):
     )
 
 
-def _labels_text(node):
+def _labels_text(node: dict[str, Any]) -> str:
     """k=v,... from the API's ``label_map``; a server without it: its ``labels`` text as is."""
     labels = node.get("label_map")
     if isinstance(labels, dict):
@@ -170,7 +171,7 @@ def _labels_text(node):
     return _text(node.get("labels"))
 
 
-def cmd_jobs(client, args, out):
+def cmd_jobs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     jobs = client.json("GET", "/api/mpi_jobs/")
     if args.json:
         return _print_json(jobs, out)
@@ -189,11 +190,11 @@ def cmd_jobs(client, args, out):
     _table(out, ("ID", "STATE", "EXIT", "MASTER", "COMMAND"), rows)
 
 
-def cmd_logs(client, args, out) -> None:
+def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     copy_logs(client, args.id, 0, out.buffer, follow=args.follow)
 
 
-def cmd_cancel(client, args, out):
+def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     job = client.json("DELETE", _job_path(args.id))
     if args.json:
         return _print_json(job, out)
@@ -201,7 +202,7 @@ def cmd_cancel(client, args, out):
     out.write(f"job {args.id}: {state}\n")
 
 
-def cmd_run(client, args, out):
+def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     body: dict[str, Any] = {"wait": False}
     for key, value in (
@@ -242,15 +243,20 @@ def cmd_run(client, args, out):
     return 130 if job.get("state") == JobState.CANCELLED else 1
 
 
-def _text(value):
+def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _print_json(value, out) -> None:
+def _print_json(value: Any, out: TextIO) -> None:
     out.write(json.dumps(value, indent=2) + "\n")
 
 
-def _table(out, header, rows, paint=None) -> None:
+def _table(
+    out: TextIO,
+    header: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    paint: dict[int, Callable[[Any], str]] | None = None,
+) -> None:
     paint = paint or {}
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -263,7 +269,7 @@ def _table(out, header, rows, paint=None) -> None:
 # --- serve -----------------------------------------------------------------------------
 
 
-def cmd_serve(args):
+def cmd_serve(args: argparse.Namespace) -> int:
     from mlbench_daemon import config, logs
 
     try:
@@ -282,15 +288,15 @@ def cmd_serve(args):
 # --- argument parsing ------------------------------------------------------------------
 
 
-def _env_pair(text):
+def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
     return key, value
 
 
-def _positive(kind):
-    def convert(text):
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def convert(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
@@ -302,8 +308,8 @@ def _positive(kind):
     return convert
 
 
-def build_parser(environ=os.environ):
-    def add_globals(p, default) -> None:
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    def add_globals(p: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
         # on the main parser with real defaults; on each command with SUPPRESS so an
         # option given before the command is not overwritten by the command's default
         p.add_argument(
@@ -369,7 +375,11 @@ def build_parser(environ=os.environ):
     return parser
 
 
-def main(argv=None, environ=os.environ, out=None):
+def main(
+    argv: list[str] | None = None,
+    environ: Mapping[str, str] = os.environ,
+    out: TextIO | None = None,
+) -> int:
     out = out or sys.stdout
     args = build_parser(environ).parse_args(argv)
     try:

@@ -222,7 +222,7 @@ def _ip_order(address: str) -> tuple[int, int]:
 
 class Discovery:
     def __init__(
-        self, cfg, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22
+        self, cfg: Any, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22
     ) -> None:
         if not cfg.service:
             raise ValueError("discovery.service is empty")

@@ -12,22 +12,25 @@ endpoints are described under both spellings, so that generated tests exercise
 both; the others under one.
 """
 
+from typing import Any
+
 from mlbench_daemon import __version__
 from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
 from mlbench_daemon.vocabulary import JobState, Phase
 
 _REF = "#/components/schemas/"
+Schema = dict[str, Any]  # a piece of the OpenAPI document
 
 
-def _ref(name):
+def _ref(name: str) -> Schema:
     return {"$ref": _REF + name}
 
 
-def _json_content(schema):
+def _json_content(schema: Schema) -> Schema:
     return {"application/json": {"schema": schema}}
 
 
-def _error(description):
+def _error(description: str) -> Schema:
     return {"description": description, "content": _json_content(_ref("Error"))}
 
 
@@ -51,7 +54,7 @@ _FORBIDDEN = _error(
 _UNSUPPORTED = _error("A non-empty body whose `Content-Type` is not `application/json`.")
 
 
-def _api_responses(**responses):
+def _api_responses(**responses: Schema) -> Schema:
     """The given responses plus 401, 403, 415 and 500, as every /api/ operation can answer them."""
     out = dict(responses)
     out.setdefault("401", _UNAUTHORIZED)
@@ -84,7 +87,7 @@ _JOB_ID = {
     "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
 }
 
-_NODES_OP = {
+_NODES_OP: Schema = {
     "summary": "All worker nodes and their status (the seed's endpoint)",
     "description": (
         "A JSON array in natural name order.  Each item starts with the seed's four keys "
@@ -125,7 +128,7 @@ _NODES_OP = {
 }
 
 
-def _nodes_op(operation_id, summary=None, extra=""):
+def _nodes_op(operation_id: str, summary: str | None = None, extra: str = "") -> Schema:
     op = dict(_NODES_OP, operationId=operation_id)
     if summary:
         op["summary"] = summary
@@ -134,7 +137,7 @@ def _nodes_op(operation_id, summary=None, extra=""):
     return op
 
 
-_SUBMIT_OP = {
+_SUBMIT_OP: Schema = {
     "summary": "Start an MPI job (the seed's endpoint)",
     "description": (
         "The body is optional: an empty body runs `mpi.program` on every selected `Running` "
@@ -183,7 +186,7 @@ _SUBMIT_OP = {
 }
 
 
-def _submit_op(operation_id, summary=None):
+def _submit_op(operation_id: str, summary: str | None = None) -> Schema:
     op = dict(_SUBMIT_OP, operationId=operation_id)
     if summary:
         op["summary"] = summary

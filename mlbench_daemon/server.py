@@ -20,6 +20,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import waitress.server
@@ -45,7 +46,7 @@ class StartupError(Exception):
     """The daemon cannot start; str() is one line for the user."""
 
 
-def read_token(server_cfg):
+def read_token(server_cfg: Any) -> str | None:
     """The API token from server.token_file, or None; refuses a non-loopback bind without one."""
     path = server_cfg.token_file
     if not path:
@@ -97,7 +98,7 @@ class Daemon:
 
     # --- life cycle -----------------------------------------------------------------
 
-    def run(self):
+    def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or stop()); returns the exit code."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -162,7 +163,7 @@ class Daemon:
         )
         return http
 
-    def _drain(self, http_thread) -> None:
+    def _drain(self, http_thread: threading.Thread) -> None:
         """Stop accepting, give in-flight requests DRAIN_S, then close everything."""
         http = self.http
         self._in_loop(lambda: wasyncore.dispatcher.close(http))  # the listening socket
@@ -178,7 +179,7 @@ class Daemon:
         tasks.shutdown(timeout=2.0)
         http_thread.join(5.0)
 
-    def _in_loop(self, thunk) -> bool | None:
+    def _in_loop(self, thunk: Callable[[], object]) -> bool:
         """Run thunk in the HTTP loop's thread; False once the loop has shut its trigger."""
         try:
             self.http.trigger.pull_trigger(thunk)
@@ -188,13 +189,13 @@ class Daemon:
 
     # --- supervision ----------------------------------------------------------------
 
-    def _http_alive(self, http_thread):
+    def _http_alive(self, http_thread: threading.Thread) -> bool:
         if not http_thread.is_alive():
             return False
         answered = threading.Event()
         return self._in_loop(answered.set) and answered.wait(LOOP_CHECK_S)
 
-    def _supervise(self, http_thread) -> None:
+    def _supervise(self, http_thread: threading.Thread) -> None:
         interval = sdnotify.watchdog_interval()
         every = interval / 2 if interval else STATUS_EVERY_S
         while not self._stop.wait(every):
@@ -221,7 +222,7 @@ class Daemon:
         )
 
     @staticmethod
-    def _notify(state) -> None:
+    def _notify(state: str) -> None:
         try:
             sdnotify.notify(state)
         except OSError as e:
