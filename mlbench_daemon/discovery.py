@@ -242,7 +242,7 @@ class Discovery:
                     resolver = dns.resolver.Resolver()
                 except dns.resolver.NoResolverConfiguration as e:
                     raise DiscoveryError(
-                        "dns-error",
+                        DiscoveryReason.DNS_ERROR,
                         f"discovery.nameservers is empty and the system resolver is unusable: {e}",
                     ) from None
         self.resolver = resolver

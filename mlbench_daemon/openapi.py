@@ -16,7 +16,7 @@ from typing import Any
 
 from mlbench_daemon import __version__
 from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
-from mlbench_daemon.vocabulary import JobState, Phase
+from mlbench_daemon.vocabulary import JobReason, JobState, NodeReason, Phase, SSHReason
 
 _REF = "#/components/schemas/"
 Schema = dict[str, Any]  # a piece of the OpenAPI document
@@ -283,9 +283,8 @@ SCHEMAS = {
             "namespace": {"type": "string"},
             "reason": {
                 "type": "string",
-                "description": "Machine-readable: `ok`, `not-probed-yet`, `connection-refused`, "
-                "`connect-timeout`, `no-banner`, `auth-failed`, "
-                "`host-key-unknown`, `host-key-changed`, ...",
+                "description": "Machine-readable: "
+                + ", ".join(f"`{r}`" for r in (*NodeReason, *SSHReason)),
             },
             "message": {"type": "string"},
             "last_probe": {"type": ["string", "null"], "format": "date-time"},
@@ -340,8 +339,8 @@ SCHEMAS = {
             "error": {"type": ["string", "null"]},
             "reason": {
                 "type": ["string", "null"],
-                "description": "Machine-readable cause of a failed, cancelled or lost job "
-                "(`launch-failed`, `cancelled`, `timeout`, ...).",
+                "description": "Machine-readable cause of a failed, cancelled or lost job: "
+                + ", ".join(f"`{r}`" for r in JobReason),
             },
             "np": {"type": ["integer", "null"], "minimum": 1},
             "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
