@@ -187,10 +187,11 @@ def test_membership_changes_show_up(cluster, tmp_path):
         assert wait_for(lambda: new.name in by_name(reg))
         assert wait_for(lambda: by_name(reg)[new.name].phase == "Running")
         gone = cluster.workers[0]
-        assert (gone.ip, 22) in reg.pool
+        assert reg.pool.connection(gone.ip, 22).is_connected
         cluster.unpublish(gone)
         assert wait_for(lambda: gone.name not in by_name(reg))
-        assert (gone.ip, 22) not in reg.pool  # its connection was dropped
+        # its connection was dropped: the pool holds a new, unconnected one if asked
+        assert not reg.pool.connection(gone.ip, 22).is_connected
 
 
 def test_new_members_start_pending(cluster, tmp_path):
