@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mlbench_daemon import flavour
 from mlbench_daemon.errors import BadRequest
-from mlbench_daemon.jobs import validate
+from mlbench_daemon.jobs import flavour, validate
 from tests.cluster import MPIS, ClusterError, free_port, stop_process
 from tests.test_jobs import (
     HANG,
@@ -42,6 +41,7 @@ FLAVOURS = list(MPIS)
 # --- detection, argv, markers (no cluster) ------------------------------------------------
 
 
+@pytest.mark.logic
 @pytest.mark.parametrize("name", FLAVOURS)
 def test_detects_each_installed_launcher_from_its_version_output(name):
     m = MPIS[name]
@@ -54,6 +54,7 @@ def test_detects_each_installed_launcher_from_its_version_output(name):
     assert re.fullmatch(r"(Open MPI|MPICH) \d+\.\d+\S*", version), version
 
 
+@pytest.mark.logic
 def test_detects_intel_mpi_as_hydra_and_refuses_the_unknown():
     intel = (DATA / "impi-version.txt").read_text()
     assert flavour.detect(intel) == ("mpich", "Intel MPI 2021.18.1")
@@ -63,6 +64,7 @@ def test_detects_intel_mpi_as_hydra_and_refuses_the_unknown():
         flavour.detect("")
 
 
+@pytest.mark.logic
 def test_argv_per_flavour():
     hosts, prog = ["10.0.0.1:2", "10.0.0.2"], ["/bin/prog", "-n", "x"]
     args = ["--opt", "v"]
@@ -80,6 +82,7 @@ def test_argv_per_flavour():
     ]  # fmt: skip
 
 
+@pytest.mark.logic
 @pytest.mark.parametrize("name", ["OMPI_MCA_mlbench_job_id", "PRTE_MCA_mlbench_job_id",
                                   "MLBENCH_JOB_ID", "mlbench_job_id"])  # fmt: skip
 def test_marker_names_are_reserved(name):
@@ -88,6 +91,7 @@ def test_marker_names_are_reserved(name):
     assert info.value.field == "env"
 
 
+@pytest.mark.logic
 def test_rank_placement_per_flavour():
     """OpenMPI 4 fills the launcher's host first; OpenMPI 5 and Hydra go in list order
     (both measured with the launcher on the second host: docs/MPI-FLAVOURS.md)."""
@@ -102,6 +106,7 @@ NODES = [(f"198.19.138.{10 + i}", f"t35fafc-mlbench-worker-{i}") for i in range(
 HOSTS = ",".join(f"{ip}:1" for ip, _ in NODES)
 
 
+@pytest.mark.logic
 @pytest.mark.parametrize(
     "name, capture, command, facts, line",
     [
@@ -139,6 +144,7 @@ def test_failure_texts_name_rank_and_node(name, capture, command, facts, line):
     assert said == line
 
 
+@pytest.mark.logic
 def test_output_without_a_verdict_explains_nothing():
     for name in FLAVOURS:
         assert flavour.explain(name, "rank 0 of 1 on 10.0.0.1\n", ["/l"], None, NODES) is None
