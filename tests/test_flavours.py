@@ -195,7 +195,7 @@ def test_exit_code_3_names_the_failing_ranks_node(fenv, cluster):
     job = fenv.run({"program": fenv.prog("--exit-rank", "1", "3"), "master": w[1].name})
     assert (job["state"], job["exit_code"], job["flavour"]) == ("failed", 3, fenv.flavour), job
     where = node_of_rank(job, 1)
-    assert job["error"] and f"on {where} exited with code 3" in job["error"], job["error"]
+    assert job["error"] and f"on {where} exited with code 3" in job["error"], job["response"]
 
 
 def test_hostile_argv_arrives_byte_identical(fenv, cluster):
