@@ -71,6 +71,25 @@ class NodeStatus:
         }
 
 
+def probe_result(pool: Prober, node: Node, user: str) -> dict[str, Any]:
+    """Probe `node` -> the NodeStatus fields its result sets (phase, reason, ...)."""
+    try:
+        latency = pool.probe(node.ip, node.port, node.host)
+        return dict(
+            phase=Phase.RUNNING,
+            reason=NodeReason.OK,
+            latency_ms=round(latency * 1000, 3),
+            message=f"logged in as {user} and ran `true`",
+        )
+    except SSHError as e:
+        return dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
+    except Exception as e:  # a bug must not leave the node Pending forever
+        log.exception("probe of %s failed unexpectedly", node.name)
+        return dict(
+            phase=Phase.UNKNOWN, reason=SSHReason.SSH_ERROR, message=repr(e), latency_ms=None
+        )
+
+
 def _key(node: Node) -> tuple[str, str, int]:
     return (node.name, node.ip, node.port)
 
@@ -279,21 +298,7 @@ class Registry:
 
     def _probe(self, node: Node) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
-        try:
-            latency = self.pool.probe(node.ip, node.port, node.host)
-            change: dict[str, Any] = dict(
-                phase=Phase.RUNNING,
-                reason=NodeReason.OK,
-                latency_ms=round(latency * 1000, 3),
-                message=f"logged in as {self.cfg.ssh.user} and ran `true`",
-            )
-        except SSHError as e:
-            change = dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
-        except Exception as e:  # a bug must not leave the node Pending forever
-            log.exception("probe of %s failed unexpectedly", node.name)
-            change = dict(
-                phase=Phase.UNKNOWN, reason=SSHReason.SSH_ERROR, message=repr(e), latency_ms=None
-            )
+        change = probe_result(self.pool, node, self.cfg.ssh.user)
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
