@@ -34,6 +34,7 @@ import ipaddress
 import json
 import os
 import pwd
+import re
 import secrets
 import shlex
 import shutil
@@ -232,6 +233,7 @@ class Cluster:
         self.dns_ns = f"{self.prefix}dns"
         self.dns_pid = None
         self.uid = None
+        self.dns_ttl = DNS_TTL  # TTL of every record served (0: "do not cache")
         self.sshd_log_level = sshd_log_level  # INFO logs every connection to h.dir/sshd.log
         self._built = False
 
@@ -468,7 +470,8 @@ class Cluster:
             "no-resolv",
             "no-hosts",
             "no-negcache",
-            f"local-ttl={DNS_TTL}",
+            f"local-ttl={self.dns_ttl}",
+            "log-queries",
             f"local=/{ZONE}/",
             f"local=/{rev}/",
             f"addn-hosts={self.dir / 'dns.hosts'}",
@@ -521,6 +524,19 @@ class Cluster:
                 raise ClusterError("dnsmasq exited: " + (self.dir / "dnsmasq.log").read_text())
             time.sleep(0.02)
         raise ClusterError("dnsmasq did not start listening")
+
+    def dns_queries(self):
+        """(type, name) of every query dnsmasq answered so far (its --log-queries lines)."""
+        try:
+            text = (self.dir / "dnsmasq.query.log").read_text()
+        except FileNotFoundError:
+            return []
+        return re.findall(r"query\[(\w+)\] (\S+) from", text)
+
+    def set_dns_ttl(self, ttl):
+        """Serve every record with this TTL from now on (dnsmasq restarted)."""
+        self.dns_ttl = ttl
+        self.restart_dns()
 
     def stop_dns(self):
         if self.dns_pid:
@@ -784,6 +800,8 @@ class Cluster:
             self._remove_host(h)
             changed_dns = True
         self.hosts = self.hosts[: self.n_workers + self.n_extra]
+        if self.dns_ttl != DNS_TTL:
+            self.dns_ttl, changed_dns = DNS_TTL, True
         if changed_dns:
             self._write_known_hosts()
             self.restart_dns()
