@@ -17,6 +17,26 @@ in natural name order) that readers take without waiting:
   (``connect-timeout``) and a node whose previous probe is still running is not
   probed again, so one silent host never stalls the others.  Each result is
   applied as soon as it arrives.
+
+What a probe of one node checks (``Running`` = a job can be launched there now):
+
+1. the persistent session runs `true` (``pool.probe``; reconnecting if needed);
+2. the node accepts new connections: a fresh TCP connect and the SSH banner
+   (``pool.check_listener``), unless step 1 has just logged in afresh;
+3. once every ``ssh.verify_interval_s`` a full fresh login on a new connection
+   (``pool.verify_login``: host-key check, auth, `true`).  The persistent
+   session's own login counts as one.  Node i of n is due at phase i/n of the
+   interval, so the logins are spread evenly over it, never all at once.
+   Forced rounds (``refresh()``, ``?refresh=1``) do steps 1 and 2 only, and
+   step 3 for nodes whose last fresh login failed.
+
+A failed step 2 makes the node ``Unknown`` (connection-refused, no-banner, ...)
+with a message saying that an existing session still works but new logins
+fail; a failed step 3 gives the login's own phase and reason (``Failed``:
+host-key-changed, auth-failed, ...), kept until a later fresh login succeeds.
+A node that refused us (``Failed``) is not logged into again before its next
+slot (or a forced round), so a broken node does not fill its sshd log (and
+fail2ban) with failed logins every probe round.
 """
 
 import concurrent.futures
@@ -27,7 +47,7 @@ import threading
 import time
 
 from mlbench_daemon.discovery import DiscoveryError, Node, Selector, natural_key
-from mlbench_daemon.ssh import SSHError
+from mlbench_daemon.ssh import SSHError, Untrusted
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +113,10 @@ class Registry:
         self._discovered = threading.Event()
         self._first_pass = threading.Event()
         self._inflight = {}  # node key -> the future of its probe still running
+        self._forced = False  # the next round was asked for by refresh(): no fresh logins
+        self._logged_in = {}  # node key -> clock() of its last fresh-login attempt
+        self._login_error = {}  # node key -> SSHError of its last fresh login, while it fails
+        self.fresh_logins = 0  # fresh logins made (persistent reconnects + verify_login)
         self._beats = {}
         self._threads = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -162,6 +186,7 @@ class Registry:
         """Run one probe round now and wait (at most `timeout`) until it has finished."""
         with self._rounds:
             want = self._started + 1
+            self._forced = True
             self._wake.set()
             self._rounds.wait_for(lambda: self._done >= want, timeout)
 
@@ -207,6 +232,9 @@ class Registry:
         kept = {(n.ip, n.port) for n in members.values()}
         for k in old.keys() - members.keys():
             log.info("node %s (%s:%d) left", *k)
+            with self._lock:
+                self._logged_in.pop(k, None)
+                self._login_error.pop(k, None)
             if k[1:] not in kept:
                 self.pool.drop(*k[1:])
         for k in members.keys() - old.keys():
@@ -221,8 +249,9 @@ class Registry:
                 self._started += 1
                 n = self._started
                 after_discovery = self._discovered.is_set()
+                forced, self._forced = self._forced, False
             try:
-                self._sweep()
+                self._sweep(logins=not forced)
             except Exception:  # never let the loop die; the watchdog would notice anyway
                 log.exception("probe sweep failed")
             with self._rounds:
@@ -233,17 +262,22 @@ class Registry:
             self._beats["probe"] = self.clock()
             self._wake.wait(self.cfg.ssh.probe_interval_s)
 
-    def _sweep(self):
+    def _sweep(self, logins=True):
         """Probe every node in parallel under one deadline for the whole round."""
         budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
         futures = {}
-        for s in self._snapshot:
+        snapshot = self._snapshot
+        now = self.clock()
+        for i, s in enumerate(snapshot):
             k = _key(s.node)
+            due = self._login_due(k, i, len(snapshot), now)
             with self._lock:
                 f = self._inflight.get(k)
                 if f is None:
                     try:
-                        f = self._inflight[k] = self._executor.submit(self._probe, s.node)
+                        f = self._inflight[k] = self._executor.submit(
+                            self._probe, s.node, due and logins, due or not logins
+                        )
                     except RuntimeError:  # executor shut down: we are stopping
                         return
             # a probe still running from an earlier round is waited for, not piled up
@@ -264,17 +298,67 @@ class Registry:
                     if_inflight=True,
                 )
 
-    def _probe(self, node):
-        """Probe one node and record the result (runs in the worker pool)."""
+    def _login_due(self, k, index, n, now):
+        """Is node `index` of `n` due for a fresh login?  Its slots are at phase index/n of
+        ssh.verify_interval_s, so at most one interval after its last attempt."""
+        last = self._logged_in.get(k)
+        if last is None:
+            return True
+        interval = self.cfg.ssh.verify_interval_s
+        wait = (interval * index / max(n, 1) - last) % interval or interval
+        return now >= last + wait
+
+    def _probe(self, node, login, retry):
+        """Probe one node and record the result (runs in the worker pool).
+
+        `login`: make a fresh login if the persistent session does not; `retry`: a node
+        whose last fresh login failed may be tried again (its slot has come, or the round
+        was forced: after fixing a node, ``?refresh=1`` shows it at once)."""
+        k = _key(node)
+        start = time.monotonic()
+        ip, port = node.ip, node.port
         try:
-            latency = self.pool.probe(node.ip, node.port, node.host)
+            conn = self.pool.connection(ip, port, node.host)
+            failed = self._login_error.get(k)
+            if isinstance(failed, Untrusted) and not retry and not conn.is_connected:
+                raise failed  # not before its next slot (see the module docstring)
+            login = login or (failed is not None and retry)
+            connects = conn.connects
+            latency = self.pool.probe(ip, port, node.host)
+            if conn.connects != connects:  # the session logged in afresh: step 2 and 3 done
+                self._login_done(k, None)
+            else:
+                left = self.cfg.ssh.connect_timeout_s - (time.monotonic() - start)
+                try:
+                    self.pool.check_listener(ip, port, node.host, timeout=max(0.1, left))
+                except SSHError as e:
+                    e.args = (
+                        f"{e}; an existing session still works but new logins fail "
+                        "(so mpirun cannot start there)",
+                    )
+                    raise
+                if login:
+                    try:
+                        self.pool.verify_login(ip, port, node.host)
+                        self._login_done(k, None)
+                    except SSHError as e:
+                        e.args = (f"{e} (an existing session still works)",)
+                        self._login_done(k, e)
+            failed = self._login_error.get(k)
+            if failed is not None:
+                raise failed
             change = dict(
                 phase="Running",
                 reason="ok",
                 latency_ms=round(latency * 1000, 3),
-                message=f"logged in as {self.cfg.ssh.user} and ran `true`",
+                message=(
+                    f"ran `true` as {self.cfg.ssh.user}; new connections accepted; "
+                    "last fresh login ok"
+                ),
             )
         except SSHError as e:
+            if isinstance(e, Untrusted) and e is not self._login_error.get(k):
+                self._login_done(k, e)  # the session's reconnect was refused: a failed login
             change = dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
         except Exception as e:  # a bug must not leave the node Pending forever
             log.exception("probe of %s failed unexpectedly", node.name)
@@ -282,6 +366,16 @@ class Registry:
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
+
+    def _login_done(self, k, error):
+        """Record a fresh-login attempt of node k (error None = it worked)."""
+        with self._lock:
+            self._logged_in[k] = self.clock()
+            self.fresh_logins += 1
+            if error is None:
+                self._login_error.pop(k, None)
+            else:
+                self._login_error[k] = error
 
     def _update(self, node, change, *, finished=False, if_inflight=False):
         """Apply change(status) to the node's entry, if it is still a member.
