@@ -95,6 +95,11 @@ def _key(node):
     return (node.name, node.ip, node.port)
 
 
+def _noted(e, note):
+    """A copy of SSHError e with `note` added to its message (e itself may be reused)."""
+    return type(e)(e.reason, f"{e}{note}")
+
+
 class Registry:
     def __init__(self, cfg, discovery, pool, clock=time.monotonic, on_probe=None):
         """`on_probe(status)` is called after each probe result (metrics hook), if given."""
@@ -322,7 +327,8 @@ class Registry:
             failed = self._login_error.get(k)
             if isinstance(failed, Untrusted) and not retry and not conn.is_connected:
                 raise failed  # not before its next slot (see the module docstring)
-            login = login or (failed is not None and retry)
+            # a refusal is retried at its slot; a login that timed out or broke, next round
+            login = login or (failed is not None and (retry or not isinstance(failed, Untrusted)))
             connects = conn.connects
             latency = self.pool.probe(ip, port, node.host)
             if conn.connects != connects:  # the session logged in afresh: step 2 and 3 done
@@ -332,18 +338,14 @@ class Registry:
                 try:
                     self.pool.check_listener(ip, port, node.host, timeout=max(0.1, left))
                 except SSHError as e:
-                    e.args = (
-                        f"{e}; an existing session still works but new logins fail "
-                        "(so mpirun cannot start there)",
-                    )
-                    raise
+                    note = "; an existing session still works but new logins fail"
+                    raise _noted(e, note + " (so mpirun cannot start there)") from e
                 if login:
                     try:
                         self.pool.verify_login(ip, port, node.host)
                         self._login_done(k, None)
                     except SSHError as e:
-                        e.args = (f"{e} (an existing session still works)",)
-                        self._login_done(k, e)
+                        self._login_done(k, _noted(e, " (an existing session still works)"))
             failed = self._login_error.get(k)
             if failed is not None:
                 raise failed
