@@ -22,7 +22,8 @@ Kinds of check:
 - a fresh login the node refuses (key revoked, host key changed): a Failed node is
   retried once per verify interval.
 
-    python3 bench/sshd_log.py [--probe-interval 5] [--verify-interval 300]
+    python3 -m bench.sshd_log [--probe-interval 5] [--verify-interval 300]
+    (from the repository root)
 """
 
 import argparse
@@ -33,17 +34,13 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from mlbench_daemon import config  # noqa: E402
-from mlbench_daemon.config import SETTINGS  # noqa: E402
-from mlbench_daemon.ssh import HEAD_CHECK_EVERY_S, Pool, Untrusted  # noqa: E402
-from tests.cluster import Cluster  # noqa: E402
+from mlbench_daemon import config
+from mlbench_daemon.config import SETTINGS
+from mlbench_daemon.ssh import HEAD_CHECK_EVERY_S, Pool, Untrusted
+from tests.cluster import Cluster
 
 MAXRETRY, FINDTIME = 5, 600  # fail2ban's defaults (jail.conf), also Debian's sshd jail
 MODES = ("normal", "aggressive", "ddos")

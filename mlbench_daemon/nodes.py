@@ -18,7 +18,8 @@ in natural name order) that readers take without waiting:
   probed again, so one silent host never stalls the others.  Each result is
   applied as soon as it arrives.
 
-What a probe of one node checks (``Running`` = a job can be launched there now):
+What a probe of one node checks (``Running`` = a job can be launched there now),
+in ``probe_result``:
 
 1. the persistent session runs `true` (``pool.probe``; reconnecting if needed);
 2. the node accepts new connections: a fresh TCP connect and the SSH banner
@@ -26,9 +27,9 @@ What a probe of one node checks (``Running`` = a job can be launched there now):
 3. once every ``ssh.verify_interval_s`` a full fresh login on a new connection
    (``pool.verify_login``: host-key check, auth, `true`).  The persistent
    session's own login counts as one.  Node i of n is due at phase i/n of the
-   interval, so the logins are spread evenly over it, never all at once.
-   Forced rounds (``refresh()``, ``?refresh=1``) do steps 1 and 2 only, and
-   step 3 for nodes whose last fresh login failed.
+   interval (``FreshLogins``), so the logins are spread evenly over it, never
+   all at once.  Forced rounds (``refresh()``, ``?refresh=1``) do steps 1 and 2
+   only, and step 3 for nodes whose last fresh login failed.
 
 A failed step 2 makes the node ``Unknown`` (connection-refused, no-banner, ...)
 with a message saying that an existing session still works but new logins
@@ -36,36 +37,66 @@ fail; a failed step 3 gives the login's own phase and reason (``Failed``:
 host-key-changed, auth-failed, ...), kept until a later fresh login succeeds.
 A node that refused us (``Failed``) is not logged into again before its next
 slot (or a forced round), so a broken node does not fill its sshd log (and
-fail2ban) with failed logins every probe round.
+fail2ban) with failed logins every probe round; a fresh login that timed out or
+broke is retried the next round.
 """
 
 import concurrent.futures
 import dataclasses
-import datetime
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
-from mlbench_daemon.discovery import DiscoveryError, Node, Selector, natural_key
-from mlbench_daemon.ssh import SSHError, Untrusted
+from mlbench_daemon.discovery import Discovery, DiscoveryError, Node, Selector, natural_key
+from mlbench_daemon.ssh_errors import SSHError, Untrusted
+from mlbench_daemon.timefmt import iso
+from mlbench_daemon.vocabulary import DiscoveryReason, NodeReason, Phase, SSHReason
 
 log = logging.getLogger(__name__)
+
+
+def _key(node: Node) -> tuple[str, str, int]:
+    return (node.name, node.ip, node.port)
+
 
 SWEEP_SLACK_S = 1.0  # sweep deadline = ssh.connect_timeout_s + this (each probe bounds itself)
 RETRY_S = 2.0  # discovery retry after a failure (at most discovery.refresh_s)
 ALIVE_FACTOR = 3  # alive() while each loop made progress within this many of its periods
 
 
+class Session(Protocol):
+    """What the registry reads of ssh.Connection."""
+
+    connects: int
+
+    @property
+    def is_connected(self) -> bool: ...
+
+
+class Prober(Protocol):
+    """What the registry needs of ssh.Pool."""
+
+    def probe(self, ip: str, port: int, host: str | None = None) -> float: ...
+    def check_listener(
+        self, ip: str, port: int, host: str | None = None, timeout: float | None = None
+    ) -> float: ...
+    def verify_login(self, ip: str, port: int, host: str | None = None) -> float: ...
+    def connection(self, ip: str, port: int, host: str | None = None) -> Session: ...
+    def drop(self, ip: str, port: int) -> None: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeStatus:
     node: Node
-    phase: str = "Pending"
-    reason: str = "not-probed-yet"
+    phase: str = Phase.PENDING
+    reason: str = NodeReason.NOT_PROBED_YET
     message: str = "discovered, first probe not finished"
     last_probe: float | None = None  # epoch seconds
     latency_ms: float | None = None
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         n = self.node
         return {
             "name": n.name,
@@ -83,33 +114,132 @@ class NodeStatus:
         }
 
 
-def iso(epoch):
-    """The API's one timestamp format: RFC 3339, UTC, milliseconds, e.g. 2026-11-28T00:14:04.047Z."""
-    if not epoch:
-        return None
-    t = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+NodeKey = tuple[str, str, int]
 
 
-def _key(node):
-    return (node.name, node.ip, node.port)
+class FreshLogins:
+    """When each node last tried a full fresh login, and its error while they fail."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
+        self.interval_s, self.clock = interval_s, clock
+        self.count = 0  # fresh logins made (session reconnects + verify_login)
+        self._last: dict[NodeKey, float] = {}
+        self._error: dict[NodeKey, SSHError] = {}
+        self._lock = threading.Lock()
+
+    def due(self, k: NodeKey, index: int, n: int, now: float) -> bool:
+        """Is node `index` of `n` due?  Its slots are at phase index/n of the interval, so
+        at most one interval after its last attempt."""
+        last = self._last.get(k)
+        if last is None:
+            return True
+        interval = self.interval_s
+        wait = (interval * index / max(n, 1) - last) % interval or interval
+        return now >= last + wait
+
+    def done(self, k: NodeKey, error: SSHError | None) -> None:
+        """Record a fresh-login attempt of node k (error None = it worked)."""
+        with self._lock:
+            self._last[k] = self.clock()
+            self.count += 1
+            if error is None:
+                self._error.pop(k, None)
+            else:
+                self._error[k] = error
+
+    def error(self, k: NodeKey) -> SSHError | None:
+        return self._error.get(k)
+
+    def forget(self, k: NodeKey) -> None:
+        with self._lock:
+            self._last.pop(k, None)
+            self._error.pop(k, None)
 
 
-def _noted(e, note):
+def _noted(e: SSHError, note: str) -> SSHError:
     """A copy of SSHError e with `note` added to its message (e itself may be reused)."""
     return type(e)(e.reason, f"{e}{note}")
 
 
+def probe_result(
+    pool: Prober,
+    node: Node,
+    user: str,
+    logins: FreshLogins,
+    *,
+    login: bool,
+    retry: bool,
+    timeout: float,
+) -> dict[str, Any]:
+    """Probe `node` -> the NodeStatus fields its result sets (phase, reason, ...).
+
+    `login`: make a fresh login unless the session does; `retry`: a node whose last fresh
+    login was refused may be tried again (its slot has come, or the round was forced);
+    `timeout`: the bound of the whole probe (ssh.connect_timeout_s)."""
+    k = _key(node)
+    start = time.monotonic()
+    ip, port = node.ip, node.port
+    try:
+        conn = pool.connection(ip, port, node.host)
+        failed = logins.error(k)
+        if isinstance(failed, Untrusted) and not retry and not conn.is_connected:
+            raise failed  # not before its next slot (see the module docstring)
+        # a refusal is retried at its slot; a login that timed out or broke, next round
+        login = login or (failed is not None and (retry or not isinstance(failed, Untrusted)))
+        connects = conn.connects
+        latency = pool.probe(ip, port, node.host)
+        if conn.connects != connects:  # the session logged in afresh: steps 2 and 3 done
+            logins.done(k, None)
+        else:
+            left = timeout - (time.monotonic() - start)
+            try:
+                pool.check_listener(ip, port, node.host, timeout=max(0.1, left))
+            except SSHError as e:
+                note = "; an existing session still works but new logins fail"
+                raise _noted(e, note + " (so mpirun cannot start there)") from e
+            if login:
+                try:
+                    pool.verify_login(ip, port, node.host)
+                    logins.done(k, None)
+                except SSHError as e:
+                    logins.done(k, _noted(e, " (an existing session still works)"))
+        failed = logins.error(k)
+        if failed is not None:
+            raise failed
+        return dict(
+            phase=Phase.RUNNING,
+            reason=NodeReason.OK,
+            latency_ms=round(latency * 1000, 3),
+            message=f"ran `true` as {user}; new connections accepted; last fresh login ok",
+        )
+    except SSHError as e:
+        if isinstance(e, Untrusted) and e is not logins.error(k):
+            logins.done(k, e)  # the session's reconnect was refused: a failed login
+        return dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
+    except Exception as e:  # a bug must not leave the node Pending forever
+        log.exception("probe of %s failed unexpectedly", node.name)
+        return dict(
+            phase=Phase.UNKNOWN, reason=SSHReason.SSH_ERROR, message=repr(e), latency_ms=None
+        )
+
+
 class Registry:
-    def __init__(self, cfg, discovery, pool, clock=time.monotonic, on_probe=None):
+    def __init__(
+        self,
+        cfg: Any,
+        discovery: Discovery,
+        pool: Prober,
+        clock: Callable[[], float] = time.monotonic,
+        on_probe: Callable[[NodeStatus], object] | None = None,
+    ) -> None:
         """`on_probe(status)` is called after each probe result (metrics hook), if given."""
         self.cfg, self.discovery, self.pool, self.clock = cfg, discovery, pool, clock
         self.on_probe = on_probe
         self.selector = Selector.parse(cfg.discovery.selector)
         self.generation = 0  # bumped on every change of the table
-        self.refreshed_at = None  # epoch of the last successful discovery
-        self._snapshot = ()
-        self._stale, self._stale_reason = True, "not-discovered-yet"
+        self.refreshed_at: float | None = None  # epoch of the last successful discovery
+        self._snapshot: tuple[NodeStatus, ...] = ()
+        self._stale, self._stale_reason = True, str(DiscoveryReason.NOT_DISCOVERED_YET)
         self._lock = threading.Lock()  # guards every swap of the snapshot and the stale flag
         self._stop = threading.Event()
         self._wake = threading.Event()  # start a probe round now
@@ -117,20 +247,19 @@ class Registry:
         self._started = self._done = 0
         self._discovered = threading.Event()
         self._first_pass = threading.Event()
-        self._inflight = {}  # node key -> the future of its probe still running
+        # node key -> the future of its probe still running
+        self._inflight: dict[tuple[str, str, int], concurrent.futures.Future[None]] = {}
         self._forced = False  # the next round was asked for by refresh(): no fresh logins
-        self._logged_in = {}  # node key -> clock() of its last fresh-login attempt
-        self._login_error = {}  # node key -> SSHError of its last fresh login, while it fails
-        self.fresh_logins = 0  # fresh logins made (persistent reconnects + verify_login)
-        self._beats = {}
-        self._threads = []
+        self.logins = FreshLogins(cfg.ssh.verify_interval_s, clock)
+        self._beats: dict[str, float] = {}
+        self._threads: list[threading.Thread] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=cfg.ssh.max_connects, thread_name_prefix="probe"
         )
 
     # --- readers (never wait) -----------------------------------------------------------
 
-    def nodes(self, selector=None):
+    def nodes(self, selector: Selector | str | None = None) -> list[NodeStatus]:
         """Current status of every selected node, in natural name order."""
         if isinstance(selector, str):
             selector = Selector.parse(selector)
@@ -138,18 +267,23 @@ class Registry:
         return [s for s in snap if selector is None or selector.matches(s.node.labels)]
 
     @property
-    def stale(self):
+    def stale(self) -> bool:
         return self._stale
 
     @property
-    def stale_reason(self):
+    def stale_reason(self) -> str:
         return self._stale_reason
 
-    def wait_first_pass(self, timeout):
+    def discovery_age_s(self) -> float | None:
+        """Seconds since the last successful discovery (how old the node list is)."""
+        at = self.refreshed_at
+        return None if at is None else round(max(0.0, time.time() - at), 3)
+
+    def wait_first_pass(self, timeout: float) -> bool:
         """True once discovery has run and a probe round started after it has finished."""
         return self._first_pass.wait(timeout)
 
-    def alive(self):
+    def alive(self) -> bool:
         """Both loops made progress lately (for the systemd watchdog)."""
         d, s = self.cfg.discovery, self.cfg.ssh
         periods = {
@@ -168,7 +302,7 @@ class Registry:
 
     # --- control ------------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         now = self.clock()
         self._beats = {"refresh": now, "probe": now}
         for name, loop in (("refresh", self._refresh_loop), ("probe", self._probe_loop)):
@@ -176,7 +310,7 @@ class Registry:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout=None):
+    def stop(self, timeout: float | None = None) -> None:
         """Stop both loops; waits at most `timeout` (default: one discovery + one sweep)."""
         if timeout is None:
             timeout = self.cfg.discovery.timeout_s + self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
@@ -187,7 +321,7 @@ class Registry:
             t.join(max(0.0, deadline - time.monotonic()))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def refresh(self, timeout):
+    def refresh(self, timeout: float) -> None:
         """Run one probe round now and wait (at most `timeout`) until it has finished."""
         with self._rounds:
             want = self._started + 1
@@ -197,7 +331,7 @@ class Registry:
 
     # --- refresh loop -------------------------------------------------------------------
 
-    def _refresh_loop(self):
+    def _refresh_loop(self) -> None:
         while not self._stop.is_set():
             wait = self._refresh_once()
             self._discovered.set()
@@ -205,13 +339,13 @@ class Registry:
             self._beats["refresh"] = self.clock()
             self._stop.wait(wait)
 
-    def _refresh_once(self):
+    def _refresh_once(self) -> float:
         """One discovery pass; returns the seconds until the next one."""
         refresh_s = self.cfg.discovery.refresh_s
         try:
             nodes, _ttl = self.discovery.discover()
         except Exception as e:
-            reason = e.reason if isinstance(e, DiscoveryError) else "dns-error"
+            reason = e.reason if isinstance(e, DiscoveryError) else DiscoveryReason.DNS_ERROR
             if not isinstance(e, DiscoveryError):
                 log.exception("discovery failed unexpectedly")
             if not self._stale or self._stale_reason != reason:
@@ -222,7 +356,7 @@ class Registry:
         self._set_members(n for n in nodes if self.selector.matches(n.labels))
         return refresh_s
 
-    def _set_members(self, nodes):
+    def _set_members(self, nodes: Iterable[Node]) -> None:
         members = {_key(n): n for n in nodes}
         with self._lock:
             old = {_key(s.node): s for s in self._snapshot}
@@ -237,9 +371,7 @@ class Registry:
         kept = {(n.ip, n.port) for n in members.values()}
         for k in old.keys() - members.keys():
             log.info("node %s (%s:%d) left", *k)
-            with self._lock:
-                self._logged_in.pop(k, None)
-                self._login_error.pop(k, None)
+            self.logins.forget(k)
             if k[1:] not in kept:
                 self.pool.drop(*k[1:])
         for k in members.keys() - old.keys():
@@ -247,7 +379,7 @@ class Registry:
 
     # --- probe loop ---------------------------------------------------------------------
 
-    def _probe_loop(self):
+    def _probe_loop(self) -> None:
         while not self._stop.is_set():
             with self._rounds:
                 self._wake.clear()
@@ -267,15 +399,14 @@ class Registry:
             self._beats["probe"] = self.clock()
             self._wake.wait(self.cfg.ssh.probe_interval_s)
 
-    def _sweep(self, logins=True):
+    def _sweep(self, logins: bool = True) -> None:
         """Probe every node in parallel under one deadline for the whole round."""
         budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
-        futures = {}
-        snapshot = self._snapshot
-        now = self.clock()
+        futures: dict[concurrent.futures.Future[None], Node] = {}
+        snapshot, now = self._snapshot, self.clock()
         for i, s in enumerate(snapshot):
             k = _key(s.node)
-            due = self._login_due(k, i, len(snapshot), now)
+            due = self.logins.due(k, i, len(snapshot), now)
             with self._lock:
                 f = self._inflight.get(k)
                 if f is None:
@@ -294,8 +425,8 @@ class Registry:
                     node,
                     lambda s: dataclasses.replace(
                         s,
-                        phase="Unknown",
-                        reason="connect-timeout",
+                        phase=Phase.UNKNOWN,
+                        reason=SSHReason.CONNECT_TIMEOUT,
                         latency_ms=None,
                         message=f"no answer within {budget:g} s",
                         last_probe=time.time(),
@@ -303,83 +434,25 @@ class Registry:
                     if_inflight=True,
                 )
 
-    def _login_due(self, k, index, n, now):
-        """Is node `index` of `n` due for a fresh login?  Its slots are at phase index/n of
-        ssh.verify_interval_s, so at most one interval after its last attempt."""
-        last = self._logged_in.get(k)
-        if last is None:
-            return True
-        interval = self.cfg.ssh.verify_interval_s
-        wait = (interval * index / max(n, 1) - last) % interval or interval
-        return now >= last + wait
-
-    def _probe(self, node, login, retry):
-        """Probe one node and record the result (runs in the worker pool).
-
-        `login`: make a fresh login if the persistent session does not; `retry`: a node
-        whose last fresh login failed may be tried again (its slot has come, or the round
-        was forced: after fixing a node, ``?refresh=1`` shows it at once)."""
-        k = _key(node)
-        start = time.monotonic()
-        ip, port = node.ip, node.port
-        try:
-            conn = self.pool.connection(ip, port, node.host)
-            failed = self._login_error.get(k)
-            if isinstance(failed, Untrusted) and not retry and not conn.is_connected:
-                raise failed  # not before its next slot (see the module docstring)
-            # a refusal is retried at its slot; a login that timed out or broke, next round
-            login = login or (failed is not None and (retry or not isinstance(failed, Untrusted)))
-            connects = conn.connects
-            latency = self.pool.probe(ip, port, node.host)
-            if conn.connects != connects:  # the session logged in afresh: step 2 and 3 done
-                self._login_done(k, None)
-            else:
-                left = self.cfg.ssh.connect_timeout_s - (time.monotonic() - start)
-                try:
-                    self.pool.check_listener(ip, port, node.host, timeout=max(0.1, left))
-                except SSHError as e:
-                    note = "; an existing session still works but new logins fail"
-                    raise _noted(e, note + " (so mpirun cannot start there)") from e
-                if login:
-                    try:
-                        self.pool.verify_login(ip, port, node.host)
-                        self._login_done(k, None)
-                    except SSHError as e:
-                        self._login_done(k, _noted(e, " (an existing session still works)"))
-            failed = self._login_error.get(k)
-            if failed is not None:
-                raise failed
-            change = dict(
-                phase="Running",
-                reason="ok",
-                latency_ms=round(latency * 1000, 3),
-                message=(
-                    f"ran `true` as {self.cfg.ssh.user}; new connections accepted; "
-                    "last fresh login ok"
-                ),
-            )
-        except SSHError as e:
-            if isinstance(e, Untrusted) and e is not self._login_error.get(k):
-                self._login_done(k, e)  # the session's reconnect was refused: a failed login
-            change = dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
-        except Exception as e:  # a bug must not leave the node Pending forever
-            log.exception("probe of %s failed unexpectedly", node.name)
-            change = dict(phase="Unknown", reason="ssh-error", message=repr(e), latency_ms=None)
+    def _probe(self, node: Node, login: bool, retry: bool) -> None:
+        """Probe one node and record the result (runs in the worker pool)."""
+        ssh = self.cfg.ssh
+        change = probe_result(
+            self.pool, node, ssh.user, self.logins,
+            login=login, retry=retry, timeout=ssh.connect_timeout_s,
+        )  # fmt: skip
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
 
-    def _login_done(self, k, error):
-        """Record a fresh-login attempt of node k (error None = it worked)."""
-        with self._lock:
-            self._logged_in[k] = self.clock()
-            self.fresh_logins += 1
-            if error is None:
-                self._login_error.pop(k, None)
-            else:
-                self._login_error[k] = error
-
-    def _update(self, node, change, *, finished=False, if_inflight=False):
+    def _update(
+        self,
+        node: Node,
+        change: Callable[[NodeStatus], NodeStatus],
+        *,
+        finished: bool = False,
+        if_inflight: bool = False,
+    ) -> None:
         """Apply change(status) to the node's entry, if it is still a member.
 
         `finished`: this is the probe's own result (its node leaves the in-flight
@@ -401,7 +474,7 @@ class Registry:
             self._snapshot = tuple(table)
             self.generation += 1
         if new.phase != s.phase or new.reason != s.reason:
-            level = logging.INFO if new.phase == "Running" else logging.WARNING
+            level = logging.INFO if new.phase == Phase.RUNNING else logging.WARNING
             log.log(level, "node %s: %s (%s) %s", node.name, new.phase, new.reason, new.message)
         if self.on_probe is not None:
             try:
