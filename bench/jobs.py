@@ -268,7 +268,7 @@ def main():
             work / "cfg.toml",
             work / "state",
             server={"port": port},
-            ssh={"probe_interval_s": 5.0, "max_connects": 16},
+            ssh={"probe_interval_s": 5.0, "verify_interval_s": 300.0, "max_connects": 16},
             mpi={"mpirun": str(wrapper), "flavour": "openmpi4"},
         )
 
@@ -313,7 +313,7 @@ def main():
                 work / f"cfg-{name}.toml",
                 work / f"state-{name}",
                 server={"port": port},
-                ssh={"probe_interval_s": 5.0, "max_connects": 16},
+                ssh={"probe_interval_s": 5.0, "verify_interval_s": 300.0, "max_connects": 16},
                 # named: auto would ask `<wrapper> --version` once per master, which the
                 # wrapper would time as a run
                 mpi={"mpirun": str(fwrapper), "args": list(m.args), "flavour": name,

@@ -34,6 +34,7 @@ import ipaddress
 import json
 import os
 import pwd
+import re
 import secrets
 import shlex
 import shutil
@@ -221,6 +222,7 @@ class Host:
     labels: dict
     dir: Path
     env: dict = field(default_factory=dict)  # SetEnv of its sshd (non-interactive sessions)
+    sshd_options: dict = field(default_factory=dict)  # extra sshd_config lines (set_sshd_option)
     base_env: dict = field(default_factory=dict)  # what reset() returns env to
     published: bool = True
     init: subprocess.Popen | None = None  # `unshare` (root pid ns) whose child is hostinit
@@ -264,6 +266,7 @@ class Cluster:
         self.dns_ns = f"{self.prefix}dns"
         self.dns_pid = None
         self.uid = None
+        self.dns_ttl = DNS_TTL  # TTL of every record served (0: "do not cache")
         self.sshd_log_level = sshd_log_level  # INFO logs every connection to h.dir/sshd.log
         self._built = False
 
@@ -447,6 +450,7 @@ class Cluster:
             f"AllowUsers {self.user}\nPermitRootLogin no\nUseDNS no\n"
             f"MaxStartups 200:30:400\nPrintMotd no\nLogLevel {self.sshd_log_level}\n"
             "Subsystem sftp internal-sftp\n"
+            + "".join(f"{k} {v}\n" for k, v in h.sshd_options.items())
         )
 
     def _build_mpi_program(self):
@@ -504,7 +508,8 @@ class Cluster:
             "no-resolv",
             "no-hosts",
             "no-negcache",
-            f"local-ttl={DNS_TTL}",
+            f"local-ttl={self.dns_ttl}",
+            "log-queries",
             f"local=/{ZONE}/",
             f"local=/{rev}/",
             f"addn-hosts={self.dir / 'dns.hosts'}",
@@ -557,6 +562,19 @@ class Cluster:
                 raise ClusterError("dnsmasq exited: " + (self.dir / "dnsmasq.log").read_text())
             time.sleep(0.02)
         raise ClusterError("dnsmasq did not start listening")
+
+    def dns_queries(self):
+        """(type, name) of every query dnsmasq answered so far (its --log-queries lines)."""
+        try:
+            text = (self.dir / "dnsmasq.query.log").read_text()
+        except FileNotFoundError:
+            return []
+        return re.findall(r"query\[(\w+)\] (\S+) from", text)
+
+    def set_dns_ttl(self, ttl):
+        """Serve every record with this TTL from now on (dnsmasq restarted)."""
+        self.dns_ttl = ttl
+        self.restart_dns()
 
     def stop_dns(self):
         if self.dns_pid:
@@ -710,6 +728,17 @@ class Cluster:
         if h.sshd_pid and _pid_alive(h.sshd_pid):
             self._reload_sshd(h)
 
+    def set_sshd_option(self, h, name, value):
+        """One sshd_config option of this host (value None removes it); sshd reloads."""
+        h = self._host(h)
+        if value is None:
+            h.sshd_options.pop(name, None)
+        else:
+            h.sshd_options[name] = value
+        self._write_sshd_config(h)
+        if h.sshd_pid and _pid_alive(h.sshd_pid):
+            self._reload_sshd(h)
+
     def revoke_key(self, h):
         """Remove the cluster key from this host's authorized_keys only."""
         h = self._host(h)
@@ -807,8 +836,8 @@ class Cluster:
                 self.restore_host_key(h)
             if h.key_revoked:
                 self.restore_key(h)
-            if h.env != h.base_env:
-                h.env = dict(h.base_env)
+            if h.env != h.base_env or h.sshd_options:
+                h.env, h.sshd_options = dict(h.base_env), {}
                 self._write_sshd_config(h)
                 if h.sshd_pid and _pid_alive(h.sshd_pid):
                     self._reload_sshd(h)
@@ -820,6 +849,8 @@ class Cluster:
             self._remove_host(h)
             changed_dns = True
         self.hosts = self.hosts[: self.n_workers + self.n_extra]
+        if self.dns_ttl != DNS_TTL:
+            self.dns_ttl, changed_dns = DNS_TTL, True
         if changed_dns:
             self._write_known_hosts()
             self.restart_dns()
@@ -911,6 +942,7 @@ class Cluster:
                 "host_key_policy": "reject",
                 "connect_timeout_s": 2.0,
                 "probe_interval_s": 1.0,
+                "verify_interval_s": 2.0,
             },
             "mpi": {"mpirun": MPIRUN, "args": MPI_ARGS, "program": [str(self.mpi_program)]},
             "state": {"dir": str(state_dir)},
