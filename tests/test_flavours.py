@@ -190,9 +190,19 @@ def test_empty_body_runs_on_every_node_with_the_detected_flavour(fenv, cluster):
 
 def test_exit_code_3_names_the_failing_ranks_node(fenv, cluster):
     """The master in the middle of the host list: OpenMPI 4 puts rank 1 elsewhere than
-    OpenMPI 5 and Hydra do; the node named must be where rank 1 really ran."""
+    OpenMPI 5 and Hydra do; the node named must be where rank 1 really ran.  Rank 1
+    fails while the others still run (OpenMPI names the rank only then)."""
     w = sorted(cluster.workers, key=lambda h: h.index)
-    job = fenv.run({"program": fenv.prog("--exit-rank", "1", "3"), "master": w[1].name})
+    program = [
+        "/bin/sh",
+        "-c",
+        '"$0" "$@" || exit $?; sleep 5',
+        fenv.prog()[0],
+        "--exit-rank",
+        "1",
+        "3",
+    ]
+    job = fenv.run({"program": program, "master": w[1].name})
     assert (job["state"], job["exit_code"], job["flavour"]) == ("failed", 3, fenv.flavour), job
     where = node_of_rank(job, 1)
     assert job["error"] and f"on {where} exited with code 3" in job["error"], job["response"]
@@ -341,3 +351,22 @@ def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_pat
         assert payload(RANK_REPORTS.sub(b"", log)).startswith(written_bytes(300000))
     finally:
         stop_process(daemon, timeout=30)
+
+
+@pytest.mark.logic
+def test_a_launcher_that_names_no_rank_still_gives_the_code_and_a_lone_ranks_node():
+    """OpenMPI prints its "Process name / Exit code" notice only when other ranks still
+    ran; its other notice names nobody."""
+    text = (
+        "Primary job  terminated normally, but 1 process returned\n"
+        "a non-zero exit code. Per user-direction, the job has been aborted.\n"
+    )
+    one = ["/l", "--host", NODES[1][0], "/opt/app/prog"]
+    assert flavour.explain("openmpi4", text, one, NODES[1][0], NODES, 3)[1] == (
+        "rank 0 on t35fafc-mlbench-worker-1 exited with code 3"
+    )
+    three = ["/l", "--host", HOSTS, "-np", "3", "/opt/app/prog"]
+    assert flavour.explain("openmpi5", text, three, NODES[0][0], NODES, 3)[1] == (
+        "a rank exited with code 3"
+    )
+    assert flavour.explain("openmpi4", text, one, NODES[1][0], NODES, 139) is None

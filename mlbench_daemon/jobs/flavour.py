@@ -270,12 +270,18 @@ def explain(
     command: Sequence[str],
     launcher_host: str | None,
     nodes: Sequence[tuple[str, str]],
+    exit_code: int | None = None,
 ) -> tuple[dict, str] | None:
     """Facts with "node" (the daemon's name for the host) and one line saying what
-    failed where, or None when the output has no known verdict.
+    failed where, or None when nothing is known.
 
-    `command` is the argv as run, `nodes` the job's (address, name) pairs."""
+    `command` is the argv as run, `nodes` the job's (address, name) pairs, `exit_code`
+    the launcher's.  OpenMPI prints which rank exited non-zero only when the others
+    still ran (its notice depends on timing); without it, an exit code below 128 is
+    a rank's own code, and a job of one rank (or one host) still names it."""
     facts = parse_failure(flavour, text)
+    if facts is None and flavour != "mpich" and exit_code is not None and 0 < exit_code < 128:
+        facts = {"kind": "rank-exit", "exit_code": exit_code}
     if facts is None:
         return None
     f = FLAVOURS[flavour]
@@ -283,6 +289,10 @@ def explain(
     np = _option_value(command, f.np_option)
     hosts = parse_hosts(items.split(",")) if items else []
     ranks = rank_hosts(flavour, hosts, int(np) if np and np.isdigit() else None, launcher_host)
+    if ranks and len(ranks) == 1 and facts.get("rank") is None and facts.get("host") is None:
+        facts["rank"] = 0
+    if ranks and len(set(ranks)) == 1 and facts.get("host") is None:
+        facts["host"] = ranks[0]
     if facts.get("host") is None and facts.get("rank") is not None and ranks:
         if facts["rank"] < len(ranks):
             facts["host"] = ranks[facts["rank"]]

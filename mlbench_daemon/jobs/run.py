@@ -231,7 +231,7 @@ class JobRun:
         elif rc == 0:
             self.finish(JobState.SUCCEEDED, exit_code=rc)
         else:
-            said = "; ".join(x for x in (rec["error"], self._explain(rec)) if x)
+            said = "; ".join(x for x in (rec["error"], self._explain(rec, rc)) if x)
             self.finish(JobState.FAILED, exit_code=rc, error=said or None)
         try:
             self.ctx.remote.remove(Host(rec["master_ip"], rec["master_port"]), rec["remote_dir"])
@@ -241,7 +241,7 @@ class JobRun:
                 *(self.id, rec["remote_dir"], rec["master_name"], e),
             )
 
-    def _explain(self, rec: dict) -> str | None:
+    def _explain(self, rec: dict, exit_code: int) -> str | None:
         """What the launcher's output says failed, and on which node; None if unknown."""
         size = self.ctx.store.log_size(self.id)
         tail, _ = self.ctx.store.read_log(self.id, max(0, size - 65536), 65536)
@@ -251,6 +251,7 @@ class JobRun:
             rec["command"],
             rec["master_ip"],
             [(row[0], row[2]) for row in rec["nodes"]],
+            exit_code,
         )
         return said[1] if said else None
 
