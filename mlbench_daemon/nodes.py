@@ -162,20 +162,14 @@ def _noted(e: SSHError, note: str) -> SSHError:
 
 
 def probe_result(
-    pool: Prober,
-    node: Node,
-    user: str,
-    logins: FreshLogins,
-    *,
-    login: bool,
-    retry: bool,
-    timeout: float,
+    pool: Prober, node: Node, ssh: Any, logins: FreshLogins, *, login: bool, retry: bool
 ) -> dict[str, Any]:
     """Probe `node` -> the NodeStatus fields its result sets (phase, reason, ...).
 
+    `ssh`: the config section (user, connect_timeout_s: the bound of the whole probe);
     `login`: make a fresh login unless the session does; `retry`: a node whose last fresh
-    login was refused may be tried again (its slot has come, or the round was forced);
-    `timeout`: the bound of the whole probe (ssh.connect_timeout_s)."""
+    login was refused may be tried again (its slot has come, or the round was forced)."""
+    user, timeout = ssh.user, ssh.connect_timeout_s
     k = _key(node)
     start = time.monotonic()
     ip, port = node.ip, node.port
@@ -407,13 +401,12 @@ class Registry:
         for i, s in enumerate(snapshot):
             k = _key(s.node)
             due = self.logins.due(k, i, len(snapshot), now)
+            args = (s.node, due and logins, due or not logins)  # login, retry: see _probe
             with self._lock:
                 f = self._inflight.get(k)
                 if f is None:
                     try:
-                        f = self._inflight[k] = self._executor.submit(
-                            self._probe, s.node, due and logins, due or not logins
-                        )
+                        f = self._inflight[k] = self._executor.submit(self._probe, *args)
                     except RuntimeError:  # executor shut down: we are stopping
                         return
             # a probe still running from an earlier round is waited for, not piled up
@@ -436,11 +429,7 @@ class Registry:
 
     def _probe(self, node: Node, login: bool, retry: bool) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
-        ssh = self.cfg.ssh
-        change = probe_result(
-            self.pool, node, ssh.user, self.logins,
-            login=login, retry=retry, timeout=ssh.connect_timeout_s,
-        )  # fmt: skip
+        change = probe_result(self.pool, node, self.cfg.ssh, self.logins, login=login, retry=retry)
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
