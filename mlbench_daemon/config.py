@@ -265,6 +265,13 @@ SETTINGS = (
     ("discovery", "timeout_s", number(0, strict=True), 2.0, "deadline of one DNS lookup"),
     (
         "discovery",
+        "recheck_s",
+        number(0),
+        300.0,
+        "re-read each member's address and TXT labels this often (0 = every pass)",
+    ),
+    (
+        "discovery",
         "label_rules",
         label_rules,
         [],

@@ -3,8 +3,10 @@
 Two daemon threads keep one immutable snapshot (a tuple of frozen NodeStatus,
 in natural name order) that readers take without waiting:
 
-- refresh loop: ``discovery.discover()`` every ``min(discovery.refresh_s,
-  max(ttl, 1))`` seconds; nodes outside ``discovery.selector`` are never
+- refresh loop: ``discovery.discover()`` every ``discovery.refresh_s`` seconds
+  (whatever the records' TTLs: a TTL of 0 means "do not cache", not "ask every
+  second"; Discovery re-reads unchanged members' records only every
+  ``discovery.recheck_s``); nodes outside ``discovery.selector`` are never
   tracked.  New members start ``Pending`` (reason ``not-probed-yet``); removed
   ones disappear and their pool connection is dropped.  On DiscoveryError the
   last good list stays and ``stale``/``stale_reason`` say why (before the
@@ -177,7 +179,7 @@ class Registry:
         """One discovery pass; returns the seconds until the next one."""
         refresh_s = self.cfg.discovery.refresh_s
         try:
-            nodes, ttl = self.discovery.discover()
+            nodes, _ttl = self.discovery.discover()
         except Exception as e:
             reason = e.reason if isinstance(e, DiscoveryError) else "dns-error"
             if not isinstance(e, DiscoveryError):
@@ -188,7 +190,7 @@ class Registry:
                 self._stale, self._stale_reason = True, reason
             return min(refresh_s, RETRY_S)
         self._set_members(n for n in nodes if self.selector.matches(n.labels))
-        return min(refresh_s, max(ttl, 1.0))
+        return refresh_s
 
     def _set_members(self, nodes):
         members = {_key(n): n for n in nodes}

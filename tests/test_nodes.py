@@ -249,3 +249,48 @@ def test_bad_selector_is_rejected(cluster, tmp_path, bad):
     with running_registry(cluster, tmp_path, start=False) as reg:
         with pytest.raises(ValueError):
             reg.nodes(bad)
+
+
+def test_an_idle_refresh_pass_asks_only_for_the_member_list(cluster, tmp_path):
+    """TTL 0 ("do not cache") must not make the daemon poll every second, and unchanged
+    members' records are not re-read every pass (counted with dnsmasq's --log-queries)."""
+    cluster.set_dns_ttl(0)
+    refresh = 2.0
+    discovery = {"refresh_s": refresh, "recheck_s": 3600.0}
+    with running_registry(cluster, tmp_path, discovery=discovery) as reg:
+        assert wait_for(lambda: len(reg.nodes()) == 3)
+        time.sleep(0.5)  # the first pass's queries are logged
+        before = len(cluster.dns_queries())
+        t0 = time.monotonic()
+        time.sleep(8)
+        window = time.monotonic() - t0
+        asked = cluster.dns_queries()[before:]
+        assert {q[0] for q in asked} == {"SRV"}, asked
+        assert len(asked) <= window / refresh + 2, asked
+
+        before = len(cluster.dns_queries())
+        new = cluster.add_host()
+        t0 = time.monotonic()
+        assert wait_for(lambda: new.name in by_name(reg), timeout=3 * refresh + 5)
+        print(f"new member shown after {time.monotonic() - t0:.2f} s (refresh_s {refresh})")
+        time.sleep(0.5)
+        others = [q for q in cluster.dns_queries()[before:] if q[0] != "SRV"]
+        assert {q[1] for q in others} == {new.fqdn}, others  # only the change is read
+        assert len(others) <= 2, others  # its A (unless it came as additional) and TXT
+
+
+def test_members_records_are_rechecked_every_recheck_s(cluster, tmp_path):
+    refresh, recheck = 0.5, 2.0
+    discovery = {"refresh_s": refresh, "recheck_s": recheck}
+    with running_registry(cluster, tmp_path, discovery=discovery) as reg:
+        assert wait_for(lambda: len(reg.nodes()) == 3)
+        time.sleep(0.5)
+        before = len(cluster.dns_queries())
+        t0 = time.monotonic()
+        time.sleep(3 * recheck)
+        window = time.monotonic() - t0
+        txt = [q[1] for q in cluster.dns_queries()[before:] if q[0] == "TXT"]
+        for h in cluster.hosts:  # every member re-read at least once per recheck_s ...
+            assert txt.count(h.fqdn) >= 2, (h.fqdn, txt)
+            # ... and not every pass
+            assert txt.count(h.fqdn) <= window / (recheck / 2) + 1, (h.fqdn, txt)
