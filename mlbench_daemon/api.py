@@ -15,7 +15,7 @@ import bottle
 
 from mlbench_daemon import metrics, openapi
 from mlbench_daemon.browser import Policy, is_json
-from mlbench_daemon.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
+from mlbench_daemon.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 
 log = logging.getLogger("mlbench_daemon.api")
 
@@ -108,7 +108,7 @@ def _browser_checks(policy):
         _refuse(415, "a request body must have Content-Type: application/json")
 
 
-def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
+def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, preflight=None):
     policy = policy or Policy()
     app = bottle.Bottle(catchall=True)
 
@@ -232,6 +232,12 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
         answer = jobs.wait_json(job["id"])  # blocks here, before the 200 is sent
         bottle.response.content_type = JSON
         return answer
+
+    @app.post("/api/preflight")
+    def run_preflight():
+        if preflight is None:
+            raise NotFound("preflight is not available")
+        return _json(preflight.run(_body(max_body_bytes)))
 
     @app.get("/api/mpi_jobs")
     def list_jobs():

@@ -164,6 +164,7 @@ sys.stdin.read()
 TCP_MASTER = r"""
 import json, math, signal, socket, subprocess, sys, threading, time
 t, me, cmd, ips = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+CONNECT_S = 3.0  # a LAN answers a SYN in far less; a firewall that drops never does
 signal.alarm(int(t) + 3)
 end = time.monotonic() + t
 ls = socket.socket()
@@ -189,7 +190,7 @@ def phase(into, who):
     for x in ts: x.join(max(0.0, end - time.monotonic()))
 phase(first, ips)
 ports = {ip: int(v.split()[1]) for ip, v in first.items() if v.startswith("port ")}
-left = max(0.5, (end - time.monotonic()) / 2)
+left = min(CONNECT_S, max(0.5, (end - time.monotonic()) / 2))
 peers = [[me, ls.getsockname()[1]]] + [[ip, p] for ip, p in ports.items()]
 for ip in ports:
     todo = {"timeout": left, "peers": [p for p in peers if p[0] != ip]}
@@ -293,6 +294,12 @@ def parse_master(text: str, master, workers, seconds: float) -> tuple[list, dict
                                         "the master could not ssh to this node"))  # fmt: skip
                 return
             checks.append(check(node.name, "master-ssh", "pass", f"ssh {node.ip} from the master"))
+            if not seen[node.name] and rc != "0":  # logged in, but a shell could not run sh
+                why = next((e for e in reversed(err) if e.strip()), "no output")
+                checks.append(check(node.name, "launcher-daemon", "fail",
+                                    f"commands do not run there (exit {rc}: {why})",
+                                    HINTS["launcher-daemon"]))  # fmt: skip
+                seen[node.name].add("launcher-daemon")
         for c in ("launcher-daemon", "program", "dirs"):
             if c not in seen[node.name]:
                 checks.append(check(node.name, c, "not-checked", "no answer from the node"))
@@ -456,3 +463,46 @@ def run(
         "versions": versions,
         "flavour": flavour_of(versions.get(master.name)),
     }
+
+
+FIELDS = ("program", "np", "selector", "nodes", "master")
+
+
+class Preflight:
+    """`POST /api/preflight/`: one at a time (another gets 429), one deadline.
+
+    `jobs` chooses nodes and master and builds the argv exactly as for a job."""
+
+    def __init__(self, cfg, pool, jobs):
+        self.cfg, self.pool, self.jobs = cfg, pool, jobs
+        self._busy = threading.Lock()
+
+    def run(self, body: dict | None) -> dict:
+        from mlbench_daemon.errors import BadRequest, QueueFull
+        from mlbench_daemon.jobs import node_row, validate
+
+        for key in body or {}:
+            if key not in FIELDS:
+                raise BadRequest(
+                    f"unknown field {key!r} (known: {', '.join(FIELDS)})", field=str(key) or "body"
+                )
+        req = validate(body, self.cfg.mpi.program)
+        statuses, master_name = self.jobs._choose(req)
+        nodes = [s.node for s in statuses]
+        master = next((n for n in nodes if n.name == master_name), nodes[0])
+        command = self.jobs.mpirun_argv(nodes, req["np"], [], req["program"])
+        if not self._busy.acquire(blocking=False):
+            raise QueueFull("a preflight is already running; try again when it ends")
+        try:
+            result = run(self.pool, self.cfg, master, nodes, req["program"], req["np"],
+                         self.cfg.mpi.preflight_timeout_s)  # fmt: skip
+        finally:
+            self._busy.release()
+        return {
+            "ok": not any(c["status"] == "fail" for c in result["checks"]),
+            "master_name": master.name,
+            "command": str(command),
+            "nodes": [node_row(n) for n in nodes],
+            "flavour": result["flavour"],
+            "checks": result["checks"],
+        }
