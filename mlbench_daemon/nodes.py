@@ -44,6 +44,7 @@ class NodeStatus:
     message: str = "discovered, first probe not finished"
     last_probe: float | None = None  # epoch seconds
     latency_ms: float | None = None
+    hostname: str | None = None  # `uname -n`, asked once per new connection
 
     def to_json(self):
         n = self.node
@@ -60,6 +61,7 @@ class NodeStatus:
             "message": self.message,
             "last_probe": iso(self.last_probe),
             "latency_ms": self.latency_ms,
+            "hostname": self.hostname,
         }
 
 
@@ -93,6 +95,7 @@ class Registry:
         self._discovered = threading.Event()
         self._first_pass = threading.Event()
         self._inflight = {}  # node key -> the future of its probe still running
+        self._unames = {}  # node key -> (the connection's connect count, `uname -n`)
         self._beats = {}
         self._threads = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -274,6 +277,9 @@ class Registry:
                 latency_ms=round(latency * 1000, 3),
                 message=f"logged in as {self.cfg.ssh.user} and ran `true`",
             )
+            hostname = self._hostname(node)
+            if hostname:
+                change["hostname"] = hostname
         except SSHError as e:
             change = dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
         except Exception as e:  # a bug must not leave the node Pending forever
@@ -282,6 +288,23 @@ class Registry:
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
+
+    def _hostname(self, node):
+        """The node's `uname -n`, asked once per connection (a launcher prints host
+        names; failure attribution maps them back to node names); None if unknown."""
+        key, conn = _key(node), self.pool.connection(node.ip, node.port)
+        connects, name = self._unames.get(key, (None, None))
+        if connects == conn.connects:
+            return name
+        try:
+            r = self.pool.run(
+                node.ip, node.port, ["uname", "-n"], timeout=self.cfg.ssh.connect_timeout_s
+            )
+        except SSHError:
+            return name
+        name = r.stdout.decode(errors="replace").strip() or None if r.exit_code == 0 else name
+        self._unames[key] = (conn.connects, name)
+        return name
 
     def _update(self, node, change, *, finished=False, if_inflight=False):
         """Apply change(status) to the node's entry, if it is still a member.
