@@ -270,3 +270,23 @@ def test_cli_check_exit_codes(cluster, daemon, scratch):
     assert r.returncode == 2 and "409" in r.stderr
     r = subprocess.run([*base, "--np", "x"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2
+
+
+def test_tcp_not_checked_without_python3_on_a_worker(cluster, daemon, scratch):
+    """Without the means to test TCP on a node, the check says what it needs."""
+    w = cluster.workers
+    bare = _bin_without(scratch, *[e for e in os.listdir("/usr/bin") if e.startswith("python")])
+    cluster.set_env(w[2], PATH=str(bare))
+    _, answer = daemon.json("POST", "/api/preflight/", {})
+    c = by(answer, w[2].name, "tcp")[0]
+    assert (c["status"], c["ok"]) == ("not-checked", None)
+    assert "python3" in c["message"] and w[2].name in c["message"]
+    assert by(answer, w[1].name, "tcp")[0]["status"] == "pass"
+    assert answer["ok"] is True  # nothing failed
+
+
+def test_a_single_node(cluster, daemon):
+    w = cluster.workers
+    _, answer = daemon.json("POST", "/api/preflight/", {"nodes": [w[1].name]})
+    assert answer["ok"] is True and answer["master_name"] == w[1].name
+    assert {c["node"] for c in answer["checks"]} == {w[1].name, None}
