@@ -16,12 +16,13 @@ import bottle
 from mlbench_daemon import metrics, openapi
 from mlbench_daemon.browser import Policy, is_json
 from mlbench_daemon.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from mlbench_daemon.store import LOG_CHUNK_MAX
+from mlbench_daemon.vocabulary import Phase
 
-log = logging.getLogger("mlbench_daemon.api")
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 REFRESH_TIMEOUT_S = 10.0
-LOG_CHUNK = 1 << 20  # default and largest bytes per /logs answer
 STATUS_TEXT = {
     400: "bad-request",
     401: "unauthorized",
@@ -205,7 +206,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
             {
                 "status": "ok",
                 "nodes": len(nodes),
-                "running": sum(1 for n in nodes if n.phase == "Running"),
+                "running": sum(1 for n in nodes if n.phase == Phase.RUNNING),
                 "discovery_stale": registry.stale,
             }
         )
@@ -258,7 +259,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
     @app.get("/api/mpi_jobs/<job_id>/logs")
     def job_logs(job_id):
         offset = _int_param("offset", 0, 0, 1 << 62)
-        limit = _int_param("limit", LOG_CHUNK, 1, LOG_CHUNK)
+        limit = _int_param("limit", LOG_CHUNK_MAX, 1, LOG_CHUNK_MAX)
         bottle.response.content_type = "application/octet-stream"
         if _flag("follow"):
             jobs.get(job_id)  # a 404 must come before the stream starts

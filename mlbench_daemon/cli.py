@@ -18,7 +18,6 @@ when no check failed, 1 when one did, 2 on a usage or API error.
 """
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -28,14 +27,14 @@ import urllib.request
 
 import mlbench_daemon
 from mlbench_daemon.config import read_token
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState, Phase
 
 PROG = "mlbench-daemon"
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT_S = 30.0  # one request/response
 FOLLOW_READ_S = 60.0  # a silent job: reconnect the follow stream after this
 PREFLIGHT_TIMEOUT_S = 300.0  # the daemon bounds each preflight by mpi.preflight_timeout_s
-TERMINAL = ("succeeded", "failed", "cancelled", "lost")
-COLOURS = {"Running": "32", "Pending": "33", "Unknown": "31", "Failed": "31"}
+COLOURS = {Phase.RUNNING: "32", Phase.PENDING: "33", Phase.UNKNOWN: "31", Phase.FAILED: "31"}
 
 
 class Failure(Exception):
@@ -153,7 +152,7 @@ def cmd_nodes(client, args, out):
             n.get("phase", ""),
             n.get("ip", ""),
             n.get("reason") or "",
-            _labels_text(n.get("labels", "")),
+            _labels_text(n),
         )
         for n in nodes
     ]
@@ -165,15 +164,12 @@ def cmd_nodes(client, args, out):
     )
 
 
-def _labels_text(labels):
-    if isinstance(labels, str):
-        try:
-            labels = ast.literal_eval(labels)
-        except (ValueError, SyntaxError):
-            return labels
+def _labels_text(node):
+    """k=v,... from the API's ``label_map``; a server without it: its ``labels`` text as is."""
+    labels = node.get("label_map")
     if isinstance(labels, dict):
         return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-    return str(labels)
+    return _text(node.get("labels"))
 
 
 def cmd_jobs(client, args, out):
@@ -203,9 +199,8 @@ def cmd_cancel(client, args, out):
     job = client.json("DELETE", _job_path(args.id))
     if args.json:
         return _print_json(job, out)
-    out.write(
-        f"job {args.id}: {job.get('state', 'cancel requested') if isinstance(job, dict) else 'cancel requested'}\n"
-    )
+    state = job.get("state", "cancel requested") if isinstance(job, dict) else "cancel requested"
+    out.write(f"job {args.id}: {state}\n")
 
 
 def cmd_run(client, args, out):
@@ -228,7 +223,7 @@ def cmd_run(client, args, out):
         while True:
             offset = copy_logs(client, job_id, offset, out.buffer, follow=True)
             job = client.json("GET", _job_path(job_id))
-            if job.get("state") in TERMINAL:
+            if job.get("state") in FINAL_STATES:
                 break
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: cancelling job {job_id}\n")
@@ -243,12 +238,12 @@ def cmd_run(client, args, out):
         sys.stderr.write(root_cause(job))
     if isinstance(job.get("exit_code"), int):
         return job["exit_code"]
-    if job.get("state") == "succeeded":
+    if job.get("state") == JobState.SUCCEEDED:
         return 0
     sys.stderr.write(
         f"{PROG}: job {job_id} {job.get('state')}: {job.get('error') or 'no exit code'}\n"
     )
-    return 130 if job.get("state") == "cancelled" else 1
+    return 130 if job.get("state") == JobState.CANCELLED else 1
 
 
 def root_cause(job):

@@ -279,7 +279,13 @@ SETTINGS = (
     ),
     ("ssh", "user", nonempty, "mlbench", "cluster user to log in as"),
     ("ssh", "port", integer(1, 65535), 22, "SSH port when DNS gives none"),
-    ("ssh", "key_file", path, "", "private key file; empty = agent/default keys"),
+    (
+        "ssh",
+        "key_file",
+        path,
+        "",
+        "private key file; empty = the first of ~/.ssh/id_ed25519, id_ecdsa, id_rsa (no agent)",
+    ),
     ("ssh", "known_hosts", path, "", "known_hosts file checked (and written by accept-new)"),
     (
         "ssh",

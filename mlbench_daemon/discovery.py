@@ -46,19 +46,19 @@ import dns.resolver
 import dns.reversename
 
 from mlbench_daemon.config import parse_nameserver
+from mlbench_daemon.vocabulary import DiscoveryReason, checked
 
-log = logging.getLogger("mlbench_daemon.discovery")
+log = logging.getLogger(__name__)
 
-REASONS = ("dns-timeout", "nxdomain", "no-members", "dns-error")
+REASONS = tuple(r for r in DiscoveryReason if r != DiscoveryReason.NOT_DISCOVERED_YET)
 
 
 class DiscoveryError(Exception):
     """A discovery pass failed; `.reason` is one of REASONS, str() is the human message."""
 
     def __init__(self, reason: str, message: str):
-        assert reason in REASONS, reason
         super().__init__(message)
-        self.reason = reason
+        self.reason = DiscoveryReason(checked(reason, REASONS, "DiscoveryError"))
 
 
 # --- nodes -----------------------------------------------------------------------------
@@ -114,10 +114,12 @@ def natural_key(name: str) -> tuple:
 
 # --- selectors -------------------------------------------------------------------------
 
-_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-_KEY_RE = re.compile(rf"({_PREFIX}/)?{_NAME}")
-_VALUE_RE = re.compile(rf"({_NAME})?")
+# Label syntax (Kubernetes); openapi.py builds the selector's pattern from these too.
+LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_PREFIX = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+LABEL_KEY = rf"(?:{LABEL_PREFIX}/)?{LABEL_NAME}"
+_KEY_RE = re.compile(LABEL_KEY)
+_VALUE_RE = re.compile(rf"(?:{LABEL_NAME})?")
 # Operators, longest first so that "!=" and "==" are not read as "=".
 _OPS = (("!=", "!="), ("==", "="), ("=", "="))
 
@@ -194,13 +196,6 @@ class Selector:
 
     def __str__(self):
         return ",".join(map(str, self.requirements))
-
-
-def select(nodes: Iterable[Node], selector: Selector | str | None) -> list[Node]:
-    """The nodes whose labels match `selector` (a Selector, its text, or None for all), in order."""
-    if isinstance(selector, str):
-        selector = Selector.parse(selector)
-    return [n for n in nodes if selector is None or selector.matches(n.labels)]
 
 
 # --- DNS -------------------------------------------------------------------------------
@@ -304,7 +299,7 @@ class Discovery:
             addresses = [a.address for t in ("A", "AAAA") for a in p.query(self.service, t) or ()]
             if p.nxdomain == {self.srv_name, self.service}:
                 raise DiscoveryError(
-                    "nxdomain",
+                    DiscoveryReason.NXDOMAIN,
                     f"no such name: neither SRV {self.srv_name} nor A/AAAA {self.service} exists",
                 )
             members = self._address_members(p, addresses)
@@ -327,7 +322,7 @@ class Discovery:
             nodes[name] = Node(name, host, ip, port, self.namespace, self._labels(p, target, name))
         if not nodes:
             raise DiscoveryError(
-                "no-members",
+                DiscoveryReason.NO_MEMBERS,
                 f"no members: SRV {self.srv_name} and A/AAAA {self.service} gave no usable address",
             )
         self._forget_unused(p)
@@ -406,12 +401,16 @@ class _Pass:
         except dns.resolver.NoAnswer:
             return None
         except dns.exception.Timeout:
-            raise DiscoveryError("dns-timeout", f"DNS timeout querying {rdtype} {name}") from None
+            raise DiscoveryError(
+                DiscoveryReason.DNS_TIMEOUT, f"DNS timeout querying {rdtype} {name}"
+            ) from None
         except (dns.exception.DNSException, OSError) as e:
             if optional:
                 log.warning("DNS query %s %s failed, ignored: %s", rdtype, name, e)
                 return None
-            raise DiscoveryError("dns-error", f"DNS error querying {rdtype} {name}: {e}") from None
+            raise DiscoveryError(
+                DiscoveryReason.DNS_ERROR, f"DNS error querying {rdtype} {name}: {e}"
+            ) from None
         self.ttl = min(self.ttl, answer.rrset.ttl)
         return answer
 

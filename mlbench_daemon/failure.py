@@ -30,57 +30,61 @@ import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from mlbench_daemon.vocabulary import FailureKind, JobReason
+
 PARSE_TAIL_BYTES = 64 * 1024  # OpenMPI's verdicts come at the end of the output
 
+K = FailureKind
 # Every kind, with the fix an operator should try (README's troubleshooting table).
 HINTS = {
-    "rank-exit": "read that rank's output in the job log; the program itself failed",
-    "rank-signal": (
+    K.RANK_EXIT: "read that rank's output in the job log; the program itself failed",
+    K.RANK_SIGNAL: (
         "the rank was killed (out of memory, a segfault, or killed from outside): "
         "check the node's kernel log (dmesg) and the program's memory use"
     ),
-    "daemon-launch": (
-        "mpirun could not start its daemon on a node; run `mlbench-daemon check` "
-        "(or see failure.checks): host keys in the master's known_hosts, orted on "
+    K.DAEMON_LAUNCH: (
+        "mpirun could not start its daemon on a node; see failure.checks or run "
+        "`mlbench-daemon check`: host keys in the master's known_hosts, orted on "
         "the non-interactive PATH, the same MPI version everywhere"
     ),
-    "exe-not-found": (
+    K.EXE_NOT_FOUND: (
         "install the program at the same path on every node, executable for the cluster user"
     ),
-    "lost-contact": (
+    K.LOST_CONTACT: (
         "a node's daemon died or the network to it failed during the job: "
         "check that node (dmesg, load, link) and firewalls between nodes"
     ),
-    "tcp-connect": (
+    K.TCP_CONNECT: (
         "ranks could not connect to each other: open TCP between all nodes "
         "(firewalls), or restrict MPI to a shared interface (--mca btl_tcp_if_include)"
     ),
-    "not-enough-slots": "lower np, give nodes a `slots` label, or add nodes",
-    "timeout": "the job ran past its timeout_s: raise timeout_s or look for a hang",
-    "cancelled": "the job was cancelled (DELETE /api/mpi_jobs/<id>)",
-    "master-lost": (
+    K.NOT_ENOUGH_SLOTS: "lower np, give nodes a `slots` label, or add nodes",
+    K.TIMEOUT: "the job ran past its timeout_s: raise timeout_s or look for a hang",
+    K.CANCELLED: "the job was cancelled (DELETE /api/mpi_jobs/<id>)",
+    K.MASTER_LOST: (
         "the master stayed unreachable (mpi.lost_after_s); the job may still run there: "
         "check the master host"
     ),
-    "no-master": "no chosen node could run mpirun: install MPI at mpi.mpirun on the master",
-    "launch-failed": "the daemon could not start the job on the master: see error and the master",
-    "job-lost": "the job's record on the master is gone or incomplete; submit it again",
-    "unknown": "read the job log (response); the launcher gave no known cause",
+    K.NO_MASTER: "no chosen node could run mpirun: install MPI at mpi.mpirun on the master",
+    K.LAUNCH_FAILED: "the daemon could not start the job on the master: see error and the master",
+    K.JOB_LOST: "the job's record on the master is gone or incomplete; submit it again",
+    K.UNKNOWN: "read the job log (response); the launcher gave no known cause",
 }
-KINDS = tuple(HINTS)
+KINDS = tuple(FailureKind)
 
 # today's `reason` values -> kind
+R = JobReason
 REASON_KINDS = {
-    "timeout": "timeout",
-    "cancelled": "cancelled",
-    "master-unreachable": "master-lost",
-    "no-usable-master": "no-master",
-    "launch-failed": "launch-failed",
-    "launch-interrupted": "job-lost",
-    "remote-record-missing": "job-lost",
-    "no-exit-status": "job-lost",
-    "daemon-restarted": "job-lost",
-    "daemon-error": "job-lost",
+    R.TIMEOUT: K.TIMEOUT,
+    R.CANCELLED: K.CANCELLED,
+    R.MASTER_UNREACHABLE: K.MASTER_LOST,
+    R.NO_USABLE_MASTER: K.NO_MASTER,
+    R.LAUNCH_FAILED: K.LAUNCH_FAILED,
+    R.LAUNCH_INTERRUPTED: K.JOB_LOST,
+    R.REMOTE_RECORD_MISSING: K.JOB_LOST,
+    R.NO_EXIT_STATUS: K.JOB_LOST,
+    R.DAEMON_RESTARTED: K.JOB_LOST,
+    R.DAEMON_ERROR: K.JOB_LOST,
 }
 
 # Options of mpirun that change where ranks go: with any of them the map is unknown.

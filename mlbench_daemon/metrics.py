@@ -25,6 +25,8 @@ mlbench_daemon_http_requests_total          counter    route, method,       api 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from mlbench_daemon.vocabulary import JobState, Phase
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 _NS = "mlbench_daemon"
 
@@ -68,23 +70,19 @@ http_requests_total = Counter(
 )
 
 
-PHASES = ("Pending", "Running", "Unknown", "Failed")
-STATES = ("pending", "running", "succeeded", "failed", "cancelled", "lost")
-
-
 def observe_probe(status):
     """One node's new probe result (the registry's on_probe hook)."""
-    if status.phase == "Running" and status.latency_ms is not None:
+    if status.phase == Phase.RUNNING and status.latency_ms is not None:
         probe_latency_seconds.observe(status.latency_ms / 1000)
-    elif status.phase in ("Unknown", "Failed"):
+    elif status.phase in (Phase.UNKNOWN, Phase.FAILED):
         probe_failures_total.labels(status.reason).inc()
 
 
 def set_gauges(nodes, job_counts):
     """Nodes by phase and jobs by state, as they are now (called at scrape time)."""
-    for phase in PHASES:
+    for phase in Phase:
         nodes_by_phase.labels(phase).set(sum(1 for n in nodes if n.phase == phase))
-    for state in STATES:
+    for state in JobState:
         jobs.labels(state).set(job_counts.get(state, 0))
 
 

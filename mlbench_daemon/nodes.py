@@ -21,13 +21,14 @@ in natural name order) that readers take without waiting:
 
 import concurrent.futures
 import dataclasses
-import datetime
 import logging
 import threading
 import time
 
 from mlbench_daemon.discovery import DiscoveryError, Node, Selector, natural_key
-from mlbench_daemon.ssh import SSHError
+from mlbench_daemon.ssh_errors import SSHError
+from mlbench_daemon.timefmt import iso
+from mlbench_daemon.vocabulary import DiscoveryReason, NodeReason, Phase, SSHReason
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ ALIVE_FACTOR = 3  # alive() while each loop made progress within this many of it
 @dataclasses.dataclass(frozen=True)
 class NodeStatus:
     node: Node
-    phase: str = "Pending"
-    reason: str = "not-probed-yet"
+    phase: str = Phase.PENDING
+    reason: str = NodeReason.NOT_PROBED_YET
     message: str = "discovered, first probe not finished"
     last_probe: float | None = None  # epoch seconds
     latency_ms: float | None = None
@@ -65,14 +66,6 @@ class NodeStatus:
         }
 
 
-def iso(epoch):
-    """The API's one timestamp format: RFC 3339, UTC, milliseconds, e.g. 2026-11-28T00:14:04.047Z."""
-    if not epoch:
-        return None
-    t = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _key(node):
     return (node.name, node.ip, node.port)
 
@@ -86,7 +79,7 @@ class Registry:
         self.generation = 0  # bumped on every change of the table
         self.refreshed_at = None  # epoch of the last successful discovery
         self._snapshot = ()
-        self._stale, self._stale_reason = True, "not-discovered-yet"
+        self._stale, self._stale_reason = True, DiscoveryReason.NOT_DISCOVERED_YET
         self._lock = threading.Lock()  # guards every swap of the snapshot and the stale flag
         self._stop = threading.Event()
         self._wake = threading.Event()  # start a probe round now
@@ -184,7 +177,7 @@ class Registry:
         try:
             nodes, _ttl = self.discovery.discover()
         except Exception as e:
-            reason = e.reason if isinstance(e, DiscoveryError) else "dns-error"
+            reason = e.reason if isinstance(e, DiscoveryError) else DiscoveryReason.DNS_ERROR
             if not isinstance(e, DiscoveryError):
                 log.exception("discovery failed unexpectedly")
             if not self._stale or self._stale_reason != reason:
@@ -258,8 +251,8 @@ class Registry:
                     node,
                     lambda s: dataclasses.replace(
                         s,
-                        phase="Unknown",
-                        reason="connect-timeout",
+                        phase=Phase.UNKNOWN,
+                        reason=SSHReason.CONNECT_TIMEOUT,
                         latency_ms=None,
                         message=f"no answer within {budget:g} s",
                         last_probe=time.time(),
@@ -272,8 +265,8 @@ class Registry:
         try:
             latency = self.pool.probe(node.ip, node.port, node.host)
             change = dict(
-                phase="Running",
-                reason="ok",
+                phase=Phase.RUNNING,
+                reason=NodeReason.OK,
                 latency_ms=round(latency * 1000, 3),
                 message=f"logged in as {self.cfg.ssh.user} and ran `true`",
             )
@@ -284,7 +277,9 @@ class Registry:
             change = dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
         except Exception as e:  # a bug must not leave the node Pending forever
             log.exception("probe of %s failed unexpectedly", node.name)
-            change = dict(phase="Unknown", reason="ssh-error", message=repr(e), latency_ms=None)
+            change = dict(
+                phase=Phase.UNKNOWN, reason=SSHReason.SSH_ERROR, message=repr(e), latency_ms=None
+            )
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
@@ -328,7 +323,7 @@ class Registry:
             self._snapshot = tuple(table)
             self.generation += 1
         if new.phase != s.phase or new.reason != s.reason:
-            level = logging.INFO if new.phase == "Running" else logging.WARNING
+            level = logging.INFO if new.phase == Phase.RUNNING else logging.WARNING
             log.log(level, "node %s: %s (%s) %s", node.name, new.phase, new.reason, new.message)
         if self.on_probe is not None:
             try:

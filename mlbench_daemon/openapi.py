@@ -13,8 +13,10 @@ both; the others under one.
 """
 
 from mlbench_daemon import __version__
+from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
 from mlbench_daemon.failure import KINDS as FAILURE_KINDS
 from mlbench_daemon.preflight import CHECKS
+from mlbench_daemon.vocabulary import JobState, Phase
 
 _REF = "#/components/schemas/"
 
@@ -66,9 +68,7 @@ _TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
 
 # The Kubernetes equality-based selector grammar of discovery.Selector.parse:
 # comma-separated terms `k=v`, `k==v`, `k!=v`, `k`, `!k`; keys `[prefix/]name`.
-_NAME = "[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_PREFIX = "[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-_KEY = f"(?:{_PREFIX}/)?{_NAME}"
+_NAME, _KEY = LABEL_NAME, LABEL_KEY
 _TERM = f"\\s*(?:{_KEY}\\s*(?:!=|==|=)\\s*(?:{_NAME})?|!\\s*{_KEY}|{_KEY})\\s*"
 SELECTOR_PATTERN = f"^(?:\\s*|{_TERM}(?:,{_TERM})*)$"
 
@@ -241,7 +241,7 @@ SCHEMAS = {
     },
     "Phase": {
         "type": "string",
-        "enum": ["Pending", "Running", "Unknown", "Failed"],
+        "enum": [p.value for p in Phase],
         "description": "`Pending`: first probe not finished; `Running`: SSH login with the "
         "configured key succeeded and the host key was verified; `Unknown`: could "
         "not reach it; `Failed`: reached it but it refused us or could not be trusted.",
@@ -305,7 +305,7 @@ SCHEMAS = {
     },
     "JobState": {
         "type": "string",
-        "enum": ["pending", "running", "succeeded", "failed", "cancelled", "lost"],
+        "enum": [s.value for s in JobState],
     },
     "Job": {
         "type": "object",

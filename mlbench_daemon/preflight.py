@@ -37,7 +37,8 @@ import time
 from collections.abc import Sequence
 
 from mlbench_daemon.discovery import natural_key
-from mlbench_daemon.ssh import SSHError
+from mlbench_daemon.errors import BadRequest, QueueFull
+from mlbench_daemon.ssh_errors import SSHError
 
 CHECKS = ("master-ssh", "launcher-daemon", "mpi-version", "program", "dirs", "tcp", "slots")
 MARGIN_S = 2.0  # the remote scripts end this much before the deadline
@@ -471,15 +472,15 @@ FIELDS = ("program", "np", "selector", "nodes", "master")
 class Preflight:
     """`POST /api/preflight/`: one at a time (another gets 429), one deadline.
 
-    `jobs` chooses nodes and master and builds the argv exactly as for a job."""
+    Nodes, master and argv are chosen exactly as for a job (jobs.placement)."""
 
-    def __init__(self, cfg, pool, jobs):
-        self.cfg, self.pool, self.jobs = cfg, pool, jobs
+    def __init__(self, cfg, pool, registry):
+        self.cfg, self.pool, self.registry = cfg, pool, registry
         self._busy = threading.Lock()
 
     def run(self, body: dict | None) -> dict:
-        from mlbench_daemon.errors import BadRequest, QueueFull
-        from mlbench_daemon.jobs import node_row, validate
+        from mlbench_daemon.jobs.placement import choose, mpirun_argv, node_row
+        from mlbench_daemon.jobs.request import validate
 
         for key in body or {}:
             if key not in FIELDS:
@@ -487,15 +488,16 @@ class Preflight:
                     f"unknown field {key!r} (known: {', '.join(FIELDS)})", field=str(key) or "body"
                 )
         req = validate(body, self.cfg.mpi.program)
-        statuses, master_name = self.jobs._choose(req)
+        statuses, master_name = choose(self.registry, req)
         nodes = [s.node for s in statuses]
         master = next((n for n in nodes if n.name == master_name), nodes[0])
-        command = self.jobs.mpirun_argv(nodes, req["np"], [], req["program"])
+        mpi = self.cfg.mpi
+        command = mpirun_argv(mpi.mpirun, mpi.args, nodes, req.np, [], req.program)
         if not self._busy.acquire(blocking=False):
             raise QueueFull("a preflight is already running; try again when it ends")
         try:
-            result = run(self.pool, self.cfg, master, nodes, req["program"], req["np"],
-                         self.cfg.mpi.preflight_timeout_s)  # fmt: skip
+            result = run(self.pool, self.cfg, master, nodes, req.program, req.np,
+                         mpi.preflight_timeout_s)  # fmt: skip
         finally:
             self._busy.release()
         return {

@@ -32,8 +32,9 @@ from mlbench_daemon.nodes import Registry
 from mlbench_daemon.preflight import Preflight
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store
+from mlbench_daemon.vocabulary import JobState, Phase
 
-log = logging.getLogger("mlbench_daemon.server")
+log = logging.getLogger(__name__)
 
 DRAIN_S = 10.0  # longest wait for in-flight requests at shutdown
 LOOP_CHECK_S = 2.0  # the HTTP loop must answer a trigger within this
@@ -83,7 +84,7 @@ class Daemon:
                 f"state.dir: cannot use {cfg.state.dir}: {getattr(e, 'strerror', None) or e}"
             ) from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
-        self.preflight = Preflight(cfg, self.pool, self.jobs)
+        self.preflight = Preflight(cfg, self.pool, self.registry)
         self.app = api.make_app(
             self.registry,
             self.jobs,
@@ -213,8 +214,8 @@ class Daemon:
     def status(self):
         """One line: '3/4 nodes Running, 1 job running'."""
         nodes = self.registry.nodes()
-        up = sum(1 for n in nodes if n.phase == "Running")
-        running = self.jobs.counts().get("running", 0)
+        up = sum(1 for n in nodes if n.phase == Phase.RUNNING)
+        running = self.jobs.counts().get(JobState.RUNNING, 0)
         stale = ", DNS stale" if self.registry.stale else ""
         return (
             f"{up}/{len(nodes)} nodes Running, {running} job{'' if running == 1 else 's'} running"

@@ -25,14 +25,9 @@ Remote commands are built only by ``quote(argv)`` (``shlex.join``): the login
 shell sees one word per argv item, whatever the bytes.
 """
 
-import base64
 import collections
 import dataclasses
 import errno
-import fcntl
-import fnmatch
-import hashlib
-import hmac
 import logging
 import os
 import shlex
@@ -44,10 +39,45 @@ import paramiko
 from paramiko.buffered_pipe import PipeTimeout
 
 from mlbench_daemon.config import ConfigError
+from mlbench_daemon.known_hosts import (
+    SYSTEM_KNOWN_HOSTS,
+    KnownHosts,
+    KnownKey,
+    fingerprint,
+    known_names,
+    parse_known_hosts,
+)
+from mlbench_daemon.ssh_errors import (
+    CommandTimeout,
+    SSHError,
+    Unreachable,
+    Untrusted,
+)
+from mlbench_daemon.vocabulary import SSHReason as R
 
 log = logging.getLogger(__name__)
 
-SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+# The error classes and host-key helpers live in their own modules; they are
+# re-exported here so that `from mlbench_daemon.ssh import Unreachable` keeps working.
+__all__ = [
+    "SYSTEM_KNOWN_HOSTS",
+    "CommandTimeout",
+    "KnownHosts",
+    "KnownKey",
+    "Pool",
+    "Result",
+    "SSHError",
+    "Stream",
+    "Unreachable",
+    "Untrusted",
+    "classify",
+    "fingerprint",
+    "known_names",
+    "load_client_key",
+    "parse_known_hosts",
+    "quote",
+]
+
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")  # under ~/.ssh when ssh.key_file is empty
 # Per-channel receive window and the largest packet we accept.  Following 1 GB of job
 # output on the test cluster: 32 KiB packets (paramiko's default) cost the daemon
@@ -79,50 +109,6 @@ def _tune(transport):
     transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = 2**62
 
 
-class SSHError(Exception):
-    """An SSH failure: ``.reason`` (machine-readable), ``.phase`` (node phase), str() = message."""
-
-    phase = "Unknown"
-    reasons = ()
-
-    def __init__(self, reason, message):
-        assert reason in self.reasons, reason
-        super().__init__(message)
-        self.reason = reason
-
-
-class Unreachable(SSHError):
-    """Could not reach the host or lost it (node phase Unknown)."""
-
-    phase = "Unknown"
-    reasons = (
-        "connection-refused",
-        "connect-timeout",
-        "no-banner",
-        "network-unreachable",
-        "connection-lost",
-        "ssh-error",
-        "command-timeout",
-    )
-
-
-class CommandTimeout(Unreachable, TimeoutError):
-    """``run()`` did not finish within its timeout (reason ``command-timeout``).
-
-    The channel is closed; a command without a pty may go on running remotely.
-    """
-
-    def __init__(self, message):
-        super().__init__("command-timeout", message)
-
-
-class Untrusted(SSHError):
-    """Reached the host, but it refused us or could not be trusted (node phase Failed)."""
-
-    phase = "Failed"
-    reasons = ("auth-failed", "host-key-unknown", "host-key-changed")
-
-
 def quote(argv):
     """The only way a remote command string is built: one shell word per argv item."""
     if isinstance(argv, (str, bytes)) or not argv:
@@ -137,23 +123,23 @@ def classify(exc, where=""):
     at = f"{where}: " if where else ""
     text = str(exc) or type(exc).__name__
     if isinstance(exc, paramiko.BadHostKeyException):
-        return Untrusted("host-key-changed", f"{at}{text}")
+        return Untrusted(R.HOST_KEY_CHANGED, f"{at}{text}")
     if isinstance(exc, paramiko.AuthenticationException):
         if "timeout" in text.lower():  # paramiko's auth wait raises this type on timeout
-            return Unreachable("connect-timeout", f"{at}no answer to authentication in time")
-        return Untrusted("auth-failed", f"{at}authentication failed: {text}")
+            return Unreachable(R.CONNECT_TIMEOUT, f"{at}no answer to authentication in time")
+        return Untrusted(R.AUTH_FAILED, f"{at}authentication failed: {text}")
     if isinstance(exc, paramiko.SSHException):
         if "banner" in text.lower():
-            return Unreachable("no-banner", f"{at}no SSH banner: {text}")
+            return Unreachable(R.NO_BANNER, f"{at}no SSH banner: {text}")
         if "timeout" in text.lower():
-            return Unreachable("connect-timeout", f"{at}{text}")
-        return Unreachable("ssh-error", f"{at}{text}")
+            return Unreachable(R.CONNECT_TIMEOUT, f"{at}{text}")
+        return Unreachable(R.SSH_ERROR, f"{at}{text}")
     if isinstance(exc, ConnectionRefusedError):
-        return Unreachable("connection-refused", f"{at}connection refused")
+        return Unreachable(R.CONNECTION_REFUSED, f"{at}connection refused")
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return Unreachable("connect-timeout", f"{at}timed out")
+        return Unreachable(R.CONNECT_TIMEOUT, f"{at}timed out")
     if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, EOFError)):
-        return Unreachable("connection-lost", f"{at}connection lost: {text}")
+        return Unreachable(R.CONNECTION_LOST, f"{at}connection lost: {text}")
     if isinstance(exc, OSError):
         if exc.errno in (
             errno.ENETUNREACH,
@@ -161,138 +147,11 @@ def classify(exc, where=""):
             errno.EHOSTDOWN,
             errno.EADDRNOTAVAIL,
         ):
-            return Unreachable("network-unreachable", f"{at}{text}")
+            return Unreachable(R.NETWORK_UNREACHABLE, f"{at}{text}")
         if exc.errno == errno.ETIMEDOUT:
-            return Unreachable("connect-timeout", f"{at}{text}")
-        return Unreachable("connection-lost", f"{at}{text}")
-    return Unreachable("ssh-error", f"{at}{type(exc).__name__}: {text}")
-
-
-def fingerprint(key):
-    """OpenSSH's SHA256 fingerprint, e.g. ``SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8``."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def known_names(ip, port, host=None):
-    """The known_hosts names of a host: ``name`` and ``ip``, or ``[name]:port`` off port 22."""
-    names = [n for n in dict.fromkeys([host, ip]) if n]
-    return names if port == 22 else [f"[{n}]:{port}" for n in names]
-
-
-@dataclasses.dataclass(frozen=True)
-class KnownKey:
-    patterns: tuple
-    key: paramiko.PKey
-    revoked: bool = False
-
-    def matches(self, name):
-        hit = False
-        for p in self.patterns:
-            negated, p = p.startswith("!"), p.lstrip("!")
-            if p.startswith("|1|"):
-                m = hmac.compare_digest(paramiko.HostKeys.hash_host(name, p), p)
-            else:
-                m = fnmatch.fnmatchcase(name.lower(), p.lower())
-            if m and negated:
-                return False
-            hit = hit or m
-        return hit
-
-
-def parse_known_hosts(text, source="known_hosts"):
-    """known_hosts lines -> [KnownKey]; ``@revoked`` kept, ``@cert-authority`` and bad lines skipped."""
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        revoked = line.startswith("@revoked")
-        if line.startswith("@"):
-            if not revoked:
-                continue  # @cert-authority: we do not do host certificates
-            line = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
-        if not line or line.startswith("#"):
-            continue
-        try:
-            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
-        except Exception as e:  # a bad line must not hide the good ones
-            log.warning("%s:%d: skipped: %s", source, lineno, e)
-            continue
-        if entry is not None:
-            out.append(KnownKey(tuple(entry.hostnames), entry.key, revoked))
-    return out
-
-
-class KnownHosts:
-    """Host key checks against known_hosts files; ``accept-new`` pins into the first one."""
-
-    def __init__(self, path, system, policy):
-        self.path = path
-        self.paths = [p for p in (path, SYSTEM_KNOWN_HOSTS if system else None) if p]
-        self.policy = policy
-        self._lock = threading.Lock()
-
-    def _load(self):
-        keys = []
-        for p in self.paths:
-            try:
-                with open(p, encoding="utf-8", errors="replace") as f:
-                    keys += parse_known_hosts(f.read(), p)
-            except FileNotFoundError:
-                pass
-        return keys
-
-    def preferred_types(self, names):
-        """Key types already known for these names (negotiate those first, like OpenSSH)."""
-        return {k.key.get_name() for k in self._load() if any(k.matches(n) for n in names)}
-
-    def verify(self, key, names, where):
-        """Raise Untrusted unless `key` is the known key of `names` (or pinned under accept-new)."""
-        try:
-            self._check(self._load(), key, names, where)
-        except Untrusted as e:
-            if e.reason != "host-key-unknown" or self.policy != "accept-new" or not self.path:
-                raise
-            self._pin(key, names, where)
-
-    @staticmethod
-    def _check(keys, key, names, where):
-        blob = key.asbytes()
-        mine = [k for k in keys if any(k.matches(n) for n in names)]
-        if any(k.revoked and k.key.asbytes() == blob for k in mine):
-            raise Untrusted("host-key-changed", f"{where}: host key {fingerprint(key)} is revoked")
-        known = [k for k in mine if not k.revoked]
-        if any(k.key.asbytes() == blob for k in known):
-            return
-        if known:
-            was = ", ".join(f"{k.key.get_name()} {fingerprint(k.key)}" for k in known)
-            raise Untrusted(
-                "host-key-changed",
-                f"{where}: HOST KEY CHANGED: known {was}, "
-                f"offered {key.get_name()} {fingerprint(key)}",
-            )
-        raise Untrusted(
-            "host-key-unknown",
-            f"{where}: host key {key.get_name()} {fingerprint(key)} is not in known_hosts "
-            f"(names {', '.join(names)})",
-        )
-
-    def _pin(self, key, names, where):
-        """Append the key under an exclusive lock, unless someone pinned one meanwhile."""
-        with self._lock, open(self.path, "a+", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.seek(0)
-            text = f.read()
-            try:
-                self._check(parse_known_hosts(text, self.path), key, names, where)
-                return  # pinned by another writer, and it is this key
-            except Untrusted as e:
-                if e.reason != "host-key-unknown":
-                    raise
-            sep = "" if not text or text.endswith("\n") else "\n"
-            f.write(f"{sep}{','.join(names)} {key.get_name()} {key.get_base64()}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        log.warning("%s: pinned new host key %s %s", where, key.get_name(), fingerprint(key))
+            return Unreachable(R.CONNECT_TIMEOUT, f"{at}{text}")
+        return Unreachable(R.CONNECTION_LOST, f"{at}{text}")
+    return Unreachable(R.SSH_ERROR, f"{at}{type(exc).__name__}: {text}")
 
 
 def load_client_key(key_file):
@@ -359,14 +218,14 @@ class Connection:
             return t
         if not self._open_lock.acquire(timeout=_remaining(deadline)):
             raise Unreachable(
-                "connect-timeout", f"{self.where}: another connect did not finish in time"
+                R.CONNECT_TIMEOUT, f"{self.where}: another connect did not finish in time"
             )
         try:
             if self.is_connected:
                 return self.transport
             self.close()
             if not self.pool._connects.acquire(timeout=_remaining(deadline)):
-                raise Unreachable("connect-timeout", f"{self.where}: too many connects in flight")
+                raise Unreachable(R.CONNECT_TIMEOUT, f"{self.where}: too many connects in flight")
             try:
                 t = self._connect(deadline)
             finally:
@@ -413,20 +272,20 @@ class Connection:
             if not transport.completion_event.is_set():  # start_client returns quietly on timeout
                 if transport.remote_version:
                     raise Unreachable(
-                        "connect-timeout", f"{self.where}: key exchange did not finish in time"
+                        R.CONNECT_TIMEOUT, f"{self.where}: key exchange did not finish in time"
                     )
                 raise Unreachable(
-                    "no-banner", f"{self.where}: no SSH banner within the connect timeout"
+                    R.NO_BANNER, f"{self.where}: no SSH banner within the connect timeout"
                 )
             self.pool.known_hosts.verify(transport.get_remote_server_key(), kw["names"], self.where)
             if kw["pkey"] is None:
                 raise Untrusted(
-                    "auth-failed",
+                    R.AUTH_FAILED,
                     f"{self.where}: no client key (ssh.key_file empty, no ~/.ssh/id_*)",
                 )
             transport.auth_timeout = max(0.1, _remaining(deadline))
             if transport.auth_publickey(kw["user"], kw["pkey"]):
-                raise Untrusted("auth-failed", f"{self.where}: server wants more than a public key")
+                raise Untrusted(R.AUTH_FAILED, f"{self.where}: server wants more than a public key")
             if kw["keepalive"]:
                 transport.set_keepalive(max(1, int(kw["keepalive"])))
             return transport
@@ -472,7 +331,7 @@ class Stream:
     command died by a signal).  When nothing arrives for ``idle_timeout`` seconds
     the host is probed: a silent command on a live host is waited for as long as
     it runs; a failed probe (frozen or unreachable host, dead link) raises
-    Unreachable("connection-lost"), as does a link that dies.  ``close()`` (or
+    Unreachable(connection-lost), as does a link that dies.  ``close()`` (or
     leaving a with-block) closes the channel.
     """
 
@@ -515,7 +374,7 @@ class Stream:
         if not alive:
             self._conn.close()
         state = "connection alive" if alive else "connection dead"
-        return Unreachable("connection-lost", f"{self._conn.where}: {why} ({state})")
+        return Unreachable(R.CONNECTION_LOST, f"{self._conn.where}: {why} ({state})")
 
     def close(self):
         if not self._closed:
@@ -585,9 +444,9 @@ class Pool:
                 _close_channel(chan)
                 release()
             if code is None:
-                raise Unreachable("connect-timeout", f"{conn.where}: `true` did not finish in time")
+                raise Unreachable(R.CONNECT_TIMEOUT, f"{conn.where}: `true` did not finish in time")
             if code != 0:
-                raise Unreachable("ssh-error", f"{conn.where}: logged in, but `true` exited {code}")
+                raise Unreachable(R.SSH_ERROR, f"{conn.where}: logged in, but `true` exited {code}")
             return time.monotonic() - start
         except Exception as e:
             conn.close()
@@ -624,7 +483,7 @@ class Pool:
             if code is None:
                 if conn.is_connected:
                     raise CommandTimeout(f"{conn.where}: no exit status within {timeout:g} s")
-                raise Unreachable("connection-lost", f"{conn.where}: connection lost while running")
+                raise Unreachable(R.CONNECTION_LOST, f"{conn.where}: connection lost while running")
             return Result(code, bytes(out), bytes(err))
         except CommandTimeout:
             raise
@@ -666,11 +525,6 @@ class Pool:
         for c in conns:
             c.close()
 
-    def __contains__(self, key):
-        """`(ip, port) in pool`: the pool holds a connection object for that host."""
-        with self._lock:
-            return tuple(key) in self._conns
-
     def connection(self, ip, port, host=None):
         """The pool's Connection for (ip, port) (not necessarily connected)."""
         with self._lock:
@@ -704,7 +558,7 @@ class Pool:
         slots = conn.probe_channel if probe else conn.channels
         if not slots.acquire(timeout=_remaining(deadline)):
             raise Unreachable(
-                "ssh-error", f"{conn.where}: all {self.cfg.max_channels} channels busy"
+                R.SSH_ERROR, f"{conn.where}: all {self.cfg.max_channels} channels busy"
             )
         chan = None
         try:
@@ -716,7 +570,7 @@ class Pool:
                 except Exception:
                     if dog.fired:
                         raise Unreachable(
-                            "connect-timeout", f"{conn.where}: no answer to exec in time"
+                            R.CONNECT_TIMEOUT, f"{conn.where}: no answer to exec in time"
                         ) from None
                     raise
             return chan, slots.release
@@ -725,7 +579,7 @@ class Pool:
                 _close_channel(chan)
             slots.release()
             e = classify(e, conn.where)
-            if e.reason in ("connect-timeout", "connection-lost") or not conn.is_connected:
+            if e.reason in (R.CONNECT_TIMEOUT, R.CONNECTION_LOST) or not conn.is_connected:
                 conn.close()  # a silent or dead connection: reconnect next time
             raise e
 

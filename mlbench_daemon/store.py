@@ -8,8 +8,9 @@ Layout::
 A record is a dict with the columns of ``COLUMNS``; ``nodes`` (list of
 ``[ip, namespace, name, labels]``), ``command`` (argv list), ``env_names``
 (list of names; values are never stored) and ``request`` (what a queued job
-needs to be launched after a restart: program, np, master, node names) are
-JSON in the table and plain values here.  Ids are 20 hex digits: creation
+needs to be launched after a restart: program, np, master, node names) and
+``failure`` (the cause of a job that did not succeed, or None) are JSON in the
+table and plain values here.  Ids are 20 hex digits: creation
 time in milliseconds (kept strictly increasing), then random bits, so they
 sort by creation; ``seq`` gives the exact order.  A database from an older
 version gets the columns of ``ADDED_COLUMNS`` when it is opened.
@@ -28,8 +29,11 @@ import sqlite3
 import threading
 import time
 
-STATES = ("pending", "running", "succeeded", "failed", "cancelled", "lost")
-FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState
+
+STATES = tuple(JobState)
+LOG_CHUNK_MAX = 1 << 20  # the most bytes of a log read at once (and per /logs answer)
+__all__ = ["COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "Store"]
 
 COLUMNS = (
     "id",
@@ -52,10 +56,14 @@ COLUMNS = (
     "error",
     "reason",
     "request",
+    "failure",
 )
-JSON_COLUMNS = ("nodes", "command", "env_names", "request")
+JSON_COLUMNS = ("nodes", "command", "env_names", "request", "failure")
 # Columns added after the first release: (name, declaration), added to older databases.
-ADDED_COLUMNS = (("request", "TEXT NOT NULL DEFAULT '{}'"),)
+ADDED_COLUMNS = (
+    ("request", "TEXT NOT NULL DEFAULT '{}'"),
+    ("failure", "TEXT NOT NULL DEFAULT 'null'"),
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -78,7 +86,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     error TEXT,
     reason TEXT,
-    request TEXT NOT NULL DEFAULT '{}'
+    request TEXT NOT NULL DEFAULT '{}',
+    failure TEXT NOT NULL DEFAULT 'null'
 )
 """
 
@@ -113,7 +122,7 @@ class Store:
 
     def create(self, **fields):
         """Insert a new job (state pending unless given); returns the record."""
-        fields = {"state": "pending", "created": time.time(), **fields}
+        fields = {"state": JobState.PENDING, "created": time.time(), **fields}
         self._check(fields)
         with self._lock:
             if "id" not in fields:
@@ -144,15 +153,12 @@ class Store:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._decode(row) if row else None
 
-    def list(self, limit=50, offset=0, before=None):
-        """Newest first; ``before`` (an id) pages from just below that job."""
-        sql, args = "SELECT * FROM jobs", []
-        if before is not None:
-            sql += " WHERE seq < (SELECT seq FROM jobs WHERE id = ?)"
-            args.append(before)
-        sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
+    def list(self, limit=50, offset=0):
+        """Newest first."""
         with self._lock:
-            rows = self._db.execute(sql, args + [int(limit), int(offset)]).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (int(limit), int(offset))
+            ).fetchall()
         return [self._decode(r) for r in rows]
 
     def count_by_state(self):
@@ -165,7 +171,8 @@ class Store:
         """Jobs not yet final (pending or running), oldest first: what a restart re-attaches."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs WHERE state IN ('pending', 'running') ORDER BY seq"
+                "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY seq",
+                (JobState.PENDING, JobState.RUNNING),
             ).fetchall()
         return [self._decode(r) for r in rows]
 
@@ -198,12 +205,6 @@ class Store:
     def log_writer(self, job_id):
         """The job's log opened for appending, unbuffered (readers see every write)."""
         return open(self.log_path(job_id), "ab", buffering=0)
-
-    def append_log(self, job_id, data):
-        """Append bytes to the job's log; returns the new size."""
-        with self.log_writer(job_id) as f:
-            f.write(data)
-            return f.tell()
 
     def sync_log(self, job_id):
         """fsync the log (called once when the job reaches a final state)."""

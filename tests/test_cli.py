@@ -30,6 +30,7 @@ NODES = [
     {
         "name": "w-2",
         "labels": "{'app': 'mlbench', 'slots': '2'}",
+        "label_map": {"app": "mlbench", "slots": "2"},
         "phase": "Unknown",
         "ip": "10.0.0.3",
         "reason": "connect-timeout",
@@ -37,6 +38,7 @@ NODES = [
     {
         "name": "w-10",
         "labels": "{'app': 'mlbench'}",
+        "label_map": {"app": "mlbench"},
         "phase": "Running",
         "ip": "10.0.0.11",
         "reason": None,

@@ -25,7 +25,6 @@ from mlbench_daemon.discovery import (
     Selector,
     namespace_of,
     natural_key,
-    select,
 )
 
 DNSMASQ = "/usr/sbin/dnsmasq"
@@ -445,16 +444,6 @@ def test_selector_matches():
     assert Selector.parse("gpu,!spot,gpu=").matches(labels)
     assert not Selector.parse("spot").matches(labels)
     assert not Selector.parse("!gpu").matches(labels)
-
-
-def test_select():
-    nodes = [
-        Node(f"w-{i}", f"w-{i}", f"127.77.0.{i}", 22, "default", {"i": str(i % 2)})
-        for i in range(4)
-    ]
-    assert [n.name for n in select(nodes, "i=1")] == ["w-1", "w-3"]
-    assert [n.name for n in select(nodes, Selector.parse("i!=1"))] == ["w-0", "w-2"]
-    assert select(nodes, None) == select(nodes, "") == nodes
 
 
 KEYS = st.sampled_from(["app", "tier", "example.com/zone", "a_b.c-d"])

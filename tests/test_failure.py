@@ -159,6 +159,13 @@ def test_unknown_output():
     assert f["kind"] == "unknown" and "code 2" in f["message"]
 
 
+def test_every_reason_has_a_kind_and_every_kind_a_hint():
+    from mlbench_daemon.vocabulary import FailureKind, JobReason
+
+    assert set(failure.REASON_KINDS) == set(JobReason)
+    assert set(failure.HINTS) == set(FailureKind) == set(failure.KINDS)
+
+
 def test_every_kind_has_a_hint_and_readme_row():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for kind in failure.KINDS:
