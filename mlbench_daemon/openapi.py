@@ -14,8 +14,8 @@ both; the others under one.
 
 from mlbench_daemon import __version__
 from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
-from mlbench_daemon.failure import KINDS as FAILURE_KINDS
-from mlbench_daemon.preflight import CHECKS
+from mlbench_daemon.jobs.failure import KINDS as FAILURE_KINDS
+from mlbench_daemon.jobs.preflight import CHECKS
 from mlbench_daemon.vocabulary import JobState, Phase
 
 _REF = "#/components/schemas/"

@@ -29,7 +29,7 @@ from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.nodes import Registry
-from mlbench_daemon.preflight import Preflight
+from mlbench_daemon.jobs.preflight import Preflight
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store
 from mlbench_daemon.vocabulary import JobState, Phase

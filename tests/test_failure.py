@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlbench_daemon import failure
-from mlbench_daemon.failure import NodeRef, attribute, node_for_host, rank_hosts, rank_map
+from mlbench_daemon.jobs import failure
+from mlbench_daemon.jobs.failure import NodeRef, attribute, node_for_host, rank_hosts, rank_map
 
 DATA = Path(__file__).resolve().parent / "data" / "openmpi4"
 

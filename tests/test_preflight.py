@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlbench_daemon import preflight
+from mlbench_daemon.jobs import preflight
 
 
 @pytest.fixture

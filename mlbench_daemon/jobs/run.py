@@ -19,8 +19,9 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mlbench_daemon import failure, metrics, preflight
+from mlbench_daemon import metrics
 from mlbench_daemon.discovery import Node
+from mlbench_daemon.jobs import failure, preflight
 from mlbench_daemon.jobs.clock import Clock, Timer
 from mlbench_daemon.jobs.launch import BACKOFF_S, MasterLost, Stopped, launch
 from mlbench_daemon.jobs.placement import Registry

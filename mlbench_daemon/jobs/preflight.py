@@ -38,6 +38,8 @@ from collections.abc import Sequence
 
 from mlbench_daemon.discovery import natural_key
 from mlbench_daemon.errors import BadRequest, QueueFull
+from mlbench_daemon.jobs.placement import choose, mpirun_argv, node_row
+from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.ssh_errors import SSHError
 
 CHECKS = ("master-ssh", "launcher-daemon", "mpi-version", "program", "dirs", "tcp", "slots")
@@ -479,9 +481,6 @@ class Preflight:
         self._busy = threading.Lock()
 
     def run(self, body: dict | None) -> dict:
-        from mlbench_daemon.jobs.placement import choose, mpirun_argv, node_row
-        from mlbench_daemon.jobs.request import validate
-
         for key in body or {}:
             if key not in FIELDS:
                 raise BadRequest(
