@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -230,14 +229,17 @@ def test_one_deadline_for_a_master_that_cannot_reach_a_worker(cluster, start_dae
 
 
 def _snapshot(cluster):
+    """The cluster user's files (home, each host's TMPDIR, /tmp) and processes."""
     files = set()
-    roots = [cluster.home, *(h.dir / "tmp" for h in cluster.hosts), Path("/tmp")]
-    for root in roots:
-        depth = 1 if root == Path("/tmp") else 99
+    for root in [cluster.home, *(h.dir / "tmp" for h in cluster.hosts)]:
         for dirpath, dirs, fs in os.walk(root):
-            if Path(dirpath).relative_to(root).parts.__len__() >= depth:
-                dirs[:] = []
             files.update(os.path.join(dirpath, f) for f in fs + dirs)
+    for entry in os.scandir("/tmp"):  # other test runs come and go here: ours only
+        try:
+            if entry.stat(follow_symlinks=False).st_uid == cluster.uid:
+                files.add(entry.path)
+        except OSError:
+            pass
     procs = {(p, c) for p, c in cluster.user_processes() if not c.startswith("sshd")}
     return files, procs
 
