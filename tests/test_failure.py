@@ -129,6 +129,26 @@ def test_daemon_launch_without_ssh_text_names_nobody():
     assert "names no host" in f["message"]
 
 
+HELP_TCP = Path("/usr/share/openmpi/help-mpi-btl-tcp.txt")
+
+
+@pytest.mark.skipif(not HELP_TCP.exists(), reason="OpenMPI's help files are not installed")
+def test_tcp_connect_failure_from_openmpis_own_help_text():
+    """OpenMPI 4.1 on the test cluster hangs rather than print this when TCP between
+    two nodes is dropped or rejected, so the text comes from its installed help file,
+    filled in as it would fill it."""
+    doc = case("rank-exit")
+    w = doc["nodes"]
+    text = HELP_TCP.read_text().split("[client connect fail]\n", 1)[1].split("\n#", 1)[0]
+    filled = text % (w[0]["hostname"], 4242, f"connect() to {w[2]['ip']}:1024 failed",
+                     "No route to host", 113)  # fmt: skip
+    doc["output"] = "rank output\n" + "-" * 74 + "\n" + filled + "\n" + "-" * 74 + "\n"
+    doc["exit_code"] = 1
+    f = attribute_case(doc)
+    assert (f["kind"], f["node"], f["host"]) == ("tcp-connect", w[0]["name"], w[0]["hostname"])
+    assert f"{w[2]['name']} ({w[2]['ip']})" in f["message"]
+
+
 def test_not_enough_slots():
     f = attribute_case(case("not-enough-slots"))
     assert f["kind"] == "not-enough-slots" and "np=7" in f["message"]

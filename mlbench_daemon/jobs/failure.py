@@ -59,7 +59,10 @@ HINTS = {
         "(firewalls), or restrict MPI to a shared interface (--mca btl_tcp_if_include)"
     ),
     K.NOT_ENOUGH_SLOTS: "lower np, give nodes a `slots` label, or add nodes",
-    K.TIMEOUT: "the job ran past its timeout_s: raise timeout_s or look for a hang",
+    K.TIMEOUT: (
+        "the job ran past its timeout_s: raise timeout_s, or look for a hang (OpenMPI 4 "
+        "hangs when a firewall drops TCP between nodes: run `mlbench-daemon check`)"
+    ),
     K.CANCELLED: "the job was cancelled (DELETE /api/mpi_jobs/<id>)",
     K.MASTER_LOST: (
         "the master stayed unreachable (mpi.lost_after_s); the job may still run there: "
@@ -390,7 +393,11 @@ def attribute(
     elif kind == "lost-contact":
         f["message"] = f"mpirun lost contact with its daemon{where}"
     elif kind == "tcp-connect":
-        f["message"] = f"a rank{where} could not open a TCP connection to {facts.get('peer')}"
+        peer = facts.get("peer")
+        name = node_for_host(peer, nodes, master)
+        f["message"] = f"a rank{where} could not open a TCP connection to " + (
+            f"{name} ({peer})" if name else str(peer)
+        )
     elif kind == "not-enough-slots":
         f["message"] = f"np={facts.get('detail')} is more than the slots of the host list"
     elif kind == "daemon-launch":
