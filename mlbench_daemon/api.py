@@ -235,7 +235,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
         return answer
 
     @app.post("/api/preflight")
-    def run_preflight():
+    def run_preflight() -> str:
         if preflight is None:
             raise NotFound("preflight is not available")
         return _json(preflight.run(_body(max_body_bytes)))

@@ -24,6 +24,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import TextIO
 
 import mlbench_daemon
 from mlbench_daemon.config import read_token
@@ -246,7 +247,7 @@ def cmd_run(client, args, out):
     return 130 if job.get("state") == JobState.CANCELLED else 1
 
 
-def root_cause(job):
+def root_cause(job: dict) -> str:
     """The short block `run` prints to stderr for a job that did not succeed."""
     f = job["failure"]
     where = f.get("node") or f.get("host") or "-"
@@ -273,7 +274,7 @@ def root_cause(job):
     return text
 
 
-def cmd_check(client, args, out):
+def cmd_check(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     """Preflight: a table by node; exit 0 nothing failed, 1 a check failed, 2 API error."""
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     body = {}
@@ -429,7 +430,7 @@ def build_parser(environ=os.environ):
     return parser
 
 
-def _job_options(p):
+def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--np", type=_positive(int), help="number of processes")
     p.add_argument("--node", action="append", metavar="NAME", help="run on this node (repeatable)")
     p.add_argument("--master", metavar="NAME", help="the node that runs mpirun")

@@ -284,7 +284,7 @@ class Registry:
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
 
-    def _hostname(self, node):
+    def _hostname(self, node: Node) -> str | None:
         """The node's `uname -n`, asked once per connection (a launcher prints host
         names; failure attribution maps them back to node names); None if unknown."""
         key, conn = _key(node), self.pool.connection(node.ip, node.port)

@@ -205,7 +205,7 @@ def node_for_host(host: str | None, nodes: Iterable[NodeRef], master: str | None
             return n.name
 
     def same(a: str | None) -> bool:
-        return bool(a) and (a == host or a.split(".")[0] == host.split(".")[0])
+        return a is not None and (a == host or a.split(".")[0] == host.split(".")[0])
 
     for n in nodes:
         if n.name == master and same(n.hostname):
@@ -320,7 +320,7 @@ def empty(kind: str, message: str | None = None) -> dict:
         "exit_code": None,
         "signal": None,
         "message": message,
-        "hint": HINTS[kind],
+        "hint": HINTS[FailureKind(kind)],
     }
 
 
@@ -340,7 +340,7 @@ def attribute(
     if state == "succeeded":
         return None
     if reason in REASON_KINDS:
-        f = empty(REASON_KINDS[reason], error or reason)
+        f = empty(REASON_KINDS[JobReason(reason)], error or reason)
         f["exit_code"] = exit_code
         if f["kind"] in ("timeout", "cancelled"):
             f["message"] = (

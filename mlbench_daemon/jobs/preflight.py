@@ -35,8 +35,9 @@ import shlex
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from mlbench_daemon.discovery import natural_key
+from mlbench_daemon.discovery import Node, natural_key
 from mlbench_daemon.errors import BadRequest, QueueFull
 from mlbench_daemon.jobs.placement import choose, mpirun_argv, node_row
 from mlbench_daemon.jobs.request import validate
@@ -242,12 +243,12 @@ def check(node: str | None, name: str, status: str, message: str, hint: str | No
             "hint": hint}  # fmt: skip
 
 
-def slots_of(node) -> int:
+def slots_of(node: Node) -> int:
     s = node.labels.get("slots", "")
     return int(s) if s.isdigit() and int(s) > 0 else 1
 
 
-def slots_check(nodes, np: int | None) -> dict:
+def slots_check(nodes: Sequence[Node], np: int | None) -> dict:
     total = sum(slots_of(n) for n in nodes)
     if np is None or np <= total:
         return check(None, "slots", "pass", f"np={np or total} within {total} slot(s)")
@@ -268,7 +269,7 @@ def flavour_of(version: str | None) -> str:
     return "unknown"
 
 
-def _ssh_failure(node, rc: str, err: list[str], seconds: float) -> dict:
+def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict:
     if rc == "124":
         return check(node.name, "master-ssh", "fail",
                      f"ssh from the master to {node.ip} did not finish in {seconds:g} s",
@@ -281,14 +282,18 @@ def _ssh_failure(node, rc: str, err: list[str], seconds: float) -> dict:
     return check(node.name, "master-ssh", "fail", message, hint.format(node=node.name, ip=node.ip))
 
 
-def parse_master(text: str, master, workers, seconds: float) -> tuple[list, dict]:
+def parse_master(
+    text: str, master: Node, workers: Sequence[Node], seconds: float
+) -> tuple[list[dict], dict[str, str]]:
     """MASTER's output -> (checks, {node name: version text})."""
     by_ip = {n.ip: n for n in workers}
-    checks, versions, err = [], {}, []
-    node, rc = master, None
-    seen: dict[str, set] = {master.name: set()}
+    checks: list[dict] = []
+    versions: dict[str, str] = {}
+    err: list[str] = []
+    node, rc = master, ""
+    seen: dict[str, set[str]] = {master.name: set()}
 
-    def close():
+    def close() -> None:
         if node is not master:
             if rc == "255" or rc == "124" or rc == "":
                 checks.append(_ssh_failure(node, rc, err, seconds))
@@ -344,7 +349,7 @@ HINTS = {
 }
 
 
-def version_checks(master, nodes, versions: dict) -> list[dict]:
+def version_checks(master: Node, nodes: Sequence[Node], versions: dict[str, str]) -> list[dict]:
     """Each node's version against the master's."""
     want = versions.get(master.name)
     out = []
@@ -364,7 +369,7 @@ def version_checks(master, nodes, versions: dict) -> list[dict]:
     return out
 
 
-def tcp_checks(text: str, master, workers) -> list[dict]:
+def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict]:
     """TCP_MASTER's output -> one tcp check per worker."""
     names = {n.ip: n.name for n in workers} | {master.ip: master.name}
     first = text.strip().splitlines()[0] if text.strip() else ""
@@ -398,10 +403,10 @@ def tcp_checks(text: str, master, workers) -> list[dict]:
 
 
 def run(
-    pool,
-    cfg,
-    master,
-    nodes: Sequence,
+    pool: Any,
+    cfg: Any,
+    master: Node,
+    nodes: Sequence[Node],
     program: Sequence[str],
     np: int | None,
     timeout: float,
@@ -416,9 +421,9 @@ def run(
         ["sh", "-c", NODE, "sh", "worker", cfg.mpi.mpirun, program[0], cfg.mpi.remote_dir]
     )
     tcp_cmd = shlex.join(["sh", "-c", WITH_PYTHON, "sh", TCP_WORKER, sec])
-    results: dict = {}
+    results: dict[str, Any] = {}
 
-    def remote(key, argv):
+    def remote(key: str, argv: list[str]) -> None:
         try:
             results[key] = pool.run(
                 master.ip, master.port, argv, timeout=max(0.1, end - time.monotonic())
@@ -476,7 +481,7 @@ class Preflight:
 
     Nodes, master and argv are chosen exactly as for a job (jobs.placement)."""
 
-    def __init__(self, cfg, pool, registry):
+    def __init__(self, cfg: Any, pool: Any, registry: Any) -> None:
         self.cfg, self.pool, self.registry = cfg, pool, registry
         self._busy = threading.Lock()
 

@@ -270,7 +270,7 @@ class JobRun:
                 master_ip=rec["master_ip"],
                 nodes=refs,
                 error=fields.get("error", rec["error"]),
-            )
+            ) or failure.empty(FailureKind.UNKNOWN, state)
             if f["kind"] == FailureKind.DAEMON_LAUNCH:
                 self._explain_launch(f, rec, statuses)
             return f
