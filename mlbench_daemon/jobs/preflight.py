@@ -24,7 +24,8 @@ Every remote command is an argv the pool quotes; the command the master's ssh se
 to a worker is built here with ``shlex.join``, so the worker's shell sees the same
 words.  Request data reaches the scripts only as positional parameters.  Nothing is
 left behind: the temp dir is removed by a trap, listeners exit on EOF or an alarm,
-and every ssh on the master runs under ``timeout``.
+and every ssh on the master runs under ``timeout`` (coreutils; without it, ssh's own
+ConnectTimeout and the scripts' alarms are the bounds).
 """
 
 from __future__ import annotations
@@ -106,10 +107,12 @@ shift 6
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/.mlbench-preflight.XXXXXX") || exit 3
 trap 'rm -rf "$tmp"' EXIT
 trap 'exit 1' HUP INT TERM
+to=
+command -v timeout >/dev/null 2>&1 && to="timeout -k 1 $t"
 i=0
 for ip; do
   i=$((i+1))
-  (timeout -k 1 "$t" ssh -n -o BatchMode=yes -o StrictHostKeyChecking=yes \
+  ($to ssh -n -o BatchMode=yes -o StrictHostKeyChecking=yes \
      -o ConnectTimeout="$t" -- "$ip" "$cmd" >"$tmp/$i.out" 2>"$tmp/$i.err"
    echo $? >"$tmp/$i.rc") &
 done
@@ -166,7 +169,7 @@ sys.stdin.read()
 # On the master: listen, start TCP_WORKER on each worker over ssh, exchange ports,
 # collect results.  argv: seconds, own IP, the worker command, workers' IPs.
 TCP_MASTER = r"""
-import json, math, signal, socket, subprocess, sys, threading, time
+import json, math, shutil, signal, socket, subprocess, sys, threading, time
 t, me, cmd, ips = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 CONNECT_S = 3.0  # a LAN answers a SYN in far less; a firewall that drops never does
 signal.alarm(int(t) + 3)
@@ -180,8 +183,9 @@ def serve():
         c.close()
 threading.Thread(target=serve, daemon=True).start()
 sec = str(max(1, math.ceil(t)))
+bound = ["timeout", "-k", "1", sec] if shutil.which("timeout") else []
 procs = {ip: subprocess.Popen(
-    ["timeout", "-k", "1", sec, "ssh", "-o", "BatchMode=yes", "-o",
+    bound + ["ssh", "-o", "BatchMode=yes", "-o",
      "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=" + sec, "--", ip, cmd],
     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     text=True) for ip in ips}
