@@ -292,3 +292,15 @@ def test_a_single_node(cluster, daemon):
     _, answer = daemon.json("POST", "/api/preflight/", {"nodes": [w[1].name]})
     assert answer["ok"] is True and answer["master_name"] == w[1].name
     assert {c["node"] for c in answer["checks"]} == {w[1].name, None}
+
+
+def test_a_hostile_program_name_is_data_on_every_host(cluster, daemon, scratch):
+    """program[0] reaches the master and, through its ssh, every worker as one word."""
+    mark = scratch / "pwned"
+    hostile = f"/nonexistent/a b;touch {mark} $(touch {mark}) `touch {mark}` '\"\\"
+    _, answer = daemon.json("POST", "/api/preflight/", {"program": [hostile, "x"]})
+    bad = [c for c in answer["checks"] if c["check"] == "program"]
+    assert len(bad) == 3 and all(c["status"] == "fail" for c in bad)
+    assert all(c["message"] == f"{hostile} does not exist" for c in bad), bad
+    assert not mark.exists()
+    assert by(answer, cluster.workers[1].name, "master-ssh")[0]["status"] == "pass"
