@@ -10,7 +10,7 @@ demo:
 
 bench:
 	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
-	$(PYTHON) bench/cluster.py && $(PYTHON) bench/nodes.py && $(PYTHON) bench/jobs.py
+	$(PYTHON) -m bench.cluster && $(PYTHON) -m bench.nodes && $(PYTHON) -m bench.jobs
 
 install:
 	$(PYTHON) -m pip install .

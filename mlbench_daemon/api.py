@@ -6,10 +6,14 @@ status, from exactly one place (``_error_body``); never an HTML page or a
 stack trace. Every path works with and without its trailing slash.
 """
 
+from __future__ import annotations
+
 import hmac
 import json
 import logging
 import re
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import bottle
 
@@ -18,6 +22,11 @@ from mlbench_daemon.browser import Policy, is_json
 from mlbench_daemon.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from mlbench_daemon.store import LOG_CHUNK_MAX
 from mlbench_daemon.vocabulary import Phase
+
+if TYPE_CHECKING:  # api.py is given these; it imports none of them
+    from mlbench_daemon.jobs import Jobs
+    from mlbench_daemon.jobs.preflight import Preflight
+    from mlbench_daemon.nodes import Registry
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +44,13 @@ STATUS_TEXT = {
 }
 
 
-def _json(value, status=200):
+def _json(value: Any, status: int = 200) -> str:
     bottle.response.status = status
     bottle.response.content_type = JSON
     return json.dumps(value)
 
 
-def _int_param(name, default, lo, hi):
+def _int_param(name: str, default: int, lo: int, hi: int) -> int:
     raw = bottle.request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -53,7 +62,7 @@ def _int_param(name, default, lo, hi):
     return value
 
 
-def _flag(name):
+def _flag(name: str) -> bool:
     raw = bottle.request.query.get(name, "")
     if raw.lower() in ("", "0", "false", "no"):
         return False
@@ -62,7 +71,7 @@ def _flag(name):
     raise BadRequest(f"{name}: must be 0 or 1, got {raw!r}", field=name)
 
 
-def _body(max_bytes):
+def _body(max_bytes: int) -> dict[str, Any] | None:
     """The request's JSON object, or None for an empty body."""
     length = bottle.request.content_length
     if length > max_bytes:
@@ -81,13 +90,13 @@ def _body(max_bytes):
     return body
 
 
-def _error_body(status, error, message):
+def _error_body(status: int, error: str, message: str) -> str:
     bottle.response.status = status
     bottle.response.content_type = JSON
     return json.dumps({"error": error, "message": message})
 
 
-def _refuse(status, message):
+def _refuse(status: int, message: str) -> NoReturn:
     """Leave before any route runs: JSON, with the status's error name."""
     raise bottle.HTTPResponse(
         json.dumps({"error": STATUS_TEXT[status], "message": message}),
@@ -96,7 +105,7 @@ def _refuse(status, message):
     )
 
 
-def _browser_checks(policy):
+def _browser_checks(policy: Policy) -> None:
     """Host, Origin and body type (see browser.py), for every request, before routing."""
     env = bottle.request.environ
     host = env.get("HTTP_HOST")
@@ -109,23 +118,30 @@ def _browser_checks(policy):
         _refuse(415, "a request body must have Content-Type: application/json")
 
 
-def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, preflight=None):
+def make_app(
+    registry: Registry,
+    jobs: Jobs,
+    token: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    policy: Policy | None = None,
+    preflight: Preflight | None = None,
+) -> bottle.Bottle:
     policy = policy or Policy()
     app = bottle.Bottle(catchall=True)
 
     @app.hook("before_request")
-    def _before():
+    def _before() -> None:
         env = bottle.request.environ
         path = env.get("PATH_INFO", "/")
         if len(path) > 1 and path.endswith("/"):
             env["PATH_INFO"] = path.rstrip("/") or "/"
         _browser_checks(policy)
 
-    def needs_token(path):
+    def needs_token(path: str) -> bool:
         return path.startswith("/api/") or (path == "/metrics" and not policy.public_metrics)
 
     @app.hook("after_request")
-    def _count():
+    def _count() -> None:
         route = (
             bottle.request.route.rule if "bottle.route" in bottle.request.environ else "unmatched"
         )
@@ -133,10 +149,10 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
             route, bottle.request.method, str(bottle.response.status_code)
         ).inc()
 
-    def guard(callback):
+    def guard(callback: Callable[..., Any]) -> Callable[..., Any]:
         """Authentication and ApiError -> JSON, around every route."""
 
-        def wrapper(*args, **kwargs):
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 if token and needs_token(bottle.request.path):
                     given = bottle.request.get_header("Authorization", "")
@@ -162,7 +178,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
     @app.error(405)
     @app.error(413)
     @app.error(500)
-    def _http_error(err):
+    def _http_error(err: bottle.HTTPError) -> str:
         if err.status_code == 500:
             log.error(
                 "internal error on %s %s: %r",
@@ -181,14 +197,12 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
         return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)
 
     # ---- nodes ---------------------------------------------------------------
-    cached = [
-        None,
-        None,
-    ]  # (registry generation, JSON body): the table changes per probe, reads are many
+    # (registry generation, JSON body): the table changes per probe, reads are many
+    cached: list[Any] = [None, None]
 
     @app.get("/api/nodes")
     @app.get("/api/pods")
-    def nodes():
+    def nodes() -> str:
         if _flag("refresh"):
             registry.refresh(REFRESH_TIMEOUT_S)
         if registry.stale:
@@ -200,7 +214,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
         return cached[1]
 
     @app.get("/healthz")
-    def healthz():
+    def healthz() -> str:
         nodes = registry.nodes()
         return _json(
             {
@@ -208,23 +222,24 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
                 "nodes": len(nodes),
                 "running": sum(1 for n in nodes if n.phase == Phase.RUNNING),
                 "discovery_stale": registry.stale,
+                "discovery_age_s": registry.discovery_age_s(),
             }
         )
 
     @app.get("/metrics")
-    def prometheus():
+    def prometheus() -> bytes:
         metrics.set_gauges(registry.nodes(), jobs.counts())
         body, content_type = metrics.render()
         bottle.response.content_type = content_type
         return body
 
     @app.get("/api/openapi.json")
-    def openapi_document():
+    def openapi_document() -> str:
         return _json(openapi.DOCUMENT)
 
     # ---- jobs ----------------------------------------------------------------
     @app.post("/api/mpi_jobs")
-    def submit():
+    def submit() -> str | Iterator[bytes]:
         body = _body(max_body_bytes)
         job = jobs.submit(body)  # validates every field, `wait` included
         if not (body or {}).get("wait", True):
@@ -241,7 +256,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
         return _json(preflight.run(_body(max_body_bytes)))
 
     @app.get("/api/mpi_jobs")
-    def list_jobs():
+    def list_jobs() -> str:
         return _json(
             jobs.list(
                 limit=_int_param("limit", 50, 1, 1000), offset=_int_param("offset", 0, 0, 1 << 31)
@@ -249,15 +264,15 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, pr
         )
 
     @app.get("/api/mpi_jobs/<job_id>")
-    def get_job(job_id):
+    def get_job(job_id: str) -> str:
         return _json(jobs.get(job_id))
 
     @app.delete("/api/mpi_jobs/<job_id>")
-    def cancel_job(job_id):
+    def cancel_job(job_id: str) -> str:
         return _json(jobs.cancel(job_id))
 
     @app.get("/api/mpi_jobs/<job_id>/logs")
-    def job_logs(job_id):
+    def job_logs(job_id: str) -> bytes | Iterator[bytes]:
         offset = _int_param("offset", 0, 0, 1 << 62)
         limit = _int_param("limit", LOG_CHUNK_MAX, 1, LOG_CHUNK_MAX)
         bottle.response.content_type = "application/octet-stream"

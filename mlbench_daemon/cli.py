@@ -24,7 +24,8 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TextIO
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO, TextIO
 
 import mlbench_daemon
 from mlbench_daemon.config import read_token
@@ -41,7 +42,7 @@ COLOURS = {Phase.RUNNING: "32", Phase.PENDING: "33", Phase.UNKNOWN: "31", Phase.
 class Failure(Exception):
     """One line for the user, and the exit code."""
 
-    def __init__(self, message, code):
+    def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
 
@@ -50,7 +51,7 @@ class Failure(Exception):
 
 
 class Client:
-    def __init__(self, url, token_file=None):
+    def __init__(self, url: str, token_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.headers = {
             "Accept": "application/json",
@@ -63,7 +64,7 @@ class Client:
                 raise Failure(f"token file: {e}", 2) from None
             self.headers["Authorization"] = f"Bearer {token}"
 
-    def open(self, method, path, body=None, timeout=TIMEOUT_S):
+    def open(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT_S) -> Any:
         """-> the open response; raises Failure for an unreachable daemon or an HTTP error."""
         data = None if body is None else json.dumps(body).encode()
         headers = dict(self.headers, **({"Content-Type": "application/json"} if data else {}))
@@ -77,7 +78,7 @@ class Client:
             reason = getattr(e, "reason", None) or e
             raise Failure(f"cannot reach daemon at {self.url}: {reason}", 2) from None
 
-    def json(self, method, path, body=None):
+    def json(self, method: str, path: str, body: Any = None) -> Any:
         with self.open(method, path, body) as resp:
             raw = resp.read()
         try:
@@ -88,7 +89,7 @@ class Client:
             ) from None
 
 
-def _error_message(e):
+def _error_message(e: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(e.read(65536))
         return f"HTTP {e.code}: {body['message']}"
@@ -96,16 +97,17 @@ def _error_message(e):
         return f"HTTP {e.code}: {e.reason}"
 
 
-def _logs_path(job_id, offset, follow=False):
+def _logs_path(job_id: str, offset: int, follow: bool = False) -> str:
     query = {"offset": offset, **({"follow": 1} if follow else {})}
-    return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}/logs?{urllib.parse.urlencode(query)}"
+    job = urllib.parse.quote(str(job_id), safe="")
+    return f"/api/mpi_jobs/{job}/logs?{urllib.parse.urlencode(query)}"
 
 
-def _job_path(job_id):
+def _job_path(job_id: str) -> str:
     return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}"
 
 
-def copy_logs(client, job_id, offset, out, follow):
+def copy_logs(client: Client, job_id: str, offset: int, out: BinaryIO, follow: bool) -> int:
     """Write the job's output from *offset* to *out*; returns the next offset.
 
     Without follow: read bounded chunks until there is no more. With follow: stream
@@ -142,7 +144,7 @@ def copy_logs(client, job_id, offset, out, follow):
 # --- commands --------------------------------------------------------------------------
 
 
-def cmd_nodes(client, args, out):
+def cmd_nodes(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     nodes = client.json("GET", "/api/nodes/")
     if args.json:
         return _print_json(nodes, out)
@@ -165,7 +167,7 @@ def cmd_nodes(client, args, out):
     )
 
 
-def _labels_text(node):
+def _labels_text(node: dict[str, Any]) -> str:
     """k=v,... from the API's ``label_map``; a server without it: its ``labels`` text as is."""
     labels = node.get("label_map")
     if isinstance(labels, dict):
@@ -173,7 +175,7 @@ def _labels_text(node):
     return _text(node.get("labels"))
 
 
-def cmd_jobs(client, args, out):
+def cmd_jobs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     jobs = client.json("GET", "/api/mpi_jobs/")
     if args.json:
         return _print_json(jobs, out)
@@ -192,11 +194,11 @@ def cmd_jobs(client, args, out):
     _table(out, ("ID", "STATE", "EXIT", "MASTER", "COMMAND"), rows)
 
 
-def cmd_logs(client, args, out):
+def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     copy_logs(client, args.id, 0, out.buffer, follow=args.follow)
 
 
-def cmd_cancel(client, args, out):
+def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     job = client.json("DELETE", _job_path(args.id))
     if args.json:
         return _print_json(job, out)
@@ -204,9 +206,9 @@ def cmd_cancel(client, args, out):
     out.write(f"job {args.id}: {state}\n")
 
 
-def cmd_run(client, args, out):
+def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
-    body = {"wait": False}
+    body: dict[str, Any] = {"wait": False}
     for key, value in (
         ("program", program),
         ("np", args.np),
@@ -312,27 +314,33 @@ def cmd_check(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return 0 if result.get("ok") else 1
 
 
-def _text(value):
+def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _print_json(value, out):
+def _print_json(value: Any, out: TextIO) -> None:
     out.write(json.dumps(value, indent=2) + "\n")
 
 
-def _table(out, header, rows, paint=None):
+def _table(
+    out: TextIO,
+    header: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    paint: dict[int, Callable[[Any], str]] | None = None,
+) -> None:
     paint = paint or {}
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [paint[i](c) if row is not header and i in paint else c for i, c in enumerate(row)]
-        pads = [w - len(str(c)) for w, c in zip(widths, row)]
-        out.write("  ".join(f"{c}{' ' * p}" for c, p in zip(cells, pads)).rstrip() + "\n")
+        pads = [w - len(str(c)) for w, c in zip(widths, row, strict=True)]
+        line = "  ".join(f"{c}{' ' * p}" for c, p in zip(cells, pads, strict=True))
+        out.write(line.rstrip() + "\n")
 
 
 # --- serve -----------------------------------------------------------------------------
 
 
-def cmd_serve(args):
+def cmd_serve(args: argparse.Namespace) -> int:
     from mlbench_daemon import config, logs
 
     try:
@@ -351,15 +359,15 @@ def cmd_serve(args):
 # --- argument parsing ------------------------------------------------------------------
 
 
-def _env_pair(text):
+def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
     return key, value
 
 
-def _positive(kind):
-    def convert(text):
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def convert(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
@@ -371,14 +379,14 @@ def _positive(kind):
     return convert
 
 
-def build_parser(environ=os.environ):
-    def add_globals(p, default):
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    def add_globals(p: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
         # on the main parser with real defaults; on each command with SUPPRESS so an
         # option given before the command is not overwritten by the command's default
         p.add_argument(
             "--url",
             default=default(environ.get("MLBENCH_DAEMON_URL", DEFAULT_URL)),
-            help="daemon base URL (env MLBENCH_DAEMON_URL, default %s)" % DEFAULT_URL,
+            help=f"daemon base URL (env MLBENCH_DAEMON_URL, default {DEFAULT_URL})",
         )
         p.add_argument(
             "--token-file",
@@ -443,7 +451,11 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv=None, environ=os.environ, out=None):
+def main(
+    argv: list[str] | None = None,
+    environ: Mapping[str, str] = os.environ,
+    out: TextIO | None = None,
+) -> int:
     out = out or sys.stdout
     args = build_parser(environ).parse_args(argv)
     try:

@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import ipaddress
 import logging
 import random
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Never
 
 import dns.exception
 import dns.message
@@ -56,7 +58,7 @@ REASONS = tuple(r for r in DiscoveryReason if r != DiscoveryReason.NOT_DISCOVERE
 class DiscoveryError(Exception):
     """A discovery pass failed; `.reason` is one of REASONS, str() is the human message."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = DiscoveryReason(checked(reason, REASONS, "DiscoveryError"))
 
@@ -71,16 +73,16 @@ class Labels(dict):
     it compares equal to.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(sorted(dict(*args, **kwargs).items()))
 
-    def __hash__(self):
+    def __hash__(self) -> int:  # type: ignore[override]  # dict is unhashable; these are not
         return hash(tuple(self.items()))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Labels], tuple[dict[str, str]]]:
         return (Labels, (dict(self),))
 
-    def _read_only(self, *args, **kwargs):
+    def _read_only(self, *args: Any, **kwargs: Any) -> Never:
         raise TypeError("node labels are read-only")
 
     __setitem__ = __delitem__ = __ior__ = _read_only
@@ -96,7 +98,7 @@ class Node:
     namespace: str
     labels: Mapping[str, str] = Labels()  # TXT labels merged with config rules (rules win)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.labels, Labels):
             object.__setattr__(self, "labels", Labels(self.labels))
 
@@ -106,7 +108,7 @@ class Node:
         return str(dict(self.labels))
 
 
-def natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple[Any, ...]:
     """Sort key putting "w-2" before "w-10"; ties broken by the exact name."""
     parts = re.split(r"(\d+)", name)
     return (tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name)
@@ -137,7 +139,7 @@ class Requirement:
             return labels.get(self.key) != self.value
         return (self.key in labels) == (self.op == "exists")
 
-    def __str__(self):
+    def __str__(self) -> str:
         if self.op in ("=", "!="):
             return f"{self.key}{self.op}{self.value}"
         return self.key if self.op == "exists" else f"!{self.key}"
@@ -174,7 +176,8 @@ def _parse_term(term: str) -> Requirement:
 
 @dataclasses.dataclass(frozen=True)
 class Selector:
-    """A Kubernetes equality-based label selector: `k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-separated.
+    """A Kubernetes equality-based label selector: `k=v`, `k==v`, `k!=v`, `k`, `!k`,
+    comma-separated.
 
     Requirements are kept sorted and without duplicates, so equal selectors compare equal
     and str() is canonical. The empty selector matches everything.
@@ -194,7 +197,7 @@ class Selector:
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(r.matches(labels) for r in self.requirements)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return ",".join(map(str, self.requirements))
 
 
@@ -209,7 +212,7 @@ def namespace_of(service: str, default: str) -> str:
     return default
 
 
-def txt_labels(rdatas) -> dict[str, str]:
+def txt_labels(rdatas: Iterable[Any]) -> dict[str, str]:
     """RFC 6763 key/value strings: `k=v`, `k` alone = empty value, first key wins, `=x` ignored."""
     labels: dict[str, str] = {}
     for rdata in sorted(rdatas, key=lambda r: r.strings):  # several TXT records: a stable order
@@ -230,7 +233,9 @@ def _ip_order(address: str) -> tuple[int, int]:
 
 
 class Discovery:
-    def __init__(self, cfg, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22):
+    def __init__(
+        self, cfg: Any, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22
+    ) -> None:
         if not cfg.service:
             raise ValueError("discovery.service is empty")
         self.cfg = cfg
@@ -249,7 +254,7 @@ class Discovery:
                     resolver = dns.resolver.Resolver()
                 except dns.resolver.NoResolverConfiguration as e:
                     raise DiscoveryError(
-                        "dns-error",
+                        DiscoveryReason.DNS_ERROR,
                         f"discovery.nameservers is empty and the system resolver is unusable: {e}",
                     ) from None
         self.resolver = resolver
@@ -257,7 +262,7 @@ class Discovery:
         self._cache: dict[tuple, tuple[object, float]] = {}  # (kind, name) -> (value, due)
         self._cache_lock = threading.Lock()
 
-    def _cached(self, p: _Pass, key: tuple, read, fresh=None):
+    def _cached(self, p: _Pass, key: tuple, read: Callable[[], Any], fresh: Any = None) -> Any:
         """read() once every recheck_s per key (`fresh`: a value just seen, no read needed);
         `None` values are never kept."""
         p.used.add(key)
@@ -328,7 +333,7 @@ class Discovery:
         self._forget_unused(p)
         return sorted(nodes.values(), key=lambda n: natural_key(n.name)), p.ttl
 
-    def _srv_members(self, p: _Pass, srv) -> Iterable[tuple]:
+    def _srv_members(self, p: _Pass, srv: Any) -> Iterable[tuple[Any, ...]]:
         """(target name, ip, port) per SRV target with an address."""
         for rr in sorted(srv, key=lambda r: (r.priority, -r.weight, r.target, r.port)):
             if rr.target == dns.name.root:  # "." = service decidedly not available there
@@ -336,7 +341,7 @@ class Discovery:
             # an address in the SRV answer's additional section is free: it counts as a read
             extra = p.additional_address(rr.target, srv.response)
             ip = self._cached(
-                p, ("addr", rr.target), lambda t=rr.target: p.query_address(t), fresh=extra
+                p, ("addr", rr.target), functools.partial(p.query_address, rr.target), fresh=extra
             )
             if ip is None:
                 log.warning(
@@ -345,10 +350,10 @@ class Discovery:
                 continue
             yield rr.target, ip, rr.port
 
-    def _address_members(self, p: _Pass, addresses: list[str]) -> Iterable[tuple]:
+    def _address_members(self, p: _Pass, addresses: list[str]) -> Iterable[tuple[Any, ...]]:
         """(PTR name or None, ip, ssh port) per address of the service."""
         for ip in sorted(set(addresses), key=_ip_order):
-            name = self._cached(p, ("ptr", ip), lambda ip=ip: _ptr_name(p, ip))
+            name = self._cached(p, ("ptr", ip), functools.partial(_ptr_name, p, ip))
             yield (name or None), ip, self.ssh_port
 
     def _labels(self, p: _Pass, host: dns.name.Name | None, name: str) -> Labels:
@@ -373,7 +378,7 @@ class _Pass:
     """The queries of one discovery pass: one deadline, the minimum TTL, the NXDOMAIN names,
     the cache keys it used."""
 
-    def __init__(self, resolver: dns.resolver.Resolver, deadline: float):
+    def __init__(self, resolver: dns.resolver.Resolver, deadline: float) -> None:
         self.resolver = resolver
         self.deadline = deadline
         self.ttl = float("inf")
@@ -411,7 +416,8 @@ class _Pass:
             raise DiscoveryError(
                 DiscoveryReason.DNS_ERROR, f"DNS error querying {rdtype} {name}: {e}"
             ) from None
-        self.ttl = min(self.ttl, answer.rrset.ttl)
+        if answer.rrset is not None:
+            self.ttl = min(self.ttl, answer.rrset.ttl)
         return answer
 
     def additional_address(self, host: dns.name.Name, response: dns.message.Message) -> str | None:

@@ -8,6 +8,8 @@ patterns with ``*``/``?`` and ``!`` negation, ``@revoked``; ``@cert-authority``
 lines are skipped (no host certificates).
 """
 
+from __future__ import annotations
+
 import base64
 import dataclasses
 import fcntl
@@ -28,13 +30,13 @@ log = logging.getLogger(__name__)
 SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 
 
-def fingerprint(key):
+def fingerprint(key: paramiko.PKey) -> str:
     """OpenSSH's SHA256 fingerprint, e.g. ``SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8``."""
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-def known_names(ip, port, host=None):
+def known_names(ip: str, port: int, host: str | None = None) -> list[str]:
     """The known_hosts names of a host: ``name`` and ``ip``, or ``[name]:port`` off port 22."""
     names = [n for n in dict.fromkeys([host, ip]) if n]
     return names if port == 22 else [f"[{n}]:{port}" for n in names]
@@ -46,7 +48,7 @@ class KnownKey:
     key: paramiko.PKey
     revoked: bool = False
 
-    def matches(self, name):
+    def matches(self, name: str) -> bool:
         hit = False
         for p in self.patterns:
             negated, p = p.startswith("!"), p.lstrip("!")
@@ -60,7 +62,7 @@ class KnownKey:
         return hit
 
 
-def parse_known_hosts(text, source="known_hosts"):
+def parse_known_hosts(text: str, source: str = "known_hosts") -> list[KnownKey]:
     """known_hosts lines -> [KnownKey].
 
     ``@revoked`` lines are kept; ``@cert-authority`` and bad lines are skipped."""
@@ -87,13 +89,13 @@ def parse_known_hosts(text, source="known_hosts"):
 class KnownHosts:
     """Host key checks against known_hosts files; ``accept-new`` pins into the first one."""
 
-    def __init__(self, path, system, policy):
+    def __init__(self, path: str, system: bool, policy: str) -> None:
         self.path = path
         self.paths = [p for p in (path, SYSTEM_KNOWN_HOSTS if system else None) if p]
         self.policy = policy
         self._lock = threading.Lock()
 
-    def _load(self):
+    def _load(self) -> list[KnownKey]:
         keys = []
         for p in self.paths:
             try:
@@ -103,11 +105,11 @@ class KnownHosts:
                 pass
         return keys
 
-    def preferred_types(self, names):
+    def preferred_types(self, names: list[str]) -> set[str]:
         """Key types already known for these names (negotiate those first, like OpenSSH)."""
         return {k.key.get_name() for k in self._load() if any(k.matches(n) for n in names)}
 
-    def verify(self, key, names, where):
+    def verify(self, key: paramiko.PKey, names: list[str], where: str) -> None:
         """Raise Untrusted unless `key` is the known key of `names` (or pinned under accept-new)."""
         try:
             self._check(self._load(), key, names, where)
@@ -121,7 +123,7 @@ class KnownHosts:
             self._pin(key, names, where)
 
     @staticmethod
-    def _check(keys, key, names, where):
+    def _check(keys: list[KnownKey], key: paramiko.PKey, names: list[str], where: str) -> None:
         blob = key.asbytes()
         mine = [k for k in keys if any(k.matches(n) for n in names)]
         if any(k.revoked and k.key.asbytes() == blob for k in mine):
@@ -144,7 +146,7 @@ class KnownHosts:
             f"(names {', '.join(names)})",
         )
 
-    def _pin(self, key, names, where):
+    def _pin(self, key: paramiko.PKey, names: list[str], where: str) -> None:
         """Append the key under an exclusive lock, unless someone pinned one meanwhile."""
         with self._lock, open(self.path, "a+", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)

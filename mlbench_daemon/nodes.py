@@ -24,8 +24,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
-from mlbench_daemon.discovery import DiscoveryError, Node, Selector, natural_key
+from mlbench_daemon.discovery import Discovery, DiscoveryError, Node, Selector, natural_key
 from mlbench_daemon.ssh_errors import SSHError
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import DiscoveryReason, NodeReason, Phase, SSHReason
@@ -35,6 +37,14 @@ log = logging.getLogger(__name__)
 SWEEP_SLACK_S = 1.0  # sweep deadline = ssh.connect_timeout_s + this (each probe bounds itself)
 RETRY_S = 2.0  # discovery retry after a failure (at most discovery.refresh_s)
 ALIVE_FACTOR = 3  # alive() while each loop made progress within this many of its periods
+
+
+class Prober(Protocol):
+    """What the registry needs of ssh.Pool."""
+
+    def probe(self, ip: str, port: int, host: str | None = None) -> float: ...
+    def hostname(self, ip: str, port: int) -> str | None: ...
+    def drop(self, ip: str, port: int) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +57,7 @@ class NodeStatus:
     latency_ms: float | None = None
     hostname: str | None = None  # `uname -n`, asked once per new connection
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         n = self.node
         return {
             "name": n.name,
@@ -66,20 +76,46 @@ class NodeStatus:
         }
 
 
-def _key(node):
+def probe_result(pool: Prober, node: Node, user: str) -> dict[str, Any]:
+    """Probe `node` -> the NodeStatus fields its result sets (phase, reason, ...)."""
+    try:
+        latency = pool.probe(node.ip, node.port, node.host)
+        return dict(
+            phase=Phase.RUNNING,
+            reason=NodeReason.OK,
+            latency_ms=round(latency * 1000, 3),
+            message=f"logged in as {user} and ran `true`",
+        )
+    except SSHError as e:
+        return dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
+    except Exception as e:  # a bug must not leave the node Pending forever
+        log.exception("probe of %s failed unexpectedly", node.name)
+        return dict(
+            phase=Phase.UNKNOWN, reason=SSHReason.SSH_ERROR, message=repr(e), latency_ms=None
+        )
+
+
+def _key(node: Node) -> tuple[str, str, int]:
     return (node.name, node.ip, node.port)
 
 
 class Registry:
-    def __init__(self, cfg, discovery, pool, clock=time.monotonic, on_probe=None):
+    def __init__(
+        self,
+        cfg: Any,
+        discovery: Discovery,
+        pool: Prober,
+        clock: Callable[[], float] = time.monotonic,
+        on_probe: Callable[[NodeStatus], object] | None = None,
+    ) -> None:
         """`on_probe(status)` is called after each probe result (metrics hook), if given."""
         self.cfg, self.discovery, self.pool, self.clock = cfg, discovery, pool, clock
         self.on_probe = on_probe
         self.selector = Selector.parse(cfg.discovery.selector)
         self.generation = 0  # bumped on every change of the table
-        self.refreshed_at = None  # epoch of the last successful discovery
-        self._snapshot = ()
-        self._stale, self._stale_reason = True, DiscoveryReason.NOT_DISCOVERED_YET
+        self.refreshed_at: float | None = None  # epoch of the last successful discovery
+        self._snapshot: tuple[NodeStatus, ...] = ()
+        self._stale, self._stale_reason = True, str(DiscoveryReason.NOT_DISCOVERED_YET)
         self._lock = threading.Lock()  # guards every swap of the snapshot and the stale flag
         self._stop = threading.Event()
         self._wake = threading.Event()  # start a probe round now
@@ -87,17 +123,17 @@ class Registry:
         self._started = self._done = 0
         self._discovered = threading.Event()
         self._first_pass = threading.Event()
-        self._inflight = {}  # node key -> the future of its probe still running
-        self._unames = {}  # node key -> (the connection's connect count, `uname -n`)
-        self._beats = {}
-        self._threads = []
+        # node key -> the future of its probe still running
+        self._inflight: dict[tuple[str, str, int], concurrent.futures.Future[None]] = {}
+        self._beats: dict[str, float] = {}
+        self._threads: list[threading.Thread] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=cfg.ssh.max_connects, thread_name_prefix="probe"
         )
 
     # --- readers (never wait) -----------------------------------------------------------
 
-    def nodes(self, selector=None):
+    def nodes(self, selector: Selector | str | None = None) -> list[NodeStatus]:
         """Current status of every selected node, in natural name order."""
         if isinstance(selector, str):
             selector = Selector.parse(selector)
@@ -105,18 +141,23 @@ class Registry:
         return [s for s in snap if selector is None or selector.matches(s.node.labels)]
 
     @property
-    def stale(self):
+    def stale(self) -> bool:
         return self._stale
 
     @property
-    def stale_reason(self):
+    def stale_reason(self) -> str:
         return self._stale_reason
 
-    def wait_first_pass(self, timeout):
+    def discovery_age_s(self) -> float | None:
+        """Seconds since the last successful discovery (how old the node list is)."""
+        at = self.refreshed_at
+        return None if at is None else round(max(0.0, time.time() - at), 3)
+
+    def wait_first_pass(self, timeout: float) -> bool:
         """True once discovery has run and a probe round started after it has finished."""
         return self._first_pass.wait(timeout)
 
-    def alive(self):
+    def alive(self) -> bool:
         """Both loops made progress lately (for the systemd watchdog)."""
         d, s = self.cfg.discovery, self.cfg.ssh
         periods = {
@@ -135,7 +176,7 @@ class Registry:
 
     # --- control ------------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         now = self.clock()
         self._beats = {"refresh": now, "probe": now}
         for name, loop in (("refresh", self._refresh_loop), ("probe", self._probe_loop)):
@@ -143,7 +184,7 @@ class Registry:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout=None):
+    def stop(self, timeout: float | None = None) -> None:
         """Stop both loops; waits at most `timeout` (default: one discovery + one sweep)."""
         if timeout is None:
             timeout = self.cfg.discovery.timeout_s + self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
@@ -154,7 +195,7 @@ class Registry:
             t.join(max(0.0, deadline - time.monotonic()))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def refresh(self, timeout):
+    def refresh(self, timeout: float) -> None:
         """Run one probe round now and wait (at most `timeout`) until it has finished."""
         with self._rounds:
             want = self._started + 1
@@ -163,7 +204,7 @@ class Registry:
 
     # --- refresh loop -------------------------------------------------------------------
 
-    def _refresh_loop(self):
+    def _refresh_loop(self) -> None:
         while not self._stop.is_set():
             wait = self._refresh_once()
             self._discovered.set()
@@ -171,7 +212,7 @@ class Registry:
             self._beats["refresh"] = self.clock()
             self._stop.wait(wait)
 
-    def _refresh_once(self):
+    def _refresh_once(self) -> float:
         """One discovery pass; returns the seconds until the next one."""
         refresh_s = self.cfg.discovery.refresh_s
         try:
@@ -188,7 +229,7 @@ class Registry:
         self._set_members(n for n in nodes if self.selector.matches(n.labels))
         return refresh_s
 
-    def _set_members(self, nodes):
+    def _set_members(self, nodes: Iterable[Node]) -> None:
         members = {_key(n): n for n in nodes}
         with self._lock:
             old = {_key(s.node): s for s in self._snapshot}
@@ -210,7 +251,7 @@ class Registry:
 
     # --- probe loop ---------------------------------------------------------------------
 
-    def _probe_loop(self):
+    def _probe_loop(self) -> None:
         while not self._stop.is_set():
             with self._rounds:
                 self._wake.clear()
@@ -229,10 +270,10 @@ class Registry:
             self._beats["probe"] = self.clock()
             self._wake.wait(self.cfg.ssh.probe_interval_s)
 
-    def _sweep(self):
+    def _sweep(self) -> None:
         """Probe every node in parallel under one deadline for the whole round."""
         budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
-        futures = {}
+        futures: dict[concurrent.futures.Future[None], Node] = {}
         for s in self._snapshot:
             k = _key(s.node)
             with self._lock:
@@ -260,48 +301,25 @@ class Registry:
                     if_inflight=True,
                 )
 
-    def _probe(self, node):
+    def _probe(self, node: Node) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
-        try:
-            latency = self.pool.probe(node.ip, node.port, node.host)
-            change = dict(
-                phase=Phase.RUNNING,
-                reason=NodeReason.OK,
-                latency_ms=round(latency * 1000, 3),
-                message=f"logged in as {self.cfg.ssh.user} and ran `true`",
-            )
-            hostname = self._hostname(node)
+        change = probe_result(self.pool, node, self.cfg.ssh.user)
+        if change["phase"] == Phase.RUNNING:
+            hostname = self.pool.hostname(node.ip, node.port)
             if hostname:
                 change["hostname"] = hostname
-        except SSHError as e:
-            change = dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
-        except Exception as e:  # a bug must not leave the node Pending forever
-            log.exception("probe of %s failed unexpectedly", node.name)
-            change = dict(
-                phase=Phase.UNKNOWN, reason=SSHReason.SSH_ERROR, message=repr(e), latency_ms=None
-            )
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
 
-    def _hostname(self, node: Node) -> str | None:
-        """The node's `uname -n`, asked once per connection (a launcher prints host
-        names; failure attribution maps them back to node names); None if unknown."""
-        key, conn = _key(node), self.pool.connection(node.ip, node.port)
-        connects, name = self._unames.get(key, (None, None))
-        if connects == conn.connects:
-            return name
-        try:
-            r = self.pool.run(
-                node.ip, node.port, ["uname", "-n"], timeout=self.cfg.ssh.connect_timeout_s
-            )
-        except SSHError:
-            return name
-        name = r.stdout.decode(errors="replace").strip() or None if r.exit_code == 0 else name
-        self._unames[key] = (conn.connects, name)
-        return name
-
-    def _update(self, node, change, *, finished=False, if_inflight=False):
+    def _update(
+        self,
+        node: Node,
+        change: Callable[[NodeStatus], NodeStatus],
+        *,
+        finished: bool = False,
+        if_inflight: bool = False,
+    ) -> None:
         """Apply change(status) to the node's entry, if it is still a member.
 
         `finished`: this is the probe's own result (its node leaves the in-flight

@@ -25,6 +25,8 @@ Remote commands are built only by ``quote(argv)`` (``shlex.join``): the login
 shell sees one word per argv item, whatever the bytes.
 """
 
+from __future__ import annotations
+
 import collections
 import dataclasses
 import errno
@@ -34,6 +36,8 @@ import shlex
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import paramiko
 from paramiko.buffered_pipe import PipeTimeout
@@ -94,7 +98,7 @@ TCP_USER_TIMEOUT_S = 30  # unacknowledged data for this long kills the socket (f
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
-def _tune(transport):
+def _tune(transport: paramiko.Transport) -> None:
     """Fast ciphers first; leave rekeying to the server.
 
     paramiko's own rekey (every 512 MiB) races with a busy session channel and can stall
@@ -109,14 +113,14 @@ def _tune(transport):
     transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = 2**62
 
 
-def quote(argv):
+def quote(argv: Sequence[str]) -> str:
     """The only way a remote command string is built: one shell word per argv item."""
     if isinstance(argv, (str, bytes)) or not argv:
         raise TypeError("argv must be a non-empty list of strings")
     return shlex.join(argv)
 
 
-def classify(exc, where=""):
+def classify(exc: BaseException, where: str = "") -> SSHError:
     """Map any exception from socket/paramiko to an SSHError (the one place this is done)."""
     if isinstance(exc, SSHError):
         return exc
@@ -154,7 +158,7 @@ def classify(exc, where=""):
     return Unreachable(R.SSH_ERROR, f"{at}{type(exc).__name__}: {text}")
 
 
-def load_client_key(key_file):
+def load_client_key(key_file: str) -> paramiko.PKey | None:
     """The client key, loaded once; ``ssh.key_file`` empty = the first of ~/.ssh/id_*."""
     paths = [key_file] if key_file else [os.path.expanduser(f"~/.ssh/{n}") for n in DEFAULT_KEYS]
     for p in paths:
@@ -170,58 +174,59 @@ def load_client_key(key_file):
 class _Watchdog:
     """Call `action` if the with-block has not finished after `seconds`; `.fired` tells."""
 
-    def __init__(self, seconds, action):
+    def __init__(self, seconds: float, action: Callable[[], object]) -> None:
         self.fired = False
         self._action = action
         self._timer = threading.Timer(max(0.0, seconds), self._fire)
         self._timer.daemon = True
 
-    def _fire(self):
+    def _fire(self) -> None:
         self.fired = True
         self._action()
 
-    def __enter__(self):
+    def __enter__(self) -> _Watchdog:
         self._timer.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
 
 
-def _remaining(deadline):
+def _remaining(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
 class Connection:
     """One persistent SSH connection to (ip, port): opens lazily, closes in one place."""
 
-    def __init__(self, pool, ip, port):
+    def __init__(self, pool: Pool, ip: str, port: int) -> None:
         self.pool, self.ip, self.port = pool, ip, port
-        self.host = None
+        self.host: str | None = None
         self.where = f"{ip}:{port}"
-        self.transport = None
+        self.transport: paramiko.Transport | None = None
         self.connects = 0
+        self.uname: tuple[int, str | None] = (0, None)  # (connects when asked, `uname -n`)
         self.channels = threading.BoundedSemaphore(pool.cfg.max_channels)
         self.probe_channel = threading.BoundedSemaphore(1)
         self._open_lock = threading.Lock()
         self._lock = threading.Lock()
 
     @property
-    def is_connected(self):
+    def is_connected(self) -> bool:
         t = self.transport
         return t is not None and t.is_active() and t.is_authenticated()
 
-    def open(self, deadline):
+    def open(self, deadline: float) -> paramiko.Transport:
         """The live transport, connecting first if needed (bounded by `deadline`)."""
         t = self.transport
-        if self.is_connected:
+        if t is not None and self.is_connected:
             return t
         if not self._open_lock.acquire(timeout=_remaining(deadline)):
             raise Unreachable(
                 R.CONNECT_TIMEOUT, f"{self.where}: another connect did not finish in time"
             )
         try:
-            if self.is_connected:
+            if self.transport is not None and self.is_connected:
                 return self.transport
             self.close()
             if not self.pool._connects.acquire(timeout=_remaining(deadline)):
@@ -239,7 +244,7 @@ class Connection:
         finally:
             self._open_lock.release()
 
-    def connect_kwargs(self, deadline):
+    def connect_kwargs(self, deadline: float) -> dict[str, Any]:
         """Everything a connect depends on, gathered in one place."""
         cfg = self.pool.cfg
         return dict(
@@ -250,7 +255,7 @@ class Connection:
             keepalive=cfg.keepalive_s,
         )
 
-    def _connect(self, deadline):
+    def _connect(self, deadline: float) -> paramiko.Transport:
         kw = self.connect_kwargs(deadline)
         sock = transport = None
         try:
@@ -269,7 +274,8 @@ class Connection:
             self._prefer_known_key_types(transport, kw["names"])
             _tune(transport)
             transport.start_client(timeout=_remaining(deadline))
-            if not transport.completion_event.is_set():  # start_client returns quietly on timeout
+            done = transport.completion_event
+            if done is None or not done.is_set():  # start_client returns quietly on timeout
                 if transport.remote_version:
                     raise Unreachable(
                         R.CONNECT_TIMEOUT, f"{self.where}: key exchange did not finish in time"
@@ -298,7 +304,7 @@ class Connection:
                 raise classify(e, self.where) from e
             raise
 
-    def _prefer_known_key_types(self, transport, names):
+    def _prefer_known_key_types(self, transport: paramiko.Transport, names: list[str]) -> None:
         known = self.pool.known_hosts.preferred_types(names)
         if not known:
             return
@@ -309,7 +315,7 @@ class Connection:
             t for t in types if base.get(t, t) not in known
         ]
 
-    def close(self):
+    def close(self) -> None:
         """Close the connection (idempotent, never blocks for long); the next use reconnects."""
         with self._lock:
             t, self.transport = self.transport, None
@@ -335,16 +341,24 @@ class Stream:
     leaving a with-block) closes the channel.
     """
 
-    def __init__(self, conn, chan, release, idle_timeout, writer, ping):
+    def __init__(
+        self,
+        conn: Connection,
+        chan: paramiko.Channel,
+        release: Callable[[], None],
+        idle_timeout: float,
+        writer: _Writer,
+        ping: Callable[[], object],
+    ) -> None:
         self._conn, self._chan, self._release, self._writer = conn, chan, release, writer
         self.idle_timeout, self._ping = idle_timeout, ping
-        self.exit_code = None
+        self.exit_code: int | None = None
         self._closed = False
 
-    def __iter__(self):
+    def __iter__(self) -> Stream:
         return self
 
-    def __next__(self):
+    def __next__(self) -> bytes:
         if self._closed:
             raise StopIteration
         while True:
@@ -369,35 +383,35 @@ class Stream:
         self.exit_code = code
         raise StopIteration
 
-    def _lost(self, why):
+    def _lost(self, why: str) -> Unreachable:
         alive = self._conn.is_connected
         if not alive:
             self._conn.close()
         state = "connection alive" if alive else "connection dead"
         return Unreachable(R.CONNECTION_LOST, f"{self._conn.where}: {why} ({state})")
 
-    def close(self):
+    def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._writer.stop()
             _close_channel(self._chan)
             self._release()
 
-    def __enter__(self):
+    def __enter__(self) -> Stream:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _close_channel(chan):
+def _close_channel(chan: paramiko.Channel) -> None:
     try:
         chan.close()
     except Exception:  # the transport is already gone: nothing left to close
         pass
 
 
-def _exit_status(chan, timeout):
+def _exit_status(chan: paramiko.Channel, timeout: float) -> int | None:
     """The exit status after EOF, None if the channel closed without one in `timeout`.
 
     paramiko reports -1 for "no exit-status"; that is a signal death if the
@@ -414,7 +428,7 @@ def _exit_status(chan, timeout):
 class Pool:
     """Persistent SSH connections keyed by (ip, port), shared by all threads."""
 
-    def __init__(self, cfg, on_reconnect=None):
+    def __init__(self, cfg: Any, on_reconnect: Callable[[str, int], object] | None = None) -> None:
         self.cfg = cfg
         self.client_key = load_client_key(cfg.key_file)
         self.known_hosts = KnownHosts(
@@ -422,13 +436,13 @@ class Pool:
         )
         self.on_reconnect = on_reconnect
         self.reconnects = 0
-        self._conns = {}
+        self._conns: dict[tuple[str, int], Connection] = {}
         self._lock = threading.Lock()
         self._connects = threading.BoundedSemaphore(cfg.max_connects)
 
     # --- public API -----------------------------------------------------------------
 
-    def probe(self, ip, port, host=None):
+    def probe(self, ip: str, port: int, host: str | None = None) -> float:
         """Seconds it took to log in (if needed) and run `true`; bounded by the connect timeout."""
         start = time.monotonic()
         deadline = start + self.cfg.connect_timeout_s
@@ -452,7 +466,9 @@ class Pool:
             conn.close()
             raise classify(e, conn.where) from e
 
-    def run(self, ip, port, argv, *, stdin=b"", timeout):
+    def run(
+        self, ip: str, port: int, argv: list[str], *, stdin: bytes = b"", timeout: float
+    ) -> Result:
         """Run argv to completion -> Result; raises CommandTimeout after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         conn = self.connection(ip, port)
@@ -465,7 +481,7 @@ class Pool:
         writer = None
         try:
             chan.settimeout(timeout)
-            out, err, errors = bytearray(), bytearray(), []
+            out, err, errors = bytearray(), bytearray(), list[BaseException]()
             readers = [
                 _thread(_drain, chan.recv, out, errors),
                 _thread(_drain, chan.recv_stderr, err, errors),
@@ -497,7 +513,9 @@ class Pool:
             _close_channel(chan)
             release()
 
-    def stream(self, ip, port, argv, *, stdin=b"", idle_timeout):
+    def stream(
+        self, ip: str, port: int, argv: list[str], *, stdin: bytes = b"", idle_timeout: float
+    ) -> Stream:
         """Start argv and return a Stream of its combined output."""
         conn = self.connection(ip, port)
         chan, release = self._exec(
@@ -512,20 +530,37 @@ class Pool:
             conn, chan, release, idle_timeout, _Writer(chan, stdin), lambda: self.probe(ip, port)
         )
 
-    def drop(self, ip, port):
+    def hostname(self, ip: str, port: int) -> str | None:
+        """The host's `uname -n`, asked once per connection (a launcher prints host names;
+        failure attribution maps them back to nodes); the last one known if it cannot be
+        asked now."""
+        conn = self.connection(ip, port)
+        asked_at, name = conn.uname
+        if conn.connects and asked_at == conn.connects:
+            return name
+        try:
+            r = self.run(ip, port, ["uname", "-n"], timeout=self.cfg.connect_timeout_s)
+        except SSHError:
+            return name
+        if r.exit_code == 0:
+            name = r.stdout.decode(errors="replace").strip() or None
+        conn.uname = (conn.connects, name)
+        return name
+
+    def drop(self, ip: str, port: int) -> None:
         """Forget and close the connection to (ip, port)."""
         with self._lock:
             conn = self._conns.pop((ip, port), None)
         if conn is not None:
             conn.close()
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
         for c in conns:
             c.close()
 
-    def connection(self, ip, port, host=None):
+    def connection(self, ip: str, port: int, host: str | None = None) -> Connection:
         """The pool's Connection for (ip, port) (not necessarily connected)."""
         with self._lock:
             conn = self._conns.get((ip, port))
@@ -537,7 +572,7 @@ class Pool:
 
     # --- internals ------------------------------------------------------------------
 
-    def _reconnected(self, conn):
+    def _reconnected(self, conn: Connection) -> None:
         with self._lock:
             self.reconnects += 1
         if self.on_reconnect is not None:
@@ -546,7 +581,16 @@ class Pool:
             except Exception:
                 log.exception("on_reconnect callback failed")
 
-    def _exec(self, conn, argv, deadline, *, stdin, probe=False, combine_stderr=False):
+    def _exec(
+        self,
+        conn: Connection,
+        argv: list[str],
+        deadline: float,
+        *,
+        stdin: bool,
+        probe: bool = False,
+        combine_stderr: bool = False,
+    ) -> tuple[paramiko.Channel, Callable[[], None]]:
         """Open a session channel on `conn` and exec argv -> (channel, release); all by `deadline`.
 
         Without stdin the command reads /dev/null instead of waiting for our EOF:
@@ -584,7 +628,7 @@ class Pool:
             raise e
 
 
-def _open_session(transport, deadline):
+def _open_session(transport: paramiko.Transport, deadline: float) -> paramiko.Channel:
     """A session channel; sshd refuses opens over MaxSessions until our last close has
     reached it (we free a slot when we send CLOSE), so a refusal is retried until `deadline`.
     (With opens in parallel paramiko may report a refusal as a bare "Unable to open channel.")"""
@@ -592,7 +636,7 @@ def _open_session(transport, deadline):
     while True:
         try:
             chan = transport.open_session(timeout=max(0.01, _remaining(deadline)))
-            chan.in_buffer = _ChunkPipe()  # before exec: no data can have arrived yet
+            chan.in_buffer = _ChunkPipe()  # type: ignore[assignment]  # no data can be there yet
             return chan
         except paramiko.SSHException:
             if not transport.is_active() or _remaining(deadline) < pause:
@@ -612,15 +656,15 @@ class _ChunkPipe:
     ``PipeTimeout``, returns b"" once closed and empty).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
-        self._chunks = collections.deque()
+        self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
-        self._event = None
+        self._event: threading.Event | None = None
         self._closed = False
 
-    def set_event(self, event):
+    def set_event(self, event: threading.Event) -> None:
         with self._lock:
             self._event = event
             if self._closed or self._size:
@@ -628,7 +672,7 @@ class _ChunkPipe:
             else:
                 event.clear()
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> None:
         with self._lock:
             if data:
                 self._chunks.append(bytes(data))
@@ -637,11 +681,11 @@ class _ChunkPipe:
                 self._event.set()
             self._cv.notify_all()
 
-    def read_ready(self):
+    def read_ready(self) -> bool:
         with self._lock:
             return self._size > 0
 
-    def read(self, nbytes, timeout=None):
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while not self._size and not self._closed:
@@ -651,7 +695,7 @@ class _ChunkPipe:
                 self._cv.wait(left)
             return self._take(nbytes)
 
-    def _take(self, nbytes):
+    def _take(self, nbytes: int) -> bytes:
         parts, n = [], 0
         while self._chunks and n < nbytes:
             chunk = self._chunks.popleft()
@@ -665,29 +709,29 @@ class _ChunkPipe:
             self._event.clear()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def empty(self):
+    def empty(self) -> bytes:
         with self._lock:
             return self._take(self._size)
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             self._closed = True
             self._cv.notify_all()
             if self._event is not None:
                 self._event.set()
 
-    def __len__(self):
+    def __len__(self) -> int:
         with self._lock:
             return self._size
 
 
-def _thread(target, *args):
+def _thread(target: Callable[..., object], *args: object) -> threading.Thread:
     t = threading.Thread(target=target, args=args, daemon=True)
     t.start()
     return t
 
 
-def _drain(recv, buf, errors):
+def _drain(recv: Callable[[int], bytes], buf: bytearray, errors: list[BaseException]) -> None:
     try:
         while data := recv(RECV_SIZE):
             buf += data
@@ -710,14 +754,14 @@ class _Writer:
 
     POLL_S = 0.002  # wait for window while the remote is not reading
 
-    def __init__(self, chan, data):
+    def __init__(self, chan: paramiko.Channel, data: bytes) -> None:
         self.chan = chan
         self._lock = threading.Lock()
         self._stopped = False
         if data:
             _thread(self._feed, memoryview(data))
 
-    def _feed(self, view):
+    def _feed(self, view: memoryview) -> None:
         chan = self.chan
         try:
             while True:
@@ -734,6 +778,6 @@ class _Writer:
         except Exception as e:  # the command stopped reading or the link died: readers see it
             log.debug("stdin write stopped: %s", e)
 
-    def stop(self):
+    def stop(self) -> None:
         with self._lock:
             self._stopped = True

@@ -19,12 +19,13 @@ def wait_for(
     timeout: float = HANG,
     what: str = "condition",
     interval: float = 0.1,
-) -> None:
-    """Poll `predicate` until it is true; fail naming `what` after `timeout` seconds."""
+) -> bool:
+    """Poll `predicate` until it is true (-> True); fail naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval)
+    return True
 
 
 def append_log(store, job_id: str, data: bytes) -> int:

@@ -62,9 +62,10 @@ def dnsmasq(tmp_path, request):
         for _ in range(5):
             port = free_udp_port()
             argv = [
-                DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
-                "--listen-address=127.0.0.1", f"--port={port}", "--pid-file=", "--conf-file=/dev/null",
-                "--user=root", "--local=/cluster.local/", "--local=/127.in-addr.arpa/", "--local=/lab.test/",
+                DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={port}",
+                "--pid-file=", "--conf-file=/dev/null", "--user=root",
+                "--local=/cluster.local/", "--local=/127.in-addr.arpa/", "--local=/lab.test/",
                 f"--local-ttl={ttl}", *records,
             ]  # fmt: skip
             proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -372,7 +373,7 @@ def test_parse_nameserver_rejects(text):
 
 
 def test_empty_service_rejected():
-    with pytest.raises(ValueError, match="discovery.service"):
+    with pytest.raises(ValueError, match=r"discovery\.service"):
         Discovery(cfg(53, service=""))
 
 
@@ -424,8 +425,9 @@ def test_selector_parse_and_str():
 
 @pytest.mark.parametrize(
     "text, bad",
-    [("a=b,", "empty term"), ("a,,b", "empty term"), ("=b", "''"), ("a=b=c", "'b=c'"), ("-a", "'-a'"), ("a b", "'a b'"),
-     ("k=" + "v" * 64, "v" * 64), ("a=-b", "'-b'"), ("!=a", "''"), ("Prefix.com/a", "'Prefix.com/a'"),
+    [("a=b,", "empty term"), ("a,,b", "empty term"), ("=b", "''"), ("a=b=c", "'b=c'"),
+     ("-a", "'-a'"), ("a b", "'a b'"), ("k=" + "v" * 64, "v" * 64), ("a=-b", "'-b'"),
+     ("!=a", "''"), ("Prefix.com/a", "'Prefix.com/a'"),
      ("a in (b)", "'a in (b)'"), ("!a=b", "'!a'"), ("a=!b", "'!b'")],
 )  # fmt: skip
 def test_selector_parse_errors_name_the_bad_term(text, bad):

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from mlbench_daemon.jobs import failure
 from mlbench_daemon.jobs.failure import NodeRef, attribute, node_for_host, rank_hosts, rank_map
 
+pytestmark = pytest.mark.logic
+
 DATA = Path(__file__).resolve().parent / "data" / "openmpi4"
 
 

@@ -12,7 +12,10 @@ normalising only what must differ between runs:
 - OpenMPI's name of a process in mpirun's exit notice (``[[18820,1],0]``: the number
   is mpirun's job id, derived from its pid) -> ``[[<mpi-job>,1],0]``;
 - OpenMPI's own ``[host:pid] ...`` diagnostic lines, which mpirun adds to the output
-  now and then on these hosts (they share one hostname), are removed.
+  now and then on these hosts (they share one hostname), are removed;
+- mpirun's notices framed by lines of dashes (after a rank exits non-zero it prints
+  one or two, depending on timing inside mpirun) are removed, from the answer and
+  from the golden file alike (the files stay as captured).
 
 A change that alters a job's output on purpose regenerates the files in the same
 commit (``MLBENCH_UPDATE_GOLDEN=1``) and says so.
@@ -32,6 +35,7 @@ KEEP_HEADERS = ("content-type", "location", "x-next-offset")
 TIME = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 MPI_PROCESS = re.compile(rb"\[\[\d+,(\d+)\],(\d+)\]")
 MPI_DIAGNOSTIC = re.compile(rb"\[[\w.-]+:\d+\] [^\n\\]*(?:\\(?!n)[^\n\\]*)*(?:\\n|\n)")
+MPI_NOTICE = re.compile(rb"-{40,}(?:\\n|\n).*?-{40,}(?:\\n|\n)", re.S)
 JOB_ID = re.compile(rb"(?<![0-9a-f])[0-9a-f]{20}(?![0-9a-f])")
 
 # Rank 0 alone prints, so the output does not depend on how ranks interleave.
@@ -74,7 +78,8 @@ def check(name, got):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(got)
     assert path.exists(), f"no golden file {path.name}: run with MLBENCH_UPDATE_GOLDEN=1"
-    want = path.read_bytes()
+    want = MPI_NOTICE.sub(b"", path.read_bytes())
+    got = MPI_NOTICE.sub(b"", got)
     if got != want:
         at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
         at = min(len(got), len(want)) if at is None else at

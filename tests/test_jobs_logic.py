@@ -18,7 +18,7 @@ from mlbench_daemon.ssh_errors import SSHError, Unreachable, Untrusted
 from tests.helpers import wait_for
 from tests.localjobs import LocalJobs, gate, settle, sh
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.logic, pytest.mark.timeout(60)]
 
 
 @pytest.fixture

@@ -187,7 +187,7 @@ class Jobs:
         self.read_log(job_id, offset, 0)  # validates
         while True:
             # the state before the read: a job final then has all its output in the log
-            final = JobState(self.store.get(job_id)["state"]).is_final
+            final = JobState(self.store.record(job_id)["state"]).is_final
             data, offset = self.store.read_log(job_id, offset, LOG_CHUNK_MAX)
             if data:
                 yield data
@@ -207,7 +207,7 @@ class Jobs:
         if run is None:
             raise Conflict(f"job {job_id} is not followed by this daemon")
         if run.cancel(JobReason.CANCELLED, self._queue) is Cancel.NOT_DELIVERED:
-            raise Unavailable(f"job {job_id}: " + self.store.get(job_id)["error"])
+            raise Unavailable(f"job {job_id}: " + self.store.record(job_id)["error"])
         run.done.wait(self.mpi.cancel_grace_s + 4 * self._ctx.ssh_timeout)
         return self.get(job_id)
 

@@ -108,9 +108,12 @@ echo $found
 
 
 class Result(Protocol):
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
+    @property
+    def exit_code(self) -> int: ...
+    @property
+    def stdout(self) -> bytes: ...
+    @property
+    def stderr(self) -> bytes: ...
 
 
 class Stream(Protocol):

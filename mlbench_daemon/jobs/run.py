@@ -98,11 +98,11 @@ class JobRun:
                 self.ctx.registry.wait_first_pass(
                     self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
                 )
-            rec = self.ctx.store.get(self.id)
-            if rec["pid"] is None:
+            rec: dict | None = self.ctx.store.record(self.id)
+            if rec is not None and rec["pid"] is None:
                 rec = launch(self, rec)
-                if rec is None:
-                    return
+            if rec is None:  # the launch ended the job
+                return
             self._arm_timeout(rec)
             if self.cancel_reason:
                 self._kill()
@@ -155,7 +155,7 @@ class JobRun:
     def _follow(self) -> Status:
         """Stream the remote output into the log until the job is over -> its Status."""
         ctx, clock = self.ctx, self.ctx.clock
-        rec = ctx.store.get(self.id)
+        rec = ctx.store.record(self.id)
         host, job_dir, pid = (
             Host(rec["master_ip"], rec["master_port"]),
             rec["remote_dir"],
@@ -200,7 +200,7 @@ class JobRun:
     # --- ending -------------------------------------------------------------------------
 
     def _finish_from(self, status: Status) -> None:
-        rec = self.ctx.store.get(self.id)
+        rec = self.ctx.store.record(self.id)
         rc = status.exit_code
         if self.cancel_reason:
             # "cancelled" promises no process is left: let the sweep of every host finish
@@ -252,6 +252,8 @@ class JobRun:
         ctx = self.ctx
         try:
             rec = ctx.store.get(self.id)
+            if rec is None:
+                return failure.empty(FailureKind.UNKNOWN, "the job's record is gone")
             size = ctx.store.log_size(self.id)
             start = max(0, size - failure.PARSE_TAIL_BYTES)
             tail, _ = ctx.store.read_log(self.id, start, size - start)
@@ -278,7 +280,7 @@ class JobRun:
             log.exception("job %s: failure attribution failed", self.id)
             return failure.empty(FailureKind.UNKNOWN, f"attribution failed: {e}")
 
-    def _explain_launch(self, f: dict, rec: dict, statuses: Mapping[str, Any]) -> None:
+    def _explain_launch(self, f: dict, rec: Mapping[str, Any], statuses: Mapping[str, Any]) -> None:
         """Run the preflight for this job; its failing checks go into `f`."""
         nodes = [statuses[row[2]].node for row in rec["nodes"] if row[2] in statuses]
         master = next((n for n in nodes if n.name == rec["master_name"]), None)
@@ -314,7 +316,7 @@ class JobRun:
         if queued:
             self.finish(JobState.CANCELLED, reason=reason)
             return Cancel.DEQUEUED
-        if self.ctx.store.get(self.id)["pid"] is None:
+        if self.ctx.store.record(self.id)["pid"] is None:
             return Cancel.AFTER_LAUNCH  # the job's thread kills right after launching
         return self._kill()
 
@@ -332,7 +334,7 @@ class JobRun:
 
     def _kill_and_sweep(self) -> Cancel:
         ctx = self.ctx
-        rec = ctx.store.get(self.id)
+        rec = ctx.store.record(self.id)
         try:
             how = ctx.remote.terminate(
                 Host(rec["master_ip"], rec["master_port"]), rec["pid"], self.mpi.cancel_grace_s
