@@ -66,6 +66,12 @@ def test_a_rank_killed_with_sigkill_on_a_chosen_node(cluster, d):
     target = cluster.workers[2]
     status, job = d.json("POST", "/api/mpi_jobs/", body(cluster, "--sleep", "30", wait=False))
     assert status == 202
+    # killed inside MPI_Init, a rank is reported by mpirun without its rank number:
+    # kill it once every rank has passed the allreduce
+    wait_for(
+        lambda: d.request("GET", f"/api/mpi_jobs/{job['id']}/logs")[2].count(b" of 5 on ") == 5,
+        what="every rank's line",
+    )
     found = []
     wait_for(lambda: found.append(_rank_process(cluster, 4)) or found[-1], what="rank 4")
     pid, ns = found[-1]
