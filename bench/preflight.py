@@ -5,7 +5,7 @@ check, TCP included) on 4 and on 16 hosts, against one run of the short MPI prog
 typed through OpenSSH (`ssh master mpirun --host ... prog`), as a person checking
 the cluster by hand would.  Target: ratio <= 1.5.
 
-    python3 bench/preflight.py [--rounds 5]
+    python3 -m bench.preflight [--rounds 5]   (from the repository root)
 """
 
 import argparse
@@ -18,10 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process  # noqa: E402
+from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process
 
 SETTLE_S = 0.5
 
