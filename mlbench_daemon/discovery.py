@@ -259,10 +259,12 @@ class Discovery:
                     ) from None
         self.resolver = resolver
         self.recheck_s = cfg.recheck_s
-        self._cache: dict[tuple, tuple[object, float]] = {}  # (kind, name) -> (value, due)
+        self._cache: dict[tuple[str, Any], tuple[Any, float]] = {}  # (kind, name) -> (value, due)
         self._cache_lock = threading.Lock()
 
-    def _cached(self, p: _Pass, key: tuple, read: Callable[[], Any], fresh: Any = None) -> Any:
+    def _cached(
+        self, p: _Pass, key: tuple[str, Any], read: Callable[[], Any], fresh: Any = None
+    ) -> Any:
         """read() once every recheck_s per key (`fresh`: a value just seen, no read needed);
         `None` values are never kept."""
         p.used.add(key)
@@ -430,5 +432,5 @@ class _Pass:
 
     def query_address(self, host: dns.name.Name) -> str | None:
         """host's first IPv4 (else IPv6) address, queried (A, then AAAA)."""
-        rdatas = self.query(host, "A") or self.query(host, "AAAA") or ()
+        rdatas: Iterable[Any] = self.query(host, "A") or self.query(host, "AAAA") or ()
         return min((a.address for a in rdatas), key=_ip_order, default=None)

@@ -190,6 +190,7 @@ class Host:
     labels: dict
     dir: Path
     env: dict = field(default_factory=dict)  # SetEnv of its sshd (non-interactive sessions)
+    sshd_options: dict = field(default_factory=dict)  # extra sshd_config lines (set_sshd_option)
     base_env: dict = field(default_factory=dict)  # what reset() returns env to
     published: bool = True
     init: subprocess.Popen | None = None  # `unshare` (root pid ns) whose child is hostinit
@@ -417,6 +418,7 @@ class Cluster:
             f"AllowUsers {self.user}\nPermitRootLogin no\nUseDNS no\n"
             f"MaxStartups 200:30:400\nPrintMotd no\nLogLevel {self.sshd_log_level}\n"
             "Subsystem sftp internal-sftp\n"
+            + "".join(f"{k} {v}\n" for k, v in h.sshd_options.items())
         )
 
     def _build_mpi_program(self):
@@ -690,6 +692,17 @@ class Cluster:
         if h.sshd_pid and _pid_alive(h.sshd_pid):
             self._reload_sshd(h)
 
+    def set_sshd_option(self, h, name, value):
+        """One sshd_config option of this host (value None removes it); sshd reloads."""
+        h = self._host(h)
+        if value is None:
+            h.sshd_options.pop(name, None)
+        else:
+            h.sshd_options[name] = value
+        self._write_sshd_config(h)
+        if h.sshd_pid and _pid_alive(h.sshd_pid):
+            self._reload_sshd(h)
+
     def revoke_key(self, h):
         """Remove the cluster key from this host's authorized_keys only."""
         h = self._host(h)
@@ -787,8 +800,8 @@ class Cluster:
                 self.restore_host_key(h)
             if h.key_revoked:
                 self.restore_key(h)
-            if h.env != h.base_env:
-                h.env = dict(h.base_env)
+            if h.env != h.base_env or h.sshd_options:
+                h.env, h.sshd_options = dict(h.base_env), {}
                 self._write_sshd_config(h)
                 if h.sshd_pid and _pid_alive(h.sshd_pid):
                     self._reload_sshd(h)
@@ -893,6 +906,7 @@ class Cluster:
                 "host_key_policy": "reject",
                 "connect_timeout_s": 2.0,
                 "probe_interval_s": 1.0,
+                "verify_interval_s": 2.0,
             },
             "mpi": {"mpirun": MPIRUN, "args": MPI_ARGS, "program": [str(self.mpi_program)]},
             "state": {"dir": str(state_dir)},
