@@ -10,7 +10,8 @@ demo:
 
 bench:
 	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
-	$(PYTHON) -m bench.cluster && $(PYTHON) -m bench.nodes && $(PYTHON) -m bench.jobs
+	$(PYTHON) -m bench.cluster && $(PYTHON) -m bench.nodes && $(PYTHON) -m bench.jobs \
+		&& $(PYTHON) -m bench.preflight
 
 install:
 	$(PYTHON) -m pip install .

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mlbench_daemon.errors import BadRequest
-from mlbench_daemon.jobs import flavour, validate
+from mlbench_daemon.jobs import failure, flavour, validate
 from tests.cluster import MPIS, ClusterError, free_port, stop_process
 from tests.test_jobs import (
     HANG,
@@ -205,7 +205,9 @@ def test_exit_code_3_names_the_failing_ranks_node(fenv, cluster):
     job = fenv.run({"program": program, "master": w[1].name})
     assert (job["state"], job["exit_code"], job["flavour"]) == ("failed", 3, fenv.flavour), job
     where = node_of_rank(job, 1)
-    assert job["error"] and f"on {where} exited with code 3" in job["error"], job["response"]
+    f = job["failure"]
+    assert (f["kind"], f["node"], f["exit_code"]) == ("rank-exit", where, 3), (f, job["response"])
+    assert f"on {where}" in f["message"]
 
 
 def test_hostile_argv_arrives_byte_identical(fenv, cluster):
@@ -370,3 +372,65 @@ def test_a_launcher_that_names_no_rank_still_gives_the_code_and_a_lone_ranks_nod
         "a rank exited with code 3"
     )
     assert flavour.explain("openmpi4", text, one, NODES[1][0], NODES, 139) is None
+
+
+@pytest.mark.parametrize("name", FLAVOURS)
+def test_a_worker_whose_launcher_differs_is_caught_by_the_preflight(name, cluster, start_daemon):
+    """On one worker the launcher is another version (a file bind-mounted over it in
+    that host's own mount namespace): the preflight names that worker, having found
+    the flavour's own remote daemon where the launcher will look for it."""
+    try:
+        mpi = cluster.mpi_config(name)
+    except ClusterError as e:
+        if os.environ.get("MLBENCH_REQUIRE_CLUSTER"):
+            raise
+        pytest.skip(str(e))
+    f, launcher = flavour.get(name), Path(mpi["mpirun"]).resolve()  # the file behind links
+    version = {"openmpi4": "4.0.3", "openmpi5": "5.0.1", "mpich": "4.9.1"}[name]
+    said = (
+        f"HYDRA build details:\\n    Version:   {version}\\n"
+        if name == "mpich"
+        else f"mpirun (Open MPI) {version}\\n"
+    )
+    other = cluster.dir / f"other-{name}-{secrets.token_hex(3)}"
+    other.write_text(f"#!/bin/sh\nprintf '{said}'\n")
+    other.chmod(0o755)
+    w = sorted(cluster.workers, key=lambda h: h.index)
+    d = start_daemon(mpi=mpi)
+    # in the host's PID namespace too: umount reads /proc/self/mountinfo
+    enter = ["nsenter", "-t", str(w[2].init_pid), "-m", "-p"]
+    subprocess.run([*enter, "mount", "--bind", str(other), str(launcher)], check=True)
+    try:
+        status, answer = d.json("POST", "/api/preflight/", {})
+    finally:
+        subprocess.run([*enter, "umount", str(launcher)], check=True)
+        other.unlink()
+    assert status == 200 and answer["flavour"] == name, answer
+    bad = [c for c in answer["checks"] if c["status"] == "fail"]
+    assert [(c["node"], c["check"]) for c in bad] == [(w[2].name, "mpi-version")], bad
+    assert version in bad[0]["message"]
+    ok = [c for c in answer["checks"] if c["node"] == w[1].name and c["check"] == "launcher-daemon"]
+    assert ok[0]["status"] == "pass" and ok[0]["message"].endswith("/" + f.daemon), ok
+
+
+@pytest.mark.logic
+@pytest.mark.parametrize("name", FLAVOURS)
+def test_failure_attribution_per_flavour(name):
+    """jobs.failure reads each flavour's own texts: the captured OpenMPI 5 and Hydra
+    outputs, and OpenMPI 4's first notice alone (its second, naming the rank, depends
+    on mpirun's timing) for a job of one rank."""
+    refs = [failure.NodeRef(n, ip, n) for ip, n in NODES]
+    if name == "openmpi4":
+        text = "Primary job  terminated normally, but 1 process returned\na non-zero exit code."
+        command, code = ["/l", "--host", f"{NODES[1][0]},{NODES[2][0]}", "-np", "1", "/p"], 3
+    else:
+        text = (DATA / f"{name}.exit3.txt").read_text()
+        hosts = HOSTS if name == "openmpi5" else "198.19.138.10:2,198.19.138.11:1"
+        command = ["/l", flavour.get(name).host_option, hosts, "/opt/app/prog"]
+        code = 3 if name == "openmpi5" else 7
+    f = failure.attribute(state="failed", reason=None, exit_code=code, output=text,
+                          command=command, master=NODES[1][1], master_ip=NODES[1][0],
+                          nodes=refs, flavour=name)  # fmt: skip
+    want = {"openmpi4": (0, NODES[1][1], 3), "openmpi5": (0, NODES[0][1], 3),
+            "mpich": (1, NODES[0][1], 4)}[name]  # fmt: skip
+    assert (f["kind"], f["rank"], f["node"], f["exit_code"]) == ("rank-exit", *want), f

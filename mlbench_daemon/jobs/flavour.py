@@ -119,7 +119,7 @@ def reserved(env_name: str) -> bool:
 
 _OPEN_MPI = re.compile(r"\(Open MPI\) (\d+)\.(\d+)\S*")
 _INTEL = re.compile(r"Intel\(R\) MPI Library[^\n]*?Version (\S+)")
-_HYDRA = re.compile(r"HYDRA build details:\s*\n\s*Version:\s*(\S+)")
+_HYDRA = re.compile(r"HYDRA build details:\s*Version:\s*(\S+)")
 
 
 def detect(text: str) -> tuple[str, str]:

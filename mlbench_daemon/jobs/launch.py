@@ -1,4 +1,4 @@
-"""Launching a job: pre-flight a master, start mpirun detached, confirm its pid.
+"""Launching a job: find a master that can run mpirun, start it detached, confirm its pid.
 
 The first stage of a ``JobRun`` (``run.launch``), also taken by a job that a
 previous daemon left half-launched (``_relaunched``).  A launch whose answer is
@@ -35,7 +35,7 @@ class MasterLost(Exception):
 
 
 def launch(run: JobRun, rec: dict) -> dict | None:
-    """Pre-flight a master, start the job detached -> the updated record, None if it ended."""
+    """Pick a master, start the job detached -> the updated record, None if it ended."""
     if rec["master_name"]:  # a previous run died while launching: did the job start?
         return _relaunched(run, rec)
     if run.cancel_reason:
@@ -82,23 +82,26 @@ def launch(run: JobRun, rec: dict) -> dict | None:
 
 
 def _pick_master(run: JobRun) -> tuple[Node | None, str | None, list[Node], list[str]]:
-    """The first candidate that passes the pre-flight -> (master, its launcher's
-    flavour, nodes left, failures)."""
+    """The first candidate that can run mpirun -> (master, its launcher's flavour, nodes
+    left, failures).
+
+    Only `command -v mpirun`, or once per master with mpi.flavour auto `mpirun
+    --version`: the full preflight (preflight.py) is never in the path of a launch."""
     failed: list[str] = []
     if run.names is not None:  # queued before a restart: its nodes as they are now
         run.candidates, failed = still_running(run.ctx.registry, run.names)
     nodes = list(run.candidates)
     for node in master_order(nodes, run.master):
-        why, flavour_name = _preflight(run, node)
+        why, flavour_name = _cannot_run_mpirun(run, node)
         if why is None:
             return node, flavour_name, nodes, failed
-        log.warning("job %s: master candidate %s failed pre-flight: %s", run.id, node.name, why)
+        log.warning("job %s: master candidate %s cannot run mpirun: %s", run.id, node.name, why)
         failed.append(f"{node.name}: {why}")
         nodes.remove(node)
     return None, None, nodes, failed
 
 
-def _preflight(run: JobRun, node: Node) -> tuple[str | None, str | None]:
+def _cannot_run_mpirun(run: JobRun, node: Node) -> tuple[str | None, str | None]:
     """(None, flavour) if `node` can run mpirun now, else (why not, None).
 
     With mpi.flavour auto, a master not asked before runs `<mpirun> --version` (which
