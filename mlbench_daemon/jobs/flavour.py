@@ -95,9 +95,12 @@ FLAVOURS = {
             host_option="-hosts",
             np_option="-n",
             env_option=None,
-            # ssh whatever the environment says; one "Exit codes:" line per host at the
-            # end, the only place Hydra names the host of a rank that exited non-zero
-            fixed=("-launcher", "ssh", "-print-all-exitcodes"),
+            # ssh whatever the environment says.  Not -print-all-exitcodes, although its
+            # "Exit codes:" lines are the only place Hydra names the host of a rank that
+            # exited non-zero: it adds lines to every job's output (`response` is the
+            # launcher's own output, never changed for attribution).  An operator may add
+            # it to mpi.args; explain() then reads it.
+            fixed=("-launcher", "ssh"),
             markers=("MLBENCH_JOB_ID",),
             launcher_first=False,
             proxy_option="--control-port",
@@ -278,9 +281,11 @@ def explain(
     `command` is the argv as run, `nodes` the job's (address, name) pairs, `exit_code`
     the launcher's.  OpenMPI prints which rank exited non-zero only when the others
     still ran (its notice depends on timing); without it, an exit code below 128 is
-    a rank's own code, and a job of one rank (or one host) still names it."""
+    a rank's own code, and a job of one rank (or one host) still names it.  Hydra names
+    the host of a non-zero exit only with -print-all-exitcodes in mpi.args."""
     facts = parse_failure(flavour, text)
-    if facts is None and flavour != "mpich" and exit_code is not None and 0 < exit_code < 128:
+    if facts is None and exit_code is not None and 0 < exit_code < 128:
+        # Hydra's own status is the OR of the ranks' codes: one failing rank's code
         facts = {"kind": "rank-exit", "exit_code": exit_code}
     if facts is None:
         return None
