@@ -7,20 +7,45 @@ stack trace. Every path works with and without its trailing slash.
 """
 
 import hmac
+import importlib.resources
 import json
 import logging
 import re
+import threading
 
 import bottle
 
 from mlbench_daemon import metrics, openapi
-from mlbench_daemon.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
+from mlbench_daemon.errors import (
+    ApiError,
+    BadRequest,
+    PayloadTooLarge,
+    TooManyStreams,
+    Unauthorized,
+)
 
 log = logging.getLogger("mlbench_daemon.api")
 
 JSON = "application/json"
 REFRESH_TIMEOUT_S = 10.0
 LOG_CHUNK = 1 << 20  # default and largest bytes per /logs answer
+NO_STORE = "no-store"  # on every answer but the page's static files
+# The status page (mlbench_daemon/web/): public, same-origin only, no inline code.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",  # revalidated each time: a new daemon version is seen at once
+}
+PAGE_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
 STATUS_TEXT = {
     400: "bad-request",
     401: "unauthorized",
@@ -80,11 +105,72 @@ def _body(max_bytes):
 def _error_body(status, error, message):
     bottle.response.status = status
     bottle.response.content_type = JSON
+    bottle.response.set_header("Cache-Control", NO_STORE)
     return json.dumps({"error": error, "message": message})
 
 
-def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
+def page_files():
+    """{name: bytes} of the status page's static files (package data)."""
+    web = importlib.resources.files("mlbench_daemon") / "web"
+    return {
+        f.name: f.read_bytes()
+        for f in web.iterdir()
+        if f.is_file() and "." + f.name.rpartition(".")[2] in PAGE_TYPES
+    }
+
+
+class Streams:
+    """Long answers in flight (log follows and sync POSTs still waiting), at most
+    ``limit`` at once: each holds a server thread for as long as it lasts."""
+
+    def __init__(self, limit):
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self):
+        with self._lock:
+            if self.held >= self.limit:
+                raise TooManyStreams(
+                    f"{self.held} long request(s) (log follows, waiting POSTs) are open, the "
+                    f"most server.max_streams allows; try again later"
+                )
+            self.held += 1
+
+    def give(self):
+        with self._lock:
+            self.held -= 1
+
+
+class _Held:
+    """An answer's chunks holding one stream slot until the body is done or closed
+    (the WSGI server calls close(); Bottle drops an iterator that yields nothing)."""
+
+    def __init__(self, chunks, streams):
+        self.chunks, self.streams = iter(chunks), streams
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        streams, self.streams = self.streams, None
+        if streams is not None:
+            try:
+                getattr(self.chunks, "close", lambda: None)()
+            finally:
+                streams.give()
+
+
+def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, max_streams=4):
     app = bottle.Bottle(catchall=True)
+    streams = Streams(max_streams)
+    files = page_files()
 
     @app.hook("before_request")
     def _normalise():
@@ -95,6 +181,8 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
 
     @app.hook("after_request")
     def _count():
+        if not bottle.request.path.startswith("/static/") and bottle.request.path != "/":
+            bottle.response.set_header("Cache-Control", NO_STORE)
         route = (
             bottle.request.route.rule if "bottle.route" in bottle.request.environ else "unmatched"
         )
@@ -149,6 +237,23 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
             message = str(err.body)
         return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)
 
+    # ---- the status page ---------------------------------------------------------
+    def _page_file(name):
+        if name not in files:
+            raise bottle.HTTPError(404)
+        for k, v in PAGE_HEADERS.items():
+            bottle.response.set_header(k, v)
+        bottle.response.content_type = PAGE_TYPES["." + name.rpartition(".")[2]]
+        return files[name]
+
+    @app.get("/")
+    def page():
+        return _page_file("index.html")
+
+    @app.get("/static/<name>")
+    def static(name):
+        return _page_file(name)
+
     # ---- nodes ---------------------------------------------------------------
     cached = [
         None,
@@ -196,13 +301,21 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
     @app.post("/api/mpi_jobs")
     def submit():
         body = _body(max_body_bytes)
-        job = jobs.submit(body)  # validates every field, `wait` included
-        if not (body or {}).get("wait", True):
-            bottle.response.set_header("Location", f"/api/mpi_jobs/{job['id']}")
-            return _json(job, 202)
-        answer = jobs.wait_json(job["id"])  # blocks here, before the 200 is sent
+        wait = (body or {}).get("wait", True)
+        if wait is True:
+            streams.take()  # before the job exists: a refused request leaves nothing behind
+        try:
+            job = jobs.submit(body)  # validates every field, `wait` included
+            if wait is not True:
+                bottle.response.set_header("Location", f"/api/mpi_jobs/{job['id']}")
+                return _json(job, 202)
+            answer = jobs.wait_json(job["id"])  # blocks here, before the 200 is sent
+        except BaseException:
+            if wait is True:
+                streams.give()
+            raise
         bottle.response.content_type = JSON
-        return answer
+        return _Held(answer, streams)
 
     @app.get("/api/mpi_jobs")
     def list_jobs():
@@ -224,12 +337,20 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
     def job_logs(job_id):
         offset = _int_param("offset", 0, 0, 1 << 62)
         limit = _int_param("limit", LOG_CHUNK, 1, LOG_CHUNK)
+        tail = _int_param("tail", None, 0, 1 << 62)
+        follow = _flag("follow")
+        if tail is not None and bottle.request.query.get("offset") not in (None, ""):
+            raise BadRequest("tail: give either tail or offset, not both", field="tail")
+        job = jobs.get(job_id)  # a 404 must come before the stream starts
+        if tail is not None:
+            offset = max(0, job["log_bytes"] - tail)
+            bottle.response.set_header("X-Log-Start", str(offset))
         bottle.response.content_type = "application/octet-stream"
-        if _flag("follow"):
-            jobs.get(job_id)  # a 404 must come before the stream starts
-            chunks = jobs.follow_log(job_id, offset)
-            bottle.response.set_header("X-Content-Type-Options", "nosniff")
-            return chunks
+        bottle.response.set_header("X-Content-Type-Options", "nosniff")
+        if follow:
+            streams.take()
+            gone = bottle.request.environ.get("waitress.client_disconnected")
+            return _Held(jobs.follow_log(job_id, offset, gone=gone), streams)
         data, next_offset = jobs.read_log(job_id, offset, limit)
         bottle.response.set_header("X-Next-Offset", str(next_offset))
         return data

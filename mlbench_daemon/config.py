@@ -200,6 +200,13 @@ SETTINGS = (
     ("server", "threads", integer(1, 256), 8, "waitress worker threads"),
     ("server", "max_body_bytes", integer(1), 1048576, "largest accepted request body"),
     (
+        "server",
+        "max_streams",
+        integer(1, 255),
+        4,
+        "log follows and waiting sync POSTs at once (each holds a thread; below threads)",
+    ),
+    (
         "discovery",
         "service",
         nonempty,

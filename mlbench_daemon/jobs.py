@@ -346,8 +346,9 @@ class Jobs:
                 raise BadRequest(f"{name} must be an integer >= 0", field=name)
         return self.store.read_log(job_id, offset, min(limit, LOG_CHUNK_MAX))
 
-    def follow_log(self, job_id, offset=0):
-        """Yield output from `offset` as it arrives, until the job is final and all is read."""
+    def follow_log(self, job_id, offset=0, gone=None):
+        """Yield output from `offset` as it arrives, until the job is final and all is read,
+        or until `gone()` (the reader went away: checked every second while nothing comes)."""
         self.read_log(job_id, offset, 0)  # validates
         while True:
             final = (
@@ -357,11 +358,11 @@ class Jobs:
             if data:
                 yield data
                 continue
-            if final or self._stop.is_set():
+            if final or self._stop.is_set() or (gone is not None and gone()):
                 return
             with self._changed:
                 if self.store.log_size(job_id) <= offset:
-                    self._changed.wait(5.0)
+                    self._changed.wait(5.0 if gone is None else 1.0)
 
     def cancel(self, job_id):
         rec = self._record(job_id)
@@ -845,6 +846,7 @@ class Jobs:
             "np": rec["np"],
             "timeout_s": rec["timeout_s"],
             "env": {name: "***" for name in rec["env_names"]},
+            "log_bytes": rec["log_bytes"],
         }
 
 

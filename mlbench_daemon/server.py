@@ -72,6 +72,11 @@ class Daemon:
     def __init__(self, cfg):
         self.cfg = cfg
         token = read_token(cfg.server)
+        if cfg.server.max_streams >= cfg.server.threads:
+            raise StartupError(
+                f"server.max_streams ({cfg.server.max_streams}) must be below server.threads "
+                f"({cfg.server.threads}), so that short requests always find a free thread"
+            )
         self.pool = Pool(cfg.ssh, on_reconnect=lambda ip, port: metrics.ssh_reconnects_total.inc())
         try:
             self.registry = Registry(
@@ -92,7 +97,11 @@ class Daemon:
             ) from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.app = api.make_app(
-            self.registry, self.jobs, token=token, max_body_bytes=cfg.server.max_body_bytes
+            self.registry,
+            self.jobs,
+            token=token,
+            max_body_bytes=cfg.server.max_body_bytes,
+            max_streams=cfg.server.max_streams,
         )
         self.http = None
         self.url = None
@@ -145,8 +154,15 @@ class Daemon:
         s = self.cfg.server
         try:
             # api enforces max_body_bytes itself, so the 413 is JSON like every other error
+            # a lookahead of 1 keeps reading the connection while a request runs, so a
+            # log follow sees (waitress.client_disconnected) that its client went away
             http = waitress.create_server(
-                self.app, host=s.host, port=s.port, threads=s.threads, ident="mlbench-daemon"
+                self.app,
+                host=s.host,
+                port=s.port,
+                threads=s.threads,
+                ident="mlbench-daemon",
+                channel_request_lookahead=1,
             )
         except OSError as e:
             raise StartupError(
