@@ -16,6 +16,7 @@ import threading
 import bottle
 
 from mlbench_daemon import metrics, openapi
+from mlbench_daemon.browser import Policy, is_json
 from mlbench_daemon.errors import (
     ApiError,
     BadRequest,
@@ -49,9 +50,11 @@ PAGE_TYPES = {
 STATUS_TEXT = {
     400: "bad-request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not-found",
     405: "method-not-allowed",
     413: "payload-too-large",
+    415: "unsupported-media-type",
     500: "internal",
 }
 
@@ -167,17 +170,44 @@ class _Held:
                 streams.give()
 
 
-def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, max_streams=4):
+def _refuse(status, message):
+    """Leave before any route runs: JSON, with the status's error name."""
+    raise bottle.HTTPResponse(
+        json.dumps({"error": STATUS_TEXT[status], "message": message}),
+        status=status,
+        headers={"Content-Type": JSON},
+    )
+
+
+def _browser_checks(policy):
+    """Host, Origin and body type (see browser.py), for every request, before routing."""
+    env = bottle.request.environ
+    host = env.get("HTTP_HOST")
+    if not policy.host_allowed(host, int(env.get("SERVER_PORT") or 0)):
+        _refuse(403, f"Host {host!r} is not a name of this daemon; see server.allowed_hosts")
+    origin = env.get("HTTP_ORIGIN")
+    if not policy.origin_allowed(origin, host):
+        _refuse(403, f"Origin {origin!r} may not use this API; see server.allowed_origins")
+    if bottle.request.content_length > 0 and not is_json(env.get("CONTENT_TYPE", "")):
+        _refuse(415, "a request body must have Content-Type: application/json")
+
+
+def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, max_streams=4):
+    policy = policy or Policy()
     app = bottle.Bottle(catchall=True)
     streams = Streams(max_streams)
     files = page_files()
 
     @app.hook("before_request")
-    def _normalise():
+    def _before():
         env = bottle.request.environ
         path = env.get("PATH_INFO", "/")
         if len(path) > 1 and path.endswith("/"):
             env["PATH_INFO"] = path.rstrip("/") or "/"
+        _browser_checks(policy)
+
+    def needs_token(path):
+        return path.startswith("/api/") or (path == "/metrics" and not policy.public_metrics)
 
     @app.hook("after_request")
     def _count():
@@ -195,7 +225,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, max_streams=4):
 
         def wrapper(*args, **kwargs):
             try:
-                if token and bottle.request.path.startswith("/api/"):
+                if token and needs_token(bottle.request.path):
                     given = bottle.request.get_header("Authorization", "")
                     scheme, _, value = given.partition(" ")
                     if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -282,7 +312,6 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, max_streams=4):
                 "nodes": len(nodes),
                 "running": sum(1 for n in nodes if n.phase == "Running"),
                 "discovery_stale": registry.stale,
-                "discovery_stale_reason": registry.stale_reason if registry.stale else None,
             }
         )
 

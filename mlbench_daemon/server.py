@@ -15,7 +15,6 @@ Start-up problems raise ``StartupError`` (or ``config.ConfigError`` from a part 
 checks its own settings) with one line for the user.
 """
 
-import ipaddress
 import logging
 import signal
 import sqlite3
@@ -26,6 +25,7 @@ import waitress
 from waitress import wasyncore
 
 from mlbench_daemon import api, config, metrics, sdnotify
+from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.nodes import Registry
@@ -41,15 +41,6 @@ STATUS_EVERY_S = 5.0  # STATUS= refresh when there is no watchdog
 
 class StartupError(Exception):
     """The daemon cannot start; str() is one line for the user."""
-
-
-def is_loopback(host):
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(server_cfg):
@@ -102,6 +93,7 @@ class Daemon:
             token=token,
             max_body_bytes=cfg.server.max_body_bytes,
             max_streams=cfg.server.max_streams,
+            policy=Policy.from_config(cfg.server),
         )
         self.http = None
         self.url = None
