@@ -146,6 +146,7 @@ def test_node_and_job_schemas_list_what_the_code_emits():
         exit_code=1,
         np=2,
         timeout_s=3.0,
+        log_bytes=0,
     )
     job = Jobs.to_json(rec)
     job_schema = DOC["components"]["schemas"]["Job"]
