@@ -106,7 +106,7 @@ def test_package_data_covers_every_page_file():
 def test_api_answers_are_not_stored():
     app = api.make_app(registry=None, jobs=None)
     for path in ("/api/openapi.json", "/api/nope", "/healthz/nope"):
-        status, headers, _ = wsgi(app, path)
+        _, headers, _ = wsgi(app, path)
         assert headers["Cache-Control"] == "no-store", path
 
 
@@ -120,7 +120,7 @@ def test_max_streams_must_leave_threads_for_short_requests(tmp_path):
             "MLBENCH_DAEMON_STATE_DIR": str(tmp_path),
         },
     )
-    with pytest.raises(server.StartupError, match="server.max_streams"):
+    with pytest.raises(server.StartupError, match=r"server\.max_streams"):
         server.Daemon(cfg)
 
 
@@ -340,3 +340,328 @@ def test_overview_nodes_running_then_unknown_then_running_in_place(tab, daemon, 
 
 def node_ip(daemon, name):
     return next(n["ip"] for n in daemon.json("GET", "/api/nodes/")[1] if n["name"] == name)
+
+
+def job_id_from_hash(page):
+    m = re.search(r"#/jobs/([0-9a-f]+)$", page.url)
+    assert m, page.url
+    return m.group(1)
+
+
+def launch_from_form(page, program, np=None, nodes=()):
+    page.goto(page.url.split("#")[0] + "#/launch")
+    page.wait_for_selector("#launch-nodes label")
+    page.fill("#launch-program", "\n".join(program))
+    if np:
+        page.fill("#launch-np", str(np))
+    for name in nodes:
+        page.check(f'#launch-nodes input[value="{name}"]')
+    page.click("#launch-submit")
+    page.wait_for_url(re.compile(r"#/jobs/[0-9a-f]+$"))
+    return job_id_from_hash(page)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_job_from_the_form_log_grows_live_and_succeeds(tab, daemon):
+    page = tab.open("#/launch")
+    script = "for i in $(seq 1 30); do echo line $i; sleep 0.2; done"
+    job_id = launch_from_form(page, ["sh", "-c", script], np=1)
+    log = page.locator("#log")
+    seen = wait_text(log, r"line 3\b")
+    assert "line 30" not in seen, "the log arrived all at once, not live"
+    assert page.locator("#log-follow").is_checked()
+    wait_text(page.locator("#h-job"), r"succeeded")
+    wait_text(log, r"line 30\b")
+    text = log.inner_text()
+    assert [f"line {i}" for i in range(1, 31)] == [x for x in text.split("\n") if x]
+    wait_text(page.locator("#log-extent"), r"Showing all")
+    assert daemon.json("GET", f"/api/mpi_jobs/{job_id}")[1]["state"] == "succeeded"
+    # the follow stream was the only one, and it is closed
+    follows = [u for m, u, h in tab.requests if "follow=1" in u]
+    assert len(follows) >= 1 and all("offset=" in u for u in follows)
+    assert not tab.console_errors() and not tab.errors and not tab.csp()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_failing_jobs_show_their_cause(browser, start_daemon, cluster):
+    daemon = start_daemon()
+    tab = Tab(browser, daemon.url)
+    try:
+        page = tab.open("#/launch")
+        job_id = launch_from_form(page, ["sh", "-c", "echo disk quota exceeded >&2; exit 3"], np=1)
+        wait_text(page.locator("#h-job"), r"failed")
+        failure = wait_text(page.locator("#job-failure"), r"exited with code 3")
+        assert page.locator("#job-failure").is_visible(), failure
+        wait_text(page.locator("#log"), r"disk quota exceeded")
+        page.goto(f"{daemon.url}/#/jobs")
+        wait_text(page.locator(f'#jobs tr[data-key="{job_id}"]'), r"failed.*exited with code 3")
+    finally:
+        tab.close()
+    # a job that fails before it starts: the daemon's reason and message
+    broken = start_daemon(mpi={"mpirun": "/nonexistent/mpirun"})
+    tab = Tab(browser, broken.url)
+    try:
+        page = tab.open("#/launch")
+        launch_from_form(page, [str(cluster.mpi_program)])
+        wait_text(page.locator("#h-job"), r"failed")
+        text = wait_text(page.locator("#job-failure"), r"no-usable-master")
+        assert "/nonexistent/mpirun not found" in text
+        assert not tab.console_errors() and not tab.errors and not tab.csp()
+    finally:
+        tab.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_cancel_from_the_page_leaves_no_rank(browser, start_daemon, cluster):
+    daemon = start_daemon(mpi={"cancel_grace_s": 1.0})
+    job = submit(daemon, cluster, "--sleep", "120")
+    deadline = time.monotonic() + HANG
+    while sum("orted" in cmd for _, cmd in job_processes(cluster)) < 2:
+        assert time.monotonic() < deadline, job_processes(cluster)
+        time.sleep(0.1)
+    tab = Tab(browser, daemon.url)
+    try:
+        page = tab.open("#/jobs")
+        row = page.locator(f'#jobs tr[data-key="{job["id"]}"]')
+        wait_text(row.locator("td.state"), r"^running$")
+        row.get_by_role("button", name=re.compile("Cancel")).click()
+        dialog = page.locator("#confirm-dialog")
+        assert dialog.is_visible()
+        assert page.evaluate("document.activeElement.id") == "confirm-no"  # the safe choice
+        page.click("#confirm-yes")
+        wait_text(row.locator("td.state"), r"^cancelled$")
+        assert row.get_by_role("button").is_hidden()
+        done = daemon.json("GET", f"/api/mpi_jobs/{job['id']}")[1]
+        assert done["state"] == "cancelled"
+        assert "verified no process left" in done["error"]
+        assert job_processes(cluster) == []
+        page.goto(f"{daemon.url}/#/jobs/{job['id']}")
+        wait_text(page.locator("#job-failure"), r"verified no process left")
+        assert not tab.console_errors() and not tab.errors and not tab.csp()
+    finally:
+        tab.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_token_dialog_on_401_then_data(browser, start_daemon, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-for-the-page\n")
+    daemon = start_daemon(server={"token_file": str(token_file)})
+    tab = Tab(browser, daemon.url)
+    try:
+        page = tab.open("#/")
+        dialog = page.locator("#token-dialog")
+        dialog.wait_for(state="visible")
+        assert page.locator("#nodes tbody tr").count() == 0
+        page.fill("#token-input", "wrong")
+        page.press("#token-input", "Enter")
+        wait_text(page.locator("#token-why"), r"refused")
+        dialog.wait_for(state="visible")
+        assert page.evaluate("sessionStorage.length") == 0  # a refused token is dropped
+        page.fill("#token-input", "s3cret-token-for-the-page")
+        page.click("#token-dialog button[type=submit]")
+        page.wait_for_selector("#nodes tbody tr")
+        wait_text(page.locator("#counts-live"), r"3 Running")
+        assert dialog.is_hidden()
+        assert page.evaluate("Object.values(sessionStorage)") == ["s3cret-token-for-the-page"]
+        assert page.evaluate("localStorage.length") == 0
+        assert tab.context.cookies() == []
+        api_calls = [(u, h) for m, u, h in tab.requests if "/api/" in u]
+        assert api_calls and all("s3cret" not in u for u, h in api_calls)
+        assert any(
+            h.get("authorization") == "Bearer s3cret-token-for-the-page" for u, h in api_calls
+        )
+        assert not any("s3cret" in page.url for _ in [0])
+        # the other views work with it, in the same tab
+        page.goto(f"{daemon.url}/#/jobs")
+        page.wait_for_selector("#jobs-empty:not([hidden])")
+    finally:
+        tab.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_no_console_error_or_csp_violation_on_any_view(tab, daemon, cluster):
+    job = daemon.wait_job(submit(daemon, cluster, "--bytes", "3000")["id"])
+    page = tab.open("#/")
+    page.wait_for_selector("#nodes tbody tr")
+    for hash, ready in (
+        ("#/jobs", f'#jobs tr[data-key="{job["id"]}"]'),
+        (f"#/jobs/{job['id']}", "#job-record dt"),
+        ("#/launch", "#launch-nodes label"),
+        ("#/", "#nodes tbody tr"),
+    ):
+        page.goto(f"{daemon.url}/{hash}")
+        page.wait_for_selector(ready)
+        page.wait_for_timeout(2500)  # a refresh round
+    wait_text(page.locator("#updated"), r"Updated \d+ s ago")
+    assert tab.console_errors() == [] and tab.errors == [] and tab.csp() == []
+    # structure: real tables, one polite live region, keyboard only
+    for table in ("#nodes", "#jobs"):
+        assert page.locator(f"{table} caption").count() == 1
+        assert page.locator(f"{table} thead th:not([scope=col])").count() == 0
+    assert page.locator("#nodes tbody th[scope=row]").count() == 3
+    assert page.locator("[aria-live]").count() == 1
+    assert page.get_attribute("[aria-live]", "aria-live") == "polite"
+    page.keyboard.press("Tab")
+    for _ in range(10):
+        if page.evaluate("document.activeElement.textContent") == "Jobs":
+            break
+        page.keyboard.press("Tab")
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("", "none"), "no visible focus"
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile("#/jobs$"))
+    page.wait_for_selector(f'#jobs tr[data-key="{job["id"]}"]')
+    assert page.evaluate("document.activeElement.id") == "h-jobs"
+
+
+def nodes_requests(tab):
+    return sum(1 for m, u, h in tab.requests if urllib.parse.urlsplit(u).path == "/api/nodes")
+
+
+def set_hidden(page, hidden):
+    """What a browser does when the tab goes to the background (or comes back).
+    Chrome's DevTools protocol (Page.setWebLifecycleState) does not change a
+    visible headless page's visibility, so the document's state is set here."""
+    page.evaluate(
+        """(hidden) => {
+            Object.defineProperty(document, 'hidden', {configurable: true, get: () => hidden});
+            Object.defineProperty(document, 'visibilityState',
+                {configurable: true, get: () => hidden ? 'hidden' : 'visible'});
+            document.dispatchEvent(new Event('visibilitychange'));
+        }""",
+        hidden,
+    )
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_polling_stops_while_hidden_and_resumes(tab, daemon):
+    page = tab.open("#/")
+    page.wait_for_selector("#nodes tbody tr")
+    page.wait_for_timeout(4500)
+    assert nodes_requests(tab) >= 2  # it polls
+    set_hidden(page, True)
+    page.wait_for_timeout(500)  # a round in flight is aborted, none starts
+    before = nodes_requests(tab)
+    page.wait_for_timeout(7000)  # three polling periods
+    assert nodes_requests(tab) == before
+    set_hidden(page, False)
+    page.wait_for_timeout(700)  # at once, not after a period
+    assert nodes_requests(tab) == before + 1
+    page.wait_for_timeout(4500)
+    assert nodes_requests(tab) >= before + 2  # and on again
+    assert not tab.console_errors() and not tab.errors
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_20_mib_log_stays_under_the_cap_and_the_page_responsive(tab, daemon, cluster):
+    size = 20 << 20
+    line = "0123456789" * 9 + "abcdefgh"  # 99 bytes with its newline
+    script = f"sleep 3; yes {line} | head -c {size}"
+    status, job = daemon.json(
+        "POST", "/api/mpi_jobs/", {"program": ["sh", "-c", script], "np": 1, "wait": False}
+    )
+    assert status == 202
+    page = tab.open(f"#/jobs/{job['id']}")
+    page.wait_for_selector("#log-follow:checked")
+    worst_call = 0.0
+    deadline = time.monotonic() + 120
+    while "succeeded" not in page.locator("#h-job").inner_text():
+        t = time.monotonic()
+        page.evaluate("1")  # answered by the page's main thread
+        worst_call = max(worst_call, time.monotonic() - t)
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    wait_text(page.locator("#log-extent"), r"Showing the last .* of 20\.0 MiB")
+    text = page.evaluate("document.getElementById('log').textContent")
+    longtasks = page.evaluate("window.__longtasks")
+    print(
+        f"\n20 MiB log: page holds {len(text)} chars, {text.count(chr(10))} lines; "
+        f"long tasks {len(longtasks)}, longest {max(longtasks, default=0):.0f} ms; "
+        f"slowest evaluate {worst_call * 1000:.0f} ms"
+    )
+    assert len(text) <= 2 * 1024 * 1024 and text.count("\n") <= 20000
+    whole = (line + "\n") * (size // 99 + 1)
+    assert text.endswith(whole[size - 5000 : size])  # the page has the end
+    assert text.count("\n") > 10000  # it kept about the cap, not a trickle
+    assert max(longtasks, default=0) < 2000 and worst_call < 5
+    assert not tab.console_errors() and not tab.errors and not tab.csp()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_mlbench_2018_page_calls_still_work_from_the_page_origin(tab, daemon):
+    page = tab.open("#/")
+    nodes = page.evaluate("fetch('/api/nodes').then((r) => r.json())")
+    assert len(nodes) == 3 and {n["phase"] for n in nodes} == {"Running"}
+    # jQuery's $.post('api/mpi_jobs/'): no body; with and without a form Content-Type
+    for content_type in (None, "application/x-www-form-urlencoded; charset=UTF-8"):
+        status, body = page.evaluate(
+            """(ct) => new Promise((resolve) => {
+                const x = new XMLHttpRequest();
+                x.open('POST', 'api/mpi_jobs/');
+                if (ct) x.setRequestHeader('Content-Type', ct);
+                x.onload = () => resolve([x.status, x.responseText]);
+                x.send();
+            })""",
+            content_type,
+        )
+        job = json.loads(body)
+        assert status == 200 and job["state"] == "succeeded", body
+        assert "allreduce ok 3" in job["response"]
+
+
+EVIL_PAGE = """<!doctype html><html><body><form id=f method=post enctype=text/plain
+action="{daemon}/api/mpi_jobs/"><input name='{{"program": ["{prog}", "--sleep", "30"], "x": "'
+value='"}}'></form><script>
+const body = JSON.stringify({{program: ["{prog}", "--sleep", "30"]}});
+const tries = [
+  fetch("{daemon}/api/mpi_jobs/", {{method: "POST", mode: "no-cors", body,
+                                   headers: {{"Content-Type": "text/plain"}}}}),
+  fetch("{daemon}/api/mpi_jobs/", {{method: "POST", body,
+                                   headers: {{"Content-Type": "application/json"}}}}),
+  fetch("{daemon}/api/mpi_jobs/", {{method: "POST", mode: "no-cors"}}),
+];
+Promise.allSettled(tries).then((r) => {{
+  window.results = r.map((x) => x.status);
+  document.getElementById("f").submit();
+}});
+</script></body></html>"""
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_a_page_of_another_origin_cannot_launch_a_job(browser, daemon, cluster):
+    html = EVIL_PAGE.format(daemon=daemon.url, prog=cluster.mpi_program).encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args):
+            pass
+
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)  # another origin: its port
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    tab = Tab(browser, f"http://127.0.0.1:{evil.server_address[1]}")
+    try:
+        page = tab.open("")
+        page.wait_for_url(re.compile(re.escape(daemon.url)))  # the form went, and was refused
+        assert "403" in page.content() or "Origin" in page.content()
+        time.sleep(3)
+        assert daemon.json("GET", "/api/mpi_jobs/")[1] == []
+        assert job_processes(cluster) == []
+    finally:
+        tab.close()
+        evil.shutdown()
+        evil.server_close()
