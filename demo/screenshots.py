@@ -99,9 +99,7 @@ def main():
                 "env": {"SEED": "7"},
             },
         )
-        wait(
-            lambda: call(f"{url}/api/mpi_jobs/{live['id']}")["log_bytes"] > 400, "live output", 90
-        )
+        wait(lambda: call(f"{url}/api/mpi_jobs/{live['id']}")["log_bytes"] > 400, "live output", 90)
         cluster.stop_sshd(cluster.workers[2])
         wait(
             lambda: any(n["phase"] == "Unknown" for n in nodes() or []),

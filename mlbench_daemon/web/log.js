@@ -1,5 +1,5 @@
 // The live log: text comes in as bytes, is decoded, and is appended to a plain <pre>
-// once per animation frame as one text node per batch.  The page keeps about
+// once per animation frame, one block (a div holding a text node) per batch.  The page keeps about
 // MAX_CHARS characters or MAX_LINES lines (whole batches are dropped from the front),
 // cuts lines longer than MAX_LINE for display, and scrolls along only while the
 // reader is at the bottom.  The whole log stays downloadable.
@@ -10,6 +10,7 @@ export const MAX_CHARS = 2 * 1024 * 1024;
 export const MAX_LINES = 20000;
 export const MAX_LINE = 10000;
 export const TAIL = 1 << 20; // bytes loaded first (one answer of the logs API)
+const FRAME_CHARS = 256 * 1024; // laid out per frame at most: a frame stays short
 const CUT_MARK = " \u2026 [line cut for display; the download has all of it]";
 
 function countLines(s) {
@@ -94,25 +95,53 @@ export class LogView {
     let text = this.pending.join("");
     this.pending = [];
     this.pendingChars = 0;
-    if (text.length > MAX_CHARS) {
-      this.droppedBytes += text.length - MAX_CHARS;
-      text = text.slice(text.length - MAX_CHARS);
+    if (text.length > FRAME_CHARS) {
+      // the rest waits for the next frame (push() drops the oldest of a backlog)
+      let cut = text.lastIndexOf("\n", FRAME_CHARS);
+      cut = cut > 0 ? cut + 1 : FRAME_CHARS;
+      this.pending.push(text.slice(cut));
+      this.pendingChars = text.length - cut;
+      text = text.slice(0, cut);
+      this.frame = requestAnimationFrame(() => this.flush());
     }
     text = this.cutLong(text);
     const pre = this.pre;
     const atBottom = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 8;
-    const node = document.createTextNode(text);
-    const batch = { node, chars: text.length, lines: countLines(text) };
-    pre.appendChild(node);
-    this.batches.push(batch);
-    this.chars += batch.chars;
-    this.lines += batch.lines;
-    while (
-      this.batches.length > 1 &&
-      (this.chars > MAX_CHARS || this.lines > MAX_LINES)
-    ) {
+    // Each batch is a block of its own, so the browser lays out only the new text, not
+    // all 2 MiB.  A block holds whole lines without the last newline (the block's end
+    // is the line break, also for copy and paste); a line that spans two batches is
+    // continued in the block it began in.
+    const last = this.batches[this.batches.length - 1];
+    if (last && last.open) {
+      const nl = text.indexOf("\n");
+      const head = nl < 0 ? text : text.slice(0, nl);
+      last.node.appendData(head);
+      last.chars += head.length + (nl < 0 ? 0 : 1);
+      this.chars += head.length + (nl < 0 ? 0 : 1);
+      if (nl >= 0) {
+        last.open = false;
+        last.lines += 1;
+        this.lines += 1;
+      }
+      text = nl < 0 ? "" : text.slice(nl + 1);
+    }
+    if (text) {
+      const open = !text.endsWith("\n");
+      const body = open ? text : text.slice(0, -1);
+      const node = document.createTextNode(body);
+      const block = document.createElement("div");
+      // an empty last line is shown by a generated space (never copied)
+      if (body === "" || body.endsWith("\n")) block.className = "trail";
+      block.appendChild(node);
+      const batch = { block, node, open, chars: text.length, lines: countLines(text) };
+      pre.appendChild(block);
+      this.batches.push(batch);
+      this.chars += batch.chars;
+      this.lines += batch.lines;
+    }
+    while (this.batches.length > 1 && (this.chars > MAX_CHARS || this.lines > MAX_LINES)) {
       const old = this.batches.shift();
-      old.node.remove();
+      old.block.remove();
       this.chars -= old.chars;
       this.lines -= old.lines;
       this.droppedBytes += old.chars;
