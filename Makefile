@@ -1,4 +1,4 @@
-.PHONY: test demo bench install
+.PHONY: test demo bench install screenshots
 
 PYTHON ?= python3
 
@@ -10,7 +10,11 @@ demo:
 
 bench:
 	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
-	$(PYTHON) bench/cluster.py && $(PYTHON) bench/nodes.py && $(PYTHON) bench/jobs.py
+	$(PYTHON) bench/cluster.py && $(PYTHON) bench/nodes.py && $(PYTHON) bench/jobs.py && $(PYTHON) bench/web.py
+
+# a screenshot of each view of the status page, from the test cluster, into docs/ (root)
+screenshots:
+	$(PYTHON) demo/screenshots.py --out docs
 
 install:
 	$(PYTHON) -m pip install .

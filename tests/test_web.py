@@ -693,3 +693,58 @@ def test_long_lines_are_cut_for_display_and_the_download_has_everything(tab, dae
     with open(path, "rb") as f:
         assert f.read() == b"first\n\n" + b"x" * 50000 + b"\nafter\n"
     assert not tab.console_errors() and not tab.errors and not tab.csp()
+
+
+class Forwarder:
+    """A local TCP port relayed to the daemon, as `ssh -L` makes one (another port)."""
+
+    def __init__(self, target_port):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = target_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_the_page_works_through_a_tunnel_on_another_local_port(browser, daemon):
+    """README: open the page through `ssh -L PORT:127.0.0.1:8080 head` as localhost."""
+    fwd = Forwarder(urllib.parse.urlsplit(daemon.url).port)
+    tab = Tab(browser, f"http://localhost:{fwd.port}")
+    try:
+        page = tab.open("#/launch")
+        job_id = launch_from_form(page, ["sh", "-c", "echo through the tunnel"], np=1)
+        wait_text(page.locator("#h-job"), r"succeeded")
+        wait_text(page.locator("#log"), r"through the tunnel")
+        assert daemon.json("GET", f"/api/mpi_jobs/{job_id}")[1]["state"] == "succeeded"
+        assert not tab.console_errors() and not tab.errors and not tab.csp()
+    finally:
+        tab.close()
+        fwd.close()

@@ -7,7 +7,9 @@ import { LogView, download, follow, loadTail } from "./log.js";
 const NODES_EVERY_MS = 2000;
 const JOBS_EVERY_MS = 2000;
 const BACKOFF_MAX_MS = 30000;
-const CANCEL_TIMEOUT_MS = 300000; // grace period plus the SSH timeouts of the sweep, with room
+// A cancel answers after TERM, mpi.cancel_grace_s, KILL and a sweep of every host, each
+// step bounded by the SSH timeouts (about two minutes with the defaults): wait longer.
+const CANCEL_TIMEOUT_MS = 600000;
 const PHASES = ["Failed", "Unknown", "Pending", "Running"]; // failing first
 const PHASE_MARK = { Running: "\u25cf", Pending: "\u25cc", Unknown: "\u25b2", Failed: "\u2716" };
 const FINAL = new Set(["succeeded", "failed", "cancelled", "lost"]);
@@ -484,7 +486,9 @@ async function startFollow() {
         if (ctrl.signal.aborted) return;
         if (e instanceof ApiError && e.timedOut) continue; // a silent job: ask again
         failures++;
-        if (!(e instanceof ApiError) || e.transient) failing.add(followState);
+        if (e instanceof ApiError && e.code === "too-many-streams") {
+          setText($("log-extent"), "The daemon serves as many log streams as it may; retrying");
+        } else if (!(e instanceof ApiError) || e.transient) failing.add(followState);
         if (e instanceof ApiError && !e.transient && e.code !== "too-many-streams") throw e;
         await new Promise((r) => setTimeout(r, Math.min(BACKOFF_MAX_MS, 1000 * 2 ** failures)));
         continue;
