@@ -31,9 +31,11 @@ function showFreshness() {
   $("banner").hidden = failing.size === 0;
 }
 
+let clock = 0;
 function tickClock() {
+  clearTimeout(clock);
   showFreshness();
-  if (!document.hidden) setTimeout(tickClock, 1000);
+  if (!document.hidden) clock = setTimeout(tickClock, 1000);
 }
 
 // ---- chained-timer polling ----------------------------------------------------------
@@ -399,21 +401,21 @@ function alertInline(near, message) {
 
 const detail = { id: null, job: null, view: null, ctrl: null };
 
+// A <dl> of [term, value] pairs: values are updated in place while the terms stay
+// the same (a selection survives a refresh); rebuilt when the terms change.
 function dl(el, pairs) {
-  const frag = [];
-  for (const [k, v] of pairs) {
-    const dt = document.createElement("dt");
-    dt.textContent = k;
-    const dd = document.createElement("dd");
-    dd.textContent = v;
-    frag.push(dt, dd);
+  const terms = pairs.map((p) => p[0]).join("\u0000");
+  if (el.dataset.terms !== terms) {
+    el.dataset.terms = terms;
+    const items = [];
+    for (const [k] of pairs) {
+      const dt = document.createElement("dt");
+      dt.textContent = k;
+      items.push(dt, document.createElement("dd"));
+    }
+    el.replaceChildren(...items);
   }
-  // rebuilt only when a value changed, so a selection in it survives a refresh
-  const text = pairs.map((p) => p.join("\u0000")).join("\u0001");
-  if (el.dataset.text !== text) {
-    el.dataset.text = text;
-    el.replaceChildren(...frag);
-  }
+  pairs.forEach(([, v], i) => setText(el.children[2 * i + 1], v));
 }
 
 function showExtent() {
@@ -549,7 +551,7 @@ async function openJob(id, followIt) {
   if (!detail.view) detail.view = new LogView($("log"), showExtent);
   detail.view.reset();
   $("job-record").replaceChildren();
-  delete $("job-record").dataset.text;
+  delete $("job-record").dataset.terms;
   $("job-failure").hidden = true;
   $("job-missing").hidden = true;
   setText($("h-job"), `Job ${id}`);
