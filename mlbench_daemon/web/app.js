@@ -155,13 +155,26 @@ function setText(el, text) {
   if (el.textContent !== text) el.textContent = text;
 }
 
-// The cause of a job's end: `failure` when the daemon gives one, else reason/error.
+// The cause of a job's end: `failure` ({kind, node, host, rank, exit_code, signal,
+// message, hint, checks}, parts null when unknown) when the daemon gives one, else
+// the older `reason` and `error`.
+const FAILURE_FIELDS = [
+  ["kind", "Kind"],
+  ["node", "Node"],
+  ["host", "Host (as the launcher named it)"],
+  ["rank", "Rank"],
+  ["exit_code", "Exit code"],
+  ["signal", "Signal"],
+  ["message", "Message"],
+  ["hint", "What to do"],
+];
+
 function cause(job) {
   const f = job.failure;
   if (f && typeof f === "object") {
-    return [f.summary || f.message || f.kind || "", f.host || f.node ? `on ${f.host || f.node}` : ""]
-      .filter(Boolean)
-      .join(" ");
+    const where = [f.node || f.host ? `on ${f.node || f.host}` : "", f.rank != null ? `rank ${f.rank}` : ""];
+    const head = [f.kind, ...where].filter(Boolean).join(" ");
+    return f.message ? `${head}: ${f.message}` : head;
   }
   if (job.reason || job.error) return [job.reason, job.error].filter(Boolean).join(": ");
   if (job.state === "failed" && job.exit_code !== null) return `exited with code ${job.exit_code}`;
@@ -450,9 +463,16 @@ function renderJob(job) {
   const f = job.failure;
   const pairs = [];
   if (f && typeof f === "object") {
-    for (const [k, v] of Object.entries(f)) {
-      if (v !== null && v !== "") pairs.push([k, typeof v === "object" ? JSON.stringify(v) : String(v)]);
+    const show = (v) => (typeof v === "object" ? JSON.stringify(v) : String(v));
+    for (const [k, label] of FAILURE_FIELDS) if (f[k] != null && f[k] !== "") pairs.push([label, show(f[k])]);
+    for (const c of Array.isArray(f.checks) ? f.checks : []) {
+      const text = typeof c === "object" && c !== null
+        ? [c.node, c.check || c.name, c.status || c.result, c.message].filter((x) => x != null).join(" \u2014 ")
+        : show(c);
+      pairs.push(["Failed check", text]);
     }
+    const known = new Set([...FAILURE_FIELDS.map(([k]) => k), "checks"]);
+    for (const [k, v] of Object.entries(f)) if (!known.has(k) && v != null) pairs.push([k, show(v)]);
   } else {
     if (job.reason) pairs.push(["Reason", job.reason]);
     if (job.error) pairs.push([job.state === "cancelled" ? "Result" : "Error", job.error]);
