@@ -49,8 +49,12 @@ export class LogView {
     this.end = offset + bytes.length;
     const text = this.decoder.decode(bytes, { stream: true });
     if (!text) return;
-    this.pending.push(text);
-    this.pendingChars += text.length;
+    // pieces of at most FRAME_CHARS (a tail of 1 MiB comes in one answer)
+    for (let i = 0; i < text.length; i += FRAME_CHARS) {
+      const piece = text.length <= FRAME_CHARS ? text : text.slice(i, i + FRAME_CHARS);
+      this.pending.push(piece);
+      this.pendingChars += piece.length;
+    }
     // a hidden tab paints nothing: keep only what would be shown anyway
     while (this.pendingChars - this.pending[0].length > MAX_CHARS) {
       const dropped = this.pending.shift();
@@ -92,18 +96,18 @@ export class LogView {
   flush() {
     this.frame = 0;
     if (!this.pending.length) return;
-    let text = this.pending.join("");
-    this.pending = [];
-    this.pendingChars = 0;
-    if (text.length > FRAME_CHARS) {
-      // the rest waits for the next frame (push() drops the oldest of a backlog)
-      let cut = text.lastIndexOf("\n", FRAME_CHARS);
-      cut = cut > 0 ? cut + 1 : FRAME_CHARS;
-      this.pending.push(text.slice(cut));
-      this.pendingChars = text.length - cut;
-      text = text.slice(0, cut);
-      this.frame = requestAnimationFrame(() => this.flush());
+    // whole pieces up to FRAME_CHARS; the rest waits for the next frame (push() drops
+    // the oldest of a backlog).  Never a slice of one big joined string: a block's text
+    // would keep all of it alive.
+    let n = 0;
+    let take = 0;
+    while (n < this.pending.length && (n === 0 || take + this.pending[n].length <= FRAME_CHARS)) {
+      take += this.pending[n].length;
+      n++;
     }
+    let text = this.pending.splice(0, n).join("");
+    this.pendingChars -= take;
+    if (this.pending.length) this.frame = requestAnimationFrame(() => this.flush());
     text = this.cutLong(text);
     const pre = this.pre;
     const atBottom = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 8;
