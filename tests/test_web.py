@@ -790,3 +790,32 @@ def test_a_failure_object_is_shown_when_the_daemon_gives_one(tab, daemon, cluste
         r"rank-exit on \S+ rank 1: rank 1 exited with code 3",
     )
     assert not tab.console_errors() and not tab.errors and not tab.csp()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_connection_lost_banner_backoff_and_recovery(browser, start_daemon):
+    first = start_daemon()
+    port = urllib.parse.urlsplit(first.url).port
+    tab = Tab(browser, first.url)
+    try:
+        page = tab.open("#/")
+        page.wait_for_selector("#nodes tbody tr")
+        assert page.locator("#banner").is_hidden()
+        first.stop()  # the daemon goes away
+        page.locator("#banner").wait_for(state="visible", timeout=FEW_S * 1000)
+        assert "Connection lost, retrying" in page.locator("#banner").inner_text()
+        before = nodes_requests(tab)
+        page.wait_for_timeout(12000)
+        tries = nodes_requests(tab) - before
+        print(f"\n{tries} tries in 12 s without a daemon (every 2 s would be 6)")
+        assert 1 <= tries <= 4  # backing off: 4 s, 8 s, 16 s (with jitter)
+        assert re.search(r"Updated (1\d|[2-9]\d) s ago", page.locator("#updated").inner_text())
+        # old rows stay visible, marked stale by the banner and the age
+        assert page.locator("#nodes tbody tr").count() == 3
+        second = start_daemon(server={"port": port})  # back on the same address
+        page.locator("#banner").wait_for(state="hidden", timeout=HANG * 1000)
+        wait_text(page.locator("#updated"), r"Updated [0-4] s ago")
+        assert second.url == first.url
+    finally:
+        tab.close()
