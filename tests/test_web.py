@@ -819,3 +819,33 @@ def test_connection_lost_banner_backoff_and_recovery(browser, start_daemon):
         assert second.url == first.url
     finally:
         tab.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_one_follow_stream_per_tab_closed_when_the_view_is_left(browser, start_daemon, cluster):
+    daemon = start_daemon(server={"max_streams": 1}, mpi={"cancel_grace_s": 1.0})
+    job = submit(daemon, cluster, "--sleep", "120")
+    follow = f"/api/mpi_jobs/{job['id']}/logs?follow=1"
+    tab = Tab(browser, daemon.url)
+    try:
+        page = tab.open(f"#/jobs/{job['id']}")
+        wait_text(page.locator("#log"), r"allreduce ok 3")  # the page's stream: the only slot
+        assert page.locator("#log-follow").is_checked()
+        status, _, body = get(daemon, follow)
+        assert status == 503 and json.loads(body)["error"] == "too-many-streams"
+        page.goto(f"{daemon.url}/#/jobs")  # leaving the view closes the stream
+        deadline = time.monotonic() + FEW_S
+        while True:
+            raw = RawGet(daemon, follow)
+            if raw.response.status == 200:
+                raw.close()
+                break
+            raw.close()
+            assert time.monotonic() < deadline, "the page kept its stream after leaving"
+            time.sleep(0.2)
+        assert sum("follow=1" in u for m, u, h in tab.requests) == 1
+        assert not tab.console_errors() and not tab.errors and not tab.csp()
+    finally:
+        tab.close()
+        daemon.json("DELETE", f"/api/mpi_jobs/{job['id']}")
