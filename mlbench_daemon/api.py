@@ -112,7 +112,7 @@ def _error_body(status, error, message):
     return json.dumps({"error": error, "message": message})
 
 
-def page_files():
+def page_files() -> dict[str, bytes]:
     """{name: bytes} of the status page's static files (package data)."""
     web = importlib.resources.files("mlbench_daemon") / "web"
     return {
@@ -126,11 +126,11 @@ class Streams:
     """Long answers in flight (log follows and sync POSTs still waiting), at most
     ``limit`` at once: each holds a server thread for as long as it lasts."""
 
-    def __init__(self, limit):
+    def __init__(self, limit: int) -> None:
         self.limit, self.held = limit, 0
         self._lock = threading.Lock()
 
-    def take(self):
+    def take(self) -> None:
         with self._lock:
             if self.held >= self.limit:
                 raise TooManyStreams(
@@ -139,7 +139,7 @@ class Streams:
                 )
             self.held += 1
 
-    def give(self):
+    def give(self) -> None:
         with self._lock:
             self.held -= 1
 

@@ -48,6 +48,7 @@ import re
 import shlex
 import threading
 import time
+from collections.abc import Callable
 
 from mlbench_daemon import metrics
 from mlbench_daemon.discovery import Selector, natural_key
@@ -346,7 +347,7 @@ class Jobs:
                 raise BadRequest(f"{name} must be an integer >= 0", field=name)
         return self.store.read_log(job_id, offset, min(limit, LOG_CHUNK_MAX))
 
-    def follow_log(self, job_id, offset=0, gone=None):
+    def follow_log(self, job_id, offset=0, gone: Callable[[], bool] | None = None):
         """Yield output from `offset` as it arrives, until the job is final and all is read,
         or until `gone()` (the reader went away: checked every second while nothing comes)."""
         self.read_log(job_id, offset, 0)  # validates
