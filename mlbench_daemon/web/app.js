@@ -311,7 +311,10 @@ function renderNodes(nodes, health) {
     );
     const stale = $("stale-line");
     stale.hidden = !health.discovery_stale;
-    setText(stale, health.discovery_stale ? `DNS discovery is stale: ${health.discovery_stale_reason}` : "");
+    let why = health.discovery_stale_reason || "";
+    if (!why && health.discovery_age_s != null)
+      why = `the last good answer is ${Math.round(health.discovery_age_s)} s old`;
+    setText(stale, health.discovery_stale ? `DNS discovery is stale${why ? `: ${why}` : ""}` : "");
   }
 }
 
