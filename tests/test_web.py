@@ -849,3 +849,29 @@ def test_one_follow_stream_per_tab_closed_when_the_view_is_left(browser, start_d
     finally:
         tab.close()
         daemon.json("DELETE", f"/api/mpi_jobs/{job['id']}")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_a_refresh_keeps_focus_and_a_text_selection(tab, daemon):
+    page = tab.open("#/")
+    page.wait_for_selector("#nodes tbody tr")
+    name = page.locator("#nodes tbody tr").first.get_attribute("data-key")
+    selected = page.evaluate(
+        """(name) => {
+            const cell = document.querySelector(`#nodes tr[data-key='${name}'] th`);
+            const range = document.createRange();
+            range.selectNodeContents(cell);
+            getSelection().removeAllRanges();
+            getSelection().addRange(range);
+            document.querySelector(`#nodes tr[data-key='${name}'] summary`).focus();
+            return getSelection().toString();
+        }""",
+        name,
+    )
+    assert selected == name
+    before = nodes_requests(tab)
+    page.wait_for_timeout(4500)
+    assert nodes_requests(tab) >= before + 2  # refreshed meanwhile
+    assert page.evaluate("getSelection().toString()") == name
+    assert page.evaluate("document.activeElement.tagName") == "SUMMARY"
