@@ -124,7 +124,7 @@ def follow_in_page(browser, url, mib):
         extent = page.locator("#log-extent").inner_text()
         if first is None and page.evaluate("document.getElementById('log').firstChild !== null"):
             first = time.perf_counter()
-        if "20.0 MiB" in extent and not page.is_checked("#log-follow"):
+        if f"{mib}.0 MiB" in extent and not page.is_checked("#log-follow"):
             break
         if time.monotonic() > deadline:
             raise SystemExit(f"bench: the page never got the whole log ({extent})")
