@@ -10,11 +10,11 @@ demo:
 
 bench:
 	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
-	$(PYTHON) bench/cluster.py && $(PYTHON) bench/nodes.py && $(PYTHON) bench/jobs.py && $(PYTHON) bench/web.py
+	$(PYTHON) -m bench.cluster && $(PYTHON) -m bench.nodes && $(PYTHON) -m bench.jobs && $(PYTHON) -m bench.web
 
 # a screenshot of each view of the status page, from the test cluster, into docs/ (root)
 screenshots:
-	$(PYTHON) demo/screenshots.py --out docs
+	$(PYTHON) -m demo.screenshots --out docs
 
 install:
 	$(PYTHON) -m pip install .

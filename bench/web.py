@@ -10,7 +10,7 @@ Prints, each with a baseline measured in the same run:
   size; baseline: the same log of an identical job read by a bare fetch() reader in
   the same browser (bytes/s), and the heap of the job view before the output came.
 
-    python3 bench/web.py [--hosts 128] [--mib 20] [--rounds 3]
+    python3 -m bench.web [--hosts 128] [--mib 20] [--rounds 3]
 """
 
 import argparse
@@ -23,10 +23,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.cluster import Cluster, free_port, stop_process
 
-from tests.cluster import Cluster, free_port, stop_process  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CHROMIUM = "/usr/lib/chromium/chromium"
 LINE = "0123456789" * 9 + "abcdefgh"  # 99 bytes with its newline

@@ -6,7 +6,7 @@ fails and one that is still writing, stops one worker's sshd (so the overview sh
 a failing node), and photographs Overview, Jobs, Job detail and Launch in Debian's
 headless Chromium.
 
-    python3 demo/screenshots.py [--out docs]
+    python3 -m demo.screenshots [--out docs]
 """
 
 import argparse
@@ -18,10 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.cluster import Cluster, free_port, stop_process
 
-from tests.cluster import Cluster, free_port, stop_process  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CHROMIUM = "/usr/lib/chromium/chromium"
 

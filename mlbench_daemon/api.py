@@ -6,12 +6,16 @@ status, from exactly one place (``_error_body``); never an HTML page or a
 stack trace. Every path works with and without its trailing slash.
 """
 
+from __future__ import annotations
+
 import hmac
 import importlib.resources
 import json
 import logging
 import re
 import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import bottle
 
@@ -24,12 +28,17 @@ from mlbench_daemon.errors import (
     TooManyStreams,
     Unauthorized,
 )
+from mlbench_daemon.store import LOG_CHUNK_MAX
+from mlbench_daemon.vocabulary import Phase
 
-log = logging.getLogger("mlbench_daemon.api")
+if TYPE_CHECKING:  # api.py is given these; it imports neither
+    from mlbench_daemon.jobs import Jobs
+    from mlbench_daemon.nodes import Registry
+
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 REFRESH_TIMEOUT_S = 10.0
-LOG_CHUNK = 1 << 20  # default and largest bytes per /logs answer
 NO_STORE = "no-store"  # on every answer but the page's static files
 # The status page (mlbench_daemon/web/): public, same-origin only, no inline code.
 PAGE_HEADERS = {
@@ -59,13 +68,13 @@ STATUS_TEXT = {
 }
 
 
-def _json(value, status=200):
+def _json(value: Any, status: int = 200) -> str:
     bottle.response.status = status
     bottle.response.content_type = JSON
     return json.dumps(value)
 
 
-def _int_param(name, default, lo, hi):
+def _int_param(name: str, default: int, lo: int, hi: int) -> int:
     raw = bottle.request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -77,7 +86,7 @@ def _int_param(name, default, lo, hi):
     return value
 
 
-def _flag(name):
+def _flag(name: str) -> bool:
     raw = bottle.request.query.get(name, "")
     if raw.lower() in ("", "0", "false", "no"):
         return False
@@ -86,7 +95,7 @@ def _flag(name):
     raise BadRequest(f"{name}: must be 0 or 1, got {raw!r}", field=name)
 
 
-def _body(max_bytes):
+def _body(max_bytes: int) -> dict[str, Any] | None:
     """The request's JSON object, or None for an empty body."""
     length = bottle.request.content_length
     if length > max_bytes:
@@ -105,7 +114,7 @@ def _body(max_bytes):
     return body
 
 
-def _error_body(status, error, message):
+def _error_body(status: int, error: str, message: str) -> str:
     bottle.response.status = status
     bottle.response.content_type = JSON
     bottle.response.set_header("Cache-Control", NO_STORE)
@@ -148,20 +157,21 @@ class _Held:
     """An answer's chunks holding one stream slot until the body is done or closed
     (the WSGI server calls close(); Bottle drops an iterator that yields nothing)."""
 
-    def __init__(self, chunks, streams):
-        self.chunks, self.streams = iter(chunks), streams
+    def __init__(self, chunks: Iterable[bytes], streams: Streams) -> None:
+        self.chunks: Iterator[bytes] = iter(chunks)
+        self.streams: Streams | None = streams
 
-    def __iter__(self):
+    def __iter__(self) -> _Held:
         return self
 
-    def __next__(self):
+    def __next__(self) -> bytes:
         try:
             return next(self.chunks)
         except BaseException:
             self.close()
             raise
 
-    def close(self):
+    def close(self) -> None:
         streams, self.streams = self.streams, None
         if streams is not None:
             try:
@@ -170,7 +180,7 @@ class _Held:
                 streams.give()
 
 
-def _refuse(status, message):
+def _refuse(status: int, message: str) -> NoReturn:
     """Leave before any route runs: JSON, with the status's error name."""
     raise bottle.HTTPResponse(
         json.dumps({"error": STATUS_TEXT[status], "message": message}),
@@ -179,7 +189,7 @@ def _refuse(status, message):
     )
 
 
-def _browser_checks(policy):
+def _browser_checks(policy: Policy) -> None:
     """Host, Origin and body type (see browser.py), for every request, before routing."""
     env = bottle.request.environ
     host = env.get("HTTP_HOST")
@@ -192,25 +202,32 @@ def _browser_checks(policy):
         _refuse(415, "a request body must have Content-Type: application/json")
 
 
-def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, max_streams=4):
+def make_app(
+    registry: Registry,
+    jobs: Jobs,
+    token: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    policy: Policy | None = None,
+    max_streams: int = 4,
+) -> bottle.Bottle:
     policy = policy or Policy()
     app = bottle.Bottle(catchall=True)
     streams = Streams(max_streams)
     files = page_files()
 
     @app.hook("before_request")
-    def _before():
+    def _before() -> None:
         env = bottle.request.environ
         path = env.get("PATH_INFO", "/")
         if len(path) > 1 and path.endswith("/"):
             env["PATH_INFO"] = path.rstrip("/") or "/"
         _browser_checks(policy)
 
-    def needs_token(path):
+    def needs_token(path: str) -> bool:
         return path.startswith("/api/") or (path == "/metrics" and not policy.public_metrics)
 
     @app.hook("after_request")
-    def _count():
+    def _count() -> None:
         if not bottle.request.path.startswith("/static/") and bottle.request.path != "/":
             bottle.response.set_header("Cache-Control", NO_STORE)
         route = (
@@ -220,10 +237,10 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, ma
             route, bottle.request.method, str(bottle.response.status_code)
         ).inc()
 
-    def guard(callback):
+    def guard(callback: Callable[..., Any]) -> Callable[..., Any]:
         """Authentication and ApiError -> JSON, around every route."""
 
-        def wrapper(*args, **kwargs):
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 if token and needs_token(bottle.request.path):
                     given = bottle.request.get_header("Authorization", "")
@@ -249,7 +266,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, ma
     @app.error(405)
     @app.error(413)
     @app.error(500)
-    def _http_error(err):
+    def _http_error(err: bottle.HTTPError) -> str:
         if err.status_code == 500:
             log.error(
                 "internal error on %s %s: %r",
@@ -268,7 +285,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, ma
         return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)
 
     # ---- the status page ---------------------------------------------------------
-    def _page_file(name):
+    def _page_file(name: str) -> bytes:
         if name not in files:
             raise bottle.HTTPError(404)
         for k, v in PAGE_HEADERS.items():
@@ -277,22 +294,20 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, ma
         return files[name]
 
     @app.get("/")
-    def page():
+    def page() -> bytes:
         return _page_file("index.html")
 
     @app.get("/static/<name>")
-    def static(name):
+    def static(name: str) -> bytes:
         return _page_file(name)
 
     # ---- nodes ---------------------------------------------------------------
-    cached = [
-        None,
-        None,
-    ]  # (registry generation, JSON body): the table changes per probe, reads are many
+    # (registry generation, JSON body): the table changes per probe, reads are many
+    cached: list[Any] = [None, None]
 
     @app.get("/api/nodes")
     @app.get("/api/pods")
-    def nodes():
+    def nodes() -> str:
         if _flag("refresh"):
             registry.refresh(REFRESH_TIMEOUT_S)
         if registry.stale:
@@ -304,31 +319,32 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, ma
         return cached[1]
 
     @app.get("/healthz")
-    def healthz():
+    def healthz() -> str:
         nodes = registry.nodes()
         return _json(
             {
                 "status": "ok",
                 "nodes": len(nodes),
-                "running": sum(1 for n in nodes if n.phase == "Running"),
+                "running": sum(1 for n in nodes if n.phase == Phase.RUNNING),
                 "discovery_stale": registry.stale,
+                "discovery_age_s": registry.discovery_age_s(),
             }
         )
 
     @app.get("/metrics")
-    def prometheus():
+    def prometheus() -> bytes:
         metrics.set_gauges(registry.nodes(), jobs.counts())
         body, content_type = metrics.render()
         bottle.response.content_type = content_type
         return body
 
     @app.get("/api/openapi.json")
-    def openapi_document():
+    def openapi_document() -> str:
         return _json(openapi.DOCUMENT)
 
     # ---- jobs ----------------------------------------------------------------
     @app.post("/api/mpi_jobs")
-    def submit():
+    def submit() -> str | _Held:
         body = _body(max_body_bytes)
         wait = (body or {}).get("wait", True)
         if wait is True:
@@ -347,7 +363,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, ma
         return _Held(answer, streams)
 
     @app.get("/api/mpi_jobs")
-    def list_jobs():
+    def list_jobs() -> str:
         return _json(
             jobs.list(
                 limit=_int_param("limit", 50, 1, 1000), offset=_int_param("offset", 0, 0, 1 << 31)
@@ -355,23 +371,23 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None, ma
         )
 
     @app.get("/api/mpi_jobs/<job_id>")
-    def get_job(job_id):
+    def get_job(job_id: str) -> str:
         return _json(jobs.get(job_id))
 
     @app.delete("/api/mpi_jobs/<job_id>")
-    def cancel_job(job_id):
+    def cancel_job(job_id: str) -> str:
         return _json(jobs.cancel(job_id))
 
     @app.get("/api/mpi_jobs/<job_id>/logs")
-    def job_logs(job_id):
+    def job_logs(job_id: str) -> bytes | _Held:
         offset = _int_param("offset", 0, 0, 1 << 62)
-        limit = _int_param("limit", LOG_CHUNK, 1, LOG_CHUNK)
-        tail = _int_param("tail", None, 0, 1 << 62)
+        limit = _int_param("limit", LOG_CHUNK_MAX, 1, LOG_CHUNK_MAX)
+        tail = _int_param("tail", -1, 0, 1 << 62)  # -1: not given
         follow = _flag("follow")
-        if tail is not None and bottle.request.query.get("offset") not in (None, ""):
+        if tail >= 0 and bottle.request.query.get("offset") not in (None, ""):
             raise BadRequest("tail: give either tail or offset, not both", field="tail")
         job = jobs.get(job_id)  # a 404 must come before the stream starts
-        if tail is not None:
+        if tail >= 0:
             offset = max(0, job["log_bytes"] - tail)
             bottle.response.set_header("X-Log-Start", str(offset))
         bottle.response.content_type = "application/octet-stream"

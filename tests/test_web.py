@@ -52,6 +52,7 @@ def wsgi(app, path, method="GET", query=""):
     return seen["status"], seen["headers"], body
 
 
+@pytest.mark.logic
 def test_page_and_its_files_are_served_with_strict_headers():
     app = api.make_app(registry=None, jobs=None)
     status, headers, body = wsgi(app, "/")
@@ -92,6 +93,7 @@ def test_page_and_its_files_are_served_with_strict_headers():
     assert headers["Cache-Control"] == "no-store"
 
 
+@pytest.mark.logic
 def test_package_data_covers_every_page_file():
     import tomllib
 
@@ -103,6 +105,7 @@ def test_package_data_covers_every_page_file():
         assert any(fnmatch.fnmatch(f"web/{name}", p) for p in patterns), name
 
 
+@pytest.mark.logic
 def test_api_answers_are_not_stored():
     app = api.make_app(registry=None, jobs=None)
     for path in ("/api/openapi.json", "/api/nope", "/healthz/nope"):
@@ -110,6 +113,7 @@ def test_api_answers_are_not_stored():
         assert headers["Cache-Control"] == "no-store", path
 
 
+@pytest.mark.logic
 def test_max_streams_must_leave_threads_for_short_requests(tmp_path):
     cfg = config.load(
         None,
