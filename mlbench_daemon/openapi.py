@@ -488,7 +488,7 @@ PATHS = {
     "/static/{name}": {
         "get": {
             "operationId": "statusPageFile",
-            "summary": "One of the status page's files (ES modules, CSS, icon)",
+            "summary": "One of the status page's files (its HTML, ES modules, CSS, icon)",
             "tags": ["page"],
             "security": [],
             "parameters": [
@@ -498,6 +498,7 @@ PATHS = {
                 "200": {
                     "description": "The file.",
                     "content": {
+                        "text/html": {"schema": {"type": "string"}},
                         "text/javascript": {"schema": {"type": "string"}},
                         "text/css": {"schema": {"type": "string"}},
                         "image/svg+xml": {"schema": {"type": "string"}},
