@@ -10,7 +10,9 @@ demo:
 
 bench:
 	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
-	$(PYTHON) -m bench.cluster && $(PYTHON) -m bench.nodes && $(PYTHON) -m bench.jobs && $(PYTHON) -m bench.web
+	$(PYTHON) -m bench.cluster && $(PYTHON) -m bench.nodes && $(PYTHON) -m bench.jobs \
+		&& $(PYTHON) -m bench.preflight \
+		&& $(PYTHON) -m bench.web
 
 # a screenshot of each view of the status page, from the test cluster, into docs/ (root)
 screenshots:

@@ -24,6 +24,7 @@ from mlbench_daemon.browser import Policy, is_json
 from mlbench_daemon.errors import (
     ApiError,
     BadRequest,
+    NotFound,
     PayloadTooLarge,
     TooManyStreams,
     Unauthorized,
@@ -31,8 +32,9 @@ from mlbench_daemon.errors import (
 from mlbench_daemon.store import LOG_CHUNK_MAX
 from mlbench_daemon.vocabulary import Phase
 
-if TYPE_CHECKING:  # api.py is given these; it imports neither
+if TYPE_CHECKING:  # api.py is given these; it imports none of them
     from mlbench_daemon.jobs import Jobs
+    from mlbench_daemon.jobs.preflight import Preflight
     from mlbench_daemon.nodes import Registry
 
 log = logging.getLogger(__name__)
@@ -209,6 +211,7 @@ def make_app(
     max_body_bytes: int = 1 << 20,
     policy: Policy | None = None,
     max_streams: int = 4,
+    preflight: Preflight | None = None,
 ) -> bottle.Bottle:
     policy = policy or Policy()
     app = bottle.Bottle(catchall=True)
@@ -361,6 +364,12 @@ def make_app(
             raise
         bottle.response.content_type = JSON
         return _Held(answer, streams)
+
+    @app.post("/api/preflight")
+    def run_preflight() -> str:
+        if preflight is None:
+            raise NotFound("preflight is not available")
+        return _json(preflight.run(_body(max_body_bytes)))
 
     @app.get("/api/mpi_jobs")
     def list_jobs() -> str:

@@ -476,6 +476,8 @@ function renderJob(job) {
     }
     const known = new Set([...FAILURE_FIELDS.map(([k]) => k), "checks"]);
     for (const [k, v] of Object.entries(f)) if (!known.has(k) && v != null) pairs.push([k, show(v)]);
+    if (job.reason) pairs.push(["Reason", job.reason]);
+    if (job.error && job.error !== f.message) pairs.push(["Daemon's note", job.error]);
   } else {
     if (job.reason) pairs.push(["Reason", job.reason]);
     if (job.error) pairs.push([job.state === "cancelled" ? "Result" : "Error", job.error]);
