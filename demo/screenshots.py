@@ -3,8 +3,8 @@ cluster (needs root), into docs/.
 
 Builds a 3-worker cluster, starts the daemon, runs a job that succeeds, one that
 fails and one that is still writing, stops one worker's sshd (so the overview shows
-a failing node), and photographs Overview, Jobs, Job detail and Launch in Debian's
-headless Chromium.
+a failing node), and photographs Overview, Jobs, Job detail and Launch (with a
+preflight's check table) in Debian's headless Chromium.
 
     python3 -m demo.screenshots [--out docs]
 """
@@ -120,10 +120,14 @@ def main():
                 page.wait_for_selector(ready)
                 if name == "launch":
                     page.fill("#launch-program", f"{prog}\n--bytes\n20000")
-                    page.fill("#launch-np", "3")
+                    page.fill("#launch-np", "2")
+                    page.check(f'#launch-nodes input[value="{two[0]}"]')
+                    page.check(f'#launch-nodes input[value="{two[1]}"]')
+                    page.click("#preflight-run")
+                    page.wait_for_selector("#preflight-checks tbody tr")
                 page.wait_for_timeout(2500)  # a refresh and a few log lines in
                 path = out / f"screenshot-{name}.png"
-                page.screenshot(path=str(path))
+                page.screenshot(path=str(path), full_page=name == "launch")
                 print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
             browser.close()
         assert ok["state"] == "succeeded", ok

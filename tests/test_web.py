@@ -863,3 +863,26 @@ def test_a_refresh_keeps_focus_and_a_text_selection(tab, daemon):
     assert nodes_requests(tab) >= before + 2  # refreshed meanwhile
     assert page.evaluate("getSelection().toString()") == name
     assert page.evaluate("document.activeElement.tagName") == "SUMMARY"
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+def test_preflight_from_the_launch_form(tab, daemon, cluster):
+    page = tab.open("#/launch")
+    page.wait_for_selector("#launch-nodes label")
+    page.fill("#launch-program", str(cluster.mpi_program))
+    page.click("#preflight-run")
+    summary = wait_text(page.locator("#preflight-summary"), r"Nothing failed|failed")
+    assert "Nothing failed" in summary, page.locator("#preflight").inner_text()
+    rows = page.locator("#preflight-checks tbody tr")
+    assert rows.count() > 3
+    assert page.locator("#preflight-checks tbody th[scope=row]").count() == rows.count()
+    assert "pass" in page.locator("#preflight-checks").inner_text()
+    assert daemon.json("GET", "/api/mpi_jobs/")[1] == []  # a check, not a job
+    # a program that is not there: its check fails, named, and listed first
+    page.fill("#launch-program", "/nonexistent/program")
+    page.click("#preflight-run")
+    wait_text(page.locator("#preflight-summary"), r"\d+ checks? failed")
+    first = page.locator("#preflight-checks tbody tr").first.inner_text()
+    assert "program" in first and "fail" in first
+    assert not tab.console_errors() and not tab.errors and not tab.csp()

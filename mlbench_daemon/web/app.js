@@ -653,6 +653,66 @@ function launchBody() {
   return body;
 }
 
+// ---- preflight: the launch form's fields checked from the master -------------------
+
+const PREFLIGHT_FIELDS = ["program", "np", "selector", "nodes", "master"];
+const CHECK_MARK = { pass: "\u2714 pass", fail: "\u2716 fail", "not-checked": "\u2013 not checked" };
+// a preflight is bounded by mpi.preflight_timeout_s (20 s by default): wait longer
+const PREFLIGHT_TIMEOUT_MS = 120000;
+
+function renderPreflight(result) {
+  const order = { fail: 0, "not-checked": 1, pass: 2 };
+  const checks = [...result.checks].sort((a, b) => order[a.status] - order[b.status]);
+  const failed = checks.filter((c) => c.status === "fail").length;
+  const unchecked = checks.filter((c) => c.status === "not-checked").length;
+  setText(
+    $("preflight-summary"),
+    `${result.ok ? "\u2714 Nothing failed" : `\u2716 ${failed} check${failed === 1 ? "" : "s"} failed`}` +
+      ` (${checks.length} run from ${result.master_name}, ${result.flavour}` +
+      `${unchecked ? `; ${unchecked} not checked` : ""}).`,
+  );
+  $("preflight-summary").className = result.ok ? "ok-text" : "error";
+  const body = $("preflight-checks").tBodies[0];
+  body.replaceChildren(
+    ...checks.map((c) => {
+      const tr = row(5, 1);
+      tr.cells[0].textContent = c.node || "all nodes";
+      tr.cells[1].textContent = c.check;
+      tr.cells[2].textContent = CHECK_MARK[c.status] || c.status;
+      tr.cells[2].className = c.status === "fail" ? "error" : c.status === "pass" ? "ok-text" : "";
+      tr.cells[3].textContent = c.message;
+      tr.cells[4].textContent = c.status === "pass" ? "" : c.hint || "";
+      return tr;
+    }),
+  );
+  $("preflight").hidden = false;
+}
+
+$("preflight-run").addEventListener("click", async () => {
+  const button = $("preflight-run");
+  const state = $("preflight-state");
+  const err = $("launch-error");
+  err.hidden = true;
+  button.disabled = true;
+  setText(state, "Checking from the master\u2026");
+  try {
+    const full = launchBody();
+    const body = Object.fromEntries(PREFLIGHT_FIELDS.filter((k) => k in full).map((k) => [k, full[k]]));
+    renderPreflight(
+      await getJSON("/api/preflight/", { method: "POST", body, timeout: PREFLIGHT_TIMEOUT_MS }),
+    );
+    setText(state, "");
+    $("h-preflight").focus();
+  } catch (e) {
+    setText(state, "");
+    err.textContent = `Preflight not run: ${e.message}`;
+    err.hidden = false;
+    err.focus();
+  } finally {
+    button.disabled = false;
+  }
+});
+
 $("launch-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const err = $("launch-error");
