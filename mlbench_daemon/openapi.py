@@ -340,6 +340,7 @@ SCHEMAS = {
             "np",
             "timeout_s",
             "env",
+            "flavour",
             "log_bytes",
         ],
         "properties": {
@@ -375,6 +376,12 @@ SCHEMAS = {
                 "type": "object",
                 "additionalProperties": {"const": "***"},
                 "description": "The names of the exported variables; values are never shown.",
+            },
+            "flavour": {
+                "type": ["string", "null"],
+                "enum": ["openmpi4", "openmpi5", "mpich", None],
+                "description": "The launcher the job ran with (`mpi.flavour`, detected on its "
+                "master when `auto`); null until the job is launched.",
             },
             "log_bytes": {
                 "type": "integer",

@@ -452,6 +452,7 @@ function renderJob(job) {
     ["State", job.state],
     ["Command", job.command],
     ["Master", job.master_name || "\u2014"],
+    ["Launcher", job.flavour || "\u2014"],
     ["Nodes", job.nodes.map((n) => n[2]).join(", ")],
     ["Ranks (np)", job.np === null ? "one per slot" : String(job.np)],
     ["Environment", Object.keys(job.env).join(", ") || "\u2014"],
