@@ -1,4 +1,4 @@
-.PHONY: test demo bench install
+.PHONY: test demo bench install screenshots
 
 PYTHON ?= python3
 
@@ -11,7 +11,12 @@ demo:
 bench:
 	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
 	$(PYTHON) -m bench.cluster && $(PYTHON) -m bench.nodes && $(PYTHON) -m bench.jobs \
-		&& $(PYTHON) -m bench.preflight
+		&& $(PYTHON) -m bench.preflight \
+		&& $(PYTHON) -m bench.web
+
+# a screenshot of each view of the status page, from the test cluster, into docs/ (root)
+screenshots:
+	$(PYTHON) -m demo.screenshots --out docs
 
 install:
 	$(PYTHON) -m pip install .

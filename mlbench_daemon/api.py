@@ -9,17 +9,26 @@ stack trace. Every path works with and without its trailing slash.
 from __future__ import annotations
 
 import hmac
+import importlib.resources
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import bottle
 
 from mlbench_daemon import metrics, openapi
 from mlbench_daemon.browser import Policy, is_json
-from mlbench_daemon.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
+from mlbench_daemon.errors import (
+    ApiError,
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    TooManyStreams,
+    Unauthorized,
+)
 from mlbench_daemon.store import LOG_CHUNK_MAX
 from mlbench_daemon.vocabulary import Phase
 
@@ -32,6 +41,23 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 REFRESH_TIMEOUT_S = 10.0
+NO_STORE = "no-store"  # on every answer but the page's static files
+# The status page (mlbench_daemon/web/): public, same-origin only, no inline code.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",  # revalidated each time: a new daemon version is seen at once
+}
+PAGE_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
 STATUS_TEXT = {
     400: "bad-request",
     401: "unauthorized",
@@ -93,7 +119,67 @@ def _body(max_bytes: int) -> dict[str, Any] | None:
 def _error_body(status: int, error: str, message: str) -> str:
     bottle.response.status = status
     bottle.response.content_type = JSON
+    bottle.response.set_header("Cache-Control", NO_STORE)
     return json.dumps({"error": error, "message": message})
+
+
+def page_files() -> dict[str, bytes]:
+    """{name: bytes} of the status page's static files (package data)."""
+    web = importlib.resources.files("mlbench_daemon") / "web"
+    return {
+        f.name: f.read_bytes()
+        for f in web.iterdir()
+        if f.is_file() and "." + f.name.rpartition(".")[2] in PAGE_TYPES
+    }
+
+
+class Streams:
+    """Long answers in flight (log follows and sync POSTs still waiting), at most
+    ``limit`` at once: each holds a server thread for as long as it lasts."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        with self._lock:
+            if self.held >= self.limit:
+                raise TooManyStreams(
+                    f"{self.held} long request(s) (log follows, waiting POSTs) are open, the "
+                    f"most server.max_streams allows; try again later"
+                )
+            self.held += 1
+
+    def give(self) -> None:
+        with self._lock:
+            self.held -= 1
+
+
+class _Held:
+    """An answer's chunks holding one stream slot until the body is done or closed
+    (the WSGI server calls close(); Bottle drops an iterator that yields nothing)."""
+
+    def __init__(self, chunks: Iterable[bytes], streams: Streams) -> None:
+        self.chunks: Iterator[bytes] = iter(chunks)
+        self.streams: Streams | None = streams
+
+    def __iter__(self) -> _Held:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self.chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        streams, self.streams = self.streams, None
+        if streams is not None:
+            try:
+                getattr(self.chunks, "close", lambda: None)()
+            finally:
+                streams.give()
 
 
 def _refuse(status: int, message: str) -> NoReturn:
@@ -124,10 +210,13 @@ def make_app(
     token: str | None = None,
     max_body_bytes: int = 1 << 20,
     policy: Policy | None = None,
+    max_streams: int = 4,
     preflight: Preflight | None = None,
 ) -> bottle.Bottle:
     policy = policy or Policy()
     app = bottle.Bottle(catchall=True)
+    streams = Streams(max_streams)
+    files = page_files()
 
     @app.hook("before_request")
     def _before() -> None:
@@ -142,6 +231,8 @@ def make_app(
 
     @app.hook("after_request")
     def _count() -> None:
+        if not bottle.request.path.startswith("/static/") and bottle.request.path != "/":
+            bottle.response.set_header("Cache-Control", NO_STORE)
         route = (
             bottle.request.route.rule if "bottle.route" in bottle.request.environ else "unmatched"
         )
@@ -196,6 +287,23 @@ def make_app(
             message = str(err.body)
         return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)
 
+    # ---- the status page ---------------------------------------------------------
+    def _page_file(name: str) -> bytes:
+        if name not in files:
+            raise bottle.HTTPError(404)
+        for k, v in PAGE_HEADERS.items():
+            bottle.response.set_header(k, v)
+        bottle.response.content_type = PAGE_TYPES["." + name.rpartition(".")[2]]
+        return files[name]
+
+    @app.get("/")
+    def page() -> bytes:
+        return _page_file("index.html")
+
+    @app.get("/static/<name>")
+    def static(name: str) -> bytes:
+        return _page_file(name)
+
     # ---- nodes ---------------------------------------------------------------
     # (registry generation, JSON body): the table changes per probe, reads are many
     cached: list[Any] = [None, None]
@@ -239,15 +347,23 @@ def make_app(
 
     # ---- jobs ----------------------------------------------------------------
     @app.post("/api/mpi_jobs")
-    def submit() -> str | Iterator[bytes]:
+    def submit() -> str | _Held:
         body = _body(max_body_bytes)
-        job = jobs.submit(body)  # validates every field, `wait` included
-        if not (body or {}).get("wait", True):
-            bottle.response.set_header("Location", f"/api/mpi_jobs/{job['id']}")
-            return _json(job, 202)
-        answer = jobs.wait_json(job["id"])  # blocks here, before the 200 is sent
+        wait = (body or {}).get("wait", True)
+        if wait is True:
+            streams.take()  # before the job exists: a refused request leaves nothing behind
+        try:
+            job = jobs.submit(body)  # validates every field, `wait` included
+            if wait is not True:
+                bottle.response.set_header("Location", f"/api/mpi_jobs/{job['id']}")
+                return _json(job, 202)
+            answer = jobs.wait_json(job["id"])  # blocks here, before the 200 is sent
+        except BaseException:
+            if wait is True:
+                streams.give()
+            raise
         bottle.response.content_type = JSON
-        return answer
+        return _Held(answer, streams)
 
     @app.post("/api/preflight")
     def run_preflight() -> str:
@@ -272,15 +388,23 @@ def make_app(
         return _json(jobs.cancel(job_id))
 
     @app.get("/api/mpi_jobs/<job_id>/logs")
-    def job_logs(job_id: str) -> bytes | Iterator[bytes]:
+    def job_logs(job_id: str) -> bytes | _Held:
         offset = _int_param("offset", 0, 0, 1 << 62)
         limit = _int_param("limit", LOG_CHUNK_MAX, 1, LOG_CHUNK_MAX)
+        tail = _int_param("tail", -1, 0, 1 << 62)  # -1: not given
+        follow = _flag("follow")
+        if tail >= 0 and bottle.request.query.get("offset") not in (None, ""):
+            raise BadRequest("tail: give either tail or offset, not both", field="tail")
+        job = jobs.get(job_id)  # a 404 must come before the stream starts
+        if tail >= 0:
+            offset = max(0, job["log_bytes"] - tail)
+            bottle.response.set_header("X-Log-Start", str(offset))
         bottle.response.content_type = "application/octet-stream"
-        if _flag("follow"):
-            jobs.get(job_id)  # a 404 must come before the stream starts
-            chunks = jobs.follow_log(job_id, offset)
-            bottle.response.set_header("X-Content-Type-Options", "nosniff")
-            return chunks
+        bottle.response.set_header("X-Content-Type-Options", "nosniff")
+        if follow:
+            streams.take()
+            gone = bottle.request.environ.get("waitress.client_disconnected")
+            return _Held(jobs.follow_log(job_id, offset, gone=gone), streams)
         data, next_offset = jobs.read_log(job_id, offset, limit)
         bottle.response.set_header("X-Next-Offset", str(next_offset))
         return data

@@ -230,6 +230,13 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     ("server", "max_body_bytes", integer(1), 1048576, "largest accepted request body"),
     (
         "server",
+        "max_streams",
+        integer(1, 255),
+        4,
+        "log follows and waiting sync POSTs at once (each holds a thread; below threads)",
+    ),
+    (
+        "server",
         "allowed_hosts",
         host_names,
         [],

@@ -57,3 +57,7 @@ class QueueFull(ApiError):
 class Unavailable(ApiError):
     status = 503
     error = "unavailable"
+
+
+class TooManyStreams(Unavailable):
+    error = "too-many-streams"

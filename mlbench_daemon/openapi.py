@@ -149,7 +149,8 @@ _SUBMIT_OP: Schema = {
         "seed's keys `nodes`, `command`, `master_name`, `response` (the whole output), plus "
         "`id`, `state`, `exit_code` and the rest of the job.  With `wait` false the answer is "
         "202 at once, with the job and a `Location` header.  Program and env together must "
-        "stay under 256 KiB."
+        "stay under 256 KiB.  A request with `wait` true holds a server thread until the job "
+        "ends: it counts against `server.max_streams` (with log follows)."
     ),
     "tags": ["jobs"],
     "requestBody": {
@@ -184,7 +185,11 @@ _SUBMIT_OP: Schema = {
             "429": _error(
                 "`mpi.max_concurrent_jobs` are running and `mpi.queue_size` more are queued."
             ),
-            "503": _error("No `Running` node matches the selector."),
+            "503": _error(
+                "No `Running` node matches the selector (`unavailable`); or, with `wait` true, "
+                "`server.max_streams` long requests are open already (`too-many-streams`, and no "
+                "job is made)."
+            ),
         }
     ),
 }
@@ -239,7 +244,8 @@ SCHEMAS = {
             "error": {
                 "type": "string",
                 "description": "Machine-readable code, e.g. `bad-request`, "
-                "`unauthorized`, `not-found`, `conflict`, `queue-full`, `unavailable`.",
+                "`unauthorized`, `not-found`, `conflict`, `queue-full`, `unavailable`, "
+                "`too-many-streams`.",
             },
             "message": {"type": "string", "description": "For a human."},
             "field": {"type": "string", "description": "The request field at fault (400, 409)."},
@@ -335,6 +341,7 @@ SCHEMAS = {
             "timeout_s",
             "env",
             "flavour",
+            "log_bytes",
         ],
         "properties": {
             "nodes": {"type": "array", "items": _ref("NodeRow")},
@@ -375,6 +382,11 @@ SCHEMAS = {
                 "enum": ["openmpi4", "openmpi5", "mpich", None],
                 "description": "The launcher the job ran with (`mpi.flavour`, detected on its "
                 "master when `auto`); null until the job is launched.",
+            },
+            "log_bytes": {
+                "type": "integer",
+                "minimum": 0,
+                "description": 'Size of the job\'s log so far (for "showing the last X of Y").',
             },
         },
     },
@@ -537,6 +549,12 @@ SCHEMAS = {
     },
 }
 
+_PAGE_RESPONSES = {
+    "403": _FORBIDDEN,
+    "415": _UNSUPPORTED,
+    "500": _INTERNAL,
+}
+
 _PREFLIGHT_OP = {
     "summary": "Check that a job with these fields can launch, from the master",
     "description": (
@@ -577,6 +595,45 @@ _PREFLIGHT_OP = {
 }
 
 PATHS = {
+    "/": {
+        "get": {
+            "operationId": "statusPage",
+            "summary": "The status page (public; it asks for the token when the API needs one)",
+            "tags": ["page"],
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "The page's HTML, with a strict Content-Security-Policy.",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                },
+                **_PAGE_RESPONSES,
+            },
+        },
+    },
+    "/static/{name}": {
+        "get": {
+            "operationId": "statusPageFile",
+            "summary": "One of the status page's files (its HTML, ES modules, CSS, icon)",
+            "tags": ["page"],
+            "security": [],
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": {
+                    "description": "The file.",
+                    "content": {
+                        "text/html": {"schema": {"type": "string"}},
+                        "text/javascript": {"schema": {"type": "string"}},
+                        "text/css": {"schema": {"type": "string"}},
+                        "image/svg+xml": {"schema": {"type": "string"}},
+                    },
+                },
+                "404": _error("No such file."),
+                **_PAGE_RESPONSES,
+            },
+        },
+    },
     "/api/preflight/": {"post": dict(_PREFLIGHT_OP, operationId="runPreflight")},
     "/api/preflight": {"post": dict(_PREFLIGHT_OP, operationId="runPreflightNoSlash")},
     "/api/nodes/": {"get": _nodes_op("listNodes")},
@@ -635,11 +692,13 @@ PATHS = {
         "get": {
             "operationId": "getJobLogs",
             "summary": "A chunk of a job's output, or all of it as it comes",
-            "description": "Raw bytes (stdout and stderr interleaved) from `offset`: "
-            "at most `limit` "
-            "bytes, with the offset to ask for next in `X-Next-Offset`.  With "
-            "`follow=1` the answer streams from `offset` until the job is final "
-            "(no `X-Next-Offset`; `limit` is ignored).",
+            "description": "Raw bytes (stdout and stderr interleaved) from `offset`: at most "
+            "`limit` bytes, with the offset to ask for next in `X-Next-Offset`.  `tail=N` "
+            "starts at the last min(N, size) bytes instead (`X-Log-Start` says where; not "
+            "with `offset`).  "
+            "With `follow=1` the answer streams from `offset` (or from size - N with `tail`) "
+            "until the job is final (no `X-Next-Offset`; `limit` is ignored); it holds a "
+            "server thread, and counts against `server.max_streams`.",
             "tags": ["jobs"],
             "parameters": [
                 {
@@ -662,6 +721,14 @@ PATHS = {
                     },
                 },
                 {
+                    "name": "tail",
+                    "in": "query",
+                    "required": False,
+                    "allowEmptyValue": True,
+                    "description": "Start at the last min(`tail`, size) bytes; not with `offset`.",
+                    "schema": {"type": "integer", "minimum": 0, "maximum": 2**62},
+                },
+                {
                     "name": "follow",
                     "in": "query",
                     "required": False,
@@ -681,11 +748,23 @@ PATHS = {
                                 "(not with `follow=1`).",
                                 "schema": {"type": "integer", "minimum": 0},
                             },
+                            "X-Log-Start": {
+                                "description": "With `tail`: the offset of the first byte "
+                                "returned (size - `tail`, or 0).",
+                                "schema": {"type": "integer", "minimum": 0},
+                            },
                         },
                         "content": {"application/octet-stream": {}},
                     },
-                    "400": _error("Bad `offset`, `limit` or `follow` (`field` names it)."),
+                    "400": _error(
+                        "Bad `offset`, `limit`, `tail` or `follow`, or `tail` with `offset` "
+                        "(`field` names it)."
+                    ),
                     "404": _error("No such job."),
+                    "503": _error(
+                        "`follow=1`, and `server.max_streams` long requests are open already "
+                        "(`too-many-streams`)."
+                    ),
                 }
             ),
         },
@@ -762,6 +841,7 @@ DOCUMENT = {
         {"name": "nodes", "description": "Discovered nodes and their SSH reachability."},
         {"name": "jobs", "description": "MPI jobs: start, list, inspect, follow output, cancel."},
         {"name": "meta", "description": "Health, metrics and this document."},
+        {"name": "page", "description": "The status page and its static files."},
     ],
     "security": [{}, {"bearerAuth": []}],
     "paths": PATHS,

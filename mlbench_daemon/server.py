@@ -67,6 +67,11 @@ class Daemon:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         token = read_token(cfg.server)
+        if cfg.server.max_streams >= cfg.server.threads:
+            raise StartupError(
+                f"server.max_streams ({cfg.server.max_streams}) must be below server.threads "
+                f"({cfg.server.threads}), so that short requests always find a free thread"
+            )
         self.pool = Pool(cfg.ssh, on_reconnect=lambda ip, port: metrics.ssh_reconnects_total.inc())
         try:
             self.registry = Registry(
@@ -93,6 +98,7 @@ class Daemon:
             preflight=self.preflight,
             token=token,
             max_body_bytes=cfg.server.max_body_bytes,
+            max_streams=cfg.server.max_streams,
             policy=Policy.from_config(cfg.server),
         )
         self.http: Any = None  # waitress's server, once bound (private parts: test_internals)
@@ -146,8 +152,15 @@ class Daemon:
         s = self.cfg.server
         try:
             # api enforces max_body_bytes itself, so the 413 is JSON like every other error
+            # a lookahead of 1 keeps reading the connection while a request runs, so a
+            # log follow sees (waitress.client_disconnected) that its client went away
             http: Any = waitress.server.create_server(
-                self.app, host=s.host, port=s.port, threads=s.threads, ident="mlbench-daemon"
+                self.app,
+                host=s.host,
+                port=s.port,
+                threads=s.threads,
+                ident="mlbench-daemon",
+                channel_request_lookahead=1,
             )
         except OSError as e:
             raise StartupError(

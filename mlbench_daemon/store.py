@@ -5,7 +5,8 @@ Layout::
     <state_dir>/jobs.sqlite3      table ``jobs`` (WAL, synchronous=FULL)
     <state_dir>/logs/<id>.log     the job's output, bytes exactly as produced
 
-A record is a dict with the columns of ``COLUMNS``; ``nodes`` (list of
+A record is a dict with the columns of ``COLUMNS`` and ``log_bytes`` (the size of
+the job's log file when the record was read); ``nodes`` (list of
 ``[ip, namespace, name, labels]``), ``command`` (argv list), ``env_names``
 (list of names; values are never stored) and ``request`` (what a queued job
 needs to be launched after a restart: program, np, master, node names) and
@@ -201,11 +202,11 @@ class Store:
     def _encode(key: str, value: Any) -> Any:
         return json.dumps(value) if key in JSON_COLUMNS else value
 
-    @staticmethod
-    def _decode(row: sqlite3.Row) -> Record:
+    def _decode(self, row: sqlite3.Row) -> Record:
         rec = {k: row[k] for k in COLUMNS}
         for k in JSON_COLUMNS:
             rec[k] = json.loads(rec[k])
+        rec["log_bytes"] = self.log_size(rec["id"])  # not a column: the log file's size now
         return rec
 
     # --- logs

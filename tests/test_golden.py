@@ -16,6 +16,8 @@ normalising only what must differ between runs:
 - mpirun's notices framed by lines of dashes (after a rank exits non-zero it prints
   one or two, depending on timing inside mpirun) are removed, from the answer and
   from the golden file alike (the files stay as captured).
+- a job's ``log_bytes`` (the size of its log, which counts those diagnostic lines and
+  notices) -> ``<bytes>``; tests/test_web.py checks the value against the log.
 
 A change that alters a job's output on purpose regenerates the files in the same
 commit (``MLBENCH_UPDATE_GOLDEN=1``) and says so.
@@ -37,6 +39,7 @@ MPI_PROCESS = re.compile(rb"\[\[\d+,(\d+)\],(\d+)\]")
 MPI_DIAGNOSTIC = re.compile(rb"\[[\w.-]+:\d+\] [^\n\\]*(?:\\(?!n)[^\n\\]*)*(?:\\n|\n)")
 MPI_NOTICE = re.compile(rb"-{40,}(?:\\n|\n).*?-{40,}(?:\\n|\n)", re.S)
 JOB_ID = re.compile(rb"(?<![0-9a-f])[0-9a-f]{20}(?![0-9a-f])")
+LOG_BYTES = re.compile(rb'"log_bytes": \d+')
 
 # Rank 0 alone prints, so the output does not depend on how ranks interleave.
 RANK0 = 'if [ "$OMPI_COMM_WORLD_RANK" = 0 ]; then {}; fi'
@@ -61,6 +64,7 @@ class Normaliser:
     def __call__(self, data):
         data = JOB_ID.sub(self._id, data)
         data = TIME.sub(b"<time>", data)
+        data = LOG_BYTES.sub(b'"log_bytes": <bytes>', data)
         data = MPI_DIAGNOSTIC.sub(b"", data)
         data = MPI_PROCESS.sub(rb"[[<mpi-job>,\1],\2]", data)
         return self.names.sub(lambda m: self.subs[m.group(1)], data)

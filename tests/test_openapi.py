@@ -148,6 +148,7 @@ def test_node_and_job_schemas_list_what_the_code_emits():
         exit_code=1,
         np=2,
         timeout_s=3.0,
+        log_bytes=0,
     )
     job = to_json(rec)
     job_schema = DOC["components"]["schemas"]["Job"]
@@ -281,6 +282,28 @@ SCHEMATHESIS_CONFIG = {
     "generation": {"max-examples": 12, "allow-x00": True},
     "phases": {"stateful": {"enabled": False}},
     "request-timeout": 60,
+    # `tail` and `offset` of the logs exclude each other (400), which OpenAPI cannot say
+    # of two query parameters: for that operation a 400 is a valid answer to valid data.
+    "operations": [
+        {
+            "include-operation-id": "getJobLogs",
+            "checks": {
+                "positive_data_acceptance": {
+                    "expected-statuses": [
+                        "2xx",
+                        "3xx",
+                        "400",
+                        "401",
+                        "403",
+                        "404",
+                        "409",
+                        "429",
+                        "5xx",
+                    ]
+                }
+            },
+        }
+    ],
 }
 
 STATS = collections.defaultdict(collections.Counter)  # "METHOD path" -> Counter(status)

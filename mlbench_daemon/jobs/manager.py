@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
@@ -187,8 +187,11 @@ class Jobs:
         _check_counts(offset=offset, limit=limit)
         return self.store.read_log(job_id, offset, min(limit, LOG_CHUNK_MAX))
 
-    def follow_log(self, job_id: str, offset: int = 0) -> Iterator[bytes]:
-        """Yield output from `offset` as it arrives, until the job is final and all is read."""
+    def follow_log(
+        self, job_id: str, offset: int = 0, gone: Callable[[], bool] | None = None
+    ) -> Iterator[bytes]:
+        """Yield output from `offset` as it arrives, until the job is final and all is read,
+        or until `gone()` (the reader went away: checked every second while nothing comes)."""
         self.read_log(job_id, offset, 0)  # validates
         while True:
             # the state before the read: a job final then has all its output in the log
@@ -197,11 +200,11 @@ class Jobs:
             if data:
                 yield data
                 continue
-            if final or self._stop.is_set():
+            if final or self._stop.is_set() or (gone is not None and gone()):
                 return
             with self._changed:
                 if self.store.log_size(job_id) <= offset:
-                    self._changed.wait(5.0)
+                    self._changed.wait(5.0 if gone is None else 1.0)
 
     def cancel(self, job_id: str) -> dict:
         rec = self._record(job_id)
@@ -277,6 +280,7 @@ def to_json(rec: dict) -> dict:
         "timeout_s": rec["timeout_s"],
         "env": {name: "***" for name in rec["env_names"]},
         "flavour": rec["flavour"],
+        "log_bytes": rec["log_bytes"],
     }
 
 

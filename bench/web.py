@@ -1,0 +1,235 @@
+"""Status-page benchmark in Debian's headless Chromium, on a namespace cluster (needs root).
+
+Prints, each with a baseline measured in the same run:
+
+- time to the first painted node table with all hosts (128 by default), from
+  navigation start; baseline: the same browser loading a bare JSON answer of the
+  daemon and fetching and parsing /api/nodes from it (what any page must do);
+- a 20 MiB log followed live in the job view: bytes per second into the page,
+  the longest main-thread task (PerformanceObserver), the page's JS heap and DOM
+  size; baseline: the same log of an identical job read by a bare fetch() reader in
+  the same browser (bytes/s), and the heap of the job view before the output came.
+
+    python3 -m bench.web [--hosts 128] [--mib 20] [--rounds 3]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.cluster import Cluster, free_port, stop_process
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHROMIUM = "/usr/lib/chromium/chromium"
+LINE = "0123456789" * 9 + "abcdefgh"  # 99 bytes with its newline
+
+# Installed before the page's scripts: long tasks, and the time of the first frame
+# painted after the node table holds `want` rows.
+WATCH = """
+window.__longtasks = [];
+new PerformanceObserver((l) => l.getEntries().forEach((e) => window.__longtasks.push(e.duration)))
+    .observe({type: 'longtask', buffered: true});
+window.__painted = null;
+(function frame() {
+  const rows = document.querySelectorAll('#nodes tbody tr').length;
+  if (window.__want && rows >= window.__want) {
+    requestAnimationFrame(() => { window.__painted = performance.now(); });
+  } else requestAnimationFrame(frame);
+})();
+"""
+
+BARE_READER = """async ([url, size]) => {
+  const t0 = performance.now();
+  const r = await fetch(url);
+  const reader = r.body.getReader();
+  let got = 0, first = null;
+  for (;;) {
+    const {done, value} = await reader.read();
+    if (done) break;
+    if (first === null) first = performance.now();
+    got += value.length;
+  }
+  return [got, (performance.now() - first) / 1000];
+}"""
+
+
+def call(url, method="GET", body=None, timeout=60):
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data else {}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
+        return json.loads(r.read())
+
+
+def heap(cdp):
+    cdp.send("HeapProfiler.collectGarbage")  # what the page holds, not what it has dropped
+    m = {x["name"]: x["value"] for x in cdp.send("Performance.getMetrics")["metrics"]}
+    return m["JSHeapUsedSize"], m["Nodes"]
+
+
+def first_paint(browser, url, hosts):
+    ctx = browser.new_context()
+    ctx.add_init_script(f"window.__want = {hosts};" + WATCH)
+    page = ctx.new_page()
+    page.goto(f"{url}/#/")
+    deadline = time.monotonic() + 60
+    while page.evaluate("window.__painted") is None:  # (the CSP forbids wait_for_function)
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: the node table never filled")
+        time.sleep(0.02)
+    ours = page.evaluate("window.__painted") / 1000
+    ctx.close()
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(f"{url}/healthz")
+    page.evaluate("fetch('/api/nodes').then((r) => r.json()).then((n) => n.length)")
+    base = page.evaluate("performance.now()") / 1000
+    ctx.close()
+    return ours, base
+
+
+def writing_job(url, mib, node):
+    script = f"sleep 2; yes {LINE} | head -c {mib << 20}"
+    return call(
+        f"{url}/api/mpi_jobs/",
+        "POST",  # on one node: mpirun would start a daemon on every host it is given
+        {"program": ["sh", "-c", script], "np": 1, "nodes": [node], "wait": False},
+    )
+
+
+def follow_in_page(browser, url, mib):
+    size = mib << 20
+    node = sorted(n["name"] for n in call(f"{url}/api/nodes/"))[0]
+    ctx = browser.new_context()
+    ctx.add_init_script(WATCH)
+    page = ctx.new_page()
+    cdp = ctx.new_cdp_session(page)
+    cdp.send("Performance.enable")
+    job = writing_job(url, mib, node)
+    page.goto(f"{url}/#/jobs/{job['id']}")
+    page.wait_for_selector("#log-follow:checked")
+    page.wait_for_timeout(300)
+    heap_before, nodes_before = heap(cdp)
+    first = None
+    deadline = time.monotonic() + 300
+    while True:
+        extent = page.locator("#log-extent").inner_text()
+        if first is None and page.evaluate("document.getElementById('log').firstChild !== null"):
+            first = time.perf_counter()
+        if f"{mib}.0 MiB" in extent and not page.is_checked("#log-follow"):
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: the page never got the whole log ({extent})")
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - first
+    page.wait_for_timeout(500)
+    heap_after, nodes_after = heap(cdp)
+    longest = max(page.evaluate("window.__longtasks"), default=0.0)
+    shown = page.evaluate("document.getElementById('log').textContent.length")
+    ctx.close()
+
+    job = writing_job(url, mib, node)  # the baseline: an identical job, read by a bare reader
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(f"{url}/healthz")
+    got, bare = page.evaluate(
+        BARE_READER, [f"{url}/api/mpi_jobs/{job['id']}/logs?follow=1&offset=0", size]
+    )
+    ctx.close()
+    assert got >= size, (got, size)  # mpirun may add a warning
+    return {
+        "page_bps": size / elapsed,
+        "bare_bps": size / bare,
+        "longest_ms": longest,
+        "heap_before": heap_before,
+        "heap_after": heap_after,
+        "nodes_before": nodes_before,
+        "nodes_after": nodes_after,
+        "shown": shown,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", type=int, default=128)
+    ap.add_argument("--mib", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    from playwright.sync_api import sync_playwright
+
+    print(f"building a {args.hosts}-host cluster ...", flush=True)
+    t = time.monotonic()
+    c = Cluster(workers=args.hosts, extra=0).build()
+    print(f"  built in {time.monotonic() - t:.0f} s", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="mlbench-bench-web-"))
+    daemon = None
+    try:
+        port = free_port()
+        cfg = c.write_config(
+            work / "cfg.toml",
+            work / "state",
+            server={"port": port},
+            ssh={"probe_interval_s": 10.0, "max_connects": 32},
+            mpi={"max_concurrent_jobs": 2},
+        )
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(cfg)],
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                nodes = call(f"{url}/api/nodes/")
+                if sum(n["phase"] == "Running" for n in nodes) == args.hosts:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: the daemon did not see {args.hosts} Running hosts")
+            time.sleep(0.5)
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            try:
+                first_paint(browser, url, args.hosts)  # warm: the browser's own start-up
+                runs = [first_paint(browser, url, args.hosts) for _ in range(args.rounds)]
+                ours = statistics.median(r[0] for r in runs)
+                base = statistics.median(r[1] for r in runs)
+                print(f"\nfirst painted node table, {args.hosts} nodes, median of {args.rounds}")
+                print(
+                    f"  page {ours * 1000:6.0f} ms   bare fetch of /api/nodes {base * 1000:6.0f} ms"
+                    f"   ratio {ours / base:.2f}"
+                )
+                r = follow_in_page(browser, url, args.mib)
+            finally:
+                browser.close()
+        print(f"\na {args.mib} MiB log followed live in the job view")
+        print(
+            f"  into the page {r['page_bps'] / 2**20:6.1f} MiB/s   bare fetch reader "
+            f"{r['bare_bps'] / 2**20:6.1f} MiB/s   ratio {r['page_bps'] / r['bare_bps']:.2f}"
+        )
+        print(f"  longest main-thread task {r['longest_ms']:.0f} ms")
+        print(
+            f"  JS heap {r['heap_after'] / 2**20:.1f} MiB after, {r['heap_before'] / 2**20:.1f} MiB"
+            f" before the output (ratio {r['heap_after'] / r['heap_before']:.2f}); "
+            f"DOM nodes {r['nodes_after']:.0f} (before {r['nodes_before']:.0f}); "
+            f"{r['shown'] / 2**20:.2f} MiB of text shown"
+        )
+    finally:
+        if daemon:
+            stop_process(daemon)
+        c.teardown()
+
+
+if __name__ == "__main__":
+    main()
