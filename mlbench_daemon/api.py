@@ -105,7 +105,7 @@ def _body(max_bytes: int) -> dict[str, Any] | None:
     raw = bottle.request.body.read(max_bytes + 1) if length else b""
     if len(raw) > max_bytes:
         raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
-    if not raw.strip():
+    if not raw:  # whitespace is not JSON: only a truly empty body means "the default job"
         return None
     try:
         body = json.loads(raw)

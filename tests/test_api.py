@@ -80,6 +80,7 @@ def test_every_error_is_json(daemon):
         ("GET", "/api/nothing", None, 404),
         ("PUT", "/api/nodes/", None, 405),
         ("POST", "/api/mpi_jobs/", b"{not json", 400),
+        ("POST", "/api/mpi_jobs/", b"\n", 400),  # whitespace is no JSON (schemathesis found it)
         ("POST", "/api/mpi_jobs/", b"[1, 2]", 400),
         ("POST", "/api/mpi_jobs/", b"x" * (2 << 20), 413),
         ("GET", "/api/mpi_jobs/nope", None, 404),

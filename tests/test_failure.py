@@ -174,11 +174,16 @@ def test_reasons_map_to_kinds(state, reason, kind):
     assert set(f) == {"kind", "node", "host", "rank", "exit_code", "signal", "message", "hint"}
 
 
-def test_unknown_output():
+def test_a_code_without_any_notice_is_a_ranks_own_and_others_are_unknown():
+    # mpirun under load at times prints neither notice: its status is the rank's code
     doc = case("succeeded")
     doc["exit_code"] = 2
     f = attribute_case(doc)
-    assert f["kind"] == "unknown" and "code 2" in f["message"]
+    assert (f["kind"], f["exit_code"], f["node"]) == ("rank-exit", 2, None)
+    assert "code 2" in f["message"]
+    doc["exit_code"] = 255  # not a rank's code, nor 128 + a signal
+    f = attribute_case(doc)
+    assert f["kind"] == "unknown" and "code 255" in f["message"]
 
 
 def test_every_reason_has_a_kind_and_every_kind_a_hint():

@@ -279,8 +279,19 @@ def env(cluster, tmp_path):
 
 
 def job_processes(cluster):
-    """The cluster user's processes other than sshd: ranks, orted, mpirun, wrappers."""
-    return [(pid, cmd) for pid, cmd in cluster.user_processes() if not cmd.startswith("sshd")]
+    """The cluster user's processes other than sshd: ranks, orted, mpirun, wrappers.
+
+    Not the daemon's own `rm -rf -- <job dir>`: it removes the job's directory on the
+    master just after the job is recorded final (so a daemon killed in between still
+    finds the job's exit status on restart), and is no process of the job."""
+    return [
+        (pid, cmd)
+        for pid, cmd in cluster.user_processes()
+        if not cmd.startswith("sshd") and not _HOUSEKEEPING.search(cmd)
+    ]
+
+
+_HOUSEKEEPING = re.compile(r"(?:^|\s)rm -rf -- (?:\S+/)?\.mlbench-daemon/jobs/[0-9A-Za-z]+\s*$")
 
 
 def wait_ranks(env, job_id, n=3):

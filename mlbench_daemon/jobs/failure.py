@@ -252,7 +252,6 @@ _DAEMON_LAUNCH = re.compile(
     r"ORTE was unable to reliably start one or more daemons"
     r"|An ORTE daemon has unexpectedly failed after launch"
 )
-_RETURNED = re.compile(r"Primary job\s+terminated normally, but \d+ process(?:es)? returned")
 _SLOTS = re.compile(r"There are not enough slots available in the system to satisfy the (\d+)")
 _SSH_HOST = re.compile(
     r"(?:host key is known for|Host key for|ssh: connect to host|Could not resolve hostname) "
@@ -357,9 +356,10 @@ def attribute(
         return f
     if flavour == "openmpi4":
         facts = parse_openmpi4(output)
-        if facts is None and _RETURNED.search(output) and exit_code and 0 < exit_code < 128:
-            # mpirun names the rank only when others still ran (its second notice
-            # depends on timing); a job of one rank still has it
+        if facts is None and exit_code and 0 < exit_code < 128:
+            # mpirun names the rank only when others still ran, and under load prints
+            # neither notice at times: its status is then the rank's own code, and a
+            # job of one rank still has its rank (as flavour.explain does for the others)
             ranks = rank_map(command, master_ip)
             facts = {"kind": "rank-exit", "exit_code": exit_code}
             if ranks and len(ranks) == 1:
