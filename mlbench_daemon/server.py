@@ -37,6 +37,7 @@ log = logging.getLogger("mlbench_daemon.server")
 DRAIN_S = 10.0  # longest wait for in-flight requests at shutdown
 LOOP_CHECK_S = 2.0  # the HTTP loop must answer a trigger within this
 STATUS_EVERY_S = 5.0  # STATUS= refresh when there is no watchdog
+PRUNE_EVERY_S = 600.0  # retention pass (state.keep_days, state.max_bytes)
 
 
 class StartupError(Exception):
@@ -109,6 +110,7 @@ class Daemon:
         self.registry.start()
         try:
             self.jobs.start()
+            threading.Thread(target=self._retain, name="retention", daemon=True).start()
             self.http = self._bind()
             http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
             http_thread.start()
@@ -190,6 +192,18 @@ class Daemon:
             return False
 
     # --- supervision ----------------------------------------------------------------
+
+    def _retain(self):
+        """Prune finished jobs now and every PRUNE_EVERY_S (never a running one)."""
+        while True:
+            try:
+                removed = self.store.prune(self.cfg.state.keep_days, self.cfg.state.max_bytes)
+                if removed:
+                    log.info("retention: removed %d finished job(s)", len(removed))
+            except (OSError, sqlite3.Error) as e:
+                log.warning("retention: %s", e)
+            if self._stop.wait(PRUNE_EVERY_S):
+                return
 
     def _http_alive(self, http_thread):
         if not http_thread.is_alive():

@@ -19,6 +19,11 @@ at once; with ``synchronous=FULL`` a commit (a state transition) is on disk
 when ``create``/``update`` returns.  Log appends are plain writes: they
 survive a killed daemon (the page cache keeps them), and the follower
 resumes from ``log_size()`` after a restart.
+
+Retention: ``prune()`` removes finished jobs (record and log), oldest first, once
+they are older than ``state.keep_days`` or while the logs together take more than
+``state.max_bytes``; pending and running jobs are never touched, and a job that
+finished in the last ``KEEP_RECENT_S`` stays so a client can still read its end.
 """
 
 import json
@@ -27,6 +32,8 @@ import secrets
 import sqlite3
 import threading
 import time
+
+KEEP_RECENT_S = 600.0  # prune() never removes a job that finished less than this ago
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled", "lost")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
@@ -152,7 +159,7 @@ class Store:
             args.append(before)
         sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
         with self._lock:
-            rows = self._db.execute(sql, args + [int(limit), int(offset)]).fetchall()
+            rows = self._db.execute(sql, [*args, int(limit), int(offset)]).fetchall()
         return [self._decode(r) for r in rows]
 
     def count_by_state(self):
@@ -187,6 +194,49 @@ class Store:
         for k in JSON_COLUMNS:
             rec[k] = json.loads(rec[k])
         return rec
+
+    def prune(self, keep_days: float, max_bytes: int, now: float | None = None) -> "list[str]":
+        """Remove finished jobs, oldest end first: those that finished more than
+        ``keep_days`` ago, then more until all logs together take at most ``max_bytes``
+        (0 turns either rule off).  Returns the ids removed."""
+        now = time.time() if now is None else now
+        cutoff = now - keep_days * 86400 if keep_days else None
+        final = ", ".join(f"'{s}'" for s in FINAL_STATES)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, finished FROM jobs WHERE state IN ({final}) AND finished < ? "
+                "ORDER BY finished, seq",
+                (now - KEEP_RECENT_S,),
+            ).fetchall()
+        total = self._logs_bytes() if max_bytes else 0
+        doomed = []
+        for job_id, finished in rows:
+            too_old = cutoff is not None and finished < cutoff
+            if not (too_old or (max_bytes and total > max_bytes)):
+                break
+            doomed.append(job_id)
+            total -= self.log_size(job_id)
+        if doomed:
+            with self._lock:
+                self._db.execute("BEGIN")
+                self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in doomed])
+                self._db.execute("COMMIT")
+            for job_id in doomed:
+                try:
+                    os.unlink(self.log_path(job_id))
+                except FileNotFoundError:
+                    pass
+        return doomed
+
+    def _logs_bytes(self):
+        total = 0
+        with os.scandir(self.logs) as entries:
+            for e in entries:
+                try:
+                    total += e.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    pass
+        return total
 
     # --- logs
 
