@@ -1,6 +1,7 @@
-.PHONY: test demo bench install
+.PHONY: test demo bench install uninstall wheelhouse
 
 PYTHON ?= python3
+WHEELHOUSE ?= dist/wheelhouse
 
 test:
 	bash .ci/run
@@ -12,5 +13,20 @@ bench:
 	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
 	$(PYTHON) bench/cluster.py && $(PYTHON) bench/nodes.py && $(PYTHON) bench/jobs.py
 
+# As root: a venv under /opt/mlbench-daemon, the user, /etc/mlbench-daemon, the unit.
+# Again to upgrade; `deploy/install.sh --help` for the details.
 install:
-	$(PYTHON) -m pip install .
+	sh deploy/install.sh
+
+uninstall:
+	sh deploy/install.sh --uninstall
+
+# Every wheel the daemon needs (and pip), the installer, the unit and the example
+# config in one directory: copy it to an air-gapped head node and run install.sh
+# there.  Build it with the head node's Python version (PYTHON=python3.12 ...).
+wheelhouse:
+	rm -rf $(WHEELHOUSE)
+	$(PYTHON) -m pip wheel -q --disable-pip-version-check --wheel-dir $(WHEELHOUSE) . pip
+	cp deploy/install.sh systemd/mlbench-daemon.service config/mlbench-daemon.toml $(WHEELHOUSE)/
+	$(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' > $(WHEELHOUSE)/PYTHON
+	@echo "$(WHEELHOUSE): copy it to the head node, then as root: sh install.sh"

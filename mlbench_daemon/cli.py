@@ -24,6 +24,7 @@ import urllib.parse
 import urllib.request
 
 import mlbench_daemon
+from mlbench_daemon import logs
 from mlbench_daemon.config import read_token
 
 PROG = "mlbench-daemon"
@@ -266,7 +267,7 @@ def _table(out, header, rows, paint=None):
 
 
 def cmd_serve(args):
-    from mlbench_daemon import config, logs
+    from mlbench_daemon import config
 
     try:
         cfg = config.load(args.config)
@@ -379,7 +380,9 @@ def main(argv=None, environ=os.environ, out=None):
             return cmd_serve(args)
         return args.func(Client(args.url, args.token_file), args, out) or 0
     except Failure as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
+        # under systemd the journal records `serve`'s last words as an error (sd-daemon(3))
+        prio = "<3>" if args.command == "serve" and logs.under_systemd(environ) else ""
+        sys.stderr.write(f"{prio}{PROG}: {e}\n")
         return e.code
     except KeyboardInterrupt:
         return 130
