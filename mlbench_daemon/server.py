@@ -2,7 +2,8 @@
 
 ``Daemon(cfg).run()``:
 
-1. starts the node registry and the jobs (which re-attaches jobs still running),
+1. starts the node registry and the jobs (which re-attaches jobs still running), and
+   prunes finished jobs past state.keep_days / state.max_bytes (again every 10 min),
 2. binds the HTTP socket (so a client connecting after READY never gets refused),
 3. waits (bounded) for the first probe pass, sends ``READY=1`` and ``STATUS=``,
 4. serves until SIGTERM/SIGINT, while a supervisor thread refreshes ``STATUS=`` and
@@ -110,6 +111,7 @@ class Daemon:
         self.registry.start()
         try:
             self.jobs.start()
+            self._prune()
             threading.Thread(target=self._retain, name="retention", daemon=True).start()
             self.http = self._bind()
             http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
@@ -193,17 +195,19 @@ class Daemon:
 
     # --- supervision ----------------------------------------------------------------
 
+    def _prune(self):
+        """Remove finished jobs past state.keep_days / state.max_bytes (never a running one)."""
+        try:
+            removed = self.store.prune(self.cfg.state.keep_days, self.cfg.state.max_bytes)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("retention: %s", e)
+            return
+        if removed:
+            log.info("retention: removed %d finished job(s)", len(removed))
+
     def _retain(self):
-        """Prune finished jobs now and every PRUNE_EVERY_S (never a running one)."""
-        while True:
-            try:
-                removed = self.store.prune(self.cfg.state.keep_days, self.cfg.state.max_bytes)
-                if removed:
-                    log.info("retention: removed %d finished job(s)", len(removed))
-            except (OSError, sqlite3.Error) as e:
-                log.warning("retention: %s", e)
-            if self._stop.wait(PRUNE_EVERY_S):
-                return
+        while not self._stop.wait(PRUNE_EVERY_S):
+            self._prune()
 
     def _http_alive(self, http_thread):
         if not http_thread.is_alive():

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -185,3 +186,15 @@ def test_prune_orders_by_end_not_by_start(store):
     short_job = _finished(store, "succeeded", now - 2000, b"y" * 10)
     assert store.prune(keep_days=0, max_bytes=15, now=now) == [short_job]
     assert store.get(long_job)
+
+
+def test_the_daemon_prunes_at_start(start_daemon, tmp_path):
+    state = tmp_path / "pruned-state"
+    s = Store(str(state))
+    old = _finished(s, "succeeded", time.time() - 40 * 86400, b"old output")
+    kept = _finished(s, "failed", time.time() - 86400, b"recent output")
+    s.close()
+    d = start_daemon(state={"dir": str(state), "keep_days": 30})
+    assert d.json("GET", f"/api/mpi_jobs/{old}")[0] == 404
+    assert not (state / "logs" / f"{old}.log").exists()
+    assert d.json("GET", f"/api/mpi_jobs/{kept}")[1]["state"] == "failed"
