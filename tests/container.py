@@ -2,7 +2,7 @@
 
 ``rootfs()`` gives a Debian root filesystem made by debootstrap (minbase plus
 systemd, dbus, python3 and python3-venv) for the distribution release this
-machine runs, from the mirror apt uses here (read from the apt sources at run
+machine runs (plus make), from the mirror apt uses here (read from the apt sources at run
 time).  It is built once and cached outside the repository, in
 ``$MLBENCH_TEST_CACHE`` (default ``/var/cache/mlbench-daemon-tests``), under a
 name made of a hash of the release, architecture and package list plus the build
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("MLBENCH_TEST_CACHE", "/var/cache/mlbench-daemon-tests"))
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv")
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "make")
 MAX_AGE_DAYS = 30
 WORK_PREFIX = "mlbn-"
 STATE_ROOT = Path("/tmp")
