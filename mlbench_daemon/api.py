@@ -14,6 +14,7 @@ import re
 import bottle
 
 from mlbench_daemon import metrics, openapi
+from mlbench_daemon.browser import Policy, is_json
 from mlbench_daemon.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
 
 log = logging.getLogger("mlbench_daemon.api")
@@ -24,9 +25,11 @@ LOG_CHUNK = 1 << 20  # default and largest bytes per /logs answer
 STATUS_TEXT = {
     400: "bad-request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not-found",
     405: "method-not-allowed",
     413: "payload-too-large",
+    415: "unsupported-media-type",
     500: "internal",
 }
 
@@ -83,15 +86,42 @@ def _error_body(status, error, message):
     return json.dumps({"error": error, "message": message})
 
 
-def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
+def _refuse(status, message):
+    """Leave before any route runs: JSON, with the status's error name."""
+    raise bottle.HTTPResponse(
+        json.dumps({"error": STATUS_TEXT[status], "message": message}),
+        status=status,
+        headers={"Content-Type": JSON},
+    )
+
+
+def _browser_checks(policy):
+    """Host, Origin and body type (see browser.py), for every request, before routing."""
+    env = bottle.request.environ
+    host = env.get("HTTP_HOST")
+    if not policy.host_allowed(host, int(env.get("SERVER_PORT") or 0)):
+        _refuse(403, f"Host {host!r} is not a name of this daemon; see server.allowed_hosts")
+    origin = env.get("HTTP_ORIGIN")
+    if not policy.origin_allowed(origin, host):
+        _refuse(403, f"Origin {origin!r} may not use this API; see server.allowed_origins")
+    if bottle.request.content_length > 0 and not is_json(env.get("CONTENT_TYPE", "")):
+        _refuse(415, "a request body must have Content-Type: application/json")
+
+
+def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
+    policy = policy or Policy()
     app = bottle.Bottle(catchall=True)
 
     @app.hook("before_request")
-    def _normalise():
+    def _before():
         env = bottle.request.environ
         path = env.get("PATH_INFO", "/")
         if len(path) > 1 and path.endswith("/"):
             env["PATH_INFO"] = path.rstrip("/") or "/"
+        _browser_checks(policy)
+
+    def needs_token(path):
+        return path.startswith("/api/") or (path == "/metrics" and not policy.public_metrics)
 
     @app.hook("after_request")
     def _count():
@@ -107,7 +137,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
 
         def wrapper(*args, **kwargs):
             try:
-                if token and bottle.request.path.startswith("/api/"):
+                if token and needs_token(bottle.request.path):
                     given = bottle.request.get_header("Authorization", "")
                     scheme, _, value = given.partition(" ")
                     if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -177,7 +207,6 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20):
                 "nodes": len(nodes),
                 "running": sum(1 for n in nodes if n.phase == "Running"),
                 "discovery_stale": registry.stale,
-                "discovery_stale_reason": registry.stale_reason if registry.stale else None,
             }
         )
 

@@ -22,6 +22,8 @@ import os
 import re
 import tomllib
 
+from mlbench_daemon import browser
+
 ENV_PREFIX = "MLBENCH_DAEMON_"
 CLIENT_ENV = ("MLBENCH_DAEMON_URL", "MLBENCH_DAEMON_TOKEN_FILE")  # read by the CLI, not here
 REQUIRED = object()
@@ -144,6 +146,28 @@ def nameservers(value):
 nameservers.json_env = True
 
 
+def host_names(value):
+    what = 'a list of "name" or "name:port" strings'
+    for item in str_list(value, what=what):
+        if browser.split_host(item) is None:
+            raise ValueError(f"must be {what}; bad entry {item!r}")
+    return list(value)
+
+
+host_names.json_env = True
+
+
+def origins(value):
+    what = 'a list of origins like "https://host" or "http://host:port"'
+    for item in str_list(value, what=what):
+        if browser.normalise_origin(item) is None:
+            raise ValueError(f"must be {what}; bad entry {item!r}")
+    return list(value)
+
+
+origins.json_env = True
+
+
 def read_token(path):
     """The bearer token in file `path`; ValueError (one line, naming the file) if unusable."""
     try:
@@ -199,6 +223,21 @@ SETTINGS = (
     ("server", "token_file", path, "", "file holding the bearer token for /api/; empty = no auth"),
     ("server", "threads", integer(1, 256), 8, "waitress worker threads"),
     ("server", "max_body_bytes", integer(1), 1048576, "largest accepted request body"),
+    (
+        "server",
+        "allowed_hosts",
+        host_names,
+        [],
+        "more Host names (a reverse proxy's) besides the bind address and, on loopback, localhost",
+    ),
+    (
+        "server",
+        "allowed_origins",
+        origins,
+        [],
+        "web origins besides the daemon's own that may call the API from a browser",
+    ),
+    ("server", "public_metrics", boolean, False, "serve /metrics without the token"),
     (
         "discovery",
         "service",

@@ -42,12 +42,19 @@ _UNAUTHORIZED = {
     "content": _json_content(_ref("Error")),
 }
 _INTERNAL = _error("A bug in the daemon; the message points to its log (never a stack trace).")
+_FORBIDDEN = _error(
+    "Browser safety: `Host` is not a name of this daemon (`server.allowed_hosts`), or `Origin` "
+    "is present and is neither the daemon's own origin nor in `server.allowed_origins`."
+)
+_UNSUPPORTED = _error("A non-empty body whose `Content-Type` is not `application/json`.")
 
 
 def _api_responses(**responses):
-    """The given responses plus 401 and 500, as every /api/ operation can answer them."""
+    """The given responses plus 401, 403, 415 and 500, as every /api/ operation can answer them."""
     out = dict(responses)
     out.setdefault("401", _UNAUTHORIZED)
+    out.setdefault("403", _FORBIDDEN)
+    out.setdefault("415", _UNSUPPORTED)
     out.setdefault("500", _INTERNAL)
     return out
 
@@ -423,13 +430,13 @@ SCHEMAS = {
     },
     "Health": {
         "type": "object",
-        "required": ["status", "nodes", "running", "discovery_stale", "discovery_stale_reason"],
+        "description": "Counts only: /healthz needs no token, so it says nothing more.",
+        "required": ["status", "nodes", "running", "discovery_stale"],
         "properties": {
             "status": {"const": "ok"},
             "nodes": {"type": "integer", "minimum": 0},
             "running": {"type": "integer", "minimum": 0},
             "discovery_stale": {"type": "boolean"},
-            "discovery_stale_reason": {"type": ["string", "null"]},
         },
     },
 }
@@ -571,6 +578,8 @@ PATHS = {
                     "description": "The daemon serves.",
                     "content": _json_content(_ref("Health")),
                 },
+                "403": _FORBIDDEN,
+                "415": _UNSUPPORTED,
                 "500": _INTERNAL,
             },
         },
@@ -578,16 +587,16 @@ PATHS = {
     "/metrics": {
         "get": {
             "operationId": "metrics",
-            "summary": "Prometheus metrics (no authentication)",
+            "summary": "Prometheus metrics (the token, when set, unless `server.public_metrics`)",
             "tags": ["meta"],
-            "security": [],
-            "responses": {
-                "200": {
-                    "description": "The Prometheus text exposition format.",
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
-                },
-                "500": _INTERNAL,
-            },
+            "responses": _api_responses(
+                **{
+                    "200": {
+                        "description": "The Prometheus text exposition format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                }
+            ),
         },
     },
 }
@@ -603,7 +612,10 @@ DOCUMENT = {
             "`field` for bad input), with its 4xx/5xx status: unknown paths answer 404 and "
             "unsupported methods 405 (with `Allow`), both as `Error`.  Every path works with and "
             "without its trailing slash.  When the daemon has a token (`server.token_file`), "
-            "every `/api/` call needs `Authorization: Bearer <token>`; without one, none does."
+            "every `/api/` call needs `Authorization: Bearer <token>` (and `/metrics` too, unless "
+            "`server.public_metrics`); without one, none does.  Browser safety: a request whose "
+            "`Host` is not a name of the daemon, or whose `Origin` is foreign, gets 403; a "
+            "non-empty body that is not `application/json` gets 415.  No CORS headers are sent."
         ),
     },
     "tags": [

@@ -16,7 +16,6 @@ Start-up problems raise ``StartupError`` (or ``config.ConfigError`` from a part 
 checks its own settings) with one line for the user.
 """
 
-import ipaddress
 import logging
 import signal
 import sqlite3
@@ -27,6 +26,7 @@ import waitress
 from waitress import wasyncore
 
 from mlbench_daemon import api, config, metrics, sdnotify
+from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.nodes import Registry
@@ -43,15 +43,6 @@ PRUNE_EVERY_S = 600.0  # retention pass (state.keep_days, state.max_bytes)
 
 class StartupError(Exception):
     """The daemon cannot start; str() is one line for the user."""
-
-
-def is_loopback(host):
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(server_cfg):
@@ -94,7 +85,11 @@ class Daemon:
             ) from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.app = api.make_app(
-            self.registry, self.jobs, token=token, max_body_bytes=cfg.server.max_body_bytes
+            self.registry,
+            self.jobs,
+            token=token,
+            max_body_bytes=cfg.server.max_body_bytes,
+            policy=Policy.from_config(cfg.server),
         )
         self.http = None
         self.url = None

@@ -365,3 +365,17 @@ live_job = schemathesis.pytest.from_fixture("live_job_schema").include(path_rege
 def test_live_job_operations_conform_to_the_document(case):
     response = case.call_and_validate()
     STATS[f"{case.method} {case.path} (one real job)"][response.status_code] += 1
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+@live.parametrize()
+def test_generated_requests_cannot_get_around_the_browser_checks(case, live_daemon, cluster):
+    """Whatever schemathesis generates: a foreign Origin or a rebinding Host gets 403, no job."""
+    port = live_daemon.url.rsplit(":", 1)[1]
+    for headers in ({"Origin": "http://evil.example"}, {"Host": f"evil.example:{port}"}):
+        response = case.call(headers=headers)
+        assert response.status_code == 403, (headers, response.text)
+        assert response.json()["error"] == "forbidden"
+        assert not [h for h in response.headers if h.lower().startswith("access-control-")]
+    assert _get(live_daemon.url + "/api/mpi_jobs/") == (200, b"[]")
