@@ -25,7 +25,7 @@ uninstall:
 # config in one directory: copy it to an air-gapped head node and run install.sh
 # there.  Build it with the head node's Python version (PYTHON=python3.12 ...).
 wheelhouse:
-	rm -rf $(WHEELHOUSE)
+	rm -rf $(WHEELHOUSE) build mlbench_daemon.egg-info   # a stale build/ could ship removed files
 	$(PYTHON) -m pip wheel -q --disable-pip-version-check --wheel-dir $(WHEELHOUSE) . pip
 	cp deploy/install.sh systemd/mlbench-daemon.service config/mlbench-daemon.toml $(WHEELHOUSE)/
 	$(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' > $(WHEELHOUSE)/PYTHON

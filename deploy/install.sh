@@ -178,8 +178,14 @@ else
         "$new/bin/python" -m pip install -q --disable-pip-version-check --no-index \
             --find-links "$wheelhouse" "$NAME" || die "pip could not install from $wheelhouse"
     else
-        "$new/bin/python" -m pip install -q --disable-pip-version-check "$src" ||
-            die "pip could not install $src"
+        # from a clean copy: pip builds in the tree it is given, and a build/ left
+        # there by an older release could ship files that no longer exist
+        copy=$(mktemp -d)
+        cp -R "$src/pyproject.toml" "$src/setup.py" "$src/README.md" "$src/mlbench_daemon" "$copy/"
+        find "$copy" -name __pycache__ -prune -exec rm -rf {} +
+        "$new/bin/python" -m pip install -q --disable-pip-version-check "$copy" ||
+            { rm -rf "$copy"; die "pip could not install $src"; }
+        rm -rf "$copy"
     fi
     version=$("$new/bin/$NAME" --version) || die "the new venv does not run: $new"
     printf '%s\n' "$fingerprint" >"$new/.fingerprint"
