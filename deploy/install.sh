@@ -262,6 +262,11 @@ except config.ConfigError as e:
   - a valid $CONF: $err"
 fi
 
+if command -v runuser >/dev/null && ! runuser -u "$NAME" -- test -r "$CONF"; then
+    missing="$missing
+  - $CONF readable by the user $NAME: chgrp $NAME $CONF && chmod 0640 $CONF"
+fi
+
 if [ -n "$missing" ]; then
     say "$NAME is installed and enabled but not started; it needs:$missing"
     say "Then run this again, or: systemctl start $NAME"

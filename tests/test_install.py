@@ -215,6 +215,20 @@ def snapshot(box):
 
 
 @needs_root
+def test_the_installer_refuses_a_python_under_home_and_a_wheelhouse_for_another_python(box):
+    box.run(["cp", "/usr/bin/python3", "/root/python3"])  # like a pyenv Python
+    r = install(box, "--python", "/root/python3", check=False)
+    assert r.returncode == 1 and "ProtectHome=yes" in r.stderr, r.stderr
+    other = box.path("/root/wheelhouse-other")
+    shutil.copytree(box.path("/root/wheelhouse"), other)
+    (other / "PYTHON").write_text("3.99\n")
+    r = install(box, "--wheelhouse", "/root/wheelhouse-other", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "built for Python 3.99" in r.stderr and "make wheelhouse PYTHON=python3." in r.stderr
+    assert not box.path(f"/opt/{NAME}").exists()  # nothing was installed
+
+
+@needs_root
 def test_install_says_what_is_missing_then_starts_and_a_second_run_changes_nothing(box, cluster):
     t0 = time.monotonic()
     r = install(box)
@@ -240,6 +254,11 @@ def test_install_says_what_is_missing_then_starts_and_a_second_run_changes_nothi
     box.path(f"/etc/{NAME}/ssh_key").chmod(0o600)
     box.path(f"/etc/{NAME}/known_hosts").write_bytes(cluster.known_hosts.read_bytes())
     write_config(box, cluster)
+    box.run(["chmod", "0600", CONF])  # copied in by hand, unreadable for the daemon's user
+    r = install(box)
+    assert "not started" in r.stdout and f"readable by the user {NAME}" in r.stdout, r.stdout
+    assert "ssh_key" not in r.stdout and "unedited" not in r.stdout
+    box.run(["chmod", "0640", CONF])
     r = install(box)
     assert f"started {NAME}" in r.stdout, r.stdout
     # `systemctl start` returned after READY: the status line is there and the API answers
