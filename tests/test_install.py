@@ -362,6 +362,7 @@ def test_the_hardening_stays_on(box):
     r = box.run(["systemd-analyze", "security", "--no-pager", f"{NAME}.service"], check=False)
     m = re.search(rf"Overall exposure level for {NAME}\.service: (\d+\.\d+)", r.stdout)
     assert m, r.stdout + r.stderr
+    print(f"systemd-analyze security in the container: {m.group(1)}", file=sys.stderr)
     assert float(m.group(1)) <= 2.0, r.stdout
 
 
