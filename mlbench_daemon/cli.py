@@ -95,7 +95,8 @@ def _error_message(e):
 
 def _logs_path(job_id, offset, follow=False):
     query = {"offset": offset, **({"follow": 1} if follow else {})}
-    return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}/logs?{urllib.parse.urlencode(query)}"
+    job = urllib.parse.quote(str(job_id), safe="")
+    return f"/api/mpi_jobs/{job}/logs?{urllib.parse.urlencode(query)}"
 
 
 def _job_path(job_id):
@@ -200,9 +201,8 @@ def cmd_cancel(client, args, out):
     job = client.json("DELETE", _job_path(args.id))
     if args.json:
         return _print_json(job, out)
-    out.write(
-        f"job {args.id}: {job.get('state', 'cancel requested') if isinstance(job, dict) else 'cancel requested'}\n"
-    )
+    state = job.get("state", "cancel requested") if isinstance(job, dict) else "cancel requested"
+    out.write(f"job {args.id}: {state}\n")
 
 
 def cmd_run(client, args, out):
@@ -259,8 +259,10 @@ def _table(out, header, rows, paint=None):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [paint[i](c) if row is not header and i in paint else c for i, c in enumerate(row)]
-        pads = [w - len(str(c)) for w, c in zip(widths, row)]
-        out.write("  ".join(f"{c}{' ' * p}" for c, p in zip(cells, pads)).rstrip() + "\n")
+        pads = [w - len(str(c)) for w, c in zip(widths, row, strict=True)]
+        out.write(
+            "  ".join(f"{c}{' ' * p}" for c, p in zip(cells, pads, strict=True)).rstrip() + "\n"
+        )
 
 
 # --- serve -----------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def build_parser(environ=os.environ):
         p.add_argument(
             "--url",
             default=default(environ.get("MLBENCH_DAEMON_URL", DEFAULT_URL)),
-            help="daemon base URL (env MLBENCH_DAEMON_URL, default %s)" % DEFAULT_URL,
+            help=f"daemon base URL (env MLBENCH_DAEMON_URL, default {DEFAULT_URL})",
         )
         p.add_argument(
             "--token-file",
