@@ -31,6 +31,8 @@ CONF = f"/etc/{NAME}/{NAME}.toml"
 WATCHDOG_S = 30  # the unit's WatchdogSec
 RESTART_S = 5  # the unit's RestartSec
 
+# the first test also sets up the container: debootstrap (1-2 min) when nothing is cached
+pytestmark = pytest.mark.timeout(900)
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0,
     reason="needs root: debootstrap, an overlay mount and systemd-nspawn boot a container",
