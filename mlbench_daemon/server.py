@@ -190,7 +190,7 @@ class Daemon:
 
     # --- supervision ----------------------------------------------------------------
 
-    def _prune(self):
+    def _prune(self) -> None:
         """Remove finished jobs past state.keep_days / state.max_bytes (never a running one)."""
         try:
             removed = self.store.prune(self.cfg.state.keep_days, self.cfg.state.max_bytes)
@@ -200,7 +200,7 @@ class Daemon:
         if removed:
             log.info("retention: removed %d finished job(s)", len(removed))
 
-    def _retain(self):
+    def _retain(self) -> None:
         while not self._stop.wait(PRUNE_EVERY_S):
             self._prune()
 

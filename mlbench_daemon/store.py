@@ -228,7 +228,7 @@ class Store:
                     pass
         return doomed
 
-    def _logs_bytes(self):
+    def _logs_bytes(self) -> int:
         total = 0
         with os.scandir(self.logs) as entries:
             for e in entries:
