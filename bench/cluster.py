@@ -1,6 +1,6 @@
 """How long the namespace test cluster takes to build and to tear down (needs root).
 
-    python3 bench/cluster.py [--sizes 3 32] [--rounds 3]
+    python3 -m bench.cluster [--sizes 3 32] [--rounds 3]   (from the repository root)
 
 Prints the median build and teardown time per size. Build includes the
 namespaces, bridge, cluster user and keys, one sshd per host (until each
@@ -9,11 +9,7 @@ accepts TCP), dnsmasq, and compiling the MPI program.
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.cluster import Cluster
 

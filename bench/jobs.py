@@ -15,7 +15,7 @@ Prints, with the baseline measured in the same run:
 
 Targets: launch ratio <= 0.9; throughput >= 0.8x OpenSSH; RSS growth < 50 MB.
 
-    python3 bench/jobs.py [--rounds 5] [--gigabytes 1]
+    python3 -m bench.jobs [--rounds 5] [--gigabytes 1]   (from the repository root)
 """
 
 import argparse
@@ -31,10 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process
 
-from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SETTLE_S = 0.5
 
@@ -147,7 +146,7 @@ class RSS:
 def wait_state(port, job_id, states, timeout=600):
     deadline = time.monotonic() + timeout
     while True:
-        status, job = call(port, "GET", f"/api/mpi_jobs/{job_id}")
+        _status, job = call(port, "GET", f"/api/mpi_jobs/{job_id}")
         if job["state"] in states:
             return job
         assert time.monotonic() < deadline, job
@@ -194,7 +193,7 @@ def catch_up(c, port, daemon, start, nbytes, state_dir):
     """Re-attach after kill -9 to a job whose nbytes are already written: the daemon's
     streaming rate (log growth after restart), and `ssh master cat` of the same file."""
     master = c.workers[0]
-    status, job = call(
+    _status, job = call(
         port,
         "POST",
         "/api/mpi_jobs/",
@@ -302,7 +301,8 @@ def main():
                 f"   ratio {ours / theirs:.3f}  (target <= 0.9)"
             )
             print(
-                f"            overhead: POST {ours_over * 1000:5.1f} ms   ssh+mpirun {theirs_over * 1000:5.1f} ms"
+                f"            overhead: POST {ours_over * 1000:5.1f} ms   "
+                f"ssh+mpirun {theirs_over * 1000:5.1f} ms"
             )
 
         nbytes = int(args.gigabytes * 1e9)
@@ -310,7 +310,8 @@ def main():
         print(f"\nlog throughput, a job writing {nbytes / 1e9:.2f} GB")
         print(
             f"  live, job start to end: daemon {nbytes / ours / 1e6:6.1f} MB/s   "
-            f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   ratio {theirs / ours:.3f}"
+            f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   "
+            f"ratio {theirs / ours:.3f}"
         )
         print(f"  daemon RSS growth while streaming {growth:.1f} MB  (target < 50)")
         daemon, ours_bps, theirs_bps, growth = catch_up(
@@ -318,7 +319,8 @@ def main():
         )
         print(
             f"  written, after kill -9 + restart: daemon re-attach {ours_bps / 1e6:6.1f} MB/s   "
-            f"ssh master cat {theirs_bps / 1e6:6.1f} MB/s   ratio {ours_bps / theirs_bps:.3f}  (target >= 0.8)"
+            f"ssh master cat {theirs_bps / 1e6:6.1f} MB/s   "
+            f"ratio {ours_bps / theirs_bps:.3f}  (target >= 0.8)"
         )
         print(f"  daemon RSS growth while catching up {growth:.1f} MB  (target < 50)")
     finally:

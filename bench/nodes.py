@@ -12,7 +12,7 @@ Prints, with the baseline measured in the same run:
 Targets: warm <= 0.05x the sweep, cold <= 0.5x, p50 <= 2 ms, >= 1000 req/s
 with zero errors.
 
-    python3 bench/nodes.py [--hosts 32] [--rounds 5]
+    python3 -m bench.nodes [--hosts 32] [--rounds 5]   (from the repository root)
 """
 
 import argparse
@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.cluster import Cluster, free_port, stop_process
 
-from tests.cluster import Cluster, free_port, stop_process  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def get(conn, path):
@@ -169,7 +168,7 @@ def main():
             except OSError:
                 conn.close()
                 if time.monotonic() > deadline:
-                    raise SystemExit("daemon did not come up")
+                    raise SystemExit("daemon did not come up") from None
                 time.sleep(0.2)
 
         n = len(c.workers)
@@ -201,17 +200,20 @@ def main():
         print(f"\n{n} hosts, medians of {args.rounds} rounds")
         print(f"  OpenSSH parallel sweep (baseline)  {s * 1000:8.1f} ms")
         print(
-            f"  forced re-probe, warm              {med(warm) * 1000:8.1f} ms   ratio {med(warm) / s:.3f}  (target <= 0.05)"
+            f"  forced re-probe, warm              {med(warm) * 1000:8.1f} ms   "
+            f"ratio {med(warm) / s:.3f}  (target <= 0.05)"
         )
         print(
-            f"  forced re-probe, cold              {med(cold) * 1000:8.1f} ms   ratio {med(cold) / s:.3f}  (target <= 0.5)"
+            f"  forced re-probe, cold              {med(cold) * 1000:8.1f} ms   "
+            f"ratio {med(cold) / s:.3f}  (target <= 0.5)"
         )
         print(
             f"  GET /api/nodes/ 1 client           p50 {lat[len(lat) // 2] * 1000:.2f} ms   "
             f"p99 {lat[int(len(lat) * 0.99)] * 1000:.2f} ms  (target p50 <= 2 ms)"
         )
         print(
-            f"  GET /api/nodes/ 32 clients         {rps:8.0f} req/s, {errors} errors  (target >= 1000, 0)"
+            f"  GET /api/nodes/ 32 clients         {rps:8.0f} req/s, {errors} errors  "
+            "(target >= 1000, 0)"
             f"  [load from {load.__name__}]"
         )
     finally:

@@ -9,10 +9,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.cluster import Cluster, free_port, stop_process
 
-from tests.cluster import Cluster, free_port, stop_process  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def say(text):
@@ -67,7 +66,8 @@ def main():
         print(json.dumps(nodes, indent=2))
 
         say(
-            f"curl -X POST {url}/api/mpi_jobs/   (empty body: the configured MPI program on all Running workers)"
+            f"curl -X POST {url}/api/mpi_jobs/   "
+            "(empty body: the configured MPI program on all Running workers)"
         )
         status, job = http("POST", f"{url}/api/mpi_jobs/")
         print(f"HTTP {status}")

@@ -22,4 +22,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 python3 -m pip install -q --disable-pip-version-check -e .
-exec python3 demo/demo.py "$@"
+exec python3 -m demo.demo "$@"

@@ -6,22 +6,31 @@ status, from exactly one place (``_error_body``); never an HTML page or a
 stack trace. Every path works with and without its trailing slash.
 """
 
+from __future__ import annotations
+
 import hmac
 import json
 import logging
 import re
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import bottle
 
 from mlbench_daemon import metrics, openapi
 from mlbench_daemon.browser import Policy, is_json
 from mlbench_daemon.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
+from mlbench_daemon.store import LOG_CHUNK_MAX
+from mlbench_daemon.vocabulary import Phase
 
-log = logging.getLogger("mlbench_daemon.api")
+if TYPE_CHECKING:  # api.py is given these; it imports neither
+    from mlbench_daemon.jobs import Jobs
+    from mlbench_daemon.nodes import Registry
+
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 REFRESH_TIMEOUT_S = 10.0
-LOG_CHUNK = 1 << 20  # default and largest bytes per /logs answer
 STATUS_TEXT = {
     400: "bad-request",
     401: "unauthorized",
@@ -34,13 +43,13 @@ STATUS_TEXT = {
 }
 
 
-def _json(value, status=200):
+def _json(value: Any, status: int = 200) -> str:
     bottle.response.status = status
     bottle.response.content_type = JSON
     return json.dumps(value)
 
 
-def _int_param(name, default, lo, hi):
+def _int_param(name: str, default: int, lo: int, hi: int) -> int:
     raw = bottle.request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -52,7 +61,7 @@ def _int_param(name, default, lo, hi):
     return value
 
 
-def _flag(name):
+def _flag(name: str) -> bool:
     raw = bottle.request.query.get(name, "")
     if raw.lower() in ("", "0", "false", "no"):
         return False
@@ -61,7 +70,7 @@ def _flag(name):
     raise BadRequest(f"{name}: must be 0 or 1, got {raw!r}", field=name)
 
 
-def _body(max_bytes):
+def _body(max_bytes: int) -> dict[str, Any] | None:
     """The request's JSON object, or None for an empty body."""
     length = bottle.request.content_length
     if length > max_bytes:
@@ -80,13 +89,13 @@ def _body(max_bytes):
     return body
 
 
-def _error_body(status, error, message):
+def _error_body(status: int, error: str, message: str) -> str:
     bottle.response.status = status
     bottle.response.content_type = JSON
     return json.dumps({"error": error, "message": message})
 
 
-def _refuse(status, message):
+def _refuse(status: int, message: str) -> NoReturn:
     """Leave before any route runs: JSON, with the status's error name."""
     raise bottle.HTTPResponse(
         json.dumps({"error": STATUS_TEXT[status], "message": message}),
@@ -95,7 +104,7 @@ def _refuse(status, message):
     )
 
 
-def _browser_checks(policy):
+def _browser_checks(policy: Policy) -> None:
     """Host, Origin and body type (see browser.py), for every request, before routing."""
     env = bottle.request.environ
     host = env.get("HTTP_HOST")
@@ -108,23 +117,29 @@ def _browser_checks(policy):
         _refuse(415, "a request body must have Content-Type: application/json")
 
 
-def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
+def make_app(
+    registry: Registry,
+    jobs: Jobs,
+    token: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    policy: Policy | None = None,
+) -> bottle.Bottle:
     policy = policy or Policy()
     app = bottle.Bottle(catchall=True)
 
     @app.hook("before_request")
-    def _before():
+    def _before() -> None:
         env = bottle.request.environ
         path = env.get("PATH_INFO", "/")
         if len(path) > 1 and path.endswith("/"):
             env["PATH_INFO"] = path.rstrip("/") or "/"
         _browser_checks(policy)
 
-    def needs_token(path):
+    def needs_token(path: str) -> bool:
         return path.startswith("/api/") or (path == "/metrics" and not policy.public_metrics)
 
     @app.hook("after_request")
-    def _count():
+    def _count() -> None:
         route = (
             bottle.request.route.rule if "bottle.route" in bottle.request.environ else "unmatched"
         )
@@ -132,10 +147,10 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
             route, bottle.request.method, str(bottle.response.status_code)
         ).inc()
 
-    def guard(callback):
+    def guard(callback: Callable[..., Any]) -> Callable[..., Any]:
         """Authentication and ApiError -> JSON, around every route."""
 
-        def wrapper(*args, **kwargs):
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 if token and needs_token(bottle.request.path):
                     given = bottle.request.get_header("Authorization", "")
@@ -161,7 +176,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
     @app.error(405)
     @app.error(413)
     @app.error(500)
-    def _http_error(err):
+    def _http_error(err: bottle.HTTPError) -> str:
         if err.status_code == 500:
             log.error(
                 "internal error on %s %s: %r",
@@ -180,14 +195,12 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
         return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)
 
     # ---- nodes ---------------------------------------------------------------
-    cached = [
-        None,
-        None,
-    ]  # (registry generation, JSON body): the table changes per probe, reads are many
+    # (registry generation, JSON body): the table changes per probe, reads are many
+    cached: list[Any] = [None, None]
 
     @app.get("/api/nodes")
     @app.get("/api/pods")
-    def nodes():
+    def nodes() -> str:
         if _flag("refresh"):
             registry.refresh(REFRESH_TIMEOUT_S)
         if registry.stale:
@@ -199,31 +212,32 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
         return cached[1]
 
     @app.get("/healthz")
-    def healthz():
+    def healthz() -> str:
         nodes = registry.nodes()
         return _json(
             {
                 "status": "ok",
                 "nodes": len(nodes),
-                "running": sum(1 for n in nodes if n.phase == "Running"),
+                "running": sum(1 for n in nodes if n.phase == Phase.RUNNING),
                 "discovery_stale": registry.stale,
+                "discovery_age_s": registry.discovery_age_s(),
             }
         )
 
     @app.get("/metrics")
-    def prometheus():
+    def prometheus() -> bytes:
         metrics.set_gauges(registry.nodes(), jobs.counts())
         body, content_type = metrics.render()
         bottle.response.content_type = content_type
         return body
 
     @app.get("/api/openapi.json")
-    def openapi_document():
+    def openapi_document() -> str:
         return _json(openapi.DOCUMENT)
 
     # ---- jobs ----------------------------------------------------------------
     @app.post("/api/mpi_jobs")
-    def submit():
+    def submit() -> str | Iterator[bytes]:
         body = _body(max_body_bytes)
         job = jobs.submit(body)  # validates every field, `wait` included
         if not (body or {}).get("wait", True):
@@ -234,7 +248,7 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
         return answer
 
     @app.get("/api/mpi_jobs")
-    def list_jobs():
+    def list_jobs() -> str:
         return _json(
             jobs.list(
                 limit=_int_param("limit", 50, 1, 1000), offset=_int_param("offset", 0, 0, 1 << 31)
@@ -242,17 +256,17 @@ def make_app(registry, jobs, token=None, max_body_bytes=1 << 20, policy=None):
         )
 
     @app.get("/api/mpi_jobs/<job_id>")
-    def get_job(job_id):
+    def get_job(job_id: str) -> str:
         return _json(jobs.get(job_id))
 
     @app.delete("/api/mpi_jobs/<job_id>")
-    def cancel_job(job_id):
+    def cancel_job(job_id: str) -> str:
         return _json(jobs.cancel(job_id))
 
     @app.get("/api/mpi_jobs/<job_id>/logs")
-    def job_logs(job_id):
+    def job_logs(job_id: str) -> bytes | Iterator[bytes]:
         offset = _int_param("offset", 0, 0, 1 << 62)
-        limit = _int_param("limit", LOG_CHUNK, 1, LOG_CHUNK)
+        limit = _int_param("limit", LOG_CHUNK_MAX, 1, LOG_CHUNK_MAX)
         bottle.response.content_type = "application/octet-stream"
         if _flag("follow"):
             jobs.get(job_id)  # a 404 must come before the stream starts

@@ -21,6 +21,7 @@ import dataclasses
 import ipaddress
 import re
 import socket
+from typing import Any
 from urllib.parse import urlsplit
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -95,7 +96,7 @@ class Policy:
     hostname: str = ""  # this machine's name, accepted on a wildcard bind
 
     @classmethod
-    def from_config(cls, server) -> Policy:
+    def from_config(cls, server: Any) -> Policy:
         return cls(
             bind=server.host.strip().strip("[]").lower(),
             allowed_hosts=tuple(filter(None, map(split_host, server.allowed_hosts))),

@@ -15,30 +15,31 @@ the job's exit code (1 if it failed without one, 130 after Ctrl-C cancelled it).
 """
 
 import argparse
-import ast
 import json
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO, TextIO
 
 import mlbench_daemon
 from mlbench_daemon import logs
 from mlbench_daemon.config import read_token
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState, Phase
 
 PROG = "mlbench-daemon"
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT_S = 30.0  # one request/response
 FOLLOW_READ_S = 60.0  # a silent job: reconnect the follow stream after this
-TERMINAL = ("succeeded", "failed", "cancelled", "lost")
-COLOURS = {"Running": "32", "Pending": "33", "Unknown": "31", "Failed": "31"}
+COLOURS = {Phase.RUNNING: "32", Phase.PENDING: "33", Phase.UNKNOWN: "31", Phase.FAILED: "31"}
 
 
 class Failure(Exception):
     """One line for the user, and the exit code."""
 
-    def __init__(self, message, code):
+    def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
 
@@ -47,7 +48,7 @@ class Failure(Exception):
 
 
 class Client:
-    def __init__(self, url, token_file=None):
+    def __init__(self, url: str, token_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.headers = {
             "Accept": "application/json",
@@ -60,7 +61,7 @@ class Client:
                 raise Failure(f"token file: {e}", 2) from None
             self.headers["Authorization"] = f"Bearer {token}"
 
-    def open(self, method, path, body=None, timeout=TIMEOUT_S):
+    def open(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT_S) -> Any:
         """-> the open response; raises Failure for an unreachable daemon or an HTTP error."""
         data = None if body is None else json.dumps(body).encode()
         headers = dict(self.headers, **({"Content-Type": "application/json"} if data else {}))
@@ -74,7 +75,7 @@ class Client:
             reason = getattr(e, "reason", None) or e
             raise Failure(f"cannot reach daemon at {self.url}: {reason}", 2) from None
 
-    def json(self, method, path, body=None):
+    def json(self, method: str, path: str, body: Any = None) -> Any:
         with self.open(method, path, body) as resp:
             raw = resp.read()
         try:
@@ -85,7 +86,7 @@ class Client:
             ) from None
 
 
-def _error_message(e):
+def _error_message(e: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(e.read(65536))
         return f"HTTP {e.code}: {body['message']}"
@@ -93,17 +94,17 @@ def _error_message(e):
         return f"HTTP {e.code}: {e.reason}"
 
 
-def _logs_path(job_id, offset, follow=False):
+def _logs_path(job_id: str, offset: int, follow: bool = False) -> str:
     query = {"offset": offset, **({"follow": 1} if follow else {})}
     job = urllib.parse.quote(str(job_id), safe="")
     return f"/api/mpi_jobs/{job}/logs?{urllib.parse.urlencode(query)}"
 
 
-def _job_path(job_id):
+def _job_path(job_id: str) -> str:
     return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}"
 
 
-def copy_logs(client, job_id, offset, out, follow):
+def copy_logs(client: Client, job_id: str, offset: int, out: BinaryIO, follow: bool) -> int:
     """Write the job's output from *offset* to *out*; returns the next offset.
 
     Without follow: read bounded chunks until there is no more. With follow: stream
@@ -140,7 +141,7 @@ def copy_logs(client, job_id, offset, out, follow):
 # --- commands --------------------------------------------------------------------------
 
 
-def cmd_nodes(client, args, out):
+def cmd_nodes(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     nodes = client.json("GET", "/api/nodes/")
     if args.json:
         return _print_json(nodes, out)
@@ -151,7 +152,7 @@ def cmd_nodes(client, args, out):
             n.get("phase", ""),
             n.get("ip", ""),
             n.get("reason") or "",
-            _labels_text(n.get("labels", "")),
+            _labels_text(n),
         )
         for n in nodes
     ]
@@ -163,18 +164,15 @@ def cmd_nodes(client, args, out):
     )
 
 
-def _labels_text(labels):
-    if isinstance(labels, str):
-        try:
-            labels = ast.literal_eval(labels)
-        except (ValueError, SyntaxError):
-            return labels
+def _labels_text(node: dict[str, Any]) -> str:
+    """k=v,... from the API's ``label_map``; a server without it: its ``labels`` text as is."""
+    labels = node.get("label_map")
     if isinstance(labels, dict):
         return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-    return str(labels)
+    return _text(node.get("labels"))
 
 
-def cmd_jobs(client, args, out):
+def cmd_jobs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     jobs = client.json("GET", "/api/mpi_jobs/")
     if args.json:
         return _print_json(jobs, out)
@@ -193,11 +191,11 @@ def cmd_jobs(client, args, out):
     _table(out, ("ID", "STATE", "EXIT", "MASTER", "COMMAND"), rows)
 
 
-def cmd_logs(client, args, out):
+def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     copy_logs(client, args.id, 0, out.buffer, follow=args.follow)
 
 
-def cmd_cancel(client, args, out):
+def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     job = client.json("DELETE", _job_path(args.id))
     if args.json:
         return _print_json(job, out)
@@ -205,9 +203,9 @@ def cmd_cancel(client, args, out):
     out.write(f"job {args.id}: {state}\n")
 
 
-def cmd_run(client, args, out):
+def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
-    body = {"wait": False}
+    body: dict[str, Any] = {"wait": False}
     for key, value in (
         ("program", program),
         ("np", args.np),
@@ -225,7 +223,7 @@ def cmd_run(client, args, out):
         while True:
             offset = copy_logs(client, job_id, offset, out.buffer, follow=True)
             job = client.json("GET", _job_path(job_id))
-            if job.get("state") in TERMINAL:
+            if job.get("state") in FINAL_STATES:
                 break
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: cancelling job {job_id}\n")
@@ -238,37 +236,41 @@ def cmd_run(client, args, out):
         _print_json(job, out)
     if isinstance(job.get("exit_code"), int):
         return job["exit_code"]
-    if job.get("state") == "succeeded":
+    if job.get("state") == JobState.SUCCEEDED:
         return 0
     sys.stderr.write(
         f"{PROG}: job {job_id} {job.get('state')}: {job.get('error') or 'no exit code'}\n"
     )
-    return 130 if job.get("state") == "cancelled" else 1
+    return 130 if job.get("state") == JobState.CANCELLED else 1
 
 
-def _text(value):
+def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _print_json(value, out):
+def _print_json(value: Any, out: TextIO) -> None:
     out.write(json.dumps(value, indent=2) + "\n")
 
 
-def _table(out, header, rows, paint=None):
+def _table(
+    out: TextIO,
+    header: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    paint: dict[int, Callable[[Any], str]] | None = None,
+) -> None:
     paint = paint or {}
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [paint[i](c) if row is not header and i in paint else c for i, c in enumerate(row)]
         pads = [w - len(str(c)) for w, c in zip(widths, row, strict=True)]
-        out.write(
-            "  ".join(f"{c}{' ' * p}" for c, p in zip(cells, pads, strict=True)).rstrip() + "\n"
-        )
+        line = "  ".join(f"{c}{' ' * p}" for c, p in zip(cells, pads, strict=True))
+        out.write(line.rstrip() + "\n")
 
 
 # --- serve -----------------------------------------------------------------------------
 
 
-def cmd_serve(args):
+def cmd_serve(args: argparse.Namespace) -> int:
     from mlbench_daemon import config
 
     try:
@@ -287,15 +289,15 @@ def cmd_serve(args):
 # --- argument parsing ------------------------------------------------------------------
 
 
-def _env_pair(text):
+def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
     return key, value
 
 
-def _positive(kind):
-    def convert(text):
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def convert(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
@@ -307,8 +309,8 @@ def _positive(kind):
     return convert
 
 
-def build_parser(environ=os.environ):
-    def add_globals(p, default):
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    def add_globals(p: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
         # on the main parser with real defaults; on each command with SUPPRESS so an
         # option given before the command is not overwritten by the command's default
         p.add_argument(
@@ -374,7 +376,11 @@ def build_parser(environ=os.environ):
     return parser
 
 
-def main(argv=None, environ=os.environ, out=None):
+def main(
+    argv: list[str] | None = None,
+    environ: Mapping[str, str] = os.environ,
+    out: TextIO | None = None,
+) -> int:
     out = out or sys.stdout
     args = build_parser(environ).parse_args(argv)
     try:

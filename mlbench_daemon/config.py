@@ -21,12 +21,31 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from mlbench_daemon import browser
 
 ENV_PREFIX = "MLBENCH_DAEMON_"
 CLIENT_ENV = ("MLBENCH_DAEMON_URL", "MLBENCH_DAEMON_TOKEN_FILE")  # read by the CLI, not here
 REQUIRED = object()
+
+Converter = Callable[[Any], Any]
+JSON_ENV: set[Converter] = set()  # converters whose environment value is JSON
+EXPANDED: set[Converter] = set()  # converters whose value gets $VAR / ${VAR} expanded
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _json_env(fn: F) -> F:
+    JSON_ENV.add(fn)
+    return fn
+
+
+def _expanded(fn: F) -> F:
+    EXPANDED.add(fn)
+    return fn
 
 
 class ConfigError(Exception):
@@ -37,26 +56,24 @@ class ConfigError(Exception):
 # raising ValueError("must be ...") on bad input.
 
 
-def string(value):
+def string(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
     return value
 
 
-def nonempty(value):
+def nonempty(value: Any) -> str:
     if not string(value).strip():
         raise ValueError("must be a non-empty string")
     return value
 
 
-def path(value):
+@_expanded
+def path(value: Any) -> str:
     return string(value)
 
 
-path.expand = True  # $VAR / ${VAR} expanded from the environment
-
-
-def boolean(value):
+def boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
@@ -64,10 +81,10 @@ def boolean(value):
     raise ValueError("must be true or false")
 
 
-def integer(lo, hi=None):
+def integer(lo: int, hi: int | None = None) -> Converter:
     rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
 
-    def convert(value):
+    def convert(value: Any) -> int:
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
             value = int(value)
         if (
@@ -82,10 +99,10 @@ def integer(lo, hi=None):
     return convert
 
 
-def number(lo, *, strict=False):
+def number(lo: float, *, strict: bool = False) -> Converter:
     rng = f"> {lo}" if strict else f">= {lo}"
 
-    def convert(value):
+    def convert(value: Any) -> float:
         if isinstance(value, str):
             try:
                 value = float(value)
@@ -105,8 +122,8 @@ def number(lo, *, strict=False):
     return convert
 
 
-def one_of(*choices):
-    def convert(value):
+def one_of(*choices: str) -> Converter:
+    def convert(value: Any) -> str:
         if not isinstance(value, str) or value.strip().lower() not in choices:
             raise ValueError("must be one of " + ", ".join(choices))
         return value.strip().lower()
@@ -114,26 +131,23 @@ def one_of(*choices):
     return convert
 
 
-def str_list(value, *, what="a list of strings"):
+@_json_env
+def str_list(value: Any, *, what: str = "a list of strings") -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"must be {what}")
     return list(value)
 
 
-str_list.json_env = True
-
-
-def argv(value):
+@_json_env
+def argv(value: Any) -> list[str]:
     what = "a non-empty list of non-empty strings"
     if not str_list(value, what=what) or not all(value):
         raise ValueError(f"must be {what}")
     return list(value)
 
 
-argv.json_env = True
-
-
-def nameservers(value):
+@_json_env
+def nameservers(value: Any) -> list[str]:
     what = 'a list of "IP" or "IP:port" strings'
     for item in str_list(value, what=what):
         try:
@@ -143,10 +157,8 @@ def nameservers(value):
     return list(value)
 
 
-nameservers.json_env = True
-
-
-def host_names(value):
+@_json_env
+def host_names(value: Any) -> list[str]:
     what = 'a list of "name" or "name:port" strings'
     for item in str_list(value, what=what):
         if browser.split_host(item) is None:
@@ -154,10 +166,8 @@ def host_names(value):
     return list(value)
 
 
-host_names.json_env = True
-
-
-def origins(value):
+@_json_env
+def origins(value: Any) -> list[str]:
     what = 'a list of origins like "https://host" or "http://host:port"'
     for item in str_list(value, what=what):
         if browser.normalise_origin(item) is None:
@@ -165,10 +175,7 @@ def origins(value):
     return list(value)
 
 
-origins.json_env = True
-
-
-def read_token(path):
+def read_token(path: str) -> str:
     """The bearer token in file `path`; ValueError (one line, naming the file) if unusable."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -180,7 +187,7 @@ def read_token(path):
     return token
 
 
-def parse_nameserver(text, default_port=53):
+def parse_nameserver(text: str, default_port: int = 53) -> tuple[str, int]:
     """'IP', 'IP:port', '[IPv6]:port' or a bare IPv6 -> (ip, port)."""
     m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]+):(\d+)|([^\[\]]+)", text.strip())
     if not m:
@@ -192,7 +199,8 @@ def parse_nameserver(text, default_port=53):
     return str(ipaddress.ip_address(ip)), port
 
 
-def label_rules(value):
+@_json_env
+def label_rules(value: Any) -> list[dict[str, Any]]:
     what = 'a list of tables {match = "glob", labels = {key = "value"}}'
     if not isinstance(value, list):
         raise ValueError(f"must be {what}")
@@ -213,10 +221,7 @@ def label_rules(value):
     return rules
 
 
-label_rules.json_env = True
-
-
-SETTINGS = (
+SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     # section, key, converter, default, doc
     ("server", "host", nonempty, "127.0.0.1", "address to bind; non-loopback needs token_file"),
     ("server", "port", integer(0, 65535), 8080, "TCP port to bind (0 = any free port)"),
@@ -272,7 +277,13 @@ SETTINGS = (
     ),
     ("ssh", "user", nonempty, "mlbench", "cluster user to log in as"),
     ("ssh", "port", integer(1, 65535), 22, "SSH port when DNS gives none"),
-    ("ssh", "key_file", path, "", "private key file; empty = agent/default keys"),
+    (
+        "ssh",
+        "key_file",
+        path,
+        "",
+        "private key file; empty = the first of ~/.ssh/id_ed25519, id_ecdsa, id_rsa (no agent)",
+    ),
     ("ssh", "known_hosts", path, "", "known_hosts file checked (and written by accept-new)"),
     (
         "ssh",
@@ -369,8 +380,8 @@ Config = dataclasses.make_dataclass("Config", list(SECTIONS), frozen=True)
 Config.__doc__ = "One frozen object per section: cfg.server.port, cfg.ssh.user, ..."
 
 
-def _expand(text, environ):
-    def sub(m):
+def _expand(text: str, environ: Mapping[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
         name = m.group(1) or m.group(2)
         if name not in environ:
             raise ValueError(f"${name} is not set")
@@ -379,19 +390,21 @@ def _expand(text, environ):
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)
 
 
-def _convert(convert, value, environ):
+def _convert(convert: Converter, value: Any, environ: Mapping[str, str]) -> Any:
     value = convert(value)
-    if getattr(convert, "expand", False):
+    if convert in EXPANDED:
         value = _expand(value, environ)
     return value
 
 
-def _show(value):
+def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def load(path=None, environ=os.environ):
+def load(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] = os.environ
+) -> Any:
     """Read the TOML file at *path* (None = defaults only) plus env overrides."""
     data = {}
     if path is not None:
@@ -417,14 +430,14 @@ def load(path=None, environ=os.environ):
         if name.startswith(ENV_PREFIX) and name not in CLIENT_ENV and not _env_key(name, known):
             raise ConfigError(f"{name}: unknown setting (no matching section.key)")
 
-    values = {s: {} for s in SECTIONS}
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for section, key, convert, default, _doc in SETTINGS:
         where = f"{section}.{key}"
         env_name = f"{ENV_PREFIX}{section}_{key}".upper()
         if env_name in environ:
             where = f"{where} (from {env_name})"
             value = environ[env_name]
-            if getattr(convert, "json_env", False):
+            if convert in JSON_ENV:
                 try:
                     value = json.loads(value)
                 except ValueError:
@@ -443,6 +456,6 @@ def load(path=None, environ=os.environ):
     return Config(**{s: _section_types[s](**values[s]) for s in SECTIONS})
 
 
-def _env_key(name, known):
+def _env_key(name: str, known: set[tuple[str, str]]) -> bool:
     rest = name[len(ENV_PREFIX) :].lower()
     return any(rest == f"{s}_{k}" for s, k in known)

@@ -25,6 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any, Never
 
 import dns.exception
 import dns.message
@@ -35,19 +36,19 @@ import dns.resolver
 import dns.reversename
 
 from mlbench_daemon.config import parse_nameserver
+from mlbench_daemon.vocabulary import DiscoveryReason, checked
 
-log = logging.getLogger("mlbench_daemon.discovery")
+log = logging.getLogger(__name__)
 
-REASONS = ("dns-timeout", "nxdomain", "no-members", "dns-error")
+REASONS = tuple(r for r in DiscoveryReason if r != DiscoveryReason.NOT_DISCOVERED_YET)
 
 
 class DiscoveryError(Exception):
     """A discovery pass failed; `.reason` is one of REASONS, str() is the human message."""
 
-    def __init__(self, reason: str, message: str):
-        assert reason in REASONS, reason
+    def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = DiscoveryReason(checked(reason, REASONS, "DiscoveryError"))
 
 
 # --- nodes -----------------------------------------------------------------------------
@@ -60,16 +61,16 @@ class Labels(dict):
     it compares equal to.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(sorted(dict(*args, **kwargs).items()))
 
-    def __hash__(self):
+    def __hash__(self) -> int:  # type: ignore[override]  # dict is unhashable; these are not
         return hash(tuple(self.items()))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Labels], tuple[dict[str, str]]]:
         return (Labels, (dict(self),))
 
-    def _read_only(self, *args, **kwargs):
+    def _read_only(self, *args: Any, **kwargs: Any) -> Never:
         raise TypeError("node labels are read-only")
 
     __setitem__ = __delitem__ = __ior__ = _read_only
@@ -85,7 +86,7 @@ class Node:
     namespace: str
     labels: Mapping[str, str] = Labels()  # TXT labels merged with config rules (rules win)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.labels, Labels):
             object.__setattr__(self, "labels", Labels(self.labels))
 
@@ -95,7 +96,7 @@ class Node:
         return str(dict(self.labels))
 
 
-def natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple[Any, ...]:
     """Sort key putting "w-2" before "w-10"; ties broken by the exact name."""
     parts = re.split(r"(\d+)", name)
     return (tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name)
@@ -103,10 +104,12 @@ def natural_key(name: str) -> tuple:
 
 # --- selectors -------------------------------------------------------------------------
 
-_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-_KEY_RE = re.compile(rf"({_PREFIX}/)?{_NAME}")
-_VALUE_RE = re.compile(rf"({_NAME})?")
+# Label syntax (Kubernetes); openapi.py builds the selector's pattern from these too.
+LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_PREFIX = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+LABEL_KEY = rf"(?:{LABEL_PREFIX}/)?{LABEL_NAME}"
+_KEY_RE = re.compile(LABEL_KEY)
+_VALUE_RE = re.compile(rf"(?:{LABEL_NAME})?")
 # Operators, longest first so that "!=" and "==" are not read as "=".
 _OPS = (("!=", "!="), ("==", "="), ("=", "="))
 
@@ -124,7 +127,7 @@ class Requirement:
             return labels.get(self.key) != self.value
         return (self.key in labels) == (self.op == "exists")
 
-    def __str__(self):
+    def __str__(self) -> str:
         if self.op in ("=", "!="):
             return f"{self.key}{self.op}{self.value}"
         return self.key if self.op == "exists" else f"!{self.key}"
@@ -161,7 +164,8 @@ def _parse_term(term: str) -> Requirement:
 
 @dataclasses.dataclass(frozen=True)
 class Selector:
-    """A Kubernetes equality-based label selector: `k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-separated.
+    """A Kubernetes equality-based label selector: `k=v`, `k==v`, `k!=v`, `k`, `!k`,
+    comma-separated.
 
     Requirements are kept sorted and without duplicates, so equal selectors compare equal
     and str() is canonical. The empty selector matches everything.
@@ -181,15 +185,8 @@ class Selector:
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(r.matches(labels) for r in self.requirements)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return ",".join(map(str, self.requirements))
-
-
-def select(nodes: Iterable[Node], selector: Selector | str | None) -> list[Node]:
-    """The nodes whose labels match `selector` (a Selector, its text, or None for all), in order."""
-    if isinstance(selector, str):
-        selector = Selector.parse(selector)
-    return [n for n in nodes if selector is None or selector.matches(n.labels)]
 
 
 # --- DNS -------------------------------------------------------------------------------
@@ -203,7 +200,7 @@ def namespace_of(service: str, default: str) -> str:
     return default
 
 
-def txt_labels(rdatas) -> dict[str, str]:
+def txt_labels(rdatas: Iterable[Any]) -> dict[str, str]:
     """RFC 6763 key/value strings: `k=v`, `k` alone = empty value, first key wins, `=x` ignored."""
     labels: dict[str, str] = {}
     for rdata in sorted(rdatas, key=lambda r: r.strings):  # several TXT records: a stable order
@@ -224,7 +221,9 @@ def _ip_order(address: str) -> tuple[int, int]:
 
 
 class Discovery:
-    def __init__(self, cfg, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22):
+    def __init__(
+        self, cfg: Any, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22
+    ) -> None:
         if not cfg.service:
             raise ValueError("discovery.service is empty")
         self.cfg = cfg
@@ -243,7 +242,7 @@ class Discovery:
                     resolver = dns.resolver.Resolver()
                 except dns.resolver.NoResolverConfiguration as e:
                     raise DiscoveryError(
-                        "dns-error",
+                        DiscoveryReason.DNS_ERROR,
                         f"discovery.nameservers is empty and the system resolver is unusable: {e}",
                     ) from None
         self.resolver = resolver
@@ -264,7 +263,7 @@ class Discovery:
             addresses = [a.address for t in ("A", "AAAA") for a in p.query(self.service, t) or ()]
             if p.nxdomain == {self.srv_name, self.service}:
                 raise DiscoveryError(
-                    "nxdomain",
+                    DiscoveryReason.NXDOMAIN,
                     f"no such name: neither SRV {self.srv_name} nor A/AAAA {self.service} exists",
                 )
             members = self._address_members(p, addresses)
@@ -287,12 +286,12 @@ class Discovery:
             nodes[name] = Node(name, host, ip, port, self.namespace, self._labels(p, target, name))
         if not nodes:
             raise DiscoveryError(
-                "no-members",
+                DiscoveryReason.NO_MEMBERS,
                 f"no members: SRV {self.srv_name} and A/AAAA {self.service} gave no usable address",
             )
         return sorted(nodes.values(), key=lambda n: natural_key(n.name)), p.ttl
 
-    def _srv_members(self, p: _Pass, srv) -> Iterable[tuple]:
+    def _srv_members(self, p: _Pass, srv: Any) -> Iterable[tuple[Any, ...]]:
         """(target name, ip, port) per SRV target with an address."""
         for rr in sorted(srv, key=lambda r: (r.priority, -r.weight, r.target, r.port)):
             if rr.target == dns.name.root:  # "." = service decidedly not available there
@@ -305,7 +304,7 @@ class Discovery:
                 continue
             yield rr.target, ip, rr.port
 
-    def _address_members(self, p: _Pass, addresses: list[str]) -> Iterable[tuple]:
+    def _address_members(self, p: _Pass, addresses: list[str]) -> Iterable[tuple[Any, ...]]:
         """(PTR name or None, ip, ssh port) per address of the service."""
         for ip in sorted(set(addresses), key=_ip_order):
             ptr = p.query(dns.reversename.from_address(ip), "PTR", optional=True)
@@ -322,7 +321,7 @@ class Discovery:
 class _Pass:
     """The queries of one discovery pass: one deadline, the minimum TTL, the NXDOMAIN names."""
 
-    def __init__(self, resolver: dns.resolver.Resolver, deadline: float):
+    def __init__(self, resolver: dns.resolver.Resolver, deadline: float) -> None:
         self.resolver = resolver
         self.deadline = deadline
         self.ttl = float("inf")
@@ -349,13 +348,18 @@ class _Pass:
         except dns.resolver.NoAnswer:
             return None
         except dns.exception.Timeout:
-            raise DiscoveryError("dns-timeout", f"DNS timeout querying {rdtype} {name}") from None
+            raise DiscoveryError(
+                DiscoveryReason.DNS_TIMEOUT, f"DNS timeout querying {rdtype} {name}"
+            ) from None
         except (dns.exception.DNSException, OSError) as e:
             if optional:
                 log.warning("DNS query %s %s failed, ignored: %s", rdtype, name, e)
                 return None
-            raise DiscoveryError("dns-error", f"DNS error querying {rdtype} {name}: {e}") from None
-        self.ttl = min(self.ttl, answer.rrset.ttl)
+            raise DiscoveryError(
+                DiscoveryReason.DNS_ERROR, f"DNS error querying {rdtype} {name}: {e}"
+            ) from None
+        if answer.rrset is not None:
+            self.ttl = min(self.ttl, answer.rrset.ttl)
         return answer
 
     def address_of(self, host: dns.name.Name, response: dns.message.Message) -> str | None:
@@ -364,7 +368,7 @@ class _Pass:
         extra = [r for r in response.additional if r.name == host and r.rdtype in _ADDRESS_TYPES]
         if extra:
             self.ttl = min([self.ttl] + [r.ttl for r in extra])
-            rdatas = [a for rrset in extra for a in rrset]
+            rdatas: Iterable[Any] = [a for rrset in extra for a in rrset]
         else:
             rdatas = self.query(host, "A") or self.query(host, "AAAA") or ()
         return min((a.address for a in rdatas), key=_ip_order, default=None)

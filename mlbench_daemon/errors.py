@@ -10,14 +10,14 @@ class ApiError(Exception):
     status = 500
     error = "internal"
 
-    def __init__(self, message, *, error=None, field=None):
+    def __init__(self, message: str, *, error: str | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if error:
             self.error = error
         self.field = field
 
-    def body(self):
+    def body(self) -> dict[str, str]:
         body = {"error": self.error, "message": self.message}
         if self.field:
             body["field"] = self.field

@@ -9,6 +9,8 @@ a line about one node or job names it (``log.info("node %s: ...", name)``).
 import logging
 import os
 import sys
+from collections.abc import Mapping
+from typing import TextIO
 
 # sd-daemon.h: SD_ERR 3, SD_WARNING 4, SD_INFO 6, SD_DEBUG 7
 _PRIORITY = {
@@ -23,21 +25,23 @@ _PRIORITY = {
 class _OneLine(logging.Formatter):
     """Newlines (multi-line messages, tracebacks) are escaped: one event, one line."""
 
-    def format(self, record):
+    def format(self, record: logging.LogRecord) -> str:
         return super().format(record).replace("\n", "\\n")
 
 
 class _JournalFormatter(_OneLine):
-    def format(self, record):
+    def format(self, record: logging.LogRecord) -> str:
         prio = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
         return f"<{prio}>{super().format(record)}"
 
 
-def under_systemd(environ=os.environ):
+def under_systemd(environ: Mapping[str, str] = os.environ) -> bool:
     return bool(environ.get("JOURNAL_STREAM") or environ.get("INVOCATION_ID"))
 
 
-def setup(level="info", journald=None, stream=None):
+def setup(
+    level: str = "info", journald: bool | None = None, stream: TextIO | None = None
+) -> logging.Handler:
     """Configure the root logger; *journald* None = detect from the environment."""
     if journald is None:
         journald = under_systemd()

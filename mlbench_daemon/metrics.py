@@ -2,25 +2,35 @@
 
 Other modules import this one and update the collectors; the names are stable:
 
-==========================================  =========  ===================  ==============================
-metric                                      type       labels               updated by
-==========================================  =========  ===================  ==============================
-mlbench_daemon_nodes                        gauge      phase                nodes (count per phase)
-mlbench_daemon_probe_latency_seconds        histogram  -                    nodes (successful SSH probes)
-mlbench_daemon_probe_failures_total         counter    reason               nodes (SSHError.reason)
-mlbench_daemon_jobs                         gauge      state                jobs (count per state)
-mlbench_daemon_job_duration_seconds         histogram  -                    jobs (finished jobs)
-mlbench_daemon_ssh_reconnects_total         counter    -                    ssh (each new connection
-                                                                            after the first to a host)
-mlbench_daemon_http_requests_total          counter    route, method,       api (route = the route
-                                                       status               pattern, not the raw path)
-==========================================  =========  ===================  ==============================
+=====================================  =========  ==============  ================================
+metric                                 type       labels          updated by
+=====================================  =========  ==============  ================================
+mlbench_daemon_nodes                   gauge      phase           nodes (count per phase)
+mlbench_daemon_probe_latency_seconds   histogram  -               nodes (successful SSH probes)
+mlbench_daemon_probe_failures_total    counter    reason          nodes (SSHError.reason)
+mlbench_daemon_jobs                    gauge      state           jobs (count per state)
+mlbench_daemon_job_duration_seconds    histogram  -               jobs (finished jobs)
+mlbench_daemon_ssh_reconnects_total    counter    -               ssh (each new connection after
+                                                                  the first to a host)
+mlbench_daemon_http_requests_total     counter    route, method,  api (route = the route pattern,
+                                                  status          not the raw path)
+=====================================  =========  ==============  ================================
 
 ``render()`` gives the exposition text and its content type for ``GET /metrics``.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from mlbench_daemon.vocabulary import JobState, Phase
+
+if TYPE_CHECKING:  # nodes imports nothing of this module; only the type is needed
+    from mlbench_daemon.nodes import NodeStatus
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _NS = "mlbench_daemon"
@@ -58,26 +68,22 @@ http_requests_total = Counter(
 )
 
 
-PHASES = ("Pending", "Running", "Unknown", "Failed")
-STATES = ("pending", "running", "succeeded", "failed", "cancelled", "lost")
-
-
-def observe_probe(status):
+def observe_probe(status: NodeStatus) -> None:
     """One node's new probe result (the registry's on_probe hook)."""
-    if status.phase == "Running" and status.latency_ms is not None:
+    if status.phase == Phase.RUNNING and status.latency_ms is not None:
         probe_latency_seconds.observe(status.latency_ms / 1000)
-    elif status.phase in ("Unknown", "Failed"):
+    elif status.phase in (Phase.UNKNOWN, Phase.FAILED):
         probe_failures_total.labels(status.reason).inc()
 
 
-def set_gauges(nodes, job_counts):
+def set_gauges(nodes: Iterable[NodeStatus], job_counts: Mapping[str, int]) -> None:
     """Nodes by phase and jobs by state, as they are now (called at scrape time)."""
-    for phase in PHASES:
+    for phase in Phase:
         nodes_by_phase.labels(phase).set(sum(1 for n in nodes if n.phase == phase))
-    for state in STATES:
+    for state in JobState:
         jobs.labels(state).set(job_counts.get(state, 0))
 
 
-def render():
+def render() -> tuple[bytes, str]:
     """-> (body bytes, content type) of the whole registry."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -19,13 +19,16 @@ in natural name order) that readers take without waiting:
 
 import concurrent.futures
 import dataclasses
-import datetime
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
-from mlbench_daemon.discovery import DiscoveryError, Node, Selector, natural_key
-from mlbench_daemon.ssh import SSHError
+from mlbench_daemon.discovery import Discovery, DiscoveryError, Node, Selector, natural_key
+from mlbench_daemon.ssh_errors import SSHError
+from mlbench_daemon.timefmt import iso
+from mlbench_daemon.vocabulary import DiscoveryReason, NodeReason, Phase, SSHReason
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +37,23 @@ RETRY_S = 2.0  # discovery retry after a failure (at most discovery.refresh_s)
 ALIVE_FACTOR = 3  # alive() while each loop made progress within this many of its periods
 
 
+class Prober(Protocol):
+    """What the registry needs of ssh.Pool."""
+
+    def probe(self, ip: str, port: int, host: str | None = None) -> float: ...
+    def drop(self, ip: str, port: int) -> None: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeStatus:
     node: Node
-    phase: str = "Pending"
-    reason: str = "not-probed-yet"
+    phase: str = Phase.PENDING
+    reason: str = NodeReason.NOT_PROBED_YET
     message: str = "discovered, first probe not finished"
     last_probe: float | None = None  # epoch seconds
     latency_ms: float | None = None
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         n = self.node
         return {
             "name": n.name,
@@ -61,28 +71,46 @@ class NodeStatus:
         }
 
 
-def iso(epoch):
-    """The API's one timestamp format: RFC 3339, UTC, milliseconds, e.g. 2026-11-28T00:14:04.047Z."""
-    if not epoch:
-        return None
-    t = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def probe_result(pool: Prober, node: Node, user: str) -> dict[str, Any]:
+    """Probe `node` -> the NodeStatus fields its result sets (phase, reason, ...)."""
+    try:
+        latency = pool.probe(node.ip, node.port, node.host)
+        return dict(
+            phase=Phase.RUNNING,
+            reason=NodeReason.OK,
+            latency_ms=round(latency * 1000, 3),
+            message=f"logged in as {user} and ran `true`",
+        )
+    except SSHError as e:
+        return dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
+    except Exception as e:  # a bug must not leave the node Pending forever
+        log.exception("probe of %s failed unexpectedly", node.name)
+        return dict(
+            phase=Phase.UNKNOWN, reason=SSHReason.SSH_ERROR, message=repr(e), latency_ms=None
+        )
 
 
-def _key(node):
+def _key(node: Node) -> tuple[str, str, int]:
     return (node.name, node.ip, node.port)
 
 
 class Registry:
-    def __init__(self, cfg, discovery, pool, clock=time.monotonic, on_probe=None):
+    def __init__(
+        self,
+        cfg: Any,
+        discovery: Discovery,
+        pool: Prober,
+        clock: Callable[[], float] = time.monotonic,
+        on_probe: Callable[[NodeStatus], object] | None = None,
+    ) -> None:
         """`on_probe(status)` is called after each probe result (metrics hook), if given."""
         self.cfg, self.discovery, self.pool, self.clock = cfg, discovery, pool, clock
         self.on_probe = on_probe
         self.selector = Selector.parse(cfg.discovery.selector)
         self.generation = 0  # bumped on every change of the table
-        self.refreshed_at = None  # epoch of the last successful discovery
-        self._snapshot = ()
-        self._stale, self._stale_reason = True, "not-discovered-yet"
+        self.refreshed_at: float | None = None  # epoch of the last successful discovery
+        self._snapshot: tuple[NodeStatus, ...] = ()
+        self._stale, self._stale_reason = True, str(DiscoveryReason.NOT_DISCOVERED_YET)
         self._lock = threading.Lock()  # guards every swap of the snapshot and the stale flag
         self._stop = threading.Event()
         self._wake = threading.Event()  # start a probe round now
@@ -90,16 +118,17 @@ class Registry:
         self._started = self._done = 0
         self._discovered = threading.Event()
         self._first_pass = threading.Event()
-        self._inflight = {}  # node key -> the future of its probe still running
-        self._beats = {}
-        self._threads = []
+        # node key -> the future of its probe still running
+        self._inflight: dict[tuple[str, str, int], concurrent.futures.Future[None]] = {}
+        self._beats: dict[str, float] = {}
+        self._threads: list[threading.Thread] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=cfg.ssh.max_connects, thread_name_prefix="probe"
         )
 
     # --- readers (never wait) -----------------------------------------------------------
 
-    def nodes(self, selector=None):
+    def nodes(self, selector: Selector | str | None = None) -> list[NodeStatus]:
         """Current status of every selected node, in natural name order."""
         if isinstance(selector, str):
             selector = Selector.parse(selector)
@@ -107,18 +136,23 @@ class Registry:
         return [s for s in snap if selector is None or selector.matches(s.node.labels)]
 
     @property
-    def stale(self):
+    def stale(self) -> bool:
         return self._stale
 
     @property
-    def stale_reason(self):
+    def stale_reason(self) -> str:
         return self._stale_reason
 
-    def wait_first_pass(self, timeout):
+    def discovery_age_s(self) -> float | None:
+        """Seconds since the last successful discovery (how old the node list is)."""
+        at = self.refreshed_at
+        return None if at is None else round(max(0.0, time.time() - at), 3)
+
+    def wait_first_pass(self, timeout: float) -> bool:
         """True once discovery has run and a probe round started after it has finished."""
         return self._first_pass.wait(timeout)
 
-    def alive(self):
+    def alive(self) -> bool:
         """Both loops made progress lately (for the systemd watchdog)."""
         d, s = self.cfg.discovery, self.cfg.ssh
         periods = {
@@ -137,7 +171,7 @@ class Registry:
 
     # --- control ------------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         now = self.clock()
         self._beats = {"refresh": now, "probe": now}
         for name, loop in (("refresh", self._refresh_loop), ("probe", self._probe_loop)):
@@ -145,7 +179,7 @@ class Registry:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout=None):
+    def stop(self, timeout: float | None = None) -> None:
         """Stop both loops; waits at most `timeout` (default: one discovery + one sweep)."""
         if timeout is None:
             timeout = self.cfg.discovery.timeout_s + self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
@@ -156,7 +190,7 @@ class Registry:
             t.join(max(0.0, deadline - time.monotonic()))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def refresh(self, timeout):
+    def refresh(self, timeout: float) -> None:
         """Run one probe round now and wait (at most `timeout`) until it has finished."""
         with self._rounds:
             want = self._started + 1
@@ -165,7 +199,7 @@ class Registry:
 
     # --- refresh loop -------------------------------------------------------------------
 
-    def _refresh_loop(self):
+    def _refresh_loop(self) -> None:
         while not self._stop.is_set():
             wait = self._refresh_once()
             self._discovered.set()
@@ -173,13 +207,13 @@ class Registry:
             self._beats["refresh"] = self.clock()
             self._stop.wait(wait)
 
-    def _refresh_once(self):
+    def _refresh_once(self) -> float:
         """One discovery pass; returns the seconds until the next one."""
         refresh_s = self.cfg.discovery.refresh_s
         try:
             nodes, ttl = self.discovery.discover()
         except Exception as e:
-            reason = e.reason if isinstance(e, DiscoveryError) else "dns-error"
+            reason = e.reason if isinstance(e, DiscoveryError) else DiscoveryReason.DNS_ERROR
             if not isinstance(e, DiscoveryError):
                 log.exception("discovery failed unexpectedly")
             if not self._stale or self._stale_reason != reason:
@@ -190,7 +224,7 @@ class Registry:
         self._set_members(n for n in nodes if self.selector.matches(n.labels))
         return min(refresh_s, max(ttl, 1.0))
 
-    def _set_members(self, nodes):
+    def _set_members(self, nodes: Iterable[Node]) -> None:
         members = {_key(n): n for n in nodes}
         with self._lock:
             old = {_key(s.node): s for s in self._snapshot}
@@ -212,7 +246,7 @@ class Registry:
 
     # --- probe loop ---------------------------------------------------------------------
 
-    def _probe_loop(self):
+    def _probe_loop(self) -> None:
         while not self._stop.is_set():
             with self._rounds:
                 self._wake.clear()
@@ -231,10 +265,10 @@ class Registry:
             self._beats["probe"] = self.clock()
             self._wake.wait(self.cfg.ssh.probe_interval_s)
 
-    def _sweep(self):
+    def _sweep(self) -> None:
         """Probe every node in parallel under one deadline for the whole round."""
         budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
-        futures = {}
+        futures: dict[concurrent.futures.Future[None], Node] = {}
         for s in self._snapshot:
             k = _key(s.node)
             with self._lock:
@@ -253,8 +287,8 @@ class Registry:
                     node,
                     lambda s: dataclasses.replace(
                         s,
-                        phase="Unknown",
-                        reason="connect-timeout",
+                        phase=Phase.UNKNOWN,
+                        reason=SSHReason.CONNECT_TIMEOUT,
                         latency_ms=None,
                         message=f"no answer within {budget:g} s",
                         last_probe=time.time(),
@@ -262,26 +296,21 @@ class Registry:
                     if_inflight=True,
                 )
 
-    def _probe(self, node):
+    def _probe(self, node: Node) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
-        try:
-            latency = self.pool.probe(node.ip, node.port, node.host)
-            change = dict(
-                phase="Running",
-                reason="ok",
-                latency_ms=round(latency * 1000, 3),
-                message=f"logged in as {self.cfg.ssh.user} and ran `true`",
-            )
-        except SSHError as e:
-            change = dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
-        except Exception as e:  # a bug must not leave the node Pending forever
-            log.exception("probe of %s failed unexpectedly", node.name)
-            change = dict(phase="Unknown", reason="ssh-error", message=repr(e), latency_ms=None)
+        change = probe_result(self.pool, node, self.cfg.ssh.user)
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )
 
-    def _update(self, node, change, *, finished=False, if_inflight=False):
+    def _update(
+        self,
+        node: Node,
+        change: Callable[[NodeStatus], NodeStatus],
+        *,
+        finished: bool = False,
+        if_inflight: bool = False,
+    ) -> None:
         """Apply change(status) to the node's entry, if it is still a member.
 
         `finished`: this is the probe's own result (its node leaves the in-flight
@@ -303,7 +332,7 @@ class Registry:
             self._snapshot = tuple(table)
             self.generation += 1
         if new.phase != s.phase or new.reason != s.reason:
-            level = logging.INFO if new.phase == "Running" else logging.WARNING
+            level = logging.INFO if new.phase == Phase.RUNNING else logging.WARNING
             log.log(level, "node %s: %s (%s) %s", node.name, new.phase, new.reason, new.message)
         if self.on_probe is not None:
             try:

@@ -12,20 +12,25 @@ endpoints are described under both spellings, so that generated tests exercise
 both; the others under one.
 """
 
+from typing import Any
+
 from mlbench_daemon import __version__
+from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
+from mlbench_daemon.vocabulary import JobReason, JobState, NodeReason, Phase, SSHReason
 
 _REF = "#/components/schemas/"
+Schema = dict[str, Any]  # a piece of the OpenAPI document
 
 
-def _ref(name):
+def _ref(name: str) -> Schema:
     return {"$ref": _REF + name}
 
 
-def _json_content(schema):
+def _json_content(schema: Schema) -> Schema:
     return {"application/json": {"schema": schema}}
 
 
-def _error(description):
+def _error(description: str) -> Schema:
     return {"description": description, "content": _json_content(_ref("Error"))}
 
 
@@ -49,7 +54,7 @@ _FORBIDDEN = _error(
 _UNSUPPORTED = _error("A non-empty body whose `Content-Type` is not `application/json`.")
 
 
-def _api_responses(**responses):
+def _api_responses(**responses: Schema) -> Schema:
     """The given responses plus 401, 403, 415 and 500, as every /api/ operation can answer them."""
     out = dict(responses)
     out.setdefault("401", _UNAUTHORIZED)
@@ -64,9 +69,7 @@ _TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
 
 # The Kubernetes equality-based selector grammar of discovery.Selector.parse:
 # comma-separated terms `k=v`, `k==v`, `k!=v`, `k`, `!k`; keys `[prefix/]name`.
-_NAME = "[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_PREFIX = "[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-_KEY = f"(?:{_PREFIX}/)?{_NAME}"
+_NAME, _KEY = LABEL_NAME, LABEL_KEY
 _TERM = f"\\s*(?:{_KEY}\\s*(?:!=|==|=)\\s*(?:{_NAME})?|!\\s*{_KEY}|{_KEY})\\s*"
 SELECTOR_PATTERN = f"^(?:\\s*|{_TERM}(?:,{_TERM})*)$"
 
@@ -84,7 +87,7 @@ _JOB_ID = {
     "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
 }
 
-_NODES_OP = {
+_NODES_OP: Schema = {
     "summary": "All worker nodes and their status (the seed's endpoint)",
     "description": (
         "A JSON array in natural name order.  Each item starts with the seed's four keys "
@@ -111,7 +114,8 @@ _NODES_OP = {
                 "description": "The nodes.",
                 "headers": {
                     "X-Discovery-Stale": {
-                        "description": "Present when the node list is stale: why DNS discovery failed "
+                        "description": "Present when the node list is stale: why DNS "
+                        "discovery failed "
                         "(e.g. `dns-timeout`, `nxdomain`, `not-discovered-yet`).",
                         "schema": {"type": "string"},
                     }
@@ -124,7 +128,7 @@ _NODES_OP = {
 }
 
 
-def _nodes_op(operation_id, summary=None, extra=""):
+def _nodes_op(operation_id: str, summary: str | None = None, extra: str = "") -> Schema:
     op = dict(_NODES_OP, operationId=operation_id)
     if summary:
         op["summary"] = summary
@@ -133,7 +137,7 @@ def _nodes_op(operation_id, summary=None, extra=""):
     return op
 
 
-_SUBMIT_OP = {
+_SUBMIT_OP: Schema = {
     "summary": "Start an MPI job (the seed's endpoint)",
     "description": (
         "The body is optional: an empty body runs `mpi.program` on every selected `Running` "
@@ -182,7 +186,7 @@ _SUBMIT_OP = {
 }
 
 
-def _submit_op(operation_id, summary=None):
+def _submit_op(operation_id: str, summary: str | None = None) -> Schema:
     op = dict(_SUBMIT_OP, operationId=operation_id)
     if summary:
         op["summary"] = summary
@@ -239,7 +243,7 @@ SCHEMAS = {
     },
     "Phase": {
         "type": "string",
-        "enum": ["Pending", "Running", "Unknown", "Failed"],
+        "enum": [p.value for p in Phase],
         "description": "`Pending`: first probe not finished; `Running`: SSH login with the "
         "configured key succeeded and the host key was verified; `Unknown`: could "
         "not reach it; `Failed`: reached it but it refused us or could not be trusted.",
@@ -279,9 +283,8 @@ SCHEMAS = {
             "namespace": {"type": "string"},
             "reason": {
                 "type": "string",
-                "description": "Machine-readable: `ok`, `not-probed-yet`, `connection-refused`, "
-                "`connect-timeout`, `no-banner`, `auth-failed`, "
-                "`host-key-unknown`, `host-key-changed`, ...",
+                "description": "Machine-readable: "
+                + ", ".join(f"`{r}`" for r in (*NodeReason, *SSHReason)),
             },
             "message": {"type": "string"},
             "last_probe": {"type": ["string", "null"], "format": "date-time"},
@@ -297,7 +300,7 @@ SCHEMAS = {
     },
     "JobState": {
         "type": "string",
-        "enum": ["pending", "running", "succeeded", "failed", "cancelled", "lost"],
+        "enum": [s.value for s in JobState],
     },
     "Job": {
         "type": "object",
@@ -336,8 +339,8 @@ SCHEMAS = {
             "error": {"type": ["string", "null"]},
             "reason": {
                 "type": ["string", "null"],
-                "description": "Machine-readable cause of a failed, cancelled or lost job "
-                "(`launch-failed`, `cancelled`, `timeout`, ...).",
+                "description": "Machine-readable cause of a failed, cancelled or lost job: "
+                + ", ".join(f"`{r}`" for r in JobReason),
             },
             "np": {"type": ["integer", "null"], "minimum": 1},
             "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
@@ -358,7 +361,8 @@ SCHEMAS = {
                 "properties": {
                     "response": {
                         "type": "string",
-                        "description": "stdout and stderr interleaved as produced (invalid UTF-8 replaced).",
+                        "description": "stdout and stderr interleaved as produced "
+                        "(invalid UTF-8 replaced).",
                     }
                 },
             },
@@ -431,12 +435,18 @@ SCHEMAS = {
     "Health": {
         "type": "object",
         "description": "Counts only: /healthz needs no token, so it says nothing more.",
-        "required": ["status", "nodes", "running", "discovery_stale"],
+        "required": ["status", "nodes", "running", "discovery_stale", "discovery_age_s"],
         "properties": {
             "status": {"const": "ok"},
             "nodes": {"type": "integer", "minimum": 0},
             "running": {"type": "integer", "minimum": 0},
             "discovery_stale": {"type": "boolean"},
+            "discovery_age_s": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "description": "Seconds since the node list was last discovered "
+                "(null before the first discovery).",
+            },
         },
     },
 }
@@ -475,7 +485,8 @@ PATHS = {
         "delete": {
             "operationId": "cancelJob",
             "summary": "Cancel a job",
-            "description": "TERM to the job's process group on the master, `mpi.cancel_grace_s`, then "
+            "description": "TERM to the job's process group on the master, "
+            "`mpi.cancel_grace_s`, then "
             "KILL; then every host of the job is swept for its processes (the result is "
             "in `error`).  Answers with the job once it is final (bounded wait).",
             "tags": ["jobs"],
@@ -497,7 +508,8 @@ PATHS = {
         "get": {
             "operationId": "getJobLogs",
             "summary": "A chunk of a job's output, or all of it as it comes",
-            "description": "Raw bytes (stdout and stderr interleaved) from `offset`: at most `limit` "
+            "description": "Raw bytes (stdout and stderr interleaved) from `offset`: "
+            "at most `limit` "
             "bytes, with the offset to ask for next in `X-Next-Offset`.  With "
             "`follow=1` the answer streams from `offset` until the job is final "
             "(no `X-Next-Offset`; `limit` is ignored).",
@@ -538,7 +550,8 @@ PATHS = {
                         "description": "Output bytes (possibly none).",
                         "headers": {
                             "X-Next-Offset": {
-                                "description": "`offset` plus the bytes returned (not with `follow=1`).",
+                                "description": "`offset` plus the bytes returned "
+                                "(not with `follow=1`).",
                                 "schema": {"type": "integer", "minimum": 0},
                             },
                         },

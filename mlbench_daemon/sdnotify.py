@@ -7,9 +7,10 @@ run by systemd) every call is a no-op.
 
 import os
 import socket
+from collections.abc import Mapping
 
 
-def notify(state, environ=os.environ):
+def notify(state: str, environ: Mapping[str, str] = os.environ) -> bool:
     """Send *state* (e.g. "READY=1\\nSTATUS=...") to systemd; False when not under systemd.
 
     A send failure raises OSError: the caller decides whether it matters.
@@ -27,7 +28,7 @@ def notify(state, environ=os.environ):
     return True
 
 
-def watchdog_interval(environ=os.environ):
+def watchdog_interval(environ: Mapping[str, str] = os.environ) -> float | None:
     """Seconds between required WATCHDOG=1 pings, or None when no watchdog is set for us."""
     usec = environ.get("WATCHDOG_USEC")
     pid = environ.get("WATCHDOG_PID")

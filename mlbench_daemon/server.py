@@ -21,8 +21,10 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-import waitress
+import waitress.server
 from waitress import wasyncore
 
 from mlbench_daemon import api, config, metrics, sdnotify
@@ -32,8 +34,9 @@ from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store
+from mlbench_daemon.vocabulary import JobState, Phase
 
-log = logging.getLogger("mlbench_daemon.server")
+log = logging.getLogger(__name__)
 
 DRAIN_S = 10.0  # longest wait for in-flight requests at shutdown
 LOOP_CHECK_S = 2.0  # the HTTP loop must answer a trigger within this
@@ -45,7 +48,7 @@ class StartupError(Exception):
     """The daemon cannot start; str() is one line for the user."""
 
 
-def read_token(server_cfg):
+def read_token(server_cfg: Any) -> str | None:
     """The API token from server.token_file, or None; refuses a non-loopback bind without one."""
     path = server_cfg.token_file
     if not path:
@@ -62,7 +65,7 @@ def read_token(server_cfg):
 
 
 class Daemon:
-    def __init__(self, cfg):
+    def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         token = read_token(cfg.server)
         self.pool = Pool(cfg.ssh, on_reconnect=lambda ip, port: metrics.ssh_reconnects_total.inc())
@@ -91,13 +94,13 @@ class Daemon:
             max_body_bytes=cfg.server.max_body_bytes,
             policy=Policy.from_config(cfg.server),
         )
-        self.http = None
-        self.url = None
+        self.http: Any = None  # waitress's server, once bound (private parts: test_internals)
+        self.url: str | None = None
         self._stop = threading.Event()
 
     # --- life cycle -----------------------------------------------------------------
 
-    def run(self):
+    def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or stop()); returns the exit code."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,15 +139,15 @@ class Daemon:
         log.info("stopped")
         return code
 
-    def stop(self):
+    def stop(self) -> None:
         """Ask run() to shut down (what SIGTERM does)."""
         self._stop.set()
 
-    def _bind(self):
+    def _bind(self) -> Any:
         s = self.cfg.server
         try:
             # api enforces max_body_bytes itself, so the 413 is JSON like every other error
-            http = waitress.create_server(
+            http: Any = waitress.server.create_server(
                 self.app, host=s.host, port=s.port, threads=s.threads, ident="mlbench-daemon"
             )
         except OSError as e:
@@ -164,7 +167,7 @@ class Daemon:
         )
         return http
 
-    def _drain(self, http_thread):
+    def _drain(self, http_thread: threading.Thread) -> None:
         """Stop accepting, give in-flight requests DRAIN_S, then close everything."""
         http = self.http
         self._in_loop(lambda: wasyncore.dispatcher.close(http))  # the listening socket
@@ -180,7 +183,7 @@ class Daemon:
         tasks.shutdown(timeout=2.0)
         http_thread.join(5.0)
 
-    def _in_loop(self, thunk):
+    def _in_loop(self, thunk: Callable[[], object]) -> bool:
         """Run thunk in the HTTP loop's thread; False once the loop has shut its trigger."""
         try:
             self.http.trigger.pull_trigger(thunk)
@@ -204,13 +207,13 @@ class Daemon:
         while not self._stop.wait(PRUNE_EVERY_S):
             self._prune()
 
-    def _http_alive(self, http_thread):
+    def _http_alive(self, http_thread: threading.Thread) -> bool:
         if not http_thread.is_alive():
             return False
         answered = threading.Event()
         return self._in_loop(answered.set) and answered.wait(LOOP_CHECK_S)
 
-    def _supervise(self, http_thread):
+    def _supervise(self, http_thread: threading.Thread) -> None:
         interval = sdnotify.watchdog_interval()
         every = interval / 2 if interval else STATUS_EVERY_S
         while not self._stop.wait(every):
@@ -225,11 +228,11 @@ class Daemon:
                 )
             self._notify(message)
 
-    def status(self):
+    def status(self) -> str:
         """One line: '3/4 nodes Running, 1 job running'."""
         nodes = self.registry.nodes()
-        up = sum(1 for n in nodes if n.phase == "Running")
-        running = self.jobs.counts().get("running", 0)
+        up = sum(1 for n in nodes if n.phase == Phase.RUNNING)
+        running = self.jobs.counts().get(JobState.RUNNING, 0)
         stale = ", DNS stale" if self.registry.stale else ""
         return (
             f"{up}/{len(nodes)} nodes Running, {running} job{'' if running == 1 else 's'} running"
@@ -237,7 +240,7 @@ class Daemon:
         )
 
     @staticmethod
-    def _notify(state):
+    def _notify(state: str) -> None:
         try:
             sdnotify.notify(state)
         except OSError as e:

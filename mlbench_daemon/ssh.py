@@ -25,29 +25,63 @@ Remote commands are built only by ``quote(argv)`` (``shlex.join``): the login
 shell sees one word per argv item, whatever the bytes.
 """
 
-import base64
+from __future__ import annotations
+
 import collections
 import dataclasses
 import errno
-import fcntl
-import fnmatch
-import hashlib
-import hmac
 import logging
 import os
 import shlex
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import paramiko
 from paramiko.buffered_pipe import PipeTimeout
 
 from mlbench_daemon.config import ConfigError
+from mlbench_daemon.known_hosts import (
+    SYSTEM_KNOWN_HOSTS,
+    KnownHosts,
+    KnownKey,
+    fingerprint,
+    known_names,
+    parse_known_hosts,
+)
+from mlbench_daemon.ssh_errors import (
+    CommandTimeout,
+    SSHError,
+    Unreachable,
+    Untrusted,
+)
+from mlbench_daemon.vocabulary import SSHReason as R
 
 log = logging.getLogger(__name__)
 
-SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+# The error classes and host-key helpers live in their own modules; they are
+# re-exported here so that `from mlbench_daemon.ssh import Unreachable` keeps working.
+__all__ = [
+    "SYSTEM_KNOWN_HOSTS",
+    "CommandTimeout",
+    "KnownHosts",
+    "KnownKey",
+    "Pool",
+    "Result",
+    "SSHError",
+    "Stream",
+    "Unreachable",
+    "Untrusted",
+    "classify",
+    "fingerprint",
+    "known_names",
+    "load_client_key",
+    "parse_known_hosts",
+    "quote",
+]
+
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")  # under ~/.ssh when ssh.key_file is empty
 # Per-channel receive window and the largest packet we accept.  Following 1 GB of job
 # output on the test cluster: 32 KiB packets (paramiko's default) cost the daemon
@@ -64,7 +98,7 @@ TCP_USER_TIMEOUT_S = 30  # unacknowledged data for this long kills the socket (f
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
-def _tune(transport):
+def _tune(transport: paramiko.Transport) -> None:
     """Fast ciphers first; leave rekeying to the server.
 
     paramiko's own rekey (every 512 MiB) races with a busy session channel and can stall
@@ -79,81 +113,37 @@ def _tune(transport):
     transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = 2**62
 
 
-class SSHError(Exception):
-    """An SSH failure: ``.reason`` (machine-readable), ``.phase`` (node phase), str() = message."""
-
-    phase = "Unknown"
-    reasons = ()
-
-    def __init__(self, reason, message):
-        assert reason in self.reasons, reason
-        super().__init__(message)
-        self.reason = reason
-
-
-class Unreachable(SSHError):
-    """Could not reach the host or lost it (node phase Unknown)."""
-
-    phase = "Unknown"
-    reasons = (
-        "connection-refused",
-        "connect-timeout",
-        "no-banner",
-        "network-unreachable",
-        "connection-lost",
-        "ssh-error",
-        "command-timeout",
-    )
-
-
-class CommandTimeout(Unreachable, TimeoutError):
-    """``run()`` did not finish within its timeout (reason ``command-timeout``).
-
-    The channel is closed; a command without a pty may go on running remotely.
-    """
-
-    def __init__(self, message):
-        super().__init__("command-timeout", message)
-
-
-class Untrusted(SSHError):
-    """Reached the host, but it refused us or could not be trusted (node phase Failed)."""
-
-    phase = "Failed"
-    reasons = ("auth-failed", "host-key-unknown", "host-key-changed")
-
-
-def quote(argv):
+def quote(argv: Sequence[str]) -> str:
     """The only way a remote command string is built: one shell word per argv item."""
     if isinstance(argv, (str, bytes)) or not argv:
         raise TypeError("argv must be a non-empty list of strings")
     return shlex.join(argv)
 
 
-def classify(exc, where=""):
+def classify(exc: BaseException, where: str = "") -> SSHError:
     """Map any exception from socket/paramiko to an SSHError (the one place this is done)."""
     if isinstance(exc, SSHError):
         return exc
     at = f"{where}: " if where else ""
     text = str(exc) or type(exc).__name__
     if isinstance(exc, paramiko.BadHostKeyException):
-        return Untrusted("host-key-changed", f"{at}{text}")
+        return Untrusted(R.HOST_KEY_CHANGED, f"{at}{text}")
     if isinstance(exc, paramiko.AuthenticationException):
         if "timeout" in text.lower():  # paramiko's auth wait raises this type on timeout
-            return Unreachable("connect-timeout", f"{at}no answer to authentication in time")
-        return Untrusted("auth-failed", f"{at}authentication failed: {text}")
+            return Unreachable(R.CONNECT_TIMEOUT, f"{at}no answer to authentication in time")
+        return Untrusted(R.AUTH_FAILED, f"{at}authentication failed: {text}")
     if isinstance(exc, paramiko.SSHException):
         if "banner" in text.lower():
-            return Unreachable("no-banner", f"{at}no SSH banner: {text}")
+            return Unreachable(R.NO_BANNER, f"{at}no SSH banner: {text}")
         if "timeout" in text.lower():
-            return Unreachable("connect-timeout", f"{at}{text}")
-        return Unreachable("ssh-error", f"{at}{text}")
+            return Unreachable(R.CONNECT_TIMEOUT, f"{at}{text}")
+        return Unreachable(R.SSH_ERROR, f"{at}{text}")
     if isinstance(exc, ConnectionRefusedError):
-        return Unreachable("connection-refused", f"{at}connection refused")
+        return Unreachable(R.CONNECTION_REFUSED, f"{at}connection refused")
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return Unreachable("connect-timeout", f"{at}timed out")
+        return Unreachable(R.CONNECT_TIMEOUT, f"{at}timed out")
     if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, EOFError)):
-        return Unreachable("connection-lost", f"{at}connection lost: {text}")
+        return Unreachable(R.CONNECTION_LOST, f"{at}connection lost: {text}")
     if isinstance(exc, OSError):
         if exc.errno in (
             errno.ENETUNREACH,
@@ -161,141 +151,14 @@ def classify(exc, where=""):
             errno.EHOSTDOWN,
             errno.EADDRNOTAVAIL,
         ):
-            return Unreachable("network-unreachable", f"{at}{text}")
+            return Unreachable(R.NETWORK_UNREACHABLE, f"{at}{text}")
         if exc.errno == errno.ETIMEDOUT:
-            return Unreachable("connect-timeout", f"{at}{text}")
-        return Unreachable("connection-lost", f"{at}{text}")
-    return Unreachable("ssh-error", f"{at}{type(exc).__name__}: {text}")
+            return Unreachable(R.CONNECT_TIMEOUT, f"{at}{text}")
+        return Unreachable(R.CONNECTION_LOST, f"{at}{text}")
+    return Unreachable(R.SSH_ERROR, f"{at}{type(exc).__name__}: {text}")
 
 
-def fingerprint(key):
-    """OpenSSH's SHA256 fingerprint, e.g. ``SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8``."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def known_names(ip, port, host=None):
-    """The known_hosts names of a host: ``name`` and ``ip``, or ``[name]:port`` off port 22."""
-    names = [n for n in dict.fromkeys([host, ip]) if n]
-    return names if port == 22 else [f"[{n}]:{port}" for n in names]
-
-
-@dataclasses.dataclass(frozen=True)
-class KnownKey:
-    patterns: tuple
-    key: paramiko.PKey
-    revoked: bool = False
-
-    def matches(self, name):
-        hit = False
-        for p in self.patterns:
-            negated, p = p.startswith("!"), p.lstrip("!")
-            if p.startswith("|1|"):
-                m = hmac.compare_digest(paramiko.HostKeys.hash_host(name, p), p)
-            else:
-                m = fnmatch.fnmatchcase(name.lower(), p.lower())
-            if m and negated:
-                return False
-            hit = hit or m
-        return hit
-
-
-def parse_known_hosts(text, source="known_hosts"):
-    """known_hosts lines -> [KnownKey]; ``@revoked`` kept, ``@cert-authority`` and bad lines skipped."""
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        revoked = line.startswith("@revoked")
-        if line.startswith("@"):
-            if not revoked:
-                continue  # @cert-authority: we do not do host certificates
-            line = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
-        if not line or line.startswith("#"):
-            continue
-        try:
-            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
-        except Exception as e:  # a bad line must not hide the good ones
-            log.warning("%s:%d: skipped: %s", source, lineno, e)
-            continue
-        if entry is not None:
-            out.append(KnownKey(tuple(entry.hostnames), entry.key, revoked))
-    return out
-
-
-class KnownHosts:
-    """Host key checks against known_hosts files; ``accept-new`` pins into the first one."""
-
-    def __init__(self, path, system, policy):
-        self.path = path
-        self.paths = [p for p in (path, SYSTEM_KNOWN_HOSTS if system else None) if p]
-        self.policy = policy
-        self._lock = threading.Lock()
-
-    def _load(self):
-        keys = []
-        for p in self.paths:
-            try:
-                with open(p, encoding="utf-8", errors="replace") as f:
-                    keys += parse_known_hosts(f.read(), p)
-            except FileNotFoundError:
-                pass
-        return keys
-
-    def preferred_types(self, names):
-        """Key types already known for these names (negotiate those first, like OpenSSH)."""
-        return {k.key.get_name() for k in self._load() if any(k.matches(n) for n in names)}
-
-    def verify(self, key, names, where):
-        """Raise Untrusted unless `key` is the known key of `names` (or pinned under accept-new)."""
-        try:
-            self._check(self._load(), key, names, where)
-        except Untrusted as e:
-            if e.reason != "host-key-unknown" or self.policy != "accept-new" or not self.path:
-                raise
-            self._pin(key, names, where)
-
-    @staticmethod
-    def _check(keys, key, names, where):
-        blob = key.asbytes()
-        mine = [k for k in keys if any(k.matches(n) for n in names)]
-        if any(k.revoked and k.key.asbytes() == blob for k in mine):
-            raise Untrusted("host-key-changed", f"{where}: host key {fingerprint(key)} is revoked")
-        known = [k for k in mine if not k.revoked]
-        if any(k.key.asbytes() == blob for k in known):
-            return
-        if known:
-            was = ", ".join(f"{k.key.get_name()} {fingerprint(k.key)}" for k in known)
-            raise Untrusted(
-                "host-key-changed",
-                f"{where}: HOST KEY CHANGED: known {was}, "
-                f"offered {key.get_name()} {fingerprint(key)}",
-            )
-        raise Untrusted(
-            "host-key-unknown",
-            f"{where}: host key {key.get_name()} {fingerprint(key)} is not in known_hosts "
-            f"(names {', '.join(names)})",
-        )
-
-    def _pin(self, key, names, where):
-        """Append the key under an exclusive lock, unless someone pinned one meanwhile."""
-        with self._lock, open(self.path, "a+", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.seek(0)
-            text = f.read()
-            try:
-                self._check(parse_known_hosts(text, self.path), key, names, where)
-                return  # pinned by another writer, and it is this key
-            except Untrusted as e:
-                if e.reason != "host-key-unknown":
-                    raise
-            sep = "" if not text or text.endswith("\n") else "\n"
-            f.write(f"{sep}{','.join(names)} {key.get_name()} {key.get_base64()}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        log.warning("%s: pinned new host key %s %s", where, key.get_name(), fingerprint(key))
-
-
-def load_client_key(key_file):
+def load_client_key(key_file: str) -> paramiko.PKey | None:
     """The client key, loaded once; ``ssh.key_file`` empty = the first of ~/.ssh/id_*."""
     paths = [key_file] if key_file else [os.path.expanduser(f"~/.ssh/{n}") for n in DEFAULT_KEYS]
     for p in paths:
@@ -311,36 +174,36 @@ def load_client_key(key_file):
 class _Watchdog:
     """Call `action` if the with-block has not finished after `seconds`; `.fired` tells."""
 
-    def __init__(self, seconds, action):
+    def __init__(self, seconds: float, action: Callable[[], object]) -> None:
         self.fired = False
         self._action = action
         self._timer = threading.Timer(max(0.0, seconds), self._fire)
         self._timer.daemon = True
 
-    def _fire(self):
+    def _fire(self) -> None:
         self.fired = True
         self._action()
 
-    def __enter__(self):
+    def __enter__(self) -> _Watchdog:
         self._timer.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
 
 
-def _remaining(deadline):
+def _remaining(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
 class Connection:
     """One persistent SSH connection to (ip, port): opens lazily, closes in one place."""
 
-    def __init__(self, pool, ip, port):
+    def __init__(self, pool: Pool, ip: str, port: int) -> None:
         self.pool, self.ip, self.port = pool, ip, port
-        self.host = None
+        self.host: str | None = None
         self.where = f"{ip}:{port}"
-        self.transport = None
+        self.transport: paramiko.Transport | None = None
         self.connects = 0
         self.channels = threading.BoundedSemaphore(pool.cfg.max_channels)
         self.probe_channel = threading.BoundedSemaphore(1)
@@ -348,25 +211,25 @@ class Connection:
         self._lock = threading.Lock()
 
     @property
-    def is_connected(self):
+    def is_connected(self) -> bool:
         t = self.transport
         return t is not None and t.is_active() and t.is_authenticated()
 
-    def open(self, deadline):
+    def open(self, deadline: float) -> paramiko.Transport:
         """The live transport, connecting first if needed (bounded by `deadline`)."""
         t = self.transport
-        if self.is_connected:
+        if t is not None and self.is_connected:
             return t
         if not self._open_lock.acquire(timeout=_remaining(deadline)):
             raise Unreachable(
-                "connect-timeout", f"{self.where}: another connect did not finish in time"
+                R.CONNECT_TIMEOUT, f"{self.where}: another connect did not finish in time"
             )
         try:
-            if self.is_connected:
+            if self.transport is not None and self.is_connected:
                 return self.transport
             self.close()
             if not self.pool._connects.acquire(timeout=_remaining(deadline)):
-                raise Unreachable("connect-timeout", f"{self.where}: too many connects in flight")
+                raise Unreachable(R.CONNECT_TIMEOUT, f"{self.where}: too many connects in flight")
             try:
                 t = self._connect(deadline)
             finally:
@@ -380,7 +243,7 @@ class Connection:
         finally:
             self._open_lock.release()
 
-    def connect_kwargs(self, deadline):
+    def connect_kwargs(self, deadline: float) -> dict[str, Any]:
         """Everything a connect depends on, gathered in one place."""
         cfg = self.pool.cfg
         return dict(
@@ -391,7 +254,7 @@ class Connection:
             keepalive=cfg.keepalive_s,
         )
 
-    def _connect(self, deadline):
+    def _connect(self, deadline: float) -> paramiko.Transport:
         kw = self.connect_kwargs(deadline)
         sock = transport = None
         try:
@@ -410,23 +273,24 @@ class Connection:
             self._prefer_known_key_types(transport, kw["names"])
             _tune(transport)
             transport.start_client(timeout=_remaining(deadline))
-            if not transport.completion_event.is_set():  # start_client returns quietly on timeout
+            done = transport.completion_event
+            if done is None or not done.is_set():  # start_client returns quietly on timeout
                 if transport.remote_version:
                     raise Unreachable(
-                        "connect-timeout", f"{self.where}: key exchange did not finish in time"
+                        R.CONNECT_TIMEOUT, f"{self.where}: key exchange did not finish in time"
                     )
                 raise Unreachable(
-                    "no-banner", f"{self.where}: no SSH banner within the connect timeout"
+                    R.NO_BANNER, f"{self.where}: no SSH banner within the connect timeout"
                 )
             self.pool.known_hosts.verify(transport.get_remote_server_key(), kw["names"], self.where)
             if kw["pkey"] is None:
                 raise Untrusted(
-                    "auth-failed",
+                    R.AUTH_FAILED,
                     f"{self.where}: no client key (ssh.key_file empty, no ~/.ssh/id_*)",
                 )
             transport.auth_timeout = max(0.1, _remaining(deadline))
             if transport.auth_publickey(kw["user"], kw["pkey"]):
-                raise Untrusted("auth-failed", f"{self.where}: server wants more than a public key")
+                raise Untrusted(R.AUTH_FAILED, f"{self.where}: server wants more than a public key")
             if kw["keepalive"]:
                 transport.set_keepalive(max(1, int(kw["keepalive"])))
             return transport
@@ -439,7 +303,7 @@ class Connection:
                 raise classify(e, self.where) from e
             raise
 
-    def _prefer_known_key_types(self, transport, names):
+    def _prefer_known_key_types(self, transport: paramiko.Transport, names: list[str]) -> None:
         known = self.pool.known_hosts.preferred_types(names)
         if not known:
             return
@@ -450,7 +314,7 @@ class Connection:
             t for t in types if base.get(t, t) not in known
         ]
 
-    def close(self):
+    def close(self) -> None:
         """Close the connection (idempotent, never blocks for long); the next use reconnects."""
         with self._lock:
             t, self.transport = self.transport, None
@@ -472,20 +336,28 @@ class Stream:
     command died by a signal).  When nothing arrives for ``idle_timeout`` seconds
     the host is probed: a silent command on a live host is waited for as long as
     it runs; a failed probe (frozen or unreachable host, dead link) raises
-    Unreachable("connection-lost"), as does a link that dies.  ``close()`` (or
+    Unreachable(connection-lost), as does a link that dies.  ``close()`` (or
     leaving a with-block) closes the channel.
     """
 
-    def __init__(self, conn, chan, release, idle_timeout, writer, ping):
+    def __init__(
+        self,
+        conn: Connection,
+        chan: paramiko.Channel,
+        release: Callable[[], None],
+        idle_timeout: float,
+        writer: _Writer,
+        ping: Callable[[], object],
+    ) -> None:
         self._conn, self._chan, self._release, self._writer = conn, chan, release, writer
         self.idle_timeout, self._ping = idle_timeout, ping
-        self.exit_code = None
+        self.exit_code: int | None = None
         self._closed = False
 
-    def __iter__(self):
+    def __iter__(self) -> Stream:
         return self
 
-    def __next__(self):
+    def __next__(self) -> bytes:
         if self._closed:
             raise StopIteration
         while True:
@@ -510,35 +382,35 @@ class Stream:
         self.exit_code = code
         raise StopIteration
 
-    def _lost(self, why):
+    def _lost(self, why: str) -> Unreachable:
         alive = self._conn.is_connected
         if not alive:
             self._conn.close()
         state = "connection alive" if alive else "connection dead"
-        return Unreachable("connection-lost", f"{self._conn.where}: {why} ({state})")
+        return Unreachable(R.CONNECTION_LOST, f"{self._conn.where}: {why} ({state})")
 
-    def close(self):
+    def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._writer.stop()
             _close_channel(self._chan)
             self._release()
 
-    def __enter__(self):
+    def __enter__(self) -> Stream:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _close_channel(chan):
+def _close_channel(chan: paramiko.Channel) -> None:
     try:
         chan.close()
     except Exception:  # the transport is already gone: nothing left to close
         pass
 
 
-def _exit_status(chan, timeout):
+def _exit_status(chan: paramiko.Channel, timeout: float) -> int | None:
     """The exit status after EOF, None if the channel closed without one in `timeout`.
 
     paramiko reports -1 for "no exit-status"; that is a signal death if the
@@ -555,7 +427,7 @@ def _exit_status(chan, timeout):
 class Pool:
     """Persistent SSH connections keyed by (ip, port), shared by all threads."""
 
-    def __init__(self, cfg, on_reconnect=None):
+    def __init__(self, cfg: Any, on_reconnect: Callable[[str, int], object] | None = None) -> None:
         self.cfg = cfg
         self.client_key = load_client_key(cfg.key_file)
         self.known_hosts = KnownHosts(
@@ -563,13 +435,13 @@ class Pool:
         )
         self.on_reconnect = on_reconnect
         self.reconnects = 0
-        self._conns = {}
+        self._conns: dict[tuple[str, int], Connection] = {}
         self._lock = threading.Lock()
         self._connects = threading.BoundedSemaphore(cfg.max_connects)
 
     # --- public API -----------------------------------------------------------------
 
-    def probe(self, ip, port, host=None):
+    def probe(self, ip: str, port: int, host: str | None = None) -> float:
         """Seconds it took to log in (if needed) and run `true`; bounded by the connect timeout."""
         start = time.monotonic()
         deadline = start + self.cfg.connect_timeout_s
@@ -585,15 +457,17 @@ class Pool:
                 _close_channel(chan)
                 release()
             if code is None:
-                raise Unreachable("connect-timeout", f"{conn.where}: `true` did not finish in time")
+                raise Unreachable(R.CONNECT_TIMEOUT, f"{conn.where}: `true` did not finish in time")
             if code != 0:
-                raise Unreachable("ssh-error", f"{conn.where}: logged in, but `true` exited {code}")
+                raise Unreachable(R.SSH_ERROR, f"{conn.where}: logged in, but `true` exited {code}")
             return time.monotonic() - start
         except Exception as e:
             conn.close()
             raise classify(e, conn.where) from e
 
-    def run(self, ip, port, argv, *, stdin=b"", timeout):
+    def run(
+        self, ip: str, port: int, argv: list[str], *, stdin: bytes = b"", timeout: float
+    ) -> Result:
         """Run argv to completion -> Result; raises CommandTimeout after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         conn = self.connection(ip, port)
@@ -606,7 +480,7 @@ class Pool:
         writer = None
         try:
             chan.settimeout(timeout)
-            out, err, errors = bytearray(), bytearray(), []
+            out, err, errors = bytearray(), bytearray(), list[BaseException]()
             readers = [
                 _thread(_drain, chan.recv, out, errors),
                 _thread(_drain, chan.recv_stderr, err, errors),
@@ -624,7 +498,7 @@ class Pool:
             if code is None:
                 if conn.is_connected:
                     raise CommandTimeout(f"{conn.where}: no exit status within {timeout:g} s")
-                raise Unreachable("connection-lost", f"{conn.where}: connection lost while running")
+                raise Unreachable(R.CONNECTION_LOST, f"{conn.where}: connection lost while running")
             return Result(code, bytes(out), bytes(err))
         except CommandTimeout:
             raise
@@ -638,7 +512,9 @@ class Pool:
             _close_channel(chan)
             release()
 
-    def stream(self, ip, port, argv, *, stdin=b"", idle_timeout):
+    def stream(
+        self, ip: str, port: int, argv: list[str], *, stdin: bytes = b"", idle_timeout: float
+    ) -> Stream:
         """Start argv and return a Stream of its combined output."""
         conn = self.connection(ip, port)
         chan, release = self._exec(
@@ -653,25 +529,20 @@ class Pool:
             conn, chan, release, idle_timeout, _Writer(chan, stdin), lambda: self.probe(ip, port)
         )
 
-    def drop(self, ip, port):
+    def drop(self, ip: str, port: int) -> None:
         """Forget and close the connection to (ip, port)."""
         with self._lock:
             conn = self._conns.pop((ip, port), None)
         if conn is not None:
             conn.close()
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
         for c in conns:
             c.close()
 
-    def __contains__(self, key):
-        """`(ip, port) in pool`: the pool holds a connection object for that host."""
-        with self._lock:
-            return tuple(key) in self._conns
-
-    def connection(self, ip, port, host=None):
+    def connection(self, ip: str, port: int, host: str | None = None) -> Connection:
         """The pool's Connection for (ip, port) (not necessarily connected)."""
         with self._lock:
             conn = self._conns.get((ip, port))
@@ -683,7 +554,7 @@ class Pool:
 
     # --- internals ------------------------------------------------------------------
 
-    def _reconnected(self, conn):
+    def _reconnected(self, conn: Connection) -> None:
         with self._lock:
             self.reconnects += 1
         if self.on_reconnect is not None:
@@ -692,7 +563,16 @@ class Pool:
             except Exception:
                 log.exception("on_reconnect callback failed")
 
-    def _exec(self, conn, argv, deadline, *, stdin, probe=False, combine_stderr=False):
+    def _exec(
+        self,
+        conn: Connection,
+        argv: list[str],
+        deadline: float,
+        *,
+        stdin: bool,
+        probe: bool = False,
+        combine_stderr: bool = False,
+    ) -> tuple[paramiko.Channel, Callable[[], None]]:
         """Open a session channel on `conn` and exec argv -> (channel, release); all by `deadline`.
 
         Without stdin the command reads /dev/null instead of waiting for our EOF:
@@ -704,7 +584,7 @@ class Pool:
         slots = conn.probe_channel if probe else conn.channels
         if not slots.acquire(timeout=_remaining(deadline)):
             raise Unreachable(
-                "ssh-error", f"{conn.where}: all {self.cfg.max_channels} channels busy"
+                R.SSH_ERROR, f"{conn.where}: all {self.cfg.max_channels} channels busy"
             )
         chan = None
         try:
@@ -716,7 +596,7 @@ class Pool:
                 except Exception:
                     if dog.fired:
                         raise Unreachable(
-                            "connect-timeout", f"{conn.where}: no answer to exec in time"
+                            R.CONNECT_TIMEOUT, f"{conn.where}: no answer to exec in time"
                         ) from None
                     raise
             return chan, slots.release
@@ -725,12 +605,12 @@ class Pool:
                 _close_channel(chan)
             slots.release()
             e = classify(e, conn.where)
-            if e.reason in ("connect-timeout", "connection-lost") or not conn.is_connected:
+            if e.reason in (R.CONNECT_TIMEOUT, R.CONNECTION_LOST) or not conn.is_connected:
                 conn.close()  # a silent or dead connection: reconnect next time
             raise e
 
 
-def _open_session(transport, deadline):
+def _open_session(transport: paramiko.Transport, deadline: float) -> paramiko.Channel:
     """A session channel; sshd refuses opens over MaxSessions until our last close has
     reached it (we free a slot when we send CLOSE), so a refusal is retried until `deadline`.
     (With opens in parallel paramiko may report a refusal as a bare "Unable to open channel.")"""
@@ -738,7 +618,7 @@ def _open_session(transport, deadline):
     while True:
         try:
             chan = transport.open_session(timeout=max(0.01, _remaining(deadline)))
-            chan.in_buffer = _ChunkPipe()  # before exec: no data can have arrived yet
+            chan.in_buffer = _ChunkPipe()  # type: ignore[assignment]  # no data can be there yet
             return chan
         except paramiko.SSHException:
             if not transport.is_active() or _remaining(deadline) < pause:
@@ -758,15 +638,15 @@ class _ChunkPipe:
     ``PipeTimeout``, returns b"" once closed and empty).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
-        self._chunks = collections.deque()
+        self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
-        self._event = None
+        self._event: threading.Event | None = None
         self._closed = False
 
-    def set_event(self, event):
+    def set_event(self, event: threading.Event) -> None:
         with self._lock:
             self._event = event
             if self._closed or self._size:
@@ -774,7 +654,7 @@ class _ChunkPipe:
             else:
                 event.clear()
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> None:
         with self._lock:
             if data:
                 self._chunks.append(bytes(data))
@@ -783,11 +663,11 @@ class _ChunkPipe:
                 self._event.set()
             self._cv.notify_all()
 
-    def read_ready(self):
+    def read_ready(self) -> bool:
         with self._lock:
             return self._size > 0
 
-    def read(self, nbytes, timeout=None):
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while not self._size and not self._closed:
@@ -797,7 +677,7 @@ class _ChunkPipe:
                 self._cv.wait(left)
             return self._take(nbytes)
 
-    def _take(self, nbytes):
+    def _take(self, nbytes: int) -> bytes:
         parts, n = [], 0
         while self._chunks and n < nbytes:
             chunk = self._chunks.popleft()
@@ -811,29 +691,29 @@ class _ChunkPipe:
             self._event.clear()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def empty(self):
+    def empty(self) -> bytes:
         with self._lock:
             return self._take(self._size)
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             self._closed = True
             self._cv.notify_all()
             if self._event is not None:
                 self._event.set()
 
-    def __len__(self):
+    def __len__(self) -> int:
         with self._lock:
             return self._size
 
 
-def _thread(target, *args):
+def _thread(target: Callable[..., object], *args: object) -> threading.Thread:
     t = threading.Thread(target=target, args=args, daemon=True)
     t.start()
     return t
 
 
-def _drain(recv, buf, errors):
+def _drain(recv: Callable[[int], bytes], buf: bytearray, errors: list[BaseException]) -> None:
     try:
         while data := recv(RECV_SIZE):
             buf += data
@@ -856,14 +736,14 @@ class _Writer:
 
     POLL_S = 0.002  # wait for window while the remote is not reading
 
-    def __init__(self, chan, data):
+    def __init__(self, chan: paramiko.Channel, data: bytes) -> None:
         self.chan = chan
         self._lock = threading.Lock()
         self._stopped = False
         if data:
             _thread(self._feed, memoryview(data))
 
-    def _feed(self, view):
+    def _feed(self, view: memoryview) -> None:
         chan = self.chan
         try:
             while True:
@@ -880,6 +760,6 @@ class _Writer:
         except Exception as e:  # the command stopped reading or the link died: readers see it
             log.debug("stdin write stopped: %s", e)
 
-    def stop(self):
+    def stop(self) -> None:
         with self._lock:
             self._stopped = True

@@ -32,11 +32,18 @@ import secrets
 import sqlite3
 import threading
 import time
+from typing import Any, BinaryIO
+
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState
 
 KEEP_RECENT_S = 600.0  # prune() never removes a job that finished less than this ago
 
-STATES = ("pending", "running", "succeeded", "failed", "cancelled", "lost")
-FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
+STATES = tuple(JobState)
+Record = dict[str, Any]  # one job: the columns of COLUMNS, JSON columns decoded
+Records = list[Record]
+Ids = list[str]
+LOG_CHUNK_MAX = 1 << 20  # the most bytes of a log read at once (and per /logs answer)
+__all__ = ["COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "Store"]
 
 COLUMNS = (
     "id",
@@ -91,7 +98,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 
 class Store:
-    def __init__(self, state_dir):
+    def __init__(self, state_dir: str) -> None:
         self.dir = state_dir
         self.logs = os.path.join(state_dir, "logs")
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
@@ -112,15 +119,15 @@ class Store:
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             self._db.close()
 
     # --- records
 
-    def create(self, **fields):
+    def create(self, **fields: Any) -> Record:
         """Insert a new job (state pending unless given); returns the record."""
-        fields = {"state": "pending", "created": time.time(), **fields}
+        fields = {"state": JobState.PENDING, "created": time.time(), **fields}
         self._check(fields)
         with self._lock:
             if "id" not in fields:
@@ -133,10 +140,10 @@ class Store:
                 f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                 [self._encode(k, fields[k]) for k in names],
             )
-        return self.get(fields["id"])
+        return self.record(fields["id"])
 
-    def update(self, job_id, **fields):
-        """Change some columns of one job; returns the record (None if unknown)."""
+    def update(self, job_id: str, **fields: Any) -> Record:
+        """Change some columns of one job; returns the record (KeyError if unknown)."""
         self._check(fields)
         if fields:
             with self._lock:
@@ -144,40 +151,45 @@ class Store:
                     f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                     [self._encode(k, v) for k, v in fields.items()] + [job_id],
                 )
-        return self.get(job_id)
+        return self.record(job_id)
 
-    def get(self, job_id):
+    def get(self, job_id: str) -> Record | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._decode(row) if row else None
 
-    def list(self, limit=50, offset=0, before=None):
-        """Newest first; ``before`` (an id) pages from just below that job."""
-        sql, args = "SELECT * FROM jobs", []
-        if before is not None:
-            sql += " WHERE seq < (SELECT seq FROM jobs WHERE id = ?)"
-            args.append(before)
-        sql += " ORDER BY seq DESC LIMIT ? OFFSET ?"
+    def record(self, job_id: str) -> Record:
+        """The record of a job that exists (KeyError if it does not)."""
+        rec = self.get(job_id)
+        if rec is None:
+            raise KeyError(f"no job {job_id!r}")
+        return rec
+
+    def list(self, limit: int = 50, offset: int = 0) -> Records:
+        """Newest first."""
         with self._lock:
-            rows = self._db.execute(sql, [*args, int(limit), int(offset)]).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (int(limit), int(offset))
+            ).fetchall()
         return [self._decode(r) for r in rows]
 
-    def count_by_state(self):
+    def count_by_state(self) -> dict[str, int]:
         """{state: number of jobs} over the whole history."""
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {state: n for state, n in rows}
 
-    def running(self):
+    def running(self) -> Records:
         """Jobs not yet final (pending or running), oldest first: what a restart re-attaches."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs WHERE state IN ('pending', 'running') ORDER BY seq"
+                "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY seq",
+                (JobState.PENDING, JobState.RUNNING),
             ).fetchall()
         return [self._decode(r) for r in rows]
 
     @staticmethod
-    def _check(fields):
+    def _check(fields: dict[str, Any]) -> None:
         unknown = set(fields) - set(COLUMNS) | ({"seq"} & set(fields))
         if unknown:
             raise ValueError(f"not a settable job column: {', '.join(sorted(unknown))}")
@@ -185,31 +197,31 @@ class Store:
             raise ValueError(f"bad state {fields['state']!r}")
 
     @staticmethod
-    def _encode(key, value):
+    def _encode(key: str, value: Any) -> Any:
         return json.dumps(value) if key in JSON_COLUMNS else value
 
     @staticmethod
-    def _decode(row):
+    def _decode(row: sqlite3.Row) -> Record:
         rec = {k: row[k] for k in COLUMNS}
         for k in JSON_COLUMNS:
             rec[k] = json.loads(rec[k])
         return rec
 
-    def prune(self, keep_days: float, max_bytes: int, now: float | None = None) -> "list[str]":
+    def prune(self, keep_days: float, max_bytes: int, now: float | None = None) -> Ids:
         """Remove finished jobs, oldest end first: those that finished more than
         ``keep_days`` ago, then more until all logs together take at most ``max_bytes``
         (0 turns either rule off).  Returns the ids removed."""
         now = time.time() if now is None else now
         cutoff = now - keep_days * 86400 if keep_days else None
-        final = ", ".join(f"'{s}'" for s in FINAL_STATES)
+        marks = ", ".join("?" * len(FINAL_STATES))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT id, finished FROM jobs WHERE state IN ({final}) AND finished < ? "
+                f"SELECT id, finished FROM jobs WHERE state IN ({marks}) AND finished < ? "
                 "ORDER BY finished, seq",
-                (now - KEEP_RECENT_S,),
+                (*FINAL_STATES, now - KEEP_RECENT_S),
             ).fetchall()
         total = self._logs_bytes() if max_bytes else 0
-        doomed = []
+        doomed: Ids = []
         for job_id, finished in rows:
             too_old = cutoff is not None and finished < cutoff
             if not (too_old or (max_bytes and total > max_bytes)):
@@ -240,22 +252,16 @@ class Store:
 
     # --- logs
 
-    def log_path(self, job_id):
+    def log_path(self, job_id: str) -> str:
         if not job_id.isalnum():  # ids are hex; never let one name another path
             raise ValueError(f"bad job id {job_id!r}")
         return os.path.join(self.logs, f"{job_id}.log")
 
-    def log_writer(self, job_id):
+    def log_writer(self, job_id: str) -> BinaryIO:
         """The job's log opened for appending, unbuffered (readers see every write)."""
         return open(self.log_path(job_id), "ab", buffering=0)
 
-    def append_log(self, job_id, data):
-        """Append bytes to the job's log; returns the new size."""
-        with self.log_writer(job_id) as f:
-            f.write(data)
-            return f.tell()
-
-    def sync_log(self, job_id):
+    def sync_log(self, job_id: str) -> None:
         """fsync the log (called once when the job reaches a final state)."""
         try:
             fd = os.open(self.log_path(job_id), os.O_RDONLY)
@@ -266,13 +272,13 @@ class Store:
         finally:
             os.close(fd)
 
-    def log_size(self, job_id):
+    def log_size(self, job_id: str) -> int:
         try:
             return os.path.getsize(self.log_path(job_id))
         except FileNotFoundError:
             return 0
 
-    def read_log(self, job_id, offset, limit):
+    def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int]:
         """Up to ``limit`` bytes from ``offset`` -> (data, next_offset)."""
         try:
             with open(self.log_path(job_id), "rb") as f:

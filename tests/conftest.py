@@ -126,7 +126,7 @@ class LiveDaemon:
     def wait_job(self, job_id, timeout=120):
         deadline = time.monotonic() + timeout
         while True:
-            status, job = self.json("GET", f"/api/mpi_jobs/{job_id}")
+            _status, job = self.json("GET", f"/api/mpi_jobs/{job_id}")
             if job.get("state") not in ("pending", "running"):
                 return job
             if time.monotonic() > deadline:

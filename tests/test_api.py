@@ -29,7 +29,7 @@ def test_nodes_exactly_as_the_seed(daemon, cluster):
         assert status == 200 and headers["content-type"].startswith("application/json")
         nodes = json.loads(raw)
         assert [n["name"] for n in nodes] == worker_names(cluster)  # dashboard host excluded
-        for n, h in zip(nodes, cluster.workers):
+        for n, h in zip(nodes, cluster.workers, strict=False):
             assert list(n)[:4] == SEED_KEYS
             assert all(isinstance(n[k], str) for k in SEED_KEYS)
             assert n["labels"] == str(dict(sorted(h.labels.items())))
@@ -41,7 +41,7 @@ def test_nodes_exactly_as_the_seed(daemon, cluster):
 def test_natural_name_order(daemon, cluster):
     late = cluster.add_host(name=f"{cluster.release}-mlbench-worker-10")
     names = [n["name"] for n in daemon.wait_nodes(lambda ns: late.name in by_name(ns))]
-    assert names == worker_names(cluster)[:3] + [late.name]  # worker-2 before worker-10
+    assert names == [*worker_names(cluster)[:3], late.name]  # worker-2 before worker-10
 
 
 @pytest.mark.parametrize(
@@ -178,6 +178,7 @@ def test_dns_down_keeps_the_last_list_and_says_stale(daemon, cluster):
     health = daemon.json("GET", "/healthz")[1]
     assert health["discovery_stale"] is True and headers["x-discovery-stale"]
     assert "discovery_stale_reason" not in health  # open to all: counts only
+    assert health["discovery_age_s"] >= 0  # the last good list is kept, and ages
     cluster.start_dns()
     deadline = time.monotonic() + 15
     while "x-discovery-stale" in daemon.request("GET", "/api/nodes/")[1]:
@@ -369,7 +370,7 @@ def test_queue_full_is_429_and_cancel_stops_everything(start_daemon, cluster):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     for job in (second, first):
-        status, got = d.json("DELETE", f"/api/mpi_jobs/{job['id']}")
+        status, _got = d.json("DELETE", f"/api/mpi_jobs/{job['id']}")
         assert status == 200
         assert d.wait_job(job["id"], timeout=60)["state"] == "cancelled"
     left = [cmd for _, cmd in cluster.user_processes() if re.search(r"mpirun|orted|mpiprog", cmd)]
@@ -461,6 +462,7 @@ def test_a_waiting_sync_request_holds_its_place(start_daemon, cluster):
             zip(
                 ("status", "job"),
                 d.json("POST", "/api/mpi_jobs/", {"program": [str(cluster.mpi_program)]}),
+                strict=False,
             )
         )
     )

@@ -30,6 +30,7 @@ NODES = [
     {
         "name": "w-2",
         "labels": "{'app': 'mlbench', 'slots': '2'}",
+        "label_map": {"app": "mlbench", "slots": "2"},
         "phase": "Unknown",
         "ip": "10.0.0.3",
         "reason": "connect-timeout",
@@ -37,6 +38,7 @@ NODES = [
     {
         "name": "w-10",
         "labels": "{'app': 'mlbench'}",
+        "label_map": {"app": "mlbench"},
         "phase": "Running",
         "ip": "10.0.0.11",
         "reason": None,
@@ -270,10 +272,11 @@ def test_nodes_phase_coloured_on_a_tty(standin):
     assert "\033[32mRunning\033[0m" in text and "\033[31mUnknown\033[0m" in text
     # columns still line up: the IP column starts at the same place on every line
     lines = [
-        l.replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "")
-        for l in text.splitlines()
+        line.replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "")
+        for line in text.splitlines()
     ]
-    assert len({l.index(ip) for l, ip in zip(lines[1:], ("10.0.0.3", "10.0.0.11"))}) == 1
+    ips = ("10.0.0.3", "10.0.0.11")
+    assert len({line.index(ip) for line, ip in zip(lines[1:], ips, strict=True)}) == 1
 
 
 @pytest.mark.parametrize("standin", [TOKEN], indirect=True)

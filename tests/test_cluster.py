@@ -225,12 +225,12 @@ def test_32_hosts_run_one_mpi_job(make_cluster):
 def test_teardown_and_leftover_cleanup(tmp_path):
     """A run killed before its teardown is cleaned by the next run's start."""
     script = (
-        "import sys, time; sys.path.insert(0, %r)\n"
+        f"import sys, time; sys.path.insert(0, {os.getcwd()!r})\n"
         "from tests.cluster import Cluster\n"
         "c = Cluster(workers=2, extra=0).build()\n"
         "print(c.id, flush=True)\n"
         "time.sleep(600)\n"
-    ) % os.getcwd()
+    )
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         run_id = p.stdout.readline().strip()

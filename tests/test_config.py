@@ -140,7 +140,8 @@ def test_non_path_keys_are_not_expanded(tmp_path):
         ("[discovery]\nrefresh_s = 0", "discovery.refresh_s: must be a number > 0, got 0"),
         (
             '[discovery]\nnameservers = ["dns.example"]',
-            'discovery.nameservers: must be a list of "IP" or "IP:port" strings; bad entry \'dns.example\'',
+            'discovery.nameservers: must be a list of "IP" or "IP:port" strings; '
+            "bad entry 'dns.example'",
         ),
         ('[discovery]\nnameservers = ["1.2.3.4:0"]', "discovery.nameservers: "),
         ('[discovery]\nnameservers = "1.2.3.4"', "discovery.nameservers: "),

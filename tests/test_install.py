@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.cluster import free_port, to_toml
+from tests.cluster.cluster import to_toml
 from tests.container import Container, rootfs
+from tests.helpers import HANG, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "mlbench-daemon"
@@ -117,17 +118,6 @@ def daemon_lines(box):
     return [e for e in journal(box) if e.get("SYSLOG_IDENTIFIER") == NAME]
 
 
-def wait_for(what, predicate, timeout, every=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
-
-
 def api(box, method, path, body=None, timeout=120):
     """-> (status, parsed JSON or text) from the installed daemon (shared loopback)."""
     conn = http.client.HTTPConnection("127.0.0.1", box.port, timeout=timeout)
@@ -155,15 +145,13 @@ def start_job(box, cluster, sleep_s):
         {"program": [str(cluster.mpi_program), "--sleep", str(sleep_s)], "wait": False},
     )
     assert status in (200, 201, 202), job
-    wait_for("the job to run", lambda: job_state(box, job["id"]) == "running", 60)
+    wait_for(lambda: job_state(box, job["id"]) == "running", HANG, "the job to run")
     return job["id"]
 
 
 def finish(box, job_id, timeout=120):
     """Wait for the job's end; -> (record, full log)."""
-    wait_for(
-        "the job to end", lambda: job_state(box, job_id) not in ("pending", "running"), timeout
-    )
+    wait_for(lambda: job_state(box, job_id) not in ("pending", "running"), timeout, "the job's end")
     _, rec = api(box, "GET", f"/api/mpi_jobs/{job_id}")
     _, log = api(box, "GET", f"/api/mpi_jobs/{job_id}/logs?offset=0&limit=1048576")
     return rec, log
@@ -312,10 +300,10 @@ def test_the_watchdog_restarts_a_stopped_daemon(box, cluster):
     box.run(["systemctl", "kill", "--kill-whom=main", "--signal=SIGSTOP", NAME])
     bound = WATCHDOG_S + RESTART_S + 30
     wait_for(
-        "the watchdog restart",
         lambda: show(box, "MainPID") not in (pid, "0") and show(box, "ActiveState") == "active",
         bound,
-        every=1,
+        "the watchdog restart",
+        interval=1,
     )
     print(f"watchdog restart after SIGSTOP: {time.monotonic() - t0:.1f}s", file=sys.stderr)
     assert any("Watchdog timeout" in e["MESSAGE"] for e in journal(box))
@@ -326,13 +314,14 @@ def test_the_watchdog_restarts_a_stopped_daemon(box, cluster):
 def test_the_journal_has_the_daemon_lines_with_their_priorities(box, cluster):
     cluster.stop_dns()  # the daemon warns that discovery failed and keeps the last list
     try:
-        warning = wait_for(
-            "a discovery warning",
-            lambda: [e for e in daemon_lines(box) if "discovery failed" in e["MESSAGE"]],
+        wait_for(
+            lambda: any("discovery failed" in e["MESSAGE"] for e in daemon_lines(box)),
             30,
+            "a discovery warning",
         )
     finally:
         cluster.start_dns()
+    warning = [e for e in daemon_lines(box) if "discovery failed" in e["MESSAGE"]]
     assert warning[0]["PRIORITY"] == "4", warning[0]
     assert warning[0]["MESSAGE"].startswith("mlbench_daemon.nodes: discovery failed")
     serving = [e for e in daemon_lines(box) if "serving on" in e["MESSAGE"]]

@@ -18,19 +18,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlbench_daemon import config
-from mlbench_daemon import jobs as jobs_module
 from mlbench_daemon.discovery import Discovery
 from mlbench_daemon.errors import BadRequest, Conflict, QueueFull, Unavailable
-from mlbench_daemon.jobs import Jobs, validate
+from mlbench_daemon.jobs import Jobs, Request, json_with_response, remote, run, to_json, validate
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool, Unreachable
 from mlbench_daemon.store import Store
-from tests.cluster import free_port, stop_process
+from tests.cluster import stop_process
+from tests.helpers import HANG, append_log, free_port, http, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ["/bin/prog"]
 SEED_KEYS = ["nodes", "command", "master_name", "response"]
-HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
 
 
 # --- the follow script, run locally (real sh, tail, flock) ---------------------------------
@@ -71,7 +70,7 @@ exec {shutil.which("tail")} "$@"
         time.sleep(0.01)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
     follow = subprocess.run(
-        ["sh", "-c", jobs_module.FOLLOW, "sh", str(job), "1"],
+        ["sh", "-c", remote.FOLLOW, "sh", str(job), "1"],
         env=env,
         capture_output=True,
         timeout=HANG,
@@ -98,7 +97,6 @@ def test_streamed_sync_answer_is_the_json_of_the_whole_answer(log, chunk, master
     wherever the chunks split them, the streamed document is json.dumps of the
     job dict with the whole log decoded as "response"."""
     import tempfile
-    import types
 
     with tempfile.TemporaryDirectory() as d:
         store = Store(d)
@@ -106,19 +104,15 @@ def test_streamed_sync_answer_is_the_json_of_the_whole_answer(log, chunk, master
             rec = store.create(command=["mpirun", "x"], env_names=["K"])
             if master is not None:
                 rec = store.update(rec["id"], master_name=master)
-            store.append_log(rec["id"], log)
-            job = Jobs.to_json(rec)
+            append_log(store, rec["id"], log)
+            job = to_json(rec)
             expect = {}
             for k, v in job.items():
                 expect[k] = v
                 if k == "master_name":
                     expect["response"] = log.decode("utf-8", errors="replace")
-            saved, jobs_module.LOG_CHUNK_MAX = jobs_module.LOG_CHUNK_MAX, chunk
-            try:
-                pieces = Jobs._json_with_response(types.SimpleNamespace(store=store), job, len(log))
-                assert b"".join(pieces) == json.dumps(expect).encode()
-            finally:
-                jobs_module.LOG_CHUNK_MAX = saved
+            pieces = json_with_response(store, job, len(log), chunk)
+            assert b"".join(pieces) == json.dumps(expect).encode()
         finally:
             store.close()
 
@@ -176,16 +170,16 @@ def test_defaults_and_accepted_values():
     assert (
         validate(None, PROGRAM)
         == validate({}, PROGRAM)
-        == {
-            "program": PROGRAM,
-            "env": {},
-            "np": None,
-            "selector": None,
-            "nodes": None,
-            "master": None,
-            "timeout_s": None,
-            "wait": True,
-        }
+        == Request(
+            program=tuple(PROGRAM),
+            env={},
+            np=None,
+            selector=None,
+            nodes=None,
+            master=None,
+            timeout_s=None,
+            wait=True,
+        )
     )
     req = validate(
         {
@@ -199,8 +193,8 @@ def test_defaults_and_accepted_values():
         },
         PROGRAM,
     )
-    assert req["program"] == ["p", "", ";", "ü"] and req["env"] == {"_A1": "$(x)\n"}
-    assert req["timeout_s"] == 1.0 and req["wait"] is False
+    assert req.program == ("p", "", ";", "ü") and req.env == {"_A1": "$(x)\n"}
+    assert req.timeout_s == 1.0 and req.wait is False
 
 
 json_values = st.recursive(
@@ -289,13 +283,6 @@ def job_processes(cluster):
     return [(pid, cmd) for pid, cmd in cluster.user_processes() if not cmd.startswith("sshd")]
 
 
-def wait_for(predicate, timeout=HANG, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def wait_ranks(env, job_id, n=3):
     """Wait until every rank has printed; fail at once (with the log) if the job ends first."""
 
@@ -360,7 +347,7 @@ def test_empty_body_runs_the_default_program_on_all_running_nodes(env, cluster):
 def test_a_silent_job_keeps_one_follower(env, cluster, monkeypatch, mocker):
     """Silent longer than the follower's idle timeout: the master is probed and the
     stream kept (one stream, one remote tail at any time), and nothing is left after."""
-    monkeypatch.setattr(jobs_module, "FOLLOW_IDLE_S", 0.3)
+    monkeypatch.setattr(run, "FOLLOW_IDLE_S", 0.3)
     streams = mocker.spy(env.pool, "stream")  # counts calls; the real stream runs
     job = env.jobs.submit({"program": env.prog("--sleep", "4"), "wait": False})
     tails = []
@@ -474,7 +461,7 @@ def test_async_job_log_paging_and_follow(env):
     assert paged == followed == env.jobs.wait(job["id"])["response"].encode()
     assert payload(followed) == written_bytes(250000)
     assert b"".join(env.jobs.follow_log(job["id"], 100)) == followed[100:]
-    assert [j["id"] for j in env.jobs.list(limit=5)][0] == job["id"]
+    assert next(j["id"] for j in env.jobs.list(limit=5)) == job["id"]
 
 
 def test_cancel_mid_run_leaves_no_process_on_any_host(env, cluster):
@@ -592,7 +579,8 @@ def test_master_unreachable_for_lost_after_s_makes_the_job_lost(cluster, tmp_pat
         assert (done["state"], done["reason"]) == ("lost", "master-unreachable"), done
         assert "unreachable for 2 s" in done["error"] and "may still be running" in done["error"]
         wait_for(
-            lambda: [s.phase for s in e.registry.nodes()][0] != "Running", what="master not Running"
+            lambda: next(s.phase for s in e.registry.nodes()) != "Running",
+            what="master not Running",
         )
         second = e.run({"program": e.prog()})  # max_concurrent_jobs = 1: the slot was freed
         assert second["state"] == "succeeded" and second["master_name"] == w[1].name
@@ -611,15 +599,6 @@ def serve(config_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-
-
-def http(url, method="GET", body=None, timeout=30):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.status, r.read()
 
 
 def wait_http(url):

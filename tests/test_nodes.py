@@ -9,6 +9,7 @@ from mlbench_daemon import config
 from mlbench_daemon.discovery import REASONS, Discovery, natural_key
 from mlbench_daemon.nodes import NodeStatus, Registry
 from mlbench_daemon.ssh import Pool
+from tests.helpers import wait_for
 
 CONNECT_TIMEOUT = 2.0
 
@@ -41,16 +42,6 @@ def running_registry(cluster, tmp_path, start=True, **sections):
     finally:
         reg.stop()
         pool.close()
-
-
-def wait_for(cond, timeout=20.0):
-    """Poll cond() until true; a generous bound that only catches hangs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def by_name(reg):
@@ -196,10 +187,11 @@ def test_membership_changes_show_up(cluster, tmp_path):
         assert wait_for(lambda: new.name in by_name(reg))
         assert wait_for(lambda: by_name(reg)[new.name].phase == "Running")
         gone = cluster.workers[0]
-        assert (gone.ip, 22) in reg.pool
+        assert reg.pool.connection(gone.ip, 22).is_connected
         cluster.unpublish(gone)
         assert wait_for(lambda: gone.name not in by_name(reg))
-        assert (gone.ip, 22) not in reg.pool  # its connection was dropped
+        # its connection was dropped: the pool holds a new, unconnected one if asked
+        assert not reg.pool.connection(gone.ip, 22).is_connected
 
 
 def test_new_members_start_pending(cluster, tmp_path):

@@ -36,7 +36,8 @@ def pool(cluster, tmp_path):
 
 
 def bounded(fn, limit):
-    """Call fn, which must raise SSHError within `limit` seconds (a hang check, not a timing test)."""
+    """Call fn, which must raise SSHError within `limit` seconds (a hang check, not a
+    timing test)."""
     start = time.monotonic()
     with pytest.raises(ssh.SSHError) as info:
         fn()
@@ -178,7 +179,8 @@ def test_unknown_host_key_rejected(cluster, tmp_path):
 def test_accept_new_pins_then_refuses_change(cluster, tmp_path):
     kh = tmp_path / "known_hosts"
     kh.write_text(
-        "@cert-authority *.example ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZ\n"
+        "@cert-authority *.example ssh-ed25519 "
+        "AAAAC3NzaC1lZDI1NTE5AAAAIK0ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZ\n"
     )
     pool = Pool(ssh_cfg(cluster, tmp_path, known_hosts=str(kh), host_key_policy="accept-new"))
     try:
@@ -242,7 +244,7 @@ def test_wrong_client_key_is_auth_failed(cluster, tmp_path):
 
 
 def test_unreadable_key_file_is_a_config_error(cluster, tmp_path):
-    with pytest.raises(config.ConfigError, match="ssh.key_file"):
+    with pytest.raises(config.ConfigError, match=r"ssh\.key_file"):
         Pool(ssh_cfg(cluster, tmp_path, key_file=str(tmp_path / "missing")))
 
 

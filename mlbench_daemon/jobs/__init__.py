@@ -1,0 +1,16 @@
+"""Jobs: validate a request, place it, launch mpirun detached on a master, follow,
+cancel, re-attach.  The modules, from the bottom up:
+
+- ``request``: the request's fields, checked into a frozen ``Request``;
+- ``remote``: the remote shell scripts and the parsing of their answers (the only
+  code that knows the job directory's files);
+- ``placement``: choosing nodes and master, the mpirun argv;
+- ``clock``: time, waits and timers (injectable);
+- ``run``: one ``JobRun`` per live job (launch, follow, re-attach, timeout, cancel);
+- ``manager``: ``Jobs``, the API api.py calls: slots, the FIFO queue, JSON shapes.
+"""
+
+from mlbench_daemon.jobs.manager import Jobs, json_with_response, to_json
+from mlbench_daemon.jobs.request import Request, validate
+
+__all__ = ["Jobs", "Request", "json_with_response", "to_json", "validate"]

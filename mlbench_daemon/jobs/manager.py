@@ -1,0 +1,300 @@
+"""The job API (what api.py calls): submit, read, wait, cancel; slots and the FIFO queue.
+
+    submit(body) -> job dict        (raises BadRequest/Conflict/Unavailable/QueueFull)
+    wait(id, timeout=None) -> job dict with "response" (the whole log) after master_name
+    wait_json(id, timeout=None) -> the same as JSON, an iterator of bytes (streamed)
+    get(id), list(limit, offset), cancel(id), read_log(id, offset, limit) -> (bytes, next)
+    follow_log(id, offset) -> iterator of bytes chunks until the job ends
+
+``submit`` never blocks on the job; a request with ``wait`` true (the default) is
+answered with ``wait_json(job["id"])``.  At most ``mpi.max_concurrent_jobs`` jobs
+run at once (each in its own thread, a ``JobRun``); up to ``mpi.queue_size`` more
+wait in submission order.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
+from mlbench_daemon.jobs.clock import Clock
+from mlbench_daemon.jobs.placement import Registry, choose, mpirun_argv, node_row
+from mlbench_daemon.jobs.remote import Pool, Remote
+from mlbench_daemon.jobs.request import validate
+from mlbench_daemon.jobs.run import Cancel, Context, JobRun
+from mlbench_daemon.store import LOG_CHUNK_MAX, Store
+from mlbench_daemon.timefmt import iso
+from mlbench_daemon.vocabulary import JobReason, JobState
+
+log = logging.getLogger(__name__)
+
+
+class Jobs:
+    def __init__(
+        self, cfg: Any, registry: Registry, pool: Pool, store: Store, clock: Clock | None = None
+    ) -> None:
+        self.cfg, self.registry, self.store = cfg, registry, store
+        self.mpi = cfg.mpi
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # log appends and state changes
+        self._live: dict[str, JobRun] = {}
+        self._queue: collections.deque[JobRun] = collections.deque()
+        self._active = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        ctx = Context(cfg, store, Remote(pool, 0.0), registry, clock or Clock(), self._stop,
+                      self._changed, self._live)  # fmt: skip
+        ctx.remote.timeout = ctx.ssh_timeout
+        self._ctx = ctx
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take up the jobs a previous run left pending or running.
+
+        Launched jobs are re-attached and count against max_concurrent_jobs at once.
+        Jobs still queued are queued again, in order, from their stored request,
+        unless they had env values, which are never stored: those become lost.
+        Followers and launches wait for the registry's first probe pass (bounded),
+        so a backlog of output is caught up on open connections, not against the
+        start-up handshakes, and queued jobs see which nodes are Running."""
+        for rec in self.store.running():
+            self._resume(rec)
+
+    def _resume(self, rec: dict) -> None:
+        if rec["state"] != JobState.PENDING or rec["master_name"]:
+            run = JobRun(self._ctx, rec["id"], reattached=True)
+            with self._lock:
+                self._live[run.id] = run
+                self._active += 1
+            self._spawn(run)
+            return
+        req = rec["request"]
+        if rec["env_names"] or not req:
+            error = "the daemon restarted before the job was launched"
+            if rec["env_names"]:
+                error += ", and env values are never stored: submit it again"
+            run = JobRun(self._ctx, rec["id"], reattached=True)
+            run.finish(JobState.LOST, reason=JobReason.DAEMON_RESTARTED, error=error)
+            return
+        run = JobRun(
+            self._ctx,
+            rec["id"],
+            program=req["program"],
+            np=req["np"],
+            master=req["master"],
+            names=req["nodes"],
+            reattached=True,
+        )
+        with self._lock:
+            self._admit(run)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop following (remote jobs keep running; a restart re-attaches)."""
+        self._stop.set()
+        with self._lock:
+            runs = list(self._live.values())
+        for run in runs:
+            run.detach()
+        deadline = time.monotonic() + timeout  # real time: these are real threads
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._changed:
+            self._changed.notify_all()
+
+    # --- requests ---------------------------------------------------------------------
+
+    def submit(self, body: Any) -> dict:
+        req = validate(body, self.mpi.program)
+        statuses, master = choose(self.registry, req)
+        nodes = [s.node for s in statuses]
+        env_names = sorted(req.env)
+        run = JobRun(
+            self._ctx, "", env=req.env, master=master, program=req.program, np=req.np,
+            candidates=nodes,
+        )  # fmt: skip
+        timeout_s = req.timeout_s or self.mpi.default_timeout_s or None
+        command = mpirun_argv(self.mpi.mpirun, self.mpi.args, nodes, req.np, env_names, req.program)
+        request = {
+            "program": list(req.program),
+            "np": req.np,
+            "master": master,
+            "nodes": [n.name for n in nodes],
+        }
+        with self._lock:
+            if (
+                self._active >= self.mpi.max_concurrent_jobs
+                and len(self._queue) >= self.mpi.queue_size
+            ):
+                raise QueueFull(
+                    f"{self._active} job(s) running and {len(self._queue)} queued; try later"
+                )
+            rec = self.store.create(
+                nodes=[node_row(n) for n in nodes],
+                np=req.np,
+                timeout_s=timeout_s,
+                env_names=env_names,
+                request=request,
+                command=command,
+            )
+            run.id = rec["id"]
+            self._admit(run)
+        log.info("job %s submitted: %d node(s), env %s", run.id, len(nodes), env_names)
+        return to_json(rec)
+
+    def counts(self) -> dict[str, int]:
+        """{state: number of jobs}, for metrics and the status line."""
+        return self.store.count_by_state()
+
+    def get(self, job_id: str) -> dict:
+        return to_json(self._record(job_id))
+
+    def list(self, limit: int = 50, offset: int = 0) -> list[dict]:
+        _check_counts(limit=limit, offset=offset)
+        return [to_json(r) for r in self.store.list(min(limit, 1000), offset)]
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict:
+        """Block until the job is final (or `timeout`); the job dict with "response"."""
+        return json.loads(b"".join(self.wait_json(job_id, timeout)))
+
+    def wait_json(self, job_id: str, timeout: float | None = None) -> Iterator[bytes]:
+        """wait() as JSON: blocks until the job is final (or `timeout`), then returns an
+        iterator of bytes pieces of the document.  The log is read, decoded and escaped
+        a chunk at a time, so a sync request for a job that wrote gigabytes never holds
+        its output in memory; the bytes are the same as json.dumps of wait()'s dict."""
+        self._record(job_id)
+        with self._lock:
+            run = self._live.get(job_id)
+        if run is not None:
+            run.done.wait(timeout)
+        job = to_json(self._record(job_id))
+        return json_with_response(self.store, job, self.store.log_size(job_id))
+
+    def read_log(self, job_id: str, offset: int = 0, limit: int = 65536) -> tuple[bytes, int]:
+        self._record(job_id)
+        _check_counts(offset=offset, limit=limit)
+        return self.store.read_log(job_id, offset, min(limit, LOG_CHUNK_MAX))
+
+    def follow_log(self, job_id: str, offset: int = 0) -> Iterator[bytes]:
+        """Yield output from `offset` as it arrives, until the job is final and all is read."""
+        self.read_log(job_id, offset, 0)  # validates
+        while True:
+            # the state before the read: a job final then has all its output in the log
+            final = JobState(self.store.record(job_id)["state"]).is_final
+            data, offset = self.store.read_log(job_id, offset, LOG_CHUNK_MAX)
+            if data:
+                yield data
+                continue
+            if final or self._stop.is_set():
+                return
+            with self._changed:
+                if self.store.log_size(job_id) <= offset:
+                    self._changed.wait(5.0)
+
+    def cancel(self, job_id: str) -> dict:
+        rec = self._record(job_id)
+        if JobState(rec["state"]).is_final:
+            raise Conflict(f"job {job_id} is already {rec['state']}")
+        with self._lock:
+            run = self._live.get(job_id)
+        if run is None:
+            raise Conflict(f"job {job_id} is not followed by this daemon")
+        if run.cancel(JobReason.CANCELLED, self._queue) is Cancel.NOT_DELIVERED:
+            raise Unavailable(f"job {job_id}: " + self.store.record(job_id)["error"])
+        run.done.wait(self.mpi.cancel_grace_s + 4 * self._ctx.ssh_timeout)
+        return self.get(job_id)
+
+    # --- slots and queue --------------------------------------------------------------
+
+    def _admit(self, run: JobRun) -> None:
+        """Run `run` now if a slot is free, else queue it (the caller holds self._lock)."""
+        self._live[run.id] = run
+        if self._active < self.mpi.max_concurrent_jobs:
+            self._active += 1
+            self._spawn(run)
+        else:
+            self._queue.append(run)
+
+    def _spawn(self, run: JobRun) -> None:
+        t = threading.Thread(target=self._run, args=(run,), name=f"job-{run.id}", daemon=True)
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _run(self, run: JobRun) -> None:
+        try:
+            run.run()
+        finally:
+            with self._lock:  # the slot goes to the next queued job, if any
+                if self._queue and not self._stop.is_set():
+                    self._spawn(self._queue.popleft())
+                else:
+                    self._active -= 1
+
+    def _record(self, job_id: Any) -> dict:
+        rec = self.store.get(job_id) if isinstance(job_id, str) and job_id.isalnum() else None
+        if rec is None:
+            raise NotFound(f"no job {job_id!r}")
+        return rec
+
+
+def _check_counts(**values: Any) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise BadRequest(f"{name} must be an integer >= 0", field=name)
+
+
+# --- JSON shapes ---------------------------------------------------------------------
+
+
+def to_json(rec: dict) -> dict:
+    """The API's job dict: the seed's keys first."""
+    return {
+        "nodes": rec["nodes"],
+        "command": str(rec["command"]),
+        "master_name": rec["master_name"],
+        "id": rec["id"],
+        "state": rec["state"],
+        "exit_code": rec["exit_code"],
+        "created": iso(rec["created"]),
+        "started": iso(rec["started"]),
+        "finished": iso(rec["finished"]),
+        "error": rec["error"],
+        "reason": rec["reason"],
+        "np": rec["np"],
+        "timeout_s": rec["timeout_s"],
+        "env": {name: "***" for name in rec["env_names"]},
+    }
+
+
+def json_with_response(
+    store: Store, job: dict, size: int, chunk: int = LOG_CHUNK_MAX
+) -> Iterator[bytes]:
+    """json.dumps of `job` with the log's first `size` bytes (decoded, bad UTF-8
+    replaced) as "response" right after "master_name", in pieces of at most `chunk`
+    log bytes each."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def text(s: str) -> bytes:  # the inside of a JSON string
+        return json.dumps(s)[1:-1].encode()
+
+    sep = b"{"
+    for k, v in job.items():
+        yield sep + json.dumps(k).encode() + b": " + json.dumps(v).encode()
+        sep = b", "
+        if k == "master_name":
+            yield b', "response": "'
+            offset = 0
+            while offset < size:
+                data, offset = store.read_log(job["id"], offset, min(chunk, size - offset))
+                if not data:
+                    break
+                yield text(decoder.decode(data))
+            yield text(decoder.decode(b"", final=True)) + b'"'
+    yield b"}"

@@ -1,0 +1,251 @@
+"""The job directory on the master, and the only code that knows its files.
+
+Every remote step is a constant shell script run over the pool as an argv list
+(``sh -c SCRIPT sh ARGS...``; the pool quotes it with ``shlex.join``), next to the
+code that reads its answer.  Request data reaches a script only as positional
+parameters or on stdin.
+
+Job dir ``<mpi.remote_dir>/<id>`` under the cluster user's home, created with
+umask 077; its files:
+
+- ``env``: ``NAME='value'`` lines (the request's env plus the job marker), read
+  and deleted by the wrapper before mpirun starts;
+- ``lock``: held by the wrapper (fd 9) for as long as it runs;
+- ``out``: mpirun's output (stdout and stderr);
+- ``pid``: the wrapper's pid = its process group and session;
+- ``rc``: mpirun's exit status, written when it ends.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import shlex
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Literal, Protocol
+
+from mlbench_daemon.ssh_errors import SSHError, Unreachable
+from mlbench_daemon.vocabulary import SSHReason
+
+MARKER = "OMPI_MCA_mlbench_job_id"  # OpenMPI hands OMPI_MCA_* to ranks and to every orted
+
+# Runs in the job dir; stdin is the env file; "$@" is the mpirun argv.  The wrapper
+# holds the job's lock (fd 9, taken by LAUNCH) until it exits; mpirun does not get it.
+WRAPPER = 'set -a; . ./env; set +a; command -p rm -f ./env; "$@" 9>&-; echo $? > rc'
+LAUNCH = """set -e
+umask 077
+w=$1
+mkdir -p "$2"
+cd "$2"
+cat > env
+shift 2
+exec 9> lock
+flock -x 9
+setsid sh -c "$w" sh "$@" </dev/null >out 2>&1 &
+echo $! > pid
+echo $!
+"""
+# $1 = job dir, $2 = first byte wanted (1-based).  Streams `out` from $2 until the job
+# is over, which is seen without polling for rc: `flock -s lock` returns the moment the
+# wrapper has exited (after writing rc, or killed), and tail, told to follow while that
+# flock runs, then prints what is left and exits.  (Not the wrapper's own pid: an
+# orphan stays a zombie until init reaps it, which some inits do only once a second.)
+# Only a tail that did not end that way (its channel closed: SIGPIPE) leaves a flock
+# to stop; after a normal end the flock is gone and its pid may be reaped already, so
+# it is not signalled.
+# A stream that ends short is resumed by the caller, which compares sizes with STATUS.
+# tail checks the file every 10 ms instead of waking on each inotify event: mpirun
+# writes a few KiB at a time, and woken per write, tail and sshd pass each piece on as
+# its own SSH packet (4 KiB median; the daemon then spends 12-13 s of CPU per GB on
+# packets).  Checked every 10 ms, the same output comes in 32 KiB packets, 4 s per GB.
+# (`---disable-inotify` is GNU tail's undocumented switch for this; a tail without it
+# follows with inotify.)
+FOLLOW = """exec 2>/dev/null
+cd "$1" || exit 1
+[ -e rc ] && exec tail -c "+$2" out
+flock -s lock true >/dev/null </dev/null &
+f=$!
+p=---disable-inotify
+tail $p --version >/dev/null || p=
+tail $p -c "+$2" -F -s 0.01 --pid=$f out &
+wait $! || kill $f
+exit 0
+"""
+# -> "done RC SIZE" | "running - SIZE" | "gone - SIZE" | "missing"
+STATUS = """cd "$1" 2>/dev/null || { echo missing; exit 0; }
+s=$(stat -c %s out 2>/dev/null || echo 0)
+if [ -s rc ]; then echo "done $(cat rc) $s"
+elif [ -n "$2" ] && kill -0 "-$2" 2>/dev/null; then echo "running - $s"
+else echo "gone - $s"; fi
+"""
+PIDFILE = 'cat "$1/pid" 2>/dev/null || true'
+# $1 = process group, $2 = grace in 0.1 s ticks -> "gone" | "terminated" | "killed"
+TERMINATE = """kill -TERM "-$1" 2>/dev/null || { echo gone; exit 0; }
+i=0
+while kill -0 "-$1" 2>/dev/null; do
+  if [ "$i" -ge "$2" ]; then kill -KILL "-$1" 2>/dev/null; echo killed; exit 0; fi
+  sleep 0.1; i=$((i+1))
+done
+echo terminated
+"""
+# The job id comes on stdin, so no sweeping process carries it.  Prints the pids of
+# the cluster user's processes marked with it; with $1 = kill, KILLs them first.
+SWEEP = """read -r id
+nl='
+'
+found=
+for d in /proc/[0-9]*; do
+  [ -O "$d" ] || continue
+  c=$(tr '\\0' '\\n' < "$d/environ" 2>/dev/null; tr '\\0' '\\n' < "$d/cmdline" 2>/dev/null)
+  case "$c" in
+    *"mlbench_job_id=$id$nl"*|*"mlbench_job_id$nl$id$nl"*) found="$found ${d#/proc/}";;
+  esac
+done
+if [ "$1" = kill ] && [ -n "$found" ]; then kill -KILL $found 2>/dev/null; fi
+echo $found
+"""
+
+
+class Result(Protocol):
+    @property
+    def exit_code(self) -> int: ...
+    @property
+    def stdout(self) -> bytes: ...
+    @property
+    def stderr(self) -> bytes: ...
+
+
+class Stream(Protocol):
+    def __iter__(self) -> Iterator[bytes]: ...
+    def close(self) -> None: ...
+
+
+class Pool(Protocol):
+    """What the job code needs of ``ssh.Pool`` (tests drive it with a local one)."""
+
+    def run(
+        self, ip: str, port: int, argv: list[str], *, stdin: bytes = b"", timeout: float
+    ) -> Result: ...
+
+    def stream(
+        self, ip: str, port: int, argv: list[str], *, stdin: bytes = b"", idle_timeout: float
+    ) -> Stream: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """The STATUS script's answer: ``done`` (with ``exit_code`` if rc was a number),
+    ``running``, ``gone`` (no process, no rc) or ``missing`` (no job dir);
+    ``size`` = bytes in ``out``."""
+
+    state: Literal["done", "running", "gone", "missing"]
+    exit_code: int | None = None
+    size: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Status:
+        words = text.split()
+        if words == ["missing"]:
+            return cls("missing")
+        if len(words) != 3 or words[0] not in ("done", "running", "gone"):
+            raise ValueError(f"unexpected status answer {text[:200]!r}")
+        rc = int(words[1]) if words[1].lstrip("-").isdigit() else None
+        return cls(words[0], rc if words[0] == "done" else None, int(words[2]))  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    ip: str
+    port: int
+
+
+class Remote:
+    """The remote steps of a job, each bounded by `timeout` (s) per SSH command."""
+
+    def __init__(self, pool: Pool, timeout: float) -> None:
+        self.pool, self.timeout = pool, timeout
+
+    def _run(self, host: Host, argv: list[str], stdin: bytes = b"", extra: float = 0.0) -> Result:
+        return self.pool.run(host.ip, host.port, argv, stdin=stdin, timeout=self.timeout + extra)
+
+    def has_program(self, host: Host, program: str) -> bool:
+        """Whether `program` is on the login PATH of `host` (the pre-flight)."""
+        return self._run(host, ["command", "-v", program]).exit_code == 0
+
+    def launch(
+        self, host: Host, job_dir: str, job_id: str, command: Sequence[str], env: Mapping[str, str]
+    ) -> tuple[int | None, str]:
+        """Start the job detached -> (pid, None) or (None, why it did not start)."""
+        lines = "".join(f"{k}={shlex.quote(v)}\n" for k, v in {**env, MARKER: job_id}.items())
+        r = self._run(host, ["sh", "-c", LAUNCH, "sh", WRAPPER, job_dir, *command], lines.encode())
+        if r.exit_code == 0 and r.stdout.split():
+            return int(r.stdout.split()[-1]), ""
+        return (
+            None,
+            f"launch exited {r.exit_code}: {r.stderr.decode(errors='replace').strip()[:500]}",
+        )
+
+    def pid(self, host: Host, job_dir: str) -> int | None:
+        """The pid a launch wrote, or None if it wrote none."""
+        r = self._run(host, ["sh", "-c", PIDFILE, "sh", job_dir])
+        return int(r.stdout) if r.stdout.strip().isdigit() else None
+
+    def follow(self, host: Host, job_dir: str, offset: int, idle_timeout: float) -> Stream:
+        """``out`` from byte `offset` (0-based) until the job is over."""
+        argv = ["sh", "-c", FOLLOW, "sh", job_dir, str(offset + 1)]
+        return self.pool.stream(host.ip, host.port, argv, idle_timeout=idle_timeout)
+
+    def status(self, host: Host, job_dir: str, pid: int | None) -> Status:
+        r = self._run(host, ["sh", "-c", STATUS, "sh", job_dir, str(pid or "")])
+        try:
+            if r.exit_code != 0:
+                raise ValueError(f"status check exited {r.exit_code}")
+            return Status.parse(r.stdout.decode(errors="replace"))
+        except ValueError as e:  # a broken answer: retried like a lost link
+            raise Unreachable(SSHReason.SSH_ERROR, str(e)) from None
+
+    def terminate(self, host: Host, pid: int, grace_s: float) -> str:
+        """TERM the process group, KILL after `grace_s` -> "gone" | "terminated" | "killed"."""
+        ticks = str(math.ceil(grace_s * 10))
+        r = self._run(host, ["sh", "-c", TERMINATE, "sh", str(pid), ticks], extra=grace_s)
+        return r.stdout.decode(errors="replace").strip()
+
+    def remove(self, host: Host, job_dir: str) -> None:
+        self._run(host, ["rm", "-rf", "--", job_dir])
+
+    def _sweep_one(self, host: Host, job_id: str, mode: str) -> list[bytes]:
+        return self._run(
+            host, ["sh", "-c", SWEEP, "sh", mode], f"{job_id}\n".encode()
+        ).stdout.split()
+
+    def sweep(self, job_id: str, hosts: Iterable[Host]) -> str:
+        """Kill, then look for, processes marked with the job on every host -> summary."""
+        hosts = list(hosts)
+
+        def one(host: Host) -> tuple[str, list[bytes], list[bytes], str | None]:
+            try:
+                killed = self._sweep_one(host, job_id, "kill")
+                left = self._sweep_one(host, job_id, "list") if killed else []
+                return host.ip, killed, left, None
+            except SSHError as e:
+                return host.ip, [], [], e.reason
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(hosts) or 1)) as ex:
+            results = list(ex.map(one, hosts))
+        return sweep_summary(len(hosts), results)
+
+
+def sweep_summary(
+    n_hosts: int, results: list[tuple[str, list[bytes], list[bytes], str | None]]
+) -> str:
+    notes = [
+        f"{ip}: killed {len(k)} leftover process(es)"
+        for ip, k, left, _ in results
+        if k and not left
+    ]
+    notes += [f"{ip}: {len(left)} process(es) still there" for ip, _, left, _ in results if left]
+    notes += [f"{ip}: not checked ({err})" for ip, _, _, err in results if err]
+    clean = all(not left and not err for _, _, left, err in results)
+    verdict = f"verified no process left on {n_hosts} host(s)" if clean else "NOT verified clean"
+    return verdict + "".join(f"; {note}" for note in notes)

@@ -1,0 +1,295 @@
+"""One live job: launch it (or re-attach), follow its output, time it out, cancel it.
+
+A ``JobRun`` exists from submission until the job is final.  Its thread runs
+``run()``: launch (unless the job already has a pid), arm the timeout, follow
+until the job is over, record the final state.  ``cancel()`` may come from any
+thread (the API, the timeout timer) and says what it did (``Cancel``).
+
+All waiting goes through the ``Clock`` (backoffs, ``mpi.lost_after_s``, the
+timeout), so tests can run it on a clock of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mlbench_daemon import metrics
+from mlbench_daemon.discovery import Node
+from mlbench_daemon.jobs.clock import Clock, Timer
+from mlbench_daemon.jobs.launch import BACKOFF_S, MasterLost, Stopped, launch
+from mlbench_daemon.jobs.placement import Registry
+from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
+from mlbench_daemon.ssh_errors import SSHError
+from mlbench_daemon.store import Store
+from mlbench_daemon.vocabulary import JobReason, JobState
+
+log = logging.getLogger(__name__)
+
+FOLLOW_IDLE_S = 30.0  # a silent stream's master is probed after this long (a frozen host noticed)
+
+
+class Cancel(enum.Enum):
+    """What ``JobRun.cancel`` did."""
+
+    ALREADY = "already"  # a cancel is under way or the job is final: wait for its end
+    DEQUEUED = "dequeued"  # it was still queued: now cancelled
+    AFTER_LAUNCH = "after-launch"  # launching: the runner kills it as soon as it has a pid
+    DELIVERED = "delivered"  # TERM (then KILL) delivered and every host swept
+    NOT_DELIVERED = "not-delivered"  # the master could not be reached: the cancel is withdrawn
+
+
+@dataclasses.dataclass
+class Context:
+    """What every JobRun of one Jobs shares."""
+
+    cfg: Any  # config.Config
+    store: Store
+    remote: Remote
+    registry: Registry
+    clock: Clock
+    stop: threading.Event
+    changed: threading.Condition  # log appends and state changes; its lock guards `live`
+    live: dict[str, JobRun]
+
+    @property
+    def ssh_timeout(self) -> float:
+        return self.cfg.ssh.connect_timeout_s + 10
+
+
+class JobRun:
+    def __init__(
+        self,
+        ctx: Context,
+        job_id: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        master: str | None = None,
+        program: Sequence[str] = (),
+        np: int | None = None,
+        candidates: Sequence[Node] = (),
+        names: Sequence[str] | None = None,
+        reattached: bool = False,
+    ) -> None:
+        self.ctx, self.mpi, self.id = ctx, ctx.cfg.mpi, job_id
+        self.env: Mapping[str, str] | None = env or {}  # values; dropped once launched
+        self.master = master  # requested master name, or None
+        self.program, self.np, self.candidates = list(program), np, list(candidates)
+        self.names = names  # node names of a job queued again after a restart
+        self.reattached = reattached
+        self.cancel_reason: JobReason | None = None
+        self.killing = False
+        self.killed = threading.Event()  # the kill and the sweep of every host are over
+        self.stream: Stream | None = None
+        self.timer: Timer | None = None
+        self.done = threading.Event()
+
+    # --- the job's thread ---------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            if self.reattached:
+                self.ctx.registry.wait_first_pass(
+                    self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
+                )
+            rec: dict | None = self.ctx.store.record(self.id)
+            if rec is not None and rec["pid"] is None:
+                rec = launch(self, rec)
+            if rec is None:  # the launch ended the job
+                return
+            self._arm_timeout(rec)
+            if self.cancel_reason:
+                self._kill()
+            self._finish_from(self._follow())
+        except Stopped:
+            pass
+        except MasterLost as e:
+            self.finish(JobState.LOST, reason=JobReason.MASTER_UNREACHABLE, error=str(e))
+        except Exception as e:  # a bug must not leave a job running forever in the table
+            log.exception("job %s: follower failed", self.id)
+            self.finish(
+                JobState.LOST, reason=JobReason.DAEMON_ERROR, error=f"{type(e).__name__}: {e}"
+            )
+        finally:
+            if self.timer:
+                self.timer.cancel()
+
+    def detach(self) -> None:
+        """The daemon stops: drop the timer and the stream (the remote job runs on)."""
+        if self.timer:
+            self.timer.cancel()
+        if self.stream:
+            self.stream.close()
+
+    def running(self, pid: int) -> dict:
+        """Record the job running as process group `pid` -> the record."""
+        with self.ctx.changed:
+            rec = self.ctx.store.update(
+                self.id, state=JobState.RUNNING, pid=pid, started=self.ctx.clock.time()
+            )
+            self.ctx.changed.notify_all()
+        return rec
+
+    def check_reachable(self, down_since: float, error: SSHError) -> None:
+        """Raise MasterLost once the master has been unreachable for mpi.lost_after_s."""
+        limit = self.mpi.lost_after_s
+        if limit and self.ctx.clock.monotonic() - down_since >= limit:
+            raise MasterLost(
+                f"the master was unreachable for {limit:g} s ({error}); the job may "
+                "still be running there, unobserved"
+            )
+
+    def _arm_timeout(self, rec: dict) -> None:
+        if rec["timeout_s"]:
+            left = max(0.0, rec["started"] + rec["timeout_s"] - self.ctx.clock.time())
+            self.timer = self.ctx.clock.timer(left, lambda: self.cancel(JobReason.TIMEOUT))
+
+    # --- following ----------------------------------------------------------------------
+
+    def _follow(self) -> Status:
+        """Stream the remote output into the log until the job is over -> its Status."""
+        ctx, clock = self.ctx, self.ctx.clock
+        rec = ctx.store.record(self.id)
+        host, job_dir, pid = (
+            Host(rec["master_ip"], rec["master_port"]),
+            rec["remote_dir"],
+            rec["pid"],
+        )
+        backoff, down_since = BACKOFF_S[0], None
+        while True:
+            if ctx.stop.is_set():
+                raise Stopped()
+            try:
+                self.stream = ctx.remote.follow(
+                    host, job_dir, ctx.store.log_size(self.id), FOLLOW_IDLE_S
+                )
+                down_since = None  # the master answered
+                with ctx.store.log_writer(self.id) as log_file:
+                    for chunk in self.stream:
+                        log_file.write(chunk)
+                        with ctx.changed:
+                            ctx.changed.notify_all()
+                        backoff = BACKOFF_S[0]
+                status = ctx.remote.status(host, job_dir, pid)
+            except SSHError as e:
+                if ctx.stop.is_set():
+                    raise Stopped() from None
+                down_since = clock.monotonic() if down_since is None else down_since
+                self.check_reachable(down_since, e)
+                log.warning(
+                    "job %s: following on %s: %s; retrying in %.1f s", self.id, host.ip, e, backoff
+                )
+                clock.wait(ctx.stop, backoff)
+                backoff = min(backoff * 2, BACKOFF_S[1])
+                continue
+            finally:
+                self.stream = None
+            if status.state == "missing" or (
+                status.state != "running" and status.size <= ctx.store.log_size(self.id)
+            ):
+                return status
+            if status.state == "running":
+                clock.wait(ctx.stop, backoff)  # the stream ended early: go again, without spinning
+
+    # --- ending -------------------------------------------------------------------------
+
+    def _finish_from(self, status: Status) -> None:
+        rec = self.ctx.store.record(self.id)
+        rc = status.exit_code
+        if self.cancel_reason:
+            # "cancelled" promises no process is left: let the sweep of every host finish
+            self.killed.wait(self.mpi.cancel_grace_s + 3 * self.ctx.ssh_timeout)
+            self.finish(JobState.CANCELLED, exit_code=rc, reason=self.cancel_reason)
+        elif status.state == "missing":
+            self.finish(
+                JobState.LOST,
+                reason=JobReason.REMOTE_RECORD_MISSING,
+                error=f"job directory {rec['remote_dir']} is gone from {rec['master_name']}",
+            )
+        elif rc is None:
+            self.finish(
+                JobState.LOST,
+                reason=JobReason.NO_EXIT_STATUS,
+                error="the job's processes are gone and left no exit status",
+            )
+        else:
+            self.finish(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, exit_code=rc)
+        try:
+            self.ctx.remote.remove(Host(rec["master_ip"], rec["master_port"]), rec["remote_dir"])
+        except SSHError as e:
+            log.warning(
+                "job %s: could not remove %s on %s: %s",
+                *(self.id, rec["remote_dir"], rec["master_name"], e),
+            )
+
+    def finish(self, state: JobState, **fields: Any) -> None:
+        """Record the final state; the job leaves the live table."""
+        ctx = self.ctx
+        ctx.store.sync_log(self.id)
+        with ctx.changed:
+            rec = ctx.store.update(self.id, state=state, finished=ctx.clock.time(), **fields)
+            ctx.live.pop(self.id, None)
+            ctx.changed.notify_all()
+        self.done.set()
+        if rec["started"]:
+            metrics.job_duration_seconds.observe(rec["finished"] - rec["started"])
+        log.info("job %s: %s %s", self.id, state, fields or "")
+
+    # --- cancel -------------------------------------------------------------------------
+
+    def cancel(self, reason: JobReason, queue: deque[JobRun] | None = None) -> Cancel:
+        """Cancel the job in any stage (the job's thread records the final state).
+        `queue`: the manager's queue (guarded by ctx.changed), left at once if queued."""
+        with self.ctx.changed:
+            if self.cancel_reason or self.done.is_set():
+                return Cancel.ALREADY
+            self.cancel_reason = reason
+            queued = queue is not None and self in queue
+            if queued:
+                queue.remove(self)  # type: ignore[union-attr]
+        if queued:
+            self.finish(JobState.CANCELLED, reason=reason)
+            return Cancel.DEQUEUED
+        if self.ctx.store.record(self.id)["pid"] is None:
+            return Cancel.AFTER_LAUNCH  # the job's thread kills right after launching
+        return self._kill()
+
+    def _kill(self) -> Cancel:
+        """TERM, grace, KILL the job's process group, then sweep every host."""
+        with self.ctx.changed:
+            if self.killing:
+                return Cancel.DELIVERED
+            self.killing = True
+            self.killed.clear()  # a retry after an undelivered cancel
+        try:
+            return self._kill_and_sweep()
+        finally:
+            self.killed.set()
+
+    def _kill_and_sweep(self) -> Cancel:
+        ctx = self.ctx
+        rec = ctx.store.record(self.id)
+        try:
+            how = ctx.remote.terminate(
+                Host(rec["master_ip"], rec["master_port"]), rec["pid"], self.mpi.cancel_grace_s
+            )
+        except SSHError as e:
+            reason = self.cancel_reason
+            with ctx.changed:
+                self.cancel_reason, self.killing = None, False
+            ctx.store.update(self.id, error=f"{reason} not delivered to {rec['master_name']}: {e}")
+            log.warning("job %s: %s not delivered: %s", self.id, reason, e)
+            if reason == JobReason.TIMEOUT and not ctx.stop.is_set():
+                self.timer = ctx.clock.timer(BACKOFF_S[1], lambda: self.cancel(JobReason.TIMEOUT))
+            return Cancel.NOT_DELIVERED
+        ports = {s.node.ip: s.node.port for s in ctx.registry.nodes()}
+        hosts = [Host(row[0], ports.get(row[0], ctx.cfg.ssh.port)) for row in rec["nodes"]]
+        msg = f"{self.cancel_reason}: process group {how}; " + ctx.remote.sweep(self.id, hosts)
+        log.info("job %s: %s", self.id, msg)
+        ctx.store.update(self.id, error=msg)
+        return Cancel.DELIVERED

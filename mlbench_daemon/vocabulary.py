@@ -1,0 +1,95 @@
+"""The daemon's words, each declared once: job states, node phases and every reason code.
+
+All are ``StrEnum``: a member *is* its string (``JobState.PENDING == "pending"``,
+``json.dumps`` and ``str()`` give the bare value), so records, JSON answers, metrics
+labels and log lines read as before, and a typo is an ``AttributeError`` at import
+time instead of a silently new word.
+
+=================  ===============================================================
+enum               where the words appear
+=================  ===============================================================
+``JobState``       a job's ``state`` (store, API, metrics ``state`` label, CLI)
+``Phase``          a node's ``phase`` (registry, API, metrics ``phase`` label, CLI)
+``JobReason``      a final job's ``reason``
+``SSHReason``      ``SSHError.reason``; a node's ``reason`` after a failed probe
+``NodeReason``     a node's ``reason`` otherwise
+``DiscoveryReason``  ``DiscoveryError.reason``; the registry's ``stale_reason``
+=================  ===============================================================
+"""
+
+from collections.abc import Iterable
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+    @property
+    def is_final(self) -> bool:
+        """A final state never changes again (the job's processes are over or given up on)."""
+        return self not in (JobState.PENDING, JobState.RUNNING)
+
+
+FINAL_STATES = tuple(s for s in JobState if s.is_final)
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"  # discovered, first probe not finished
+    RUNNING = "Running"  # SSH login and `true` succeeded
+    UNKNOWN = "Unknown"  # could not reach the host (SSHError Unreachable)
+    FAILED = "Failed"  # reached, but refused or untrusted (SSHError Untrusted)
+
+
+class JobReason(StrEnum):
+    CANCELLED = "cancelled"  # DELETE /api/mpi_jobs/<id>
+    TIMEOUT = "timeout"  # the job's timeout_s ran out
+    DAEMON_RESTARTED = "daemon-restarted"  # queued when the daemon died; cannot be relaunched
+    LAUNCH_INTERRUPTED = "launch-interrupted"  # the daemon died while launching; no process
+    LAUNCH_FAILED = "launch-failed"  # the launch on the master failed
+    NO_USABLE_MASTER = "no-usable-master"  # every candidate failed the pre-flight
+    REMOTE_RECORD_MISSING = "remote-record-missing"  # the job directory vanished
+    NO_EXIT_STATUS = "no-exit-status"  # processes gone without an exit status
+    MASTER_UNREACHABLE = "master-unreachable"  # unreachable for mpi.lost_after_s
+    DAEMON_ERROR = "daemon-error"  # a bug in the daemon ended the follower
+
+
+CANCEL_REASONS = (JobReason.CANCELLED, JobReason.TIMEOUT)
+
+
+class SSHReason(StrEnum):
+    CONNECTION_REFUSED = "connection-refused"
+    CONNECT_TIMEOUT = "connect-timeout"
+    NO_BANNER = "no-banner"
+    NETWORK_UNREACHABLE = "network-unreachable"
+    CONNECTION_LOST = "connection-lost"
+    SSH_ERROR = "ssh-error"
+    COMMAND_TIMEOUT = "command-timeout"
+    AUTH_FAILED = "auth-failed"
+    HOST_KEY_UNKNOWN = "host-key-unknown"
+    HOST_KEY_CHANGED = "host-key-changed"
+
+
+class NodeReason(StrEnum):
+    NOT_PROBED_YET = "not-probed-yet"
+    OK = "ok"
+
+
+class DiscoveryReason(StrEnum):
+    NOT_DISCOVERED_YET = "not-discovered-yet"
+    DNS_TIMEOUT = "dns-timeout"
+    NXDOMAIN = "nxdomain"
+    NO_MEMBERS = "no-members"
+    DNS_ERROR = "dns-error"
+
+
+def checked(reason: str, allowed: Iterable[str], what: str) -> str:
+    """`reason` if it is one of `allowed`; ValueError otherwise (also under ``python -O``)."""
+    allowed = tuple(allowed)
+    if reason not in allowed:
+        raise ValueError(f"{what}: unknown reason {reason!r} (known: {', '.join(allowed)})")
+    return reason

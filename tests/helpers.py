@@ -1,0 +1,54 @@
+"""Helpers shared by the tests (and benches): waiting with a bound, a free port, HTTP calls."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+
+from tests.cluster import free_port  # one definition, where the cluster needs it too
+
+__all__ = ["HANG", "append_log", "free_port", "http", "wait_for"]
+
+HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
+
+
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = HANG,
+    what: str = "condition",
+    interval: float = 0.1,
+) -> bool:
+    """Poll `predicate` until it is true (-> True); fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return True
+
+
+def append_log(store, job_id: str, data: bytes) -> int:
+    """Append to a job's log as the follower does (``Store.log_writer``) -> the new size."""
+    with store.log_writer(job_id) as f:
+        f.write(data)
+        return f.tell()
+
+
+def http(
+    url: str,
+    method: str = "GET",
+    body: object = None,
+    timeout: float = 30,
+    headers: dict | None = None,
+) -> tuple[int, bytes]:
+    """One HTTP call -> (status, body); raises urllib's HTTPError on an error status."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, r.read()

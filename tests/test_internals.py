@@ -1,0 +1,115 @@
+"""The private internals of paramiko and waitress the daemon relies on, one test each.
+
+pyproject.toml bounds both packages; when an upgrade inside the bounds removes or
+changes one of these, its test fails naming the internal and the code that uses it.
+No network: paramiko's objects are built on a socket pair, waitress binds loopback.
+"""
+
+import inspect
+import socket
+
+import paramiko
+import pytest
+import waitress
+from paramiko.buffered_pipe import BufferedPipe
+from waitress import wasyncore
+
+from mlbench_daemon import ssh
+
+pytestmark = pytest.mark.logic
+
+
+def need(obj, attr, used_by):
+    assert hasattr(obj, attr), (
+        f"{type(obj).__name__}.{attr} is gone from this version; {used_by} relies on it"
+    )
+    return getattr(obj, attr)
+
+
+@pytest.fixture
+def transport():
+    a, b = socket.socketpair()
+    t = paramiko.Transport(a)
+    yield t
+    t.close()
+    a.close()
+    b.close()
+
+
+# --- paramiko ---------------------------------------------------------------------------
+
+
+def test_paramiko_packetizer_rekey_limits(transport):
+    """ssh._tune sets Packetizer.REKEY_BYTES/REKEY_PACKETS to never start a rekey itself."""
+    packetizer = need(transport, "packetizer", "ssh._tune (Transport.packetizer)")
+    for name in ("REKEY_BYTES", "REKEY_PACKETS"):
+        assert isinstance(need(packetizer, name, f"ssh._tune (Packetizer.{name})"), int)
+    ssh._tune(transport)
+    assert packetizer.REKEY_BYTES == packetizer.REKEY_PACKETS == 2**62
+
+
+def test_paramiko_channel_in_buffer_is_replaceable_by_chunkpipe():
+    """ssh._open_session replaces Channel.in_buffer (a BufferedPipe) with ssh._ChunkPipe,
+    which must offer every method the channel calls on it."""
+    chan = paramiko.Channel(0)
+    assert isinstance(
+        need(chan, "in_buffer", "ssh._open_session (Channel.in_buffer)"), BufferedPipe
+    )
+    wanted = {
+        n for n, _ in inspect.getmembers(BufferedPipe, inspect.isfunction) if not n.startswith("_")
+    }
+    missing = {n for n in wanted | {"__len__"} if not hasattr(ssh._ChunkPipe, n)}
+    assert not missing, f"BufferedPipe has methods ssh._ChunkPipe lacks: {sorted(missing)}"
+
+
+def test_paramiko_pipe_timeout():
+    """ssh._ChunkPipe.read raises paramiko.buffered_pipe.PipeTimeout, as the channel expects."""
+    pipe = ssh._ChunkPipe()
+    with pytest.raises(paramiko.buffered_pipe.PipeTimeout):
+        pipe.read(10, timeout=0.01)
+    stock = BufferedPipe()
+    with pytest.raises(paramiko.buffered_pipe.PipeTimeout):
+        stock.read(10, timeout=0.01)
+
+
+def test_paramiko_channel_status_event():
+    """ssh._exit_status waits on Channel.status_event (an Event set with the exit status)."""
+    chan = paramiko.Channel(0)
+    event = need(chan, "status_event", "ssh._exit_status (Channel.status_event)")
+    assert hasattr(event, "wait") and hasattr(event, "is_set")
+
+
+# --- waitress ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server():
+    http = waitress.create_server(lambda env, start: [], host="127.0.0.1", port=0, threads=1)
+    yield http
+    wasyncore.close_all(http._map)
+    http.task_dispatcher.shutdown(timeout=1.0)
+
+
+def test_waitress_server_map(server):
+    """server.Daemon._drain closes every socket of the loop with wasyncore.close_all(_map)."""
+    assert isinstance(need(server, "_map", "server.Daemon._drain (server._map)"), dict)
+    assert callable(need(wasyncore, "close_all", "server.Daemon._drain (wasyncore.close_all)"))
+
+
+def test_waitress_task_dispatcher(server):
+    """server.Daemon._drain waits on task_dispatcher.active_count/queue, then shuts it down."""
+    tasks = need(server, "task_dispatcher", "server.Daemon._drain (server.task_dispatcher)")
+    for name in ("active_count", "queue", "shutdown"):
+        need(tasks, name, f"server.Daemon._drain (task_dispatcher.{name})")
+
+
+def test_waitress_trigger(server):
+    """server.Daemon._in_loop runs code in the loop's thread with trigger.pull_trigger."""
+    trigger = need(server, "trigger", "server.Daemon._in_loop (server.trigger)")
+    assert callable(need(trigger, "pull_trigger", "server.Daemon._in_loop (pull_trigger)"))
+
+
+def test_waitress_effective_address(server):
+    """server.Daemon._bind reads effective_host/effective_port (absent for multi-address)."""
+    assert need(server, "effective_host", "server.Daemon._bind") == "127.0.0.1"
+    assert int(need(server, "effective_port", "server.Daemon._bind")) > 0

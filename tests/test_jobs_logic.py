@@ -1,0 +1,298 @@
+"""The job logic, fast and without root: queue, cancel results, re-attach decisions,
+timeouts, mpi.lost_after_s, retries after a broken status answer.
+
+The real remote scripts run here through tests/localjobs.LocalPool (real sh, tail,
+flock, kill), time is a ManualClock (timeouts and lost_after_s without sleeping).
+The cluster tests (test_jobs.py) prove the same paths over real sshd and mpirun.
+"""
+
+import re
+
+import pytest
+
+from mlbench_daemon.errors import Conflict, QueueFull, Unavailable
+from mlbench_daemon.jobs import remote
+from mlbench_daemon.jobs.launch import BACKOFF_S
+from mlbench_daemon.ssh import Result
+from mlbench_daemon.ssh_errors import SSHError, Unreachable, Untrusted
+from tests.helpers import wait_for
+from tests.localjobs import LocalJobs, gate, settle, sh
+
+pytestmark = [pytest.mark.logic, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def local(tmp_path):
+    made = []
+
+    def make(**mpi):
+        made.append(LocalJobs(tmp_path / f"d{len(made)}", **mpi).start())
+        return made[-1]
+
+    (tmp_path / "d0").mkdir()
+    (tmp_path / "d1").mkdir()
+    yield make
+    for m in made:
+        m.close()
+
+
+def log_of(lj, job_id):
+    return lj.jobs.read_log(job_id, 0, 1 << 20)[0]
+
+
+# --- one job ------------------------------------------------------------------------------
+
+
+def test_a_job_runs_to_its_exit_code_with_its_output(local):
+    lj = local()
+    done = lj.jobs.wait(lj.jobs.submit({"program": sh("echo hi; exit 3"), "wait": False})["id"])
+    assert (done["state"], done["exit_code"], done["response"]) == ("failed", 3, "hi\n")
+    assert done["master_name"] == "w-0" and done["reason"] is None
+    wait_for(lambda: not list(lj.home.glob(".mlbench-daemon/jobs/*")), what="the job dir removed")
+
+
+def test_no_usable_master_fails_the_job_naming_each_candidate(local):
+    lj = local(mpirun="/nonexistent/mpirun")
+    done = lj.jobs.wait(lj.jobs.submit({"wait": False})["id"])
+    assert (done["state"], done["reason"]) == ("failed", "no-usable-master")
+    assert done["error"] == (
+        "w-0: /nonexistent/mpirun not found; w-1: /nonexistent/mpirun not found"
+    )
+
+
+def test_an_unreachable_master_candidate_is_skipped(local):
+    lj = local()
+    lj.pool.cut("127.77.0.1")
+    done = lj.jobs.wait(lj.jobs.submit({"program": sh("echo x"), "wait": False})["id"])
+    assert (done["state"], done["master_name"]) == ("succeeded", "w-1")
+    assert done["error"].startswith("w-0: connection-refused: ")
+    assert [n[2] for n in done["nodes"]] == ["w-1"]
+
+
+# --- the SSHError("ssh-error") bug ----------------------------------------------------------
+
+
+def test_ssh_error_accepts_its_reasons_and_rejects_others_with_a_value_error():
+    """SSHError("ssh-error", ...) used to raise AssertionError (empty reasons); a wrong
+    reason must be a ValueError, also under python -O."""
+    assert SSHError("ssh-error", "x").reason == "ssh-error"
+    assert Unreachable("ssh-error", "x").phase == "Unknown"
+    with pytest.raises(ValueError, match="auth-failed"):
+        Unreachable("auth-failed", "x")
+    with pytest.raises(ValueError):
+        Untrusted("no-such-reason", "x")
+
+
+def test_a_broken_status_answer_is_retried_not_a_daemon_error(local):
+    """The status check exits non-zero once: the follower retries (as after a lost link)
+    and the job ends succeeded; before, the error escaped as AssertionError and the job
+    was recorded lost with reason daemon-error."""
+    lj = local()
+    broken = []
+
+    def fault(ip, argv):
+        if remote.STATUS in argv and not broken:
+            broken.append(ip)
+            return Result(2, b"", b"sh: cannot fork")
+        return None
+
+    lj.pool.fault = fault
+    job = lj.jobs.submit({"program": sh("echo out"), "wait": False})
+    wait_for(lambda: broken, what="the broken status answer")
+    done = lj.run_clock_until_final(job["id"], BACKOFF_S[0])
+    assert (done["state"], done["exit_code"], done["response"]) == ("succeeded", 0, "out\n")
+    assert lj.pool.ran(remote.STATUS) == 2
+
+
+def test_status_answers_are_parsed_or_refused():
+    assert remote.Status.parse("done 3 17\n") == remote.Status("done", 3, 17)
+    assert remote.Status.parse("done x 17") == remote.Status("done", None, 17)
+    assert remote.Status.parse("running - 5") == remote.Status("running", None, 5)
+    assert remote.Status.parse("missing") == remote.Status("missing")
+    for bad in ("", "done 1", "what 1 2", "running - x"):
+        with pytest.raises(ValueError):
+            remote.Status.parse(bad)
+
+
+# --- the queue ------------------------------------------------------------------------------
+
+
+def test_queue_is_fifo_and_bounded(local, tmp_path):
+    lj = local(max_concurrent_jobs=1, queue_size=2)
+    first = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    second = lj.jobs.submit({"program": sh("echo second"), "wait": False})
+    third = lj.jobs.submit({"program": sh("echo third"), "wait": False})
+    with pytest.raises(QueueFull, match="1 job\\(s\\) running and 2 queued"):
+        lj.jobs.submit({"program": sh("echo x"), "wait": False})
+    lj.wait_state(first["id"], "running")
+    settle()
+    assert lj.state(second["id"]) == lj.state(third["id"]) == "pending"
+    (tmp_path / "go").touch()
+    jobs = [lj.jobs.wait(j["id"]) for j in (first, second, third)]
+    assert [j["state"] for j in jobs] == ["succeeded"] * 3
+    assert jobs[0]["finished"] <= jobs[1]["started"] <= jobs[1]["finished"] <= jobs[2]["started"]
+
+
+def test_two_slots_run_two_jobs_at_once(local, tmp_path):
+    lj = local(max_concurrent_jobs=2, queue_size=0)
+    a = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    b = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    with pytest.raises(QueueFull):
+        lj.jobs.submit({"wait": False})
+    lj.wait_state(a["id"], "running")
+    lj.wait_state(b["id"], "running")
+    (tmp_path / "go").touch()
+    assert {lj.jobs.wait(j["id"])["state"] for j in (a, b)} == {"succeeded"}
+
+
+# --- cancel ---------------------------------------------------------------------------------
+
+
+def test_cancel_results(local, tmp_path):
+    lj = local(max_concurrent_jobs=1, queue_size=1)
+    running = lj.jobs.submit({"program": gate(tmp_path / "never"), "wait": False})
+    queued = lj.jobs.submit({"program": sh("echo never"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, running["id"]), what="the job to start")
+
+    done = lj.jobs.cancel(queued["id"])  # dequeued: never launched
+    assert (done["state"], done["reason"], done["master_name"]) == ("cancelled", "cancelled", None)
+
+    lj.pool.cut("127.77.0.1")  # the master: the cancel cannot be delivered
+    with pytest.raises(Unavailable, match="cancelled not delivered to w-0"):
+        lj.jobs.cancel(running["id"])
+    assert lj.state(running["id"]) == "running"
+
+    lj.pool.heal("127.77.0.1")
+    with lj.clock.ticking():  # the follower reconnects, the cancel waits for the end
+        done = lj.jobs.cancel(running["id"])
+    assert (done["state"], done["reason"]) == ("cancelled", "cancelled")
+    # "killed" if the group outlived the grace (here: as a zombie until init reaps it)
+    assert re.fullmatch(
+        r"cancelled: process group (terminated|killed); verified no process left on 2 host\(s\)",
+        done["error"],
+    ), done["error"]
+    with pytest.raises(Conflict, match="already cancelled"):
+        lj.jobs.cancel(running["id"])
+
+
+def test_cancel_of_an_unknown_or_unfollowed_job_is_refused(local):
+    lj = local()
+    rec = lj.store.create(command=["x"])
+    with pytest.raises(Conflict, match="not followed by this daemon"):
+        lj.jobs.cancel(rec["id"])
+
+
+# --- timeouts and lost_after_s: on the manual clock -------------------------------------------
+
+
+def test_timeout_cancels_when_the_clock_says_so(local, tmp_path):
+    lj = local()
+    job = lj.jobs.submit({"program": gate(tmp_path / "never"), "timeout_s": 30, "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    assert lj.clock.pending_timers() == [30.0]
+    lj.clock.advance(29.9)
+    settle()
+    assert lj.state(job["id"]) == "running"
+    lj.clock.advance(0.1)
+    done = lj.run_clock_until_final(job["id"], 0.5)
+    assert (done["state"], done["reason"], done["exit_code"]) == ("cancelled", "timeout", None)
+    assert re.match(
+        r"timeout: process group (terminated|killed); verified no process", done["error"]
+    )
+
+
+def test_an_undelivered_timeout_is_tried_again(local, tmp_path):
+    lj = local(lost_after_s=0)
+    job = lj.jobs.submit({"program": gate(tmp_path / "never"), "timeout_s": 10, "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    lj.pool.cut("127.77.0.1")
+    lj.clock.advance(10)
+    wait_for(lambda: "not delivered" in (lj.jobs.get(job["id"])["error"] or ""), what="a try")
+    assert lj.state(job["id"]) == "running"
+    wait_for(lambda: BACKOFF_S[1] in lj.clock.pending_timers(), what="the retry timer")
+    lj.pool.heal("127.77.0.1")
+    lj.clock.advance(BACKOFF_S[1])
+    done = lj.run_clock_until_final(job["id"], 0.5)
+    assert (done["state"], done["reason"]) == ("cancelled", "timeout")
+
+
+def test_master_unreachable_for_lost_after_s_makes_the_job_lost(local, tmp_path):
+    lj = local(lost_after_s=20, max_concurrent_jobs=1)
+    job = lj.jobs.submit({"program": gate(tmp_path / "never"), "wait": False})
+    nxt = lj.jobs.submit({"program": sh("echo next"), "nodes": ["w-1"], "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    lj.pool.cut("127.77.0.1")
+    for _ in range(19):
+        lj.clock.advance(1)
+    settle()
+    assert lj.state(job["id"]) == "running"
+    done = lj.run_clock_until_final(job["id"], 1)
+    assert lj.clock.now < 60
+    assert (done["state"], done["reason"]) == ("lost", "master-unreachable")
+    assert done["error"].startswith("the master was unreachable for 20 s (")
+    assert lj.jobs.wait(nxt["id"])["state"] == "succeeded"  # the slot was freed
+
+
+def test_lost_after_s_0_keeps_trying(local, tmp_path):
+    lj = local(lost_after_s=0)
+    job = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    lj.pool.cut("127.77.0.1")
+    for _ in range(100):
+        lj.clock.advance(BACKOFF_S[1])
+    assert lj.state(job["id"]) == "running"
+    (tmp_path / "go").touch()
+    lj.pool.heal("127.77.0.1")
+    done = lj.run_clock_until_final(job["id"], BACKOFF_S[1])
+    assert (done["state"], done["response"]) == ("succeeded", "started\ndone\n")
+
+
+# --- re-attach after a restart ----------------------------------------------------------------
+
+
+def test_restart_reattaches_a_running_job_and_completes_its_log(local, tmp_path):
+    lj = local()
+    job = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    lj.restart()
+    (tmp_path / "go").touch()
+    done = lj.jobs.wait(job["id"])
+    assert (done["state"], done["response"]) == ("succeeded", "started\ndone\n")
+
+
+def test_restart_decides_for_each_unfinished_record(local, tmp_path):
+    lj = local(max_concurrent_jobs=1)
+    blocker = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    requeued = lj.jobs.submit({"program": sh("echo again"), "nodes": ["w-1"], "wait": False})
+    secret = lj.jobs.submit({"program": sh("echo x"), "env": {"K": "v"}, "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, blocker["id"]), what="the job to start")
+    # a launch the daemon died in: master chosen, no pid file written on it
+    half = lj.store.create(command=["x"], remote_dir=".mlbench-daemon/jobs/nothing-here")
+    lj.store.update(half["id"], master_name="w-0", master_ip="127.77.0.1", master_port=22)
+    lj.restart()
+
+    lost = lj.jobs.get(secret["id"])
+    assert (lost["state"], lost["reason"]) == ("lost", "daemon-restarted")
+    assert "env values are never stored" in lost["error"]
+    assert lj.jobs.wait(half["id"])["reason"] == "launch-interrupted"
+    (tmp_path / "go").touch()
+    assert lj.jobs.wait(blocker["id"])["state"] == "succeeded"
+    again = lj.jobs.wait(requeued["id"])
+    assert (again["state"], again["master_name"], again["response"]) == (
+        "succeeded",
+        "w-1",
+        "again\n",
+    )
+
+
+def test_a_requeued_job_whose_nodes_are_gone_fails_naming_them(local, tmp_path):
+    lj = local(max_concurrent_jobs=1)
+    blocker = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    requeued = lj.jobs.submit({"program": sh("echo x"), "nodes": ["w-1"], "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, blocker["id"]), what="the job to start")
+    lj.registry.statuses = lj.registry.statuses[:1]  # w-1 left the cluster meanwhile
+    lj.restart()
+    (tmp_path / "go").touch()
+    done = lj.jobs.wait(requeued["id"])
+    assert (done["state"], done["reason"]) == ("failed", "no-usable-master")
+    assert done["error"] == "w-1: not Running after the restart"
