@@ -260,7 +260,7 @@ def main():
             work / "cfg.toml",
             work / "state",
             server={"port": port},
-            ssh={"probe_interval_s": 5.0, "max_connects": 16},
+            ssh={"probe_interval_s": 5.0, "verify_interval_s": 300.0, "max_connects": 16},
             mpi={"mpirun": str(wrapper)},
         )
 

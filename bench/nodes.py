@@ -1,6 +1,17 @@
-"""Node-status benchmark on a 32-host namespace cluster (needs root).
+"""Node-status benchmark on namespace clusters (needs root).
 
 Prints, with the baseline measured in the same run:
+
+- the idle daemon (`mlbench-daemon serve`, default intervals: probe 5 s with a
+  listener check each round, a fresh login per node every 300 s, DNS refresh
+  10 s; DNS served with TTL 0) at 32 and 128 hosts: its own CPU time over
+  windows of --window seconds (median of --windows), RSS and threads, with how
+  busy the whole machine was meanwhile (the machine may be shared);
+- the CPU one probe round of one node costs (session `true` + listener check)
+  and one fresh login costs, measured in this process over every host, and
+  what 1,000 nodes would cost at the default intervals;
+- how long a stopped listener (sessions alive) takes to show as Unknown
+  (connection-refused) at the default probe interval;
 
 - a forced full re-probe through the API (`GET /api/nodes/?refresh=1`), warm
   (persistent connections open) and cold (every connection dropped first),
@@ -9,16 +20,18 @@ Prints, with the baseline measured in the same run:
 - `GET /api/nodes/` latency p50/p99 with one client, and requests/s with 32
   concurrent clients (keep-alive connections, separate client processes).
 
-Targets: warm <= 0.05x the sweep, cold <= 0.5x, p50 <= 2 ms, >= 1000 req/s
-with zero errors.
+Targets: idle <= 2% of one core at 32 hosts and <= 8% at 128; warm <= 0.05x
+the sweep, cold <= 0.5x, p50 <= 2 ms, >= 1000 req/s with zero errors.
 
-    python3 -m bench.nodes [--hosts 32] [--rounds 5]   (from the repository root)
+    python3 -m bench.nodes [--hosts 32] [--rounds 5] [--idle-hosts 32 128]
+                           [--window 60] [--windows 3]   (from the repository root)
 """
 
 import argparse
 import http.client
 import json
 import multiprocessing
+import os
 import re
 import shutil
 import statistics
@@ -28,9 +41,185 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlbench_daemon import config
+from mlbench_daemon.config import SETTINGS
+from mlbench_daemon.ssh import Pool
 from tests.cluster import Cluster, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
+
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def default(section, key):
+    return next(d for s, k, _, d, _ in SETTINGS if (s, k) == (section, key))
+
+
+def defaults_config(c, work, port, **ssh):
+    """The daemon's default intervals (not the test cluster's short ones)."""
+    names = ("probe_interval_s", "verify_interval_s", "connect_timeout_s", "keepalive_s")
+    return c.write_config(
+        work / f"cfg{port}.toml",
+        work / f"state{port}",
+        server={"port": port},
+        discovery={k: default("discovery", k) for k in ("refresh_s", "timeout_s", "recheck_s")},
+        ssh={**{k: default("ssh", k) for k in names}, **ssh},
+    )
+
+
+def start_daemon(cfg, port):
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlbench_daemon",
+            "serve",
+            "--config",
+            str(cfg),
+            "--log-level",
+            "warning",
+        ]
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if get(conn, "/healthz")[0] == 200:
+                return daemon, conn
+        except OSError:
+            conn.close()
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            stop_process(daemon)
+            raise SystemExit("daemon did not come up")
+        time.sleep(0.2)
+
+
+def wait_running(conn, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = json.loads(get(conn, "/api/nodes/")[1])
+        if len(nodes) == n and all(x["phase"] == "Running" for x in nodes):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not all {n} nodes Running: {nodes[:2]}")
+        time.sleep(0.5)
+
+
+def proc_cpu(pid):
+    """CPU seconds (user + system, all threads) of one process."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def machine_cpu():
+    """(busy, total) jiffies of the whole machine, all CPUs."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    idle = f[3] + f[4]
+    return sum(f) - idle, sum(f)
+
+
+def status_field(pid, name):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def idle_windows(pid, window, windows):
+    """[(cpu % of one core, RSS MB, threads, machine busy % of all cores)] per window."""
+    out = []
+    for _ in range(windows):
+        c0, m0, t0 = proc_cpu(pid), machine_cpu(), time.monotonic()
+        time.sleep(window)
+        c1, m1, t1 = proc_cpu(pid), machine_cpu(), time.monotonic()
+        out.append(
+            (
+                100 * (c1 - c0) / (t1 - t0),
+                status_field(pid, "VmRSS") / 1024,
+                status_field(pid, "Threads"),
+                100 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]),
+            )
+        )
+    return out
+
+
+def idle_cost(hosts, window, windows):
+    """The idle daemon at default intervals on `hosts` hosts (DNS TTL 0)."""
+    print(f"building a {hosts}-host cluster for the idle run ...", flush=True)
+    c = Cluster(workers=hosts, extra=0).build()
+    work = Path(tempfile.mkdtemp(prefix="mlbench-bench-"))
+    daemon = None
+    try:
+        c.set_dns_ttl(0)
+        port = free_port()
+        daemon, conn = start_daemon(defaults_config(c, work, port), port)
+        wait_running(conn, hosts)
+        conn.close()
+        time.sleep(10)  # settle: first connects and the first DNS pass are over
+        queries = len(c.dns_queries())
+        rows = idle_windows(daemon.pid, window, windows)
+        dns_per_s = (len(c.dns_queries()) - queries) / (window * windows)
+        return rows, dns_per_s
+    finally:
+        if daemon:
+            stop_process(daemon)
+        c.teardown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def per_check_cpu(c, work, rounds=5):
+    """CPU seconds of this process per probe round of one node (session `true` + listener
+    check) and per fresh login, over every host."""
+    cfg = config.load(
+        defaults_config(c, work, 0, use_system_known_hosts=False, max_connects=32), environ={}
+    )
+    pool = Pool(cfg.ssh)
+    hosts = c.workers
+    try:
+        for h in hosts:
+            pool.probe(h.ip, 22, h.fqdn)
+        t = time.process_time()
+        for _ in range(rounds):
+            for h in hosts:
+                pool.probe(h.ip, 22, h.fqdn)
+                pool.check_listener(h.ip, 22, h.fqdn)
+        probe = (time.process_time() - t) / (rounds * len(hosts))
+        t = time.process_time()
+        for h in hosts:
+            pool.verify_login(h.ip, 22, h.fqdn)
+        login = (time.process_time() - t) / len(hosts)
+        return probe, login
+    finally:
+        pool.close()
+
+
+def listener_fault_time(c, work, rounds=3):
+    """Seconds until a stopped listener (sessions alive) shows as Unknown/connection-refused
+    in GET /api/nodes/, with the daemon at the default probe interval."""
+    port = free_port()
+    daemon, conn = start_daemon(defaults_config(c, work, port), port)
+    times = []
+    try:
+        wait_running(conn, len(c.workers))
+        for i in range(rounds):
+            h = c.workers[i % len(c.workers)]
+            time.sleep(1.7 * i)  # a different point of the probe cycle each time
+            c.stop_listener(h)
+            t = time.perf_counter()
+            while True:
+                node = next(x for x in json.loads(get(conn, "/api/nodes/")[1]) if x["ip"] == h.ip)
+                if (node["phase"], node["reason"]) == ("Unknown", "connection-refused"):
+                    break
+                if time.perf_counter() - t > 60:
+                    raise SystemExit(f"stopped listener not seen in 60 s: {node}")
+                time.sleep(0.02)
+            times.append(time.perf_counter() - t)
+            c.start_listener(h)
+            wait_running(conn, len(c.workers))
+        return times
+    finally:
+        stop_process(daemon)
 
 
 def get(conn, path):
@@ -127,16 +316,71 @@ def throughput(port, clients, seconds):
     return ok / elapsed, sum(r[1] for r in results)
 
 
+def idle_report(args):
+    med = statistics.median
+    probe_s, verify_s = default("ssh", "probe_interval_s"), default("ssh", "verify_interval_s")
+    results = {}
+    for n in args.idle_hosts:
+        rows, dns = idle_cost(n, args.window, args.windows)
+        results[n] = rows
+        print(
+            f"  idle daemon, {n:3d} hosts: CPU {med(r[0] for r in rows):5.2f}% of one core "
+            f"(windows: {', '.join(f'{r[0]:.2f}' for r in rows)}), "
+            f"RSS {med(r[1] for r in rows):.0f} MB, {med(r[2] for r in rows):.0f} threads, "
+            f"{dns:.2f} DNS queries/s; machine busy "
+            f"{', '.join(f'{r[3]:.0f}' for r in rows)}% of all cores "
+            f"(target {'<= 2%' if n <= 32 else '<= 8%'})",
+            flush=True,
+        )
+    return probe_s, verify_s
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5.0, help="length of the load run")
+    ap.add_argument("--idle-hosts", type=int, nargs="*", default=[32, 128])
+    ap.add_argument("--window", type=float, default=60.0, help="idle measurement window, s")
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--skip-api", action="store_true", help="only the idle and check figures")
     args = ap.parse_args()
 
+    print(f"machine: {os.cpu_count()} CPUs, load average {open('/proc/loadavg').read().strip()}")
+    probe_s, verify_s = idle_report(args)
     print(f"building a {args.hosts}-host cluster ...", flush=True)
     c = Cluster(workers=args.hosts, extra=0).build()
     work = Path(tempfile.mkdtemp(prefix="mlbench-bench-"))
+    try:
+        checks_report(c, work, probe_s, verify_s)
+        if not args.skip_api:
+            api_report(c, work, args)
+    finally:
+        c.teardown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def checks_report(c, work, probe_s, verify_s):
+    probe, login = per_check_cpu(c, work)
+    fault = listener_fault_time(c, work)
+    print(
+        f"  CPU per probe round of one node (session `true` + listener check): "
+        f"{probe * 1000:.2f} ms; per fresh login: {login * 1000:.2f} ms"
+    )
+    per_node = probe / probe_s + login / verify_s
+    print(
+        f"  at probe_interval_s {probe_s:g} and verify_interval_s {verify_s:g}: "
+        f"{100 * per_node:.3f}% of one core per node; 1,000 nodes ~{1000 * 100 * per_node:.1f}% "
+        f"(checks only, without idle transports)"
+    )
+    print(
+        f"  stopped listener shown as Unknown/connection-refused after "
+        f"{', '.join(f'{t:.2f}' for t in fault)} s (bound: probe interval {probe_s:g} s + 1 s)",
+        flush=True,
+    )
+
+
+def api_report(c, work, args):
     daemon = None
     try:
         port = free_port()
@@ -144,7 +388,12 @@ def main():
             work / "cfg.toml",
             work / "state",
             server={"port": port, "threads": 8},
-            ssh={"probe_interval_s": 60.0, "connect_timeout_s": 5.0, "max_connects": 32},
+            ssh={
+                "probe_interval_s": 60.0,
+                "verify_interval_s": 300.0,
+                "connect_timeout_s": 5.0,
+                "max_connects": 32,
+            },
             discovery={"refresh_s": 60.0},
         )
         daemon = subprocess.Popen(
@@ -219,7 +468,6 @@ def main():
     finally:
         if daemon:
             stop_process(daemon)
-        c.teardown()
 
 
 if __name__ == "__main__":

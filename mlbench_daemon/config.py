@@ -270,6 +270,13 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     ("discovery", "timeout_s", number(0, strict=True), 2.0, "deadline of one DNS lookup"),
     (
         "discovery",
+        "recheck_s",
+        number(0),
+        300.0,
+        "re-read each member's address and TXT labels this often (0 = every pass)",
+    ),
+    (
+        "discovery",
         "label_rules",
         label_rules,
         [],
@@ -305,6 +312,13 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         number(0, strict=True),
         5.0,
         "time between reachability probes of one node",
+    ),
+    (
+        "ssh",
+        "verify_interval_s",
+        number(0, strict=True),
+        300.0,
+        "a full fresh login to each node this often (spread over the nodes)",
     ),
     ("ssh", "keepalive_s", number(0), 10.0, "SSH keepalive interval (0 = off)"),
     ("ssh", "max_connects", integer(1, 1024), 16, "SSH connects in flight at once"),

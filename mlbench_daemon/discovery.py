@@ -1,7 +1,8 @@
 """DNS -> list of Node: SRV/A/AAAA/PTR/TXT records, label rules, selectors, natural sort.
 
 No SSH and no HTTP here. `Discovery` takes the `cfg.discovery` section (any object with
-the attributes `service`, `srv`, `nameservers`, `namespace`, `timeout_s`, `label_rules`)
+the attributes `service`, `srv`, `nameservers`, `namespace`, `timeout_s`, `recheck_s`,
+`label_rules`)
 and an optional dnspython resolver, so tests can drive it.
 
 One discovery pass:
@@ -14,17 +15,28 @@ One discovery pass:
   rules in order (rules win).
 
 Every name is queried absolute, with one deadline of `timeout_s` for the whole pass.
+
+Idle cost: a pass asks for the member list (one SRV query, or the service's A and
+AAAA) every time; a member's address, TXT labels and PTR name are read when it
+appears and then re-read once every `recheck_s` (the first re-read of each spread
+at random over the second half of that period, so a big cluster's re-reads do not
+come all at once), so an idle pass costs about one query plus the changes. The
+records' TTLs do not shorten that: a TTL of 0 means "do not cache", and the member
+list is still read every pass. `recheck_s = 0` re-reads everything every pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import ipaddress
 import logging
+import random
 import re
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Never
 
 import dns.exception
@@ -246,6 +258,37 @@ class Discovery:
                         f"discovery.nameservers is empty and the system resolver is unusable: {e}",
                     ) from None
         self.resolver = resolver
+        self.recheck_s = cfg.recheck_s
+        self._cache: dict[tuple[str, Any], tuple[Any, float]] = {}  # (kind, name) -> (value, due)
+        self._cache_lock = threading.Lock()
+
+    def _cached(
+        self, p: _Pass, key: tuple[str, Any], read: Callable[[], Any], fresh: Any = None
+    ) -> Any:
+        """read() once every recheck_s per key (`fresh`: a value just seen, no read needed);
+        `None` values are never kept."""
+        p.used.add(key)
+        now = time.monotonic()
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if hit is not None and now < hit[1]:
+            if fresh is not None and fresh != hit[0]:
+                with self._cache_lock:
+                    self._cache[key] = (fresh, hit[1])
+                return fresh
+            return hit[0]
+        value = fresh if fresh is not None else read()
+        if value is not None and self.recheck_s > 0:
+            spread = 1.0 if hit is not None else random.uniform(0.5, 1.0)
+            with self._cache_lock:
+                self._cache[key] = (value, now + self.recheck_s * spread)
+        return value
+
+    def _forget_unused(self, p: _Pass) -> None:
+        """After a good pass: drop what this pass did not use (members that left)."""
+        with self._cache_lock:
+            for key in self._cache.keys() - p.used:
+                del self._cache[key]
 
     def discover(self) -> tuple[list[Node], float]:
         """All members (unfiltered, natural order) and the shortest TTL of the answers used.
@@ -289,6 +332,7 @@ class Discovery:
                 DiscoveryReason.NO_MEMBERS,
                 f"no members: SRV {self.srv_name} and A/AAAA {self.service} gave no usable address",
             )
+        self._forget_unused(p)
         return sorted(nodes.values(), key=lambda n: natural_key(n.name)), p.ttl
 
     def _srv_members(self, p: _Pass, srv: Any) -> Iterable[tuple[Any, ...]]:
@@ -296,7 +340,11 @@ class Discovery:
         for rr in sorted(srv, key=lambda r: (r.priority, -r.weight, r.target, r.port)):
             if rr.target == dns.name.root:  # "." = service decidedly not available there
                 continue
-            ip = p.address_of(rr.target, srv.response)
+            # an address in the SRV answer's additional section is free: it counts as a read
+            extra = p.additional_address(rr.target, srv.response)
+            ip = self._cached(
+                p, ("addr", rr.target), functools.partial(p.query_address, rr.target), fresh=extra
+            )
             if ip is None:
                 log.warning(
                     "%s: SRV target %s has no A/AAAA record; skipped", self.srv_name, rr.target
@@ -307,25 +355,37 @@ class Discovery:
     def _address_members(self, p: _Pass, addresses: list[str]) -> Iterable[tuple[Any, ...]]:
         """(PTR name or None, ip, ssh port) per address of the service."""
         for ip in sorted(set(addresses), key=_ip_order):
-            ptr = p.query(dns.reversename.from_address(ip), "PTR", optional=True)
-            yield (min(r.target for r in ptr) if ptr else None), ip, self.ssh_port
+            name = self._cached(p, ("ptr", ip), functools.partial(_ptr_name, p, ip))
+            yield (name or None), ip, self.ssh_port
 
     def _labels(self, p: _Pass, host: dns.name.Name | None, name: str) -> Labels:
-        labels = txt_labels(p.query(host, "TXT") or ()) if host else {}
+        labels = (
+            dict(self._cached(p, ("txt", host), lambda: txt_labels(p.query(host, "TXT") or ())))
+            if host
+            else {}
+        )
         for rule in self.cfg.label_rules:
             if fnmatch.fnmatchcase(name, rule["match"]):
                 labels.update(rule["labels"])
         return Labels(labels)
 
 
+def _ptr_name(p: _Pass, ip: str) -> dns.name.Name | str:
+    """The smallest PTR name of ip, or "" (no name: kept, so it is not asked every pass)."""
+    ptr = p.query(dns.reversename.from_address(ip), "PTR", optional=True)
+    return min(r.target for r in ptr) if ptr else ""
+
+
 class _Pass:
-    """The queries of one discovery pass: one deadline, the minimum TTL, the NXDOMAIN names."""
+    """The queries of one discovery pass: one deadline, the minimum TTL, the NXDOMAIN names,
+    the cache keys it used."""
 
     def __init__(self, resolver: dns.resolver.Resolver, deadline: float) -> None:
         self.resolver = resolver
         self.deadline = deadline
         self.ttl = float("inf")
         self.nxdomain: set[dns.name.Name] = set()
+        self.used: set[tuple] = set()
 
     def query(
         self, name: dns.name.Name, rdtype: str, optional: bool = False
@@ -362,13 +422,15 @@ class _Pass:
             self.ttl = min(self.ttl, answer.rrset.ttl)
         return answer
 
-    def address_of(self, host: dns.name.Name, response: dns.message.Message) -> str | None:
-        """host's first IPv4 (else IPv6) address: from the additional section of `response`
-        when it carries any, else queried (A, then AAAA)."""
+    def additional_address(self, host: dns.name.Name, response: dns.message.Message) -> str | None:
+        """host's first IPv4 (else IPv6) address from the additional section of `response`."""
         extra = [r for r in response.additional if r.name == host and r.rdtype in _ADDRESS_TYPES]
-        if extra:
-            self.ttl = min([self.ttl] + [r.ttl for r in extra])
-            rdatas: Iterable[Any] = [a for rrset in extra for a in rrset]
-        else:
-            rdatas = self.query(host, "A") or self.query(host, "AAAA") or ()
+        if not extra:
+            return None
+        self.ttl = min([self.ttl] + [r.ttl for r in extra])
+        return min((a.address for rrset in extra for a in rrset), key=_ip_order, default=None)
+
+    def query_address(self, host: dns.name.Name) -> str | None:
+        """host's first IPv4 (else IPv6) address, queried (A, then AAAA)."""
+        rdatas: Iterable[Any] = self.query(host, "A") or self.query(host, "AAAA") or ()
         return min((a.address for a in rdatas), key=_ip_order, default=None)

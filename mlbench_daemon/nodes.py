@@ -3,8 +3,10 @@
 Two daemon threads keep one immutable snapshot (a tuple of frozen NodeStatus,
 in natural name order) that readers take without waiting:
 
-- refresh loop: ``discovery.discover()`` every ``min(discovery.refresh_s,
-  max(ttl, 1))`` seconds; nodes outside ``discovery.selector`` are never
+- refresh loop: ``discovery.discover()`` every ``discovery.refresh_s`` seconds
+  (whatever the records' TTLs: a TTL of 0 means "do not cache", not "ask every
+  second"; Discovery re-reads unchanged members' records only every
+  ``discovery.recheck_s``); nodes outside ``discovery.selector`` are never
   tracked.  New members start ``Pending`` (reason ``not-probed-yet``); removed
   ones disappear and their pool connection is dropped.  On DiscoveryError the
   last good list stays and ``stale``/``stale_reason`` say why (before the
@@ -15,6 +17,28 @@ in natural name order) that readers take without waiting:
   (``connect-timeout``) and a node whose previous probe is still running is not
   probed again, so one silent host never stalls the others.  Each result is
   applied as soon as it arrives.
+
+What a probe of one node checks (``Running`` = a job can be launched there now),
+in ``probe_result``:
+
+1. the persistent session runs `true` (``pool.probe``; reconnecting if needed);
+2. the node accepts new connections: a fresh TCP connect and the SSH banner
+   (``pool.check_listener``), unless step 1 has just logged in afresh;
+3. once every ``ssh.verify_interval_s`` a full fresh login on a new connection
+   (``pool.verify_login``: host-key check, auth, `true`).  The persistent
+   session's own login counts as one.  Node i of n is due at phase i/n of the
+   interval (``FreshLogins``), so the logins are spread evenly over it, never
+   all at once.  Forced rounds (``refresh()``, ``?refresh=1``) do steps 1 and 2
+   only, and step 3 for nodes whose last fresh login failed.
+
+A failed step 2 makes the node ``Unknown`` (connection-refused, no-banner, ...)
+with a message saying that an existing session still works but new logins
+fail; a failed step 3 gives the login's own phase and reason (``Failed``:
+host-key-changed, auth-failed, ...), kept until a later fresh login succeeds.
+A node that refused us (``Failed``) is not logged into again before its next
+slot (or a forced round), so a broken node does not fill its sshd log (and
+fail2ban) with failed logins every probe round; a fresh login that timed out or
+broke is retried the next round.
 """
 
 import concurrent.futures
@@ -26,21 +50,40 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from mlbench_daemon.discovery import Discovery, DiscoveryError, Node, Selector, natural_key
-from mlbench_daemon.ssh_errors import SSHError
+from mlbench_daemon.ssh_errors import SSHError, Untrusted
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import DiscoveryReason, NodeReason, Phase, SSHReason
 
 log = logging.getLogger(__name__)
+
+
+def _key(node: Node) -> tuple[str, str, int]:
+    return (node.name, node.ip, node.port)
+
 
 SWEEP_SLACK_S = 1.0  # sweep deadline = ssh.connect_timeout_s + this (each probe bounds itself)
 RETRY_S = 2.0  # discovery retry after a failure (at most discovery.refresh_s)
 ALIVE_FACTOR = 3  # alive() while each loop made progress within this many of its periods
 
 
+class Session(Protocol):
+    """What the registry reads of ssh.Connection."""
+
+    connects: int
+
+    @property
+    def is_connected(self) -> bool: ...
+
+
 class Prober(Protocol):
     """What the registry needs of ssh.Pool."""
 
     def probe(self, ip: str, port: int, host: str | None = None) -> float: ...
+    def check_listener(
+        self, ip: str, port: int, host: str | None = None, timeout: float | None = None
+    ) -> float: ...
+    def verify_login(self, ip: str, port: int, host: str | None = None) -> float: ...
+    def connection(self, ip: str, port: int, host: str | None = None) -> Session: ...
     def drop(self, ip: str, port: int) -> None: ...
 
 
@@ -71,27 +114,107 @@ class NodeStatus:
         }
 
 
-def probe_result(pool: Prober, node: Node, user: str) -> dict[str, Any]:
-    """Probe `node` -> the NodeStatus fields its result sets (phase, reason, ...)."""
+NodeKey = tuple[str, str, int]
+
+
+class FreshLogins:
+    """When each node last tried a full fresh login, and its error while they fail."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
+        self.interval_s, self.clock = interval_s, clock
+        self.count = 0  # fresh logins made (session reconnects + verify_login)
+        self._last: dict[NodeKey, float] = {}
+        self._error: dict[NodeKey, SSHError] = {}
+        self._lock = threading.Lock()
+
+    def due(self, k: NodeKey, index: int, n: int, now: float) -> bool:
+        """Is node `index` of `n` due?  Its slots are at phase index/n of the interval, so
+        at most one interval after its last attempt."""
+        last = self._last.get(k)
+        if last is None:
+            return True
+        interval = self.interval_s
+        wait = (interval * index / max(n, 1) - last) % interval or interval
+        return now >= last + wait
+
+    def done(self, k: NodeKey, error: SSHError | None) -> None:
+        """Record a fresh-login attempt of node k (error None = it worked)."""
+        with self._lock:
+            self._last[k] = self.clock()
+            self.count += 1
+            if error is None:
+                self._error.pop(k, None)
+            else:
+                self._error[k] = error
+
+    def error(self, k: NodeKey) -> SSHError | None:
+        return self._error.get(k)
+
+    def forget(self, k: NodeKey) -> None:
+        with self._lock:
+            self._last.pop(k, None)
+            self._error.pop(k, None)
+
+
+def _noted(e: SSHError, note: str) -> SSHError:
+    """A copy of SSHError e with `note` added to its message (e itself may be reused)."""
+    return type(e)(e.reason, f"{e}{note}")
+
+
+def probe_result(
+    pool: Prober, node: Node, ssh: Any, logins: FreshLogins, *, login: bool, retry: bool
+) -> dict[str, Any]:
+    """Probe `node` -> the NodeStatus fields its result sets (phase, reason, ...).
+
+    `ssh`: the config section (user, connect_timeout_s: the bound of the whole probe);
+    `login`: make a fresh login unless the session does; `retry`: a node whose last fresh
+    login was refused may be tried again (its slot has come, or the round was forced)."""
+    user, timeout = ssh.user, ssh.connect_timeout_s
+    k = _key(node)
+    start = time.monotonic()
+    ip, port = node.ip, node.port
     try:
-        latency = pool.probe(node.ip, node.port, node.host)
+        conn = pool.connection(ip, port, node.host)
+        failed = logins.error(k)
+        if isinstance(failed, Untrusted) and not retry and not conn.is_connected:
+            raise failed  # not before its next slot (see the module docstring)
+        # a refusal is retried at its slot; a login that timed out or broke, next round
+        login = login or (failed is not None and (retry or not isinstance(failed, Untrusted)))
+        connects = conn.connects
+        latency = pool.probe(ip, port, node.host)
+        if conn.connects != connects:  # the session logged in afresh: steps 2 and 3 done
+            logins.done(k, None)
+        else:
+            left = timeout - (time.monotonic() - start)
+            try:
+                pool.check_listener(ip, port, node.host, timeout=max(0.1, left))
+            except SSHError as e:
+                note = "; an existing session still works but new logins fail"
+                raise _noted(e, note + " (so mpirun cannot start there)") from e
+            if login:
+                try:
+                    pool.verify_login(ip, port, node.host)
+                    logins.done(k, None)
+                except SSHError as e:
+                    logins.done(k, _noted(e, " (an existing session still works)"))
+        failed = logins.error(k)
+        if failed is not None:
+            raise failed
         return dict(
             phase=Phase.RUNNING,
             reason=NodeReason.OK,
             latency_ms=round(latency * 1000, 3),
-            message=f"logged in as {user} and ran `true`",
+            message=f"ran `true` as {user}; new connections accepted; last fresh login ok",
         )
     except SSHError as e:
+        if isinstance(e, Untrusted) and e is not logins.error(k):
+            logins.done(k, e)  # the session's reconnect was refused: a failed login
         return dict(phase=e.phase, reason=e.reason, message=str(e), latency_ms=None)
     except Exception as e:  # a bug must not leave the node Pending forever
         log.exception("probe of %s failed unexpectedly", node.name)
         return dict(
             phase=Phase.UNKNOWN, reason=SSHReason.SSH_ERROR, message=repr(e), latency_ms=None
         )
-
-
-def _key(node: Node) -> tuple[str, str, int]:
-    return (node.name, node.ip, node.port)
 
 
 class Registry:
@@ -120,6 +243,8 @@ class Registry:
         self._first_pass = threading.Event()
         # node key -> the future of its probe still running
         self._inflight: dict[tuple[str, str, int], concurrent.futures.Future[None]] = {}
+        self._forced = False  # the next round was asked for by refresh(): no fresh logins
+        self.logins = FreshLogins(cfg.ssh.verify_interval_s, clock)
         self._beats: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -194,6 +319,7 @@ class Registry:
         """Run one probe round now and wait (at most `timeout`) until it has finished."""
         with self._rounds:
             want = self._started + 1
+            self._forced = True
             self._wake.set()
             self._rounds.wait_for(lambda: self._done >= want, timeout)
 
@@ -211,7 +337,7 @@ class Registry:
         """One discovery pass; returns the seconds until the next one."""
         refresh_s = self.cfg.discovery.refresh_s
         try:
-            nodes, ttl = self.discovery.discover()
+            nodes, _ttl = self.discovery.discover()
         except Exception as e:
             reason = e.reason if isinstance(e, DiscoveryError) else DiscoveryReason.DNS_ERROR
             if not isinstance(e, DiscoveryError):
@@ -222,7 +348,7 @@ class Registry:
                 self._stale, self._stale_reason = True, reason
             return min(refresh_s, RETRY_S)
         self._set_members(n for n in nodes if self.selector.matches(n.labels))
-        return min(refresh_s, max(ttl, 1.0))
+        return refresh_s
 
     def _set_members(self, nodes: Iterable[Node]) -> None:
         members = {_key(n): n for n in nodes}
@@ -239,6 +365,7 @@ class Registry:
         kept = {(n.ip, n.port) for n in members.values()}
         for k in old.keys() - members.keys():
             log.info("node %s (%s:%d) left", *k)
+            self.logins.forget(k)
             if k[1:] not in kept:
                 self.pool.drop(*k[1:])
         for k in members.keys() - old.keys():
@@ -253,8 +380,9 @@ class Registry:
                 self._started += 1
                 n = self._started
                 after_discovery = self._discovered.is_set()
+                forced, self._forced = self._forced, False
             try:
-                self._sweep()
+                self._sweep(logins=not forced)
             except Exception:  # never let the loop die; the watchdog would notice anyway
                 log.exception("probe sweep failed")
             with self._rounds:
@@ -265,17 +393,20 @@ class Registry:
             self._beats["probe"] = self.clock()
             self._wake.wait(self.cfg.ssh.probe_interval_s)
 
-    def _sweep(self) -> None:
+    def _sweep(self, logins: bool = True) -> None:
         """Probe every node in parallel under one deadline for the whole round."""
         budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
         futures: dict[concurrent.futures.Future[None], Node] = {}
-        for s in self._snapshot:
+        snapshot, now = self._snapshot, self.clock()
+        for i, s in enumerate(snapshot):
             k = _key(s.node)
+            due = self.logins.due(k, i, len(snapshot), now)
+            args = (s.node, due and logins, due or not logins)  # login, retry: see _probe
             with self._lock:
                 f = self._inflight.get(k)
                 if f is None:
                     try:
-                        f = self._inflight[k] = self._executor.submit(self._probe, s.node)
+                        f = self._inflight[k] = self._executor.submit(self._probe, *args)
                     except RuntimeError:  # executor shut down: we are stopping
                         return
             # a probe still running from an earlier round is waited for, not piled up
@@ -296,9 +427,9 @@ class Registry:
                     if_inflight=True,
                 )
 
-    def _probe(self, node: Node) -> None:
+    def _probe(self, node: Node, login: bool, retry: bool) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
-        change = probe_result(self.pool, node, self.cfg.ssh.user)
+        change = probe_result(self.pool, node, self.cfg.ssh, self.logins, login=login, retry=retry)
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )

@@ -104,7 +104,9 @@ _NODES_OP: Schema = {
             "required": False,
             "allowEmptyValue": True,
             "description": "`1` (or `true`, `yes`) runs one probe round now and waits for it "
-            "(at most 10 s) before answering; `0`, `false`, `no` or empty: do not.",
+            "(at most 10 s) before answering: every node's session and listener are checked "
+            "again (full fresh logins only for nodes whose last one failed); `0`, `false`, "
+            "`no` or empty: do not.",
             "schema": _FLAG,
         }
     ],
@@ -244,9 +246,13 @@ SCHEMAS = {
     "Phase": {
         "type": "string",
         "enum": [p.value for p in Phase],
-        "description": "`Pending`: first probe not finished; `Running`: SSH login with the "
-        "configured key succeeded and the host key was verified; `Unknown`: could "
-        "not reach it; `Failed`: reached it but it refused us or could not be trusted.",
+        "description": "`Pending`: first probe not finished; `Running`: a job can be launched "
+        "there now: the node accepts new SSH connections (checked every probe round), a fresh "
+        "login with the configured key and the pinned host key ran `true` within "
+        "`ssh.verify_interval_s`, and the persistent session runs a command; `Unknown`: could "
+        "not reach it (also: its listener is gone or hung while an old session lives); "
+        "`Failed`: reached it but it refused us or could not be trusted (also when seen on a "
+        "fresh login while an old session still works).",
     },
     "Node": {
         "type": "object",

@@ -23,6 +23,23 @@ default 10).
 
 Remote commands are built only by ``quote(argv)`` (``shlex.join``): the login
 shell sees one word per argv item, whatever the bytes.
+
+An established connection proves nothing about the next login (sshd's listener
+can be stopped, hung, re-keyed, or the key revoked while old sessions live), so
+besides ``probe`` (a command on the persistent connection) there are:
+
+- ``check_listener``: a fresh TCP connect to the node's sshd and its banner
+  (no crypto), made by the node itself through the persistent connection (a
+  ``direct-tcpip`` channel to the node's own address and port); after the banner
+  it sends an identification string and a disconnect (reason 11, "by
+  application"), so sshd logs a clean "Received disconnect ... listener check".
+  Made from the node, the check's pre-auth disconnect is logged against the
+  node's own address, which fail2ban never bans (``ignoreself``); made from here,
+  fail2ban's sshd filter in ddos/aggressive mode counts every such disconnect as
+  a failure and would ban the head within minutes.  When the node forbids
+  forwarding (``AllowTcpForwarding no``) the check connects from here instead.
+- ``verify_login``: a full fresh login on a new connection (key exchange with the
+  host-key check, auth, then ``true``), closed at once.
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ import logging
 import os
 import shlex
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +78,18 @@ from mlbench_daemon.ssh_errors import (
 from mlbench_daemon.vocabulary import SSHReason as R
 
 log = logging.getLogger(__name__)
+
+
+class _NoOpenFailures(logging.Filter):
+    """paramiko logs every refused channel open as an ERROR; a listener check whose node
+    cannot connect to its own sshd would log one every probe round.  The failure reaches
+    the caller as an exception (and the node's reason) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "open FAILED" not in record.getMessage()
+
+
+logging.getLogger("paramiko.transport").addFilter(_NoOpenFailures())
 
 # The error classes and host-key helpers live in their own modules; they are
 # re-exported here so that `from mlbench_daemon.ssh import Unreachable` keeps working.
@@ -91,6 +121,13 @@ WINDOW_SIZE = 16 * 2**20
 MAX_PACKET_SIZE = 2**17
 RECV_SIZE = 2**20
 TCP_USER_TIMEOUT_S = 30  # unacknowledged data for this long kills the socket (frozen peer)
+TRANSPORT_POLL_S = 1.0  # see _connect
+CHECK_IDENT = b"SSH-2.0-mlbench-daemon-check\r\n"
+MAX_BANNER = 8192  # sshd may send text lines before its SSH- line (RFC 4253 4.2)
+# A listener check made from here ends in a pre-auth disconnect that fail2ban's sshd
+# filter (aggressive, ddos) counts as a failure; it bans at 5 within 10 minutes by
+# default, so from here a node's listener is checked at most this often.
+HEAD_CHECK_EVERY_S = 180.0
 
 
 # AES-GCM encrypts and authenticates in one pass in C; with paramiko's default
@@ -158,6 +195,48 @@ def classify(exc: BaseException, where: str = "") -> SSHError:
     return Unreachable(R.SSH_ERROR, f"{at}{type(exc).__name__}: {text}")
 
 
+def _disconnect_packet(text: bytes) -> bytes:
+    """An unencrypted SSH_MSG_DISCONNECT (reason 11, by application), valid before kex."""
+
+    def string(b: bytes) -> bytes:
+        return struct.pack(">I", len(b)) + b
+
+    payload = bytes([1]) + struct.pack(">I", 11) + string(text) + string(b"")
+    pad = 8 - (5 + len(payload)) % 8
+    pad += 8 if pad < 4 else 0
+    return struct.pack(">IB", 1 + len(payload) + pad, pad) + payload + bytes(pad)
+
+
+CHECK_BYE = CHECK_IDENT + _disconnect_packet(b"mlbench-daemon listener check")
+
+
+def _read_banner(recv: Callable[[int], bytes], where: str, timeout: float) -> str:
+    """Read until sshd's ``SSH-`` line; Unreachable("no-banner") if it does not come."""
+    buf = b""
+    while True:
+        try:
+            data: bytes | None = recv(1024)
+        except TimeoutError:
+            data = None
+        if data is None:
+            raise Unreachable(R.NO_BANNER, f"{where}: no SSH banner within {timeout:g} s")
+        if not data:
+            raise Unreachable(
+                R.NO_BANNER, f"{where}: connection closed before the SSH banner ({buf[:80]!r})"
+            )
+        buf += data
+        for line in buf.split(b"\n")[:-1]:
+            if line.startswith(b"SSH-"):
+                return line.rstrip(b"\r").decode(errors="replace")
+        if len(buf) > MAX_BANNER:
+            raise Unreachable(R.NO_BANNER, f"{where}: no SSH- line in the first {MAX_BANNER} bytes")
+
+
+def _forward_failure(exc: paramiko.ChannelException, where: str) -> Unreachable:
+    """A direct-tcpip open the node refused for another reason than a failed connect."""
+    return Unreachable(R.SSH_ERROR, f"{where}: the node refused the check channel: {exc.text}")
+
+
 def load_client_key(key_file: str) -> paramiko.PKey | None:
     """The client key, loaded once; ``ssh.key_file`` empty = the first of ~/.ssh/id_*."""
     paths = [key_file] if key_file else [os.path.expanduser(f"~/.ssh/{n}") for n in DEFAULT_KEYS]
@@ -207,6 +286,9 @@ class Connection:
         self.connects = 0
         self.channels = threading.BoundedSemaphore(pool.cfg.max_channels)
         self.probe_channel = threading.BoundedSemaphore(1)
+        self.forwarding = True  # check_listener through this connection (until refused)
+        # (monotonic, error or None, seconds) of the last listener check made from here
+        self.head_check: tuple[float, SSHError | None, float] | None = None
         self._open_lock = threading.Lock()
         self._lock = threading.Lock()
 
@@ -293,6 +375,11 @@ class Connection:
                 raise Untrusted(R.AUTH_FAILED, f"{self.where}: server wants more than a public key")
             if kw["keepalive"]:
                 transport.set_keepalive(max(1, int(kw["keepalive"])))
+            # paramiko's transport thread wakes every 0.1 s on its socket's timeout, only to
+            # see whether it was closed (close() does not wait for that) and whether a
+            # keepalive is due: with a second instead, 128 idle connections cost the daemon
+            # a tenth of the CPU.  Data still wakes it at once.
+            sock.settimeout(TRANSPORT_POLL_S)
             return transport
         except BaseException as e:
             if transport is not None:
@@ -447,23 +534,137 @@ class Pool:
         deadline = start + self.cfg.connect_timeout_s
         conn = self.connection(ip, port, host)
         try:
-            chan, release = self._exec(conn, ["true"], deadline, probe=True, stdin=False)
-            try:
-                chan.settimeout(_remaining(deadline))
-                while chan.recv(RECV_SIZE):
-                    pass
-                code = _exit_status(chan, _remaining(deadline))
-            finally:
-                _close_channel(chan)
-                release()
-            if code is None:
-                raise Unreachable(R.CONNECT_TIMEOUT, f"{conn.where}: `true` did not finish in time")
-            if code != 0:
-                raise Unreachable(R.SSH_ERROR, f"{conn.where}: logged in, but `true` exited {code}")
+            self._true(conn, deadline)
             return time.monotonic() - start
         except Exception as e:
             conn.close()
             raise classify(e, conn.where) from e
+
+    def check_listener(
+        self, ip: str, port: int, host: str | None = None, timeout: float | None = None
+    ) -> float:
+        """Seconds for a fresh TCP connect to the node's sshd and its banner (see the module
+        docstring); bounded by `timeout` (default the connect timeout).  Raises Unreachable:
+        connection-refused, no-banner, connect-timeout, ..."""
+        start = time.monotonic()
+        timeout = self.cfg.connect_timeout_s if timeout is None else timeout
+        deadline = start + timeout
+        conn = self.connection(ip, port, host)
+        t = conn.transport
+        if t is not None and conn.forwarding and conn.is_connected:
+            where = f"{conn.where} (new connection, made from the node)"
+            try:
+                chan = t.open_channel(
+                    "direct-tcpip", (ip, port), ("127.0.0.1", 0), timeout=_remaining(deadline)
+                )
+            except paramiko.ChannelException as e:
+                if e.code == paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED:
+                    log.warning(
+                        "%s: the node forbids TCP forwarding; its listener is checked from here",
+                        conn.where,
+                    )
+                    conn.forwarding = False
+                elif e.code == paramiko.common.OPEN_FAILED_CONNECT_FAILED:
+                    # paramiko drops sshd's own text ("Connection refused"): ask from here,
+                    # which also tells a stopped listener from an address the node does not
+                    # have (NAT between us and it: then check from here from now on)
+                    took = self._connect_for_banner(conn, deadline, timeout, start)
+                    log.warning(
+                        "%s: the node cannot connect to its own address, but we can; "
+                        "its listener is checked from here",
+                        conn.where,
+                    )
+                    conn.forwarding = False
+                    return took
+                else:
+                    raise _forward_failure(e, where) from None
+            except Exception as e:
+                raise classify(e, where) from e
+            else:
+                try:
+                    chan.settimeout(_remaining(deadline))
+                    _read_banner(chan.recv, where, timeout)
+                    chan.sendall(CHECK_BYE)
+                    return time.monotonic() - start
+                except SSHError:
+                    raise
+                except Exception as e:
+                    raise classify(e, where) from e
+                finally:
+                    _close_channel(chan)
+        return self._check_listener_here(conn, deadline, timeout, start)
+
+    def _check_listener_here(
+        self, conn: Connection, deadline: float, timeout: float, start: float
+    ) -> float:
+        last = conn.head_check
+        if last is not None and time.monotonic() - last[0] < HEAD_CHECK_EVERY_S:
+            if last[1] is not None:
+                raise last[1]
+            return last[2]
+        try:
+            took = self._connect_for_banner(conn, deadline, timeout, start)
+        except SSHError as e:
+            conn.head_check = (time.monotonic(), e, 0.0)
+            raise
+        conn.head_check = (time.monotonic(), None, took)
+        return took
+
+    def _connect_for_banner(
+        self, conn: Connection, deadline: float, timeout: float, start: float
+    ) -> float:
+        where = f"{conn.where} (new connection)"
+        try:
+            with socket.create_connection(
+                (conn.ip, conn.port), timeout=max(0.01, _remaining(deadline))
+            ) as sock:
+                sock.settimeout(max(0.01, _remaining(deadline)))
+                _read_banner(sock.recv, where, timeout)
+                sock.sendall(CHECK_BYE)
+            return time.monotonic() - start
+        except SSHError:
+            raise
+        except Exception as e:
+            raise classify(e, where) from e
+
+    def verify_login(self, ip: str, port: int, host: str | None = None) -> float:
+        """Seconds for a full fresh login on a new connection: key exchange with the host-key
+        check, public-key auth, then `true`; closed at once.  Bounded by the connect timeout.
+        Raises Untrusted (host-key-changed, host-key-unknown, auth-failed) or Unreachable."""
+        start = time.monotonic()
+        deadline = start + self.cfg.connect_timeout_s
+        conn = Connection(self, ip, port)  # not in the pool: used once
+        conn.host = host or self.connection(ip, port).host
+        conn.where = f"{conn.where} (fresh login)"
+        try:
+            if not self._connects.acquire(timeout=_remaining(deadline)):
+                raise Unreachable(R.CONNECT_TIMEOUT, f"{conn.where}: too many connects in flight")
+            try:
+                conn.transport = conn._connect(deadline)
+            finally:
+                self._connects.release()
+            self._true(conn, deadline)
+            return time.monotonic() - start
+        except Exception as e:
+            raise classify(e, conn.where) from e
+        finally:
+            conn.close()
+
+    def _true(self, conn: Connection, deadline: float) -> None:
+        """Run `true` on conn (the probe channel) by deadline; raises on anything else."""
+        chan, release = self._exec(conn, ["true"], deadline, probe=True, stdin=False)
+        try:
+            chan.settimeout(_remaining(deadline))
+            while chan.recv(RECV_SIZE):
+                pass
+            code = _exit_status(chan, _remaining(deadline))
+        finally:
+            _close_channel(chan)
+            release()
+        if code is None:
+            raise Unreachable(R.CONNECT_TIMEOUT, f"{conn.where}: `true` did not finish in time")
+        if code != 0:
+            raise Unreachable(R.SSH_ERROR, f"{conn.where}: logged in, but `true` exited {code}")
 
     def run(
         self, ip: str, port: int, argv: list[str], *, stdin: bytes = b"", timeout: float

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dns.exception
 import dns.resolver
@@ -190,6 +191,106 @@ def test_membership_changes(cluster):
     assert gone.ip in resolve(cluster, f"{cluster.service}.", "A")
 
 
+def on_host(c, h, script):
+    r = c.ssh(h, ["sh", "-c", script], timeout=15)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_hosts_are_apart_names_processes_env_and_keys(cluster):
+    c = cluster
+    a, b = c.hosts[0], c.hosts[1]
+    for h in c.hosts:
+        assert on_host(c, h, "hostname").strip() == h.name
+        # every host name resolves on every host
+        names = " ".join(x.name for x in c.hosts)
+        got = on_host(c, h, f"getent hosts {names}").split("\n")
+        assert [line.split()[0] for line in got if line] == [x.ip for x in c.hosts]
+    # what runs on a host is seen (and can be killed) only there
+    on_host(c, a, "setsid sleep 300 </dev/null >/dev/null 2>&1 &")
+    assert "sleep" in on_host(c, a, "ps -eo comm")
+    assert "sleep" not in on_host(c, b, "ps -eo comm")
+    assert on_host(c, b, "pkill -x sleep; echo $?").strip() == "1"
+    assert "sleep" in on_host(c, a, "ps -eo comm")
+    # a host's own environment for non-interactive sessions
+    c.set_env(a, PATH="/nowhere:/usr/bin:/bin", MARK="a")
+    assert on_host(c, a, "echo $PATH $MARK").split() == ["/nowhere:/usr/bin:/bin", "a"]
+    assert "/nowhere" not in on_host(c, b, "echo $PATH $MARK")
+    # a host's own authorized_keys
+    c.revoke_key(a)
+    r = c.ssh(a, ["true"])
+    assert r.returncode == 255 and "Permission denied" in r.stderr
+    assert login_ok(c, b)
+    c.restore_key(a)
+    assert login_ok(c, a)
+
+
+@pytest.fixture
+def session(cluster, tmp_path):
+    """session(h) -> run(argv): commands over one established OpenSSH connection to h."""
+    masters = []
+
+    def open_session(h):
+        sock = tmp_path / f"cm{len(masters)}"
+        opts = ["-o", "ControlMaster=yes", "-o", f"ControlPath={sock}", "-o", "ControlPersist=no"]
+        argv = cluster.ssh_argv(h, "sleep 600")
+        m = subprocess.Popen(argv[:1] + opts + argv[1:], stdin=subprocess.DEVNULL)
+        masters.append(m)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline and m.poll() is None, "control master failed"
+            time.sleep(0.02)
+
+        def run(argv):
+            cmd = cluster.ssh_argv(h, argv)
+            return subprocess.run(
+                [*cmd[:1], "-o", f"ControlPath={sock}", *cmd[1:]],
+                capture_output=True,
+                text=True,
+                timeout=15,
+            )
+
+        return run
+
+    yield open_session
+    for m in masters:
+        m.kill()
+        m.wait()
+
+
+def test_stop_listener_keeps_sessions(cluster, session):
+    h = cluster.hosts[1]
+    run = session(h)
+    cluster.stop_listener(h)
+    assert banner(h.ip) == b""
+    assert not login_ok(cluster, h)
+    assert run(["echo", "still"]).stdout == "still\n"
+    cluster.start_listener(h)
+    assert login_ok(cluster, h)
+    assert run(["echo", "still"]).stdout == "still\n"
+
+
+def test_freeze_listener_keeps_sessions(cluster, session):
+    h = cluster.hosts[1]
+    run = session(h)
+    cluster.freeze_listener(h)
+    assert banner(h.ip, timeout=1.0) is None
+    assert run(["echo", "still"]).stdout == "still\n"
+    cluster.thaw(h)
+    assert banner(h.ip).startswith(b"SSH-2.0-")
+
+
+def test_rotate_host_key_keeps_sessions(cluster, session):
+    h = cluster.hosts[0]
+    run = session(h)
+    cluster.rotate_host_key(h)
+    r = cluster.ssh(h, ["true"])
+    assert r.returncode == 255 and "HOST IDENTIFICATION HAS CHANGED" in r.stderr
+    assert run(["echo", "still"]).stdout == "still\n"
+    cluster.restore_host_key(h)
+    assert login_ok(cluster, h)
+
+
 def test_reset_undoes_every_fault(cluster):
     c = cluster
     c.freeze(0)
@@ -203,6 +304,15 @@ def test_reset_undoes_every_fault(cluster):
     assert len(c.hosts) == 4
     for h in c.hosts:
         assert login_ok(c, h)
+    c.stop_listener(0)
+    c.freeze_listener(1)
+    c.rotate_host_key(2)
+    c.revoke_key(3)
+    c.set_env(3, PATH="/nowhere")
+    c.reset()
+    for h in c.hosts:
+        assert login_ok(c, h)
+    assert "/nowhere" not in on_host(c, c.hosts[3], "echo $PATH")
     assert sorted(resolve(c, f"{c.service}.", "A")) == sorted(h.ip for h in c.hosts)
 
 
@@ -243,6 +353,7 @@ def test_teardown_and_leftover_cleanup(tmp_path):
     cleanup_leftovers()
     assert not {ns for ns in _namespaces() if ns.startswith(PREFIX + run_id)}
     assert not (STATE_ROOT / f"{PREFIX}-{run_id}").exists()
+    assert not list(Path("/etc/netns").glob(f"{PREFIX}{run_id}*"))
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert PREFIX + run_id not in links
     assert f"{PREFIX}{run_id}:" not in open("/etc/passwd").read()

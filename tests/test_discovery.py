@@ -93,7 +93,7 @@ def hosts_file(tmp_path, *lines) -> str:
 def cfg(port, service=SVC, **kw):
     values = dict(
         service=service, srv="_ssh._tcp", nameservers=[f"127.0.0.1:{port}"], namespace="default",
-        selector="", refresh_s=10, timeout_s=2.0, label_rules=[],
+        selector="", refresh_s=10, timeout_s=2.0, recheck_s=0.0, label_rules=[],
     )  # fmt: skip
     values.update(kw)
     return types.SimpleNamespace(**values)
@@ -485,3 +485,29 @@ def test_selector_matches_reference(reqs, labels, spaced):
     )
     s = Selector.parse(text)
     assert s.matches(labels) == reference_matches(Selector(tuple(reqs)), labels)
+
+
+def test_recheck_s_keeps_members_records_between_passes(dnsmasq, tmp_path):
+    """A label change shows only when the member's records are re-read: every pass with
+    recheck_s = 0, after recheck_s otherwise; a new member is read at once."""
+    hosts = hosts_file(tmp_path, f"127.77.0.1 w-1.{SVC}", f"127.77.0.2 w-2.{SVC}")
+    port = dnsmasq(f"--srv-host={SRV},w-1.{SVC},22", f"--txt-record=w-1.{SVC},v=1", hosts)
+    cached = Discovery(cfg(port, recheck_s=1.0))
+    every = Discovery(cfg(port))
+    assert [n.labels for n in cached.discover()[0]] == [{"v": "1"}]
+    every.discover()
+    dnsmasq.proc.kill()
+    dnsmasq.proc.wait()
+    port2 = dnsmasq(
+        f"--srv-host={SRV},w-1.{SVC},22",
+        f"--srv-host={SRV},w-2.{SVC},22",
+        f"--txt-record=w-1.{SVC},v=2",
+        f"--txt-record=w-2.{SVC},v=2",
+        hosts,
+    )
+    for d in (cached, every):
+        d.resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", port2)]
+    assert [n.labels for n in every.discover()[0]] == [{"v": "2"}, {"v": "2"}]
+    assert [n.labels for n in cached.discover()[0]] == [{"v": "1"}, {"v": "2"}]
+    time.sleep(1.0)
+    assert [n.labels for n in cached.discover()[0]] == [{"v": "2"}, {"v": "2"}]

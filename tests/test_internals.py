@@ -79,6 +79,28 @@ def test_paramiko_channel_status_event():
     assert hasattr(event, "wait") and hasattr(event, "is_set")
 
 
+def test_paramiko_transport_polls_on_its_socket_timeout(transport):
+    """ssh.Connection._connect raises the socket's timeout to ssh.TRANSPORT_POLL_S after the
+    login: paramiko's transport thread sets it to Transport._active_check_timeout (0.1 s) and
+    only checks for close and keepalives on each timeout, so a longer one only slows those."""
+    need(paramiko.Transport, "_active_check_timeout", "ssh.TRANSPORT_POLL_S (the poll it slows)")
+    assert transport.sock.gettimeout() == paramiko.Transport._active_check_timeout
+    source = inspect.getsource(paramiko.packet.Packetizer.read_all)
+    assert "socket.timeout" in source and "_check_keepalive" in source, (
+        "Packetizer.read_all no longer treats a socket timeout as an idle tick; "
+        "ssh.TRANSPORT_POLL_S relies on it"
+    )
+
+
+def test_paramiko_open_failure_log_and_codes():
+    """ssh.check_listener tells refused forwarding from a failed connect by the open-failure
+    codes, and ssh._NoOpenFailures drops paramiko's 'open FAILED' log line."""
+    for name in ("OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED", "OPEN_FAILED_CONNECT_FAILED"):
+        need(paramiko.common, name, "ssh.Pool.check_listener")
+    source = inspect.getsource(paramiko.Transport._parse_channel_open_failure)
+    assert "open FAILED" in source, "paramiko's channel-open failure log changed: see ssh.py"
+
+
 # --- waitress ---------------------------------------------------------------------------
 
 

@@ -465,9 +465,18 @@ def test_async_job_log_paging_and_follow(env):
 
 
 def test_cancel_mid_run_leaves_no_process_on_any_host(env, cluster):
-    job = env.jobs.submit({"program": env.prog("--sleep", "60"), "wait": False})
+    # every rank also leaves a detached process (like a data loader) that mpirun's own
+    # kill does not reach; each host sees only its own processes, so only a sweep of
+    # every host ends them all
+    detach = 'setsid sleep 300 </dev/null >/dev/null 2>&1 & exec "$0" --sleep 60'
+    program = ["/bin/sh", "-c", detach, str(cluster.mpi_program)]
+    job = env.jobs.submit({"program": program, "wait": False})
     wait_ranks(env, job["id"])
     assert any("orted" in cmd for _, cmd in job_processes(cluster))
+    wait_for(
+        lambda: sum(cmd.startswith("sleep 300") for _, cmd in job_processes(cluster)) == 3,
+        what="a detached process on every host",
+    )
     done = env.jobs.cancel(job["id"])
     assert done["state"] == "cancelled" and done["reason"] == "cancelled"
     assert "verified no process left on 3 host(s)" in done["error"]

@@ -241,3 +241,130 @@ def test_bad_selector_is_rejected(cluster, tmp_path, bad):
     with running_registry(cluster, tmp_path, start=False) as reg:
         with pytest.raises(ValueError):
             reg.nodes(bad)
+
+
+def test_an_idle_refresh_pass_asks_only_for_the_member_list(cluster, tmp_path):
+    """TTL 0 ("do not cache") must not make the daemon poll every second, and unchanged
+    members' records are not re-read every pass (counted with dnsmasq's --log-queries)."""
+    cluster.set_dns_ttl(0)
+    refresh = 2.0
+    discovery = {"refresh_s": refresh, "recheck_s": 3600.0}
+    with running_registry(cluster, tmp_path, discovery=discovery) as reg:
+        assert wait_for(lambda: len(reg.nodes()) == 3)
+        time.sleep(0.5)  # the first pass's queries are logged
+        before = len(cluster.dns_queries())
+        t0 = time.monotonic()
+        time.sleep(8)
+        window = time.monotonic() - t0
+        asked = cluster.dns_queries()[before:]
+        assert {q[0] for q in asked} == {"SRV"}, asked
+        assert len(asked) <= window / refresh + 2, asked
+
+        before = len(cluster.dns_queries())
+        new = cluster.add_host()
+        t0 = time.monotonic()
+        assert wait_for(lambda: new.name in by_name(reg), timeout=3 * refresh + 5)
+        print(f"new member shown after {time.monotonic() - t0:.2f} s (refresh_s {refresh})")
+        time.sleep(0.5)
+        others = [q for q in cluster.dns_queries()[before:] if q[0] != "SRV"]
+        assert {q[1] for q in others} == {new.fqdn}, others  # only the change is read
+        assert len(others) <= 2, others  # its A (unless it came as additional) and TXT
+
+
+def test_members_records_are_rechecked_every_recheck_s(cluster, tmp_path):
+    refresh, recheck = 0.5, 2.0
+    discovery = {"refresh_s": refresh, "recheck_s": recheck}
+    with running_registry(cluster, tmp_path, discovery=discovery) as reg:
+        assert wait_for(lambda: len(reg.nodes()) == 3)
+        time.sleep(0.5)
+        before = len(cluster.dns_queries())
+        t0 = time.monotonic()
+        time.sleep(3 * recheck)
+        window = time.monotonic() - t0
+        txt = [q[1] for q in cluster.dns_queries()[before:] if q[0] == "TXT"]
+        for h in cluster.hosts:  # every member re-read at least once per recheck_s ...
+            assert txt.count(h.fqdn) >= 2, (h.fqdn, txt)
+            # ... and not every pass
+            assert txt.count(h.fqdn) <= window / (recheck / 2) + 1, (h.fqdn, txt)
+
+
+# --- a truthful phase: new logins, not just the old session -----------------------------
+
+PROBE, VERIFY = 1.0, 2.0
+TRUTH = {"probe_interval_s": PROBE, "verify_interval_s": VERIFY, "connect_timeout_s": 2.0}
+
+
+def wait_state(reg, h, phase, reason, bound):
+    """Wait (a generous multiple of the promised bound) until h shows phase/reason."""
+    t0 = time.monotonic()
+
+    def shown():
+        s = by_name(reg)[h.name]
+        return (s.phase, s.reason) == (phase, reason)
+
+    ok = wait_for(shown, timeout=3 * bound + 5)
+    took = time.monotonic() - t0
+    assert ok, (by_name(reg)[h.name], f"bound {bound} s")
+    print(f"{h.name}: {phase}/{reason} after {took:.2f} s (bound {bound:g} s)")
+    return by_name(reg)[h.name]
+
+
+def all_running(reg, n=3):
+    return lambda: len(reg.nodes()) == n and all(s.phase == "Running" for s in reg.nodes())
+
+
+@pytest.mark.parametrize(
+    "fault, undo, phase, reason, bound",
+    [
+        ("stop_listener", "start_listener", "Unknown", "connection-refused", PROBE + 1),
+        ("freeze_listener", "thaw", "Unknown", "no-banner", PROBE + 2.0),
+        ("rotate_host_key", "restore_host_key", "Failed", "host-key-changed", VERIFY + PROBE),
+        ("revoke_key", "restore_key", "Failed", "auth-failed", VERIFY + PROBE),
+    ],
+)
+def test_a_live_session_does_not_hide_a_node_new_logins_cannot_reach(
+    cluster, tmp_path, fault, undo, phase, reason, bound
+):
+    a, b = cluster.workers[:2]
+    with running_registry(cluster, tmp_path, ssh=TRUTH) as reg:
+        assert wait_for(all_running(reg))
+        connects = reg.pool.connection(a.ip, 22).connects
+        getattr(cluster, fault)(a)
+        s = wait_state(reg, a, phase, reason, bound)
+        if phase == "Unknown":
+            assert "an existing session still works but new logins fail" in s.message, s.message
+        else:
+            assert "existing session still works" in s.message, s.message
+        # it is the old session that still works: never dropped, never replaced
+        assert reg.pool.connection(a.ip, 22).connects == connects
+        assert by_name(reg)[b.name].phase == "Running"
+        getattr(cluster, undo)(a)
+        wait_state(reg, a, "Running", "ok", VERIFY + PROBE)
+
+
+def test_fresh_logins_are_spread_and_forced_rounds_make_none(cluster, tmp_path):
+    verify = 6.0
+    with running_registry(
+        cluster, tmp_path, ssh={"probe_interval_s": 0.5, "verify_interval_s": verify}
+    ) as reg:
+        logins = []
+        real = reg.pool.verify_login
+
+        def recording(ip, port, host=None):
+            logins.append((reg._started, ip))
+            return real(ip, port, host)
+
+        reg.pool.verify_login = recording
+        assert wait_for(all_running(reg))
+        # the sessions' own logins were the first fresh logins
+        assert reg.logins.count == 3 and logins == []
+        for _ in range(5):  # ?refresh=1: sessions and listeners, no full logins
+            reg.refresh(timeout=10)
+        assert logins == [] or len(logins) <= 1, logins  # at most one slot came meanwhile
+        time.sleep(2 * verify + 1)
+        per_node = {ip: [r for r, i in logins if i == ip] for ip in {i for _, i in logins}}
+        assert sorted(per_node) == sorted(h.ip for h in cluster.workers), logins
+        assert all(1 <= len(r) <= 3 for r in per_node.values()), logins
+        rounds = [r for r, _ in logins]
+        assert len(set(rounds)) == len(rounds), f"two nodes logged in in one round: {logins}"
+        assert all(s.phase == "Running" for s in reg.nodes())

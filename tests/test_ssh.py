@@ -149,6 +149,60 @@ def test_changed_host_key_fails_then_recovers(cluster, pool):
     assert pool.probe(h.ip, 22, h.fqdn) > 0
 
 
+# --- new connections beside the persistent one ----------------------------------------
+
+
+def test_listener_check_is_made_from_the_node_and_sees_what_the_session_hides(cluster, pool):
+    h = cluster.hosts[1]
+    pool.probe(h.ip, 22, h.fqdn)
+    assert pool.check_listener(h.ip, 22) > 0
+    conn = pool.connection(h.ip, 22)
+    assert conn.forwarding and conn.head_check is None  # no connect from here
+    cluster.stop_listener(h)
+    assert pool.probe(h.ip, 22) > 0  # the old session still works ...
+    e = bounded(lambda: pool.check_listener(h.ip, 22), 3 * CONNECT_TIMEOUT)
+    assert (e.phase, e.reason) == ("Unknown", "connection-refused")  # ... new ones do not
+    cluster.start_listener(h)
+    cluster.freeze_listener(h)
+    e = bounded(lambda: pool.check_listener(h.ip, 22), 3 * CONNECT_TIMEOUT)
+    assert (e.phase, e.reason) == ("Unknown", "no-banner")
+    cluster.thaw(h)
+    assert pool.check_listener(h.ip, 22) > 0
+    assert pool.connection(h.ip, 22).connects == 1  # one persistent connection throughout
+
+
+def test_listener_check_from_here_when_the_node_forbids_forwarding(cluster, pool, monkeypatch):
+    h = cluster.hosts[2]
+    cluster.set_sshd_option(h, "AllowTcpForwarding", "no")
+    pool.probe(h.ip, 22, h.fqdn)
+    assert pool.check_listener(h.ip, 22) > 0
+    conn = pool.connection(h.ip, 22)
+    assert not conn.forwarding and conn.head_check is not None
+    cluster.stop_listener(h)
+    # checked from here at most every HEAD_CHECK_EVERY_S (fail2ban): the last answer stands
+    assert pool.check_listener(h.ip, 22) > 0
+    monkeypatch.setattr(ssh, "HEAD_CHECK_EVERY_S", 0.0)
+    e = bounded(lambda: pool.check_listener(h.ip, 22), 3 * CONNECT_TIMEOUT)
+    assert (e.phase, e.reason) == ("Unknown", "connection-refused")
+
+
+def test_verify_login_is_a_fresh_login_beside_the_session(cluster, pool):
+    h = cluster.hosts[0]
+    pool.probe(h.ip, 22, h.fqdn)
+    assert pool.verify_login(h.ip, 22, h.fqdn) > 0
+    assert pool.connection(h.ip, 22).connects == 1  # the persistent one is untouched
+    cluster.rotate_host_key(h)
+    e = bounded(lambda: pool.verify_login(h.ip, 22, h.fqdn), 3 * CONNECT_TIMEOUT)
+    assert (e.phase, e.reason) == ("Failed", "host-key-changed") and "SHA256:" in str(e)
+    assert pool.probe(h.ip, 22) > 0  # the old session does not notice
+    cluster.restore_host_key(h)
+    cluster.revoke_key(h)
+    e = bounded(lambda: pool.verify_login(h.ip, 22, h.fqdn), 3 * CONNECT_TIMEOUT)
+    assert (e.phase, e.reason) == ("Failed", "auth-failed")
+    cluster.restore_key(h)
+    assert pool.verify_login(h.ip, 22, h.fqdn) > 0
+
+
 def test_fingerprint_matches_openssh(cluster):
     import subprocess
 

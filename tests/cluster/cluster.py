@@ -1,11 +1,18 @@
 """A real multi-host cluster on one machine, for tests, benchmarks and the demo.
 
 Each host is a Linux network namespace with its own IPv4 address on a bridge
-in the root namespace (the "head", where the daemon under test runs). Every
-host runs its own OpenSSH sshd with its own host key; a dedicated non-root
-cluster user with one shared home (like an NFS home) logs in by key and can
-ssh between hosts with host keys verified, so OpenMPI's mpirun works from any
-host. A dnsmasq in a namespace of its own publishes a Kubernetes-style
+in the root namespace (the "head", where the daemon under test runs), and its
+own UTS namespace (host name), PID namespace (what runs on a host is only
+visible there) and mount namespace (its own /proc, and an /etc/hosts naming
+every host). The PID namespace's first process is a tiny init
+(`hostinit.c`) that sets the host name, starts the host's OpenSSH sshd in the
+foreground and reaps orphans, so stopping only sshd's listener leaves its
+sessions alive, as Debian's `systemctl stop ssh` does. Every sshd has its own
+host key, its own `authorized_keys` file and its own environment for
+non-interactive sessions (sshd's `SetEnv`, so a host's PATH can differ). A
+dedicated non-root cluster user with one shared home (like an NFS home) logs
+in by key and can ssh between hosts with host keys verified, so OpenMPI's
+mpirun works from any host. A dnsmasq in a namespace of its own publishes a Kubernetes-style
 headless-service zone: A records of the service, SRV records
 `_ssh._tcp.<service>` pointing at per-host names, per-host A/PTR records and
 TXT label records.
@@ -16,7 +23,8 @@ traffic stays between the head and the namespaces this module made.
 
 Safety: names are unique per run (`mlbt<id>...`), every process is tracked by
 the pid we started (and its sshd children), a state file lets a later run
-remove what a killed run left behind, and `teardown()` removes everything.
+remove what a killed run left behind (namespaces, `/etc/netns/<ns>` dirs,
+processes, the bridge, the user), and `teardown()` removes everything.
 Needs root.
 """
 
@@ -26,6 +34,7 @@ import ipaddress
 import json
 import os
 import pwd
+import re
 import secrets
 import shlex
 import shutil
@@ -46,8 +55,11 @@ DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 MPIRUN = shutil.which("mpirun") or "/usr/bin/mpirun"
 # OpenMPI options for a namespace cluster: TCP only, no probing of absent fabrics.
 # Shared memory (vader) between two ranks on one host segfaults in allreduce here
-# about half the time (hosts share /dev/shm and the hostname), so it stays off.
+# about half the time (the hosts share /dev/shm), so it stays off.
 MPI_ARGS = ["--mca", "btl", "self,tcp", "--mca", "pml", "ob1"]
+
+
+NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts NETNS_ETC/NS/* over /etc/*
 
 
 class ClusterError(RuntimeError):
@@ -104,14 +116,23 @@ def _comm(pid):
 
 
 def sshd_tree(pid):
-    """The sshd we started and every sshd process below it (its connections)."""
+    """The sshd processes at and below pid: a host's listener and its connections, and
+    the sessions a stopped listener left behind (children of the host's init)."""
     kids, out, todo = _children(), [], [pid]
     while todo:
         p = todo.pop()
-        if p == pid or _comm(p) == "sshd":
+        if _comm(p) == "sshd":
             out.append(p)
+        if p == pid or _comm(p) == "sshd":
             todo.extend(kids.get(p, []))
     return out
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def _signal(pids, sig):
@@ -168,22 +189,36 @@ class Host:
     veth: str
     labels: dict
     dir: Path
+    env: dict = field(default_factory=dict)  # SetEnv of its sshd (non-interactive sessions)
+    sshd_options: dict = field(default_factory=dict)  # extra sshd_config lines (set_sshd_option)
+    base_env: dict = field(default_factory=dict)  # what reset() returns env to
     published: bool = True
-    sshd_pid: int | None = None
+    init: subprocess.Popen | None = None  # `unshare` (root pid ns) whose child is hostinit
+    init_pid: int | None = None  # hostinit: pid 1 of the host's PID namespace
+    sshd_pid: int | None = None  # the sshd listener
     frozen: list = field(default_factory=list)
     link_down: bool = False
     partitioned: bool = False
     key_replaced: bool = False
+    key_revoked: bool = False
 
     @property
     def host_key(self):
         return self.dir / "host_key"
 
+    @property
+    def authorized_keys(self):
+        return self.dir / "authorized_keys"
+
+    @property
+    def etc(self):
+        return NETNS_ETC / self.ns
+
 
 class Cluster:
     """Build with `Cluster(workers=3, extra=1).build()`; always `teardown()`."""
 
-    def __init__(self, workers=3, extra=1, release=None):
+    def __init__(self, workers=3, extra=1, release=None, sshd_log_level="ERROR"):
         cleanup_leftovers()
         self.id = secrets.token_hex(3)
         self.prefix = f"{PREFIX}{self.id}"
@@ -199,6 +234,8 @@ class Cluster:
         self.dns_ns = f"{self.prefix}dns"
         self.dns_pid = None
         self.uid = None
+        self.dns_ttl = DNS_TTL  # TTL of every record served (0: "do not cache")
+        self.sshd_log_level = sshd_log_level  # INFO logs every connection to h.dir/sshd.log
         self._built = False
 
     # ---- paths -------------------------------------------------------------
@@ -206,6 +243,7 @@ class Cluster:
     wrong_key = property(lambda s: s.dir / "wrong_key")
     known_hosts = property(lambda s: s.dir / "known_hosts")
     mpi_program = property(lambda s: s.dir / "bin" / "mpiprog")
+    hostinit = property(lambda s: s.dir / "bin" / "hostinit")
     workers = property(lambda s: [h for h in s.hosts if h.labels.get("component") == "worker"])
     nameserver = property(lambda s: f"{s.dns_ip}:53")
 
@@ -235,8 +273,9 @@ class Cluster:
         for i in range(self.n_extra):
             self._new_host(f"{self.release}-mlbench-dashboard-{i}", "dashboard")
         self._write_known_hosts()
+        self._write_etc_hosts()
         for h in self.hosts:
-            self.start_sshd(h)
+            self.start_sshd(h, wait=False)
         self.start_dns()
         for h in self.hosts:
             self._wait_port(h.ip, 22)
@@ -319,8 +358,8 @@ class Cluster:
 
     def _make_ns(self, ns, veth, ip):
         """A namespace with lo up and eth0 = `ip`, its peer `veth` on the bridge."""
-        sh(["ip", "netns", "add", ns])
         self._save_state_ns(ns)
+        sh(["ip", "netns", "add", ns])
         sh(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
         sh(["ip", "link", "set", veth, "master", self.bridge, "up"])
         sh(
@@ -352,29 +391,48 @@ class Cluster:
             dir=hdir,
         )
         self._make_ns(h.ns, h.veth, h.ip)
+        h.etc.mkdir(parents=True, exist_ok=True)
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(h.host_key)])
-        # Hosts share one filesystem and hostname here, so give each its own
-        # TMPDIR (OpenMPI's session directories) and keep PMIx off its
-        # shared-memory store, as separate machines would be.
+        shutil.copy(f"{self.client_key}.pub", h.authorized_keys)
+        h.authorized_keys.chmod(0o644)
+        # Hosts share one filesystem here, so give each its own TMPDIR (OpenMPI's
+        # session directories) and keep PMIx off its shared-memory store, as
+        # separate machines would be.
         tmp = hdir / "tmp"
         tmp.mkdir(mode=0o1777)
         tmp.chmod(0o1777)
-        (hdir / "sshd_config").write_text(
-            f"SetEnv TMPDIR={tmp} PMIX_MCA_gds=hash\n"
-            f"ListenAddress {h.ip}:22\nHostKey {h.host_key}\nPidFile none\n"
-            "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-            f"AuthorizedKeysFile {self.home}/.ssh/authorized_keys\n"
-            f"AllowUsers {self.user}\nPermitRootLogin no\nUseDNS no\n"
-            "MaxStartups 200:30:400\nPrintMotd no\nLogLevel ERROR\n"
-            "Subsystem sftp internal-sftp\n"
-        )
+        h.env = {"TMPDIR": str(tmp), "PMIX_MCA_gds": "hash"}
+        h.base_env = dict(h.env)
+        self._write_sshd_config(h)
         self.hosts.append(h)
         return h
+
+    def _write_sshd_config(self, h):
+        setenv = " ".join(f"{k}={v}" for k, v in h.env.items())
+        (h.dir / "sshd_config").write_text(
+            (f"SetEnv {setenv}\n" if setenv else "")
+            + f"ListenAddress {h.ip}:22\nHostKey {h.host_key}\nPidFile none\n"
+            "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+            f"AuthorizedKeysFile {h.authorized_keys}\n"
+            f"AllowUsers {self.user}\nPermitRootLogin no\nUseDNS no\n"
+            f"MaxStartups 200:30:400\nPrintMotd no\nLogLevel {self.sshd_log_level}\n"
+            "Subsystem sftp internal-sftp\n"
+            + "".join(f"{k} {v}\n" for k, v in h.sshd_options.items())
+        )
 
     def _build_mpi_program(self):
         (self.dir / "bin").mkdir()
         sh(["mpicc", "-O2", "-o", str(self.mpi_program), str(HERE / "mpiprog.c")], timeout=120)
+        sh(["gcc", "-O2", "-o", str(self.hostinit), str(HERE / "hostinit.c")], timeout=120)
+
+    def _write_etc_hosts(self):
+        """Every host's /etc/hosts names every host (rewritten in place: the bind mounts
+        of running hosts see the change)."""
+        text = "127.0.0.1 localhost\n" + "".join(f"{h.ip} {h.fqdn} {h.name}\n" for h in self.hosts)
+        for h in self.hosts:
+            with open(h.etc / "hosts", "w") as f:
+                f.write(text)
 
     def _write_known_hosts(self):
         lines = []
@@ -397,7 +455,7 @@ class Cluster:
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise ClusterError(f"{ip}:{port} did not come up")
+                    raise ClusterError(f"{ip}:{port} did not come up") from None
                 time.sleep(0.02)
 
     # ---- DNS -----------------------------------------------------------------
@@ -414,7 +472,8 @@ class Cluster:
             "no-resolv",
             "no-hosts",
             "no-negcache",
-            f"local-ttl={DNS_TTL}",
+            f"local-ttl={self.dns_ttl}",
+            "log-queries",
             f"local=/{ZONE}/",
             f"local=/{rev}/",
             f"addn-hosts={self.dir / 'dns.hosts'}",
@@ -468,6 +527,19 @@ class Cluster:
             time.sleep(0.02)
         raise ClusterError("dnsmasq did not start listening")
 
+    def dns_queries(self):
+        """(type, name) of every query dnsmasq answered so far (its --log-queries lines)."""
+        try:
+            text = (self.dir / "dnsmasq.query.log").read_text()
+        except FileNotFoundError:
+            return []
+        return re.findall(r"query\[(\w+)\] (\S+) from", text)
+
+    def set_dns_ttl(self, ttl):
+        """Serve every record with this TTL from now on (dnsmasq restarted)."""
+        self.dns_ttl = ttl
+        self.restart_dns()
+
     def stop_dns(self):
         if self.dns_pid:
             _stop(self.dns_pid)
@@ -492,8 +564,8 @@ class Cluster:
         i = len(self.hosts)
         h = self._new_host(name or f"{self.release}-mlbench-worker-{i}", "worker", labels)
         self._write_known_hosts()
+        self._write_etc_hosts()
         self.start_sshd(h)
-        self._wait_port(h.ip, 22)
         self.restart_dns()
         return h
 
@@ -501,35 +573,89 @@ class Cluster:
     def _host(self, h):
         return self.hosts[h] if isinstance(h, int) else h
 
-    def start_sshd(self, h):
-        h = self._host(h)
-        if h.sshd_pid and _pid_alive(h.sshd_pid):
-            return
+    def _start_host(self, h):
+        """Start the host's init in its own UTS, PID and mount namespaces; it starts sshd."""
         log = open(h.dir / "sshd.log", "ab")
-        p = subprocess.Popen(
-            ["ip", "netns", "exec", h.ns, SSHD, "-D", "-e", "-f", str(h.dir / "sshd_config")],
+        h.init = subprocess.Popen(
+            [
+                "ip", "netns", "exec", h.ns,
+                "unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child",
+                str(self.hostinit), h.name,
+                SSHD, "-D", "-e", "-f", str(h.dir / "sshd_config"),
+            ],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
-        )
+        )  # fmt: skip
         log.close()
-        h.sshd_pid = p.pid
-        try:
-            self._wait_port(h.ip, 22)
-        except ClusterError as e:
-            raise ClusterError(f"{e}: {(h.dir / 'sshd.log').read_text()[-500:]}") from None
+        h.init_pid = self._wait_child(h.init.pid, lambda p: _comm(p) == "hostinit", h)
+
+    def _wait_child(self, parent, pred, h, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [p for p in _children().get(parent, []) if pred(p)]
+            if found:
+                return max(found)
+            if not _pid_alive(parent):
+                break
+            time.sleep(0.005)
+        raise ClusterError(f"{h.name}: did not start: {(h.dir / 'sshd.log').read_text()[-500:]}")
+
+    def _listener(self, h):
+        """The pid of the host's sshd listener (children of init are the listener and
+        sessions a stopped listener left), or None."""
+        for p in _children().get(h.init_pid, []):
+            if _comm(p) == "sshd" and "[listener]" in _cmdline(p):
+                return p
+        return None
+
+    def start_sshd(self, h, wait=True):
+        """Start the host (its init and sshd) or, when only its listener is gone, the listener."""
+        h = self._host(h)
+        if h.sshd_pid and _pid_alive(h.sshd_pid):
+            return
+        if h.init_pid and _pid_alive(h.init_pid):
+            _signal([h.init_pid], signal.SIGUSR1)  # hostinit: start sshd again
+        else:
+            self._start_host(h)
+        h.sshd_pid = self._wait_child(
+            h.init_pid, lambda p: _comm(p) == "sshd" and "[listener]" in _cmdline(p), h
+        )
+        if wait:
+            try:
+                self._wait_port(h.ip, 22)
+            except ClusterError as e:
+                raise ClusterError(f"{e}: {(h.dir / 'sshd.log').read_text()[-500:]}") from None
 
     def stop_sshd(self, h):
         """Stop the host's sshd and every connection it serves (like a crash)."""
         h = self._host(h)
+        if h.init_pid:
+            _stop(sshd_tree(h.init_pid))
+        h.sshd_pid, h.frozen = None, []
+
+    def stop_listener(self, h):
+        """Stop only sshd's listener: established sessions live on and still run commands,
+        new connections are refused (Debian's `systemctl stop ssh`, KillMode=process)."""
+        h = self._host(h)
         if h.sshd_pid:
-            _stop(sshd_tree(h.sshd_pid))
-            h.sshd_pid, h.frozen = None, []
+            _stop([h.sshd_pid])
+            h.sshd_pid = None
+            h.frozen = [p for p in h.frozen if _pid_alive(p)]
+
+    start_listener = start_sshd
 
     def freeze(self, h):
         """SIGSTOP the host's sshd tree: TCP still connects, no banner ever comes."""
         h = self._host(h)
-        h.frozen = sshd_tree(h.sshd_pid)
+        h.frozen = sshd_tree(h.init_pid)
+        _signal(h.frozen, signal.SIGSTOP)
+
+    def freeze_listener(self, h):
+        """SIGSTOP only the listener (sshd hung, or at MaxStartups): TCP connects, no banner
+        comes, established sessions keep working."""
+        h = self._host(h)
+        h.frozen = [h.sshd_pid]
         _signal(h.frozen, signal.SIGSTOP)
 
     def thaw(self, h):
@@ -537,16 +663,77 @@ class Cluster:
         _signal(h.frozen, signal.SIGCONT)
         h.frozen = []
 
-    def replace_host_key(self, h):
-        """The host comes back with a different host key (reinstalled)."""
+    def _reload_sshd(self, h):
+        """SIGHUP the listener: sshd re-executes itself and re-reads its config and host
+        keys; established sessions are not touched."""
+        old = h.sshd_pid
+        _signal([old], signal.SIGHUP)
+        # the same pid re-executes; wait until the new image listens again
+        deadline = time.monotonic() + 10
+        while "[listener]" not in _cmdline(old) or not self._listening(h):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{h.name}: sshd did not come back after SIGHUP")
+            time.sleep(0.01)
+
+    def _listening(self, h):
+        r = self.netns_exec(h, ["ss", "-Hltn", f"src {h.ip}:22"], check=False)
+        return bool(r.stdout.strip())
+
+    def set_env(self, h, **env):
+        """Change the host's environment for new sessions (a value None removes the name);
+        sshd reloads, established sessions keep theirs."""
         h = self._host(h)
+        for k, v in env.items():
+            if v is None:
+                h.env.pop(k, None)
+            else:
+                h.env[k] = v
+        self._write_sshd_config(h)
+        if h.sshd_pid and _pid_alive(h.sshd_pid):
+            self._reload_sshd(h)
+
+    def set_sshd_option(self, h, name, value):
+        """One sshd_config option of this host (value None removes it); sshd reloads."""
+        h = self._host(h)
+        if value is None:
+            h.sshd_options.pop(name, None)
+        else:
+            h.sshd_options[name] = value
+        self._write_sshd_config(h)
+        if h.sshd_pid and _pid_alive(h.sshd_pid):
+            self._reload_sshd(h)
+
+    def revoke_key(self, h):
+        """Remove the cluster key from this host's authorized_keys only."""
+        h = self._host(h)
+        h.authorized_keys.write_text(Path(f"{self.wrong_key}.pub").read_text())
+        h.key_revoked = True
+
+    def restore_key(self, h):
+        h = self._host(h)
+        shutil.copy(f"{self.client_key}.pub", h.authorized_keys)
+        h.key_revoked = False
+
+    def _alt_key(self, h):
         alt = h.dir / "alt_host_key"
         if not alt.exists():
             sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alt", "-f", str(alt)])
             shutil.copy(h.host_key, h.dir / "orig_host_key")
             shutil.copy(f"{h.host_key}.pub", h.dir / "orig_host_key.pub")
-        self._swap_key(h, alt)
+        return alt
+
+    def replace_host_key(self, h):
+        """The host comes back with a different host key (reinstalled)."""
+        h = self._host(h)
+        self._swap_key(h, self._alt_key(h))
         h.key_replaced = True
+
+    def rotate_host_key(self, h):
+        """A new host key for new connections; established sessions go on (sshd reloaded)."""
+        h = self._host(h)
+        self._copy_key(h, self._alt_key(h))
+        h.key_replaced = True
+        self._reload_sshd(h)
 
     def restore_host_key(self, h):
         h = self._host(h)
@@ -554,11 +741,14 @@ class Cluster:
             self._swap_key(h, h.dir / "orig_host_key")
             h.key_replaced = False
 
-    def _swap_key(self, h, src):
-        self.stop_sshd(h)
+    def _copy_key(self, h, src):
         shutil.copy(src, h.host_key)
         shutil.copy(f"{src}.pub", f"{h.host_key}.pub")
         os.chmod(h.host_key, 0o600)
+
+    def _swap_key(self, h, src):
+        self.stop_sshd(h)
+        self._copy_key(h, src)
         self.start_sshd(h)
 
     # ---- network faults ------------------------------------------------------
@@ -579,8 +769,10 @@ class Cluster:
             ["ip", "netns", "exec", h.ns, "nft", "-f", "-"],
             input=(
                 "table inet mlbt_partition {\n"
-                f"  chain in {{ type filter hook input priority 0; ip saddr {self.head_ip} drop; }}\n"
-                f"  chain out {{ type filter hook output priority 0; ip daddr {self.head_ip} drop; }}\n"
+                "  chain in { type filter hook input priority 0; "
+                f"ip saddr {self.head_ip} drop; }}\n"
+                "  chain out { type filter hook output priority 0; "
+                f"ip daddr {self.head_ip} drop; }}\n"
                 "}\n"
             ),
         )
@@ -606,6 +798,13 @@ class Cluster:
                 self.heal(h)
             if h.key_replaced:
                 self.restore_host_key(h)
+            if h.key_revoked:
+                self.restore_key(h)
+            if h.env != h.base_env or h.sshd_options:
+                h.env, h.sshd_options = dict(h.base_env), {}
+                self._write_sshd_config(h)
+                if h.sshd_pid and _pid_alive(h.sshd_pid):
+                    self._reload_sshd(h)
             if not (h.sshd_pid and _pid_alive(h.sshd_pid)):
                 self.start_sshd(h)
             if not h.published and h.index < self.n_workers + self.n_extra:
@@ -614,6 +813,8 @@ class Cluster:
             self._remove_host(h)
             changed_dns = True
         self.hosts = self.hosts[: self.n_workers + self.n_extra]
+        if self.dns_ttl != DNS_TTL:
+            self.dns_ttl, changed_dns = DNS_TTL, True
         if changed_dns:
             self._write_known_hosts()
             self.restart_dns()
@@ -622,9 +823,17 @@ class Cluster:
         self.kill_user_processes(keep_sshd=True)
 
     def _remove_host(self, h):
-        self.stop_sshd(h)
+        self._stop_host(h)
         _teardown_ns(h.ns)
         shutil.rmtree(h.dir, ignore_errors=True)
+
+    def _stop_host(self, h):
+        """End the host: its init and with it everything in its PID namespace."""
+        if h.init is not None:
+            _stop([h.init.pid, h.init_pid] if h.init_pid else [h.init.pid])
+            h.init.wait()
+        h.init = h.init_pid = h.sshd_pid = None
+        h.frozen = []
 
     # ---- using it ------------------------------------------------------------
     def ssh_argv(self, h, command, key=None, known_hosts=None):
@@ -697,6 +906,7 @@ class Cluster:
                 "host_key_policy": "reject",
                 "connect_timeout_s": 2.0,
                 "probe_interval_s": 1.0,
+                "verify_interval_s": 2.0,
             },
             "mpi": {"mpirun": MPIRUN, "args": MPI_ARGS, "program": [str(self.mpi_program)]},
             "state": {"dir": str(state_dir)},
@@ -713,10 +923,7 @@ class Cluster:
     # ---- teardown ------------------------------------------------------------
     def teardown(self):
         for h in self.hosts:
-            if h.frozen:
-                self.thaw(h)
-            if h.sshd_pid:
-                _stop(sshd_tree(h.sshd_pid))
+            self._stop_host(h)
         if self.dns_pid:
             _stop(self.dns_pid)
         if self.dir.exists():
@@ -776,6 +983,7 @@ def _teardown_ns(ns):
     pids = [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
     _stop(pids, timeout=3)
     sh(["ip", "netns", "del", ns], check=False)
+    shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
 
 
 def _teardown_state(d):
@@ -823,6 +1031,9 @@ def cleanup_leftovers():
         ns = line.split()[0] if line.split() else ""
         if ns.startswith(PREFIX) and ns[len(PREFIX) : len(PREFIX) + 6] not in live:
             _teardown_ns(ns)
+    for d in NETNS_ETC.glob(f"{PREFIX}*"):
+        if d.name[len(PREFIX) : len(PREFIX) + 6] not in live:
+            shutil.rmtree(d, ignore_errors=True)
     for line in sh(["ip", "-o", "link", "show", "type", "bridge"], check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         if name.startswith(PREFIX) and name[len(PREFIX) : len(PREFIX) + 6] not in live:
