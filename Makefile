@@ -11,7 +11,8 @@ demo:
 
 bench:
 	command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
-	$(PYTHON) -m bench.cluster && $(PYTHON) -m bench.nodes && $(PYTHON) -m bench.jobs
+	$(PYTHON) -m bench.cluster && $(PYTHON) -m bench.nodes && $(PYTHON) -m bench.jobs \
+		&& $(PYTHON) -m bench.preflight
 
 # As root: a venv under /opt/mlbench-daemon, the user, /etc/mlbench-daemon, the unit.
 # Again to upgrade; `deploy/install.sh --help` for the details.

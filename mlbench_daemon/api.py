@@ -19,12 +19,13 @@ import bottle
 
 from mlbench_daemon import metrics, openapi
 from mlbench_daemon.browser import Policy, is_json
-from mlbench_daemon.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
+from mlbench_daemon.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from mlbench_daemon.store import LOG_CHUNK_MAX
 from mlbench_daemon.vocabulary import Phase
 
-if TYPE_CHECKING:  # api.py is given these; it imports neither
+if TYPE_CHECKING:  # api.py is given these; it imports none of them
     from mlbench_daemon.jobs import Jobs
+    from mlbench_daemon.jobs.preflight import Preflight
     from mlbench_daemon.nodes import Registry
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ def make_app(
     token: str | None = None,
     max_body_bytes: int = 1 << 20,
     policy: Policy | None = None,
+    preflight: Preflight | None = None,
 ) -> bottle.Bottle:
     policy = policy or Policy()
     app = bottle.Bottle(catchall=True)
@@ -246,6 +248,12 @@ def make_app(
         answer = jobs.wait_json(job["id"])  # blocks here, before the 200 is sent
         bottle.response.content_type = JSON
         return answer
+
+    @app.post("/api/preflight")
+    def run_preflight() -> str:
+        if preflight is None:
+            raise NotFound("preflight is not available")
+        return _json(preflight.run(_body(max_body_bytes)))
 
     @app.get("/api/mpi_jobs")
     def list_jobs() -> str:

@@ -5,13 +5,16 @@ HTTP clients of a running daemon (urllib only).
     mlbench-daemon nodes | jobs | logs [-f] ID | cancel ID
     mlbench-daemon run [--np N] [--node NAME ...] [--master NAME] [--env K=V ...]
                        [--timeout S] [-- PROGRAM ARGS...]
+    mlbench-daemon check [the same options as run]
 
 Global options (before or after the command): ``--url`` (env MLBENCH_DAEMON_URL),
 ``--token-file`` (env MLBENCH_DAEMON_TOKEN_FILE), ``--json``.
 
 Exit codes: 0 ok; 1 the daemon answered with an error (its message is printed);
 2 the daemon is unreachable or the command line/config is wrong; ``run`` exits with
-the job's exit code (1 if it failed without one, 130 after Ctrl-C cancelled it).
+the job's exit code (1 if it failed without one, 130 after Ctrl-C cancelled it) and
+prints a root-cause block to stderr when the job did not succeed; ``check`` exits 0
+when no check failed, 1 when one did, 2 on a usage or API error.
 """
 
 import argparse
@@ -33,6 +36,7 @@ PROG = "mlbench-daemon"
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT_S = 30.0  # one request/response
 FOLLOW_READ_S = 60.0  # a silent job: reconnect the follow stream after this
+PREFLIGHT_TIMEOUT_S = 300.0  # the daemon bounds each preflight by mpi.preflight_timeout_s
 COLOURS = {Phase.RUNNING: "32", Phase.PENDING: "33", Phase.UNKNOWN: "31", Phase.FAILED: "31"}
 
 
@@ -234,6 +238,8 @@ def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         return 130
     if args.json:
         _print_json(job, out)
+    if job.get("failure"):
+        sys.stderr.write(root_cause(job))
     if isinstance(job.get("exit_code"), int):
         return job["exit_code"]
     if job.get("state") == JobState.SUCCEEDED:
@@ -242,6 +248,71 @@ def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         f"{PROG}: job {job_id} {job.get('state')}: {job.get('error') or 'no exit code'}\n"
     )
     return 130 if job.get("state") == JobState.CANCELLED else 1
+
+
+def root_cause(job: dict) -> str:
+    """The short block `run` prints to stderr for a job that did not succeed."""
+    f = job["failure"]
+    where = f.get("node") or f.get("host") or "-"
+    if f.get("node") and f.get("host") and f["host"] != f["node"]:
+        where = f"{f['node']} (launcher: {f['host']})"
+    rows = [
+        ("time", job.get("finished") or "-"),
+        ("kind", f.get("kind")),
+        ("node", where),
+        ("rank", _text(f.get("rank")) or "-"),
+        ("exit code", _text(f.get("exit_code")) or "-"),
+        ("signal", _text(f.get("signal")) or "-"),
+        ("message", f.get("message") or "-"),
+        ("hint", f.get("hint") or "-"),
+    ]
+    text = f"{PROG}: job {job.get('id')} {job.get('state')}\nRoot Cause (first observed failure):\n"
+    text += "".join(f"  {k:<10}: {v}\n" for k, v in rows)
+    bad = [c for c in f.get("checks") or () if c.get("status") == "fail"]
+    if bad:
+        text += "  failing checks (preflight run by the daemon):\n"
+        text += "".join(
+            f"    {c.get('node') or '-'} {c.get('check')}: {c.get('message')}\n" for c in bad
+        )
+    return text
+
+
+def cmd_check(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """Preflight: a table by node; exit 0 nothing failed, 1 a check failed, 2 API error."""
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    body = {}
+    for key, value in (
+        ("program", program),
+        ("np", args.np),
+        ("nodes", args.node),
+        ("master", args.master),
+    ):
+        if value:
+            body[key] = value
+    try:
+        with client.open("POST", "/api/preflight/", body, timeout=PREFLIGHT_TIMEOUT_S) as resp:
+            result = json.loads(resp.read())
+    except Failure as e:
+        raise Failure(str(e), 2) from None
+    except ValueError:
+        raise Failure(f"daemon at {client.url} sent something that is not JSON", 2) from None
+    if args.json:
+        _print_json(result, out)
+    else:
+        out.write(f"master {result.get('master_name')}, {result.get('flavour')}\n")
+        out.write(f"command {result.get('command')}\n\n")
+        rows = [
+            (c.get("node") or "(all)", c.get("check", ""), c.get("status", ""),
+             c.get("message") or "")
+            for c in result.get("checks", [])
+        ]  # fmt: skip
+        _table(out, ("NODE", "CHECK", "STATUS", "MESSAGE"), rows)
+        hints = [c for c in result.get("checks", []) if c.get("status") == "fail" and c.get("hint")]
+        if hints:
+            out.write("\n")
+        for c in hints:
+            out.write(f"{c.get('node') or '(all)'} {c['check']}: {c['hint']}\n")
+    return 0 if result.get("ok") else 1
 
 
 def _text(value: Any) -> str:
@@ -356,12 +427,19 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     p.add_argument("id")
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser(
-        "run",
-        parents=[common],
-        help="run a job, follow its output, exit with its code",
-        usage=f"{PROG} run [options] [-- PROGRAM ARGS...]",
-    )
+    for name, func, what in (
+        ("run", cmd_run, "run a job, follow its output, exit with its code"),
+        ("check", cmd_check, "preflight: check that a job with these options can launch"),
+    ):
+        p = sub.add_parser(
+            name, parents=[common], help=what, usage=f"{PROG} {name} [options] [-- PROGRAM ARGS...]"
+        )
+        _job_options(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--np", type=_positive(int), help="number of processes")
     p.add_argument("--node", action="append", metavar="NAME", help="run on this node (repeatable)")
     p.add_argument("--master", metavar="NAME", help="the node that runs mpirun")
@@ -372,8 +450,6 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     p.add_argument(
         "program", nargs=argparse.REMAINDER, help="program and arguments (default: mpi.program)"
     )
-    p.set_defaults(func=cmd_run)
-    return parser
 
 
 def main(

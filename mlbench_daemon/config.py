@@ -358,6 +358,14 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     ),
     (
         "mpi",
+        "preflight_timeout_s",
+        number(1),
+        20.0,
+        "deadline of one preflight (POST /api/preflight/, and the one run to explain a "
+        "failed daemon launch)",
+    ),
+    (
+        "mpi",
         "remote_dir",
         nonempty,
         ".mlbench-daemon/jobs",

@@ -10,6 +10,8 @@ mlbench_daemon_probe_latency_seconds   histogram  -               nodes (success
 mlbench_daemon_probe_failures_total    counter    reason          nodes (SSHError.reason)
 mlbench_daemon_jobs                    gauge      state           jobs (count per state)
 mlbench_daemon_job_duration_seconds    histogram  -               jobs (finished jobs)
+mlbench_daemon_job_failures_total      counter    kind            jobs (each job that ends other
+                                                                  than succeeded, by failure kind)
 mlbench_daemon_ssh_reconnects_total    counter    -               ssh (each new connection after
                                                                   the first to a host)
 mlbench_daemon_http_requests_total     counter    route, method,  api (route = the route pattern,
@@ -55,6 +57,13 @@ job_duration_seconds = Histogram(
     namespace=_NS,
     registry=REGISTRY,
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
+)
+job_failures_total = Counter(
+    "job_failures",
+    "Jobs that did not succeed, by failure kind (README: troubleshooting)",
+    ["kind"],
+    namespace=_NS,
+    registry=REGISTRY,
 )
 ssh_reconnects_total = Counter(
     "ssh_reconnects", "SSH connections re-established", namespace=_NS, registry=REGISTRY

@@ -79,6 +79,7 @@ class Prober(Protocol):
     """What the registry needs of ssh.Pool."""
 
     def probe(self, ip: str, port: int, host: str | None = None) -> float: ...
+    def hostname(self, ip: str, port: int) -> str | None: ...
     def check_listener(
         self, ip: str, port: int, host: str | None = None, timeout: float | None = None
     ) -> float: ...
@@ -95,6 +96,7 @@ class NodeStatus:
     message: str = "discovered, first probe not finished"
     last_probe: float | None = None  # epoch seconds
     latency_ms: float | None = None
+    hostname: str | None = None  # `uname -n`, asked once per new connection
 
     def to_json(self) -> dict[str, Any]:
         n = self.node
@@ -111,6 +113,7 @@ class NodeStatus:
             "message": self.message,
             "last_probe": iso(self.last_probe),
             "latency_ms": self.latency_ms,
+            "hostname": self.hostname,
         }
 
 
@@ -430,6 +433,10 @@ class Registry:
     def _probe(self, node: Node, login: bool, retry: bool) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
         change = probe_result(self.pool, node, self.cfg.ssh, self.logins, login=login, retry=retry)
+        if change["phase"] == Phase.RUNNING:
+            hostname = self.pool.hostname(node.ip, node.port)
+            if hostname:
+                change["hostname"] = hostname
         self._update(
             node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
         )

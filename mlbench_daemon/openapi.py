@@ -12,10 +12,12 @@ endpoints are described under both spellings, so that generated tests exercise
 both; the others under one.
 """
 
-from typing import Any
+from typing import Any, cast
 
 from mlbench_daemon import __version__
 from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
+from mlbench_daemon.jobs.failure import KINDS as FAILURE_KINDS
+from mlbench_daemon.jobs.preflight import CHECKS
 from mlbench_daemon.vocabulary import JobReason, JobState, NodeReason, Phase, SSHReason
 
 _REF = "#/components/schemas/"
@@ -269,6 +271,7 @@ SCHEMAS = {
             "message",
             "last_probe",
             "latency_ms",
+            "hostname",
         ],
         "properties": {
             "name": {"type": "string", "description": "First label of the host name, else the IP."},
@@ -295,6 +298,11 @@ SCHEMAS = {
             "message": {"type": "string"},
             "last_probe": {"type": ["string", "null"], "format": "date-time"},
             "latency_ms": {"type": ["number", "null"], "minimum": 0},
+            "hostname": {
+                "type": ["string", "null"],
+                "description": "The node's `uname -n`, asked once per SSH connection "
+                "(failure attribution maps the host names a launcher prints through it).",
+            },
         },
     },
     "NodeRow": {
@@ -322,6 +330,7 @@ SCHEMAS = {
             "finished",
             "error",
             "reason",
+            "failure",
             "np",
             "timeout_s",
             "env",
@@ -347,6 +356,11 @@ SCHEMAS = {
                 "type": ["string", "null"],
                 "description": "Machine-readable cause of a failed, cancelled or lost job: "
                 + ", ".join(f"`{r}`" for r in JobReason),
+            },
+            "failure": {
+                "oneOf": [_ref("Failure"), {"type": "null"}],
+                "description": "Why and where a job that did not succeed failed; null "
+                "while it runs and when it succeeded.",
             },
             "np": {"type": ["integer", "null"], "minimum": 1},
             "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
@@ -438,6 +452,65 @@ SCHEMAS = {
             },
         },
     },
+    "Failure": {
+        "type": "object",
+        "description": "The cause of a job that did not end `succeeded` (README, "
+        "troubleshooting).  Parts the launcher did not say are null.",
+        "required": ["kind", "node", "host", "rank", "exit_code", "signal", "message", "hint"],
+        "properties": {
+            "kind": {"enum": list(FAILURE_KINDS)},
+            "node": {
+                "type": ["string", "null"],
+                "description": "The daemon's node name.",
+            },
+            "host": {
+                "type": ["string", "null"],
+                "description": "The host as the launcher printed it (an IP of the host "
+                "list, or a host name).",
+            },
+            "rank": {"type": ["integer", "null"], "minimum": 0},
+            "exit_code": {"type": ["integer", "null"]},
+            "signal": {"type": ["integer", "null"], "minimum": 1},
+            "message": {"type": ["string", "null"]},
+            "hint": {"type": ["string", "null"]},
+            "checks": {
+                "type": "array",
+                "items": _ref("Check"),
+                "description": "Only when the daemon ran the preflight to find the cause "
+                "(`daemon-launch`): the checks that failed.",
+            },
+        },
+    },
+    "Check": {
+        "type": "object",
+        "required": ["node", "check", "status", "ok", "message", "hint"],
+        "properties": {
+            "node": {
+                "type": ["string", "null"],
+                "description": "The node checked; null for `slots` (the whole host list).",
+            },
+            "check": {"enum": list(CHECKS)},
+            "status": {"enum": ["pass", "fail", "not-checked"]},
+            "ok": {"type": ["boolean", "null"]},
+            "message": {"type": "string"},
+            "hint": {"type": ["string", "null"]},
+        },
+    },
+    "PreflightResult": {
+        "type": "object",
+        "required": ["ok", "master_name", "command", "nodes", "flavour", "checks"],
+        "properties": {
+            "ok": {"type": "boolean", "description": "No check failed."},
+            "master_name": {"type": "string"},
+            "command": {
+                "type": "string",
+                "description": "Python `str()` of the argv a job with these fields would run.",
+            },
+            "nodes": {"type": "array", "items": _ref("NodeRow")},
+            "flavour": {"enum": ["openmpi4", "openmpi5", "unknown"]},
+            "checks": {"type": "array", "items": _ref("Check")},
+        },
+    },
     "Health": {
         "type": "object",
         "description": "Counts only: /healthz needs no token, so it says nothing more.",
@@ -457,7 +530,48 @@ SCHEMAS = {
     },
 }
 
+_PREFLIGHT_OP = {
+    "summary": "Check that a job with these fields can launch, from the master",
+    "description": (
+        "Runs from the master, as the launcher will: ssh to each worker in batch mode with "
+        "strict host keys, the launcher's remote daemon found the way the launcher looks "
+        "for it, the same MPI version, the program, writable directories, TCP between "
+        "nodes where python3 is there to test it, np against the slots.  One at a time; "
+        "the whole run is bounded by `mpi.preflight_timeout_s`.  Leaves nothing behind."
+    ),
+    "tags": ["jobs"],
+    "requestBody": {
+        "required": False,
+        "content": _json_content(
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    k: v
+                    for k, v in cast(dict, SCHEMAS["JobRequest"])["properties"].items()
+                    if k in ("program", "np", "selector", "nodes", "master")
+                },
+            }
+        ),
+    },
+    "responses": _api_responses(
+        **{
+            "200": {
+                "description": "The checks (`ok` false when one failed).",
+                "content": _json_content(_ref("PreflightResult")),
+            },
+            "400": _error("Bad request body; `field` names the field."),
+            "409": _error("A requested node or master is unknown or not `Running`."),
+            "413": _error("The body is over `server.max_body_bytes`."),
+            "429": _error("Another preflight is running."),
+            "503": _error("No `Running` node matches the selector."),
+        }
+    ),
+}
+
 PATHS = {
+    "/api/preflight/": {"post": dict(_PREFLIGHT_OP, operationId="runPreflight")},
+    "/api/preflight": {"post": dict(_PREFLIGHT_OP, operationId="runPreflightNoSlash")},
     "/api/nodes/": {"get": _nodes_op("listNodes")},
     "/api/nodes": {
         "get": _nodes_op("listNodesNoSlash", "All worker nodes (same as `/api/nodes/`)")

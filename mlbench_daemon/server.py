@@ -31,6 +31,7 @@ from mlbench_daemon import api, config, metrics, sdnotify
 from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
+from mlbench_daemon.jobs.preflight import Preflight
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store
@@ -87,9 +88,11 @@ class Daemon:
                 f"state.dir: cannot use {cfg.state.dir}: {getattr(e, 'strerror', None) or e}"
             ) from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
+        self.preflight = Preflight(cfg, self.pool, self.registry)
         self.app = api.make_app(
             self.registry,
             self.jobs,
+            preflight=self.preflight,
             token=token,
             max_body_bytes=cfg.server.max_body_bytes,
             policy=Policy.from_config(cfg.server),

@@ -284,6 +284,7 @@ class Connection:
         self.where = f"{ip}:{port}"
         self.transport: paramiko.Transport | None = None
         self.connects = 0
+        self.uname: tuple[int, str | None] = (0, None)  # (connects when asked, `uname -n`)
         self.channels = threading.BoundedSemaphore(pool.cfg.max_channels)
         self.probe_channel = threading.BoundedSemaphore(1)
         self.forwarding = True  # check_listener through this connection (until refused)
@@ -729,6 +730,23 @@ class Pool:
         return Stream(
             conn, chan, release, idle_timeout, _Writer(chan, stdin), lambda: self.probe(ip, port)
         )
+
+    def hostname(self, ip: str, port: int) -> str | None:
+        """The host's `uname -n`, asked once per connection (a launcher prints host names;
+        failure attribution maps them back to nodes); the last one known if it cannot be
+        asked now."""
+        conn = self.connection(ip, port)
+        asked_at, name = conn.uname
+        if conn.connects and asked_at == conn.connects:
+            return name
+        try:
+            r = self.run(ip, port, ["uname", "-n"], timeout=self.cfg.connect_timeout_s)
+        except SSHError:
+            return name
+        if r.exit_code == 0:
+            name = r.stdout.decode(errors="replace").strip() or None
+        conn.uname = (conn.connects, name)
+        return name
 
     def drop(self, ip: str, port: int) -> None:
         """Forget and close the connection to (ip, port)."""

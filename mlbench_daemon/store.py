@@ -8,8 +8,9 @@ Layout::
 A record is a dict with the columns of ``COLUMNS``; ``nodes`` (list of
 ``[ip, namespace, name, labels]``), ``command`` (argv list), ``env_names``
 (list of names; values are never stored) and ``request`` (what a queued job
-needs to be launched after a restart: program, np, master, node names) are
-JSON in the table and plain values here.  Ids are 20 hex digits: creation
+needs to be launched after a restart: program, np, master, node names) and
+``failure`` (the cause of a job that did not succeed, or None) are JSON in the
+table and plain values here.  Ids are 20 hex digits: creation
 time in milliseconds (kept strictly increasing), then random bits, so they
 sort by creation; ``seq`` gives the exact order.  A database from an older
 version gets the columns of ``ADDED_COLUMNS`` when it is opened.
@@ -66,10 +67,14 @@ COLUMNS = (
     "error",
     "reason",
     "request",
+    "failure",
 )
-JSON_COLUMNS = ("nodes", "command", "env_names", "request")
+JSON_COLUMNS = ("nodes", "command", "env_names", "request", "failure")
 # Columns added after the first release: (name, declaration), added to older databases.
-ADDED_COLUMNS = (("request", "TEXT NOT NULL DEFAULT '{}'"),)
+ADDED_COLUMNS = (
+    ("request", "TEXT NOT NULL DEFAULT '{}'"),
+    ("failure", "TEXT NOT NULL DEFAULT 'null'"),
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -92,7 +97,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     error TEXT,
     reason TEXT,
-    request TEXT NOT NULL DEFAULT '{}'
+    request TEXT NOT NULL DEFAULT '{}',
+    failure TEXT NOT NULL DEFAULT 'null'
 )
 """
 

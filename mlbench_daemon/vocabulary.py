@@ -11,6 +11,7 @@ enum               where the words appear
 ``JobState``       a job's ``state`` (store, API, metrics ``state`` label, CLI)
 ``Phase``          a node's ``phase`` (registry, API, metrics ``phase`` label, CLI)
 ``JobReason``      a final job's ``reason``
+``FailureKind``    a job's ``failure.kind`` (README's troubleshooting table)
 ``SSHReason``      ``SSHError.reason``; a node's ``reason`` after a failed probe
 ``NodeReason``     a node's ``reason`` otherwise
 ``DiscoveryReason``  ``DiscoveryError.reason``; the registry's ``stale_reason``
@@ -51,7 +52,7 @@ class JobReason(StrEnum):
     DAEMON_RESTARTED = "daemon-restarted"  # queued when the daemon died; cannot be relaunched
     LAUNCH_INTERRUPTED = "launch-interrupted"  # the daemon died while launching; no process
     LAUNCH_FAILED = "launch-failed"  # the launch on the master failed
-    NO_USABLE_MASTER = "no-usable-master"  # every candidate failed the pre-flight
+    NO_USABLE_MASTER = "no-usable-master"  # no candidate could run mpirun
     REMOTE_RECORD_MISSING = "remote-record-missing"  # the job directory vanished
     NO_EXIT_STATUS = "no-exit-status"  # processes gone without an exit status
     MASTER_UNREACHABLE = "master-unreachable"  # unreachable for mpi.lost_after_s
@@ -59,6 +60,25 @@ class JobReason(StrEnum):
 
 
 CANCEL_REASONS = (JobReason.CANCELLED, JobReason.TIMEOUT)
+
+
+class FailureKind(StrEnum):
+    """A job's ``failure.kind``: what went wrong, for every job that did not succeed."""
+
+    RANK_EXIT = "rank-exit"  # a rank exited non-zero, aborted, or skipped MPI_Finalize
+    RANK_SIGNAL = "rank-signal"  # a rank was killed by a signal
+    DAEMON_LAUNCH = "daemon-launch"  # mpirun could not start its daemon on a node
+    EXE_NOT_FOUND = "exe-not-found"  # the program is missing or not executable on a node
+    LOST_CONTACT = "lost-contact"  # mpirun lost its daemon on a node during the job
+    TCP_CONNECT = "tcp-connect"  # a rank could not connect to another
+    NOT_ENOUGH_SLOTS = "not-enough-slots"  # np over the slots of the host list
+    TIMEOUT = "timeout"  # JobReason.TIMEOUT
+    CANCELLED = "cancelled"  # JobReason.CANCELLED
+    MASTER_LOST = "master-lost"  # JobReason.MASTER_UNREACHABLE
+    NO_MASTER = "no-master"  # JobReason.NO_USABLE_MASTER
+    LAUNCH_FAILED = "launch-failed"  # JobReason.LAUNCH_FAILED
+    JOB_LOST = "job-lost"  # the job's record on the master is gone or incomplete
+    UNKNOWN = "unknown"  # the launcher gave no known cause
 
 
 class SSHReason(StrEnum):

@@ -81,8 +81,11 @@ def test_to_json_shape(cluster, tmp_path):
         "message",
         "last_probe",
         "latency_ms",
+        "hostname",
     ]
     assert j["name"] == h.name and j["ip"] == h.ip and j["phase"] == "Running"
+    # each test host has its own host name (its UTS namespace): the one asked at connect
+    assert j["hostname"] == cluster.ssh(h, ["uname", "-n"]).stdout.strip() == h.name
     assert j["labels"] == str(dict(sorted(h.labels.items())))
     assert j["label_map"] == h.labels and j["namespace"] == "default" and j["port"] == 22
     assert j["last_probe"].endswith("Z") and isinstance(j["latency_ms"], float)

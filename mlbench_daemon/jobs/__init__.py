@@ -6,7 +6,12 @@ cancel, re-attach.  The modules, from the bottom up:
   code that knows the job directory's files);
 - ``placement``: choosing nodes and master, the mpirun argv;
 - ``clock``: time, waits and timers (injectable);
-- ``run``: one ``JobRun`` per live job (launch, follow, re-attach, timeout, cancel);
+- ``failure``: why a job that did not succeed failed (pure: the launcher's output,
+  the rank map, host names -> node names);
+- ``preflight``: launch-readiness checks run from the master (the API's preflight,
+  and the one that explains a failed daemon launch);
+- ``run``: one ``JobRun`` per live job (launch, follow, re-attach, timeout, cancel,
+  the failure of a job that did not succeed);
 - ``manager``: ``Jobs``, the API api.py calls: slots, the FIFO queue, JSON shapes.
 """
 

@@ -1,4 +1,4 @@
-"""Launching a job: pre-flight a master, start mpirun detached, confirm its pid.
+"""Launching a job: find a master that can run mpirun, start it detached, confirm its pid.
 
 The first stage of a ``JobRun`` (``run.launch``), also taken by a job that a
 previous daemon left half-launched (``_relaunched``).  A launch whose answer is
@@ -34,7 +34,7 @@ class MasterLost(Exception):
 
 
 def launch(run: JobRun, rec: dict) -> dict | None:
-    """Pre-flight a master, start the job detached -> the updated record, None if it ended."""
+    """Pick a master, start the job detached -> the updated record, None if it ended."""
     if rec["master_name"]:  # a previous run died while launching: did the job start?
         return _relaunched(run, rec)
     if run.cancel_reason:
@@ -77,22 +77,25 @@ def launch(run: JobRun, rec: dict) -> dict | None:
 
 
 def _pick_master(run: JobRun) -> tuple[Node | None, list[Node], list[str]]:
-    """The first candidate that passes the pre-flight -> (master, nodes left, failures)."""
+    """The first candidate that can run mpirun -> (master, nodes left, failures).
+
+    Only `command -v mpirun`: the full preflight (preflight.py) is never in the path of
+    a normal launch."""
     failed: list[str] = []
     if run.names is not None:  # queued before a restart: its nodes as they are now
         run.candidates, failed = still_running(run.ctx.registry, run.names)
     nodes = list(run.candidates)
     for node in master_order(nodes, run.master):
-        why = _preflight(run, node)
+        why = _cannot_run_mpirun(run, node)
         if why is None:
             return node, nodes, failed
-        log.warning("job %s: master candidate %s failed pre-flight: %s", run.id, node.name, why)
+        log.warning("job %s: master candidate %s cannot run mpirun: %s", run.id, node.name, why)
         failed.append(f"{node.name}: {why}")
         nodes.remove(node)
     return None, nodes, failed
 
 
-def _preflight(run: JobRun, node: Node) -> str | None:
+def _cannot_run_mpirun(run: JobRun, node: Node) -> str | None:
     """None if `node` can run mpirun now, else why not."""
     try:
         found = run.ctx.remote.has_program(Host(node.ip, node.port), run.mpi.mpirun)

@@ -267,6 +267,7 @@ def to_json(rec: dict) -> dict:
         "finished": iso(rec["finished"]),
         "error": rec["error"],
         "reason": rec["reason"],
+        "failure": rec["failure"],
         "np": rec["np"],
         "timeout_s": rec["timeout_s"],
         "env": {name: "***" for name in rec["env_names"]},

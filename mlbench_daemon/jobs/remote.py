@@ -170,7 +170,7 @@ class Remote:
         return self.pool.run(host.ip, host.port, argv, stdin=stdin, timeout=self.timeout + extra)
 
     def has_program(self, host: Host, program: str) -> bool:
-        """Whether `program` is on the login PATH of `host` (the pre-flight)."""
+        """Whether `program` is on the login PATH of `host` (the master check of a launch)."""
         return self._run(host, ["command", "-v", program]).exit_code == 0
 
     def launch(

@@ -21,13 +21,14 @@ from typing import Any
 
 from mlbench_daemon import metrics
 from mlbench_daemon.discovery import Node
+from mlbench_daemon.jobs import failure, preflight
 from mlbench_daemon.jobs.clock import Clock, Timer
 from mlbench_daemon.jobs.launch import BACKOFF_S, MasterLost, Stopped, launch
 from mlbench_daemon.jobs.placement import Registry
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
 from mlbench_daemon.ssh_errors import SSHError
 from mlbench_daemon.store import Store
-from mlbench_daemon.vocabulary import JobReason, JobState
+from mlbench_daemon.vocabulary import FailureKind, JobReason, JobState
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +229,13 @@ class JobRun:
             )
 
     def finish(self, state: JobState, **fields: Any) -> None:
-        """Record the final state; the job leaves the live table."""
+        """Record the final state (with its failure, unless it succeeded); the job
+        leaves the live table."""
         ctx = self.ctx
         ctx.store.sync_log(self.id)
+        if state != JobState.SUCCEEDED:
+            fields["failure"] = self._failure(state, fields)
+            metrics.job_failures_total.labels(fields["failure"]["kind"]).inc()
         with ctx.changed:
             rec = ctx.store.update(self.id, state=state, finished=ctx.clock.time(), **fields)
             ctx.live.pop(self.id, None)
@@ -239,6 +244,62 @@ class JobRun:
         if rec["started"]:
             metrics.job_duration_seconds.observe(rec["finished"] - rec["started"])
         log.info("job %s: %s %s", self.id, state, fields or "")
+
+    def _failure(self, state: JobState, fields: Mapping[str, Any]) -> dict:
+        """Why the job did not succeed (failure.py), from the tail of its output; for a
+        daemon-launch failure, which names no host, the preflight is run first (bounded
+        by mpi.preflight_timeout_s) and its failing checks are kept."""
+        ctx = self.ctx
+        try:
+            rec = ctx.store.get(self.id)
+            if rec is None:
+                return failure.empty(FailureKind.UNKNOWN, "the job's record is gone")
+            size = ctx.store.log_size(self.id)
+            start = max(0, size - failure.PARSE_TAIL_BYTES)
+            tail, _ = ctx.store.read_log(self.id, start, size - start)
+            statuses = {s.node.name: s for s in ctx.registry.nodes()}
+            refs = [
+                failure.NodeRef(row[2], row[0], getattr(statuses.get(row[2]), "hostname", None))
+                for row in rec["nodes"]
+            ]
+            f = failure.attribute(
+                state=state,
+                reason=fields.get("reason"),
+                exit_code=fields.get("exit_code", rec["exit_code"]),
+                output=tail.decode(errors="replace"),
+                command=rec["command"],
+                master=rec["master_name"],
+                master_ip=rec["master_ip"],
+                nodes=refs,
+                error=fields.get("error", rec["error"]),
+            ) or failure.empty(FailureKind.UNKNOWN, state)
+            if f["kind"] == FailureKind.DAEMON_LAUNCH:
+                self._explain_launch(f, rec, statuses)
+            return f
+        except Exception as e:  # attribution must never keep a job from ending
+            log.exception("job %s: failure attribution failed", self.id)
+            return failure.empty(FailureKind.UNKNOWN, f"attribution failed: {e}")
+
+    def _explain_launch(self, f: dict, rec: Mapping[str, Any], statuses: Mapping[str, Any]) -> None:
+        """Run the preflight for this job; its failing checks go into `f`."""
+        nodes = [statuses[row[2]].node for row in rec["nodes"] if row[2] in statuses]
+        master = next((n for n in nodes if n.name == rec["master_name"]), None)
+        if master is None:
+            return
+        program = self.program or rec["request"].get("program") or self.mpi.program
+        result = preflight.run(
+            self.ctx.remote.pool, self.ctx.cfg, master, nodes, program, rec["np"],
+            self.mpi.preflight_timeout_s,
+        )  # fmt: skip
+        f["checks"] = [c for c in result["checks"] if c["status"] == "fail"]
+        first = next((c for c in f["checks"] if c["node"]), None)
+        if first is None:
+            f["message"] += "; the preflight found nothing failing now"
+            return
+        if f["node"] is None:
+            f["node"] = first["node"]
+        f["message"] += f"; preflight: {first['node']} {first['check']}: {first['message']}"
+        f["hint"] = first["hint"] or f["hint"]
 
     # --- cancel -------------------------------------------------------------------------
 

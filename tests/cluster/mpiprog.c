@@ -15,6 +15,7 @@
  *   --bytes N     rank 0 writes N bytes of '0'..'9' lines (100 bytes a line) to stdout
  *   --stderr TEXT rank 0 writes TEXT and a newline to stderr
  *   --exit C      every rank exits with code C after MPI_Finalize
+ *   --exit-rank R C  rank R alone exits with code C after MPI_Finalize
  */
 #include <arpa/inet.h>
 #include <ifaddrs.h>
@@ -90,6 +91,8 @@ int main(int argc, char **argv) {
             fprintf(stderr, "%s\n", next);
         } else if (!strcmp(argv[i], "--exit") && next) {
             code = atoi(next);
+        } else if (!strcmp(argv[i], "--exit-rank") && next && i + 2 < argc) {
+            if (atoi(next) == rank) code = atoi(argv[i + 2]);
         }
     }
     if (rank == 0 && nbytes > 0) write_bytes(nbytes);

@@ -1,0 +1,112 @@
+"""Preflight benchmark on a namespace cluster (needs root).
+
+Prints, with the baseline measured in the same run: `POST /api/preflight/` (every
+check, TCP included) on 4 and on 16 hosts, against one run of the short MPI program
+typed through OpenSSH (`ssh master mpirun --host ... prog`), as a person checking
+the cluster by hand would.  Target: ratio <= 1.5.
+
+    python3 -m bench.preflight [--rounds 5]   (from the repository root)
+"""
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process
+
+SETTLE_S = 0.5
+
+
+def call(port, method, path, body=None, timeout=600):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if data else {}
+        conn.request(method, path, body=data, headers=headers)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def compare(c, port, n, rounds):
+    hosts = c.workers[:n]
+    mpirun = [MPIRUN, *MPI_ARGS, "--host", ",".join(h.ip for h in hosts), str(c.mpi_program)]
+    ours, theirs = [], []
+
+    def by_openssh():
+        t = time.perf_counter()
+        r = subprocess.run(c.ssh_argv(hosts[0], mpirun), capture_output=True, timeout=600)
+        theirs.append(time.perf_counter() - t)
+        assert r.returncode == 0 and f"allreduce ok {n}".encode() in r.stdout, r.stdout[-500:]
+
+    def by_preflight():
+        t = time.perf_counter()
+        status, answer = call(port, "POST", "/api/preflight/", {"nodes": [h.name for h in hosts]})
+        ours.append(time.perf_counter() - t)
+        assert status == 200 and answer["ok"], answer
+        assert sum(c["check"] == "tcp" and c["ok"] for c in answer["checks"]) == n - 1, answer
+
+    for i in range(rounds):
+        for run in (by_openssh, by_preflight) if i % 2 == 0 else (by_preflight, by_openssh):
+            time.sleep(SETTLE_S)
+            run()
+    return statistics.median(ours), statistics.median(theirs), min(ours), max(ours)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+
+    print("building a 16-host cluster ...", flush=True)
+    c = Cluster(workers=16, extra=0).build()
+    work = Path(tempfile.mkdtemp(prefix="mlbench-bench-"))
+    daemon = None
+    try:
+        port = free_port()
+        cfg = c.write_config(
+            work / "cfg.toml",
+            work / "state",
+            server={"port": port},
+            ssh={"probe_interval_s": 5.0, "max_connects": 16},
+        )
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(cfg),
+             "--log-level", "warning"]
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _, nodes = call(port, "GET", "/api/nodes/?refresh=1", timeout=30)
+                if sum(n["phase"] == "Running" for n in nodes) == 16:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("daemon did not see 16 Running hosts")
+            time.sleep(0.2)
+        print(f"\npreflight vs one `ssh master mpirun` of the short program, "
+              f"medians of {args.rounds} rounds")  # fmt: skip
+        for n in (4, 16):
+            ours, theirs, lo, hi = compare(c, port, n, args.rounds)
+            print(
+                f"{n:3d} hosts: preflight {ours * 1000:7.1f} ms (range {lo * 1000:.0f}-"
+                f"{hi * 1000:.0f})   ssh+mpirun {theirs * 1000:7.1f} ms   "
+                f"ratio {ours / theirs:.3f}  (target <= 1.5)",
+                flush=True,
+            )
+    finally:
+        if daemon is not None:
+            stop_process(daemon)
+        c.teardown()
+
+
+if __name__ == "__main__":
+    main()
