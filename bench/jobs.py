@@ -2,11 +2,12 @@
 
 Prints, with the baseline measured in the same run:
 
-- launch: a synchronous `POST /api/mpi_jobs/` of the short MPI program on 4
-  and on 16 hosts, against the same mpirun typed through OpenSSH
-  (`ssh master mpirun --host ... prog`), as a person at a terminal would; and
-  each one's overhead beyond mpirun's own run time (mpirun is run through a
-  small wrapper that records when it starts and ends, in both paths);
+- launch, for each MPI launcher installed (OpenMPI 4, OpenMPI 5, MPICH's Hydra):
+  a synchronous `POST /api/mpi_jobs/` of the short MPI program on 4 and on 16
+  hosts, against the same launcher typed through OpenSSH (`ssh master mpirun
+  --host ... prog`), as a person at a terminal would; and each one's overhead
+  beyond the launcher's own run time (it is run through a small wrapper that
+  records when it starts and ends, in both paths);
 - log throughput: a job writing 1 GB, start to end, against the same job run
   through `ssh master mpirun`; and 1 GB already written, streamed into the
   daemon's log on re-attach after a kill -9, against `ssh master cat` of the
@@ -15,7 +16,8 @@ Prints, with the baseline measured in the same run:
 
 Targets: launch ratio <= 0.9; throughput >= 0.8x OpenSSH; RSS growth < 50 MB.
 
-    python3 -m bench.jobs [--rounds 5] [--gigabytes 1]   (from the repository root)
+    python3 -m bench.jobs [--rounds 5] [--gigabytes 1] [--flavours openmpi4 mpich]
+        (from the repository root)
 """
 
 import argparse
@@ -31,7 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process
+from mlbench_daemon.jobs import flavour
+from tests.cluster import MPI_ARGS, MPIRUN, MPIS, Cluster, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,15 +70,15 @@ def openssh(c, argv, timeout=600):
     )
 
 
-def timed_mpirun(c):
-    """A wrapper that appends mpirun's own start and end times to a file, so that
-    each path's overhead beyond mpirun itself can be told apart from mpirun's
+def timed_mpirun(c, launcher=MPIRUN):
+    """A wrapper that appends the launcher's own start and end times to a file, so that
+    each path's overhead beyond the launcher itself can be told apart from its
     run-to-run variation (hundreds of ms on a busy 2-core machine)."""
     times = c.home / "mpirun-times"
-    wrapper = c.home / "timed-mpirun"
+    wrapper = c.home / f"timed-{Path(launcher).parent.parent.name}-{Path(launcher).name}"
     wrapper.write_text(f"""#!/bin/sh
 echo "$(date +%s.%N)" >> {times}
-{MPIRUN} "$@"
+{launcher} "$@"
 r=$?
 echo "$(date +%s.%N)" >> {times}
 exit $r
@@ -90,10 +93,14 @@ def mpirun_seconds(times):
     return end - start
 
 
-def launch(c, port, n, rounds, wrapper, times):
+def launch(c, port, n, rounds, wrapper, times, name="openmpi4"):
     hosts = c.workers[:n]
     names = [h.name for h in hosts]
-    mpirun = [str(wrapper), *MPI_ARGS, "--host", ",".join(h.ip for h in hosts), str(c.mpi_program)]
+    f, m = flavour.get(name), MPIS[name]
+    # the argv the daemon runs, typed by hand
+    mpirun = f.argv(
+        str(wrapper), m.args, [h.ip for h in hosts], None, [], [str(c.program_for(name))]
+    )
     ours, theirs, ours_over, theirs_over = [], [], [], []
 
     def by_openssh():
@@ -247,6 +254,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--gigabytes", type=float, default=1.0)
+    ap.add_argument("--flavours", nargs="+", choices=list(MPIS), default=list(MPIS))
     args = ap.parse_args()
 
     print("building a 16-host cluster ...", flush=True)
@@ -255,16 +263,16 @@ def main():
     daemon = None
     try:
         port = free_port()
-        wrapper, times = timed_mpirun(c)
+        wrapper, _ = timed_mpirun(c)
         cfg = c.write_config(
             work / "cfg.toml",
             work / "state",
             server={"port": port},
             ssh={"probe_interval_s": 5.0, "verify_interval_s": 300.0, "max_connects": 16},
-            mpi={"mpirun": str(wrapper)},
+            mpi={"mpirun": str(wrapper), "flavour": "openmpi4"},
         )
 
-        def start():
+        def start(config=cfg):
             return subprocess.Popen(
                 [
                     sys.executable,
@@ -272,38 +280,65 @@ def main():
                     "mlbench_daemon",
                     "serve",
                     "--config",
-                    str(cfg),
+                    str(config),
                     "--log-level",
                     "warning",
                 ]
             )
 
-        daemon = start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _, nodes = call(port, "GET", "/api/nodes/?refresh=1", timeout=30)
-                if sum(n["phase"] == "Running" for n in nodes) == 16:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("daemon did not see 16 Running hosts")
-            time.sleep(0.2)
+        def wait_running():
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    _, nodes = call(port, "GET", "/api/nodes/?refresh=1", timeout=30)
+                    if sum(n["phase"] == "Running" for n in nodes) == 16:
+                        return
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("daemon did not see 16 Running hosts")
+                time.sleep(0.2)
 
         print(
-            f"\nlaunch, medians of {args.rounds} rounds (overhead = total minus mpirun's own time)"
+            f"\nlaunch, medians of {args.rounds} rounds (overhead = total minus the launcher's "
+            "own time)"
         )
-        for n in (4, 16):
-            ours, theirs, ours_over, theirs_over = launch(c, port, n, args.rounds, wrapper, times)
-            print(
-                f"  {n:2d} hosts: POST {ours * 1000:7.1f} ms   ssh+mpirun {theirs * 1000:7.1f} ms"
-                f"   ratio {ours / theirs:.3f}  (target <= 0.9)"
-            )
-            print(
-                f"            overhead: POST {ours_over * 1000:5.1f} ms   "
-                f"ssh+mpirun {theirs_over * 1000:5.1f} ms"
-            )
+        for name in args.flavours:
+            m = MPIS[name]
+            if not c.program_for(name).exists():
+                print(f"  {name}: {m.launcher} not installed, skipped")
+                continue
+            fwrapper, ftimes = timed_mpirun(c, m.launcher)
+            fcfg = c.write_config(
+                work / f"cfg-{name}.toml",
+                work / f"state-{name}",
+                server={"port": port},
+                ssh={"probe_interval_s": 5.0, "verify_interval_s": 300.0, "max_connects": 16},
+                # named: auto would ask `<wrapper> --version` once per master, which the
+                # wrapper would time as a run
+                mpi={"mpirun": str(fwrapper), "args": list(m.args), "flavour": name,
+                     "program": [str(c.program_for(name))]},
+            )  # fmt: skip
+            daemon = start(fcfg)
+            wait_running()
+            print(f"  {name}:")
+            for n in (4, 16):
+                ours, theirs, ours_over, theirs_over = launch(
+                    c, port, n, args.rounds, fwrapper, ftimes, name
+                )
+                print(
+                    f"    {n:2d} hosts: POST {ours * 1000:7.1f} ms   ssh+launcher "
+                    f"{theirs * 1000:7.1f} ms   ratio {ours / theirs:.3f}  (target <= 0.9)"
+                )
+                print(
+                    f"              overhead: POST {ours_over * 1000:5.1f} ms   ssh+launcher "
+                    f"{theirs_over * 1000:5.1f} ms"
+                )
+            stop_process(daemon)
+            daemon = None
+
+        daemon = start()
+        wait_running()
 
         nbytes = int(args.gigabytes * 1e9)
         ours, theirs, growth = live_stream(c, port, daemon.pid, nbytes, wrapper)

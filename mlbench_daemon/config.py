@@ -337,8 +337,21 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         "also trust the system/user known_hosts files",
     ),
     ("mpi", "mpirun", nonempty, "/usr/bin/mpirun", "mpirun path on the master"),
+    (
+        "mpi",
+        "flavour",
+        one_of("auto", "openmpi4", "openmpi5", "mpich"),
+        "auto",
+        "which launcher mpi.mpirun is (auto: from its --version on the master)",
+    ),
     ("mpi", "program", argv, ["/usr/local/bin/python", "/app/main.py"], "default program argv"),
-    ("mpi", "args", str_list, [], "extra mpirun arguments, placed before the program"),
+    (
+        "mpi",
+        "args",
+        str_list,
+        [],
+        "extra launcher arguments (for that launcher), placed before the program",
+    ),
     ("mpi", "max_concurrent_jobs", integer(1, 1024), 1, "jobs running at once"),
     ("mpi", "queue_size", integer(0, 100000), 16, "jobs waiting beyond that; more get 429"),
     (

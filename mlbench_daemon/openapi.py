@@ -334,6 +334,7 @@ SCHEMAS = {
             "np",
             "timeout_s",
             "env",
+            "flavour",
         ],
         "properties": {
             "nodes": {"type": "array", "items": _ref("NodeRow")},
@@ -368,6 +369,12 @@ SCHEMAS = {
                 "type": "object",
                 "additionalProperties": {"const": "***"},
                 "description": "The names of the exported variables; values are never shown.",
+            },
+            "flavour": {
+                "type": ["string", "null"],
+                "enum": ["openmpi4", "openmpi5", "mpich", None],
+                "description": "The launcher the job ran with (`mpi.flavour`, detected on its "
+                "master when `auto`); null until the job is launched.",
             },
         },
     },

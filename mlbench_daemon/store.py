@@ -67,12 +67,14 @@ COLUMNS = (
     "error",
     "reason",
     "request",
+    "flavour",
     "failure",
 )
 JSON_COLUMNS = ("nodes", "command", "env_names", "request", "failure")
 # Columns added after the first release: (name, declaration), added to older databases.
 ADDED_COLUMNS = (
     ("request", "TEXT NOT NULL DEFAULT '{}'"),
+    ("flavour", "TEXT"),
     ("failure", "TEXT NOT NULL DEFAULT 'null'"),
 )
 
@@ -98,6 +100,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     reason TEXT,
     request TEXT NOT NULL DEFAULT '{}',
+    flavour TEXT,
     failure TEXT NOT NULL DEFAULT 'null'
 )
 """

@@ -275,7 +275,14 @@ class LocalJobs:
         mpirun.write_text(MPIRUN)
         mpirun.chmod(0o755)
         path = tmp / "daemon.toml"
-        settings = {"mpirun": str(mpirun), "program": ["true"], "cancel_grace_s": 1.0, **mpi}
+        # the stand-in is no real launcher: it has no --version to detect a flavour from
+        settings = {
+            "mpirun": str(mpirun),
+            "flavour": "openmpi4",
+            "program": ["true"],
+            "cancel_grace_s": 1.0,
+            **mpi,
+        }
         path.write_text(
             to_toml(
                 {

@@ -730,7 +730,7 @@ def test_link_lost_right_after_launch_still_follows_the_job(env, mocker):
 
     def run(ip, port, argv, **kw):
         result = real_run(ip, port, argv, **kw)
-        if "cat > env" in argv[2]:  # the launch script
+        if argv[:2] == ["sh", "-c"] and "cat > env" in argv[2]:  # the launch script
             raise Unreachable("connection-lost", f"{ip}:{port}: link dropped after the launch")
         return result
 
@@ -749,7 +749,7 @@ def test_launch_unconfirmed_while_the_master_is_cut_off_stays_pending(env, clust
 
     def run(ip, port, argv, **kw):
         result = real_run(ip, port, argv, **kw)
-        if "cat > env" in argv[2]:
+        if argv[:2] == ["sh", "-c"] and "cat > env" in argv[2]:
             cluster.partition(master)
             raise Unreachable("connection-lost", f"{ip}:{port}: link dropped after the launch")
         return result

@@ -30,6 +30,7 @@ import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from mlbench_daemon.jobs import flavour as flavours
 from mlbench_daemon.vocabulary import FailureKind, JobReason
 
 PARSE_TAIL_BYTES = 64 * 1024  # OpenMPI's verdicts come at the end of the output
@@ -251,6 +252,7 @@ _DAEMON_LAUNCH = re.compile(
     r"ORTE was unable to reliably start one or more daemons"
     r"|An ORTE daemon has unexpectedly failed after launch"
 )
+_RETURNED = re.compile(r"Primary job\s+terminated normally, but \d+ process(?:es)? returned")
 _SLOTS = re.compile(r"There are not enough slots available in the system to satisfy the (\d+)")
 _SSH_HOST = re.compile(
     r"(?:host key is known for|Host key for|ssh: connect to host|Could not resolve hostname) "
@@ -335,8 +337,12 @@ def attribute(
     master_ip: str | None,
     nodes: Sequence[NodeRef],
     error: str | None = None,
+    flavour: str = "openmpi4",
 ) -> dict | None:
-    """The `failure` of a job that did not succeed (None for a succeeded job)."""
+    """The `failure` of a job that did not succeed (None for a succeeded job).
+
+    `flavour`: the launcher the job ran with; OpenMPI 4's texts are parsed here, the
+    others' (OpenMPI 5, Hydra) by flavour.explain with their own rank placement."""
     if state == "succeeded":
         return None
     if reason in REASON_KINDS:
@@ -349,8 +355,21 @@ def attribute(
                 else "the job was cancelled"
             )
         return f
-    facts = parse_openmpi4(output)
-    if facts is None and exit_code is not None and 128 < exit_code < 128 + 65:
+    if flavour == "openmpi4":
+        facts = parse_openmpi4(output)
+        if facts is None and _RETURNED.search(output) and exit_code and 0 < exit_code < 128:
+            # mpirun names the rank only when others still ran (its second notice
+            # depends on timing); a job of one rank still has it
+            ranks = rank_map(command, master_ip)
+            facts = {"kind": "rank-exit", "exit_code": exit_code}
+            if ranks and len(ranks) == 1:
+                facts["rank"] = 0
+    else:
+        pairs = [(n.ip, n.name) for n in nodes]
+        said = flavours.explain(flavour, output, command, master_ip, pairs, exit_code)
+        facts = said[0] if said else None
+    openmpi = flavour != "mpich"  # Hydra's status is the OR of the ranks' codes
+    if facts is None and openmpi and exit_code is not None and 128 < exit_code < 128 + 65:
         # mpirun passes on a killed rank's status as 128 + signal, and sometimes
         # exits before printing which rank it was
         facts = {"kind": "rank-signal", "signal": exit_code - 128, "detail": "unnamed"}
@@ -364,7 +383,7 @@ def attribute(
     names = {n.ip: n.name for n in nodes}
     if f["host"]:
         f["node"] = node_for_host(f["host"], nodes, master)
-    elif f["rank"] is not None:
+    elif f["rank"] is not None and flavour == "openmpi4":
         ranks = rank_map(command, master_ip)
         if ranks and f["rank"] < len(ranks):
             f["host"] = ranks[f["rank"]]

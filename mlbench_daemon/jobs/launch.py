@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from mlbench_daemon.discovery import Node
+from mlbench_daemon.jobs import flavour
 from mlbench_daemon.jobs.placement import master_order, mpirun_argv, node_row, still_running
 from mlbench_daemon.jobs.remote import Host
 from mlbench_daemon.ssh_errors import SSHError
@@ -40,15 +41,18 @@ def launch(run: JobRun, rec: dict) -> dict | None:
     if run.cancel_reason:
         run.finish(JobState.CANCELLED, reason=run.cancel_reason)
         return None
-    master, nodes, failed = _pick_master(run)
-    if master is None:
+    master, flavour_name, nodes, failed = _pick_master(run)
+    if master is None or flavour_name is None:
         run.finish(JobState.FAILED, reason=JobReason.NO_USABLE_MASTER, error="; ".join(failed))
         return None
     env = run.env or {}
-    command = mpirun_argv(run.mpi.mpirun, run.mpi.args, nodes, run.np, sorted(env), run.program)
+    command = mpirun_argv(
+        run.mpi.mpirun, run.mpi.args, nodes, run.np, sorted(env), run.program, flavour_name
+    )
     job_dir = f"{run.mpi.remote_dir.rstrip('/')}/{run.id}"
     run.ctx.store.update(
         run.id,
+        flavour=flavour_name,
         master_name=master.name,
         master_ip=master.ip,
         master_port=master.port,
@@ -60,7 +64,8 @@ def launch(run: JobRun, rec: dict) -> dict | None:
     run.env = None
     host = Host(master.ip, master.port)
     try:
-        pid, why = run.ctx.remote.launch(host, job_dir, run.id, command, env)
+        marker = flavour.get(flavour_name).marker_env(run.id)
+        pid, why = run.ctx.remote.launch(host, job_dir, run.id, command, env, marker)
     except SSHError as e:
         # the job may have started and only the answer was lost: its pid file tells
         log.warning(
@@ -76,32 +81,52 @@ def launch(run: JobRun, rec: dict) -> dict | None:
     return run.running(pid)
 
 
-def _pick_master(run: JobRun) -> tuple[Node | None, list[Node], list[str]]:
-    """The first candidate that can run mpirun -> (master, nodes left, failures).
+def _pick_master(run: JobRun) -> tuple[Node | None, str | None, list[Node], list[str]]:
+    """The first candidate that can run mpirun -> (master, its launcher's flavour, nodes
+    left, failures).
 
-    Only `command -v mpirun`: the full preflight (preflight.py) is never in the path of
-    a normal launch."""
+    Only `command -v mpirun`, or once per master with mpi.flavour auto `mpirun
+    --version`: the full preflight (preflight.py) is never in the path of a launch."""
     failed: list[str] = []
     if run.names is not None:  # queued before a restart: its nodes as they are now
         run.candidates, failed = still_running(run.ctx.registry, run.names)
     nodes = list(run.candidates)
     for node in master_order(nodes, run.master):
-        why = _cannot_run_mpirun(run, node)
+        why, flavour_name = _cannot_run_mpirun(run, node)
         if why is None:
-            return node, nodes, failed
+            return node, flavour_name, nodes, failed
         log.warning("job %s: master candidate %s cannot run mpirun: %s", run.id, node.name, why)
         failed.append(f"{node.name}: {why}")
         nodes.remove(node)
-    return None, nodes, failed
+    return None, None, nodes, failed
 
 
-def _cannot_run_mpirun(run: JobRun, node: Node) -> str | None:
-    """None if `node` can run mpirun now, else why not."""
+def _cannot_run_mpirun(run: JobRun, node: Node) -> tuple[str | None, str | None]:
+    """(None, flavour) if `node` can run mpirun now, else (why not, None).
+
+    With mpi.flavour auto, a master not asked before runs `<mpirun> --version` (which
+    also proves it is there); the answer is kept for that master and launcher path."""
+    launcher, host = run.mpi.mpirun, Host(node.ip, node.port)
+    known = run.ctx.flavour_for(node)
     try:
-        found = run.ctx.remote.has_program(Host(node.ip, node.port), run.mpi.mpirun)
+        if known:
+            if run.ctx.remote.has_program(host, launcher):
+                return None, known
+            run.ctx.flavours.pop((node.ip, node.port, launcher), None)
+            return f"{launcher} not found", None
+        rc, text = run.ctx.remote.version(host, launcher)
     except SSHError as e:
-        return f"{e.reason}: {e}"
-    return None if found else f"{run.mpi.mpirun} not found"
+        return f"{e.reason}: {e}", None
+    key = (node.ip, node.port, launcher)
+    if rc != 0:
+        run.ctx.flavours.pop(key, None)
+        return (f"{launcher} not found" if rc == 127 else f"{launcher} --version exited {rc}"), None
+    try:
+        run.ctx.flavours[key] = flavour.detect(text)
+    except ValueError as e:
+        return f"{launcher}: {e}; set mpi.flavour", None
+    log.info("%s: %s is %s (%s)", node.name, launcher, *run.ctx.flavours[key])
+    return None, run.ctx.flavours[key][0]
 
 
 def _confirmed_pid(run: JobRun, host: Host, job_dir: str) -> int | None:

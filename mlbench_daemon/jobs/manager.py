@@ -25,7 +25,7 @@ from typing import Any
 
 from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
 from mlbench_daemon.jobs.clock import Clock
-from mlbench_daemon.jobs.placement import Registry, choose, mpirun_argv, node_row
+from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun_argv, node_row
 from mlbench_daemon.jobs.remote import Pool, Remote
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.jobs.run import Cancel, Context, JobRun
@@ -121,7 +121,12 @@ class Jobs:
             candidates=nodes,
         )  # fmt: skip
         timeout_s = req.timeout_s or self.mpi.default_timeout_s or None
-        command = mpirun_argv(self.mpi.mpirun, self.mpi.args, nodes, req.np, env_names, req.program)
+        # the flavour, as far as known before the master is chosen (openmpi4 if not yet)
+        known = (self._ctx.flavour_for(n) for n in master_order(nodes, master))
+        flavour_name = next((f for f in known if f), "openmpi4")
+        command = mpirun_argv(
+            self.mpi.mpirun, self.mpi.args, nodes, req.np, env_names, req.program, flavour_name
+        )
         request = {
             "program": list(req.program),
             "np": req.np,
@@ -271,6 +276,7 @@ def to_json(rec: dict) -> dict:
         "np": rec["np"],
         "timeout_s": rec["timeout_s"],
         "env": {name: "***" for name in rec["env_names"]},
+        "flavour": rec["flavour"],
     }
 
 

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from mlbench_daemon.discovery import Node, Selector, natural_key
 from mlbench_daemon.errors import BadRequest, Conflict, Unavailable
+from mlbench_daemon.jobs import flavour
 from mlbench_daemon.jobs.request import Request
 from mlbench_daemon.nodes import NodeStatus
 from mlbench_daemon.vocabulary import Phase
@@ -97,12 +98,10 @@ def mpirun_argv(
     np: int | None,
     env_names: Sequence[str],
     program: Sequence[str],
+    flavour_name: str = "openmpi4",
 ) -> list[str]:
-    """mpirun's argv: env passed by name only (``-x NAME``), hosts, ``-np``, the program."""
-    argv = [mpirun, *args]
-    for name in env_names:
-        argv += ["-x", name]
-    argv += ["--host", ",".join(host_spec(n) for n in nodes)]
-    if np:
-        argv += ["-np", str(np)]
-    return argv + list(program)
+    """The launcher's argv for that flavour (flavour.py): hosts with slots, process
+    count, env passed by name only (OpenMPI's ``-x NAME``) or not at all (Hydra sends
+    the whole environment), the program."""
+    hosts = [host_spec(n) for n in nodes]
+    return flavour.get(flavour_name).argv(mpirun, args, hosts, np, env_names, program)

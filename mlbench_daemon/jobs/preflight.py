@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import threading
 import time
@@ -40,6 +41,7 @@ from typing import Any
 
 from mlbench_daemon.discovery import Node, natural_key
 from mlbench_daemon.errors import BadRequest, QueueFull
+from mlbench_daemon.jobs import flavour as flavours
 from mlbench_daemon.jobs.placement import choose, mpirun_argv, node_row
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.ssh_errors import SSHError
@@ -50,8 +52,8 @@ MARGIN_S = 2.0  # the remote scripts end this much before the deadline
 # $1 role (master|worker), $2 mpirun as configured, $3 program[0], $4 job dir (master).
 # Prints lines "check<TAB>status<TAB>message"; "version<TAB><text>" for the daemon.
 NODE = r"""say() { printf '%s\t%s\t%s\n' "$1" "$2" "$3"; }
-role=$1 mpirun=$2 prog=$3 jobdir=$4
-if [ "$role" = master ]; then name=mpirun; else name=orted; fi
+role=$1 mpirun=$2 prog=$3 jobdir=$4 daemon=${5:-orted}
+if [ "$role" = master ]; then name=${mpirun##*/}; else name=$daemon; fi
 case $mpirun in
   */*) exe=${mpirun%/*}/$name; how="under ${mpirun%/*} (mpirun's prefix)";;
   *) exe=$(command -v "$name" 2>/dev/null) || exe=; how="on the non-interactive PATH ($PATH)";;
@@ -74,8 +76,14 @@ else
 fi
 if [ -n "$exe" ]; then
   d=${exe%/*} v=
-  if [ -x "$d/mpirun" ]; then v=$("$d/mpirun" --version 2>/dev/null | head -n 1)
-  elif [ -x "$d/ompi_info" ]; then v=$("$d/ompi_info" --version 2>/dev/null | head -n 1); fi
+  for l in "${mpirun##*/}" mpirun mpiexec; do
+    if [ -x "$d/$l" ]; then
+      v=$("$d/$l" --version 2>/dev/null | head -n 3 | tr '\n\t' '  ' | tr -s ' '); break
+    fi
+  done
+  if [ -z "$v" ] && [ -x "$d/ompi_info" ]; then
+    v=$("$d/ompi_info" --version 2>/dev/null | head -n 1)
+  fi
   printf 'version\t%s\n' "$v"
 fi
 case $prog in
@@ -265,12 +273,33 @@ def slots_check(nodes: Sequence[Node], np: int | None) -> dict:
     )
 
 
+def version_text(raw: str) -> str:
+    """A launcher's version output -> "Open MPI 4.1.4", "MPICH 5.0.2", ... (as is if
+    not recognised)."""
+    try:
+        return flavours.detect(raw)[1]
+    except ValueError:
+        return raw.strip()
+
+
 def flavour_of(version: str | None) -> str:
-    if version and "Open MPI" in version:
-        digits = version.split(")")[-1].strip().lstrip("v").split(".")[0]
-        if digits in ("4", "5"):
-            return f"openmpi{digits}"
-    return "unknown"
+    """`version_text` -> the flavour, "unknown" if none."""
+    m = re.match(r"Open MPI (\d+)\.", version or "")
+    if m:
+        return "openmpi5" if int(m[1]) >= 5 else "openmpi4"
+    return "mpich" if (version or "").startswith(("MPICH ", "Intel MPI ")) else "unknown"
+
+
+def launcher_flavour(pool: Any, cfg: Any, master: Node, timeout: float) -> str:
+    """mpi.flavour, or with auto what `<mpirun> --version` says on the master
+    (openmpi4 when it says nothing known: the checks then show what is wrong)."""
+    if cfg.mpi.flavour != "auto":
+        return str(cfg.mpi.flavour)
+    try:
+        r = pool.run(master.ip, master.port, [cfg.mpi.mpirun, "--version"], timeout=timeout)
+        return flavours.detect((r.stdout + r.stderr).decode(errors="replace"))[0]
+    except (SSHError, ValueError):
+        return "openmpi4"
 
 
 def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict:
@@ -327,7 +356,7 @@ def parse_master(
         else:
             parts = line.split("\t", 2)
             if parts[0] == "version" and len(parts) == 2:
-                versions[node.name] = parts[1].strip()
+                versions[node.name] = version_text(parts[1])
             elif len(parts) == 3 and parts[0] in CHECKS and parts[1] in ("pass", "fail"):
                 seen[node.name].add(parts[0])
                 checks.append(check(node.name, parts[0], parts[1], parts[2], HINTS.get(parts[0])))
@@ -419,10 +448,12 @@ def run(
     {"checks": [...], "versions": {...}, "flavour": ...}; bounded by `timeout`."""
     end = time.monotonic() + timeout
     workers = [n for n in nodes if n.name != master.name]
-    seconds = max(1.0, timeout - MARGIN_S)
+    flavour = launcher_flavour(pool, cfg, master, max(1.0, timeout / 4)) if workers else None
+    daemon = flavours.get(flavour).daemon if flavour else "orted"
+    seconds = max(1.0, end - time.monotonic() - MARGIN_S)
     sec = str(max(1, math.floor(seconds)))
     node_cmd = shlex.join(
-        ["sh", "-c", NODE, "sh", "worker", cfg.mpi.mpirun, program[0], cfg.mpi.remote_dir]
+        ["sh", "-c", NODE, "sh", "worker", cfg.mpi.mpirun, program[0], cfg.mpi.remote_dir, daemon]
     )
     tcp_cmd = shlex.join(["sh", "-c", WITH_PYTHON, "sh", TCP_WORKER, sec])
     results: dict[str, Any] = {}
@@ -473,7 +504,9 @@ def run(
     return {
         "checks": checks,
         "versions": versions,
-        "flavour": flavour_of(versions.get(master.name)),
+        "flavour": (
+            cfg.mpi.flavour if cfg.mpi.flavour != "auto" else flavour_of(versions.get(master.name))
+        ),
     }
 
 
@@ -500,7 +533,6 @@ class Preflight:
         nodes = [s.node for s in statuses]
         master = next((n for n in nodes if n.name == master_name), nodes[0])
         mpi = self.cfg.mpi
-        command = mpirun_argv(mpi.mpirun, mpi.args, nodes, req.np, [], req.program)
         if not self._busy.acquire(blocking=False):
             raise QueueFull("a preflight is already running; try again when it ends")
         try:
@@ -508,10 +540,11 @@ class Preflight:
                          mpi.preflight_timeout_s)  # fmt: skip
         finally:
             self._busy.release()
+        fl = result["flavour"] if result["flavour"] in flavours.NAMES else "openmpi4"
         return {
             "ok": not any(c["status"] == "fail" for c in result["checks"]),
             "master_name": master.name,
-            "command": str(command),
+            "command": str(mpirun_argv(mpi.mpirun, mpi.args, nodes, req.np, [], req.program, fl)),
             "nodes": [node_row(n) for n in nodes],
             "flavour": result["flavour"],
             "checks": result["checks"],

@@ -8,7 +8,7 @@ parameters or on stdin.
 Job dir ``<mpi.remote_dir>/<id>`` under the cluster user's home, created with
 umask 077; its files:
 
-- ``env``: ``NAME='value'`` lines (the request's env plus the job marker), read
+- ``env``: ``NAME='value'`` lines (the request's env plus the flavour's job marker), read
   and deleted by the wrapper before mpirun starts;
 - ``lock``: held by the wrapper (fd 9) for as long as it runs;
 - ``out``: mpirun's output (stdout and stderr);
@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 from mlbench_daemon.ssh_errors import SSHError, Unreachable
 from mlbench_daemon.vocabulary import SSHReason
 
-MARKER = "OMPI_MCA_mlbench_job_id"  # OpenMPI hands OMPI_MCA_* to ranks and to every orted
+MARKER = "OMPI_MCA_mlbench_job_id"  # OpenMPI 4's job marker (flavour.py has each flavour's)
 
 # Runs in the job dir; stdin is the env file; "$@" is the mpirun argv.  The wrapper
 # holds the job's lock (fd 9, taken by LAUNCH) until it exits; mpirun does not get it.
@@ -89,21 +89,36 @@ while kill -0 "-$1" 2>/dev/null; do
 done
 echo terminated
 """
-# The job id comes on stdin, so no sweeping process carries it.  Prints the pids of
-# the cluster user's processes marked with it; with $1 = kill, KILLs them first.
+# The job id comes on stdin, so no sweeping process carries it; a second line may
+# name an option and a third its value (Hydra's proxies: --control-port and the
+# job's mpiexec's address:port), which marks a process too.  Prints the pids of the
+# cluster user's processes marked with it; with $1 = kill, KILLs them first; with
+# $1 = values, prints instead the values of that option on the marked processes'
+# command lines.  The markers: every flavour's variable ends in mlbench_job_id
+# (MLBENCH_JOB_ID for Hydra), in the environment or, OpenMPI's MCA variables, as
+# "--mca NAME VALUE"-style words on a daemon's command line.
 SWEEP = """read -r id
+read -r opt || opt=
+read -r val || val=
 nl='
 '
 found=
+vals=
 for d in /proc/[0-9]*; do
   [ -O "$d" ] || continue
   c=$(tr '\\0' '\\n' < "$d/environ" 2>/dev/null; tr '\\0' '\\n' < "$d/cmdline" 2>/dev/null)
   case "$c" in
-    *"mlbench_job_id=$id$nl"*|*"mlbench_job_id$nl$id$nl"*) found="$found ${d#/proc/}";;
+    *"mlbench_job_id=$id$nl"*|*"MLBENCH_JOB_ID=$id$nl"*|*"mlbench_job_id$nl$id$nl"*) ;;
+    *"$nl$opt$nl$val$nl"*) [ -n "$val" ] || continue;;
+    *) continue;;
   esac
+  found="$found ${d#/proc/}"
+  if [ "$1" = values ]; then
+    vals="$vals $(tr '\\0' '\\n' < "$d/cmdline" 2>/dev/null | sed -n "/^$opt\\$/{n;p;q}")"
+  fi
 done
 if [ "$1" = kill ] && [ -n "$found" ]; then kill -KILL $found 2>/dev/null; fi
-echo $found
+if [ "$1" = values ]; then echo $vals; else echo $found; fi
 """
 
 
@@ -173,11 +188,24 @@ class Remote:
         """Whether `program` is on the login PATH of `host` (the master check of a launch)."""
         return self._run(host, ["command", "-v", program]).exit_code == 0
 
+    def version(self, host: Host, launcher: str) -> tuple[int, str]:
+        """``<launcher> --version`` on `host` -> (exit status, stdout and stderr)."""
+        r = self._run(host, [launcher, "--version"])
+        return r.exit_code, (r.stdout + r.stderr).decode(errors="replace")
+
     def launch(
-        self, host: Host, job_dir: str, job_id: str, command: Sequence[str], env: Mapping[str, str]
+        self,
+        host: Host,
+        job_dir: str,
+        job_id: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        marker: Mapping[str, str] | None = None,
     ) -> tuple[int | None, str]:
-        """Start the job detached -> (pid, None) or (None, why it did not start)."""
-        lines = "".join(f"{k}={shlex.quote(v)}\n" for k, v in {**env, MARKER: job_id}.items())
+        """Start the job detached -> (pid, None) or (None, why it did not start).
+        `marker`: the flavour's marker variables (default OpenMPI 4's)."""
+        marker = {MARKER: job_id} if marker is None else marker
+        lines = "".join(f"{k}={shlex.quote(v)}\n" for k, v in {**env, **marker}.items())
         r = self._run(host, ["sh", "-c", LAUNCH, "sh", WRAPPER, job_dir, *command], lines.encode())
         if r.exit_code == 0 and r.stdout.split():
             return int(r.stdout.split()[-1]), ""
@@ -214,19 +242,35 @@ class Remote:
     def remove(self, host: Host, job_dir: str) -> None:
         self._run(host, ["rm", "-rf", "--", job_dir])
 
-    def _sweep_one(self, host: Host, job_id: str, mode: str) -> list[bytes]:
-        return self._run(
-            host, ["sh", "-c", SWEEP, "sh", mode], f"{job_id}\n".encode()
-        ).stdout.split()
+    def _sweep_one(
+        self, host: Host, job_id: str, mode: str, option: str = "", value: str = ""
+    ) -> list[bytes]:
+        stdin = f"{job_id}\n{option}\n{value}\n".encode()
+        return self._run(host, ["sh", "-c", SWEEP, "sh", mode], stdin).stdout.split()
 
-    def sweep(self, job_id: str, hosts: Iterable[Host]) -> str:
-        """Kill, then look for, processes marked with the job on every host -> summary."""
+    def proxy_values(self, host: Host, job_id: str, option: str) -> list[str]:
+        """The values of `option` on the command lines of the job's marked processes on
+        `host` (Hydra: the --control-port its remote proxies carry instead of a marker)."""
+        return sorted({v.decode() for v in self._sweep_one(host, job_id, "values", option)})
+
+    def sweep(
+        self, job_id: str, hosts: Iterable[Host], proxies: tuple[str, Sequence[str]] | None = None
+    ) -> str:
+        """Kill, then look for, processes marked with the job on every host -> summary.
+        `proxies`: (option, values) marking processes that carry no marker."""
         hosts = list(hosts)
+        option, values = proxies or ("", ())
+
+        def marked(host: Host, mode: str) -> list[bytes]:
+            found = self._sweep_one(host, job_id, mode)
+            for value in values:
+                found += self._sweep_one(host, job_id, mode, option, value)
+            return found
 
         def one(host: Host) -> tuple[str, list[bytes], list[bytes], str | None]:
             try:
-                killed = self._sweep_one(host, job_id, "kill")
-                left = self._sweep_one(host, job_id, "list") if killed else []
+                killed = marked(host, "kill")
+                left = marked(host, "list") if killed else []
                 return host.ip, killed, left, None
             except SSHError as e:
                 return host.ip, [], [], e.reason

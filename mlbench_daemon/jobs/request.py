@@ -15,9 +15,10 @@ from typing import Any
 
 from mlbench_daemon.discovery import Selector
 from mlbench_daemon.errors import BadRequest
+from mlbench_daemon.jobs import flavour
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-RESERVED_ENV_PREFIX = "OMPI_MCA_mlbench"  # the job marker's namespace (remote.MARKER)
+RESERVED_ENV_PREFIX = "OMPI_MCA_mlbench"  # OpenMPI's MCA namespace of the daemon's marker
 MAX_REQUEST_BYTES = 256 * 1024  # program + env, well under the kernel's argv/env limits
 
 
@@ -71,7 +72,7 @@ def _env(env: Any) -> dict[str, str]:
             raise BadRequest(
                 f"env name {name[:64]!r} must match [A-Za-z_][A-Za-z0-9_]*", field="env"
             )
-        if name.startswith(RESERVED_ENV_PREFIX):
+        if name.startswith(RESERVED_ENV_PREFIX) or flavour.reserved(name):
             raise BadRequest(f"env name {name[:64]!r} is reserved for the daemon", field="env")
         _text(value, "env")
     return dict(env)

@@ -21,7 +21,7 @@ from typing import Any
 
 from mlbench_daemon import metrics
 from mlbench_daemon.discovery import Node
-from mlbench_daemon.jobs import failure, preflight
+from mlbench_daemon.jobs import failure, flavour, preflight
 from mlbench_daemon.jobs.clock import Clock, Timer
 from mlbench_daemon.jobs.launch import BACKOFF_S, MasterLost, Stopped, launch
 from mlbench_daemon.jobs.placement import Registry
@@ -57,10 +57,20 @@ class Context:
     stop: threading.Event
     changed: threading.Condition  # log appends and state changes; its lock guards `live`
     live: dict[str, JobRun]
+    # (master ip, port, launcher path) -> (flavour, version), asked once per master
+    flavours: dict[tuple[str, int, str], tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def ssh_timeout(self) -> float:
         return self.cfg.ssh.connect_timeout_s + 10
+
+    def flavour_for(self, node: Node) -> str | None:
+        """The flavour of the launcher on `node`: mpi.flavour, or what `--version`
+        said there before (auto); None if not known yet."""
+        if self.cfg.mpi.flavour != "auto":
+            return str(self.cfg.mpi.flavour)
+        known = self.flavours.get((node.ip, node.port, self.cfg.mpi.mpirun))
+        return known[0] if known else None
 
 
 class JobRun:
@@ -272,6 +282,7 @@ class JobRun:
                 master_ip=rec["master_ip"],
                 nodes=refs,
                 error=fields.get("error", rec["error"]),
+                flavour=rec["flavour"] or "openmpi4",
             ) or failure.empty(FailureKind.UNKNOWN, state)
             if f["kind"] == FailureKind.DAEMON_LAUNCH:
                 self._explain_launch(f, rec, statuses)
@@ -335,10 +346,13 @@ class JobRun:
     def _kill_and_sweep(self) -> Cancel:
         ctx = self.ctx
         rec = ctx.store.record(self.id)
+        master = Host(rec["master_ip"], rec["master_port"])
+        option = flavour.get(rec["flavour"] or "openmpi4").proxy_option
+        proxies = None
         try:
-            how = ctx.remote.terminate(
-                Host(rec["master_ip"], rec["master_port"]), rec["pid"], self.mpi.cancel_grace_s
-            )
+            if option:  # read before the kill: the proxies carry no marker of their own
+                proxies = (option, ctx.remote.proxy_values(master, self.id, option))
+            how = ctx.remote.terminate(master, rec["pid"], self.mpi.cancel_grace_s)
         except SSHError as e:
             reason = self.cancel_reason
             with ctx.changed:
@@ -350,7 +364,8 @@ class JobRun:
             return Cancel.NOT_DELIVERED
         ports = {s.node.ip: s.node.port for s in ctx.registry.nodes()}
         hosts = [Host(row[0], ports.get(row[0], ctx.cfg.ssh.port)) for row in rec["nodes"]]
-        msg = f"{self.cancel_reason}: process group {how}; " + ctx.remote.sweep(self.id, hosts)
+        swept = ctx.remote.sweep(self.id, hosts, proxies)
+        msg = f"{self.cancel_reason}: process group {how}; {swept}"
         log.info("job %s: %s", self.id, msg)
         ctx.store.update(self.id, error=msg)
         return Cancel.DELIVERED

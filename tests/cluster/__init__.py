@@ -1,6 +1,7 @@
 from .cluster import (
     MPI_ARGS,
     MPIRUN,
+    MPIS,
     Cluster,
     ClusterError,
     Host,
@@ -12,6 +13,7 @@ from .cluster import (
 
 __all__ = [
     "MPIRUN",
+    "MPIS",
     "MPI_ARGS",
     "Cluster",
     "ClusterError",

