@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO, TextIO
 
 import mlbench_daemon
+from mlbench_daemon import logs
 from mlbench_daemon.config import read_token
 from mlbench_daemon.vocabulary import FINAL_STATES, JobState, Phase
 
@@ -341,7 +342,7 @@ def _table(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mlbench_daemon import config, logs
+    from mlbench_daemon import config
 
     try:
         cfg = config.load(args.config)
@@ -463,7 +464,9 @@ def main(
             return cmd_serve(args)
         return args.func(Client(args.url, args.token_file), args, out) or 0
     except Failure as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
+        # under systemd the journal records `serve`'s last words as an error (sd-daemon(3))
+        prio = "<3>" if args.command == "serve" and logs.under_systemd(environ) else ""
+        sys.stderr.write(f"{prio}{PROG}: {e}\n")
         return e.code
     except KeyboardInterrupt:
         return 130

@@ -392,6 +392,20 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         "job directory on the master, relative to the user's home",
     ),
     ("state", "dir", nonempty, "/var/lib/mlbench-daemon", "job database and logs"),
+    (
+        "state",
+        "keep_days",
+        number(0),
+        30.0,
+        "finished jobs (record and log) are removed this many days after they end (0 = never)",
+    ),
+    (
+        "state",
+        "max_bytes",
+        integer(0),
+        10 * 2**30,
+        "job logs together stay below this; the oldest finished jobs go first (0 = no limit)",
+    ),
     ("log", "level", one_of("debug", "info", "warning", "error"), "info", "log level"),
 )
 

@@ -2,7 +2,8 @@
 
 ``Daemon(cfg).run()``:
 
-1. starts the node registry and the jobs (which re-attaches jobs still running),
+1. starts the node registry and the jobs (which re-attaches jobs still running), and
+   prunes finished jobs past state.keep_days / state.max_bytes (again every 10 min),
 2. binds the HTTP socket (so a client connecting after READY never gets refused),
 3. waits (bounded) for the first probe pass, sends ``READY=1`` and ``STATUS=``,
 4. serves until SIGTERM/SIGINT, while a supervisor thread refreshes ``STATUS=`` and
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 DRAIN_S = 10.0  # longest wait for in-flight requests at shutdown
 LOOP_CHECK_S = 2.0  # the HTTP loop must answer a trigger within this
 STATUS_EVERY_S = 5.0  # STATUS= refresh when there is no watchdog
+PRUNE_EVERY_S = 600.0  # retention pass (state.keep_days, state.max_bytes)
 
 
 class StartupError(Exception):
@@ -116,6 +118,8 @@ class Daemon:
         self.registry.start()
         try:
             self.jobs.start()
+            self._prune()
+            threading.Thread(target=self._retain, name="retention", daemon=True).start()
             self.http = self._bind()
             http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
             http_thread.start()
@@ -204,6 +208,20 @@ class Daemon:
             return False
 
     # --- supervision ----------------------------------------------------------------
+
+    def _prune(self) -> None:
+        """Remove finished jobs past state.keep_days / state.max_bytes (never a running one)."""
+        try:
+            removed = self.store.prune(self.cfg.state.keep_days, self.cfg.state.max_bytes)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("retention: %s", e)
+            return
+        if removed:
+            log.info("retention: removed %d finished job(s)", len(removed))
+
+    def _retain(self) -> None:
+        while not self._stop.wait(PRUNE_EVERY_S):
+            self._prune()
 
     def _http_alive(self, http_thread: threading.Thread) -> bool:
         if not http_thread.is_alive():

@@ -21,6 +21,11 @@ at once; with ``synchronous=FULL`` a commit (a state transition) is on disk
 when ``create``/``update`` returns.  Log appends are plain writes: they
 survive a killed daemon (the page cache keeps them), and the follower
 resumes from ``log_size()`` after a restart.
+
+Retention: ``prune()`` removes finished jobs (record and log), oldest first, once
+they are older than ``state.keep_days`` or while the logs together take more than
+``state.max_bytes``; pending and running jobs are never touched, and a job that
+finished in the last ``KEEP_RECENT_S`` stays so a client can still read its end.
 """
 
 import json
@@ -33,9 +38,12 @@ from typing import Any, BinaryIO
 
 from mlbench_daemon.vocabulary import FINAL_STATES, JobState
 
+KEEP_RECENT_S = 600.0  # prune() never removes a job that finished less than this ago
+
 STATES = tuple(JobState)
 Record = dict[str, Any]  # one job: the columns of COLUMNS, JSON columns decoded
 Records = list[Record]
+Ids = list[str]
 LOG_CHUNK_MAX = 1 << 20  # the most bytes of a log read at once (and per /logs answer)
 __all__ = ["COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "Store"]
 
@@ -208,6 +216,49 @@ class Store:
             rec[k] = json.loads(rec[k])
         rec["log_bytes"] = self.log_size(rec["id"])  # not a column: the log file's size now
         return rec
+
+    def prune(self, keep_days: float, max_bytes: int, now: float | None = None) -> Ids:
+        """Remove finished jobs, oldest end first: those that finished more than
+        ``keep_days`` ago, then more until all logs together take at most ``max_bytes``
+        (0 turns either rule off).  Returns the ids removed."""
+        now = time.time() if now is None else now
+        cutoff = now - keep_days * 86400 if keep_days else None
+        marks = ", ".join("?" * len(FINAL_STATES))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, finished FROM jobs WHERE state IN ({marks}) AND finished < ? "
+                "ORDER BY finished, seq",
+                (*FINAL_STATES, now - KEEP_RECENT_S),
+            ).fetchall()
+        total = self._logs_bytes() if max_bytes else 0
+        doomed: Ids = []
+        for job_id, finished in rows:
+            too_old = cutoff is not None and finished < cutoff
+            if not (too_old or (max_bytes and total > max_bytes)):
+                break
+            doomed.append(job_id)
+            total -= self.log_size(job_id)
+        if doomed:
+            with self._lock:
+                self._db.execute("BEGIN")
+                self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in doomed])
+                self._db.execute("COMMIT")
+            for job_id in doomed:
+                try:
+                    os.unlink(self.log_path(job_id))
+                except FileNotFoundError:
+                    pass
+        return doomed
+
+    def _logs_bytes(self) -> int:
+        total = 0
+        with os.scandir(self.logs) as entries:
+            for e in entries:
+                try:
+                    total += e.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    pass
+        return total
 
     # --- logs
 

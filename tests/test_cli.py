@@ -421,19 +421,28 @@ def test_run_ctrl_c_cancels_the_job(standin):
 # --- serve ----------------------------------------------------------------------------
 
 
-def test_serve_bad_config_is_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("journal", [False, True])
+def test_serve_bad_config_is_one_line_exit_2(tmp_path, journal):
     p = tmp_path / "c.toml"
     p.write_text('[discovery]\nservice = "s"\n[ssh]\nport = "abc"\n')
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLBENCH_DAEMON_") and k not in ("JOURNAL_STREAM", "INVOCATION_ID")
+    }
+    if journal:  # as systemd runs it: the line is logged with priority 3 (error)
+        env["JOURNAL_STREAM"] = "8:1234"
     proc = subprocess.run(
         [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(p)],
         capture_output=True,
         text=True,
         timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MLBENCH_DAEMON_")},
+        env=env,
     )
     assert proc.returncode == 2
-    assert (
-        proc.stderr == "mlbench-daemon: ssh.port: must be an integer from 1 to 65535, got 'abc'\n"
+    assert proc.stderr == (
+        f"{'<3>' if journal else ''}mlbench-daemon: "
+        "ssh.port: must be an integer from 1 to 65535, got 'abc'\n"
     )
 
 

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -133,3 +134,67 @@ def test_a_database_from_before_the_request_column_is_upgraded(tmp_path):
     finally:
         s.close()
     Store(str(tmp_path)).close()  # and opening it again changes nothing
+
+
+def _finished(store, state, finished, log=b""):
+    rec = store.create(state=state, finished=finished)
+    if log:
+        append_log(store, rec["id"], log)
+    return rec["id"]
+
+
+def test_prune_by_age_removes_old_finished_jobs_and_their_logs(store):
+    now = 1_000_000_000.0
+    day = 86400
+    old = [_finished(store, s, now - 40 * day, b"old") for s in ("succeeded", "failed", "lost")]
+    recent = _finished(store, "cancelled", now - 2 * day, b"recent")
+    running = store.create(state="running", started=now - 90 * day)["id"]
+    append_log(store, running, b"still going")
+    pending = store.create(state="pending", created=now - 90 * day)["id"]
+
+    assert sorted(store.prune(keep_days=30, max_bytes=0, now=now)) == sorted(old)
+    for job_id in old:
+        assert store.get(job_id) is None
+        assert not os.path.exists(store.log_path(job_id))
+    assert {r["id"] for r in store.list(limit=10)} == {recent, running, pending}
+    assert store.read_log(running, 0, 100) == (b"still going", 11)
+    assert store.prune(keep_days=30, max_bytes=0, now=now) == []  # nothing left to do
+    assert store.prune(keep_days=0, max_bytes=0, now=now + 1000 * day) == []  # both rules off
+
+
+def test_prune_by_size_goes_oldest_first_and_never_touches_running_jobs(store):
+    now = 1_000_000_000.0
+    a = _finished(store, "succeeded", now - 5000, b"a" * 400)
+    b = _finished(store, "failed", now - 4000, b"b" * 300)
+    c = _finished(store, "succeeded", now - 3000, b"c" * 200)
+    running = store.create(state="running")["id"]
+    append_log(store, running, b"r" * 1000)
+    just_done = _finished(store, "succeeded", now - 5, b"j" * 100)  # a client may still read it
+
+    # 2000 bytes in all; at most 1500: a and b go (oldest end first), c stays
+    assert store.prune(keep_days=0, max_bytes=1500, now=now) == [a, b]
+    assert store.get(c) and store.get(running) and store.get(just_done)
+    # even a limit below the running job's own log removes only finished jobs
+    assert store.prune(keep_days=0, max_bytes=10, now=now) == [c]
+    assert {r["id"] for r in store.list(limit=10)} == {running, just_done}
+    assert store.log_size(running) == 1000 and store.log_size(just_done) == 100
+
+
+def test_prune_orders_by_end_not_by_start(store):
+    now = 1_000_000_000.0
+    long_job = _finished(store, "succeeded", now - 1000, b"x" * 10)  # created first, ended last
+    short_job = _finished(store, "succeeded", now - 2000, b"y" * 10)
+    assert store.prune(keep_days=0, max_bytes=15, now=now) == [short_job]
+    assert store.get(long_job)
+
+
+def test_the_daemon_prunes_at_start(start_daemon, tmp_path):
+    state = tmp_path / "pruned-state"
+    s = Store(str(state))
+    old = _finished(s, "succeeded", time.time() - 40 * 86400, b"old output")
+    kept = _finished(s, "failed", time.time() - 86400, b"recent output")
+    s.close()
+    d = start_daemon(state={"dir": str(state), "keep_days": 30})
+    assert d.json("GET", f"/api/mpi_jobs/{old}")[0] == 404
+    assert not (state / "logs" / f"{old}.log").exists()
+    assert d.json("GET", f"/api/mpi_jobs/{kept}")[1]["state"] == "failed"

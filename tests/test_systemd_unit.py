@@ -39,11 +39,12 @@ def test_security_exposure_at_most_2():
 def test_verify_is_clean(tmp_path):
     # verify checks that ExecStart exists: point it at this interpreter
     text = UNIT.read_text()
-    assert "ExecStart=/usr/local/bin/mlbench-daemon serve " in text
+    assert "ExecStart=/opt/mlbench-daemon/current/bin/mlbench-daemon serve " in text
     copy = tmp_path / "mlbench-daemon.service"
     copy.write_text(
         text.replace(
-            "/usr/local/bin/mlbench-daemon serve", f"{sys.executable} -m mlbench_daemon serve"
+            "/opt/mlbench-daemon/current/bin/mlbench-daemon serve",
+            f"{sys.executable} -m mlbench_daemon serve",
         )
     )
     proc = subprocess.run(
@@ -63,6 +64,10 @@ def test_unit_essentials():
     # the daemon must reach the cluster: no network isolation
     assert "PrivateNetwork" not in keys and "IPAddressDeny" not in keys
     assert s["MemoryDenyWriteExecute"] == "yes"
+    # no key: `systemctl start` fails at once, naming no credential error; a bad config
+    # (exit 2) is not retried
+    assert s["AssertPathExists"] == "/etc/mlbench-daemon/ssh_key"
+    assert s["RestartPreventExitStatus"] == "2"
 
 
 def _mdwe_supported():
