@@ -279,6 +279,11 @@ def test_the_api_answers_on_the_cluster_and_a_job_succeeds(box, cluster):
     # the CLI through /usr/local/bin
     r = box.run([NAME, "--url", f"http://127.0.0.1:{box.port}", "jobs"])
     assert job["id"] in r.stdout
+    # the status page and its files, package data of the installed wheel
+    status, page = api(box, "GET", "/")
+    assert status == 200 and "<title>mlbench-daemon</title>" in page, page[:200]
+    for name in ("app.js", "api.js", "log.js", "style.css"):
+        assert api(box, "GET", f"/static/{name}")[0] == 200, name
 
 
 @needs_root
