@@ -24,12 +24,15 @@ from tests.test_jobs import (
     Env,
     http,
     job_processes,
+    kill_and_restart,
     paged_log,
     payload,
     rank_lines,
     serve,
     wait_for,
     wait_http,
+    wait_job_ended,
+    wait_nodes_running,
     wait_ranks,
     written_bytes,
 )
@@ -335,12 +338,7 @@ def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_pat
     daemon = serve(path)
     try:
         wait_http(url)
-        wait_for(
-            lambda: (
-                [n["phase"] for n in json.loads(http(url + "/api/nodes")[1])] == ["Running"] * 3
-            ),
-            what="nodes Running",
-        )
+        wait_nodes_running(url)
         prog = [*mpi["program"], "--bytes", "300000", "--sleep", "5", "--exit", "5"]
         status, body = http(url + "/api/mpi_jobs/", "POST", {"program": prog, "wait": False})
         assert status == 202
@@ -349,18 +347,8 @@ def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_pat
             lambda: b"rank 2 of 3" in http(f"{url}/api/mpi_jobs/{job_id}/logs?limit=1000000")[1],
             what="ranks",
         )
-        daemon.send_signal(signal.SIGKILL)
-        daemon.wait(30)
-        daemon = serve(path)
-        wait_http(url)
-        wait_for(
-            lambda: (
-                json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])["state"]
-                not in ("pending", "running")
-            ),
-            what="the job to end",
-        )
-        job = json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])
+        daemon = kill_and_restart(daemon, path, url)
+        job = wait_job_ended(url, job_id)
         assert (job["state"], job["exit_code"], job["flavour"]) == ("failed", 5, name), job
         log = b"".join(paged_log(url, job_id))
         assert rank_lines(log.decode(), 3)

@@ -631,6 +631,37 @@ def wait_http(url):
     wait_for(up, what="the daemon to serve")
 
 
+def wait_nodes_running(url, count=3):
+    """Wait until the daemon at `url` lists `count` nodes, all Running."""
+    wait_for(
+        lambda: (
+            [n["phase"] for n in json.loads(http(url + "/api/nodes")[1])] == ["Running"] * count
+        ),
+        what="nodes Running",
+    )
+
+
+def kill_and_restart(daemon, config_path, url):
+    """SIGKILL the daemon mid-job, start it again on the same config -> the new process."""
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait(30)
+    daemon = serve(config_path)
+    wait_http(url)
+    return daemon
+
+
+def wait_job_ended(url, job_id, what="the job to end"):
+    """Wait until the job is neither pending nor running -> its record."""
+    job = {}
+
+    def ended():
+        job.update(json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1]))
+        return job["state"] not in ("pending", "running")
+
+    wait_for(ended, what=what)
+    return job
+
+
 def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -643,13 +674,7 @@ def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster
     daemon = serve(path)
     try:
         wait_http(url)
-        wait_for(
-            lambda: (
-                all(n["phase"] == "Running" for n in json.loads(http(url + "/api/nodes")[1]))
-                and len(json.loads(http(url + "/api/nodes")[1])) == 3
-            ),
-            what="nodes Running",
-        )
+        wait_nodes_running(url)
         prog = [str(cluster.mpi_program), "--bytes", "300000", "--sleep", "6", "--exit", "5"]
         status, body = http(url + "/api/mpi_jobs/", "POST", {"program": prog, "wait": False})
         job_id = json.loads(body)["id"]
@@ -680,18 +705,8 @@ def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster
             )[1]
         )
         assert queued["state"] == secret["state"] == "pending"
-        daemon.send_signal(signal.SIGKILL)
-        daemon.wait(30)
-        daemon = serve(path)
-        wait_http(url)
-        wait_for(
-            lambda: (
-                json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])["state"]
-                not in ("pending", "running")
-            ),
-            what="the job to end",
-        )
-        job = json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])
+        daemon = kill_and_restart(daemon, path, url)
+        job = wait_job_ended(url, job_id)
         assert (job["state"], job["exit_code"]) == ("failed", 5)
         log = b"".join(paged_log(url, job_id))
         assert rank_lines(log.decode(), 3)
@@ -699,14 +714,7 @@ def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster
         assert payload(log[: log.index(b"-----")]) == written_bytes(
             300000
         )  # every byte, once, in order
-        wait_for(
-            lambda: (
-                json.loads(http(f"{url}/api/mpi_jobs/{queued['id']}")[1])["state"]
-                not in ("pending", "running")
-            ),
-            what="the queued job to end",
-        )
-        again = json.loads(http(f"{url}/api/mpi_jobs/{queued['id']}")[1])
+        again = wait_job_ended(url, queued["id"], what="the queued job to end")
         assert (again["state"], again["master_name"]) == ("succeeded", w[1].name), again
         assert [n[2] for n in again["nodes"]] == [w[1].name, w[2].name] and again["started"] >= job[
             "finished"
