@@ -21,13 +21,10 @@ Targets: launch ratio <= 0.9; throughput >= 0.8x OpenSSH; RSS growth < 50 MB.
 """
 
 import argparse
-import http.client
-import json
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,23 +32,12 @@ from pathlib import Path
 
 from mlbench_daemon.jobs import flavour
 from tests.cluster import MPI_ARGS, MPIRUN, MPIS, Cluster, free_port, stop_process
+from tests.helpers import call_port as call
+from tests.helpers import serve_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SETTLE_S = 0.5
-
-
-def call(port, method, path, body=None, timeout=600):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body)
-        conn.request(
-            method, path, body=data, headers={"Content-Type": "application/json"} if data else {}
-        )
-        r = conn.getresponse()
-        return r.status, json.loads(r.read())
-    finally:
-        conn.close()
 
 
 def rss_kb(pid):
@@ -273,18 +259,7 @@ def main():
         )
 
         def start(config=cfg):
-            return subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mlbench_daemon",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--log-level",
-                    "warning",
-                ]
-            )
+            return subprocess.Popen(serve_argv(config, "--log-level", "warning"))
 
         def wait_running():
             deadline = time.monotonic() + 30

@@ -36,7 +36,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from mlbench_daemon import config
 from mlbench_daemon.config import SETTINGS
 from mlbench_daemon.ssh import Pool
 from tests.cluster import Cluster, free_port, stop_process
+from tests.helpers import serve_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,18 +69,7 @@ def defaults_config(c, work, port, **ssh):
 
 
 def start_daemon(cfg, port):
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlbench_daemon",
-            "serve",
-            "--config",
-            str(cfg),
-            "--log-level",
-            "warning",
-        ]
-    )
+    daemon = subprocess.Popen(serve_argv(cfg, "--log-level", "warning"))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     deadline = time.monotonic() + 60
     while True:
@@ -396,18 +385,7 @@ def api_report(c, work, args):
             },
             discovery={"refresh_s": 60.0},
         )
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlbench_daemon",
-                "serve",
-                "--config",
-                str(cfg),
-                "--log-level",
-                "warning",
-            ]
-        )
+        daemon = subprocess.Popen(serve_argv(cfg, "--log-level", "warning"))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         deadline = time.monotonic() + 30
         while True:

@@ -9,30 +9,17 @@ the cluster by hand would.  Target: ratio <= 1.5.
 """
 
 import argparse
-import http.client
-import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process
+from tests.helpers import call_port as call
+from tests.helpers import serve_argv
 
 SETTLE_S = 0.5
-
-
-def call(port, method, path, body=None, timeout=600):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": "application/json"} if data else {}
-        conn.request(method, path, body=data, headers=headers)
-        r = conn.getresponse()
-        return r.status, json.loads(r.read())
-    finally:
-        conn.close()
 
 
 def compare(c, port, n, rounds):
@@ -77,10 +64,7 @@ def main():
             server={"port": port},
             ssh={"probe_interval_s": 5.0, "max_connects": 16},
         )
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(cfg),
-             "--log-level", "warning"]
-        )  # fmt: skip
+        daemon = subprocess.Popen(serve_argv(cfg, "--log-level", "warning"))
         deadline = time.monotonic() + 30
         while True:
             try:

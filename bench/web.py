@@ -14,16 +14,15 @@ Prints, each with a baseline measured in the same run:
 """
 
 import argparse
-import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from tests.cluster import Cluster, free_port, stop_process
+from tests.helpers import call_json as call
+from tests.helpers import serve_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,14 +57,6 @@ BARE_READER = """async ([url, size]) => {
   }
   return [got, (performance.now() - first) / 1000];
 }"""
-
-
-def call(url, method="GET", body=None, timeout=60):
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data else {}
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
-        return json.loads(r.read())
 
 
 def heap(cdp):
@@ -181,7 +172,7 @@ def main():
             mpi={"max_concurrent_jobs": 2},
         )
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(cfg)],
+            serve_argv(cfg),
             cwd=ROOT,
             stderr=subprocess.DEVNULL,
         )

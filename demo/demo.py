@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.cluster import Cluster, free_port, stop_process
+from tests.helpers import serve_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +57,7 @@ def main():
         url = f"http://127.0.0.1:{port}"
         say(f"starting: mlbench-daemon serve --config {config}")
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config)],
+            serve_argv(config),
             stderr=open(work / "daemon.log", "wb"),
         )
         print(json.dumps(wait_healthy(url, daemon)[1]))

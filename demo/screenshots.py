@@ -10,27 +10,18 @@ preflight's check table) in Debian's headless Chromium.
 """
 
 import argparse
-import json
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from tests.cluster import Cluster, free_port, stop_process
+from tests.helpers import call_json as call
+from tests.helpers import serve_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
 CHROMIUM = "/usr/lib/chromium/chromium"
-
-
-def call(url, method="GET", body=None, timeout=60):
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data else {}
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
-        return json.loads(r.read())
 
 
 def wait(predicate, what, timeout=60):
@@ -65,7 +56,7 @@ def main():
             mpi={"max_concurrent_jobs": 4, "cancel_grace_s": 1.0},
         )
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(cfg)],
+            serve_argv(cfg),
             cwd=ROOT,
             stderr=subprocess.DEVNULL,
         )

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from http.client import HTTPConnection
 
 from tests.cluster import free_port  # one definition, where the cluster needs it too
 
-__all__ = ["HANG", "append_log", "free_port", "http", "wait_for"]
+__all__ = [
+    "HANG",
+    "append_log",
+    "call_json",
+    "call_port",
+    "free_port",
+    "http",
+    "serve_argv",
+    "wait_for",
+]
 
 HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
 
@@ -52,3 +63,32 @@ def http(
     )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status, r.read()
+
+
+def serve_argv(config: object, *extra: str) -> list[str]:
+    """The command that runs this checkout's daemon on `config` (then any `extra` options)."""
+    return [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config), *extra]
+
+
+def call_json(url: str, method: str = "GET", body: object = None, timeout: float = 60) -> object:
+    """One JSON call over urllib -> the decoded answer; raises HTTPError on an error status."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data else {}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
+        return json.loads(r.read())
+
+
+def call_port(
+    port: int, method: str, path: str, body: object = None, timeout: float = 600
+) -> tuple[int, object]:
+    """One JSON call to 127.0.0.1:`port` -> (status, decoded answer), whatever the status."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if data else {}
+        conn.request(method, path, body=data, headers=headers)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()

@@ -8,7 +8,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -25,7 +24,7 @@ from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool, Unreachable
 from mlbench_daemon.store import Store
 from tests.cluster import stop_process
-from tests.helpers import HANG, append_log, free_port, http, wait_for
+from tests.helpers import HANG, append_log, free_port, http, serve_argv, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ["/bin/prog"]
@@ -614,7 +613,7 @@ def test_master_unreachable_for_lost_after_s_makes_the_job_lost(cluster, tmp_pat
 
 def serve(config_path):
     return subprocess.Popen(
-        [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(config_path)],
+        serve_argv(config_path),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
