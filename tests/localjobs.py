@@ -78,15 +78,6 @@ class LocalStream:
         except ProcessLookupError:
             pass
 
-    def run_clock_until_final(self, job_id: str, step: float) -> dict:
-        """Advance the clock by `step` (letting the job threads act) until the job is final."""
-        deadline = time.monotonic() + HANG
-        while self.state(job_id) in ("pending", "running"):
-            assert time.monotonic() < deadline, f"job {job_id} never ended"
-            self.clock.advance(step)
-            time.sleep(0.01)
-        return self.jobs.wait(job_id)
-
     def close(self) -> None:
         if self.proc.poll() is None:
             self._kill()
