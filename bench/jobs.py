@@ -33,7 +33,7 @@ from pathlib import Path
 from mlbench_daemon.jobs import flavour
 from tests.cluster import MPI_ARGS, MPIRUN, MPIS, Cluster, free_port, stop_process
 from tests.helpers import call_port as call
-from tests.helpers import serve_argv
+from tests.helpers import serve_argv, wait_hosts_running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -261,19 +261,6 @@ def main():
         def start(config=cfg):
             return subprocess.Popen(serve_argv(config, "--log-level", "warning"))
 
-        def wait_running():
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    _, nodes = call(port, "GET", "/api/nodes/?refresh=1", timeout=30)
-                    if sum(n["phase"] == "Running" for n in nodes) == 16:
-                        return
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("daemon did not see 16 Running hosts")
-                time.sleep(0.2)
-
         print(
             f"\nlaunch, medians of {args.rounds} rounds (overhead = total minus the launcher's "
             "own time)"
@@ -295,7 +282,7 @@ def main():
                      "program": [str(c.program_for(name))]},
             )  # fmt: skip
             daemon = start(fcfg)
-            wait_running()
+            wait_hosts_running(port, 16)
             print(f"  {name}:")
             for n in (4, 16):
                 ours, theirs, ours_over, theirs_over = launch(
@@ -313,7 +300,7 @@ def main():
             daemon = None
 
         daemon = start()
-        wait_running()
+        wait_hosts_running(port, 16)
 
         nbytes = int(args.gigabytes * 1e9)
         ours, theirs, growth = live_stream(c, port, daemon.pid, nbytes, wrapper)

@@ -68,10 +68,10 @@ def defaults_config(c, work, port, **ssh):
     )
 
 
-def start_daemon(cfg, port):
+def start_daemon(cfg, port, timeout=60):
     daemon = subprocess.Popen(serve_argv(cfg, "--log-level", "warning"))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while True:
         try:
             if get(conn, "/healthz")[0] == 200:
@@ -385,18 +385,7 @@ def api_report(c, work, args):
             },
             discovery={"refresh_s": 60.0},
         )
-        daemon = subprocess.Popen(serve_argv(cfg, "--log-level", "warning"))
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if get(conn, "/healthz")[0] == 200:
-                    break
-            except OSError:
-                conn.close()
-                if time.monotonic() > deadline:
-                    raise SystemExit("daemon did not come up") from None
-                time.sleep(0.2)
+        daemon, conn = start_daemon(cfg, port, timeout=30)
 
         n = len(c.workers)
         sweep, warm, cold = [], [], []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process
 from tests.helpers import call_port as call
-from tests.helpers import serve_argv
+from tests.helpers import serve_argv, wait_hosts_running
 
 SETTLE_S = 0.5
 
@@ -65,17 +65,7 @@ def main():
             ssh={"probe_interval_s": 5.0, "max_connects": 16},
         )
         daemon = subprocess.Popen(serve_argv(cfg, "--log-level", "warning"))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _, nodes = call(port, "GET", "/api/nodes/?refresh=1", timeout=30)
-                if sum(n["phase"] == "Running" for n in nodes) == 16:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("daemon did not see 16 Running hosts")
-            time.sleep(0.2)
+        wait_hosts_running(port, 16)
         print(f"\npreflight vs one `ssh master mpirun` of the short program, "
               f"medians of {args.rounds} rounds")  # fmt: skip
         for n in (4, 16):

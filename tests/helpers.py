@@ -20,6 +20,7 @@ __all__ = [
     "http",
     "serve_argv",
     "wait_for",
+    "wait_hosts_running",
 ]
 
 HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
@@ -92,3 +93,18 @@ def call_port(
         return r.status, json.loads(r.read())
     finally:
         conn.close()
+
+
+def wait_hosts_running(port: int, count: int, timeout: float = 30) -> None:
+    """Refresh the daemon's nodes until `count` are Running; exit the bench after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, nodes = call_port(port, "GET", "/api/nodes/?refresh=1", timeout=30)
+            if sum(n["phase"] == "Running" for n in nodes) == count:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"daemon did not see {count} Running hosts")
+        time.sleep(0.2)
