@@ -157,22 +157,23 @@ def nameservers(value: Any) -> list[str]:
     return list(value)
 
 
-@_json_env
-def host_names(value: Any) -> list[str]:
-    what = 'a list of "name" or "name:port" strings'
+def _every(value: Any, what: str, parse: Callable[[str], object]) -> list[str]:
+    """`value` as a list of strings that `parse` accepts (does not map to None)."""
     for item in str_list(value, what=what):
-        if browser.split_host(item) is None:
+        if parse(item) is None:
             raise ValueError(f"must be {what}; bad entry {item!r}")
     return list(value)
+
+
+@_json_env
+def host_names(value: Any) -> list[str]:
+    return _every(value, 'a list of "name" or "name:port" strings', browser.split_host)
 
 
 @_json_env
 def origins(value: Any) -> list[str]:
     what = 'a list of origins like "https://host" or "http://host:port"'
-    for item in str_list(value, what=what):
-        if browser.normalise_origin(item) is None:
-            raise ValueError(f"must be {what}; bad entry {item!r}")
-    return list(value)
+    return _every(value, what, browser.normalise_origin)
 
 
 def read_token(path: str) -> str:
