@@ -34,6 +34,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.cluster.cluster import _pid_alive, dead_runs
+
 CACHE = Path(os.environ.get("MLBENCH_TEST_CACHE", "/var/cache/mlbench-daemon-tests"))
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "make")
 MAX_AGE_DAYS = 30
@@ -180,18 +182,6 @@ def rootfs(log=print) -> tuple[Path, float | None]:
 
 
 # --- one container ------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, ValueError):
-        return False
-    return state != "Z"
 
 
 def _cgroup_roots() -> list[Path]:
@@ -375,11 +365,5 @@ def _teardown(d: Path) -> None:
 
 def cleanup_leftovers() -> None:
     """Remove what earlier runs, killed before their teardown, left behind."""
-    for d in STATE_ROOT.glob(f"{WORK_PREFIX}*"):
-        try:
-            owner = json.loads((d / "state.json").read_text())["owner"]
-        except (OSError, ValueError, KeyError):
-            owner = None
-        if owner and _pid_alive(owner):
-            continue
+    for d in dead_runs(STATE_ROOT, f"{WORK_PREFIX}*"):
         _teardown(d)

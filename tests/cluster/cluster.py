@@ -120,9 +120,21 @@ def _pid_alive(pid):
         pass
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+    except (OSError, ValueError):
         return False
     return state != "Z"
+
+
+def dead_runs(root, pattern):
+    """State directories under `root` matching `pattern` whose owner process is gone
+    (or unrecorded): what earlier runs, killed before their teardown, left behind."""
+    for d in root.glob(pattern):
+        try:
+            owner = json.loads((d / "state.json").read_text())["owner"]
+        except (OSError, ValueError, KeyError):
+            owner = None
+        if not (owner and _pid_alive(owner)):
+            yield d
 
 
 def _children():
@@ -1071,13 +1083,7 @@ def _owner(pid):
 
 def cleanup_leftovers():
     """Remove what earlier runs, killed before their teardown, left behind."""
-    for d in STATE_ROOT.glob(f"{PREFIX}-*"):
-        try:
-            owner = json.loads((d / "state.json").read_text())["owner"]
-        except (OSError, ValueError, KeyError):
-            owner = None
-        if owner and _pid_alive(owner):
-            continue
+    for d in dead_runs(STATE_ROOT, f"{PREFIX}-*"):
         _teardown_state(d)
     live = {p.name[len(PREFIX) + 1 :] for p in STATE_ROOT.glob(f"{PREFIX}-*")}
     for line in sh(["ip", "netns", "list"], check=False).stdout.splitlines():
