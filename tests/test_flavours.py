@@ -156,14 +156,20 @@ def test_output_without_a_verdict_explains_nothing():
 # --- every job kind on the real cluster, once per launcher -----------------------------
 
 
-@pytest.fixture(params=FLAVOURS)
-def fenv(request, cluster, tmp_path):
+def mpi_or_skip(cluster, name):
+    """The cluster's [mpi] settings for flavour `name`; a skip when it is not installed here
+    (a failure with MLBENCH_REQUIRE_CLUSTER set)."""
     try:
-        mpi = cluster.mpi_config(request.param)
+        return cluster.mpi_config(name)
     except ClusterError as e:
         if os.environ.get("MLBENCH_REQUIRE_CLUSTER"):
             raise
         pytest.skip(str(e))
+
+
+@pytest.fixture(params=FLAVOURS)
+def fenv(request, cluster, tmp_path):
+    mpi = mpi_or_skip(cluster, request.param)
     e = Env(cluster, tmp_path / "state", **mpi, cancel_grace_s=2.0)
     e.flavour = request.param
     e.prog = lambda *args: [mpi["program"][0], *args]
@@ -320,12 +326,7 @@ def test_cancel_leaves_nothing_even_with_a_remote_daemon_deaf_to_term(fenv, clus
 
 @pytest.mark.parametrize("name", FLAVOURS)
 def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_path, name):
-    try:
-        mpi = cluster.mpi_config(name)
-    except ClusterError as e:
-        if os.environ.get("MLBENCH_REQUIRE_CLUSTER"):
-            raise
-        pytest.skip(str(e))
+    mpi = mpi_or_skip(cluster, name)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     path = cluster.write_config(
@@ -382,12 +383,7 @@ def test_a_worker_whose_launcher_differs_is_caught_by_the_preflight(name, cluste
     """On one worker the launcher is another version (a file bind-mounted over it in
     that host's own mount namespace): the preflight names that worker, having found
     the flavour's own remote daemon where the launcher will look for it."""
-    try:
-        mpi = cluster.mpi_config(name)
-    except ClusterError as e:
-        if os.environ.get("MLBENCH_REQUIRE_CLUSTER"):
-            raise
-        pytest.skip(str(e))
+    mpi = mpi_or_skip(cluster, name)
     f, launcher = flavour.get(name), Path(mpi["mpirun"]).resolve()  # the file behind links
     version = {"openmpi4": "4.0.3", "openmpi5": "5.0.1", "mpich": "4.9.1"}[name]
     said = (
