@@ -141,12 +141,8 @@ WITH_PYTHON = (
     'p=$1; shift; exec python3 -c "$p" "$@"\n'
 )
 
-# On each worker: listen on a free port, print it, read the peers to try (one JSON
-# line), connect to each, print the results, then wait for EOF (others may still be
-# connecting here).  argv: seconds.
-TCP_WORKER = r"""
-import json, signal, socket, sys, threading
-signal.alarm(int(float(sys.argv[1])) + 2)
+# Both scripts below: accept (and close at once) connections on a free port, `ls`.
+_LISTEN = r"""
 ls = socket.socket()
 ls.bind(("", 0))
 ls.listen(128)
@@ -155,7 +151,17 @@ def serve():
         c, _ = ls.accept()
         c.close()
 threading.Thread(target=serve, daemon=True).start()
-print("port", ls.getsockname()[1], flush=True)
+"""
+
+# On each worker: listen on a free port, print it, read the peers to try (one JSON
+# line), connect to each, print the results, then wait for EOF (others may still be
+# connecting here).  argv: seconds.
+TCP_WORKER = (
+    r"""
+import json, signal, socket, sys, threading
+signal.alarm(int(float(sys.argv[1])) + 2)"""
+    + _LISTEN
+    + r"""print("port", ls.getsockname()[1], flush=True)
 line = sys.stdin.readline()
 if not line:
     sys.exit(0)
@@ -173,24 +179,19 @@ for t in ts: t.join()
 print(json.dumps(out), flush=True)
 sys.stdin.read()
 """
+)
 
 # On the master: listen, start TCP_WORKER on each worker over ssh, exchange ports,
 # collect results.  argv: seconds, own IP, the worker command, workers' IPs.
-TCP_MASTER = r"""
+TCP_MASTER = (
+    r"""
 import json, math, shutil, signal, socket, subprocess, sys, threading, time
 t, me, cmd, ips = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 CONNECT_S = 3.0  # a LAN answers a SYN in far less; a firewall that drops never does
 signal.alarm(int(t) + 3)
-end = time.monotonic() + t
-ls = socket.socket()
-ls.bind(("", 0))
-ls.listen(128)
-def serve():
-    while True:
-        c, _ = ls.accept()
-        c.close()
-threading.Thread(target=serve, daemon=True).start()
-sec = str(max(1, math.ceil(t)))
+end = time.monotonic() + t"""
+    + _LISTEN
+    + r"""sec = str(max(1, math.ceil(t)))
 bound = ["timeout", "-k", "1", sec] if shutil.which("timeout") else []
 procs = {ip: subprocess.Popen(
     bound + ["ssh", "-o", "BatchMode=yes", "-o",
@@ -233,6 +234,7 @@ for ip in ips:
     out[ip] = json.loads(r) if r.startswith("{") else (first.get(ip) or "no answer")
 print(json.dumps({"master": me, "port": ls.getsockname()[1], "workers": out}))
 """
+)
 
 SSH_HINTS = (
     ("REMOTE HOST IDENTIFICATION HAS CHANGED", "{node}'s host key changed since the master "
