@@ -22,6 +22,7 @@ from tests.cluster import MPIS, ClusterError, free_port, stop_process
 from tests.test_jobs import (
     HANG,
     Env,
+    argv_received,
     http,
     job_processes,
     kill_and_restart,
@@ -241,12 +242,7 @@ def test_hostile_argv_arrives_byte_identical(fenv, cluster):
             " ", ""]  # fmt: skip
     job = fenv.run({"program": fenv.prog("--argv", *args), "nodes": [cluster.workers[1].name]})
     assert job["state"] == "succeeded", job
-    got = [
-        line.split()[2] if len(line.split()) == 3 else ""
-        for line in job["response"].splitlines()
-        if line.startswith("arg ")
-    ]
-    assert [bytes.fromhex(h) for h in got] == [a.encode() for a in ["--argv", *args]]
+    assert argv_received(job) == [a.encode() for a in ["--argv", *args]]
     assert not canary.exists()
 
 

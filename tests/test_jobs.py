@@ -329,6 +329,16 @@ def rank_lines(text, n):
     return all(f"rank {r} of {n} on " in text for r in range(n))
 
 
+def argv_received(job):
+    """The argv the MPI program reported ("arg N HEX" lines of its response), as bytes."""
+    got = [
+        line.split()[2] if len(line.split()) == 3 else ""
+        for line in job["response"].splitlines()
+        if line.startswith("arg ")
+    ]
+    return [bytes.fromhex(h) for h in got]
+
+
 def test_empty_body_runs_the_default_program_on_all_running_nodes(env, cluster):
     job = env.run(None)
     assert list(job)[:4] == SEED_KEYS
@@ -416,12 +426,7 @@ def test_hostile_argv_arrives_byte_identical_and_runs_nothing_else(env, cluster,
     args = [a.replace("{canary}", str(canary)) for a in args]
     job = env.run({"program": env.prog("--argv", *args), "nodes": [cluster.workers[1].name]})
     assert job["state"] == "succeeded", job
-    got = [
-        line.split()[2] if len(line.split()) == 3 else ""
-        for line in job["response"].splitlines()
-        if line.startswith("arg ")
-    ]
-    assert [bytes.fromhex(h) for h in got] == [a.encode() for a in ["--argv", *args]]
+    assert argv_received(job) == [a.encode() for a in ["--argv", *args]]
     assert not canary.exists()
 
 
