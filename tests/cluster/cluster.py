@@ -112,6 +112,11 @@ def sh(argv, *, check=True, input=None, timeout=60, quiet=False):
     return r
 
 
+def _keygen(path, comment):
+    """A new ed25519 key pair without a passphrase at path (and path.pub)."""
+    sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+
+
 def _pid_alive(pid):
     """True while pid runs; reaps it when it is our own exited child."""
     try:
@@ -353,34 +358,8 @@ class Cluster:
         self.uid, gid = pw.pw_uid, pw.pw_gid
         ssh_dir = self.home / ".ssh"
         ssh_dir.mkdir(parents=True)
-        sh(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "cluster",
-                "-f",
-                str(self.client_key),
-            ]
-        )
-        sh(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "wrong",
-                "-f",
-                str(self.wrong_key),
-            ]
-        )
+        _keygen(self.client_key, "cluster")
+        _keygen(self.wrong_key, "wrong")
         shutil.copy(self.client_key, ssh_dir / "id_ed25519")
         shutil.copy(f"{self.client_key}.pub", ssh_dir / "id_ed25519.pub")
         shutil.copy(f"{self.client_key}.pub", ssh_dir / "authorized_keys")
@@ -436,7 +415,7 @@ class Cluster:
         )
         self._make_ns(h.ns, h.veth, h.ip)
         h.etc.mkdir(parents=True, exist_ok=True)
-        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(h.host_key)])
+        _keygen(h.host_key, name)
         shutil.copy(f"{self.client_key}.pub", h.authorized_keys)
         h.authorized_keys.chmod(0o644)
         # Hosts share one filesystem here, so give each its own TMPDIR (OpenMPI's
@@ -765,7 +744,7 @@ class Cluster:
     def _alt_key(self, h):
         alt = h.dir / "alt_host_key"
         if not alt.exists():
-            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alt", "-f", str(alt)])
+            _keygen(alt, "alt")
             shutil.copy(h.host_key, h.dir / "orig_host_key")
             shutil.copy(f"{h.host_key}.pub", h.dir / "orig_host_key.pub")
         return alt
