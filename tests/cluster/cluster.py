@@ -1026,6 +1026,9 @@ def _teardown_ns(ns):
     r = sh(["ip", "netns", "pids", ns], check=False)
     pids = [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
     _stop(pids, timeout=3)
+    # Deleting eth0 deletes its peer on the bridge now; `ip netns del` alone
+    # leaves the kernel to do that later, from a work queue.
+    sh(["ip", "-n", ns, "link", "del", "eth0"], check=False)
     sh(["ip", "netns", "del", ns], check=False)
     shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
 
@@ -1072,7 +1075,8 @@ def cleanup_leftovers():
     for d in NETNS_ETC.glob(f"{PREFIX}*"):
         if d.name[len(PREFIX) : len(PREFIX) + 6] not in live:
             shutil.rmtree(d, ignore_errors=True)
-    for line in sh(["ip", "-o", "link", "show", "type", "bridge"], check=False).stdout.splitlines():
+    links = sh(["ip", "-o", "link", "show"], check=False).stdout.splitlines()
+    for line in links:
         name = line.split(":")[1].strip().split("@")[0]
         if name.startswith(PREFIX) and name[len(PREFIX) : len(PREFIX) + 6] not in live:
             sh(["ip", "link", "del", name], check=False)
