@@ -261,7 +261,10 @@ class _Watchdog:
 
     def _fire(self) -> None:
         self.fired = True
-        self._action()
+        try:
+            self._action()
+        except Exception as e:  # closing over a transport that died meanwhile (EOFError)
+            log.debug("watchdog action %r: %r", self._action, e)
 
     def __enter__(self) -> _Watchdog:
         self._timer.start()
