@@ -25,17 +25,14 @@ import os
 import shutil
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from mlbench_daemon.jobs import flavour
-from tests.cluster import MPI_ARGS, MPIRUN, MPIS, Cluster, free_port, stop_process
+from tests.cluster import MPI_ARGS, MPIRUN, MPIS, Cluster
 from tests.helpers import call_port as call
-from tests.helpers import serve_argv, wait_hosts_running
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import served
 
 SETTLE_S = 0.5
 
@@ -182,10 +179,10 @@ def live_stream(c, port, daemon_pid, nbytes, wrapper):
     return ours, theirs, growth
 
 
-def catch_up(c, port, daemon, start, nbytes, state_dir):
+def catch_up(c, daemon, nbytes):
     """Re-attach after kill -9 to a job whose nbytes are already written: the daemon's
     streaming rate (log growth after restart), and `ssh master cat` of the same file."""
-    master = c.workers[0]
+    master, port = c.workers[0], daemon.port
     _status, job = call(
         port,
         "POST",
@@ -197,8 +194,8 @@ def catch_up(c, port, daemon, start, nbytes, state_dir):
         },
     )
     wait_state(port, job["id"], ("running",))
-    daemon.kill()
-    daemon.wait()
+    daemon.process.kill()
+    daemon.process.wait()
     remote = c.home / ".mlbench-daemon" / "jobs" / job["id"]
     deadline = time.monotonic() + 600
     while not (remote / "rc").exists():
@@ -208,16 +205,16 @@ def catch_up(c, port, daemon, start, nbytes, state_dir):
     same = c.dir / "bench-log"
     shutil.copy(remote / "out", same)
     os.chmod(same, 0o644)
-    log = Path(state_dir) / "logs" / f"{job['id']}.log"
+    log = daemon.state / "logs" / f"{job['id']}.log"
     before = log.stat().st_size if log.exists() else 0
-    daemon = start()
-    rss = RSS(daemon.pid)
+    pid = daemon.start().pid
+    rss = RSS(pid)
     size, first = before, None
     while size < final:
         size = log.stat().st_size if log.exists() else 0
         if first is None and size > before:
             first = time.perf_counter()
-            rss.base = rss_kb(daemon.pid)  # started up: count what streaming adds
+            rss.base = rss_kb(pid)  # started up: count what streaming adds
         time.sleep(0.02)  # the poller shares the 2 cores; ssh cat has none
     ours = time.perf_counter() - first
     growth = rss.growth_mb()
@@ -225,7 +222,7 @@ def catch_up(c, port, daemon, start, nbytes, state_dir):
     assert job["state"] == "succeeded" and log.read_bytes() == same.read_bytes(), job
     # into a file on the state directory's filesystem, as the daemon's log is: both pay
     # for the disk (into a pipe, OpenSSH would not)
-    copy = Path(state_dir) / "openssh-copy"
+    copy = daemon.state / "openssh-copy"
     t = time.perf_counter()
     with open(copy, "wb") as out:
         subprocess.run(c.ssh_argv(master, ["cat", str(same)]), stdout=out, timeout=600, check=True)
@@ -233,7 +230,7 @@ def catch_up(c, port, daemon, start, nbytes, state_dir):
     assert copy.stat().st_size == final
     copy.unlink()
     same.unlink()
-    return daemon, (final - before) / ours, final / theirs, growth
+    return (final - before) / ours, final / theirs, growth
 
 
 def main():
@@ -244,23 +241,9 @@ def main():
     args = ap.parse_args()
 
     print("building a 16-host cluster ...", flush=True)
-    c = Cluster(workers=16, extra=0).build()
-    work = Path(tempfile.mkdtemp(prefix="mlbench-bench-"))
-    daemon = None
-    try:
-        port = free_port()
-        wrapper, _ = timed_mpirun(c)
-        cfg = c.write_config(
-            work / "cfg.toml",
-            work / "state",
-            server={"port": port},
-            ssh={"probe_interval_s": 5.0, "verify_interval_s": 300.0, "max_connects": 16},
-            mpi={"mpirun": str(wrapper), "flavour": "openmpi4"},
-        )
-
-        def start(config=cfg):
-            return subprocess.Popen(serve_argv(config, "--log-level", "warning"))
-
+    with Cluster(workers=16, extra=0) as c:
+        log = {"level": "warning"}
+        ssh = {"probe_interval_s": 5.0, "verify_interval_s": 300.0, "max_connects": 16}
         print(
             f"\nlaunch, medians of {args.rounds} rounds (overhead = total minus the launcher's "
             "own time)"
@@ -271,60 +254,44 @@ def main():
                 print(f"  {name}: {m.launcher} not installed, skipped")
                 continue
             fwrapper, ftimes = timed_mpirun(c, m.launcher)
-            fcfg = c.write_config(
-                work / f"cfg-{name}.toml",
-                work / f"state-{name}",
-                server={"port": port},
-                ssh={"probe_interval_s": 5.0, "verify_interval_s": 300.0, "max_connects": 16},
-                # named: auto would ask `<wrapper> --version` once per master, which the
-                # wrapper would time as a run
-                mpi={"mpirun": str(fwrapper), "args": list(m.args), "flavour": name,
-                     "program": [str(c.program_for(name))]},
-            )  # fmt: skip
-            daemon = start(fcfg)
-            wait_hosts_running(port, 16)
-            print(f"  {name}:")
-            for n in (4, 16):
-                ours, theirs, ours_over, theirs_over = launch(
-                    c, port, n, args.rounds, fwrapper, ftimes, name
-                )
-                print(
-                    f"    {n:2d} hosts: POST {ours * 1000:7.1f} ms   ssh+launcher "
-                    f"{theirs * 1000:7.1f} ms   ratio {ours / theirs:.3f}  (target <= 0.9)"
-                )
-                print(
-                    f"              overhead: POST {ours_over * 1000:5.1f} ms   ssh+launcher "
-                    f"{theirs_over * 1000:5.1f} ms"
-                )
-            stop_process(daemon)
-            daemon = None
+            # named: auto would ask `<wrapper> --version` once per master, which the
+            # wrapper would time as a run
+            mpi = {"mpirun": str(fwrapper), "args": list(m.args), "flavour": name,
+                   "program": [str(c.program_for(name))]}  # fmt: skip
+            with served(c, log=log, ssh=ssh, mpi=mpi) as daemon:
+                print(f"  {name}:")
+                for n in (4, 16):
+                    ours, theirs, ours_over, theirs_over = launch(
+                        c, daemon.port, n, args.rounds, fwrapper, ftimes, name
+                    )
+                    print(
+                        f"    {n:2d} hosts: POST {ours * 1000:7.1f} ms   ssh+launcher "
+                        f"{theirs * 1000:7.1f} ms   ratio {ours / theirs:.3f}  (target <= 0.9)"
+                    )
+                    print(
+                        f"              overhead: POST {ours_over * 1000:5.1f} ms   ssh+launcher "
+                        f"{theirs_over * 1000:5.1f} ms"
+                    )
 
-        daemon = start()
-        wait_hosts_running(port, 16)
-
-        nbytes = int(args.gigabytes * 1e9)
-        ours, theirs, growth = live_stream(c, port, daemon.pid, nbytes, wrapper)
-        print(f"\nlog throughput, a job writing {nbytes / 1e9:.2f} GB")
-        print(
-            f"  live, job start to end: daemon {nbytes / ours / 1e6:6.1f} MB/s   "
-            f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   "
-            f"ratio {theirs / ours:.3f}"
-        )
-        print(f"  daemon RSS growth while streaming {growth:.1f} MB  (target < 50)")
-        daemon, ours_bps, theirs_bps, growth = catch_up(
-            c, port, daemon, start, nbytes, work / "state"
-        )
-        print(
-            f"  written, after kill -9 + restart: daemon re-attach {ours_bps / 1e6:6.1f} MB/s   "
-            f"ssh master cat {theirs_bps / 1e6:6.1f} MB/s   "
-            f"ratio {ours_bps / theirs_bps:.3f}  (target >= 0.8)"
-        )
-        print(f"  daemon RSS growth while catching up {growth:.1f} MB  (target < 50)")
-    finally:
-        if daemon:
-            stop_process(daemon)
-        c.teardown()
-        subprocess.run(["rm", "-rf", str(work)])
+        wrapper, _ = timed_mpirun(c)
+        mpi = {"mpirun": str(wrapper), "flavour": "openmpi4"}
+        with served(c, log=log, ssh=ssh, mpi=mpi) as daemon:
+            nbytes = int(args.gigabytes * 1e9)
+            ours, theirs, growth = live_stream(c, daemon.port, daemon.process.pid, nbytes, wrapper)
+            print(f"\nlog throughput, a job writing {nbytes / 1e9:.2f} GB")
+            print(
+                f"  live, job start to end: daemon {nbytes / ours / 1e6:6.1f} MB/s   "
+                f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   "
+                f"ratio {theirs / ours:.3f}"
+            )
+            print(f"  daemon RSS growth while streaming {growth:.1f} MB  (target < 50)")
+            ours_bps, theirs_bps, growth = catch_up(c, daemon, nbytes)
+            print(
+                f"  written, after kill -9 + restart: daemon re-attach {ours_bps / 1e6:6.1f} MB/s"
+                f"   ssh master cat {theirs_bps / 1e6:6.1f} MB/s   "
+                f"ratio {ours_bps / theirs_bps:.3f}  (target >= 0.8)"
+            )
+            print(f"  daemon RSS growth while catching up {growth:.1f} MB  (target < 50)")
 
 
 if __name__ == "__main__":

@@ -43,10 +43,8 @@ from pathlib import Path
 from mlbench_daemon import config
 from mlbench_daemon.config import SETTINGS
 from mlbench_daemon.ssh import Pool
-from tests.cluster import Cluster, free_port, stop_process
-from tests.helpers import serve_argv
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.cluster import Cluster
+from tests.helpers import served, wait_hosts_running
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -56,43 +54,15 @@ def default(section, key):
     return next(d for s, k, _, d, _ in SETTINGS if (s, k) == (section, key))
 
 
-def defaults_config(c, work, port, **ssh):
-    """The daemon's default intervals (not the test cluster's short ones)."""
+def defaults(**ssh):
+    """Config sections with the daemon's default intervals (not the test cluster's short
+    ones), and only warnings logged."""
     names = ("probe_interval_s", "verify_interval_s", "connect_timeout_s", "keepalive_s")
-    return c.write_config(
-        work / f"cfg{port}.toml",
-        work / f"state{port}",
-        server={"port": port},
-        discovery={k: default("discovery", k) for k in ("refresh_s", "timeout_s", "recheck_s")},
-        ssh={**{k: default("ssh", k) for k in names}, **ssh},
-    )
-
-
-def start_daemon(cfg, port, timeout=60):
-    daemon = subprocess.Popen(serve_argv(cfg, "--log-level", "warning"))
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if get(conn, "/healthz")[0] == 200:
-                return daemon, conn
-        except OSError:
-            conn.close()
-        if time.monotonic() > deadline or daemon.poll() is not None:
-            stop_process(daemon)
-            raise SystemExit("daemon did not come up")
-        time.sleep(0.2)
-
-
-def wait_running(conn, n, timeout=120):
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = json.loads(get(conn, "/api/nodes/")[1])
-        if len(nodes) == n and all(x["phase"] == "Running" for x in nodes):
-            return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"not all {n} nodes Running: {nodes[:2]}")
-        time.sleep(0.5)
+    return {
+        "log": {"level": "warning"},
+        "discovery": {k: default("discovery", k) for k in ("refresh_s", "timeout_s", "recheck_s")},
+        "ssh": {**{k: default("ssh", k) for k in names}, **ssh},
+    }
 
 
 def proc_cpu(pid):
@@ -136,33 +106,26 @@ def idle_windows(pid, window, windows):
 def idle_cost(hosts, window, windows):
     """The idle daemon at default intervals on `hosts` hosts (DNS TTL 0)."""
     print(f"building a {hosts}-host cluster for the idle run ...", flush=True)
-    c = Cluster(workers=hosts, extra=0).build()
-    work = Path(tempfile.mkdtemp(prefix="mlbench-bench-"))
-    daemon = None
-    try:
+    with Cluster(workers=hosts, extra=0) as c:
         c.set_dns_ttl(0)
-        port = free_port()
-        daemon, conn = start_daemon(defaults_config(c, work, port), port)
-        wait_running(conn, hosts)
-        conn.close()
-        time.sleep(10)  # settle: first connects and the first DNS pass are over
-        queries = len(c.dns_queries())
-        rows = idle_windows(daemon.pid, window, windows)
-        dns_per_s = (len(c.dns_queries()) - queries) / (window * windows)
-        return rows, dns_per_s
-    finally:
-        if daemon:
-            stop_process(daemon)
-        c.teardown()
-        shutil.rmtree(work, ignore_errors=True)
+        with served(c, **defaults()) as daemon:
+            time.sleep(10)  # settle: first connects and the first DNS pass are over
+            queries = len(c.dns_queries())
+            rows = idle_windows(daemon.process.pid, window, windows)
+            dns_per_s = (len(c.dns_queries()) - queries) / (window * windows)
+            return rows, dns_per_s
 
 
-def per_check_cpu(c, work, rounds=5):
+def per_check_cpu(c, rounds=5):
     """CPU seconds of this process per probe round of one node (session `true` + listener
     check) and per fresh login, over every host."""
-    cfg = config.load(
-        defaults_config(c, work, 0, use_system_known_hosts=False, max_connects=32), environ={}
-    )
+    with tempfile.TemporaryDirectory(prefix="mlbench-bench-") as work:
+        path = c.write_config(
+            Path(work) / "cfg.toml",
+            Path(work) / "state",
+            **defaults(use_system_known_hosts=False, max_connects=32),
+        )
+        cfg = config.load(path, environ={})
     pool = Pool(cfg.ssh)
     hosts = c.workers
     try:
@@ -183,14 +146,12 @@ def per_check_cpu(c, work, rounds=5):
         pool.close()
 
 
-def listener_fault_time(c, work, rounds=3):
+def listener_fault_time(c, rounds=3):
     """Seconds until a stopped listener (sessions alive) shows as Unknown/connection-refused
     in GET /api/nodes/, with the daemon at the default probe interval."""
-    port = free_port()
-    daemon, conn = start_daemon(defaults_config(c, work, port), port)
     times = []
-    try:
-        wait_running(conn, len(c.workers))
+    with served(c, **defaults()) as daemon:
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
         for i in range(rounds):
             h = c.workers[i % len(c.workers)]
             time.sleep(1.7 * i)  # a different point of the probe cycle each time
@@ -205,10 +166,9 @@ def listener_fault_time(c, work, rounds=3):
                 time.sleep(0.02)
             times.append(time.perf_counter() - t)
             c.start_listener(h)
-            wait_running(conn, len(c.workers))
-        return times
-    finally:
-        stop_process(daemon)
+            wait_hosts_running(daemon.port, len(c.workers))
+        conn.close()
+    return times
 
 
 def get(conn, path):
@@ -338,20 +298,15 @@ def main():
     print(f"machine: {os.cpu_count()} CPUs, load average {open('/proc/loadavg').read().strip()}")
     probe_s, verify_s = idle_report(args)
     print(f"building a {args.hosts}-host cluster ...", flush=True)
-    c = Cluster(workers=args.hosts, extra=0).build()
-    work = Path(tempfile.mkdtemp(prefix="mlbench-bench-"))
-    try:
-        checks_report(c, work, probe_s, verify_s)
+    with Cluster(workers=args.hosts, extra=0) as c:
+        checks_report(c, probe_s, verify_s)
         if not args.skip_api:
-            api_report(c, work, args)
-    finally:
-        c.teardown()
-        shutil.rmtree(work, ignore_errors=True)
+            api_report(c, args)
 
 
-def checks_report(c, work, probe_s, verify_s):
-    probe, login = per_check_cpu(c, work)
-    fault = listener_fault_time(c, work)
+def checks_report(c, probe_s, verify_s):
+    probe, login = per_check_cpu(c)
+    fault = listener_fault_time(c)
     print(
         f"  CPU per probe round of one node (session `true` + listener check): "
         f"{probe * 1000:.2f} ms; per fresh login: {login * 1000:.2f} ms"
@@ -369,24 +324,20 @@ def checks_report(c, work, probe_s, verify_s):
     )
 
 
-def api_report(c, work, args):
-    daemon = None
-    try:
-        port = free_port()
-        cfg = c.write_config(
-            work / "cfg.toml",
-            work / "state",
-            server={"port": port, "threads": 8},
-            ssh={
-                "probe_interval_s": 60.0,
-                "verify_interval_s": 300.0,
-                "connect_timeout_s": 5.0,
-                "max_connects": 32,
-            },
-            discovery={"refresh_s": 60.0},
-        )
-        daemon, conn = start_daemon(cfg, port, timeout=30)
-
+def api_report(c, args):
+    with served(
+        c,
+        log={"level": "warning"},
+        server={"threads": 8},
+        ssh={
+            "probe_interval_s": 60.0,
+            "verify_interval_s": 300.0,
+            "connect_timeout_s": 5.0,
+            "max_connects": 32,
+        },
+        discovery={"refresh_s": 60.0},
+    ) as daemon:
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
         n = len(c.workers)
         sweep, warm, cold = [], [], []
         refresh(conn, n)  # connections open
@@ -409,7 +360,7 @@ def api_report(c, work, args):
             assert status == 200
         lat.sort()
         load = wrk if shutil.which("wrk") else throughput
-        rps, errors = load(port, 32, args.seconds)
+        rps, errors = load(daemon.port, 32, args.seconds)
 
         med = statistics.median
         s = med(sweep)
@@ -432,9 +383,6 @@ def api_report(c, work, args):
             "(target >= 1000, 0)"
             f"  [load from {load.__name__}]"
         )
-    finally:
-        if daemon:
-            stop_process(daemon)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ the cluster by hand would.  Target: ratio <= 1.5.
 import argparse
 import statistics
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-from tests.cluster import MPI_ARGS, MPIRUN, Cluster, free_port, stop_process
+from tests.cluster import MPI_ARGS, MPIRUN, Cluster
 from tests.helpers import call_port as call
-from tests.helpers import serve_argv, wait_hosts_running
+from tests.helpers import served
 
 SETTLE_S = 0.5
 
@@ -53,33 +51,22 @@ def main():
     args = ap.parse_args()
 
     print("building a 16-host cluster ...", flush=True)
-    c = Cluster(workers=16, extra=0).build()
-    work = Path(tempfile.mkdtemp(prefix="mlbench-bench-"))
-    daemon = None
-    try:
-        port = free_port()
-        cfg = c.write_config(
-            work / "cfg.toml",
-            work / "state",
-            server={"port": port},
-            ssh={"probe_interval_s": 5.0, "max_connects": 16},
-        )
-        daemon = subprocess.Popen(serve_argv(cfg, "--log-level", "warning"))
-        wait_hosts_running(port, 16)
+    with (
+        Cluster(workers=16, extra=0) as c,
+        served(
+            c, log={"level": "warning"}, ssh={"probe_interval_s": 5.0, "max_connects": 16}
+        ) as daemon,
+    ):
         print(f"\npreflight vs one `ssh master mpirun` of the short program, "
               f"medians of {args.rounds} rounds")  # fmt: skip
         for n in (4, 16):
-            ours, theirs, lo, hi = compare(c, port, n, args.rounds)
+            ours, theirs, lo, hi = compare(c, daemon.port, n, args.rounds)
             print(
                 f"{n:3d} hosts: preflight {ours * 1000:7.1f} ms (range {lo * 1000:.0f}-"
                 f"{hi * 1000:.0f})   ssh+mpirun {theirs * 1000:7.1f} ms   "
                 f"ratio {ours / theirs:.3f}  (target <= 1.5)",
                 flush=True,
             )
-    finally:
-        if daemon is not None:
-            stop_process(daemon)
-        c.teardown()
 
 
 if __name__ == "__main__":

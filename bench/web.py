@@ -16,15 +16,11 @@ Prints, each with a baseline measured in the same run:
 import argparse
 import statistics
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-from tests.cluster import Cluster, free_port, stop_process
+from tests.cluster import Cluster
 from tests.helpers import call_json as call
-from tests.helpers import serve_argv
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import served
 
 CHROMIUM = "/usr/lib/chromium/chromium"
 LINE = "0123456789" * 9 + "abcdefgh"  # 99 bytes with its newline
@@ -158,38 +154,18 @@ def main():
 
     print(f"building a {args.hosts}-host cluster ...", flush=True)
     t = time.monotonic()
-    c = Cluster(workers=args.hosts, extra=0).build()
-    print(f"  built in {time.monotonic() - t:.0f} s", flush=True)
-    work = Path(tempfile.mkdtemp(prefix="mlbench-bench-web-"))
-    daemon = None
-    try:
-        port = free_port()
-        cfg = c.write_config(
-            work / "cfg.toml",
-            work / "state",
-            server={"port": port},
-            ssh={"probe_interval_s": 10.0, "max_connects": 32},
-            mpi={"max_concurrent_jobs": 2},
-        )
-        daemon = subprocess.Popen(
-            serve_argv(cfg),
-            cwd=ROOT,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                nodes = call(f"{url}/api/nodes/")
-                if sum(n["phase"] == "Running" for n in nodes) == args.hosts:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"bench: the daemon did not see {args.hosts} Running hosts")
-            time.sleep(0.5)
-
-        with sync_playwright() as p:
+    with Cluster(workers=args.hosts, extra=0) as c:
+        print(f"  built in {time.monotonic() - t:.0f} s", flush=True)
+        with (
+            served(
+                c,
+                stderr=subprocess.DEVNULL,
+                ssh={"probe_interval_s": 10.0, "max_connects": 32},
+                mpi={"max_concurrent_jobs": 2},
+            ) as daemon,
+            sync_playwright() as p,
+        ):
+            url = daemon.url
             browser = p.chromium.launch(executable_path=CHROMIUM)
             try:
                 first_paint(browser, url, args.hosts)  # warm: the browser's own start-up
@@ -216,10 +192,6 @@ def main():
             f"DOM nodes {r['nodes_after']:.0f} (before {r['nodes_before']:.0f}); "
             f"{r['shown'] / 2**20:.2f} MiB of text shown"
         )
-    finally:
-        if daemon:
-            stop_process(daemon)
-        c.teardown()
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ preflight's check table) in Debian's headless Chromium.
 
 import argparse
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from tests.cluster import Cluster, free_port, stop_process
+from tests.cluster import Cluster
 from tests.helpers import call_json as call
-from tests.helpers import serve_argv
+from tests.helpers import served
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,23 +43,15 @@ def main():
 
     from playwright.sync_api import sync_playwright
 
-    cluster = Cluster(workers=3, extra=0).build()
-    work = Path(tempfile.mkdtemp(prefix="mlbench-shots-"))
-    daemon = None
-    try:
-        port = free_port()
-        cfg = cluster.write_config(
-            work / "cfg.toml",
-            work / "state",
-            server={"port": port},
-            mpi={"max_concurrent_jobs": 4, "cancel_grace_s": 1.0},
-        )
-        daemon = subprocess.Popen(
-            serve_argv(cfg),
-            cwd=ROOT,
+    with (
+        Cluster(workers=3, extra=0) as cluster,
+        served(
+            cluster,
             stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
+            mpi={"max_concurrent_jobs": 4, "cancel_grace_s": 1.0},
+        ) as daemon,
+    ):
+        url = daemon.url
 
         def nodes():
             try:
@@ -68,7 +59,6 @@ def main():
             except OSError:
                 return None
 
-        wait(lambda: (ns := nodes()) and all(n["phase"] == "Running" for n in ns), "nodes")
         prog = str(cluster.mpi_program)
         ok = call(f"{url}/api/mpi_jobs/", "POST", {"program": [prog, "--bytes", "3000"]})
         bad = call(
@@ -123,10 +113,6 @@ def main():
             browser.close()
         assert ok["state"] == "succeeded", ok
         call(f"{url}/api/mpi_jobs/{live['id']}", "DELETE", timeout=120)
-    finally:
-        if daemon:
-            stop_process(daemon)
-        cluster.teardown()
 
 
 if __name__ == "__main__":

@@ -1,27 +1,37 @@
-"""Helpers shared by the tests (and benches): waiting with a bound, a free port, HTTP calls."""
+"""Helpers shared by the tests (and benches): waiting with a bound, a free port, HTTP calls,
+the daemon served as a subprocess on a test cluster."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
+from pathlib import Path
+from typing import IO
 
-from tests.cluster import free_port  # one definition, where the cluster needs it too
+from tests.cluster import Cluster, free_port, stop_process  # free_port: the cluster needs it too
 
 __all__ = [
     "HANG",
+    "Served",
     "append_log",
     "call_json",
     "call_port",
     "free_port",
     "http",
     "serve_argv",
+    "served",
     "wait_for",
     "wait_hosts_running",
 ]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 HANG = 120  # generous upper bound: catches hangs, asserts nothing about speed
 
@@ -95,12 +105,17 @@ def call_port(
         conn.close()
 
 
-def wait_hosts_running(port: int, count: int, timeout: float = 30) -> None:
-    """Refresh the daemon's nodes until `count` are Running; exit the bench after `timeout` s."""
+def wait_hosts_running(
+    port: int, count: int, timeout: float = HANG, process: subprocess.Popen | None = None
+) -> None:
+    """Poll the daemon's nodes (no forced probe round) until `count` are Running; exit the
+    bench after `timeout` s, or as soon as `process` (the daemon) has exited."""
     deadline = time.monotonic() + timeout
     while True:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the daemon exited with {process.returncode}")
         try:
-            _, nodes = call_port(port, "GET", "/api/nodes/?refresh=1", timeout=30)
+            _, nodes = call_port(port, "GET", "/api/nodes/", timeout=30)
             if sum(n["phase"] == "Running" for n in nodes) == count:
                 return
         except OSError:
@@ -108,3 +123,44 @@ def wait_hosts_running(port: int, count: int, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"daemon did not see {count} Running hosts")
         time.sleep(0.2)
+
+
+class Served:
+    """`mlbench-daemon serve` as a subprocess: its config, state dir, port, URL and process."""
+
+    def __init__(self, config: Path, state: Path, port: int, stderr: int | IO | None) -> None:
+        self.config, self.state, self.port = config, state, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.stderr = stderr
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> subprocess.Popen:
+        """Start the daemon (again, e.g. after a kill -9) on the same config -> the process;
+        does not wait for it."""
+        self.process = subprocess.Popen(serve_argv(self.config), cwd=ROOT, stderr=self.stderr)
+        return self.process
+
+
+@contextlib.contextmanager
+def served(
+    cluster: Cluster,
+    work: Path | None = None,
+    *,
+    stderr: int | IO | None = None,
+    **sections: dict,
+) -> Iterator[Served]:
+    """The daemon serving `cluster` on a free loopback port, with the cluster's config plus
+    `sections` (e.g. ``ssh={...}``, ``log={"level": "warning"}``), its config and state in
+    `work` (default: a temporary directory, removed afterwards).  Yields once every worker
+    is Running; always stops the daemon (the process last started) on the way out."""
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mlbench-")))
+        port = free_port()
+        sections["server"] = {**sections.get("server", {}), "port": port}
+        config = cluster.write_config(work / "daemon.toml", work / "state", **sections)
+        d = Served(config, work / "state", port, stderr)
+        d.start()
+        stack.callback(lambda: stop_process(d.process))  # the process last started
+        wait_hosts_running(port, len(cluster.workers), process=d.process)
+        yield d
