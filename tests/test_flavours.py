@@ -108,50 +108,65 @@ def test_rank_placement_per_flavour():
 
 NODES = [(f"198.19.138.{10 + i}", f"t35fafc-mlbench-worker-{i}") for i in range(4)]
 HOSTS = ",".join(f"{ip}:1" for ip, _ in NODES)
+W = [name for _, name in NODES]
+
+
+def attribute(name, text, command, exit_code=None):
+    """The failure the daemon records for a job of flavour `name` whose launcher printed
+    `text`, run on NODES[0] with `command` (the launcher's options)."""
+    return failure.attribute(
+        state="failed",
+        reason=None,
+        exit_code=exit_code,
+        output=text,
+        command=["/l", *command, "/opt/app/prog"],
+        master=W[0],
+        master_ip=NODES[0][0],
+        nodes=[failure.NodeRef(n, ip, n) for ip, n in NODES],  # hostname = node name
+        flavour=name,
+    )
 
 
 @pytest.mark.logic
 @pytest.mark.parametrize(
-    "name, capture, command, facts, line",
+    "name, capture, command, facts, message",
     [
         ("openmpi5", "exit3", ["--host", HOSTS, "-np", "4"],
-         {"kind": "rank-exit", "rank": 0, "exit_code": 3, "host": NODES[0][0]},
-         "rank 0 on t35fafc-mlbench-worker-0 exited with code 3"),
+         {"kind": "rank-exit", "rank": 0, "exit_code": 3, "node": W[0]},
+         f"rank 0 on {W[0]} ({NODES[0][0]}) exited with code 3"),
         ("openmpi5", "signal", ["--host", HOSTS, "-np", "4"],
-         {"kind": "rank-signal", "rank": 2, "signal": 11, "host": NODES[2][1]},
-         "rank 2 on t35fafc-mlbench-worker-2 was killed by signal 11"),
+         {"kind": "rank-signal", "rank": 2, "signal": 11, "node": W[2]},
+         f"rank 2 on {W[2]} was killed by signal 11 (SIGSEGV)"),
         ("openmpi5", "missing", ["--host", HOSTS],
-         {"kind": "exe-not-found", "rank": 0, "host": NODES[0][1],
-          "detail": "/opt/app/no-such-prog"},
-         "the program '/opt/app/no-such-prog' could not be run on t35fafc-mlbench-worker-0"),
+         {"kind": "exe-not-found", "rank": 0, "node": W[0]},
+         f"the program '/opt/app/no-such-prog' could not be run on {W[0]}"),
         ("openmpi5", "noroute", ["--host", HOSTS + ",198.19.138.99:1"],
-         {"kind": "daemon-launch", "host": "198.19.138.99"},
-         "the launcher could not start its prted on 198.19.138.99"),
+         {"kind": "daemon-launch", "host": "198.19.138.99", "node": None},
+         "mpirun could not start its daemon on one or more nodes (ssh to 198.19.138.99 failed)"),
         ("mpich", "exit3", ["-hosts", "198.19.138.10:2,198.19.138.11:1", "-n", "3"],
-         {"kind": "rank-exit", "rank": 1, "exit_code": 4, "host": NODES[0][0]},
-         "rank 1 on t35fafc-mlbench-worker-0 exited with code 4"),
+         {"kind": "rank-exit", "rank": 1, "exit_code": 4, "node": W[0]},
+         f"rank 1 on {W[0]} ({NODES[0][0]}) exited with code 4"),
         ("mpich", "signal", ["-hosts", HOSTS, "-n", "4"],
-         {"kind": "rank-signal", "rank": None, "signal": 11, "host": NODES[1][0]},
-         "a rank on t35fafc-mlbench-worker-1 was killed by signal 11"),
+         {"kind": "rank-signal", "rank": None, "signal": 11, "node": W[1]},
+         f"a rank on {W[1]} ({NODES[1][0]}) was killed by signal 11 (SIGSEGV)"),
         ("mpich", "missing", ["-hosts", HOSTS],
-         {"kind": "exe-not-found", "host": NODES[0][1], "detail": "/opt/app/no-such-prog"},
-         "the program '/opt/app/no-such-prog' could not be run on t35fafc-mlbench-worker-0"),
+         {"kind": "exe-not-found", "node": W[0]},
+         f"the program '/opt/app/no-such-prog' could not be run on {W[0]}"),
         ("mpich", "refused", ["-hosts", HOSTS],
-         {"kind": "daemon-launch", "host": "198.19.138.2"},
-         "the launcher could not start its hydra_pmi_proxy on 198.19.138.2"),
+         {"kind": "daemon-launch", "host": "198.19.138.2", "node": None},
+         "mpirun could not start its daemon on one or more nodes (ssh to 198.19.138.2 failed)"),
     ],
 )  # fmt: skip
-def test_failure_texts_name_rank_and_node(name, capture, command, facts, line):
-    text = (DATA / f"{name}.{capture}.txt").read_text()
-    got, said = flavour.explain(name, text, ["/l", *command, "/opt/app/prog"], NODES[0][0], NODES)
-    assert {k: got.get(k) for k in facts} == facts
-    assert said == line
+def test_failure_texts_name_rank_and_node(name, capture, command, facts, message):
+    f = attribute(name, (DATA / f"{name}.{capture}.txt").read_text(), command)
+    assert {k: f[k] for k in facts} == facts
+    assert f["message"] == message
 
 
 @pytest.mark.logic
 def test_output_without_a_verdict_explains_nothing():
     for name in FLAVOURS:
-        assert flavour.explain(name, "rank 0 of 1 on 10.0.0.1\n", ["/l"], None, NODES) is None
+        assert flavour.explain(name, "rank 0 of 1 on 10.0.0.1\n", ["/l"], None) is None
 
 
 # --- every job kind on the real cluster, once per launcher -----------------------------
@@ -222,7 +237,7 @@ def test_exit_code_3_names_the_failing_ranks_node(fenv, cluster, tmp_path):
     f = job["failure"]
     named = None if fenv.flavour == "mpich" else where
     assert (f["kind"], f["node"], f["exit_code"]) == ("rank-exit", named, 3), (f, job["response"])
-    assert f"on {where}" in f["message"] or named is None
+    assert f"on {where}" in f["message"] or "-print-all-exitcodes in mpi.args" in f["message"]
     if fenv.flavour != "mpich":
         return
     mpi = cluster.mpi_config("mpich")
@@ -358,20 +373,25 @@ def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_pat
 @pytest.mark.logic
 def test_a_launcher_that_names_no_rank_still_gives_the_code_and_a_lone_ranks_node():
     """OpenMPI prints its "Process name / Exit code" notice only when other ranks still
-    ran; its other notice names nobody."""
+    ran; its other notice names nobody.  Hydra's default output names nobody either."""
     text = (
         "Primary job  terminated normally, but 1 process returned\n"
         "a non-zero exit code. Per user-direction, the job has been aborted.\n"
     )
-    one = ["/l", "--host", NODES[1][0], "/opt/app/prog"]
-    assert flavour.explain("openmpi4", text, one, NODES[1][0], NODES, 3)[1] == (
-        "rank 0 on t35fafc-mlbench-worker-1 exited with code 3"
+    one = ["--host", NODES[1][0]]
+    assert attribute("openmpi5", text, one, 3)["message"] == (
+        f"rank 0 on {W[1]} ({NODES[1][0]}) exited with code 3"
     )
-    three = ["/l", "--host", HOSTS, "-np", "3", "/opt/app/prog"]
-    assert flavour.explain("openmpi5", text, three, NODES[0][0], NODES, 3)[1] == (
-        "a rank exited with code 3"
+    three = ["--host", HOSTS, "-np", "3"]
+    assert attribute("openmpi5", text, three, 3)["message"] == "a rank exited with code 3"
+    assert attribute("openmpi5", text, one, 139)["kind"] == "rank-signal"
+    hydra = ["-launcher", "ssh", "-hosts", HOSTS, "-n", "3"]
+    f = attribute("mpich", "", hydra, 3)
+    assert (f["kind"], f["node"], f["exit_code"]) == ("rank-exit", None, 3)
+    assert f["message"] == (
+        "a rank exited with code 3 (Hydra names the host only with -print-all-exitcodes "
+        "in mpi.args)"
     )
-    assert flavour.explain("openmpi4", text, one, NODES[1][0], NODES, 139) is None
 
 
 @pytest.mark.parametrize("name", FLAVOURS)

@@ -365,9 +365,7 @@ def attribute(
             if ranks and len(ranks) == 1:
                 facts["rank"] = 0
     else:
-        pairs = [(n.ip, n.name) for n in nodes]
-        said = flavours.explain(flavour, output, command, master_ip, pairs, exit_code)
-        facts = said[0] if said else None
+        facts = flavours.explain(flavour, output, command, master_ip, exit_code)
     openmpi = flavour != "mpich"  # Hydra's status is the OR of the ranks' codes
     if facts is None and openmpi and exit_code is not None and 128 < exit_code < 128 + 65:
         # mpirun passes on a killed rank's status as 128 + signal, and sometimes
@@ -402,6 +400,8 @@ def attribute(
             f["message"] = f"{rank}{where} called MPI_Abort with error code {f['exit_code']}"
         else:
             f["message"] = f"{rank}{where} exited with code {f['exit_code']}"
+            if not where and flavour == "mpich":
+                f["message"] += " (Hydra names the host only with -print-all-exitcodes in mpi.args)"
     elif kind == "rank-signal":
         f["message"] = (
             f"{rank}{where} was killed by signal {f['signal']} "

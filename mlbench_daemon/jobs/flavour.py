@@ -272,17 +272,16 @@ def explain(
     text: str,
     command: Sequence[str],
     launcher_host: str | None,
-    nodes: Sequence[tuple[str, str]],
     exit_code: int | None = None,
-) -> tuple[dict, str] | None:
-    """Facts with "node" (the daemon's name for the host) and one line saying what
-    failed where, or None when nothing is known.
+) -> dict | None:
+    """Facts (kind, rank, host as the launcher printed it, ...), or None when nothing
+    is known; failure.attribute finds the node and words the message.
 
-    `command` is the argv as run, `nodes` the job's (address, name) pairs, `exit_code`
-    the launcher's.  OpenMPI prints which rank exited non-zero only when the others
-    still ran (its notice depends on timing); without it, an exit code below 128 is
-    a rank's own code, and a job of one rank (or one host) still names it.  Hydra names
-    the host of a non-zero exit only with -print-all-exitcodes in mpi.args."""
+    `command` is the argv as run, `exit_code` the launcher's.  OpenMPI prints which
+    rank exited non-zero only when the others still ran (its notice depends on
+    timing); without it, an exit code below 128 is a rank's own code, and a job of one
+    rank (or one host) still names it.  Hydra names the host of a non-zero exit only
+    with -print-all-exitcodes in mpi.args."""
     facts = parse_failure(flavour, text)
     if facts is None and exit_code is not None and 0 < exit_code < 128:
         # Hydra's own status is the OR of the ranks' codes: one failing rank's code
@@ -304,40 +303,11 @@ def explain(
     if facts.get("rank") is None and "nth" in facts and ranks and facts.get("host") in ranks:
         facts["rank"] = ranks.index(facts["host"]) + facts["nth"]
     facts.pop("nth", None)
-    facts["node"] = _node(facts.get("host"), nodes)
-    where = facts["node"] or facts.get("host")
-    at = f" on {where}" if where else ""
-    who = f"rank {facts['rank']}" if facts.get("rank") is not None else "a rank"
-    kind = facts["kind"]
-    if kind == "rank-exit":
-        line = f"{who}{at} exited with code {facts['exit_code']}"
-    elif kind == "rank-signal":
-        line = f"{who}{at} was killed by signal {facts['signal']}"
-    elif kind == "exe-not-found":
-        line = f"the program {facts.get('detail')!r} could not be run{at}"
-    elif kind == "not-enough-slots":
-        line = f"np={facts['detail']} is more than the slots of the host list"
-    else:
-        line = f"the launcher could not start its {f.daemon}" + (
-            f" on {where}" if where else " on every host"
-        )
-    return facts, line
+    return facts
 
 
 def _option_value(argv: Sequence[str], option: str) -> str | None:
     for i, a in enumerate(argv[:-1]):
         if a == option:
             return argv[i + 1]
-    return None
-
-
-def _node(host: str | None, nodes: Sequence[tuple[str, str]]) -> str | None:
-    """The node name of a host the launcher printed: its address, its name, or the
-    short form of its name (launchers print their host names, which are the nodes'
-    names where DNS and hostnames agree)."""
-    if not host:
-        return None
-    for ip, name in nodes:
-        if host in (ip, name) or host.split(".")[0] == name.split(".")[0]:
-            return name
     return None
