@@ -125,6 +125,13 @@ def wait_hosts_running(
         time.sleep(0.2)
 
 
+def _serves(url: str) -> bool:
+    try:
+        return http(url + "/healthz", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
 class Served:
     """`mlbench-daemon serve` as a subprocess: its config, state dir, port, URL and process."""
 
@@ -138,6 +145,16 @@ class Served:
         """Start the daemon (again, e.g. after a kill -9) on the same config -> the process;
         does not wait for it."""
         self.process = subprocess.Popen(serve_argv(self.config), cwd=ROOT, stderr=self.stderr)
+        return self.process
+
+    def kill_and_restart(self) -> subprocess.Popen:
+        """SIGKILL the daemon (mid-job), start it again on the same config, wait until it
+        serves -> the new process."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(HANG)
+        self.start()
+        wait_for(lambda: _serves(self.url), what="the daemon to serve again")
         return self.process
 
 

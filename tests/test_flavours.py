@@ -18,22 +18,19 @@ import pytest
 
 from mlbench_daemon.errors import BadRequest
 from mlbench_daemon.jobs import failure, flavour, validate
-from tests.cluster import MPIS, ClusterError, free_port, stop_process
+from tests.cluster import MPIS, ClusterError
+from tests.helpers import served
 from tests.test_jobs import (
     HANG,
     Env,
     argv_received,
     http,
     job_processes,
-    kill_and_restart,
     paged_log,
     payload,
     rank_lines,
-    serve,
     wait_for,
-    wait_http,
     wait_job_ended,
-    wait_nodes_running,
     wait_ranks,
     written_bytes,
 )
@@ -338,19 +335,8 @@ def test_cancel_leaves_nothing_even_with_a_remote_daemon_deaf_to_term(fenv, clus
 @pytest.mark.parametrize("name", FLAVOURS)
 def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_path, name):
     mpi = mpi_or_skip(cluster, name)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    path = cluster.write_config(
-        tmp_path / "daemon.toml",
-        tmp_path / "state",
-        server={"host": "127.0.0.1", "port": port},
-        ssh={"use_system_known_hosts": False},
-        mpi=mpi,
-    )
-    daemon = serve(path)
-    try:
-        wait_http(url)
-        wait_nodes_running(url)
+    with served(cluster, tmp_path, ssh={"use_system_known_hosts": False}, mpi=mpi) as d:
+        url = d.url
         prog = [*mpi["program"], "--bytes", "300000", "--sleep", "5", "--exit", "5"]
         status, body = http(url + "/api/mpi_jobs/", "POST", {"program": prog, "wait": False})
         assert status == 202
@@ -359,15 +345,13 @@ def test_daemon_killed_mid_job_reattaches_and_completes_the_log(cluster, tmp_pat
             lambda: b"rank 2 of 3" in http(f"{url}/api/mpi_jobs/{job_id}/logs?limit=1000000")[1],
             what="ranks",
         )
-        daemon = kill_and_restart(daemon, path, url)
+        d.kill_and_restart()
         job = wait_job_ended(url, job_id)
         assert (job["state"], job["exit_code"], job["flavour"]) == ("failed", 5, name), job
         log = b"".join(paged_log(url, job_id))
         assert rank_lines(log.decode(), 3)
         # every byte, once, in order (then the launcher's own notice of exit code 5)
         assert payload(RANK_REPORTS.sub(b"", log)).startswith(written_bytes(300000))
-    finally:
-        stop_process(daemon, timeout=30)
 
 
 @pytest.mark.logic

@@ -6,7 +6,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -23,8 +22,7 @@ from mlbench_daemon.jobs import Jobs, Request, json_with_response, remote, run, 
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool, Unreachable
 from mlbench_daemon.store import Store
-from tests.cluster import stop_process
-from tests.helpers import HANG, append_log, free_port, http, serve_argv, wait_for
+from tests.helpers import HANG, append_log, http, served, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ["/bin/prog"]
@@ -616,44 +614,6 @@ def test_master_unreachable_for_lost_after_s_makes_the_job_lost(cluster, tmp_pat
 # --- the real daemon: kill -9 mid-job and restart ---------------------------------------
 
 
-def serve(config_path):
-    return subprocess.Popen(
-        serve_argv(config_path),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def wait_http(url):
-    def up():
-        try:
-            return http(url + "/healthz", timeout=2)[0] == 200
-        except OSError:
-            return False
-
-    wait_for(up, what="the daemon to serve")
-
-
-def wait_nodes_running(url, count=3):
-    """Wait until the daemon at `url` lists `count` nodes, all Running."""
-    wait_for(
-        lambda: (
-            [n["phase"] for n in json.loads(http(url + "/api/nodes")[1])] == ["Running"] * count
-        ),
-        what="nodes Running",
-    )
-
-
-def kill_and_restart(daemon, config_path, url):
-    """SIGKILL the daemon mid-job, start it again on the same config -> the new process."""
-    daemon.send_signal(signal.SIGKILL)
-    daemon.wait(30)
-    daemon = serve(config_path)
-    wait_http(url)
-    return daemon
-
-
 def wait_job_ended(url, job_id, what="the job to end"):
     """Wait until the job is neither pending nor running -> its record."""
     job = {}
@@ -667,18 +627,8 @@ def wait_job_ended(url, job_id, what="the job to end"):
 
 
 def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    path = cluster.write_config(
-        tmp_path / "daemon.toml",
-        tmp_path / "state",
-        server={"host": "127.0.0.1", "port": port},
-        ssh={"use_system_known_hosts": False},
-    )
-    daemon = serve(path)
-    try:
-        wait_http(url)
-        wait_nodes_running(url)
+    with served(cluster, tmp_path, ssh={"use_system_known_hosts": False}) as d:
+        url = d.url
         prog = [str(cluster.mpi_program), "--bytes", "300000", "--sleep", "6", "--exit", "5"]
         status, body = http(url + "/api/mpi_jobs/", "POST", {"program": prog, "wait": False})
         job_id = json.loads(body)["id"]
@@ -709,7 +659,7 @@ def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster
             )[1]
         )
         assert queued["state"] == secret["state"] == "pending"
-        daemon = kill_and_restart(daemon, path, url)
+        d.kill_and_restart()
         job = wait_job_ended(url, job_id)
         assert (job["state"], job["exit_code"]) == ("failed", 5)
         log = b"".join(paged_log(url, job_id))
@@ -728,8 +678,6 @@ def test_daemon_killed_mid_job_reattaches_completes_the_log_and_requeues(cluster
             "lost",
             "daemon-restarted",
         ) and "env values" in lost["error"]
-    finally:
-        stop_process(daemon, timeout=30)
 
 
 def paged_log(url, job_id):
