@@ -12,7 +12,8 @@ normalising only what must differ between runs:
 - OpenMPI's name of a process in mpirun's exit notice (``[[18820,1],0]``: the number
   is mpirun's job id, derived from its pid) -> ``[[<mpi-job>,1],0]``;
 - OpenMPI's own ``[host:pid] ...`` diagnostic lines, which mpirun adds to the output
-  now and then on these hosts (they share one hostname), are removed;
+  now and then under load (e.g. ``plm:rsh: Warning: setpgid(...) failed``, a race
+  between its fork and the child's exec), are removed;
 - mpirun's notices framed by lines of dashes (after a rank exits non-zero it prints
   one or two, depending on timing inside mpirun) are removed, from the answer and
   from the golden file alike (the files stay as captured).
