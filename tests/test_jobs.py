@@ -498,6 +498,25 @@ def test_cancel_mid_run_leaves_no_process_on_any_host(env, cluster):
         env.jobs.cancel(job["id"])
 
 
+def test_cancel_also_ends_what_forks_while_the_sweep_kills(env, cluster):
+    """Every rank leaves a detached loop that starts a new process every 50 ms: some
+    start after the sweep has listed the host and before its KILL.  The sweep looks
+    again until nothing marked is left, and only then says the hosts are clean."""
+    spawner = "while :; do sleep 300 & sleep 0.05; done"
+    detach = 'setsid sh -c "$1" </dev/null >/dev/null 2>&1 & exec "$0" --sleep 60'
+    program = ["/bin/sh", "-c", detach, str(cluster.mpi_program), spawner]
+    job = env.jobs.submit({"program": program, "wait": False})
+    wait_ranks(env, job["id"])
+    wait_for(
+        lambda: sum(cmd.startswith("sleep 300") for _, cmd in job_processes(cluster)) >= 30,
+        what="detached processes on every host",
+    )
+    done = env.jobs.cancel(job["id"])
+    assert done["state"] == "cancelled", done
+    assert "verified no process left on 3 host(s)" in done["error"], done["error"]
+    assert job_processes(cluster) == []
+
+
 def test_timeout_cancels_with_reason_timeout(env, cluster):
     job = env.run({"program": env.prog("--sleep", "60"), "timeout_s": 3})
     assert (job["state"], job["reason"]) == ("cancelled", "timeout")

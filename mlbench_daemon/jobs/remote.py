@@ -22,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import math
 import shlex
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal, Protocol
 
@@ -120,6 +121,9 @@ done
 if [ "$1" = kill ] && [ -n "$found" ]; then kill -KILL $found 2>/dev/null; fi
 if [ "$1" = values ]; then echo $vals; else echo $found; fi
 """
+
+
+SWEEP_SETTLE_S = (0.05, 0.1, 0.2, 0.4, 0.8)  # pauses before each new look after a KILL
 
 
 class Result(Protocol):
@@ -269,8 +273,17 @@ class Remote:
 
         def one(host: Host) -> tuple[str, list[bytes], list[bytes], str | None]:
             try:
-                killed = marked(host, "kill")
-                left = marked(host, "list") if killed else []
+                left = marked(host, "kill")
+                killed = list(left)
+                # A KILLed process is gone only once the kernel has run it again (a
+                # while on a busy host), and one may have forked meanwhile: look
+                # again, and KILL again what is still marked, until nothing is.
+                for pause in SWEEP_SETTLE_S:
+                    if not left:
+                        break
+                    time.sleep(pause)
+                    left = marked(host, "kill")
+                    killed += [p for p in left if p not in killed]
                 return host.ip, killed, left, None
             except SSHError as e:
                 return host.ip, [], [], e.reason
