@@ -56,6 +56,8 @@ def setup(
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
     logging.getLogger("paramiko").setLevel(logging.WARNING)
+    if level.upper() == "DEBUG":  # ssh.py keeps paramiko.transport quiet otherwise
+        logging.getLogger("paramiko.transport").setLevel(logging.WARNING)
     # "Task queue depth is N" on every burst of requests: load, not an event to log
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     return handler

@@ -80,16 +80,13 @@ from mlbench_daemon.vocabulary import SSHReason as R
 log = logging.getLogger(__name__)
 
 
-class _NoOpenFailures(logging.Filter):
-    """paramiko logs every refused channel open as an ERROR; a listener check whose node
-    cannot connect to its own sshd would log one every probe round.  The failure reaches
-    the caller as an exception (and the node's reason) instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "open FAILED" not in record.getMessage()
-
-
-logging.getLogger("paramiko.transport").addFilter(_NoOpenFailures())
+# paramiko.transport logs each refused channel open as an ERROR (a listener check whose
+# node cannot connect to its own sshd: one every probe round), and each exception in a
+# transport's thread as one ERROR record per line of its traceback (a listener that
+# sends no banner: one every fresh login).  Every such failure reaches our caller as an
+# exception, and the daemon reports it once, as a node's reason or a job's error.
+# `--log-level debug` shows paramiko's records too (logs.py).
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 # The error classes and host-key helpers live in their own modules; they are
 # re-exported here so that `from mlbench_daemon.ssh import Unreachable` keeps working.

@@ -326,7 +326,7 @@ def all_running(reg, n=3):
     ],
 )
 def test_a_live_session_does_not_hide_a_node_new_logins_cannot_reach(
-    cluster, tmp_path, fault, undo, phase, reason, bound
+    cluster, tmp_path, caplog, fault, undo, phase, reason, bound
 ):
     a, b = cluster.workers[:2]
     with running_registry(cluster, tmp_path, ssh=TRUTH) as reg:
@@ -343,6 +343,9 @@ def test_a_live_session_does_not_hide_a_node_new_logins_cannot_reach(
         assert by_name(reg)[b.name].phase == "Running"
         getattr(cluster, undo)(a)
         wait_state(reg, a, "Running", "ok", VERIFY + PROBE)
+    # the node's reason says it once; no paramiko traceback beside it
+    loud = [r for r in caplog.records if r.name.startswith("paramiko") and r.levelno >= 30]
+    assert not loud, [r.getMessage() for r in loud]
 
 
 def test_fresh_logins_are_spread_and_forced_rounds_make_none(cluster, tmp_path):

@@ -203,6 +203,22 @@ def test_verify_login_is_a_fresh_login_beside_the_session(cluster, pool):
     assert pool.verify_login(h.ip, 22, h.fqdn) > 0
 
 
+def test_a_listener_without_a_banner_is_one_reason_and_no_paramiko_traceback(cluster, pool, caplog):
+    """paramiko logs the exception that ends a transport's thread (here: our close of a
+    socket still waiting for a banner) as one ERROR record per traceback line; the
+    caller's exception says it already."""
+    h = cluster.hosts[0]
+    cluster.freeze_listener(h)
+    try:
+        e = bounded(lambda: pool.verify_login(h.ip, 22, h.fqdn), 3 * CONNECT_TIMEOUT)
+        assert (e.phase, e.reason) == ("Unknown", "no-banner")
+        time.sleep(0.5)  # the transport's thread logs as it ends
+    finally:
+        cluster.thaw(h)
+    loud = [r.getMessage() for r in caplog.records if r.name.startswith("paramiko")]
+    assert not loud, loud
+
+
 def test_fingerprint_matches_openssh(cluster):
     import subprocess
 
