@@ -56,8 +56,9 @@ def setup(
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
     logging.getLogger("paramiko").setLevel(logging.WARNING)
-    if level.upper() == "DEBUG":  # ssh.py keeps paramiko.transport quiet otherwise
-        logging.getLogger("paramiko.transport").setLevel(logging.WARNING)
+    # paramiko.transport's records repeat failures the daemon reports itself (ssh.py)
+    quiet = logging.WARNING if level.upper() == "DEBUG" else logging.CRITICAL
+    logging.getLogger("paramiko.transport").setLevel(quiet)
     # "Task queue depth is N" on every burst of requests: load, not an event to log
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     return handler
