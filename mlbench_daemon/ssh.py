@@ -229,6 +229,26 @@ def _read_banner(recv: Callable[[int], bytes], where: str, timeout: float) -> st
             raise Unreachable(R.NO_BANNER, f"{where}: no SSH- line in the first {MAX_BANNER} bytes")
 
 
+def _exchange_banners(
+    stream: socket.socket | paramiko.Channel,
+    where: str,
+    timeout: float,
+    deadline: float,
+    start: float,
+) -> float:
+    """On a fresh connection to sshd (a socket from here, or a direct-tcpip channel from
+    the node): its banner, then our identification and goodbye -> seconds since `start`."""
+    try:
+        stream.settimeout(max(0.01, _remaining(deadline)))
+        _read_banner(stream.recv, where, timeout)
+        stream.sendall(CHECK_BYE)
+        return time.monotonic() - start
+    except SSHError:
+        raise
+    except Exception as e:
+        raise classify(e, where) from e
+
+
 def _forward_failure(exc: paramiko.ChannelException, where: str) -> Unreachable:
     """A direct-tcpip open the node refused for another reason than a failed connect."""
     return Unreachable(R.SSH_ERROR, f"{where}: the node refused the check channel: {exc.text}")
@@ -583,14 +603,7 @@ class Pool:
                 raise classify(e, where) from e
             else:
                 try:
-                    chan.settimeout(_remaining(deadline))
-                    _read_banner(chan.recv, where, timeout)
-                    chan.sendall(CHECK_BYE)
-                    return time.monotonic() - start
-                except SSHError:
-                    raise
-                except Exception as e:
-                    raise classify(e, where) from e
+                    return _exchange_banners(chan, where, timeout, deadline, start)
                 finally:
                     _close_channel(chan)
         return self._check_listener_here(conn, deadline, timeout, start)
@@ -616,17 +629,13 @@ class Pool:
     ) -> float:
         where = f"{conn.where} (new connection)"
         try:
-            with socket.create_connection(
+            sock = socket.create_connection(
                 (conn.ip, conn.port), timeout=max(0.01, _remaining(deadline))
-            ) as sock:
-                sock.settimeout(max(0.01, _remaining(deadline)))
-                _read_banner(sock.recv, where, timeout)
-                sock.sendall(CHECK_BYE)
-            return time.monotonic() - start
-        except SSHError:
-            raise
+            )
         except Exception as e:
             raise classify(e, where) from e
+        with sock:
+            return _exchange_banners(sock, where, timeout, deadline, start)
 
     def verify_login(self, ip: str, port: int, host: str | None = None) -> float:
         """Seconds for a full fresh login on a new connection: key exchange with the host-key
