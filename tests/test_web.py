@@ -17,6 +17,7 @@ import wsgiref.util
 import pytest
 
 from mlbench_daemon import api, config, server
+from tests.helpers import wait_for
 from tests.test_jobs import job_processes
 
 CHROMIUM = "/usr/lib/chromium/chromium"
@@ -203,10 +204,11 @@ class RawGet:
 def test_max_streams_caps_follows_and_sync_posts(start_daemon, cluster):
     daemon = start_daemon(server={"max_streams": 2}, mpi={"cancel_grace_s": 1.0})
     job = submit(daemon, cluster, "--sleep", "120")
-    deadline = time.monotonic() + HANG
-    while b"allreduce ok" not in get(daemon, f"/api/mpi_jobs/{job['id']}/logs")[2]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(
+        lambda: b"allreduce ok" in get(daemon, f"/api/mpi_jobs/{job['id']}/logs")[2],
+        timeout=HANG,
+        what="every rank's output",
+    )
     follow = f"/api/mpi_jobs/{job['id']}/logs?follow=1"
     first, second = RawGet(daemon, follow), RawGet(daemon, follow)
     assert first.response.status == second.response.status == 200
@@ -222,24 +224,32 @@ def test_max_streams_caps_follows_and_sync_posts(start_daemon, cluster):
     assert get(daemon, "/api/nodes/")[0] == 200
     # a client that goes away frees its thread although the job stays silent
     first.close()
-    deadline = time.monotonic() + FEW_S
-    while True:
-        third = RawGet(daemon, follow)
-        if third.response.status == 200:
-            break
-        assert third.response.status == 503
-        third.close()
-        assert time.monotonic() < deadline, "the closed follow never gave its slot back"
-        time.sleep(0.2)
+    third = follow_when_free(daemon, follow, "the closed follow to give its slot back")
     assert daemon.json("DELETE", f"/api/mpi_jobs/{job['id']}")[1]["state"] == "cancelled"
     for raw in (second, third):  # the job's end ends the streams
         assert b"allreduce ok" in raw.response.read()
         raw.close()
     assert daemon.daemon.app is not None
-    deadline = time.monotonic() + FEW_S
-    while get(daemon, follow)[0] != 200:  # every slot free again
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for(
+        lambda: get(daemon, follow)[0] == 200, timeout=FEW_S, what="every slot free", interval=0.2
+    )
+
+
+def follow_when_free(daemon, path, what):
+    """Follow `path` once a stream slot is free (503 until then) -> the open RawGet."""
+    opened = []
+
+    def free():
+        raw = RawGet(daemon, path)
+        if raw.response.status == 200:
+            opened.append(raw)
+            return True
+        assert raw.response.status == 503
+        raw.close()
+        return False
+
+    wait_for(free, timeout=FEW_S, what=what, interval=0.2)
+    return opened[0]
 
 
 # --- in the browser ---------------------------------------------------------------------
@@ -422,10 +432,11 @@ def test_failing_jobs_show_their_cause(browser, start_daemon, cluster):
 def test_cancel_from_the_page_leaves_no_rank(browser, start_daemon, cluster):
     daemon = start_daemon(mpi={"cancel_grace_s": 1.0})
     job = submit(daemon, cluster, "--sleep", "120")
-    deadline = time.monotonic() + HANG
-    while sum("orted" in cmd for _, cmd in job_processes(cluster)) < 2:
-        assert time.monotonic() < deadline, job_processes(cluster)
-        time.sleep(0.1)
+    wait_for(
+        lambda: sum("orted" in cmd for _, cmd in job_processes(cluster)) >= 2,
+        timeout=HANG,
+        what="orted on both other hosts",
+    )
     tab = Tab(browser, daemon.url)
     try:
         page = tab.open("#/jobs")
@@ -443,10 +454,8 @@ def test_cancel_from_the_page_leaves_no_rank(browser, start_daemon, cluster):
         assert "verified no process left" in done["error"]
         ranks = [c for _, c in job_processes(cluster) if re.search(r"mpiprog|orted|mpirun", c)]
         assert ranks == []  # no rank, no OpenMPI daemon, no launcher, once it is cancelled
-        deadline = time.monotonic() + FEW_S  # and the job dir's removal ends too
-        while job_processes(cluster):
-            assert time.monotonic() < deadline, job_processes(cluster)
-            time.sleep(0.1)
+        # and the job dir's removal ends too
+        wait_for(lambda: not job_processes(cluster), timeout=FEW_S, what="no process of the job")
         page.goto(f"{daemon.url}/#/jobs/{job['id']}")
         wait_text(page.locator("#job-failure"), r"verified no process left")
         assert not tab.console_errors() and not tab.errors and not tab.csp()
@@ -824,15 +833,7 @@ def test_one_follow_stream_per_tab_closed_when_the_view_is_left(browser, start_d
         status, _, body = get(daemon, follow)
         assert status == 503 and json.loads(body)["error"] == "too-many-streams"
         page.goto(f"{daemon.url}/#/jobs")  # leaving the view closes the stream
-        deadline = time.monotonic() + FEW_S
-        while True:
-            raw = RawGet(daemon, follow)
-            if raw.response.status == 200:
-                raw.close()
-                break
-            raw.close()
-            assert time.monotonic() < deadline, "the page kept its stream after leaving"
-            time.sleep(0.2)
+        follow_when_free(daemon, follow, "the page to give its stream back").close()
         assert sum("follow=1" in u for m, u, h in tab.requests) == 1
         assert not tab.console_errors() and not tab.errors and not tab.csp()
     finally:
