@@ -903,14 +903,19 @@ class Cluster:
         return sh(["ip", "netns", "exec", self._host(h).ns, *argv], **kw)
 
     def user_processes(self):
-        """(pid, cmdline) of every process owned by the cluster user."""
+        """(pid, cmdline) of every process owned by the cluster user that can still run.
+
+        Not one whose command line reads empty: a user process has one until it exits
+        (its memory released), and stays a zombie until its parent reaps it, which a
+        busy host may take a moment to do after a KILL."""
         out = []
         for d in os.listdir("/proc"):
             if d.isdigit():
                 try:
                     if os.stat(f"/proc/{d}").st_uid == self.uid:
                         cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-                        out.append((int(d), cmd.replace(b"\0", b" ").decode(errors="replace")))
+                        if cmd:
+                            out.append((int(d), cmd.replace(b"\0", b" ").decode(errors="replace")))
                 except OSError:
                     pass
         return out
