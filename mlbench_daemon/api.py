@@ -28,6 +28,8 @@ from mlbench_daemon.errors import (
     PayloadTooLarge,
     TooManyStreams,
     Unauthorized,
+    cut,
+    echo,
 )
 from mlbench_daemon.store import LOG_CHUNK_MAX
 from mlbench_daemon.vocabulary import Phase
@@ -40,6 +42,10 @@ if TYPE_CHECKING:  # api.py is given these; it imports none of them
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+# far deeper than any field needs; Python's parser recurses and fails near 1,000
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 REFRESH_TIMEOUT_S = 10.0
 NO_STORE = "no-store"  # on every answer but the page's static files
 # The status page (mlbench_daemon/web/): public, same-origin only, no inline code.
@@ -81,7 +87,7 @@ def _int_param(name: str, default: int, lo: int, hi: int) -> int:
     if raw is None or raw == "":
         return default
     if not re.fullmatch(r"[0-9]{1,19}", raw):
-        raise BadRequest(f"{name}: must be a whole number, got {raw!r}", field=name)
+        raise BadRequest(f"{name}: must be a whole number, got {echo(raw)}", field=name)
     value = int(raw)
     if not lo <= value <= hi:
         raise BadRequest(f"{name}: must be from {lo} to {hi}, got {value}", field=name)
@@ -94,7 +100,25 @@ def _flag(name: str) -> bool:
         return False
     if raw.lower() in ("1", "true", "yes"):
         return True
-    raise BadRequest(f"{name}: must be 0 or 1, got {raw!r}", field=name)
+    raise BadRequest(f"{name}: must be 0 or 1, got {echo(raw)}", field=name)
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in *raw*, brackets inside strings not counted.
+
+    A cheap scan before parsing: json.loads recurses and raises RecursionError on deep input.
+    Malformed input gets some number; the parser then says what is wrong with it.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return MAX_JSON_DEPTH  # (at most): no need to look closer
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', raw)):
+        if m.group() in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 def _body(max_bytes: int) -> dict[str, Any] | None:
@@ -107,6 +131,8 @@ def _body(max_bytes: int) -> dict[str, Any] | None:
         raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
     if not raw:  # whitespace is not JSON: only a truly empty body means "the default job"
         return None
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise BadRequest(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels", field="body")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -196,10 +222,10 @@ def _browser_checks(policy: Policy) -> None:
     env = bottle.request.environ
     host = env.get("HTTP_HOST")
     if not policy.host_allowed(host, int(env.get("SERVER_PORT") or 0)):
-        _refuse(403, f"Host {host!r} is not a name of this daemon; see server.allowed_hosts")
+        _refuse(403, f"Host {echo(host)} is not a name of this daemon; see server.allowed_hosts")
     origin = env.get("HTTP_ORIGIN")
     if not policy.origin_allowed(origin, host):
-        _refuse(403, f"Origin {origin!r} may not use this API; see server.allowed_origins")
+        _refuse(403, f"Origin {echo(origin)} may not use this API; see server.allowed_origins")
     if bottle.request.content_length > 0 and not is_json(env.get("CONTENT_TYPE", "")):
         _refuse(415, "a request body must have Content-Type: application/json")
 
@@ -280,9 +306,9 @@ def make_app(
             )
             message = "internal error; see the daemon's log"
         elif err.status_code == 405:
-            message = f"{bottle.request.method} is not allowed on {bottle.request.path}"
+            message = f"{cut(bottle.request.method)} is not allowed on {cut(bottle.request.path)}"
         elif err.status_code == 404:
-            message = f"no such endpoint: {bottle.request.path}"
+            message = f"no such endpoint: {cut(bottle.request.path)}"
         else:
             message = str(err.body)
         return _error_body(err.status_code, STATUS_TEXT.get(err.status_code, "error"), message)

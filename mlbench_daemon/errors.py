@@ -5,6 +5,20 @@ code and a human ``message``.  ``api.py`` turns any ``ApiError`` into a JSON
 body ``{"error": ..., "message": ...}`` in exactly one place.
 """
 
+ECHO_LIMIT = 100  # characters of a client's input repeated in one message
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """repr(value) for a message, cut to *limit* characters: a 10 KB id is not echoed whole."""
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int = ECHO_LIMIT) -> str:
+    """*text* (a client's input), cut to *limit* characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 class ApiError(Exception):
     status = 500

@@ -27,7 +27,7 @@ from typing import Any
 import waitress.server
 from waitress import wasyncore
 
-from mlbench_daemon import api, config, metrics, sdnotify
+from mlbench_daemon import api, config, logs, metrics, sdnotify
 from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
@@ -159,7 +159,7 @@ class Daemon:
             # a lookahead of 1 keeps reading the connection while a request runs, so a
             # log follow sees (waitress.client_disconnected) that its client went away
             http: Any = waitress.server.create_server(
-                self.app,
+                logs.errors_to_log(self.app),
                 host=s.host,
                 port=s.port,
                 threads=s.threads,

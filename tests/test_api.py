@@ -86,6 +86,9 @@ def test_every_error_is_json(daemon):
         ("GET", "/api/mpi_jobs/nope", None, 404),
         ("GET", "/api/nodes/?refresh=maybe", None, 400),
         ("POST", "/api/mpi_jobs/", b"{}", 415),  # no Content-Type
+        ("POST", "/api/mpi_jobs/", b"[" * 100_000, 400),  # too deep for json.loads: not a 500
+        ("POST", "/api/preflight/", b"[" * 100_000, 400),
+        ("GET", "/api/mpi_jobs/" + "z" * 10_000, None, 404),  # echoes at most 100 characters
     ]
     for method, path, body, want in cases:
         headers = {"Content-Type": "application/json"} if body and want != 415 else {}
@@ -95,6 +98,9 @@ def test_every_error_is_json(daemon):
         err = json.loads(raw)
         assert set(err) >= {"error", "message"} and err["message"]
         assert b"Traceback" not in raw and b"<html" not in raw.lower()
+        assert len(raw) < 400, raw[:200]
+        if body and body.startswith(b"[["):
+            assert err["field"] == "body" and "nested deeper than 32" in err["message"]
 
 
 # ---- node faults, as the API shows them ------------------------------------------------

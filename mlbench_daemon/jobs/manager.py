@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
+from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable, echo
 from mlbench_daemon.jobs.clock import Clock
 from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun_argv, node_row
 from mlbench_daemon.jobs.remote import Pool, Remote
@@ -248,7 +248,7 @@ class Jobs:
     def _record(self, job_id: Any) -> dict:
         rec = self.store.get(job_id) if isinstance(job_id, str) and job_id.isalnum() else None
         if rec is None:
-            raise NotFound(f"no job {job_id!r}")
+            raise NotFound(f"no job {echo(job_id)}")
         return rec
 
 
