@@ -23,7 +23,43 @@ def cluster_unavailable():
     return f"missing programs: {', '.join(missing)}" if missing else None
 
 
+# Fixtures that start something real: the namespace cluster, a daemon, a server on a port, a
+# DNS server, a container, a wheel build. A test using none of them, and not marked `cluster`
+# or `system` (root or system services without a fixture), is marked `logic`: the fast stage.
+HEAVY_FIXTURES = {
+    "cluster_session",
+    "cluster",
+    "make_cluster",
+    "start_daemon",
+    "daemon",
+    "standin",
+    "unused_port",
+    "dnsmasq",
+    "wheelhouse",
+    "box",
+}
+NOT_LOGIC_MARKS = ("cluster", "system")
+
+
+def heavy(item):
+    return bool(HEAVY_FIXTURES & set(item.fixturenames)) or any(
+        item.get_closest_marker(m) for m in NOT_LOGIC_MARKS
+    )
+
+
+def mark_logic(items):
+    """Mark every light test `logic`; a test marked `logic` by hand that is heavy is an error,
+    so `-m logic` and `-m "not logic"` split the suite: no test in both, none in neither."""
+    wrong = [i.nodeid for i in items if i.get_closest_marker("logic") and heavy(i)]
+    if wrong:
+        raise pytest.UsageError(f"marked logic but needs the cluster or a server: {wrong}")
+    for item in items:
+        if not heavy(item):
+            item.add_marker(pytest.mark.logic)
+
+
 def pytest_collection_modifyitems(config, items):
+    mark_logic(items)
     why = cluster_unavailable()
     if why and os.environ.get("MLBENCH_REQUIRE_CLUSTER"):
         raise pytest.UsageError(f"cluster tests required but cannot run: {why}")

@@ -332,6 +332,7 @@ def test_32_hosts_run_one_mpi_job(make_cluster):
     print(f"32-host cluster built in {built:.2f}s")
 
 
+@pytest.mark.cluster  # builds and tears down namespaces itself, without the fixture
 def test_teardown_and_leftover_cleanup(tmp_path):
     """A run killed before its teardown is cleaned by the next run's start."""
     script = (

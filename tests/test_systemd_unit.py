@@ -10,6 +10,7 @@ import pytest
 
 UNIT = pathlib.Path(__file__).parent.parent / "systemd" / "mlbench-daemon.service"
 ANALYZE = shutil.which("systemd-analyze")
+pytestmark = pytest.mark.system  # systemd-analyze and systemd-run: not the fast stage
 needs_analyze = pytest.mark.skipif(not ANALYZE, reason="systemd-analyze is not installed")
 
 
