@@ -83,35 +83,37 @@ exec {shutil.which("tail")} "$@"
 # --- the sync answer, streamed (no cluster) -----------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def one_store(tmp_path_factory):
+    """One store for every example: opening a store per example was most of the test's time."""
+    store = Store(tmp_path_factory.mktemp("streamed"))
+    yield store
+    store.close()
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     log=st.one_of(st.binary(max_size=64), st.text(max_size=40).map(str.encode)),
     chunk=st.integers(1, 9),
     master=st.one_of(st.none(), st.text(max_size=5)),
 )
-def test_streamed_sync_answer_is_the_json_of_the_whole_answer(log, chunk, master):
+def test_streamed_sync_answer_is_the_json_of_the_whole_answer(one_store, log, chunk, master):
     """Whatever the bytes (split UTF-8, invalid sequences, quotes, controls) and
     wherever the chunks split them, the streamed document is json.dumps of the
     job dict with the whole log decoded as "response"."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        store = Store(d)
-        try:
-            rec = store.create(command=["mpirun", "x"], env_names=["K"])
-            if master is not None:
-                rec = store.update(rec["id"], master_name=master)
-            append_log(store, rec["id"], log)
-            job = to_json(rec)
-            expect = {}
-            for k, v in job.items():
-                expect[k] = v
-                if k == "master_name":
-                    expect["response"] = log.decode("utf-8", errors="replace")
-            pieces = json_with_response(store, job, len(log), chunk)
-            assert b"".join(pieces) == json.dumps(expect).encode()
-        finally:
-            store.close()
+    store = one_store  # each example is a job of its own in it
+    rec = store.create(command=["mpirun", "x"], env_names=["K"])
+    if master is not None:
+        rec = store.update(rec["id"], master_name=master)
+    append_log(store, rec["id"], log)
+    job = to_json(rec)
+    expect = {}
+    for k, v in job.items():
+        expect[k] = v
+        if k == "master_name":
+            expect["response"] = log.decode("utf-8", errors="replace")
+    pieces = json_with_response(store, job, len(log), chunk)
+    assert b"".join(pieces) == json.dumps(expect).encode()
 
 
 # --- validation (no cluster) -------------------------------------------------------------
