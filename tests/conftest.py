@@ -3,7 +3,9 @@
 import http.client
 import json
 import os
+import pathlib
 import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -67,6 +69,44 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cluster" in item.fixturenames or "make_cluster" in item.fixturenames:
                 item.add_marker(pytest.mark.skip(reason=why))
+
+
+# Every daemon started as a process (tests/helpers.py `Served`) writes its stderr into this
+# directory, one file per start named after its test; at the session's end, a file holding a
+# "Traceback" fails the run, naming the test: at the default log level the daemon writes one
+# line per event (issue 19), so a traceback is a thread or a library printing on its own.
+def pytest_configure(config):
+    from tests.helpers import STDERR_DIR
+
+    if STDERR_DIR not in os.environ:
+        os.environ[STDERR_DIR] = tempfile.mkdtemp(prefix="mlbench-daemon-stderr-")
+        config._mlbench_stderr_dir = os.environ[STDERR_DIR]  # ours: removed when clean
+
+
+def tracebacks_in_daemon_stderr():
+    from tests.helpers import STDERR_DIR
+
+    where = pathlib.Path(os.environ[STDERR_DIR])
+    return sorted(f.name for f in where.glob("*.stderr") if b"Traceback" in f.read_bytes())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    found = tracebacks_in_daemon_stderr()
+    if found:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        session.config._mlbench_tracebacks = found
+    elif getattr(session.config, "_mlbench_stderr_dir", None):
+        shutil.rmtree(session.config._mlbench_stderr_dir, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from tests.helpers import STDERR_DIR
+
+    for name in getattr(config, "_mlbench_tracebacks", []):
+        terminalreporter.write_line(
+            f"FAILED a daemon's stderr holds a Traceback: {os.environ[STDERR_DIR]}/{name}",
+            red=True,
+        )
 
 
 @pytest.fixture(scope="session")

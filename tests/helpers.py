@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -132,6 +134,21 @@ def _serves(url: str) -> bool:
         return False
 
 
+STDERR_DIR = "MLBENCH_TEST_STDERR_DIR"  # set by tests/conftest.py for the session
+
+
+def stderr_file(config: Path) -> IO | None:
+    """A new file in $MLBENCH_TEST_STDERR_DIR named after the running test, for a daemon's
+    stderr; None outside pytest or for a daemon configured to log at debug (tracebacks
+    belong there)."""
+    where = os.environ.get(STDERR_DIR)
+    if not where or re.search(r'^level\s*=\s*"debug"', Path(config).read_text(), re.M):
+        return None
+    test = os.environ.get("PYTEST_CURRENT_TEST", "daemon").rpartition(" (")[0] or "daemon"
+    name = re.sub(r"[^\w.\[\]-]+", "_", test)[:150]
+    return open(Path(where) / f"{name}.{time.monotonic_ns()}.stderr", "wb")
+
+
 class Served:
     """`mlbench-daemon serve` as a subprocess: its config, state dir, port, URL and process."""
 
@@ -143,8 +160,14 @@ class Served:
 
     def start(self) -> subprocess.Popen:
         """Start the daemon (again, e.g. after a kill -9) on the same config -> the process;
-        does not wait for it."""
-        self.process = subprocess.Popen(serve_argv(self.config), cwd=ROOT, stderr=self.stderr)
+        does not wait for it.  Under pytest, a daemon whose stderr is not taken goes to a
+        file that tests/conftest.py checks for tracebacks at the session's end."""
+        stderr = self.stderr if self.stderr is not None else stderr_file(self.config)
+        try:
+            self.process = subprocess.Popen(serve_argv(self.config), cwd=ROOT, stderr=stderr)
+        finally:
+            if stderr is not self.stderr and stderr is not None:
+                stderr.close()  # the daemon has its own copy
         return self.process
 
     def kill_and_restart(self) -> subprocess.Popen:
