@@ -94,6 +94,8 @@ def cfg(port, service=SVC, **kw):
     values = dict(
         service=service, srv="_ssh._tcp", nameservers=[f"127.0.0.1:{port}"], namespace="default",
         selector="", refresh_s=10, timeout_s=2.0, recheck_s=0.0, label_rules=[],
+        negative_ttl_min_s=30.0, negative_ttl_max_s=600.0, negative_ttl_fallback_s=60.0,
+        max_txt_bytes=4096, max_txt_keys=64, max_label_value=128,
     )  # fmt: skip
     values.update(kw)
     return types.SimpleNamespace(**values)
