@@ -312,6 +312,7 @@ class Discovery:
         self._cache_lock = threading.Lock()
         self._members: dict[dns.name.Name, _Member] = {}  # SRV target -> its address state
         self._notes: dict[str, str] = {}  # node name -> its logged note
+        self._last_txt: dict[tuple[str, Any], dict[str, str]] = {}  # ("txt", host) -> labels
 
     def _cached(
         self, p: _Pass, key: tuple[str, Any], read: Callable[[], Any], fresh: Any = None
@@ -344,6 +345,8 @@ class Discovery:
                 del self._members[target]
             for name in self._notes.keys() - p.names:
                 del self._notes[name]
+            for key in self._last_txt.keys() - p.used:
+                del self._last_txt[key]
 
     def discover(self) -> tuple[list[Node], float]:
         """All members (unfiltered, natural order) and the shortest TTL of the answers used.
@@ -477,13 +480,20 @@ class Discovery:
 
     def _labels(self, p: _Pass, host: dns.name.Name | None, name: str) -> tuple[Labels, str]:
         """The node's labels (TXT within the caps, then the rules) and a note on the cap."""
-        txt = (
-            self._cached(p, ("txt", host), lambda: txt_labels(p.query(host, "TXT") or ()))
-            if host
-            else {}
-        )
+        txt, note = {}, ""
+        if host:
+            key = ("txt", host)
+            try:
+                txt = self._cached(p, key, lambda: txt_labels(p.query(host, "TXT") or ()))
+            except DiscoveryError as e:
+                if e.reason != DiscoveryReason.DNS_ERROR:
+                    raise
+                txt = self._last_txt.get(key, {})
+                note = f"TXT lookup failed ({e}); keeping its last labels"
+            self._last_txt[key] = txt
         c = self.cfg
-        labels, note = cap_labels(txt, c.max_txt_bytes, c.max_txt_keys, c.max_label_value)
+        labels, capped = cap_labels(txt, c.max_txt_bytes, c.max_txt_keys, c.max_label_value)
+        note = "; ".join(filter(None, (note, capped)))
         for rule in c.label_rules:
             if fnmatch.fnmatchcase(name, rule["match"]):
                 labels.update(rule["labels"])
