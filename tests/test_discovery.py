@@ -9,6 +9,7 @@ import subprocess
 import time
 import types
 
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.resolver
@@ -26,6 +27,7 @@ from mlbench_daemon.discovery import (
     Selector,
     namespace_of,
     natural_key,
+    negative_ttl,
 )
 
 DNSMASQ = "/usr/sbin/dnsmasq"
@@ -659,3 +661,18 @@ def test_a_60_kb_txt_record_is_capped_with_a_note(dnsmasq, tmp_path, caplog):
         "936 beyond 64 keys or 4096 bytes)"
     )
     assert len([r for r in caplog.records if "labels capped" in r.getMessage()]) == 1
+
+
+@pytest.mark.logic
+@pytest.mark.parametrize(
+    "authority, ttl",
+    [
+        ("ns. 3600 IN SOA ns. host. 1 7200 900 1209600 120", 120.0),  # MINIMUM < TTL
+        ("ns. 45 IN SOA ns. host. 1 7200 900 1209600 300", 45.0),  # TTL < MINIMUM
+        (None, None),  # no SOA (dnsmasq): the fallback applies
+    ],
+)
+def test_negative_ttl_is_the_smaller_of_soa_ttl_and_minimum(authority, ttl):
+    text = "id 1\nopcode QUERY\nrcode NXDOMAIN\nflags QR AA\n;QUESTION\nx.ns. IN A\n;AUTHORITY\n"
+    response = dns.message.from_text(text + (authority or ""))
+    assert negative_ttl(response) == ttl
