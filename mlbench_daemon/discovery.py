@@ -47,6 +47,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from mlbench_daemon import metrics
 from mlbench_daemon.config import parse_nameserver
 from mlbench_daemon.vocabulary import DiscoveryReason, checked
 
@@ -97,6 +98,7 @@ class Node:
     port: int
     namespace: str
     labels: Mapping[str, str] = Labels()  # TXT labels merged with config rules (rules win)
+    note: str = ""  # why discovery kept it partly: an address lookup error, capped labels
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, Labels):
@@ -223,6 +225,53 @@ def txt_labels(rdatas: Iterable[Any]) -> dict[str, str]:
     return labels
 
 
+def cap_labels(
+    labels: Mapping[str, str], max_bytes: int, max_keys: int, max_value: int
+) -> tuple[dict[str, str], str]:
+    """The labels within the caps (in the TXT order, so the first ones are kept) and a note
+    saying what was dropped ("" when nothing was)."""
+    kept: dict[str, str] = {}
+    size, long_values, over = 0, 0, 0
+    for key, value in labels.items():
+        if len(value) > max_value:
+            long_values += 1
+            continue
+        cost = len(f"{key}={value}".encode())
+        if len(kept) >= max_keys or size + cost > max_bytes:
+            over += 1
+            continue
+        kept[key] = value
+        size += cost
+    if not long_values and not over:
+        return kept, ""
+    parts = [f"{long_values} with a value over {max_value} characters"] if long_values else []
+    if over:
+        parts.append(f"{over} beyond {max_keys} keys or {max_bytes} bytes")
+    return kept, f"labels capped: dropped {long_values + over} of {len(labels)} TXT keys (" + (
+        "; ".join(parts) + ")"
+    )
+
+
+def negative_ttl(response: dns.message.Message | None) -> float | None:
+    """RFC 2308: how long a negative answer may be kept, the smaller of the SOA's TTL and
+    its MINIMUM field; None without an SOA in the authority section."""
+    for rrset in response.authority if response is not None else ():
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return float(min(rrset.ttl, rrset[0].minimum))
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    """An SRV target's address as last looked up."""
+
+    ip: str | None  # the last address it had (kept through a lookup error)
+    kind: str  # "ok", "nxdomain", "nodata", "dns-error"
+    note: str  # why it has no (fresh) address; "" when ok
+    due: float  # monotonic time of the next lookup while kind != "ok"
+    failures: int = 0  # consecutive lookup errors (backoff)
+
+
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 
@@ -261,6 +310,9 @@ class Discovery:
         self.recheck_s = cfg.recheck_s
         self._cache: dict[tuple[str, Any], tuple[Any, float]] = {}  # (kind, name) -> (value, due)
         self._cache_lock = threading.Lock()
+        self._members: dict[dns.name.Name, _Member] = {}  # SRV target -> its address state
+        self._notes: dict[str, str] = {}  # node name -> its logged note
+        self._last_txt: dict[tuple[str, Any], dict[str, str]] = {}  # ("txt", host) -> labels
 
     def _cached(
         self, p: _Pass, key: tuple[str, Any], read: Callable[[], Any], fresh: Any = None
@@ -289,13 +341,23 @@ class Discovery:
         with self._cache_lock:
             for key in self._cache.keys() - p.used:
                 del self._cache[key]
+            for target in self._members.keys() - p.targets:
+                del self._members[target]
+            for name in self._notes.keys() - p.names:
+                del self._notes[name]
+            for key in self._last_txt.keys() - p.used:
+                del self._last_txt[key]
 
     def discover(self) -> tuple[list[Node], float]:
         """All members (unfiltered, natural order) and the shortest TTL of the answers used.
 
-        Raises DiscoveryError. A member whose host name has no address is dropped with a
-        warning; a timeout or server failure on any other query fails the whole pass, so
-        the caller keeps its last good list rather than losing members to a flaky server.
+        Raises DiscoveryError. An SRV target whose name or address does not exist is
+        dropped, and its miss is kept per RFC 2308 (the SOA minimum within
+        `negative_ttl_min_s`..`negative_ttl_max_s`, else `negative_ttl_fallback_s`); a
+        server error on its address lookup keeps its last known address with a note (or
+        drops it when it never had one) and is retried with backoff. Each logs one line
+        per change of state. A timeout, or a server failure on any other query, fails the
+        whole pass, so the caller keeps its last good list.
         Safe to call from several threads: a pass keeps its state in a _Pass.
         """
         p = _Pass(self.resolver, time.monotonic() + self.cfg.timeout_s)
@@ -326,7 +388,16 @@ class Discovery:
                         kept,
                     )
                 continue
-            nodes[name] = Node(name, host, ip, port, self.namespace, self._labels(p, target, name))
+            labels, note = self._labels(p, target, name)
+            note = "; ".join(filter(None, (p.notes.get(target), note)))
+            p.names.add(name)
+            if self._notes.get(name, "") != note:
+                if note:
+                    log.warning("%s: node %s: %s", self.cfg.service, name, note)
+                else:
+                    log.info("%s: node %s: no note any more", self.cfg.service, name)
+                self._notes[name] = note
+            nodes[name] = Node(name, host, ip, port, self.namespace, labels, note)
         if not nodes:
             raise DiscoveryError(
                 DiscoveryReason.NO_MEMBERS,
@@ -342,15 +413,64 @@ class Discovery:
                 continue
             # an address in the SRV answer's additional section is free: it counts as a read
             extra = p.additional_address(rr.target, srv.response)
-            ip = self._cached(
-                p, ("addr", rr.target), functools.partial(p.query_address, rr.target), fresh=extra
-            )
+            ip = self._member_address(p, rr.target, extra)
             if ip is None:
-                log.warning(
-                    "%s: SRV target %s has no A/AAAA record; skipped", self.srv_name, rr.target
-                )
                 continue
             yield rr.target, ip, rr.port
+
+    def _member_address(self, p: _Pass, target: dns.name.Name, extra: str | None) -> str | None:
+        """target's address (None: none known), read through the caches; a miss or a lookup
+        error is kept until its due time, and logged once per change of state."""
+        p.targets.add(target)
+        now = time.monotonic()
+        with self._cache_lock:
+            old = self._members.get(target)
+        if extra is None and old is not None and old.kind != "ok" and now < old.due:
+            p.used.add(("addr", target))
+            if old.ip is not None:
+                p.notes[target] = old.note
+            return old.ip
+        cfg = self.cfg
+        try:
+            ip = self._cached(
+                p, ("addr", target), functools.partial(p.query_address, target), fresh=extra
+            )
+        except DiscoveryError as e:
+            if e.reason != DiscoveryReason.DNS_ERROR:
+                raise
+            failures = old.failures + 1 if old is not None and old.kind == "dns-error" else 1
+            delay = min(cfg.negative_ttl_min_s * 2 ** min(failures - 1, 30), cfg.negative_ttl_max_s)
+            last = old.ip if old is not None else None
+            note = f"address lookup failed ({e}); " + (
+                f"keeping its last address {last}" if last else "not joined"
+            )
+            new = _Member(last, "dns-error", note, now + delay, failures)
+        else:
+            if ip is not None:
+                new = _Member(ip, "ok", "", 0.0)
+            else:
+                kind = "nxdomain" if target in p.nxdomain else "nodata"
+                ttl = p.negative_ttl(target)
+                delay = (
+                    cfg.negative_ttl_fallback_s
+                    if ttl is None
+                    else min(max(ttl, cfg.negative_ttl_min_s), cfg.negative_ttl_max_s)
+                )
+                what = "does not exist" if kind == "nxdomain" else "has no A/AAAA record"
+                new = _Member(None, kind, f"{what}; skipped", now + delay)
+        if new.kind != "ok":
+            metrics.dns_member_misses_total.labels(new.kind).inc()
+        was = (old.kind, old.note) if old is not None else ("ok", "")
+        if was != (new.kind, new.note):
+            if new.kind == "ok":
+                log.info("%s: SRV target %s has an address again", self.srv_name, target)
+            else:
+                log.warning("%s: SRV target %s %s", self.srv_name, target, new.note)
+        with self._cache_lock:
+            self._members[target] = new
+        if new.kind == "dns-error" and new.ip is not None:
+            p.notes[target] = new.note
+        return new.ip
 
     def _address_members(self, p: _Pass, addresses: list[str]) -> Iterable[tuple[Any, ...]]:
         """(PTR name or None, ip, ssh port) per address of the service."""
@@ -358,16 +478,26 @@ class Discovery:
             name = self._cached(p, ("ptr", ip), functools.partial(_ptr_name, p, ip))
             yield (name or None), ip, self.ssh_port
 
-    def _labels(self, p: _Pass, host: dns.name.Name | None, name: str) -> Labels:
-        labels = (
-            dict(self._cached(p, ("txt", host), lambda: txt_labels(p.query(host, "TXT") or ())))
-            if host
-            else {}
-        )
-        for rule in self.cfg.label_rules:
+    def _labels(self, p: _Pass, host: dns.name.Name | None, name: str) -> tuple[Labels, str]:
+        """The node's labels (TXT within the caps, then the rules) and a note on the cap."""
+        txt, note = {}, ""
+        if host:
+            key = ("txt", host)
+            try:
+                txt = self._cached(p, key, lambda: txt_labels(p.query(host, "TXT") or ()))
+            except DiscoveryError as e:
+                if e.reason != DiscoveryReason.DNS_ERROR:
+                    raise
+                txt = self._last_txt.get(key, {})
+                note = f"TXT lookup failed ({e}); keeping its last labels"
+            self._last_txt[key] = txt
+        c = self.cfg
+        labels, capped = cap_labels(txt, c.max_txt_bytes, c.max_txt_keys, c.max_label_value)
+        note = "; ".join(filter(None, (note, capped)))
+        for rule in c.label_rules:
             if fnmatch.fnmatchcase(name, rule["match"]):
                 labels.update(rule["labels"])
-        return Labels(labels)
+        return Labels(labels), note
 
 
 def _ptr_name(p: _Pass, ip: str) -> dns.name.Name | str:
@@ -386,6 +516,10 @@ class _Pass:
         self.ttl = float("inf")
         self.nxdomain: set[dns.name.Name] = set()
         self.used: set[tuple] = set()
+        self.targets: set[dns.name.Name] = set()  # SRV targets seen
+        self.names: set[str] = set()  # node names seen
+        self.notes: dict[dns.name.Name, str] = {}  # SRV target -> note on its address
+        self.negative: dict[dns.name.Name, list[float | None]] = {}  # name -> negative TTLs
 
     def query(
         self, name: dns.name.Name, rdtype: str, optional: bool = False
@@ -402,10 +536,13 @@ class _Pass:
             )
         try:
             answer = self.resolver.resolve(name, rdtype, search=False, lifetime=remaining)
-        except dns.resolver.NXDOMAIN:
+        except dns.resolver.NXDOMAIN as e:
             self.nxdomain.add(name)
+            responses = e.responses()
+            self._negative(name, responses.get(name) or next(iter(responses.values()), None))
             return None
-        except dns.resolver.NoAnswer:
+        except dns.resolver.NoAnswer as e:
+            self._negative(name, e.response())
             return None
         except dns.exception.Timeout:
             raise DiscoveryError(
@@ -421,6 +558,14 @@ class _Pass:
         if answer.rrset is not None:
             self.ttl = min(self.ttl, answer.rrset.ttl)
         return answer
+
+    def _negative(self, name: dns.name.Name, response: dns.message.Message | None) -> None:
+        self.negative.setdefault(name, []).append(negative_ttl(response))
+
+    def negative_ttl(self, name: dns.name.Name) -> float | None:
+        """The shortest negative TTL of name's answers; None when one had no SOA."""
+        ttls = self.negative.get(name, [None])
+        return None if None in ttls else min(t for t in ttls if t is not None)
 
     def additional_address(self, host: dns.name.Name, response: dns.message.Message) -> str | None:
         """host's first IPv4 (else IPv6) address from the additional section of `response`."""

@@ -16,6 +16,9 @@ mlbench_daemon_ssh_reconnects_total    counter    -               ssh (each new 
                                                                   the first to a host)
 mlbench_daemon_http_requests_total     counter    route, method,  api (route = the route pattern,
                                                   status          not the raw path)
+mlbench_daemon_dns_member_misses_total counter    reason          discovery (each SRV target's
+                                                                  address lookup that found none:
+                                                                  nxdomain, nodata, dns-error)
 =====================================  =========  ==============  ================================
 
 ``render()`` gives the exposition text and its content type for ``GET /metrics``.
@@ -72,6 +75,13 @@ http_requests_total = Counter(
     "http_requests",
     "HTTP requests served",
     ["route", "method", "status"],
+    namespace=_NS,
+    registry=REGISTRY,
+)
+dns_member_misses_total = Counter(
+    "dns_member_misses",
+    "SRV targets' address lookups that found no address, by reason (cached misses not counted)",
+    ["reason"],
     namespace=_NS,
     registry=REGISTRY,
 )

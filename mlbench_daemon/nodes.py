@@ -114,6 +114,7 @@ class NodeStatus:
             "last_probe": iso(self.last_probe),
             "latency_ms": self.latency_ms,
             "hostname": self.hostname,
+            "discovery_note": n.note,
         }
 
 

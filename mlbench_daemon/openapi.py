@@ -278,6 +278,7 @@ SCHEMAS = {
             "last_probe",
             "latency_ms",
             "hostname",
+            "discovery_note",
         ],
         "properties": {
             "name": {"type": "string", "description": "First label of the host name, else the IP."},
@@ -308,6 +309,12 @@ SCHEMAS = {
                 "type": ["string", "null"],
                 "description": "The node's `uname -n`, asked once per SSH connection "
                 "(failure attribution maps the host names a launcher prints through it).",
+            },
+            "discovery_note": {
+                "type": "string",
+                "description": "Empty, or why discovery kept this node partly: its address "
+                "lookup failed (REFUSED, SERVFAIL) and it keeps its last address, or its TXT "
+                "labels were over the caps and some were dropped (named).",
             },
         },
     },

@@ -9,6 +9,7 @@ import subprocess
 import time
 import types
 
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.resolver
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mlbench_daemon import metrics
 from mlbench_daemon.config import parse_nameserver
 from mlbench_daemon.discovery import (
     Discovery,
@@ -25,6 +27,7 @@ from mlbench_daemon.discovery import (
     Selector,
     namespace_of,
     natural_key,
+    negative_ttl,
 )
 
 DNSMASQ = "/usr/sbin/dnsmasq"
@@ -94,6 +97,8 @@ def cfg(port, service=SVC, **kw):
     values = dict(
         service=service, srv="_ssh._tcp", nameservers=[f"127.0.0.1:{port}"], namespace="default",
         selector="", refresh_s=10, timeout_s=2.0, recheck_s=0.0, label_rules=[],
+        negative_ttl_min_s=30.0, negative_ttl_max_s=600.0, negative_ttl_fallback_s=60.0,
+        max_txt_bytes=4096, max_txt_keys=64, max_label_value=128,
     )  # fmt: skip
     values.update(kw)
     return types.SimpleNamespace(**values)
@@ -511,3 +516,170 @@ def test_recheck_s_keeps_members_records_between_passes(dnsmasq, tmp_path):
     assert [n.labels for n in cached.discover()[0]] == [{"v": "1"}, {"v": "2"}]
     time.sleep(1.0)
     assert [n.labels for n in cached.discover()[0]] == [{"v": "2"}, {"v": "2"}]
+
+
+# --- misses, per-member errors, capped labels (issue 19) -------------------------------
+
+GHOSTS = 200
+
+
+def ghost_records(domain):
+    return [f"--srv-host={SRV},ghost-{i}.{domain},22" for i in range(GHOSTS)]
+
+
+def real_records(tmp_path, n=5, extra=()):
+    names = [f"w-{i}" for i in range(1, n + 1)] + list(extra)
+    srv = [f"--srv-host={SRV},{name}.{SVC},22" for name in names]
+    hosts = [f"127.77.1.{i + 1} {name}.{SVC}" for i, name in enumerate(names)]
+    return [*srv, hosts_file(tmp_path, *hosts)]
+
+
+def cpu_of_passes(d, passes, repeats=3, work=None):
+    """The least CPU time of `repeats` runs of `passes` passes (the least: other work on a
+    loaded machine only adds), and the last pass's nodes; `work` instead of a pass."""
+    times, nodes = [], None
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(passes):
+            if work is None:
+                nodes, _ = d.discover()
+            else:
+                work()
+        times.append(time.process_time() - start)
+    return min(times), nodes
+
+
+def point_at(d, port):
+    d.resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", port)]
+
+
+@pytest.mark.parametrize(
+    "domain, kind",
+    [(SVC, "nxdomain"), ("ghosts.elsewhere.test", "dns-error")],  # out of zone: REFUSED
+)
+def test_ghost_members_are_kept_logged_once_and_cost_little(
+    dnsmasq, tmp_path, caplog, domain, kind
+):
+    """200 ghost SRV targets and 5 real ones: the real ones join, each ghost logs one line
+    and is asked once (its miss is kept), a pass costs at most 2x a pass of the 5 members
+    plus reading the 205-target list, and a new real member joins on the next pass."""
+    base_port = dnsmasq(*real_records(tmp_path))
+    port = dnsmasq(*real_records(tmp_path), *ghost_records(domain))
+    baseline = Discovery(cfg(base_port))
+    d = Discovery(cfg(port))
+    for x in (baseline, d):
+        x.discover()  # warm up: first lookups
+    caplog.clear()
+    before = metrics.dns_member_misses_total.labels(kind)._value.get()
+    with caplog.at_level(logging.INFO, logger="mlbench_daemon.discovery"):
+        _, nodes = cpu_of_passes(d, 1)
+        assert [n.name for n in nodes] == [f"w-{i}" for i in range(1, 6)]
+        base_cpu, _ = cpu_of_passes(baseline, 10)
+        # reading the 205-target member list is the same with ghosts or real members
+        # (dnspython's parse of it is most of a pass): the baseline includes it
+        srv = dns.name.from_text(SRV)
+        list_cpu, _ = cpu_of_passes(d, 10, work=lambda: d.resolver.resolve(srv, "SRV"))
+        ghost_cpu, nodes = cpu_of_passes(d, 10)
+    assert ghost_cpu <= 2 * (base_cpu + list_cpu), (ghost_cpu, base_cpu, list_cpu)
+    assert [n.name for n in nodes] == [f"w-{i}" for i in range(1, 6)]
+    assert all(n.note == "" for n in nodes)
+    lines = [r.getMessage() for r in caplog.records]
+    assert not any("ghost-" in line for line in lines)  # the warm-up logged them; not again
+    # the passes after the first ask nothing of the ghosts: a miss is counted once per lookup
+    assert metrics.dns_member_misses_total.labels(kind)._value.get() == before
+    # a new real member joins on the next pass
+    new_port = dnsmasq(*real_records(tmp_path, extra=["w-new"]), *ghost_records(domain))
+    point_at(d, new_port)
+    assert "w-new" in [n.name for n in d.discover()[0]]
+
+
+def test_each_ghost_logs_one_line_per_change(dnsmasq, tmp_path, caplog):
+    port = dnsmasq(*real_records(tmp_path), *ghost_records(SVC))
+    d = Discovery(cfg(port, negative_ttl_fallback_s=0.0, negative_ttl_min_s=0.0))
+    with caplog.at_level(logging.INFO, logger="mlbench_daemon.discovery"):
+        for _ in range(3):  # the misses expire at once: every pass asks again
+            d.discover()
+    ghost_lines = [r.getMessage() for r in caplog.records if "ghost-" in r.getMessage()]
+    assert len(ghost_lines) == GHOSTS, ghost_lines[:3]
+    assert all("does not exist" in line for line in ghost_lines)
+
+
+def test_nxdomain_is_kept_for_the_fallback_ttl_then_asked_again(dnsmasq, tmp_path):
+    """dnsmasq's NXDOMAIN has no SOA: kept negative_ttl_fallback_s."""
+    port = dnsmasq(*real_records(tmp_path, n=1), f"--srv-host={SRV},late.{SVC},22")
+    d = Discovery(cfg(port, negative_ttl_fallback_s=1.0, negative_ttl_min_s=30.0))
+    assert [n.name for n in d.discover()[0]] == ["w-1"]
+    # --address: not in the SRV answer's additional section, so only a lookup finds it
+    late = dnsmasq(
+        *real_records(tmp_path, n=1),
+        f"--srv-host={SRV},late.{SVC},22",
+        f"--address=/late.{SVC}/127.77.0.9",
+    )
+    point_at(d, late)
+    assert [n.name for n in d.discover()[0]] == ["w-1"]  # the miss is still kept
+    time.sleep(1.2)
+    assert [n.name for n in d.discover()[0]] == ["late", "w-1"]
+
+
+def test_refused_member_keeps_its_address_with_a_note_then_recovers(dnsmasq, tmp_path, caplog):
+    """A member whose address lookup is refused keeps its last address, with a note, and
+    the others still join and leave; once answered again, the note goes."""
+    keep = "keep.other.test"  # served by the first server only: the others refuse it
+    with_keep = [
+        f"--srv-host={SRV},{keep},22",
+        "--local=/other.test/",
+        hosts_file(tmp_path, f"127.77.2.1 {keep}"),
+    ]
+    good = dnsmasq(*real_records(tmp_path, n=2), *with_keep)
+    d = Discovery(cfg(port=good, negative_ttl_min_s=0.0))
+    nodes = {n.name: n for n in d.discover()[0]}
+    assert nodes["keep"].ip == "127.77.2.1" and nodes["keep"].note == ""
+    refusing = dnsmasq(*real_records(tmp_path, n=3), f"--srv-host={SRV},{keep},22")
+    point_at(d, refusing)
+    with caplog.at_level(logging.INFO, logger="mlbench_daemon.discovery"):
+        nodes = {n.name: n for n in d.discover()[0]}
+        again = {n.name: n for n in d.discover()[0]}
+    assert sorted(nodes) == ["keep", "w-1", "w-2", "w-3"]  # w-3 joined all the same
+    assert nodes["keep"].ip == "127.77.2.1"
+    assert "REFUSED" in nodes["keep"].note and "keeping its last address" in nodes["keep"].note
+    assert again == nodes
+    keep_lines = [r.getMessage() for r in caplog.records if "keep" in r.getMessage()]
+    assert len(keep_lines) == 2, keep_lines  # the target's state, the node's note: once each
+    back = dnsmasq(*real_records(tmp_path, n=2), *with_keep)
+    point_at(d, back)
+    time.sleep(0.1)
+    nodes = {n.name: n for n in d.discover()[0]}
+    assert nodes["keep"].note == "" and sorted(nodes) == ["keep", "w-1", "w-2"]  # w-3 left
+
+
+def test_a_60_kb_txt_record_is_capped_with_a_note(dnsmasq, tmp_path, caplog):
+    strings = [f"key{i}={'v' * 50}" for i in range(1000)] + ["long=" + "x" * 200]
+    port = dnsmasq(*real_records(tmp_path, n=1), f"--txt-record=w-1.{SVC},{','.join(strings)}")
+    d = Discovery(cfg(port, label_rules=[{"match": "w-*", "labels": {"rule": "yes"}}]))
+    with caplog.at_level(logging.INFO, logger="mlbench_daemon.discovery"):
+        (node,), _ = d.discover()
+        (again,), _ = d.discover()
+    assert again == node
+    assert len(node.labels) == 65 and node.labels["rule"] == "yes"  # 64 TXT keys + the rule
+    assert "long" not in node.labels
+    assert sum(len(f"{k}={v}") for k, v in node.labels.items() if k != "rule") <= 4096
+    assert node.note == (
+        "labels capped: dropped 937 of 1001 TXT keys (1 with a value over 128 characters; "
+        "936 beyond 64 keys or 4096 bytes)"
+    )
+    assert len([r for r in caplog.records if "labels capped" in r.getMessage()]) == 1
+
+
+@pytest.mark.logic
+@pytest.mark.parametrize(
+    "authority, ttl",
+    [
+        ("ns. 3600 IN SOA ns. host. 1 7200 900 1209600 120", 120.0),  # MINIMUM < TTL
+        ("ns. 45 IN SOA ns. host. 1 7200 900 1209600 300", 45.0),  # TTL < MINIMUM
+        (None, None),  # no SOA (dnsmasq): the fallback applies
+    ],
+)
+def test_negative_ttl_is_the_smaller_of_soa_ttl_and_minimum(authority, ttl):
+    text = "id 1\nopcode QUERY\nrcode NXDOMAIN\nflags QR AA\n;QUESTION\nx.ns. IN A\n;AUTHORITY\n"
+    response = dns.message.from_text(text + (authority or ""))
+    assert negative_ttl(response) == ttl

@@ -82,7 +82,9 @@ def test_to_json_shape(cluster, tmp_path):
         "last_probe",
         "latency_ms",
         "hostname",
+        "discovery_note",
     ]
+    assert j["discovery_note"] == ""
     assert j["name"] == h.name and j["ip"] == h.ip and j["phase"] == "Running"
     # each test host has its own host name (its UTS namespace): the one asked at connect
     assert j["hostname"] == cluster.ssh(h, ["uname", "-n"]).stdout.strip() == h.name
