@@ -34,8 +34,8 @@ from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.jobs.preflight import Preflight
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
-from mlbench_daemon.store import Store
-from mlbench_daemon.vocabulary import JobState, Phase
+from mlbench_daemon.store import Store, StoreError, read_only_fs
+from mlbench_daemon.vocabulary import JobState, Phase, StoreReason
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,15 @@ class Daemon:
             raise StartupError(str(e)) from None
         try:
             self.store = Store(cfg.state.dir)
+            self.store.probe_write()  # a read-only or unwritable store refuses to start
+        except StoreError as e:
+            raise StartupError(f"state.dir: {e}") from None
         except (OSError, sqlite3.Error) as e:
+            if read_only_fs(cfg.state.dir):  # SQLite cannot even open a WAL database there
+                raise StartupError(
+                    f"state.dir: cannot write {cfg.state.dir}: read-only file system"
+                    f" ({StoreReason.READ_ONLY})"
+                ) from None
             raise StartupError(
                 f"state.dir: cannot use {cfg.state.dir}: {getattr(e, 'strerror', None) or e}"
             ) from None

@@ -28,6 +28,7 @@ they are older than ``state.keep_days`` or while the logs together take more tha
 finished in the last ``KEEP_RECENT_S`` stays so a client can still read its end.
 """
 
+import errno
 import json
 import os
 import secrets
@@ -36,7 +37,7 @@ import threading
 import time
 from typing import Any, BinaryIO
 
-from mlbench_daemon.vocabulary import FINAL_STATES, JobState
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState, StoreReason
 
 KEEP_RECENT_S = 600.0  # prune() never removes a job that finished less than this ago
 
@@ -45,7 +46,49 @@ Record = dict[str, Any]  # one job: the columns of COLUMNS, JSON columns decoded
 Records = list[Record]
 Ids = list[str]
 LOG_CHUNK_MAX = 1 << 20  # the most bytes of a log read at once (and per /logs answer)
-__all__ = ["COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "Store"]
+__all__ = ["COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "Store", "StoreError"]
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+_SQLITE_FULL, _SQLITE_READONLY = 13, 8  # primary result codes (low byte of the extended one)
+
+
+def store_reason(exc: BaseException) -> StoreReason:
+    """Why a write to the state dir failed: disk full, read-only, or another write error."""
+    if isinstance(exc, OSError):
+        if exc.errno in _FULL_ERRNOS:
+            return StoreReason.DISK_FULL
+        if exc.errno in _READ_ONLY_ERRNOS:
+            return StoreReason.READ_ONLY
+    elif isinstance(exc, sqlite3.Error):
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        text = str(exc).lower()
+        if code == _SQLITE_FULL or "disk is full" in text:
+            return StoreReason.DISK_FULL
+        if code == _SQLITE_READONLY or "readonly" in text or "read-only" in text:
+            return StoreReason.READ_ONLY
+    return StoreReason.WRITE_FAILED
+
+
+def read_only_fs(path: str) -> bool:
+    """Whether `path` (or the nearest existing parent) is on a read-only filesystem."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+class StoreError(Exception):
+    """A write to the state dir failed: the `path` written, the `reason`, the `cause` (one line)."""
+
+    def __init__(self, path: str, exc: BaseException) -> None:
+        self.path = path
+        self.reason = store_reason(exc)
+        self.cause = (getattr(exc, "strerror", None) or str(exc)).splitlines()[0]
+        super().__init__(f"cannot write {path}: {self.cause} ({self.reason})")
+
 
 COLUMNS = (
     "id",
@@ -132,6 +175,32 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def probe_write(self) -> None:
+        """Write to the database and to the logs dir once; StoreError if either fails.
+
+        The database: ``user_version`` set to its own value, a committed write of the
+        header page that changes nothing.  The logs dir: a small file written, synced
+        and removed.  SQLite opens a database it cannot write read-only without a word,
+        so only a write shows a read-only filesystem or file."""
+        db_path = os.path.join(self.dir, "jobs.sqlite3")
+        try:
+            with self._lock:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                self._db.execute(f"PRAGMA user_version = {int(version)}")
+        except sqlite3.Error as e:
+            raise StoreError(db_path, e) from None
+        probe = os.path.join(self.logs, f".write-probe-{os.getpid()}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"probe\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as e:
+            raise StoreError(self.logs, e) from None
 
     # --- records
 
