@@ -241,6 +241,7 @@ class Daemon:
         interval = sdnotify.watchdog_interval()
         every = interval / 2 if interval else STATUS_EVERY_S
         while not self._stop.wait(every):
+            self._probe_store()
             healthy = self.registry.alive() and self._http_alive(http_thread)
             message = f"STATUS={self.status()}"
             if interval and healthy:
@@ -251,6 +252,20 @@ class Daemon:
                     self.registry.alive(),
                 )
             self._notify(message)
+
+    def _probe_store(self) -> None:
+        """Write to the store once: a store that became read-only (or full) makes the
+        daemon degraded (/healthz, POSTs refused) until a write succeeds; one log line per
+        change."""
+        before = self.store.fault
+        try:
+            self.store.probe_write()
+        except StoreError as e:
+            if before is None or before.reason != e.reason:
+                log.error("state.dir: %s; degraded until it can be written", e)
+            return
+        if before is not None:
+            log.warning("state.dir: writable again (was %s)", before.reason)
 
     def status(self) -> str:
         """One line: '3/4 nodes Running, 1 job running'."""

@@ -85,6 +85,7 @@ class StoreError(Exception):
 
     def __init__(self, path: str, exc: BaseException) -> None:
         self.path = path
+        self.since = time.time()
         self.reason = store_reason(exc)
         self.cause = (getattr(exc, "strerror", None) or str(exc)).splitlines()[0]
         super().__init__(f"cannot write {path}: {self.cause} ({self.reason})")
@@ -157,6 +158,7 @@ class Store:
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._last_ms = 0
+        self.fault: StoreError | None = None  # the last write's failure; None once one succeeds
         self._db = sqlite3.connect(
             os.path.join(state_dir, "jobs.sqlite3"),
             check_same_thread=False,
@@ -183,13 +185,9 @@ class Store:
         header page that changes nothing.  The logs dir: a small file written, synced
         and removed.  SQLite opens a database it cannot write read-only without a word,
         so only a write shows a read-only filesystem or file."""
-        db_path = os.path.join(self.dir, "jobs.sqlite3")
-        try:
-            with self._lock:
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                self._db.execute(f"PRAGMA user_version = {int(version)}")
-        except sqlite3.Error as e:
-            raise StoreError(db_path, e) from None
+        with self._lock:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            self._write(f"PRAGMA user_version = {int(version)}", ())
         probe = os.path.join(self.logs, f".write-probe-{os.getpid()}")
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -200,7 +198,21 @@ class Store:
                 os.close(fd)
                 os.unlink(probe)
         except OSError as e:
-            raise StoreError(self.logs, e) from None
+            self.fault = StoreError(self.logs, e)
+            raise self.fault from None
+        self.fault = None
+
+    def _write(self, sql: str, params: Any) -> None:
+        """One committed write (the caller holds the lock); records or clears ``fault``.
+
+        A failed write raises StoreError naming the database, the cause and the reason."""
+        try:
+            self._db.execute(sql, params)
+        except sqlite3.Error as e:
+            self.fault = StoreError(os.path.join(self.dir, "jobs.sqlite3"), e)
+            raise self.fault from None
+        if self.fault and self.fault.path != self.logs:
+            self.fault = None
 
     # --- records
 
@@ -215,7 +227,7 @@ class Store:
                 )  # strictly increasing
                 fields["id"] = f"{self._last_ms:012x}{secrets.token_hex(4)}"
             names = list(fields)
-            self._db.execute(
+            self._write(
                 f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                 [self._encode(k, fields[k]) for k in names],
             )
@@ -226,7 +238,7 @@ class Store:
         self._check(fields)
         if fields:
             with self._lock:
-                self._db.execute(
+                self._write(
                     f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                     [self._encode(k, v) for k, v in fields.items()] + [job_id],
                 )
