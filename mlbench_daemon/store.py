@@ -70,14 +70,20 @@ def store_reason(exc: BaseException) -> StoreReason:
     return StoreReason.WRITE_FAILED
 
 
-def read_only_fs(path: str) -> bool:
-    """Whether `path` (or the nearest existing parent) is on a read-only filesystem."""
+def fs_fault(path: str) -> StoreReason | None:
+    """Whether the filesystem of `path` (or of its nearest existing parent) is read-only
+    or full; None if neither (or unknown)."""
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        st = os.statvfs(path)
     except OSError:
-        return False
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return StoreReason.READ_ONLY
+    if st.f_bavail == 0:
+        return StoreReason.DISK_FULL
+    return None
 
 
 class StoreError(Exception):

@@ -618,7 +618,7 @@ def _good_state(tmp_path, wal_left):
         # a write fails (the repro, which started as healthy)
         ("db-wal", "cannot write {state}/jobs.sqlite3: attempt to write a readonly database"),
         # a cleanly closed database: SQLite cannot even open it
-        ("db-clean", "cannot write {state}: read-only file system"),
+        ("db-clean", "cannot write {state}: the file system is read-only"),
         # the database is fine, the logs dir is not
         ("logs", "cannot write {state}/logs: Read-only file system"),
     ],
@@ -640,3 +640,31 @@ def test_serve_refuses_a_read_only_store(tmp_path, unused_port, what, expected):
     line = "mlbench-daemon: state.dir: " + expected.format(state=state) + " (state-read-only)\n"
     assert err == line, err
     assert sorted(os.listdir(state / "logs")) == []  # no probe file left behind
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_serve_refuses_a_full_store(tmp_path, unused_port):
+    state = _good_state(tmp_path, wal_left=False)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    try:
+        subprocess.run(["cp", "-a", f"{state}/.", str(full)], check=True)
+        with open(full / "filler", "wb", buffering=0) as f:  # fill it up
+            with pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        config = _serve_config(tmp_path, unused_port)
+        config.write_text(config.read_text().replace(str(state), str(full)))
+        proc = _serve(config)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
+    assert proc.returncode == 2, err
+    assert err.startswith(f"mlbench-daemon: state.dir: cannot write {full}"), err
+    assert err.count("\n") == 1, err
+    assert err.endswith("(state-disk-full)\n"), err
