@@ -24,15 +24,17 @@ from mlbench_daemon.browser import Policy, is_json
 from mlbench_daemon.errors import (
     ApiError,
     BadRequest,
+    InsufficientStorage,
     NotFound,
     PayloadTooLarge,
     TooManyStreams,
     Unauthorized,
+    Unavailable,
     cut,
     echo,
 )
-from mlbench_daemon.store import LOG_CHUNK_MAX
-from mlbench_daemon.vocabulary import Phase
+from mlbench_daemon.store import LOG_CHUNK_MAX, StoreError
+from mlbench_daemon.vocabulary import Phase, StoreReason
 
 if TYPE_CHECKING:  # api.py is given these; it imports none of them
     from mlbench_daemon.jobs import Jobs
@@ -347,12 +349,23 @@ def make_app(
         bottle.response.content_type = JSON
         return cached[1]
 
+    def refuse_if_store_fault() -> None:
+        """507 (disk full) or 503 (read-only, other) naming the reason: nothing new can be
+        recorded."""
+        fault = jobs.store.fault
+        if fault is None:
+            return
+        cls = InsufficientStorage if fault.reason == StoreReason.DISK_FULL else Unavailable
+        raise cls(f"the daemon's state dir cannot be written ({fault.reason})", error=fault.reason)
+
     @app.get("/healthz")
     def healthz() -> str:
         nodes = registry.nodes()
+        fault = jobs.store.fault  # only the reason: no path or error text without a token
         return _json(
             {
-                "status": "ok",
+                "status": "degraded" if fault else "ok",
+                **({"reason": fault.reason} if fault else {}),
                 "nodes": len(nodes),
                 "running": sum(1 for n in nodes if n.phase == Phase.RUNNING),
                 "discovery_stale": registry.stale,
@@ -362,6 +375,8 @@ def make_app(
 
     @app.get("/metrics")
     def prometheus() -> bytes:
+        fault = jobs.store.fault
+        metrics.set_state_fault(fault.reason if fault else None)
         metrics.set_gauges(registry.nodes(), jobs.counts())
         body, content_type = metrics.render()
         bottle.response.content_type = content_type
@@ -375,11 +390,16 @@ def make_app(
     @app.post("/api/mpi_jobs")
     def submit() -> str | _Held:
         body = _body(max_body_bytes)
+        refuse_if_store_fault()
         wait = (body or {}).get("wait", True)
         if wait is True:
             streams.take()  # before the job exists: a refused request leaves nothing behind
         try:
-            job = jobs.submit(body)  # validates every field, `wait` included
+            try:
+                job = jobs.submit(body)  # validates every field, `wait` included
+            except StoreError:
+                refuse_if_store_fault()  # the fault this write just met
+                raise
             if wait is not True:
                 bottle.response.set_header("Location", f"/api/mpi_jobs/{job['id']}")
                 return _json(job, 202)

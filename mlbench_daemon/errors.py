@@ -73,5 +73,10 @@ class Unavailable(ApiError):
     error = "unavailable"
 
 
+class InsufficientStorage(ApiError):
+    status = 507
+    error = "insufficient-storage"
+
+
 class TooManyStreams(Unavailable):
     error = "too-many-streams"

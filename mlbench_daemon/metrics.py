@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from mlbench_daemon.vocabulary import JobState, Phase
+from mlbench_daemon.vocabulary import JobState, Phase, StoreReason
 
 if TYPE_CHECKING:  # nodes imports nothing of this module; only the type is needed
     from mlbench_daemon.nodes import NodeStatus
@@ -93,6 +93,21 @@ def observe_probe(status: NodeStatus) -> None:
         probe_latency_seconds.observe(status.latency_ms / 1000)
     elif status.phase in (Phase.UNKNOWN, Phase.FAILED):
         probe_failures_total.labels(status.reason).inc()
+
+
+state_fault = Gauge(
+    "state_fault",
+    "1 while the state dir cannot be written, by reason",
+    ["reason"],
+    namespace=_NS,
+    registry=REGISTRY,
+)
+
+
+def set_state_fault(reason: str | None) -> None:
+    """The store's current fault (None: writable), at scrape time."""
+    for r in StoreReason:
+        state_fault.labels(r).set(1 if r == reason else 0)
 
 
 def set_gauges(nodes: Iterable[NodeStatus], job_counts: Mapping[str, int]) -> None:

@@ -18,7 +18,14 @@ from mlbench_daemon import __version__
 from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
 from mlbench_daemon.jobs.failure import KINDS as FAILURE_KINDS
 from mlbench_daemon.jobs.preflight import CHECKS
-from mlbench_daemon.vocabulary import JobReason, JobState, NodeReason, Phase, SSHReason
+from mlbench_daemon.vocabulary import (
+    JobReason,
+    JobState,
+    NodeReason,
+    Phase,
+    SSHReason,
+    StoreReason,
+)
 
 _REF = "#/components/schemas/"
 Schema = dict[str, Any]  # a piece of the OpenAPI document
@@ -188,8 +195,10 @@ _SUBMIT_OP: Schema = {
             "503": _error(
                 "No `Running` node matches the selector (`unavailable`); or, with `wait` true, "
                 "`server.max_streams` long requests are open already (`too-many-streams`, and no "
-                "job is made)."
+                "job is made); or the state dir is read-only (`error` is `state-read-only` or "
+                "`state-write-failed`)."
             ),
+            "507": _error("The state dir is full (`error` is `state-disk-full`); no job is made."),
         }
     ),
 }
@@ -542,7 +551,14 @@ SCHEMAS = {
         "description": "Counts only: /healthz needs no token, so it says nothing more.",
         "required": ["status", "nodes", "running", "discovery_stale", "discovery_age_s"],
         "properties": {
-            "status": {"const": "ok"},
+            "status": {
+                "enum": ["ok", "degraded"],
+                "description": "`degraded` while the state dir cannot be written (`reason`).",
+            },
+            "reason": {
+                "enum": [r.value for r in StoreReason],
+                "description": "Only when `degraded`: why the state dir cannot be written.",
+            },
             "nodes": {"type": "integer", "minimum": 0},
             "running": {"type": "integer", "minimum": 0},
             "discovery_stale": {"type": "boolean"},

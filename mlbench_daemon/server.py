@@ -34,8 +34,8 @@ from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.jobs.preflight import Preflight
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
-from mlbench_daemon.store import Store
-from mlbench_daemon.vocabulary import JobState, Phase
+from mlbench_daemon.store import Store, StoreError, fs_fault
+from mlbench_daemon.vocabulary import JobState, Phase, StoreReason
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,17 @@ class Daemon:
             raise StartupError(str(e)) from None
         try:
             self.store = Store(cfg.state.dir)
+            self.store.probe_write()  # a read-only or unwritable store refuses to start
+        except StoreError as e:
+            raise StartupError(f"state.dir: {e}") from None
         except (OSError, sqlite3.Error) as e:
+            fault = fs_fault(cfg.state.dir)  # SQLite may not even open a WAL database there
+            if fault is not None:
+                cause = {StoreReason.READ_ONLY: "read-only", StoreReason.DISK_FULL: "full"}
+                raise StartupError(
+                    f"state.dir: cannot write {cfg.state.dir}: the file system is "
+                    f"{cause[fault]} ({fault})"
+                ) from None
             raise StartupError(
                 f"state.dir: cannot use {cfg.state.dir}: {getattr(e, 'strerror', None) or e}"
             ) from None
@@ -233,6 +243,7 @@ class Daemon:
         interval = sdnotify.watchdog_interval()
         every = interval / 2 if interval else STATUS_EVERY_S
         while not self._stop.wait(every):
+            self._probe_store()
             healthy = self.registry.alive() and self._http_alive(http_thread)
             message = f"STATUS={self.status()}"
             if interval and healthy:
@@ -243,6 +254,20 @@ class Daemon:
                     self.registry.alive(),
                 )
             self._notify(message)
+
+    def _probe_store(self) -> None:
+        """Write to the store once: a store that became read-only (or full) makes the
+        daemon degraded (/healthz, POSTs refused) until a write succeeds; one log line per
+        change."""
+        before = self.store.fault
+        try:
+            self.store.probe_write()
+        except StoreError as e:
+            if before is None or before.reason != e.reason:
+                log.error("state.dir: %s; degraded until it can be written", e)
+            return
+        if before is not None:
+            log.warning("state.dir: writable again (was %s)", before.reason)
 
     def status(self) -> str:
         """One line: '3/4 nodes Running, 1 job running'."""

@@ -28,6 +28,7 @@ they are older than ``state.keep_days`` or while the logs together take more tha
 finished in the last ``KEEP_RECENT_S`` stays so a client can still read its end.
 """
 
+import errno
 import json
 import os
 import secrets
@@ -36,7 +37,7 @@ import threading
 import time
 from typing import Any, BinaryIO
 
-from mlbench_daemon.vocabulary import FINAL_STATES, JobState
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState, StoreReason
 
 KEEP_RECENT_S = 600.0  # prune() never removes a job that finished less than this ago
 
@@ -45,7 +46,56 @@ Record = dict[str, Any]  # one job: the columns of COLUMNS, JSON columns decoded
 Records = list[Record]
 Ids = list[str]
 LOG_CHUNK_MAX = 1 << 20  # the most bytes of a log read at once (and per /logs answer)
-__all__ = ["COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "Store"]
+__all__ = ["COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "Store", "StoreError"]
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+_SQLITE_FULL, _SQLITE_READONLY = 13, 8  # primary result codes (low byte of the extended one)
+
+
+def store_reason(exc: BaseException) -> StoreReason:
+    """Why a write to the state dir failed: disk full, read-only, or another write error."""
+    if isinstance(exc, OSError):
+        if exc.errno in _FULL_ERRNOS:
+            return StoreReason.DISK_FULL
+        if exc.errno in _READ_ONLY_ERRNOS:
+            return StoreReason.READ_ONLY
+    elif isinstance(exc, sqlite3.Error):
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        text = str(exc).lower()
+        if code == _SQLITE_FULL or "disk is full" in text:
+            return StoreReason.DISK_FULL
+        if code == _SQLITE_READONLY or "readonly" in text or "read-only" in text:
+            return StoreReason.READ_ONLY
+    return StoreReason.WRITE_FAILED
+
+
+def fs_fault(path: str) -> StoreReason | None:
+    """Whether the filesystem of `path` (or of its nearest existing parent) is read-only
+    or full; None if neither (or unknown)."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return StoreReason.READ_ONLY
+    if st.f_bavail == 0:
+        return StoreReason.DISK_FULL
+    return None
+
+
+class StoreError(Exception):
+    """A write to the state dir failed: the `path` written, the `reason`, the `cause` (one line)."""
+
+    def __init__(self, path: str, exc: BaseException) -> None:
+        self.path = path
+        self.since = time.time()
+        self.reason = store_reason(exc)
+        self.cause = (getattr(exc, "strerror", None) or str(exc)).splitlines()[0]
+        super().__init__(f"cannot write {path}: {self.cause} ({self.reason})")
+
 
 COLUMNS = (
     "id",
@@ -114,6 +164,7 @@ class Store:
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._last_ms = 0
+        self.fault: StoreError | None = None  # the last write's failure; None once one succeeds
         self._db = sqlite3.connect(
             os.path.join(state_dir, "jobs.sqlite3"),
             check_same_thread=False,
@@ -133,6 +184,42 @@ class Store:
         with self._lock:
             self._db.close()
 
+    def probe_write(self) -> None:
+        """Write to the database and to the logs dir once; StoreError if either fails.
+
+        The database: ``user_version`` set to its own value, a committed write of the
+        header page that changes nothing.  The logs dir: a small file written, synced
+        and removed.  SQLite opens a database it cannot write read-only without a word,
+        so only a write shows a read-only filesystem or file."""
+        with self._lock:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            self._write(f"PRAGMA user_version = {int(version)}", ())
+        probe = os.path.join(self.logs, f".write-probe-{os.getpid()}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"probe\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as e:
+            self.fault = StoreError(self.logs, e)
+            raise self.fault from None
+        self.fault = None
+
+    def _write(self, sql: str, params: Any) -> None:
+        """One committed write (the caller holds the lock); records or clears ``fault``.
+
+        A failed write raises StoreError naming the database, the cause and the reason."""
+        try:
+            self._db.execute(sql, params)
+        except sqlite3.Error as e:
+            self.fault = StoreError(os.path.join(self.dir, "jobs.sqlite3"), e)
+            raise self.fault from None
+        if self.fault and self.fault.path != self.logs:
+            self.fault = None
+
     # --- records
 
     def create(self, **fields: Any) -> Record:
@@ -146,7 +233,7 @@ class Store:
                 )  # strictly increasing
                 fields["id"] = f"{self._last_ms:012x}{secrets.token_hex(4)}"
             names = list(fields)
-            self._db.execute(
+            self._write(
                 f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                 [self._encode(k, fields[k]) for k in names],
             )
@@ -157,7 +244,7 @@ class Store:
         self._check(fields)
         if fields:
             with self._lock:
-                self._db.execute(
+                self._write(
                     f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                     [self._encode(k, v) for k, v in fields.items()] + [job_id],
                 )

@@ -15,6 +15,7 @@ enum               where the words appear
 ``SSHReason``      ``SSHError.reason``; a node's ``reason`` after a failed probe
 ``NodeReason``     a node's ``reason`` otherwise
 ``DiscoveryReason``  ``DiscoveryError.reason``; the registry's ``stale_reason``
+``StoreReason``    why the state dir (database or logs) cannot be written
 =================  ===============================================================
 """
 
@@ -97,6 +98,14 @@ class SSHReason(StrEnum):
 class NodeReason(StrEnum):
     NOT_PROBED_YET = "not-probed-yet"
     OK = "ok"
+
+
+class StoreReason(StrEnum):
+    """Why a write to the state dir failed (``store.store_reason`` classifies the error)."""
+
+    DISK_FULL = "state-disk-full"  # ENOSPC, EDQUOT, sqlite "database or disk is full"
+    READ_ONLY = "state-read-only"  # EROFS, EACCES, EPERM, sqlite "readonly database"
+    WRITE_FAILED = "state-write-failed"  # any other error of a write
 
 
 class DiscoveryReason(StrEnum):

@@ -587,3 +587,84 @@ def test_serve_notifies_systemd_serves_and_stops_on_sigterm(tmp_path, unused_por
     assert "serving on " + url in err
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/healthz", timeout=5)
+
+
+def _read_only_bind(path):
+    """A read-only bind mount of `path` over itself (root only); undo with _unmount."""
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+
+
+def _unmount(path):
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _good_state(tmp_path, wal_left):
+    """A valid store in tmp_path/state; `wal_left`: as a killed daemon leaves it (-wal, -shm)."""
+    code = (
+        "import os, sys; from mlbench_daemon.store import Store; s = Store(sys.argv[1]); "
+        "s.create(); os._exit(0) if sys.argv[2] == '1' else s.close()"
+    )
+    state = tmp_path / "state"
+    subprocess.run([sys.executable, "-c", code, str(state), str(int(wal_left))], check=True)
+    return state
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+@pytest.mark.parametrize(
+    "what, expected",
+    [
+        # a database a killed daemon left (-wal and -shm present): SQLite opens it and only
+        # a write fails (the issue's repro, which started as healthy)
+        ("db-wal", "cannot write {state}/jobs.sqlite3: attempt to write a readonly database"),
+        # a cleanly closed database: SQLite cannot even open it
+        ("db-clean", "cannot write {state}: the file system is read-only"),
+        # the database is fine, the logs dir is not
+        ("logs", "cannot write {state}/logs: Read-only file system"),
+    ],
+)
+def test_serve_refuses_a_read_only_store(tmp_path, unused_port, what, expected):
+    state = _good_state(tmp_path, wal_left=what == "db-wal")
+    ro = state / "logs" if what == "logs" else state
+    _read_only_bind(ro)
+    try:
+        proc = _serve(_serve_config(tmp_path, unused_port))
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # it started serving: the bug this test catches
+            proc.kill()
+            _, err = proc.communicate()
+    finally:
+        _unmount(ro)
+    assert proc.returncode == 2, err
+    line = "mlbench-daemon: state.dir: " + expected.format(state=state) + " (state-read-only)\n"
+    assert err == line, err
+    assert sorted(os.listdir(state / "logs")) == []  # no probe file left behind
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_serve_refuses_a_full_store(tmp_path, unused_port):
+    state = _good_state(tmp_path, wal_left=False)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    try:
+        subprocess.run(["cp", "-a", f"{state}/.", str(full)], check=True)
+        with open(full / "filler", "wb", buffering=0) as f:  # fill it up
+            with pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        config = _serve_config(tmp_path, unused_port)
+        config.write_text(config.read_text().replace(str(state), str(full)))
+        proc = _serve(config)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
+    assert proc.returncode == 2, err
+    assert err.startswith(f"mlbench-daemon: state.dir: cannot write {full}"), err
+    assert err.count("\n") == 1, err
+    assert err.endswith("(state-disk-full)\n"), err

@@ -1,4 +1,6 @@
+import errno
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -6,7 +8,7 @@ import time
 
 import pytest
 
-from mlbench_daemon.store import Store
+from mlbench_daemon.store import Store, StoreError, store_reason
 from tests.helpers import append_log
 
 
@@ -198,3 +200,41 @@ def test_the_daemon_prunes_at_start(start_daemon, tmp_path):
     assert d.json("GET", f"/api/mpi_jobs/{old}")[0] == 404
     assert not (state / "logs" / f"{old}.log").exists()
     assert d.json("GET", f"/api/mpi_jobs/{kept}")[1]["state"] == "failed"
+
+
+@pytest.mark.logic
+@pytest.mark.parametrize(
+    "exc, reason",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "state-disk-full"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "state-disk-full"),
+        (OSError(errno.EROFS, "Read-only file system"), "state-read-only"),
+        (OSError(errno.EACCES, "Permission denied"), "state-read-only"),
+        (OSError(errno.EIO, "Input/output error"), "state-write-failed"),
+        (sqlite3.OperationalError("database or disk is full"), "state-disk-full"),
+        (sqlite3.OperationalError("attempt to write a readonly database"), "state-read-only"),
+        (sqlite3.OperationalError("disk I/O error"), "state-write-failed"),
+    ],
+)
+def test_store_reason_names_the_fault(exc, reason):
+    assert store_reason(exc) == reason
+
+
+@pytest.mark.logic
+def test_probe_write_of_a_writable_store_leaves_nothing(tmp_path):
+    s = Store(str(tmp_path))
+    s.probe_write()
+    s.probe_write()
+    assert os.listdir(tmp_path / "logs") == [] and s.list() == []
+    s.close()
+
+
+@pytest.mark.logic
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes a read-only file anyway")
+def test_probe_write_names_a_database_it_cannot_write(tmp_path):
+    Store(str(tmp_path)).close()
+    (tmp_path / "jobs.sqlite3").chmod(0o444)
+    s = Store(str(tmp_path))
+    with pytest.raises(StoreError) as e:
+        s.probe_write()
+    assert e.value.reason == "state-read-only" and e.value.path.endswith("jobs.sqlite3")
