@@ -343,7 +343,8 @@ def make_app(
 
     @app.get("/api/openapi.json")
     def openapi_document() -> str:
-        return _json(openapi.DOCUMENT)
+        bottle.response.content_type = JSON
+        return openapi.render()
 
     # ---- jobs ----------------------------------------------------------------
     @app.post("/api/mpi_jobs")

@@ -12,13 +12,25 @@ endpoints are described under both spellings, so that generated tests exercise
 both; the others under one.
 """
 
+import json
 from typing import Any, cast
 
 from mlbench_daemon import __version__
 from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
 from mlbench_daemon.jobs.failure import KINDS as FAILURE_KINDS
+from mlbench_daemon.jobs.flavour import MARKER
 from mlbench_daemon.jobs.preflight import CHECKS
-from mlbench_daemon.vocabulary import JobReason, JobState, NodeReason, Phase, SSHReason
+from mlbench_daemon.jobs.request import RESERVED_ENV_PREFIX
+from mlbench_daemon.vocabulary import (
+    PREFLIGHT_FLAVOURS,
+    CheckStatus,
+    FlavourName,
+    JobReason,
+    JobState,
+    NodeReason,
+    Phase,
+    SSHReason,
+)
 
 _REF = "#/components/schemas/"
 Schema = dict[str, Any]  # a piece of the OpenAPI document
@@ -68,6 +80,11 @@ def _api_responses(**responses: Schema) -> Schema:
 
 # A request string: no NUL byte (mpirun and the remote shell cannot carry one).
 _TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
+
+# The env names a request may not set (request._env): the OpenMPI MCA prefix of the
+# daemon's marker, and any name holding flavour.MARKER in any case (flavour.reserved).
+_ANY_CASE = "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in MARKER)
+_RESERVED_ENV = f"^{RESERVED_ENV_PREFIX}|{_ANY_CASE}"
 
 # The Kubernetes equality-based selector grammar of discovery.Selector.parse:
 # comma-separated terms `k=v`, `k==v`, `k!=v`, `k`, `!k`; keys `[prefix/]name`.
@@ -379,7 +396,7 @@ SCHEMAS = {
             },
             "flavour": {
                 "type": ["string", "null"],
-                "enum": ["openmpi4", "openmpi5", "mpich", None],
+                "enum": [*(f.value for f in FlavourName), None],
                 "description": "The launcher the job ran with (`mpi.flavour`, detected on its "
                 "master when `auto`); null until the job is launched.",
             },
@@ -428,7 +445,7 @@ SCHEMAS = {
                 "description": "Exported to every rank; values never appear in any argv.",
                 "propertyNames": {
                     "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
-                    "not": {"pattern": "^OMPI_MCA_mlbench"},
+                    "not": {"pattern": _RESERVED_ENV},
                 },
                 "additionalProperties": _TEXT,
             },
@@ -509,7 +526,7 @@ SCHEMAS = {
                 "description": "The node checked; null for `slots` (the whole host list).",
             },
             "check": {"enum": list(CHECKS)},
-            "status": {"enum": ["pass", "fail", "not-checked"]},
+            "status": {"enum": [c.value for c in CheckStatus]},
             "ok": {"type": ["boolean", "null"]},
             "message": {"type": "string"},
             "hint": {"type": ["string", "null"]},
@@ -526,7 +543,7 @@ SCHEMAS = {
                 "description": "Python `str()` of the argv a job with these fields would run.",
             },
             "nodes": {"type": "array", "items": _ref("NodeRow")},
-            "flavour": {"enum": ["openmpi4", "openmpi5", "unknown"]},
+            "flavour": {"enum": [str(f) for f in PREFLIGHT_FLAVOURS]},
             "checks": {"type": "array", "items": _ref("Check")},
         },
     },
@@ -857,3 +874,12 @@ DOCUMENT = {
         },
     },
 }
+
+
+def render() -> str:
+    """The served document's bytes (api.py serves exactly this)."""
+    return json.dumps(DOCUMENT)
+
+
+if __name__ == "__main__":  # python3 -m mlbench_daemon.openapi > tests/data/openapi.json
+    print(render())

@@ -15,6 +15,8 @@ enum               where the words appear
 ``SSHReason``      ``SSHError.reason``; a node's ``reason`` after a failed probe
 ``NodeReason``     a node's ``reason`` otherwise
 ``DiscoveryReason``  ``DiscoveryError.reason``; the registry's ``stale_reason``
+``FlavourName``    a job's ``flavour`` (``mpi.flavour``); preflight adds ``unknown``
+``CheckStatus``    a preflight check's ``status``
 =================  ===============================================================
 """
 
@@ -105,6 +107,24 @@ class DiscoveryReason(StrEnum):
     NXDOMAIN = "nxdomain"
     NO_MEMBERS = "no-members"
     DNS_ERROR = "dns-error"
+
+
+class FlavourName(StrEnum):
+    """The MPI launchers the daemon drives (jobs/flavour.py holds how each is driven)."""
+
+    OPENMPI4 = "openmpi4"
+    OPENMPI5 = "openmpi5"
+    MPICH = "mpich"
+
+
+UNKNOWN_FLAVOUR = "unknown"  # preflight's answer when the master's launcher is not recognised
+PREFLIGHT_FLAVOURS = (*FlavourName, UNKNOWN_FLAVOUR)
+
+
+class CheckStatus(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    NOT_CHECKED = "not-checked"  # the node could not run the check (says why)
 
 
 def checked(reason: str, allowed: Iterable[str], what: str) -> str:
