@@ -16,6 +16,7 @@ enum               where the words appear
 ``NodeReason``     a node's ``reason`` otherwise
 ``DiscoveryReason``  ``DiscoveryError.reason``; the registry's ``stale_reason``
 ``FlavourName``    a job's ``flavour`` (``mpi.flavour``); preflight adds ``unknown``
+``CheckName``      a preflight check's ``check``
 ``CheckStatus``    a preflight check's ``status``
 =================  ===============================================================
 """
@@ -119,6 +120,18 @@ class FlavourName(StrEnum):
 
 UNKNOWN_FLAVOUR = "unknown"  # preflight's answer when the master's launcher is not recognised
 PREFLIGHT_FLAVOURS = (*FlavourName, UNKNOWN_FLAVOUR)
+
+
+class CheckName(StrEnum):
+    """A preflight check's ``check``, in the order they run."""
+
+    MASTER_SSH = "master-ssh"
+    LAUNCHER_DAEMON = "launcher-daemon"
+    MPI_VERSION = "mpi-version"
+    PROGRAM = "program"
+    DIRS = "dirs"
+    TCP = "tcp"
+    SLOTS = "slots"
 
 
 class CheckStatus(StrEnum):

@@ -427,14 +427,20 @@ def test_served_document_is_pinned():
 
 @pytest.mark.logic
 def test_closed_vocabularies_are_the_code_enums():
+    from mlbench_daemon import vocabulary
     from mlbench_daemon.jobs import flavour
     from mlbench_daemon.vocabulary import PREFLIGHT_FLAVOURS, CheckStatus, FlavourName
 
     schemas = DOC["components"]["schemas"]
-    assert schemas["Job"]["properties"]["flavour"]["enum"] == [*flavour.NAMES, None]
+    job_flavour = schemas["Job"]["properties"]["flavour"]["anyOf"]
+    assert job_flavour == [{"$ref": "#/components/schemas/FlavourName"}, {"type": "null"}]
+    assert schemas["FlavourName"]["enum"] == list(flavour.NAMES) == list(FlavourName)
     assert schemas["PreflightResult"]["properties"]["flavour"]["enum"] == list(PREFLIGHT_FLAVOURS)
     assert FlavourName.MPICH in PREFLIGHT_FLAVOURS
-    assert schemas["Check"]["properties"]["status"]["enum"] == list(CheckStatus)
+    assert schemas["Check"]["properties"]["status"] == {"$ref": "#/components/schemas/CheckStatus"}
+    assert schemas["CheckStatus"]["enum"] == list(CheckStatus)
+    for enum in ("JobState", "Phase", "JobReason", "FailureKind"):  # the web page reads these
+        assert schemas[enum]["enum"] == [m.value for m in getattr(vocabulary, enum)]
     names = schemas["JobRequest"]["properties"]["env"]["propertyNames"]
     for reserved in ("OMPI_MCA_mlbench_job_id", "PRTE_MCA_mlbench_job_id", "MLBENCH_JOB_ID"):
         assert flavour.reserved(reserved)

@@ -45,8 +45,9 @@ from mlbench_daemon.jobs import flavour as flavours
 from mlbench_daemon.jobs.placement import choose, mpirun_argv, node_row
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.ssh_errors import SSHError
+from mlbench_daemon.vocabulary import CheckName
 
-CHECKS = ("master-ssh", "launcher-daemon", "mpi-version", "program", "dirs", "tcp", "slots")
+CHECKS = tuple(CheckName)
 MARGIN_S = 2.0  # the remote scripts end this much before the deadline
 
 # $1 role (master|worker), $2 mpirun as configured, $3 program[0], $4 job dir (master).
