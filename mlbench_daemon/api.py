@@ -305,9 +305,6 @@ def make_app(
         return _page_file(name)
 
     # ---- nodes ---------------------------------------------------------------
-    # (registry generation, JSON body): the table changes per probe, reads are many
-    cached: list[Any] = [None, None]
-
     @app.get("/api/nodes")
     @app.get("/api/pods")
     def nodes() -> str:
@@ -315,11 +312,8 @@ def make_app(
             registry.refresh(REFRESH_TIMEOUT_S)
         if registry.stale:
             bottle.response.set_header("X-Discovery-Stale", registry.stale_reason or "stale")
-        generation = registry.generation
-        if cached[0] != generation:
-            cached[:] = [generation, json.dumps([n.to_json() for n in registry.nodes()])]
         bottle.response.content_type = JSON
-        return cached[1]
+        return registry.nodes_json()
 
     @app.get("/healthz")
     def healthz() -> str:
