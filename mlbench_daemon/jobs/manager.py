@@ -283,7 +283,12 @@ def to_json(rec: dict) -> dict:
         "flavour": rec["flavour"],
         "log_bytes": rec["log_bytes"],
     }
-    return {name: values[name] for name in Job.__struct_fields__}
+    if len(values) != len(Job.__struct_fields__):  # a key added here must be declared there
+        raise RuntimeError(f"shapes.Job does not declare {sorted(set(values) - set(_FIELDS))}")
+    return {name: values[name] for name in _FIELDS}
+
+
+_FIELDS = Job.__struct_fields__
 
 
 def json_with_response(
