@@ -333,9 +333,6 @@ def make_app(
         return _page_file(name)
 
     # ---- nodes ---------------------------------------------------------------
-    # (registry generation, JSON body): the table changes per probe, reads are many
-    cached: list[Any] = [None, None]
-
     @app.get("/api/nodes")
     @app.get("/api/pods")
     def nodes() -> str:
@@ -343,11 +340,8 @@ def make_app(
             registry.refresh(REFRESH_TIMEOUT_S)
         if registry.stale:
             bottle.response.set_header("X-Discovery-Stale", registry.stale_reason or "stale")
-        generation = registry.generation
-        if cached[0] != generation:
-            cached[:] = [generation, json.dumps([n.to_json() for n in registry.nodes()])]
         bottle.response.content_type = JSON
-        return cached[1]
+        return registry.nodes_json()
 
     def refuse_if_store_fault() -> None:
         """507 (disk full) or 503 (read-only, other) naming the reason: nothing new can be
@@ -384,7 +378,8 @@ def make_app(
 
     @app.get("/api/openapi.json")
     def openapi_document() -> str:
-        return _json(openapi.DOCUMENT)
+        bottle.response.content_type = JSON
+        return openapi.render()
 
     # ---- jobs ----------------------------------------------------------------
     @app.post("/api/mpi_jobs")

@@ -43,6 +43,7 @@ broke is retried the next round.
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -237,6 +238,7 @@ class Registry:
         self.generation = 0  # bumped on every change of the table
         self.refreshed_at: float | None = None  # epoch of the last successful discovery
         self._snapshot: tuple[NodeStatus, ...] = ()
+        self._json: tuple[int, str] = (-1, "")  # (generation, the node list as JSON)
         self._stale, self._stale_reason = True, str(DiscoveryReason.NOT_DISCOVERED_YET)
         self._lock = threading.Lock()  # guards every swap of the snapshot and the stale flag
         self._stop = threading.Event()
@@ -263,6 +265,16 @@ class Registry:
             selector = Selector.parse(selector)
         snap = self._snapshot
         return [s for s in snap if selector is None or selector.matches(s.node.labels)]
+
+    def nodes_json(self) -> str:
+        """The API's node list (every node's ``to_json()``) as JSON text, made again only
+        when the table changed: it changes per probe, it is read far more often."""
+        with self._lock:
+            snap, generation = self._snapshot, self.generation
+        cached = self._json
+        if cached[0] != generation:
+            cached = self._json = (generation, json.dumps([s.to_json() for s in snap]))
+        return cached[1]
 
     @property
     def stale(self) -> bool:

@@ -12,20 +12,13 @@ endpoints are described under both spellings, so that generated tests exercise
 both; the others under one.
 """
 
+import json
 from typing import Any, cast
 
-from mlbench_daemon import __version__
+from mlbench_daemon import __version__, shapes
 from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
-from mlbench_daemon.jobs.failure import KINDS as FAILURE_KINDS
-from mlbench_daemon.jobs.preflight import CHECKS
-from mlbench_daemon.vocabulary import (
-    JobReason,
-    JobState,
-    NodeReason,
-    Phase,
-    SSHReason,
-    StoreReason,
-)
+from mlbench_daemon.jobs.flavour import MARKER
+from mlbench_daemon.jobs.request import RESERVED_ENV_PREFIX
 
 _REF = "#/components/schemas/"
 Schema = dict[str, Any]  # a piece of the OpenAPI document
@@ -75,6 +68,11 @@ def _api_responses(**responses: Schema) -> Schema:
 
 # A request string: no NUL byte (mpirun and the remote shell cannot carry one).
 _TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
+
+# The env names a request may not set (request._env): the OpenMPI MCA prefix of the
+# daemon's marker, and any name holding flavour.MARKER in any case (flavour.reserved).
+_ANY_CASE = "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in MARKER)
+_RESERVED_ENV = f"^{RESERVED_ENV_PREFIX}|{_ANY_CASE}"
 
 # The Kubernetes equality-based selector grammar of discovery.Selector.parse:
 # comma-separated terms `k=v`, `k==v`, `k!=v`, `k`, `!k`; keys `[prefix/]name`.
@@ -244,168 +242,10 @@ _LIST_JOBS_OP = {
     ),
 }
 
-SCHEMAS = {
-    "Error": {
-        "type": "object",
-        "description": "Every error, with its 4xx/5xx status.",
-        "required": ["error", "message"],
-        "properties": {
-            "error": {
-                "type": "string",
-                "description": "Machine-readable code, e.g. `bad-request`, "
-                "`unauthorized`, `not-found`, `conflict`, `queue-full`, `unavailable`, "
-                "`too-many-streams`.",
-            },
-            "message": {"type": "string", "description": "For a human."},
-            "field": {"type": "string", "description": "The request field at fault (400, 409)."},
-        },
-    },
-    "Phase": {
-        "type": "string",
-        "enum": [p.value for p in Phase],
-        "description": "`Pending`: first probe not finished; `Running`: a job can be launched "
-        "there now: the node accepts new SSH connections (checked every probe round), a fresh "
-        "login with the configured key and the pinned host key ran `true` within "
-        "`ssh.verify_interval_s`, and the persistent session runs a command; `Unknown`: could "
-        "not reach it (also: its listener is gone or hung while an old session lives); "
-        "`Failed`: reached it but it refused us or could not be trusted (also when seen on a "
-        "fresh login while an old session still works).",
-    },
-    "Node": {
-        "type": "object",
-        "required": [
-            "name",
-            "labels",
-            "phase",
-            "ip",
-            "label_map",
-            "host",
-            "port",
-            "namespace",
-            "reason",
-            "message",
-            "last_probe",
-            "latency_ms",
-            "hostname",
-            "discovery_note",
-        ],
-        "properties": {
-            "name": {"type": "string", "description": "First label of the host name, else the IP."},
-            "labels": {
-                "type": "string",
-                "description": "Python `str()` of the label dict with keys sorted, as in the seed: "
-                "`{'app': 'mlbench', 'component': 'worker'}`.",
-            },
-            "phase": _ref("Phase"),
-            "ip": {"type": "string"},
-            "label_map": {
-                "type": "object",
-                "additionalProperties": {"type": "string"},
-                "description": "The same labels as a JSON object.",
-            },
-            "host": {"type": "string", "description": "Host name (no trailing dot), or the IP."},
-            "port": {"type": "integer", "minimum": 1, "maximum": 65535, "description": "SSH port."},
-            "namespace": {"type": "string"},
-            "reason": {
-                "type": "string",
-                "description": "Machine-readable: "
-                + ", ".join(f"`{r}`" for r in (*NodeReason, *SSHReason)),
-            },
-            "message": {"type": "string"},
-            "last_probe": {"type": ["string", "null"], "format": "date-time"},
-            "latency_ms": {"type": ["number", "null"], "minimum": 0},
-            "hostname": {
-                "type": ["string", "null"],
-                "description": "The node's `uname -n`, asked once per SSH connection "
-                "(failure attribution maps the host names a launcher prints through it).",
-            },
-            "discovery_note": {
-                "type": "string",
-                "description": "Empty, or why discovery kept this node partly: its address "
-                "lookup failed (REFUSED, SERVFAIL) and it keeps its last address, or its TXT "
-                "labels were over the caps and some were dropped (named).",
-            },
-        },
-    },
-    "NodeRow": {
-        "type": "array",
-        "description": "The seed's `[ip, namespace, name, labels]`.",
-        "prefixItems": [{"type": "string"}] * 4,
-        "minItems": 4,
-        "items": False,
-    },
-    "JobState": {
-        "type": "string",
-        "enum": [s.value for s in JobState],
-    },
-    "Job": {
-        "type": "object",
-        "required": [
-            "nodes",
-            "command",
-            "master_name",
-            "id",
-            "state",
-            "exit_code",
-            "created",
-            "started",
-            "finished",
-            "error",
-            "reason",
-            "failure",
-            "np",
-            "timeout_s",
-            "env",
-            "flavour",
-            "log_bytes",
-        ],
-        "properties": {
-            "nodes": {"type": "array", "items": _ref("NodeRow")},
-            "command": {
-                "type": "string",
-                "description": "Python `str()` of the exact argv run on the master.",
-            },
-            "master_name": {
-                "type": ["string", "null"],
-                "description": "Null until the job is launched.",
-            },
-            "id": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
-            "state": _ref("JobState"),
-            "exit_code": {"type": ["integer", "null"]},
-            "created": {"type": "string", "format": "date-time"},
-            "started": {"type": ["string", "null"], "format": "date-time"},
-            "finished": {"type": ["string", "null"], "format": "date-time"},
-            "error": {"type": ["string", "null"]},
-            "reason": {
-                "type": ["string", "null"],
-                "description": "Machine-readable cause of a failed, cancelled or lost job: "
-                + ", ".join(f"`{r}`" for r in JobReason),
-            },
-            "failure": {
-                "oneOf": [_ref("Failure"), {"type": "null"}],
-                "description": "Why and where a job that did not succeed failed; null "
-                "while it runs and when it succeeded.",
-            },
-            "np": {"type": ["integer", "null"], "minimum": 1},
-            "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
-            "env": {
-                "type": "object",
-                "additionalProperties": {"const": "***"},
-                "description": "The names of the exported variables; values are never shown.",
-            },
-            "flavour": {
-                "type": ["string", "null"],
-                "enum": ["openmpi4", "openmpi5", "mpich", None],
-                "description": "The launcher the job ran with (`mpi.flavour`, detected on its "
-                "master when `auto`); null until the job is launched.",
-            },
-            "log_bytes": {
-                "type": "integer",
-                "minimum": 0,
-                "description": 'Size of the job\'s log so far (for "showing the last X of Y").',
-            },
-        },
-    },
+# The answers' schemas come from their declarations (shapes.py); the request body and
+# the sync answer (a Job plus its output) are written here.
+SCHEMAS: dict[str, Any] = {
+    **shapes.components(),
     "JobResult": {
         "description": "A finished job with its whole output (`POST` with `wait` true).",
         "allOf": [
@@ -444,7 +284,7 @@ SCHEMAS = {
                 "description": "Exported to every rank; values never appear in any argv.",
                 "propertyNames": {
                     "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
-                    "not": {"pattern": "^OMPI_MCA_mlbench"},
+                    "not": {"pattern": _RESERVED_ENV},
                 },
                 "additionalProperties": _TEXT,
             },
@@ -484,89 +324,6 @@ SCHEMAS = {
                 "type": "boolean",
                 "default": True,
                 "description": "Answer when the job is over (200) or at once (202).",
-            },
-        },
-    },
-    "Failure": {
-        "type": "object",
-        "description": "The cause of a job that did not end `succeeded` (README, "
-        "troubleshooting).  Parts the launcher did not say are null.",
-        "required": ["kind", "node", "host", "rank", "exit_code", "signal", "message", "hint"],
-        "properties": {
-            "kind": {"enum": list(FAILURE_KINDS)},
-            "node": {
-                "type": ["string", "null"],
-                "description": "The daemon's node name.",
-            },
-            "host": {
-                "type": ["string", "null"],
-                "description": "The host as the launcher printed it (an IP of the host "
-                "list, or a host name).",
-            },
-            "rank": {"type": ["integer", "null"], "minimum": 0},
-            "exit_code": {"type": ["integer", "null"]},
-            "signal": {"type": ["integer", "null"], "minimum": 1},
-            "message": {"type": ["string", "null"]},
-            "hint": {"type": ["string", "null"]},
-            "checks": {
-                "type": "array",
-                "items": _ref("Check"),
-                "description": "Only when the daemon ran the preflight to find the cause "
-                "(`daemon-launch`): the checks that failed.",
-            },
-        },
-    },
-    "Check": {
-        "type": "object",
-        "required": ["node", "check", "status", "ok", "message", "hint"],
-        "properties": {
-            "node": {
-                "type": ["string", "null"],
-                "description": "The node checked; null for `slots` (the whole host list).",
-            },
-            "check": {"enum": list(CHECKS)},
-            "status": {"enum": ["pass", "fail", "not-checked"]},
-            "ok": {"type": ["boolean", "null"]},
-            "message": {"type": "string"},
-            "hint": {"type": ["string", "null"]},
-        },
-    },
-    "PreflightResult": {
-        "type": "object",
-        "required": ["ok", "master_name", "command", "nodes", "flavour", "checks"],
-        "properties": {
-            "ok": {"type": "boolean", "description": "No check failed."},
-            "master_name": {"type": "string"},
-            "command": {
-                "type": "string",
-                "description": "Python `str()` of the argv a job with these fields would run.",
-            },
-            "nodes": {"type": "array", "items": _ref("NodeRow")},
-            "flavour": {"enum": ["openmpi4", "openmpi5", "unknown"]},
-            "checks": {"type": "array", "items": _ref("Check")},
-        },
-    },
-    "Health": {
-        "type": "object",
-        "description": "Counts only: /healthz needs no token, so it says nothing more.",
-        "required": ["status", "nodes", "running", "discovery_stale", "discovery_age_s"],
-        "properties": {
-            "status": {
-                "enum": ["ok", "degraded"],
-                "description": "`degraded` while the state dir cannot be written (`reason`).",
-            },
-            "reason": {
-                "enum": [r.value for r in StoreReason],
-                "description": "Only when `degraded`: why the state dir cannot be written.",
-            },
-            "nodes": {"type": "integer", "minimum": 0},
-            "running": {"type": "integer", "minimum": 0},
-            "discovery_stale": {"type": "boolean"},
-            "discovery_age_s": {
-                "type": ["number", "null"],
-                "minimum": 0,
-                "description": "Seconds since the node list was last discovered "
-                "(null before the first discovery).",
             },
         },
     },
@@ -880,3 +637,12 @@ DOCUMENT = {
         },
     },
 }
+
+
+def render() -> str:
+    """The served document's bytes (api.py serves exactly this)."""
+    return json.dumps(DOCUMENT)
+
+
+if __name__ == "__main__":  # python3 -m mlbench_daemon.openapi > tests/data/openapi.json
+    print(render())

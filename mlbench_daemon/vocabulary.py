@@ -16,6 +16,9 @@ enum               where the words appear
 ``NodeReason``     a node's ``reason`` otherwise
 ``DiscoveryReason``  ``DiscoveryError.reason``; the registry's ``stale_reason``
 ``StoreReason``    why the state dir (database or logs) cannot be written
+``FlavourName``    a job's ``flavour`` (``mpi.flavour``); preflight adds ``unknown``
+``CheckName``      a preflight check's ``check``
+``CheckStatus``    a preflight check's ``status``
 =================  ===============================================================
 """
 
@@ -114,6 +117,36 @@ class DiscoveryReason(StrEnum):
     NXDOMAIN = "nxdomain"
     NO_MEMBERS = "no-members"
     DNS_ERROR = "dns-error"
+
+
+class FlavourName(StrEnum):
+    """The MPI launchers the daemon drives (jobs/flavour.py holds how each is driven)."""
+
+    OPENMPI4 = "openmpi4"
+    OPENMPI5 = "openmpi5"
+    MPICH = "mpich"
+
+
+UNKNOWN_FLAVOUR = "unknown"  # preflight's answer when the master's launcher is not recognised
+PREFLIGHT_FLAVOURS = (*FlavourName, UNKNOWN_FLAVOUR)
+
+
+class CheckName(StrEnum):
+    """A preflight check's ``check``, in the order they run."""
+
+    MASTER_SSH = "master-ssh"
+    LAUNCHER_DAEMON = "launcher-daemon"
+    MPI_VERSION = "mpi-version"
+    PROGRAM = "program"
+    DIRS = "dirs"
+    TCP = "tcp"
+    SLOTS = "slots"
+
+
+class CheckStatus(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    NOT_CHECKED = "not-checked"  # the node could not run the check (says why)
 
 
 def checked(reason: str, allowed: Iterable[str], what: str) -> str:

@@ -14,6 +14,7 @@ import urllib.parse
 import pytest
 
 from tests.cluster import Cluster
+from tests.helpers import check_answer, served_document
 
 NEEDS = ["ip", "sshd", "dnsmasq", "mpirun", "mpicc", "nft", "ssh-keygen"]
 
@@ -180,9 +181,14 @@ class LiveDaemon:
         try:
             conn.request(method, path, body=body, headers=headers)
             r = conn.getresponse()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+            answer = r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
         finally:
             conn.close()
+        # every answer is one the served document declares (tests.helpers.check_answer)
+        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        doc = served_document(self.url, auth)
+        check_answer(doc, method, path, answer[0], answer[1].get("content-type"), answer[2])
+        return answer
 
     def json(self, method, path, body=None, **kw):
         status, _, raw = self.request(method, path, body, **kw)

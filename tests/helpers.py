@@ -10,12 +10,16 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import IO
+
+import jsonschema_rs
 
 from tests.cluster import Cluster, free_port, stop_process  # free_port: the cluster needs it too
 
@@ -25,6 +29,7 @@ __all__ = [
     "append_log",
     "call_json",
     "call_port",
+    "check_answer",
     "free_port",
     "http",
     "serve_argv",
@@ -52,6 +57,80 @@ def wait_for(
     return True
 
 
+# --- every answer checked against the served OpenAPI document ---------------------------
+
+_DOCS: dict[str, dict] = {}  # daemon base URL -> its served /api/openapi.json
+_DOCS_LOCK = threading.Lock()
+
+
+def served_document(base: str, headers: dict | None = None) -> dict:
+    """The OpenAPI document the daemon at `base` serves (fetched once per daemon)."""
+    with _DOCS_LOCK:
+        if base not in _DOCS:
+            req = urllib.request.Request(base + "/api/openapi.json", headers=headers or {})
+            with urllib.request.urlopen(req, timeout=HANG) as r:  # loopback only
+                _DOCS[base] = json.loads(r.read())
+        return _DOCS[base]
+
+
+def _operation(doc: dict, method: str, path: str) -> dict | None:
+    """The document's operation for `method` `path` (either slash spelling), or None."""
+    path = path.split("?", 1)[0]
+    bare = path.rstrip("/") or "/"
+    for template, item in doc["paths"].items():
+        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template.rstrip("/") or "/"))
+        if re.fullmatch(pattern, bare) and method.lower() in item:
+            return item[method.lower()]
+    return None
+
+
+def _check_url(
+    url: str, method: str, status: int, ctype: str | None, body: bytes, headers: dict | None = None
+) -> None:
+    parts = urllib.parse.urlsplit(url)
+    auth = {k: v for k, v in (headers or {}).items() if k.lower() == "authorization"}
+    doc = served_document(f"{parts.scheme}://{parts.netloc}", auth)
+    check_answer(doc, method, parts.path, status, ctype, body)
+
+
+def check_answer(
+    doc: dict, method: str, path: str, status: int, content_type: str | None, body: bytes
+) -> None:
+    """Fail unless the answer is one the document declares: its status among the
+    operation's responses, its content type among that response's, and a JSON body
+    valid against that response's schema.  Paths the document does not name (a 404 or
+    405 for an unknown endpoint) must answer the Error schema."""
+    op = _operation(doc, method, path)
+    where = f"{method} {path} -> {status}"
+    if op is None:
+        # refused before routing (Host, Origin, Content-Type) or no such endpoint
+        assert status in (403, 404, 405, 415), f"{where}: the document has no such operation"
+        response = {
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        }
+    else:
+        response = op["responses"].get(str(status))
+        assert response is not None, (
+            f"{where}: status not in the document ({sorted(op['responses'])})"
+        )
+    media = (content_type or "").split(";", 1)[0].strip()
+    content = response.get("content", {})
+    assert media in content, f"{where}: Content-Type {content_type!r} not in {sorted(content)}"
+    schema = content[media].get("schema")
+    if media != "application/json" or schema is None:
+        return
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise AssertionError(f"{where}: not JSON: {body[:200]!r}") from None
+    bundle = {**schema, "components": doc["components"]}
+    errors = [
+        f"{'/'.join(map(str, e.instance_path))}: {e.message}"
+        for e in jsonschema_rs.validator_for(bundle).iter_errors(value)
+    ]
+    assert not errors, f"{where}: the answer does not match the document: {errors[:5]}"
+
+
 def append_log(store, job_id: str, data: bytes) -> int:
     """Append to a job's log as the follower does (``Store.log_writer``) -> the new size."""
     with store.log_writer(job_id) as f:
@@ -75,7 +154,9 @@ def http(
         headers={"Content-Type": "application/json", **(headers or {})},
     )
     with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.status, r.read()
+        answer = r.read()
+        _check_url(url, method, r.status, r.headers.get("Content-Type"), answer, headers)
+        return r.status, answer
 
 
 def serve_argv(config: object, *extra: str) -> list[str]:
@@ -89,7 +170,9 @@ def call_json(url: str, method: str = "GET", body: object = None, timeout: float
     headers = {"Content-Type": "application/json"} if data else {}
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
-        return json.loads(r.read())
+        answer = r.read()
+        _check_url(url, method, r.status, r.headers.get("Content-Type"), answer)
+        return json.loads(answer)
 
 
 def call_port(
@@ -102,7 +185,10 @@ def call_port(
         headers = {"Content-Type": "application/json"} if data else {}
         conn.request(method, path, body=data, headers=headers)
         r = conn.getresponse()
-        return r.status, json.loads(r.read())
+        answer = r.read()
+        doc = served_document(f"http://127.0.0.1:{port}")
+        check_answer(doc, method, path, r.status, r.getheader("Content-Type"), answer)
+        return r.status, json.loads(answer)
     finally:
         conn.close()
 

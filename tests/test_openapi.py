@@ -404,3 +404,45 @@ def test_generated_requests_cannot_get_around_the_browser_checks(case, live_daem
         assert response.json()["error"] == "forbidden"
         assert not [h for h in response.headers if h.lower().startswith("access-control-")]
     assert _get(live_daemon.url + "/api/mpi_jobs/") == (200, b"[]")
+
+
+# --- the served document, pinned --------------------------------------------------------
+
+
+@pytest.mark.logic
+def test_served_document_is_pinned():
+    """The bytes GET /api/openapi.json serves equal the checked-in snapshot: any change to
+    a declaration shows up in review as a diff of tests/data/openapi.json.  After a
+    deliberate change, regenerate it with
+    ``PYTHONPATH=. python3 -m mlbench_daemon.openapi > tests/data/openapi.json``."""
+    from pathlib import Path
+
+    snapshot = Path(__file__).with_name("data") / "openapi.json"
+    assert openapi.render() + "\n" == snapshot.read_text(), (
+        "the OpenAPI document changed; if deliberate, regenerate tests/data/openapi.json "
+        "(see this test's docstring)"
+    )
+    assert openapi.render() == openapi.render()  # no set or dict order from the run
+
+
+@pytest.mark.logic
+def test_closed_vocabularies_are_the_code_enums():
+    from mlbench_daemon import vocabulary
+    from mlbench_daemon.jobs import flavour
+    from mlbench_daemon.vocabulary import PREFLIGHT_FLAVOURS, CheckStatus, FlavourName
+
+    schemas = DOC["components"]["schemas"]
+    job_flavour = schemas["Job"]["properties"]["flavour"]["anyOf"]
+    assert job_flavour == [{"$ref": "#/components/schemas/FlavourName"}, {"type": "null"}]
+    assert schemas["FlavourName"]["enum"] == list(flavour.NAMES) == list(FlavourName)
+    assert schemas["PreflightResult"]["properties"]["flavour"]["enum"] == list(PREFLIGHT_FLAVOURS)
+    assert FlavourName.MPICH in PREFLIGHT_FLAVOURS
+    assert schemas["Check"]["properties"]["status"] == {"$ref": "#/components/schemas/CheckStatus"}
+    assert schemas["CheckStatus"]["enum"] == list(CheckStatus)
+    for enum in ("JobState", "Phase", "JobReason", "FailureKind"):  # the web page reads these
+        assert schemas[enum]["enum"] == [m.value for m in getattr(vocabulary, enum)]
+    names = schemas["JobRequest"]["properties"]["env"]["propertyNames"]
+    for reserved in ("OMPI_MCA_mlbench_job_id", "PRTE_MCA_mlbench_job_id", "MLBENCH_JOB_ID"):
+        assert flavour.reserved(reserved)
+        assert re.search(names["not"]["pattern"], reserved), reserved
+    assert not re.search(names["not"]["pattern"], "MY_VAR")

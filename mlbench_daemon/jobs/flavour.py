@@ -27,7 +27,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-NAMES = ("openmpi4", "openmpi5", "mpich")
+from mlbench_daemon.vocabulary import FlavourName
+
+NAMES = tuple(FlavourName)
 MARKER = "mlbench_job_id"  # every marker variable's name ends with it (the sweep looks for it)
 
 

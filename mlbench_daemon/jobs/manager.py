@@ -29,6 +29,7 @@ from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun
 from mlbench_daemon.jobs.remote import Pool, Remote
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.jobs.run import Cancel, Context, JobRun
+from mlbench_daemon.shapes import Job
 from mlbench_daemon.store import LOG_CHUNK_MAX, Store
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import JobReason, JobState
@@ -262,8 +263,8 @@ def _check_counts(**values: Any) -> None:
 
 
 def to_json(rec: dict) -> dict:
-    """The API's job dict: the seed's keys first."""
-    return {
+    """The API's job dict: the fields of ``shapes.Job``, in its order (the seed's keys first)."""
+    values = {
         "nodes": rec["nodes"],
         "command": str(rec["command"]),
         "master_name": rec["master_name"],
@@ -282,6 +283,12 @@ def to_json(rec: dict) -> dict:
         "flavour": rec["flavour"],
         "log_bytes": rec["log_bytes"],
     }
+    if len(values) != len(Job.__struct_fields__):  # a key added here must be declared there
+        raise RuntimeError(f"shapes.Job does not declare {sorted(set(values) - set(_FIELDS))}")
+    return {name: values[name] for name in _FIELDS}
+
+
+_FIELDS = Job.__struct_fields__
 
 
 def json_with_response(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from mlbench_daemon.discovery import Node, Selector, natural_key
 from mlbench_daemon.errors import BadRequest, Conflict, Unavailable
 from mlbench_daemon.jobs import flavour
 from mlbench_daemon.jobs.request import Request
 from mlbench_daemon.nodes import NodeStatus
+from mlbench_daemon.shapes import NodeRow
 from mlbench_daemon.vocabulary import Phase
 
 
@@ -86,9 +87,8 @@ def host_spec(node: Node) -> str:
     return f"{node.ip}:{int(slots)}" if slots.isdigit() and int(slots) > 0 else node.ip
 
 
-def node_row(node: Node) -> list[Any]:
-    """The seed's ``[ip, namespace, name, labels]`` row of a job's ``nodes``."""
-    return [node.ip, node.namespace, node.name, node.labels_str]
+def node_row(node: Node) -> NodeRow:
+    return NodeRow(node.ip, node.namespace, node.name, node.labels_str)
 
 
 def mpirun_argv(

@@ -45,8 +45,9 @@ from mlbench_daemon.jobs import flavour as flavours
 from mlbench_daemon.jobs.placement import choose, mpirun_argv, node_row
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.ssh_errors import SSHError
+from mlbench_daemon.vocabulary import CheckName, CheckStatus
 
-CHECKS = ("master-ssh", "launcher-daemon", "mpi-version", "program", "dirs", "tcp", "slots")
+CHECKS = tuple(CheckName)
 MARGIN_S = 2.0  # the remote scripts end this much before the deadline
 
 # $1 role (master|worker), $2 mpirun as configured, $3 program[0], $4 job dir (master).
@@ -250,9 +251,11 @@ SSH_HINTS = (
 )  # fmt: skip
 
 
-def check(node: str | None, name: str, status: str, message: str, hint: str | None = None) -> dict:
+def check(
+    node: str | None, name: str, status: CheckStatus, message: str, hint: str | None = None
+) -> dict:
     """One check as the API gives it."""
-    ok = {"pass": True, "fail": False}.get(status)
+    ok = {CheckStatus.PASS: True, CheckStatus.FAIL: False}.get(status)
     return {"node": node, "check": name, "status": status, "ok": ok, "message": message,
             "hint": hint}  # fmt: skip
 
@@ -265,11 +268,11 @@ def slots_of(node: Node) -> int:
 def slots_check(nodes: Sequence[Node], np: int | None) -> dict:
     total = sum(slots_of(n) for n in nodes)
     if np is None or np <= total:
-        return check(None, "slots", "pass", f"np={np or total} within {total} slot(s)")
+        return check(None, "slots", CheckStatus.PASS, f"np={np or total} within {total} slot(s)")
     return check(
         None,
         "slots",
-        "fail",
+        CheckStatus.FAIL,
         f"np={np} is more than the {total} slot(s) of {len(nodes)} node(s)",
         "lower np, give nodes a `slots` label, or add nodes",
     )
@@ -306,7 +309,7 @@ def launcher_flavour(pool: Any, cfg: Any, master: Node, timeout: float) -> str:
 
 def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict:
     if rc == "124":
-        return check(node.name, "master-ssh", "fail",
+        return check(node.name, "master-ssh", CheckStatus.FAIL,
                      f"ssh from the master to {node.ip} did not finish in {seconds:g} s",
                      f"check that {node.name} answers on port 22 from the master")  # fmt: skip
     text = "\n".join(err)
@@ -314,7 +317,9 @@ def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict:
     hint = next(
         (h for pat, h in SSH_HINTS if pat in text), "run `ssh {ip} true` as the cluster user"
     )
-    return check(node.name, "master-ssh", "fail", message, hint.format(node=node.name, ip=node.ip))
+    return check(
+        node.name, "master-ssh", CheckStatus.FAIL, message, hint.format(node=node.name, ip=node.ip)
+    )
 
 
 def parse_master(
@@ -333,19 +338,23 @@ def parse_master(
             if rc == "255" or rc == "124" or rc == "":
                 checks.append(_ssh_failure(node, rc, err, seconds))
                 for c in ("launcher-daemon", "mpi-version", "program", "dirs"):
-                    checks.append(check(node.name, c, "not-checked",
+                    checks.append(check(node.name, c, CheckStatus.NOT_CHECKED,
                                         "the master could not ssh to this node"))  # fmt: skip
                 return
-            checks.append(check(node.name, "master-ssh", "pass", f"ssh {node.ip} from the master"))
+            checks.append(
+                check(node.name, "master-ssh", CheckStatus.PASS, f"ssh {node.ip} from the master")
+            )
             if not seen[node.name] and rc != "0":  # logged in, but a shell could not run sh
                 why = next((e for e in reversed(err) if e.strip()), "no output")
-                checks.append(check(node.name, "launcher-daemon", "fail",
+                checks.append(check(node.name, "launcher-daemon", CheckStatus.FAIL,
                                     f"commands do not run there (exit {rc}: {why})",
                                     HINTS["launcher-daemon"]))  # fmt: skip
                 seen[node.name].add("launcher-daemon")
         for c in ("launcher-daemon", "program", "dirs"):
             if c not in seen[node.name]:
-                checks.append(check(node.name, c, "not-checked", "no answer from the node"))
+                checks.append(
+                    check(node.name, c, CheckStatus.NOT_CHECKED, "no answer from the node")
+                )
 
     for line in text.splitlines():
         if line.startswith("@"):
@@ -359,12 +368,19 @@ def parse_master(
             parts = line.split("\t", 2)
             if parts[0] == "version" and len(parts) == 2:
                 versions[node.name] = version_text(parts[1])
-            elif len(parts) == 3 and parts[0] in CHECKS and parts[1] in ("pass", "fail"):
+            elif (
+                len(parts) == 3
+                and parts[0] in CHECKS
+                and parts[1] in (CheckStatus.PASS, CheckStatus.FAIL)
+            ):
                 seen[node.name].add(parts[0])
-                checks.append(check(node.name, parts[0], parts[1], parts[2], HINTS.get(parts[0])))
+                status = CheckStatus(parts[1])
+                checks.append(check(node.name, parts[0], status, parts[2], HINTS.get(parts[0])))
     close()
     if not seen[master.name]:  # the master printed nothing: no scripts ran there
-        checks.append(check(master.name, "launcher-daemon", "fail", "the master ran no checks"))
+        checks.append(
+            check(master.name, "launcher-daemon", CheckStatus.FAIL, "the master ran no checks")
+        )
     return checks, versions
 
 
@@ -393,12 +409,12 @@ def version_checks(master: Node, nodes: Sequence[Node], versions: dict[str, str]
         if n.name not in versions:
             continue  # launcher-daemon failed or ssh failed: already said
         if not want or not v:
-            out.append(check(n.name, "mpi-version", "not-checked",
+            out.append(check(n.name, "mpi-version", CheckStatus.NOT_CHECKED,
                              f"no version from {n.name if not v else master.name}"))  # fmt: skip
         elif v == want:
-            out.append(check(n.name, "mpi-version", "pass", v))
+            out.append(check(n.name, "mpi-version", CheckStatus.PASS, v))
         else:
-            out.append(check(n.name, "mpi-version", "fail",
+            out.append(check(n.name, "mpi-version", CheckStatus.FAIL,
                              f"{v!r} here, {want!r} on the master {master.name}",
                              HINTS["mpi-version"]))  # fmt: skip
     return out
@@ -410,11 +426,11 @@ def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict]:
     first = text.strip().splitlines()[0] if text.strip() else ""
     if first.startswith("no-python3"):
         why = "needs python3 on the master and the workers; none on the master"
-        return [check(n.name, "tcp", "not-checked", why) for n in workers]
+        return [check(n.name, "tcp", CheckStatus.NOT_CHECKED, why) for n in workers]
     try:
         doc = json.loads(text.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return [check(n.name, "tcp", "not-checked", "the TCP test gave no answer")
+        return [check(n.name, "tcp", CheckStatus.NOT_CHECKED, "the TCP test gave no answer")
                 for n in workers]  # fmt: skip
     out = []
     for n in workers:
@@ -425,15 +441,15 @@ def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict]:
                 if r.startswith("no-python3")
                 else "not tested: the master could not start the test there"
             )
-            out.append(check(n.name, "tcp", "not-checked", why))
+            out.append(check(n.name, "tcp", CheckStatus.NOT_CHECKED, why))
             continue
         bad = {ip: e for ip, e in r.items() if e != "ok"}
         if bad:
             msg = "; ".join(f"no TCP to {names.get(ip, ip)}: {e}" for ip, e in sorted(bad.items()))
-            out.append(check(n.name, "tcp", "fail", msg, HINTS["tcp"]))
+            out.append(check(n.name, "tcp", CheckStatus.FAIL, msg, HINTS["tcp"]))
         else:
             others = sorted(names.get(ip, ip) for ip in r)
-            out.append(check(n.name, "tcp", "pass", "connected to " + ", ".join(others)))
+            out.append(check(n.name, "tcp", CheckStatus.PASS, "connected to " + ", ".join(others)))
     return out
 
 
@@ -485,7 +501,7 @@ def run(
     versions: dict = {}
     if isinstance(main, SSHError) or main is None:
         why = str(main) if main is not None else "no answer in time"
-        checks.append(check(master.name, "master-ssh", "fail",
+        checks.append(check(master.name, "master-ssh", CheckStatus.FAIL,
                             f"the daemon could not run the checks on the master: {why}",
                             "see the master's node status (GET /api/nodes/)"))  # fmt: skip
     else:
@@ -496,7 +512,7 @@ def run(
     tcp = results.get("tcp")
     if workers:
         if isinstance(tcp, SSHError) or tcp is None:
-            checks += [check(n.name, "tcp", "not-checked", "the TCP test gave no answer")
+            checks += [check(n.name, "tcp", CheckStatus.NOT_CHECKED, "the TCP test gave no answer")
                        for n in workers]  # fmt: skip
         else:
             checks += tcp_checks(tcp.stdout.decode(errors="replace"), master, workers)
@@ -544,7 +560,7 @@ class Preflight:
             self._busy.release()
         fl = result["flavour"] if result["flavour"] in flavours.NAMES else "openmpi4"
         return {
-            "ok": not any(c["status"] == "fail" for c in result["checks"]),
+            "ok": not any(c["status"] == CheckStatus.FAIL for c in result["checks"]),
             "master_name": master.name,
             "command": str(mpirun_argv(mpi.mpirun, mpi.args, nodes, req.np, [], req.program, fl)),
             "nodes": [node_row(n) for n in nodes],

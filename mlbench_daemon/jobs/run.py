@@ -24,7 +24,7 @@ from mlbench_daemon.discovery import Node
 from mlbench_daemon.jobs import failure, flavour, preflight
 from mlbench_daemon.jobs.clock import Clock, Timer
 from mlbench_daemon.jobs.launch import BACKOFF_S, MasterLost, Stopped, launch
-from mlbench_daemon.jobs.placement import Registry
+from mlbench_daemon.jobs.placement import NodeRow, Registry
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
 from mlbench_daemon.ssh_errors import SSHError
 from mlbench_daemon.store import Store
@@ -268,9 +268,10 @@ class JobRun:
             start = max(0, size - failure.PARSE_TAIL_BYTES)
             tail, _ = ctx.store.read_log(self.id, start, size - start)
             statuses = {s.node.name: s for s in ctx.registry.nodes()}
+            rows = [NodeRow(*row) for row in rec["nodes"]]
             refs = [
-                failure.NodeRef(row[2], row[0], getattr(statuses.get(row[2]), "hostname", None))
-                for row in rec["nodes"]
+                failure.NodeRef(r.name, r.ip, getattr(statuses.get(r.name), "hostname", None))
+                for r in rows
             ]
             f = failure.attribute(
                 state=state,
@@ -293,7 +294,8 @@ class JobRun:
 
     def _explain_launch(self, f: dict, rec: Mapping[str, Any], statuses: Mapping[str, Any]) -> None:
         """Run the preflight for this job; its failing checks go into `f`."""
-        nodes = [statuses[row[2]].node for row in rec["nodes"] if row[2] in statuses]
+        names = [NodeRow(*row).name for row in rec["nodes"]]
+        nodes = [statuses[name].node for name in names if name in statuses]
         master = next((n for n in nodes if n.name == rec["master_name"]), None)
         if master is None:
             return
@@ -363,7 +365,8 @@ class JobRun:
                 self.timer = ctx.clock.timer(BACKOFF_S[1], lambda: self.cancel(JobReason.TIMEOUT))
             return Cancel.NOT_DELIVERED
         ports = {s.node.ip: s.node.port for s in ctx.registry.nodes()}
-        hosts = [Host(row[0], ports.get(row[0], ctx.cfg.ssh.port)) for row in rec["nodes"]]
+        ips = [NodeRow(*row).ip for row in rec["nodes"]]
+        hosts = [Host(ip, ports.get(ip, ctx.cfg.ssh.port)) for ip in ips]
         swept = ctx.remote.sweep(self.id, hosts, proxies)
         msg = f"{self.cancel_reason}: process group {how}; {swept}"
         log.info("job %s: %s", self.id, msg)
