@@ -47,6 +47,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from mlbench_daemon import config
 from mlbench_daemon.config import parse_nameserver
 from mlbench_daemon.vocabulary import DiscoveryReason, checked
 
@@ -234,7 +235,11 @@ def _ip_order(address: str) -> tuple[int, int]:
 
 class Discovery:
     def __init__(
-        self, cfg: Any, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22
+        self,
+        cfg: config.Discovery,
+        resolver: dns.resolver.Resolver | None = None,
+        *,
+        ssh_port: int = 22,
     ) -> None:
         if not cfg.service:
             raise ValueError("discovery.service is empty")

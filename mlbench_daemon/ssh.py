@@ -60,6 +60,7 @@ from typing import Any
 import paramiko
 from paramiko.buffered_pipe import PipeTimeout
 
+from mlbench_daemon import config
 from mlbench_daemon.config import ConfigError
 from mlbench_daemon.known_hosts import (
     SYSTEM_KNOWN_HOSTS,
@@ -535,7 +536,9 @@ def _exit_status(chan: paramiko.Channel, timeout: float) -> int | None:
 class Pool:
     """Persistent SSH connections keyed by (ip, port), shared by all threads."""
 
-    def __init__(self, cfg: Any, on_reconnect: Callable[[str, int], object] | None = None) -> None:
+    def __init__(
+        self, cfg: config.Ssh, on_reconnect: Callable[[str, int], object] | None = None
+    ) -> None:
         self.cfg = cfg
         self.client_key = load_client_key(cfg.key_file)
         self.known_hosts = KnownHosts(

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mlbench_daemon.config import Config
 from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
 from mlbench_daemon.jobs.clock import Clock
 from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun_argv, node_row
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 class Jobs:
     def __init__(
-        self, cfg: Any, registry: Registry, pool: Pool, store: Store, clock: Clock | None = None
+        self, cfg: Config, registry: Registry, pool: Pool, store: Store, clock: Clock | None = None
     ) -> None:
         self.cfg, self.registry, self.store = cfg, registry, store
         self.mpi = cfg.mpi

@@ -39,6 +39,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Node, natural_key
 from mlbench_daemon.errors import BadRequest, QueueFull
 from mlbench_daemon.jobs import flavour as flavours
@@ -292,7 +293,7 @@ def flavour_of(version: str | None) -> str:
     return "mpich" if (version or "").startswith(("MPICH ", "Intel MPI ")) else "unknown"
 
 
-def launcher_flavour(pool: Any, cfg: Any, master: Node, timeout: float) -> str:
+def launcher_flavour(pool: Any, cfg: Config, master: Node, timeout: float) -> str:
     """mpi.flavour, or with auto what `<mpirun> --version` says on the master
     (openmpi4 when it says nothing known: the checks then show what is wrong)."""
     if cfg.mpi.flavour != "auto":
@@ -439,7 +440,7 @@ def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict]:
 
 def run(
     pool: Any,
-    cfg: Any,
+    cfg: Config,
     master: Node,
     nodes: Sequence[Node],
     program: Sequence[str],
@@ -520,7 +521,7 @@ class Preflight:
 
     Nodes, master and argv are chosen exactly as for a job (jobs.placement)."""
 
-    def __init__(self, cfg: Any, pool: Any, registry: Any) -> None:
+    def __init__(self, cfg: Config, pool: Any, registry: Any) -> None:
         self.cfg, self.pool, self.registry = cfg, pool, registry
         self._busy = threading.Lock()
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mlbench_daemon import metrics
+from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Node
 from mlbench_daemon.jobs import failure, flavour, preflight
 from mlbench_daemon.jobs.clock import Clock, Timer
@@ -49,7 +50,7 @@ class Cancel(enum.Enum):
 class Context:
     """What every JobRun of one Jobs shares."""
 
-    cfg: Any  # config.Config
+    cfg: Config
     store: Store
     remote: Remote
     registry: Registry
