@@ -319,7 +319,8 @@ def make_app(
         if cached[0] != generation:
             cached[:] = [generation, json.dumps([n.to_json() for n in registry.nodes()])]
         bottle.response.content_type = JSON
-        return cached[1]
+        body: str = cached[1]
+        return body
 
     @app.get("/healthz")
     def healthz() -> str:

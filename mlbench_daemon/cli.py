@@ -240,8 +240,8 @@ def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         _print_json(job, out)
     if job.get("failure"):
         sys.stderr.write(root_cause(job))
-    if isinstance(job.get("exit_code"), int):
-        return job["exit_code"]
+    if isinstance(code := job.get("exit_code"), int):
+        return code
     if job.get("state") == JobState.SUCCEEDED:
         return 0
     sys.stderr.write(
@@ -250,7 +250,7 @@ def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return 130 if job.get("state") == JobState.CANCELLED else 1
 
 
-def root_cause(job: dict) -> str:
+def root_cause(job: dict[str, Any]) -> str:
     """The short block `run` prints to stderr for a job that did not succeed."""
     f = job["failure"]
     where = f.get("node") or f.get("host") or "-"

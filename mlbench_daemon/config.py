@@ -63,9 +63,10 @@ def string(value: Any) -> str:
 
 
 def nonempty(value: Any) -> str:
-    if not string(value).strip():
+    text = string(value)
+    if not text.strip():
         raise ValueError("must be a non-empty string")
-    return value
+    return text
 
 
 @_expanded

@@ -67,7 +67,7 @@ class DiscoveryError(Exception):
 # --- nodes -----------------------------------------------------------------------------
 
 
-class Labels(dict):
+class Labels(dict[str, str]):
     """A read-only, hashable dict with its keys in sorted order.
 
     A dict (not just a Mapping) so that json.dumps and str() treat it like the plain dict
@@ -390,7 +390,7 @@ class _Pass:
         self.deadline = deadline
         self.ttl = float("inf")
         self.nxdomain: set[dns.name.Name] = set()
-        self.used: set[tuple] = set()
+        self.used: set[tuple[str, Any]] = set()
 
     def query(
         self, name: dns.name.Name, rdtype: str, optional: bool = False

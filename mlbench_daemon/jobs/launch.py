@@ -9,7 +9,7 @@ the master decides.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlbench_daemon.discovery import Node
 from mlbench_daemon.jobs import flavour
@@ -34,7 +34,7 @@ class MasterLost(Exception):
     """The master stayed unreachable for mpi.lost_after_s: record the job lost."""
 
 
-def launch(run: JobRun, rec: dict) -> dict | None:
+def launch(run: JobRun, rec: dict[str, Any]) -> dict[str, Any] | None:
     """Pick a master, start the job detached -> the updated record, None if it ended."""
     if rec["master_name"]:  # a previous run died while launching: did the job start?
         return _relaunched(run, rec)
@@ -149,7 +149,7 @@ def _confirmed_pid(run: JobRun, host: Host, job_dir: str) -> int | None:
         backoff = min(backoff * 2, BACKOFF_S[1])
 
 
-def _relaunched(run: JobRun, rec: dict) -> dict | None:
+def _relaunched(run: JobRun, rec: dict[str, Any]) -> dict[str, Any] | None:
     host = Host(rec["master_ip"], rec["master_port"])
     pid = _confirmed_pid(run, host, rec["remote_dir"])
     if pid is None:

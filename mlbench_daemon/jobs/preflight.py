@@ -251,7 +251,9 @@ SSH_HINTS = (
 )  # fmt: skip
 
 
-def check(node: str | None, name: str, status: str, message: str, hint: str | None = None) -> dict:
+def check(
+    node: str | None, name: str, status: str, message: str, hint: str | None = None
+) -> dict[str, Any]:
     """One check as the API gives it."""
     ok = {"pass": True, "fail": False}.get(status)
     return {"node": node, "check": name, "status": status, "ok": ok, "message": message,
@@ -263,7 +265,7 @@ def slots_of(node: Node) -> int:
     return int(s) if s.isdigit() and int(s) > 0 else 1
 
 
-def slots_check(nodes: Sequence[Node], np: int | None) -> dict:
+def slots_check(nodes: Sequence[Node], np: int | None) -> dict[str, Any]:
     total = sum(slots_of(n) for n in nodes)
     if np is None or np <= total:
         return check(None, "slots", "pass", f"np={np or total} within {total} slot(s)")
@@ -305,7 +307,7 @@ def launcher_flavour(pool: Any, cfg: Config, master: Node, timeout: float) -> st
         return "openmpi4"
 
 
-def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict:
+def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict[str, Any]:
     if rc == "124":
         return check(node.name, "master-ssh", "fail",
                      f"ssh from the master to {node.ip} did not finish in {seconds:g} s",
@@ -320,10 +322,10 @@ def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict:
 
 def parse_master(
     text: str, master: Node, workers: Sequence[Node], seconds: float
-) -> tuple[list[dict], dict[str, str]]:
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """MASTER's output -> (checks, {node name: version text})."""
     by_ip = {n.ip: n for n in workers}
-    checks: list[dict] = []
+    checks: list[dict[str, Any]] = []
     versions: dict[str, str] = {}
     err: list[str] = []
     node, rc = master, ""
@@ -385,7 +387,9 @@ HINTS = {
 }
 
 
-def version_checks(master: Node, nodes: Sequence[Node], versions: dict[str, str]) -> list[dict]:
+def version_checks(
+    master: Node, nodes: Sequence[Node], versions: dict[str, str]
+) -> list[dict[str, Any]]:
     """Each node's version against the master's."""
     want = versions.get(master.name)
     out = []
@@ -405,7 +409,7 @@ def version_checks(master: Node, nodes: Sequence[Node], versions: dict[str, str]
     return out
 
 
-def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict]:
+def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict[str, Any]]:
     """TCP_MASTER's output -> one tcp check per worker."""
     names = {n.ip: n.name for n in workers} | {master.ip: master.name}
     first = text.strip().splitlines()[0] if text.strip() else ""
@@ -446,7 +450,7 @@ def run(
     program: Sequence[str],
     np: int | None,
     timeout: float,
-) -> dict:
+) -> dict[str, Any]:
     """All checks for a launch of `program` on `nodes` (master among them) ->
     {"checks": [...], "versions": {...}, "flavour": ...}; bounded by `timeout`."""
     end = time.monotonic() + timeout
@@ -482,8 +486,8 @@ def run(
         t.join(max(0.1, end - time.monotonic() + 1))
 
     main = results.get("main")
-    checks: list[dict] = []
-    versions: dict = {}
+    checks: list[dict[str, Any]] = []
+    versions: dict[str, Any] = {}
     if isinstance(main, SSHError) or main is None:
         why = str(main) if main is not None else "no answer in time"
         checks.append(check(master.name, "master-ssh", "fail",
@@ -525,7 +529,7 @@ class Preflight:
         self.cfg, self.pool, self.registry = cfg, pool, registry
         self._busy = threading.Lock()
 
-    def run(self, body: dict | None) -> dict:
+    def run(self, body: dict[str, Any] | None) -> dict[str, Any]:
         for key in body or {}:
             if key not in FIELDS:
                 raise BadRequest(

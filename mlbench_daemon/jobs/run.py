@@ -109,7 +109,7 @@ class JobRun:
                 self.ctx.registry.wait_first_pass(
                     self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
                 )
-            rec: dict | None = self.ctx.store.record(self.id)
+            rec: dict[str, Any] | None = self.ctx.store.record(self.id)
             if rec is not None and rec["pid"] is None:
                 rec = launch(self, rec)
             if rec is None:  # the launch ended the job
@@ -138,7 +138,7 @@ class JobRun:
         if self.stream:
             self.stream.close()
 
-    def running(self, pid: int) -> dict:
+    def running(self, pid: int) -> dict[str, Any]:
         """Record the job running as process group `pid` -> the record."""
         with self.ctx.changed:
             rec = self.ctx.store.update(
@@ -156,7 +156,7 @@ class JobRun:
                 "still be running there, unobserved"
             )
 
-    def _arm_timeout(self, rec: dict) -> None:
+    def _arm_timeout(self, rec: dict[str, Any]) -> None:
         if rec["timeout_s"]:
             left = max(0.0, rec["started"] + rec["timeout_s"] - self.ctx.clock.time())
             self.timer = self.ctx.clock.timer(left, lambda: self.cancel(JobReason.TIMEOUT))
@@ -256,7 +256,7 @@ class JobRun:
             metrics.job_duration_seconds.observe(rec["finished"] - rec["started"])
         log.info("job %s: %s %s", self.id, state, fields or "")
 
-    def _failure(self, state: JobState, fields: Mapping[str, Any]) -> dict:
+    def _failure(self, state: JobState, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Why the job did not succeed (failure.py), from the tail of its output; for a
         daemon-launch failure, which names no host, the preflight is run first (bounded
         by mpi.preflight_timeout_s) and its failing checks are kept."""
@@ -292,7 +292,9 @@ class JobRun:
             log.exception("job %s: failure attribution failed", self.id)
             return failure.empty(FailureKind.UNKNOWN, f"attribution failed: {e}")
 
-    def _explain_launch(self, f: dict, rec: Mapping[str, Any], statuses: Mapping[str, Any]) -> None:
+    def _explain_launch(
+        self, f: dict[str, Any], rec: Mapping[str, Any], statuses: Mapping[str, Any]
+    ) -> None:
         """Run the preflight for this job; its failing checks go into `f`."""
         nodes = [statuses[row[2]].node for row in rec["nodes"] if row[2] in statuses]
         master = next((n for n in nodes if n.name == rec["master_name"]), None)
