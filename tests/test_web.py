@@ -792,6 +792,31 @@ def test_the_failure_object_is_shown(tab, daemon, cluster):
 
 @pytest.mark.cluster
 @pytest.mark.timeout(240)
+def test_stale_discovery_line_says_why_from_the_node_list_header(tab, daemon, cluster):
+    """/healthz says only whether discovery is stale; the reason is the node list's
+    X-Discovery-Stale header, and the page shows that."""
+    page = tab.open("#/")
+    page.wait_for_selector("#nodes tbody tr")
+    stale = page.locator("#stale-line")
+    assert stale.is_hidden()
+    cluster.stop_dns()
+    try:
+        stale.wait_for(state="visible", timeout=HANG * 1000)
+
+        def shows_the_header():
+            reason = daemon.request("GET", "/api/nodes/")[1].get("x-discovery-stale")
+            text = stale.inner_text()
+            return reason not in (None, "stale") and text == f"DNS discovery is stale: {reason}"
+
+        wait_for(shows_the_header, FEW_S, "the stale line never gave the header's reason")
+    finally:
+        cluster.start_dns()
+    stale.wait_for(state="hidden", timeout=HANG * 1000)
+    assert not tab.console_errors() and not tab.errors and not tab.csp()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
 def test_connection_lost_banner_backoff_and_recovery(browser, start_daemon):
     first = start_daemon()
     port = urllib.parse.urlsplit(first.url).port

@@ -218,7 +218,9 @@ function row(cells, header = 0) {
 let lastCounts = "";
 let knownNodes = [];
 
-function renderNodes(nodes, health) {
+// `staleReason`: why discovery is stale, from the node list's X-Discovery-Stale header
+// (/healthz, open to all, gives only whether it is); null when it is not stale.
+function renderNodes(nodes, health, staleReason) {
   knownNodes = nodes;
   const rank = (n) => PHASES.indexOf(n.phase);
   const sorted = [...nodes].sort(
@@ -311,7 +313,7 @@ function renderNodes(nodes, health) {
     );
     const stale = $("stale-line");
     stale.hidden = !health.discovery_stale;
-    let why = health.discovery_stale_reason || "";
+    let why = staleReason && staleReason !== "stale" ? staleReason : "";
     if (!why && health.discovery_age_s != null)
       why = `the last good answer is ${Math.round(health.discovery_age_s)} s old`;
     setText(stale, health.discovery_stale ? `DNS discovery is stale${why ? `: ${why}` : ""}` : "");
@@ -319,11 +321,14 @@ function renderNodes(nodes, health) {
 }
 
 const nodesPoller = poller("nodes", NODES_EVERY_MS, async (signal) => {
-  const [nodes, health] = await Promise.all([
-    getJSON("/api/nodes", { signal }),
+  const [[nodes, staleReason], health] = await Promise.all([
+    request("/api/nodes", {
+      signal,
+      read: async (r) => [await r.json(), r.headers.get("X-Discovery-Stale")],
+    }),
     getJSON("/healthz", { signal }),
   ]);
-  renderNodes(nodes, health);
+  renderNodes(nodes, health, staleReason);
   renderNodePicks(nodes);
 });
 
