@@ -24,7 +24,15 @@ from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Node
 from mlbench_daemon.jobs import failure, flavour, preflight
 from mlbench_daemon.jobs.clock import Clock, Timer
-from mlbench_daemon.jobs.launch import BACKOFF_S, MasterLost, Stopped, launch
+from mlbench_daemon.jobs.launch import (
+    BACKOFF_S,
+    Job,
+    Launcher,
+    LaunchFailed,
+    MasterLost,
+    Stopped,
+    check_reachable,
+)
 from mlbench_daemon.jobs.placement import Registry
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
 from mlbench_daemon.ssh_errors import SSHError
@@ -58,20 +66,20 @@ class Context:
     stop: threading.Event
     changed: threading.Condition  # log appends and state changes; its lock guards `live`
     live: dict[str, JobRun]
-    # (master ip, port, launcher path) -> (flavour, version), asked once per master
-    flavours: dict[tuple[str, int, str], tuple[str, str]] = dataclasses.field(default_factory=dict)
+    launcher: Launcher = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.launcher = Launcher(
+            self.cfg.mpi, self.store, self.remote, self.registry, self.clock, self.stop
+        )
 
     @property
     def ssh_timeout(self) -> float:
         return self.cfg.ssh.connect_timeout_s + 10
 
     def flavour_for(self, node: Node) -> str | None:
-        """The flavour of the launcher on `node`: mpi.flavour, or what `--version`
-        said there before (auto); None if not known yet."""
-        if self.cfg.mpi.flavour != "auto":
-            return str(self.cfg.mpi.flavour)
-        known = self.flavours.get((node.ip, node.port, self.cfg.mpi.mpirun))
-        return known[0] if known else None
+        """The flavour of the launcher on `node`, if known (see Launcher.flavour_for)."""
+        return self.launcher.flavour_for(node)
 
 
 class JobRun:
@@ -111,7 +119,7 @@ class JobRun:
                 )
             rec: dict[str, Any] | None = self.ctx.store.record(self.id)
             if rec is not None and rec["pid"] is None:
-                rec = launch(self, rec)
+                rec = self._launch(rec)
             if rec is None:  # the launch ended the job
                 return
             self._arm_timeout(rec)
@@ -131,6 +139,22 @@ class JobRun:
             if self.timer:
                 self.timer.cancel()
 
+    def _launch(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """Launch the job -> its record once running, None if the launch ended it."""
+        job = Job(
+            self.id, self.program, self.np, self.env or {}, self.master, self.candidates,
+            self.names, self.cancel_reason,
+        )  # fmt: skip
+        self.env = None  # the values go no further than the launch
+        outcome = self.ctx.launcher.launch(job, rec)
+        if isinstance(outcome, LaunchFailed):
+            fields: dict[str, Any] = {"reason": outcome.reason}
+            if outcome.error is not None:
+                fields["error"] = outcome.error
+            self.finish(outcome.state, **fields)
+            return None
+        return self.running(outcome.pid)
+
     def detach(self) -> None:
         """The daemon stops: drop the timer and the stream (the remote job runs on)."""
         if self.timer:
@@ -146,15 +170,6 @@ class JobRun:
             )
             self.ctx.changed.notify_all()
         return rec
-
-    def check_reachable(self, down_since: float, error: SSHError) -> None:
-        """Raise MasterLost once the master has been unreachable for mpi.lost_after_s."""
-        limit = self.mpi.lost_after_s
-        if limit and self.ctx.clock.monotonic() - down_since >= limit:
-            raise MasterLost(
-                f"the master was unreachable for {limit:g} s ({error}); the job may "
-                "still be running there, unobserved"
-            )
 
     def _arm_timeout(self, rec: dict[str, Any]) -> None:
         if rec["timeout_s"]:
@@ -192,7 +207,7 @@ class JobRun:
                 if ctx.stop.is_set():
                     raise Stopped() from None
                 down_since = clock.monotonic() if down_since is None else down_since
-                self.check_reachable(down_since, e)
+                check_reachable(self.mpi.lost_after_s, clock, down_since, e)
                 log.warning(
                     "job %s: following on %s: %s; retrying in %.1f s", self.id, host.ip, e, backoff
                 )
