@@ -3,6 +3,7 @@
 
 import { ApiError, getJSON, request } from "./api.js";
 import { LogView, download, follow, loadTail } from "./log.js";
+import { loadVocabulary, vocabulary } from "./vocabulary.js";
 
 const NODES_EVERY_MS = 2000;
 const JOBS_EVERY_MS = 2000;
@@ -10,9 +11,19 @@ const BACKOFF_MAX_MS = 30000;
 // A cancel answers after TERM, mpi.cancel_grace_s, KILL and a sweep of every host, each
 // step bounded by the SSH timeouts (about two minutes with the defaults): wait longer.
 const CANCEL_TIMEOUT_MS = 600000;
-const PHASES = ["Failed", "Unknown", "Pending", "Running"]; // failing first
+// The phase and state names come from /api/openapi.json (vocabulary.js); here only how
+// the page shows the ones it knows: a phase it does not know gets "?" and sorts first,
+// and every state but the active ones is final.
 const PHASE_MARK = { Running: "\u25cf", Pending: "\u25cc", Unknown: "\u25b2", Failed: "\u2716" };
-const FINAL = new Set(["succeeded", "failed", "cancelled", "lost"]);
+const PHASE_ORDER = ["Running", "Pending", "Unknown", "Failed"]; // the counts; the table reverses
+const ACTIVE = ["pending", "running"];
+const STYLED = { phases: PHASE_ORDER, states: [...ACTIVE, "failed", "cancelled"] };
+const phaseRank = (p) => {
+  const i = PHASE_ORDER.indexOf(p);
+  return i < 0 ? PHASE_ORDER.length : i;
+};
+const phases = () => [...vocabulary.phases].sort((a, b) => phaseRank(a) - phaseRank(b));
+const isFinal = (state) => vocabulary.states.includes(state) && !ACTIVE.includes(state);
 
 const $ = (id) => document.getElementById(id);
 
@@ -222,7 +233,7 @@ let knownNodes = [];
 // (/healthz, open to all, gives only whether it is); null when it is not stale.
 function renderNodes(nodes, health, staleReason) {
   knownNodes = nodes;
-  const rank = (n) => PHASES.indexOf(n.phase);
+  const rank = (n) => -phaseRank(n.phase); // failing (and unknown) phases first
   const sorted = [...nodes].sort(
     (a, b) => rank(a) - rank(b) || a.name.localeCompare(b.name, undefined, { numeric: true }),
   );
@@ -269,9 +280,9 @@ function renderNodes(nodes, health, staleReason) {
   );
   $("nodes-empty").hidden = nodes.length > 0;
 
-  const counts = Object.fromEntries(PHASES.map((p) => [p, 0]));
+  const order = phases();
+  const counts = Object.fromEntries(order.map((p) => [p, 0]));
   for (const n of nodes) counts[n.phase] = (counts[n.phase] || 0) + 1;
-  const order = ["Running", "Pending", "Unknown", "Failed"];
   syncRows(
     $("phase-counts"),
     order,
@@ -281,7 +292,7 @@ function renderNodes(nodes, health, staleReason) {
       li.className = `phase phase-${p.toLowerCase()}`;
       return li;
     },
-    (li, p) => setText(li, `${PHASE_MARK[p]} ${p}: ${counts[p]}`),
+    (li, p) => setText(li, `${PHASE_MARK[p] || "?"} ${p}: ${counts[p]}`),
   );
   const bar = $("phase-bar");
   syncRows(
@@ -295,7 +306,7 @@ function renderNodes(nodes, health, staleReason) {
     },
     (span, p) => {
       span.style.flexGrow = String(counts[p]); // CSSOM, allowed by the CSP
-      setText(span, counts[p] ? PHASE_MARK[p].repeat(Math.min(counts[p], 1)) : "");
+      setText(span, counts[p] ? PHASE_MARK[p] || "?" : "");
     },
   );
   const summary = `${nodes.length} node${nodes.length === 1 ? "" : "s"}: ${order
@@ -321,6 +332,7 @@ function renderNodes(nodes, health, staleReason) {
 }
 
 const nodesPoller = poller("nodes", NODES_EVERY_MS, async (signal) => {
+  await loadVocabulary(STYLED);
   const [[nodes, staleReason], health] = await Promise.all([
     request("/api/nodes", {
       signal,
@@ -368,17 +380,35 @@ function renderJobs() {
       setText(c[5], fmtDuration(j));
       setText(c[6], j.exit_code === null ? "\u2014" : String(j.exit_code));
       setText(c[7], cause(j));
-      c[8].firstElementChild.hidden = FINAL.has(j.state);
+      c[8].firstElementChild.hidden = isFinal(j.state);
     },
   );
   $("jobs-empty").hidden = jobs.length > 0;
 }
 
 const jobsPoller = poller("jobs", JOBS_EVERY_MS, async (signal) => {
+  await loadVocabulary(STYLED);
+  showStates();
   jobsCache = await getJSON("/api/mpi_jobs?limit=200", { signal });
   renderJobs();
 });
 $("state-filter").addEventListener("change", renderJobs);
+
+// The filter's choices: every state the document declares.
+function showStates() {
+  syncRows(
+    $("state-filter"),
+    ["", ...vocabulary.states],
+    (s) => s,
+    (s) => {
+      const option = document.createElement("option");
+      option.value = s;
+      option.textContent = s || "all states";
+      return option;
+    },
+    () => {},
+  );
+}
 
 function confirmCancel(jobId, button) {
   const dialog = $("confirm-dialog");
@@ -492,14 +522,15 @@ function renderJob(job) {
   }
   $("job-failure").hidden = pairs.length === 0;
   dl($("job-failure-fields"), pairs);
-  $("job-cancel").hidden = FINAL.has(job.state);
+  $("job-cancel").hidden = isFinal(job.state);
   showExtent();
 }
 
 const jobPoller = poller("job", JOBS_EVERY_MS, async (signal) => {
+  await loadVocabulary(STYLED);
   const job = await getJSON(`/api/mpi_jobs/${encodeURIComponent(detail.id)}`, { signal });
   renderJob(job);
-  if (FINAL.has(job.state) && !detail.ctrl) jobPoller.on = false; // nothing will change
+  if (isFinal(job.state) && !detail.ctrl) jobPoller.on = false; // nothing will change
 });
 
 // One follow stream per tab: this is it.  Loads the tail, then follows from its end;
@@ -531,7 +562,7 @@ async function startFollow() {
       failing.delete(followState);
       const job = await getJSON(`/api/mpi_jobs/${encodeURIComponent(id)}`, { signal: ctrl.signal });
       renderJob(job);
-      if (FINAL.has(job.state) && detail.view.end >= job.log_bytes) break;
+      if (isFinal(job.state) && detail.view.end >= job.log_bytes) break;
       await new Promise((r) => setTimeout(r, 1000)); // the daemon ended the stream early
     }
   } catch (e) {
@@ -541,7 +572,7 @@ async function startFollow() {
     if (detail.ctrl === ctrl) {
       detail.ctrl = null;
       $("log-follow").checked = false;
-      if (detail.job && FINAL.has(detail.job.state)) $("log-follow").disabled = true;
+      if (detail.job && isFinal(detail.job.state)) $("log-follow").disabled = true;
     }
   }
 }
@@ -590,10 +621,11 @@ async function openJob(id, followIt) {
   $("log-follow").disabled = false;
   jobPoller.start();
   try {
+    await loadVocabulary(STYLED);
     const job = await getJSON(`/api/mpi_jobs/${encodeURIComponent(id)}`);
     if (detail.id !== id) return;
     renderJob(job);
-    $("log-follow").checked = followIt || !FINAL.has(job.state);
+    $("log-follow").checked = followIt || !isFinal(job.state);
     if ($("log-follow").checked) startFollow();
     else {
       $("log-follow").disabled = true;
