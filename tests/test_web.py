@@ -79,6 +79,11 @@ def test_page_and_its_files_are_served_with_strict_headers():
         "api.js": "text/javascript",
         "log.js": "text/javascript",
         "vocabulary.js": "text/javascript",
+        "page.js": "text/javascript",
+        "overview.js": "text/javascript",
+        "jobs.js": "text/javascript",
+        "job.js": "text/javascript",
+        "launch.js": "text/javascript",
         "style.css": "text/css",
         "icon.svg": "image/svg+xml",
     }
