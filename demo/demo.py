@@ -5,9 +5,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
+from mlbench_daemon.client import Client
 from tests.cluster import Cluster
 from tests.helpers import served
 
@@ -16,12 +16,9 @@ def say(text):
     print(f"\n\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"\n==> {text}", flush=True)
 
 
-def http(method, url, body=None, timeout=120):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"} if data else {}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
+def http(method, url, path, timeout=120):
+    """-> (status, decoded answer); a job waits up to `timeout` s."""
+    with Client(url).open(method, path, timeout=timeout) as r:
         return r.status, json.loads(r.read())
 
 
@@ -47,16 +44,16 @@ def tour(cluster, work, daemon):
     """What the demo shows, with `daemon` serving `cluster`."""
     url = daemon.url
     say(f"started: mlbench-daemon serve --config {daemon.config}")
-    print(json.dumps(http("GET", f"{url}/healthz")[1]))
+    print(json.dumps(http("GET", url, "/healthz")[1]))
     say(f"curl {url}/api/nodes/")
-    _, nodes = http("GET", f"{url}/api/nodes/?refresh=1")
+    _, nodes = http("GET", url, "/api/nodes/?refresh=1")
     print(json.dumps(nodes, indent=2))
 
     say(
         f"curl -X POST {url}/api/mpi_jobs/   "
         "(empty body: the configured MPI program on all Running workers)"
     )
-    status, job = http("POST", f"{url}/api/mpi_jobs/")
+    status, job = http("POST", url, "/api/mpi_jobs/")
     print(f"HTTP {status}")
     print(json.dumps(job, indent=2))
 

@@ -21,91 +21,42 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO, TextIO
 
 import mlbench_daemon
 from mlbench_daemon import logs
+from mlbench_daemon.client import (
+    TIMEOUT_S,
+    Client,
+    ClientError,
+    ExitStatus,
+    job_path,
+    logs_path,
+)
 from mlbench_daemon.config import read_token
 from mlbench_daemon.vocabulary import FINAL_STATES, JobState, Phase
 
 PROG = "mlbench-daemon"
 DEFAULT_URL = "http://127.0.0.1:8080"
-TIMEOUT_S = 30.0  # one request/response
 FOLLOW_READ_S = 60.0  # a silent job: reconnect the follow stream after this
 PREFLIGHT_TIMEOUT_S = 300.0  # the daemon bounds each preflight by mpi.preflight_timeout_s
 COLOURS = {Phase.RUNNING: "32", Phase.PENDING: "33", Phase.UNKNOWN: "31", Phase.FAILED: "31"}
 
 
-class Failure(Exception):
-    """One line for the user, and the exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 # --- HTTP ------------------------------------------------------------------------------
 
 
-class Client:
-    def __init__(self, url: str, token_file: str | None = None) -> None:
-        self.url = url.rstrip("/")
-        self.headers = {
-            "Accept": "application/json",
-            "User-Agent": f"{PROG}/{mlbench_daemon.__version__}",
-        }
-        if token_file:
-            try:
-                token = read_token(token_file)
-            except ValueError as e:
-                raise Failure(f"token file: {e}", 2) from None
-            self.headers["Authorization"] = f"Bearer {token}"
-
-    def open(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT_S) -> Any:
-        """-> the open response; raises Failure for an unreachable daemon or an HTTP error."""
-        data = None if body is None else json.dumps(body).encode()
-        headers = dict(self.headers, **({"Content-Type": "application/json"} if data else {}))
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+def connect(url: str, token_file: str | None = None) -> Client:
+    """The client the commands use: JSON, our name, and the token if a file is given."""
+    headers = {"Accept": "application/json", "User-Agent": f"{PROG}/{mlbench_daemon.__version__}"}
+    token = None
+    if token_file:
         try:
-            return urllib.request.urlopen(req, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            with e:
-                raise Failure(_error_message(e), 1) from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise Failure(f"cannot reach daemon at {self.url}: {reason}", 2) from None
-
-    def json(self, method: str, path: str, body: Any = None) -> Any:
-        with self.open(method, path, body) as resp:
-            raw = resp.read()
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise Failure(
-                f"daemon at {self.url} sent something that is not JSON for {method} {path}", 1
-            ) from None
-
-
-def _error_message(e: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(e.read(65536))
-        return f"HTTP {e.code}: {body['message']}"
-    except Exception:
-        return f"HTTP {e.code}: {e.reason}"
-
-
-def _logs_path(job_id: str, offset: int, follow: bool = False) -> str:
-    query = {"offset": offset, **({"follow": 1} if follow else {})}
-    job = urllib.parse.quote(str(job_id), safe="")
-    return f"/api/mpi_jobs/{job}/logs?{urllib.parse.urlencode(query)}"
-
-
-def _job_path(job_id: str) -> str:
-    return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}"
+            token = read_token(token_file)
+        except ValueError as e:
+            raise ClientError(f"token file: {e}", ExitStatus.UNUSABLE) from None
+    return Client(url, token, headers)
 
 
 def copy_logs(client: Client, job_id: str, offset: int, out: BinaryIO, follow: bool) -> int:
@@ -120,7 +71,7 @@ def copy_logs(client: Client, job_id: str, offset: int, out: BinaryIO, follow: b
         try:
             with client.open(
                 "GET",
-                _logs_path(job_id, offset, follow),
+                logs_path(job_id, offset, follow),
                 timeout=FOLLOW_READ_S if follow else TIMEOUT_S,
             ) as resp:
                 next_offset = resp.headers.get("X-Next-Offset")
@@ -130,7 +81,9 @@ def copy_logs(client: Client, job_id: str, offset: int, out: BinaryIO, follow: b
                     got += len(chunk)
         except TimeoutError:
             if not follow:
-                raise Failure(f"daemon at {client.url} stopped answering", 2) from None
+                raise ClientError(
+                    f"daemon at {client.url} stopped answering", ExitStatus.UNUSABLE
+                ) from None
             timed_out = True
         if follow:
             offset += got
@@ -200,7 +153,7 @@ def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    job = client.json("DELETE", _job_path(args.id))
+    job = client.json("DELETE", job_path(args.id))
     if args.json:
         return _print_json(job, out)
     state = job.get("state", "cancel requested") if isinstance(job, dict) else "cancel requested"
@@ -208,49 +161,40 @@ def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    program = args.program[1:] if args.program[:1] == ["--"] else args.program
-    body: dict[str, Any] = {"wait": False}
-    for key, value in (
-        ("program", program),
-        ("np", args.np),
-        ("nodes", args.node),
-        ("master", args.master),
-        ("env", dict(args.env or ())),
-        ("timeout_s", args.timeout),
-    ):
-        if value:
-            body[key] = value
+    body = dict(
+        job_body(args), wait=False, **_given(env=dict(args.env or ()), timeout_s=args.timeout)
+    )
     job = client.json("POST", "/api/mpi_jobs/", body)
     job_id = job["id"]
     offset = 0
     try:
         while True:
             offset = copy_logs(client, job_id, offset, out.buffer, follow=True)
-            job = client.json("GET", _job_path(job_id))
+            job = client.json("GET", job_path(job_id))
             if job.get("state") in FINAL_STATES:
                 break
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: cancelling job {job_id}\n")
         try:
-            client.json("DELETE", _job_path(job_id))
-        except Failure as e:
+            client.json("DELETE", job_path(job_id))
+        except ClientError as e:
             sys.stderr.write(f"{PROG}: {e}\n")
-        return 130
+        return ExitStatus.INTERRUPTED
     if args.json:
         _print_json(job, out)
     if job.get("failure"):
         sys.stderr.write(root_cause(job))
-    if isinstance(job.get("exit_code"), int):
-        return job["exit_code"]
+    if isinstance(code := job.get("exit_code"), int):
+        return code
     if job.get("state") == JobState.SUCCEEDED:
-        return 0
+        return ExitStatus.OK
     sys.stderr.write(
         f"{PROG}: job {job_id} {job.get('state')}: {job.get('error') or 'no exit code'}\n"
     )
-    return 130 if job.get("state") == JobState.CANCELLED else 1
+    return ExitStatus.INTERRUPTED if job.get("state") == JobState.CANCELLED else ExitStatus.FAILED
 
 
-def root_cause(job: dict) -> str:
+def root_cause(job: dict[str, Any]) -> str:
     """The short block `run` prints to stderr for a job that did not succeed."""
     f = job["failure"]
     where = f.get("node") or f.get("host") or "-"
@@ -277,25 +221,23 @@ def root_cause(job: dict) -> str:
     return text
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    """The options the user gave (empty ones are left to the daemon's defaults)."""
+    return {k: v for k, v in values.items() if v}
+
+
+def job_body(args: argparse.Namespace) -> dict[str, Any]:
+    """What `run` and `check` both send: the program and where to run it."""
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    return _given(program=program, np=args.np, nodes=args.node, master=args.master)
+
+
 def cmd_check(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     """Preflight: a table by node; exit 0 nothing failed, 1 a check failed, 2 API error."""
-    program = args.program[1:] if args.program[:1] == ["--"] else args.program
-    body = {}
-    for key, value in (
-        ("program", program),
-        ("np", args.np),
-        ("nodes", args.node),
-        ("master", args.master),
-    ):
-        if value:
-            body[key] = value
     try:
-        with client.open("POST", "/api/preflight/", body, timeout=PREFLIGHT_TIMEOUT_S) as resp:
-            result = json.loads(resp.read())
-    except Failure as e:
-        raise Failure(str(e), 2) from None
-    except ValueError:
-        raise Failure(f"daemon at {client.url} sent something that is not JSON", 2) from None
+        result = client.json("POST", "/api/preflight/", job_body(args), PREFLIGHT_TIMEOUT_S)
+    except ClientError as e:
+        raise ClientError(str(e), ExitStatus.UNUSABLE) from None
     if args.json:
         _print_json(result, out)
     else:
@@ -312,7 +254,7 @@ def cmd_check(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             out.write("\n")
         for c in hints:
             out.write(f"{c.get('node') or '(all)'} {c['check']}: {c['hint']}\n")
-    return 0 if result.get("ok") else 1
+    return ExitStatus.OK if result.get("ok") else ExitStatus.FAILED
 
 
 def _text(value: Any) -> str:
@@ -347,14 +289,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = config.load(args.config)
     except config.ConfigError as e:
-        raise Failure(str(e), 2) from None
+        raise ClientError(str(e), ExitStatus.UNUSABLE) from None
     logs.setup(args.log_level or cfg.log.level)
     from mlbench_daemon import server  # the heavy imports only for serve
 
     try:
         return server.Daemon(cfg).run()
     except (config.ConfigError, server.StartupError) as e:
-        raise Failure(str(e), 2) from None
+        raise ClientError(str(e), ExitStatus.UNUSABLE) from None
 
 
 # --- argument parsing ------------------------------------------------------------------
@@ -462,16 +404,17 @@ def main(
     try:
         if args.command == "serve":
             return cmd_serve(args)
-        return args.func(Client(args.url, args.token_file), args, out) or 0
-    except Failure as e:
+        code: int | None = args.func(connect(args.url, args.token_file), args, out)
+        return ExitStatus.OK if code is None else code
+    except ClientError as e:
         # under systemd the journal records `serve`'s last words as an error (sd-daemon(3))
         prio = "<3>" if args.command == "serve" and logs.under_systemd(environ) else ""
         sys.stderr.write(f"{prio}{PROG}: {e}\n")
-        return e.code
+        return e.status
     except KeyboardInterrupt:
-        return 130
+        return ExitStatus.INTERRUPTED
     except BrokenPipeError:
-        return 1
+        return ExitStatus.FAILED
 
 
 if __name__ == "__main__":

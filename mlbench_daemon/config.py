@@ -63,9 +63,10 @@ def string(value: Any) -> str:
 
 
 def nonempty(value: Any) -> str:
-    if not string(value).strip():
+    text = string(value)
+    if not text.strip():
         raise ValueError("must be a non-empty string")
-    return value
+    return text
 
 
 @_expanded
@@ -448,15 +449,101 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
 
 SECTIONS = tuple(dict.fromkeys(s for s, *_ in SETTINGS))
 
-_section_types = {
-    section: dataclasses.make_dataclass(
-        section.title(), [k for s, k, *_ in SETTINGS if s == section], frozen=True
-    )
-    for section in SECTIONS
-}
 
-Config = dataclasses.make_dataclass("Config", list(SECTIONS), frozen=True)
-Config.__doc__ = "One frozen object per section: cfg.server.port, cfg.ssh.user, ..."
+# One frozen dataclass per section, a field per key of SETTINGS in the same
+# order (tests/test_config.py checks that the table and these agree); the
+# defaults, converters and docs stay in SETTINGS.
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+    token_file: str
+    threads: int
+    max_body_bytes: int
+    max_streams: int
+    allowed_hosts: list[str]
+    allowed_origins: list[str]
+    public_metrics: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Discovery:
+    service: str
+    srv: str
+    nameservers: list[str]
+    namespace: str
+    selector: str
+    refresh_s: float
+    timeout_s: float
+    recheck_s: float
+    label_rules: list[dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ssh:
+    user: str
+    port: int
+    key_file: str
+    known_hosts: str
+    host_key_policy: str
+    connect_timeout_s: float
+    probe_interval_s: float
+    verify_interval_s: float
+    keepalive_s: float
+    max_connects: int
+    max_channels: int
+    use_system_known_hosts: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Mpi:
+    mpirun: str
+    flavour: str
+    program: list[str]
+    args: list[str]
+    max_concurrent_jobs: int
+    queue_size: int
+    default_timeout_s: float
+    cancel_grace_s: float
+    lost_after_s: float
+    preflight_timeout_s: float
+    remote_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    dir: str
+    keep_days: float
+    max_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Log:
+    level: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One frozen object per section: cfg.server.port, cfg.ssh.user, ..."""
+
+    server: Server
+    discovery: Discovery
+    ssh: Ssh
+    mpi: Mpi
+    state: State
+    log: Log
+
+
+SECTION_TYPES: dict[str, type] = {
+    "server": Server,
+    "discovery": Discovery,
+    "ssh": Ssh,
+    "mpi": Mpi,
+    "state": State,
+    "log": Log,
+}
 
 
 def _expand(text: str, environ: Mapping[str, str]) -> str:
@@ -483,7 +570,7 @@ def _show(value: Any) -> str:
 
 def load(
     path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] = os.environ
-) -> Any:
+) -> Config:
     """Read the TOML file at *path* (None = defaults only) plus env overrides."""
     data = {}
     if path is not None:
@@ -532,7 +619,7 @@ def load(
         except ValueError as e:
             raise ConfigError(f"{where}: {e}, got {_show(value)}") from None
 
-    return Config(**{s: _section_types[s](**values[s]) for s in SECTIONS})
+    return Config(**{s: SECTION_TYPES[s](**values[s]) for s in SECTIONS})
 
 
 def _env_key(name: str, known: set[tuple[str, str]]) -> bool:

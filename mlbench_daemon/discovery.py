@@ -47,7 +47,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-from mlbench_daemon import metrics
+from mlbench_daemon import config, metrics
 from mlbench_daemon.config import parse_nameserver
 from mlbench_daemon.vocabulary import DiscoveryReason, checked
 
@@ -67,7 +67,7 @@ class DiscoveryError(Exception):
 # --- nodes -----------------------------------------------------------------------------
 
 
-class Labels(dict):
+class Labels(dict[str, str]):
     """A read-only, hashable dict with its keys in sorted order.
 
     A dict (not just a Mapping) so that json.dumps and str() treat it like the plain dict
@@ -283,7 +283,11 @@ def _ip_order(address: str) -> tuple[int, int]:
 
 class Discovery:
     def __init__(
-        self, cfg: Any, resolver: dns.resolver.Resolver | None = None, *, ssh_port: int = 22
+        self,
+        cfg: config.Discovery,
+        resolver: dns.resolver.Resolver | None = None,
+        *,
+        ssh_port: int = 22,
     ) -> None:
         if not cfg.service:
             raise ValueError("discovery.service is empty")
@@ -515,7 +519,7 @@ class _Pass:
         self.deadline = deadline
         self.ttl = float("inf")
         self.nxdomain: set[dns.name.Name] = set()
-        self.used: set[tuple] = set()
+        self.used: set[tuple[str, Any]] = set()
         self.targets: set[dns.name.Name] = set()  # SRV targets seen
         self.names: set[str] = set()  # node names seen
         self.notes: dict[dns.name.Name, str] = {}  # SRV target -> note on its address

@@ -44,7 +44,7 @@ def known_names(ip: str, port: int, host: str | None = None) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class KnownKey:
-    patterns: tuple
+    patterns: tuple[str, ...]
     key: paramiko.PKey
     revoked: bool = False
 

@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Discovery, DiscoveryError, Node, Selector, natural_key
 from mlbench_daemon.ssh_errors import SSHError, Untrusted
 from mlbench_daemon.timefmt import iso
@@ -225,7 +226,7 @@ def probe_result(
 class Registry:
     def __init__(
         self,
-        cfg: Any,
+        cfg: Config,
         discovery: Discovery,
         pool: Prober,
         clock: Callable[[], float] = time.monotonic,

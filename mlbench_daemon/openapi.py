@@ -353,7 +353,7 @@ _PREFLIGHT_OP = {
                 "additionalProperties": False,
                 "properties": {
                     k: v
-                    for k, v in cast(dict, SCHEMAS["JobRequest"])["properties"].items()
+                    for k, v in cast(dict[str, Any], SCHEMAS["JobRequest"])["properties"].items()
                     if k in ("program", "np", "selector", "nodes", "master")
                 },
             }

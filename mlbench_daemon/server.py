@@ -49,7 +49,7 @@ class StartupError(Exception):
     """The daemon cannot start; str() is one line for the user."""
 
 
-def read_token(server_cfg: Any) -> str | None:
+def read_token(server_cfg: config.Server) -> str | None:
     """The API token from server.token_file, or None; refuses a non-loopback bind without one."""
     path = server_cfg.token_file
     if not path:
@@ -66,7 +66,7 @@ def read_token(server_cfg: Any) -> str | None:
 
 
 class Daemon:
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: config.Config) -> None:
         self.cfg = cfg
         token = read_token(cfg.server)
         if cfg.server.max_streams >= cfg.server.threads:

@@ -15,12 +15,12 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.client import HTTPConnection
 from pathlib import Path
 from typing import IO
 
 import jsonschema_rs
 
+from mlbench_daemon.client import Client, ClientError, ExitStatus
 from tests.cluster import Cluster, free_port, stop_process  # free_port: the cluster needs it too
 
 __all__ = [
@@ -138,6 +138,13 @@ def append_log(store, job_id: str, data: bytes) -> int:
         return f.tell()
 
 
+def _split(url: str) -> tuple[Client, str]:
+    """A client for `url`'s scheme and host, and the rest of it (path and query)."""
+    u = urllib.parse.urlsplit(url)
+    rest = urllib.parse.urlunsplit(("", "", u.path or "/", u.query, ""))
+    return Client(f"{u.scheme}://{u.netloc}"), rest
+
+
 def http(
     url: str,
     method: str = "GET",
@@ -145,18 +152,14 @@ def http(
     timeout: float = 30,
     headers: dict | None = None,
 ) -> tuple[int, bytes]:
-    """One HTTP call -> (status, body); raises urllib's HTTPError on an error status."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url,
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        answer = r.read()
-        _check_url(url, method, r.status, r.headers.get("Content-Type"), answer, headers)
-        return r.status, answer
+    """One HTTP call -> (status, body), the answer checked against the served document;
+    raises ClientError on an error status, OSError when no answer comes."""
+    client, path = _split(url)
+    answer = client.call(method, path, body, timeout, headers)
+    _check_url(url, method, answer.status, answer.headers.get("Content-Type"), answer.body, headers)
+    if answer.status >= 400:
+        raise ClientError(f"HTTP {answer.status}: {answer.body[:200]!r}", ExitStatus.FAILED)
+    return answer.status, answer.body
 
 
 def serve_argv(config: object, *extra: str) -> list[str]:
@@ -165,32 +168,19 @@ def serve_argv(config: object, *extra: str) -> list[str]:
 
 
 def call_json(url: str, method: str = "GET", body: object = None, timeout: float = 60) -> object:
-    """One JSON call over urllib -> the decoded answer; raises HTTPError on an error status."""
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data else {}
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # loopback only
-        answer = r.read()
-        _check_url(url, method, r.status, r.headers.get("Content-Type"), answer)
-        return json.loads(answer)
+    """One JSON call -> the decoded answer; raises ClientError on an error status, OSError
+    when no answer comes."""
+    return json.loads(http(url, method, body, timeout)[1])
 
 
 def call_port(
     port: int, method: str, path: str, body: object = None, timeout: float = 600
 ) -> tuple[int, object]:
     """One JSON call to 127.0.0.1:`port` -> (status, decoded answer), whatever the status."""
-    conn = HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": "application/json"} if data else {}
-        conn.request(method, path, body=data, headers=headers)
-        r = conn.getresponse()
-        answer = r.read()
-        doc = served_document(f"http://127.0.0.1:{port}")
-        check_answer(doc, method, path, r.status, r.getheader("Content-Type"), answer)
-        return r.status, json.loads(answer)
-    finally:
-        conn.close()
+    answer = Client(f"http://127.0.0.1:{port}").call(method, path, body, timeout)
+    doc = served_document(f"http://127.0.0.1:{port}")
+    check_answer(doc, method, path, answer.status, answer.headers.get("Content-Type"), answer.body)
+    return answer.status, answer.json()
 
 
 def wait_hosts_running(

@@ -24,6 +24,7 @@ from waitress import wasyncore
 
 import mlbench_daemon
 from mlbench_daemon import cli, logs, metrics
+from mlbench_daemon.client import Client
 
 TOKEN = "s3cret-token"
 NODES = [
@@ -385,7 +386,7 @@ def test_jobs_and_cancel(standin):
 
 
 def _start(standin, argv):
-    client = cli.Client(standin.url)
+    client = Client(standin.url)
     return client.json("POST", "/api/mpi_jobs/", {"program": argv, "wait": False})["id"]
 
 

@@ -37,6 +37,23 @@ def test_defaults_match_the_table():
     assert cfg.mpi.program == ["/usr/local/bin/python", "/app/main.py"]
 
 
+def test_the_table_and_the_dataclasses_agree():
+    """Each key of SETTINGS is a field of its section's dataclass, in order, and no more;
+    a loaded value has the field's declared type."""
+    assert [f.name for f in dataclasses.fields(config.Config)] == list(config.SECTIONS)
+    assert list(config.SECTION_TYPES) == list(config.SECTIONS)
+    cfg = load(None, ENV)
+    for f in dataclasses.fields(config.Config):
+        assert config.SECTION_TYPES[f.name] is f.type
+        declared = [k for s, k, *_ in config.SETTINGS if s == f.name]
+        fields = dataclasses.fields(config.SECTION_TYPES[f.name])
+        assert [g.name for g in fields] == declared, f.name
+        for g in fields:
+            value = getattr(getattr(cfg, f.name), g.name)
+            origin = getattr(g.type, "__origin__", g.type)
+            assert isinstance(value, origin), (f.name, g.name, g.type, value)
+
+
 def test_sections_are_frozen():
     cfg = load(None, ENV)
     with pytest.raises(dataclasses.FrozenInstanceError):

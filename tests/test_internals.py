@@ -1,11 +1,15 @@
 """The private internals of paramiko and waitress the daemon relies on, one test each.
 
+The paramiko ones are every use in mlbench_daemon/ssh/internals.py, one-to-one (checked
+by test_every_paramiko_internal_has_its_test).
+
 pyproject.toml bounds both packages; when an upgrade inside the bounds removes or
 changes one of these, its test fails naming the internal and the code that uses it.
 No network: paramiko's objects are built on a socket pair, waitress binds loopback.
 """
 
 import inspect
+import re
 import socket
 
 import paramiko
@@ -14,7 +18,7 @@ import waitress
 from paramiko.buffered_pipe import BufferedPipe
 from waitress import wasyncore
 
-from mlbench_daemon import ssh
+from mlbench_daemon.ssh import internals
 
 pytestmark = pytest.mark.logic
 
@@ -40,31 +44,32 @@ def transport():
 
 
 def test_paramiko_packetizer_rekey_limits(transport):
-    """ssh._tune sets Packetizer.REKEY_BYTES/REKEY_PACKETS to never start a rekey itself."""
-    packetizer = need(transport, "packetizer", "ssh._tune (Transport.packetizer)")
+    """internals.tune sets Packetizer.REKEY_BYTES/REKEY_PACKETS to never start a rekey itself."""
+    packetizer = need(transport, "packetizer", "internals.tune (Transport.packetizer)")
     for name in ("REKEY_BYTES", "REKEY_PACKETS"):
-        assert isinstance(need(packetizer, name, f"ssh._tune (Packetizer.{name})"), int)
-    ssh._tune(transport)
+        assert isinstance(need(packetizer, name, f"internals.tune (Packetizer.{name})"), int)
+    internals.tune(transport)
     assert packetizer.REKEY_BYTES == packetizer.REKEY_PACKETS == 2**62
 
 
 def test_paramiko_channel_in_buffer_is_replaceable_by_chunkpipe():
-    """ssh._open_session replaces Channel.in_buffer (a BufferedPipe) with ssh._ChunkPipe,
+    """internals.open_session replaces Channel.in_buffer (a BufferedPipe) with internals.ChunkPipe,
     which must offer every method the channel calls on it."""
     chan = paramiko.Channel(0)
     assert isinstance(
-        need(chan, "in_buffer", "ssh._open_session (Channel.in_buffer)"), BufferedPipe
+        need(chan, "in_buffer", "internals.open_session (Channel.in_buffer)"), BufferedPipe
     )
     wanted = {
         n for n, _ in inspect.getmembers(BufferedPipe, inspect.isfunction) if not n.startswith("_")
     }
-    missing = {n for n in wanted | {"__len__"} if not hasattr(ssh._ChunkPipe, n)}
-    assert not missing, f"BufferedPipe has methods ssh._ChunkPipe lacks: {sorted(missing)}"
+    missing = {n for n in wanted | {"__len__"} if not hasattr(internals.ChunkPipe, n)}
+    assert not missing, f"BufferedPipe has methods internals.ChunkPipe lacks: {sorted(missing)}"
 
 
 def test_paramiko_pipe_timeout():
-    """ssh._ChunkPipe.read raises paramiko.buffered_pipe.PipeTimeout, as the channel expects."""
-    pipe = ssh._ChunkPipe()
+    """internals.ChunkPipe.read raises paramiko.buffered_pipe.PipeTimeout, as the channel
+    expects."""
+    pipe = internals.ChunkPipe()
     with pytest.raises(paramiko.buffered_pipe.PipeTimeout):
         pipe.read(10, timeout=0.01)
     stock = BufferedPipe()
@@ -73,30 +78,55 @@ def test_paramiko_pipe_timeout():
 
 
 def test_paramiko_channel_status_event():
-    """ssh._exit_status waits on Channel.status_event (an Event set with the exit status)."""
+    """internals.exit_status waits on Channel.status_event (an Event set with the exit status)."""
     chan = paramiko.Channel(0)
-    event = need(chan, "status_event", "ssh._exit_status (Channel.status_event)")
+    event = need(chan, "status_event", "internals.exit_status (Channel.status_event)")
     assert hasattr(event, "wait") and hasattr(event, "is_set")
 
 
 def test_paramiko_transport_polls_on_its_socket_timeout(transport):
-    """ssh.Connection._connect raises the socket's timeout to ssh.TRANSPORT_POLL_S after the
+    """internals.slow_transport_poll raises the socket's timeout to TRANSPORT_POLL_S after the
     login: paramiko's transport thread sets it to Transport._active_check_timeout (0.1 s) and
     only checks for close and keepalives on each timeout, so a longer one only slows those."""
-    need(paramiko.Transport, "_active_check_timeout", "ssh.TRANSPORT_POLL_S (the poll it slows)")
+    need(paramiko.Transport, "_active_check_timeout", "internals.slow_transport_poll")
     assert transport.sock.gettimeout() == paramiko.Transport._active_check_timeout
     source = inspect.getsource(paramiko.packet.Packetizer.read_all)
     assert "socket.timeout" in source and "_check_keepalive" in source, (
         "Packetizer.read_all no longer treats a socket timeout as an idle tick; "
-        "ssh.TRANSPORT_POLL_S relies on it"
+        "internals.TRANSPORT_POLL_S relies on it"
     )
+    internals.slow_transport_poll(transport.sock)
+    assert transport.sock.gettimeout() == internals.TRANSPORT_POLL_S
 
 
 def test_paramiko_open_failure_codes():
-    """ssh.check_listener tells refused forwarding from a failed connect by the open-failure
-    codes."""
+    """internals.open_failure tells refused forwarding from a failed connect by the
+    open-failure codes."""
     for name in ("OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED", "OPEN_FAILED_CONNECT_FAILED"):
-        need(paramiko.common, name, "ssh.Pool.check_listener")
+        need(paramiko.common, name, "internals.open_failure")
+    for code, why in (
+        (paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, "prohibited"),
+        (paramiko.common.OPEN_FAILED_CONNECT_FAILED, "connect-failed"),
+        (paramiko.common.OPEN_FAILED_RESOURCE_SHORTAGE, "other"),
+    ):
+        assert internals.open_failure(paramiko.ChannelException(code, "x")) == why
+
+
+def test_every_paramiko_internal_has_its_test():
+    """Each function and class of ssh/internals.py is named by a test here, and each name
+    a test gives is one of them: the module and this file match one-to-one."""
+    defined = {
+        name
+        for name, obj in vars(internals).items()
+        if not name.startswith("_")
+        and callable(obj)
+        and getattr(obj, "__module__", None) == internals.__name__
+    }
+    named: set[str] = set()
+    for name, fn in globals().items():
+        if name.startswith("test_paramiko_"):
+            named |= set(re.findall(r"internals\.([a-z_]+|[A-Z][A-Za-z]+)\b", fn.__doc__ or ""))
+    assert defined == named
 
 
 # --- waitress ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mlbench_daemon import config, ssh
-from mlbench_daemon.ssh import CommandTimeout, Pool, Unreachable, Untrusted
+from mlbench_daemon.ssh import CommandTimeout, Pool, Unreachable, Untrusted, internals, listener
 
 CONNECT_TIMEOUT = 2.0
 
@@ -156,8 +156,8 @@ def test_listener_check_is_made_from_the_node_and_sees_what_the_session_hides(cl
     h = cluster.hosts[1]
     pool.probe(h.ip, 22, h.fqdn)
     assert pool.check_listener(h.ip, 22) > 0
-    conn = pool.connection(h.ip, 22)
-    assert conn.forwarding and conn.head_check is None  # no connect from here
+    route = pool.listener.route(h.ip, 22)
+    assert route.forwarding and route.head_check is None  # no connect from here
     cluster.stop_listener(h)
     assert pool.probe(h.ip, 22) > 0  # the old session still works ...
     e = bounded(lambda: pool.check_listener(h.ip, 22), 3 * CONNECT_TIMEOUT)
@@ -176,12 +176,12 @@ def test_listener_check_from_here_when_the_node_forbids_forwarding(cluster, pool
     cluster.set_sshd_option(h, "AllowTcpForwarding", "no")
     pool.probe(h.ip, 22, h.fqdn)
     assert pool.check_listener(h.ip, 22) > 0
-    conn = pool.connection(h.ip, 22)
-    assert not conn.forwarding and conn.head_check is not None
+    route = pool.listener.route(h.ip, 22)
+    assert not route.forwarding and route.head_check is not None
     cluster.stop_listener(h)
     # checked from here at most every HEAD_CHECK_EVERY_S (fail2ban): the last answer stands
     assert pool.check_listener(h.ip, 22) > 0
-    monkeypatch.setattr(ssh, "HEAD_CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(listener, "HEAD_CHECK_EVERY_S", 0.0)
     e = bounded(lambda: pool.check_listener(h.ip, 22), 3 * CONNECT_TIMEOUT)
     assert (e.phase, e.reason) == ("Unknown", "connection-refused")
 
@@ -512,7 +512,7 @@ def test_classify_maps_each_failure_once():
 
 @given(st.lists(st.binary(max_size=300), max_size=20), st.lists(st.integers(1, 400), min_size=1))
 def test_chunk_pipe_reads_what_paramikos_pipe_reads(feeds, sizes):
-    ours, theirs = ssh._ChunkPipe(), paramiko.buffered_pipe.BufferedPipe()
+    ours, theirs = internals.ChunkPipe(), paramiko.buffered_pipe.BufferedPipe()
     for data in feeds:
         ours.feed(data)
         theirs.feed(data)
@@ -526,7 +526,7 @@ def test_chunk_pipe_reads_what_paramikos_pipe_reads(feeds, sizes):
 
 
 def test_chunk_pipe_blocking_timeout_close_and_event():
-    pipe, event = ssh._ChunkPipe(), threading.Event()
+    pipe, event = internals.ChunkPipe(), threading.Event()
     pipe.set_event(event)
     assert not event.is_set() and not pipe.read_ready()
     with pytest.raises(paramiko.buffered_pipe.PipeTimeout):

@@ -1,10 +1,10 @@
-"""ssh.py's pieces that need no sshd."""
+"""The ssh package's pieces that need no sshd."""
 
 import threading
 
 import pytest
 
-from mlbench_daemon import ssh
+from mlbench_daemon.ssh.connection import Watchdog
 
 pytestmark = pytest.mark.logic
 
@@ -20,7 +20,7 @@ def test_a_watchdog_whose_action_fails_leaves_no_thread_exception(monkeypatch):
         done.set()
         raise EOFError
 
-    with ssh._Watchdog(0, close) as dog:
+    with Watchdog(0, close) as dog:
         assert done.wait(10)
         dog._timer.join(10)
     assert dog.fired and not escaped

@@ -78,6 +78,12 @@ def test_page_and_its_files_are_served_with_strict_headers():
         "app.js": "text/javascript",
         "api.js": "text/javascript",
         "log.js": "text/javascript",
+        "vocabulary.js": "text/javascript",
+        "page.js": "text/javascript",
+        "overview.js": "text/javascript",
+        "jobs.js": "text/javascript",
+        "job.js": "text/javascript",
+        "launch.js": "text/javascript",
         "style.css": "text/css",
         "icon.svg": "image/svg+xml",
     }
@@ -787,6 +793,69 @@ def test_the_failure_object_is_shown(tab, daemon, cluster):
     cause = " ".join([failure["kind"], *where]) + f": {failure['message']}"
     page.goto(f"{daemon.url}/#/jobs")
     wait_text(page.locator(f'#jobs tr[data-key="{job["id"]}"]'), re.escape(cause))
+    assert not tab.console_errors() and not tab.errors and not tab.csp()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_the_page_takes_states_and_phases_from_the_served_document(tab, daemon):
+    """The state filter lists JobState.enum of /api/openapi.json and the counts list
+    Phase.enum: served as they are, then with a name added and one the page styles
+    taken out (which the page reports on the console)."""
+    page = tab.open("#/jobs")
+    doc = daemon.json("GET", "/api/openapi.json")[1]
+    states = doc["components"]["schemas"]["JobState"]["enum"]
+    options = page.locator("#state-filter option")
+    wait_for(lambda: options.count() == len(states) + 1, FEW_S, "the state filter's options")
+    assert [options.nth(i).get_attribute("value") for i in range(len(states) + 1)] == [
+        "",
+        *states,
+    ]
+    assert not tab.console_errors()
+    schemas = doc["components"]["schemas"]
+    schemas["JobState"]["enum"] = [s for s in states if s != "cancelled"] + ["paused"]
+    schemas["Phase"]["enum"] = [*schemas["Phase"]["enum"], "Draining"]
+    tab.page.route(
+        "**/api/openapi.json",
+        lambda route: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps(doc)
+        ),
+    )
+    page = tab.open("#/")
+    page.reload()  # the same page with only another hash: load it again
+    wait_text(page.locator("#phase-counts"), r"\? Draining: 0")
+    page.locator('nav a[data-view="jobs"]').click()
+    wait_for(
+        lambda: page.locator('#state-filter option[value="paused"]').count() == 1,
+        FEW_S,
+        "the added state",
+    )
+    assert page.locator('#state-filter option[value="cancelled"]').count() == 0
+    assert any('states "cancelled"' in e for e in tab.console_errors())
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_stale_discovery_line_says_why_from_the_node_list_header(tab, daemon, cluster):
+    """/healthz says only whether discovery is stale; the reason is the node list's
+    X-Discovery-Stale header, and the page shows that."""
+    page = tab.open("#/")
+    page.wait_for_selector("#nodes tbody tr")
+    stale = page.locator("#stale-line")
+    assert stale.is_hidden()
+    cluster.stop_dns()
+    try:
+        stale.wait_for(state="visible", timeout=HANG * 1000)
+
+        def shows_the_header():
+            reason = daemon.request("GET", "/api/nodes/")[1].get("x-discovery-stale")
+            text = stale.inner_text()
+            return reason not in (None, "stale") and text == f"DNS discovery is stale: {reason}"
+
+        wait_for(shows_the_header, FEW_S, "the stale line never gave the header's reason")
+    finally:
+        cluster.start_dns()
+    stale.wait_for(state="hidden", timeout=HANG * 1000)
     assert not tab.console_errors() and not tab.errors and not tab.csp()
 
 

@@ -29,6 +29,7 @@ import re
 import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mlbench_daemon.jobs import flavour as flavours
 from mlbench_daemon.vocabulary import FailureKind, JobReason
@@ -259,7 +260,7 @@ _SSH_HOST = re.compile(
 )
 
 
-def parse_openmpi4(text: str) -> dict | None:
+def parse_openmpi4(text: str) -> dict[str, Any] | None:
     """The first known verdict in OpenMPI 4 output -> facts, or None.
 
     Keys: kind, and any of rank, host, exit_code, signal, detail, peer."""
@@ -312,7 +313,7 @@ def _signame(num: int | None, detail: str | None) -> str:
         return detail or str(num)
 
 
-def empty(kind: str, message: str | None = None) -> dict:
+def empty(kind: str, message: str | None = None) -> dict[str, Any]:
     return {
         "kind": kind,
         "node": None,
@@ -337,7 +338,7 @@ def attribute(
     nodes: Sequence[NodeRef],
     error: str | None = None,
     flavour: str = "openmpi4",
-) -> dict | None:
+) -> dict[str, Any] | None:
     """The `failure` of a job that did not succeed (None for a succeeded job).
 
     `flavour`: the launcher the job ran with; OpenMPI 4's texts are parsed here, the

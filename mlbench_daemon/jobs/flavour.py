@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mlbench_daemon.vocabulary import FlavourName
 
@@ -218,12 +219,12 @@ _HYDRA_EXE = re.compile(r"\[proxy:[\d:]+@([^\]]+)\] [^\n]*execvp error on file (
 _HYDRA_LAUNCH = re.compile(r"Launch proxy failed|Unable to run bstrap_proxy")
 
 
-def parse_failure(flavour: str, text: str) -> dict | None:
+def parse_failure(flavour: str, text: str) -> dict[str, Any] | None:
     """The first known verdict in the launcher's output -> facts, or None."""
     return _parse_hydra(text) if flavour == "mpich" else _parse_openmpi(text)
 
 
-def _parse_openmpi(text: str) -> dict | None:
+def _parse_openmpi(text: str) -> dict[str, Any] | None:
     m = _OMPI_SIGNAL.search(text)
     if m:
         return {"kind": "rank-signal", "rank": int(m[1]), "host": m[3], "signal": int(m[4])}
@@ -243,7 +244,7 @@ def _parse_openmpi(text: str) -> dict | None:
     return None
 
 
-def _parse_hydra(text: str) -> dict | None:
+def _parse_hydra(text: str) -> dict[str, Any] | None:
     m = _HYDRA_BAD.search(text)
     if m:
         return {
@@ -275,7 +276,7 @@ def explain(
     command: Sequence[str],
     launcher_host: str | None,
     exit_code: int | None = None,
-) -> dict | None:
+) -> dict[str, Any] | None:
     """Facts (kind, rank, host as the launcher printed it, ...), or None when nothing
     is known; failure.attribute finds the node and words the message.
 

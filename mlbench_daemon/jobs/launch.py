@@ -1,25 +1,35 @@
 """Launching a job: find a master that can run mpirun, start it detached, confirm its pid.
 
-The first stage of a ``JobRun`` (``run.launch``), also taken by a job that a
-previous daemon left half-launched (``_relaunched``).  A launch whose answer is
-lost is never recorded as failed while the job may be running: the pid file on
-the master decides.
+``Launcher.launch`` is the first stage of a ``JobRun`` (run.py), also taken by a job
+that a previous daemon left half-launched.  It returns ``Launched(pid)`` or
+``LaunchFailed`` (the final state the job ends in); recording the outcome is the
+JobRun's.  A launch whose answer is lost is never recorded as failed while the job may
+be running: the pid file on the master decides.  This module imports nothing of run.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from mlbench_daemon import config
 from mlbench_daemon.discovery import Node
 from mlbench_daemon.jobs import flavour
-from mlbench_daemon.jobs.placement import master_order, mpirun_argv, node_row, still_running
-from mlbench_daemon.jobs.remote import Host
+from mlbench_daemon.jobs.clock import Clock
+from mlbench_daemon.jobs.placement import (
+    Registry,
+    master_order,
+    mpirun_argv,
+    node_row,
+    still_running,
+)
+from mlbench_daemon.jobs.remote import Host, Remote
 from mlbench_daemon.ssh_errors import SSHError
+from mlbench_daemon.store import Store
 from mlbench_daemon.vocabulary import JobReason, JobState
-
-if TYPE_CHECKING:
-    from mlbench_daemon.jobs.run import JobRun
 
 log = logging.getLogger(__name__)
 
@@ -34,129 +44,187 @@ class MasterLost(Exception):
     """The master stayed unreachable for mpi.lost_after_s: record the job lost."""
 
 
-def launch(run: JobRun, rec: dict) -> dict | None:
-    """Pick a master, start the job detached -> the updated record, None if it ended."""
-    if rec["master_name"]:  # a previous run died while launching: did the job start?
-        return _relaunched(run, rec)
-    if run.cancel_reason:
-        run.finish(JobState.CANCELLED, reason=run.cancel_reason)
-        return None
-    master, flavour_name, nodes, failed = _pick_master(run)
-    if master is None or flavour_name is None:
-        run.finish(JobState.FAILED, reason=JobReason.NO_USABLE_MASTER, error="; ".join(failed))
-        return None
-    env = run.env or {}
-    command = mpirun_argv(
-        run.mpi.mpirun, run.mpi.args, nodes, run.np, sorted(env), run.program, flavour_name
-    )
-    job_dir = f"{run.mpi.remote_dir.rstrip('/')}/{run.id}"
-    run.ctx.store.update(
-        run.id,
-        flavour=flavour_name,
-        master_name=master.name,
-        master_ip=master.ip,
-        master_port=master.port,
-        nodes=[node_row(n) for n in nodes],
-        command=command,
-        remote_dir=job_dir,
-        error=("; ".join(failed) or None),
-    )
-    run.env = None
-    host = Host(master.ip, master.port)
-    try:
-        marker = flavour.get(flavour_name).marker_env(run.id)
-        pid, why = run.ctx.remote.launch(host, job_dir, run.id, command, env, marker)
-    except SSHError as e:
-        # the job may have started and only the answer was lost: its pid file tells
-        log.warning(
-            "job %s: no answer from the launch on %s (%s); asking for its pid file",
-            *(run.id, master.name, e),
+def check_reachable(limit: float, clock: Clock, down_since: float, error: SSHError) -> None:
+    """Raise MasterLost once the master has been unreachable for `limit` s (0 = never)."""
+    if limit and clock.monotonic() - down_since >= limit:
+        raise MasterLost(
+            f"the master was unreachable for {limit:g} s ({error}); the job may "
+            "still be running there, unobserved"
         )
-        pid = _confirmed_pid(run, host, job_dir)
-        why = f"{e.reason}: {e}; the master has no record of the job"
-    if pid is None:
-        run.finish(JobState.FAILED, reason=JobReason.LAUNCH_FAILED, error=why)
-        return None
-    log.info("job %s: started on %s as process group %d", run.id, master.name, pid)
-    return run.running(pid)
 
 
-def _pick_master(run: JobRun) -> tuple[Node | None, str | None, list[Node], list[str]]:
-    """The first candidate that can run mpirun -> (master, its launcher's flavour, nodes
-    left, failures).
+@dataclasses.dataclass(frozen=True)
+class Launched:
+    """The job runs on its master as process group `pid`."""
 
-    Only `command -v mpirun`, or once per master with mpi.flavour auto `mpirun
-    --version`: the full preflight (preflight.py) is never in the path of a launch."""
-    failed: list[str] = []
-    if run.names is not None:  # queued before a restart: its nodes as they are now
-        run.candidates, failed = still_running(run.ctx.registry, run.names)
-    nodes = list(run.candidates)
-    for node in master_order(nodes, run.master):
-        why, flavour_name = _cannot_run_mpirun(run, node)
-        if why is None:
-            return node, flavour_name, nodes, failed
-        log.warning("job %s: master candidate %s cannot run mpirun: %s", run.id, node.name, why)
-        failed.append(f"{node.name}: {why}")
-        nodes.remove(node)
-    return None, None, nodes, failed
+    pid: int
 
 
-def _cannot_run_mpirun(run: JobRun, node: Node) -> tuple[str | None, str | None]:
-    """(None, flavour) if `node` can run mpirun now, else (why not, None).
+@dataclasses.dataclass(frozen=True)
+class LaunchFailed:
+    """The launch ended the job: the final state to record."""
 
-    With mpi.flavour auto, a master not asked before runs `<mpirun> --version` (which
-    also proves it is there); the answer is kept for that master and launcher path."""
-    launcher, host = run.mpi.mpirun, Host(node.ip, node.port)
-    known = run.ctx.flavour_for(node)
-    try:
-        if known:
-            if run.ctx.remote.has_program(host, launcher):
-                return None, known
-            run.ctx.flavours.pop((node.ip, node.port, launcher), None)
-            return f"{launcher} not found", None
-        rc, text = run.ctx.remote.version(host, launcher)
-    except SSHError as e:
-        return f"{e.reason}: {e}", None
-    key = (node.ip, node.port, launcher)
-    if rc != 0:
-        run.ctx.flavours.pop(key, None)
-        return (f"{launcher} not found" if rc == 127 else f"{launcher} --version exited {rc}"), None
-    try:
-        run.ctx.flavours[key] = flavour.detect(text)
-    except ValueError as e:
-        return f"{launcher}: {e}; set mpi.flavour", None
-    log.info("%s: %s is %s (%s)", node.name, launcher, *run.ctx.flavours[key])
-    return None, run.ctx.flavours[key][0]
+    state: JobState
+    reason: JobReason
+    error: str | None = None
 
 
-def _confirmed_pid(run: JobRun, host: Host, job_dir: str) -> int | None:
-    """The pid a launch wrote on the master, or None if it wrote none.  While the
-    master cannot be asked, the job stays pending and we keep asking (a job that
-    may be running is never recorded as failed); a stop leaves it for the next run."""
-    clock = run.ctx.clock
-    backoff, down_since = BACKOFF_S[0], clock.monotonic()
-    while True:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What a launch needs to know of its job."""
+
+    id: str
+    program: Sequence[str]
+    np: int | None
+    env: Mapping[str, str]
+    master: str | None  # the requested master's name
+    candidates: Sequence[Node]  # the nodes chosen at submission
+    names: Sequence[str] | None  # node names of a job queued again after a restart
+    cancel_reason: JobReason | None  # a cancel that came before the launch
+
+
+class Launcher:
+    """Launches the jobs of one Jobs; keeps what each master's launcher is."""
+
+    def __init__(
+        self,
+        mpi: config.Mpi,
+        store: Store,
+        remote: Remote,
+        registry: Registry,
+        clock: Clock,
+        stop: threading.Event,
+    ) -> None:
+        self.mpi, self.store, self.remote, self.registry = mpi, store, remote, registry
+        self.clock, self.stop = clock, stop
+        # (master ip, port, launcher path) -> (flavour, version), asked once per master
+        self.flavours: dict[tuple[str, int, str], tuple[str, str]] = {}
+
+    def flavour_for(self, node: Node) -> str | None:
+        """The flavour of the launcher on `node`: mpi.flavour, or what `--version`
+        said there before (auto); None if not known yet."""
+        if self.mpi.flavour != "auto":
+            return str(self.mpi.flavour)
+        known = self.flavours.get((node.ip, node.port, self.mpi.mpirun))
+        return known[0] if known else None
+
+    def launch(self, job: Job, rec: dict[str, Any]) -> Launched | LaunchFailed:
+        """Pick a master, start the job detached, confirm its pid.  Raises Stopped (the
+        daemon stops) or MasterLost (the master stayed unreachable)."""
+        if rec["master_name"]:  # a previous run died while launching: did the job start?
+            return self._relaunched(job, rec)
+        if job.cancel_reason:
+            return LaunchFailed(JobState.CANCELLED, job.cancel_reason)
+        master, flavour_name, nodes, failed = self._pick_master(job)
+        if master is None or flavour_name is None:
+            return LaunchFailed(JobState.FAILED, JobReason.NO_USABLE_MASTER, "; ".join(failed))
+        env = job.env
+        command = mpirun_argv(
+            self.mpi.mpirun, self.mpi.args, nodes, job.np, sorted(env), job.program, flavour_name
+        )
+        job_dir = f"{self.mpi.remote_dir.rstrip('/')}/{job.id}"
+        self.store.update(
+            job.id,
+            flavour=flavour_name,
+            master_name=master.name,
+            master_ip=master.ip,
+            master_port=master.port,
+            nodes=[node_row(n) for n in nodes],
+            command=command,
+            remote_dir=job_dir,
+            error=("; ".join(failed) or None),
+        )
+        host = Host(master.ip, master.port)
         try:
-            return run.ctx.remote.pid(host, job_dir)
+            marker = flavour.get(flavour_name).marker_env(job.id)
+            pid, why = self.remote.launch(host, job_dir, job.id, command, env, marker)
         except SSHError as e:
-            run.check_reachable(down_since, e)
+            # the job may have started and only the answer was lost: its pid file tells
             log.warning(
-                "job %s: cannot read the pid file on %s: %s; retrying in %.1f s",
-                *(run.id, host.ip, e, backoff),
+                "job %s: no answer from the launch on %s (%s); asking for its pid file",
+                *(job.id, master.name, e),
             )
-        if clock.wait(run.ctx.stop, backoff):
-            raise Stopped()
-        backoff = min(backoff * 2, BACKOFF_S[1])
+            pid = self._confirmed_pid(job, host, job_dir)
+            why = f"{e.reason}: {e}; the master has no record of the job"
+        if pid is None:
+            return LaunchFailed(JobState.FAILED, JobReason.LAUNCH_FAILED, why)
+        log.info("job %s: started on %s as process group %d", job.id, master.name, pid)
+        return Launched(pid)
 
+    def _pick_master(self, job: Job) -> tuple[Node | None, str | None, list[Node], list[str]]:
+        """The first candidate that can run mpirun -> (master, its launcher's flavour, nodes
+        left, failures).
 
-def _relaunched(run: JobRun, rec: dict) -> dict | None:
-    host = Host(rec["master_ip"], rec["master_port"])
-    pid = _confirmed_pid(run, host, rec["remote_dir"])
-    if pid is None:
-        run.finish(
-            JobState.LOST,
-            reason=JobReason.LAUNCH_INTERRUPTED,
-            error="the daemon restarted while launching; no job process was recorded",
-        )
-        return None
-    return run.running(pid)
+        Only `command -v mpirun`, or once per master with mpi.flavour auto `mpirun
+        --version`: the full preflight (preflight.py) is never in the path of a launch."""
+        failed: list[str] = []
+        candidates = list(job.candidates)
+        if job.names is not None:  # queued before a restart: its nodes as they are now
+            candidates, failed = still_running(self.registry, job.names)
+        nodes = list(candidates)
+        for node in master_order(nodes, job.master):
+            why, flavour_name = self._cannot_run_mpirun(node)
+            if why is None:
+                return node, flavour_name, nodes, failed
+            log.warning("job %s: master candidate %s cannot run mpirun: %s", job.id, node.name, why)
+            failed.append(f"{node.name}: {why}")
+            nodes.remove(node)
+        return None, None, nodes, failed
+
+    def _cannot_run_mpirun(self, node: Node) -> tuple[str | None, str | None]:
+        """(None, flavour) if `node` can run mpirun now, else (why not, None).
+
+        With mpi.flavour auto, a master not asked before runs `<mpirun> --version` (which
+        also proves it is there); the answer is kept for that master and launcher path."""
+        launcher, host = self.mpi.mpirun, Host(node.ip, node.port)
+        known = self.flavour_for(node)
+        key = (node.ip, node.port, launcher)
+        try:
+            if known:
+                if self.remote.has_program(host, launcher):
+                    return None, known
+                self.flavours.pop(key, None)
+                return f"{launcher} not found", None
+            rc, text = self.remote.version(host, launcher)
+        except SSHError as e:
+            return f"{e.reason}: {e}", None
+        if rc != 0:
+            self.flavours.pop(key, None)
+            return (
+                f"{launcher} not found" if rc == 127 else f"{launcher} --version exited {rc}"
+            ), None
+        try:
+            self.flavours[key] = flavour.detect(text)
+        except ValueError as e:
+            return f"{launcher}: {e}; set mpi.flavour", None
+        log.info("%s: %s is %s (%s)", node.name, launcher, *self.flavours[key])
+        return None, self.flavours[key][0]
+
+    def _confirmed_pid(self, job: Job, host: Host, job_dir: str) -> int | None:
+        """The pid a launch wrote on the master, or None if it wrote none.  While the
+        master cannot be asked, the job stays pending and we keep asking (a job that
+        may be running is never recorded as failed); a stop leaves it for the next run."""
+        backoff, down_since = BACKOFF_S[0], self.clock.monotonic()
+        while True:
+            try:
+                return self.remote.pid(host, job_dir)
+            except SSHError as e:
+                check_reachable(self.mpi.lost_after_s, self.clock, down_since, e)
+                log.warning(
+                    "job %s: cannot read the pid file on %s: %s; retrying in %.1f s",
+                    *(job.id, host.ip, e, backoff),
+                )
+            if self.clock.wait(self.stop, backoff):
+                raise Stopped()
+            backoff = min(backoff * 2, BACKOFF_S[1])
+
+    def _relaunched(self, job: Job, rec: dict[str, Any]) -> Launched | LaunchFailed:
+        host = Host(rec["master_ip"], rec["master_port"])
+        pid = self._confirmed_pid(job, host, rec["remote_dir"])
+        if pid is None:
+            return LaunchFailed(
+                JobState.LOST,
+                JobReason.LAUNCH_INTERRUPTED,
+                "the daemon restarted while launching; no job process was recorded",
+            )
+        return Launched(pid)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mlbench_daemon.config import Config
 from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable, echo
 from mlbench_daemon.jobs.clock import Clock
 from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun_argv, node_row
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 class Jobs:
     def __init__(
-        self, cfg: Any, registry: Registry, pool: Pool, store: Store, clock: Clock | None = None
+        self, cfg: Config, registry: Registry, pool: Pool, store: Store, clock: Clock | None = None
     ) -> None:
         self.cfg, self.registry, self.store = cfg, registry, store
         self.mpi = cfg.mpi
@@ -69,7 +70,7 @@ class Jobs:
         for rec in self.store.running():
             self._resume(rec)
 
-    def _resume(self, rec: dict) -> None:
+    def _resume(self, rec: dict[str, Any]) -> None:
         if rec["state"] != JobState.PENDING or rec["master_name"]:
             run = JobRun(self._ctx, rec["id"], reattached=True)
             with self._lock:
@@ -112,7 +113,7 @@ class Jobs:
 
     # --- requests ---------------------------------------------------------------------
 
-    def submit(self, body: Any) -> dict:
+    def submit(self, body: Any) -> dict[str, Any]:
         req = validate(body, self.mpi.program)
         statuses, master = choose(self.registry, req)
         nodes = [s.node for s in statuses]
@@ -159,16 +160,17 @@ class Jobs:
         """{state: number of jobs}, for metrics and the status line."""
         return self.store.count_by_state()
 
-    def get(self, job_id: str) -> dict:
+    def get(self, job_id: str) -> dict[str, Any]:
         return to_json(self._record(job_id))
 
-    def list(self, limit: int = 50, offset: int = 0) -> list[dict]:
+    def list(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
         _check_counts(limit=limit, offset=offset)
         return [to_json(r) for r in self.store.list(min(limit, 1000), offset)]
 
-    def wait(self, job_id: str, timeout: float | None = None) -> dict:
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the job is final (or `timeout`); the job dict with "response"."""
-        return json.loads(b"".join(self.wait_json(job_id, timeout)))
+        job: dict[str, Any] = json.loads(b"".join(self.wait_json(job_id, timeout)))
+        return job
 
     def wait_json(self, job_id: str, timeout: float | None = None) -> Iterator[bytes]:
         """wait() as JSON: blocks until the job is final (or `timeout`), then returns an
@@ -207,7 +209,7 @@ class Jobs:
                 if self.store.log_size(job_id) <= offset:
                     self._changed.wait(5.0 if gone is None else 1.0)
 
-    def cancel(self, job_id: str) -> dict:
+    def cancel(self, job_id: str) -> dict[str, Any]:
         rec = self._record(job_id)
         if JobState(rec["state"]).is_final:
             raise Conflict(f"job {job_id} is already {rec['state']}")
@@ -246,7 +248,7 @@ class Jobs:
                 else:
                     self._active -= 1
 
-    def _record(self, job_id: Any) -> dict:
+    def _record(self, job_id: Any) -> dict[str, Any]:
         rec = self.store.get(job_id) if isinstance(job_id, str) and job_id.isalnum() else None
         if rec is None:
             raise NotFound(f"no job {echo(job_id)}")
@@ -262,7 +264,7 @@ def _check_counts(**values: Any) -> None:
 # --- JSON shapes ---------------------------------------------------------------------
 
 
-def to_json(rec: dict) -> dict:
+def to_json(rec: dict[str, Any]) -> dict[str, Any]:
     """The API's job dict: the fields of ``shapes.Job``, in its order (the seed's keys first)."""
     values = {
         "nodes": rec["nodes"],
@@ -292,7 +294,7 @@ _FIELDS = Job.__struct_fields__
 
 
 def json_with_response(
-    store: Store, job: dict, size: int, chunk: int = LOG_CHUNK_MAX
+    store: Store, job: dict[str, Any], size: int, chunk: int = LOG_CHUNK_MAX
 ) -> Iterator[bytes]:
     """json.dumps of `job` with the log's first `size` bytes (decoded, bad UTF-8
     replaced) as "response" right after "master_name", in pieces of at most `chunk`

@@ -39,6 +39,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Node, natural_key
 from mlbench_daemon.errors import BadRequest, QueueFull
 from mlbench_daemon.jobs import flavour as flavours
@@ -253,7 +254,7 @@ SSH_HINTS = (
 
 def check(
     node: str | None, name: str, status: CheckStatus, message: str, hint: str | None = None
-) -> dict:
+) -> dict[str, Any]:
     """One check as the API gives it."""
     ok = {CheckStatus.PASS: True, CheckStatus.FAIL: False}.get(status)
     return {"node": node, "check": name, "status": status, "ok": ok, "message": message,
@@ -265,7 +266,7 @@ def slots_of(node: Node) -> int:
     return int(s) if s.isdigit() and int(s) > 0 else 1
 
 
-def slots_check(nodes: Sequence[Node], np: int | None) -> dict:
+def slots_check(nodes: Sequence[Node], np: int | None) -> dict[str, Any]:
     total = sum(slots_of(n) for n in nodes)
     if np is None or np <= total:
         return check(None, "slots", CheckStatus.PASS, f"np={np or total} within {total} slot(s)")
@@ -295,7 +296,7 @@ def flavour_of(version: str | None) -> str:
     return "mpich" if (version or "").startswith(("MPICH ", "Intel MPI ")) else "unknown"
 
 
-def launcher_flavour(pool: Any, cfg: Any, master: Node, timeout: float) -> str:
+def launcher_flavour(pool: Any, cfg: Config, master: Node, timeout: float) -> str:
     """mpi.flavour, or with auto what `<mpirun> --version` says on the master
     (openmpi4 when it says nothing known: the checks then show what is wrong)."""
     if cfg.mpi.flavour != "auto":
@@ -307,7 +308,7 @@ def launcher_flavour(pool: Any, cfg: Any, master: Node, timeout: float) -> str:
         return "openmpi4"
 
 
-def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict:
+def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict[str, Any]:
     if rc == "124":
         return check(node.name, "master-ssh", CheckStatus.FAIL,
                      f"ssh from the master to {node.ip} did not finish in {seconds:g} s",
@@ -324,10 +325,10 @@ def _ssh_failure(node: Node, rc: str, err: list[str], seconds: float) -> dict:
 
 def parse_master(
     text: str, master: Node, workers: Sequence[Node], seconds: float
-) -> tuple[list[dict], dict[str, str]]:
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """MASTER's output -> (checks, {node name: version text})."""
     by_ip = {n.ip: n for n in workers}
-    checks: list[dict] = []
+    checks: list[dict[str, Any]] = []
     versions: dict[str, str] = {}
     err: list[str] = []
     node, rc = master, ""
@@ -400,7 +401,9 @@ HINTS = {
 }
 
 
-def version_checks(master: Node, nodes: Sequence[Node], versions: dict[str, str]) -> list[dict]:
+def version_checks(
+    master: Node, nodes: Sequence[Node], versions: dict[str, str]
+) -> list[dict[str, Any]]:
     """Each node's version against the master's."""
     want = versions.get(master.name)
     out = []
@@ -420,7 +423,7 @@ def version_checks(master: Node, nodes: Sequence[Node], versions: dict[str, str]
     return out
 
 
-def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict]:
+def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict[str, Any]]:
     """TCP_MASTER's output -> one tcp check per worker."""
     names = {n.ip: n.name for n in workers} | {master.ip: master.name}
     first = text.strip().splitlines()[0] if text.strip() else ""
@@ -455,13 +458,13 @@ def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict]:
 
 def run(
     pool: Any,
-    cfg: Any,
+    cfg: Config,
     master: Node,
     nodes: Sequence[Node],
     program: Sequence[str],
     np: int | None,
     timeout: float,
-) -> dict:
+) -> dict[str, Any]:
     """All checks for a launch of `program` on `nodes` (master among them) ->
     {"checks": [...], "versions": {...}, "flavour": ...}; bounded by `timeout`."""
     end = time.monotonic() + timeout
@@ -497,8 +500,8 @@ def run(
         t.join(max(0.1, end - time.monotonic() + 1))
 
     main = results.get("main")
-    checks: list[dict] = []
-    versions: dict = {}
+    checks: list[dict[str, Any]] = []
+    versions: dict[str, Any] = {}
     if isinstance(main, SSHError) or main is None:
         why = str(main) if main is not None else "no answer in time"
         checks.append(check(master.name, "master-ssh", CheckStatus.FAIL,
@@ -536,11 +539,11 @@ class Preflight:
 
     Nodes, master and argv are chosen exactly as for a job (jobs.placement)."""
 
-    def __init__(self, cfg: Any, pool: Any, registry: Any) -> None:
+    def __init__(self, cfg: Config, pool: Any, registry: Any) -> None:
         self.cfg, self.pool, self.registry = cfg, pool, registry
         self._busy = threading.Lock()
 
-    def run(self, body: dict | None) -> dict:
+    def run(self, body: dict[str, Any] | None) -> dict[str, Any]:
         for key in body or {}:
             if key not in FIELDS:
                 raise BadRequest(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from mlbench_daemon.discovery import Selector
 from mlbench_daemon.errors import BadRequest
@@ -106,7 +106,7 @@ def _nodes(nodes: Any) -> tuple[str, ...]:
 
 def _master(name: Any) -> str:
     _text(name, "master")
-    return name
+    return cast(str, name)  # _text has checked it
 
 
 def _timeout_s(t: Any) -> float:

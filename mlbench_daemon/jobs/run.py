@@ -20,10 +20,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mlbench_daemon import metrics
+from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Node
 from mlbench_daemon.jobs import failure, flavour, preflight
 from mlbench_daemon.jobs.clock import Clock, Timer
-from mlbench_daemon.jobs.launch import BACKOFF_S, MasterLost, Stopped, launch
+from mlbench_daemon.jobs.launch import (
+    BACKOFF_S,
+    Job,
+    Launcher,
+    LaunchFailed,
+    MasterLost,
+    Stopped,
+    check_reachable,
+)
 from mlbench_daemon.jobs.placement import NodeRow, Registry
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
 from mlbench_daemon.ssh_errors import SSHError
@@ -49,7 +58,7 @@ class Cancel(enum.Enum):
 class Context:
     """What every JobRun of one Jobs shares."""
 
-    cfg: Any  # config.Config
+    cfg: Config
     store: Store
     remote: Remote
     registry: Registry
@@ -57,20 +66,20 @@ class Context:
     stop: threading.Event
     changed: threading.Condition  # log appends and state changes; its lock guards `live`
     live: dict[str, JobRun]
-    # (master ip, port, launcher path) -> (flavour, version), asked once per master
-    flavours: dict[tuple[str, int, str], tuple[str, str]] = dataclasses.field(default_factory=dict)
+    launcher: Launcher = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.launcher = Launcher(
+            self.cfg.mpi, self.store, self.remote, self.registry, self.clock, self.stop
+        )
 
     @property
     def ssh_timeout(self) -> float:
         return self.cfg.ssh.connect_timeout_s + 10
 
     def flavour_for(self, node: Node) -> str | None:
-        """The flavour of the launcher on `node`: mpi.flavour, or what `--version`
-        said there before (auto); None if not known yet."""
-        if self.cfg.mpi.flavour != "auto":
-            return str(self.cfg.mpi.flavour)
-        known = self.flavours.get((node.ip, node.port, self.cfg.mpi.mpirun))
-        return known[0] if known else None
+        """The flavour of the launcher on `node`, if known (see Launcher.flavour_for)."""
+        return self.launcher.flavour_for(node)
 
 
 class JobRun:
@@ -108,9 +117,9 @@ class JobRun:
                 self.ctx.registry.wait_first_pass(
                     self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
                 )
-            rec: dict | None = self.ctx.store.record(self.id)
+            rec: dict[str, Any] | None = self.ctx.store.record(self.id)
             if rec is not None and rec["pid"] is None:
-                rec = launch(self, rec)
+                rec = self._launch(rec)
             if rec is None:  # the launch ended the job
                 return
             self._arm_timeout(rec)
@@ -130,6 +139,22 @@ class JobRun:
             if self.timer:
                 self.timer.cancel()
 
+    def _launch(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """Launch the job -> its record once running, None if the launch ended it."""
+        job = Job(
+            self.id, self.program, self.np, self.env or {}, self.master, self.candidates,
+            self.names, self.cancel_reason,
+        )  # fmt: skip
+        self.env = None  # the values go no further than the launch
+        outcome = self.ctx.launcher.launch(job, rec)
+        if isinstance(outcome, LaunchFailed):
+            fields: dict[str, Any] = {"reason": outcome.reason}
+            if outcome.error is not None:
+                fields["error"] = outcome.error
+            self.finish(outcome.state, **fields)
+            return None
+        return self.running(outcome.pid)
+
     def detach(self) -> None:
         """The daemon stops: drop the timer and the stream (the remote job runs on)."""
         if self.timer:
@@ -137,7 +162,7 @@ class JobRun:
         if self.stream:
             self.stream.close()
 
-    def running(self, pid: int) -> dict:
+    def running(self, pid: int) -> dict[str, Any]:
         """Record the job running as process group `pid` -> the record."""
         with self.ctx.changed:
             rec = self.ctx.store.update(
@@ -146,16 +171,7 @@ class JobRun:
             self.ctx.changed.notify_all()
         return rec
 
-    def check_reachable(self, down_since: float, error: SSHError) -> None:
-        """Raise MasterLost once the master has been unreachable for mpi.lost_after_s."""
-        limit = self.mpi.lost_after_s
-        if limit and self.ctx.clock.monotonic() - down_since >= limit:
-            raise MasterLost(
-                f"the master was unreachable for {limit:g} s ({error}); the job may "
-                "still be running there, unobserved"
-            )
-
-    def _arm_timeout(self, rec: dict) -> None:
+    def _arm_timeout(self, rec: dict[str, Any]) -> None:
         if rec["timeout_s"]:
             left = max(0.0, rec["started"] + rec["timeout_s"] - self.ctx.clock.time())
             self.timer = self.ctx.clock.timer(left, lambda: self.cancel(JobReason.TIMEOUT))
@@ -191,7 +207,7 @@ class JobRun:
                 if ctx.stop.is_set():
                     raise Stopped() from None
                 down_since = clock.monotonic() if down_since is None else down_since
-                self.check_reachable(down_since, e)
+                check_reachable(self.mpi.lost_after_s, clock, down_since, e)
                 log.warning(
                     "job %s: following on %s: %s; retrying in %.1f s", self.id, host.ip, e, backoff
                 )
@@ -255,7 +271,7 @@ class JobRun:
             metrics.job_duration_seconds.observe(rec["finished"] - rec["started"])
         log.info("job %s: %s %s", self.id, state, fields or "")
 
-    def _failure(self, state: JobState, fields: Mapping[str, Any]) -> dict:
+    def _failure(self, state: JobState, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Why the job did not succeed (failure.py), from the tail of its output; for a
         daemon-launch failure, which names no host, the preflight is run first (bounded
         by mpi.preflight_timeout_s) and its failing checks are kept."""
@@ -292,7 +308,9 @@ class JobRun:
             log.exception("job %s: failure attribution failed", self.id)
             return failure.empty(FailureKind.UNKNOWN, f"attribution failed: {e}")
 
-    def _explain_launch(self, f: dict, rec: Mapping[str, Any], statuses: Mapping[str, Any]) -> None:
+    def _explain_launch(
+        self, f: dict[str, Any], rec: Mapping[str, Any], statuses: Mapping[str, Any]
+    ) -> None:
         """Run the preflight for this job; its failing checks go into `f`."""
         names = [NodeRow(*row).name for row in rec["nodes"]]
         nodes = [statuses[name].node for name in names if name in statuses]

@@ -1,0 +1,262 @@
+// What every view shares: the freshness line and banner, chained-timer polling, the
+// vocabulary from the served document, formatting, table rows, the cancel dialog.
+
+import { ApiError, request } from "./api.js";
+import { vocabulary } from "./vocabulary.js";
+
+export const NODES_EVERY_MS = 2000;
+export const JOBS_EVERY_MS = 2000;
+export const BACKOFF_MAX_MS = 30000;
+// A cancel answers after TERM, mpi.cancel_grace_s, KILL and a sweep of every host, each
+// step bounded by the SSH timeouts (about two minutes with the defaults): wait longer.
+const CANCEL_TIMEOUT_MS = 600000;
+// The phase and state names come from /api/openapi.json (vocabulary.js); here only how
+// the page shows the ones it knows: a phase it does not know gets "?" and sorts first,
+// and every state but the active ones is final.
+export const PHASE_MARK = { Running: "\u25cf", Pending: "\u25cc", Unknown: "\u25b2", Failed: "\u2716" };
+const PHASE_ORDER = ["Running", "Pending", "Unknown", "Failed"]; // the counts; the table reverses
+const ACTIVE = ["pending", "running"];
+export const STYLED = { phases: PHASE_ORDER, states: [...ACTIVE, "failed", "cancelled"] };
+export const phaseRank = (p) => {
+  const i = PHASE_ORDER.indexOf(p);
+  return i < 0 ? PHASE_ORDER.length : i;
+};
+export const phases = () => [...vocabulary.phases].sort((a, b) => phaseRank(a) - phaseRank(b));
+export const isFinal = (state) => vocabulary.states.includes(state) && !ACTIVE.includes(state);
+
+export const $ = (id) => document.getElementById(id);
+
+// ---- freshness: "updated N s ago" and the connection banner -----------------------
+
+let lastOk = 0;
+export const failing = new Set(); // pollers whose last round failed on the connection or a 5xx
+
+function showFreshness() {
+  const el = $("updated");
+  if (!lastOk) el.textContent = "Not updated yet";
+  else {
+    const s = Math.max(0, Math.round((Date.now() - lastOk) / 1000));
+    el.textContent = `Updated ${s} s ago`;
+  }
+  $("banner").hidden = failing.size === 0;
+}
+
+let clock = 0;
+export function tickClock() {
+  clearTimeout(clock);
+  showFreshness();
+  if (!document.hidden) clock = setTimeout(tickClock, 1000);
+}
+
+// ---- chained-timer polling ----------------------------------------------------------
+
+// Runs `fn(signal)` now and then again `every` ms after each round ends (never
+// setInterval), with exponential backoff after failures; paused while the tab is
+// hidden; stop() aborts the round in flight.
+class Poller {
+  constructor(name, every, fn) {
+    Object.assign(this, { name, every, fn, timer: 0, ctrl: null, failures: 0, on: false });
+  }
+
+  start() {
+    this.on = true;
+    this.kick();
+  }
+
+  stop() {
+    this.on = false;
+    this.pause();
+    failing.delete(this);
+  }
+
+  pause() {
+    clearTimeout(this.timer);
+    this.timer = 0;
+    if (this.ctrl) this.ctrl.abort();
+    this.ctrl = null;
+  }
+
+  kick() {
+    this.pause();
+    if (this.on && !document.hidden) this.round();
+  }
+
+  async round() {
+    const ctrl = (this.ctrl = new AbortController());
+    try {
+      await this.fn(ctrl.signal);
+      this.failures = 0;
+      failing.delete(this);
+      lastOk = Date.now();
+    } catch (e) {
+      if (ctrl.signal.aborted) return; // stopped or paused: a new round is someone else's
+      this.failures++;
+      if (!(e instanceof ApiError) || e.transient) {
+        failing.add(this);
+        $("banner-detail").textContent = `(${e.message})`;
+      } else {
+        console.warn(`${this.name}: ${e.message}`);
+      }
+    } finally {
+      if (this.ctrl === ctrl) this.ctrl = null;
+    }
+    showFreshness();
+    if (!this.on || document.hidden) return;
+    const backoff = Math.min(BACKOFF_MAX_MS, this.every * 2 ** Math.min(this.failures, 5));
+    const delay = this.failures ? backoff * (0.75 + Math.random() / 2) : this.every;
+    this.timer = setTimeout(() => this.round(), delay);
+  }
+}
+
+const pollers = [];
+
+export function poller(name, every, fn) {
+  const p = new Poller(name, every, fn);
+  pollers.push(p);
+  return p;
+}
+
+function onVisibility() {
+  if (document.hidden) {
+    for (const p of pollers) p.pause();
+  } else {
+    for (const p of pollers) p.kick(); // an immediate refresh of what is shown
+    tickClock();
+  }
+}
+document.addEventListener("visibilitychange", onVisibility);
+document.addEventListener("freeze", () => pollers.forEach((p) => p.pause()));
+document.addEventListener("resume", onVisibility);
+
+// ---- small helpers ----------------------------------------------------------------
+
+export function fmtBytes(n) {
+  if (n < 1024) return `${n} B`;
+  const units = ["KiB", "MiB", "GiB", "TiB"];
+  let i = -1;
+  do {
+    n /= 1024;
+    i++;
+  } while (n >= 1024 && i < units.length - 1);
+  return `${n.toFixed(1)} ${units[i]}`;
+}
+
+export function fmtAge(iso) {
+  if (!iso) return "never";
+  const s = Math.max(0, Math.round((Date.now() - Date.parse(iso)) / 1000));
+  return s < 120 ? `${s} s ago` : s < 7200 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
+}
+
+export function fmtTime(iso) {
+  return iso ? new Date(iso).toLocaleString() : "\u2014";
+}
+
+export function fmtDuration(job) {
+  if (!job.started) return "\u2014";
+  const end = job.finished ? Date.parse(job.finished) : Date.now();
+  let s = Math.max(0, Math.round((end - Date.parse(job.started)) / 1000));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  s %= 60;
+  return h ? `${h} h ${m} min` : m ? `${m} min ${s} s` : `${s} s`;
+}
+
+export function setText(el, text) {
+  if (el.textContent !== text) el.textContent = text;
+}
+
+// The cause of a job's end: `failure` ({kind, node, host, rank, exit_code, signal,
+// message, hint, checks}, parts null when unknown) when the daemon gives one, else
+// the older `reason` and `error`.
+export const FAILURE_FIELDS = [
+  ["kind", "Kind"],
+  ["node", "Node"],
+  ["host", "Host (as the launcher named it)"],
+  ["rank", "Rank"],
+  ["exit_code", "Exit code"],
+  ["signal", "Signal"],
+  ["message", "Message"],
+  ["hint", "What to do"],
+];
+
+export function cause(job) {
+  const f = job.failure;
+  if (f && typeof f === "object") {
+    const where = [f.node || f.host ? `on ${f.node || f.host}` : "", f.rank != null ? `rank ${f.rank}` : ""];
+    const head = [f.kind, ...where].filter(Boolean).join(" ");
+    return f.message ? `${head}: ${f.message}` : head;
+  }
+  if (job.reason || job.error) return [job.reason, job.error].filter(Boolean).join(": ");
+  if (job.state === "failed" && job.exit_code !== null) return `exited with code ${job.exit_code}`;
+  return "";
+}
+
+// Keep tbody's rows, one per key, in `keys` order: rows are updated in place (focus and
+// text selections survive a refresh), created or removed only when their key comes or goes.
+export function syncRows(tbody, items, key, make, update) {
+  const have = new Map();
+  for (const tr of tbody.children) have.set(tr.dataset.key, tr);
+  const want = new Set(items.map(key));
+  for (const [k, tr] of have) if (!want.has(k)) tr.remove();
+  let prev = null;
+  for (const item of items) {
+    const k = key(item);
+    let tr = have.get(k);
+    if (!tr) {
+      tr = make(item);
+      tr.dataset.key = k;
+    }
+    update(tr, item);
+    const next = prev ? prev.nextElementSibling : tbody.firstElementChild;
+    if (next !== tr) tbody.insertBefore(tr, next);
+    prev = tr;
+  }
+}
+
+export function row(cells, header = 0) {
+  const tr = document.createElement("tr");
+  for (let i = 0; i < cells; i++) {
+    const c = document.createElement(i < header ? "th" : "td");
+    if (i < header) c.scope = "row";
+    tr.appendChild(c);
+  }
+  return tr;
+}
+
+export function confirmCancel(jobId, button) {
+  const dialog = $("confirm-dialog");
+  $("confirm-text").textContent =
+    `Job ${jobId} gets TERM, then KILL after the grace period; every host is then checked for its processes.`;
+  $("confirm-no").onclick = () => dialog.close();
+  $("confirm-form").onsubmit = async (ev) => {
+    ev.preventDefault();
+    dialog.close();
+    button.disabled = true;
+    button.textContent = "Cancelling\u2026";
+    try {
+      await request(`/api/mpi_jobs/${encodeURIComponent(jobId)}`, {
+        method: "DELETE",
+        timeout: CANCEL_TIMEOUT_MS,
+        read: (r) => r.json(),
+      });
+    } catch (e) {
+      alertInline(button, e.message);
+    } finally {
+      button.disabled = false;
+      button.textContent = button.id === "job-cancel" ? "Cancel job" : "Cancel";
+      for (const p of pollers) if (p.on) p.kick();
+    }
+  };
+  dialog.showModal();
+  $("confirm-no").focus();
+}
+
+function alertInline(near, message) {
+  let p = near.parentElement.querySelector(".error");
+  if (!p) {
+    p = document.createElement("span");
+    p.className = "error";
+    near.parentElement.appendChild(p);
+  }
+  p.textContent = ` ${message}`;
+}
