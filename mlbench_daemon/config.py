@@ -478,6 +478,12 @@ class Discovery:
     refresh_s: float
     timeout_s: float
     recheck_s: float
+    negative_ttl_min_s: float
+    negative_ttl_max_s: float
+    negative_ttl_fallback_s: float
+    max_txt_bytes: int
+    max_txt_keys: int
+    max_label_value: int
     label_rules: list[dict[str, Any]]
 
 

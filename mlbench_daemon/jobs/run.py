@@ -33,8 +33,9 @@ from mlbench_daemon.jobs.launch import (
     Stopped,
     check_reachable,
 )
-from mlbench_daemon.jobs.placement import NodeRow, Registry
+from mlbench_daemon.jobs.placement import Registry
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
+from mlbench_daemon.shapes import NodeRow
 from mlbench_daemon.ssh_errors import SSHError
 from mlbench_daemon.store import Store
 from mlbench_daemon.vocabulary import FailureKind, JobReason, JobState
