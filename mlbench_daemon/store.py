@@ -91,7 +91,6 @@ class StoreError(Exception):
 
     def __init__(self, path: str, exc: BaseException) -> None:
         self.path = path
-        self.since = time.time()
         self.reason = store_reason(exc)
         self.cause = (getattr(exc, "strerror", None) or str(exc)).splitlines()[0]
         super().__init__(f"cannot write {path}: {self.cause} ({self.reason})")
@@ -161,12 +160,13 @@ class Store:
     def __init__(self, state_dir: str) -> None:
         self.dir = state_dir
         self.logs = os.path.join(state_dir, "logs")
+        self.db_path = os.path.join(state_dir, "jobs.sqlite3")
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._last_ms = 0
         self.fault: StoreError | None = None  # the last write's failure; None once one succeeds
         self._db = sqlite3.connect(
-            os.path.join(state_dir, "jobs.sqlite3"),
+            self.db_path,
             check_same_thread=False,
             isolation_level=None,
             timeout=10,
@@ -215,7 +215,7 @@ class Store:
         try:
             self._db.execute(sql, params)
         except sqlite3.Error as e:
-            self.fault = StoreError(os.path.join(self.dir, "jobs.sqlite3"), e)
+            self.fault = StoreError(self.db_path, e)
             raise self.fault from None
         if self.fault and self.fault.path != self.logs:
             self.fault = None
