@@ -39,6 +39,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mlbench_daemon import shapes
 from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Node, natural_key
 from mlbench_daemon.errors import BadRequest, QueueFull
@@ -531,7 +532,7 @@ def run(
     }
 
 
-FIELDS = ("program", "np", "selector", "nodes", "master")
+FIELDS = shapes.PreflightRequest.__struct_fields__  # the body is declared there
 
 
 class Preflight:
