@@ -230,7 +230,7 @@ _REQUEST_BODIES = st.fixed_dictionaries(
 _JOB_REQUEST = jsonschema_rs.validator_for(_bundle("JobRequest"))
 
 
-@hypothesis.settings(max_examples=3000, deadline=None)
+@hypothesis.settings(max_examples=600, deadline=None)
 @hypothesis.given(_REQUEST_BODIES)
 def test_request_check_accepts_exactly_what_the_declared_schema_accepts(body):
     from mlbench_daemon.errors import BadRequest
