@@ -193,11 +193,29 @@ def test_selector_pattern_agrees_with_the_parser(text):
 # document's JobRequest is generated from it: the check accepts exactly the bodies the
 # schema accepts.  Values sit on and around every declared limit (a limit changed in the
 # declaration moves both; one changed in the check alone fails here).
-_WORDS = st.sampled_from(
-    ["", "a", "w-1", "-x", ":", ":x", "a\0b", "\n", "A\n", "A_1", "1A", "_", "é", "MY_VAR",
-     "OMPI_MCA_mlbench", "OMPI_MCA_mlbenchX", "ompi_mca_mlbench", "PRTE_MCA_mlbench_job_id",
-     "MLBENCH_JOB_ID", "x_Mlbench_Job_Id_2", "k=v", "!k", "a,b", "x.io/k!=v"]
-)  # fmt: skip
+_TEXTS = [
+    "",
+    "a",
+    "w-1",
+    "-x",
+    ":",
+    ":x",
+    "a\0b",
+    "\n",
+    "A\n",
+    "é",
+    "k=v",
+    "!k",
+    "a,b",
+    "x.io/k!=v",
+]
+_ENV_NAME_LIST = [
+    "A", "A_1", "_", "MY_VAR", "1A", "", "A\n", "é", "A-B", "OMPI_MCA_mlbench",
+    "OMPI_MCA_mlbenchX", "ompi_mca_mlbench", "OMPI_MCA_mlbenc", "PRTE_MCA_mlbench_job_id",
+    "MLBENCH_JOB_ID", "x_Mlbench_Job_Id_2", "mlbench_job",
+]  # fmt: skip
+_WORDS = st.sampled_from(_TEXTS)
+_ENV_NAMES = st.sampled_from(_ENV_NAME_LIST)
 _NUMBERS = st.one_of(
     st.integers(-3, 3),
     st.integers(999_998, 1_000_002),
@@ -213,24 +231,26 @@ _ANY = st.one_of(
     st.lists(_WORDS, max_size=3),
     st.dictionaries(_WORDS, st.one_of(_WORDS, _NUMBERS), max_size=2),
 )
-_REQUEST_BODIES = st.fixed_dictionaries(
-    {},
-    optional={
-        "program": st.one_of(st.lists(_WORDS, max_size=3), _ANY),
-        "env": st.one_of(st.dictionaries(_WORDS, _WORDS, max_size=3), _ANY),
-        "np": _ANY,
-        "selector": _ANY,
-        "nodes": st.one_of(st.lists(_WORDS, max_size=3), _ANY),
-        "master": _ANY,
-        "timeout_s": _ANY,
-        "wait": _ANY,
-        "bogus": _ANY,
-    },
+_REQUEST_FIELDS = {
+    "program": st.one_of(st.lists(_WORDS, max_size=3), _ANY),
+    "env": st.one_of(st.dictionaries(_ENV_NAMES, _WORDS, max_size=2), _ANY),
+    "np": _ANY,
+    "selector": _ANY,
+    "nodes": st.one_of(st.lists(_WORDS, max_size=3), _ANY),
+    "master": _ANY,
+    "timeout_s": _ANY,
+    "wait": _ANY,
+}
+_REQUEST_BODIES = st.one_of(  # mostly one field at a time (each limit reached), or several
+    st.sampled_from([*_REQUEST_FIELDS, "bogus"]).flatmap(
+        lambda k: _REQUEST_FIELDS.get(k, _ANY).map(lambda v: {k: v})
+    ),
+    st.fixed_dictionaries({}, optional=_REQUEST_FIELDS),
 )
 _JOB_REQUEST = jsonschema_rs.validator_for(_bundle("JobRequest"))
 
 
-@hypothesis.settings(max_examples=600, deadline=None)
+@hypothesis.settings(max_examples=1000, deadline=None)
 @hypothesis.given(_REQUEST_BODIES)
 def test_request_check_accepts_exactly_what_the_declared_schema_accepts(body):
     from mlbench_daemon.errors import BadRequest
@@ -242,6 +262,42 @@ def test_request_check_accepts_exactly_what_the_declared_schema_accepts(body):
     except BadRequest:
         accepted = False
     assert accepted == _JOB_REQUEST.is_valid(body)
+
+
+_LIMIT_VALUES = [
+    None, True, False, -1, 0, 0.0, 0.5, 1, 1.0, 4.0, 999_999, 1_000_000, 1_000_001, 1e6 + 0.5,
+    999_999_999, 999_999_999.9, 1_000_000_000, 1e9, 1e300, *_TEXTS, [], {},
+]  # fmt: skip
+_EACH_FIELD = {
+    "program": [[t] for t in _TEXTS] + [["/bin/x", t] for t in _TEXTS] + _LIMIT_VALUES,
+    "env": [{n: "v"} for n in _ENV_NAME_LIST]
+    + [{"A": t} for t in _TEXTS]
+    + [{"A": 1}]
+    + _LIMIT_VALUES,
+    "np": _LIMIT_VALUES,
+    "selector": _LIMIT_VALUES,
+    "nodes": [[t] for t in _TEXTS] + [["a", "a"], ["a", "b"]] + _LIMIT_VALUES,
+    "master": _LIMIT_VALUES,
+    "timeout_s": _LIMIT_VALUES,
+    "wait": _LIMIT_VALUES,
+    "bogus": [1],
+}
+
+
+def test_request_check_agrees_with_the_declared_schema_on_every_limit():
+    """Each field alone, on and around its declared limits: the check and the schema agree."""
+    from mlbench_daemon.errors import BadRequest
+    from mlbench_daemon.jobs.request import validate
+
+    for field, values in _EACH_FIELD.items():
+        for value in values:
+            body = {field: value}
+            try:
+                validate(body, ["/bin/prog"])
+                accepted = True
+            except BadRequest:
+                accepted = False
+            assert accepted == _JOB_REQUEST.is_valid(body), body
 
 
 def test_preflight_request_is_the_job_request_fields_that_choose_where_and_what():
