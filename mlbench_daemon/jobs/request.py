@@ -88,21 +88,22 @@ class Request:
     wait: bool = True
 
 
-def _text(value: Any, field: str) -> int:
-    """Check one string of the request -> its UTF-8 size."""
+def _text(value: object, field: str) -> str:
+    """Check one string of the request -> the string."""
     if not isinstance(value, str):
         raise BadRequest(f"{field} must be a string", field=field)
     if not TEXT.search(value):
         raise BadRequest(f"{field} must not contain NUL bytes", field=field)
     try:
-        return len(value.encode("utf-8"))
+        value.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest(
             f"{field} must be valid Unicode text (no lone surrogates)", field=field
         ) from None
+    return value
 
 
-def _program(prog: Any) -> tuple[str, ...]:
+def _program(prog: object) -> tuple[str, ...]:
     if not isinstance(prog, list) or len(prog) < _PROGRAM_MIN:
         raise BadRequest("program must be a non-empty list of strings (an argv)", field="program")
     for a in prog:
@@ -117,7 +118,7 @@ def _program(prog: Any) -> tuple[str, ...]:
     return tuple(prog)
 
 
-def _env(env: Any) -> dict[str, str]:
+def _env(env: object) -> dict[str, str]:
     if not isinstance(env, dict):
         raise BadRequest("env must be an object of name -> string", field="env")
     for name, value in env.items():
@@ -130,7 +131,7 @@ def _env(env: Any) -> dict[str, str]:
     return dict(env)
 
 
-def _np(np: Any) -> int:
+def _np(np: object) -> int:
     if isinstance(np, float) and np.is_integer():  # JSON has one number type: 4.0 is 4
         np = int(np)
     if isinstance(np, bool) or not isinstance(np, int) or not _NP_MIN <= np <= _NP_MAX:
@@ -138,15 +139,14 @@ def _np(np: Any) -> int:
     return np
 
 
-def _selector(text: Any) -> Selector:
-    _text(text, "selector")
+def _selector(text: object) -> Selector:
     try:
-        return Selector.parse(text)
+        return Selector.parse(_text(text, "selector"))
     except ValueError as e:
         raise BadRequest(f"selector: {e}", field="selector") from None
 
 
-def _nodes(nodes: Any) -> tuple[str, ...]:
+def _nodes(nodes: object) -> tuple[str, ...]:
     if not isinstance(nodes, list) or len(nodes) < (_NODES.min_length or 0):
         raise BadRequest("nodes must be a non-empty list of node names", field="nodes")
     for n in nodes:
@@ -156,12 +156,11 @@ def _nodes(nodes: Any) -> tuple[str, ...]:
     return tuple(nodes)
 
 
-def _master(name: Any) -> str:
-    _text(name, "master")
-    return str(name)
+def _master(name: object) -> str:
+    return _text(name, "master")
 
 
-def _timeout_s(t: Any) -> float:
+def _timeout_s(t: object) -> float:
     if (
         isinstance(t, bool)
         or not isinstance(t, (int, float))
@@ -171,7 +170,7 @@ def _timeout_s(t: Any) -> float:
     return float(t)
 
 
-def _wait(value: Any) -> bool:
+def _wait(value: object) -> bool:
     if not isinstance(value, bool):
         raise BadRequest("wait must be true or false", field="wait")
     return value
@@ -179,7 +178,7 @@ def _wait(value: Any) -> bool:
 
 # name -> check, in the order fields are checked (and listed in the unknown-field message):
 # the declaration's order (checked below)
-FIELDS: dict[str, Callable[[Any], Any]] = {
+FIELDS: dict[str, Callable[[object], object]] = {
     "program": _program,
     "env": _env,
     "np": _np,
@@ -198,7 +197,7 @@ def _size(req: Request) -> int:
     return program + sum(len(k) + len(v.encode()) for k, v in req.env.items())
 
 
-def validate(body: Any, default_program: Sequence[str]) -> Request:
+def validate(body: object, default_program: Sequence[str]) -> Request:
     """Check a request body (None = empty) -> Request; BadRequest names the bad field."""
     if body is None:
         body = {}
@@ -209,7 +208,7 @@ def validate(body: Any, default_program: Sequence[str]) -> Request:
             raise BadRequest(
                 f"unknown field {key!r} (known: {', '.join(FIELDS)})", field=str(key) or "body"
             )
-    values = {}
+    values: dict[str, Any] = {}  # each check's own type (Request's fields)
     for name, check in FIELDS.items():
         if name in body:
             values[name] = check(body[name])
