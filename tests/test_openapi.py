@@ -250,7 +250,7 @@ _REQUEST_BODIES = st.one_of(  # mostly one field at a time (each limit reached),
 _JOB_REQUEST = jsonschema_rs.validator_for(_bundle("JobRequest"))
 
 
-@hypothesis.settings(max_examples=1000, deadline=None)
+@hypothesis.settings(max_examples=400, deadline=None)
 @hypothesis.given(_REQUEST_BODIES)
 def test_request_check_accepts_exactly_what_the_declared_schema_accepts(body):
     from mlbench_daemon.errors import BadRequest
