@@ -409,6 +409,13 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     ("mpi", "cancel_grace_s", number(0), 5.0, "seconds between TERM and KILL on cancel"),
     (
         "mpi",
+        "roll_call_timeout_s",
+        number(1),
+        10.0,
+        "bound of a roll-call's remote script on each node (GET /api/mpi_jobs/<id>/ranks)",
+    ),
+    (
+        "mpi",
         "lost_after_s",
         number(0),
         900.0,
@@ -513,6 +520,7 @@ class Mpi:
     queue_size: int
     default_timeout_s: float
     cancel_grace_s: float
+    roll_call_timeout_s: float
     lost_after_s: float
     preflight_timeout_s: float
     remote_dir: str
