@@ -123,6 +123,22 @@ def test_denied_ptrace_is_named_and_wchan_stands_in():
 
 
 @pytest.mark.logic
+def test_without_stacks_running_ranks_group_apart_from_a_sleeping_one():
+    def bare(rank, state, wchan):
+        r = report(rank, [wchan] if wchan else [], StackSource.WCHAN)
+        return msgspec.structs.replace(r, state=state, wchan=wchan)
+
+    ranks = [bare(0, ProcessState.RUNNING, None), bare(1, ProcessState.SLEEPING,
+             "hrtimer_nanosleep"), bare(2, ProcessState.RUNNING, None)]  # fmt: skip
+    groups, suspects = rollcall.verdict(ranks)
+    assert [(g.ranks, g.key) for g in groups] == [
+        ([0, 2], ["on-cpu"]),
+        ([1], ["wchan:hrtimer_nanosleep"]),
+    ]
+    assert [s.rank for s in suspects] == [1]
+
+
+@pytest.mark.logic
 def test_missing_tools_timeouts_and_missing_ranks_are_each_named():
     text = (
         "hz 100 4096\n"
@@ -280,6 +296,7 @@ def test_rank_sleeping_before_the_allreduce_is_the_one_suspect(cluster, tmp_path
     try:
         job_id = start_stalled(e, progs[name])
         call = settled_roll_call(e, job_id)
+        print(cli.rank_table(msgspec.to_builtins(call)))  # shown with -s
         by_rank = {r.rank: r for r in call.ranks}
         assert sorted(by_rank) == [0, 1, 2, 3], call
         assert call.nodes_failed == []
@@ -311,6 +328,7 @@ def test_denied_ptrace_names_the_reason_and_still_gives_state_cpu_and_wchan(
     try:
         job_id = start_stalled(e, progs["openmpi4"])
         call = e.jobs.roll_call(job_id)
+        print(cli.rank_table(msgspec.to_builtins(call)))  # shown with -s
         assert sorted(r.rank for r in call.ranks) == [0, 1, 2, 3], call
         for r in call.ranks:
             assert r.stack_source == StackSource.WCHAN, r
@@ -335,10 +353,8 @@ def test_http_roll_call_404_409_coalesced_and_cli(start_daemon, cluster, built, 
     d = start_daemon(mpi={"args": [*mpi["args"], "--oversubscribe"], "cancel_grace_s": 1.0})
     port = urllib.parse.urlsplit(d.url).port
     assert call_port(port, "GET", "/api/mpi_jobs/0123456789abcdef0123/ranks")[0] == 404
-    status, job = call_port(
-        d.port, "POST", "/api/mpi_jobs", {"program": [str(progs["openmpi4"]), "600"], "np": 4,
-                                           "wait": False},
-    )  # fmt: skip
+    body = {"program": [str(progs["openmpi4"]), "600"], "np": 4, "wait": False}
+    status, job = call_port(port, "POST", "/api/mpi_jobs", body)
     assert status == 202
     path = f"/api/mpi_jobs/{job['id']}/ranks"
     wait_for(

@@ -10,7 +10,9 @@ Grouping compares *normalised* stacks: function names only (no addresses, argume
 file lines, pids), and everything inside the MPI library cut at the MPI call the
 program made (``MPI_Allreduce``/``PMPI_Allreduce``): ranks waiting in one collective
 spin through different progress functions from one moment to the next, yet wait in
-the same place.  A rank with only a ``wchan`` is keyed by that kernel function.
+the same place.  A rank with only a ``wchan`` is keyed by that kernel function, or,
+running on a CPU (no wchan then), by ``on-cpu``: where ptrace is denied, ranks spinning
+in a collective still differ from one asleep.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SAMPLE_S = 0.2  # the CPU sample
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")  # in this order of trust
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 MAX_FRAMES = 64
+ON_CPU = "on-cpu"  # the group key of a running rank known only by its wchan (it has none)
 TIMED_OUT = 124  # timeout(1)'s status when the bound ran out
 
 # gdb: "#3  0x00007f... in PMPI_Allreduce (sendbuf=..., ...) at file.c:12" or
@@ -217,6 +220,8 @@ def verdict(ranks: Sequence[RankReport]) -> tuple[list[RankGroup], list[Suspect]
     by_key: dict[tuple[str, ...], list[int]] = collections.defaultdict(list)
     for r in ranks:
         key = tuple(normalise(r.stack_source, r.stack))
+        if not key and r.stack_source == StackSource.WCHAN and r.state == ProcessState.RUNNING:
+            key = (ON_CPU,)  # no stack, and no wchan while it runs: on a CPU is its place
         if key:
             by_key[key].append(r.rank)
     groups = sorted(
