@@ -21,11 +21,15 @@ from mlbench_daemon.jobs import rollcall
 from mlbench_daemon.shapes import RankReport
 from mlbench_daemon.vocabulary import ProcessState, StackSource
 from tests.cluster import MPIS
+from tests.cluster.cluster import MPI_ROOT
 from tests.helpers import call_port, wait_for
 from tests.test_flavours import mpi_or_skip
 from tests.test_jobs import Env
 
 DATA = Path(__file__).resolve().parent / "data" / "rollcall"
+# a venv of the system python with mpi4py and py-spy (.ci/run makes it), which the
+# cluster user can run
+PYSPY_VENV = MPI_ROOT / "pyspy"
 # extra launcher options so that 4 ranks fit on the 3 one-slot workers
 OVERSUBSCRIBE = {
     "openmpi4": ["--oversubscribe"],
@@ -162,6 +166,16 @@ def test_missing_tools_timeouts_and_missing_ranks_are_each_named():
 
 @pytest.mark.logic
 def test_py_spy_frames_are_the_main_threads():
+    unnamed = """Process 31873: python3 prog.py
+Python v3.11.2 (/usr/bin/python3.11)
+
+Thread 31880 (idle)
+    run (threading.py:975)
+Thread 31873 (idle)
+    nap (prog.py:3)
+    <module> (prog.py:4)
+"""
+    assert rollcall.spy_frames(unnamed, 31873) == ["nap (prog.py)", "<module> (prog.py)"]
     dump = """Process 77: python3 prog.py
 Python v3.11.2 (/usr/bin/python3.11)
 
@@ -172,7 +186,7 @@ Thread 0x7F01 (idle): "MainThread"
 Thread 0x7F02 (idle): "Thread-1"
     run (threading.py:975)
 """
-    assert rollcall.spy_frames(dump) == [
+    assert rollcall.spy_frames(dump, 77) == [
         "wait_for_peers (prog.py)",
         "main (prog.py)",
         "<module> (prog.py)",
@@ -254,7 +268,8 @@ def stall_env(cluster, tmp_path, name, **mpi):
 
 def start_stalled(e, prog):
     """Submit the 4-rank stall job; wait until every rank said ready -> job id."""
-    job = e.jobs.submit({"program": [str(prog), "600"], "np": 4, "wait": False})
+    program = [*map(str, prog), "600"] if isinstance(prog, list) else [str(prog), "600"]
+    job = e.jobs.submit({"program": program, "np": 4, "wait": False})
 
     def ready():
         text = e.jobs.read_log(job["id"], 0, 1 << 20)[0].decode(errors="replace")
@@ -272,7 +287,7 @@ def cancel_running(e):
             e.jobs.cancel(j["id"])
 
 
-def settled_roll_call(e, job_id):
+def settled_roll_call(e, job_id, waits_in="Allreduce"):
     """A roll-call once ranks 0, 2 and 3 have entered MPI_Allreduce (they print 'ready'
     just before it), or the last one taken."""
     calls = []
@@ -280,9 +295,13 @@ def settled_roll_call(e, job_id):
     def settled():
         calls.append(e.jobs.roll_call(job_id))
         waiting = [r for r in calls[-1].ranks if r.rank != 1]
-        return all(any("Allreduce" in f for f in r.stack) for r in waiting)
+        return all(any(waits_in in f for f in r.stack) for r in waiting)
 
-    wait_for(settled, timeout=60, what="ranks 0, 2 and 3 in MPI_Allreduce")
+    try:
+        wait_for(settled, timeout=60, what=f"ranks 0, 2 and 3 in {waits_in}")
+    except AssertionError:
+        print(cli.rank_table(msgspec.to_builtins(calls[-1])), calls[-1])
+        raise
     return calls[-1]
 
 
@@ -312,6 +331,33 @@ def test_rank_sleeping_before_the_allreduce_is_the_one_suspect(cluster, tmp_path
             assert r.cpu_percent is not None and r.stack_error is None
         assert one.state == ProcessState.SLEEPING and one.wchan
         assert e.jobs.get(job_id)["state"] == "running"  # the roll-call did not disturb it
+    finally:
+        cancel_running(e)
+        e.close()
+
+
+@pytest.mark.timeout(600)
+def test_python_ranks_get_py_spy_frames_naming_where_rank_1_waits(cluster, tmp_path):
+    python = PYSPY_VENV / "bin" / "python3"
+    if not (PYSPY_VENV / "bin" / "py-spy").exists() or not python.exists():
+        pytest.skip(f"no mpi4py and py-spy venv at {PYSPY_VENV} (.ci/run makes it)")
+    script = cluster.dir / "bin" / "stall.py"
+    script.write_bytes((DATA / "stall.py").read_bytes())
+    for w in cluster.workers:  # the nodes have py-spy on their PATH
+        cluster.set_env(w, PATH=f"{PYSPY_VENV / 'bin'}:/usr/local/bin:/usr/bin:/bin")
+    e = stall_env(cluster, tmp_path, "openmpi4")
+    try:
+        job_id = start_stalled(e, [python, script])
+        call = settled_roll_call(e, job_id, waits_in="wait_for_peers")
+        print(cli.rank_table(msgspec.to_builtins(call)))  # shown with -s
+        assert [r.stack_source for r in call.ranks] == [StackSource.PY_SPY] * 4, call
+        assert [(s.rank, s.top_frame) for s in call.suspects] == [
+            (1, "nap_before_allreduce (stall.py)")
+        ], call
+        assert [(g.ranks, g.key) for g in call.groups] == [
+            ([0, 2, 3], ["wait_for_peers (stall.py)", "<module> (stall.py)"]),
+            ([1], ["nap_before_allreduce (stall.py)", "<module> (stall.py)"]),
+        ]
     finally:
         cancel_running(e)
         e.close()

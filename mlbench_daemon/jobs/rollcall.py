@@ -42,9 +42,9 @@ TIMED_OUT = 124  # timeout(1)'s status when the bound ran out
 # gdb: "#3  0x00007f... in PMPI_Allreduce (sendbuf=..., ...) at file.c:12" or
 # "#0  main () at prog.c:9" or "#5  0x0000... in ?? () from /lib/libfoo.so"
 _GDB_FRAME = re.compile(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\S+?)\s*\((?:.*\))?\s*(?:(at|from) (\S+))?$")
-# py-spy: '    wait_here (prog.py:12)' under 'Thread 0x7f... (idle): "MainThread"'
+# py-spy: '    wait_here (prog.py:12)' under 'Thread 4242 (idle)' (or '...: "MainThread"')
 _SPY_FRAME = re.compile(r"^\s+(\S.*?) \((\S+?)(?::\d+)?\)$")
-_SPY_THREAD = re.compile(r'^Thread \S+ \([^)]*\): "(.*)"')
+_SPY_THREAD = re.compile(r'^Thread (\S+) \([^)]*\)(?:: "(.*)")?')
 _MPI_CALL = re.compile(r"^P?MPI_[A-Z][a-z_]*$")
 _OFFSET = re.compile(r"\+0x[0-9a-f]+.*")  # a wchan's "+0x1a/0x40", where shown
 _DENIED = re.compile(r"Operation not permitted|Permission denied|EPERM", re.I)
@@ -86,19 +86,23 @@ def gdb_frames(text: str) -> list[str]:
     return frames[:MAX_FRAMES]
 
 
-def spy_frames(text: str) -> list[str]:
-    """py-spy's dump -> the main thread's frames "function (file)", innermost first."""
-    frames: list[str] = []
-    thread = None
+def spy_frames(text: str, pid: int) -> list[str]:
+    """py-spy's dump -> the main thread's frames "function (file)", innermost first.  The
+    main thread is the one named MainThread (`dump` names threads only when it can), else
+    the one whose id is the pid, else the first."""
+    threads: list[tuple[str, str, list[str]]] = []
     for line in text.splitlines():
         t = _SPY_THREAD.match(line)
         if t:
-            thread = t[1]
+            threads.append((t[1], t[2] or "", []))
             continue
         m = _SPY_FRAME.match(line)
-        if m and thread == "MainThread":
-            frames.append(f"{m[1]} ({m[2]})")
-    return frames[:MAX_FRAMES]
+        if m and threads:
+            threads[-1][2].append(f"{m[1]} ({m[2]})")
+    main = next((t for t in threads if t[1] == "MainThread"), None)
+    main = main or next((t for t in threads if t[0] in (str(pid), hex(pid))), None)
+    main = main or (threads[0] if threads else None)
+    return main[2][:MAX_FRAMES] if main else []
 
 
 def normalise(source: StackSource, stack: Sequence[str]) -> list[str]:
@@ -113,13 +117,15 @@ def normalise(source: StackSource, stack: Sequence[str]) -> list[str]:
     return names
 
 
-def _tool_result(tool: str, rc: str, out: str) -> tuple[StackSource, list[str], str | None]:
+def _tool_result(
+    tool: str, rc: str, out: str, pid: int
+) -> tuple[StackSource, list[str], str | None]:
     """(source, frames, error) from a tool's exit status and output."""
     if tool == "none":
         return StackSource.WCHAN, [], "no stack tool on the node (py-spy, gdb)"
     if rc == str(TIMED_OUT) or rc == "137":
         return StackSource.WCHAN, [], f"{tool} did not finish within its bound"
-    frames = spy_frames(out) if tool == "py-spy" else gdb_frames(out)
+    frames = spy_frames(out, pid) if tool == "py-spy" else gdb_frames(out)
     if frames:
         return StackSource(tool), frames, None
     denied = _DENIED.search(out)
@@ -166,7 +172,7 @@ def _parse_block(block: list[str], node: str, hz: int, page: int) -> _Proc | Non
     if after is None:  # gone during the roll-call
         source, frames, error = StackSource.NONE, [], "the process exited during the roll-call"
     else:
-        source, frames, error = _tool_result(tool, rc, out)
+        source, frames, error = _tool_result(tool, rc, out, int(words[0]))
         if source == StackSource.WCHAN:
             frames = [wchan] if wchan else []
     cpu_s = after[2] / hz if after else None
