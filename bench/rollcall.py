@@ -2,8 +2,10 @@
 
 Runs a job whose rank 1 sleeps before MPI_Allreduce while the others wait in it (one
 rank per host), then times `GET /api/mpi_jobs/<id>/ranks` on 4 and on 16 hosts against
-what a person would do by hand in the same run: `ssh node gdb -batch -p PID -ex bt`
-through OpenSSH for every rank at once (the pids given for free).  Prints the median
+what a person would do by hand in the same run: `ssh node eu-stack -1 -p PID` (gdb
+where eu-stack is missing) through OpenSSH for every rank at once (the pids given for
+free).  The waiting ranks spin in MPI_Allreduce (OpenMPI busy-polls), so 16 ranks keep
+a 2-core machine's load far above 2 while it runs.  Prints the median
 and range of each, with the machine's load average beside each figure.  Target: ratio
 <= 1.0 on 4 hosts, <= 0.5 on 16, and at most 2 s on 16 hosts.
 
@@ -12,6 +14,7 @@ and range of each, with the machine's load average beside each figure.  Target: 
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -22,7 +25,13 @@ from tests.helpers import call_port as call
 from tests.helpers import served, wait_for
 
 STALL_C = Path(__file__).resolve().parent.parent / "tests" / "data" / "rollcall" / "stall.c"
-GDB = ["gdb", "-nx", "-batch", "-q", "-iex", "set debuginfod enabled off"]
+# what a person would type on each node: eu-stack where installed (as the daemon prefers
+# it), else gdb
+TOOL = (
+    ["eu-stack", "-1"]
+    if shutil.which("eu-stack")
+    else ["gdb", "-nx", "-batch", "-q", "-iex", "set debuginfod enabled off", "-ex", "bt"]
+)
 SETTLE_S = 0.5
 
 
@@ -68,7 +77,7 @@ def compare(c, port, job_id, rounds):
         t = time.perf_counter()
         procs = [
             subprocess.Popen(
-                c.ssh_argv(h, [*GDB, "-p", str(pid), "-ex", "bt"]),
+                c.ssh_argv(h, [*TOOL, "-p", str(pid)]),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
             )
@@ -104,7 +113,7 @@ def main():
             mpi={"mpirun": MPIRUN, "args": MPI_ARGS, "cancel_grace_s": 1.0},
         ) as daemon:
             print(
-                f"\nroll-call vs `ssh node gdb -batch -p PID -ex bt` for every rank at once, "
+                f"\nroll-call vs `ssh node {TOOL[0]} ... -p PID` for every rank at once, "
                 f"{args.rounds} rounds each, {os.cpu_count()} CPUs"
             )
             for n in args.sizes:

@@ -183,6 +183,7 @@ class StackSource(StrEnum):
     """Where a roll-call's ``stack`` of a rank came from."""
 
     PY_SPY = "py-spy"  # Python frames (`py-spy dump --nonblocking`)
+    EU_STACK = "eu-stack"  # native frames of the main thread (`eu-stack -1 -p`)
     GDB = "gdb"  # native frames of the main thread (`gdb -batch -p`)
     WCHAN = "wchan"  # only the kernel function it waits in (/proc/<pid>/wchan)
     NONE = "none"  # nothing could be read (the rank's process was not found or vanished)

@@ -7,6 +7,8 @@ real gdb; ptrace is denied with a real seccomp filter (tests/data/rollcall/noptr
 preloaded into every process of a host's SSH sessions."""
 
 import json
+import re
+import shutil
 import subprocess
 import threading
 import urllib.parse
@@ -153,7 +155,7 @@ def test_missing_tools_timeouts_and_missing_ranks_are_each_named():
     procs = rollcall.parse_node(text, "w1")
     ranks = rollcall.ranks_of(procs, 3, [rollcall.NodeProblem(node="w9", error="unreachable")])
     assert [r.rank for r in ranks] == [0, 1, 2, 3]  # 3 = OMPI_COMM_WORLD_SIZE - 1
-    assert ranks[0].stack_error == "no stack tool on the node (py-spy, gdb)"
+    assert ranks[0].stack_error == "none of mpi.roll_call_tools is installed on the node"
     assert ranks[0].stack == ["hrtimer_nanosleep"]
     assert ranks[1].pid == 7  # rank 1's innermost process (6 is its parent)
     assert ranks[2].stack_source == StackSource.NONE and ranks[2].node is None
@@ -162,6 +164,41 @@ def test_missing_tools_timeouts_and_missing_ranks_are_each_named():
     )
     (timed_out,) = rollcall.parse_node("hz 100 4096\n" + block(6, 1, tool="gdb 124"), "w")
     assert timed_out.report.stack_error == "gdb did not finish within its bound"
+
+
+EU_STACK = """TID 5557:
+#0  0x00007ff052af6503 clock_nanosleep@GLIBC_2.2.5 - /usr/lib/x86_64-linux-gnu/libc.so.6
+#1  0x00007ff052afae53 __nanosleep - /usr/lib/x86_64-linux-gnu/libc.so.6
+#2  0x000056427029d4af - /opt/app/stall
+#3  0x00007ff052a4e305 __libc_start_main@@GLIBC_2.34 - /usr/lib/x86_64-linux-gnu/libc.so.6
+"""
+
+
+@pytest.mark.logic
+def test_eu_stack_frames_drop_symbol_versions():
+    assert rollcall.eu_stack_frames(EU_STACK) == [
+        "clock_nanosleep from /usr/lib/x86_64-linux-gnu/libc.so.6",
+        "__nanosleep from /usr/lib/x86_64-linux-gnu/libc.so.6",
+        "?? from /opt/app/stall",
+        "__libc_start_main from /usr/lib/x86_64-linux-gnu/libc.so.6",
+    ]
+    text = "hz 100 4096\n" + block(4, 0, tool="eu-stack 0", out=EU_STACK)
+    (p,) = rollcall.parse_node(text, "w")
+    assert p.report.stack_source == StackSource.EU_STACK
+    assert rollcall.normalise(StackSource.EU_STACK, p.report.stack)[:2] == [
+        "clock_nanosleep",
+        "__nanosleep",
+    ]
+
+
+@pytest.mark.logic
+def test_roll_call_tools_setting_takes_known_names_once():
+    from mlbench_daemon import config
+
+    assert config.stack_tools(["gdb", "py-spy"]) == ["gdb", "py-spy"]
+    for bad in (["lldb"], ["gdb", "gdb"], "gdb"):
+        with pytest.raises(ValueError, match="distinct names from py-spy, eu-stack, gdb"):
+            config.stack_tools(bad)
 
 
 @pytest.mark.logic
@@ -306,12 +343,17 @@ def settled_roll_call(e, job_id, waits_in="Allreduce"):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("tool", [StackSource.EU_STACK, StackSource.GDB])
 @pytest.mark.parametrize("name", list(MPIS))
-def test_rank_sleeping_before_the_allreduce_is_the_one_suspect(cluster, tmp_path, built, name):
+def test_rank_sleeping_before_the_allreduce_is_the_one_suspect(
+    cluster, tmp_path, built, name, tool
+):
     progs, _ = built
     if name not in progs:
         pytest.skip(f"{name} is not installed (.ci/run installs it)")
-    e = stall_env(cluster, tmp_path, name)
+    if not shutil.which(tool):
+        pytest.skip(f"{tool} is not installed (.ci/run installs it)")
+    e = stall_env(cluster, tmp_path, name, roll_call_tools=[str(tool)])
     try:
         job_id = start_stalled(e, progs[name])
         call = settled_roll_call(e, job_id)
@@ -321,7 +363,7 @@ def test_rank_sleeping_before_the_allreduce_is_the_one_suspect(cluster, tmp_path
         assert call.nodes_failed == []
         one = by_rank[1]
         assert [(s.rank, s.node) for s in call.suspects] == [(1, one.node)], call
-        assert one.stack_source == StackSource.GDB, one
+        assert one.stack_source == tool, one
         assert any("sleep" in f for f in one.stack), one.stack
         assert "sleep" in call.suspects[0].top_frame
         assert [g.ranks for g in call.groups] == [[0, 2, 3], [1]], call.groups
@@ -378,7 +420,9 @@ def test_denied_ptrace_names_the_reason_and_still_gives_state_cpu_and_wchan(
         assert sorted(r.rank for r in call.ranks) == [0, 1, 2, 3], call
         for r in call.ranks:
             assert r.stack_source == StackSource.WCHAN, r
-            assert r.stack_error.startswith("gdb: ptrace denied: ptrace: Operation not permitted")
+            assert re.match(
+                r"(eu-stack|gdb): ptrace denied: .*Operation not permitted", r.stack_error
+            )
             assert r.state and r.cpu_s is not None and r.cpu_percent is not None and r.pid
         one = next(r for r in call.ranks if r.rank == 1)
         assert one.wchan and "sleep" in one.wchan and one.stack == [one.wchan]

@@ -237,9 +237,9 @@ class Jobs:
             Target(row.name, Host(row.ip, ports.get(row.ip, self.cfg.ssh.port)))
             for row in (NodeRow(*r) for r in rec["nodes"])
         ]
-        bound = self.mpi.roll_call_timeout_s
+        bound, tools = self.mpi.roll_call_timeout_s, self.mpi.roll_call_tools
         return self._roll_calls.run(
-            job_id, lambda: take(self._ctx.remote, job_id, targets, rec["np"], bound)
+            job_id, lambda: take(self._ctx.remote, job_id, targets, rec["np"], bound, tools)
         )
 
     # --- slots and queue --------------------------------------------------------------

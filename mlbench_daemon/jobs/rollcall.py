@@ -42,6 +42,9 @@ TIMED_OUT = 124  # timeout(1)'s status when the bound ran out
 # gdb: "#3  0x00007f... in PMPI_Allreduce (sendbuf=..., ...) at file.c:12" or
 # "#0  main () at prog.c:9" or "#5  0x0000... in ?? () from /lib/libfoo.so"
 _GDB_FRAME = re.compile(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\S+?)\s*\((?:.*\))?\s*(?:(at|from) (\S+))?$")
+# eu-stack -m: "#0  0x00007f... clock_nanosleep@GLIBC_2.2.5 - /lib/libc.so.6" (no name
+# between the address and " - " where it has no symbol)
+_EU_FRAME = re.compile(r"^#\d+\s+0x[0-9a-f]+\s+(?:(\S+)\s+)?-\s+(\S+)$")
 # py-spy: '    wait_here (prog.py:12)' under 'Thread 4242 (idle)' (or '...: "MainThread"')
 _SPY_FRAME = re.compile(r"^\s+(\S.*?) \((\S+?)(?::\d+)?\)$")
 _SPY_THREAD = re.compile(r'^Thread (\S+) \([^)]*\)(?:: "(.*)")?')
@@ -86,6 +89,16 @@ def gdb_frames(text: str) -> list[str]:
     return frames[:MAX_FRAMES]
 
 
+def eu_stack_frames(text: str) -> list[str]:
+    """eu-stack's lines -> frames "function from module" (symbol versions dropped)."""
+    frames = []
+    for line in text.splitlines():
+        m = _EU_FRAME.match(line.strip())
+        if m:
+            frames.append(f"{(m[1] or '??').split('@', 1)[0]} from {m[2]}")
+    return frames[:MAX_FRAMES]
+
+
 def spy_frames(text: str, pid: int) -> list[str]:
     """py-spy's dump -> the main thread's frames "function (file)", innermost first.  The
     main thread is the one named MainThread (`dump` names threads only when it can), else
@@ -107,7 +120,8 @@ def spy_frames(text: str, pid: int) -> list[str]:
 
 def normalise(source: StackSource, stack: Sequence[str]) -> list[str]:
     """The group key of a stack (see the module's docstring)."""
-    names = [frame.split(" ", 1)[0] if source == StackSource.GDB else frame for frame in stack]
+    native = source in (StackSource.GDB, StackSource.EU_STACK)
+    names = [frame.split(" ", 1)[0] if native else frame for frame in stack]
     if source == StackSource.WCHAN:
         return ["wchan:" + _OFFSET.sub("", names[0])] if names else []
     calls = [i for i, name in enumerate(names) if _MPI_CALL.match(name)]
@@ -122,10 +136,11 @@ def _tool_result(
 ) -> tuple[StackSource, list[str], str | None]:
     """(source, frames, error) from a tool's exit status and output."""
     if tool == "none":
-        return StackSource.WCHAN, [], "no stack tool on the node (py-spy, gdb)"
+        return StackSource.WCHAN, [], "none of mpi.roll_call_tools is installed on the node"
     if rc == str(TIMED_OUT) or rc == "137":
         return StackSource.WCHAN, [], f"{tool} did not finish within its bound"
-    frames = spy_frames(out, pid) if tool == "py-spy" else gdb_frames(out)
+    parse = {"py-spy": lambda: spy_frames(out, pid), "eu-stack": lambda: eu_stack_frames(out)}
+    frames = parse.get(tool, lambda: gdb_frames(out))()
     if frames:
         return StackSource(tool), frames, None
     denied = _DENIED.search(out)
@@ -246,15 +261,20 @@ def verdict(ranks: Sequence[RankReport]) -> tuple[list[RankGroup], list[Suspect]
 
 
 def take(
-    remote: Remote, job_id: str, nodes: Sequence[Target], np: int | None, bound_s: float
+    remote: Remote,
+    job_id: str,
+    nodes: Sequence[Target],
+    np: int | None,
+    bound_s: float,
+    tools: Sequence[str],
 ) -> RollCall:
-    """The roll-call of `job_id` on `nodes` (all at once; each node's script bounded by
-    `bound_s` plus the sample)."""
+    """The roll-call of `job_id` on `nodes` (all at once; each node's tools bounded by
+    `bound_s`; `tools`: the stack tools to try, in order)."""
     started, t0 = time.time(), time.monotonic()
 
     def one(target: Target) -> list[_Proc] | NodeProblem:
         try:
-            text = remote.roll_call(target.host, job_id, SAMPLE_S, bound_s)
+            text = remote.roll_call(target.host, job_id, SAMPLE_S, bound_s, tools)
             return parse_node(text, target.name)
         except (SSHError, ValueError) as e:
             return NodeProblem(node=target.name, error=str(e))
