@@ -406,6 +406,39 @@ def test_python_ranks_get_py_spy_frames_naming_where_rank_1_waits(cluster, tmp_p
 
 
 @pytest.mark.timeout(600)
+def test_a_node_cut_off_is_named_and_its_ranks_still_listed(cluster, tmp_path, built):
+    progs, _ = built
+    e = stall_env(cluster, tmp_path, "openmpi4", roll_call_timeout_s=1.0)
+    try:
+        job_id = start_stalled(e, progs["openmpi4"])
+        first = settled_roll_call(e, job_id)
+        master = e.jobs.get(job_id)["master_name"]
+        lost = next(r.node for r in first.ranks if r.node != master)
+        lost_ranks = sorted(r.rank for r in first.ranks if r.node == lost)
+        host = next(w for w in cluster.workers if w.name == lost)
+        cluster.partition(host)  # the head cannot reach it; the job goes on
+        try:
+            call = e.jobs.roll_call(job_id)
+        finally:
+            cluster.heal(host)
+        print(cli.rank_table(msgspec.to_builtins(call)))  # shown with -s
+        assert [f.node for f in call.nodes_failed] == [lost], call
+        assert sorted(r.rank for r in call.ranks) == [0, 1, 2, 3]
+        for r in call.ranks:
+            if r.rank in lost_ranks:
+                assert r.node is None and r.stack_source == StackSource.NONE, r
+                assert r.stack_error == (
+                    f"no process of this rank found on the job's nodes (not read: {lost})"
+                )
+            else:
+                assert r.node and r.stack, r
+        assert call.took_s < 60  # bounded by mpi.roll_call_timeout_s, not by the lost node
+    finally:
+        cancel_running(e)
+        e.close()
+
+
+@pytest.mark.timeout(600)
 def test_denied_ptrace_names_the_reason_and_still_gives_state_cpu_and_wchan(
     cluster, tmp_path, built
 ):
