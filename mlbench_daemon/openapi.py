@@ -489,7 +489,9 @@ PATHS = {
                     },
                     "404": _error("No such job."),
                     "409": _error("The job is not running (pending or final)."),
-                    "429": _error("`server.max_streams` long requests are open already."),
+                    "503": _error(
+                        "`server.max_streams` long requests are open already (`too-many-streams`)."
+                    ),
                 }
             ),
         },

@@ -473,7 +473,10 @@ def log_of(port, job_id):
 def test_http_roll_call_404_409_coalesced_and_cli(start_daemon, cluster, built, capsys):
     progs, _ = built
     mpi = mpi_or_skip(cluster, "openmpi4")
-    d = start_daemon(mpi={"args": [*mpi["args"], "--oversubscribe"], "cancel_grace_s": 1.0})
+    d = start_daemon(
+        server={"max_streams": 2},
+        mpi={"args": [*mpi["args"], "--oversubscribe"], "cancel_grace_s": 1.0},
+    )
     port = urllib.parse.urlsplit(d.url).port
     assert call_port(port, "GET", "/api/mpi_jobs/0123456789abcdef0123/ranks")[0] == 404
     body = {"program": [str(progs["openmpi4"]), "600"], "np": 4, "wait": False}
@@ -498,6 +501,20 @@ def test_http_roll_call_404_409_coalesced_and_cli(start_daemon, cluster, built, 
     # both asked while one roll-call ran (it takes the 0.2 s sample and gdb): one answer
     assert answers[0][1]["taken"] == answers[1][1]["taken"], answers
     assert answers[0][1] == answers[1][1]
+
+    # a roll-call counts against server.max_streams: with both slots held by log follows
+    # it is refused at once
+    follows = [
+        Client(d.url).open("GET", f"/api/mpi_jobs/{job['id']}/logs?follow=1", timeout=60)
+        for _ in range(2)
+    ]
+    try:
+        status, err = call_port(port, "GET", path)
+        assert (status, err["error"]) == (503, "too-many-streams"), err
+    finally:
+        for f in follows:
+            f.close()
+    wait_for(lambda: call_port(port, "GET", path)[0] == 200, what="the slots given back")
 
     assert cli.main(["--url", d.url, "ranks", job["id"]]) == 0
     out = capsys.readouterr().out
