@@ -167,8 +167,9 @@ class ProcessState(StrEnum):
     PARKED = "parked"  # P
 
     @classmethod
-    def from_letter(cls, letter: str) -> ProcessState:
-        return _STATE_LETTERS[letter]
+    def from_letter(cls, letter: str) -> ProcessState | None:
+        """The state of a letter; None for one this list does not know (a newer kernel's)."""
+        return _STATE_LETTERS.get(letter)
 
 
 _STATE_LETTERS = {

@@ -126,6 +126,8 @@ def test_denied_ptrace_is_named_and_wchan_stands_in():
     assert r.stack_source == StackSource.WCHAN and r.stack == ["do_epoll_wait"]
     assert r.stack_error == "gdb: ptrace denied: ptrace: Operation not permitted."
     assert r.state == ProcessState.SLEEPING and r.cpu_s is not None
+    (odd,) = rollcall.parse_node("hz 100 4096\n" + block(9, 2, s="W"), "w3")  # unknown letter
+    assert odd.report.state is None and odd.report.cpu_s is not None
 
 
 @pytest.mark.logic

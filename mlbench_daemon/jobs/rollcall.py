@@ -198,7 +198,7 @@ def _parse_block(block: list[str], node: str, hz: int, page: int) -> _Proc | Non
         rank=rank,
         node=node,
         pid=int(words[0]),
-        state=ProcessState.from_letter(after[0]) if after else None,
+        state=ProcessState.from_letter(after[0]) if after else None,  # None: unknown letter
         cpu_s=cpu_s,
         cpu_percent=percent,
         rss_bytes=after[3] * page if after else None,
