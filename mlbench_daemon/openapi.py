@@ -376,6 +376,35 @@ PATHS = {
             ),
         },
     },
+    "/api/mpi_jobs/{job_id}/ranks": {
+        "parameters": [_JOB_ID],
+        "get": {
+            "operationId": "getJobRanks",
+            "summary": "Roll-call: every rank of a running job with its stack",
+            "description": "For every rank: its node, pid, process state, CPU time and CPU % "
+            "over a short sample, RSS, and a stack (`py-spy dump --nonblocking` for a Python "
+            "rank where the node has py-spy, else `gdb -batch` where installed, else the "
+            "kernel's `wchan`; `stack_source`, and `stack_error` names what was missing or "
+            "denied).  Ranks are grouped by normalised stack; `suspects` are the ranks "
+            "outside the majority.  One script per node, all nodes at once, each bounded by "
+            "`mpi.roll_call_timeout_s`.  Concurrent requests for one job share one "
+            "roll-call; each holds a server thread and counts against `server.max_streams`.",
+            "tags": ["jobs"],
+            "responses": _api_responses(
+                **{
+                    "200": {
+                        "description": "The roll-call.",
+                        "content": _json_content(_ref("RollCall")),
+                    },
+                    "404": _error("No such job."),
+                    "409": _error("The job is not running (pending or final)."),
+                    "503": _error(
+                        "`server.max_streams` long requests are open already (`too-many-streams`)."
+                    ),
+                }
+            ),
+        },
+    },
     "/api/mpi_jobs/{job_id}/logs": {
         "parameters": [_JOB_ID],
         "get": {

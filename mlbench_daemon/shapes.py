@@ -35,7 +35,9 @@ from mlbench_daemon.vocabulary import (
     JobState,
     NodeReason,
     Phase,
+    ProcessState,
     SSHReason,
+    StackSource,
     StoreReason,
 )
 
@@ -365,6 +367,89 @@ class PreflightRequest(msgspec.Struct, forbid_unknown_fields=True):
     master: Master | msgspec.UnsetType = msgspec.UNSET
 
 
+class RankReport(msgspec.Struct):
+    """One rank in a roll-call.  A rank whose process was not found (its node could not
+    be reached, or it was not running) is listed too, with nulls and `stack_error`."""
+
+    rank: Annotated[int, Meta(ge=0)]
+    node: Annotated[str | None, Meta(description="The daemon's node name; null if not found.")]
+    pid: Annotated[int, Meta(ge=1)] | None
+    state: Annotated[
+        ProcessState | None, Meta(description="From /proc/<pid>/stat, before any tool ran.")
+    ]
+    cpu_s: Annotated[
+        Annotated[float, Meta(ge=0)] | None,
+        Meta(description="User + system CPU time the process has used."),
+    ]
+    cpu_percent: Annotated[
+        Annotated[float, Meta(ge=0)] | None,
+        Meta(description="CPU use over the roll-call's sample (`sample_s`); 100 = one core."),
+    ]
+    rss_bytes: Annotated[int, Meta(ge=0)] | None
+    wchan: Annotated[
+        str | None,
+        Meta(description="The kernel function it sleeps in (`/proc/<pid>/wchan`); null "
+             "while it runs on a CPU."),
+    ]  # fmt: skip
+    stack_source: StackSource
+    stack_error: Annotated[
+        str | None,
+        Meta(description="Why no better stack was read (a tool missing, ptrace denied, "
+             "the tool's bound ran out, the process not found); null when none is missing."),
+    ]  # fmt: skip
+    stack: Annotated[
+        list[str],
+        Meta(description="Frames, innermost first (`wchan`: the one kernel function)."),
+    ]
+
+
+class RankGroup(msgspec.Struct):
+    """Ranks whose stacks are the same once normalised."""
+
+    ranks: list[Annotated[int, Meta(ge=0)]]
+    key: Annotated[
+        list[str],
+        Meta(description="The normalised stack they share: function names only (no "
+             "addresses, arguments, lines), and frames inside the MPI library cut at the "
+             "MPI call the program made."),
+    ]  # fmt: skip
+
+
+class Suspect(msgspec.Struct):
+    """A rank whose stack differs from the majority's."""
+
+    rank: Annotated[int, Meta(ge=0)]
+    node: str | None
+    top_frame: Annotated[str | None, Meta(description="Its innermost frame.")]
+
+
+class NodeProblem(msgspec.Struct):
+    """A node of the job whose ranks could not be read."""
+
+    node: str
+    error: str
+
+
+class RollCall(msgspec.Struct):
+    """Every rank of a running job with its process's state, CPU, memory and stack."""
+
+    job_id: Annotated[str, Meta(pattern=JOB_ID_PATTERN)]
+    taken: Annotated[DateTime, Meta(description="When the roll-call began.")]
+    took_s: Annotated[float, Meta(ge=0)]
+    sample_s: Annotated[float, Meta(ge=0, description="The CPU sample's length.")]
+    ranks: Annotated[list[RankReport], Meta(description="By rank.")]
+    groups: Annotated[
+        list[RankGroup],
+        Meta(description="Ranks with a stack, by the same normalised stack; largest first."),
+    ]
+    suspects: Annotated[
+        list[Suspect],
+        Meta(description="The ranks outside the one largest group; none when all agree "
+             "or no group is larger than every other."),
+    ]  # fmt: skip
+    nodes_failed: list[NodeProblem]
+
+
 ENUMS = (
     Phase,
     JobState,
@@ -374,6 +459,8 @@ ENUMS = (
     CheckStatus,
     FlavourName,
     StoreReason,
+    ProcessState,
+    StackSource,
 )
 ENUM_TEXT: dict[type, str] = {
     Phase: "`Pending`: first probe not finished; `Running`: a job can be launched "
@@ -384,7 +471,7 @@ ENUM_TEXT: dict[type, str] = {
     "`Failed`: reached it but it refused us or could not be trusted (also when seen on a "
     "fresh login while an old session still works).",
 }
-ANSWERS = (Error, Node, Job, Failure, Check, PreflightResult, Health)
+ANSWERS = (Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall)
 REQUESTS = (JobRequest, PreflightRequest)
 
 
