@@ -41,7 +41,7 @@ from mlbench_daemon.vocabulary import JobReason, JobState, JobWait
 
 log = logging.getLogger(__name__)
 
-FOLLOW_STORE_FAULT_S = 30.0  # a log follower ends once its job's writes failed this long
+FOLLOW_STORE_FAULT_S = 15.0  # a log follower ends once its job's writes failed this long
 
 
 class Jobs:
