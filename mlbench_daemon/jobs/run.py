@@ -197,9 +197,10 @@ class JobRun:
     def run(self) -> None:
         try:
             try:
-                if self.reattached:
+                if self.reattached:  # a launched job (with a pid) runs while the pass is made
                     self._expect(
-                        JobWait.LAUNCHING, self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
+                        JobWait.RUNNING if self.record()["pid"] else JobWait.LAUNCHING,
+                        self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout,
                     )
                     self.ctx.registry.wait_first_pass(
                         self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
