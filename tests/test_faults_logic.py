@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mlbench_daemon.jobs import manager
 from mlbench_daemon.store import Store, StoreError
-from mlbench_daemon.vocabulary import JobState, JobWait, StoreReason
+from mlbench_daemon.vocabulary import JobReason, JobState, JobWait, StoreReason
 from tests.helpers import HANG, wait_for
 from tests.localjobs import LocalJobs, gate, sh
 
@@ -253,3 +253,27 @@ def test_a_follower_of_a_job_that_cannot_write_ends_with_what_there_is(faulty, t
         lj.store.failing = False
     finish_all(lj, [job["id"]])
     assert lj.jobs.wait(job["id"])["response"] == "started\ndone\n"
+
+
+def test_ending_a_queued_job_during_a_fault_does_not_wait_on_the_disk(faulty, tmp_path):
+    """A queued job cancelled while records cannot be written: the cancel returns at once
+    (the write is retried in a thread of its own), the answer says cancelled, and the
+    record is written once the disk takes writes."""
+    lj = faulty(max_concurrent_jobs=1)
+    first = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    queued = lj.jobs.submit({"program": sh("echo never"), "wait": False})
+    assert lj.jobs.get(queued["id"])["waiting"]["reason"] == "queued"
+    lj.store.records_fail = True
+    run = lj.jobs._live[queued["id"]]
+    ended = threading.Thread(target=run.cancel, args=(JobReason.CANCELLED, lj.jobs._queue))
+    ended.start()
+    ended.join(HANG)  # no clock moves: a cancel that retried the write itself would hang
+    assert not ended.is_alive(), "the cancel waited on the disk"
+    shown = lj.jobs.get(queued["id"])
+    assert (shown["state"], shown["waiting"]) == ("cancelled", None)
+    assert shown["store_error"]["reason"] == "state-disk-full"
+    assert lj.store.record(queued["id"])["state"] == "pending"
+    lj.store.records_fail = False
+    (tmp_path / "go").touch()
+    finish_all(lj, [first["id"], queued["id"]])
+    assert lj.store.record(queued["id"])["state"] == "cancelled"

@@ -316,7 +316,7 @@ class JobRun:
                             self._flush()
                         with ctx.changed:
                             ctx.changed.notify_all()
-                        backoff = store_backoff = BACKOFF_S[0]
+                        backoff, store_backoff = BACKOFF_S[0], STORE_BACKOFF_S[0]
                 status = ctx.remote.status(host, job_dir, pid)
             except StoreError as e:
                 # the log keeps the bytes written: follow again from its size, later
@@ -398,7 +398,9 @@ class JobRun:
 
     def finish(self, state: JobState, **fields: Any) -> None:
         """Record the final state (with its failure, unless it succeeded), retried until
-        written (Stopped if the daemon stops first); then the job leaves the live table."""
+        written (Stopped if the daemon stops first); then the job leaves the live table.
+        Called from another thread (an API call ending a queued job), a write that fails
+        is retried in a thread of its own: an API call never waits on the disk."""
         ctx = self.ctx
         self._expect(JobWait.FINISHING, self.mpi.preflight_timeout_s + ctx.ssh_timeout)
         try:
@@ -408,10 +410,27 @@ class JobRun:
         if state != JobState.SUCCEEDED:
             fields["failure"] = self._failure(state, fields)
             metrics.job_failures_total.labels(fields["failure"]["kind"]).inc()
-        self._save(state=state, finished=ctx.clock.time(), **fields)
+        written = self._save(state=state, finished=ctx.clock.time(), **fields)
         self.decided.set()
         with ctx.changed:
             ctx.changed.notify_all()
+        if written or threading.current_thread() is self.thread:
+            self._leave(state, fields)
+        else:
+            threading.Thread(
+                target=self._leave_later, args=(state, fields), name=f"job-{self.id}-end",
+                daemon=True,
+            ).start()  # fmt: skip
+
+    def _leave_later(self, state: JobState, fields: Mapping[str, Any]) -> None:
+        try:
+            self._leave(state, fields)
+        except Stopped:  # the daemon stops: the record says not final; a restart decides
+            pass
+
+    def _leave(self, state: JobState, fields: Mapping[str, Any]) -> None:
+        """The final state written (retried until it is), the job leaves the live table."""
+        ctx = self.ctx
         self._flush_until_written()
         with ctx.changed:
             rec = ctx.store.record(self.id)
