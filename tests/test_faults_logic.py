@@ -233,17 +233,25 @@ def test_an_unwritable_final_state_is_kept_shown_and_written_later(faulty):
 
 
 def test_a_follower_of_a_job_that_cannot_write_ends_with_what_there_is(faulty, tmp_path):
+    """A log follower and a sync waiter of a job whose writes keep failing end, once the
+    fault has lasted FOLLOW_STORE_FAULT_S, with what the log holds."""
     lj = faulty()
     job = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
     wait_for(lambda: lj.jobs.read_log(job["id"], 0, 100)[0] == b"started\n", what="started")
     lj.store.failing = True
     (tmp_path / "go").touch()
-    got = []
+    got, answered = [], []
     follower = threading.Thread(target=lambda: got.extend(lj.jobs.follow_log(job["id"])))
+    waiter = threading.Thread(target=lambda: answered.append(lj.jobs.wait(job["id"])))
     follower.start()
+    waiter.start()
     with lj.clock.ticking(1.0):  # the fault outlasts FOLLOW_STORE_FAULT_S on the job's clock
         follower.join(HANG)
+        waiter.join(HANG)
         assert not follower.is_alive(), "the follower never ended"
+        assert not waiter.is_alive(), "the sync wait never ended"
+        assert answered[0]["state"] == "running" and answered[0]["store_error"] is not None
+        assert answered[0]["response"].startswith("started\n")
         # what the log holds: "started", and the half of "done" the short write took
         assert b"".join(got) == lj.jobs.read_log(job["id"], 0, 100)[0] == b"started\ndo"
         fault = lj.jobs.get(job["id"])["store_error"]

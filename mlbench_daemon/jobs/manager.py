@@ -212,12 +212,19 @@ class Jobs:
         """wait() as JSON: blocks until the job is final (or `timeout`), then returns an
         iterator of bytes pieces of the document.  The log is read, decoded and escaped
         a chunk at a time, so a sync request for a job that wrote gigabytes never holds
-        its output in memory; the bytes are the same as json.dumps of wait()'s dict."""
+        its output in memory; the bytes are the same as json.dumps of wait()'s dict.
+        A job that cannot progress (see follow_log) is answered as it stands."""
         self._record(job_id)
         with self._lock:
             run = self._live.get(job_id)
-        if run is not None:
-            run.decided.wait(timeout)  # its final state, even while not yet written
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # its final state, even while not yet written
+        while run is not None and not run.decided.wait(1.0):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if self._stuck(self.get(job_id)):
+                log.info("job %s: answered while not final: the job cannot progress now", job_id)
+                break
         job = self.get(job_id)
         return json_with_response(self.store, job, self.store.log_size(job_id))
 
@@ -254,6 +261,8 @@ class Jobs:
     def _stuck(self, job: dict[str, Any]) -> bool:
         """Whether the job cannot progress now: no thread follows it (or the thread is
         gone), or its writes have failed for FOLLOW_STORE_FAULT_S."""
+        if job["waiting"] is None:  # final
+            return False
         if job["waiting"]["reason"] == JobWait.UNFOLLOWED:
             return True
         with self._lock:
