@@ -183,7 +183,8 @@ class Jobs:
                 rec = {**rec, **run.unwritten}
             if JobState(rec["state"]).is_final:
                 waiting = None
-            elif run is None:  # only while the daemon stops: the next start takes it up
+            elif run is None or _ended(run.thread):
+                # only while the daemon stops: the next start takes it up
                 waiting = _waiting(JobWait.UNFOLLOWED, now)
             elif run.thread is None:  # queued: checked when the first running job is
                 running = [r.next_check for r in self._live.values() if r.thread is not None]
@@ -267,7 +268,7 @@ class Jobs:
             return True
         with self._lock:
             run = self._live.get(job["id"])
-        if run is None or (run.thread is not None and not run.thread.is_alive()):
+        if run is None or _ended(run.thread):
             return True
         fault = run.store_fault
         return fault is not None and self._ctx.clock.time() - fault[2] >= FOLLOW_STORE_FAULT_S
@@ -326,6 +327,11 @@ def _check_counts(**values: Any) -> None:
 
 
 # --- JSON shapes ---------------------------------------------------------------------
+
+
+def _ended(thread: threading.Thread | None) -> bool:
+    """Whether a job's thread ran and is gone (not one queued, or not started yet)."""
+    return thread is not None and thread.ident is not None and not thread.is_alive()
 
 
 def _waiting(reason: JobWait, next_check: float) -> dict[str, Any]:
