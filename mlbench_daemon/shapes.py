@@ -33,6 +33,7 @@ from mlbench_daemon.vocabulary import (
     FlavourName,
     JobReason,
     JobState,
+    JobWait,
     NodeReason,
     Phase,
     ProcessState,
@@ -172,6 +173,28 @@ class Failure(msgspec.Struct):
     ) = msgspec.UNSET
 
 
+class StoreFault(msgspec.Struct):
+    """A write of this job's log or record that failed (the state dir is full or read-only);
+    the daemon keeps what it could not write in memory and tries again."""
+
+    reason: StoreReason
+    message: Annotated[str, Meta(description="One line: what could not be written, and why.")]
+    since: DateTime
+
+
+class Waiting(msgspec.Struct):
+    """What a job that is not final waits for."""
+
+    reason: JobWait
+    next_check: Annotated[
+        DateTime,
+        Meta(
+            description="When the daemon checks this job's progress again, at the latest "
+            "(a queued job: when a running job is checked next)."
+        ),
+    ]
+
+
 class Job(msgspec.Struct):
     """One MPI job: the seed's keys first."""
 
@@ -212,6 +235,17 @@ class Job(msgspec.Struct):
     log_bytes: Annotated[
         int,
         Meta(ge=0, description='Size of the job\'s log so far (for "showing the last X of Y").'),
+    ]
+    store_error: Annotated[
+        StoreFault | None,
+        Meta(
+            description="Null, or why the daemon cannot write this job's log or record now "
+            "(the answer then shows the job as the daemon knows it, not as stored)."
+        ),
+    ]
+    waiting: Annotated[
+        Waiting | None,
+        Meta(description="Null for a final job; otherwise what it waits for and until when."),
     ]
 
 

@@ -16,6 +16,7 @@ enum               where the words appear
 ``NodeReason``     a node's ``reason`` otherwise
 ``DiscoveryReason``  ``DiscoveryError.reason``; the registry's ``stale_reason``
 ``StoreReason``    why the state dir (database or logs) cannot be written
+``JobWait``        what a job not yet final waits for (its ``waiting.reason``)
 ``FlavourName``    a job's ``flavour`` (``mpi.flavour``); preflight adds ``unknown``
 ``CheckName``      a preflight check's ``check``
 ``CheckStatus``    a preflight check's ``status``
@@ -113,6 +114,20 @@ class StoreReason(StrEnum):
     DISK_FULL = "state-disk-full"  # ENOSPC, EDQUOT, sqlite "database or disk is full"
     READ_ONLY = "state-read-only"  # EROFS, EACCES, EPERM, sqlite "readonly database"
     WRITE_FAILED = "state-write-failed"  # any other error of a write
+
+
+class JobWait(StrEnum):
+    """What a job that is not final waits for, with the time its progress is checked next."""
+
+    QUEUED = "queued"  # a free slot (mpi.max_concurrent_jobs); checked when a running job is
+    LAUNCHING = "launching"  # its master being chosen and mpirun started over SSH
+    RUNNING = "running"  # its output, followed; a silent master is asked for its status
+    RECONNECTING = "reconnecting"  # its master, unreachable: tried again with backoff
+    STORE_RETRY = "store-retry"  # the state dir, which cannot be written: tried again
+    CANCELLING = "cancelling"  # the kill and the sweep of its hosts
+    FINISHING = "finishing"  # the record of its end (the failure's cause may need a preflight)
+    UNFOLLOWED = "unfollowed"  # nothing: no thread of this daemon follows it (it is stopping);
+    # the next start re-attaches it
 
 
 class DiscoveryReason(StrEnum):

@@ -258,7 +258,9 @@ class StaticRegistry:
 class LocalJobs:
     """Jobs wired to a LocalPool, a ManualClock and a StaticRegistry of `hosts` hosts."""
 
-    def __init__(self, tmp: Path, hosts: int = 2, **mpi: object) -> None:
+    def __init__(
+        self, tmp: Path, hosts: int = 2, store: Callable[[str], Store] = Store, **mpi: object
+    ) -> None:
         self.tmp = tmp
         self.home = tmp / "home"
         self.home.mkdir(exist_ok=True)
@@ -287,7 +289,7 @@ class LocalJobs:
         self.pool = LocalPool(self.home)
         self.clock = ManualClock()
         self.registry = StaticRegistry([(f"w-{i}", f"127.77.0.{i + 1}") for i in range(hosts)])
-        self.store = Store(self.cfg.state.dir)
+        self.store = store(self.cfg.state.dir)
         self.jobs = Jobs(self.cfg, self.registry, self.pool, self.store, clock=self.clock)
 
     def start(self) -> LocalJobs:

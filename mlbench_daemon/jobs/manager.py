@@ -10,6 +10,10 @@
 answered with ``wait_json(job["id"])``.  At most ``mpi.max_concurrent_jobs`` jobs
 run at once (each in its own thread, a ``JobRun``); up to ``mpi.queue_size`` more
 wait in submission order.
+
+Every answer is the job as this daemon knows it (``_view``): a record the state dir
+could not take yet is shown with its unwritten fields, ``store_error`` says why, and
+``waiting`` what a job that is not final waits for and when it is checked again.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from mlbench_daemon.jobs.run import Cancel, Context, JobRun
 from mlbench_daemon.shapes import Job, NodeRow, RollCall
 from mlbench_daemon.store import LOG_CHUNK_MAX, Store
 from mlbench_daemon.timefmt import iso
-from mlbench_daemon.vocabulary import JobReason, JobState
+from mlbench_daemon.vocabulary import JobReason, JobState, JobWait
 
 log = logging.getLogger(__name__)
+
+FOLLOW_STORE_FAULT_S = 15.0  # a log follower ends once its job's writes failed this long
 
 
 class Jobs:
@@ -156,18 +162,49 @@ class Jobs:
             run.id = rec["id"]
             self._admit(run)
         log.info("job %s submitted: %d node(s), env %s", run.id, len(nodes), env_names)
-        return to_json(rec)
+        return self._view(rec)
 
     def counts(self) -> dict[str, int]:
         """{state: number of jobs}, for metrics and the status line."""
         return self.store.count_by_state()
 
     def get(self, job_id: str) -> dict[str, Any]:
-        return to_json(self._record(job_id))
+        return self._view(self._record(job_id))
 
     def list(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
         _check_counts(limit=limit, offset=offset)
-        return [to_json(r) for r in self.store.list(min(limit, 1000), offset)]
+        return [self._view(r) for r in self.store.list(min(limit, 1000), offset)]
+
+    def _view(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """The API's job dict for a stored record, as this daemon knows the job: the
+        fields it could not write yet laid over it, with `store_error` and `waiting`."""
+        now = self._ctx.clock.time()
+        with self._lock:
+            run = self._live.get(rec["id"])
+            if run is not None:
+                rec = {**rec, **run.unwritten}
+            if JobState(rec["state"]).is_final:
+                waiting = None
+            elif run is None or _ended(run.thread):
+                # only while the daemon stops: the next start takes it up
+                waiting = _waiting(JobWait.UNFOLLOWED, now)
+            elif run.thread is None:  # queued: checked when the first running job is
+                running = [r.next_check for r in self._live.values() if r.thread is not None]
+                waiting = _waiting(JobWait.QUEUED, min(running, default=now))
+            elif run.cancel_reason and run.wait_reason == JobWait.RUNNING:
+                waiting = _waiting(JobWait.CANCELLING, run.next_check)
+            else:
+                waiting = _waiting(run.wait_reason, run.next_check)
+            fault = run.store_fault if run is not None else None
+        store_error = None
+        if fault is not None:
+            e, what, since = fault
+            store_error = {
+                "reason": e.reason,
+                "message": f"cannot write {what}: {e.cause}; retrying",
+                "since": iso(since),
+            }
+        return to_json(rec, waiting, store_error)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the job is final (or `timeout`); the job dict with "response"."""
@@ -178,13 +215,20 @@ class Jobs:
         """wait() as JSON: blocks until the job is final (or `timeout`), then returns an
         iterator of bytes pieces of the document.  The log is read, decoded and escaped
         a chunk at a time, so a sync request for a job that wrote gigabytes never holds
-        its output in memory; the bytes are the same as json.dumps of wait()'s dict."""
+        its output in memory; the bytes are the same as json.dumps of wait()'s dict.
+        A job that cannot progress (see follow_log) is answered as it stands."""
         self._record(job_id)
         with self._lock:
             run = self._live.get(job_id)
-        if run is not None:
-            run.done.wait(timeout)
-        job = to_json(self._record(job_id))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # its final state, even while not yet written
+        while run is not None and not run.decided.wait(1.0):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if self._stuck(self.get(job_id)):
+                log.info("job %s: answered while not final: the job cannot progress now", job_id)
+                break
+        job = self.get(job_id)
         return json_with_response(self.store, job, self.store.log_size(job_id))
 
     def read_log(self, job_id: str, offset: int = 0, limit: int = 65536) -> tuple[bytes, int]:
@@ -196,20 +240,40 @@ class Jobs:
         self, job_id: str, offset: int = 0, gone: Callable[[], bool] | None = None
     ) -> Iterator[bytes]:
         """Yield output from `offset` as it arrives, until the job is final and all is read,
-        or until `gone()` (the reader went away: checked every second while nothing comes)."""
+        or until `gone()` (the reader went away: checked every second while nothing comes).
+
+        A job that cannot progress ends the follow with what there is: one no thread
+        follows (the daemon stops) and one whose writes failed for FOLLOW_STORE_FAULT_S."""
         self.read_log(job_id, offset, 0)  # validates
         while True:
             # the state before the read: a job final then has all its output in the log
-            final = JobState(self.store.record(job_id)["state"]).is_final
+            job = self.get(job_id)
             data, offset = self.store.read_log(job_id, offset, LOG_CHUNK_MAX)
             if data:
                 yield data
                 continue
-            if final or self._stop.is_set() or (gone is not None and gone()):
+            if job["waiting"] is None or self._stop.is_set() or (gone is not None and gone()):
+                return
+            if self._stuck(job):
+                log.info("job %s: log follower ended: the job cannot progress now", job_id)
                 return
             with self._changed:
                 if self.store.log_size(job_id) <= offset:
                     self._changed.wait(5.0 if gone is None else 1.0)
+
+    def _stuck(self, job: dict[str, Any]) -> bool:
+        """Whether the job cannot progress now: no thread follows it (or the thread is
+        gone), or its writes have failed for FOLLOW_STORE_FAULT_S."""
+        if job["waiting"] is None:  # final
+            return False
+        if job["waiting"]["reason"] == JobWait.UNFOLLOWED:
+            return True
+        with self._lock:
+            run = self._live.get(job["id"])
+        if run is None or _ended(run.thread):
+            return True
+        fault = run.store_fault
+        return fault is not None and self._ctx.clock.time() - fault[2] >= FOLLOW_STORE_FAULT_S
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         rec = self._record(job_id)
@@ -255,6 +319,7 @@ class Jobs:
 
     def _spawn(self, run: JobRun) -> None:
         t = threading.Thread(target=self._run, args=(run,), name=f"job-{run.id}", daemon=True)
+        run.thread = t
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
 
@@ -284,8 +349,22 @@ def _check_counts(**values: Any) -> None:
 # --- JSON shapes ---------------------------------------------------------------------
 
 
-def to_json(rec: dict[str, Any]) -> dict[str, Any]:
-    """The API's job dict: the fields of ``shapes.Job``, in its order (the seed's keys first)."""
+def _ended(thread: threading.Thread | None) -> bool:
+    """Whether a job's thread ran and is gone (not one queued, or not started yet)."""
+    return thread is not None and thread.ident is not None and not thread.is_alive()
+
+
+def _waiting(reason: JobWait, next_check: float) -> dict[str, Any]:
+    return {"reason": reason, "next_check": iso(next_check)}
+
+
+def to_json(
+    rec: dict[str, Any],
+    waiting: dict[str, Any] | None = None,
+    store_error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The API's job dict: the fields of ``shapes.Job``, in its order (the seed's keys first);
+    `waiting` and `store_error` as ``Jobs._view`` makes them."""
     values = {
         "nodes": rec["nodes"],
         "command": str(rec["command"]),
@@ -304,6 +383,8 @@ def to_json(rec: dict[str, Any]) -> dict[str, Any]:
         "env": {name: "***" for name in rec["env_names"]},
         "flavour": rec["flavour"],
         "log_bytes": rec["log_bytes"],
+        "store_error": store_error,
+        "waiting": waiting,
     }
     if len(values) != len(Job.__struct_fields__):  # a key added here must be declared there
         raise RuntimeError(f"shapes.Job does not declare {sorted(set(values) - set(_FIELDS))}")

@@ -7,6 +7,14 @@ thread (the API, the timeout timer) and says what it did (``Cancel``).
 
 All waiting goes through the ``Clock`` (backoffs, ``mpi.lost_after_s``, the
 timeout), so tests can run it on a clock of their own.
+
+The master's output file is the source of truth; the state dir is a copy that may fail
+to be written (a full or read-only disk).  A log append that fails leaves the follower
+at the log's size: it follows again from there with backoff (``STORE_BACKOFF_S``), so
+once the disk takes writes again it catches up, no byte lost and none twice.  A record
+write that fails is kept in ``unwritten`` (the API answers with it laid over the stored
+record) and written again until it succeeds; the final state is written before the job
+leaves the live table, and the job's directory on the master is removed only then.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from mlbench_daemon import metrics
 from mlbench_daemon.config import Config
@@ -37,12 +45,13 @@ from mlbench_daemon.jobs.placement import Registry
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
 from mlbench_daemon.shapes import NodeRow
 from mlbench_daemon.ssh_errors import SSHError
-from mlbench_daemon.store import Store
-from mlbench_daemon.vocabulary import FailureKind, JobReason, JobState
+from mlbench_daemon.store import Store, StoreError
+from mlbench_daemon.vocabulary import FailureKind, JobReason, JobState, JobWait
 
 log = logging.getLogger(__name__)
 
 FOLLOW_IDLE_S = 30.0  # a silent stream's master is probed after this long (a frozen host noticed)
+STORE_BACKOFF_S = (0.5, 5.0)  # first and longest pause between attempts to write the state dir
 
 
 class Cancel(enum.Enum):
@@ -108,34 +117,114 @@ class JobRun:
         self.killed = threading.Event()  # the kill and the sweep of every host are over
         self.stream: Stream | None = None
         self.timer: Timer | None = None
-        self.done = threading.Event()
+        self.done = threading.Event()  # the final state is written; the job left the live table
+        self.decided = threading.Event()  # the final state is known (maybe not written yet)
+        self.thread: threading.Thread | None = None  # set by the manager when the job runs
+        # guarded by ctx.changed: fields not yet written, the write error, what the job waits for
+        self.unwritten: dict[str, Any] = {}
+        self.store_fault: tuple[StoreError, str, float] | None = None  # error, what, since
+        self.wait_reason, self.next_check = JobWait.LAUNCHING, ctx.clock.time()
+
+    # --- what the API shows ---------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        """The job as this daemon knows it: the stored record with `unwritten` over it."""
+        rec = self.ctx.store.record(self.id)
+        with self.ctx.changed:
+            return {**rec, **self.unwritten}
+
+    def _expect(self, reason: JobWait, within: float) -> None:
+        """The job now waits for `reason`; its progress is checked again within `within` s."""
+        with self.ctx.changed:
+            self.wait_reason, self.next_check = reason, self.ctx.clock.time() + within
+
+    # --- writing the state dir ------------------------------------------------------------
+
+    def _save(self, **fields: Any) -> bool:
+        """Write `fields` (and any left unwritten) to the record -> whether it is written.
+        On a store fault they stay in `unwritten`, shown by the API, for `_flush` to retry."""
+        with self.ctx.changed:
+            self.unwritten.update(fields)
+        return self._flush()
+
+    def _flush(self) -> bool:
+        """Write the fields left unwritten -> whether none is left."""
+        with self.ctx.changed:
+            fields = dict(self.unwritten)
+        if fields:
+            try:
+                self.ctx.store.update(self.id, **fields)
+            except StoreError as e:
+                self._store_failed(e, "the job's record")
+                return False
+            with self.ctx.changed:  # drop what was written, unless changed meanwhile
+                for k, v in fields.items():
+                    if k in self.unwritten and self.unwritten[k] is v:
+                        del self.unwritten[k]
+        self._store_ok("the job's record")
+        return True
+
+    def _flush_until_written(self) -> None:
+        """Retry the unwritten fields with backoff until written (Stopped if the daemon
+        stops first: the record then says the job runs, and a restart takes it up)."""
+        backoff = STORE_BACKOFF_S[0]
+        while not self._flush():
+            self._expect(JobWait.STORE_RETRY, backoff)
+            if self.ctx.clock.wait(self.ctx.stop, backoff):
+                raise Stopped()
+            backoff = min(backoff * 2, STORE_BACKOFF_S[1])
+
+    def _store_failed(self, e: StoreError, what: str) -> None:
+        """A write failed: shown on the job, one log line per new fault."""
+        with self.ctx.changed:
+            new = self.store_fault is None or self.store_fault[0].reason != e.reason
+            if new:
+                self.store_fault = (e, what, self.ctx.clock.time())
+        if new:
+            log.error("job %s: cannot write %s: %s; retrying", self.id, what, e.cause)
+
+    def _store_ok(self, what: str) -> None:
+        """A write of `what` succeeded: the fault is over once nothing is left unwritten."""
+        with self.ctx.changed:
+            fault = self.store_fault
+            if fault is None or self.unwritten:
+                return
+            self.store_fault = None
+        log.warning("job %s: written again (%s failed: %s)", self.id, fault[1], fault[0].reason)
 
     # --- the job's thread ---------------------------------------------------------------
 
     def run(self) -> None:
         try:
-            if self.reattached:
-                self.ctx.registry.wait_first_pass(
-                    self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
+            try:
+                if self.reattached:  # a launched job (with a pid) runs while the pass is made
+                    self._expect(
+                        JobWait.RUNNING if self.record()["pid"] else JobWait.LAUNCHING,
+                        self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout,
+                    )
+                    self.ctx.registry.wait_first_pass(
+                        self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
+                    )
+                rec: dict[str, Any] | None = self.record()
+                if rec is not None and rec["pid"] is None:
+                    rec = self._launch(rec)
+                if rec is None:  # the launch ended the job
+                    return
+                self._arm_timeout(rec)
+                if self.cancel_reason:
+                    self._kill()
+                self._finish_from(self._follow())
+            except Stopped:
+                raise
+            except MasterLost as e:
+                self.finish(JobState.LOST, reason=JobReason.MASTER_UNREACHABLE, error=str(e))
+            except Exception as e:  # a bug must not leave a job running forever in the table
+                log.exception("job %s: follower failed", self.id)
+                self.finish(
+                    JobState.LOST, reason=JobReason.DAEMON_ERROR, error=f"{type(e).__name__}: {e}"
                 )
-            rec: dict[str, Any] | None = self.ctx.store.record(self.id)
-            if rec is not None and rec["pid"] is None:
-                rec = self._launch(rec)
-            if rec is None:  # the launch ended the job
-                return
-            self._arm_timeout(rec)
-            if self.cancel_reason:
-                self._kill()
-            self._finish_from(self._follow())
-        except Stopped:
+        except Stopped:  # the daemon stops: a restart takes the job up from its record
             pass
-        except MasterLost as e:
-            self.finish(JobState.LOST, reason=JobReason.MASTER_UNREACHABLE, error=str(e))
-        except Exception as e:  # a bug must not leave a job running forever in the table
-            log.exception("job %s: follower failed", self.id)
-            self.finish(
-                JobState.LOST, reason=JobReason.DAEMON_ERROR, error=f"{type(e).__name__}: {e}"
-            )
         finally:
             if self.timer:
                 self.timer.cancel()
@@ -146,8 +235,25 @@ class JobRun:
             self.id, self.program, self.np, self.env or {}, self.master, self.candidates,
             self.names, self.cancel_reason,
         )  # fmt: skip
+        backoff = STORE_BACKOFF_S[0]
+        while True:
+            # each SSH step is bounded; a launch tries each candidate, then waits for the pid
+            self._expect(
+                JobWait.LAUNCHING,
+                self.ctx.ssh_timeout * (len(self.candidates or self.names or ()) + 3)
+                + self.mpi.lost_after_s,
+            )
+            try:
+                outcome = self.ctx.launcher.launch(job, rec)
+                break
+            except StoreError as e:  # the record before the launch: nothing started yet
+                self._store_failed(e, "the job's record")
+                self._expect(JobWait.STORE_RETRY, backoff)
+                if self.ctx.clock.wait(self.ctx.stop, backoff):
+                    raise Stopped() from None
+                backoff = min(backoff * 2, STORE_BACKOFF_S[1])
+                rec = self.record()
         self.env = None  # the values go no further than the launch
-        outcome = self.ctx.launcher.launch(job, rec)
         if isinstance(outcome, LaunchFailed):
             fields: dict[str, Any] = {"reason": outcome.reason}
             if outcome.error is not None:
@@ -164,13 +270,12 @@ class JobRun:
             self.stream.close()
 
     def running(self, pid: int) -> dict[str, Any]:
-        """Record the job running as process group `pid` -> the record."""
+        """Record the job running as process group `pid` -> the record (as known: a write
+        that fails is retried while the job is followed)."""
+        self._save(state=JobState.RUNNING, pid=pid, started=self.ctx.clock.time())
         with self.ctx.changed:
-            rec = self.ctx.store.update(
-                self.id, state=JobState.RUNNING, pid=pid, started=self.ctx.clock.time()
-            )
             self.ctx.changed.notify_all()
-        return rec
+        return self.record()
 
     def _arm_timeout(self, rec: dict[str, Any]) -> None:
         if rec["timeout_s"]:
@@ -182,28 +287,46 @@ class JobRun:
     def _follow(self) -> Status:
         """Stream the remote output into the log until the job is over -> its Status."""
         ctx, clock = self.ctx, self.ctx.clock
-        rec = ctx.store.record(self.id)
+        rec = self.record()
         host, job_dir, pid = (
             Host(rec["master_ip"], rec["master_port"]),
             rec["remote_dir"],
             rec["pid"],
         )
         backoff, down_since = BACKOFF_S[0], None
+        store_backoff = STORE_BACKOFF_S[0]
+        # a silent stream ends after FOLLOW_IDLE_S, then the master is asked for the status
+        checked_within = FOLLOW_IDLE_S + 2 * ctx.ssh_timeout
         while True:
             if ctx.stop.is_set():
                 raise Stopped()
+            if self.unwritten:
+                self._flush()
             try:
+                self._expect(JobWait.RUNNING, checked_within)
                 self.stream = ctx.remote.follow(
                     host, job_dir, ctx.store.log_size(self.id), FOLLOW_IDLE_S
                 )
                 down_since = None  # the master answered
-                with ctx.store.log_writer(self.id) as log_file:
+                with self._log_file() as log_file:
                     for chunk in self.stream:
-                        log_file.write(chunk)
+                        self._append(log_file, chunk)
+                        self._expect(JobWait.RUNNING, checked_within)
+                        if self.store_fault is not None:  # written again: the record too
+                            self._flush()
                         with ctx.changed:
                             ctx.changed.notify_all()
-                        backoff = BACKOFF_S[0]
+                        backoff, store_backoff = BACKOFF_S[0], STORE_BACKOFF_S[0]
                 status = ctx.remote.status(host, job_dir, pid)
+            except StoreError as e:
+                # the log keeps the bytes written: follow again from its size, later
+                if self.stream is not None:
+                    self.stream.close()
+                self._store_failed(e, "the job's log")
+                self._expect(JobWait.STORE_RETRY, store_backoff)
+                clock.wait(ctx.stop, store_backoff)
+                store_backoff = min(store_backoff * 2, STORE_BACKOFF_S[1])
+                continue
             except SSHError as e:
                 if ctx.stop.is_set():
                     raise Stopped() from None
@@ -212,6 +335,7 @@ class JobRun:
                 log.warning(
                     "job %s: following on %s: %s; retrying in %.1f s", self.id, host.ip, e, backoff
                 )
+                self._expect(JobWait.RECONNECTING, backoff + ctx.ssh_timeout)
                 clock.wait(ctx.stop, backoff)
                 backoff = min(backoff * 2, BACKOFF_S[1])
                 continue
@@ -222,12 +346,29 @@ class JobRun:
             ):
                 return status
             if status.state == "running":
+                self._expect(JobWait.RUNNING, backoff + checked_within)
                 clock.wait(ctx.stop, backoff)  # the stream ended early: go again, without spinning
+
+    def _log_file(self) -> BinaryIO:
+        """The job's log, opened to append (StoreError if it cannot be)."""
+        try:
+            return self.ctx.store.log_writer(self.id)
+        except OSError as e:
+            raise StoreError(self.ctx.store.log_path(self.id), e) from None
+
+    def _append(self, log_file: BinaryIO, chunk: bytes) -> None:
+        """Append all of `chunk`; StoreError if a write fails (the bytes before it stay)."""
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[log_file.write(view) or 0 :]
+        except OSError as e:
+            raise StoreError(self.ctx.store.log_path(self.id), e) from None
 
     # --- ending -------------------------------------------------------------------------
 
     def _finish_from(self, status: Status) -> None:
-        rec = self.ctx.store.record(self.id)
+        rec = self.record()
         rc = status.exit_code
         if self.cancel_reason:
             # "cancelled" promises no process is left: let the sweep of every host finish
@@ -256,15 +397,43 @@ class JobRun:
             )
 
     def finish(self, state: JobState, **fields: Any) -> None:
-        """Record the final state (with its failure, unless it succeeded); the job
-        leaves the live table."""
+        """Record the final state (with its failure, unless it succeeded), retried until
+        written (Stopped if the daemon stops first); then the job leaves the live table.
+        Called from another thread (an API call ending a queued job), a write that fails
+        is retried in a thread of its own: an API call never waits on the disk."""
         ctx = self.ctx
-        ctx.store.sync_log(self.id)
+        self._expect(JobWait.FINISHING, self.mpi.preflight_timeout_s + ctx.ssh_timeout)
+        try:
+            ctx.store.sync_log(self.id)
+        except OSError as e:
+            log.warning("job %s: could not sync its log: %s", self.id, e)
         if state != JobState.SUCCEEDED:
             fields["failure"] = self._failure(state, fields)
             metrics.job_failures_total.labels(fields["failure"]["kind"]).inc()
+        written = self._save(state=state, finished=ctx.clock.time(), **fields)
+        self.decided.set()
         with ctx.changed:
-            rec = ctx.store.update(self.id, state=state, finished=ctx.clock.time(), **fields)
+            ctx.changed.notify_all()
+        if written or threading.current_thread() is self.thread:
+            self._leave(state, fields)
+        else:
+            threading.Thread(
+                target=self._leave_later, args=(state, fields), name=f"job-{self.id}-end",
+                daemon=True,
+            ).start()  # fmt: skip
+
+    def _leave_later(self, state: JobState, fields: Mapping[str, Any]) -> None:
+        try:
+            self._leave(state, fields)
+        except Stopped:  # the daemon stops: the record says not final; a restart decides
+            pass
+
+    def _leave(self, state: JobState, fields: Mapping[str, Any]) -> None:
+        """The final state written (retried until it is), the job leaves the live table."""
+        ctx = self.ctx
+        self._flush_until_written()
+        with ctx.changed:
+            rec = ctx.store.record(self.id)
             ctx.live.pop(self.id, None)
             ctx.changed.notify_all()
         self.done.set()
@@ -278,9 +447,7 @@ class JobRun:
         by mpi.preflight_timeout_s) and its failing checks are kept."""
         ctx = self.ctx
         try:
-            rec = ctx.store.get(self.id)
-            if rec is None:
-                return failure.empty(FailureKind.UNKNOWN, "the job's record is gone")
+            rec = self.record()
             size = ctx.store.log_size(self.id)
             start = max(0, size - failure.PARSE_TAIL_BYTES)
             tail, _ = ctx.store.read_log(self.id, start, size - start)
@@ -348,7 +515,7 @@ class JobRun:
         if queued:
             self.finish(JobState.CANCELLED, reason=reason)
             return Cancel.DEQUEUED
-        if self.ctx.store.record(self.id)["pid"] is None:
+        if self.record()["pid"] is None:
             return Cancel.AFTER_LAUNCH  # the job's thread kills right after launching
         return self._kill()
 
@@ -366,7 +533,7 @@ class JobRun:
 
     def _kill_and_sweep(self) -> Cancel:
         ctx = self.ctx
-        rec = ctx.store.record(self.id)
+        rec = self.record()
         master = Host(rec["master_ip"], rec["master_port"])
         option = flavour.get(rec["flavour"] or "openmpi4").proxy_option
         proxies = None
