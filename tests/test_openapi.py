@@ -245,10 +245,26 @@ def test_a_route_outside_the_table_is_refused():
     assert status.startswith("500") and json.loads(body)["error"] == "internal"
 
 
-def _wsgi_get(app, path):
+def test_the_token_is_asked_where_the_table_says():
+    """With a token set, a call without it gets 401 exactly on the routes whose entry says
+    Auth.TOKEN or Auth.METRICS, the ones the document gives a 401 answer."""
+    from mlbench_daemon.openapi import Auth
+
+    app = api.make_app(registry=None, jobs=None, token="secret")
+    for entry in api.ROUTES:
+        for rule in entry.rules():
+            path = re.sub(r"<[^>]+>", "0123456789abcdef0123", rule)
+            status = _wsgi_get(app, path, entry.method)[0]
+            asks = status.startswith("401")
+            assert asks == (entry.auth is not Auth.PUBLIC), (entry.method, rule, status)
+            documented = DOC["paths"][entry.path][entry.method.lower()]["responses"]
+            assert asks == ("401" in documented), (entry.method, rule)
+
+
+def _wsgi_get(app, path, method="GET"):
     environ = {}
     wsgiref.util.setup_testing_defaults(environ)
-    environ.update(PATH_INFO=path, REQUEST_METHOD="GET")
+    environ.update(PATH_INFO=path, REQUEST_METHOD=method)
     seen = {}
 
     def start_response(status, headers, exc_info=None):
