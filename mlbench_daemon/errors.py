@@ -1,7 +1,7 @@
 """The daemon's user-facing failures.
 
 Each carries the HTTP status it maps to, a short machine-readable ``error``
-code and a human ``message``.  ``api.py`` turns any ``ApiError`` into a JSON
+code and a human ``message``.  ``api/plugin.py`` turns any ``ApiError`` into a JSON
 body ``{"error": ..., "message": ...}`` in exactly one place.
 """
 

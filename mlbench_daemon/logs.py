@@ -100,7 +100,7 @@ def _uncaught(
 
 class _ErrorStream:
     """``wsgi.errors`` as log lines: bottle writes a route's traceback there (one line at
-    debug, since api.py logs the 500 itself) and its own critical errors (one line at error).
+    debug, since api/plugin.py logs the 500 itself) and its own critical errors (one line at error).
     """
 
     def write(self, text: str) -> int:

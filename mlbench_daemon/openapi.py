@@ -1,18 +1,23 @@
 """The OpenAPI 3.1 description of the HTTP API, served at ``GET /api/openapi.json``.
 
-``DOCUMENT`` is a plain dict, kept in step with ``api.py`` (routes, query
-parameters, status codes, headers), ``nodes.NodeStatus.to_json`` (node items)
-and ``jobs.Jobs.to_json``/``jobs.validate`` (job dicts and the request body).
-``tests/test_openapi.py`` checks that it is a valid OpenAPI 3.1 document, that
-it names exactly the routes of ``api.make_app``, and runs schemathesis against
-a live daemon on the test cluster with it.
+The document is generated, not written: ``components`` from the answers' declarations
+(``shapes.py``) plus the request body below, and ``paths`` from the route table
+(``api.ROUTES``, a list of :class:`Route`), the same table that registers the Bottle
+routes, so a route cannot be served without being described or described without being
+served.  This module declares what a route is (:class:`Route`, :class:`Alias`,
+:class:`Param`, :class:`Answer`, :class:`Auth`), the pieces routes share (the error
+answers, the query flag) and :func:`document`, which turns a table into the document.
 
-Every path also works with a trailing slash (or without one).  The seed's two
-endpoints are described under both spellings, so that generated tests exercise
-both; the others under one.
+Every path also works with a trailing slash (or without one).  The seed's endpoints are
+described under both spellings (a route's ``aliases``), so that generated tests exercise
+both; the others under one.  ``tests/test_openapi.py`` pins the served bytes.
 """
 
+import enum
 import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from mlbench_daemon import __version__, shapes
@@ -21,19 +26,140 @@ _REF = "#/components/schemas/"
 Schema = dict[str, Any]  # a piece of the OpenAPI document
 
 
-def _ref(name: str) -> Schema:
+def ref(name: str) -> Schema:
+    """A reference to the component schema *name*."""
     return {"$ref": _REF + name}
 
 
-def _json_content(schema: Schema) -> Schema:
+def json_content(schema: Schema) -> Schema:
+    """An answer's or body's `content`: JSON of *schema*."""
     return {"application/json": {"schema": schema}}
 
 
-def _error(description: str) -> Schema:
-    return {"description": description, "content": _json_content(_ref("Error"))}
+class Auth(enum.Enum):
+    """Who may call a route (the plugin checks it; the document says it)."""
+
+    TOKEN = "token"  # the bearer token, when the daemon has one
+    METRICS = "metrics"  # the token too, unless server.public_metrics
+    PUBLIC = "public"  # never the token (documented with `security: []`)
 
 
-# Error responses shared by the /api/ operations.
+@dataclass(frozen=True)
+class Answer:
+    """One status's answer: its description, `content` (media type -> schema) and headers."""
+
+    description: str
+    content: Schema
+    headers: Schema | None = None
+
+    def to_doc(self) -> Schema:
+        out: Schema = {"description": self.description}
+        if self.headers:
+            out["headers"] = self.headers
+        out["content"] = self.content
+        return out
+
+
+def answer(description: str, schema: Schema, headers: Schema | None = None) -> Answer:
+    """A JSON answer of *schema*."""
+    return Answer(description, json_content(schema), headers)
+
+
+def error(description: str) -> Answer:
+    """An error answer: always the `Error` component."""
+    return answer(description, ref("Error"))
+
+
+@dataclass(frozen=True)
+class Param:
+    """A query parameter: optional, empty allowed (it then means the default)."""
+
+    name: str
+    schema: Schema
+    description: str | None = None
+
+    def to_doc(self) -> Schema:
+        out: Schema = {"name": self.name, "in": "query", "required": False}
+        out["allowEmptyValue"] = True
+        if self.description is not None:
+            out["description"] = self.description
+        out["schema"] = self.schema
+        return out
+
+
+@dataclass(frozen=True)
+class Alias:
+    """The same route under another documented path (e.g. without the trailing slash),
+    with its own operationId and, if given, its own summary."""
+
+    path: str
+    operation_id: str
+    summary: str | None = None
+
+
+Handler = Callable[..., Any]  # (deps, **url arguments) -> the answer's body
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route, declared once: it is registered with Bottle (api/) and described
+    in the document (:func:`document`) from this entry alone.
+
+    ``path`` is the documented path, with ``{name}`` for a path argument; Bottle serves it
+    (and every alias) without its trailing slash, as ``<name>``.  ``answers`` are the
+    route's own answers by status; the ones every route shares (401 for ``Auth.TOKEN``
+    and ``Auth.METRICS``, 403, 415, 500) are added after them.
+    """
+
+    method: str
+    path: str
+    handler: Handler
+    operation_id: str
+    summary: str
+    tag: str
+    answers: dict[int, Answer]
+    auth: Auth = Auth.TOKEN
+    description: str | None = None
+    query: tuple[Param, ...] = ()
+    body: Schema | None = None  # the optional JSON request body's schema
+    aliases: tuple[Alias, ...] = ()
+
+    def documented(self) -> Iterator[tuple[str, str, str]]:
+        """(path, operationId, summary) of each documented spelling, the main one first."""
+        yield self.path, self.operation_id, self.summary
+        for alias in self.aliases:
+            yield alias.path, alias.operation_id, alias.summary or self.summary
+
+    def rules(self) -> list[str]:
+        """The Bottle rules serving this route: each documented path without its trailing
+        slash (the app strips it from every request), `{name}` as `<name>`."""
+        out: list[str] = []
+        for path, _, _ in self.documented():
+            rule = re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", r"<\1>", path.rstrip("/") or "/")
+            if rule not in out:
+                out.append(rule)
+        return out
+
+    def operation(self, operation_id: str, summary: str) -> Schema:
+        op: Schema = {"operationId": operation_id, "summary": summary}
+        if self.description is not None:
+            op["description"] = self.description
+        op["tags"] = [self.tag]
+        if self.auth is Auth.PUBLIC:
+            op["security"] = []
+        if self.query:
+            op["parameters"] = [p.to_doc() for p in self.query]
+        if self.body is not None:
+            op["requestBody"] = {"required": False, "content": json_content(self.body)}
+        responses = {str(status): a.to_doc() for status, a in self.answers.items()}
+        shared = _SHARED if self.auth is Auth.PUBLIC else {"401": _UNAUTHORIZED, **_SHARED}
+        for status, shared_answer in shared.items():
+            responses.setdefault(status, shared_answer)
+        op["responses"] = responses
+        return op
+
+
+# Answers every route can give (the plugin and the browser checks give them).
 _UNAUTHORIZED = {
     "description": "The daemon has a token (`server.token_file`) and the request did not carry "
     "`Authorization: Bearer <token>`.",
@@ -43,186 +169,38 @@ _UNAUTHORIZED = {
             "schema": {"type": "string"},
         }
     },
-    "content": _json_content(_ref("Error")),
+    "content": json_content(ref("Error")),
 }
-_INTERNAL = _error("A bug in the daemon; the message points to its log (never a stack trace).")
-_FORBIDDEN = _error(
-    "Browser safety: `Host` is not a name of this daemon (`server.allowed_hosts`), or `Origin` "
-    "is present and is neither the daemon's own origin nor in `server.allowed_origins`."
-)
-_UNSUPPORTED = _error("A non-empty body whose `Content-Type` is not `application/json`.")
+_SHARED: dict[str, Schema] = {
+    "403": error(
+        "Browser safety: `Host` is not a name of this daemon (`server.allowed_hosts`), or "
+        "`Origin` is present and is neither the daemon's own origin nor in "
+        "`server.allowed_origins`."
+    ).to_doc(),
+    "415": error("A non-empty body whose `Content-Type` is not `application/json`.").to_doc(),
+    "500": error(
+        "A bug in the daemon; the message points to its log (never a stack trace)."
+    ).to_doc(),
+}
+
+# Path arguments, described once by name for every path that has them.
+PATH_PARAMS: dict[str, Schema] = {
+    "job_id": {
+        "name": "job_id",
+        "in": "path",
+        "required": True,
+        "description": "The job's id (hex digits: creation time in milliseconds, then random "
+        "bits).",
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
+    },
+    "name": {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+}
 
 
-def _api_responses(**responses: Schema) -> Schema:
-    """The given responses plus 401, 403, 415 and 500, as every /api/ operation can answer them."""
-    out = dict(responses)
-    out.setdefault("401", _UNAUTHORIZED)
-    out.setdefault("403", _FORBIDDEN)
-    out.setdefault("415", _UNSUPPORTED)
-    out.setdefault("500", _INTERNAL)
-    return out
-
-
-# A query flag as api._flag reads it: 1/true/yes or 0/false/no (any case); empty = off.
-_FLAG = {
+# A query flag as the API reads it: 1/true/yes or 0/false/no (any case); empty = off.
+FLAG = {
     "type": "string",
     "pattern": "^(?:[01]|[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Yy][Ee][Ss]|[Nn][Oo])?$",
-}
-
-_JOB_ID = {
-    "name": "job_id",
-    "in": "path",
-    "required": True,
-    "description": "The job's id (hex digits: creation time in milliseconds, then random bits).",
-    "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
-}
-
-_NODES_OP: Schema = {
-    "summary": "All worker nodes and their status (the seed's endpoint)",
-    "description": (
-        "A JSON array in natural name order.  Each item starts with the seed's four keys "
-        "(`name`, `labels`, `phase`, `ip`), then extras.  Reachability comes from background "
-        "SSH probes; the request never waits on DNS or SSH unless `refresh=1` is given.  "
-        "When the last DNS refresh failed, the last good list is returned with an "
-        "`X-Discovery-Stale` header giving the reason."
-    ),
-    "tags": ["nodes"],
-    "parameters": [
-        {
-            "name": "refresh",
-            "in": "query",
-            "required": False,
-            "allowEmptyValue": True,
-            "description": "`1` (or `true`, `yes`) runs one probe round now and waits for it "
-            "(at most 10 s) before answering: every node's session and listener are checked "
-            "again (full fresh logins only for nodes whose last one failed); `0`, `false`, "
-            "`no` or empty: do not.",
-            "schema": _FLAG,
-        }
-    ],
-    "responses": _api_responses(
-        **{
-            "200": {
-                "description": "The nodes.",
-                "headers": {
-                    "X-Discovery-Stale": {
-                        "description": "Present when the node list is stale: why DNS "
-                        "discovery failed "
-                        "(e.g. `dns-timeout`, `nxdomain`, `not-discovered-yet`).",
-                        "schema": {"type": "string"},
-                    }
-                },
-                "content": _json_content({"type": "array", "items": _ref("Node")}),
-            },
-            "400": _error("Bad query parameter (`field` names it)."),
-        }
-    ),
-}
-
-
-def _nodes_op(operation_id: str, summary: str | None = None, extra: str = "") -> Schema:
-    op = dict(_NODES_OP, operationId=operation_id)
-    if summary:
-        op["summary"] = summary
-    if extra:
-        op["description"] = _NODES_OP["description"] + "  " + extra
-    return op
-
-
-_SUBMIT_OP: Schema = {
-    "summary": "Start an MPI job (the seed's endpoint)",
-    "description": (
-        "The body is optional: an empty body runs `mpi.program` on every selected `Running` "
-        "node.  With `wait` true (the default) the answer comes when the job is over: the "
-        "seed's keys `nodes`, `command`, `master_name`, `response` (the whole output), plus "
-        "`id`, `state`, `exit_code` and the rest of the job.  With `wait` false the answer is "
-        "202 at once, with the job and a `Location` header.  Program and env together must "
-        "stay under 256 KiB.  A request with `wait` true holds a server thread until the job "
-        "ends: it counts against `server.max_streams` (with log follows)."
-    ),
-    "tags": ["jobs"],
-    "requestBody": {
-        "required": False,
-        "content": _json_content(_ref("JobRequest")),
-    },
-    "responses": _api_responses(
-        **{
-            "200": {
-                "description": "`wait` true: the job has ended (in any final state).",
-                "content": _json_content(_ref("JobResult")),
-            },
-            "202": {
-                "description": "`wait` false: the job is accepted (pending or running).",
-                "headers": {
-                    "Location": {
-                        "description": "`/api/mpi_jobs/<id>`",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                },
-                "content": _json_content(_ref("Job")),
-            },
-            "400": _error(
-                "Bad request body; `field` names the field (`body` for the body as a whole)."
-            ),
-            "409": _error(
-                "A requested node or master is unknown, not matching the selector, "
-                "or not `Running`."
-            ),
-            "413": _error("The body is over `server.max_body_bytes`."),
-            "429": _error(
-                "`mpi.max_concurrent_jobs` are running and `mpi.queue_size` more are queued."
-            ),
-            "503": _error(
-                "No `Running` node matches the selector (`unavailable`); or, with `wait` true, "
-                "`server.max_streams` long requests are open already (`too-many-streams`, and no "
-                "job is made); or the state dir is read-only (`error` is `state-read-only` or "
-                "`state-write-failed`)."
-            ),
-            "507": _error("The state dir is full (`error` is `state-disk-full`); no job is made."),
-        }
-    ),
-}
-
-
-def _submit_op(operation_id: str, summary: str | None = None) -> Schema:
-    op = dict(_SUBMIT_OP, operationId=operation_id)
-    if summary:
-        op["summary"] = summary
-    return op
-
-
-_LIST_JOBS_OP = {
-    "operationId": "listJobs",
-    "summary": "Jobs, newest first",
-    "tags": ["jobs"],
-    "parameters": [
-        {
-            "name": "limit",
-            "in": "query",
-            "required": False,
-            "allowEmptyValue": True,
-            "description": "At most this many jobs.",
-            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
-        },
-        {
-            "name": "offset",
-            "in": "query",
-            "required": False,
-            "allowEmptyValue": True,
-            "description": "Skip this many of the newest.",
-            "schema": {"type": "integer", "minimum": 0, "maximum": 2**31, "default": 0},
-        },
-    ],
-    "responses": _api_responses(
-        **{
-            "200": {
-                "description": "The jobs.",
-                "content": _json_content({"type": "array", "items": _ref("Job")}),
-            },
-            "400": _error("Bad `limit` or `offset` (`field` names it)."),
-        }
-    ),
 }
 
 # The answers' and requests' schemas come from their declarations (shapes.py); the sync
@@ -232,7 +210,7 @@ SCHEMAS: dict[str, Any] = {
     "JobResult": {
         "description": "A finished job with its whole output (`POST` with `wait` true).",
         "allOf": [
-            _ref("Job"),
+            ref("Job"),
             {
                 "type": "object",
                 "required": ["response"],
@@ -248,339 +226,71 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
-_PAGE_RESPONSES = {
-    "403": _FORBIDDEN,
-    "415": _UNSUPPORTED,
-    "500": _INTERNAL,
-}
 
-_PREFLIGHT_OP = {
-    "summary": "Check that a job with these fields can launch, from the master",
+INFO: Schema = {
+    "title": "mlbench-daemon",
+    "version": __version__,
+    "summary": "SSH-native launcher for MPI jobs, serving the MLBench dashboard's REST API.",
     "description": (
-        "Runs from the master, as the launcher will: ssh to each worker in batch mode with "
-        "strict host keys, the launcher's remote daemon found the way the launcher looks "
-        "for it, the same MPI version, the program, writable directories, TCP between "
-        "nodes where python3 is there to test it, np against the slots.  One at a time; "
-        "the whole run is bounded by `mpi.preflight_timeout_s`.  Leaves nothing behind."
-    ),
-    "tags": ["jobs"],
-    "requestBody": {
-        "required": False,
-        "content": _json_content(_ref("PreflightRequest")),
-    },
-    "responses": _api_responses(
-        **{
-            "200": {
-                "description": "The checks (`ok` false when one failed).",
-                "content": _json_content(_ref("PreflightResult")),
-            },
-            "400": _error("Bad request body; `field` names the field."),
-            "409": _error("A requested node or master is unknown or not `Running`."),
-            "413": _error("The body is over `server.max_body_bytes`."),
-            "429": _error("Another preflight is running."),
-            "503": _error("No `Running` node matches the selector."),
-        }
+        'JSON everywhere, including every error (`Error`: `{"error", "message"}`, plus '
+        "`field` for bad input), with its 4xx/5xx status: unknown paths answer 404 and "
+        "unsupported methods 405 (with `Allow`), both as `Error`.  Every path works with and "
+        "without its trailing slash.  When the daemon has a token (`server.token_file`), "
+        "every `/api/` call needs `Authorization: Bearer <token>` (and `/metrics` too, unless "
+        "`server.public_metrics`); without one, none does.  Browser safety: a request whose "
+        "`Host` is not a name of the daemon, or whose `Origin` is foreign, gets 403; a "
+        "non-empty body that is not `application/json` gets 415.  No CORS headers are sent."
     ),
 }
+TAGS: list[Schema] = [
+    {"name": "nodes", "description": "Discovered nodes and their SSH reachability."},
+    {
+        "name": "jobs",
+        "description": "MPI jobs: start, list, inspect, follow output, cancel.",
+    },
+    {"name": "meta", "description": "Health, metrics and this document."},
+    {"name": "page", "description": "The status page and its static files."},
+]
 
-PATHS = {
-    "/": {
-        "get": {
-            "operationId": "statusPage",
-            "summary": "The status page (public; it asks for the token when the API needs one)",
-            "tags": ["page"],
-            "security": [],
-            "responses": {
-                "200": {
-                    "description": "The page's HTML, with a strict Content-Security-Policy.",
-                    "content": {"text/html": {"schema": {"type": "string"}}},
+
+def paths(routes: list[Route]) -> Schema:
+    """The document's `paths`: every documented spelling of every route, in table order;
+    a path's arguments (PATH_PARAMS) once on its path item."""
+    out: Schema = {}
+    for route in routes:
+        for path, operation_id, summary in route.documented():
+            item = out.get(path)
+            if item is None:
+                item = out[path] = {}
+                names = re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", path)
+                if names:
+                    item["parameters"] = [PATH_PARAMS[n] for n in names]
+            item[route.method.lower()] = route.operation(operation_id, summary)
+    return out
+
+
+def document(routes: list[Route]) -> Schema:
+    """The whole OpenAPI document of the routes *routes*."""
+    return {
+        "openapi": "3.1.0",
+        "info": INFO,
+        "tags": TAGS,
+        "security": [{}, {"bearerAuth": []}],
+        "paths": paths(routes),
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The token in `server.token_file`; required only when "
+                    "the daemon has one.",
                 },
-                **_PAGE_RESPONSES,
             },
         },
-    },
-    "/static/{name}": {
-        "get": {
-            "operationId": "statusPageFile",
-            "summary": "One of the status page's files (its HTML, ES modules, CSS, icon)",
-            "tags": ["page"],
-            "security": [],
-            "parameters": [
-                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
-            "responses": {
-                "200": {
-                    "description": "The file.",
-                    "content": {
-                        "text/html": {"schema": {"type": "string"}},
-                        "text/javascript": {"schema": {"type": "string"}},
-                        "text/css": {"schema": {"type": "string"}},
-                        "image/svg+xml": {"schema": {"type": "string"}},
-                    },
-                },
-                "404": _error("No such file."),
-                **_PAGE_RESPONSES,
-            },
-        },
-    },
-    "/api/preflight/": {"post": dict(_PREFLIGHT_OP, operationId="runPreflight")},
-    "/api/preflight": {"post": dict(_PREFLIGHT_OP, operationId="runPreflightNoSlash")},
-    "/api/nodes/": {"get": _nodes_op("listNodes")},
-    "/api/nodes": {
-        "get": _nodes_op("listNodesNoSlash", "All worker nodes (same as `/api/nodes/`)")
-    },
-    "/api/pods/": {
-        "get": _nodes_op("listPods", "Alias of `/api/nodes/` (what mlbench-core's client calls)")
-    },
-    "/api/mpi_jobs/": {
-        "post": _submit_op("submitJob"),
-        "get": _LIST_JOBS_OP,
-    },
-    "/api/mpi_jobs": {
-        "post": _submit_op("submitJobNoSlash", "Start an MPI job (same as `/api/mpi_jobs/`)"),
-        "get": dict(
-            _LIST_JOBS_OP, operationId="listJobsNoSlash", summary="Jobs (same as `/api/mpi_jobs/`)"
-        ),
-    },
-    "/api/mpi_jobs/{job_id}": {
-        "parameters": [_JOB_ID],
-        "get": {
-            "operationId": "getJob",
-            "summary": "One job",
-            "tags": ["jobs"],
-            "responses": _api_responses(
-                **{
-                    "200": {"description": "The job.", "content": _json_content(_ref("Job"))},
-                    "404": _error("No such job."),
-                }
-            ),
-        },
-        "delete": {
-            "operationId": "cancelJob",
-            "summary": "Cancel a job",
-            "description": "TERM to the job's process group on the master, "
-            "`mpi.cancel_grace_s`, then "
-            "KILL; then every host of the job is swept for its processes (the result is "
-            "in `error`).  Answers with the job once it is final (bounded wait).",
-            "tags": ["jobs"],
-            "responses": _api_responses(
-                **{
-                    "200": {
-                        "description": "The job, normally `cancelled`.",
-                        "content": _json_content(_ref("Job")),
-                    },
-                    "404": _error("No such job."),
-                    "409": _error("The job is already final, or not followed by this daemon."),
-                    "503": _error("The master could not be reached to deliver the cancel."),
-                }
-            ),
-        },
-    },
-    "/api/mpi_jobs/{job_id}/ranks": {
-        "parameters": [_JOB_ID],
-        "get": {
-            "operationId": "getJobRanks",
-            "summary": "Roll-call: every rank of a running job with its stack",
-            "description": "For every rank: its node, pid, process state, CPU time and CPU % "
-            "over a short sample, RSS, and a stack (`py-spy dump --nonblocking` for a Python "
-            "rank where the node has py-spy, else `gdb -batch` where installed, else the "
-            "kernel's `wchan`; `stack_source`, and `stack_error` names what was missing or "
-            "denied).  Ranks are grouped by normalised stack; `suspects` are the ranks "
-            "outside the majority.  One script per node, all nodes at once, each bounded by "
-            "`mpi.roll_call_timeout_s`.  Concurrent requests for one job share one "
-            "roll-call; each holds a server thread and counts against `server.max_streams`.",
-            "tags": ["jobs"],
-            "responses": _api_responses(
-                **{
-                    "200": {
-                        "description": "The roll-call.",
-                        "content": _json_content(_ref("RollCall")),
-                    },
-                    "404": _error("No such job."),
-                    "409": _error("The job is not running (pending or final)."),
-                    "503": _error(
-                        "`server.max_streams` long requests are open already (`too-many-streams`)."
-                    ),
-                }
-            ),
-        },
-    },
-    "/api/mpi_jobs/{job_id}/logs": {
-        "parameters": [_JOB_ID],
-        "get": {
-            "operationId": "getJobLogs",
-            "summary": "A chunk of a job's output, or all of it as it comes",
-            "description": "Raw bytes (stdout and stderr interleaved) from `offset`: at most "
-            "`limit` bytes, with the offset to ask for next in `X-Next-Offset`.  `tail=N` "
-            "starts at the last min(N, size) bytes instead (`X-Log-Start` says where; not "
-            "with `offset`).  "
-            "With `follow=1` the answer streams from `offset` (or from size - N with `tail`) "
-            "until the job is final (no `X-Next-Offset`; `limit` is ignored); it holds a "
-            "server thread, and counts against `server.max_streams`.",
-            "tags": ["jobs"],
-            "parameters": [
-                {
-                    "name": "offset",
-                    "in": "query",
-                    "required": False,
-                    "allowEmptyValue": True,
-                    "schema": {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0},
-                },
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "required": False,
-                    "allowEmptyValue": True,
-                    "schema": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "maximum": 1 << 20,
-                        "default": 1 << 20,
-                    },
-                },
-                {
-                    "name": "tail",
-                    "in": "query",
-                    "required": False,
-                    "allowEmptyValue": True,
-                    "description": "Start at the last min(`tail`, size) bytes; not with `offset`.",
-                    "schema": {"type": "integer", "minimum": 0, "maximum": 2**62},
-                },
-                {
-                    "name": "follow",
-                    "in": "query",
-                    "required": False,
-                    "allowEmptyValue": True,
-                    "description": "`1` (or `true`, `yes`) streams until the job is final; "
-                    "`0`, `false`, `no` or empty: one chunk.",
-                    "schema": _FLAG,
-                },
-            ],
-            "responses": _api_responses(
-                **{
-                    "200": {
-                        "description": "Output bytes (possibly none).",
-                        "headers": {
-                            "X-Next-Offset": {
-                                "description": "`offset` plus the bytes returned "
-                                "(not with `follow=1`).",
-                                "schema": {"type": "integer", "minimum": 0},
-                            },
-                            "X-Log-Start": {
-                                "description": "With `tail`: the offset of the first byte "
-                                "returned (size - `tail`, or 0).",
-                                "schema": {"type": "integer", "minimum": 0},
-                            },
-                        },
-                        "content": {"application/octet-stream": {}},
-                    },
-                    "400": _error(
-                        "Bad `offset`, `limit`, `tail` or `follow`, or `tail` with `offset` "
-                        "(`field` names it)."
-                    ),
-                    "404": _error("No such job."),
-                    "503": _error(
-                        "`follow=1`, and `server.max_streams` long requests are open already "
-                        "(`too-many-streams`)."
-                    ),
-                }
-            ),
-        },
-    },
-    "/api/openapi.json": {
-        "get": {
-            "operationId": "getOpenApi",
-            "summary": "This document",
-            "tags": ["meta"],
-            "responses": _api_responses(
-                **{
-                    "200": {
-                        "description": "The OpenAPI 3.1 document.",
-                        "content": _json_content(
-                            {"type": "object", "required": ["openapi", "info", "paths"]}
-                        ),
-                    },
-                }
-            ),
-        },
-    },
-    "/healthz": {
-        "get": {
-            "operationId": "health",
-            "summary": "Liveness and a node count (no authentication)",
-            "tags": ["meta"],
-            "security": [],
-            "responses": {
-                "200": {
-                    "description": "The daemon serves.",
-                    "content": _json_content(_ref("Health")),
-                },
-                "403": _FORBIDDEN,
-                "415": _UNSUPPORTED,
-                "500": _INTERNAL,
-            },
-        },
-    },
-    "/metrics": {
-        "get": {
-            "operationId": "metrics",
-            "summary": "Prometheus metrics (the token, when set, unless `server.public_metrics`)",
-            "tags": ["meta"],
-            "responses": _api_responses(
-                **{
-                    "200": {
-                        "description": "The Prometheus text exposition format.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                }
-            ),
-        },
-    },
-}
-
-DOCUMENT = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "mlbench-daemon",
-        "version": __version__,
-        "summary": "SSH-native launcher for MPI jobs, serving the MLBench dashboard's REST API.",
-        "description": (
-            'JSON everywhere, including every error (`Error`: `{"error", "message"}`, plus '
-            "`field` for bad input), with its 4xx/5xx status: unknown paths answer 404 and "
-            "unsupported methods 405 (with `Allow`), both as `Error`.  Every path works with and "
-            "without its trailing slash.  When the daemon has a token (`server.token_file`), "
-            "every `/api/` call needs `Authorization: Bearer <token>` (and `/metrics` too, unless "
-            "`server.public_metrics`); without one, none does.  Browser safety: a request whose "
-            "`Host` is not a name of the daemon, or whose `Origin` is foreign, gets 403; a "
-            "non-empty body that is not `application/json` gets 415.  No CORS headers are sent."
-        ),
-    },
-    "tags": [
-        {"name": "nodes", "description": "Discovered nodes and their SSH reachability."},
-        {"name": "jobs", "description": "MPI jobs: start, list, inspect, follow output, cancel."},
-        {"name": "meta", "description": "Health, metrics and this document."},
-        {"name": "page", "description": "The status page and its static files."},
-    ],
-    "security": [{}, {"bearerAuth": []}],
-    "paths": PATHS,
-    "components": {
-        "schemas": SCHEMAS,
-        "securitySchemes": {
-            "bearerAuth": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "The token in `server.token_file`; required only when "
-                "the daemon has one.",
-            },
-        },
-    },
-}
+    }
 
 
-def render() -> str:
-    """The served document's bytes (api.py serves exactly this)."""
-    return json.dumps(DOCUMENT)
-
-
-if __name__ == "__main__":  # python3 -m mlbench_daemon.openapi > tests/data/openapi.json
-    print(render())
+def render(routes: list[Route]) -> str:
+    """The served document's bytes (the API serves exactly this)."""
+    return json.dumps(document(routes))

@@ -17,11 +17,11 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 
-from mlbench_daemon import api, openapi
+from mlbench_daemon import api
 from mlbench_daemon.discovery import Selector
 from tests.helpers import append_log
 
-DOC = openapi.DOCUMENT
+DOC = api.DOCUMENT
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
@@ -335,10 +335,59 @@ def test_every_route_is_documented_and_every_operation_routed():
     assert ("GET", "/api/pods/") in operations()
 
 
-def _wsgi_get(app, path):
+def test_routes_and_paths_come_from_one_table():
+    """Every table entry is routed (each spelling, with its entry attached) and documented
+    (each spelling, its operationId); the app has no route that is not from the table."""
+    from mlbench_daemon.api.plugin import DECLARED
+
+    app = api.make_app(registry=None, jobs=None)
+    served = {}
+    for route in app.routes:
+        declared = route.config.get(DECLARED)
+        assert declared in api.ROUTES, f"{route.method} {route.rule} is not from api.ROUTES"
+        served[(route.method, route.rule)] = declared
+    for entry in api.ROUTES:
+        for rule in entry.rules():
+            assert served.pop((entry.method, rule)) is entry
+        for path, operation_id, _ in entry.documented():
+            assert DOC["paths"][path][entry.method.lower()]["operationId"] == operation_id
+    assert not served
+    assert len(operations()) == sum(len(list(e.documented())) for e in api.ROUTES)
+
+
+def test_a_route_outside_the_table_is_refused():
+    """A handler added with a bare @app.get (so undocumented) fails when called: 500, never
+    an answer the document does not describe."""
+    app = api.make_app(registry=None, jobs=None)
+
+    @app.get("/api/undocumented")
+    def undocumented():
+        return "served"
+
+    status, _, body = _wsgi_get(app, "/api/undocumented")
+    assert status.startswith("500") and json.loads(body)["error"] == "internal"
+
+
+def test_the_token_is_asked_where_the_table_says():
+    """With a token set, a call without it gets 401 exactly on the routes whose entry says
+    Auth.TOKEN or Auth.METRICS, the ones the document gives a 401 answer."""
+    from mlbench_daemon.openapi import Auth
+
+    app = api.make_app(registry=None, jobs=None, token="secret")
+    for entry in api.ROUTES:
+        for rule in entry.rules():
+            path = re.sub(r"<[^>]+>", "0123456789abcdef0123", rule)
+            status = _wsgi_get(app, path, entry.method)[0]
+            asks = status.startswith("401")
+            assert asks == (entry.auth is not Auth.PUBLIC), (entry.method, rule, status)
+            documented = DOC["paths"][entry.path][entry.method.lower()]["responses"]
+            assert asks == ("401" in documented), (entry.method, rule)
+
+
+def _wsgi_get(app, path, method="GET"):
     environ = {}
     wsgiref.util.setup_testing_defaults(environ)
-    environ.update(PATH_INFO=path, REQUEST_METHOD="GET")
+    environ.update(PATH_INFO=path, REQUEST_METHOD=method)
     seen = {}
 
     def start_response(status, headers, exc_info=None):
@@ -370,7 +419,7 @@ def test_log_offset_far_past_the_end_reads_nothing(tmp_path):
 
     store = Store(str(tmp_path))
     append_log(store, "abc123", b"hello")
-    offset = 2**62  # the largest offset api.py accepts
+    offset = 2**62  # the largest offset api/jobs.py accepts
     assert store.read_log("abc123", offset, 10) == (b"", offset)
 
 
@@ -537,15 +586,15 @@ def test_served_document_is_pinned():
     """The bytes GET /api/openapi.json serves equal the checked-in snapshot: any change to
     a declaration shows up in review as a diff of tests/data/openapi.json.  After a
     deliberate change, regenerate it with
-    ``PYTHONPATH=. python3 -m mlbench_daemon.openapi > tests/data/openapi.json``."""
+    ``PYTHONPATH=. python3 -m mlbench_daemon.api > tests/data/openapi.json``."""
     from pathlib import Path
 
     snapshot = Path(__file__).with_name("data") / "openapi.json"
-    assert openapi.render() + "\n" == snapshot.read_text(), (
+    assert api.render() + "\n" == snapshot.read_text(), (
         "the OpenAPI document changed; if deliberate, regenerate tests/data/openapi.json "
         "(see this test's docstring)"
     )
-    assert openapi.render() == openapi.render()  # no set or dict order from the run
+    assert api.render() == api.render()  # no set or dict order from the run
 
 
 @pytest.mark.logic

@@ -1,4 +1,4 @@
-"""The job API (what api.py calls): submit, read, wait, cancel; slots and the FIFO queue.
+"""The job API (what api/ calls): submit, read, wait, cancel; slots and the FIFO queue.
 
     submit(body) -> job dict        (raises BadRequest/Conflict/Unavailable/QueueFull)
     wait(id, timeout=None) -> job dict with "response" (the whole log) after master_name

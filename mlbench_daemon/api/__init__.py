@@ -1,0 +1,65 @@
+"""The HTTP API: one Bottle app, its routes declared once in a table.
+
+Each module serves one resource family and declares its routes (``ROUTES``, a list of
+``openapi.Route``: method, path, handler, operationId, summary, query parameters, body,
+answers by status, who may call it); ``install(app, deps)`` registers them.  ``ROUTES``
+here is the whole table, in the document's order: the same list registers the Bottle
+routes (``plugin.register``) and generates the document's ``paths`` (``openapi``).
+``plugin.ApiPlugin`` does what every route shares: browser checks, the token,
+``ApiError`` and ``HTTPError`` -> JSON ``{"error", "message"}``, request counting.
+Every path works with and without its trailing slash.
+
+    page       GET /, GET /static/<name>
+    preflight  POST /api/preflight
+    nodes      GET /api/nodes, GET /api/pods
+    jobs       POST/GET /api/mpi_jobs, GET/DELETE /api/mpi_jobs/<id>, GET .../logs
+    health     GET /api/openapi.json, GET /healthz, GET /metrics
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import bottle
+
+from mlbench_daemon import openapi
+from mlbench_daemon.api import health, jobs, nodes, page, preflight
+from mlbench_daemon.api.common import MAX_JSON_DEPTH, Deps, json_depth
+from mlbench_daemon.api.page import page_files
+from mlbench_daemon.api.plugin import ApiPlugin
+from mlbench_daemon.api.streams import Streams
+from mlbench_daemon.browser import Policy
+
+if TYPE_CHECKING:  # the API is given these; it imports none of them
+    from mlbench_daemon.jobs import Jobs
+    from mlbench_daemon.jobs.preflight import Preflight
+    from mlbench_daemon.nodes import Registry
+
+__all__ = ["DOCUMENT", "MAX_JSON_DEPTH", "ROUTES", "json_depth", "make_app", "page_files", "render"]
+
+MODULES = (page, preflight, nodes, jobs, health)  # in the document's order
+ROUTES: list[openapi.Route] = [route for module in MODULES for route in module.ROUTES]
+DOCUMENT: dict[str, Any] = openapi.document(ROUTES)
+
+
+def render() -> str:
+    """The served document's bytes."""
+    return openapi.render(ROUTES)
+
+
+def make_app(
+    registry: Registry,
+    jobs: Jobs,
+    token: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    policy: Policy | None = None,
+    max_streams: int = 4,
+    preflight: Preflight | None = None,
+) -> bottle.Bottle:
+    policy = policy or Policy()
+    app = bottle.Bottle(catchall=True)
+    deps = Deps(registry, jobs, preflight, max_body_bytes, Streams(max_streams), render())
+    app.install(ApiPlugin(token, policy))
+    for module in MODULES:
+        module.install(app, deps)
+    return app
