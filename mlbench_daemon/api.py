@@ -426,7 +426,8 @@ def make_app(
 
     @app.delete("/api/mpi_jobs/<job_id>")
     def cancel_job(job_id: str) -> str:
-        return _json(jobs.cancel(job_id))
+        status, job = jobs.cancel(job_id)  # bounded by server.cancel_answer_s
+        return _json(job, status)
 
     @app.get("/api/mpi_jobs/<job_id>/logs")
     def job_logs(job_id: str) -> bytes | _Held:

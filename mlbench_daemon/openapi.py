@@ -452,17 +452,31 @@ PATHS = {
             "description": "TERM to the job's process group on the master, "
             "`mpi.cancel_grace_s`, then "
             "KILL; then every host of the job is swept for its processes (the result is "
-            "in `error`).  Answers with the job once it is final (bounded wait).",
+            "in `error`).  The kill and sweep run in the job's own thread: the answer "
+            "comes within `server.cancel_answer_s`, 200 once the job is final, else 202 "
+            "with the job as it is (the cancel goes on; a second DELETE starts nothing).",
             "tags": ["jobs"],
             "responses": _api_responses(
                 **{
                     "200": {
-                        "description": "The job, normally `cancelled`.",
+                        "description": "The job, final: normally `cancelled`.",
+                        "content": _json_content(_ref("Job")),
+                    },
+                    "202": {
+                        "description": "The job, not final yet: the kill and sweep go on.",
                         "content": _json_content(_ref("Job")),
                     },
                     "404": _error("No such job."),
                     "409": _error("The job is already final, or not followed by this daemon."),
-                    "503": _error("The master could not be reached to deliver the cancel."),
+                    "503": _error(
+                        "The master could not be reached to deliver the cancel (withdrawn), "
+                        "or the state dir cannot be written (`error` is `state-read-only` "
+                        "or `state-write-failed`; the cancel goes on)."
+                    ),
+                    "507": _error(
+                        "The state dir is full (`error` is `state-disk-full`): the cancel goes on, "
+                        "and the job is recorded once the disk takes writes again."
+                    ),
                 }
             ),
         },

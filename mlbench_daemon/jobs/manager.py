@@ -24,7 +24,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from mlbench_daemon.config import Config
-from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable, echo
+from mlbench_daemon.errors import (
+    BadRequest,
+    Conflict,
+    InsufficientStorage,
+    NotFound,
+    QueueFull,
+    Unavailable,
+    echo,
+)
 from mlbench_daemon.jobs.clock import Clock
 from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun_argv, node_row
 from mlbench_daemon.jobs.remote import Pool, Remote
@@ -33,7 +41,7 @@ from mlbench_daemon.jobs.run import Cancel, Context, JobRun
 from mlbench_daemon.shapes import Job
 from mlbench_daemon.store import LOG_CHUNK_MAX, Store
 from mlbench_daemon.timefmt import iso
-from mlbench_daemon.vocabulary import JobReason, JobState
+from mlbench_daemon.vocabulary import JobReason, JobState, StoreReason
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +217,14 @@ class Jobs:
                 if self.store.log_size(job_id) <= offset:
                     self._changed.wait(5.0 if gone is None else 1.0)
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> tuple[int, dict[str, Any]]:
+        """Cancel a job -> (status, the job as it is now), within ``server.cancel_answer_s``:
+        200 once it is final, 202 while its kill and sweep go on in the job's own threads.
+        Only the request that starts the cancel waits (bounded); one while a cancel is
+        under way answers at once, so no number of them holds the server's threads.
+        Raises Conflict (final, or not followed here), Unavailable (the master could not
+        be reached: the cancel is withdrawn), InsufficientStorage/Unavailable naming the
+        reason when the state dir cannot take the cancel (it goes on all the same)."""
         rec = self._record(job_id)
         if JobState(rec["state"]).is_final:
             raise Conflict(f"job {job_id} is already {rec['state']}")
@@ -217,10 +232,24 @@ class Jobs:
             run = self._live.get(job_id)
         if run is None:
             raise Conflict(f"job {job_id} is not followed by this daemon")
-        if run.cancel(JobReason.CANCELLED, self._queue) is Cancel.NOT_DELIVERED:
-            raise Unavailable(f"job {job_id}: " + self.store.record(job_id)["error"])
-        run.done.wait(self.mpi.cancel_grace_s + 4 * self._ctx.ssh_timeout)
-        return self.get(job_id)
+        outcome = run.cancel(JobReason.CANCELLED, self._queue)
+        if outcome is not Cancel.ALREADY:
+            deadline = time.monotonic() + self.cfg.server.cancel_answer_s  # real threads
+            if outcome is Cancel.KILLING and run.killed.wait(self.cfg.server.cancel_answer_s):
+                if run.kill_outcome is Cancel.NOT_DELIVERED:
+                    raise Unavailable(f"job {job_id}: {run.kill_message}")
+            run.done.wait(max(0.0, deadline - time.monotonic()))
+        job = self.get(job_id)
+        final = JobState(job["state"]).is_final
+        fault = self.store.fault
+        if fault is not None and not final:
+            cls = InsufficientStorage if fault.reason == StoreReason.DISK_FULL else Unavailable
+            raise cls(
+                f"job {job_id}: the cancel goes on, but the daemon's state dir cannot be "
+                f"written ({fault.reason}): the job shows {job['state']} until it can",
+                error=fault.reason,
+            )
+        return (200 if final else 202), job
 
     # --- slots and queue --------------------------------------------------------------
 

@@ -37,12 +37,21 @@ from mlbench_daemon.jobs.placement import Registry
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
 from mlbench_daemon.shapes import NodeRow
 from mlbench_daemon.ssh_errors import SSHError
-from mlbench_daemon.store import Store
+from mlbench_daemon.store import Store, StoreError
 from mlbench_daemon.vocabulary import FailureKind, JobReason, JobState
 
 log = logging.getLogger(__name__)
 
 FOLLOW_IDLE_S = 30.0  # a silent stream's master is probed after this long (a frozen host noticed)
+
+
+def is_cancel_note(error: str | None) -> bool:
+    """Whether `error` is what a cancel's kill writes (``_kill_and_sweep``): its reason,
+    then the process group's end or that it was not delivered."""
+    return error is not None and any(
+        error.startswith((f"{r}: process group ", f"{r} not delivered to "))
+        for r in (JobReason.CANCELLED, JobReason.TIMEOUT)
+    )
 
 
 class Cancel(enum.Enum):
@@ -51,6 +60,7 @@ class Cancel(enum.Enum):
     ALREADY = "already"  # a cancel is under way or the job is final: wait for its end
     DEQUEUED = "dequeued"  # it was still queued: now cancelled
     AFTER_LAUNCH = "after-launch"  # launching: the runner kills it as soon as it has a pid
+    KILLING = "killing"  # the kill and sweep started in the job's cancel thread (``killed``)
     DELIVERED = "delivered"  # TERM (then KILL) delivered and every host swept
     NOT_DELIVERED = "not-delivered"  # the master could not be reached: the cancel is withdrawn
 
@@ -106,6 +116,9 @@ class JobRun:
         self.cancel_reason: JobReason | None = None
         self.killing = False
         self.killed = threading.Event()  # the kill and the sweep of every host are over
+        # how the last kill ended (DELIVERED/NOT_DELIVERED) and what it said; set before `killed`
+        self.kill_outcome: Cancel | None = None
+        self.kill_message: str | None = None
         self.stream: Stream | None = None
         self.timer: Timer | None = None
         self.done = threading.Event()
@@ -125,7 +138,7 @@ class JobRun:
                 return
             self._arm_timeout(rec)
             if self.cancel_reason:
-                self._kill()
+                self._start_kill()
             self._finish_from(self._follow())
         except Stopped:
             pass
@@ -232,7 +245,8 @@ class JobRun:
         if self.cancel_reason:
             # "cancelled" promises no process is left: let the sweep of every host finish
             self.killed.wait(self.mpi.cancel_grace_s + 3 * self.ctx.ssh_timeout)
-            self.finish(JobState.CANCELLED, exit_code=rc, reason=self.cancel_reason)
+            error = {"error": self.kill_message} if self.kill_message else {}
+            self.finish(JobState.CANCELLED, exit_code=rc, reason=self.cancel_reason, **error)
         elif status.state == "missing":
             self.finish(
                 JobState.LOST,
@@ -245,8 +259,13 @@ class JobRun:
                 reason=JobReason.NO_EXIT_STATUS,
                 error="the job's processes are gone and left no exit status",
             )
+        elif rc == 0:
+            # a cancel's note (written by a kill, then the daemon restarted before the job
+            # ended, by itself) must not stay on a job that succeeded; a launch's note stays
+            stale = {"error": None} if is_cancel_note(rec["error"]) else {}
+            self.finish(JobState.SUCCEEDED, exit_code=rc, **stale)
         else:
-            self.finish(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, exit_code=rc)
+            self.finish(JobState.FAILED, exit_code=rc)
         try:
             self.ctx.remote.remove(Host(rec["master_ip"], rec["master_port"]), rec["remote_dir"])
         except SSHError as e:
@@ -336,7 +355,9 @@ class JobRun:
     # --- cancel -------------------------------------------------------------------------
 
     def cancel(self, reason: JobReason, queue: deque[JobRun] | None = None) -> Cancel:
-        """Cancel the job in any stage (the job's thread records the final state).
+        """Cancel the job in any stage, without waiting on the master: a running job's
+        kill and sweep go on in a thread of the job's own (KILLING; ``killed`` is set when
+        they are over), and the job's thread records the final state.
         `queue`: the manager's queue (guarded by ctx.changed), left at once if queued."""
         with self.ctx.changed:
             if self.cancel_reason or self.done.is_set():
@@ -350,19 +371,40 @@ class JobRun:
             return Cancel.DEQUEUED
         if self.ctx.store.record(self.id)["pid"] is None:
             return Cancel.AFTER_LAUNCH  # the job's thread kills right after launching
-        return self._kill()
+        return self._start_kill()
 
-    def _kill(self) -> Cancel:
-        """TERM, grace, KILL the job's process group, then sweep every host."""
+    def _start_kill(self) -> Cancel:
+        """Start the kill and sweep in the job's cancel thread -> KILLING (ALREADY if one
+        is under way: never a second sweep)."""
         with self.ctx.changed:
             if self.killing:
-                return Cancel.DELIVERED
+                return Cancel.ALREADY
             self.killing = True
+            self.kill_outcome = self.kill_message = None
             self.killed.clear()  # a retry after an undelivered cancel
+        threading.Thread(target=self._kill, name=f"job-{self.id}-cancel", daemon=True).start()
+        return Cancel.KILLING
+
+    def _kill(self) -> None:
+        """TERM, grace, KILL the job's process group, then sweep every host."""
+        outcome = Cancel.NOT_DELIVERED
         try:
-            return self._kill_and_sweep()
+            outcome = self._kill_and_sweep()
+        except Exception as e:  # a bug: the job's thread still ends the job when it ends
+            log.exception("job %s: cancel failed", self.id)
+            self.kill_message = f"{self.cancel_reason}: the cancel failed: {type(e).__name__}: {e}"
         finally:
+            self.kill_outcome = outcome
             self.killed.set()
+
+    def _note(self, message: str) -> None:
+        """The cancel's result as the job's `error`; kept in memory (``kill_message``) for
+        the final state and the answer when the state dir cannot take it now."""
+        self.kill_message = message
+        try:
+            self.ctx.store.update(self.id, error=message)
+        except StoreError as e:
+            log.warning("job %s: %s (not written: %s)", self.id, message, e.reason)
 
     def _kill_and_sweep(self) -> Cancel:
         ctx = self.ctx
@@ -378,7 +420,7 @@ class JobRun:
             reason = self.cancel_reason
             with ctx.changed:
                 self.cancel_reason, self.killing = None, False
-            ctx.store.update(self.id, error=f"{reason} not delivered to {rec['master_name']}: {e}")
+            self._note(f"{reason} not delivered to {rec['master_name']}: {e}")
             log.warning("job %s: %s not delivered: %s", self.id, reason, e)
             if reason == JobReason.TIMEOUT and not ctx.stop.is_set():
                 self.timer = ctx.clock.timer(BACKOFF_S[1], lambda: self.cancel(JobReason.TIMEOUT))
@@ -389,5 +431,5 @@ class JobRun:
         swept = ctx.remote.sweep(self.id, hosts, proxies)
         msg = f"{self.cancel_reason}: process group {how}; {swept}"
         log.info("job %s: %s", self.id, msg)
-        ctx.store.update(self.id, error=msg)
+        self._note(msg)
         return Cancel.DELIVERED
