@@ -222,9 +222,11 @@ class Jobs:
         200 once it is final, 202 while its kill and sweep go on in the job's own threads.
         Only the request that starts the cancel waits (bounded); one while a cancel is
         under way answers at once, so no number of them holds the server's threads.
-        Raises Conflict (final, or not followed here), Unavailable (the master could not
-        be reached: the cancel is withdrawn), InsufficientStorage/Unavailable naming the
-        reason when the state dir cannot take the cancel (it goes on all the same)."""
+        A 202 promises the cancel goes on: a kill that cannot reach the master is tried
+        again every few seconds.  Raises Conflict (final, or not followed here),
+        Unavailable (the master could not be reached before the answer: the cancel is
+        withdrawn), InsufficientStorage/Unavailable naming the reason when the state dir
+        cannot take the cancel (it goes on all the same)."""
         rec = self._record(job_id)
         if JobState(rec["state"]).is_final:
             raise Conflict(f"job {job_id} is already {rec['state']}")
@@ -235,12 +237,17 @@ class Jobs:
         outcome = run.cancel(JobReason.CANCELLED, self._queue)
         if outcome is not Cancel.ALREADY:
             deadline = time.monotonic() + self.cfg.server.cancel_answer_s  # real threads
-            if outcome is Cancel.KILLING and run.killed.wait(self.cfg.server.cancel_answer_s):
-                if run.kill_outcome is Cancel.NOT_DELIVERED:
-                    raise Unavailable(f"job {job_id}: {run.kill_message}")
-            run.done.wait(max(0.0, deadline - time.monotonic()))
+            if outcome is Cancel.KILLING:
+                run.killed.wait(self.cfg.server.cancel_answer_s)
+            if run.cancel_reason is not None:  # else withdrawn: nothing more to wait for
+                run.done.wait(max(0.0, deadline - time.monotonic()))
         job = self.get(job_id)
         final = JobState(job["state"]).is_final
+        if not final:
+            with self._lock:  # the kill's thread decides under the same lock (_kill_and_sweep)
+                if run.cancel_reason is None:
+                    raise Unavailable(f"job {job_id}: {run.kill_message}")
+                run.cancel_promised = True  # a 202 promises the cancel goes on: retried
         fault = self.store.fault
         if fault is not None and not final:
             cls = InsufficientStorage if fault.reason == StoreReason.DISK_FULL else Unavailable

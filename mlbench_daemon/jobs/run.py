@@ -61,6 +61,7 @@ class Cancel(enum.Enum):
     DEQUEUED = "dequeued"  # it was still queued: now cancelled
     AFTER_LAUNCH = "after-launch"  # launching: the runner kills it as soon as it has a pid
     KILLING = "killing"  # the kill and sweep started in the job's cancel thread (``killed``)
+    # what the kill and sweep (``_kill_and_sweep``) did:
     DELIVERED = "delivered"  # TERM (then KILL) delivered and every host swept
     NOT_DELIVERED = "not-delivered"  # the master could not be reached: the cancel is withdrawn
 
@@ -116,9 +117,11 @@ class JobRun:
         self.cancel_reason: JobReason | None = None
         self.killing = False
         self.killed = threading.Event()  # the kill and the sweep of every host are over
-        # how the last kill ended (DELIVERED/NOT_DELIVERED) and what it said; set before `killed`
-        self.kill_outcome: Cancel | None = None
+        # guarded by ctx.changed: what the last kill said (the job's `error` once final), and
+        # whether a 202 promised the cancel goes on (then an undelivered kill is tried again)
         self.kill_message: str | None = None
+        self.cancel_promised = False
+        self.retry: Timer | None = None  # the next try of an undelivered kill
         self.stream: Stream | None = None
         self.timer: Timer | None = None
         self.done = threading.Event()
@@ -150,8 +153,9 @@ class JobRun:
                 JobState.LOST, reason=JobReason.DAEMON_ERROR, error=f"{type(e).__name__}: {e}"
             )
         finally:
-            if self.timer:
-                self.timer.cancel()
+            for timer in (self.timer, self.retry):
+                if timer:
+                    timer.cancel()
 
     def _launch(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         """Launch the job -> its record once running, None if the launch ended it."""
@@ -171,8 +175,9 @@ class JobRun:
 
     def detach(self) -> None:
         """The daemon stops: drop the timer and the stream (the remote job runs on)."""
-        if self.timer:
-            self.timer.cancel()
+        for timer in (self.timer, self.retry):
+            if timer:
+                timer.cancel()
         if self.stream:
             self.stream.close()
 
@@ -380,27 +385,28 @@ class JobRun:
             if self.killing:
                 return Cancel.ALREADY
             self.killing = True
-            self.kill_outcome = self.kill_message = None
+            self.kill_message = None
             self.killed.clear()  # a retry after an undelivered cancel
         threading.Thread(target=self._kill, name=f"job-{self.id}-cancel", daemon=True).start()
         return Cancel.KILLING
 
     def _kill(self) -> None:
         """TERM, grace, KILL the job's process group, then sweep every host."""
-        outcome = Cancel.NOT_DELIVERED
         try:
-            outcome = self._kill_and_sweep()
+            self._kill_and_sweep()
         except Exception as e:  # a bug: the job's thread still ends the job when it ends
             log.exception("job %s: cancel failed", self.id)
             self.kill_message = f"{self.cancel_reason}: the cancel failed: {type(e).__name__}: {e}"
         finally:
-            self.kill_outcome = outcome
             self.killed.set()
 
+    def _retry_kill(self) -> None:
+        if not self.done.is_set() and not self.ctx.stop.is_set():
+            self._start_kill()
+
     def _note(self, message: str) -> None:
-        """The cancel's result as the job's `error`; kept in memory (``kill_message``) for
-        the final state and the answer when the state dir cannot take it now."""
-        self.kill_message = message
+        """The cancel's result (``kill_message``, set by the caller) as the job's `error`; the
+        final state carries it when the state dir cannot take it now."""
         try:
             self.ctx.store.update(self.id, error=message)
         except StoreError as e:
@@ -417,13 +423,22 @@ class JobRun:
                 proxies = (option, ctx.remote.proxy_values(master, self.id, option))
             how = ctx.remote.terminate(master, rec["pid"], self.mpi.cancel_grace_s)
         except SSHError as e:
-            reason = self.cancel_reason
+            # a timeout, or a cancel a 202 promised, is tried again; else it is withdrawn
+            # (the DELETE still waiting answers 503 with this message)
             with ctx.changed:
-                self.cancel_reason, self.killing = None, False
-            self._note(f"{reason} not delivered to {rec['master_name']}: {e}")
-            log.warning("job %s: %s not delivered: %s", self.id, reason, e)
-            if reason == JobReason.TIMEOUT and not ctx.stop.is_set():
-                self.timer = ctx.clock.timer(BACKOFF_S[1], lambda: self.cancel(JobReason.TIMEOUT))
+                reason = self.cancel_reason
+                retry = (reason == JobReason.TIMEOUT or self.cancel_promised) and not (
+                    ctx.stop.is_set()
+                )
+                then = f"; trying again in {BACKOFF_S[1]:.0f} s" if retry else ""
+                msg = f"{reason} not delivered to {rec['master_name']}: {e}{then}"
+                self.killing, self.kill_message = False, msg
+                if not retry:
+                    self.cancel_reason = None
+            self._note(msg)
+            log.warning("job %s: %s", self.id, msg)
+            if retry:
+                self.retry = ctx.clock.timer(BACKOFF_S[1], self._retry_kill)
             return Cancel.NOT_DELIVERED
         ports = {s.node.ip: s.node.port for s in ctx.registry.nodes()}
         ips = [NodeRow(*row).ip for row in rec["nodes"]]
@@ -431,5 +446,7 @@ class JobRun:
         swept = ctx.remote.sweep(self.id, hosts, proxies)
         msg = f"{self.cancel_reason}: process group {how}; {swept}"
         log.info("job %s: %s", self.id, msg)
+        with ctx.changed:
+            self.kill_message = msg
         self._note(msg)
         return Cancel.DELIVERED
