@@ -454,7 +454,8 @@ PATHS = {
             "KILL; then every host of the job is swept for its processes (the result is "
             "in `error`).  The kill and sweep run in the job's own thread: the answer "
             "comes within `server.cancel_answer_s`, 200 once the job is final, else 202 "
-            "with the job as it is (the cancel goes on; a second DELETE starts nothing).",
+            "with the job as it is (the cancel goes on; a second DELETE starts nothing). "
+            "A master that cannot be reached is tried again every 5 s (`error` says so).",
             "tags": ["jobs"],
             "responses": _api_responses(
                 **{
@@ -469,9 +470,8 @@ PATHS = {
                     "404": _error("No such job."),
                     "409": _error("The job is already final, or not followed by this daemon."),
                     "503": _error(
-                        "The master could not be reached to deliver the cancel (withdrawn), "
-                        "or the state dir cannot be written (`error` is `state-read-only` "
-                        "or `state-write-failed`; the cancel goes on)."
+                        "The state dir cannot be written (`error` is `state-read-only` or "
+                        "`state-write-failed`): the cancel goes on."
                     ),
                     "507": _error(
                         "The state dir is full (`error` is `state-disk-full`): the cancel goes on, "

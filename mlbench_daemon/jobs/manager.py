@@ -222,11 +222,10 @@ class Jobs:
         200 once it is final, 202 while its kill and sweep go on in the job's own threads.
         Only the request that starts the cancel waits (bounded); one while a cancel is
         under way answers at once, so no number of them holds the server's threads.
-        A 202 promises the cancel goes on: a kill that cannot reach the master is tried
-        again every few seconds.  Raises Conflict (final, or not followed here),
-        Unavailable (the master could not be reached before the answer: the cancel is
-        withdrawn), InsufficientStorage/Unavailable naming the reason when the state dir
-        cannot take the cancel (it goes on all the same)."""
+        A kill that cannot reach the master is tried again every few seconds (its
+        `error` says so) until delivered or the job is lost.  Raises Conflict (final, or
+        not followed here), InsufficientStorage/Unavailable naming the reason when the
+        state dir cannot take the cancel (it goes on all the same)."""
         rec = self._record(job_id)
         if JobState(rec["state"]).is_final:
             raise Conflict(f"job {job_id} is already {rec['state']}")
@@ -243,11 +242,8 @@ class Jobs:
                 run.done.wait(max(0.0, deadline - time.monotonic()))
         job = self.get(job_id)
         final = JobState(job["state"]).is_final
-        if not final:
-            with self._lock:  # the kill's thread decides under the same lock (_kill_and_sweep)
-                if run.cancel_reason is None:
-                    raise Unavailable(f"job {job_id}: {run.kill_message}")
-                run.cancel_promised = True  # a 202 promises the cancel goes on: retried
+        if not final and run.cancel_reason is None:  # withdrawn: the daemon is stopping
+            raise Unavailable(f"job {job_id}: {run.kill_message or 'the daemon is stopping'}")
         fault = self.store.fault
         if fault is not None and not final:
             cls = InsufficientStorage if fault.reason == StoreReason.DISK_FULL else Unavailable

@@ -63,7 +63,7 @@ class Cancel(enum.Enum):
     KILLING = "killing"  # the kill and sweep started in the job's cancel thread (``killed``)
     # what the kill and sweep (``_kill_and_sweep``) did:
     DELIVERED = "delivered"  # TERM (then KILL) delivered and every host swept
-    NOT_DELIVERED = "not-delivered"  # the master could not be reached: the cancel is withdrawn
+    NOT_DELIVERED = "not-delivered"  # the master could not be reached: tried again in 5 s
 
 
 @dataclasses.dataclass
@@ -117,10 +117,7 @@ class JobRun:
         self.cancel_reason: JobReason | None = None
         self.killing = False
         self.killed = threading.Event()  # the kill and the sweep of every host are over
-        # guarded by ctx.changed: what the last kill said (the job's `error` once final), and
-        # whether a 202 promised the cancel goes on (then an undelivered kill is tried again)
-        self.kill_message: str | None = None
-        self.cancel_promised = False
+        self.kill_message: str | None = None  # what the last kill said (guarded by ctx.changed)
         self.retry: Timer | None = None  # the next try of an undelivered kill
         self.stream: Stream | None = None
         self.timer: Timer | None = None
@@ -423,15 +420,12 @@ class JobRun:
                 proxies = (option, ctx.remote.proxy_values(master, self.id, option))
             how = ctx.remote.terminate(master, rec["pid"], self.mpi.cancel_grace_s)
         except SSHError as e:
-            # a timeout, or a cancel a 202 promised, is tried again; else it is withdrawn
-            # (the DELETE still waiting answers 503 with this message)
+            # tried again until delivered or the job ends (lost after mpi.lost_after_s)
             with ctx.changed:
                 reason = self.cancel_reason
-                retry = (reason == JobReason.TIMEOUT or self.cancel_promised) and not (
-                    ctx.stop.is_set()
-                )
+                retry = not ctx.stop.is_set()
                 then = f"; trying again in {BACKOFF_S[1]:.0f} s" if retry else ""
-                msg = f"{reason} not delivered to {rec['master_name']}: {e}{then}"
+                msg = f"{reason} not delivered to {rec['master_name']}: {str(e).rstrip('.')}{then}"
                 self.killing, self.kill_message = False, msg
                 if not retry:
                     self.cancel_reason = None
