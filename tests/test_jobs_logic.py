@@ -6,15 +6,18 @@ flock, kill), time is a ManualClock (timeouts and lost_after_s without sleeping)
 The cluster tests (test_jobs.py) prove the same paths over real sshd and mpirun.
 """
 
+import errno
+import os
 import re
 
 import pytest
 
-from mlbench_daemon.errors import Conflict, QueueFull
+from mlbench_daemon.errors import Conflict, InsufficientStorage, QueueFull
 from mlbench_daemon.jobs import remote
 from mlbench_daemon.jobs.launch import BACKOFF_S
 from mlbench_daemon.ssh import Result
 from mlbench_daemon.ssh_errors import SSHError, Unreachable, Untrusted
+from mlbench_daemon.store import StoreError
 from tests.helpers import wait_for
 from tests.localjobs import LocalJobs, gate, settle, sh
 
@@ -175,6 +178,35 @@ def test_cancel_results(local, tmp_path):
     ), done["error"]
     with pytest.raises(Conflict, match="already cancelled"):
         lj.jobs.cancel(running["id"])
+
+
+def test_a_cancel_the_store_cannot_record_answers_507_and_still_kills(local, tmp_path):
+    # a full disk exactly at the cancel's writes (a real one cannot be timed so): the
+    # answer names the reason, and the kill and sweep go on all the same
+    lj = local()
+    job = lj.jobs.submit({"program": gate(tmp_path / "never"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    pid = lj.store.record(job["id"])["pid"]
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def update(job_id, **fields):
+        lj.store.fault = StoreError(lj.store.db_path, full)
+        raise lj.store.fault
+
+    lj.store.update = update
+    with pytest.raises(InsufficientStorage) as e:
+        lj.jobs.cancel(job["id"])
+    assert e.value.error == "state-disk-full"
+    assert "the cancel goes on" in e.value.message and "state-disk-full" in e.value.message
+    wait_for(lambda: not group_alive(pid), what="the job's process group to be killed")
+
+
+def group_alive(pid):
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_cancel_of_an_unknown_or_unfollowed_job_is_refused(local):
