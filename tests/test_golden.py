@@ -101,7 +101,9 @@ def sh_program(script):
 
 @pytest.mark.timeout(600)
 def test_job_answers_match_the_golden_files(start_daemon, cluster):
-    d = start_daemon(mpi={"max_concurrent_jobs": 1})
+    # connect_timeout_s bounds an SSH channel's opening: far above server.cancel_answer_s
+    # (2 s), so the DELETEs of a job whose master is frozen answer before the kill fails
+    d = start_daemon(mpi={"max_concurrent_jobs": 1}, ssh={"connect_timeout_s": 10.0})
     norm = Normaliser(cluster)
     w = sorted(cluster.workers, key=lambda h: h.index)
     got = {}
