@@ -309,6 +309,20 @@ def test_a_stale_cancel_note_is_cleared_when_the_job_succeeds(local, tmp_path):
     assert (done["state"], done["error"]) == ("succeeded", None)
 
 
+def test_a_kill_recorded_before_a_restart_ends_the_job_cancelled(local, tmp_path):
+    # the kill terminated the group, the daemon restarted before recording the end: the
+    # re-attached job is cancelled (by that kill), whatever exit status is left
+    lj = local()
+    job = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    note = "timeout: process group terminated; verified no process left on 1 host(s)"
+    lj.store.update(job["id"], error=note)
+    lj.restart()
+    (tmp_path / "go").touch()
+    done = lj.jobs.wait(job["id"])
+    assert (done["state"], done["reason"], done["error"]) == ("cancelled", "timeout", note)
+
+
 def test_restart_decides_for_each_unfinished_record(local, tmp_path):
     lj = local(max_concurrent_jobs=1)
     blocker = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})

@@ -45,13 +45,15 @@ log = logging.getLogger(__name__)
 FOLLOW_IDLE_S = 30.0  # a silent stream's master is probed after this long (a frozen host noticed)
 
 
-def is_cancel_note(error: str | None) -> bool:
-    """Whether `error` is what a cancel's kill writes (``_kill_and_sweep``): its reason,
-    then the process group's end or that it was not delivered."""
-    return error is not None and any(
-        error.startswith((f"{r}: process group ", f"{r} not delivered to "))
-        for r in (JobReason.CANCELLED, JobReason.TIMEOUT)
-    )
+def cancel_note(error: str | None) -> tuple[JobReason, str] | None:
+    """If `error` is what a cancel's kill writes (``_kill_and_sweep``) -> (its reason, how
+    the process group ended: "gone", "terminated" or "killed"; or "not-delivered")."""
+    for r in (JobReason.CANCELLED, JobReason.TIMEOUT):
+        if error is not None and error.startswith(f"{r} not delivered to "):
+            return r, "not-delivered"
+        if error is not None and error.startswith(f"{r}: process group "):
+            return r, error.removeprefix(f"{r}: process group ").split(";")[0]
+    return None
 
 
 class Cancel(enum.Enum):
@@ -244,11 +246,16 @@ class JobRun:
     def _finish_from(self, status: Status) -> None:
         rec = self.ctx.store.record(self.id)
         rc = status.exit_code
+        # a kill's note in the record, without a cancel in memory: the daemon restarted
+        # between the kill and the job's end
+        note = cancel_note(rec["error"]) if not self.cancel_reason else None
         if self.cancel_reason:
             # "cancelled" promises no process is left: let the sweep of every host finish
             self.killed.wait(self.mpi.cancel_grace_s + 3 * self.ctx.ssh_timeout)
             error = {"error": self.kill_message} if self.kill_message else {}
             self.finish(JobState.CANCELLED, exit_code=rc, reason=self.cancel_reason, **error)
+        elif note is not None and note[1] in ("terminated", "killed"):
+            self.finish(JobState.CANCELLED, exit_code=rc, reason=note[0])  # ended by the kill
         elif status.state == "missing":
             self.finish(
                 JobState.LOST,
@@ -262,9 +269,9 @@ class JobRun:
                 error="the job's processes are gone and left no exit status",
             )
         elif rc == 0:
-            # a cancel's note (written by a kill, then the daemon restarted before the job
-            # ended, by itself) must not stay on a job that succeeded; a launch's note stays
-            stale = {"error": None} if is_cancel_note(rec["error"]) else {}
+            # the job ended by itself ("gone" when the kill came, or the kill undelivered):
+            # a kill's note must not stay on a job that succeeded; a launch's note stays
+            stale = {"error": None} if note is not None else {}
             self.finish(JobState.SUCCEEDED, exit_code=rc, **stale)
         else:
             self.finish(JobState.FAILED, exit_code=rc)
