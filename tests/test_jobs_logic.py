@@ -181,8 +181,8 @@ def test_cancel_results(local, tmp_path):
 
 
 def test_a_cancel_the_store_cannot_record_answers_507_and_still_kills(local, tmp_path):
-    # a full disk exactly at the cancel's writes (a real one cannot be timed so): the
-    # answer names the reason, and the kill and sweep go on all the same
+    # a full disk (every record write fails; a real one cannot be timed to the cancel's
+    # writes): the answer names the reason, and the kill and sweep go on all the same
     lj = local()
     job = lj.jobs.submit({"program": gate(tmp_path / "never"), "wait": False})
     wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
@@ -194,6 +194,7 @@ def test_a_cancel_the_store_cannot_record_answers_507_and_still_kills(local, tmp
         raise lj.store.fault
 
     lj.store.update = update
+    lj.store.fault = StoreError(lj.store.db_path, full)  # as a write (or the probe) met it
     with pytest.raises(InsufficientStorage) as e:
         lj.jobs.cancel(job["id"])
     assert e.value.error == "state-disk-full"

@@ -246,12 +246,13 @@ class JobRun:
     def _finish_from(self, status: Status) -> None:
         rec = self.ctx.store.record(self.id)
         rc = status.exit_code
-        # a kill's note in the record, without a cancel in memory: the daemon restarted
-        # between the kill and the job's end
-        note = cancel_note(rec["error"]) if not self.cancel_reason else None
         if self.cancel_reason:
             # "cancelled" promises no process is left: let the sweep of every host finish
             self.killed.wait(self.mpi.cancel_grace_s + 3 * self.ctx.ssh_timeout)
+            note = cancel_note(self.kill_message)
+        else:  # a kill's note in the record: the daemon restarted after the kill
+            note = cancel_note(rec["error"])
+        if self.cancel_reason and (note is None or note[1] != "not-delivered"):
             error = {"error": self.kill_message} if self.kill_message else {}
             self.finish(JobState.CANCELLED, exit_code=rc, reason=self.cancel_reason, **error)
         elif note is not None and note[1] in ("terminated", "killed"):
@@ -268,13 +269,11 @@ class JobRun:
                 reason=JobReason.NO_EXIT_STATUS,
                 error="the job's processes are gone and left no exit status",
             )
-        elif rc == 0:
-            # the job ended by itself ("gone" when the kill came, or the kill undelivered):
-            # a kill's note must not stay on a job that succeeded; a launch's note stays
-            stale = {"error": None} if note is not None else {}
-            self.finish(JobState.SUCCEEDED, exit_code=rc, **stale)
         else:
-            self.finish(JobState.FAILED, exit_code=rc)
+            # the job ended by itself (the group "gone" when the kill came, or the kill not
+            # delivered): a kill's note must not stay; a launch's note stays
+            stale = {"error": None} if note is not None else {}
+            self.finish(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, exit_code=rc, **stale)
         try:
             self.ctx.remote.remove(Host(rec["master_ip"], rec["master_port"]), rec["remote_dir"])
         except SSHError as e:
