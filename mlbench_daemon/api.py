@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import bottle
+import msgspec
 
 from mlbench_daemon import metrics, openapi
 from mlbench_daemon.browser import Policy, is_json
@@ -428,6 +429,15 @@ def make_app(
     def cancel_job(job_id: str) -> str:
         status, job = jobs.cancel(job_id)  # bounded by server.cancel_answer_s
         return _json(job, status)
+
+    @app.get("/api/mpi_jobs/<job_id>/ranks")
+    def job_ranks(job_id: str) -> str:
+        jobs.get(job_id)  # a 404 before a stream slot is taken
+        streams.take()  # a roll-call holds a thread for up to mpi.roll_call_timeout_s
+        try:
+            return _json(msgspec.to_builtins(jobs.roll_call(job_id)))
+        finally:
+            streams.give()
 
     @app.get("/api/mpi_jobs/<job_id>/logs")
     def job_logs(job_id: str) -> bytes | _Held:

@@ -21,8 +21,11 @@ import dataclasses
 import ipaddress
 import re
 import socket
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:  # config imports this module: its settings type only
+    from mlbench_daemon import config
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -96,7 +99,7 @@ class Policy:
     hostname: str = ""  # this machine's name, accepted on a wildcard bind
 
     @classmethod
-    def from_config(cls, server: Any) -> Policy:
+    def from_config(cls, server: config.Server) -> Policy:
         return cls(
             bind=server.host.strip().strip("[]").lower(),
             allowed_hosts=tuple(filter(None, map(split_host, server.allowed_hosts))),

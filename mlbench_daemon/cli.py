@@ -2,7 +2,7 @@
 HTTP clients of a running daemon (urllib only).
 
     mlbench-daemon serve --config FILE [--log-level L]
-    mlbench-daemon nodes | jobs | logs [-f] ID | cancel ID
+    mlbench-daemon nodes | jobs | logs [-f] ID | cancel ID | ranks ID
     mlbench-daemon run [--np N] [--node NAME ...] [--master NAME] [--env K=V ...]
                        [--timeout S] [-- PROGRAM ARGS...]
     mlbench-daemon check [the same options as run]
@@ -19,6 +19,7 @@ when no check failed, 1 when one did, 2 on a usage or API error.
 """
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -184,6 +185,56 @@ def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     state = job.get("state", "cancel requested") if isinstance(job, dict) else "cancel requested"
     out.write(f"job {args.id}: {state}\n")
     return ExitStatus.OK
+
+
+RANKS_TIMEOUT_S = 120.0  # the daemon bounds a roll-call by mpi.roll_call_timeout_s
+
+
+def cmd_ranks(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    """The roll-call of a running job: suspects first, then by group, then the rest."""
+    call = client.json("GET", job_path(args.id) + "/ranks", timeout=RANKS_TIMEOUT_S)
+    if args.json:
+        return _print_json(call, out)
+    out.write(rank_table(call))
+
+
+def rank_table(call: dict[str, Any]) -> str:
+    """The roll-call as text: a table of ranks (suspects first, then each group, largest
+    first), the groups, and any node that could not be read."""
+    text = io.StringIO()
+    suspects = [s["rank"] for s in call["suspects"]]
+    order = suspects + [r for g in call["groups"] for r in g["ranks"] if r not in suspects]
+    order += [r["rank"] for r in call["ranks"] if r["rank"] not in order]
+    ranks = {r["rank"]: r for r in call["ranks"]}
+    group_of = {r: i + 1 for i, g in enumerate(call["groups"]) for r in g["ranks"]}
+    rows = []
+    for n in order:
+        r = ranks[n]
+        where = r["stack"][0] if r["stack"] else ""
+        if r["stack_error"]:
+            where = f"{where} [{r['stack_error']}]".strip()
+        rows.append(
+            (
+                ("*" if n in suspects else "") + str(n),
+                _text(r["node"]),
+                _text(r["pid"]),
+                _text(r["state"]),
+                "" if r["cpu_percent"] is None else f"{r['cpu_percent']:.0f}",
+                "" if r["rss_bytes"] is None else f"{r['rss_bytes'] >> 20}",
+                _text(group_of.get(n)),
+                r["stack_source"],
+                where,
+            )
+        )
+    header = ("RANK", "NODE", "PID", "STATE", "CPU%", "RSS_MB", "GROUP", "SOURCE", "TOP FRAME")
+    _table(text, header, rows)
+    if suspects:
+        text.write(f"suspects (*): {', '.join(map(str, suspects))}\n")
+    else:
+        text.write("suspects: none (all ranks with a stack agree, or no majority)\n")
+    for f in call["nodes_failed"]:
+        text.write(f"not read: {f['node']}: {f['error']}\n")
+    return text.getvalue()
 
 
 def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
@@ -390,6 +441,12 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     p.add_argument("-f", "--follow", action="store_true", help="keep following until the job ends")
     p.add_argument("id")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser(
+        "ranks", parents=[common], help="roll-call: every rank of a running job with its stack"
+    )
+    p.add_argument("id")
+    p.set_defaults(func=cmd_ranks)
 
     p = sub.add_parser("cancel", parents=[common], help="cancel a job")
     p.add_argument("id")

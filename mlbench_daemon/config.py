@@ -158,6 +158,18 @@ def nameservers(value: Any) -> list[str]:
     return list(value)
 
 
+STACK_TOOLS = ("py-spy", "eu-stack", "gdb")
+
+
+@_json_env
+def stack_tools(value: Any) -> list[str]:
+    what = f"a list of distinct names from {', '.join(STACK_TOOLS)}"
+    items = str_list(value, what=what)
+    if len(set(items)) != len(items) or not set(items) <= set(STACK_TOOLS):
+        raise ValueError(f"must be {what}")
+    return list(items)
+
+
 def _every(value: Any, what: str, parse: Callable[[str], object]) -> list[str]:
     """`value` as a list of strings that `parse` accepts (does not map to None)."""
     for item in str_list(value, what=what):
@@ -416,6 +428,20 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     ("mpi", "cancel_grace_s", number(0), 5.0, "seconds between TERM and KILL on cancel"),
     (
         "mpi",
+        "roll_call_timeout_s",
+        number(1),
+        10.0,
+        "bound of a roll-call's remote script on each node (GET /api/mpi_jobs/<id>/ranks)",
+    ),
+    (
+        "mpi",
+        "roll_call_tools",
+        stack_tools,
+        list(STACK_TOOLS),
+        "stack tools a roll-call may use, first found first (py-spy only for python ranks)",
+    ),
+    (
+        "mpi",
         "lost_after_s",
         number(0),
         900.0,
@@ -521,6 +547,8 @@ class Mpi:
     queue_size: int
     default_timeout_s: float
     cancel_grace_s: float
+    roll_call_timeout_s: float
+    roll_call_tools: list[str]
     lost_after_s: float
     preflight_timeout_s: float
     remote_dir: str

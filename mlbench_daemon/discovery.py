@@ -49,6 +49,7 @@ import dns.reversename
 
 from mlbench_daemon import config, metrics
 from mlbench_daemon.config import parse_nameserver
+from mlbench_daemon.shapes import LABEL_KEY, LABEL_NAME
 from mlbench_daemon.vocabulary import DiscoveryReason, checked
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,8 @@ def natural_key(name: str) -> tuple[Any, ...]:
 
 # --- selectors -------------------------------------------------------------------------
 
-# Label syntax (Kubernetes); openapi.py builds the selector's pattern from these too.
-LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-LABEL_PREFIX = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-LABEL_KEY = rf"(?:{LABEL_PREFIX}/)?{LABEL_NAME}"
+# Label syntax (Kubernetes): shapes.LABEL_NAME, LABEL_KEY (the request's selector
+# pattern is built from them too).
 _KEY_RE = re.compile(LABEL_KEY)
 _VALUE_RE = re.compile(rf"(?:{LABEL_NAME})?")
 # Operators, longest first so that "!=" and "==" are not read as "=".

@@ -13,12 +13,9 @@ both; the others under one.
 """
 
 import json
-from typing import Any, cast
+from typing import Any
 
 from mlbench_daemon import __version__, shapes
-from mlbench_daemon.discovery import LABEL_KEY, LABEL_NAME
-from mlbench_daemon.jobs.flavour import MARKER
-from mlbench_daemon.jobs.request import RESERVED_ENV_PREFIX
 
 _REF = "#/components/schemas/"
 Schema = dict[str, Any]  # a piece of the OpenAPI document
@@ -65,20 +62,6 @@ def _api_responses(**responses: Schema) -> Schema:
     out.setdefault("500", _INTERNAL)
     return out
 
-
-# A request string: no NUL byte (mpirun and the remote shell cannot carry one).
-_TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
-
-# The env names a request may not set (request._env): the OpenMPI MCA prefix of the
-# daemon's marker, and any name holding flavour.MARKER in any case (flavour.reserved).
-_ANY_CASE = "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in MARKER)
-_RESERVED_ENV = f"^{RESERVED_ENV_PREFIX}|{_ANY_CASE}"
-
-# The Kubernetes equality-based selector grammar of discovery.Selector.parse:
-# comma-separated terms `k=v`, `k==v`, `k!=v`, `k`, `!k`; keys `[prefix/]name`.
-_NAME, _KEY = LABEL_NAME, LABEL_KEY
-_TERM = f"\\s*(?:{_KEY}\\s*(?:!=|==|=)\\s*(?:{_NAME})?|!\\s*{_KEY}|{_KEY})\\s*"
-SELECTOR_PATTERN = f"^(?:\\s*|{_TERM}(?:,{_TERM})*)$"
 
 # A query flag as api._flag reads it: 1/true/yes or 0/false/no (any case); empty = off.
 _FLAG = {
@@ -242,8 +225,8 @@ _LIST_JOBS_OP = {
     ),
 }
 
-# The answers' schemas come from their declarations (shapes.py); the request body and
-# the sync answer (a Job plus its output) are written here.
+# The answers' and requests' schemas come from their declarations (shapes.py); the sync
+# answer (a Job plus its output) is written here.
 SCHEMAS: dict[str, Any] = {
     **shapes.components(),
     "JobResult": {
@@ -262,70 +245,6 @@ SCHEMAS: dict[str, Any] = {
                 },
             },
         ],
-    },
-    "JobRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "description": "Every field is optional.",
-        "properties": {
-            "program": {
-                "type": "array",
-                "minItems": 1,
-                "description": "The argv run by mpirun on every rank (replaces `mpi.program`).  "
-                "The first item is a program: not empty, not an option.  A lone "
-                "`:` is reserved by mpirun.",
-                "prefixItems": [
-                    {"type": "string", "pattern": "^[^-:\\u0000][^\\u0000]*$|^:[^\\u0000]+$"}
-                ],
-                "items": {"type": "string", "pattern": "^[^\\u0000]*$", "not": {"const": ":"}},
-            },
-            "env": {
-                "type": "object",
-                "description": "Exported to every rank; values never appear in any argv.",
-                "propertyNames": {
-                    "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
-                    "not": {"pattern": _RESERVED_ENV},
-                },
-                "additionalProperties": _TEXT,
-            },
-            "np": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": 1000000,
-                "description": "Number of ranks (mpirun `-np`); default: one per host slot.",
-            },
-            "selector": dict(
-                _TEXT,
-                pattern=SELECTOR_PATTERN,
-                description="Label selector applied on top of `discovery.selector`: "
-                "`k=v,k!=v,k,!k`.",
-            ),
-            "nodes": {
-                "type": "array",
-                "minItems": 1,
-                "uniqueItems": True,
-                "items": _TEXT,
-                "description": "Run on exactly these nodes (names); default: every selected "
-                "`Running` node.",
-            },
-            "master": dict(
-                _TEXT,
-                description="The node mpirun runs on; one of `nodes` when both are "
-                "given.  Default: the first `Running` node in natural "
-                "name order.",
-            ),
-            "timeout_s": {
-                "type": "number",
-                "exclusiveMinimum": 0,
-                "exclusiveMaximum": 1e9,
-                "description": "Cancel the job after this long (default `mpi.default_timeout_s`).",
-            },
-            "wait": {
-                "type": "boolean",
-                "default": True,
-                "description": "Answer when the job is over (200) or at once (202).",
-            },
-        },
     },
 }
 
@@ -347,17 +266,7 @@ _PREFLIGHT_OP = {
     "tags": ["jobs"],
     "requestBody": {
         "required": False,
-        "content": _json_content(
-            {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    k: v
-                    for k, v in cast(dict[str, Any], SCHEMAS["JobRequest"])["properties"].items()
-                    if k in ("program", "np", "selector", "nodes", "master")
-                },
-            }
-        ),
+        "content": _json_content(_ref("PreflightRequest")),
     },
     "responses": _api_responses(
         **{
@@ -476,6 +385,35 @@ PATHS = {
                     "507": _error(
                         "The state dir is full (`error` is `state-disk-full`): the cancel goes on, "
                         "and the job is recorded once the disk takes writes again."
+                    ),
+                }
+            ),
+        },
+    },
+    "/api/mpi_jobs/{job_id}/ranks": {
+        "parameters": [_JOB_ID],
+        "get": {
+            "operationId": "getJobRanks",
+            "summary": "Roll-call: every rank of a running job with its stack",
+            "description": "For every rank: its node, pid, process state, CPU time and CPU % "
+            "over a short sample, RSS, and a stack (`py-spy dump --nonblocking` for a Python "
+            "rank where the node has py-spy, else `gdb -batch` where installed, else the "
+            "kernel's `wchan`; `stack_source`, and `stack_error` names what was missing or "
+            "denied).  Ranks are grouped by normalised stack; `suspects` are the ranks "
+            "outside the majority.  One script per node, all nodes at once, each bounded by "
+            "`mpi.roll_call_timeout_s`.  Concurrent requests for one job share one "
+            "roll-call; each holds a server thread and counts against `server.max_streams`.",
+            "tags": ["jobs"],
+            "responses": _api_responses(
+                **{
+                    "200": {
+                        "description": "The roll-call.",
+                        "content": _json_content(_ref("RollCall")),
+                    },
+                    "404": _error("No such job."),
+                    "409": _error("The job is not running (pending or final)."),
+                    "503": _error(
+                        "`server.max_streams` long requests are open already (`too-many-streams`)."
                     ),
                 }
             ),

@@ -1,4 +1,5 @@
-"""The JSON answers of the HTTP API, each declared once as a ``msgspec.Struct``.
+"""The JSON answers and request bodies of the HTTP API, each declared once as a
+``msgspec.Struct``.
 
 openapi.py generates the document's component schemas from these classes
 (``msgspec.json.schema_components``), so a field added, renamed or retyped here
@@ -10,11 +11,16 @@ document lists exactly the words the code uses.
 The answers themselves are still built as dicts and encoded with ``json.dumps``
 (the golden files pin that layout); the tests check every answer the daemon gives
 against the document generated from here (tests.helpers.check_answer).
+
+The requests (``JobRequest``, ``PreflightRequest``) are checked by jobs/request.py,
+which reads every limit it enforces (lengths, ranges, patterns, the reserved env
+names) from these declarations, so the document and the check cannot drift; its
+messages and the order it checks fields in are its own (the golden files pin them).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, ClassVar, Literal, NamedTuple
 
 import msgspec
 from msgspec import Meta
@@ -29,19 +35,34 @@ from mlbench_daemon.vocabulary import (
     JobState,
     NodeReason,
     Phase,
+    ProcessState,
     SSHReason,
+    StackSource,
     StoreReason,
 )
 
 JOB_ID_PATTERN = "^[0-9a-f]{20,}$"
+REF_TEMPLATE = "#/components/schemas/{name}"
 DateTime = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
-# a node's reason: NodeReason, or SSHReason after a failed probe (two enums, one field)
-NodeReasonText = Annotated[
-    str, Meta(extra_json_schema={"enum": [str(r) for r in (*NodeReason, *SSHReason)]})
-]
-PreflightFlavour = Annotated[
-    str, Meta(extra_json_schema={"enum": [str(f) for f in PREFLIGHT_FLAVOURS]})
-]
+
+
+class Words:
+    """A closed vocabulary made of several enums' words: a named component of its own
+    (``{"type": "string", "enum": words}``), so a client generator gets a type.  A field
+    typed with a subclass refers to it by ``$ref``; answers are dicts, never these."""
+
+    words: ClassVar[tuple[str, ...]]
+    description: ClassVar[str]
+
+
+class NodeReasonCode(Words):
+    description = "A node's `reason`: a `NodeReason`, or an `SSHReason` after a failed probe."
+    words = tuple(str(r) for r in (*NodeReason, *SSHReason))
+
+
+class PreflightFlavour(Words):
+    description = "The launcher preflight found on the master (`unknown`: none it knows)."
+    words = tuple(str(f) for f in PREFLIGHT_FLAVOURS)
 
 
 class NodeRow(NamedTuple):
@@ -87,7 +108,7 @@ class Node(msgspec.Struct):
     host: Annotated[str, Meta(description="Host name (no trailing dot), or the IP.")]
     port: Annotated[int, Meta(ge=1, le=65535, description="SSH port.")]
     namespace: str
-    reason: NodeReasonText
+    reason: NodeReasonCode
     message: str
     last_probe: DateTime | None
     latency_ms: Annotated[float, Meta(ge=0)] | None
@@ -230,6 +251,205 @@ class Health(msgspec.Struct):
     ] = None
 
 
+# --- requests ---------------------------------------------------------------------------
+
+# A request string: no NUL byte (mpirun and the remote shell cannot carry one).
+NO_NUL = "^[^\\u0000]*$"
+Text = Annotated[str, Meta(pattern=NO_NUL)]
+
+# Label syntax (Kubernetes): discovery.Selector's parser reads it, and the request's
+# `selector` pattern is built from it (tests/test_openapi.py checks they agree).
+LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_PREFIX = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+LABEL_KEY = rf"(?:{LABEL_PREFIX}/)?{LABEL_NAME}"
+# comma-separated terms `k=v`, `k==v`, `k!=v`, `k`, `!k`
+_TERM = f"\\s*(?:{LABEL_KEY}\\s*(?:!=|==|=)\\s*(?:{LABEL_NAME})?|!\\s*{LABEL_KEY}|{LABEL_KEY})\\s*"
+SELECTOR_PATTERN = f"^(?:\\s*|{_TERM}(?:,{_TERM})*)$"
+
+# The env names a request may not set: the OpenMPI MCA prefix of the daemon's marker,
+# and any name holding JOB_MARKER in any case (every flavour's marker variables end
+# with it: jobs/flavour.py; the cancel sweep looks for it).
+JOB_MARKER = "mlbench_job_id"
+RESERVED_ENV_PREFIX = "OMPI_MCA_mlbench"
+_ANY_CASE = "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in JOB_MARKER)
+RESERVED_ENV_PATTERN = f"^{RESERVED_ENV_PREFIX}|{_ANY_CASE}"
+EnvName = Annotated[
+    str,
+    Meta(
+        pattern="^[A-Za-z_][A-Za-z0-9_]*$",
+        extra_json_schema={"not": {"pattern": RESERVED_ENV_PATTERN}},
+    ),
+]
+
+MPMD_SEPARATOR = ":"  # mpirun takes a lone ":" anywhere as its MPMD separator
+# program[0]: a program, not empty and not an option (a lone ":" is refused as any item)
+PROGRAM_FIRST = "^[^-:\\u0000][^\\u0000]*$|^:[^\\u0000]+$"
+Program = Annotated[
+    list[Annotated[Text, Meta(extra_json_schema={"not": {"const": MPMD_SEPARATOR}})]],
+    Meta(
+        min_length=1,
+        description="The argv run by mpirun on every rank (replaces `mpi.program`).  The first "
+        "item is a program: not empty, not an option.  A lone `:` is reserved by mpirun.",
+        extra_json_schema={"prefixItems": [{"type": "string", "pattern": PROGRAM_FIRST}]},
+    ),
+]
+Np = Annotated[
+    int,
+    Meta(
+        ge=1,
+        le=1_000_000,
+        description="Number of ranks (mpirun `-np`); default: one per host slot.",
+    ),
+]
+Selector = Annotated[
+    str,
+    Meta(
+        pattern=SELECTOR_PATTERN,
+        description="Label selector applied on top of `discovery.selector`: `k=v,k!=v,k,!k`.",
+    ),
+]
+Nodes = Annotated[
+    list[Text],
+    Meta(
+        min_length=1,
+        description="Run on exactly these nodes (names); default: every selected `Running` node.",
+        extra_json_schema={"uniqueItems": True},
+    ),
+]
+Master = Annotated[
+    Text,
+    Meta(
+        description="The node mpirun runs on; one of `nodes` when both are given.  Default: "
+        "the first `Running` node in natural name order.",
+    ),
+]
+
+
+class JobRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of `POST /api/mpi_jobs/`.  Every field is optional."""
+
+    program: Program | msgspec.UnsetType = msgspec.UNSET
+    env: (
+        Annotated[
+            dict[EnvName, Text],
+            Meta(description="Exported to every rank; values never appear in any argv."),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    np: Np | msgspec.UnsetType = msgspec.UNSET
+    selector: Selector | msgspec.UnsetType = msgspec.UNSET
+    nodes: Nodes | msgspec.UnsetType = msgspec.UNSET
+    master: Master | msgspec.UnsetType = msgspec.UNSET
+    timeout_s: (
+        Annotated[
+            float,
+            Meta(
+                gt=0,
+                lt=1e9,
+                description="Cancel the job after this long (default `mpi.default_timeout_s`).",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    wait: Annotated[
+        bool, Meta(description="Answer when the job is over (200) or at once (202).")
+    ] = True
+
+
+class PreflightRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of `POST /api/preflight/`: a job request's fields that choose where and
+    what it would run.  Every field is optional."""
+
+    program: Program | msgspec.UnsetType = msgspec.UNSET
+    np: Np | msgspec.UnsetType = msgspec.UNSET
+    selector: Selector | msgspec.UnsetType = msgspec.UNSET
+    nodes: Nodes | msgspec.UnsetType = msgspec.UNSET
+    master: Master | msgspec.UnsetType = msgspec.UNSET
+
+
+class RankReport(msgspec.Struct):
+    """One rank in a roll-call.  A rank whose process was not found (its node could not
+    be reached, or it was not running) is listed too, with nulls and `stack_error`."""
+
+    rank: Annotated[int, Meta(ge=0)]
+    node: Annotated[str | None, Meta(description="The daemon's node name; null if not found.")]
+    pid: Annotated[int, Meta(ge=1)] | None
+    state: Annotated[
+        ProcessState | None, Meta(description="From /proc/<pid>/stat, before any tool ran.")
+    ]
+    cpu_s: Annotated[
+        Annotated[float, Meta(ge=0)] | None,
+        Meta(description="User + system CPU time the process has used."),
+    ]
+    cpu_percent: Annotated[
+        Annotated[float, Meta(ge=0)] | None,
+        Meta(description="CPU use over the roll-call's sample (`sample_s`); 100 = one core."),
+    ]
+    rss_bytes: Annotated[int, Meta(ge=0)] | None
+    wchan: Annotated[
+        str | None,
+        Meta(description="The kernel function it sleeps in (`/proc/<pid>/wchan`); null "
+             "while it runs on a CPU."),
+    ]  # fmt: skip
+    stack_source: StackSource
+    stack_error: Annotated[
+        str | None,
+        Meta(description="Why no better stack was read (a tool missing, ptrace denied, "
+             "the tool's bound ran out, the process not found); null when none is missing."),
+    ]  # fmt: skip
+    stack: Annotated[
+        list[str],
+        Meta(description="Frames, innermost first (`wchan`: the one kernel function)."),
+    ]
+
+
+class RankGroup(msgspec.Struct):
+    """Ranks whose stacks are the same once normalised."""
+
+    ranks: list[Annotated[int, Meta(ge=0)]]
+    key: Annotated[
+        list[str],
+        Meta(description="The normalised stack they share: function names only (no "
+             "addresses, arguments, lines), and frames inside the MPI library cut at the "
+             "MPI call the program made."),
+    ]  # fmt: skip
+
+
+class Suspect(msgspec.Struct):
+    """A rank whose stack differs from the majority's."""
+
+    rank: Annotated[int, Meta(ge=0)]
+    node: str | None
+    top_frame: Annotated[str | None, Meta(description="Its innermost frame.")]
+
+
+class NodeProblem(msgspec.Struct):
+    """A node of the job whose ranks could not be read."""
+
+    node: str
+    error: str
+
+
+class RollCall(msgspec.Struct):
+    """Every rank of a running job with its process's state, CPU, memory and stack."""
+
+    job_id: Annotated[str, Meta(pattern=JOB_ID_PATTERN)]
+    taken: Annotated[DateTime, Meta(description="When the roll-call began.")]
+    took_s: Annotated[float, Meta(ge=0)]
+    sample_s: Annotated[float, Meta(ge=0, description="The CPU sample's length.")]
+    ranks: Annotated[list[RankReport], Meta(description="By rank.")]
+    groups: Annotated[
+        list[RankGroup],
+        Meta(description="Ranks with a stack, by the same normalised stack; largest first."),
+    ]
+    suspects: Annotated[
+        list[Suspect],
+        Meta(description="The ranks outside the one largest group; none when all agree "
+             "or no group is larger than every other."),
+    ]  # fmt: skip
+    nodes_failed: list[NodeProblem]
+
+
 ENUMS = (
     Phase,
     JobState,
@@ -239,6 +459,8 @@ ENUMS = (
     CheckStatus,
     FlavourName,
     StoreReason,
+    ProcessState,
+    StackSource,
 )
 ENUM_TEXT: dict[type, str] = {
     Phase: "`Pending`: first probe not finished; `Running`: a job can be launched "
@@ -249,12 +471,29 @@ ENUM_TEXT: dict[type, str] = {
     "`Failed`: reached it but it refused us or could not be trusted (also when seen on a "
     "fresh login while an old session still works).",
 }
-ANSWERS = (Error, Node, Job, Failure, Check, PreflightResult, Health)
+ANSWERS = (Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall)
+REQUESTS = (JobRequest, PreflightRequest)
+
+
+def _words_ref(t: type) -> dict[str, object]:
+    """msgspec's schema hook: a ``Words`` field refers to its named component."""
+    if isinstance(t, type) and issubclass(t, Words):
+        return {"$ref": REF_TEMPLATE.format(name=t.__name__)}
+    raise NotImplementedError(t)
 
 
 def components() -> dict[str, dict[str, object]]:
-    """The JSON Schema (2020-12) of every declared answer and what they refer to, by name."""
-    _, schemas = msgspec.json.schema_components(ANSWERS, ref_template="#/components/schemas/{name}")
+    """The JSON Schema (2020-12) of every declared answer and request and what they refer
+    to, by name."""
+    _, schemas = msgspec.json.schema_components(
+        ANSWERS + REQUESTS, schema_hook=_words_ref, ref_template=REF_TEMPLATE
+    )
+    for words in (NodeReasonCode, PreflightFlavour):
+        schemas[words.__name__] = {
+            "type": "string",
+            "enum": list(words.words),
+            "description": words.description,
+        }
     for enum in ENUMS:  # msgspec sorts an enum's values; the document keeps the code's order
         schemas[enum.__name__] = {
             "type": "string",

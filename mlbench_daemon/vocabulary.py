@@ -19,8 +19,12 @@ enum               where the words appear
 ``FlavourName``    a job's ``flavour`` (``mpi.flavour``); preflight adds ``unknown``
 ``CheckName``      a preflight check's ``check``
 ``CheckStatus``    a preflight check's ``status``
+``ProcessState``   a rank's process ``state`` in a roll-call (``/proc/<pid>/stat``)
+``StackSource``    where a roll-call's rank ``stack`` came from
 =================  ===============================================================
 """
+
+from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import StrEnum
@@ -147,6 +151,43 @@ class CheckStatus(StrEnum):
     PASS = "pass"
     FAIL = "fail"
     NOT_CHECKED = "not-checked"  # the node could not run the check (says why)
+
+
+class ProcessState(StrEnum):
+    """A process's state letter in ``/proc/<pid>/stat``, named (proc(5))."""
+
+    RUNNING = "running"  # R
+    SLEEPING = "sleeping"  # S: interruptible wait
+    DISK_SLEEP = "disk-sleep"  # D: uninterruptible wait
+    STOPPED = "stopped"  # T
+    TRACING_STOP = "tracing-stop"  # t: stopped by a tracer (a debugger holds it)
+    ZOMBIE = "zombie"  # Z
+    DEAD = "dead"  # X
+    IDLE = "idle"  # I (kernel threads)
+    PARKED = "parked"  # P
+
+    @classmethod
+    def from_letter(cls, letter: str) -> ProcessState | None:
+        """The state of a letter; None for one this list does not know (a newer kernel's)."""
+        return _STATE_LETTERS.get(letter)
+
+
+_STATE_LETTERS = {
+    "R": ProcessState.RUNNING, "S": ProcessState.SLEEPING, "D": ProcessState.DISK_SLEEP,
+    "T": ProcessState.STOPPED, "t": ProcessState.TRACING_STOP, "Z": ProcessState.ZOMBIE,
+    "X": ProcessState.DEAD, "x": ProcessState.DEAD, "I": ProcessState.IDLE,
+    "P": ProcessState.PARKED,
+}  # fmt: skip
+
+
+class StackSource(StrEnum):
+    """Where a roll-call's ``stack`` of a rank came from."""
+
+    PY_SPY = "py-spy"  # Python frames (`py-spy dump --nonblocking`)
+    EU_STACK = "eu-stack"  # native frames of the main thread (`eu-stack -1 -p`)
+    GDB = "gdb"  # native frames of the main thread (`gdb -batch -p`)
+    WCHAN = "wchan"  # only the kernel function it waits in (/proc/<pid>/wchan)
+    NONE = "none"  # nothing could be read (the rank's process was not found or vanished)
 
 
 def checked(reason: str, allowed: Iterable[str], what: str) -> str:

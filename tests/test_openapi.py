@@ -189,6 +189,129 @@ def test_selector_pattern_agrees_with_the_parser(text):
     assert bool(re.search(pattern, text)) == parses
 
 
+# The request check (jobs.validate) reads its limits from shapes.JobRequest, and the
+# document's JobRequest is generated from it: the check accepts exactly the bodies the
+# schema accepts.  Values sit on and around every declared limit (a limit changed in the
+# declaration moves both; one changed in the check alone fails here).
+_TEXTS = [
+    "",
+    "a",
+    "w-1",
+    "-x",
+    ":",
+    ":x",
+    "a\0b",
+    "\n",
+    "A\n",
+    "é",
+    "k=v",
+    "!k",
+    "a,b",
+    "x.io/k!=v",
+]
+_ENV_NAME_LIST = [
+    "A", "A_1", "_", "MY_VAR", "1A", "", "A\n", "é", "A-B", "OMPI_MCA_mlbench",
+    "OMPI_MCA_mlbenchX", "ompi_mca_mlbench", "OMPI_MCA_mlbenc", "PRTE_MCA_mlbench_job_id",
+    "MLBENCH_JOB_ID", "x_Mlbench_Job_Id_2", "mlbench_job",
+]  # fmt: skip
+_WORDS = st.sampled_from(_TEXTS)
+_ENV_NAMES = st.sampled_from(_ENV_NAME_LIST)
+_NUMBERS = st.one_of(
+    st.integers(-3, 3),
+    st.integers(999_998, 1_000_002),
+    st.integers(999_999_998, 1_000_000_002),
+    st.sampled_from([0.0, 0.5, 1.0, 4.0, 1e6, 1e6 + 1, 999_999_999.9, 1e9, -1.0, 1e300]),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    _NUMBERS,
+    _WORDS,
+    st.lists(_WORDS, max_size=3),
+    st.dictionaries(_WORDS, st.one_of(_WORDS, _NUMBERS), max_size=2),
+)
+_REQUEST_FIELDS = {
+    "program": st.one_of(st.lists(_WORDS, max_size=3), _ANY),
+    "env": st.one_of(st.dictionaries(_ENV_NAMES, _WORDS, max_size=2), _ANY),
+    "np": _ANY,
+    "selector": _ANY,
+    "nodes": st.one_of(st.lists(_WORDS, max_size=3), _ANY),
+    "master": _ANY,
+    "timeout_s": _ANY,
+    "wait": _ANY,
+}
+_REQUEST_BODIES = st.one_of(  # mostly one field at a time (each limit reached), or several
+    st.sampled_from([*_REQUEST_FIELDS, "bogus"]).flatmap(
+        lambda k: _REQUEST_FIELDS.get(k, _ANY).map(lambda v: {k: v})
+    ),
+    st.fixed_dictionaries({}, optional=_REQUEST_FIELDS),
+)
+_JOB_REQUEST = jsonschema_rs.validator_for(_bundle("JobRequest"))
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(_REQUEST_BODIES)
+def test_request_check_accepts_exactly_what_the_declared_schema_accepts(body):
+    from mlbench_daemon.errors import BadRequest
+    from mlbench_daemon.jobs.request import validate
+
+    try:
+        validate(body, ["/bin/prog"])
+        accepted = True
+    except BadRequest:
+        accepted = False
+    assert accepted == _JOB_REQUEST.is_valid(body)
+
+
+_LIMIT_VALUES = [
+    None, True, False, -1, 0, 0.0, 0.5, 1, 1.0, 4.0, 999_999, 1_000_000, 1_000_001, 1e6 + 0.5,
+    999_999_999, 999_999_999.9, 1_000_000_000, 1e9, 1e300, *_TEXTS, [], {},
+]  # fmt: skip
+_EACH_FIELD = {
+    "program": [[t] for t in _TEXTS] + [["/bin/x", t] for t in _TEXTS] + _LIMIT_VALUES,
+    "env": [{n: "v"} for n in _ENV_NAME_LIST]
+    + [{"A": t} for t in _TEXTS]
+    + [{"A": 1}]
+    + _LIMIT_VALUES,
+    "np": _LIMIT_VALUES,
+    "selector": _LIMIT_VALUES,
+    "nodes": [[t] for t in _TEXTS] + [["a", "a"], ["a", "b"]] + _LIMIT_VALUES,
+    "master": _LIMIT_VALUES,
+    "timeout_s": _LIMIT_VALUES,
+    "wait": _LIMIT_VALUES,
+    "bogus": [1],
+}
+
+
+def test_request_check_agrees_with_the_declared_schema_on_every_limit():
+    """Each field alone, on and around its declared limits: the check and the schema agree."""
+    from mlbench_daemon.errors import BadRequest
+    from mlbench_daemon.jobs.request import validate
+
+    for field, values in _EACH_FIELD.items():
+        for value in values:
+            body = {field: value}
+            try:
+                validate(body, ["/bin/prog"])
+                accepted = True
+            except BadRequest:
+                accepted = False
+            assert accepted == _JOB_REQUEST.is_valid(body), body
+
+
+def test_preflight_request_is_the_job_request_fields_that_choose_where_and_what():
+    from mlbench_daemon.jobs import preflight
+
+    schemas = DOC["components"]["schemas"]
+    job, pre = schemas["JobRequest"], schemas["PreflightRequest"]
+    assert list(pre["properties"]) == list(preflight.FIELDS)
+    assert pre["properties"] == {k: job["properties"][k] for k in preflight.FIELDS}
+    assert pre["additionalProperties"] is job["additionalProperties"] is False
+    body = DOC["paths"]["/api/preflight/"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/PreflightRequest"}
+
+
 # --- the document against the code --------------------------------------------------------
 
 
@@ -429,20 +552,32 @@ def test_served_document_is_pinned():
 def test_closed_vocabularies_are_the_code_enums():
     from mlbench_daemon import vocabulary
     from mlbench_daemon.jobs import flavour
-    from mlbench_daemon.vocabulary import PREFLIGHT_FLAVOURS, CheckStatus, FlavourName
+    from mlbench_daemon.vocabulary import (
+        PREFLIGHT_FLAVOURS,
+        CheckStatus,
+        FlavourName,
+        NodeReason,
+        SSHReason,
+    )
 
     schemas = DOC["components"]["schemas"]
     job_flavour = schemas["Job"]["properties"]["flavour"]["anyOf"]
     assert job_flavour == [{"$ref": "#/components/schemas/FlavourName"}, {"type": "null"}]
     assert schemas["FlavourName"]["enum"] == list(flavour.NAMES) == list(FlavourName)
-    assert schemas["PreflightResult"]["properties"]["flavour"]["enum"] == list(PREFLIGHT_FLAVOURS)
+    preflight_flavour = schemas["PreflightResult"]["properties"]["flavour"]
+    assert preflight_flavour == {"$ref": "#/components/schemas/PreflightFlavour"}
+    assert schemas["PreflightFlavour"]["enum"] == list(PREFLIGHT_FLAVOURS)
+    node_reason = schemas["Node"]["properties"]["reason"]
+    assert node_reason == {"$ref": "#/components/schemas/NodeReasonCode"}
+    assert schemas["NodeReasonCode"]["enum"] == [*NodeReason, *SSHReason]
     assert FlavourName.MPICH in PREFLIGHT_FLAVOURS
     assert schemas["Check"]["properties"]["status"] == {"$ref": "#/components/schemas/CheckStatus"}
     assert schemas["CheckStatus"]["enum"] == list(CheckStatus)
     for enum in ("JobState", "Phase", "JobReason", "FailureKind"):  # the web page reads these
         assert schemas[enum]["enum"] == [m.value for m in getattr(vocabulary, enum)]
     names = schemas["JobRequest"]["properties"]["env"]["propertyNames"]
-    for reserved in ("OMPI_MCA_mlbench_job_id", "PRTE_MCA_mlbench_job_id", "MLBENCH_JOB_ID"):
-        assert flavour.reserved(reserved)
+    markers = {m for f in flavour.FLAVOURS.values() for m in f.markers}
+    assert markers == {"OMPI_MCA_mlbench_job_id", "PRTE_MCA_mlbench_job_id", "MLBENCH_JOB_ID"}
+    for reserved in markers:  # every flavour's marker variables, as the document says
         assert re.search(names["not"]["pattern"], reserved), reserved
     assert not re.search(names["not"]["pattern"], "MY_VAR")

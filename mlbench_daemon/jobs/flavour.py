@@ -28,10 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mlbench_daemon.shapes import JOB_MARKER
 from mlbench_daemon.vocabulary import FlavourName
 
 NAMES = tuple(FlavourName)
-MARKER = "mlbench_job_id"  # every marker variable's name ends with it (the sweep looks for it)
+MARKER = JOB_MARKER  # every marker variable's name ends with it (the sweep looks for it)
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,6 @@ FLAVOURS = {
 
 def get(name: str) -> Flavour:
     return FLAVOURS[name]
-
-
-def reserved(env_name: str) -> bool:
-    """Names a request may not set: the markers of every flavour."""
-    return MARKER in env_name.lower()
 
 
 # --- which launcher ---------------------------------------------------------------------

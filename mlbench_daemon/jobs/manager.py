@@ -35,10 +35,11 @@ from mlbench_daemon.errors import (
 )
 from mlbench_daemon.jobs.clock import Clock
 from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun_argv, node_row
-from mlbench_daemon.jobs.remote import Pool, Remote
+from mlbench_daemon.jobs.remote import Host, Pool, Remote
 from mlbench_daemon.jobs.request import validate
+from mlbench_daemon.jobs.rollcall import Coalescer, Target, take
 from mlbench_daemon.jobs.run import Cancel, Context, JobRun
-from mlbench_daemon.shapes import Job
+from mlbench_daemon.shapes import Job, NodeRow, RollCall
 from mlbench_daemon.store import LOG_CHUNK_MAX, Store
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import JobReason, JobState, StoreReason
@@ -63,6 +64,7 @@ class Jobs:
                       self._changed, self._live)  # fmt: skip
         ctx.remote.timeout = ctx.ssh_timeout
         self._ctx = ctx
+        self._roll_calls = Coalescer()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -253,6 +255,24 @@ class Jobs:
                 error=fault.reason,
             )
         return (200 if final else 202), job
+
+    def roll_call(self, job_id: str) -> RollCall:
+        """Every rank of a running job (jobs/rollcall.py); concurrent askers of one job
+        share one roll-call.  NotFound, or Conflict when the job is not running."""
+        rec = self._record(job_id)
+        if rec["state"] != JobState.RUNNING or rec["pid"] is None:
+            raise Conflict(
+                f"job {job_id} is {rec['state']}: a roll-call needs a running job's ranks"
+            )
+        ports = {s.node.ip: s.node.port for s in self.registry.nodes()}
+        targets = [
+            Target(row.name, Host(row.ip, ports.get(row.ip, self.cfg.ssh.port)))
+            for row in (NodeRow(*r) for r in rec["nodes"])
+        ]
+        bound, tools = self.mpi.roll_call_timeout_s, self.mpi.roll_call_tools
+        return self._roll_calls.run(
+            job_id, lambda: take(self._ctx.remote, job_id, targets, rec["np"], bound, tools)
+        )
 
     # --- slots and queue --------------------------------------------------------------
 

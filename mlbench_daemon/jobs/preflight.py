@@ -39,11 +39,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mlbench_daemon import shapes
 from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Node, natural_key
 from mlbench_daemon.errors import BadRequest, QueueFull
 from mlbench_daemon.jobs import flavour as flavours
-from mlbench_daemon.jobs.placement import choose, mpirun_argv, node_row
+from mlbench_daemon.jobs.placement import Registry, choose, mpirun_argv, node_row
+from mlbench_daemon.jobs.remote import Pool
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.ssh_errors import SSHError
 from mlbench_daemon.vocabulary import CheckName, CheckStatus
@@ -296,7 +298,7 @@ def flavour_of(version: str | None) -> str:
     return "mpich" if (version or "").startswith(("MPICH ", "Intel MPI ")) else "unknown"
 
 
-def launcher_flavour(pool: Any, cfg: Config, master: Node, timeout: float) -> str:
+def launcher_flavour(pool: Pool, cfg: Config, master: Node, timeout: float) -> str:
     """mpi.flavour, or with auto what `<mpirun> --version` says on the master
     (openmpi4 when it says nothing known: the checks then show what is wrong)."""
     if cfg.mpi.flavour != "auto":
@@ -457,7 +459,7 @@ def tcp_checks(text: str, master: Node, workers: Sequence[Node]) -> list[dict[st
 
 
 def run(
-    pool: Any,
+    pool: Pool,
     cfg: Config,
     master: Node,
     nodes: Sequence[Node],
@@ -531,7 +533,7 @@ def run(
     }
 
 
-FIELDS = ("program", "np", "selector", "nodes", "master")
+FIELDS = shapes.PreflightRequest.__struct_fields__  # the body is declared there
 
 
 class Preflight:
@@ -539,7 +541,7 @@ class Preflight:
 
     Nodes, master and argv are chosen exactly as for a job (jobs.placement)."""
 
-    def __init__(self, cfg: Config, pool: Any, registry: Any) -> None:
+    def __init__(self, cfg: Config, pool: Pool, registry: Registry) -> None:
         self.cfg, self.pool, self.registry = cfg, pool, registry
         self._busy = threading.Lock()
 

@@ -122,6 +122,79 @@ if [ "$1" = kill ] && [ -n "$found" ]; then kill -KILL $found 2>/dev/null; fi
 if [ "$1" = values ]; then echo $vals; else echo $found; fi
 """
 
+# A roll-call of the job's ranks on this node.  stdin: the job id; $1 = CPU sample (s),
+# $2 = bound of each stack tool (s), $3 = the stack tools to try, in order (words from
+# config.STACK_TOOLS).  A rank is a process of the cluster user whose environment has
+# the job's marker and a rank variable (OpenMPI's OMPI_COMM_WORLD_RANK, PMIx's
+# PMIX_RANK, Hydra's PMI_RANK).  It prints
+#   hz CLK_TCK PAGESIZE
+# then per rank (state, CPU and wchan read before any tool attaches):
+#   proc PID NAME=VALUE...      (the rank and size variables)
+#   stat1 /proc/PID/stat        (before the sample)
+#   stat2 /proc/PID/stat        (after it; empty if the process is gone)
+#   wchan /proc/PID/wchan
+#   tool NAME EXIT              (the first of $3 installed: py-spy only for a python
+#                                 executable; "none -" if none; EXIT 124 = out of time)
+#   | a line of the tool's output (at most 64 KiB of it)
+#   end
+# The tools of all ranks run at once, each under `timeout` (TERM, then KILL 2 s later:
+# gdb detaches on TERM).  eu-stack -1 and gdb's bt: the main thread only; py-spy
+# --nonblocking reads the interpreter's memory without stopping it.
+ROLL_CALL = """read -r id
+s=$1
+b=$2
+nl='
+'
+echo "hz $(getconf CLK_TCK) $(getconf PAGESIZE)"
+tools=$3
+spy=$(command -v py-spy) || spy=
+eus=$(command -v eu-stack) || eus=
+gdb=$(command -v gdb) || gdb=
+d=$(mktemp -d) || exit 1
+trap 'rm -rf "$d"' EXIT
+ranks=
+for p in /proc/[0-9]*; do
+  [ -O "$p" ] || continue
+  e=$(tr '\\0' '\\n' 2>/dev/null < "$p/environ")$nl
+  case "$e" in
+    *"mlbench_job_id=$id$nl"*|*"MLBENCH_JOB_ID=$id$nl"*) ;;
+    *) continue;;
+  esac
+  v=$(printf %s "$e" | grep -E '^(OMPI_COMM_WORLD_(RANK|SIZE)|PMIX_RANK|PMI_(RANK|SIZE))=[0-9]+$')
+  [ -n "$v" ] || continue
+  p=${p#/proc/}
+  ranks="$ranks $p"
+  echo "proc $p" $v > "$d/$p.head"
+  echo "stat1 $(cat "/proc/$p/stat" 2>/dev/null)" >> "$d/$p.head"
+done
+sleep "$s"
+for p in $ranks; do
+  echo "stat2 $(cat "/proc/$p/stat" 2>/dev/null)" >> "$d/$p.head"
+  echo "wchan $(cat "/proc/$p/wchan" 2>/dev/null)" >> "$d/$p.head"
+  x=$(readlink "/proc/$p/exe" 2>/dev/null) || x=
+  case "${x##*/}" in python*) py=1;; *) py=;; esac
+  set --
+  for t in $tools; do
+    case $t in
+      py-spy) [ -n "$py" ] && [ -n "$spy" ] && set -- py-spy "$spy" dump --nonblocking --pid "$p";;
+      eu-stack) [ -n "$eus" ] && set -- eu-stack "$eus" -1 -m -p "$p";;
+      gdb) [ -n "$gdb" ] && set -- gdb "$gdb" -nx -batch -q -iex "set debuginfod enabled off" \\
+        -p "$p" -ex bt;;
+    esac
+    [ $# -eq 0 ] || break
+  done
+  if [ $# -eq 0 ]; then echo "tool none -" >> "$d/$p.head"; continue; fi
+  ( t=$1; shift
+    timeout -k 2 "$b" "$@" > "$d/$p.out" 2>&1 </dev/null
+    echo "tool $t $?" >> "$d/$p.head" ) &
+done
+wait
+for p in $ranks; do
+  cat "$d/$p.head"
+  [ -e "$d/$p.out" ] && head -c 65536 "$d/$p.out" | sed 's/^/| /'
+  echo end
+done
+"""
 
 SWEEP_SETTLE_S = (0.05, 0.1, 0.2, 0.4, 0.8)  # pauses before each new look after a KILL
 
@@ -245,6 +318,18 @@ class Remote:
 
     def remove(self, host: Host, job_dir: str) -> None:
         self._run(host, ["rm", "-rf", "--", job_dir])
+
+    def roll_call(
+        self, host: Host, job_id: str, sample_s: float, bound_s: float, tools: Sequence[str]
+    ) -> str:
+        """The ROLL_CALL script's answer on `host` (its tools bounded by `bound_s`)."""
+        argv = ["sh", "-c", ROLL_CALL, "sh", f"{sample_s:g}", f"{bound_s:g}", " ".join(tools)]
+        stdin = f"{job_id}\n".encode()
+        r = self.pool.run(host.ip, host.port, argv, stdin=stdin, timeout=sample_s + bound_s + 5)
+        if r.exit_code != 0:
+            detail = r.stderr.decode(errors="replace").strip()[:300]
+            raise ValueError(f"the roll-call script exited {r.exit_code}: {detail}")
+        return r.stdout.decode(errors="replace")
 
     def _sweep_one(
         self, host: Host, job_id: str, mode: str, option: str = "", value: str = ""

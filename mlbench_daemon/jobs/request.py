@@ -1,9 +1,15 @@
 """A job request: its fields, checked one table row at a time, as a frozen ``Request``.
 
-``FIELDS`` is the table (like ``config.SETTINGS``): name, default, check.  A check
-takes the value from the body and returns it as the request keeps it, or raises
-``BadRequest`` naming the field.  Fields are checked in table order, so the first
-bad one is the one reported.
+The request is declared once, in shapes.py (``JobRequest``, ``PreflightRequest``),
+and the document's schema is generated from that.  Every limit checked here (list
+lengths, ranges, patterns, the reserved env names) is read from that declaration
+(``msgspec.inspect``), so the check and the document cannot drift; the messages and
+their order are this module's (the golden files pin them).
+
+``FIELDS`` is the table (like ``config.SETTINGS``): name -> check, in the declaration's
+order.  A check takes the value from the body and returns it as the request keeps it,
+or raises ``BadRequest`` naming the field.  Fields are checked in table order, so the
+first bad one is the one reported.
 """
 
 from __future__ import annotations
@@ -11,15 +17,61 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar
 
+from msgspec import inspect
+
+from mlbench_daemon import shapes
 from mlbench_daemon.discovery import Selector
 from mlbench_daemon.errors import BadRequest
-from mlbench_daemon.jobs import flavour
 
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-RESERVED_ENV_PREFIX = "OMPI_MCA_mlbench"  # OpenMPI's MCA namespace of the daemon's marker
 MAX_REQUEST_BYTES = 256 * 1024  # program + env, well under the kernel's argv/env limits
+
+_T = TypeVar("_T", bound=inspect.Type)
+
+
+def _declared(t: inspect.Type, kind: type[_T]) -> tuple[_T, dict[str, Any]]:
+    """A declared type's constraints (`kind`) and its extra JSON Schema keywords."""
+    extra: dict[str, Any] = {}
+    if isinstance(t, inspect.Metadata):
+        extra, t = dict(t.extra_json_schema or {}), t.type
+    if not isinstance(t, kind):
+        raise TypeError(f"{t} is declared, not a {kind.__name__}")
+    return t, extra
+
+
+def _regex(pattern: str | None) -> re.Pattern[str]:
+    """A declared pattern (JSON Schema: ECMA-262, `$` only at the very end) as Python's
+    `re.search` must read it (its `$` also matches before a final newline)."""
+    if pattern is None:
+        raise TypeError("a pattern is declared")
+    return re.compile(pattern.replace("$", r"\Z"))
+
+
+def _bounds(*limits: float | None) -> tuple[float, ...]:
+    if None in limits:
+        raise TypeError("both bounds are declared")
+    return tuple(float(x) for x in limits if x is not None)
+
+
+_REQUEST = _declared(inspect.type_info(shapes.JobRequest), inspect.StructType)[0]
+_DECLARED = {f.name: f.type for f in _REQUEST.fields}
+TEXT = _regex(_declared(inspect.type_info(shapes.Text), inspect.StrType)[0].pattern)
+_PROGRAM, _PROGRAM_EXTRA = _declared(_DECLARED["program"], inspect.ListType)
+_PROGRAM_MIN = _PROGRAM.min_length or 0
+if _PROGRAM_MIN < 1:
+    raise TypeError("program is declared with a program[0]: min_length >= 1")
+_PROGRAM_FIRST = _regex(_PROGRAM_EXTRA["prefixItems"][0]["pattern"])
+_SEPARATOR = _declared(_PROGRAM.item_type, inspect.StrType)[1]["not"]["const"]
+_ENV = _declared(_DECLARED["env"], inspect.DictType)[0]
+_ENV_NAME, _ENV_NAME_EXTRA = _declared(_ENV.key_type, inspect.StrType)
+ENV_NAME = _regex(_ENV_NAME.pattern)
+RESERVED_ENV = _regex(_ENV_NAME_EXTRA["not"]["pattern"])
+_NP = _declared(_DECLARED["np"], inspect.IntType)[0]
+_NP_MIN, _NP_MAX = _bounds(_NP.ge, _NP.le)
+_NODES, _NODES_EXTRA = _declared(_DECLARED["nodes"], inspect.ListType)
+_TIMEOUT = _declared(_DECLARED["timeout_s"], inspect.FloatType)[0]
+_TIMEOUT_ABOVE, _TIMEOUT_BELOW = _bounds(_TIMEOUT.gt, _TIMEOUT.lt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,93 +88,97 @@ class Request:
     wait: bool = True
 
 
-def _text(value: Any, field: str) -> int:
-    """Check one string of the request -> its UTF-8 size."""
+def _text(value: object, field: str) -> str:
+    """Check one string of the request -> the string."""
     if not isinstance(value, str):
         raise BadRequest(f"{field} must be a string", field=field)
-    if "\0" in value:
+    if not TEXT.search(value):
         raise BadRequest(f"{field} must not contain NUL bytes", field=field)
     try:
-        return len(value.encode("utf-8"))
+        value.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest(
             f"{field} must be valid Unicode text (no lone surrogates)", field=field
         ) from None
+    return value
 
 
-def _program(prog: Any) -> tuple[str, ...]:
-    if not isinstance(prog, list) or not prog:
+def _program(prog: object) -> tuple[str, ...]:
+    if not isinstance(prog, list) or len(prog) < _PROGRAM_MIN:
         raise BadRequest("program must be a non-empty list of strings (an argv)", field="program")
     for a in prog:
         _text(a, "program")
-    if not prog[0] or prog[0].startswith("-"):
+    if prog[0] != _SEPARATOR and not _PROGRAM_FIRST.search(prog[0]):
         raise BadRequest("program[0] must be a program, not empty or an option", field="program")
-    if ":" in prog:  # mpirun takes a lone ":" anywhere as its MPMD separator
+    if _SEPARATOR in prog:
         raise BadRequest(
-            'program must not contain a lone ":" argument (mpirun reserves it)', field="program"
+            f"program must not contain a lone {_SEPARATOR!r} argument (mpirun reserves it)",
+            field="program",
         )
     return tuple(prog)
 
 
-def _env(env: Any) -> dict[str, str]:
+def _env(env: object) -> dict[str, str]:
     if not isinstance(env, dict):
         raise BadRequest("env must be an object of name -> string", field="env")
     for name, value in env.items():
-        if not ENV_NAME.match(name):
-            raise BadRequest(
-                f"env name {name[:64]!r} must match [A-Za-z_][A-Za-z0-9_]*", field="env"
-            )
-        if name.startswith(RESERVED_ENV_PREFIX) or flavour.reserved(name):
+        if not ENV_NAME.search(name):
+            rule = ENV_NAME.pattern.removeprefix("^").removesuffix(r"\Z")
+            raise BadRequest(f"env name {name[:64]!r} must match {rule}", field="env")
+        if RESERVED_ENV.search(name):
             raise BadRequest(f"env name {name[:64]!r} is reserved for the daemon", field="env")
         _text(value, "env")
     return dict(env)
 
 
-def _np(np: Any) -> int:
+def _np(np: object) -> int:
     if isinstance(np, float) and np.is_integer():  # JSON has one number type: 4.0 is 4
         np = int(np)
-    if isinstance(np, bool) or not isinstance(np, int) or not 1 <= np <= 1_000_000:
-        raise BadRequest("np must be an integer >= 1", field="np")
+    if isinstance(np, bool) or not isinstance(np, int) or not _NP_MIN <= np <= _NP_MAX:
+        raise BadRequest(f"np must be an integer >= {_NP_MIN:g}", field="np")
     return np
 
 
-def _selector(text: Any) -> Selector:
-    _text(text, "selector")
+def _selector(text: object) -> Selector:
     try:
-        return Selector.parse(text)
+        return Selector.parse(_text(text, "selector"))
     except ValueError as e:
         raise BadRequest(f"selector: {e}", field="selector") from None
 
 
-def _nodes(nodes: Any) -> tuple[str, ...]:
-    if not isinstance(nodes, list) or not nodes:
+def _nodes(nodes: object) -> tuple[str, ...]:
+    if not isinstance(nodes, list) or len(nodes) < (_NODES.min_length or 0):
         raise BadRequest("nodes must be a non-empty list of node names", field="nodes")
     for n in nodes:
         _text(n, "nodes")
-    if len(set(nodes)) != len(nodes):
+    if _NODES_EXTRA.get("uniqueItems") and len(set(nodes)) != len(nodes):
         raise BadRequest("nodes must not repeat a name", field="nodes")
     return tuple(nodes)
 
 
-def _master(name: Any) -> str:
-    _text(name, "master")
-    return cast(str, name)  # _text has checked it
+def _master(name: object) -> str:
+    return _text(name, "master")
 
 
-def _timeout_s(t: Any) -> float:
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e9:
-        raise BadRequest("timeout_s must be a number > 0", field="timeout_s")
+def _timeout_s(t: object) -> float:
+    if (
+        isinstance(t, bool)
+        or not isinstance(t, (int, float))
+        or not _TIMEOUT_ABOVE < t < _TIMEOUT_BELOW
+    ):
+        raise BadRequest(f"timeout_s must be a number > {_TIMEOUT_ABOVE:g}", field="timeout_s")
     return float(t)
 
 
-def _wait(value: Any) -> bool:
+def _wait(value: object) -> bool:
     if not isinstance(value, bool):
         raise BadRequest("wait must be true or false", field="wait")
     return value
 
 
-# name -> check, in the order fields are checked (and listed in the unknown-field message)
-FIELDS: dict[str, Callable[[Any], Any]] = {
+# name -> check, in the order fields are checked (and listed in the unknown-field message):
+# the declaration's order (checked below)
+FIELDS: dict[str, Callable[[object], object]] = {
     "program": _program,
     "env": _env,
     "np": _np,
@@ -132,6 +188,8 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "timeout_s": _timeout_s,
     "wait": _wait,
 }
+if tuple(FIELDS) != shapes.JobRequest.__struct_fields__:
+    raise TypeError(f"request.FIELDS {tuple(FIELDS)} are not shapes.JobRequest's fields")
 
 
 def _size(req: Request) -> int:
@@ -139,7 +197,7 @@ def _size(req: Request) -> int:
     return program + sum(len(k) + len(v.encode()) for k, v in req.env.items())
 
 
-def validate(body: Any, default_program: Sequence[str]) -> Request:
+def validate(body: object, default_program: Sequence[str]) -> Request:
     """Check a request body (None = empty) -> Request; BadRequest names the bad field."""
     if body is None:
         body = {}
@@ -150,7 +208,7 @@ def validate(body: Any, default_program: Sequence[str]) -> Request:
             raise BadRequest(
                 f"unknown field {key!r} (known: {', '.join(FIELDS)})", field=str(key) or "body"
             )
-    values = {}
+    values: dict[str, Any] = {}  # each check's own type (Request's fields)
     for name, check in FIELDS.items():
         if name in body:
             values[name] = check(body[name])
