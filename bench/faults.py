@@ -10,8 +10,11 @@ master thaws and the job ends cancelled.  Prints, per repeat and over --repeats 
 (median and range), both p50/p99 and their ratios (stuck / baseline), the DELETEs'
 statuses and slowest answer, with the machine's load average beside each figure.
 Target (issue 19): p99 with the DELETEs within 1 s (test_cancel.py bounds one run).
-Before the cancel moved off the server's threads, 10 DELETEs of a stuck job took all 8
-and one GET waited 51 s.
+Measured (3 repeats, load average 1.5-3.3 on 2 cores): p99 5.7 ms with the DELETEs
+against 6.6 ms without (ratio 0.84x, range 0.65x-0.86x), every DELETE 202 in 2.01 s.
+The same bench on the code before the cancel moved off the server's threads (1 repeat,
+load 2.8): the DELETEs answered 200 or 503 after up to 53 s, and a GET waited 4.0 s
+(the issue saw 51 s).
 
     python3 -m bench.faults [--repeats 3] [--baseline-s 4] [--stuck-s 4] [--settle 3]
 """

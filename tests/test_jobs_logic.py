@@ -210,6 +210,20 @@ def group_alive(pid):
     return True
 
 
+def test_a_job_that_ends_while_its_kill_is_undelivered_keeps_its_own_end(local, tmp_path):
+    lj = local()
+    job = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    lj.pool.cut("127.77.0.1")
+    status, got = lj.jobs.cancel(job["id"])
+    assert status == 202 and "not delivered" in got["error"]
+    (tmp_path / "go").touch()  # it ends by itself before the kill is tried again (in 5 s)
+    lj.pool.heal("127.77.0.1")
+    done = lj.run_clock_until_final(job["id"], 0.5)
+    assert (done["state"], done["reason"], done["error"]) == ("succeeded", None, None)
+    assert done["response"] == "started\ndone\n"
+
+
 def test_cancel_of_an_unknown_or_unfollowed_job_is_refused(local):
     lj = local()
     rec = lj.store.create(command=["x"])
