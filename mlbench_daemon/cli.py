@@ -11,7 +11,8 @@ Global options (before or after the command): ``--url`` (env MLBENCH_DAEMON_URL)
 ``--token-file`` (env MLBENCH_DAEMON_TOKEN_FILE), ``--json``.
 
 Exit codes: 0 ok; 1 the daemon answered with an error (its message is printed);
-2 the daemon is unreachable or the command line/config is wrong; ``run`` exits with
+2 the daemon is unreachable or the command line/config is wrong; 3 ``cancel``: the
+job was not final 60 s after the cancel (the daemon goes on with it); ``run`` exits with
 the job's exit code (1 if it failed without one, 130 after Ctrl-C cancelled it) and
 prints a root-cause block to stderr when the job did not succeed; ``check`` exits 0
 when no check failed, 1 when one did, 2 on a usage or API error.
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO, TextIO
 
@@ -41,6 +43,8 @@ from mlbench_daemon.vocabulary import FINAL_STATES, JobState, Phase
 PROG = "mlbench-daemon"
 DEFAULT_URL = "http://127.0.0.1:8080"
 FOLLOW_READ_S = 60.0  # a silent job: reconnect the follow stream after this
+CANCEL_WAIT_S = 60.0  # `cancel` polls a job whose cancel goes on (202) this long at most
+CANCEL_POLL_S = 0.5
 PREFLIGHT_TIMEOUT_S = 300.0  # the daemon bounds each preflight by mpi.preflight_timeout_s
 COLOURS = {Phase.RUNNING: "32", Phase.PENDING: "33", Phase.UNKNOWN: "31", Phase.FAILED: "31"}
 
@@ -153,12 +157,34 @@ def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     copy_logs(client, args.id, 0, out.buffer, follow=args.follow)
 
 
-def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    job = client.json("DELETE", job_path(args.id))
+def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """DELETE the job; a 202 (the kill and sweep go on in the daemon) is followed by
+    polling the job until it is final, at most CANCEL_WAIT_S."""
+    with client.open("DELETE", job_path(args.id)) as resp:
+        status, raw = resp.status, resp.read()
+    try:
+        job = json.loads(raw)
+    except ValueError:
+        raise ClientError(
+            f"daemon at {client.url} sent something that is not JSON for DELETE", ExitStatus.FAILED
+        ) from None
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while status == 202 and isinstance(job, dict) and job.get("state") not in FINAL_STATES:
+        if time.monotonic() >= deadline:
+            sys.stderr.write(
+                f"{PROG}: job {args.id} is still {job.get('state')} {CANCEL_WAIT_S:.0f} s "
+                "after the cancel; the daemon goes on with it (see: "
+                f"{PROG} jobs)\n"
+            )
+            return ExitStatus.STILL_CANCELLING
+        time.sleep(CANCEL_POLL_S)
+        job = client.json("GET", job_path(args.id))
     if args.json:
-        return _print_json(job, out)
+        _print_json(job, out)
+        return ExitStatus.OK
     state = job.get("state", "cancel requested") if isinstance(job, dict) else "cancel requested"
     out.write(f"job {args.id}: {state}\n")
+    return ExitStatus.OK
 
 
 RANKS_TIMEOUT_S = 120.0  # the daemon bounds a roll-call by mpi.roll_call_timeout_s

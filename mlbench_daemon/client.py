@@ -25,6 +25,9 @@ class ExitStatus(enum.IntEnum):
     OK = 0
     FAILED = 1  # the daemon answered with an error, a check failed, a job failed without a code
     UNUSABLE = 2  # the daemon is unreachable, or the command line, config or token is wrong
+    STILL_CANCELLING = (
+        3  # `cancel`: the job was not final within CANCEL_WAIT_S (the cancel goes on)
+    )
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), or the job ended cancelled
 
 

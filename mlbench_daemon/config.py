@@ -265,6 +265,13 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     ),
     ("server", "public_metrics", boolean, False, "serve /metrics without the token"),
     (
+        "server",
+        "cancel_answer_s",
+        number(0),
+        2.0,
+        "longest a DELETE of a job waits for the cancel to end (then 202, the cancel goes on)",
+    ),
+    (
         "discovery",
         "service",
         nonempty,
@@ -492,6 +499,7 @@ class Server:
     allowed_hosts: list[str]
     allowed_origins: list[str]
     public_metrics: bool
+    cancel_answer_s: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -378,7 +378,7 @@ def test_queue_full_is_429_and_cancel_stops_everything(start_daemon, cluster):
         time.sleep(0.2)
     for job in (second, first):
         status, _got = d.json("DELETE", f"/api/mpi_jobs/{job['id']}")
-        assert status == 200
+        assert status in (200, 202)  # 202: the sweep took longer than server.cancel_answer_s
         assert d.wait_job(job["id"], timeout=60)["state"] == "cancelled"
     left = [cmd for _, cmd in cluster.user_processes() if re.search(r"mpirun|orted|mpiprog", cmd)]
     assert left == []
@@ -479,7 +479,7 @@ def test_a_waiting_sync_request_holds_its_place(start_daemon, cluster):
         assert time.monotonic() < deadline, "the sync request never queued"
         time.sleep(0.05)
     assert d.json("POST", "/api/mpi_jobs/", {"wait": False})[0] == 429  # its place is taken
-    assert d.json("DELETE", f"/api/mpi_jobs/{first['id']}")[0] == 200
+    assert d.json("DELETE", f"/api/mpi_jobs/{first['id']}")[0] in (200, 202)  # 202: still sweeping
     sync.join(120)
     assert result["status"] == 200 and result["job"]["state"] == "succeeded"
     assert "allreduce ok 3" in result["job"]["response"]

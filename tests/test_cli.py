@@ -24,7 +24,7 @@ from waitress import wasyncore
 
 import mlbench_daemon
 from mlbench_daemon import cli, logs, metrics
-from mlbench_daemon.client import Client
+from mlbench_daemon.client import Client, ExitStatus
 
 TOKEN = "s3cret-token"
 NODES = [
@@ -52,6 +52,7 @@ class StandIn:
         self.token = token
         self.jobs = {}
         self.requests = []
+        self.cancel_stuck = False
         self.lock = threading.Lock()
         app = bottle.Bottle()
         app.route("/api/nodes/", "GET", self.nodes)
@@ -132,6 +133,10 @@ class StandIn:
 
     def cancel(self, jid):
         job = self.job(jid)
+        if self.cancel_stuck:  # the daemon's answer while a kill cannot reach the master
+            return bottle.HTTPResponse(
+                json.dumps(self.view(job)), 202, {"Content-Type": "application/json"}
+            )
         job["state"] = "cancelled"
         job["proc"].kill()
         job["done"].wait(10)
@@ -383,6 +388,19 @@ def test_jobs_and_cancel(standin):
     assert code == 0 and text == f"job {job_id}: cancelled\n"
     code, _ = run_cli(["--url", standin.url, "cancel", "99"])
     assert code == 1
+
+
+def test_cancel_still_going_after_the_wait_exits_3_saying_so(standin, monkeypatch, capfd):
+    # the real daemon's 202 followed to the end is in test_cancel.py; here one never ends
+    monkeypatch.setattr(cli, "CANCEL_WAIT_S", 1.0)
+    standin.cancel_stuck = True
+    job_id = _start(standin, ["sleep", "30"])
+    code, text = run_cli(["--url", standin.url, "cancel", job_id])
+    assert (code, text) == (ExitStatus.STILL_CANCELLING, "")
+    err = capfd.readouterr().err
+    assert f"job {job_id} is still running 1 s after the cancel; the daemon goes on" in err
+    gets = [r for r in standin.requests if r[:2] == ("GET", f"/api/mpi_jobs/{job_id}")]
+    assert len(gets) >= 1  # it polled
 
 
 def _start(standin, argv):

@@ -101,7 +101,9 @@ def sh_program(script):
 
 @pytest.mark.timeout(600)
 def test_job_answers_match_the_golden_files(start_daemon, cluster):
-    d = start_daemon(mpi={"max_concurrent_jobs": 1})
+    # connect_timeout_s bounds an SSH channel's opening: far above server.cancel_answer_s
+    # (2 s), so the DELETEs of a job whose master is frozen answer before the kill fails
+    d = start_daemon(mpi={"max_concurrent_jobs": 1}, ssh={"connect_timeout_s": 10.0})
     norm = Normaliser(cluster)
     w = sorted(cluster.workers, key=lambda h: h.index)
     got = {}
@@ -169,10 +171,23 @@ def test_job_answers_match_the_golden_files(start_daemon, cluster):
         what="the job to start",
     )
     status, _ = call("07-cancel-queued", "DELETE", f"/api/mpi_jobs/{queued}")
-    assert status == 200
-    status, _ = call("08-cancel-running", "DELETE", f"/api/mpi_jobs/{cancel_id}")
-    assert status == 200
-    call("09-cancel-again", "DELETE", f"/api/mpi_jobs/{cancel_id}")
+    assert status == 200  # dequeued: final at once
+    # the master's sshd frozen: the kill cannot be delivered, so the answer comes after
+    # server.cancel_answer_s, 202 with the job still running; a second DELETE answers
+    # 202 at once; once thawed the cancel goes on to its end
+    master = w[0]  # the job's master (np unset: the first of the sorted workers)
+    cluster.freeze(master)
+    try:
+        status, _ = call("08-cancel-running", "DELETE", f"/api/mpi_jobs/{cancel_id}")
+        assert status == 202
+        status, _ = call("09-cancel-again", "DELETE", f"/api/mpi_jobs/{cancel_id}")
+        assert status == 202
+    finally:
+        cluster.thaw(master)
+    assert d.wait_job(cancel_id)["state"] == "cancelled"
+    call("09b-cancelled-record", "GET", f"/api/mpi_jobs/{cancel_id}")
+    status, _ = call("09c-cancel-final", "DELETE", f"/api/mpi_jobs/{cancel_id}")
+    assert status == 409
 
     # 5. reading: records, list, logs paged and followed
     call("10-record", "GET", f"/api/mpi_jobs/{ok_id}")

@@ -6,15 +6,18 @@ flock, kill), time is a ManualClock (timeouts and lost_after_s without sleeping)
 The cluster tests (test_jobs.py) prove the same paths over real sshd and mpirun.
 """
 
+import errno
+import os
 import re
 
 import pytest
 
-from mlbench_daemon.errors import Conflict, QueueFull, Unavailable
+from mlbench_daemon.errors import Conflict, InsufficientStorage, QueueFull
 from mlbench_daemon.jobs import remote
 from mlbench_daemon.jobs.launch import BACKOFF_S
 from mlbench_daemon.ssh import Result
 from mlbench_daemon.ssh_errors import SSHError, Unreachable, Untrusted
+from mlbench_daemon.store import StoreError
 from tests.helpers import wait_for
 from tests.localjobs import LocalJobs, gate, settle, sh
 
@@ -154,18 +157,20 @@ def test_cancel_results(local, tmp_path):
     queued = lj.jobs.submit({"program": sh("echo never"), "wait": False})
     wait_for(lambda: b"started" in log_of(lj, running["id"]), what="the job to start")
 
-    done = lj.jobs.cancel(queued["id"])  # dequeued: never launched
+    status, done = lj.jobs.cancel(queued["id"])  # dequeued: never launched, final at once
+    assert status == 200
     assert (done["state"], done["reason"], done["master_name"]) == ("cancelled", "cancelled", None)
 
-    lj.pool.cut("127.77.0.1")  # the master: the cancel cannot be delivered
-    with pytest.raises(Unavailable, match="cancelled not delivered to w-0"):
-        lj.jobs.cancel(running["id"])
-    assert lj.state(running["id"]) == "running"
+    lj.pool.cut("127.77.0.1")  # the master: the kill cannot be delivered, and is tried again
+    status, job = lj.jobs.cancel(running["id"])
+    assert (status, job["state"]) == (202, "running")
+    assert re.fullmatch(r"cancelled not delivered to w-0: .*; trying again in 5 s", job["error"])
+    assert BACKOFF_S[1] in lj.clock.pending_timers()
+    status, _ = lj.jobs.cancel(running["id"])  # under way: answered at once, nothing new
+    assert status == 202
 
     lj.pool.heal("127.77.0.1")
-    with lj.clock.ticking():  # the follower reconnects, the cancel waits for the end
-        done = lj.jobs.cancel(running["id"])
-    assert (done["state"], done["reason"]) == ("cancelled", "cancelled")
+    done = lj.run_clock_until_final(running["id"], 0.5)  # the kill is tried again
     # "killed" if the group outlived the grace (here: as a zombie until init reaps it)
     assert re.fullmatch(
         r"cancelled: process group (terminated|killed); verified no process left on 2 host\(s\)",
@@ -173,6 +178,50 @@ def test_cancel_results(local, tmp_path):
     ), done["error"]
     with pytest.raises(Conflict, match="already cancelled"):
         lj.jobs.cancel(running["id"])
+
+
+def test_a_cancel_the_store_cannot_record_answers_507_and_still_kills(local, tmp_path):
+    # a full disk (every record write fails; a real one cannot be timed to the cancel's
+    # writes): the answer names the reason, and the kill and sweep go on all the same
+    lj = local()
+    job = lj.jobs.submit({"program": gate(tmp_path / "never"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    pid = lj.store.record(job["id"])["pid"]
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def update(job_id, **fields):
+        lj.store.fault = StoreError(lj.store.db_path, full)
+        raise lj.store.fault
+
+    lj.store.update = update
+    lj.store.fault = StoreError(lj.store.db_path, full)  # as a write (or the probe) met it
+    with pytest.raises(InsufficientStorage) as e:
+        lj.jobs.cancel(job["id"])
+    assert e.value.error == "state-disk-full"
+    assert "the cancel goes on" in e.value.message and "state-disk-full" in e.value.message
+    wait_for(lambda: not group_alive(pid), what="the job's process group to be killed")
+
+
+def group_alive(pid):
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_job_that_ends_while_its_kill_is_undelivered_keeps_its_own_end(local, tmp_path):
+    lj = local()
+    job = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    lj.pool.cut("127.77.0.1")
+    status, got = lj.jobs.cancel(job["id"])
+    assert status == 202 and "not delivered" in got["error"]
+    (tmp_path / "go").touch()  # it ends by itself before the kill is tried again (in 5 s)
+    lj.pool.heal("127.77.0.1")
+    done = lj.run_clock_until_final(job["id"], 0.5)
+    assert (done["state"], done["reason"], done["error"]) == ("succeeded", None, None)
+    assert done["response"] == "started\ndone\n"
 
 
 def test_cancel_of_an_unknown_or_unfollowed_job_is_refused(local):
@@ -258,6 +307,35 @@ def test_restart_reattaches_a_running_job_and_completes_its_log(local, tmp_path)
     (tmp_path / "go").touch()
     done = lj.jobs.wait(job["id"])
     assert (done["state"], done["response"]) == ("succeeded", "started\ndone\n")
+
+
+def test_a_stale_cancel_note_is_cleared_when_the_job_succeeds(local, tmp_path):
+    # issue 19: a kill wrote its note, the daemon restarted before the job's end, and
+    # the job, re-attached, succeeded: its error must not still say "cancelled: ..."
+    lj = local()
+    job = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    note = "cancelled: process group gone; verified no process left on 1 host(s)"
+    lj.store.update(job["id"], error=note)  # what _kill_and_sweep writes
+    lj.restart()
+    assert lj.jobs.get(job["id"])["error"] == note
+    (tmp_path / "go").touch()
+    done = lj.jobs.wait(job["id"])
+    assert (done["state"], done["error"]) == ("succeeded", None)
+
+
+def test_a_kill_recorded_before_a_restart_ends_the_job_cancelled(local, tmp_path):
+    # the kill terminated the group, the daemon restarted before recording the end: the
+    # re-attached job is cancelled (by that kill), whatever exit status is left
+    lj = local()
+    job = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    note = "timeout: process group terminated; verified no process left on 1 host(s)"
+    lj.store.update(job["id"], error=note)
+    lj.restart()
+    (tmp_path / "go").touch()
+    done = lj.jobs.wait(job["id"])
+    assert (done["state"], done["reason"], done["error"]) == ("cancelled", "timeout", note)
 
 
 def test_restart_decides_for_each_unfinished_record(local, tmp_path):

@@ -61,7 +61,8 @@ def get_job(deps: Deps, job_id: str) -> str:
 
 
 def cancel_job(deps: Deps, job_id: str) -> str:
-    return as_json(deps.jobs.cancel(job_id))
+    status, job = deps.jobs.cancel(job_id)  # bounded by server.cancel_answer_s
+    return as_json(job, status)
 
 
 def job_ranks(deps: Deps, job_id: str) -> str:
@@ -195,14 +196,25 @@ ROUTES = [
         "Cancel a job",
         "jobs",
         {
-            200: answer("The job, normally `cancelled`.", ref("Job")),
+            200: answer("The job, final: normally `cancelled`.", ref("Job")),
+            202: answer("The job, not final yet: the kill and sweep go on.", ref("Job")),
             404: _NO_SUCH_JOB,
             409: error("The job is already final, or not followed by this daemon."),
-            503: error("The master could not be reached to deliver the cancel."),
+            503: error(
+                "The state dir cannot be written (`error` is `state-read-only` or "
+                "`state-write-failed`): the cancel goes on."
+            ),
+            507: error(
+                "The state dir is full (`error` is `state-disk-full`): the cancel goes on, "
+                "and the job is recorded once the disk takes writes again."
+            ),
         },
         description="TERM to the job's process group on the master, `mpi.cancel_grace_s`, "
         "then KILL; then every host of the job is swept for its processes (the result is in "
-        "`error`).  Answers with the job once it is final (bounded wait).",
+        "`error`).  The kill and sweep run in the job's own thread: the answer comes within "
+        "`server.cancel_answer_s`, 200 once the job is final, else 202 with the job as it is "
+        "(the cancel goes on; a second DELETE starts nothing).  A master that cannot be "
+        "reached is tried again every 5 s (`error` says so).",
     ),
     Route(
         "GET",

@@ -28,7 +28,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from mlbench_daemon.config import Config
-from mlbench_daemon.errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable, echo
+from mlbench_daemon.errors import (
+    BadRequest,
+    Conflict,
+    InsufficientStorage,
+    NotFound,
+    QueueFull,
+    Unavailable,
+    echo,
+)
 from mlbench_daemon.jobs.clock import Clock
 from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun_argv, node_row
 from mlbench_daemon.jobs.remote import Host, Pool, Remote
@@ -38,7 +46,7 @@ from mlbench_daemon.jobs.run import Cancel, Context, JobRun
 from mlbench_daemon.shapes import Job, NodeRow, RollCall
 from mlbench_daemon.store import LOG_CHUNK_MAX, Store
 from mlbench_daemon.timefmt import iso
-from mlbench_daemon.vocabulary import JobReason, JobState, JobWait
+from mlbench_daemon.vocabulary import JobReason, JobState, JobWait, StoreReason
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +236,11 @@ class Jobs:
             if self._stuck(self.get(job_id)):
                 log.info("job %s: answered while not final: the job cannot progress now", job_id)
                 break
+        thread = run.thread if run is not None else None
+        if thread is not None and run is not None and run.decided.is_set():
+            # its master cleaned up and its slot given back (bounded: one SSH call), so a
+            # client's next job after this answer is not queued behind this one
+            thread.join(self._ctx.ssh_timeout + 1.0)
         job = self.get(job_id)
         return json_with_response(self.store, job, self.store.log_size(job_id))
 
@@ -275,7 +288,15 @@ class Jobs:
         fault = run.store_fault
         return fault is not None and self._ctx.clock.time() - fault[2] >= FOLLOW_STORE_FAULT_S
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> tuple[int, dict[str, Any]]:
+        """Cancel a job -> (status, the job as it is now), within ``server.cancel_answer_s``:
+        200 once it is final, 202 while its kill and sweep go on in the job's own threads.
+        Only the request that starts the cancel waits (bounded); one while a cancel is
+        under way answers at once, so no number of them holds the server's threads.
+        A kill that cannot reach the master is tried again every few seconds (its
+        `error` says so) until delivered or the job is lost.  Raises Conflict (final, or
+        not followed here), InsufficientStorage/Unavailable naming the reason when the
+        state dir cannot take the cancel (it goes on all the same)."""
         rec = self._record(job_id)
         if JobState(rec["state"]).is_final:
             raise Conflict(f"job {job_id} is already {rec['state']}")
@@ -283,10 +304,26 @@ class Jobs:
             run = self._live.get(job_id)
         if run is None:
             raise Conflict(f"job {job_id} is not followed by this daemon")
-        if run.cancel(JobReason.CANCELLED, self._queue) is Cancel.NOT_DELIVERED:
-            raise Unavailable(f"job {job_id}: " + self.store.record(job_id)["error"])
-        run.done.wait(self.mpi.cancel_grace_s + 4 * self._ctx.ssh_timeout)
-        return self.get(job_id)
+        outcome = run.cancel(JobReason.CANCELLED, self._queue)
+        if outcome is not Cancel.ALREADY:
+            deadline = time.monotonic() + self.cfg.server.cancel_answer_s  # real threads
+            if outcome is Cancel.KILLING:
+                run.killed.wait(self.cfg.server.cancel_answer_s)
+            if run.cancel_reason is not None:  # else withdrawn: nothing more to wait for
+                run.done.wait(max(0.0, deadline - time.monotonic()))
+        job = self.get(job_id)
+        final = JobState(job["state"]).is_final
+        if not final and run.cancel_reason is None:  # withdrawn: the daemon is stopping
+            raise Unavailable(f"job {job_id}: {run.kill_message or 'the daemon is stopping'}")
+        fault = self.store.fault
+        if fault is not None and not final:
+            cls = InsufficientStorage if fault.reason == StoreReason.DISK_FULL else Unavailable
+            raise cls(
+                f"job {job_id}: the cancel goes on, but the daemon's state dir cannot be "
+                f"written ({fault.reason}): the job shows {job['state']} until it can",
+                error=fault.reason,
+            )
+        return (200 if final else 202), job
 
     def roll_call(self, job_id: str) -> RollCall:
         """Every rank of a running job (jobs/rollcall.py); concurrent askers of one job

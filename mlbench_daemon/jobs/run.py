@@ -54,14 +54,27 @@ FOLLOW_IDLE_S = 30.0  # a silent stream's master is probed after this long (a fr
 STORE_BACKOFF_S = (0.5, 5.0)  # first and longest pause between attempts to write the state dir
 
 
+def cancel_note(error: str | None) -> tuple[JobReason, str] | None:
+    """If `error` is what a cancel's kill writes (``_kill_and_sweep``) -> (its reason, how
+    the process group ended: "gone", "terminated" or "killed"; or "not-delivered")."""
+    for r in (JobReason.CANCELLED, JobReason.TIMEOUT):
+        if error is not None and error.startswith(f"{r} not delivered to "):
+            return r, "not-delivered"
+        if error is not None and error.startswith(f"{r}: process group "):
+            return r, error.removeprefix(f"{r}: process group ").split(";")[0]
+    return None
+
+
 class Cancel(enum.Enum):
     """What ``JobRun.cancel`` did."""
 
     ALREADY = "already"  # a cancel is under way or the job is final: wait for its end
     DEQUEUED = "dequeued"  # it was still queued: now cancelled
     AFTER_LAUNCH = "after-launch"  # launching: the runner kills it as soon as it has a pid
+    KILLING = "killing"  # the kill and sweep started in the job's cancel thread (``killed``)
+    # what the kill and sweep (``_kill_and_sweep``) did:
     DELIVERED = "delivered"  # TERM (then KILL) delivered and every host swept
-    NOT_DELIVERED = "not-delivered"  # the master could not be reached: the cancel is withdrawn
+    NOT_DELIVERED = "not-delivered"  # the master could not be reached: tried again in 5 s
 
 
 @dataclasses.dataclass
@@ -115,6 +128,8 @@ class JobRun:
         self.cancel_reason: JobReason | None = None
         self.killing = False
         self.killed = threading.Event()  # the kill and the sweep of every host are over
+        self.kill_message: str | None = None  # what the last kill said (guarded by ctx.changed)
+        self.retry: Timer | None = None  # the next try of an undelivered kill
         self.stream: Stream | None = None
         self.timer: Timer | None = None
         self.done = threading.Event()  # the final state is written; the job left the live table
@@ -212,7 +227,7 @@ class JobRun:
                     return
                 self._arm_timeout(rec)
                 if self.cancel_reason:
-                    self._kill()
+                    self._start_kill()
                 self._finish_from(self._follow())
             except Stopped:
                 raise
@@ -226,8 +241,9 @@ class JobRun:
         except Stopped:  # the daemon stops: a restart takes the job up from its record
             pass
         finally:
-            if self.timer:
-                self.timer.cancel()
+            for timer in (self.timer, self.retry):
+                if timer:
+                    timer.cancel()
 
     def _launch(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         """Launch the job -> its record once running, None if the launch ended it."""
@@ -264,8 +280,9 @@ class JobRun:
 
     def detach(self) -> None:
         """The daemon stops: drop the timer and the stream (the remote job runs on)."""
-        if self.timer:
-            self.timer.cancel()
+        for timer in (self.timer, self.retry):
+            if timer:
+                timer.cancel()
         if self.stream:
             self.stream.close()
 
@@ -373,7 +390,14 @@ class JobRun:
         if self.cancel_reason:
             # "cancelled" promises no process is left: let the sweep of every host finish
             self.killed.wait(self.mpi.cancel_grace_s + 3 * self.ctx.ssh_timeout)
-            self.finish(JobState.CANCELLED, exit_code=rc, reason=self.cancel_reason)
+            note = cancel_note(self.kill_message)
+        else:  # a kill's note in the record: the daemon restarted after the kill
+            note = cancel_note(rec["error"])
+        if self.cancel_reason and (note is None or note[1] != "not-delivered"):
+            error = {"error": self.kill_message} if self.kill_message else {}
+            self.finish(JobState.CANCELLED, exit_code=rc, reason=self.cancel_reason, **error)
+        elif note is not None and note[1] in ("terminated", "killed"):
+            self.finish(JobState.CANCELLED, exit_code=rc, reason=note[0])  # ended by the kill
         elif status.state == "missing":
             self.finish(
                 JobState.LOST,
@@ -387,7 +411,10 @@ class JobRun:
                 error="the job's processes are gone and left no exit status",
             )
         else:
-            self.finish(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, exit_code=rc)
+            # the job ended by itself (the group "gone" when the kill came, or the kill not
+            # delivered): a kill's note must not stay; a launch's note stays
+            stale = {"error": None} if note is not None else {}
+            self.finish(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, exit_code=rc, **stale)
         try:
             self.ctx.remote.remove(Host(rec["master_ip"], rec["master_port"]), rec["remote_dir"])
         except SSHError as e:
@@ -503,7 +530,9 @@ class JobRun:
     # --- cancel -------------------------------------------------------------------------
 
     def cancel(self, reason: JobReason, queue: deque[JobRun] | None = None) -> Cancel:
-        """Cancel the job in any stage (the job's thread records the final state).
+        """Cancel the job in any stage, without waiting on the master: a running job's
+        kill and sweep go on in a thread of the job's own (KILLING; ``killed`` is set when
+        they are over), and the job's thread records the final state.
         `queue`: the manager's queue (guarded by ctx.changed), left at once if queued."""
         with self.ctx.changed:
             if self.cancel_reason or self.done.is_set():
@@ -517,19 +546,38 @@ class JobRun:
             return Cancel.DEQUEUED
         if self.record()["pid"] is None:
             return Cancel.AFTER_LAUNCH  # the job's thread kills right after launching
-        return self._kill()
+        return self._start_kill()
 
-    def _kill(self) -> Cancel:
-        """TERM, grace, KILL the job's process group, then sweep every host."""
+    def _start_kill(self) -> Cancel:
+        """Start the kill and sweep in the job's cancel thread -> KILLING (ALREADY if one
+        is under way: never a second sweep)."""
         with self.ctx.changed:
             if self.killing:
-                return Cancel.DELIVERED
+                return Cancel.ALREADY
             self.killing = True
+            self.kill_message = None
             self.killed.clear()  # a retry after an undelivered cancel
+        threading.Thread(target=self._kill, name=f"job-{self.id}-cancel", daemon=True).start()
+        return Cancel.KILLING
+
+    def _kill(self) -> None:
+        """TERM, grace, KILL the job's process group, then sweep every host."""
         try:
-            return self._kill_and_sweep()
+            self._kill_and_sweep()
+        except Exception as e:  # a bug: the job's thread still ends the job when it ends
+            log.exception("job %s: cancel failed", self.id)
+            self.kill_message = f"{self.cancel_reason}: the cancel failed: {type(e).__name__}: {e}"
         finally:
             self.killed.set()
+
+    def _retry_kill(self) -> None:
+        if not self.done.is_set() and not self.ctx.stop.is_set():
+            self._start_kill()
+
+    def _note(self, message: str) -> None:
+        """The cancel's result (``kill_message``, set by the caller) as the job's `error`; the
+        final state carries it when the state dir cannot take it now."""
+        self._save(error=message)  # a write that fails is retried (_flush)
 
     def _kill_and_sweep(self) -> Cancel:
         ctx = self.ctx
@@ -542,13 +590,19 @@ class JobRun:
                 proxies = (option, ctx.remote.proxy_values(master, self.id, option))
             how = ctx.remote.terminate(master, rec["pid"], self.mpi.cancel_grace_s)
         except SSHError as e:
-            reason = self.cancel_reason
+            # tried again until delivered or the job ends (lost after mpi.lost_after_s)
             with ctx.changed:
-                self.cancel_reason, self.killing = None, False
-            ctx.store.update(self.id, error=f"{reason} not delivered to {rec['master_name']}: {e}")
-            log.warning("job %s: %s not delivered: %s", self.id, reason, e)
-            if reason == JobReason.TIMEOUT and not ctx.stop.is_set():
-                self.timer = ctx.clock.timer(BACKOFF_S[1], lambda: self.cancel(JobReason.TIMEOUT))
+                reason = self.cancel_reason
+                retry = not ctx.stop.is_set()
+                then = f"; trying again in {BACKOFF_S[1]:.0f} s" if retry else ""
+                msg = f"{reason} not delivered to {rec['master_name']}: {str(e).rstrip('.')}{then}"
+                self.killing, self.kill_message = False, msg
+                if not retry:
+                    self.cancel_reason = None
+            self._note(msg)
+            log.warning("job %s: %s", self.id, msg)
+            if retry:
+                self.retry = ctx.clock.timer(BACKOFF_S[1], self._retry_kill)
             return Cancel.NOT_DELIVERED
         ports = {s.node.ip: s.node.port for s in ctx.registry.nodes()}
         ips = [NodeRow(*row).ip for row in rec["nodes"]]
@@ -556,5 +610,7 @@ class JobRun:
         swept = ctx.remote.sweep(self.id, hosts, proxies)
         msg = f"{self.cancel_reason}: process group {how}; {swept}"
         log.info("job %s: %s", self.id, msg)
-        ctx.store.update(self.id, error=msg)
+        with ctx.changed:
+            self.kill_message = msg
+        self._note(msg)
         return Cancel.DELIVERED

@@ -7,8 +7,8 @@ import { vocabulary } from "./vocabulary.js";
 export const NODES_EVERY_MS = 2000;
 export const JOBS_EVERY_MS = 2000;
 export const BACKOFF_MAX_MS = 30000;
-// A cancel answers after TERM, mpi.cancel_grace_s, KILL and a sweep of every host, each
-// step bounded by the SSH timeouts (about two minutes with the defaults): wait longer.
+// A cancel answers within server.cancel_answer_s (202 while TERM, mpi.cancel_grace_s,
+// KILL and the sweep of every host go on in the daemon; the pollers then show the end).
 const CANCEL_TIMEOUT_MS = 600000;
 // The phase and state names come from /api/openapi.json (vocabulary.js); here only how
 // the page shows the ones it knows: a phase it does not know gets "?" and sorts first,
