@@ -29,6 +29,7 @@ __all__ = [
     "append_log",
     "call_json",
     "call_port",
+    "cancel_job",
     "check_answer",
     "free_port",
     "http",
@@ -280,3 +281,10 @@ def served(
         stack.callback(lambda: stop_process(d.process))  # the process last started
         wait_hosts_running(port, len(cluster.workers), process=d.process)
         yield d
+
+
+def cancel_job(jobs, job_id):
+    """Jobs.cancel, then the job once final: a 202 means the sweep goes on in the job's
+    own thread (server.cancel_answer_s may pass first on a loaded machine)."""
+    status, job = jobs.cancel(job_id)
+    return job if status == 200 else jobs.wait(job_id, HANG)

@@ -19,7 +19,7 @@ import pytest
 from mlbench_daemon.errors import BadRequest
 from mlbench_daemon.jobs import failure, flavour, validate
 from tests.cluster import MPIS, ClusterError
-from tests.helpers import served
+from tests.helpers import cancel_job, served
 from tests.test_jobs import (
     HANG,
     Env,
@@ -326,7 +326,7 @@ def test_cancel_leaves_nothing_even_with_a_remote_daemon_deaf_to_term(fenv, clus
     assert remote, job_processes(cluster)
     for pid in remote:
         os.kill(pid, signal.SIGSTOP)
-    done = fenv.jobs.cancel(job["id"])
+    done = cancel_job(fenv.jobs, job["id"])
     assert done["state"] == "cancelled", done
     assert "verified no process left on 3 host(s)" in done["error"], done["error"]
     wait_for(lambda: job_processes(cluster) == [], timeout=10, what="nothing of the job left")

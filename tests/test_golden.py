@@ -158,6 +158,12 @@ def test_job_answers_match_the_golden_files(start_daemon, cluster):
         "/api/mpi_jobs",
         {"program": sh_program(RANK0.format("echo ready; sleep 60")), "wait": False},
     )
+    # job 3 reads final before its run thread has given its slot back (its master's dir
+    # is removed first): this job is queued or launching by a race the test cannot see,
+    # so the golden pins the answer's shape with either reason
+    got["05-async-to-cancel"] = got["05-async-to-cancel"].replace(
+        b'"waiting": {"reason": "queued"', b'"waiting": {"reason": "launching"'
+    )
     cancel_id = JOB_ID.search(raw).group(0).decode()
     status, raw = call(
         "06-async-queued",

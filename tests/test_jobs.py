@@ -22,7 +22,7 @@ from mlbench_daemon.jobs import Jobs, Request, json_with_response, remote, run, 
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool, Unreachable
 from mlbench_daemon.store import Store
-from tests.helpers import HANG, append_log, http, served, wait_for
+from tests.helpers import HANG, append_log, cancel_job, http, served, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ["/bin/prog"]
@@ -492,7 +492,7 @@ def test_cancel_mid_run_leaves_no_process_on_any_host(env, cluster):
         lambda: sum(cmd.startswith("sleep 300") for _, cmd in job_processes(cluster)) == 3,
         what="a detached process on every host",
     )
-    done = env.jobs.cancel(job["id"])
+    done = cancel_job(env.jobs, job["id"])
     assert done["state"] == "cancelled" and done["reason"] == "cancelled"
     assert "verified no process left on 3 host(s)" in done["error"]
     assert job_processes(cluster) == []
@@ -513,7 +513,7 @@ def test_cancel_also_ends_what_forks_while_the_sweep_kills(env, cluster):
         lambda: sum(cmd.startswith("sleep 300") for _, cmd in job_processes(cluster)) >= 30,
         what="detached processes on every host",
     )
-    done = env.jobs.cancel(job["id"])
+    done = cancel_job(env.jobs, job["id"])
     assert done["state"] == "cancelled", done
     assert "verified no process left on 3 host(s)" in done["error"], done["error"]
     assert job_processes(cluster) == []
@@ -533,10 +533,10 @@ def test_queue_is_bounded_fifo(cluster, tmp_path):
         with pytest.raises(QueueFull):
             e.jobs.submit({"program": e.prog()})
         assert e.jobs.get(second["id"])["state"] == "pending"
-        e.jobs.cancel(first["id"])
+        cancel_job(e.jobs, first["id"])
         assert e.jobs.wait(second["id"], HANG)["state"] == "succeeded"
         queued = e.jobs.submit({"program": e.prog("--sleep", "60"), "wait": False})
-        assert e.jobs.cancel(queued["id"])["state"] == "cancelled"
+        assert cancel_job(e.jobs, queued["id"])["state"] == "cancelled"
     finally:
         e.close()
 
