@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-from tests.cluster import ClusterError
 from tests.helpers import HANG, call_port, http, served, wait_for
+from tests.test_flavours import mpi_or_skip
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
@@ -103,15 +103,6 @@ def test_a_state_dir_that_cannot_be_written_degrades_and_recovers(cluster, tmp_p
 BIG = 2_000_000  # the bytes the job prints while the state disk is full
 
 
-def _mpi(cluster, name):
-    try:
-        return cluster.mpi_config(name)
-    except ClusterError as e:
-        if os.environ.get("MLBENCH_REQUIRE_CLUSTER"):
-            raise
-        pytest.skip(str(e))
-
-
 def _job(url, job_id):
     return json.loads(http(f"{url}/api/mpi_jobs/{job_id}")[1])
 
@@ -175,7 +166,7 @@ def test_a_state_disk_that_fills_mid_job_is_caught_up_once_freed(cluster, tmp_pa
     store_error and waits in store-retry, /healthz is degraded, a POST gets 507, a log
     follower ends with what there is; once space is freed, without a restart, the job
     ends succeeded with every byte, once."""
-    mpi = _mpi(cluster, flavour)
+    mpi = mpi_or_skip(cluster, flavour)
     with _small_state_disk(tmp_path) as (state, gates):
         with served(cluster, tmp_path, ssh={"use_system_known_hosts": False}, mpi=mpi) as d:
             job_id, filler, expected = _start_job_then_fill(d, state, gates)

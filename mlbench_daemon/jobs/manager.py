@@ -236,11 +236,10 @@ class Jobs:
             if self._stuck(self.get(job_id)):
                 log.info("job %s: answered while not final: the job cannot progress now", job_id)
                 break
-        thread = run.thread if run is not None else None
-        if thread is not None and run is not None and run.decided.is_set():
+        if run is not None and run.thread is not None and run.decided.is_set():
             # its master cleaned up and its slot given back (bounded: one SSH call), so a
             # client's next job after this answer is not queued behind this one
-            thread.join(self._ctx.ssh_timeout + 1.0)
+            run.thread.join(self._ctx.ssh_timeout + 1.0)
         job = self.get(job_id)
         return json_with_response(self.store, job, self.store.log_size(job_id))
 
