@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from tests.cluster.cluster import STATE_ROOT
 from tests.helpers import HANG, call_port, http, served, wait_for
 from tests.test_flavours import mpi_or_skip
 
@@ -131,7 +132,7 @@ def _small_state_disk(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(state)], check=True)
-    gates = tempfile.mkdtemp(prefix="mlbench-gate-")
+    gates = tempfile.mkdtemp(prefix="mlbench-gate-", dir=STATE_ROOT)
     os.chmod(gates, 0o755)
     try:
         yield state, pathlib.Path(gates)

@@ -39,6 +39,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PREFIX = "mlbt"
-STATE_ROOT = Path("/tmp")
+# The cluster's files (homes, host keys, programs): its user must pass through every
+# parent directory.  Not /tmp, which a machine may keep closed to other users (0750);
+# /var/tmp is world-writable and sticky (FHS).  MLBENCH_TEST_ROOT overrides it.
+STATE_ROOT = Path(os.environ.get("MLBENCH_TEST_ROOT", "/var/tmp"))
 NET_POOL = ipaddress.ip_network("198.18.0.0/15")
 ZONE = "svc.cluster.local"
 DNS_TTL = 2
@@ -216,6 +220,16 @@ def _stop(proc_or_pids, timeout=5.0):
         _wait_gone(pids, timeout)
 
 
+def _check_traversable(path):
+    """ClusterError unless other users may pass through `path` and each of its parents."""
+    for p in [path, *path.parents]:
+        if not p.stat().st_mode & stat.S_IXOTH:
+            raise ClusterError(
+                f"{p} is closed to other users (mode {p.stat().st_mode & 0o777:o}): the cluster "
+                "user cannot reach its files there; set MLBENCH_TEST_ROOT to a directory it can"
+            )
+
+
 def _free_subnet():
     used = []
     for line in sh(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines():
@@ -312,6 +326,7 @@ class Cluster:
         return self
 
     def _build(self):
+        _check_traversable(STATE_ROOT)
         self.dir.mkdir(mode=0o755)
         self._save_state()
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep dir
