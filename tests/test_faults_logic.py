@@ -141,7 +141,7 @@ def finish_all(lj, ids):
     slots=st.integers(1, 2),
     jobs=st.lists(st.tuples(st.integers(1, 3000), st.sampled_from([0, 0, 3])), min_size=1,
                   max_size=3),
-    faults=st.lists(st.tuples(st.booleans(), st.integers(0, 40)), min_size=1, max_size=6),
+    faults=st.lists(st.tuples(st.booleans(), st.integers(0, 15)), min_size=1, max_size=6),
 )  # fmt: skip
 def test_under_store_faults_every_job_waits_with_a_reason_and_ends_complete(
     tmp_path_factory, slots, jobs, faults

@@ -239,8 +239,13 @@ class Jobs:
                 break
         if run is not None and run.thread is not None and run.decided.is_set():
             # its master cleaned up and its slot given back (bounded: one SSH call), so a
-            # client's next job after this answer is not queued behind this one
-            run.thread.join(self._ctx.ssh_timeout + 1.0)
+            # client's next job after this answer is not queued behind this one; not while
+            # its final state waits for the disk, which may take long
+            until = time.monotonic() + self._ctx.ssh_timeout + 1.0
+            while run.store_fault is None and time.monotonic() < until:
+                run.thread.join(0.05)
+                if not run.thread.is_alive():
+                    break
         job = self.get(job_id)
         return json_with_response(self.store, job, self.store.log_size(job_id))
 

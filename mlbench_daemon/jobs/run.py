@@ -191,11 +191,13 @@ class JobRun:
             backoff = min(backoff * 2, STORE_BACKOFF_S[1])
 
     def _store_failed(self, e: StoreError, what: str) -> None:
-        """A write failed: shown on the job, one log line per new fault."""
+        """A write failed: shown on the job, one log line per new fault.  Followers are woken
+        at each failed try, so one waits no longer than a retry to see the job stuck."""
         with self.ctx.changed:
             new = self.store_fault is None or self.store_fault[0].reason != e.reason
             if new:
                 self.store_fault = (e, what, self.ctx.clock.time())
+            self.ctx.changed.notify_all()
         if new:
             log.error("job %s: cannot write %s: %s; retrying", self.id, what, e.cause)
 
