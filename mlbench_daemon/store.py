@@ -84,6 +84,16 @@ def fs_fault(path: str) -> StoreReason | None:
     return None
 
 
+def fs_fault_message(path: str) -> str | None:
+    """One line saying that the file system of `path` is read-only or full; None if
+    neither (SQLite may fail to open a WAL database there before any write says why)."""
+    fault = fs_fault(path)
+    if fault is None:
+        return None
+    what = "read-only" if fault == StoreReason.READ_ONLY else "full"
+    return f"cannot write {path}: the file system is {what} ({fault})"
+
+
 class StoreError(Exception):
     """A write to the state dir failed: the `path` written, the `reason`, the `cause` (one line)."""
 
