@@ -188,9 +188,13 @@ def test_a_disk_full_mid_job_is_shown_then_caught_up_without_a_byte_lost(faulty,
     lj.store.failing = True
     (tmp_path / "go").touch()  # "done" is printed while the log cannot take it
     with lj.clock.ticking(0.5):
-        wait_for(lambda: lj.jobs.get(job["id"])["store_error"] is not None, what="store_error")
+        # the fault shows first, then the retry's wait (one step of the job's thread later)
+        wait_for(
+            lambda: lj.jobs.get(job["id"])["waiting"]["reason"] == "store-retry",
+            what="store-retry",
+        )
         shown = lj.jobs.get(job["id"])
-        assert shown["state"] == "running" and shown["waiting"]["reason"] == "store-retry"
+        assert shown["state"] == "running" and shown["store_error"] is not None
         assert shown["store_error"]["reason"] == "state-disk-full"
         assert shown["store_error"]["message"] == (
             "cannot write the job's log: No space left on device; retrying"
