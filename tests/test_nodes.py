@@ -5,10 +5,11 @@ import time
 
 import pytest
 
-from mlbench_daemon import config
+from mlbench_daemon import config, nodes
 from mlbench_daemon.discovery import REASONS, Discovery, natural_key
 from mlbench_daemon.nodes import NodeStatus, Registry
 from mlbench_daemon.ssh import Pool
+from tests.cluster.cluster import sh, sshd_tree
 from tests.helpers import wait_for
 
 CONNECT_TIMEOUT = 2.0
@@ -232,7 +233,9 @@ def test_alive_and_stop(cluster, tmp_path):
 def test_probe_failures_never_kill_the_loop(cluster, tmp_path, mocker):
     with running_registry(cluster, tmp_path) as reg:
         assert wait_for(lambda: reg.nodes() and all(s.phase == "Running" for s in reg.nodes()))
-        mocker.patch.object(reg.pool, "probe", side_effect=RuntimeError("bug"))
+        # every way a round reaches the pool: a node's own probe, or the sweep's batch
+        for name in ("probe", "watch", "watch_many"):
+            mocker.patch.object(reg.pool, name, side_effect=RuntimeError("bug"))
         reg.refresh(timeout=10)
         assert all((s.phase, s.reason) == ("Unknown", "ssh-error") for s in reg.nodes())
         mocker.stopall()
@@ -348,6 +351,33 @@ def test_a_live_session_does_not_hide_a_node_new_logins_cannot_reach(
     # the node's reason says it once; no paramiko traceback beside it
     loud = [r for r in caplog.records if r.name.startswith("paramiko") and r.levelno >= 30]
     assert not loud, [r.getMessage() for r in loud]
+
+
+def test_a_live_probe_loop_does_not_hide_a_node_where_new_commands_cannot_start(
+    cluster, tmp_path, monkeypatch
+):
+    """The user's process limit reached on one node: its probe loop, started before,
+    still answers every round; the `true` each EXEC_EVERY_S cannot fork, so the node
+    is not Running, and it is again once processes can start."""
+    exec_every = 2.0
+    monkeypatch.setattr(nodes, "EXEC_EVERY_S", exec_every)
+    a, b = cluster.workers[:2]
+
+    def nproc(limit):  # the listener (new sessions inherit it) and the live sessions
+        for pid in sshd_tree(a.init_pid):
+            sh(["prlimit", f"--pid={pid}", f"--nproc={limit}"], check=False)
+
+    with running_registry(cluster, tmp_path, ssh=TRUTH) as reg:
+        assert wait_for(all_running(reg))
+        assert reg.pool.watch_ages(a.ip, 22) is not None  # its loop runs
+        nproc("0:0")
+        try:
+            s = wait_state(reg, a, "Unknown", "ssh-error", exec_every + PROBE)
+            assert by_name(reg)[b.name].phase == "Running"
+        finally:
+            nproc("unlimited:unlimited")
+        print(s.message)
+        wait_state(reg, a, "Running", "ok", VERIFY + PROBE)
 
 
 def test_fresh_logins_are_spread_and_forced_rounds_make_none(cluster, tmp_path):
