@@ -1,7 +1,9 @@
 """nodes.Registry with the real Discovery (cluster dnsmasq) and the real ssh.Pool."""
 
 import contextlib
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -360,23 +362,32 @@ def test_a_live_probe_loop_does_not_hide_a_node_where_new_commands_cannot_start(
     still answers every round; the `true` each EXEC_EVERY_S cannot fork, so the node
     is not Running, and it is again once processes can start."""
     exec_every = 2.0
-    monkeypatch.setattr(nodes, "EXEC_EVERY_S", exec_every)
+    monkeypatch.setattr(nodes, "EXEC_EVERY_S", exec_every)  # default 60 s
     a, b = cluster.workers[:2]
 
-    def nproc(limit):  # the listener (new sessions inherit it) and the live sessions
+    def nproc(soft=None):
+        """The soft process limit of a's sshd processes (the listener, which new sessions
+        inherit, and the live sessions), set by each one's owner (no privilege needed up
+        to the hard limit); None: back to the hard limit."""
         for pid in sshd_tree(a.init_pid):
-            sh(["prlimit", f"--pid={pid}", f"--nproc={limit}"], check=False)
+            st = os.stat(f"/proc/{pid}")
+            limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+            hard = next(x.split()[3] for x in limits if x.startswith("Max processes"))
+            owner = ["setpriv", f"--reuid={st.st_uid}", f"--regid={st.st_gid}", "--clear-groups"]
+            limit = f"--nproc={hard if soft is None else soft}:{hard}"
+            sh([*owner, "prlimit", f"--pid={pid}", limit], check=False)
 
-    with running_registry(cluster, tmp_path, ssh=TRUTH) as reg:
+    # no fresh login is due meanwhile: only the `true` on the session can show it
+    with running_registry(cluster, tmp_path, ssh={**TRUTH, "verify_interval_s": 600.0}) as reg:
         assert wait_for(all_running(reg))
         assert reg.pool.watch_ages(a.ip, 22) is not None  # its loop runs
-        nproc("0:0")
+        nproc(0)
         try:
             s = wait_state(reg, a, "Unknown", "ssh-error", exec_every + PROBE)
+            assert "did not start" in s.message, s.message
             assert by_name(reg)[b.name].phase == "Running"
         finally:
-            nproc("unlimited:unlimited")
-        print(s.message)
+            nproc()
         wait_state(reg, a, "Running", "ok", VERIFY + PROBE)
 
 
