@@ -150,19 +150,12 @@ def parse(line: bytes, seconds: float, where: str) -> Answer:
     if banner not in ("ok", "-"):
         reason, saw = BANNER.get(banner, (R.CONNECTION_LOST, f"connect failed ({banner})"))
         raise ListenerDown(reason, f"{where} (new connection, made from the node): {saw}")
-    return Answer(
-        seconds,
-        int(w[1]),
-        int(w[2]),
-        banner == "ok",
-        float(w[4]),
-        int(w[5]),
-        int(w[6]),
-        int(w[7]),
-        int(w[8]),
-        int(w[9]),
-        int(w[10]),
-    )
+    try:
+        numbers = [int(x) for x in w[1:3]] + [float(w[4])] + [int(x) for x in w[5:]]
+    except ValueError:
+        raise Unreachable(R.SSH_ERROR, f"{where}: the probe loop answered {line[:100]!r}") from None
+    listening, backlog, load1, *counters = numbers
+    return Answer(seconds, int(listening), int(backlog), banner == "ok", load1, *map(int, counters))
 
 
 @dataclasses.dataclass
