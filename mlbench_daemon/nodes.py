@@ -27,8 +27,9 @@ What a probe of one node checks (``Running`` = a job can be launched there now):
    when its listening socket is gone or holds unaccepted connections) the loop connects
    to its own sshd and reads the banner; a node without python3 is checked the old way
    each round (``pool.check_listener``), unless step 3 has just logged in afresh;
-3. a new command starts: `true` on the session (``pool.probe``, reconnecting if needed)
-   every ``EXEC_EVERY_S``, and whenever no loop runs there (starting the loop is one);
+3. a new command starts: `true` on the session (``pool.probe``) every ``EXEC_EVERY_S``
+   (starting the loop, reconnecting if needed, is one), every round where python3 is
+   missing;
 4. once every ``ssh.verify_interval_s`` a full fresh login on a new connection
    (``pool.verify_login``: host-key check, auth, `true`).  The persistent
    session's own login counts as one.  Node i of n is due at phase i/n of the
@@ -233,17 +234,19 @@ def probe_result(
         connects = conn.connects
         ages = pool.watch_ages(ip, port)
         latency = None
-        if ages is None or ages[0] >= EXEC_EVERY_S:
-            latency = pool.probe(ip, port, node.host)  # a new command (connecting if needed)
-        fresh = conn.connects != connects  # the session logged in afresh: 2 and 4 done
+        if ages is not None and ages[0] >= EXEC_EVERY_S:
+            latency = pool.probe(ip, port, node.host)  # a new command on the session
         left = max(0.1, timeout - (time.monotonic() - start))
-        listener = listener_due(ages, ssh, forced) and not fresh
-        try:
+        # a connect made now proves the listener by itself
+        listener = listener_due(ages, ssh, forced) and conn.is_connected
+        try:  # starts the loop where none runs: a new command too (connecting if needed)
             answer = pool.watch(ip, port, node.host, listener=listener, timeout=left)
         except ListenerDown as e:
             raise _listener_down(e) from e
-        fresh = fresh or conn.connects != connects
-        if answer is None and not fresh:  # no loop there: the old listener check
+        if answer is None:  # no python3 there: `true` every round
+            latency = pool.probe(ip, port, node.host)
+        fresh = conn.connects != connects  # the session logged in afresh: 2 and 4 done
+        if answer is None and not fresh:  # and the old listener check
             left = timeout - (time.monotonic() - start)
             try:
                 pool.check_listener(ip, port, node.host, timeout=max(0.1, left))

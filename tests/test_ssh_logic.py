@@ -10,7 +10,7 @@ import pytest
 
 from mlbench_daemon.ssh.connection import Watchdog
 from mlbench_daemon.ssh.listener import CHECK_BYE
-from mlbench_daemon.ssh.watch import SCRIPT, parse
+from mlbench_daemon.ssh.watch import loop_argv, parse
 from mlbench_daemon.ssh_errors import ListenerDown, Unreachable
 
 pytestmark = pytest.mark.logic
@@ -80,7 +80,7 @@ def test_probe_loop_script_sees_its_listener_socket_and_checks_it_when_odd():
     port = srv.getsockname()[1]
     env = {**os.environ, "SSH_CONNECTION": f"127.0.0.1 5000 127.0.0.1 {port}"}
     loop = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, CHECK_BYE.hex(), "1"],
+        [sys.executable, *loop_argv(1)[1:]],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,

@@ -113,6 +113,13 @@ while True:
     sys.stdout.flush()
 """.replace("MAX_BANNER", str(MAX_BANNER))
 
+
+def loop_argv(port: int) -> list[str]:
+    """The loop's command.  -E -S: no PYTHON* variables, no site packages: it needs
+    neither, and it starts in about half the time (every reconnect of a node starts one)."""
+    return ["python3", "-E", "-S", "-c", SCRIPT, CHECK_BYE.hex(), str(port)]
+
+
 # the node's listener check outcome -> (reason, what it saw)
 BANNER = {
     "refused": (R.CONNECTION_REFUSED, "connection refused"),
@@ -318,8 +325,7 @@ class Watches:
     @staticmethod
     def _start(conn: Connection, loop: Loop, deadline: float) -> None:
         Watches._stop(loop)
-        argv = ["python3", "-c", SCRIPT, CHECK_BYE.hex(), str(conn.port)]
-        chan, release = exec_command(conn, argv, deadline, stdin=True, probe=True)
+        chan, release = exec_command(conn, loop_argv(conn.port), deadline, stdin=True, probe=True)
         release()  # the loop's channel is not a probe slot: it lives with the connection
         loop.chan, loop.buf, loop.missing, loop.connects = chan, b"", False, conn.connects
         loop.exec_at = time.monotonic()
