@@ -28,8 +28,8 @@ What a probe of one node checks (``Running`` = a job can be launched there now):
    to its own sshd and reads the banner; a node without python3 is checked the old way
    each round (``pool.check_listener``), unless step 3 has just logged in afresh;
 3. a new command starts: `true` on the session (``pool.probe``) every ``EXEC_EVERY_S``
-   (starting the loop, reconnecting if needed, is one), every round where python3 is
-   missing;
+   (starting the loop is one), in a round that (re)connects (the loop starts the round
+   after), and every round where python3 is missing;
 4. once every ``ssh.verify_interval_s`` a full fresh login on a new connection
    (``pool.verify_login``: host-key check, auth, `true`).  The persistent
    session's own login counts as one.  Node i of n is due at phase i/n of the
@@ -233,18 +233,21 @@ def probe_result(
         login = login or (failed is not None and (retry or not isinstance(failed, Untrusted)))
         connects = conn.connects
         ages = pool.watch_ages(ip, port)
-        latency = None
-        if ages is not None and ages[0] >= EXEC_EVERY_S:
-            latency = pool.probe(ip, port, node.host)  # a new command on the session
-        left = max(0.1, timeout - (time.monotonic() - start))
-        # a connect made now proves the listener by itself
-        listener = listener_due(ages, ssh, forced) and conn.is_connected
-        try:  # starts the loop where none runs: a new command too (connecting if needed)
-            answer = pool.watch(ip, port, node.host, listener=listener, timeout=left)
-        except ListenerDown as e:
-            raise _listener_down(e) from e
-        if answer is None:  # no python3 there: `true` every round
+        latency, answer = None, None
+        if not conn.is_connected or (ages is not None and ages[0] >= EXEC_EVERY_S):
+            # a new command on the session; a (re)connect stops here: its login proved the
+            # listener, `true` proved commands start, and the loop starts next round (its
+            # python3 start-up on every node would slow a cold `?refresh=1` down)
             latency = pool.probe(ip, port, node.host)
+        if conn.connects == connects:
+            left = max(0.1, timeout - (time.monotonic() - start))
+            listener = listener_due(ages, ssh, forced)
+            try:  # starts the loop where none runs: a new command too
+                answer = pool.watch(ip, port, node.host, listener=listener, timeout=left)
+            except ListenerDown as e:
+                raise _listener_down(e) from e
+            if answer is None and latency is None:  # no python3 there: `true` every round
+                latency = pool.probe(ip, port, node.host)
         fresh = conn.connects != connects  # the session logged in afresh: 2 and 4 done
         if answer is None and not fresh:  # and the old listener check
             left = timeout - (time.monotonic() - start)

@@ -380,7 +380,7 @@ def test_a_live_probe_loop_does_not_hide_a_node_where_new_commands_cannot_start(
     # no fresh login is due meanwhile: only the `true` on the session can show it
     with running_registry(cluster, tmp_path, ssh={**TRUTH, "verify_interval_s": 600.0}) as reg:
         assert wait_for(all_running(reg))
-        assert reg.pool.watch_ages(a.ip, 22) is not None  # its loop runs
+        assert wait_for(lambda: reg.pool.watch_ages(a.ip, 22) is not None)  # its loop runs
         nproc(0)
         try:
             s = wait_state(reg, a, "Unknown", "ssh-error", exec_every + PROBE)
@@ -407,9 +407,12 @@ def test_fresh_logins_are_spread_and_forced_rounds_make_none(cluster, tmp_path):
         assert wait_for(all_running(reg))
         # the sessions' own logins were the first fresh logins
         assert reg.logins.count == 3 and logins == []
+        # the probe loops start the round after the connect (slow on a loaded machine)
+        assert wait_for(lambda: all(reg.pool.watch_ages(h.ip, 22) for h in cluster.workers))
+        before = len(logins)
         for _ in range(5):  # ?refresh=1: sessions and listeners, no full logins
             reg.refresh(timeout=10)
-        assert logins == [] or len(logins) <= 1, logins  # at most one slot came meanwhile
+        assert len(logins) - before <= 1, logins  # at most one slot came meanwhile
         time.sleep(2 * verify + 1)
         per_node = {ip: [r for r, i in logins if i == ip] for ip in {i for _, i in logins}}
         assert sorted(per_node) == sorted(h.ip for h in cluster.workers), logins
