@@ -119,13 +119,24 @@ COLUMNS = (
     "request",
     "flavour",
     "failure",
+    "submitted_by",
+    "cancelled_by",
+    "cancelled_at",
+    "name",
+    "tags",
 )
-JSON_COLUMNS = ("nodes", "command", "env_names", "request", "failure")
+JSON_COLUMNS = ("nodes", "command", "env_names", "request", "failure", "tags")
 # Columns added after the first release: (name, declaration), added to older databases.
 ADDED_COLUMNS = (
     ("request", "TEXT NOT NULL DEFAULT '{}'"),
     ("flavour", "TEXT"),
     ("failure", "TEXT NOT NULL DEFAULT 'null'"),
+    # who did what (issue 24): token names, the cancel's time, the job's own name and tags
+    ("submitted_by", "TEXT"),
+    ("cancelled_by", "TEXT"),
+    ("cancelled_at", "REAL"),
+    ("name", "TEXT"),
+    ("tags", "TEXT NOT NULL DEFAULT '[]'"),
 )
 
 SCHEMA = """
@@ -262,11 +273,34 @@ class Store:
             raise KeyError(f"no job {job_id!r}")
         return rec
 
-    def list(self, limit: int = 50, offset: int = 0) -> Records:
-        """Newest first."""
+    def list(
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        *,
+        states: tuple[str, ...] = (),
+        submitted_by: str | None = None,
+        name: str | None = None,
+        tags: tuple[str, ...] = (),
+    ) -> Records:
+        """Newest first; only jobs in one of *states* (if any), of *submitted_by*, named
+        *name*, and carrying every tag of *tags*."""
+        where: list[str] = []
+        params: list[object] = []
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params += states
+        for column, value in (("submitted_by", submitted_by), ("name", name)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        for tag in tags:
+            where.append("EXISTS (SELECT 1 FROM json_each(jobs.tags) WHERE value = ?)")
+            params.append(tag)
+        sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (int(limit), int(offset))
+                sql + " ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, int(limit), int(offset))
             ).fetchall()
         return [self._decode(r) for r in rows]
 

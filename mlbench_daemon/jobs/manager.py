@@ -1,9 +1,11 @@
 """The job API (what api/ calls): submit, read, wait, cancel; slots and the FIFO queue.
 
-    submit(body) -> job dict        (raises BadRequest/Conflict/Unavailable/QueueFull)
+    submit(body, by=None) -> job dict   (raises BadRequest/Conflict/Unavailable/QueueFull;
+                                         `by`: the submitting token's name)
     wait(id, timeout=None) -> job dict with "response" (the whole log) after master_name
     wait_json(id, timeout=None) -> the same as JSON, an iterator of bytes (streamed)
-    get(id), list(limit, offset), cancel(id), read_log(id, offset, limit) -> (bytes, next)
+    get(id), list(limit, offset, **filters), cancel(id, by=None),
+    read_log(id, offset, limit) -> (bytes, next)
     follow_log(id, offset) -> iterator of bytes chunks until the job ends
 
 ``submit`` never blocks on the job; a request with ``wait`` true (the default) is
@@ -44,7 +46,7 @@ from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.jobs.rollcall import Coalescer, Target, take
 from mlbench_daemon.jobs.run import Cancel, Context, JobRun
 from mlbench_daemon.shapes import Job, NodeRow, RollCall
-from mlbench_daemon.store import LOG_CHUNK_MAX, Store
+from mlbench_daemon.store import LOG_CHUNK_MAX, Store, StoreError
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import JobReason, JobState, JobWait, StoreReason
 
@@ -129,7 +131,7 @@ class Jobs:
 
     # --- requests ---------------------------------------------------------------------
 
-    def submit(self, body: Any) -> dict[str, Any]:
+    def submit(self, body: Any, by: str | None = None) -> dict[str, Any]:
         req = validate(body, self.mpi.program)
         statuses, master = choose(self.registry, req)
         nodes = [s.node for s in statuses]
@@ -166,6 +168,9 @@ class Jobs:
                 env_names=env_names,
                 request=request,
                 command=command,
+                submitted_by=by,
+                name=req.name,
+                tags=list(req.tags),
             )
             run.id = rec["id"]
             self._admit(run)
@@ -179,9 +184,11 @@ class Jobs:
     def get(self, job_id: str) -> dict[str, Any]:
         return self._view(self._record(job_id))
 
-    def list(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+    def list(self, limit: int = 50, offset: int = 0, **filters: Any) -> list[dict[str, Any]]:
+        """Newest first; *filters* as ``Store.list`` takes them (states, submitted_by, name,
+        tags)."""
         _check_counts(limit=limit, offset=offset)
-        return [self._view(r) for r in self.store.list(min(limit, 1000), offset)]
+        return [self._view(r) for r in self.store.list(min(limit, 1000), offset, **filters)]
 
     def _view(self, rec: dict[str, Any]) -> dict[str, Any]:
         """The API's job dict for a stored record, as this daemon knows the job: the
@@ -287,7 +294,7 @@ class Jobs:
         fault = run.store_fault
         return fault is not None and self._ctx.clock.time() - fault[2] >= FOLLOW_STORE_FAULT_S
 
-    def cancel(self, job_id: str) -> tuple[int, dict[str, Any]]:
+    def cancel(self, job_id: str, by: str | None = None) -> tuple[int, dict[str, Any]]:
         """Cancel a job -> (status, the job as it is now), within ``server.cancel_answer_s``:
         200 once it is final, 202 while its kill and sweep go on in the job's own threads.
         Only the request that starts the cancel waits (bounded); one while a cancel is
@@ -295,7 +302,8 @@ class Jobs:
         A kill that cannot reach the master is tried again every few seconds (its
         `error` says so) until delivered or the job is lost.  Raises Conflict (final, or
         not followed here), InsufficientStorage/Unavailable naming the reason when the
-        state dir cannot take the cancel (it goes on all the same)."""
+        state dir cannot take the cancel (it goes on all the same).  The cancel that starts
+        records `by` (a token's name) and its time as `cancelled_by` and `cancelled_at`."""
         rec = self._record(job_id)
         if JobState(rec["state"]).is_final:
             raise Conflict(f"job {job_id} is already {rec['state']}")
@@ -305,6 +313,10 @@ class Jobs:
             raise Conflict(f"job {job_id} is not followed by this daemon")
         outcome = run.cancel(JobReason.CANCELLED, self._queue)
         if outcome is not Cancel.ALREADY:
+            try:
+                self.store.update(job_id, cancelled_by=by, cancelled_at=self._ctx.clock.time())
+            except StoreError as e:  # the cancel goes on; the fault is answered below
+                log.warning("job %s: cannot record who cancelled it: %s", job_id, e)
             deadline = time.monotonic() + self.cfg.server.cancel_answer_s  # real threads
             if outcome is Cancel.KILLING:
                 run.killed.wait(self.cfg.server.cancel_answer_s)
@@ -421,6 +433,11 @@ def to_json(
         "log_bytes": rec["log_bytes"],
         "store_error": store_error,
         "waiting": waiting,
+        "submitted_by": rec["submitted_by"],
+        "cancelled_by": rec["cancelled_by"],
+        "cancelled_at": iso(rec["cancelled_at"]),
+        "name": rec["name"],
+        "tags": rec["tags"],
     }
     if len(values) != len(Job.__struct_fields__):  # a key added here must be declared there
         raise RuntimeError(f"shapes.Job does not declare {sorted(set(values) - set(_FIELDS))}")
