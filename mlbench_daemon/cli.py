@@ -354,15 +354,14 @@ def cmd_token(args: argparse.Namespace, out: TextIO) -> int:
         elif args.action == "revoke":
             for e in tokens.revoke(path, args.name):
                 out.write(f"revoked {e.name} ({e.id})\n")
+        elif args.json:
+            keys = ("name", "role", "id", "created", "revoked")
+            _print_json([{k: getattr(e, k) for k in keys} for e in tokens.entries(path)], out)
         else:
             rows = [
                 (e.name, e.role, e.id, e.created, e.revoked or "") for e in tokens.entries(path)
             ]
-            if args.json:
-                keys = ("name", "role", "id", "created", "revoked")
-                _print_json([dict(zip(keys, r, strict=True)) for r in rows], out)
-            else:
-                _table(out, ("NAME", "ROLE", "ID", "CREATED", "REVOKED"), rows)
+            _table(out, ("NAME", "ROLE", "ID", "CREATED", "REVOKED"), rows)
     except (ValueError, OSError) as e:
         raise ClientError(f"token: {e}", ExitStatus.FAILED) from None
     return ExitStatus.OK
