@@ -10,10 +10,12 @@ the job's log file when the record was read); ``nodes`` (list of
 ``[ip, namespace, name, labels]``), ``command`` (argv list), ``env_names``
 (list of names; values are never stored) and ``request`` (what a queued job
 needs to be launched after a restart: program, np, master, node names) and
-``failure`` (the cause of a job that did not succeed, or None) are JSON in the
-table and plain values here.  Ids are 20 hex digits: creation
-time in milliseconds (kept strictly increasing), then random bits, so they
-sort by creation; ``seq`` gives the exact order.  A database from an older
+``failure`` (the cause of a job that did not succeed, or None) and ``tags``
+(the job's ``key:value`` strings) are JSON in the table and plain values here;
+``submitted_by`` and ``cancelled_by`` are token names (None without tokens).
+Ids are 20 hex digits: creation time in milliseconds (kept strictly
+increasing), then random bits, so they sort by creation; ``seq`` gives the
+exact order.  A database from an older
 version gets the columns of ``ADDED_COLUMNS`` when it is opened.
 
 One connection is shared by all threads behind a lock.  Every write commits
