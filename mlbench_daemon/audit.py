@@ -103,17 +103,22 @@ class AuditLog:
             self._dirty = True
 
     def flush(self) -> None:
-        """Sync what was written (the syncer's step; also at close)."""
+        """Sync what was written (the syncer's step; also at close).  The sync runs on a
+        duplicate of the descriptor, outside the lock: a slow disk never holds up a
+        request's line."""
         with self._lock:
             if not self._dirty:
                 return
             self._dirty = False
-            fd = self._fd
-            try:
-                self._sync(fd)
-            except OSError as e:
-                log.error("audit: cannot sync %s: %s", self.path, e.strerror or e)
+            fd = os.dup(self._fd)
+        try:
+            self._sync(fd)
+        except OSError as e:
+            log.error("audit: cannot sync %s: %s", self.path, e.strerror or e)
+            with self._lock:
                 self._dirty = True
+        finally:
+            os.close(fd)
 
     def _syncer(self) -> None:
         while not self._stop.wait(self._every):
@@ -135,7 +140,7 @@ class AuditLog:
             if size and (size >= ROTATE_BYTES or now - self._started >= ROTATE_AGE_S):
                 stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
                 if self._dirty:
-                    self._sync(self._fd)
+                    self._sync(self._fd)  # the old file's last lines, before it is closed
                     self._dirty = False
                 os.rename(self.path, f"{self.path}.{stamp}")
                 os.close(self._fd)

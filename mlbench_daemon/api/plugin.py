@@ -149,6 +149,10 @@ class ApiPlugin:
                 bottle.response.status = e.status
                 bottle.response.content_type = JSON
                 return json.dumps(e.body())
+            except bottle.HTTPResponse as r:  # Bottle's own answer (e.g. a redirect or abort)
+                bottle.response.status = r.status_code
+                notes.setdefault("outcome", STATUS_TEXT.get(r.status_code, "ok"))
+                raise
             except Exception:
                 notes.setdefault("outcome", "internal")
                 bottle.response.status = 500

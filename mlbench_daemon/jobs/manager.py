@@ -311,15 +311,15 @@ class Jobs:
             run = self._live.get(job_id)
         if run is None:
             raise Conflict(f"job {job_id} is not followed by this daemon")
+        deadline = time.monotonic() + self.cfg.server.cancel_answer_s  # real threads
         outcome = run.cancel(JobReason.CANCELLED, self._queue)
         if outcome is not Cancel.ALREADY:
-            try:
+            try:  # within the answer's bound
                 self.store.update(job_id, cancelled_by=by, cancelled_at=self._ctx.clock.time())
             except StoreError as e:  # the cancel goes on; the fault is answered below
                 log.warning("job %s: cannot record who cancelled it: %s", job_id, e)
-            deadline = time.monotonic() + self.cfg.server.cancel_answer_s  # real threads
             if outcome is Cancel.KILLING:
-                run.killed.wait(self.cfg.server.cancel_answer_s)
+                run.killed.wait(max(0.0, deadline - time.monotonic()))
             if run.cancel_reason is not None:  # else withdrawn: nothing more to wait for
                 run.done.wait(max(0.0, deadline - time.monotonic()))
         job = self.get(job_id)
