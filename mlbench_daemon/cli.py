@@ -6,6 +6,7 @@ HTTP clients of a running daemon (urllib only).
     mlbench-daemon run [--np N] [--node NAME ...] [--master NAME] [--env K=V ...]
                        [--timeout S] [-- PROGRAM ARGS...]
     mlbench-daemon check [the same options as run]
+    mlbench-daemon token add NAME --role R | list | revoke NAME   (--file F or --config F)
 
 Global options (before or after the command): ``--url`` (env MLBENCH_DAEMON_URL),
 ``--token-file`` (env MLBENCH_DAEMON_TOKEN_FILE), ``--json``.
@@ -24,11 +25,12 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO, TextIO
 
 import mlbench_daemon
-from mlbench_daemon import logs
+from mlbench_daemon import logs, tokens
 from mlbench_daemon.client import (
     TIMEOUT_S,
     Client,
@@ -38,7 +40,7 @@ from mlbench_daemon.client import (
     logs_path,
 )
 from mlbench_daemon.config import read_token
-from mlbench_daemon.vocabulary import FINAL_STATES, JobState, Phase
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState, Phase, Role
 
 PROG = "mlbench-daemon"
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -135,7 +137,10 @@ def _labels_text(node: dict[str, Any]) -> str:
 
 
 def cmd_jobs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    jobs = client.json("GET", "/api/mpi_jobs/")
+    query = [("state", s) for s in args.state or ()] + [("tag", t) for t in args.tag or ()]
+    query += [(k, v) for k, v in (("submitted_by", args.by), ("name", args.name)) if v]
+    path = "/api/mpi_jobs/" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    jobs = client.json("GET", path)
     if args.json:
         return _print_json(jobs, out)
     if isinstance(jobs, dict):
@@ -146,11 +151,13 @@ def cmd_jobs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
             j.get("state", ""),
             _text(j.get("exit_code")),
             j.get("master_name") or j.get("master") or "",
+            _text(j.get("submitted_by")),
+            _text(j.get("name")),
             _text(j.get("command")),
         )
         for j in jobs
     ]
-    _table(out, ("ID", "STATE", "EXIT", "MASTER", "COMMAND"), rows)
+    _table(out, ("ID", "STATE", "EXIT", "MASTER", "BY", "NAME", "COMMAND"), rows)
 
 
 def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
@@ -239,7 +246,9 @@ def rank_table(call: dict[str, Any]) -> str:
 
 def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     body = dict(
-        job_body(args), wait=False, **_given(env=dict(args.env or ()), timeout_s=args.timeout)
+        job_body(args),
+        wait=False,
+        **_given(env=dict(args.env or ()), timeout_s=args.timeout, name=args.name, tags=args.tag),
     )
     job = client.json("POST", "/api/mpi_jobs/", body)
     job_id = job["id"]
@@ -307,6 +316,55 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     """What `run` and `check` both send: the program and where to run it."""
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     return _given(program=program, np=args.np, nodes=args.node, master=args.master)
+
+
+# --- tokens (no daemon: the tokens file itself) ---------------------------------------
+
+
+def tokens_file(args: argparse.Namespace) -> str:
+    """--file, else the --config's server.tokens_file."""
+    if args.file:
+        return str(args.file)
+    from mlbench_daemon import config
+
+    try:
+        path = config.load(args.config).server.tokens_file if args.config else ""
+    except config.ConfigError as e:
+        raise ClientError(str(e), ExitStatus.UNUSABLE) from None
+    if not path:
+        raise ClientError(
+            "token: give --file FILE, or --config FILE whose server.tokens_file is set",
+            ExitStatus.UNUSABLE,
+        )
+    return path
+
+
+def cmd_token(args: argparse.Namespace, out: TextIO) -> int:
+    """add (prints the token once), list, revoke: the file is changed in place; a running
+    daemon sees the change within a second."""
+    path = tokens_file(args)
+    try:
+        if args.action == "add":
+            token = tokens.add(path, args.name, Role(args.role))
+            out.write(f"{token}\n")
+            sys.stderr.write(
+                f"{PROG}: token {args.name!r} ({args.role}) added to {path}; it is shown "
+                "only this once\n"
+            )
+        elif args.action == "revoke":
+            for e in tokens.revoke(path, args.name):
+                out.write(f"revoked {e.name} ({e.id})\n")
+        elif args.json:
+            keys = ("name", "role", "id", "created", "revoked")
+            _print_json([{k: getattr(e, k) for k in keys} for e in tokens.entries(path)], out)
+        else:
+            rows = [
+                (e.name, e.role, e.id, e.created, e.revoked or "") for e in tokens.entries(path)
+            ]
+            _table(out, ("NAME", "ROLE", "ID", "CREATED", "REVOKED"), rows)
+    except (ValueError, OSError) as e:
+        raise ClientError(f"token: {e}", ExitStatus.FAILED) from None
+    return ExitStatus.OK
 
 
 def cmd_check(client: Client, args: argparse.Namespace, out: TextIO) -> int:
@@ -435,7 +493,20 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     sub.add_parser("nodes", parents=[common], help="list nodes and their phase").set_defaults(
         func=cmd_nodes
     )
-    sub.add_parser("jobs", parents=[common], help="list jobs").set_defaults(func=cmd_jobs)
+    p = sub.add_parser("jobs", parents=[common], help="list jobs")
+    p.add_argument("--state", action="append", choices=tuple(JobState), help="(repeatable)")
+    p.add_argument("--tag", action="append", metavar="K:V", help="with this tag (repeatable)")
+    p.add_argument("--by", metavar="TOKEN", help="submitted by this token name")
+    p.add_argument("--name", help="with this job name")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("token", help="named tokens with roles: add, list, revoke")
+    p.add_argument("action", choices=("add", "list", "revoke"))
+    p.add_argument("name", nargs="?", help="the token's name (add, revoke; revoke: or its id)")
+    p.add_argument("--role", choices=tuple(Role), default=Role.VIEWER, help="(add)")
+    p.add_argument("--file", metavar="FILE", help="the tokens file")
+    p.add_argument("--config", metavar="FILE", help="or the config naming server.tokens_file")
+    p.add_argument("--json", action="store_true", help="print JSON (list)")
 
     p = sub.add_parser("logs", parents=[common], help="print a job's output")
     p.add_argument("-f", "--follow", action="store_true", help="keep following until the job ends")
@@ -460,6 +531,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
             name, parents=[common], help=what, usage=f"{PROG} {name} [options] [-- PROGRAM ARGS...]"
         )
         _job_options(p)
+        if name == "run":
+            p.add_argument("--name", help="a name for the job")
+            p.add_argument("--tag", action="append", metavar="K:V", help="a tag (repeatable)")
         p.set_defaults(func=func)
     return parser
 
@@ -487,6 +561,10 @@ def main(
     try:
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "token":
+            if args.action != "list" and not args.name:
+                raise ClientError(f"token {args.action}: give the NAME", ExitStatus.UNUSABLE)
+            return cmd_token(args, out)
         code: int | None = args.func(connect(args.url, args.token_file), args, out)
         return ExitStatus.OK if code is None else code
     except ClientError as e:

@@ -240,6 +240,13 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     ("server", "host", nonempty, "127.0.0.1", "address to bind; non-loopback needs token_file"),
     ("server", "port", integer(0, 65535), 8080, "TCP port to bind (0 = any free port)"),
     ("server", "token_file", path, "", "file holding the bearer token for /api/; empty = no auth"),
+    (
+        "server",
+        "tokens_file",
+        path,
+        "",
+        "named tokens with roles (`mlbench-daemon token add`); empty = none; beside token_file",
+    ),
     ("server", "threads", integer(1, 256), 8, "waitress worker threads"),
     ("server", "max_body_bytes", integer(1), 1048576, "largest accepted request body"),
     (
@@ -485,6 +492,13 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         10 * 2**30,
         "job logs together stay below this; the oldest finished jobs go first (0 = no limit)",
     ),
+    (
+        "state",
+        "audit_file",
+        path,
+        "",
+        "the audit log (JSON lines, mode 0640); empty = audit.log in state.dir",
+    ),
     ("log", "level", one_of("debug", "info", "warning", "error"), "info", "log level"),
 )
 
@@ -501,6 +515,7 @@ class Server:
     host: str
     port: int
     token_file: str
+    tokens_file: str
     threads: int
     max_body_bytes: int
     max_streams: int
@@ -568,6 +583,7 @@ class State:
     dir: str
     keep_days: float
     max_bytes: int
+    audit_file: str
 
 
 @dataclasses.dataclass(frozen=True)

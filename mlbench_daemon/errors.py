@@ -48,6 +48,13 @@ class Unauthorized(ApiError):
     error = "unauthorized"
 
 
+class Forbidden(ApiError):
+    """The caller may not do this (its role, or another's job); ``error`` says which."""
+
+    status = 403
+    error = "forbidden"
+
+
 class NotFound(ApiError):
     status = 404
     error = "not-found"

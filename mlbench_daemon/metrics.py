@@ -19,6 +19,11 @@ mlbench_daemon_http_requests_total     counter    route, method,  api (route = t
 mlbench_daemon_dns_member_misses_total counter    reason          discovery (each SRV target's
                                                                   address lookup that found none:
                                                                   nxdomain, nodata, dns-error)
+mlbench_daemon_refused_requests_total  counter    reason          api (each refused request, by
+                                                                  vocabulary.Refusal: no-token,
+                                                                  bad-token, revoked, role,
+                                                                  not-owner, host, origin,
+                                                                  media-type)
 =====================================  =========  ==============  ================================
 
 ``render()`` gives the exposition text and its content type for ``GET /metrics``.
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from mlbench_daemon.vocabulary import JobState, Phase, StoreReason
+from mlbench_daemon.vocabulary import JobState, Phase, Refusal, StoreReason
 
 if TYPE_CHECKING:  # nodes imports nothing of this module; only the type is needed
     from mlbench_daemon.nodes import NodeStatus
@@ -85,6 +90,16 @@ dns_member_misses_total = Counter(
     namespace=_NS,
     registry=REGISTRY,
 )
+
+refused_requests_total = Counter(
+    "refused_requests",
+    "Requests refused, by reason (vocabulary.Refusal); each is also an audit log line",
+    ["reason"],
+    namespace=_NS,
+    registry=REGISTRY,
+)
+for _why in Refusal:  # every reason shows from the start, at 0
+    refused_requests_total.labels(_why)
 
 
 def observe_probe(status: NodeStatus) -> None:

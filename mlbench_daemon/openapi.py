@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlbench_daemon import __version__, shapes
+from mlbench_daemon.vocabulary import Role
 
 _REF = "#/components/schemas/"
 Schema = dict[str, Any]  # a piece of the OpenAPI document
@@ -39,7 +40,7 @@ def json_content(schema: Schema) -> Schema:
 class Auth(enum.Enum):
     """Who may call a route (the plugin checks it; the document says it)."""
 
-    TOKEN = "token"  # the bearer token, when the daemon has one
+    TOKEN = "token"  # a bearer token whose role allows the route's, when the daemon has tokens
     METRICS = "metrics"  # the token too, unless server.public_metrics
     PUBLIC = "public"  # never the token (documented with `security: []`)
 
@@ -119,6 +120,7 @@ class Route:
     tag: str
     answers: dict[int, Answer]
     auth: Auth = Auth.TOKEN
+    role: Role = Role.VIEWER  # the least role that may call it (with Auth.TOKEN)
     description: str | None = None
     query: tuple[Param, ...] = ()
     body: Schema | None = None  # the optional JSON request body's schema
@@ -147,6 +149,8 @@ class Route:
         op["tags"] = [self.tag]
         if self.auth is Auth.PUBLIC:
             op["security"] = []
+        else:
+            op["x-required-role"] = self.role if self.auth is Auth.TOKEN else Role.VIEWER
         if self.query:
             op["parameters"] = [p.to_doc() for p in self.query]
         if self.body is not None:
@@ -161,8 +165,9 @@ class Route:
 
 # Answers every route can give (the plugin and the browser checks give them).
 _UNAUTHORIZED = {
-    "description": "The daemon has a token (`server.token_file`) and the request did not carry "
-    "`Authorization: Bearer <token>`.",
+    "description": "The daemon has tokens (`server.token_file`, `server.tokens_file`) and the "
+    "request did not carry `Authorization: Bearer <token>` with one of them (a revoked token "
+    "is refused within a second of `mlbench-daemon token revoke`).",
     "headers": {
         "WWW-Authenticate": {
             "description": 'Always `Bearer realm="mlbench-daemon"`.',
@@ -173,7 +178,8 @@ _UNAUTHORIZED = {
 }
 _SHARED: dict[str, Schema] = {
     "403": error(
-        "Browser safety: `Host` is not a name of this daemon (`server.allowed_hosts`), or "
+        "The token's role is below the operation's `x-required-role` (`error` is `role`); or "
+        "browser safety: `Host` is not a name of this daemon (`server.allowed_hosts`), or "
         "`Origin` is present and is neither the daemon's own origin nor in "
         "`server.allowed_origins`."
     ).to_doc(),
@@ -237,7 +243,12 @@ INFO: Schema = {
         "unsupported methods 405 (with `Allow`), both as `Error`.  Every path works with and "
         "without its trailing slash.  When the daemon has a token (`server.token_file`), "
         "every `/api/` call needs `Authorization: Bearer <token>` (and `/metrics` too, unless "
-        "`server.public_metrics`); without one, none does.  Browser safety: a request whose "
+        "`server.public_metrics`); without one, none does.  Named tokens "
+        "(`server.tokens_file`) have a role: `viewer` reads, `submitter` also launches, "
+        "runs preflights and cancels its own jobs, `admin` does everything (the token of "
+        "`server.token_file` is the admin `admin`); each operation's `x-required-role` is the "
+        "least role that may call it.  Every write and every refused request is a line in the "
+        "audit log (`state.audit_file`).  Browser safety: a request whose "
         "`Host` is not a name of the daemon, or whose `Origin` is foreign, gets 403; a "
         "non-empty body that is not `application/json` gets 415.  No CORS headers are sent."
     ),
@@ -283,8 +294,9 @@ def document(routes: list[Route]) -> Schema:
                 "bearerAuth": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "The token in `server.token_file`; required only when "
-                    "the daemon has one.",
+                    "description": "The token in `server.token_file`, or a named token "
+                    "(`<id>.<secret>`) of `server.tokens_file`; required only when the daemon "
+                    "has tokens.",
                 },
             },
         },

@@ -17,6 +17,7 @@ checks its own settings) with one line for the user.
 """
 
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -28,6 +29,7 @@ import waitress.server
 from waitress import wasyncore
 
 from mlbench_daemon import api, config, logs, metrics, sdnotify
+from mlbench_daemon.audit import AuditLog
 from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
@@ -35,6 +37,7 @@ from mlbench_daemon.jobs.preflight import Preflight
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store, StoreError, fs_fault_message
+from mlbench_daemon.tokens import Tokens
 from mlbench_daemon.vocabulary import JobState, Phase
 
 log = logging.getLogger(__name__)
@@ -49,26 +52,31 @@ class StartupError(Exception):
     """The daemon cannot start; str() is one line for the user."""
 
 
-def read_token(server_cfg: config.Server) -> str | None:
-    """The API token from server.token_file, or None; refuses a non-loopback bind without one."""
-    path = server_cfg.token_file
-    if not path:
-        if not is_loopback(server_cfg.host):
-            raise StartupError(
-                f"server.host is {server_cfg.host!r}, not loopback: set server.token_file "
-                "so the API is not open to the network"
-            )
-        return None
+def read_tokens(server_cfg: config.Server) -> Tokens:
+    """The API's tokens (server.token_file's and server.tokens_file's); refuses a
+    non-loopback bind without any."""
+    legacy = None
+    if server_cfg.token_file:
+        try:
+            legacy = config.read_token(server_cfg.token_file)
+        except ValueError as e:
+            raise StartupError(f"server.token_file: {e}") from None
     try:
-        return config.read_token(path)
+        tokens = Tokens(server_cfg.tokens_file, legacy)
     except ValueError as e:
-        raise StartupError(f"server.token_file: {e}") from None
+        raise StartupError(f"server.tokens_file: {e}") from None
+    if not tokens.enabled and not is_loopback(server_cfg.host):
+        raise StartupError(
+            f"server.host is {server_cfg.host!r}, not loopback: set server.token_file or "
+            "server.tokens_file so the API is not open to the network"
+        )
+    return tokens
 
 
 class Daemon:
     def __init__(self, cfg: config.Config) -> None:
         self.cfg = cfg
-        token = read_token(cfg.server)
+        tokens = read_tokens(cfg.server)
         if cfg.server.max_streams >= cfg.server.threads:
             raise StartupError(
                 f"server.max_streams ({cfg.server.max_streams}) must be below server.threads "
@@ -98,13 +106,21 @@ class Daemon:
             raise StartupError(
                 f"state.dir: cannot use {cfg.state.dir}: {getattr(e, 'strerror', None) or e}"
             ) from None
+        audit_path = cfg.state.audit_file or os.path.join(cfg.state.dir, "audit.log")
+        try:
+            self.audit = AuditLog(audit_path)
+        except OSError as e:
+            raise StartupError(
+                f"state.audit_file: cannot open {audit_path}: {e.strerror or e}"
+            ) from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.preflight = Preflight(cfg, self.pool, self.registry)
         self.app = api.make_app(
             self.registry,
             self.jobs,
             preflight=self.preflight,
-            token=token,
+            tokens=tokens,
+            audit=self.audit,
             max_body_bytes=cfg.server.max_body_bytes,
             max_streams=cfg.server.max_streams,
             policy=Policy.from_config(cfg.server),
@@ -151,6 +167,7 @@ class Daemon:
             self.jobs.stop()
             self.registry.stop()
             self.pool.close()
+            self.audit.close()
         log.info("stopped")
         return code
 
@@ -224,6 +241,10 @@ class Daemon:
             return
         if removed:
             log.info("retention: removed %d finished job(s)", len(removed))
+        try:
+            self.audit.rotate(self.cfg.state.keep_days)
+        except OSError as e:
+            log.warning("retention: audit log: %s", e.strerror or e)
 
     def _retain(self) -> None:
         while not self._stop.wait(PRUNE_EVERY_S):

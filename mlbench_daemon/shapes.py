@@ -37,6 +37,7 @@ from mlbench_daemon.vocabulary import (
     NodeReason,
     Phase,
     ProcessState,
+    Role,
     SSHReason,
     StackSource,
     StoreReason,
@@ -195,6 +196,27 @@ class Waiting(msgspec.Struct):
     ]
 
 
+JobName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=128,
+        pattern="^[^\\u0000-\\u001f\\u007f]*$",
+        description="A name for people (not unique; no control characters).",
+    ),
+]
+TAG_PATTERN = "^[A-Za-z0-9][-A-Za-z0-9_.]{0,62}:[-A-Za-z0-9_.:/@+=]{0,128}$"
+Tags = Annotated[
+    list[Annotated[str, Meta(pattern=TAG_PATTERN)]],
+    Meta(
+        max_length=16,
+        description="`key:value` strings (key: letters, digits, `-_.`; value: also `:/@+=`), "
+        "at most 16, each once; `GET /api/mpi_jobs/?tag=k:v` finds the jobs with a tag.",
+        extra_json_schema={"uniqueItems": True},
+    ),
+]
+
+
 class Job(msgspec.Struct):
     """One MPI job: the seed's keys first."""
 
@@ -246,6 +268,36 @@ class Job(msgspec.Struct):
     waiting: Annotated[
         Waiting | None,
         Meta(description="Null for a final job; otherwise what it waits for and until when."),
+    ]
+    # who did what (issue 24)
+    submitted_by: Annotated[
+        str | None,
+        Meta(
+            description="The name of the token that submitted the job (at `created`); null "
+            "on a daemon without tokens."
+        ),
+    ]
+    cancelled_by: Annotated[
+        str | None,
+        Meta(description="The name of the token whose DELETE cancelled the job, or null."),
+    ]
+    cancelled_at: Annotated[
+        DateTime | None, Meta(description="When that DELETE started the cancel, or null.")
+    ]
+    name: JobName | None
+    tags: Tags
+
+
+class Whoami(msgspec.Struct):
+    """Who the request's token is, and what it may do."""
+
+    name: Annotated[str | None, Meta(description="The token's name; null without tokens.")]
+    role: Role
+    auth: Annotated[bool, Meta(description="Whether the daemon asks for tokens at all.")]
+    can_submit: Annotated[bool, Meta(description="May launch jobs and run preflights.")]
+    can_cancel: Annotated[
+        Literal["none", "own", "all"],
+        Meta(description="Which jobs it may cancel: none, its own, or anyone's."),
     ]
 
 
@@ -388,6 +440,8 @@ class JobRequest(msgspec.Struct, forbid_unknown_fields=True):
     wait: Annotated[
         bool, Meta(description="Answer when the job is over (200) or at once (202).")
     ] = True
+    name: JobName | msgspec.UnsetType = msgspec.UNSET
+    tags: Tags | msgspec.UnsetType = msgspec.UNSET
 
 
 class PreflightRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -495,6 +549,7 @@ ENUMS = (
     StoreReason,
     ProcessState,
     StackSource,
+    Role,
 )
 ENUM_TEXT: dict[type, str] = {
     Phase: "`Pending`: first probe not finished; `Running`: a job can be launched "
@@ -507,7 +562,7 @@ ENUM_TEXT: dict[type, str] = {
     "`Failed`: reached it but it refused us or could not be trusted (also when seen on a "
     "fresh login while an old session still works).",
 }
-ANSWERS = (Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall)
+ANSWERS = (Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall, Whoami)
 REQUESTS = (JobRequest, PreflightRequest)
 
 

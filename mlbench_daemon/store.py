@@ -7,7 +7,8 @@ Layout::
 
 A record is a frozen `JobRecord`, whose fields declare the table's columns once
 (``nodes``, ``command``, ``env_names`` — names only, values are never stored —,
-``request`` and ``failure`` are JSON in the table and plain values in the record).
+``request``, ``failure`` and ``tags`` are JSON in the table and plain values in the
+record; ``submitted_by`` and ``cancelled_by`` are token names, None without tokens).
 Ids are 20 hex digits: creation time in milliseconds (kept strictly increasing), then
 random bits, so they sort by creation; ``seq`` gives the exact order.  A database from an older
 version gets the columns of ``ADDED_COLUMNS`` when it is opened.
@@ -140,6 +141,12 @@ class JobRecord:
     request: dict[str, Any] = column("TEXT NOT NULL DEFAULT '{}'", json=True, added=True)
     flavour: str | None = column("TEXT", added=True)
     failure: dict[str, Any] | None = column("TEXT NOT NULL DEFAULT 'null'", json=True, added=True)
+    # who did what: token names (None without tokens), the cancel's time, the job's name, tags
+    submitted_by: str | None = column("TEXT", added=True)
+    cancelled_by: str | None = column("TEXT", added=True)
+    cancelled_at: float | None = column("REAL", added=True)
+    name: str | None = column("TEXT", added=True)
+    tags: list[str] = column("TEXT NOT NULL DEFAULT '[]'", json=True, added=True)
     log_bytes: int = 0
 
     @classmethod
@@ -285,11 +292,34 @@ class Store:
             raise KeyError(f"no job {job_id!r}")
         return rec
 
-    def list(self, limit: int = 50, offset: int = 0) -> Records:
-        """Newest first."""
+    def list(
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        *,
+        states: tuple[str, ...] = (),
+        submitted_by: str | None = None,
+        name: str | None = None,
+        tags: tuple[str, ...] = (),
+    ) -> Records:
+        """Newest first; only jobs in one of *states* (if any), of *submitted_by*, named
+        *name*, and carrying every tag of *tags*."""
+        where: list[str] = []
+        params: list[object] = []
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params += states
+        for col, value in (("submitted_by", submitted_by), ("name", name)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                params.append(value)
+        for tag in tags:
+            where.append("EXISTS (SELECT 1 FROM json_each(jobs.tags) WHERE value = ?)")
+            params.append(tag)
+        sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (int(limit), int(offset))
+                sql + " ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, int(limit), int(offset))
             ).fetchall()
         return [self._decode(r) for r in rows]
 

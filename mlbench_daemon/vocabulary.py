@@ -22,6 +22,8 @@ enum               where the words appear
 ``CheckStatus``    a preflight check's ``status``
 ``ProcessState``   a rank's process ``state`` in a roll-call (``/proc/<pid>/stat``)
 ``StackSource``    where a roll-call's rank ``stack`` came from
+``Role``           a token's role (tokens file, route table, ``/api/whoami``)
+``Refusal``        why a request was refused (audit log ``outcome``, metrics ``reason``)
 =================  ===============================================================
 """
 
@@ -203,6 +205,31 @@ class StackSource(StrEnum):
     GDB = "gdb"  # native frames of the main thread (`gdb -batch -p`)
     WCHAN = "wchan"  # only the kernel function it waits in (/proc/<pid>/wchan)
     NONE = "none"  # nothing could be read (the rank's process was not found or vanished)
+
+
+class Role(StrEnum):
+    """What a token may do; each role may do everything the ones before it may."""
+
+    VIEWER = "viewer"  # reads
+    SUBMITTER = "submitter"  # also launches, runs preflights, cancels its own jobs
+    ADMIN = "admin"  # everything, including cancelling anyone's job
+
+    def allows(self, needed: Role) -> bool:
+        order = tuple(Role)
+        return order.index(self) >= order.index(needed)
+
+
+class Refusal(StrEnum):
+    """Why a request was refused before (or instead of) doing anything."""
+
+    NO_TOKEN = "no-token"  # no `Authorization: Bearer` header
+    BAD_TOKEN = "bad-token"  # not a token of this daemon
+    REVOKED = "revoked"  # a token revoked with `mlbench-daemon token revoke`
+    ROLE = "role"  # the token's role may not call this route
+    NOT_OWNER = "not-owner"  # a submitter cancelling another's job
+    HOST = "host"  # browser safety: a foreign Host
+    ORIGIN = "origin"  # browser safety: a foreign Origin
+    MEDIA_TYPE = "media-type"  # a body that is not application/json
 
 
 def checked(reason: str, allowed: Iterable[str], what: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -248,8 +249,19 @@ class StaticRegistry:
             for name, ip in hosts
         ]
 
+    stale, stale_reason = False, ""  # (the API's readers: /api/nodes, /healthz)
+
     def nodes(self, selector: object = None) -> list[NodeStatus]:
         return list(self.statuses)
+
+    def nodes_json(self) -> str:
+        return json.dumps([s.to_json() for s in self.statuses])
+
+    def discovery_age_s(self) -> float | None:
+        return 0.0
+
+    def refresh(self, timeout: float) -> None:
+        pass
 
     def wait_first_pass(self, timeout: float) -> bool:
         return True

@@ -382,8 +382,23 @@ def test_jobs_and_cancel(standin):
     job_id = _start(standin, ["sleep", "30"])
     code, text = run_cli(["--url", standin.url, "jobs"])
     assert code == 0
-    assert text.splitlines()[0].split() == ["ID", "STATE", "EXIT", "MASTER", "COMMAND"]
+    assert text.splitlines()[0].split() == [
+        "ID",
+        "STATE",
+        "EXIT",
+        "MASTER",
+        "BY",
+        "NAME",
+        "COMMAND",
+    ]
     assert text.splitlines()[1].split()[:3] == [job_id, "running", "w-10"]
+    args = ["jobs", "--state", "running", "--tag", "team:ml", "--tag", "a:b", "--by", "alice"]
+    code, _ = run_cli(["--url", standin.url, *args, "--name", "nightly"])
+    assert code == 0
+    assert standin.requests[-1][1:] == (
+        "/api/mpi_jobs/",
+        "state=running&tag=team%3Aml&tag=a%3Ab&submitted_by=alice&name=nightly",
+    )
     code, text = run_cli(["--url", standin.url, "cancel", job_id])
     assert code == 0 and text == f"job {job_id}: cancelled\n"
     code, _ = run_cli(["--url", standin.url, "cancel", "99"])

@@ -150,6 +150,11 @@ def test_node_and_job_schemas_list_what_the_code_emits():
         np=2,
         timeout_s=3.0,
         log_bytes=0,
+        submitted_by="alice",
+        cancelled_by="bob",
+        cancelled_at=time.time(),
+        name="nightly",
+        tags=["team:ml"],
     )
     job = to_json(JobRecord(**values))
     job_schema = DOC["components"]["schemas"]["Job"]

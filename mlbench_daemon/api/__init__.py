@@ -5,7 +5,8 @@ Each module serves one resource family and declares its routes (``ROUTES``, a li
 answers by status, who may call it); ``install(app, deps)`` registers them.  ``ROUTES``
 here is the whole table, in the document's order: the same list registers the Bottle
 routes (``plugin.register``) and generates the document's ``paths`` (``openapi``).
-``plugin.ApiPlugin`` does what every route shares: browser checks, the token,
+``plugin.ApiPlugin`` does what every route shares: browser checks, the token and its role,
+the audit log,
 ``ApiError`` and ``HTTPError`` -> JSON ``{"error", "message"}``, request counting.
 Every path works with and without its trailing slash.
 
@@ -13,6 +14,7 @@ Every path works with and without its trailing slash.
     preflight  POST /api/preflight
     nodes      GET /api/nodes, GET /api/pods
     jobs       POST/GET /api/mpi_jobs, GET/DELETE /api/mpi_jobs/<id>, GET .../logs
+    whoami     GET /api/whoami
     health     GET /api/openapi.json, GET /healthz, GET /metrics
 """
 
@@ -23,21 +25,23 @@ from typing import TYPE_CHECKING, Any
 import bottle
 
 from mlbench_daemon import openapi
-from mlbench_daemon.api import health, jobs, nodes, page, preflight
+from mlbench_daemon.api import health, jobs, nodes, page, preflight, whoami
 from mlbench_daemon.api.common import MAX_JSON_DEPTH, Deps, json_depth
 from mlbench_daemon.api.page import page_files
 from mlbench_daemon.api.plugin import ApiPlugin
 from mlbench_daemon.api.streams import Streams
 from mlbench_daemon.browser import Policy
+from mlbench_daemon.tokens import Tokens
 
 if TYPE_CHECKING:  # the API is given these; it imports none of them
+    from mlbench_daemon.audit import AuditLog
     from mlbench_daemon.jobs import Jobs
     from mlbench_daemon.jobs.preflight import Preflight
     from mlbench_daemon.nodes import Registry
 
 __all__ = ["DOCUMENT", "MAX_JSON_DEPTH", "ROUTES", "json_depth", "make_app", "page_files", "render"]
 
-MODULES = (page, preflight, nodes, jobs, health)  # in the document's order
+MODULES = (page, preflight, nodes, jobs, whoami, health)  # in the document's order
 ROUTES: list[openapi.Route] = [route for module in MODULES for route in module.ROUTES]
 DOCUMENT: dict[str, Any] = openapi.document(ROUTES)
 
@@ -55,11 +59,17 @@ def make_app(
     policy: Policy | None = None,
     max_streams: int = 4,
     preflight: Preflight | None = None,
+    tokens: Tokens | None = None,
+    audit: AuditLog | None = None,
 ) -> bottle.Bottle:
+    """The app; *tokens* (or the single *token*, an admin) are what requests must carry,
+    none = no auth; *audit* gets a line per write and per refusal."""
     policy = policy or Policy()
+    tokens = tokens or Tokens(legacy=token)
     app = bottle.Bottle(catchall=True)
-    deps = Deps(registry, jobs, preflight, max_body_bytes, Streams(max_streams), render())
-    app.install(ApiPlugin(token, policy))
+    streams = Streams(max_streams)
+    deps = Deps(registry, jobs, preflight, max_body_bytes, streams, render(), tokens.enabled)
+    app.install(ApiPlugin(tokens, policy, audit))
     for module in MODULES:
         module.install(app, deps)
     return app

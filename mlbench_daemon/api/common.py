@@ -12,6 +12,7 @@ import bottle
 
 from mlbench_daemon.api.streams import Streams
 from mlbench_daemon.errors import BadRequest, PayloadTooLarge, echo
+from mlbench_daemon.tokens import NOBODY, Caller
 
 if TYPE_CHECKING:  # the API is given these; it imports none of them
     from mlbench_daemon.jobs import Jobs
@@ -19,6 +20,8 @@ if TYPE_CHECKING:  # the API is given these; it imports none of them
     from mlbench_daemon.nodes import Registry
 
 JSON = "application/json"
+CALLER = "mlbench.caller"  # the request's tokens.Caller (the plugin sets it)
+AUDIT_NOTES = "mlbench.audit"  # what the request's audit line says besides the request
 # far deeper than any field needs; Python's parser recurses and fails near 1,000
 MAX_JSON_DEPTH = 32
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -35,6 +38,18 @@ class Deps:
     max_body_bytes: int
     streams: Streams
     document: str  # the served OpenAPI document (made from the route table once)
+    tokens_enabled: bool = False  # whether requests must carry a token
+
+
+def caller() -> Caller:
+    """Who made this request (``tokens.NOBODY`` when the daemon has no tokens)."""
+    found = bottle.request.environ.get(CALLER)
+    return found if isinstance(found, Caller) else NOBODY
+
+
+def note(**fields: Any) -> None:
+    """Add *fields* (job, owner, ...) to this request's audit line."""
+    bottle.request.environ.setdefault(AUDIT_NOTES, {}).update(fields)
 
 
 def as_json(value: Any, status: int = 200) -> str:

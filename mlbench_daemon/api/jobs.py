@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import bottle
 import msgspec
 
-from mlbench_daemon.api.common import JSON, Deps, as_json, body, flag, int_param
+from mlbench_daemon.api.common import JSON, Deps, as_json, body, caller, flag, int_param, note
 from mlbench_daemon.api.plugin import register
 from mlbench_daemon.api.streams import Held
-from mlbench_daemon.errors import BadRequest, InsufficientStorage, Unavailable
+from mlbench_daemon.errors import BadRequest, Forbidden, InsufficientStorage, Unavailable, echo
 from mlbench_daemon.openapi import FLAG, Alias, Answer, Param, Route, answer, error, ref
+from mlbench_daemon.shapes import TAG_PATTERN
 from mlbench_daemon.store import LOG_CHUNK_MAX, StoreError
-from mlbench_daemon.vocabulary import StoreReason
+from mlbench_daemon.vocabulary import JobState, Refusal, Role, StoreReason
 
 
 def refuse_if_store_fault(deps: Deps) -> None:
@@ -32,10 +35,11 @@ def submit(deps: Deps) -> str | Held:
         deps.streams.take()  # before the job exists: a refused request leaves nothing behind
     try:
         try:
-            job = deps.jobs.submit(request)  # validates every field, `wait` included
+            job = deps.jobs.submit(request, by=caller().name)  # validates every field
         except StoreError:
             refuse_if_store_fault(deps)  # the fault this write just met
             raise
+        note(job=job["id"])
         if wait is not True:
             bottle.response.set_header("Location", f"/api/mpi_jobs/{job['id']}")
             return as_json(job, 202)
@@ -49,9 +53,25 @@ def submit(deps: Deps) -> str | Held:
 
 
 def list_jobs(deps: Deps) -> str:
+    query = bottle.request.query
+    states = tuple(s for s in query.getall("state") if s)
+    for state in states:
+        if state not in tuple(JobState):
+            raise BadRequest(
+                f"state: must be one of {', '.join(JobState)}, got {echo(state)}", field="state"
+            )
+    tags = tuple(t for t in query.getall("tag") if t)
+    for tag in tags:
+        if not re.search(TAG_PATTERN.replace("$", r"\Z"), tag):
+            raise BadRequest(f"tag: must be key:value, got {echo(tag)}", field="tag")
     return as_json(
         deps.jobs.list(
-            limit=int_param("limit", 50, 1, 1000), offset=int_param("offset", 0, 0, 1 << 31)
+            limit=int_param("limit", 50, 1, 1000),
+            offset=int_param("offset", 0, 0, 1 << 31),
+            states=states,
+            submitted_by=query.get("submitted_by") or None,
+            name=query.get("name") or None,
+            tags=tags,
         )
     )
 
@@ -61,7 +81,17 @@ def get_job(deps: Deps, job_id: str) -> str:
 
 
 def cancel_job(deps: Deps, job_id: str) -> str:
-    status, job = deps.jobs.cancel(job_id)  # bounded by server.cancel_answer_s
+    who = caller()
+    if not who.role.allows(Role.ADMIN):  # a submitter cancels its own jobs only
+        owner = deps.jobs.get(job_id)["submitted_by"]  # 404 first
+        if owner != who.name:
+            note(owner=owner)
+            raise Forbidden(
+                f"job {job_id} was submitted by {owner!r}, not {who.name!r}: a submitter "
+                "cancels only its own jobs (an admin token can cancel it)",
+                error=Refusal.NOT_OWNER,
+            )
+    status, job = deps.jobs.cancel(job_id, by=who.name)  # bounded by server.cancel_answer_s
     return as_json(job, status)
 
 
@@ -153,6 +183,7 @@ ROUTES = [
                 "/api/mpi_jobs", "submitJobNoSlash", "Start an MPI job (same as `/api/mpi_jobs/`)"
             ),
         ),
+        role=Role.SUBMITTER,
     ),
     Route(
         "GET",
@@ -163,7 +194,7 @@ ROUTES = [
         "jobs",
         {
             200: answer("The jobs.", {"type": "array", "items": ref("Job")}),
-            400: error("Bad `limit` or `offset` (`field` names it)."),
+            400: error("Bad `limit`, `offset`, `state` or `tag` (`field` names it)."),
         },
         query=(
             Param(
@@ -176,6 +207,18 @@ ROUTES = [
                 {"type": "integer", "minimum": 0, "maximum": 2**31, "default": 0},
                 "Skip this many of the newest.",
             ),
+            Param(
+                "state",
+                {"anyOf": [ref("JobState"), {"const": ""}]},
+                "Only jobs in this state (repeatable: any of them).",
+            ),
+            Param(
+                "tag",
+                {"type": "string", "pattern": f"(?:{TAG_PATTERN})|^$"},
+                "Only jobs with this `key:value` tag (repeatable: every one of them).",
+            ),
+            Param("submitted_by", {"type": "string"}, "Only jobs submitted by this token name."),
+            Param("name", {"type": "string"}, "Only jobs with this `name`."),
         ),
         aliases=(Alias("/api/mpi_jobs", "listJobsNoSlash", "Jobs (same as `/api/mpi_jobs/`)"),),
     ),
@@ -198,6 +241,10 @@ ROUTES = [
         {
             200: answer("The job, final: normally `cancelled`.", ref("Job")),
             202: answer("The job, not final yet: the kill and sweep go on.", ref("Job")),
+            403: error(
+                "A submitter's token and another's job (`error` is `not-owner`; the message "
+                "names the owner): nothing is cancelled.  Or as for every route (below)."
+            ),
             404: _NO_SUCH_JOB,
             409: error("The job is already final, or not followed by this daemon."),
             503: error(
@@ -214,7 +261,9 @@ ROUTES = [
         "`error`).  The kill and sweep run in the job's own thread: the answer comes within "
         "`server.cancel_answer_s`, 200 once the job is final, else 202 with the job as it is "
         "(the cancel goes on; a second DELETE starts nothing).  A master that cannot be "
-        "reached is tried again every 5 s (`error` says so).",
+        "reached is tried again every 5 s (`error` says so).  A submitter cancels its own jobs "
+        "only; an admin anyone's.",
+        role=Role.SUBMITTER,
     ),
     Route(
         "GET",

@@ -2,26 +2,31 @@
 
 ``ApiPlugin`` owns everything that is the same for every route: on install (``setup``)
 the request hooks (trailing slash, browser checks, Cache-Control, request counting) and
-the JSON error pages (404, 405, 413, 500); around each route (``apply``) the token check
-its table entry asks for and ``ApiError`` -> JSON.  A route that did not come from the
-table (``register``) has no entry and is refused when it is first called.
+the JSON error pages (404, 405, 413, 500); around each route (``apply``) the token and
+role check its table entry asks for, ``ApiError`` -> JSON, and the audit line of every
+write and every refusal (written before the answer is sent).  A route that did not come
+from the table (``register``) has no entry and is refused when it is first called.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import bottle
 
 from mlbench_daemon import metrics
-from mlbench_daemon.api.common import JSON, Deps
+from mlbench_daemon.api.common import AUDIT_NOTES, CALLER, JSON, Deps
 from mlbench_daemon.browser import Policy, is_json
-from mlbench_daemon.errors import ApiError, Unauthorized, cut, echo
+from mlbench_daemon.errors import ApiError, Forbidden, Unauthorized, cut, echo
 from mlbench_daemon.openapi import Auth, Route
+from mlbench_daemon.tokens import NOBODY, Caller, Tokens
+from mlbench_daemon.vocabulary import Refusal
+
+if TYPE_CHECKING:  # the API is given the audit log; it imports none of it
+    from mlbench_daemon.audit import AuditLog
 
 log = logging.getLogger("mlbench_daemon.api")
 
@@ -60,8 +65,19 @@ def _error_body(status: int, error: str, message: str) -> str:
     return json.dumps({"error": error, "message": message})
 
 
-def _refuse(status: int, message: str) -> NoReturn:
+READS = ("GET", "HEAD", "OPTIONS")  # every other method is a write: audited
+REFUSALS = frozenset(Refusal)  # outcomes audited whatever the method
+UNAUTHORIZED = {
+    Refusal.NO_TOKEN: "missing or wrong bearer token: none was given",
+    Refusal.BAD_TOKEN: "missing or wrong bearer token",
+    Refusal.REVOKED: "this token was revoked",
+}
+
+
+def _refuse(status: int, message: str, why: Refusal) -> NoReturn:
     """Leave before any route runs: JSON, with the status's error name."""
+    metrics.refused_requests_total.labels(why).inc()
+    bottle.request.environ[AUDIT_NOTES] = {"outcome": why}
     raise bottle.HTTPResponse(
         json.dumps({"error": STATUS_TEXT[status], "message": message}),
         status=status,
@@ -74,25 +90,35 @@ def _browser_checks(policy: Policy) -> None:
     env = bottle.request.environ
     host = env.get("HTTP_HOST")
     if not policy.host_allowed(host, int(env.get("SERVER_PORT") or 0)):
-        _refuse(403, f"Host {echo(host)} is not a name of this daemon; see server.allowed_hosts")
+        _refuse(
+            403,
+            f"Host {echo(host)} is not a name of this daemon; see server.allowed_hosts",
+            Refusal.HOST,
+        )
     origin = env.get("HTTP_ORIGIN")
     if not policy.origin_allowed(origin, host):
-        _refuse(403, f"Origin {echo(origin)} may not use this API; see server.allowed_origins")
+        _refuse(
+            403,
+            f"Origin {echo(origin)} may not use this API; see server.allowed_origins",
+            Refusal.ORIGIN,
+        )
     if bottle.request.content_length > 0 and not is_json(env.get("CONTENT_TYPE", "")):
-        _refuse(415, "a request body must have Content-Type: application/json")
+        _refuse(415, "a request body must have Content-Type: application/json", Refusal.MEDIA_TYPE)
 
 
 class ApiPlugin:
-    """Authentication, errors as JSON and request counting, for every route (Bottle's
-    plugin API, version 2)."""
+    """Authentication, roles, errors as JSON, the audit log and request counting, for every
+    route (Bottle's plugin API, version 2)."""
 
     name = "mlbench-api"
     api = 2
 
-    def __init__(self, token: str | None, policy: Policy) -> None:
-        self.token, self.policy = token, policy
+    def __init__(self, tokens: Tokens, policy: Policy, audit: AuditLog | None = None) -> None:
+        self.tokens, self.policy, self.audit = tokens, policy, audit
+        self.app: bottle.Bottle | None = None
 
     def setup(self, app: bottle.Bottle) -> None:
+        self.app = app
         app.add_hook("before_request", self._before)
         app.add_hook("after_request", self._after)
         for status in (404, 405, 413, 500):
@@ -105,39 +131,97 @@ class ApiPlugin:
                 f"{route.method} {route.rule} is not in the route table (api.ROUTES); "
                 f"add it there so that it is documented"
             )
-        token = self.token if self._needs_token(declared.auth) else None
+        checked = self.tokens.enabled and self._needs_token(declared.auth)
+        audited = route.method not in READS
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            env = bottle.request.environ
+            env[AUDIT_NOTES] = notes = {"job": kwargs.get("job_id")}
             try:
-                if token:
-                    self._check_token(token)
-                return callback(*args, **kwargs)
+                env[CALLER] = self._caller(declared) if checked else NOBODY
+                result = callback(*args, **kwargs)
+                notes.setdefault("outcome", "ok")
+                return result
             except ApiError as e:
+                notes.setdefault("outcome", e.error)
+                if isinstance(e, Forbidden) and e.error in REFUSALS:
+                    metrics.refused_requests_total.labels(e.error).inc()
                 bottle.response.status = e.status
                 bottle.response.content_type = JSON
                 return json.dumps(e.body())
+            except bottle.HTTPResponse as r:  # Bottle's own answer (e.g. a redirect or abort)
+                bottle.response.status = r.status_code
+                notes.setdefault("outcome", STATUS_TEXT.get(r.status_code, "ok"))
+                raise
+            except Exception:
+                notes.setdefault("outcome", "internal")
+                bottle.response.status = 500
+                raise
+            finally:
+                if audited or notes.get("outcome") in REFUSALS:
+                    self._audit(route.rule)
 
         return wrapper
 
     def _needs_token(self, auth: Auth) -> bool:
         return auth is Auth.TOKEN or (auth is Auth.METRICS and not self.policy.public_metrics)
 
-    @staticmethod
-    def _check_token(token: str) -> None:
-        given = bottle.request.get_header("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
+    def _caller(self, route: Route) -> Caller:
+        """The token's caller, whose role may call *route*; else 401 or 403 (counted)."""
+        got = self.tokens.check(bottle.request.get_header("Authorization", ""))
+        notes = bottle.request.environ[AUDIT_NOTES]
+        if isinstance(got, Refusal):
+            metrics.refused_requests_total.labels(got).inc()
+            notes["outcome"] = got
             bottle.response.set_header("WWW-Authenticate", 'Bearer realm="mlbench-daemon"')
-            raise Unauthorized("missing or wrong bearer token")
+            raise Unauthorized(UNAUTHORIZED[got])
+        bottle.request.environ[CALLER] = got
+        if route.auth is Auth.TOKEN and not got.role.allows(route.role):
+            raise Forbidden(
+                f"token {got.name!r} is a {got.role}; {route.method} {route.path} needs a "
+                f"{route.role} or above",
+                error=Refusal.ROLE,
+            )
+        return got
+
+    def _audit(self, rule: str) -> None:
+        """One audit line for this request, as its answer stands now."""
+        if self.audit is None:
+            return
+        env = bottle.request.environ
+        caller = env.get(CALLER) or NOBODY
+        notes = env.get(AUDIT_NOTES) or {}
+        self.audit.record(
+            token=caller.name,
+            role=caller.role if caller.name else None,
+            source=env.get("REMOTE_ADDR"),
+            method=bottle.request.method,
+            path=rule,
+            job=notes.get("job"),
+            outcome=notes.get("outcome") or "ok",
+            status=bottle.response.status_code,
+            **({"owner": notes["owner"]} if notes.get("owner") else {}),
+        )
 
     def _before(self) -> None:
         env = bottle.request.environ
         path = env.get("PATH_INFO", "/")
         if len(path) > 1 and path.endswith("/"):
             env["PATH_INFO"] = path.rstrip("/") or "/"
-        _browser_checks(self.policy)
+        try:
+            _browser_checks(self.policy)
+        except bottle.HTTPResponse as refused:
+            bottle.response.status = refused.status_code
+            self._audit(self._rule())
+            raise
+
+    def _rule(self) -> str:
+        """The pattern of the route this request would reach (never the path as sent)."""
+        try:
+            route, _ = self.app.router.match(bottle.request.environ) if self.app else (None, None)
+        except bottle.HTTPError:
+            return "unmatched"
+        return route.rule if route is not None else "unmatched"
 
     @staticmethod
     def _after() -> None:

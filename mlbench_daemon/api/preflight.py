@@ -8,6 +8,7 @@ from mlbench_daemon.api.common import Deps, as_json, body
 from mlbench_daemon.api.plugin import register
 from mlbench_daemon.errors import NotFound
 from mlbench_daemon.openapi import Alias, Route, answer, error, ref
+from mlbench_daemon.vocabulary import Role
 
 
 def run_preflight(deps: Deps) -> str:
@@ -41,6 +42,7 @@ ROUTES = [
         ),
         body=ref("PreflightRequest"),
         aliases=(Alias("/api/preflight", "runPreflightNoSlash"),),
+        role=Role.SUBMITTER,
     ),
 ]
 

@@ -1,9 +1,11 @@
 """The job API (what api/ calls): submit, read, wait, cancel; slots and the FIFO queue.
 
-    submit(body) -> job dict        (raises BadRequest/Conflict/Unavailable/QueueFull)
+    submit(body, by=None) -> job dict   (raises BadRequest/Conflict/Unavailable/QueueFull;
+                                         `by`: the submitting token's name)
     wait(id, timeout=None) -> job dict with "response" (the whole log) after master_name
     wait_json(id, timeout=None) -> the same as JSON, an iterator of bytes (streamed)
-    get(id), list(limit, offset), cancel(id), read_log(id, offset, limit) -> (bytes, next)
+    get(id), list(limit, offset, **filters), cancel(id, by=None),
+    read_log(id, offset, limit) -> (bytes, next)
     follow_log(id, offset) -> iterator of bytes chunks until the job ends
 
 ``submit`` never blocks on the job; a request with ``wait`` true (the default) is
@@ -45,7 +47,7 @@ from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.jobs.rollcall import Coalescer, Target, take
 from mlbench_daemon.jobs.run import Cancel, Context, JobRun
 from mlbench_daemon.shapes import Job, RollCall
-from mlbench_daemon.store import LOG_CHUNK_MAX, JobRecord, Store
+from mlbench_daemon.store import LOG_CHUNK_MAX, JobRecord, Store, StoreError
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import JobReason, JobState, JobWait, StoreReason
 
@@ -130,7 +132,7 @@ class Jobs:
 
     # --- requests ---------------------------------------------------------------------
 
-    def submit(self, body: Any) -> dict[str, Any]:
+    def submit(self, body: Any, by: str | None = None) -> dict[str, Any]:
         req = validate(body, self.mpi.program)
         statuses, master = choose(self.registry, req)
         nodes = [s.node for s in statuses]
@@ -167,6 +169,9 @@ class Jobs:
                 env_names=env_names,
                 request=request,
                 command=command,
+                submitted_by=by,
+                name=req.name,
+                tags=list(req.tags),
             )
             run.id = rec.id
             self._admit(run)
@@ -180,9 +185,11 @@ class Jobs:
     def get(self, job_id: str) -> dict[str, Any]:
         return self._view(self._record(job_id))
 
-    def list(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+    def list(self, limit: int = 50, offset: int = 0, **filters: Any) -> list[dict[str, Any]]:
+        """Newest first; *filters* as ``Store.list`` takes them (states, submitted_by, name,
+        tags)."""
         _check_counts(limit=limit, offset=offset)
-        return [self._view(r) for r in self.store.list(min(limit, 1000), offset)]
+        return [self._view(r) for r in self.store.list(min(limit, 1000), offset, **filters)]
 
     def _view(self, rec: JobRecord) -> dict[str, Any]:
         """The API's job dict for a stored record, as this daemon knows the job: the
@@ -293,7 +300,7 @@ class Jobs:
         fault = run.store_fault
         return fault is not None and self._ctx.clock.time() - fault[2] >= FOLLOW_STORE_FAULT_S
 
-    def cancel(self, job_id: str) -> tuple[int, dict[str, Any]]:
+    def cancel(self, job_id: str, by: str | None = None) -> tuple[int, dict[str, Any]]:
         """Cancel a job -> (status, the job as it is now), within ``server.cancel_answer_s``:
         200 once it is final, 202 while its kill and sweep go on in the job's own threads.
         Only the request that starts the cancel waits (bounded); one while a cancel is
@@ -301,7 +308,8 @@ class Jobs:
         A kill that cannot reach the master is tried again every few seconds (its
         `error` says so) until delivered or the job is lost.  Raises Conflict (final, or
         not followed here), InsufficientStorage/Unavailable naming the reason when the
-        state dir cannot take the cancel (it goes on all the same)."""
+        state dir cannot take the cancel (it goes on all the same).  The cancel that starts
+        records `by` (a token's name) and its time as `cancelled_by` and `cancelled_at`."""
         rec = self._record(job_id)
         if rec.state.is_final:
             raise Conflict(f"job {job_id} is already {rec.state}")
@@ -309,11 +317,15 @@ class Jobs:
             run = self._live.get(job_id)
         if run is None:
             raise Conflict(f"job {job_id} is not followed by this daemon")
+        deadline = time.monotonic() + self.cfg.server.cancel_answer_s  # real threads
         outcome = run.cancel(JobReason.CANCELLED, self._queue)
         if outcome is not Cancel.ALREADY:
-            deadline = time.monotonic() + self.cfg.server.cancel_answer_s  # real threads
+            try:  # within the answer's bound
+                self.store.update(job_id, cancelled_by=by, cancelled_at=self._ctx.clock.time())
+            except StoreError as e:  # the cancel goes on; the fault is answered below
+                log.warning("job %s: cannot record who cancelled it: %s", job_id, e)
             if outcome is Cancel.KILLING:
-                run.killed.wait(self.cfg.server.cancel_answer_s)
+                run.killed.wait(max(0.0, deadline - time.monotonic()))
             if run.cancel_reason is not None:  # else withdrawn: nothing more to wait for
                 run.done.wait(max(0.0, deadline - time.monotonic()))
         job = self.get(job_id)
@@ -405,6 +417,7 @@ _DERIVED: dict[str, Callable[[JobRecord], Any]] = {
     "created": lambda rec: iso(rec.created),
     "started": lambda rec: iso(rec.started),
     "finished": lambda rec: iso(rec.finished),
+    "cancelled_at": lambda rec: iso(rec.cancelled_at),
     "env": lambda rec: {name: "***" for name in rec.env_names},
 }
 _KNOWN = ("store_error", "waiting")

@@ -23,7 +23,7 @@ from msgspec import inspect
 
 from mlbench_daemon import shapes
 from mlbench_daemon.discovery import Selector
-from mlbench_daemon.errors import BadRequest
+from mlbench_daemon.errors import BadRequest, echo
 
 MAX_REQUEST_BYTES = 256 * 1024  # program + env, well under the kernel's argv/env limits
 
@@ -72,6 +72,10 @@ _NP_MIN, _NP_MAX = _bounds(_NP.ge, _NP.le)
 _NODES, _NODES_EXTRA = _declared(_DECLARED["nodes"], inspect.ListType)
 _TIMEOUT = _declared(_DECLARED["timeout_s"], inspect.FloatType)[0]
 _TIMEOUT_ABOVE, _TIMEOUT_BELOW = _bounds(_TIMEOUT.gt, _TIMEOUT.lt)
+_NAME = _declared(_DECLARED["name"], inspect.StrType)[0]
+_NAME_TEXT = _regex(_NAME.pattern)
+_TAGS, _TAGS_EXTRA = _declared(_DECLARED["tags"], inspect.ListType)
+_TAG = _regex(_declared(_TAGS.item_type, inspect.StrType)[0].pattern)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +90,8 @@ class Request:
     master: str | None = None
     timeout_s: float | None = None
     wait: bool = True
+    name: str | None = None
+    tags: tuple[str, ...] = ()
 
 
 def _text(value: object, field: str) -> str:
@@ -176,6 +182,34 @@ def _wait(value: object) -> bool:
     return value
 
 
+def _name(name: object) -> str:
+    text = _text(name, "name")
+    if not (_NAME.min_length or 0) <= len(text) <= (_NAME.max_length or 0):
+        raise BadRequest(
+            f"name must be {_NAME.min_length} to {_NAME.max_length} characters", field="name"
+        )
+    if not _NAME_TEXT.search(text):
+        raise BadRequest("name must not contain control characters", field="name")
+    return text
+
+
+def _tags(tags: object) -> tuple[str, ...]:
+    if not isinstance(tags, list) or len(tags) > (_TAGS.max_length or 0):
+        raise BadRequest(
+            f"tags must be a list of at most {_TAGS.max_length} key:value strings", field="tags"
+        )
+    for tag in tags:
+        if not isinstance(tag, str) or not _TAG.search(tag):
+            raise BadRequest(
+                f"tag {echo(tag)} must be key:value (key: letters, digits, '-_.' up to 63; "
+                "value: also ':/@+=', up to 128)",
+                field="tags",
+            )
+    if _TAGS_EXTRA.get("uniqueItems") and len(set(tags)) != len(tags):
+        raise BadRequest("tags must not repeat a tag", field="tags")
+    return tuple(tags)
+
+
 # name -> check, in the order fields are checked (and listed in the unknown-field message):
 # the declaration's order (checked below)
 FIELDS: dict[str, Callable[[object], object]] = {
@@ -187,6 +221,8 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "master": _master,
     "timeout_s": _timeout_s,
     "wait": _wait,
+    "name": _name,
+    "tags": _tags,
 }
 if tuple(FIELDS) != shapes.JobRequest.__struct_fields__:
     raise TypeError(f"request.FIELDS {tuple(FIELDS)} are not shapes.JobRequest's fields")

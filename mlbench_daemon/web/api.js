@@ -34,6 +34,7 @@ function askToken(message) {
         input.value = "";
         dialog.close();
         asking = null;
+        window.dispatchEvent(new Event("mlbench-token")); // another token: who am I now
         resolve();
       };
       dialog.oncancel = (ev) => ev.preventDefault(); // no data without a token: keep asking

@@ -6,7 +6,7 @@ import { jobPoller, openJob, stopFollow } from "./job.js";
 import { jobsPoller } from "./jobs.js";
 import { followsNext } from "./launch.js";
 import { nodesPoller } from "./overview.js";
-import { $, tickClock } from "./page.js";
+import { $, loadMe, me, tickClock } from "./page.js";
 
 // ---- routing --------------------------------------------------------------------------
 
@@ -21,7 +21,7 @@ function route() {
   else if ((m = /^#\/jobs\/([0-9A-Za-z]+)$/.exec(hash))) {
     view = "job";
     jobId = m[1];
-  } else if (hash === "#/launch") view = "launch";
+  } else if (hash === "#/launch" && me.can_submit) view = "launch";
   for (const v of VIEWS) $(`view-${v}`).hidden = v !== view;
   for (const a of document.querySelectorAll("nav a")) {
     if (a.dataset.view === view || (view === "job" && a.dataset.view === "jobs"))
@@ -47,6 +47,15 @@ window.addEventListener("hashchange", () => {
   const view = route();
   if (!first) $(`h-${view}`).focus(); // a screen reader hears where it went
 });
-route();
-first = false;
-tickClock();
+// Another token was entered: what it may do decides the controls (and the launch view).
+window.addEventListener("mlbench-token", () => {
+  if (!first) loadMe().then(route, () => {});
+});
+// who am I first, so that no launch or cancel control shows for a role without them
+loadMe()
+  .catch(() => {}) // unknown: no controls; the views still show what can be read
+  .then(() => {
+    route();
+    first = false;
+    tickClock();
+  });

@@ -2,7 +2,7 @@
 
 import { ApiError, getJSON } from "./api.js";
 import { LogView, download, follow, loadTail } from "./log.js";
-import { $, BACKOFF_MAX_MS, FAILURE_FIELDS, JOBS_EVERY_MS, STYLED, confirmCancel, failing, fmtBytes, fmtDuration, fmtTime, isFinal, poller, setText } from "./page.js";
+import { $, BACKOFF_MAX_MS, FAILURE_FIELDS, JOBS_EVERY_MS, STYLED, confirmCancel, failing, fmtBytes, fmtDuration, fmtTime, isFinal, mayCancel, poller, setText } from "./page.js";
 import { loadVocabulary } from "./vocabulary.js";
 
 // ---- job detail ---------------------------------------------------------------------
@@ -55,6 +55,10 @@ function renderJob(job) {
     ["Duration", fmtDuration(job)],
     ["Exit code", job.exit_code === null ? "\u2014" : String(job.exit_code)],
     ["Log", fmtBytes(job.log_bytes)],
+    ["Name", job.name || "\u2014"],
+    ["Tags", (job.tags || []).join(", ") || "\u2014"],
+    ["Submitted by", job.submitted_by || "\u2014"],
+    ["Cancelled by", job.cancelled_by ? `${job.cancelled_by}, ${fmtTime(job.cancelled_at)}` : "\u2014"],
   ]);
   const f = job.failure;
   const pairs = [];
@@ -79,7 +83,7 @@ function renderJob(job) {
   }
   $("job-failure").hidden = pairs.length === 0;
   dl($("job-failure-fields"), pairs);
-  $("job-cancel").hidden = isFinal(job.state);
+  $("job-cancel").hidden = isFinal(job.state) || !mayCancel(job);
   showExtent();
 }
 

@@ -1,7 +1,7 @@
 // The job list (#/jobs).
 
 import { getJSON } from "./api.js";
-import { $, JOBS_EVERY_MS, STYLED, cause, confirmCancel, fmtDuration, fmtTime, isFinal, poller, row, setText, syncRows } from "./page.js";
+import { $, JOBS_EVERY_MS, STYLED, cause, confirmCancel, fmtDuration, fmtTime, isFinal, mayCancel, poller, row, setText, syncRows } from "./page.js";
 import { loadVocabulary, vocabulary } from "./vocabulary.js";
 
 // ---- jobs -----------------------------------------------------------------------------
@@ -40,7 +40,7 @@ function renderJobs() {
       setText(c[5], fmtDuration(j));
       setText(c[6], j.exit_code === null ? "\u2014" : String(j.exit_code));
       setText(c[7], cause(j));
-      c[8].firstElementChild.hidden = isFinal(j.state);
+      c[8].firstElementChild.hidden = isFinal(j.state) || !mayCancel(j);
     },
   );
   $("jobs-empty").hidden = jobs.length > 0;

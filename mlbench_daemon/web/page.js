@@ -1,7 +1,7 @@
 // What every view shares: the freshness line and banner, chained-timer polling, the
 // vocabulary from the served document, formatting, table rows, the cancel dialog.
 
-import { ApiError, request } from "./api.js";
+import { ApiError, getJSON, request } from "./api.js";
 import { vocabulary } from "./vocabulary.js";
 
 export const NODES_EVERY_MS = 2000;
@@ -25,6 +25,22 @@ export const phases = () => [...vocabulary.phases].sort((a, b) => phaseRank(a) -
 export const isFinal = (state) => vocabulary.states.includes(state) && !ACTIVE.includes(state);
 
 export const $ = (id) => document.getElementById(id);
+
+// ---- who am I: the page hides what the token's role cannot do (the API refuses anyway) --
+
+// Until /api/whoami answers, nothing may be launched or cancelled from the page.
+export const me = { known: false, name: null, role: null, can_submit: false, can_cancel: "none" };
+
+export async function loadMe() {
+  Object.assign(me, await getJSON("/api/whoami"), { known: true });
+  const who = $("whoami");
+  who.textContent = me.auth ? `${me.name} (${me.role})` : "";
+  who.hidden = !me.auth;
+  $("nav-launch").hidden = !me.can_submit;
+}
+
+export const mayCancel = (job) =>
+  me.can_cancel === "all" || (me.can_cancel === "own" && me.name !== null && job.submitted_by === me.name);
 
 // ---- freshness: "updated N s ago" and the connection banner -----------------------
 
