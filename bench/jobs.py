@@ -232,7 +232,8 @@ def main():
             # one repeat of bench.reattach's measure (which imports this module)
             from bench.reattach import catch_up
 
-            ours_mbs, theirs_mbs, _cpu, growth, _load = catch_up(c, daemon, nbytes, 0.0)
+            r = catch_up(c, daemon, nbytes)
+            ours_mbs, theirs_mbs, growth = r["ours"], r["theirs"], r["growth"]
             print(
                 f"  written, after kill -9 + restart: daemon re-attach {ours_mbs:6.1f} MB/s"
                 f"   ssh master cat {theirs_mbs:6.1f} MB/s   "
