@@ -38,13 +38,16 @@ def children_cpu_s():
 
 
 def openssh_cat(c, master, path, into):
-    """`ssh master cat path > into` -> (seconds, ssh's CPU seconds, load before)."""
+    """`ssh master cat path > into` (removed after) -> (seconds, ssh's CPU s, load before)."""
     os.sync()
     at = load()
     cpu0, t = children_cpu_s(), time.perf_counter()
     with open(into, "wb") as out:
         subprocess.run(c.ssh_argv(master, ["cat", str(path)]), stdout=out, timeout=600, check=True)
-    return time.perf_counter() - t, children_cpu_s() - cpu0, at
+    took, cpu = time.perf_counter() - t, children_cpu_s() - cpu0
+    assert into.stat().st_size == path.stat().st_size
+    into.unlink()
+    return took, cpu, at
 
 
 def catch_up(c, daemon, nbytes, ssh_first=False, profile=None):
@@ -77,7 +80,6 @@ def catch_up(c, daemon, nbytes, ssh_first=False, profile=None):
     copy = daemon.state / "openssh-copy"
     if ssh_first:
         theirs = openssh_cat(c, master, same, copy)
-        copy.unlink()
     log = daemon.state / "logs" / f"{job['id']}.log"
     before = log.stat().st_size if log.exists() else 0
     os.sync()  # the job's output and the copy are on disk: the follower pays no writeback
@@ -108,8 +110,6 @@ def catch_up(c, daemon, nbytes, ssh_first=False, profile=None):
     log.unlink()  # the next repeat's 1 GB must fit on the disk too
     if not ssh_first:
         theirs = openssh_cat(c, master, same, copy)
-    assert copy.stat().st_size == final
-    copy.unlink()
     same.unlink()
     gb = (final - before) / 1e9
     return {
