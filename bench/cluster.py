@@ -2,15 +2,15 @@
 
     python3 -m bench.cluster [--sizes 3 32] [--rounds 3]   (from the repository root)
 
-Prints the median build and teardown time per size. Build includes the
-namespaces, bridge, cluster user and keys, one sshd per host (until each
-accepts TCP), dnsmasq, and compiling the MPI program.
+Prints the median and range of the build and teardown time per size, and the load.
+Build includes the namespaces, bridge, cluster user and keys, one sshd per host (until
+each accepts TCP), dnsmasq, and compiling the MPI program.
 """
 
 import argparse
-import statistics
 import time
 
+from bench.common import load, spread
 from tests.cluster import Cluster
 
 
@@ -20,8 +20,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     for n in args.sizes:
-        builds, teardowns = [], []
+        builds, teardowns, loads = [], [], []
         for _ in range(args.rounds):
+            loads.append(load())
             t = time.perf_counter()
             c = Cluster(workers=n, extra=1).build()
             builds.append(time.perf_counter() - t)
@@ -29,8 +30,9 @@ def main():
             c.teardown()
             teardowns.append(time.perf_counter() - t)
         print(
-            f"{n:3d} workers (+1 dashboard host): build {statistics.median(builds):.2f} s, "
-            f"teardown {statistics.median(teardowns):.2f} s  (median of {args.rounds})"
+            f"{n:3d} workers (+1 dashboard host): build {spread(builds, '{:.2f}')} s, "
+            f"teardown {spread(teardowns, '{:.2f}')} s  ({args.rounds} rounds; load "
+            f"{spread(loads, '{:.2f}')})"
         )
 
 

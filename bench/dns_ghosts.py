@@ -17,7 +17,6 @@ ratio to the 5-member pass plus reading the member list (what the test bounds at
 import argparse
 import os
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,7 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
+from bench.common import spread
 from mlbench_daemon.config import SETTINGS
 from mlbench_daemon.discovery import Discovery
 
@@ -109,8 +109,7 @@ def main():
                 for what, r in (("5 members", ratios), ("5 members + reading the list", fair)):
                     print(
                         f"{a.ghosts} {kind} ghosts + 5 members vs {what}, {a.passes} passes: "
-                        f"CPU ratio median {statistics.median(r):.2f} "
-                        f"(range {min(r):.2f}-{max(r):.2f}, {a.repeats} repeats); "
+                        f"CPU ratio {spread(r, '{:.2f}')}, {a.repeats} repeats; "
                         f"load average {load:.2f} on {os.cpu_count()} cores"
                     )
         finally:

@@ -24,9 +24,9 @@ import concurrent.futures
 import http.client
 import json
 import os
-import statistics
 import time
 
+from bench.common import settle, spread
 from tests.cluster import Cluster
 from tests.helpers import served
 
@@ -62,19 +62,6 @@ def pct(values, p):
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
 
 
-def settle(port, workers, seconds):
-    """Until every worker is Running, then `seconds` more (first probes and DNS done)."""
-    deadline = time.monotonic() + 120
-    while True:
-        _, nodes, _ = request(port, "GET", "/api/nodes/")
-        if len(nodes) == workers and all(n["phase"] == "Running" for n in nodes):
-            break
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the cluster did not settle: {nodes}")
-        time.sleep(0.2)
-    time.sleep(seconds)
-
-
 def wait_job(port, job_id, pred, what, timeout=120):
     deadline = time.monotonic() + timeout
     while True:
@@ -86,7 +73,8 @@ def wait_job(port, job_id, pred, what, timeout=120):
         time.sleep(0.2)
 
 
-def one_repeat(c, port, a):
+def one_repeat(c, daemon, a):
+    port = daemon.port
     master = sorted(c.workers, key=lambda h: h.index)[0]
     status, job, _ = request(
         port,
@@ -103,7 +91,8 @@ def one_repeat(c, port, a):
     assert status == 202, job
     job_id = job["id"]
     wait_job(port, job_id, lambda j: j["log_bytes"] > 0, "its first output")
-    settle(port, len(c.workers), a.settle)
+    settle(daemon, len(c.workers))
+    time.sleep(a.settle)
     load_base = os.getloadavg()[0]
     base = nodes_latencies(port, a.baseline_s)
     c.freeze(master)
@@ -134,13 +123,6 @@ def one_repeat(c, port, a):
     }
 
 
-def spread(values, fmt):
-    return (
-        f"median {fmt.format(statistics.median(values))} "
-        f"(range {fmt.format(min(values))}-{fmt.format(max(values))})"
-    )
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -152,7 +134,7 @@ def main():
     rows = []
     with Cluster(workers=3, extra=0) as c, served(c, log={"level": "warning"}) as daemon:
         for i in range(a.repeats):
-            r = one_repeat(c, daemon.port, a)
+            r = one_repeat(c, daemon, a)
             rows.append(r)
             b, s = r["base"], r["stuck"]
             print(

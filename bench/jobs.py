@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.common import settle
 from mlbench_daemon.jobs import flavour
 from tests.cluster import MPI_ARGS, MPIRUN, MPIS, Cluster
 from tests.helpers import call_port as call
@@ -205,12 +206,14 @@ def main():
             with served(c, log=log, ssh=ssh, mpi=mpi) as daemon:
                 print(f"  {name}:")
                 for n in (4, 16):
+                    at = settle(daemon, len(c.workers))
                     ours, theirs, ours_over, theirs_over = launch(
                         c, daemon.port, n, args.rounds, fwrapper, ftimes, name
                     )
                     print(
                         f"    {n:2d} hosts: POST {ours * 1000:7.1f} ms   ssh+launcher "
-                        f"{theirs * 1000:7.1f} ms   ratio {ours / theirs:.3f}  (target <= 0.9)"
+                        f"{theirs * 1000:7.1f} ms   ratio {ours / theirs:.3f}  (target <= 0.9)   "
+                        f"load {at:.2f}"
                     )
                     print(
                         f"              overhead: POST {ours_over * 1000:5.1f} ms   ssh+launcher "
@@ -221,22 +224,25 @@ def main():
         mpi = {"mpirun": str(wrapper), "flavour": "openmpi4"}
         with served(c, log=log, ssh=ssh, mpi=mpi) as daemon:
             nbytes = int(args.gigabytes * 1e9)
+            at = settle(daemon, len(c.workers), sync=True)
             ours, theirs, growth = live_stream(c, daemon.port, daemon.process.pid, nbytes, wrapper)
             print(f"\nlog throughput, a job writing {nbytes / 1e9:.2f} GB")
             print(
                 f"  live, job start to end: daemon {nbytes / ours / 1e6:6.1f} MB/s   "
                 f"ssh+mpirun at a terminal {nbytes / theirs / 1e6:6.1f} MB/s   "
-                f"ratio {theirs / ours:.3f}"
+                f"ratio {theirs / ours:.3f}   load {at:.2f}"
             )
             print(f"  daemon RSS growth while streaming {growth:.1f} MB  (target < 50)")
             # one repeat of bench.reattach's measure (which imports this module)
             from bench.reattach import catch_up
 
-            ours_mbs, theirs_mbs, _cpu, growth, _load = catch_up(c, daemon, nbytes, 0.0)
+            r = catch_up(c, daemon, nbytes)
+            ours_mbs, theirs_mbs, growth = r["ours"], r["theirs"], r["growth"]
             print(
                 f"  written, after kill -9 + restart: daemon re-attach {ours_mbs:6.1f} MB/s"
                 f"   ssh master cat {theirs_mbs:6.1f} MB/s   "
                 f"ratio {ours_mbs / theirs_mbs:.3f}  (target >= 1.0; bench.reattach repeats it)"
+                f"   load {r['load']:.2f}"
             )
             print(f"  daemon RSS growth while catching up {growth:.1f} MB  (target < 50)")
 

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import time
 
+from bench.common import load, settle, spread
 from tests.cluster import MPI_ARGS, MPIRUN, Cluster
 from tests.helpers import call_port as call
 from tests.helpers import served
@@ -23,7 +24,7 @@ SETTLE_S = 0.5
 def compare(c, port, n, rounds):
     hosts = c.workers[:n]
     mpirun = [MPIRUN, *MPI_ARGS, "--host", ",".join(h.ip for h in hosts), str(c.mpi_program)]
-    ours, theirs = [], []
+    ours, theirs, loads = [], [], []
 
     def by_openssh():
         t = time.perf_counter()
@@ -41,8 +42,9 @@ def compare(c, port, n, rounds):
     for i in range(rounds):
         for run in (by_openssh, by_preflight) if i % 2 == 0 else (by_preflight, by_openssh):
             time.sleep(SETTLE_S)
+            loads.append(load())
             run()
-    return statistics.median(ours), statistics.median(theirs), min(ours), max(ours)
+    return ours, theirs, loads
 
 
 def main():
@@ -60,11 +62,13 @@ def main():
         print(f"\npreflight vs one `ssh master mpirun` of the short program, "
               f"medians of {args.rounds} rounds")  # fmt: skip
         for n in (4, 16):
-            ours, theirs, lo, hi = compare(c, daemon.port, n, args.rounds)
+            settle(daemon, len(c.workers))
+            ours, theirs, loads = compare(c, daemon.port, n, args.rounds)
+            ratio = statistics.median(ours) / statistics.median(theirs)
             print(
-                f"{n:3d} hosts: preflight {ours * 1000:7.1f} ms (range {lo * 1000:.0f}-"
-                f"{hi * 1000:.0f})   ssh+mpirun {theirs * 1000:7.1f} ms   "
-                f"ratio {ours / theirs:.3f}  (target <= 1.5)",
+                f"{n:3d} hosts: preflight {spread([x * 1000 for x in ours], '{:.1f}')} ms   "
+                f"ssh+mpirun {spread([x * 1000 for x in theirs], '{:.1f}')} ms   "
+                f"ratio {ratio:.3f}  (target <= 1.5)   load {spread(loads, '{:.2f}')}",
                 flush=True,
             )
 

@@ -4,43 +4,56 @@ A job on one master writes N bytes and ends while the daemon is down (kill -9); 
 daemon is started again and its follower catches the log up from the master's output
 file.  Measured from the log's first new byte to its last (the daemon's start-up is not
 counted), against `ssh master cat` of the same bytes (a copy of the job's file, so the
-page cache is warm for both) into a file on the state directory's filesystem, run right
-after in the same repeat.  Each repeat starts on a settled cluster (every worker Running,
-then --settle seconds) and prints the machine's 1-minute load beside its figures; the
-summary gives the median and range of each size's ratio, and the daemon's CPU seconds
-while it caught up.
+page cache is warm for both) into a file on the state directory's filesystem, in the
+same repeat: first in every other repeat, and each path after the page cache is written
+back (`sync`), so neither pays for the other's writeback.  Each repeat starts on a
+settled cluster (bench.common.settle) and prints the machine's 1-minute load beside its
+figures; the summary gives the median and range of each size's ratio, and both paths'
+CPU seconds per GB (the daemon's from the first new byte; ssh's whole process).
 
 Target (issue 21): ratio >= 1.0 (daemon MB/s over `ssh master cat` MB/s).
 
-    python3 -m bench.reattach [--repeats 3] [--gigabytes 0.25 1] [--settle 3]
+    python3 -m bench.reattach [--repeats 3] [--gigabytes 0.25 1] [--profile FILE]
         (from the repository root)
 """
 
 import argparse
 import os
+import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import time
 
+from bench.common import Figures, cpu_s, load, settle
 from bench.jobs import RSS, rss_kb, wait_state
 from tests.cluster import Cluster
 from tests.helpers import call_port as call
-from tests.helpers import served, wait_hosts_running
-
-TICK = os.sysconf("SC_CLK_TCK")
+from tests.helpers import served
 
 
-def cpu_s(pid):
-    """User + system CPU seconds of a process so far."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+def children_cpu_s():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
-def catch_up(c, daemon, nbytes, settle_s, profile=None):
-    """One repeat -> (daemon MB/s, ssh cat MB/s, daemon CPU s, RSS growth MB, load)."""
+def openssh_cat(c, master, path, into):
+    """`ssh master cat path > into` (removed after) -> (seconds, ssh's CPU s, load before)."""
+    os.sync()
+    at = load()
+    cpu0, t = children_cpu_s(), time.perf_counter()
+    with open(into, "wb") as out:
+        subprocess.run(c.ssh_argv(master, ["cat", str(path)]), stdout=out, timeout=600, check=True)
+    took, cpu = time.perf_counter() - t, children_cpu_s() - cpu0
+    assert into.stat().st_size == path.stat().st_size
+    into.unlink()
+    return took, cpu, at
+
+
+def catch_up(c, daemon, nbytes, ssh_first=False, profile=None):
+    """One repeat -> dict of both paths' MB/s, CPU s and load, and the daemon's RSS growth."""
     master, port = c.workers[0], daemon.port
+    settle(daemon, len(c.workers), sync=True)
     _status, job = call(
         port,
         "POST",
@@ -55,18 +68,22 @@ def catch_up(c, daemon, nbytes, settle_s, profile=None):
     daemon.process.kill()
     daemon.process.wait()
     remote = c.home / ".mlbench-daemon" / "jobs" / job["id"]
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1800
     while not (remote / "rc").exists():
-        assert time.monotonic() < deadline
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: the job did not end within 30 minutes")
         time.sleep(0.05)
     final = (remote / "out").stat().st_size
     same = c.dir / "bench-log"
     shutil.copy(remote / "out", same)
     os.chmod(same, 0o644)
+    copy = daemon.state / "openssh-copy"
+    if ssh_first:
+        theirs = openssh_cat(c, master, same, copy)
     log = daemon.state / "logs" / f"{job['id']}.log"
     before = log.stat().st_size if log.exists() else 0
-    time.sleep(settle_s)  # the job's writer and the copy are over
-    load = os.getloadavg()[0]
+    os.sync()  # the job's output and the copy are on disk: the follower pays no writeback
+    at = load()
     pid = daemon.start().pid
     rss = RSS(pid)
     spy = None
@@ -90,24 +107,26 @@ def catch_up(c, daemon, nbytes, settle_s, profile=None):
     job = wait_state(port, job["id"], ("succeeded", "failed", "lost", "cancelled"))
     assert job["state"] == "succeeded", job
     assert log.read_bytes() == same.read_bytes(), "the log differs from the job's output"
-    copy = daemon.state / "openssh-copy"
-    t = time.perf_counter()
-    with open(copy, "wb") as out:
-        subprocess.run(c.ssh_argv(master, ["cat", str(same)]), stdout=out, timeout=600, check=True)
-    theirs = time.perf_counter() - t
-    assert copy.stat().st_size == final
-    copy.unlink()
-    same.unlink()
     log.unlink()  # the next repeat's 1 GB must fit on the disk too
-    wait_hosts_running(port, len(c.workers), process=daemon.process)
-    return (final - before) / ours / 1e6, final / theirs / 1e6, cpu, growth, load
+    if not ssh_first:
+        theirs = openssh_cat(c, master, same, copy)
+    same.unlink()
+    gb = (final - before) / 1e9
+    return {
+        "ours": (final - before) / ours / 1e6,
+        "theirs": final / theirs[0] / 1e6,
+        "our_cpu": cpu / gb,
+        "their_cpu": theirs[1] / (final / 1e9),
+        "load": at,
+        "their_load": theirs[2],
+        "growth": growth,
+    }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gigabytes", type=float, nargs="+", default=[0.25, 1.0])
-    ap.add_argument("--settle", type=float, default=3.0)
     ap.add_argument("--profile", help="py-spy's samples of each catch-up, into PROFILE.<n>")
     args = ap.parse_args()
 
@@ -119,25 +138,25 @@ def main():
             for gb in args.gigabytes:
                 nbytes = int(gb * 1e9)
                 print(f"\nre-attach catch-up of {gb:g} GB ({args.repeats} repeats)", flush=True)
-                ratios, cpus = [], []
+                figs = Figures()
                 for i in range(args.repeats):
-                    ours, theirs, cpu, growth, load = catch_up(
-                        c, daemon, nbytes, args.settle, args.profile and f"{args.profile}.{i}"
+                    r = catch_up(
+                        c, daemon, nbytes, i % 2 == 1, args.profile and f"{args.profile}.{i}"
                     )
-                    ratios.append(ours / theirs)
-                    cpus.append(cpu)
+                    figs.add("ratio", r["ours"] / r["theirs"], r["load"])
+                    figs.add("daemon CPU s/GB", r["our_cpu"], r["load"])
+                    figs.add("ssh CPU s/GB", r["their_cpu"], r["their_load"])
                     print(
-                        f"  #{i + 1}: daemon {ours:6.1f} MB/s (CPU {cpu:.2f} s, RSS +{growth:.1f}"
-                        f" MB)   ssh master cat {theirs:6.1f} MB/s   ratio {ours / theirs:.3f}"
-                        f"   load {load:.2f}",
+                        f"  #{i + 1}: daemon {r['ours']:6.1f} MB/s (CPU {r['our_cpu']:.2f} s/GB,"
+                        f" RSS +{r['growth']:.1f} MB, load {r['load']:.2f})   ssh master cat "
+                        f"{r['theirs']:6.1f} MB/s (CPU {r['their_cpu']:.2f} s/GB, load "
+                        f"{r['their_load']:.2f}{', first' if i % 2 else ''})   "
+                        f"ratio {r['ours'] / r['theirs']:.3f}",
                         flush=True,
                     )
-                print(
-                    f"  ratio median {statistics.median(ratios):.3f} range "
-                    f"{min(ratios):.3f}-{max(ratios):.3f}   daemon CPU median "
-                    f"{statistics.median(cpus):.2f} s  (target >= 1.0)",
-                    flush=True,
-                )
+                print("  " + figs.line("ratio", target=">= 1.0"))
+                print("  " + figs.line("daemon CPU s/GB", "{:.2f}"))
+                print("  " + figs.line("ssh CPU s/GB", "{:.2f}"), flush=True)
 
 
 if __name__ == "__main__":

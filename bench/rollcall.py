@@ -20,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench.common import settle, spread
 from tests.cluster import MPI_ARGS, MPIRUN, Cluster
 from tests.helpers import call_port as call
 from tests.helpers import served, wait_for
@@ -117,18 +118,18 @@ def main():
                 f"{args.rounds} rounds each, {os.cpu_count()} CPUs"
             )
             for n in args.sizes:
+                settle(daemon, n_max)
                 job_id = start_job(c, daemon.port, prog, c.workers[:n])
                 try:
                     ours, theirs, lo, lt = compare(c, daemon.port, job_id, args.rounds)
                 finally:
                     call(daemon.port, "DELETE", f"/api/mpi_jobs/{job_id}")
                 mo, mt = statistics.median(ours), statistics.median(theirs)
+                ms = [x * 1000 for x in ours], [x * 1000 for x in theirs]
                 print(
-                    f"{n:3d} hosts: roll-call {mo * 1000:6.0f} ms (range {min(ours) * 1000:.0f}-"
-                    f"{max(ours) * 1000:.0f}; load {min(lo):.2f}-{max(lo):.2f})   by hand "
-                    f"{mt * 1000:6.0f} ms (range {min(theirs) * 1000:.0f}-"
-                    f"{max(theirs) * 1000:.0f}; load {min(lt):.2f}-{max(lt):.2f})   "
-                    f"ratio {mo / mt:.2f}",
+                    f"{n:3d} hosts: roll-call {spread(ms[0], '{:.0f}')} ms (load "
+                    f"{spread(lo, '{:.2f}')})   by hand {spread(ms[1], '{:.0f}')} ms (load "
+                    f"{spread(lt, '{:.2f}')})   ratio {mo / mt:.2f}",
                     flush=True,
                 )
 
