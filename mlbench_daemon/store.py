@@ -10,7 +10,8 @@ the job's log file when the record was read); ``nodes`` (list of
 ``[ip, namespace, name, labels]``), ``command`` (argv list), ``env_names``
 (list of names; values are never stored) and ``request`` (what a queued job
 needs to be launched after a restart: program, np, master, node names) and
-``failure`` (the cause of a job that did not succeed, or None) are JSON in the
+``failure`` (the cause of a job that did not succeed, or None) and ``stalls`` (its
+stall episodes, jobs/stall.py) are JSON in the
 table and plain values here.  Ids are 20 hex digits: creation
 time in milliseconds (kept strictly increasing), then random bits, so they
 sort by creation; ``seq`` gives the exact order.  A database from an older
@@ -119,13 +120,15 @@ COLUMNS = (
     "request",
     "flavour",
     "failure",
+    "stalls",
 )
-JSON_COLUMNS = ("nodes", "command", "env_names", "request", "failure")
+JSON_COLUMNS = ("nodes", "command", "env_names", "request", "failure", "stalls")
 # Columns added after the first release: (name, declaration), added to older databases.
 ADDED_COLUMNS = (
     ("request", "TEXT NOT NULL DEFAULT '{}'"),
     ("flavour", "TEXT"),
     ("failure", "TEXT NOT NULL DEFAULT 'null'"),
+    ("stalls", "TEXT NOT NULL DEFAULT '[]'"),  # jobs/stall.py: the job's stall episodes
 )
 
 SCHEMA = """
@@ -151,7 +154,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT,
     request TEXT NOT NULL DEFAULT '{}',
     flavour TEXT,
-    failure TEXT NOT NULL DEFAULT 'null'
+    failure TEXT NOT NULL DEFAULT 'null',
+    stalls TEXT NOT NULL DEFAULT '[]'
 )
 """
 

@@ -72,6 +72,8 @@ _NP_MIN, _NP_MAX = _bounds(_NP.ge, _NP.le)
 _NODES, _NODES_EXTRA = _declared(_DECLARED["nodes"], inspect.ListType)
 _TIMEOUT = _declared(_DECLARED["timeout_s"], inspect.FloatType)[0]
 _TIMEOUT_ABOVE, _TIMEOUT_BELOW = _bounds(_TIMEOUT.gt, _TIMEOUT.lt)
+_STALL = _declared(_DECLARED["stall_after_s"], inspect.FloatType)[0]
+_STALL_MIN, _STALL_BELOW = _bounds(_STALL.ge, _STALL.lt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Request:
     nodes: tuple[str, ...] | None = None
     master: str | None = None
     timeout_s: float | None = None
+    stall_after_s: float | None = None  # None: mpi.stall_after_s
     wait: bool = True
 
 
@@ -170,6 +173,14 @@ def _timeout_s(t: object) -> float:
     return float(t)
 
 
+def _stall_after_s(t: object) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not _STALL_MIN <= t < _STALL_BELOW:
+        raise BadRequest(
+            f"stall_after_s must be a number >= {_STALL_MIN:g} (0 = never)", field="stall_after_s"
+        )
+    return float(t)
+
+
 def _wait(value: object) -> bool:
     if not isinstance(value, bool):
         raise BadRequest("wait must be true or false", field="wait")
@@ -186,6 +197,7 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "nodes": _nodes,
     "master": _master,
     "timeout_s": _timeout_s,
+    "stall_after_s": _stall_after_s,
     "wait": _wait,
 }
 if tuple(FIELDS) != shapes.JobRequest.__struct_fields__:
