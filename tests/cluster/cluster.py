@@ -1090,10 +1090,13 @@ def _owner(pid):
 
 
 def cleanup_leftovers():
-    """Remove what earlier runs, killed before their teardown, left behind."""
-    for d in dead_runs(STATE_ROOT, f"{PREFIX}-*"):
-        _teardown_state(d)
-    live = {p.name[len(PREFIX) + 1 :] for p in STATE_ROOT.glob(f"{PREFIX}-*")}
+    """Remove what earlier runs, killed before their teardown, left behind.  Runs under
+    an earlier root (/tmp) count too: a live one there keeps its namespaces."""
+    roots = list(dict.fromkeys([STATE_ROOT, Path("/tmp")]))
+    for root in roots:
+        for d in dead_runs(root, f"{PREFIX}-*"):
+            _teardown_state(d)
+    live = {p.name[len(PREFIX) + 1 :] for root in roots for p in root.glob(f"{PREFIX}-*")}
     for line in sh(["ip", "netns", "list"], check=False).stdout.splitlines():
         ns = line.split()[0] if line.split() else ""
         if ns.startswith(PREFIX) and ns[len(PREFIX) : len(PREFIX) + 6] not in live:
