@@ -412,7 +412,8 @@ def to_json(
     """The API's job dict: the fields of ``shapes.Job``, in its order (the seed's keys first);
     `waiting` and `store_error` as ``Jobs._view`` makes them; a stall's `quiet_s` up to `now`."""
     running = rec["state"] == JobState.RUNNING
-    stalled, stalls = stall_view(rec["stalls"], time.time() if now is None else now, running)
+    episodes = rec.get("stalls") or []  # a record made by hand may have none
+    stalled, stalls = stall_view(episodes, time.time() if now is None else now, running)
     values = {
         "nodes": rec["nodes"],
         "command": str(rec["command"]),
