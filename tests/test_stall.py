@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from mlbench_daemon.jobs import stall
-from tests import test_rollcall
+from tests import test_rollcall, test_web
 from tests.cluster import MPIS
 from tests.helpers import HANG, cancel_job, http, served, wait_for
 from tests.test_flavours import mpi_or_skip
@@ -240,3 +240,49 @@ def test_kill_9_and_restart_keep_the_stalled_record_and_its_roll_call(cluster, t
         done = wait_job_ended(d.url, job_id)
         assert done["state"] == "cancelled" and done["stalls"][0]["roll_call"] is not None
         assert [x["rank"] for x in done["failure"]["suspects"]] == [1], done["failure"]
+
+
+# --- the page: the stall banner and the roll-call table ----------------------------------
+
+browser = test_web.browser  # Debian's chromium through Playwright, once per module
+
+
+@pytest.mark.timeout(300)
+def test_the_page_shows_the_stall_banner_and_the_roll_call_grouped_suspects_first(
+    browser, start_daemon, cluster, built
+):
+    progs, _ = built
+    mpi = mpi_or_skip(cluster, "openmpi4")
+    d = start_daemon(mpi={"args": [*mpi["args"], *OVERSUBSCRIBE["openmpi4"]],
+                          "cancel_grace_s": 1.0})  # fmt: skip
+    body = {"program": [str(progs["openmpi4"]), "600"], "np": 4, "wait": False,
+            "stall_after_s": AFTER}  # fmt: skip
+    status, job = d.json("POST", "/api/mpi_jobs/", body)
+    assert status == 202, job
+    tab = test_web.Tab(browser, d.url)
+    try:
+        page = tab.open(f"#/jobs/{job['id']}")
+        banner = test_web.wait_text(
+            page.locator("#job-stall"), r"Stalled for \d+ s.*Suspects: rank 1 on", timeout=HANG
+        )
+        assert "The job still runs" in banner
+        caption = test_web.wait_text(page.locator("#ranks-caption"), r"when the job stalled")
+        assert "4 ranks, 2 stack group(s), 1 suspect(s)" in caption
+        groups = page.locator("#ranks tbody")
+        assert groups.count() == 2
+        assert groups.nth(0).locator("th.group").inner_text().startswith("Suspect: rank 1 ")
+        assert groups.nth(0).locator("tr.suspect").count() == 1
+        assert groups.nth(1).locator("th.group").inner_text().startswith("Group: ranks 0, 2, 3 ")
+        assert groups.nth(1).locator("tr").count() == 4  # its heading and three ranks
+        assert "sleep" in groups.nth(0).locator("td.stack").inner_text()
+
+        page.click("#ranks-take")  # a roll-call now: the table shows the newer one
+        test_web.wait_text(page.locator("#ranks-caption"), r"taken on request", timeout=HANG)
+        assert page.locator("#ranks tbody").count() == 2
+        assert groups.nth(0).locator("th.group").inner_text().startswith("Suspect: rank 1 ")
+        page.wait_for_timeout(2500)  # a refresh round of the job's poller
+        assert tab.console_errors() == [] and tab.errors == [] and tab.csp() == []
+    finally:
+        tab.close()
+        d.json("DELETE", f"/api/mpi_jobs/{job['id']}")
+        d.wait_job(job["id"])
