@@ -379,7 +379,9 @@ class JobRun:
 
     def _watch_stalls(self, rec: Mapping[str, Any]) -> None:
         """Start checking the job's quiet every stall.check_interval(), unless stalls are off
-        for it.  An episode a previous daemon left open goes on (its roll-call kept)."""
+        for it.  The quiet counts from now (after a restart, output the job wrote meanwhile
+        is still to be caught up: it is no stall); an episode a previous daemon left open
+        goes on from its own `since`, its roll-call kept."""
         after = rec["request"].get("stall_after_s")
         after = self.mpi.stall_after_s if after is None else after
         with self.ctx.changed:
