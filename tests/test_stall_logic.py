@@ -186,7 +186,8 @@ def test_a_quiet_job_is_stalled_within_stall_after_s_plus_one_interval_and_stays
     (tmp_path / "go2").touch()  # it fails later: the failure names the last suspects
     done = lj.run_clock_until_final(job_id, 0.5)
     assert done["state"] == "failed" and done["failure"]["suspects"] == s["suspects"]
-    assert done["stalled"] is None and len(done["stalls"]) == 1
+    # (the clock runs on until the job's end is seen: a second stall may begin meanwhile)
+    assert done["stalled"] is None and done["stalls"][0]["since"] == ended["since"]
 
 
 def test_a_job_that_fails_while_stalled_ends_the_stall_and_carries_its_suspects(local, tmp_path):
