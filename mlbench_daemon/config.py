@@ -457,6 +457,14 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     ),
     (
         "mpi",
+        "stall_after_s",
+        number(0),
+        0.0,
+        "a running job whose output has not grown this long is marked stalled and one "
+        "roll-call taken (0 = never; the job field stall_after_s overrides)",
+    ),
+    (
+        "mpi",
         "lost_after_s",
         number(0),
         900.0,
@@ -573,6 +581,7 @@ class Mpi:
     cancel_grace_s: float
     roll_call_timeout_s: float
     roll_call_tools: list[str]
+    stall_after_s: float
     lost_after_s: float
     preflight_timeout_s: float
     remote_dir: str

@@ -9,6 +9,8 @@ mlbench_daemon_nodes                   gauge      phase           nodes (count p
 mlbench_daemon_probe_latency_seconds   histogram  -               nodes (successful SSH probes)
 mlbench_daemon_probe_failures_total    counter    reason          nodes (SSHError.reason)
 mlbench_daemon_jobs                    gauge      state           jobs (count per state)
+mlbench_daemon_jobs_stalled            gauge      -               jobs (running jobs whose output
+                                                                  has not grown for stall_after_s)
 mlbench_daemon_job_duration_seconds    histogram  -               jobs (finished jobs)
 mlbench_daemon_job_failures_total      counter    kind            jobs (each job that ends other
                                                                   than succeeded, by failure kind)
@@ -59,6 +61,12 @@ probe_failures_total = Counter(
     "probe_failures", "Failed SSH probes by reason", ["reason"], namespace=_NS, registry=REGISTRY
 )
 jobs = Gauge("jobs", "Jobs by state", ["state"], namespace=_NS, registry=REGISTRY)
+jobs_stalled = Gauge(
+    "jobs_stalled",
+    "Running jobs whose output has not grown for their stall_after_s (a stall under way)",
+    namespace=_NS,
+    registry=REGISTRY,
+)
 job_duration_seconds = Histogram(
     "job_duration_seconds",
     "Wall time of finished jobs",

@@ -172,6 +172,16 @@ class Failure(msgspec.Struct):
         ]
         | msgspec.UnsetType
     ) = msgspec.UNSET
+    suspects: (
+        Annotated[
+            list[Suspect],
+            Meta(
+                description="Only for a job that was stalled (`stalls`): the suspects of the "
+                "last roll-call taken in a stall, the ranks that were elsewhere than the others."
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class StoreFault(msgspec.Struct):
@@ -215,6 +225,38 @@ Tags = Annotated[
         extra_json_schema={"uniqueItems": True},
     ),
 ]
+
+
+class Stall(msgspec.Struct):
+    """One stall of a running job: its output did not grow for `stall_after_s`."""
+
+    since: Annotated[DateTime, Meta(description="When the job's output last grew.")]
+    detected: Annotated[
+        DateTime,
+        Meta(
+            description="When the quiet was found to be a stall: within `stall_after_s` and "
+            "one check interval (a quarter of it, at most 5 s) of `since`."
+        ),
+    ]
+    ended: Annotated[
+        DateTime | None,
+        Meta(description="When the output grew again or the job ended; null while it lasts."),
+    ]
+    quiet_s: Annotated[
+        float, Meta(ge=0, description="How long the output has been quiet (until `ended`).")
+    ]
+    roll_call: Annotated[
+        RollCall | None,
+        Meta(
+            description="The roll-call taken once in this stall; null while it is taken, when "
+            "it could not be (`roll_call_error`), and in an older stall (only the newest "
+            "roll-call is kept; `suspects` stay)."
+        ),
+    ]
+    roll_call_error: Annotated[
+        str | None, Meta(description="Why no roll-call was taken in this stall.")
+    ]
+    suspects: Annotated[list[Suspect], Meta(description="The roll-call's suspects.")]
 
 
 class Job(msgspec.Struct):
@@ -286,6 +328,17 @@ class Job(msgspec.Struct):
     ]
     name: JobName | None
     tags: Tags
+    stalled: Annotated[
+        Stall | None,
+        Meta(
+            description="Null, or the stall under way: the job runs, but its output has not "
+            "grown for `stall_after_s` (a signal, not a verdict: the job stays `running`)."
+        ),
+    ]
+    stalls: Annotated[
+        list[Stall],
+        Meta(description="The job's other stalls (ended), oldest first; at most 20."),
+    ]
 
 
 class Whoami(msgspec.Struct):
@@ -433,6 +486,18 @@ class JobRequest(msgspec.Struct, forbid_unknown_fields=True):
                 gt=0,
                 lt=1e9,
                 description="Cancel the job after this long (default `mpi.default_timeout_s`).",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    stall_after_s: (
+        Annotated[
+            float,
+            Meta(
+                ge=0,
+                lt=1e9,
+                description="Mark the running job `stalled` (and take one roll-call) once its "
+                "output has not grown for this long; 0 = never (default `mpi.stall_after_s`).",
             ),
         ]
         | msgspec.UnsetType

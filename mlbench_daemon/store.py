@@ -7,8 +7,9 @@ Layout::
 
 A record is a frozen `JobRecord`, whose fields declare the table's columns once
 (``nodes``, ``command``, ``env_names`` — names only, values are never stored —,
-``request``, ``failure`` and ``tags`` are JSON in the table and plain values in the
-record; ``submitted_by`` and ``cancelled_by`` are token names, None without tokens).
+``request``, ``failure``, ``tags`` and ``stalls`` are JSON in the table and plain
+values in the record; ``submitted_by`` and ``cancelled_by`` are token names, None
+without tokens).
 Ids are 20 hex digits: creation time in milliseconds (kept strictly increasing), then
 random bits, so they sort by creation; ``seq`` gives the exact order.  A database from an older
 version gets the columns of ``ADDED_COLUMNS`` when it is opened.
@@ -147,6 +148,8 @@ class JobRecord:
     cancelled_at: float | None = column("REAL", added=True)
     name: str | None = column("TEXT", added=True)
     tags: list[str] = column("TEXT NOT NULL DEFAULT '[]'", json=True, added=True)
+    # jobs/stall.py: the job's stall episodes, the newest roll-call whole
+    stalls: list[dict[str, Any]] = column("TEXT NOT NULL DEFAULT '[]'", json=True, added=True)
     log_bytes: int = 0
 
     @classmethod

@@ -149,6 +149,7 @@ def test_node_and_job_schemas_list_what_the_code_emits():
         exit_code=1,
         np=2,
         timeout_s=3.0,
+        stalls=[],
         log_bytes=0,
         submitted_by="alice",
         cancelled_by="bob",

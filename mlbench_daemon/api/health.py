@@ -30,6 +30,7 @@ def prometheus(deps: Deps) -> bytes:
     fault = deps.jobs.store.fault
     metrics.set_state_fault(fault.reason if fault else None)
     metrics.set_gauges(deps.registry.nodes(), deps.jobs.counts())
+    metrics.jobs_stalled.set(deps.jobs.stalled_count())
     text, content_type = metrics.render()
     bottle.response.content_type = content_type
     return text

@@ -46,6 +46,7 @@ from mlbench_daemon.jobs.remote import Host, Pool, Remote
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.jobs.rollcall import Coalescer, Target, take
 from mlbench_daemon.jobs.run import Cancel, Context, JobRun
+from mlbench_daemon.jobs.stall import view as stall_view
 from mlbench_daemon.shapes import Job, RollCall
 from mlbench_daemon.store import LOG_CHUNK_MAX, JobRecord, Store, StoreError
 from mlbench_daemon.timefmt import iso
@@ -72,6 +73,7 @@ class Jobs:
         ctx = Context(cfg, store, Remote(pool, 0.0), registry, clock or Clock(), self._stop,
                       self._changed, self._live)  # fmt: skip
         ctx.remote.timeout = ctx.ssh_timeout
+        ctx.roll_call = self.roll_call  # a stall takes one (coalesced with the API's)
         self._ctx = ctx
         self._roll_calls = Coalescer()
 
@@ -153,6 +155,7 @@ class Jobs:
             "np": req.np,
             "master": master,
             "nodes": [n.name for n in nodes],
+            "stall_after_s": req.stall_after_s,  # None: mpi.stall_after_s when followed
         }
         with self._lock:
             if (
@@ -181,6 +184,12 @@ class Jobs:
     def counts(self) -> dict[str, int]:
         """{state: number of jobs}, for metrics and the status line."""
         return self.store.count_by_state()
+
+    def stalled_count(self) -> int:
+        """How many jobs followed here are stalled now (the gauge)."""
+        with self._lock:
+            runs = list(self._live.values())
+        return sum(1 for run in runs if run.stalled())
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self._view(self._record(job_id))
@@ -220,7 +229,7 @@ class Jobs:
                 "message": f"cannot write {what}: {e.cause}; retrying",
                 "since": iso(since),
             }
-        return to_json(rec, waiting, store_error)
+        return to_json(rec, waiting, store_error, now)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the job is final (or `timeout`); the job dict with "response"."""
@@ -420,7 +429,7 @@ _DERIVED: dict[str, Callable[[JobRecord], Any]] = {
     "cancelled_at": lambda rec: iso(rec.cancelled_at),
     "env": lambda rec: {name: "***" for name in rec.env_names},
 }
-_KNOWN = ("store_error", "waiting")
+_KNOWN = ("store_error", "waiting", "stalled", "stalls")  # stalls: up to now (jobs/stall.py)
 _FIELDS = Job.__struct_fields__
 
 
@@ -441,10 +450,13 @@ def to_json(
     rec: JobRecord,
     waiting: dict[str, Any] | None = None,
     store_error: dict[str, Any] | None = None,
+    now: float | None = None,
 ) -> dict[str, Any]:
     """The API's job dict: the fields of ``shapes.Job``, in its order (the seed's keys first);
-    `waiting` and `store_error` as ``Jobs._view`` makes them."""
-    known = {"waiting": waiting, "store_error": store_error}
+    `waiting` and `store_error` as ``Jobs._view`` makes them; a stall's `quiet_s` up to `now`."""
+    running = rec.state == JobState.RUNNING
+    stalled, stalls = stall_view(rec.stalls, time.time() if now is None else now, running)
+    known = {"waiting": waiting, "store_error": store_error, "stalled": stalled, "stalls": stalls}
     return {
         name: known[name] if name in known
         else _DERIVED[name](rec) if name in _DERIVED

@@ -76,6 +76,8 @@ _NAME = _declared(_DECLARED["name"], inspect.StrType)[0]
 _NAME_TEXT = _regex(_NAME.pattern)
 _TAGS, _TAGS_EXTRA = _declared(_DECLARED["tags"], inspect.ListType)
 _TAG = _regex(_declared(_TAGS.item_type, inspect.StrType)[0].pattern)
+_STALL = _declared(_DECLARED["stall_after_s"], inspect.FloatType)[0]
+_STALL_MIN, _STALL_BELOW = _bounds(_STALL.ge, _STALL.lt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Request:
     nodes: tuple[str, ...] | None = None
     master: str | None = None
     timeout_s: float | None = None
+    stall_after_s: float | None = None  # None: mpi.stall_after_s
     wait: bool = True
     name: str | None = None
     tags: tuple[str, ...] = ()
@@ -176,6 +179,14 @@ def _timeout_s(t: object) -> float:
     return float(t)
 
 
+def _stall_after_s(t: object) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not _STALL_MIN <= t < _STALL_BELOW:
+        raise BadRequest(
+            f"stall_after_s must be a number >= {_STALL_MIN:g} (0 = never)", field="stall_after_s"
+        )
+    return float(t)
+
+
 def _wait(value: object) -> bool:
     if not isinstance(value, bool):
         raise BadRequest("wait must be true or false", field="wait")
@@ -220,6 +231,7 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "nodes": _nodes,
     "master": _master,
     "timeout_s": _timeout_s,
+    "stall_after_s": _stall_after_s,
     "wait": _wait,
     "name": _name,
     "tags": _tags,

@@ -24,13 +24,16 @@ import enum
 import logging
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO
+
+import msgspec
 
 from mlbench_daemon import metrics
 from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Node
-from mlbench_daemon.jobs import failure, flavour, preflight
+from mlbench_daemon.errors import ApiError
+from mlbench_daemon.jobs import failure, flavour, preflight, stall
 from mlbench_daemon.jobs.clock import Clock, Timer
 from mlbench_daemon.jobs.launch import (
     BACKOFF_S,
@@ -45,6 +48,7 @@ from mlbench_daemon.jobs.launch import (
 )
 from mlbench_daemon.jobs.placement import Registry
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
+from mlbench_daemon.shapes import RollCall
 from mlbench_daemon.ssh_errors import SSHError
 from mlbench_daemon.store import JobRecord, Store, StoreError
 from mlbench_daemon.vocabulary import FailureKind, JobReason, JobState, JobWait
@@ -91,6 +95,7 @@ class Context:
     changed: threading.Condition  # log appends and state changes; its lock guards `live`
     live: dict[str, JobRun]
     launcher: Launcher = dataclasses.field(init=False)
+    roll_call: Callable[[str], RollCall] | None = None  # Jobs.roll_call: a stall takes one
 
     def __post_init__(self) -> None:
         self.launcher = Launcher(
@@ -140,6 +145,9 @@ class JobRun:
         self.unwritten: dict[str, Any] = {}
         self.store_fault: tuple[StoreError, str, float] | None = None  # error, what, since
         self.wait_reason, self.next_check = JobWait.LAUNCHING, ctx.clock.time()
+        # guarded by ctx.changed: the stall episodes (jobs/stall.py), set once followed
+        self.stall: stall.Stalls | None = None
+        self.stall_timer: Timer | None = None
 
     # --- what the API shows ---------------------------------------------------------------
 
@@ -244,7 +252,7 @@ class JobRun:
         except Stopped:  # the daemon stops: a restart takes the job up from its record
             pass
         finally:
-            for timer in (self.timer, self.retry):
+            for timer in (self.timer, self.retry, self.stall_timer):
                 if timer:
                     timer.cancel()
 
@@ -282,8 +290,8 @@ class JobRun:
         return self.running(outcome.pid)
 
     def detach(self) -> None:
-        """The daemon stops: drop the timer and the stream (the remote job runs on)."""
-        for timer in (self.timer, self.retry):
+        """The daemon stops: drop the timers and the stream (the remote job runs on)."""
+        for timer in (self.timer, self.retry, self.stall_timer):
             if timer:
                 timer.cancel()
         if self.stream:
@@ -313,6 +321,7 @@ class JobRun:
         store_backoff = STORE_BACKOFF_S[0]
         # a silent stream ends after FOLLOW_IDLE_S, then the master is asked for the status
         checked_within = FOLLOW_IDLE_S + 2 * ctx.ssh_timeout
+        self._watch_stalls(rec)
         while True:
             if ctx.stop.is_set():
                 raise Stopped()
@@ -327,6 +336,7 @@ class JobRun:
                 with self._log_file() as log_file:
                     for chunk in self.stream:
                         self._append(log_file, chunk)
+                        self._output_grew()
                         self._expect(JobWait.RUNNING, checked_within)
                         if self.store_fault is not None:  # written again: the record too
                             self._flush()
@@ -364,6 +374,86 @@ class JobRun:
             if status.state == "running":
                 self._expect(JobWait.RUNNING, backoff + checked_within)
                 clock.wait(ctx.stop, backoff)  # the stream ended early: go again, without spinning
+
+    # --- stalls (jobs/stall.py) -----------------------------------------------------------
+
+    def _watch_stalls(self, rec: JobRecord) -> None:
+        """Start checking the job's quiet every stall.check_interval(), unless stalls are off
+        for it.  The quiet counts from now (after a restart, output the job wrote meanwhile
+        is still to be caught up: it is no stall); an episode a previous daemon left open
+        goes on from its own `since`, its roll-call kept."""
+        after = rec.request.get("stall_after_s")
+        after = self.mpi.stall_after_s if after is None else after
+        with self.ctx.changed:
+            self.stall = stall.Stalls(rec.stalls, self.ctx.clock.time())
+        if after > 0:
+            interval = stall.check_interval(after)
+            self.stall_timer = self.ctx.clock.timer(
+                interval, lambda: self._check_stall(after, interval)
+            )
+
+    def _output_grew(self) -> None:
+        """The log grew: a stall under way is over (written at once)."""
+        with self.ctx.changed:
+            ended = self.stall is not None and self.stall.grew(self.ctx.clock.time())
+            episodes = self.stall.snapshot() if ended and self.stall else None
+        if episodes is not None:
+            log.info("job %s: its output grows again: the stall is over", self.id)
+            self._save(stalls=episodes)
+
+    def stalled(self) -> bool:
+        """Whether a stall is under way (for the gauge)."""
+        with self.ctx.changed:
+            return self.stall is not None and self.stall.open is not None
+
+    def _check_stall(self, after: float, interval: float) -> None:
+        """The stall timer: a quiet of `after` s while the job is followed opens an episode
+        and takes its one roll-call; then the timer is armed again."""
+        ctx = self.ctx
+        try:
+            with ctx.changed:
+                following = self.wait_reason == JobWait.RUNNING and not self.cancel_reason
+                now = ctx.clock.time()
+                episode = self.stall.check(now, after) if following and self.stall else None
+                episodes = self.stall.snapshot() if episode and self.stall else None
+            if episode is not None and episodes is not None:
+                log.warning(
+                    "job %s: stalled: no output for %.0f s; taking a roll-call",
+                    self.id, now - episode["since"],
+                )  # fmt: skip
+                self._save(stalls=episodes)
+                self._stall_roll_call(episode)
+        except Exception:  # a bug here must not stop the checks
+            log.exception("job %s: stall check failed", self.id)
+        finally:
+            if not (self.decided.is_set() or ctx.stop.is_set()):
+                self.stall_timer = ctx.clock.timer(
+                    interval, lambda: self._check_stall(after, interval)
+                )
+
+    def _stall_roll_call(self, episode: stall.Episode) -> None:
+        """Take the episode's roll-call (bounded: mpi.roll_call_timeout_s) and keep it."""
+        roll_call, error = None, None
+        try:
+            if self.ctx.roll_call is None:
+                raise RuntimeError("no roll-call here")
+            roll_call = msgspec.to_builtins(self.ctx.roll_call(self.id))
+        except ApiError as e:  # the job ended meanwhile
+            error = str(e)
+        except Exception as e:
+            log.exception("job %s: the stall's roll-call failed", self.id)
+            error = f"{type(e).__name__}: {e}"
+        with self.ctx.changed:
+            if self.stall is None:
+                return
+            self.stall.roll_call_taken(episode, roll_call, error)
+            episodes = self.stall.snapshot()
+        suspects = [f"rank {s['rank']} on {s['node']}" for s in episode["suspects"]]
+        log.warning(
+            "job %s: the stall's roll-call: %s", self.id,
+            error or ("suspects " + ", ".join(suspects) if suspects else "no suspects"),
+        )  # fmt: skip
+        self._save(stalls=episodes)
 
     def _log_file(self) -> BinaryIO:
         """The job's log, opened to append (StoreError if it cannot be)."""
@@ -433,6 +523,11 @@ class JobRun:
             ctx.store.sync_log(self.id)
         except OSError as e:
             log.warning("job %s: could not sync its log: %s", self.id, e)
+        with ctx.changed:  # a stall under way ends with the job
+            ended = self.stall is not None and self.stall.end(ctx.clock.time())
+            episodes = self.stall.snapshot() if ended and self.stall else None
+        if episodes is not None:
+            self._save(stalls=episodes)  # apart from `fields`: they are logged
         if state != JobState.SUCCEEDED:
             fields["failure"] = self._failure(state, fields)
             metrics.job_failures_total.labels(fields["failure"]["kind"]).inc()
@@ -497,6 +592,9 @@ class JobRun:
             ) or failure.empty(FailureKind.UNKNOWN, state)
             if f["kind"] == FailureKind.DAEMON_LAUNCH:
                 self._explain_launch(f, rec, statuses)
+            suspects = stall.last_suspects(rec.stalls)
+            if suspects is not None:  # it was stalled: where its ranks were then
+                f["suspects"] = suspects
             return f
         except Exception as e:  # attribution must never keep a job from ending
             log.exception("job %s: failure attribution failed", self.id)

@@ -1,13 +1,15 @@
-// One job (#/jobs/<id>): its record, its failure, its log (loaded, followed, downloaded).
+// One job (#/jobs/<id>): its record, its stall, its ranks (a roll-call), its failure, its
+// log (loaded, followed, downloaded).
 
 import { ApiError, getJSON } from "./api.js";
 import { LogView, download, follow, loadTail } from "./log.js";
-import { $, BACKOFF_MAX_MS, FAILURE_FIELDS, JOBS_EVERY_MS, STYLED, confirmCancel, failing, fmtBytes, fmtDuration, fmtTime, isFinal, mayCancel, poller, setText } from "./page.js";
+import { $, BACKOFF_MAX_MS, FAILURE_FIELDS, JOBS_EVERY_MS, STYLED, confirmCancel, failing, fmtBytes, fmtDuration, fmtTime, isFinal, mayCancel, poller, row, setText } from "./page.js";
 import { loadVocabulary } from "./vocabulary.js";
 
 // ---- job detail ---------------------------------------------------------------------
 
-const detail = { id: null, job: null, view: null, ctrl: null };
+const detail = { id: null, job: null, view: null, ctrl: null, rollCall: null };
+const RANKS_TIMEOUT_MS = 120000; // the daemon bounds a roll-call by mpi.roll_call_timeout_s
 
 // A <dl> of [term, value] pairs: values are updated in place while the terms stay
 // the same (a selection survives a refresh); rebuilt when the terms change.
@@ -71,7 +73,9 @@ function renderJob(job) {
         : show(c);
       pairs.push(["Failed check", text]);
     }
-    const known = new Set([...FAILURE_FIELDS.map(([k]) => k), "checks"]);
+    if (Array.isArray(f.suspects))
+      pairs.push(["Suspects (its last stall)", f.suspects.map(suspectText).join("; ") || "none: every rank was where the others were"]);
+    const known = new Set([...FAILURE_FIELDS.map(([k]) => k), "checks", "suspects"]);
     for (const [k, v] of Object.entries(f)) if (!known.has(k) && v != null) pairs.push([k, show(v)]);
     if (job.reason) pairs.push(["Reason", job.reason]);
     if (job.error && job.error !== f.message) pairs.push(["Daemon's note", job.error]);
@@ -84,8 +88,107 @@ function renderJob(job) {
   $("job-failure").hidden = pairs.length === 0;
   dl($("job-failure-fields"), pairs);
   $("job-cancel").hidden = isFinal(job.state) || !mayCancel(job);
+  renderStall(job);
+  renderRanks(job);
   showExtent();
 }
+
+// ---- the stall banner and the roll-call table -----------------------------------------
+
+const suspectText = (s) => `rank ${s.rank} on ${s.node || "?"}${s.top_frame ? ` in ${s.top_frame}` : ""}`;
+
+function renderStall(job) {
+  const s = job.stalled;
+  $("job-stall").hidden = !s;
+  if (!s) return;
+  let text = `Stalled for ${Math.round(s.quiet_s)} s: no output since ${fmtTime(s.since)}. ` +
+    "The job still runs: a stall is a signal, not a verdict.";
+  if (s.roll_call && s.suspects.length) text += ` Suspects: ${s.suspects.map(suspectText).join("; ")}.`;
+  else if (s.roll_call) text += " No suspect: every rank is where the others are.";
+  else if (s.roll_call_error) text += ` No roll-call: ${s.roll_call_error}`;
+  else text += " Taking a roll-call\u2026";
+  setText($("job-stall"), text);
+}
+
+// The roll-call shown: the newer of the one asked for here and the job's stall's.
+function shownRollCall(job) {
+  const stalls = [...job.stalls, ...(job.stalled ? [job.stalled] : [])].reverse();
+  const inStall = stalls.find((s) => s.roll_call);
+  const asked = detail.rollCall && detail.rollCall.job_id === job.id ? detail.rollCall : null;
+  if (inStall && (!asked || inStall.roll_call.taken > asked.taken))
+    return [inStall.roll_call, inStall === job.stalled ? "taken when the job stalled" : "taken in its last stall"];
+  return [asked, "taken on request"];
+}
+
+function renderRanks(job) {
+  const [rc, how] = shownRollCall(job);
+  const running = job.state === "running";
+  $("job-ranks").hidden = !running && !rc;
+  $("ranks-take").hidden = !running;
+  const table = $("ranks");
+  table.hidden = !rc;
+  if (!rc || table.dataset.shown === `${rc.taken} ${how}`) return;
+  table.dataset.shown = `${rc.taken} ${how}`;
+  const failed = rc.nodes_failed.map((n) => `${n.node}: ${n.error}`).join("; ");
+  setText($("ranks-caption"), `Roll-call ${how} at ${fmtTime(rc.taken)} (took ${rc.took_s} s): ` +
+    `${rc.ranks.length} ranks, ${rc.groups.length} stack group(s), ${rc.suspects.length} suspect(s)` +
+    (failed ? `; not read: ${failed}` : ""));
+  const suspects = new Set(rc.suspects.map((x) => x.rank));
+  const odd = (g) => g.ranks.some((r) => suspects.has(r));
+  // suspects first, then the groups largest first, then the ranks with no stack
+  const sections = [...rc.groups.filter(odd), ...rc.groups.filter((g) => !odd(g))].map((g) => [
+    `${odd(g) ? "Suspect" : "Group"}: rank${g.ranks.length > 1 ? "s" : ""} ${g.ranks.join(", ")}` +
+      ` \u2014 ${g.key.slice(0, 3).join(" \u2190 ") || "no frames"}`,
+    g.ranks,
+  ]);
+  const grouped = new Set(rc.groups.flatMap((g) => g.ranks));
+  const rest = rc.ranks.filter((r) => !grouped.has(r.rank)).map((r) => r.rank);
+  if (rest.length) sections.push([`No stack: rank${rest.length > 1 ? "s" : ""} ${rest.join(", ")}`, rest]);
+  const byRank = new Map(rc.ranks.map((r) => [r.rank, r]));
+  for (const tbody of table.querySelectorAll("tbody")) tbody.remove();
+  for (const [title, ranks] of sections) {
+    const tbody = document.createElement("tbody");
+    tbody.className = "stack-group";
+    const head = row(1, 1);
+    head.firstChild.colSpan = 8;
+    head.firstChild.scope = "rowgroup";
+    head.firstChild.className = "group";
+    head.firstChild.textContent = title;
+    tbody.appendChild(head);
+    for (const r of ranks.map((n) => byRank.get(n)).filter(Boolean)) {
+      const tr = row(8, 1);
+      if (suspects.has(r.rank)) tr.className = "suspect";
+      const stack = r.stack.slice(0, 8).join("\n") + (r.stack.length > 8 ? `\n\u2026 ${r.stack.length - 8} more` : "");
+      const cells = [
+        String(r.rank), r.node || "\u2014", r.pid === null ? "\u2014" : String(r.pid), r.state || "\u2014",
+        r.cpu_percent === null ? "\u2014" : `${r.cpu_percent}`, r.rss_bytes === null ? "\u2014" : fmtBytes(r.rss_bytes),
+        r.stack_error ? `${r.stack_source} (${r.stack_error})` : r.stack_source, stack || "\u2014",
+      ];
+      cells.forEach((text, i) => (tr.children[i].textContent = text));
+      tr.children[7].className = "stack";
+      tbody.appendChild(tr);
+    }
+    table.appendChild(tbody);
+  }
+}
+
+$("ranks-take").addEventListener("click", async () => {
+  const id = detail.id;
+  const button = $("ranks-take");
+  button.disabled = true;
+  setText($("ranks-state"), "Taking a roll-call\u2026");
+  try {
+    const rc = await getJSON(`/api/mpi_jobs/${encodeURIComponent(id)}/ranks`, { timeout: RANKS_TIMEOUT_MS });
+    if (detail.id !== id) return;
+    detail.rollCall = rc;
+    setText($("ranks-state"), "");
+    if (detail.job) renderRanks(detail.job);
+  } catch (e) {
+    if (detail.id === id) setText($("ranks-state"), `Roll-call failed: ${e.message}`);
+  } finally {
+    button.disabled = false;
+  }
+});
 
 export const jobPoller = poller("job", JOBS_EVERY_MS, async (signal) => {
   await loadVocabulary(STYLED);
@@ -177,6 +280,12 @@ export async function openJob(id, followIt) {
   delete $("job-record").dataset.terms;
   $("job-failure").hidden = true;
   $("job-missing").hidden = true;
+  $("job-stall").hidden = true;
+  $("job-ranks").hidden = true;
+  detail.rollCall = null;
+  delete $("ranks").dataset.shown;
+  for (const tbody of $("ranks").querySelectorAll("tbody")) tbody.remove();
+  setText($("ranks-state"), "");
   setText($("h-job"), `Job ${id}`);
   setText($("log-download-state"), "");
   $("log-follow").disabled = false;
