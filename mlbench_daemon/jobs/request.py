@@ -86,6 +86,7 @@ class Request:
     master: str | None = None
     timeout_s: float | None = None
     wait: bool = True
+    rank_output: bool = False
 
 
 def _text(value: object, field: str) -> str:
@@ -170,10 +171,13 @@ def _timeout_s(t: object) -> float:
     return float(t)
 
 
-def _wait(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise BadRequest("wait must be true or false", field="wait")
-    return value
+def _flag(name: str) -> Callable[[object], bool]:
+    def check(value: object) -> bool:
+        if not isinstance(value, bool):
+            raise BadRequest(f"{name} must be true or false", field=name)
+        return value
+
+    return check
 
 
 # name -> check, in the order fields are checked (and listed in the unknown-field message):
@@ -186,7 +190,8 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "nodes": _nodes,
     "master": _master,
     "timeout_s": _timeout_s,
-    "wait": _wait,
+    "wait": _flag("wait"),
+    "rank_output": _flag("rank_output"),
 }
 if tuple(FIELDS) != shapes.JobRequest.__struct_fields__:
     raise TypeError(f"request.FIELDS {tuple(FIELDS)} are not shapes.JobRequest's fields")
