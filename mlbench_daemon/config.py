@@ -161,9 +161,9 @@ def launcher_args(value: Any) -> list[str]:
         after = rest if eq else (items[i + 1] if i + 1 < len(items) else "")
         if name in OUTPUT_FILE_OPTIONS or (name == "--output" and _OUTPUT_FILE_VALUE.search(after)):
             raise ValueError(
-                f"must not hold {item!r}: it writes each rank's output to files on the "
-                "rank's own node, so the job's log stays empty and the job looks stalled; "
-                "submit the job with rank_output: true for each rank's output"
+                f"must not hold {item!r} (it writes each rank's output to files on that "
+                "rank's node: the job's log would stay empty and the job look stalled; "
+                "a job's rank_output: true keeps each rank's output apart instead)"
             )
     return items
 

@@ -7,6 +7,7 @@ ranks of `printf "a\\nb"; printf "c\\n"; echo "err [3] x" >&2; printf "noeol"` (
 between), run with the option a job with rank_output gets (flavour.py)."""
 
 import itertools
+import json
 import os
 import re
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlbench_daemon.jobs import failure, flavour
+from mlbench_daemon import config
+from mlbench_daemon.errors import BadRequest
+from mlbench_daemon.jobs import failure, flavour, validate
 from mlbench_daemon.jobs.ranklog import RankLogs, Splitter
 from mlbench_daemon.store import Store, StoreError
 
@@ -23,6 +26,7 @@ pytestmark = pytest.mark.logic
 
 DATA = Path(__file__).resolve().parent / "data" / "launchers"
 FLAVOURS = list(flavour.FLAVOURS)
+ENV = {"MLBENCH_DAEMON_DISCOVERY_SERVICE": "w.default.svc.cluster.local"}
 
 
 def split(name, stream, cuts=()):
@@ -266,3 +270,32 @@ def test_attribution_reads_a_rank_text_spread_over_tagged_lines():
     assert (f["kind"], f["rank"], f["exit_code"], f["node"]) == ("rank-exit", 1, 7, "w-1")
     assert "MPI_Abort" in f["message"]
     assert re.search(r"\[1,\d\]<std", flavour.untag("openmpi4", ABORT)) is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--output-filename", "/tmp/out"],
+        ["-output-filename", "/tmp/out"],
+        ["-outfile-pattern", "out.%r"],
+        ["-errfile-pattern", "err.%r"],
+        ["--output", "tag,dir=/tmp/out"],
+        ["--output=file=/tmp/out"],
+    ],
+)
+def test_mpi_args_refuse_options_that_move_output_into_files(args):
+    with pytest.raises(config.ConfigError, match=r"^mpi\.args .*: must not hold .*rank_output: true"):
+        config.load(None, {**ENV, "MLBENCH_DAEMON_MPI_ARGS": json.dumps(args)})
+
+
+def test_mpi_args_keep_other_output_options():
+    args = ["--output", "tag", "--mca", "btl", "self,tcp", "-outfile"]
+    assert config.load(None, {**ENV, "MLBENCH_DAEMON_MPI_ARGS": json.dumps(args)}).mpi.args == args
+
+
+def test_rank_output_is_a_request_flag():
+    assert validate({"rank_output": True}, ["/p"]).rank_output is True
+    assert validate({}, ["/p"]).rank_output is False
+    with pytest.raises(BadRequest, match="rank_output must be true or false") as info:
+        validate({"rank_output": 1}, ["/p"])
+    assert info.value.field == "rank_output"
