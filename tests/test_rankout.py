@@ -6,7 +6,10 @@ rank logs, and failure attribution reading the tagged output.
 Every worker has 2 slots (6 in all) and jobs run np=4, so a host holds two ranks."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -96,6 +99,21 @@ def test_a_rank_follow_streams_one_ranks_lines_and_rank_needs_rank_output(cluste
         assert "not submitted with rank_output: true" in err["message"]
         with pytest.raises(ClientError, match="HTTP 400"):
             log(d.url, job_id, rank="x")
+        # the CLI: run with --rank-output, then logs --rank N of that job
+        cli = [sys.executable, "-m", "mlbench_daemon", "--url", d.url]
+        env = dict(os.environ, PYTHONPATH=os.getcwd())
+        r = subprocess.run(
+            [*cli, "--json", "run", "--np", "4", "--rank-output", "--", *mpi["program"]],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        ran = json.loads(r.stdout[r.stdout.index("{") :])
+        assert ran["rank_output"] and "--tag-output" in ran["command"]
+        r = subprocess.run(
+            [*cli, "logs", "--rank", "2", ran["id"]], capture_output=True, env=env, timeout=60
+        )
+        assert r.returncode == 0 and r.stdout == whole(d.url, ran["id"], 2), r.stderr
+        assert re.fullmatch(rb"rank 2 of 4 on [0-9.]+: sum=6 expected=6\n", r.stdout)
 
 
 @pytest.mark.parametrize("name", FLAVOURS)
