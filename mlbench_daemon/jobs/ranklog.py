@@ -29,6 +29,7 @@ starts the split over from byte 0.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -67,12 +68,26 @@ class Splitter:
         cut = len(buf) if final else self._undecided(buf)
         self.held = buf[cut:]
         parts = self.tag.split(buf[:cut])  # text, rank, text, rank, text, ...
-        out: Pieces = {}
-        self._text(parts[0], out)
-        for i in range(1, len(parts), 2):
-            self.rank = int(parts[i])
-            self._text(parts[i + 1], out)
-        return out
+        out: dict[bytes, list[bytes]] = collections.defaultdict(list)
+        rank = None if self.rank is None else str(self.rank).encode()
+        pairs = iter(parts)
+        for text in pairs:  # one loop step per tag: keep it lean (a GB has ~10 million)
+            if rank is not None and text:
+                end = text.find(b"\n")
+                if end < 0:
+                    out[rank].append(text)
+                else:
+                    out[rank].append(text if end == len(text) - 1 else text[: end + 1])
+                    rank = None  # the next line is the launcher's unless a tag starts it
+            tag = next(pairs, None)
+            if tag is None:
+                break
+            rank = tag
+        self.rank = None if rank is None else int(rank)
+        pieces: Pieces = {}
+        for key, chunks in out.items():  # b"05" and b"5" are one rank
+            pieces.setdefault(int(key), []).extend(chunks)
+        return pieces
 
     def _undecided(self, buf: bytes) -> int:
         """Where a tag may begin that the bytes so far cannot tell (len(buf) if none): a
@@ -84,16 +99,6 @@ class Splitter:
                 return q
             start = q + 1
         return len(buf)
-
-    def _text(self, text: bytes, out: Pieces) -> None:
-        if self.rank is None or not text:
-            return
-        end = text.find(b"\n")
-        if end < 0:
-            out.setdefault(self.rank, []).append(text)
-            return
-        out.setdefault(self.rank, []).append(text[: end + 1])
-        self.rank = None  # the next line is the launcher's unless a tag starts it
 
 
 class RankLogs:
