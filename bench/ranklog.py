@@ -8,7 +8,12 @@ rank_output job (append, then `RankLogs.advance()`; `advance(final=True)` at the
 Both in the same repeat on the same filesystem; the figure is the ratio of the two
 times, with the median and range over repeats and the 1-minute load beside each.
 
-    python3 -m bench.ranklog [--megabytes 256] [--repeats 5] [--dir DIR]
+With --cluster (root): the same end to end on a 2-host namespace cluster, OpenMPI 4,
+np=2, rank 0 writing --megabytes of 100-byte lines: the daemon's CPU seconds and the
+job's time from POST to final, with and without rank_output, alternating which goes
+first in each repeat.
+
+    python3 -m bench.ranklog [--megabytes 256] [--repeats 5] [--dir DIR] [--cluster]
         (from the repository root)
 """
 
@@ -62,12 +67,50 @@ def one(root, data, split):
     return took
 
 
+def cluster(megabytes, repeats):
+    """End to end through the daemon on a namespace cluster (see the docstring)."""
+    from bench.jobs import wait_state
+    from bench.reattach import cpu_s
+    from tests.cluster import Cluster
+    from tests.helpers import call_port, served
+
+    nbytes = int(megabytes * 1e6) // 100 * 100
+    rows = {True: [], False: []}
+    with Cluster(workers=2, extra=0) as c, served(c, log={"level": "warning"}) as d:
+        prog = [str(c.mpi_program), "--bytes", str(nbytes)]
+        for r in range(repeats):
+            for on in (r % 2 == 0, r % 2 != 0):
+                time.sleep(2)  # a settled machine
+                cpu, start = cpu_s(d.process.pid), time.perf_counter()
+                body = {"program": prog, "np": 2, "rank_output": on, "wait": False}
+                _, job = call_port(d.port, "POST", "/api/mpi_jobs/", body)
+                job = wait_state(d.port, job["id"], ("succeeded", "failed", "lost"))
+                assert job["state"] == "succeeded", job
+                took, used = time.perf_counter() - start, cpu_s(d.process.pid) - cpu
+                rows[on].append((took, used))
+                print(
+                    f"repeat {r + 1}, rank_output {on}: {took:.2f} s, daemon CPU {used:.2f} s "
+                    f"(load {os.getloadavg()[0]:.2f})",
+                    flush=True,
+                )
+    for what, i in (("time", 0), ("daemon CPU", 1)):
+        ratios = [a[i] / b[i] for a, b in zip(rows[True], rows[False], strict=True)]
+        print(
+            f"{megabytes:g} MB end to end, {what} with/without rank_output: median "
+            f"{statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})"
+        )
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--megabytes", type=float, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dir", default=None, help="where the state dirs go (default: a temp dir)")
+    p.add_argument("--cluster", action="store_true", help="end to end on a namespace cluster")
     args = p.parse_args()
+    if args.cluster:
+        cluster(args.megabytes, args.repeats)
+        return
     data = stream(int(args.megabytes * 1e6))
     mb = len(data) / 1e6
     ratios = []
