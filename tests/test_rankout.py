@@ -75,9 +75,12 @@ def test_rank_logs_hold_each_ranks_lines_and_survive_a_kill_9(cluster, tmp_path,
             assert log(d.url, job_id, rank=r, tail=len(DIGITS)) == want[-len(DIGITS) :]
             total += len(got)
         # the job's log keeps every byte, tagged (a launcher may cut a line in pieces, each
-        # tagged: OpenMPI 4 does at its forwarding buffer's size), and nothing else
-        assert len(job["response"].encode()) == total
-        assert all(flavour.get(name).tag.match(line) for line in combined.splitlines(True))
+        # tagged: OpenMPI 4 does at its forwarding buffer's size), and the launcher's own
+        # lines untagged (OpenMPI 5 may warn "plm:ssh: ... setpgid ... failed")
+        tag = flavour.get(name).tag
+        launcher = b"".join(line for line in combined.splitlines(True) if not tag.match(line))
+        assert len(job["response"].encode()) - len(launcher) == total
+        assert len(launcher) < 1000, launcher
         status, err = call_port(d.port, "GET", f"/api/mpi_jobs/{job_id}/logs?rank=4")
         assert (status, err["field"]) == (400, "rank")
         assert err["message"] == f"rank: job {job_id} has ranks 0 to 3, not 4"
