@@ -211,8 +211,8 @@ def test_a_failed_write_is_a_store_error_and_the_next_advance_repairs(tmp_path, 
 
 def test_prune_removes_the_rank_logs_and_counts_their_bytes(tmp_path):
     store = Store(str(tmp_path))
-    old = store.create(state="succeeded", finished=1.0)["id"]
-    new = store.create(state="succeeded", finished=2.0)["id"]
+    old = store.create(state="succeeded", finished=1.0).id
+    new = store.create(state="succeeded", finished=2.0).id
     for job_id in (old, new):
         Path(store.log_path(job_id)).write_bytes(tag("openmpi4", 0) + b"y" * 100 + b"\n")
         RankLogs(store, job_id, "openmpi4").advance(final=True)
