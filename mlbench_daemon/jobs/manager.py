@@ -422,7 +422,7 @@ def _check_counts(**values: Any) -> None:
 
 def rank_output(rec: JobRecord) -> bool:
     """Whether the job was submitted with rank_output (kept in its stored request)."""
-    return bool(rec.request.get("rank_output", False))
+    return bool((rec.request or {}).get("rank_output", False))
 
 
 def _ended(thread: threading.Thread | None) -> bool:
