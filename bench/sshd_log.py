@@ -12,7 +12,12 @@ addresses (`ignoreself`, on by default).
 
 Kinds of check:
 
-- session probe: `true` over the persistent connection (every probe interval);
+- probe loop round: one line each way on the session's long-lived probe loop (every probe
+  interval; the node looks at its listening socket, which sshd does not log);
+- listener check by the probe loop: the node connects to its own sshd, banner,
+  identification + disconnect (every `ssh.listener_interval_s`);
+- session probe: `true` over the persistent connection (every `nodes.EXEC_EVERY_S`; every
+  probe interval on a node without python3);
 - listener check, made from the node (the daemon's way): a direct-tcpip channel over the
   persistent connection to the node's own sshd, banner, identification + disconnect;
 - listener check, made from the head (the fallback when the node forbids forwarding; then
@@ -23,6 +28,7 @@ Kinds of check:
   retried once per verify interval.
 
     python3 -m bench.sshd_log [--probe-interval 5] [--verify-interval 300]
+                              [--listener-interval 120]
     (from the repository root)
 """
 
@@ -39,6 +45,7 @@ from pathlib import Path
 
 from mlbench_daemon import config
 from mlbench_daemon.config import SETTINGS
+from mlbench_daemon.nodes import EXEC_EVERY_S
 from mlbench_daemon.ssh import HEAD_CHECK_EVERY_S, Pool, Untrusted
 from tests.cluster import Cluster
 
@@ -125,10 +132,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--probe-interval", type=float, default=default("ssh", "probe_interval_s"))
     ap.add_argument("--verify-interval", type=float, default=default("ssh", "verify_interval_s"))
+    ap.add_argument(
+        "--listener-interval", type=float, default=default("ssh", "listener_interval_s")
+    )
     args = ap.parse_args()
     if not shutil.which("fail2ban-regex"):
         raise SystemExit("needs fail2ban-regex (Debian package fail2ban)")
-    P, V = args.probe_interval, args.verify_interval
+    P, V, L = args.probe_interval, args.verify_interval, args.listener_interval
 
     c = Cluster(workers=1, extra=0, sshd_log_level="INFO").build()
     work = Path(tempfile.mkdtemp(prefix="mlbench-sshd-log-"))
@@ -143,16 +153,21 @@ def main():
         pool = Pool(cfg.ssh)
         log = h.dir / "sshd.log"
         pool.probe(h.ip, 22, h.fqdn)
-        conn = pool.connection(h.ip, 22)
+        route = pool.listener.route(h.ip, 22)
 
         def from_head():  # one check as made when the node forbids forwarding
-            conn.forwarding, conn.head_check = False, None
+            route.forwarding, route.head_check = False, None
             try:
                 pool.check_listener(h.ip, 22, h.fqdn)
             finally:
-                conn.forwarding = True
+                route.forwarding = True
+
+        def loop_round(listener):
+            assert pool.watch(h.ip, 22, h.fqdn, listener=listener, timeout=5) is not None
 
         kinds = {
+            "probe loop round": capture(log, lambda: loop_round(False)),
+            "listener check by the probe loop": capture(log, lambda: loop_round(True)),
             "session probe": capture(log, lambda: pool.probe(h.ip, 22, h.fqdn)),
             "listener check from the node": capture(
                 log, lambda: pool.check_listener(h.ip, 22, h.fqdn)
@@ -169,7 +184,7 @@ def main():
         kinds["fresh login refused (host key changed)"] = capture(log, lambda: refused(pool, h))
         c.restore_host_key(h)
         pool.close()
-        assert conn.forwarding, "the node refused the check channel"
+        assert route.forwarding, "the node refused the check channel"
 
         print(f"sshd LogLevel INFO; the head is {c.head_ip}, the node {h.ip}\n")
         print("lines one check writes (ports and key fingerprints elided):")
@@ -182,6 +197,8 @@ def main():
                 print(f"      {line}")
 
         per_hour = {
+            "probe loop round": (P, 0.0),
+            "listener check by the probe loop": (L, 0.1),
             "session probe": (P, 0.0),
             "listener check from the node": (P, 0.1),
             "listener check from the head": (max(P, HEAD_CHECK_EVERY_S), 0.1),
@@ -191,16 +208,21 @@ def main():
             "fresh login refused (host key changed)": (V, 0.2),
         }
         setups = {kind: [(*per_hour[kind], kinds[kind])] for kind in kinds}
-        setups["daemon defaults: probe + listener from the node + fresh login"] = [
+        setups["daemon defaults: loop round + loop's listener check + `true` + fresh login"] = [
+            (*per_hour[k], kinds[k])
+            for k in ("probe loop round", "listener check by the probe loop", "fresh login")
+        ] + [(EXEC_EVERY_S, 0.3, kinds["session probe"])]
+        setups["no python3 on the node: probe + listener from the node + fresh login"] = [
             (*per_hour[k], kinds[k])
             for k in ("session probe", "listener check from the node", "fresh login")
         ]
-        setups["fallback (no forwarding): probe + listener from the head + fresh login"] = [
+        setups["no python3, no forwarding: probe + listener from the head + fresh login"] = [
             (*per_hour[k], kinds[k])
             for k in ("session probe", "listener check from the head", "fresh login")
         ]
         print(
-            f"\none hour at probe_interval_s = {P:g}, verify_interval_s = {V:g}; fail2ban "
+            f"\none hour at probe_interval_s = {P:g}, verify_interval_s = {V:g}, "
+            f"listener_interval_s = {L:g}; fail2ban "
             f"bans a source with {MAXRETRY} failures within {FINDTIME} s\n"
         )
         print(f"  {'checks':70s} {'lines/h':>7s}  " + "  ".join(f"{m:>22s}" for m in MODES))

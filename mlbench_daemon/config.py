@@ -413,6 +413,14 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         300.0,
         "a full fresh login to each node this often (spread over the nodes)",
     ),
+    (
+        "ssh",
+        "listener_interval_s",
+        number(0, strict=True),
+        120.0,
+        "each node connects to its own sshd this often (2 lines in its auth log); between, "
+        "it checks the listening socket each probe round, which sshd does not log",
+    ),
     ("ssh", "keepalive_s", number(0), 10.0, "SSH keepalive interval (0 = off)"),
     ("ssh", "max_connects", integer(1, 1024), 16, "SSH connects in flight at once"),
     (
@@ -560,6 +568,7 @@ class Ssh:
     connect_timeout_s: float
     probe_interval_s: float
     verify_interval_s: float
+    listener_interval_s: float
     keepalive_s: float
     max_connects: int
     max_channels: int

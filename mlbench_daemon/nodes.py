@@ -18,22 +18,31 @@ in natural name order) that readers take without waiting:
   probed again, so one silent host never stalls the others.  Each result is
   applied as soon as it arrives.
 
-What a probe of one node checks (``Running`` = a job can be launched there now),
-in ``probe_result``:
+What a probe of one node checks (``Running`` = a job can be launched there now):
 
-1. the persistent session runs `true` (``pool.probe``; reconnecting if needed);
-2. the node accepts new connections: a fresh TCP connect and the SSH banner
-   (``pool.check_listener``), unless step 1 has just logged in afresh;
-3. once every ``ssh.verify_interval_s`` a full fresh login on a new connection
+1. the persistent session answers: one round of the node's probe loop (``pool.watch``,
+   ssh/watch.py: a long-lived python3 loop on the session, one line each way), which
+   also looks at sshd's listening socket on the node (sshd logs nothing for that);
+2. the node accepts new connections: every ``ssh.listener_interval_s`` (and at once
+   when its listening socket is gone or holds unaccepted connections) the loop connects
+   to its own sshd and reads the banner; a node without python3 is checked the old way
+   each round (``pool.check_listener``), unless step 3 has just logged in afresh;
+3. a new command starts: `true` on the session (``pool.probe``) every ``EXEC_EVERY_S``
+   (starting the loop is one), in a round that (re)connects (the loop starts the round
+   after), and every round where python3 is missing;
+4. once every ``ssh.verify_interval_s`` a full fresh login on a new connection
    (``pool.verify_login``: host-key check, auth, `true`).  The persistent
    session's own login counts as one.  Node i of n is due at phase i/n of the
    interval (``FreshLogins``), so the logins are spread evenly over it, never
    all at once.  Forced rounds (``refresh()``, ``?refresh=1``) do steps 1 and 2
-   only, and step 3 for nodes whose last fresh login failed.
+   (with a listener check) only, and step 4 for nodes whose last fresh login failed.
+
+Rounds of nodes with nothing but step 1 (and 2) due are made by the sweep itself, all
+asked at once and then read (``pool.watch_many``); the others go to the worker pool.
 
 A failed step 2 makes the node ``Unknown`` (connection-refused, no-banner, ...)
 with a message saying that an existing session still works but new logins
-fail; a failed step 3 gives the login's own phase and reason (``Failed``:
+fail; a failed step 4 gives the login's own phase and reason (``Failed``:
 host-key-changed, auth-failed, ...), kept until a later fresh login succeeds.
 A node that refused us (``Failed``) is not logged into again before its next
 slot (or a forced round), so a broken node does not fill its sshd log (and
@@ -52,7 +61,7 @@ from typing import Any, Protocol
 
 from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Discovery, DiscoveryError, Node, Selector, natural_key
-from mlbench_daemon.ssh_errors import SSHError, Untrusted
+from mlbench_daemon.ssh_errors import ListenerDown, SSHError, Unreachable, Untrusted
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import DiscoveryReason, NodeReason, Phase, SSHReason
 
@@ -66,6 +75,10 @@ def _key(node: Node) -> tuple[str, str, int]:
 SWEEP_SLACK_S = 1.0  # sweep deadline = ssh.connect_timeout_s + this (each probe bounds itself)
 RETRY_S = 2.0  # discovery retry after a failure (at most discovery.refresh_s)
 ALIVE_FACTOR = 3  # alive() while each loop made progress within this many of its periods
+# A probe loop proves the session lives, not that a new command can start (the user's
+# process limit reached, a hung home directory): `true` runs on each session this often.
+EXEC_EVERY_S = 60.0
+NEW_LOGINS_FAIL = "; an existing session still works but new logins fail"
 
 
 class Session(Protocol):
@@ -81,6 +94,11 @@ class Prober(Protocol):
     """What the registry needs of ssh.Pool."""
 
     def probe(self, ip: str, port: int, host: str | None = None) -> float: ...
+    def watch(
+        self, ip: str, port: int, host: str | None = None, *, listener: bool, timeout: float
+    ) -> Any: ...
+    def watch_ages(self, ip: str, port: int) -> tuple[float, float] | None: ...
+    def watch_many(self, rounds: list[tuple[str, int, bool]], timeout: float) -> list[Any]: ...
     def hostname(self, ip: str, port: int) -> str | None: ...
     def check_listener(
         self, ip: str, port: int, host: str | None = None, timeout: float | None = None
@@ -167,14 +185,41 @@ def _noted(e: SSHError, note: str) -> SSHError:
     return type(e)(e.reason, f"{e}{note}")
 
 
+def _listener_down(e: SSHError) -> SSHError:
+    """The node's listener check failed: say that the session still works."""
+    return _noted(e, NEW_LOGINS_FAIL + " (so mpirun cannot start there)")
+
+
+def listener_due(ages: tuple[float, float] | None, ssh: Any, forced: bool) -> bool:
+    return forced or ages is None or ages[1] >= ssh.listener_interval_s
+
+
+def watched(answer: Any, user: str) -> dict[str, Any]:
+    """The NodeStatus fields of a Running node whose loop answered."""
+    return dict(
+        phase=Phase.RUNNING,
+        reason=NodeReason.OK,
+        latency_ms=round(answer.seconds * 1000, 3),
+        message=f"session answers as {user}; new connections accepted; last fresh login ok",
+    )
+
+
 def probe_result(
-    pool: Prober, node: Node, ssh: Any, logins: FreshLogins, *, login: bool, retry: bool
+    pool: Prober,
+    node: Node,
+    ssh: Any,
+    logins: FreshLogins,
+    *,
+    login: bool,
+    retry: bool,
+    forced: bool = False,
 ) -> dict[str, Any]:
     """Probe `node` -> the NodeStatus fields its result sets (phase, reason, ...).
 
     `ssh`: the config section (user, connect_timeout_s: the bound of the whole probe);
     `login`: make a fresh login unless the session does; `retry`: a node whose last fresh
-    login was refused may be tried again (its slot has come, or the round was forced)."""
+    login was refused may be tried again (its slot has come, or the round was forced);
+    `forced`: a round asked for now (the node checks its listener)."""
     user, timeout = ssh.user, ssh.connect_timeout_s
     k = _key(node)
     start = time.monotonic()
@@ -187,29 +232,48 @@ def probe_result(
         # a refusal is retried at its slot; a login that timed out or broke, next round
         login = login or (failed is not None and (retry or not isinstance(failed, Untrusted)))
         connects = conn.connects
-        latency = pool.probe(ip, port, node.host)
-        if conn.connects != connects:  # the session logged in afresh: steps 2 and 3 done
-            logins.done(k, None)
-        else:
+        ages = pool.watch_ages(ip, port)
+        latency, answer = None, None
+        if not conn.is_connected or (ages is not None and ages[0] >= EXEC_EVERY_S):
+            # a new command on the session; a (re)connect stops here: its login proved the
+            # listener, `true` proved commands start, and the loop starts next round (its
+            # python3 start-up on every node would slow a cold `?refresh=1` down)
+            latency = pool.probe(ip, port, node.host)
+        if conn.connects == connects:
+            left = max(0.1, timeout - (time.monotonic() - start))
+            listener = listener_due(ages, ssh, forced)
+            try:  # starts the loop where none runs: a new command too
+                answer = pool.watch(ip, port, node.host, listener=listener, timeout=left)
+            except ListenerDown as e:
+                raise _listener_down(e) from e
+            if answer is None and latency is None:  # no python3 there: `true` every round
+                latency = pool.probe(ip, port, node.host)
+        fresh = conn.connects != connects  # the session logged in afresh: 2 and 4 done
+        if answer is None and not fresh:  # and the old listener check
             left = timeout - (time.monotonic() - start)
             try:
                 pool.check_listener(ip, port, node.host, timeout=max(0.1, left))
             except SSHError as e:
-                note = "; an existing session still works but new logins fail"
-                raise _noted(e, note + " (so mpirun cannot start there)") from e
-            if login:
-                try:
-                    pool.verify_login(ip, port, node.host)
-                    logins.done(k, None)
-                except SSHError as e:
-                    logins.done(k, _noted(e, " (an existing session still works)"))
+                raise _listener_down(e) from e
+        if fresh:
+            logins.done(k, None)
+        elif login:
+            try:
+                pool.verify_login(ip, port, node.host)
+                logins.done(k, None)
+            except SSHError as e:
+                # a login the node refused, or one that found no listener (no banner...)
+                note = NEW_LOGINS_FAIL if isinstance(e, Unreachable) else ""
+                logins.done(k, _noted(e, note or " (an existing session still works)"))
         failed = logins.error(k)
         if failed is not None:
             raise failed
+        if answer is not None and latency is None:
+            return watched(answer, user)
         return dict(
             phase=Phase.RUNNING,
             reason=NodeReason.OK,
-            latency_ms=round(latency * 1000, 3),
+            latency_ms=None if latency is None else round(latency * 1000, 3),
             message=f"ran `true` as {user}; new connections accepted; last fresh login ok",
         )
     except SSHError as e:
@@ -411,23 +475,37 @@ class Registry:
             self._wake.wait(self.cfg.ssh.probe_interval_s)
 
     def _sweep(self, logins: bool = True) -> None:
-        """Probe every node in parallel under one deadline for the whole round."""
+        """Probe every node in parallel under one deadline for the whole round: rounds of
+        the nodes with only their probe loop due here, at once; the others in the pool."""
         budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
+        forced = not logins
         futures: dict[concurrent.futures.Future[None], Node] = {}
+        batch: list[tuple[Node, bool]] = []
         snapshot, now = self._snapshot, self.clock()
         for i, s in enumerate(snapshot):
             k = _key(s.node)
             due = self.logins.due(k, i, len(snapshot), now)
-            args = (s.node, due and logins, due or not logins)  # login, retry: see _probe
+            login, retry = due and logins, due or not logins  # see probe_result
+            with self._lock:
+                f = self._inflight.get(k)
+            if f is None and not login and self.logins.error(k) is None:
+                ages = self.pool.watch_ages(s.node.ip, s.node.port)
+                if ages is not None and ages[0] < EXEC_EVERY_S:
+                    batch.append((s.node, listener_due(ages, self.cfg.ssh, forced)))
+                    continue
             with self._lock:
                 f = self._inflight.get(k)
                 if f is None:
                     try:
-                        f = self._inflight[k] = self._executor.submit(self._probe, *args)
+                        f = self._inflight[k] = self._executor.submit(
+                            self._probe, s.node, login, retry, forced
+                        )
                     except RuntimeError:  # executor shut down: we are stopping
                         return
             # a probe still running from an earlier round is waited for, not piled up
             futures[f] = s.node
+        if batch:
+            self._watch_batch(batch)
         concurrent.futures.wait(futures, timeout=budget)
         for f, node in futures.items():
             if f.running():
@@ -444,15 +522,45 @@ class Registry:
                     if_inflight=True,
                 )
 
-    def _probe(self, node: Node, login: bool, retry: bool) -> None:
+    def _watch_batch(self, batch: list[tuple[Node, bool]]) -> None:
+        """One probe-loop round of each node in `batch`, asked all at once."""
+        rounds = [(n.ip, n.port, listener) for n, listener in batch]
+        try:
+            results = self.pool.watch_many(rounds, self.cfg.ssh.connect_timeout_s)
+        except Exception as bug:  # a bug must not leave these nodes as they were
+            log.exception("probe rounds of %d nodes failed unexpectedly", len(batch))
+            results = [bug] * len(batch)
+        for (node, _), r in zip(batch, results, strict=True):
+            if not isinstance(r, SSHError) and isinstance(r, Exception):
+                change: dict[str, Any] = dict(
+                    phase=Phase.UNKNOWN,
+                    reason=SSHReason.SSH_ERROR,
+                    message=repr(r),
+                    latency_ms=None,
+                )
+            elif isinstance(r, SSHError):
+                err = _listener_down(r) if isinstance(r, ListenerDown) else r
+                change = dict(phase=err.phase, reason=err.reason, message=str(err), latency_ms=None)
+            else:
+                change = watched(r, self.cfg.ssh.user)
+            self._record(node, change, finished=False)
+
+    def _probe(self, node: Node, login: bool, retry: bool, forced: bool) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
-        change = probe_result(self.pool, node, self.cfg.ssh, self.logins, login=login, retry=retry)
+        change = probe_result(
+            self.pool, node, self.cfg.ssh, self.logins, login=login, retry=retry, forced=forced
+        )
+        self._record(node, change, finished=True)
+
+    def _record(self, node: Node, change: dict[str, Any], *, finished: bool) -> None:
         if change["phase"] == Phase.RUNNING:
             hostname = self.pool.hostname(node.ip, node.port)
             if hostname:
                 change["hostname"] = hostname
         self._update(
-            node, lambda s: dataclasses.replace(s, last_probe=time.time(), **change), finished=True
+            node,
+            lambda s: dataclasses.replace(s, last_probe=time.time(), **change),
+            finished=finished,
         )
 
     def _update(

@@ -515,9 +515,11 @@ ENUMS = (
 )
 ENUM_TEXT: dict[type, str] = {
     Phase: "`Pending`: first probe not finished; `Running`: a job can be launched "
-    "there now: the node accepts new SSH connections (checked every probe round), a fresh "
+    "there now: the node accepts new SSH connections (its sshd's listening socket checked "
+    "every probe round, a connection to it every `ssh.listener_interval_s`), a fresh "
     "login with the configured key and the pinned host key ran `true` within "
-    "`ssh.verify_interval_s`, and the persistent session runs a command; `Unknown`: could "
+    "`ssh.verify_interval_s`, and the persistent session answers every probe round and "
+    "starts a command every 60 s; `Unknown`: could "
     "not reach it (also: its listener is gone or hung while an old session lives); "
     "`Failed`: reached it but it refused us or could not be trusted (also when seen on a "
     "fresh login while an old session still works).",

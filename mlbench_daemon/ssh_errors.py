@@ -36,6 +36,11 @@ class Unreachable(SSHError):
     )
 
 
+class ListenerDown(Unreachable):
+    """The node's own check of its sshd listener failed (refused, no banner, ...): the
+    session still works, new logins would not."""
+
+
 class CommandTimeout(Unreachable, TimeoutError):
     """``run()`` did not finish within its timeout (reason ``command-timeout``).
 

@@ -112,6 +112,31 @@ def test_paramiko_open_failure_codes():
         assert internals.open_failure(paramiko.ChannelException(code, "x")) == why
 
 
+def test_paramiko_global_request_reply(transport, monkeypatch):
+    """internals.global_request sends a GLOBAL_REQUEST wanting a reply through
+    Transport._send_user_message and waits on its own Transport.completion_event, which
+    paramiko's reply handlers set (after Transport.global_response: the reply, or None)."""
+    need(transport, "_send_user_message", "internals.global_request")
+    sent = []
+
+    def send(m):
+        sent.append(paramiko.Message(m.asbytes()))
+        reply[0](transport, paramiko.Message())  # the transport thread's handler
+
+    monkeypatch.setattr(transport, "_send_user_message", send)
+    for handler, answer in (("_parse_request_success", True), ("_parse_request_failure", False)):
+        reply = [need(paramiko.Transport, handler, "internals.global_request")]
+        assert internals.global_request(transport, "keepalive@openssh.com", 5.0) is answer
+    m = sent[-1]
+    assert (m.get_byte(), m.get_text(), m.get_boolean()) == (
+        paramiko.common.cMSG_GLOBAL_REQUEST,
+        "keepalive@openssh.com",
+        True,
+    )
+    reply = [lambda t, m: None]  # no reply: None after the timeout, not a wait forever
+    assert internals.global_request(transport, "keepalive@openssh.com", 0.05) is None
+
+
 def test_every_paramiko_internal_has_its_test():
     """Each function and class of ssh/internals.py is named by a test here, and each name
     a test gives is one of them: the module and this file match one-to-one."""

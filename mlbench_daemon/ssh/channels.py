@@ -158,11 +158,17 @@ def exec_command(
         with Watchdog(remaining(deadline), chan.close) as dog:
             try:
                 chan.exec_command(command)
-            except Exception:
+            except Exception as e:
                 if dog.fired:
                     raise Unreachable(
                         R.CONNECT_TIMEOUT, f"{conn.where}: no answer to exec in time"
                     ) from None
+                if isinstance(e, paramiko.SSHException) and conn.is_connected:
+                    raise Unreachable(
+                        R.SSH_ERROR,
+                        f"{conn.where}: logged in, but the node did not start a command "
+                        f"({e}: the user's process limit reached? a login shell failing?)",
+                    ) from e
                 raise
         return chan, slots.release
     except Exception as e:

@@ -148,6 +148,7 @@ class Connection:
         self.uname: tuple[int, str | None] = (0, None)  # (connects when asked, `uname -n`)
         self.channels = threading.BoundedSemaphore(login.cfg.max_channels)
         self.probe_channel = threading.BoundedSemaphore(1)
+        self._requests = threading.Lock()  # one global request at a time (internals)
         self._open_lock = threading.Lock()
         self._lock = threading.Lock()
 
@@ -183,6 +184,19 @@ class Connection:
             return t
         finally:
             self._open_lock.release()
+
+    def global_request(self, kind: str, deadline: float) -> bool | None:
+        """Global request `kind` on the live transport -> True (accepted), False (refused),
+        None (no answer by `deadline`, or not connected); serialised per connection."""
+        t = self.transport
+        if t is None or not self.is_connected:
+            return None
+        if not self._requests.acquire(timeout=remaining(deadline)):
+            return None
+        try:
+            return internals.global_request(t, kind, remaining(deadline))
+        finally:
+            self._requests.release()
 
     def connect_kwargs(self, deadline: float) -> dict[str, Any]:
         """Everything a connect depends on, gathered in one place."""

@@ -7,7 +7,9 @@ test per item here, so an upgrade that changes one fails naming it.
 - ``exit_status``: waits on ``Channel.status_event``;
 - ``slow_transport_poll``: the transport thread's socket timeout
   (``Transport._active_check_timeout``) raised to ``TRANSPORT_POLL_S``;
-- ``open_failure``: ``paramiko.common``'s channel-open failure codes.
+- ``open_failure``: ``paramiko.common``'s channel-open failure codes;
+- ``global_request``: ``Transport.completion_event``, ``.global_response`` and
+  ``._send_user_message``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,29 @@ def open_failure(exc: paramiko.ChannelException) -> str:
     if exc.code == paramiko.common.OPEN_FAILED_CONNECT_FAILED:
         return "connect-failed"
     return "other"
+
+
+def global_request(transport: paramiko.Transport, kind: str, timeout: float) -> bool | None:
+    """Send global request `kind` wanting a reply -> True (accepted), False (refused), None
+    (no reply within `timeout`).
+
+    paramiko's ``global_request(wait=True)`` waits without a bound, on the one completion
+    event of the transport: two requests at once share it, and a key exchange ending sets
+    it too.  So callers serialise requests per connection (``Connection.global_request``),
+    and a server-started rekey finishing meanwhile reads as a refusal (harmless for a
+    keepalive: any answer proves the session).
+    """
+    event = threading.Event()
+    transport.global_response = None
+    transport.completion_event = event
+    m = paramiko.Message()
+    m.add_byte(paramiko.common.cMSG_GLOBAL_REQUEST)
+    m.add_string(kind)
+    m.add_boolean(True)
+    transport._send_user_message(m)  # type: ignore[attr-defined]
+    if not event.wait(timeout):
+        return None
+    return transport.global_response is not None
 
 
 def exit_status(chan: paramiko.Channel, timeout: float) -> int | None:

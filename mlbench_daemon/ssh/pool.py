@@ -20,6 +20,7 @@ from mlbench_daemon.ssh.connection import (
     remaining,
 )
 from mlbench_daemon.ssh.listener import ListenerCheck
+from mlbench_daemon.ssh.watch import Answer, Watches
 from mlbench_daemon.ssh_errors import SSHError, Unreachable
 from mlbench_daemon.vocabulary import SSHReason as R
 
@@ -40,6 +41,7 @@ class Pool:
             threading.BoundedSemaphore(cfg.max_connects),
         )
         self.listener = ListenerCheck()
+        self.watches = Watches()
         self.on_reconnect = on_reconnect
         self.reconnects = 0
         self._conns: dict[tuple[str, int], Connection] = {}
@@ -54,10 +56,35 @@ class Pool:
         conn = self.connection(ip, port, host)
         try:
             channels.run_true(conn, deadline)
+            self.watches.executed(conn)
             return time.monotonic() - start
         except Exception as e:
             conn.close()
             raise classify(e, conn.where) from e
+
+    def watch(
+        self, ip: str, port: int, host: str | None = None, *, listener: bool, timeout: float
+    ) -> Answer | None:
+        """One round of the node's probe loop (watch.py), started first if needed (a new
+        exec, connecting if needed) -> Answer; None when no loop can run there (no python3).
+        `listener`: the node also connects to its own sshd.  Bounded by `timeout`; raises
+        Unreachable (the listener check's reason, a loop or link that did not answer)."""
+        return self.watches.round(
+            self.connection(ip, port, host), listener=listener, timeout=timeout
+        )
+
+    def watch_ages(self, ip: str, port: int) -> tuple[float, float] | None:
+        """(seconds since a new command last ran on the session, since the node last
+        checked its listener) while the node's probe loop runs; None when it does not."""
+        return self.watches.ages(self.connection(ip, port))
+
+    def watch_many(
+        self, rounds: list[tuple[str, int, bool]], timeout: float
+    ) -> list[Answer | SSHError]:
+        """One round on each (ip, port, listener) whose probe loop runs, all asked at once
+        (watch.Watches.many); bounded by `timeout`."""
+        conns = [(self.connection(ip, port), listener) for ip, port, listener in rounds]
+        return self.watches.many(conns, timeout)
 
     def verify_login(self, ip: str, port: int, host: str | None = None) -> float:
         """Seconds for a full fresh login on a new connection: key exchange with the host-key
@@ -131,6 +158,7 @@ class Pool:
         with self._lock:
             conn = self._conns.pop((ip, port), None)
         self.listener.forget(ip, port)
+        self.watches.forget(ip, port)
         if conn is not None:
             conn.close()
 
