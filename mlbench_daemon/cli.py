@@ -2,9 +2,9 @@
 HTTP clients of a running daemon (urllib only).
 
     mlbench-daemon serve --config FILE [--log-level L]
-    mlbench-daemon nodes | jobs | logs [-f] ID | cancel ID | ranks ID
+    mlbench-daemon nodes | jobs | logs [-f] [--rank N] ID | cancel ID | ranks ID
     mlbench-daemon run [--np N] [--node NAME ...] [--master NAME] [--env K=V ...]
-                       [--timeout S] [-- PROGRAM ARGS...]
+                       [--timeout S] [--rank-output] [-- PROGRAM ARGS...]
     mlbench-daemon check [the same options as run]
     mlbench-daemon token add NAME --role R | list | revoke NAME   (--file F or --config F)
 
@@ -66,8 +66,16 @@ def connect(url: str, token_file: str | None = None) -> Client:
     return Client(url, token, headers)
 
 
-def copy_logs(client: Client, job_id: str, offset: int, out: BinaryIO, follow: bool) -> int:
-    """Write the job's output from *offset* to *out*; returns the next offset.
+def copy_logs(
+    client: Client,
+    job_id: str,
+    offset: int,
+    out: BinaryIO,
+    follow: bool,
+    rank: int | None = None,
+) -> int:
+    """Write the job's output (one rank's with *rank*) from *offset* to *out*; returns
+    the next offset.
 
     Without follow: read bounded chunks until there is no more. With follow: stream
     until the daemon ends the stream (the job ended); a stream silent for
@@ -78,7 +86,7 @@ def copy_logs(client: Client, job_id: str, offset: int, out: BinaryIO, follow: b
         try:
             with client.open(
                 "GET",
-                logs_path(job_id, offset, follow),
+                logs_path(job_id, offset, follow, rank),
                 timeout=FOLLOW_READ_S if follow else TIMEOUT_S,
             ) as resp:
                 next_offset = resp.headers.get("X-Next-Offset")
@@ -161,7 +169,7 @@ def cmd_jobs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def cmd_logs(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    copy_logs(client, args.id, 0, out.buffer, follow=args.follow)
+    copy_logs(client, args.id, 0, out.buffer, follow=args.follow, rank=args.rank)
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO) -> int:
@@ -249,6 +257,7 @@ def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         job_body(args),
         wait=False,
         **_given(env=dict(args.env or ()), timeout_s=args.timeout, name=args.name, tags=args.tag),
+        **({"rank_output": True} if args.rank_output else {}),
     )
     job = client.json("POST", "/api/mpi_jobs/", body)
     job_id = job["id"]
@@ -457,6 +466,12 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return convert
 
 
+def _rank(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a rank (0, 1, ...), got {text!r}")
+    return int(text)
+
+
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     def add_globals(p: argparse.ArgumentParser, default: Callable[[Any], Any]) -> None:
         # on the main parser with real defaults; on each command with SUPPRESS so an
@@ -510,6 +525,12 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
 
     p = sub.add_parser("logs", parents=[common], help="print a job's output")
     p.add_argument("-f", "--follow", action="store_true", help="keep following until the job ends")
+    p.add_argument(
+        "--rank",
+        type=_rank,
+        metavar="N",
+        help="only rank N's output (a job run with rank_output)",
+    )
     p.add_argument("id")
     p.set_defaults(func=cmd_logs)
 
@@ -534,6 +555,11 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         if name == "run":
             p.add_argument("--name", help="a name for the job")
             p.add_argument("--tag", action="append", metavar="K:V", help="a tag (repeatable)")
+            p.add_argument(
+                "--rank-output",
+                action="store_true",
+                help="keep each rank's output apart too (read it with `logs --rank N`)",
+            )
         p.set_defaults(func=func)
     return parser
 

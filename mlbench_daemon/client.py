@@ -54,8 +54,10 @@ def job_path(job_id: str) -> str:
     return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}"
 
 
-def logs_path(job_id: str, offset: int, follow: bool = False) -> str:
+def logs_path(job_id: str, offset: int, follow: bool = False, rank: int | None = None) -> str:
     query = {"offset": offset, **({"follow": 1} if follow else {})}
+    if rank is not None:
+        query["rank"] = rank
     return f"{job_path(job_id)}/logs?{urllib.parse.urlencode(query)}"
 
 

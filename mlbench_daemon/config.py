@@ -139,6 +139,35 @@ def str_list(value: Any, *, what: str = "a list of strings") -> list[str]:
     return list(value)
 
 
+# Launcher options that write each rank's output to files (on that rank's own node)
+# instead of the launcher's output: the job's log (`response`) would stay empty, and
+# every such job would look stalled.  A job's `rank_output` splits it on the head instead.
+OUTPUT_FILE_OPTIONS = (
+    "--output-filename",  # OpenMPI 4 and 5
+    "-output-filename",
+    "-outfile-pattern",  # Hydra
+    "-errfile-pattern",
+    "--outfile-pattern",
+    "--errfile-pattern",
+)
+_OUTPUT_FILE_VALUE = re.compile(r"(?:^|,)(?:dir|file)[=:]")  # PRRTE's --output dir=... or file=...
+
+
+@_json_env
+def launcher_args(value: Any) -> list[str]:
+    items = str_list(value)
+    for i, item in enumerate(items):
+        name, eq, rest = item.partition("=")
+        after = rest if eq else (items[i + 1] if i + 1 < len(items) else "")
+        if name in OUTPUT_FILE_OPTIONS or (name == "--output" and _OUTPUT_FILE_VALUE.search(after)):
+            raise ValueError(
+                f"must not hold {item!r} (it writes each rank's output to files on that "
+                "rank's node: the job's log would stay empty and the job look stalled; "
+                "a job's rank_output: true keeps each rank's output apart instead)"
+            )
+    return items
+
+
 @_json_env
 def argv(value: Any) -> list[str]:
     what = "a non-empty list of non-empty strings"
@@ -427,7 +456,7 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
     (
         "mpi",
         "args",
-        str_list,
+        launcher_args,
         [],
         "extra launcher arguments (for that launcher), placed before the program",
     ),

@@ -296,6 +296,14 @@ class Job(msgspec.Struct):
             "master when `auto`); null until the job is launched."
         ),
     ]
+    rank_output: Annotated[
+        bool,
+        Meta(
+            description="Submitted with `rank_output`: the launcher tags each line with its "
+            "rank (the option is in `command`) and `GET .../logs?rank=N` serves one rank's "
+            "output."
+        ),
+    ]
     log_bytes: Annotated[
         int,
         Meta(ge=0, description='Size of the job\'s log so far (for "showing the last X of Y").'),
@@ -507,6 +515,15 @@ class JobRequest(msgspec.Struct, forbid_unknown_fields=True):
     ] = True
     name: JobName | msgspec.UnsetType = msgspec.UNSET
     tags: Tags | msgspec.UnsetType = msgspec.UNSET
+    rank_output: Annotated[
+        bool,
+        Meta(
+            description="Keep each rank's output apart as well: the launcher tags every line "
+            "with its rank (OpenMPI 4 `--tag-output`, OpenMPI 5 `--output tag`, Hydra "
+            "`-prepend-pattern`), the job's log keeps every line as tagged, and "
+            "`GET /api/mpi_jobs/<id>/logs?rank=N` serves rank N's lines untagged."
+        ),
+    ] = False
 
 
 class PreflightRequest(msgspec.Struct, forbid_unknown_fields=True):

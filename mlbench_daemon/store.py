@@ -4,6 +4,8 @@ Layout::
 
     <state_dir>/jobs.sqlite3      table ``jobs`` (WAL, synchronous=FULL)
     <state_dir>/logs/<id>.log     the job's output, bytes exactly as produced
+    <state_dir>/logs/<id>.ranks/  a job with rank_output: <rank>.log per rank and the
+                                  split's checkpoint (jobs/ranklog.py writes them)
 
 A record is a frozen `JobRecord`, whose fields declare the table's columns once
 (``nodes``, ``command``, ``env_names`` — names only, values are never stored —,
@@ -20,10 +22,11 @@ when ``create``/``update`` returns.  Log appends are plain writes: they
 survive a killed daemon (the page cache keeps them), and the follower
 resumes from ``log_size()`` after a restart.
 
-Retention: ``prune()`` removes finished jobs (record and log), oldest first, once
-they are older than ``state.keep_days`` or while the logs together take more than
-``state.max_bytes``; pending and running jobs are never touched, and a job that
-finished in the last ``KEEP_RECENT_S`` stays so a client can still read its end.
+Retention: ``prune()`` removes finished jobs (record, log and rank logs), oldest first,
+once they are older than ``state.keep_days`` or while the logs together (rank logs
+counted) take more than ``state.max_bytes``; pending and running jobs are never
+touched, and a job that finished in the last ``KEEP_RECENT_S`` stays so a client can
+still read its end.
 """
 
 import dataclasses
@@ -31,6 +34,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -364,7 +368,7 @@ class Store:
             if not (too_old or (max_bytes and total > max_bytes)):
                 break
             doomed.append(job_id)
-            total -= self.log_size(job_id)
+            total -= self.log_size(job_id) + self._logs_bytes(self.rank_dir(job_id))
         if doomed:
             with self._lock:
                 self._db.execute("BEGIN")
@@ -375,16 +379,24 @@ class Store:
                     os.unlink(self.log_path(job_id))
                 except FileNotFoundError:
                     pass
+                shutil.rmtree(self.rank_dir(job_id), ignore_errors=True)
         return doomed
 
-    def _logs_bytes(self) -> int:
+    def _logs_bytes(self, path: str | None = None) -> int:
+        """Bytes of the files under `path` (the logs dir), rank logs' dirs included."""
         total = 0
-        with os.scandir(self.logs) as entries:
-            for e in entries:
-                try:
-                    total += e.stat(follow_symlinks=False).st_size
-                except FileNotFoundError:
-                    pass
+        try:
+            with os.scandir(path or self.logs) as entries:
+                for e in entries:
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            total += self._logs_bytes(e.path)
+                        else:
+                            total += e.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        pass
+        except FileNotFoundError:
+            pass
         return total
 
     # --- logs
@@ -409,16 +421,22 @@ class Store:
         finally:
             os.close(fd)
 
-    def log_size(self, job_id: str) -> int:
+    def log_size(self, job_id: str, rank: int | None = None) -> int:
+        """The log's size; of one rank's log with `rank`."""
+        path = self.log_path(job_id) if rank is None else self.rank_log_path(job_id, rank)
         try:
-            return os.path.getsize(self.log_path(job_id))
+            return os.path.getsize(path)
         except FileNotFoundError:
             return 0
 
-    def read_log(self, job_id: str, offset: int, limit: int) -> tuple[bytes, int]:
-        """Up to ``limit`` bytes from ``offset`` -> (data, next_offset)."""
+    def read_log(
+        self, job_id: str, offset: int, limit: int, rank: int | None = None
+    ) -> tuple[bytes, int]:
+        """Up to ``limit`` bytes from ``offset`` -> (data, next_offset); of one rank's
+        log with `rank`."""
+        path = self.log_path(job_id) if rank is None else self.rank_log_path(job_id, rank)
         try:
-            with open(self.log_path(job_id), "rb") as f:
+            with open(path, "rb") as f:
                 if offset >= os.fstat(f.fileno()).st_size:
                     return b"", offset
                 f.seek(offset)
@@ -426,3 +444,27 @@ class Store:
         except FileNotFoundError:
             data = b""
         return data, offset + len(data)
+
+    # --- rank logs (a job with rank_output; jobs/ranklog.py keeps them)
+
+    def rank_dir(self, job_id: str) -> str:
+        return self.log_path(job_id).removesuffix(".log") + ".ranks"
+
+    def rank_log_path(self, job_id: str, rank: int) -> str:
+        return os.path.join(self.rank_dir(job_id), f"{int(rank)}.log")
+
+    def rank_checkpoint_path(self, job_id: str) -> str:
+        return os.path.join(self.rank_dir(job_id), "split")
+
+    def rank_log_sizes(self, job_id: str) -> dict[int, int]:
+        """{rank: size of its log} for the rank logs there are."""
+        sizes = {}
+        try:
+            with os.scandir(self.rank_dir(job_id)) as entries:
+                for e in entries:
+                    rank = e.name.removesuffix(".log")
+                    if e.name.endswith(".log") and rank.isdigit():
+                        sizes[int(rank)] = e.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            pass
+        return sizes

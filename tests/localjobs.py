@@ -40,7 +40,7 @@ from tests.helpers import HANG, wait_for
 MPIRUN = """#!/bin/sh
 # Stands in for mpirun on the local pool: drops mpirun's options, runs the program once.
 while [ $# -gt 0 ]; do
-  case "$1" in -x|--host|-np) shift 2;; --mca) shift 3;; *) break;; esac
+  case "$1" in -x|--host|-np) shift 2;; --mca) shift 3;; --tag-output) shift;; *) break;; esac
 done
 exec "$@"
 """

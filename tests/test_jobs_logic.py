@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from mlbench_daemon.errors import Conflict, InsufficientStorage, QueueFull
+from mlbench_daemon.errors import BadRequest, Conflict, InsufficientStorage, QueueFull
 from mlbench_daemon.jobs import remote
 from mlbench_daemon.jobs.launch import BACKOFF_S
 from mlbench_daemon.ssh import Result
@@ -307,6 +307,51 @@ def test_restart_reattaches_a_running_job_and_completes_its_log(local, tmp_path)
     (tmp_path / "go").touch()
     done = lj.jobs.wait(job["id"])
     assert (done["state"], done["response"]) == ("succeeded", "started\ndone\n")
+
+
+# A job with rank_output, its launcher's tagged output printed by the program itself (the
+# stand-in mpirun tags nothing): rank 1's pieces end without a newline, the next tag
+# follows on the same line; launcher lines come between.
+TAGGED = """i=0
+while [ $i -lt 300 ]; do
+  printf '[1,0]<stdout>:line %d\\n[1,1]<stdout>:part %d' $i $i
+  printf '[1,2]<stderr>:x\\n---- mpirun\\n[1,1]<stdout>: end\\n'
+  i=$((i+1))
+done
+echo '[1,0]<stdout>:started'
+while [ ! -e "$1" ]; do sleep 0.01; done
+printf '[1,2]<stdout>:last'
+"""
+
+
+def test_rank_output_splits_the_log_and_a_restart_loses_and_doubles_nothing(local, tmp_path):
+    lj = local()
+    job = lj.jobs.submit(
+        {"program": sh(TAGGED, str(tmp_path / "go")), "np": 3, "rank_output": True, "wait": False}
+    )
+    assert job["rank_output"] and "--tag-output" in job["command"]
+    wait_for(lambda: b"started" in lj.jobs.read_log(job["id"], 0, 1 << 20, 0)[0], what="rank 0")
+    lj.restart()  # the rank logs hold more than their checkpoint (none yet): cut and split again
+    (tmp_path / "go").touch()
+    done = lj.jobs.wait(job["id"])
+    assert done["state"] == "succeeded"
+    want = {
+        0: "".join(f"line {i}\n" for i in range(300)) + "started\n",
+        1: "".join(f"part {i} end\n" for i in range(300)),
+        2: "x\n" * 300 + "last",
+    }
+    for rank, text in want.items():
+        assert lj.jobs.read_log(job["id"], 0, 1 << 20, rank)[0] == text.encode()
+        assert lj.jobs.log_size(job["id"], rank) == len(text)
+        assert b"".join(lj.jobs.follow_log(job["id"], 0, rank=rank)) == text.encode()
+    assert done["response"].count("---- mpirun\n") == 300  # the combined log keeps all
+    with pytest.raises(BadRequest, match=r"has ranks 0 to 2, not 3") as info:
+        lj.jobs.read_log(job["id"], 0, 10, 3)
+    assert info.value.field == "rank"
+    plain = lj.jobs.wait(lj.jobs.submit({"program": sh("echo hi"), "wait": False})["id"])
+    assert not plain["rank_output"] and "--tag-output" not in plain["command"]
+    with pytest.raises(BadRequest, match="not submitted with rank_output: true"):
+        lj.jobs.read_log(plain["id"], 0, 10, 0)
 
 
 def test_a_stale_cancel_note_is_cleared_when_the_job_succeeds(local, tmp_path):

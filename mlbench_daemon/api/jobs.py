@@ -109,24 +109,27 @@ def job_logs(deps: Deps, job_id: str) -> bytes | Held:
     limit = int_param("limit", LOG_CHUNK_MAX, 1, LOG_CHUNK_MAX)
     tail = int_param("tail", -1, 0, 1 << 62)  # -1: not given
     follow = flag("follow")
+    rank = int_param("rank", -1, 0, RANK_MAX - 1)
     if tail >= 0 and bottle.request.query.get("offset") not in (None, ""):
         raise BadRequest("tail: give either tail or offset, not both", field="tail")
-    job = deps.jobs.get(job_id)  # a 404 must come before the stream starts
+    one = None if rank < 0 else rank
+    size = deps.jobs.log_size(job_id, one)  # a 404 or 400 must come before the stream starts
     if tail >= 0:
-        offset = max(0, job["log_bytes"] - tail)
+        offset = max(0, size - tail)
         bottle.response.set_header("X-Log-Start", str(offset))
     bottle.response.content_type = "application/octet-stream"
     bottle.response.set_header("X-Content-Type-Options", "nosniff")
     if follow:
         deps.streams.take()
         gone = bottle.request.environ.get("waitress.client_disconnected")
-        return Held(deps.jobs.follow_log(job_id, offset, gone=gone), deps.streams)
-    data, next_offset = deps.jobs.read_log(job_id, offset, limit)
+        return Held(deps.jobs.follow_log(job_id, offset, gone=gone, rank=one), deps.streams)
+    data, next_offset = deps.jobs.read_log(job_id, offset, limit, one)
     bottle.response.set_header("X-Next-Offset", str(next_offset))
     return data
 
 
 _NO_SUCH_JOB = error("No such job.")
+RANK_MAX = 1_000_000  # the most ranks a job can ask for (shapes.Np)
 
 ROUTES = [
     Route(
@@ -289,8 +292,9 @@ ROUTES = [
                 },
             ),
             400: error(
-                "Bad `offset`, `limit`, `tail` or `follow`, or `tail` with `offset` "
-                "(`field` names it)."
+                "Bad `offset`, `limit`, `tail`, `follow` or `rank`, or `tail` with `offset` "
+                "(`field` names it); `rank` for a job submitted without `rank_output`, or "
+                "outside its ranks."
             ),
             404: _NO_SUCH_JOB,
             503: error(
@@ -303,7 +307,9 @@ ROUTES = [
         "last min(N, size) bytes instead (`X-Log-Start` says where; not with `offset`).  With "
         "`follow=1` the answer streams from `offset` (or from size - N with `tail`) until the "
         "job is final (no `X-Next-Offset`; `limit` is ignored); it holds a server thread, and "
-        "counts against `server.max_streams`.",
+        "counts against `server.max_streams`.  With `rank=N` (a job submitted with "
+        "`rank_output`) all of this reads rank N's own log instead: its lines without the "
+        "launcher's tags, split from the job's log as it comes.",
         query=(
             Param("offset", {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0}),
             Param(
@@ -325,6 +331,12 @@ ROUTES = [
                 FLAG,
                 "`1` (or `true`, `yes`) streams until the job is final; "
                 "`0`, `false`, `no` or empty: one chunk.",
+            ),
+            Param(
+                "rank",
+                {"type": "integer", "minimum": 0, "maximum": RANK_MAX - 1},
+                "One rank's output (a job submitted with `rank_output`): offsets, `tail` "
+                "and `X-Next-Offset` are then in that rank's log.",
             ),
         ),
     ),

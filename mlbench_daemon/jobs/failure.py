@@ -119,6 +119,18 @@ MAPPING_OPTIONS = {
 }
 
 
+# Options of mpirun that take one value (so the value is not read as the program): the
+# `<arg0>` options of OpenMPI 4's `mpirun --help all` that neither map ranks nor are read
+# above, and OpenMPI 5's `--output` (`--output tag`: a job with rank_output, flavour.py).
+_VALUED = (
+    "am app cf cartofile cpu-list cpu-set cpus-per-proc cpus-per-rank debugger "
+    "default-hostfile hnp launch-agent max-restarts max-vm-size ompi-server "
+    "output-filename path personality preload-files report-events report-pid report-uri "
+    "stdin timeout tune wd wdir xml-file xterm bind-to output prefix"
+).split()
+VALUE_OPTIONS = {"-x"} | {f"-{o}" for o in _VALUED} | {f"--{o}" for o in _VALUED}
+
+
 @dataclass(frozen=True)
 class NodeRef:
     """What attribution knows of one node of the job."""
@@ -182,7 +194,7 @@ def rank_map(command: Sequence[str], master_ip: str | None) -> list[str] | None:
             np, i = int(argv[i + 1]), i + 2
         elif a in ("--mca", "-mca", "--gmca", "-gmca"):
             i += 3
-        elif a in ("-x",):
+        elif a in VALUE_OPTIONS:
             i += 2
         elif a.startswith("-"):
             i += 1  # a flag we do not model; an unknown option with a value would shift us
@@ -345,6 +357,7 @@ def attribute(
     others' (OpenMPI 5, Hydra) by flavour.explain with their own rank placement."""
     if state == "succeeded":
         return None
+    output = flavours.untag(flavour, output)  # a rank_output job's lines are tagged
     if reason in REASON_KINDS:
         f = empty(REASON_KINDS[JobReason(reason)], error or reason)
         f["exit_code"] = exit_code

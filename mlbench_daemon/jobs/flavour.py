@@ -13,6 +13,15 @@ functions (no I/O); docs/MPI-FLAVOURS.md has the measurements behind each line:
   ``hydra_pmi_proxy`` processes nothing: the cancel sweep finds those by the
   ``--control-port`` of the job's mpiexec (``Flavour.proxy_option``);
 - the rank -> host map of the launcher's default placement (``rank_hosts``);
+- the line tag of a job with ``rank_output`` (``Flavour.tag_option``, ``Flavour.tag``):
+  the launcher prefixes every piece of a rank's output with the rank, and the head
+  splits the one stream by it (ranklog.py).  OpenMPI 4 ``--tag-output`` gives
+  ``[1,R]<stdout>:``, OpenMPI 5 (PRRTE) ``--output tag`` gives ``[1,R]<stdout>: `` (its
+  ``--tag-output`` is the deprecated alias).  None of the three keeps a rank's partial
+  line whole: a write without a newline is tagged as it comes, and the next rank's tag
+  follows it on the same line (measured on each), so a tag is read anywhere in a line.
+  Hydra's ``-prepend-rank`` writes ``[R] ``, which a program prints as often (``epoch
+  [3] loss``); so Hydra gets ``-prepend-pattern`` with a tag of its own, ``[R]<rank>: ``;
 - the launcher's own failure texts (``parse_failure``) -> facts::
 
       {"kind", "rank", "host", "exit_code", "signal", "detail"}   (keys as known)
@@ -46,6 +55,8 @@ class Flavour:
     markers: tuple[str, ...]  # variables set to the job id
     launcher_first: bool  # default placement fills the launcher's own host first
     proxy_option: str | None = None  # remote proxies carry no marker: found by this option
+    tag_option: tuple[str, ...] = ()  # makes the launcher tag each piece of output with its rank
+    tag: re.Pattern[bytes] = re.compile(b"(?!)")  # one tag as printed; group "rank"
 
     def argv(
         self,
@@ -55,9 +66,11 @@ class Flavour:
         np: int | None,
         env_names: Sequence[str],
         program: Sequence[str],
+        rank_output: bool = False,
     ) -> list[str]:
-        """The launcher's argv; `hosts` are "address" or "address:slots" items."""
-        argv = [launcher, *self.fixed, *args]
+        """The launcher's argv; `hosts` are "address" or "address:slots" items;
+        `rank_output`: with the tag option (right after the fixed options)."""
+        argv = [launcher, *self.fixed, *(self.tag_option if rank_output else ()), *args]
         if self.env_option:
             for name in env_names:
                 argv += [self.env_option, name]
@@ -82,6 +95,8 @@ FLAVOURS = {
             fixed=(),
             markers=("OMPI_MCA_mlbench_job_id",),
             launcher_first=True,
+            tag_option=("--tag-output",),
+            tag=re.compile(rb"\[\d{1,10},(?P<rank>\d{1,9})\]<std(?:out|err|diag)>:"),
         ),
         Flavour(
             "openmpi5",
@@ -92,6 +107,8 @@ FLAVOURS = {
             fixed=(),
             markers=("OMPI_MCA_mlbench_job_id", "PRTE_MCA_mlbench_job_id"),
             launcher_first=False,
+            tag_option=("--output", "tag"),
+            tag=re.compile(rb"\[\d{1,10},(?P<rank>\d{1,9})\]<std(?:out|err|diag)>: "),
         ),
         Flavour(
             "mpich",
@@ -108,13 +125,37 @@ FLAVOURS = {
             markers=("MLBENCH_JOB_ID",),
             launcher_first=False,
             proxy_option="--control-port",
+            tag_option=("-prepend-pattern", "[%r]<rank>: "),
+            tag=re.compile(rb"\[(?P<rank>\d{1,9})\]<rank>: "),
         ),
     )
 }
 
 
+TAG_MAX = 64  # no tag is longer (ranklog.py looks this far ahead before deciding)
+
+
 def get(name: str) -> Flavour:
     return FLAVOURS[name]
+
+
+def untag(name: str, text: str) -> str:
+    """`text` without the flavour's rank tags: the output as the launcher prints it
+    untagged (a failure text that a rank prints spans lines, each line tagged).  The
+    tags are distinct enough to remove from any job's output, tag option or not."""
+    tag = re.compile(FLAVOURS[name].tag.pattern.decode())
+    return tag.sub("", text)
+
+
+def rank_count(name: str, command: Sequence[str]) -> int | None:
+    """How many ranks a job's argv starts: its np, else the slots of its host list;
+    None if the argv says neither."""
+    f = FLAVOURS[name]
+    np = _option_value(command, f.np_option)
+    if np is not None:
+        return int(np) if np.isdigit() else None
+    items = _option_value(command, f.host_option)
+    return sum(slots for _, slots in parse_hosts(items.split(","))) if items else None
 
 
 # --- which launcher ---------------------------------------------------------------------

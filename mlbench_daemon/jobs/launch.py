@@ -95,6 +95,7 @@ class Job:
     candidates: Sequence[Node]  # the nodes chosen at submission
     names: Sequence[str] | None  # node names of a job queued again after a restart
     cancel_reason: JobReason | None  # a cancel that came before the launch
+    rank_output: bool = False  # the launcher tags each line with its rank
 
 
 class Launcher:
@@ -134,8 +135,9 @@ class Launcher:
             return LaunchFailed(JobState.FAILED, JobReason.NO_USABLE_MASTER, "; ".join(failed))
         env = job.env
         command = mpirun_argv(
-            self.mpi.mpirun, self.mpi.args, nodes, job.np, sorted(env), job.program, flavour_name
-        )
+            self.mpi.mpirun, self.mpi.args, nodes, job.np, sorted(env), job.program,
+            flavour_name, job.rank_output,
+        )  # fmt: skip
         job_dir = f"{self.mpi.remote_dir.rstrip('/')}/{job.id}"
         self.store.update(
             job.id,

@@ -7,6 +7,7 @@
     get(id), list(limit, offset, **filters), cancel(id, by=None),
     read_log(id, offset, limit) -> (bytes, next)
     follow_log(id, offset) -> iterator of bytes chunks until the job ends
+    (both, and log_size(id, rank), take rank=N: one rank's log of a rank_output job)
 
 ``submit`` never blocks on the job; a request with ``wait`` true (the default) is
 answered with ``wait_json(job["id"])``.  At most ``mpi.max_concurrent_jobs`` jobs
@@ -40,6 +41,7 @@ from mlbench_daemon.errors import (
     Unavailable,
     echo,
 )
+from mlbench_daemon.jobs import flavour
 from mlbench_daemon.jobs.clock import Clock
 from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun_argv, node_row
 from mlbench_daemon.jobs.remote import Host, Pool, Remote
@@ -115,6 +117,7 @@ class Jobs:
             master=req["master"],
             names=req["nodes"],
             reattached=True,
+            rank_output=req.get("rank_output", False),
         )
         with self._lock:
             self._admit(run)
@@ -141,21 +144,23 @@ class Jobs:
         env_names = sorted(req.env)
         run = JobRun(
             self._ctx, "", env=req.env, master=master, program=req.program, np=req.np,
-            candidates=nodes,
+            candidates=nodes, rank_output=req.rank_output,
         )  # fmt: skip
         timeout_s = req.timeout_s or self.mpi.default_timeout_s or None
         # the flavour, as far as known before the master is chosen (openmpi4 if not yet)
         known = (self._ctx.flavour_for(n) for n in master_order(nodes, master))
         flavour_name = next((f for f in known if f), "openmpi4")
         command = mpirun_argv(
-            self.mpi.mpirun, self.mpi.args, nodes, req.np, env_names, req.program, flavour_name
-        )
+            self.mpi.mpirun, self.mpi.args, nodes, req.np, env_names, req.program,
+            flavour_name, req.rank_output,
+        )  # fmt: skip
         request = {
             "program": list(req.program),
             "np": req.np,
             "master": master,
             "nodes": [n.name for n in nodes],
             "stall_after_s": req.stall_after_s,  # None: mpi.stall_after_s when followed
+            "rank_output": req.rank_output,
         }
         with self._lock:
             if (
@@ -265,24 +270,50 @@ class Jobs:
         job = self.get(job_id)
         return json_with_response(self.store, job, self.store.log_size(job_id))
 
-    def read_log(self, job_id: str, offset: int = 0, limit: int = 65536) -> tuple[bytes, int]:
-        self._record(job_id)
+    def read_log(
+        self, job_id: str, offset: int = 0, limit: int = 65536, rank: int | None = None
+    ) -> tuple[bytes, int]:
+        self.log_size(job_id, rank)  # validates
         _check_counts(offset=offset, limit=limit)
-        return self.store.read_log(job_id, offset, min(limit, LOG_CHUNK_MAX))
+        return self.store.read_log(job_id, offset, min(limit, LOG_CHUNK_MAX), rank)
+
+    def log_size(self, job_id: str, rank: int | None = None) -> int:
+        """The size of the job's log, or of one rank's log (BadRequest for a rank the
+        job does not have, or a job not submitted with rank_output)."""
+        rec = self._record(job_id)
+        if rank is None:
+            return rec.log_bytes
+        if not rank_output(rec):
+            raise BadRequest(
+                f"rank: job {job_id} was not submitted with rank_output: true, so its "
+                "output is not kept per rank",
+                field="rank",
+            )
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise BadRequest("rank must be an integer >= 0", field="rank")
+        n = flavour.rank_count(rec.flavour or "openmpi4", rec.command)
+        if n is not None and rank >= n:
+            raise BadRequest(f"rank: job {job_id} has ranks 0 to {n - 1}, not {rank}", field="rank")
+        return self.store.log_size(job_id, rank)
 
     def follow_log(
-        self, job_id: str, offset: int = 0, gone: Callable[[], bool] | None = None
+        self,
+        job_id: str,
+        offset: int = 0,
+        gone: Callable[[], bool] | None = None,
+        rank: int | None = None,
     ) -> Iterator[bytes]:
         """Yield output from `offset` as it arrives, until the job is final and all is read,
-        or until `gone()` (the reader went away: checked every second while nothing comes).
+        or until `gone()` (the reader went away: checked every second while nothing comes);
+        of one rank's log with `rank`.
 
         A job that cannot progress ends the follow with what there is: one no thread
         follows (the daemon stops) and one whose writes failed for FOLLOW_STORE_FAULT_S."""
-        self.read_log(job_id, offset, 0)  # validates
+        self.read_log(job_id, offset, 0, rank)  # validates
         while True:
             # the state before the read: a job final then has all its output in the log
             job = self.get(job_id)
-            data, offset = self.store.read_log(job_id, offset, LOG_CHUNK_MAX)
+            data, offset = self.store.read_log(job_id, offset, LOG_CHUNK_MAX, rank)
             if data:
                 yield data
                 continue
@@ -292,7 +323,7 @@ class Jobs:
                 log.info("job %s: log follower ended: the job cannot progress now", job_id)
                 return
             with self._changed:
-                if self.store.log_size(job_id) <= offset:
+                if self.store.log_size(job_id, rank) <= offset:
                     self._changed.wait(5.0 if gone is None else 1.0)
 
     def _stuck(self, job: dict[str, Any]) -> bool:
@@ -410,6 +441,11 @@ def _check_counts(**values: Any) -> None:
 # --- JSON shapes ---------------------------------------------------------------------
 
 
+def rank_output(rec: JobRecord) -> bool:
+    """Whether the job was submitted with rank_output (kept in its stored request)."""
+    return bool((rec.request or {}).get("rank_output", False))
+
+
 def _ended(thread: threading.Thread | None) -> bool:
     """Whether a job's thread ran and is gone (not one queued, or not started yet)."""
     return thread is not None and thread.ident is not None and not thread.is_alive()
@@ -428,6 +464,7 @@ _DERIVED: dict[str, Callable[[JobRecord], Any]] = {
     "finished": lambda rec: iso(rec.finished),
     "cancelled_at": lambda rec: iso(rec.cancelled_at),
     "env": lambda rec: {name: "***" for name in rec.env_names},
+    "rank_output": lambda rec: rank_output(rec),
 }
 _KNOWN = ("store_error", "waiting", "stalled", "stalls")  # stalls: up to now (jobs/stall.py)
 _FIELDS = Job.__struct_fields__

@@ -99,9 +99,11 @@ def mpirun_argv(
     env_names: Sequence[str],
     program: Sequence[str],
     flavour_name: str = "openmpi4",
+    rank_output: bool = False,
 ) -> list[str]:
     """The launcher's argv for that flavour (flavour.py): hosts with slots, process
     count, env passed by name only (OpenMPI's ``-x NAME``) or not at all (Hydra sends
-    the whole environment), the program."""
+    the whole environment), the program; with `rank_output`, the rank tag option."""
     hosts = [host_spec(n) for n in nodes]
-    return flavour.get(flavour_name).argv(mpirun, args, hosts, np, env_names, program)
+    f = flavour.get(flavour_name)
+    return f.argv(mpirun, args, hosts, np, env_names, program, rank_output)

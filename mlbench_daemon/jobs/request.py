@@ -95,6 +95,7 @@ class Request:
     wait: bool = True
     name: str | None = None
     tags: tuple[str, ...] = ()
+    rank_output: bool = False
 
 
 def _text(value: object, field: str) -> str:
@@ -187,10 +188,13 @@ def _stall_after_s(t: object) -> float:
     return float(t)
 
 
-def _wait(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise BadRequest("wait must be true or false", field="wait")
-    return value
+def _flag(name: str) -> Callable[[object], bool]:
+    def check(value: object) -> bool:
+        if not isinstance(value, bool):
+            raise BadRequest(f"{name} must be true or false", field=name)
+        return value
+
+    return check
 
 
 def _name(name: object) -> str:
@@ -232,9 +236,10 @@ FIELDS: dict[str, Callable[[object], object]] = {
     "master": _master,
     "timeout_s": _timeout_s,
     "stall_after_s": _stall_after_s,
-    "wait": _wait,
+    "wait": _flag("wait"),
     "name": _name,
     "tags": _tags,
+    "rank_output": _flag("rank_output"),
 }
 if tuple(FIELDS) != shapes.JobRequest.__struct_fields__:
     raise TypeError(f"request.FIELDS {tuple(FIELDS)} are not shapes.JobRequest's fields")

@@ -47,6 +47,7 @@ from mlbench_daemon.jobs.launch import (
     placed,
 )
 from mlbench_daemon.jobs.placement import Registry
+from mlbench_daemon.jobs.ranklog import RankLogs
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
 from mlbench_daemon.shapes import RollCall
 from mlbench_daemon.ssh_errors import SSHError
@@ -124,6 +125,7 @@ class JobRun:
         candidates: Sequence[Node] = (),
         names: Sequence[str] | None = None,
         reattached: bool = False,
+        rank_output: bool = False,
     ) -> None:
         self.ctx, self.mpi, self.id = ctx, ctx.cfg.mpi, job_id
         self.env: Mapping[str, str] | None = env or {}  # values; dropped once launched
@@ -131,6 +133,8 @@ class JobRun:
         self.program, self.np, self.candidates = list(program), np, list(candidates)
         self.names = names  # node names of a job queued again after a restart
         self.reattached = reattached
+        self.rank_output = rank_output  # a queued job's; a launched one's is in its record
+        self.ranks: RankLogs | None = None  # its rank logs, while followed (ranklog.py)
         self.cancel_reason: JobReason | None = None
         self.killing = False
         self.killed = threading.Event()  # the kill and the sweep of every host are over
@@ -260,7 +264,7 @@ class JobRun:
         """Launch the job -> its record once running, None if the launch ended it."""
         job = Job(
             self.id, self.program, self.np, self.env or {}, self.master, self.candidates,
-            self.names, self.cancel_reason,
+            self.names, self.cancel_reason, self.rank_output,
         )  # fmt: skip
         backoff = STORE_BACKOFF_S[0]
         while True:
@@ -319,6 +323,8 @@ class JobRun:
         (host, job_dir), pid = placed(rec), pid_of(rec)
         backoff, down_since = BACKOFF_S[0], None
         store_backoff = STORE_BACKOFF_S[0]
+        if rec.request.get("rank_output"):
+            self.ranks = RankLogs(ctx.store, self.id, rec.flavour or "openmpi4")
         # a silent stream ends after FOLLOW_IDLE_S, then the master is asked for the status
         checked_within = FOLLOW_IDLE_S + 2 * ctx.ssh_timeout
         self._watch_stalls(rec)
@@ -336,6 +342,8 @@ class JobRun:
                 with self._log_file() as log_file:
                     for chunk in self.stream:
                         self._append(log_file, chunk)
+                        if self.ranks is not None:  # before readers are told
+                            self.ranks.advance()
                         self._output_grew()
                         self._expect(JobWait.RUNNING, checked_within)
                         if self.store_fault is not None:  # written again: the record too
@@ -523,6 +531,11 @@ class JobRun:
             ctx.store.sync_log(self.id)
         except OSError as e:
             log.warning("job %s: could not sync its log: %s", self.id, e)
+        if self.ranks is not None:  # the rank logs' last bytes, before the job is final
+            try:
+                self.ranks.advance(final=True)
+            except StoreError as e:
+                log.warning("job %s: rank logs incomplete (the log has it all): %s", self.id, e)
         with ctx.changed:  # a stall under way ends with the job
             ended = self.stall is not None and self.stall.end(ctx.clock.time())
             episodes = self.stall.snapshot() if ended and self.stall else None
