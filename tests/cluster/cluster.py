@@ -15,7 +15,9 @@ in by key and can ssh between hosts with host keys verified, so OpenMPI's
 mpirun works from any host. A dnsmasq in a namespace of its own publishes a Kubernetes-style
 headless-service zone: A records of the service, SRV records
 `_ssh._tcp.<service>` pointing at per-host names, per-host A/PTR records and
-TXT label records.
+TXT label records. `Cluster(dns="nsd")` serves the same records from NSD instead
+(zone files, zone transfers allowed, a new serial on each change): for big clusters,
+whose SRV answer dnsmasq breaks past about 300 members.
 
 Addresses come from 198.18.0.0/15 (the range set aside for network testing);
 one /24 per run, chosen so that it overlaps no route on the machine. All
@@ -44,6 +46,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .nsd import NSD
 
 HERE = Path(__file__).resolve().parent
 PREFIX = "mlbt"
@@ -287,7 +291,7 @@ class Host:
 class Cluster:
     """Build with `Cluster(workers=3, extra=1).build()`; always `teardown()`."""
 
-    def __init__(self, workers=3, extra=1, release=None, sshd_log_level="ERROR"):
+    def __init__(self, workers=3, extra=1, release=None, sshd_log_level="ERROR", dns="dnsmasq"):
         cleanup_leftovers()
         self.id = secrets.token_hex(3)
         self.prefix = f"{PREFIX}{self.id}"
@@ -301,6 +305,10 @@ class Cluster:
         self.n_workers, self.n_extra = workers, extra
         self.hosts: list[Host] = []
         self.dns_ns = f"{self.prefix}dns"
+        if dns not in ("dnsmasq", "nsd"):
+            raise ValueError(f"dns={dns!r}: want dnsmasq or nsd")
+        self.dns = dns
+        self._nsd = None  # the NSD (dns="nsd"), kept so that its serial grows
         self.dns_pid = None
         self.uid = None
         self.dns_ttl = DNS_TTL  # TTL of every record served (0: "do not cache")
@@ -536,7 +544,37 @@ class Cluster:
             )
         (self.dir / "dnsmasq.conf").write_text("\n".join(conf) + "\n")
 
+    def _nsd_zones(self):
+        """The records of _dns_conf, as NSD zone lines: the zone and its reverse zone."""
+        ttl, published = self.dns_ttl, [h for h in self.hosts if h.published]
+        fwd, rev = [], []
+        for h in self.hosts:
+            fwd.append(f"{h.fqdn}. {ttl} IN A {h.ip}")
+            strings = " ".join(f'"{k}={v}"' for k, v in sorted(h.labels.items()))
+            if strings:
+                fwd.append(f"{h.fqdn}. {ttl} IN TXT {strings}")
+            rev.append(f"{ipaddress.ip_address(h.ip).reverse_pointer}. {ttl} IN PTR {h.fqdn}.")
+        for h in published:
+            fwd.append(f"{self.service}. {ttl} IN A {h.ip}")
+            fwd.append(f"_ssh._tcp.{self.service}. {ttl} IN SRV 0 0 22 {h.fqdn}.")
+        rev_zone = ipaddress.ip_network(self.net).network_address.reverse_pointer.split(".", 1)[1]
+        return {ZONE: fwd, rev_zone: rev}
+
+    def _start_nsd(self):
+        if self._nsd is None:
+            self._nsd = NSD(self.dir / "nsd", self.dns_ip, 53, netns=self.dns_ns)
+        self._nsd.ttl = self.dns_ttl
+        self._nsd.write(self._nsd_zones())
+        if self.dns_pid and _pid_alive(self.dns_pid):
+            self._nsd.reload()  # a new serial: a zone transfer sees the change
+            return
+        self._nsd.start()
+        self.dns_pid = self._nsd.proc.pid
+
     def start_dns(self):
+        if self.dns == "nsd":
+            self._start_nsd()
+            return
         if self.dns_pid and _pid_alive(self.dns_pid):
             return
         self._dns_conf()
@@ -577,6 +615,8 @@ class Cluster:
 
     def dns_queries(self):
         """(type, name) of every query dnsmasq answered so far (its --log-queries lines)."""
+        if self.dns != "dnsmasq":
+            raise ClusterError("dns_queries() reads dnsmasq's query log: build with dns='dnsmasq'")
         try:
             text = (self.dir / "dnsmasq.query.log").read_text()
         except FileNotFoundError:
@@ -589,12 +629,16 @@ class Cluster:
         self.restart_dns()
 
     def stop_dns(self):
-        if self.dns_pid:
+        if self._nsd is not None:
+            self._nsd.stop()
+        elif self.dns_pid:
             _stop(self.dns_pid)
-            self.dns_pid = None
+        self.dns_pid = None
 
     def restart_dns(self):
-        self.stop_dns()
+        """Serve the records as they are now (NSD: reloaded in place, with a new serial)."""
+        if self.dns != "nsd":
+            self.stop_dns()
         self.start_dns()
 
     def unpublish(self, h):
@@ -994,8 +1038,7 @@ class Cluster:
     def teardown(self):
         for h in self.hosts:
             self._stop_host(h)
-        if self.dns_pid:
-            _stop(self.dns_pid)
+        self.stop_dns()
         if self.dir.exists():
             _teardown_state(self.dir)
 
