@@ -7,12 +7,13 @@ Designs, each on its own copy of the members (SRV + A + two-key TXT per member):
   past about 700 members, so it is skipped there);
 * `shards`: the members split over several service names of at most --shard members,
   one Discovery per name (what a sharded config would run each pass);
-* `transfer`: `discovery.transfer_zone`, a copy of the zone kept by AXFR then IXFR.
+* `transfer`: `discovery.transfer_zone`, a copy of the zone kept by AXFR then IXFR;
+* `transfer-knot`: the same served by Knot DNS, which answers IXFR with the changes only.
 
 For each: `cold` (a new Discovery's first pass: every name read), `idle` (a pass with
 nothing changed), `one change` (one member left or came back, the zone reloaded before
 the timed pass). Wall time and this process's CPU per pass, and NSD's own CPU
-(from /proc) beside it: median and range over --repeats, with the load average beside
+(NSD or Knot, from /proc) beside it: median and range over --repeats, with the load average beside
 each line. NSD 4.6 answers an IXFR for an older serial with the whole zone, so its
 `transfer / one change` is a full transfer; a server that keeps IXFR journals (NSD >= 4.7
 with store-ixfr, Knot, BIND) sends only the change.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from mlbench_daemon.config import SETTINGS
 from mlbench_daemon.discovery import Discovery, DiscoveryError
-from tests.cluster.nsd import NSD, free_port
+from tests.cluster.nsd import NSD, Knot, free_port
 
 ZONE = "cluster.local"
 NS = "default.svc.cluster.local"
@@ -102,13 +103,14 @@ def run(design, n, shard, repeats, tmp):
         }
     else:
         services = {f"workers.{NS}": range(n)}
-    server = NSD(Path(tmp) / f"{design}{n}", "127.0.0.1", free_port(), ttl=60)
+    kind = Knot if design == "transfer-knot" else NSD
+    server = kind(Path(tmp) / f"{design}{n}", "127.0.0.1", free_port(), ttl=60)
     server.write({ZONE: records(services)})
     server.start()
     figures = {"cold": [], "idle": [], "one change": []}
     try:
         for r in range(repeats):
-            kw = {"transfer_zone": ZONE} if design == "transfer" else {}
+            kw = {"transfer_zone": ZONE} if design.startswith("transfer") else {}
             passes = [discovery(server.port, svc, **kw) for svc in services]
             try:
                 figures["cold"].append(timed(server, passes))
@@ -138,7 +140,8 @@ def main():
     ap.add_argument("--members", type=int, nargs="+", default=[512, 2000])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--shard", type=int, default=500)
-    ap.add_argument("--designs", nargs="+", default=["srv", "shards", "transfer"])
+    designs = ["srv", "shards", "transfer", "transfer-knot"]
+    ap.add_argument("--designs", nargs="+", choices=designs, default=designs)
     a = ap.parse_args()
     print(f"median (range) of {a.repeats} repeats, one pass each")
     with tempfile.TemporaryDirectory() as tmp:

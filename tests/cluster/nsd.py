@@ -1,5 +1,6 @@
 """NSD, an authoritative DNS server, serving zone files on one address: for clusters and
 benches past what dnsmasq answers (its TCP answer is malformed past about 300 SRV members).
+`Knot` runs Knot DNS the same way, for IXFR (bench.discovery).
 
 NSD runs unprivileged in the foreground (`nsd -d -c FILE`), with every file under one
 directory: no system configuration is read or written. It answers zone transfers (AXFR;
@@ -24,6 +25,7 @@ import dns.query
 import dns.rdatatype
 
 NSD_BIN = shutil.which("nsd") or "/usr/sbin/nsd"
+KNOTD_BIN = shutil.which("knotd") or "/usr/sbin/knotd"
 
 
 def free_port(ip="127.0.0.1"):
@@ -96,11 +98,16 @@ class NSD:
             tmp = self.dir / f"{origin}.zone.tmp"
             tmp.write_text(text)
             tmp.replace(self.dir / f"{origin}.zone")
-        conf = _conf(self.dir, self.ip, self.port, self.zones, self.notify, self.provide_xfr)
-        (self.dir / "nsd.conf").write_text(conf)
+        (self.dir / "nsd.conf").write_text(self.conf())
+
+    def conf(self):
+        return _conf(self.dir, self.ip, self.port, self.zones, self.notify, self.provide_xfr)
+
+    def argv(self):
+        return [NSD_BIN, "-d", "-c", str(self.dir / "nsd.conf")]
 
     def start(self, timeout=20.0):
-        argv = [NSD_BIN, "-d", "-c", str(self.dir / "nsd.conf")]
+        argv = self.argv()
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         with open(self.dir / "nsd.out", "ab") as out:
@@ -134,7 +141,7 @@ class NSD:
     def log(self):
         return "".join(
             p.read_text(errors="replace")[-2000:]
-            for p in (self.dir / "nsd.log", self.dir / "nsd.out")
+            for p in (self.dir / "nsd.log", self.dir / "nsd.out", self.dir / "knot.log")
             if p.exists()
         )
 
@@ -147,3 +154,40 @@ class NSD:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+class Knot(NSD):
+    """Knot DNS in NSD's place (same interface), for the IXFR figures: it keeps the
+    difference of each reloaded zone file in a journal (`zonefile-load: difference`), so
+    an IXFR gets only the changes, where NSD 4.6 sends the whole zone again."""
+
+    def conf(self):
+        d = self.dir
+        lines = [
+            "server:",
+            f'    rundir: "{d}"',
+            f"    listen: {self.ip}@{self.port}",
+            "log:",
+            f'  - target: "{d}/knot.log"',
+            "    any: notice",
+            "database:",
+            f'    storage: "{d}"',
+            "acl:",
+            "  - id: xfr",
+            "    address: 0.0.0.0/0",
+            "    action: transfer",
+            "template:",
+            "  - id: default",
+            f'    storage: "{d}"',
+            "    zonefile-sync: -1",
+            "    zonefile-load: difference",
+            "    journal-content: changes",
+            *(["    acl: xfr"] if self.provide_xfr else []),
+            "zone:",
+        ]
+        for origin in self.zones:
+            lines += [f"  - domain: {origin}", f'    file: "{origin}.zone"']
+        return "\n".join(lines) + "\n"
+
+    def argv(self):
+        return [KNOTD_BIN, "-c", str(self.dir / "nsd.conf")]
