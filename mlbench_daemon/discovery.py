@@ -58,6 +58,7 @@ import dns.nameserver
 import dns.query
 import dns.rcode
 import dns.rdataclass
+import dns.rdataset
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
@@ -297,19 +298,64 @@ def _ip_order(address: str) -> tuple[int, int]:
     return ip.version, int(ip)
 
 
+class _Delta:
+    """What one transfer changed: `full` (a whole zone came: anything may have), else
+    the records an IXFR added and deleted, one (added, name, rdataset) each."""
+
+    def __init__(self) -> None:
+        self.full = False
+        self.records: list[tuple[bool, dns.name.Name, Any]] = []
+
+
+class _RecordingTransaction(dns.zone.Transaction):
+    """Notes each record an IXFR adds or deletes (dnspython's xfr.Inbound applies an
+    IXFR with add() and delete_exact(), one record each)."""
+
+    def add(self, *args: Any) -> None:
+        self._note(True, args)
+        super().add(*args)
+
+    def delete_exact(self, *args: Any) -> None:
+        self._note(False, args)
+        super().delete_exact(*args)
+
+    def _note(self, added: bool, args: tuple[Any, ...]) -> None:
+        delta = self.manager.delta  # type: ignore[attr-defined]
+        if len(args) == 2 and isinstance(args[1], dns.rdataset.Rdataset):
+            delta.records.append((added, args[0], args[1]))
+        else:
+            delta.full = True  # another form: do not reason about it
+
+
+class _RecordingZone(dns.zone.Zone):
+    """A zone whose writers note what they change in `delta`."""
+
+    def __init__(self, origin: dns.name.Name) -> None:
+        super().__init__(origin, relativize=False)  # names as queried
+        self.delta = _Delta()
+
+    def writer(self, replacement: bool = False) -> dns.zone.Transaction:
+        if replacement:
+            self.delta.full = True
+        txn = _RecordingTransaction(self, replacement)
+        txn._setup_version()  # type: ignore[no-untyped-call]  # what Zone.writer does
+        return txn
+
+
 class _ZoneCopy:
     """A copy of one zone kept by zone transfer (AXFR, then IXFR from its serial)."""
 
     def __init__(self, origin: str, where: str, port: int) -> None:
         self.origin = dns.name.from_text(origin)
         self.where, self.port = where, port
-        self.zone = dns.zone.Zone(self.origin, relativize=False)  # names as queried
+        self.zone = _RecordingZone(self.origin)
         self.serial: int | None = None
         self.lock = threading.Lock()  # held by a whole pass: a transfer rewrites the zone
 
-    def refresh(self, deadline: float) -> bool:
-        """Bring the copy up to date; True when its serial changed. A failed transfer
-        leaves the copy as it was (the transfer commits only when complete)."""
+    def refresh(self, deadline: float) -> _Delta | None:
+        """Bring the copy up to date; what changed, or None when its serial did not. A
+        failed transfer leaves the copy as it was (the transfer commits only when
+        complete)."""
         remaining = deadline - time.monotonic()
         what = f"zone transfer of {self.origin} from {self.where}:{self.port}"
         if remaining <= 0:
@@ -317,6 +363,7 @@ class _ZoneCopy:
                 DiscoveryReason.DNS_TIMEOUT, f"DNS timeout: no time left for {what}"
             )
         query, _ = dns.xfr.make_query(self.zone)  # IXFR from our serial; AXFR when empty
+        self.zone.delta = _Delta()
         try:
             dns.query.inbound_xfr(
                 self.where, self.zone, query, port=self.port, timeout=remaining, lifetime=remaining
@@ -334,7 +381,7 @@ class _ZoneCopy:
             raise DiscoveryError(DiscoveryReason.DNS_ERROR, f"{what} failed: {e}") from None
         soa = self.zone.get_soa()
         serial, self.serial = self.serial, soa.serial
-        return serial != soa.serial
+        return None if serial == soa.serial else self.zone.delta
 
     def answer(self, p: _Pass, name: dns.name.Name, rdtype: str) -> list[Any] | None:
         """The rdatas of name's records of rdtype in the copy; None (and the negative TTL
@@ -397,6 +444,7 @@ class Discovery:
         self.recheck_s = cfg.recheck_s
         self._copy: _ZoneCopy | None = None
         self._last: tuple[list[Node], float, float] | None = None  # nodes, ttl, due
+        self._order: list[tuple[tuple[Any, ...], Node]] | None = None  # (sort key, node)
         if cfg.transfer_zone:
             if not cfg.nameservers:
                 raise ValueError("discovery.transfer_zone needs discovery.nameservers (its server)")
@@ -463,12 +511,77 @@ class Discovery:
             return self._discover(_Pass(self.resolver, time.monotonic() + self.cfg.timeout_s))
         with self._copy.lock:
             p = _Pass(self.resolver, time.monotonic() + self.cfg.timeout_s, self._copy)
-            changed = self._copy.refresh(p.deadline)
-            if not changed and self._last is not None and time.monotonic() < self._last[2]:
-                return list(self._last[0]), self._last[1]
+            delta = self._copy.refresh(p.deadline)
+            last = self._last
+            if last is not None and time.monotonic() < last[2]:
+                if delta is None:
+                    return list(last[0]), last[1]
+                if not delta.full and self._order is not None and self._apply(p, delta):
+                    nodes = [node for _, node in self._order]
+                    ttl = min(last[1], p.ttl)
+                    self._last = (nodes, ttl, min(last[2], self._next_due(p)))
+                    return list(nodes), ttl
             nodes, ttl = self._discover(p)
             self._last = (nodes, ttl, self._next_due(p))
             return list(nodes), ttl
+
+    def _apply(self, p: _Pass, delta: _Delta) -> bool:
+        """Bring the last list up to date with an IXFR's changes, rebuilding only the
+        members whose records changed: a pass costs O(changes), not O(members). False
+        (nothing touched) when a change needs a full pass: a target in two SRV records,
+        or two targets sharing a first label."""
+        assert self._order is not None
+        order = {node.host: (key, node) for key, node in self._order}
+        redo: dict[dns.name.Name, int] = {}  # target -> its SRV port
+        gone: set[dns.name.Name] = set()  # targets no longer in the SRV records
+        deleted: set[dns.name.Name] = set()  # targets with an SRV record deleted
+        for added, owner, rdataset in delta.records:
+            if owner != self.srv_name or rdataset.rdtype != dns.rdatatype.SRV:
+                redo.setdefault(owner, -1)  # a member's own record: rebuilt when a member
+                continue
+            for rr in rdataset:
+                if rr.target == dns.name.root:
+                    continue
+                if added:
+                    if redo.get(rr.target, -1) not in (-1, rr.port):
+                        return False
+                    redo[rr.target] = rr.port
+                    gone.discard(rr.target)
+                else:
+                    deleted.add(rr.target)
+                    if redo.get(rr.target, -1) == -1:
+                        gone.add(rr.target)
+        names = {node.name: node.host for _, node in self._order}
+        for target in gone:
+            order.pop(target.to_text(omit_final_dot=True), None)
+        built: dict[str, tuple[tuple[Any, ...], Node]] = {}
+        for target, port in redo.items():
+            host = target.to_text(omit_final_dot=True)
+            if port == -1:
+                if host not in order:
+                    continue  # not a member
+                port = order[host][1].port
+            elif host in order and target not in deleted:
+                return False  # a second SRV record for a member: the full pass picks one
+            name = target.labels[0].decode(errors="replace")
+            if names.get(name, host) != host:
+                return False
+            ip = self._member_address(p, target, p.additional_address(target, None))
+            order.pop(host, None)
+            if ip is not None:
+                labels, note = self._labels(p, target, name)
+                node = self._node(p, target, name, host, ip, port, labels, note)
+                built[host] = (natural_key(name), node)
+        order.update(built)
+        with self._cache_lock:
+            for target in gone - redo.keys():
+                self._members.pop(target, None)
+                for kind in ("addr", "txt"):
+                    self._cache.pop((kind, target), None)
+                self._last_txt.pop(("txt", target), None)
+                self._notes.pop(target.labels[0].decode(errors="replace"), None)
+        self._order = sorted(order.values(), key=lambda kn: kn[0])
+        return True
 
     def _next_due(self, p: _Pass) -> float:
         """When an unchanged zone still needs a pass: the earliest retry of a kept miss,
@@ -492,10 +605,12 @@ class Discovery:
                 )
             members = self._address_members(p, addresses)
         nodes: dict[str, Node] = {}
+        twice = False  # a name (or a target) seen twice: the full pass picks one
         for target, ip, port in members:
             name = target.labels[0].decode(errors="replace") if target else ip
             host = target.to_text(omit_final_dot=True) if target else ip
             if name in nodes:
+                twice = True
                 if nodes[name].host != host:
                     kept = nodes[name].host
                     log.warning(
@@ -508,22 +623,41 @@ class Discovery:
                     )
                 continue
             labels, note = self._labels(p, target, name)
-            note = "; ".join(filter(None, (p.notes.get(target), note)))
-            p.names.add(name)
-            if self._notes.get(name, "") != note:
-                if note:
-                    log.warning("%s: node %s: %s", self.cfg.service, name, note)
-                else:
-                    log.info("%s: node %s: no note any more", self.cfg.service, name)
-                self._notes[name] = note
-            nodes[name] = Node(name, host, ip, port, self.namespace, labels, note)
+            nodes[name] = self._node(p, target, name, host, ip, port, labels, note)
         if not nodes:
             raise DiscoveryError(
                 DiscoveryReason.NO_MEMBERS,
                 f"no members: SRV {self.srv_name} and A/AAAA {self.service} gave no usable address",
             )
         self._forget_unused(p)
-        return sorted(nodes.values(), key=lambda n: natural_key(n.name)), p.ttl
+        order = sorted((natural_key(n.name), n) for n in nodes.values())
+        # what a zone copy's next IXFR updates (SRV members only: an address member's name
+        # comes from a PTR query)
+        self._order = order if srv is not None and not twice else None
+        return [node for _, node in order], p.ttl
+
+    def _node(
+        self,
+        p: _Pass,
+        target: dns.name.Name | None,
+        name: str,
+        host: str,
+        ip: str,
+        port: int,
+        labels: Labels,
+        note: str,
+    ) -> Node:
+        """The member's Node, its note logged once per change."""
+        address_note = p.notes.get(target) if target is not None else None
+        note = "; ".join(filter(None, (address_note, note)))
+        p.names.add(name)
+        if self._notes.get(name, "") != note:
+            if note:
+                log.warning("%s: node %s: %s", self.cfg.service, name, note)
+            else:
+                log.info("%s: node %s: no note any more", self.cfg.service, name)
+            self._notes[name] = note
+        return Node(name, host, ip, port, self.namespace, labels, note)
 
     def _srv_members(self, p: _Pass, srv: Any) -> Iterable[tuple[Any, ...]]:
         """(target name, ip, port) per SRV target with an address."""

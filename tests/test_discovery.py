@@ -29,7 +29,7 @@ from mlbench_daemon.discovery import (
     natural_key,
     negative_ttl,
 )
-from tests.cluster.nsd import NSD, NSD_BIN
+from tests.cluster.nsd import KNOTD_BIN, NSD, NSD_BIN, Knot
 from tests.cluster.nsd import free_port as nsd_port
 
 DNSMASQ = "/usr/sbin/dnsmasq"
@@ -720,6 +720,23 @@ def nsd(tmp_path, request):
     return start
 
 
+@pytest.fixture
+def knot(tmp_path, request):
+    """start(records) -> a running Knot DNS on 127.0.0.1 serving XZONE, answering IXFR
+    with the changes only."""
+    if not os.path.exists(KNOTD_BIN):
+        pytest.skip("knot not installed")
+
+    def start(records):
+        server = Knot(tmp_path / "knot", "127.0.0.1", nsd_port())
+        request.addfinalizer(server.stop)
+        server.write({XZONE: records})
+        server.start()
+        return server
+
+    return start
+
+
 def xfr_discovery(server, **kw):
     return Discovery(cfg(server.port, transfer_zone=XZONE, **kw))
 
@@ -782,3 +799,41 @@ def test_transfer_zone_must_hold_the_srv_name():
         Discovery(cfg(53, transfer_zone="example.org"))
     with pytest.raises(ValueError, match=r"needs discovery\.nameservers"):
         Discovery(cfg(53, transfer_zone=XZONE, nameservers=[]))
+
+
+def edit(records, drop=(), replace=None, add=()):
+    """records without the lines containing any of `drop`, `replace` {old: new} applied."""
+    out = [r for r in records if not any(d in r for d in drop)]
+    for old, new in (replace or {}).items():
+        out = [r.replace(old, new) for r in out]
+    return out + list(add)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(drop=["w-19."]),  # a member leaves
+        dict(add=member_records(22)[-6:]),  # two join
+        dict(replace={'"rack=r3"': '"rack=r9"'}),  # labels change
+        dict(replace={"127.1.0.6": "127.1.0.66"}),  # an address moves
+        dict(drop=["w-4. 60 IN A"]),  # a member loses its address: dropped
+        dict(replace={"22 w-7.": "2222 w-7."}),  # a member's port changes
+        dict(add=[f"{SRV}. 60 IN SRV 0 0 22 w-1.elsewhere.{SVC}."]),  # first label taken
+        dict(add=[f"{SRV}. 60 IN SRV 1 0 2222 w-2.{SVC}."]),  # a member in two SRV records
+    ],
+)
+def test_ixfr_updates_only_the_changed_members_as_a_full_pass_would(knot, monkeypatch, change):
+    records = member_records(20)
+    server = knot(records)
+    d = xfr_discovery(server, recheck_s=300.0)
+    d.discover()
+    full = []
+    real = d._discover
+    monkeypatch.setattr(d, "_discover", lambda p: full.append(1) or real(p))
+    server.write({XZONE: edit(records, **change)})
+    server.reload()
+    nodes, _ = d.discover()
+    fresh, _ = xfr_discovery(server).discover()  # a new copy: AXFR and a full pass
+    assert nodes == fresh
+    clash = "elsewhere" in str(change) or "2222 w-2." in str(change)
+    assert full == ([1] if clash else [])  # a shared name or target needs the full pass
