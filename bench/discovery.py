@@ -129,7 +129,7 @@ def run(design, n, shard, repeats, tmp):
         wall, cpu, nsd = (sorted(col) for col in zip(*runs, strict=True))
         lines.append(
             f"{design:8s} {n:5d} members, {what:10s}: wall {ms(wall, 7)}, daemon CPU {ms(cpu, 7)}"
-            f", NSD CPU {statistics.median(nsd) * 1e3:5.0f} ms; "
+            f", server CPU {statistics.median(nsd) * 1e3:5.0f} ms; "
             f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
         )
     return "\n".join(lines)
