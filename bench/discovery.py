@@ -115,7 +115,8 @@ def run(design, n, shard, repeats, tmp):
             try:
                 figures["cold"].append(timed(server, passes))
             except DiscoveryError as e:
-                return f"{design:8s} {n:5d} members: no list ({e})"
+                tail = server.log()[-400:].replace("\n", " | ")
+                return f"{design:8s} {n:5d} members: no list ({e}); server log: {tail}"
             figures["idle"].append(timed(server, passes))
             gone = r % 2 == 0  # member w-7 leaves, then comes back
             server.write({ZONE: records(services, without=7 if gone else None)})

@@ -387,11 +387,14 @@ class _ZoneCopy:
         except dns.exception.Timeout:
             raise DiscoveryError(DiscoveryReason.DNS_TIMEOUT, f"DNS timeout in {what}") from None
         except dns.xfr.TransferError as e:
+            hint = ""
+            if e.rcode in (dns.rcode.REFUSED, dns.rcode.NOTAUTH):
+                hint = (
+                    ": the server must allow transfers of this zone to the daemon's address"
+                    " (or leave discovery.transfer_zone empty)"
+                )
             raise DiscoveryError(
-                DiscoveryReason.DNS_ERROR,
-                f"{what} answered {dns.rcode.to_text(e.rcode)}: the server must allow"
-                " transfers of this zone to the daemon's address (or leave"
-                " discovery.transfer_zone empty)",
+                DiscoveryReason.DNS_ERROR, f"{what} answered {dns.rcode.to_text(e.rcode)}{hint}"
             ) from None
         except (dns.exception.DNSException, OSError, EOFError) as e:
             raise DiscoveryError(DiscoveryReason.DNS_ERROR, f"{what} failed: {e}") from None

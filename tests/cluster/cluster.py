@@ -246,7 +246,11 @@ def _check_traversable(path):
             )
 
 
-def _free_subnet():
+def _free_subnet(hosts):
+    """A free subnet of the pool with room for `hosts` (and the head, DNS and hosts added
+    later): a /24 up to about 190 hosts, a /22 for 512."""
+    prefix = min(24, 32 - (hosts + 64).bit_length())
+    size = 2 ** (32 - prefix)
     used = []
     for line in sh(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines():
         word = line.split()[0] if line.split() else ""
@@ -258,10 +262,11 @@ def _free_subnet():
         except ValueError:
             pass
     for _ in range(200):
-        net = ipaddress.ip_network(f"{NET_POOL.network_address + 256 * secrets.randbelow(512)}/24")
+        block = secrets.randbelow(NET_POOL.num_addresses // size)
+        net = ipaddress.ip_network(f"{NET_POOL.network_address + size * block}/{prefix}")
         if not any(net.overlaps(u) for u in used):
             return net
-    raise ClusterError("no free /24 left in 198.18.0.0/15")
+    raise ClusterError(f"no free /{prefix} left in {NET_POOL}")
 
 
 @dataclass
@@ -350,7 +355,7 @@ class Cluster:
         self.dir.mkdir(mode=0o755)
         self._save_state()
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep dir
-        self.net = _free_subnet()
+        self.net = _free_subnet(self.n_workers + self.n_extra)
         addrs = list(self.net.hosts())
         self.head_ip, self.dns_ip = str(addrs[0]), str(addrs[1])
         self._next_addr = 10
@@ -557,20 +562,22 @@ class Cluster:
         (self.dir / "dnsmasq.conf").write_text("\n".join(conf) + "\n")
 
     def _nsd_zones(self):
-        """The records of _dns_conf, as NSD zone lines: the zone and its reverse zone."""
+        """The records of _dns_conf, as NSD zone lines: the zone, and one reverse zone per
+        /24 the hosts' addresses fall in (a big cluster's subnet spans several)."""
         ttl, published = self.dns_ttl, [h for h in self.hosts if h.published]
-        fwd, rev = [], []
+        zones = {ZONE: []}
         for h in self.hosts:
-            fwd.append(f"{h.fqdn}. {ttl} IN A {h.ip}")
+            zones[ZONE].append(f"{h.fqdn}. {ttl} IN A {h.ip}")
             strings = " ".join(f'"{k}={v}"' for k, v in sorted(h.labels.items()))
             if strings:
-                fwd.append(f"{h.fqdn}. {ttl} IN TXT {strings}")
-            rev.append(f"{ipaddress.ip_address(h.ip).reverse_pointer}. {ttl} IN PTR {h.fqdn}.")
+                zones[ZONE].append(f"{h.fqdn}. {ttl} IN TXT {strings}")
+            ptr = ipaddress.ip_address(h.ip).reverse_pointer
+            rev = zones.setdefault(ptr.split(".", 1)[1], [])
+            rev.append(f"{ptr}. {ttl} IN PTR {h.fqdn}.")
         for h in published:
-            fwd.append(f"{self.service}. {ttl} IN A {h.ip}")
-            fwd.append(f"_ssh._tcp.{self.service}. {ttl} IN SRV 0 0 22 {h.fqdn}.")
-        rev_zone = ipaddress.ip_network(self.net).network_address.reverse_pointer.split(".", 1)[1]
-        return {ZONE: fwd, rev_zone: rev}
+            zones[ZONE].append(f"{self.service}. {ttl} IN A {h.ip}")
+            zones[ZONE].append(f"_ssh._tcp.{self.service}. {ttl} IN SRV 0 0 22 {h.fqdn}.")
+        return zones
 
     def _start_nsd(self):
         if self._nsd is None:
