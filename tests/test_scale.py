@@ -100,7 +100,8 @@ def test_512_hosts_come_up_running_and_show_each_fault(make_cluster, tmp_path):
             f"{len(running())} of {HOSTS} Running"
         )
         up = time.monotonic() - t1
-        size = cluster_size(cluster)
+        print(f"{HOSTS} hosts: built in {built:.0f} s, all Running {up:.0f} s later")
+        print(cluster_size(cluster))
         victims = cluster.workers[1 : 1 + len(FAULTS)]
         for (fault, _, _), h in zip(FAULTS, victims, strict=True):
             getattr(cluster, fault)(h)
@@ -115,8 +116,14 @@ def test_512_hosts_come_up_running_and_show_each_fault(make_cluster, tmp_path):
         assert wait_for(shown, timeout=3 * (VERIFY + PROBE) + 60, what="every fault shown"), [
             (s.node.name, s.phase, s.reason) for s in reg.nodes() if s.phase != "Running"
         ]
-        assert len(running()) == HOSTS - len(FAULTS)
-        print(f"{HOSTS} hosts: built in {built:.0f} s, all Running {up:.0f} s later; {size}")
+        # the others are Running (one may miss a round on a loaded machine, and come back)
+        victim_names = {h.name for h in victims}
+        others = lambda: [  # noqa: E731
+            (s.node.name, s.phase, s.reason)
+            for s in reg.nodes()
+            if s.node.name not in victim_names and s.phase != "Running"
+        ]
+        assert wait_for(lambda: not others(), timeout=60, what="the others Running"), others()
     finally:
         reg.stop()
         pool.close()
