@@ -34,8 +34,8 @@ from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.jobs.preflight import Preflight
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
-from mlbench_daemon.store import Store, StoreError, fs_fault
-from mlbench_daemon.vocabulary import JobState, Phase, StoreReason
+from mlbench_daemon.store import Store, StoreError, fs_fault_message
+from mlbench_daemon.vocabulary import JobState, Phase
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,9 @@ class Daemon:
         except StoreError as e:
             raise StartupError(f"state.dir: {e}") from None
         except (OSError, sqlite3.Error) as e:
-            fault = fs_fault(cfg.state.dir)  # SQLite may not even open a WAL database there
+            fault = fs_fault_message(cfg.state.dir)
             if fault is not None:
-                cause = {StoreReason.READ_ONLY: "read-only", StoreReason.DISK_FULL: "full"}
-                raise StartupError(
-                    f"state.dir: cannot write {cfg.state.dir}: the file system is "
-                    f"{cause[fault]} ({fault})"
-                ) from None
+                raise StartupError(f"state.dir: {fault}") from None
             raise StartupError(
                 f"state.dir: cannot use {cfg.state.dir}: {getattr(e, 'strerror', None) or e}"
             ) from None

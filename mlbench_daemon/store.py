@@ -5,15 +5,11 @@ Layout::
     <state_dir>/jobs.sqlite3      table ``jobs`` (WAL, synchronous=FULL)
     <state_dir>/logs/<id>.log     the job's output, bytes exactly as produced
 
-A record is a dict with the columns of ``COLUMNS`` and ``log_bytes`` (the size of
-the job's log file when the record was read); ``nodes`` (list of
-``[ip, namespace, name, labels]``), ``command`` (argv list), ``env_names``
-(list of names; values are never stored) and ``request`` (what a queued job
-needs to be launched after a restart: program, np, master, node names) and
-``failure`` (the cause of a job that did not succeed, or None) are JSON in the
-table and plain values here.  Ids are 20 hex digits: creation
-time in milliseconds (kept strictly increasing), then random bits, so they
-sort by creation; ``seq`` gives the exact order.  A database from an older
+A record is a frozen `JobRecord`, whose fields declare the table's columns once
+(``nodes``, ``command``, ``env_names`` — names only, values are never stored —,
+``request`` and ``failure`` are JSON in the table and plain values in the record).
+Ids are 20 hex digits: creation time in milliseconds (kept strictly increasing), then
+random bits, so they sort by creation; ``seq`` gives the exact order.  A database from an older
 version gets the columns of ``ADDED_COLUMNS`` when it is opened.
 
 One connection is shared by all threads behind a lock.  Every write commits
@@ -28,6 +24,7 @@ they are older than ``state.keep_days`` or while the logs together take more tha
 finished in the last ``KEEP_RECENT_S`` stays so a client can still read its end.
 """
 
+import dataclasses
 import errno
 import json
 import os
@@ -37,16 +34,17 @@ import threading
 import time
 from typing import Any, BinaryIO
 
+from mlbench_daemon.shapes import NodeRow
 from mlbench_daemon.vocabulary import FINAL_STATES, JobState, StoreReason
 
 KEEP_RECENT_S = 600.0  # prune() never removes a job that finished less than this ago
 
 STATES = tuple(JobState)
-Record = dict[str, Any]  # one job: the columns of COLUMNS, JSON columns decoded
-Records = list[Record]
 Ids = list[str]
 LOG_CHUNK_MAX = 1 << 20  # the most bytes of a log read at once (and per /logs answer)
-__all__ = ["COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "Store", "StoreError"]
+__all__ = [
+    "COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "JobRecord", "Store", "StoreError",
+]  # fmt: skip
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -86,6 +84,16 @@ def fs_fault(path: str) -> StoreReason | None:
     return None
 
 
+def fs_fault_message(path: str) -> str | None:
+    """One line saying that the file system of `path` is read-only or full; None if
+    neither (SQLite may fail to open a WAL database there before any write says why)."""
+    fault = fs_fault(path)
+    if fault is None:
+        return None
+    what = "read-only" if fault == StoreReason.READ_ONLY else "full"
+    return f"cannot write {path}: the file system is {what} ({fault})"
+
+
 class StoreError(Exception):
     """A write to the state dir failed: the `path` written, the `reason`, the `cause` (one line)."""
 
@@ -96,64 +104,81 @@ class StoreError(Exception):
         super().__init__(f"cannot write {path}: {self.cause} ({self.reason})")
 
 
-COLUMNS = (
-    "id",
-    "seq",
-    "state",
-    "created",
-    "started",
-    "finished",
-    "master_name",
-    "master_ip",
-    "master_port",
-    "nodes",
-    "command",
-    "np",
-    "timeout_s",
-    "env_names",
-    "remote_dir",
-    "pid",
-    "exit_code",
-    "error",
-    "reason",
-    "request",
-    "flavour",
-    "failure",
-)
-JSON_COLUMNS = ("nodes", "command", "env_names", "request", "failure")
-# Columns added after the first release: (name, declaration), added to older databases.
-ADDED_COLUMNS = (
-    ("request", "TEXT NOT NULL DEFAULT '{}'"),
-    ("flavour", "TEXT"),
-    ("failure", "TEXT NOT NULL DEFAULT 'null'"),
-)
+def column(sql: str, *, json: bool = False, added: bool = False) -> Any:
+    """A field of `JobRecord` stored in a column of `sql` (its SQLite declaration); `json`:
+    stored as JSON text; `added`: after the first release, so added to older databases."""
+    return dataclasses.field(metadata={"sql": sql, "json": json, "added": added})
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    state TEXT NOT NULL,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    master_name TEXT,
-    master_ip TEXT,
-    master_port INTEGER,
-    nodes TEXT NOT NULL DEFAULT '[]',
-    command TEXT NOT NULL DEFAULT '[]',
-    np INTEGER,
-    timeout_s REAL,
-    env_names TEXT NOT NULL DEFAULT '[]',
-    remote_dir TEXT,
-    pid INTEGER,
-    exit_code INTEGER,
-    error TEXT,
-    reason TEXT,
-    request TEXT NOT NULL DEFAULT '{}',
-    flavour TEXT,
-    failure TEXT NOT NULL DEFAULT 'null'
+
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    """One stored job, its columns declared once: the table (`SCHEMA`, `ADDED_COLUMNS`),
+    reads (`from_row`), writes (`to_row`) and the job answer (``jobs.manager.to_json``)
+    all come from these fields.  JSON columns are plain values here; `log_bytes` is not
+    a column but the size of the job's log file when the record was read."""
+
+    seq: int = column("INTEGER PRIMARY KEY AUTOINCREMENT")
+    id: str = column("TEXT UNIQUE NOT NULL")
+    state: JobState = column("TEXT NOT NULL")
+    created: float = column("REAL NOT NULL")
+    started: float | None = column("REAL")
+    finished: float | None = column("REAL")
+    master_name: str | None = column("TEXT")
+    master_ip: str | None = column("TEXT")
+    master_port: int | None = column("INTEGER")
+    nodes: list[NodeRow] = column("TEXT NOT NULL DEFAULT '[]'", json=True)
+    command: list[str] = column("TEXT NOT NULL DEFAULT '[]'", json=True)
+    np: int | None = column("INTEGER")
+    timeout_s: float | None = column("REAL")
+    env_names: list[str] = column("TEXT NOT NULL DEFAULT '[]'", json=True)
+    remote_dir: str | None = column("TEXT")
+    pid: int | None = column("INTEGER")
+    exit_code: int | None = column("INTEGER")
+    error: str | None = column("TEXT")
+    reason: str | None = column("TEXT")
+    # what a queued job needs to be launched after a restart: program, np, master, nodes
+    request: dict[str, Any] = column("TEXT NOT NULL DEFAULT '{}'", json=True, added=True)
+    flavour: str | None = column("TEXT", added=True)
+    failure: dict[str, Any] | None = column("TEXT NOT NULL DEFAULT 'null'", json=True, added=True)
+    log_bytes: int = 0
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row, log_bytes: int) -> "JobRecord":
+        values = {f.name: row[f.name] for f in _COLUMNS}
+        for name in JSON_COLUMNS:
+            values[name] = json.loads(values[name])
+        values["nodes"] = [NodeRow(*n) for n in values["nodes"]]
+        values["state"] = JobState(values["state"])
+        return cls(**values, log_bytes=log_bytes)
+
+    @staticmethod
+    def to_row(fields: dict[str, Any]) -> dict[str, Any]:
+        """Columns to write -> their SQLite values (ValueError for what is not settable)."""
+        unknown = set(fields) - SETTABLE
+        if unknown:
+            raise ValueError(f"not a settable job column: {', '.join(sorted(unknown))}")
+        if "state" in fields and fields["state"] not in STATES:
+            raise ValueError(f"bad state {fields['state']!r}")
+        return {k: json.dumps(v) if k in JSON_COLUMNS else v for k, v in fields.items()}
+
+    def overlaid(self, fields: dict[str, Any]) -> "JobRecord":
+        """This record with `fields` (columns not written yet) laid over it."""
+        if not fields:
+            return self
+        fields = {k: [NodeRow(*n) for n in v] if k == "nodes" else v for k, v in fields.items()}
+        return dataclasses.replace(self, **fields)
+
+
+_COLUMNS = tuple(f for f in dataclasses.fields(JobRecord) if "sql" in f.metadata)
+COLUMNS = tuple(f.name for f in _COLUMNS)
+SETTABLE = frozenset(COLUMNS) - {"seq"}
+JSON_COLUMNS = frozenset(f.name for f in _COLUMNS if f.metadata["json"])
+# Columns added after the first release: (name, declaration), added to older databases.
+ADDED_COLUMNS = tuple((f.name, f.metadata["sql"]) for f in _COLUMNS if f.metadata["added"])
+Records = list[JobRecord]
+SCHEMA = "CREATE TABLE IF NOT EXISTS jobs (\n{}\n)\n".format(
+    ",\n".join(f"    {f.name} {f.metadata['sql']}" for f in _COLUMNS)
 )
-"""
 
 
 class Store:
@@ -222,40 +247,38 @@ class Store:
 
     # --- records
 
-    def create(self, **fields: Any) -> Record:
+    def create(self, **fields: Any) -> JobRecord:
         """Insert a new job (state pending unless given); returns the record."""
-        fields = {"state": JobState.PENDING, "created": time.time(), **fields}
-        self._check(fields)
+        row = JobRecord.to_row({"state": JobState.PENDING, "created": time.time(), **fields})
         with self._lock:
             if "id" not in fields:
                 self._last_ms = max(
                     int(time.time() * 1000), self._last_ms + 1
                 )  # strictly increasing
-                fields["id"] = f"{self._last_ms:012x}{secrets.token_hex(4)}"
-            names = list(fields)
+                row["id"] = f"{self._last_ms:012x}{secrets.token_hex(4)}"
             self._write(
-                f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                [self._encode(k, fields[k]) for k in names],
+                f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
             )
-        return self.record(fields["id"])
+        return self.record(row["id"])
 
-    def update(self, job_id: str, **fields: Any) -> Record:
+    def update(self, job_id: str, **fields: Any) -> JobRecord:
         """Change some columns of one job; returns the record (KeyError if unknown)."""
-        self._check(fields)
-        if fields:
+        row = JobRecord.to_row(fields)
+        if row:
             with self._lock:
                 self._write(
-                    f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
-                    [self._encode(k, v) for k, v in fields.items()] + [job_id],
+                    f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
+                    [*row.values(), job_id],
                 )
         return self.record(job_id)
 
-    def get(self, job_id: str) -> Record | None:
+    def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._decode(row) if row else None
 
-    def record(self, job_id: str) -> Record:
+    def record(self, job_id: str) -> JobRecord:
         """The record of a job that exists (KeyError if it does not)."""
         rec = self.get(job_id)
         if rec is None:
@@ -285,24 +308,8 @@ class Store:
             ).fetchall()
         return [self._decode(r) for r in rows]
 
-    @staticmethod
-    def _check(fields: dict[str, Any]) -> None:
-        unknown = set(fields) - set(COLUMNS) | ({"seq"} & set(fields))
-        if unknown:
-            raise ValueError(f"not a settable job column: {', '.join(sorted(unknown))}")
-        if "state" in fields and fields["state"] not in STATES:
-            raise ValueError(f"bad state {fields['state']!r}")
-
-    @staticmethod
-    def _encode(key: str, value: Any) -> Any:
-        return json.dumps(value) if key in JSON_COLUMNS else value
-
-    def _decode(self, row: sqlite3.Row) -> Record:
-        rec = {k: row[k] for k in COLUMNS}
-        for k in JSON_COLUMNS:
-            rec[k] = json.loads(rec[k])
-        rec["log_bytes"] = self.log_size(rec["id"])  # not a column: the log file's size now
-        return rec
+    def _decode(self, row: sqlite3.Row) -> JobRecord:
+        return JobRecord.from_row(row, self.log_size(row["id"]))
 
     def prune(self, keep_days: float, max_bytes: int, now: float | None = None) -> Ids:
         """Remove finished jobs, oldest end first: those that finished more than

@@ -273,7 +273,7 @@ class LocalJobs:
             "mpirun": str(mpirun),
             "flavour": "openmpi4",
             "program": ["true"],
-            "cancel_grace_s": 1.0,
+            "cancel_grace_s": 0.5,
             **mpi,
         }
         path.write_text(

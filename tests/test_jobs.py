@@ -104,8 +104,8 @@ def test_streamed_sync_answer_is_the_json_of_the_whole_answer(one_store, log, ch
     store = one_store  # each example is a job of its own in it
     rec = store.create(command=["mpirun", "x"], env_names=["K"])
     if master is not None:
-        rec = store.update(rec["id"], master_name=master)
-    append_log(store, rec["id"], log)
+        rec = store.update(rec.id, master_name=master)
+    append_log(store, rec.id, log)
     job = to_json(rec)
     expect = {}
     for k, v in job.items():

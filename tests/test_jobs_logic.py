@@ -186,7 +186,7 @@ def test_a_cancel_the_store_cannot_record_answers_507_and_still_kills(local, tmp
     lj = local()
     job = lj.jobs.submit({"program": gate(tmp_path / "never"), "wait": False})
     wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
-    pid = lj.store.record(job["id"])["pid"]
+    pid = lj.store.record(job["id"]).pid
     full = OSError(errno.ENOSPC, "No space left on device")
 
     def update(job_id, **fields):
@@ -228,7 +228,7 @@ def test_cancel_of_an_unknown_or_unfollowed_job_is_refused(local):
     lj = local()
     rec = lj.store.create(command=["x"])
     with pytest.raises(Conflict, match="not followed by this daemon"):
-        lj.jobs.cancel(rec["id"])
+        lj.jobs.cancel(rec.id)
 
 
 # --- timeouts and lost_after_s: on the manual clock -------------------------------------------
@@ -346,13 +346,13 @@ def test_restart_decides_for_each_unfinished_record(local, tmp_path):
     wait_for(lambda: b"started" in log_of(lj, blocker["id"]), what="the job to start")
     # a launch the daemon died in: master chosen, no pid file written on it
     half = lj.store.create(command=["x"], remote_dir=".mlbench-daemon/jobs/nothing-here")
-    lj.store.update(half["id"], master_name="w-0", master_ip="127.77.0.1", master_port=22)
+    lj.store.update(half.id, master_name="w-0", master_ip="127.77.0.1", master_port=22)
     lj.restart()
 
     lost = lj.jobs.get(secret["id"])
     assert (lost["state"], lost["reason"]) == ("lost", "daemon-restarted")
     assert "env values are never stored" in lost["error"]
-    assert lj.jobs.wait(half["id"])["reason"] == "launch-interrupted"
+    assert lj.jobs.wait(half.id)["reason"] == "launch-interrupted"
     (tmp_path / "go").touch()
     assert lj.jobs.wait(blocker["id"])["state"] == "succeeded"
     again = lj.jobs.wait(requeued["id"])

@@ -114,7 +114,8 @@ def test_node_and_job_schemas_list_what_the_code_emits():
     from mlbench_daemon.discovery import Node
     from mlbench_daemon.jobs import to_json
     from mlbench_daemon.nodes import NodeStatus
-    from mlbench_daemon.store import COLUMNS, STATES
+    from mlbench_daemon.shapes import NodeRow
+    from mlbench_daemon.store import COLUMNS, STATES, JobRecord
 
     labels = {"component": "worker", "app": "mlbench"}
     node = Node(
@@ -135,14 +136,14 @@ def test_node_and_job_schemas_list_what_the_code_emits():
     assert jsonschema_rs.validator_for(_bundle("Node")).is_valid(as_json)
     assert as_json["labels"] == "{'app': 'mlbench', 'component': 'worker'}"
 
-    rec = {k: None for k in COLUMNS}
-    rec.update(
+    values = dict.fromkeys(COLUMNS)
+    values.update(
         id="0123456789abcdef0123",
         seq=1,
         state="failed",
         created=time.time(),
         finished=time.time(),
-        nodes=[["10.0.0.1", "default", "w-0", "{}"]],
+        nodes=[NodeRow("10.0.0.1", "default", "w-0", "{}")],
         command=["mpirun", "x"],
         env_names=["A"],
         exit_code=1,
@@ -150,11 +151,11 @@ def test_node_and_job_schemas_list_what_the_code_emits():
         timeout_s=3.0,
         log_bytes=0,
     )
-    job = to_json(rec)
+    job = to_json(JobRecord(**values))
     job_schema = DOC["components"]["schemas"]["Job"]
     assert list(job)[:3] == ["nodes", "command", "master_name"]
     assert set(job) == set(job_schema["properties"]) == set(job_schema["required"])
-    assert jsonschema_rs.validator_for(_bundle("Job")).is_valid(job)
+    assert jsonschema_rs.validator_for(_bundle("Job")).is_valid(json.loads(json.dumps(job)))
     assert DOC["components"]["schemas"]["JobState"]["enum"] == list(STATES)
 
 

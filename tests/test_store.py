@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from mlbench_daemon.shapes import NodeRow
 from mlbench_daemon.store import Store, StoreError, store_reason
 from tests.helpers import append_log
 
@@ -22,51 +23,50 @@ def store(tmp_path):
 def test_create_get_update_roundtrip(store):
     nodes = [["10.0.0.1", "default", "w-0", "{'app': 'mlbench'}"]]
     rec = store.create(nodes=nodes, command=["mpirun", "a b"], env_names=["X"], np=2)
-    assert rec["state"] == "pending" and len(rec["id"]) == 20
-    assert (
-        rec["nodes"] == nodes and rec["command"] == ["mpirun", "a b"] and rec["env_names"] == ["X"]
-    )
-    rec = store.update(rec["id"], state="running", pid=1234, started=5.0)
-    assert (rec["state"], rec["pid"], rec["started"]) == ("running", 1234, 5.0)
-    assert store.get(rec["id"]) == rec
+    assert rec.state == "pending" and len(rec.id) == 20
+    assert rec.nodes == [NodeRow(*n) for n in nodes] and rec.nodes[0].name == "w-0"
+    assert rec.command == ["mpirun", "a b"] and rec.env_names == ["X"]
+    rec = store.update(rec.id, state="running", pid=1234, started=5.0)
+    assert (rec.state, rec.pid, rec.started) == ("running", 1234, 5.0)
+    assert store.get(rec.id) == rec
     assert store.get("nope") is None
 
 
 def test_rejects_unknown_columns_and_states(store):
     rec = store.create()
     with pytest.raises(ValueError):
-        store.update(rec["id"], bogus=1)
+        store.update(rec.id, bogus=1)
     with pytest.raises(ValueError):
-        store.update(rec["id"], seq=7)
+        store.update(rec.id, seq=7)
     with pytest.raises(ValueError):
-        store.update(rec["id"], state="exploded")
+        store.update(rec.id, state="exploded")
 
 
 def test_list_newest_first_with_paging(store):
-    ids = [store.create()["id"] for _ in range(5)]
-    assert [r["id"] for r in store.list(limit=10)] == ids[::-1]
-    assert [r["id"] for r in store.list(limit=2, offset=1)] == [ids[3], ids[2]]
+    ids = [store.create().id for _ in range(5)]
+    assert [r.id for r in store.list(limit=10)] == ids[::-1]
+    assert [r.id for r in store.list(limit=2, offset=1)] == [ids[3], ids[2]]
     assert sorted(ids) == ids  # ids sort by creation too
 
 
 def test_running_lists_unfinished_oldest_first(store):
-    a, b, c = (store.create()["id"] for _ in range(3))
+    a, b, c = (store.create().id for _ in range(3))
     store.update(a, state="running")
     store.update(b, state="succeeded")
-    assert [r["id"] for r in store.running()] == [a, c]
+    assert [r.id for r in store.running()] == [a, c]
 
 
 def test_log_append_and_bounded_reads(store):
     rec = store.create()
-    assert store.read_log(rec["id"], 0, 10) == (b"", 0)
-    assert store.log_size(rec["id"]) == 0
-    append_log(store, rec["id"], b"hello ")
-    assert append_log(store, rec["id"], b"\x00\xffworld") == 13
-    assert store.read_log(rec["id"], 0, 4) == (b"hell", 4)
-    assert store.read_log(rec["id"], 4, 100) == (b"o \x00\xffworld", 13)
-    assert store.read_log(rec["id"], 13, 100) == (b"", 13)
-    assert store.read_log(rec["id"], 99, 100) == (b"", 99)
-    store.sync_log(rec["id"])
+    assert store.read_log(rec.id, 0, 10) == (b"", 0)
+    assert store.log_size(rec.id) == 0
+    append_log(store, rec.id, b"hello ")
+    assert append_log(store, rec.id, b"\x00\xffworld") == 13
+    assert store.read_log(rec.id, 0, 4) == (b"hell", 4)
+    assert store.read_log(rec.id, 4, 100) == (b"o \x00\xffworld", 13)
+    assert store.read_log(rec.id, 13, 100) == (b"", 13)
+    assert store.read_log(rec.id, 99, 100) == (b"", 99)
+    store.sync_log(rec.id)
     with pytest.raises(ValueError):
         store.log_path("../etc")
 
@@ -77,8 +77,8 @@ def test_concurrent_writers(store):
     def work():
         for _ in range(20):
             rec = store.create()
-            store.update(rec["id"], state="running")
-            ids.append(rec["id"])
+            store.update(rec.id, state="running")
+            ids.append(rec.id)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
@@ -95,9 +95,9 @@ def test_survives_a_killed_process(tmp_path):
         "from mlbench_daemon.store import Store\n"
         "s = Store(sys.argv[1])\n"
         "r = s.create(command=['x'])\n"
-        "s.update(r['id'], state='running', pid=42)\n"
-        "with s.log_writer(r['id']) as f: f.write(b'partial output')\n"
-        "print(r['id'], flush=True)\n"
+        "s.update(r.id, state='running', pid=42)\n"
+        "with s.log_writer(r.id) as f: f.write(b'partial output')\n"
+        "print(r.id, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -108,8 +108,8 @@ def test_survives_a_killed_process(tmp_path):
     assert job_id, out.stderr
     s = Store(str(tmp_path))
     rec = s.get(job_id)
-    assert (rec["state"], rec["pid"], rec["command"]) == ("running", 42, ["x"])
-    assert [r["id"] for r in s.running()] == [job_id]
+    assert (rec.state, rec.pid, rec.command) == ("running", 42, ["x"])
+    assert [r.id for r in s.running()] == [job_id]
     assert s.read_log(job_id, 0, 100) == (b"partial output", 14)
     s.close()
 
@@ -130,9 +130,9 @@ def test_a_database_from_before_the_request_column_is_upgraded(tmp_path):
     db.close()
     s = Store(str(tmp_path))
     try:
-        assert s.get("00000000000000000001")["request"] == {}
+        assert s.get("00000000000000000001").request == {}
         rec = s.create(request={"program": ["p"], "np": None, "master": None, "nodes": ["w-0"]})
-        assert s.get(rec["id"])["request"]["nodes"] == ["w-0"]
+        assert s.get(rec.id).request["nodes"] == ["w-0"]
     finally:
         s.close()
     Store(str(tmp_path)).close()  # and opening it again changes nothing
@@ -141,8 +141,8 @@ def test_a_database_from_before_the_request_column_is_upgraded(tmp_path):
 def _finished(store, state, finished, log=b""):
     rec = store.create(state=state, finished=finished)
     if log:
-        append_log(store, rec["id"], log)
-    return rec["id"]
+        append_log(store, rec.id, log)
+    return rec.id
 
 
 def test_prune_by_age_removes_old_finished_jobs_and_their_logs(store):
@@ -150,15 +150,15 @@ def test_prune_by_age_removes_old_finished_jobs_and_their_logs(store):
     day = 86400
     old = [_finished(store, s, now - 40 * day, b"old") for s in ("succeeded", "failed", "lost")]
     recent = _finished(store, "cancelled", now - 2 * day, b"recent")
-    running = store.create(state="running", started=now - 90 * day)["id"]
+    running = store.create(state="running", started=now - 90 * day).id
     append_log(store, running, b"still going")
-    pending = store.create(state="pending", created=now - 90 * day)["id"]
+    pending = store.create(state="pending", created=now - 90 * day).id
 
     assert sorted(store.prune(keep_days=30, max_bytes=0, now=now)) == sorted(old)
     for job_id in old:
         assert store.get(job_id) is None
         assert not os.path.exists(store.log_path(job_id))
-    assert {r["id"] for r in store.list(limit=10)} == {recent, running, pending}
+    assert {r.id for r in store.list(limit=10)} == {recent, running, pending}
     assert store.read_log(running, 0, 100) == (b"still going", 11)
     assert store.prune(keep_days=30, max_bytes=0, now=now) == []  # nothing left to do
     assert store.prune(keep_days=0, max_bytes=0, now=now + 1000 * day) == []  # both rules off
@@ -169,7 +169,7 @@ def test_prune_by_size_goes_oldest_first_and_never_touches_running_jobs(store):
     a = _finished(store, "succeeded", now - 5000, b"a" * 400)
     b = _finished(store, "failed", now - 4000, b"b" * 300)
     c = _finished(store, "succeeded", now - 3000, b"c" * 200)
-    running = store.create(state="running")["id"]
+    running = store.create(state="running").id
     append_log(store, running, b"r" * 1000)
     just_done = _finished(store, "succeeded", now - 5, b"j" * 100)  # a client may still read it
 
@@ -178,7 +178,7 @@ def test_prune_by_size_goes_oldest_first_and_never_touches_running_jobs(store):
     assert store.get(c) and store.get(running) and store.get(just_done)
     # even a limit below the running job's own log removes only finished jobs
     assert store.prune(keep_days=0, max_bytes=10, now=now) == [c]
-    assert {r["id"] for r in store.list(limit=10)} == {running, just_done}
+    assert {r.id for r in store.list(limit=10)} == {running, just_done}
     assert store.log_size(running) == 1000 and store.log_size(just_done) == 100
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from mlbench_daemon import config
 from mlbench_daemon.discovery import Node
@@ -28,7 +27,7 @@ from mlbench_daemon.jobs.placement import (
 )
 from mlbench_daemon.jobs.remote import Host, Remote
 from mlbench_daemon.ssh_errors import SSHError
-from mlbench_daemon.store import Store
+from mlbench_daemon.store import JobRecord, Store
 from mlbench_daemon.vocabulary import JobReason, JobState
 
 log = logging.getLogger(__name__)
@@ -51,6 +50,21 @@ def check_reachable(limit: float, clock: Clock, down_since: float, error: SSHErr
             f"the master was unreachable for {limit:g} s ({error}); the job may "
             "still be running there, unobserved"
         )
+
+
+def placed(rec: JobRecord) -> tuple[Host, str]:
+    """The master and job directory of a job whose launch was recorded (RuntimeError if
+    none was: callers ask only once the record names a master)."""
+    if rec.master_ip is None or rec.master_port is None or rec.remote_dir is None:
+        raise RuntimeError(f"job {rec.id} has no master recorded")
+    return Host(rec.master_ip, rec.master_port), rec.remote_dir
+
+
+def pid_of(rec: JobRecord) -> int:
+    """The process group of a job recorded running (RuntimeError if none is)."""
+    if rec.pid is None:
+        raise RuntimeError(f"job {rec.id} has no process recorded")
+    return rec.pid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +122,10 @@ class Launcher:
         known = self.flavours.get((node.ip, node.port, self.mpi.mpirun))
         return known[0] if known else None
 
-    def launch(self, job: Job, rec: dict[str, Any]) -> Launched | LaunchFailed:
+    def launch(self, job: Job, rec: JobRecord) -> Launched | LaunchFailed:
         """Pick a master, start the job detached, confirm its pid.  Raises Stopped (the
         daemon stops) or MasterLost (the master stayed unreachable)."""
-        if rec["master_name"]:  # a previous run died while launching: did the job start?
+        if rec.master_name:  # a previous run died while launching: did the job start?
             return self._relaunched(job, rec)
         if job.cancel_reason:
             return LaunchFailed(JobState.CANCELLED, job.cancel_reason)
@@ -218,9 +232,9 @@ class Launcher:
                 raise Stopped()
             backoff = min(backoff * 2, BACKOFF_S[1])
 
-    def _relaunched(self, job: Job, rec: dict[str, Any]) -> Launched | LaunchFailed:
-        host = Host(rec["master_ip"], rec["master_port"])
-        pid = self._confirmed_pid(job, host, rec["remote_dir"])
+    def _relaunched(self, job: Job, rec: JobRecord) -> Launched | LaunchFailed:
+        host, job_dir = placed(rec)
+        pid = self._confirmed_pid(job, host, job_dir)
         if pid is None:
             return LaunchFailed(
                 JobState.LOST,

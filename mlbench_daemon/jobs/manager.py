@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import dataclasses
 import json
 import logging
 import threading
@@ -43,8 +44,8 @@ from mlbench_daemon.jobs.remote import Host, Pool, Remote
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.jobs.rollcall import Coalescer, Target, take
 from mlbench_daemon.jobs.run import Cancel, Context, JobRun
-from mlbench_daemon.shapes import Job, NodeRow, RollCall
-from mlbench_daemon.store import LOG_CHUNK_MAX, Store
+from mlbench_daemon.shapes import Job, RollCall
+from mlbench_daemon.store import LOG_CHUNK_MAX, JobRecord, Store
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import JobReason, JobState, JobWait, StoreReason
 
@@ -86,25 +87,25 @@ class Jobs:
         for rec in self.store.running():
             self._resume(rec)
 
-    def _resume(self, rec: dict[str, Any]) -> None:
-        if rec["state"] != JobState.PENDING or rec["master_name"]:
-            run = JobRun(self._ctx, rec["id"], reattached=True)
+    def _resume(self, rec: JobRecord) -> None:
+        if rec.state != JobState.PENDING or rec.master_name:
+            run = JobRun(self._ctx, rec.id, reattached=True)
             with self._lock:
                 self._live[run.id] = run
                 self._active += 1
             self._spawn(run)
             return
-        req = rec["request"]
-        if rec["env_names"] or not req:
+        req = rec.request
+        if rec.env_names or not req:
             error = "the daemon restarted before the job was launched"
-            if rec["env_names"]:
+            if rec.env_names:
                 error += ", and env values are never stored: submit it again"
-            run = JobRun(self._ctx, rec["id"], reattached=True)
+            run = JobRun(self._ctx, rec.id, reattached=True)
             run.finish(JobState.LOST, reason=JobReason.DAEMON_RESTARTED, error=error)
             return
         run = JobRun(
             self._ctx,
-            rec["id"],
+            rec.id,
             program=req["program"],
             np=req["np"],
             master=req["master"],
@@ -167,7 +168,7 @@ class Jobs:
                 request=request,
                 command=command,
             )
-            run.id = rec["id"]
+            run.id = rec.id
             self._admit(run)
         log.info("job %s submitted: %d node(s), env %s", run.id, len(nodes), env_names)
         return self._view(rec)
@@ -183,15 +184,15 @@ class Jobs:
         _check_counts(limit=limit, offset=offset)
         return [self._view(r) for r in self.store.list(min(limit, 1000), offset)]
 
-    def _view(self, rec: dict[str, Any]) -> dict[str, Any]:
+    def _view(self, rec: JobRecord) -> dict[str, Any]:
         """The API's job dict for a stored record, as this daemon knows the job: the
         fields it could not write yet laid over it, with `store_error` and `waiting`."""
         now = self._ctx.clock.time()
         with self._lock:
-            run = self._live.get(rec["id"])
+            run = self._live.get(rec.id)
             if run is not None:
-                rec = {**rec, **run.unwritten}
-            if JobState(rec["state"]).is_final:
+                rec = rec.overlaid(run.unwritten)
+            if rec.state.is_final:
                 waiting = None
             elif run is None or _ended(run.thread):
                 # only while the daemon stops: the next start takes it up
@@ -238,8 +239,13 @@ class Jobs:
                 break
         if run is not None and run.thread is not None and run.decided.is_set():
             # its master cleaned up and its slot given back (bounded: one SSH call), so a
-            # client's next job after this answer is not queued behind this one
-            run.thread.join(self._ctx.ssh_timeout + 1.0)
+            # client's next job after this answer is not queued behind this one; not while
+            # its final state waits for the disk, which may take long
+            until = time.monotonic() + self._ctx.ssh_timeout + 1.0
+            while run.store_fault is None and time.monotonic() < until:
+                run.thread.join(0.05)
+                if not run.thread.is_alive():
+                    break
         job = self.get(job_id)
         return json_with_response(self.store, job, self.store.log_size(job_id))
 
@@ -297,8 +303,8 @@ class Jobs:
         not followed here), InsufficientStorage/Unavailable naming the reason when the
         state dir cannot take the cancel (it goes on all the same)."""
         rec = self._record(job_id)
-        if JobState(rec["state"]).is_final:
-            raise Conflict(f"job {job_id} is already {rec['state']}")
+        if rec.state.is_final:
+            raise Conflict(f"job {job_id} is already {rec.state}")
         with self._lock:
             run = self._live.get(job_id)
         if run is None:
@@ -328,18 +334,16 @@ class Jobs:
         """Every rank of a running job (jobs/rollcall.py); concurrent askers of one job
         share one roll-call.  NotFound, or Conflict when the job is not running."""
         rec = self._record(job_id)
-        if rec["state"] != JobState.RUNNING or rec["pid"] is None:
-            raise Conflict(
-                f"job {job_id} is {rec['state']}: a roll-call needs a running job's ranks"
-            )
+        if rec.state != JobState.RUNNING or rec.pid is None:
+            raise Conflict(f"job {job_id} is {rec.state}: a roll-call needs a running job's ranks")
         ports = {s.node.ip: s.node.port for s in self.registry.nodes()}
         targets = [
             Target(row.name, Host(row.ip, ports.get(row.ip, self.cfg.ssh.port)))
-            for row in (NodeRow(*r) for r in rec["nodes"])
+            for row in rec.nodes
         ]
         bound, tools = self.mpi.roll_call_timeout_s, self.mpi.roll_call_tools
         return self._roll_calls.run(
-            job_id, lambda: take(self._ctx.remote, job_id, targets, rec["np"], bound, tools)
+            job_id, lambda: take(self._ctx.remote, job_id, targets, rec.np, bound, tools)
         )
 
     # --- slots and queue --------------------------------------------------------------
@@ -369,7 +373,7 @@ class Jobs:
                 else:
                     self._active -= 1
 
-    def _record(self, job_id: Any) -> dict[str, Any]:
+    def _record(self, job_id: Any) -> JobRecord:
         rec = self.store.get(job_id) if isinstance(job_id, str) and job_id.isalnum() else None
         if rec is None:
             raise NotFound(f"no job {echo(job_id)}")
@@ -394,40 +398,46 @@ def _waiting(reason: JobWait, next_check: float) -> dict[str, Any]:
     return {"reason": reason, "next_check": iso(next_check)}
 
 
+# The answer's fields that are not a column of the record as they are, each from the record
+# (and from what the daemon knows of the job but has not stored: `waiting`, `store_error`).
+_DERIVED: dict[str, Callable[[JobRecord], Any]] = {
+    "command": lambda rec: str(rec.command),
+    "created": lambda rec: iso(rec.created),
+    "started": lambda rec: iso(rec.started),
+    "finished": lambda rec: iso(rec.finished),
+    "env": lambda rec: {name: "***" for name in rec.env_names},
+}
+_KNOWN = ("store_error", "waiting")
+_FIELDS = Job.__struct_fields__
+
+
+def _answer_fields() -> tuple[str, ...]:
+    """`shapes.Job`'s fields, checked at import: each one is a record field, derived from
+    the record, or known to the daemon; none is left out or made up."""
+    record = {f.name for f in dataclasses.fields(JobRecord)}
+    missing = [f for f in _FIELDS if f not in record | set(_DERIVED) | set(_KNOWN)]
+    if missing:
+        raise RuntimeError(f"shapes.Job's {missing} come from neither the record nor the daemon")
+    return _FIELDS
+
+
+_ANSWER = _answer_fields()
+
+
 def to_json(
-    rec: dict[str, Any],
+    rec: JobRecord,
     waiting: dict[str, Any] | None = None,
     store_error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The API's job dict: the fields of ``shapes.Job``, in its order (the seed's keys first);
     `waiting` and `store_error` as ``Jobs._view`` makes them."""
-    values = {
-        "nodes": rec["nodes"],
-        "command": str(rec["command"]),
-        "master_name": rec["master_name"],
-        "id": rec["id"],
-        "state": rec["state"],
-        "exit_code": rec["exit_code"],
-        "created": iso(rec["created"]),
-        "started": iso(rec["started"]),
-        "finished": iso(rec["finished"]),
-        "error": rec["error"],
-        "reason": rec["reason"],
-        "failure": rec["failure"],
-        "np": rec["np"],
-        "timeout_s": rec["timeout_s"],
-        "env": {name: "***" for name in rec["env_names"]},
-        "flavour": rec["flavour"],
-        "log_bytes": rec["log_bytes"],
-        "store_error": store_error,
-        "waiting": waiting,
-    }
-    if len(values) != len(Job.__struct_fields__):  # a key added here must be declared there
-        raise RuntimeError(f"shapes.Job does not declare {sorted(set(values) - set(_FIELDS))}")
-    return {name: values[name] for name in _FIELDS}
-
-
-_FIELDS = Job.__struct_fields__
+    known = {"waiting": waiting, "store_error": store_error}
+    return {
+        name: known[name] if name in known
+        else _DERIVED[name](rec) if name in _DERIVED
+        else getattr(rec, name)
+        for name in _ANSWER
+    }  # fmt: skip
 
 
 def json_with_response(

@@ -40,12 +40,13 @@ from mlbench_daemon.jobs.launch import (
     MasterLost,
     Stopped,
     check_reachable,
+    pid_of,
+    placed,
 )
 from mlbench_daemon.jobs.placement import Registry
 from mlbench_daemon.jobs.remote import Host, Remote, Status, Stream
-from mlbench_daemon.shapes import NodeRow
 from mlbench_daemon.ssh_errors import SSHError
-from mlbench_daemon.store import Store, StoreError
+from mlbench_daemon.store import JobRecord, Store, StoreError
 from mlbench_daemon.vocabulary import FailureKind, JobReason, JobState, JobWait
 
 log = logging.getLogger(__name__)
@@ -142,11 +143,11 @@ class JobRun:
 
     # --- what the API shows ---------------------------------------------------------------
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> JobRecord:
         """The job as this daemon knows it: the stored record with `unwritten` over it."""
         rec = self.ctx.store.record(self.id)
         with self.ctx.changed:
-            return {**rec, **self.unwritten}
+            return rec.overlaid(self.unwritten)
 
     def _expect(self, reason: JobWait, within: float) -> None:
         """The job now waits for `reason`; its progress is checked again within `within` s."""
@@ -190,11 +191,13 @@ class JobRun:
             backoff = min(backoff * 2, STORE_BACKOFF_S[1])
 
     def _store_failed(self, e: StoreError, what: str) -> None:
-        """A write failed: shown on the job, one log line per new fault."""
+        """A write failed: shown on the job, one log line per new fault.  Followers are woken
+        at each failed try, so one waits no longer than a retry to see the job stuck."""
         with self.ctx.changed:
             new = self.store_fault is None or self.store_fault[0].reason != e.reason
             if new:
                 self.store_fault = (e, what, self.ctx.clock.time())
+            self.ctx.changed.notify_all()
         if new:
             log.error("job %s: cannot write %s: %s; retrying", self.id, what, e.cause)
 
@@ -214,14 +217,14 @@ class JobRun:
             try:
                 if self.reattached:  # a launched job (with a pid) runs while the pass is made
                     self._expect(
-                        JobWait.RUNNING if self.record()["pid"] else JobWait.LAUNCHING,
+                        JobWait.RUNNING if self.record().pid else JobWait.LAUNCHING,
                         self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout,
                     )
                     self.ctx.registry.wait_first_pass(
                         self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
                     )
-                rec: dict[str, Any] | None = self.record()
-                if rec is not None and rec["pid"] is None:
+                rec: JobRecord | None = self.record()
+                if rec is not None and rec.pid is None:
                     rec = self._launch(rec)
                 if rec is None:  # the launch ended the job
                     return
@@ -245,7 +248,7 @@ class JobRun:
                 if timer:
                     timer.cancel()
 
-    def _launch(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+    def _launch(self, rec: JobRecord) -> JobRecord | None:
         """Launch the job -> its record once running, None if the launch ended it."""
         job = Job(
             self.id, self.program, self.np, self.env or {}, self.master, self.candidates,
@@ -286,7 +289,7 @@ class JobRun:
         if self.stream:
             self.stream.close()
 
-    def running(self, pid: int) -> dict[str, Any]:
+    def running(self, pid: int) -> JobRecord:
         """Record the job running as process group `pid` -> the record (as known: a write
         that fails is retried while the job is followed)."""
         self._save(state=JobState.RUNNING, pid=pid, started=self.ctx.clock.time())
@@ -294,9 +297,9 @@ class JobRun:
             self.ctx.changed.notify_all()
         return self.record()
 
-    def _arm_timeout(self, rec: dict[str, Any]) -> None:
-        if rec["timeout_s"]:
-            left = max(0.0, rec["started"] + rec["timeout_s"] - self.ctx.clock.time())
+    def _arm_timeout(self, rec: JobRecord) -> None:
+        if rec.timeout_s and rec.started is not None:
+            left = max(0.0, rec.started + rec.timeout_s - self.ctx.clock.time())
             self.timer = self.ctx.clock.timer(left, lambda: self.cancel(JobReason.TIMEOUT))
 
     # --- following ----------------------------------------------------------------------
@@ -305,11 +308,7 @@ class JobRun:
         """Stream the remote output into the log until the job is over -> its Status."""
         ctx, clock = self.ctx, self.ctx.clock
         rec = self.record()
-        host, job_dir, pid = (
-            Host(rec["master_ip"], rec["master_port"]),
-            rec["remote_dir"],
-            rec["pid"],
-        )
+        (host, job_dir), pid = placed(rec), pid_of(rec)
         backoff, down_since = BACKOFF_S[0], None
         store_backoff = STORE_BACKOFF_S[0]
         # a silent stream ends after FOLLOW_IDLE_S, then the master is asked for the status
@@ -392,7 +391,7 @@ class JobRun:
             self.killed.wait(self.mpi.cancel_grace_s + 3 * self.ctx.ssh_timeout)
             note = cancel_note(self.kill_message)
         else:  # a kill's note in the record: the daemon restarted after the kill
-            note = cancel_note(rec["error"])
+            note = cancel_note(rec.error)
         if self.cancel_reason and (note is None or note[1] != "not-delivered"):
             error = {"error": self.kill_message} if self.kill_message else {}
             self.finish(JobState.CANCELLED, exit_code=rc, reason=self.cancel_reason, **error)
@@ -402,7 +401,7 @@ class JobRun:
             self.finish(
                 JobState.LOST,
                 reason=JobReason.REMOTE_RECORD_MISSING,
-                error=f"job directory {rec['remote_dir']} is gone from {rec['master_name']}",
+                error=f"job directory {rec.remote_dir} is gone from {rec.master_name}",
             )
         elif rc is None:
             self.finish(
@@ -416,11 +415,11 @@ class JobRun:
             stale = {"error": None} if note is not None else {}
             self.finish(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, exit_code=rc, **stale)
         try:
-            self.ctx.remote.remove(Host(rec["master_ip"], rec["master_port"]), rec["remote_dir"])
+            self.ctx.remote.remove(*placed(rec))
         except SSHError as e:
             log.warning(
                 "job %s: could not remove %s on %s: %s",
-                *(self.id, rec["remote_dir"], rec["master_name"], e),
+                *(self.id, rec.remote_dir, rec.master_name, e),
             )
 
     def finish(self, state: JobState, **fields: Any) -> None:
@@ -464,8 +463,8 @@ class JobRun:
             ctx.live.pop(self.id, None)
             ctx.changed.notify_all()
         self.done.set()
-        if rec["started"]:
-            metrics.job_duration_seconds.observe(rec["finished"] - rec["started"])
+        if rec.started is not None and rec.finished is not None:
+            metrics.job_duration_seconds.observe(rec.finished - rec.started)
         log.info("job %s: %s %s", self.id, state, fields or "")
 
     def _failure(self, state: JobState, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -479,7 +478,7 @@ class JobRun:
             start = max(0, size - failure.PARSE_TAIL_BYTES)
             tail, _ = ctx.store.read_log(self.id, start, size - start)
             statuses = {s.node.name: s for s in ctx.registry.nodes()}
-            rows = [NodeRow(*row) for row in rec["nodes"]]
+            rows = list(rec.nodes)
             refs = [
                 failure.NodeRef(r.name, r.ip, getattr(statuses.get(r.name), "hostname", None))
                 for r in rows
@@ -487,14 +486,14 @@ class JobRun:
             f = failure.attribute(
                 state=state,
                 reason=fields.get("reason"),
-                exit_code=fields.get("exit_code", rec["exit_code"]),
+                exit_code=fields.get("exit_code", rec.exit_code),
                 output=tail.decode(errors="replace"),
-                command=rec["command"],
-                master=rec["master_name"],
-                master_ip=rec["master_ip"],
+                command=rec.command,
+                master=rec.master_name,
+                master_ip=rec.master_ip,
                 nodes=refs,
-                error=fields.get("error", rec["error"]),
-                flavour=rec["flavour"] or "openmpi4",
+                error=fields.get("error", rec.error),
+                flavour=rec.flavour or "openmpi4",
             ) or failure.empty(FailureKind.UNKNOWN, state)
             if f["kind"] == FailureKind.DAEMON_LAUNCH:
                 self._explain_launch(f, rec, statuses)
@@ -504,17 +503,17 @@ class JobRun:
             return failure.empty(FailureKind.UNKNOWN, f"attribution failed: {e}")
 
     def _explain_launch(
-        self, f: dict[str, Any], rec: Mapping[str, Any], statuses: Mapping[str, Any]
+        self, f: dict[str, Any], rec: JobRecord, statuses: Mapping[str, Any]
     ) -> None:
         """Run the preflight for this job; its failing checks go into `f`."""
-        names = [NodeRow(*row).name for row in rec["nodes"]]
+        names = [row.name for row in rec.nodes]
         nodes = [statuses[name].node for name in names if name in statuses]
-        master = next((n for n in nodes if n.name == rec["master_name"]), None)
+        master = next((n for n in nodes if n.name == rec.master_name), None)
         if master is None:
             return
-        program = self.program or rec["request"].get("program") or self.mpi.program
+        program = self.program or rec.request.get("program") or self.mpi.program
         result = preflight.run(
-            self.ctx.remote.pool, self.ctx.cfg, master, nodes, program, rec["np"],
+            self.ctx.remote.pool, self.ctx.cfg, master, nodes, program, rec.np,
             self.mpi.preflight_timeout_s,
         )  # fmt: skip
         f["checks"] = [c for c in result["checks"] if c["status"] == "fail"]
@@ -544,7 +543,7 @@ class JobRun:
         if queued:
             self.finish(JobState.CANCELLED, reason=reason)
             return Cancel.DEQUEUED
-        if self.record()["pid"] is None:
+        if self.record().pid is None:
             return Cancel.AFTER_LAUNCH  # the job's thread kills right after launching
         return self._start_kill()
 
@@ -582,20 +581,20 @@ class JobRun:
     def _kill_and_sweep(self) -> Cancel:
         ctx = self.ctx
         rec = self.record()
-        master = Host(rec["master_ip"], rec["master_port"])
-        option = flavour.get(rec["flavour"] or "openmpi4").proxy_option
+        master, _ = placed(rec)
+        option = flavour.get(rec.flavour or "openmpi4").proxy_option
         proxies = None
         try:
             if option:  # read before the kill: the proxies carry no marker of their own
                 proxies = (option, ctx.remote.proxy_values(master, self.id, option))
-            how = ctx.remote.terminate(master, rec["pid"], self.mpi.cancel_grace_s)
+            how = ctx.remote.terminate(master, pid_of(rec), self.mpi.cancel_grace_s)
         except SSHError as e:
             # tried again until delivered or the job ends (lost after mpi.lost_after_s)
             with ctx.changed:
                 reason = self.cancel_reason
                 retry = not ctx.stop.is_set()
                 then = f"; trying again in {BACKOFF_S[1]:.0f} s" if retry else ""
-                msg = f"{reason} not delivered to {rec['master_name']}: {str(e).rstrip('.')}{then}"
+                msg = f"{reason} not delivered to {rec.master_name}: {str(e).rstrip('.')}{then}"
                 self.killing, self.kill_message = False, msg
                 if not retry:
                     self.cancel_reason = None
@@ -605,7 +604,7 @@ class JobRun:
                 self.retry = ctx.clock.timer(BACKOFF_S[1], self._retry_kill)
             return Cancel.NOT_DELIVERED
         ports = {s.node.ip: s.node.port for s in ctx.registry.nodes()}
-        ips = [NodeRow(*row).ip for row in rec["nodes"]]
+        ips = [row.ip for row in rec.nodes]
         hosts = [Host(ip, ports.get(ip, ctx.cfg.ssh.port)) for ip in ips]
         swept = ctx.remote.sweep(self.id, hosts, proxies)
         msg = f"{self.cancel_reason}: process group {how}; {swept}"
