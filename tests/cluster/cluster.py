@@ -373,7 +373,8 @@ class Cluster:
             self.start_sshd(h, wait=False)
         self.start_dns()
         for h in self.hosts:
-            self._wait_port(h.ip, 22)
+            # a big cluster's sshds start while hundreds of others do: a longer bound
+            self._wait_port(h.ip, 22, timeout=10.0 + len(self.hosts) / 20)
         self._built = True
 
     def _save_state(self):
