@@ -19,7 +19,8 @@ from mlbench_daemon.ssh import Pool
 from tests.cluster.cluster import ZONE, _children
 from tests.helpers import wait_for
 
-pytestmark = pytest.mark.slow
+# minutes, not the suite's 300 s hang bound: building 512 hosts and probing each one cold
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 HOSTS = int(os.environ.get("MLBENCH_SCALE_HOSTS", "512"))
 PROBE, VERIFY = 5.0, 30.0
