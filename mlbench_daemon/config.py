@@ -329,6 +329,14 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         "default",
         "namespace when the service name does not carry one",
     ),
+    (
+        "discovery",
+        "transfer_zone",
+        string,
+        "",
+        "zone copied by AXFR then IXFR from the first nameserver, for clusters past one SRV"
+        ' answer (~700 members); "" = ask SRV queries',
+    ),
     ("discovery", "selector", string, "", "label selector, e.g. app=mlbench,component=worker"),
     ("discovery", "refresh_s", number(0, strict=True), 10.0, "longest time between DNS refreshes"),
     ("discovery", "timeout_s", number(0, strict=True), 2.0, "deadline of one DNS lookup"),
@@ -568,6 +576,7 @@ class Discovery:
     srv: str
     nameservers: list[str]
     namespace: str
+    transfer_zone: str
     selector: str
     refresh_s: float
     timeout_s: float

@@ -23,6 +23,18 @@ at random over the second half of that period, so a big cluster's re-reads do no
 come all at once), so an idle pass costs about one query plus the changes. The
 records' TTLs do not shorten that: a TTL of 0 means "do not cache", and the member
 list is still read every pass. `recheck_s = 0` re-reads everything every pass.
+
+Past one DNS message: an SRV answer holds about 700 members at most (64 KB over TCP;
+dnsmasq already answers malformed past about 300). With `transfer_zone` set, discovery
+keeps a copy of that zone, made by zone transfer from the first nameserver: AXFR once,
+then each pass an IXFR from the copy's serial, which costs one SOA when nothing changed
+and only the changes otherwise (a server without IXFR, like NSD before 4.7, sends the
+whole zone again when it changed). The pass then reads the names inside the zone from
+the copy, and queries only the names outside it (the reverse zone's PTR, out-of-zone
+targets), with the same per-member caches, misses and notes as query mode. An unchanged
+serial returns the last pass's list without rebuilding it, unless a name outside the
+zone or a kept miss is due again. Chosen over several SRV service names (shards), which
+re-read every member every pass: see README.md, "Discovery past one DNS message".
 """
 
 from __future__ import annotations
@@ -43,9 +55,16 @@ import dns.exception
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdataset
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
+import dns.transaction
+import dns.xfr
+import dns.zone
 
 from mlbench_daemon import config, metrics
 from mlbench_daemon.config import parse_nameserver
@@ -280,6 +299,137 @@ def _ip_order(address: str) -> tuple[int, int]:
     return ip.version, int(ip)
 
 
+class _Delta:
+    """What one transfer changed: `full` (a whole zone came: anything may have), else
+    the records an IXFR added and deleted, one (added, name, rdataset) each."""
+
+    def __init__(self) -> None:
+        self.full = False
+        self.records: list[tuple[bool, dns.name.Name, Any]] = []
+
+
+class _RecordingTransaction(dns.zone.Transaction):
+    """Notes each record an IXFR adds or deletes (dnspython's xfr.Inbound applies an
+    IXFR with add() and delete_exact(), one record each)."""
+
+    def add(self, *args: Any) -> None:
+        self._note(True, args)
+        super().add(*args)
+
+    def delete_exact(self, *args: Any) -> None:
+        self._note(False, args)
+        if len(args) != 2 or not isinstance(args[1], dns.rdataset.Rdataset):
+            super().delete_exact(*args)
+            return
+        # dnspython's own checks that the records exist by hashing every record of the
+        # set (an intersection): O(members) per SRV record an IXFR deletes. The same
+        # check, hashing only the deleted ones:
+        name, rdataset = args
+        txn: Any = self  # dnspython's private parts are untyped
+        existing = txn._get_rdataset(name, rdataset.rdtype, rdataset.covers)
+        if existing is None or any(rd not in existing for rd in rdataset):
+            raise dns.transaction.DeleteNotExact("delete_exact(): missing rdatas")
+        remaining = existing.difference(rdataset)  # a copy keeps the stored hashes
+        if remaining:
+            txn._checked_put_rdataset(name, remaining)
+        else:
+            txn._checked_delete_rdataset(name, rdataset.rdtype, rdataset.covers)
+
+    def _note(self, added: bool, args: tuple[Any, ...]) -> None:
+        delta = self.manager.delta  # type: ignore[attr-defined]
+        if len(args) == 2 and isinstance(args[1], dns.rdataset.Rdataset):
+            delta.records.append((added, args[0], args[1]))
+        else:
+            delta.full = True  # another form: do not reason about it
+
+
+class _RecordingZone(dns.zone.Zone):
+    """A zone whose writers note what they change in `delta`."""
+
+    def __init__(self, origin: dns.name.Name) -> None:
+        super().__init__(origin, relativize=False)  # names as queried
+        self.delta = _Delta()
+
+    def writer(self, replacement: bool = False) -> dns.zone.Transaction:
+        if replacement:
+            self.delta.full = True
+        txn = _RecordingTransaction(self, replacement)
+        txn._setup_version()  # type: ignore[no-untyped-call]  # what Zone.writer does
+        return txn
+
+
+class _ZoneCopy:
+    """A copy of one zone kept by zone transfer (AXFR, then IXFR from its serial)."""
+
+    def __init__(self, origin: str, where: str, port: int) -> None:
+        self.origin = dns.name.from_text(origin)
+        self.where, self.port = where, port
+        self.zone = _RecordingZone(self.origin)
+        self.serial: int | None = None
+        self.lock = threading.Lock()  # held by a whole pass: a transfer rewrites the zone
+
+    def refresh(self, deadline: float) -> _Delta | None:
+        """Bring the copy up to date; what changed, or None when its serial did not. A
+        failed transfer leaves the copy as it was (the transfer commits only when
+        complete)."""
+        remaining = deadline - time.monotonic()
+        what = f"zone transfer of {self.origin} from {self.where}:{self.port}"
+        if remaining <= 0:
+            raise DiscoveryError(
+                DiscoveryReason.DNS_TIMEOUT, f"DNS timeout: no time left for {what}"
+            )
+        query, _ = dns.xfr.make_query(self.zone)  # IXFR from our serial; AXFR when empty
+        self.zone.delta = _Delta()
+        try:
+            dns.query.inbound_xfr(
+                self.where, self.zone, query, port=self.port, timeout=remaining, lifetime=remaining
+            )
+        except dns.exception.Timeout:
+            raise DiscoveryError(DiscoveryReason.DNS_TIMEOUT, f"DNS timeout in {what}") from None
+        except dns.xfr.TransferError as e:
+            hint = ""
+            if e.rcode in (dns.rcode.REFUSED, dns.rcode.NOTAUTH):
+                hint = (
+                    ": the server must allow transfers of this zone to the daemon's address"
+                    " (or leave discovery.transfer_zone empty)"
+                )
+            raise DiscoveryError(
+                DiscoveryReason.DNS_ERROR, f"{what} answered {dns.rcode.to_text(e.rcode)}{hint}"
+            ) from None
+        except (dns.exception.DNSException, OSError, EOFError) as e:
+            raise DiscoveryError(DiscoveryReason.DNS_ERROR, f"{what} failed: {e}") from None
+        soa = self.zone.get_soa()
+        serial, self.serial = self.serial, soa.serial
+        return None if serial == soa.serial else self.zone.delta
+
+    def answer(self, p: _Pass, name: dns.name.Name, rdtype: str) -> list[Any] | None:
+        """The rdatas of name's records of rdtype in the copy; None (and the negative TTL
+        noted, as from a server's SOA) when the name or the type does not exist."""
+        node = self.zone.get_node(name)
+        rdataset = None
+        if node is not None:
+            rdataset = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype))
+        if rdataset is None:
+            if node is None:
+                p.nxdomain.add(name)
+            soa = self.zone.find_rdataset(self.origin, dns.rdatatype.SOA)
+            p.negative.setdefault(name, []).append(float(min(soa.ttl, soa[0].minimum)))
+            return None
+        p.ttl = min(p.ttl, rdataset.ttl)
+        return list(rdataset)
+
+    def address(self, host: dns.name.Name) -> str | None:
+        """host's first IPv4 (else IPv6) address in the copy."""
+        node = self.zone.get_node(host)
+        if node is None:
+            return None
+        for rdtype in _ADDRESS_TYPES:
+            rdataset = node.get_rdataset(dns.rdataclass.IN, rdtype)
+            if rdataset:
+                return str(min((a.address for a in rdataset), key=_ip_order))
+        return None
+
+
 class Discovery:
     def __init__(
         self,
@@ -311,6 +461,18 @@ class Discovery:
                     ) from None
         self.resolver = resolver
         self.recheck_s = cfg.recheck_s
+        self._copy: _ZoneCopy | None = None
+        self._last: tuple[list[Node], float, float] | None = None  # nodes, ttl, due
+        self._order: list[tuple[tuple[Any, ...], Node]] | None = None  # (sort key, node)
+        if cfg.transfer_zone:
+            if not cfg.nameservers:
+                raise ValueError("discovery.transfer_zone needs discovery.nameservers (its server)")
+            origin = dns.name.from_text(cfg.transfer_zone)
+            if not self.srv_name.is_subdomain(origin):
+                raise ValueError(
+                    f"discovery.transfer_zone {cfg.transfer_zone} does not hold {self.srv_name}"
+                )
+            self._copy = _ZoneCopy(cfg.transfer_zone, *parse_nameserver(cfg.nameservers[0]))
         self._cache: dict[tuple[str, Any], tuple[Any, float]] = {}  # (kind, name) -> (value, due)
         self._cache_lock = threading.Lock()
         self._members: dict[dns.name.Name, _Member] = {}  # SRV target -> its address state
@@ -321,12 +483,13 @@ class Discovery:
         self, p: _Pass, key: tuple[str, Any], read: Callable[[], Any], fresh: Any = None
     ) -> Any:
         """read() once every recheck_s per key (`fresh`: a value just seen, no read needed);
-        `None` values are never kept."""
+        `None` values are never kept. A name inside the zone copy is read every time: the
+        copy is as fresh as its last transfer, and reading it costs no query."""
         p.used.add(key)
         now = time.monotonic()
         with self._cache_lock:
             hit = self._cache.get(key)
-        if hit is not None and now < hit[1]:
+        if hit is not None and now < hit[1] and not p.inside(key[1]):
             if fresh is not None and fresh != hit[0]:
                 with self._cache_lock:
                     self._cache[key] = (fresh, hit[1])
@@ -363,7 +526,92 @@ class Discovery:
         whole pass, so the caller keeps its last good list.
         Safe to call from several threads: a pass keeps its state in a _Pass.
         """
-        p = _Pass(self.resolver, time.monotonic() + self.cfg.timeout_s)
+        if self._copy is None:
+            return self._discover(_Pass(self.resolver, time.monotonic() + self.cfg.timeout_s))
+        with self._copy.lock:
+            p = _Pass(self.resolver, time.monotonic() + self.cfg.timeout_s, self._copy)
+            delta = self._copy.refresh(p.deadline)
+            last = self._last
+            if last is not None and time.monotonic() < last[2]:
+                if delta is None:
+                    return list(last[0]), last[1]
+                if not delta.full and self._order is not None and self._apply(p, delta):
+                    nodes = [node for _, node in self._order]
+                    ttl = min(last[1], p.ttl)
+                    self._last = (nodes, ttl, min(last[2], self._next_due(p)))
+                    return list(nodes), ttl
+            nodes, ttl = self._discover(p)
+            self._last = (nodes, ttl, self._next_due(p))
+            return list(nodes), ttl
+
+    def _apply(self, p: _Pass, delta: _Delta) -> bool:
+        """Bring the last list up to date with an IXFR's changes, rebuilding only the
+        members whose records changed: a pass costs O(changes), not O(members). False
+        (nothing touched) when a change needs a full pass: a target in two SRV records,
+        or two targets sharing a first label."""
+        assert self._order is not None
+        order = {node.host: (key, node) for key, node in self._order}
+        redo: dict[dns.name.Name, int] = {}  # target -> its SRV port
+        gone: set[dns.name.Name] = set()  # targets no longer in the SRV records
+        deleted: set[dns.name.Name] = set()  # targets with an SRV record deleted
+        for added, owner, rdataset in delta.records:
+            if owner != self.srv_name or rdataset.rdtype != dns.rdatatype.SRV:
+                redo.setdefault(owner, -1)  # a member's own record: rebuilt when a member
+                continue
+            for rr in rdataset:
+                if rr.target == dns.name.root:
+                    continue
+                if added:
+                    if redo.get(rr.target, -1) not in (-1, rr.port):
+                        return False
+                    redo[rr.target] = rr.port
+                    gone.discard(rr.target)
+                else:
+                    deleted.add(rr.target)
+                    if redo.get(rr.target, -1) == -1:
+                        gone.add(rr.target)
+        names = {node.name: node.host for _, node in self._order}
+        for target in gone:
+            order.pop(target.to_text(omit_final_dot=True), None)
+        built: dict[str, tuple[tuple[Any, ...], Node]] = {}
+        for target, port in redo.items():
+            host = target.to_text(omit_final_dot=True)
+            if port == -1:
+                if host not in order:
+                    continue  # not a member
+                port = order[host][1].port
+            elif host in order and target not in deleted:
+                return False  # a second SRV record for a member: the full pass picks one
+            name = target.labels[0].decode(errors="replace")
+            if names.get(name, host) != host:
+                return False
+            ip = self._member_address(p, target, p.additional_address(target, None))
+            order.pop(host, None)
+            if ip is not None:
+                labels, note = self._labels(p, target, name)
+                node = self._node(p, target, name, host, ip, port, labels, note)
+                built[host] = (natural_key(name), node)
+        order.update(built)
+        with self._cache_lock:
+            for target in gone - redo.keys():
+                self._members.pop(target, None)
+                for kind in ("addr", "txt"):
+                    self._cache.pop((kind, target), None)
+                self._last_txt.pop(("txt", target), None)
+                self._notes.pop(target.labels[0].decode(errors="replace"), None)
+        self._order = sorted(order.values(), key=lambda kn: kn[0])
+        return True
+
+    def _next_due(self, p: _Pass) -> float:
+        """When an unchanged zone still needs a pass: the earliest retry of a kept miss,
+        or the next pass when a name outside the zone was read (its TTL is not ours)."""
+        outside = [key for key in p.used if not p.inside(key[1])]
+        with self._cache_lock:
+            dues = [self._cache[k][1] if k in self._cache else 0.0 for k in outside]
+            dues += [m.due for m in self._members.values() if m.kind != "ok"]
+        return min(dues, default=float("inf"))
+
+    def _discover(self, p: _Pass) -> tuple[list[Node], float]:
         srv = p.query(self.srv_name, "SRV")
         if srv is not None:
             members = self._srv_members(p, srv)
@@ -376,10 +624,12 @@ class Discovery:
                 )
             members = self._address_members(p, addresses)
         nodes: dict[str, Node] = {}
+        twice = False  # a name (or a target) seen twice: the full pass picks one
         for target, ip, port in members:
             name = target.labels[0].decode(errors="replace") if target else ip
             host = target.to_text(omit_final_dot=True) if target else ip
             if name in nodes:
+                twice = True
                 if nodes[name].host != host:
                     kept = nodes[name].host
                     log.warning(
@@ -392,30 +642,50 @@ class Discovery:
                     )
                 continue
             labels, note = self._labels(p, target, name)
-            note = "; ".join(filter(None, (p.notes.get(target), note)))
-            p.names.add(name)
-            if self._notes.get(name, "") != note:
-                if note:
-                    log.warning("%s: node %s: %s", self.cfg.service, name, note)
-                else:
-                    log.info("%s: node %s: no note any more", self.cfg.service, name)
-                self._notes[name] = note
-            nodes[name] = Node(name, host, ip, port, self.namespace, labels, note)
+            nodes[name] = self._node(p, target, name, host, ip, port, labels, note)
         if not nodes:
             raise DiscoveryError(
                 DiscoveryReason.NO_MEMBERS,
                 f"no members: SRV {self.srv_name} and A/AAAA {self.service} gave no usable address",
             )
         self._forget_unused(p)
-        return sorted(nodes.values(), key=lambda n: natural_key(n.name)), p.ttl
+        order = sorted((natural_key(n.name), n) for n in nodes.values())
+        # what a zone copy's next IXFR updates (SRV members only: an address member's name
+        # comes from a PTR query)
+        self._order = order if srv is not None and not twice else None
+        return [node for _, node in order], p.ttl
+
+    def _node(
+        self,
+        p: _Pass,
+        target: dns.name.Name | None,
+        name: str,
+        host: str,
+        ip: str,
+        port: int,
+        labels: Labels,
+        note: str,
+    ) -> Node:
+        """The member's Node, its note logged once per change."""
+        address_note = p.notes.get(target) if target is not None else None
+        note = "; ".join(filter(None, (address_note, note)))
+        p.names.add(name)
+        if self._notes.get(name, "") != note:
+            if note:
+                log.warning("%s: node %s: %s", self.cfg.service, name, note)
+            else:
+                log.info("%s: node %s: no note any more", self.cfg.service, name)
+            self._notes[name] = note
+        return Node(name, host, ip, port, self.namespace, labels, note)
 
     def _srv_members(self, p: _Pass, srv: Any) -> Iterable[tuple[Any, ...]]:
         """(target name, ip, port) per SRV target with an address."""
         for rr in sorted(srv, key=lambda r: (r.priority, -r.weight, r.target, r.port)):
             if rr.target == dns.name.root:  # "." = service decidedly not available there
                 continue
-            # an address in the SRV answer's additional section is free: it counts as a read
-            extra = p.additional_address(rr.target, srv.response)
+            # an address in the SRV answer's additional section (or the zone copy) is free:
+            # it counts as a read
+            extra = p.additional_address(rr.target, getattr(srv, "response", None))
             ip = self._member_address(p, rr.target, extra)
             if ip is None:
                 continue
@@ -513,9 +783,12 @@ class _Pass:
     """The queries of one discovery pass: one deadline, the minimum TTL, the NXDOMAIN names,
     the cache keys it used."""
 
-    def __init__(self, resolver: dns.resolver.Resolver, deadline: float) -> None:
+    def __init__(
+        self, resolver: dns.resolver.Resolver, deadline: float, copy: _ZoneCopy | None = None
+    ) -> None:
         self.resolver = resolver
         self.deadline = deadline
+        self.copy = copy  # names inside its zone are read from it, not queried
         self.ttl = float("inf")
         self.nxdomain: set[dns.name.Name] = set()
         self.used: set[tuple[str, Any]] = set()
@@ -524,14 +797,25 @@ class _Pass:
         self.notes: dict[dns.name.Name, str] = {}  # SRV target -> note on its address
         self.negative: dict[dns.name.Name, list[float | None]] = {}  # name -> negative TTLs
 
+    def inside(self, name: Any) -> bool:
+        """name is read from the zone copy."""
+        return (
+            self.copy is not None
+            and isinstance(name, dns.name.Name)
+            and name.is_subdomain(self.copy.origin)
+        )
+
     def query(
         self, name: dns.name.Name, rdtype: str, optional: bool = False
-    ) -> dns.resolver.Answer | None:
-        """The answer, or None when the name or the type does not exist.
+    ) -> dns.resolver.Answer | list[Any] | None:
+        """The answer (its rdatas, read from the zone copy), or None when the name or the
+        type does not exist.
 
         optional=True: a server failure also gives None (logged). Used for PTR, which many
         servers refuse for reverse zones they do not serve.
         """
+        if self.copy is not None and self.inside(name):
+            return self.copy.answer(self, name, rdtype)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise DiscoveryError(
@@ -570,8 +854,15 @@ class _Pass:
         ttls = self.negative.get(name, [None])
         return None if None in ttls else min(t for t in ttls if t is not None)
 
-    def additional_address(self, host: dns.name.Name, response: dns.message.Message) -> str | None:
-        """host's first IPv4 (else IPv6) address from the additional section of `response`."""
+    def additional_address(
+        self, host: dns.name.Name, response: dns.message.Message | None
+    ) -> str | None:
+        """host's first IPv4 (else IPv6) address from the additional section of `response`,
+        or from the zone copy."""
+        if self.copy is not None and self.inside(host):
+            return self.copy.address(host)
+        if response is None:
+            return None
         extra = [r for r in response.additional if r.name == host and r.rdtype in _ADDRESS_TYPES]
         if not extra:
             return None

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import dns.exception
@@ -14,8 +15,10 @@ import dns.resolver
 import dns.reversename
 import pytest
 
-from tests.cluster import MPI_ARGS, cleanup_leftovers
-from tests.cluster.cluster import PREFIX, STATE_ROOT
+from mlbench_daemon.config import SETTINGS
+from mlbench_daemon.discovery import Discovery, DiscoveryError
+from tests.cluster import MPI_ARGS, ClusterError, cleanup_leftovers
+from tests.cluster.cluster import PREFIX, STATE_ROOT, ZONE
 
 
 def resolver(c):
@@ -51,7 +54,10 @@ def login_ok(c, h, **kw):
 
 
 def test_dns_publishes_the_headless_service(cluster):
-    c = cluster
+    assert_published(cluster)
+
+
+def assert_published(c):
     srv = resolve(c, f"_ssh._tcp.{c.service}.", "SRV")
     assert sorted(srv) == sorted(f"0 0 22 {h.fqdn}." for h in c.hosts)
     assert sorted(resolve(c, f"{c.service}.", "A")) == sorted(h.ip for h in c.hosts)
@@ -66,6 +72,25 @@ def test_dns_publishes_the_headless_service(cluster):
     assert len(c.workers) == 3
     with pytest.raises(dns.resolver.NXDOMAIN):
         resolver(c).resolve(f"nothing-here.{c.service}.", "A")
+
+
+def test_nsd_serves_the_same_zone_and_transfers_its_changes(make_cluster):
+    c = make_cluster(workers=3, extra=1, dns="nsd")
+    assert_published(c)
+    values = {k: d for s, k, _, d, _ in SETTINGS if s == "discovery"}
+    values.update(service=c.service, nameservers=[c.nameserver], transfer_zone=ZONE)
+    d = Discovery(types.SimpleNamespace(**values))
+    assert sorted(n.ip for n in d.discover()[0]) == sorted(h.ip for h in c.hosts)
+    c.unpublish(c.hosts[1])  # reloaded in place with a new serial: an IXFR sees it
+    assert sorted(n.ip for n in d.discover()[0]) == sorted(h.ip for h in c.hosts[::2] + c.hosts[3:])
+    c.stop_dns()
+    with pytest.raises(DiscoveryError):
+        d.discover()
+    c.publish(c.hosts[1])
+    c.start_dns()
+    assert len(d.discover()[0]) == 4
+    with pytest.raises(ClusterError, match="dnsmasq"):
+        c.dns_queries()
 
 
 def test_every_sshd_takes_the_cluster_key_and_refuses_others(cluster):

@@ -29,6 +29,8 @@ from mlbench_daemon.discovery import (
     natural_key,
     negative_ttl,
 )
+from tests.cluster.nsd import KNOTD_BIN, NSD, NSD_BIN, Knot
+from tests.cluster.nsd import free_port as nsd_port
 
 DNSMASQ = "/usr/sbin/dnsmasq"
 ZONE = "default.svc.cluster.local"
@@ -96,7 +98,7 @@ def hosts_file(tmp_path, *lines) -> str:
 def cfg(port, service=SVC, **kw):
     values = dict(
         service=service, srv="_ssh._tcp", nameservers=[f"127.0.0.1:{port}"], namespace="default",
-        selector="", refresh_s=10, timeout_s=2.0, recheck_s=0.0, label_rules=[],
+        selector="", refresh_s=10, timeout_s=2.0, recheck_s=0.0, label_rules=[], transfer_zone="",
         negative_ttl_min_s=30.0, negative_ttl_max_s=600.0, negative_ttl_fallback_s=60.0,
         max_txt_bytes=4096, max_txt_keys=64, max_label_value=128,
     )  # fmt: skip
@@ -683,3 +685,155 @@ def test_negative_ttl_is_the_smaller_of_soa_ttl_and_minimum(authority, ttl):
     text = "id 1\nopcode QUERY\nrcode NXDOMAIN\nflags QR AA\n;QUESTION\nx.ns. IN A\n;AUTHORITY\n"
     response = dns.message.from_text(text + (authority or ""))
     assert negative_ttl(response) == ttl
+
+
+# --- zone transfer (transfer_zone), served by NSD --------------------------------------
+
+XZONE = "cluster.local"
+
+
+def member_records(n, *, skip_address=(), rack=lambda i: f"r{i % 4}"):
+    """SRV, A and TXT lines of n members w-<i> of SVC (w-<i> in skip_address: no A)."""
+    lines = []
+    for i in range(n):
+        host = f"w-{i}.{SVC}."
+        lines.append(f"{SRV}. 60 IN SRV 0 0 22 {host}")
+        if i not in skip_address:
+            lines.append(f"{host} 60 IN A 127.1.{i // 250}.{i % 250 + 1}")
+        lines.append(f'{host} 60 IN TXT "component=worker" "rack={rack(i)}"')
+    return lines
+
+
+@pytest.fixture
+def nsd(tmp_path, request):
+    """start(records, provide_xfr=True) -> a running NSD on 127.0.0.1 serving XZONE."""
+    if not os.path.exists(NSD_BIN):
+        pytest.skip("nsd not installed")
+
+    def start(records, provide_xfr=True):
+        server = NSD(tmp_path / "nsd", "127.0.0.1", nsd_port(), provide_xfr=provide_xfr)
+        request.addfinalizer(server.stop)
+        server.write({XZONE: records})
+        server.start()
+        return server
+
+    return start
+
+
+@pytest.fixture
+def knot(tmp_path, request):
+    """start(records) -> a running Knot DNS on 127.0.0.1 serving XZONE, answering IXFR
+    with the changes only."""
+    if not os.path.exists(KNOTD_BIN):
+        pytest.skip("knot not installed")
+
+    def start(records):
+        server = Knot(tmp_path / "knot", "127.0.0.1", nsd_port())
+        request.addfinalizer(server.stop)
+        server.write({XZONE: records})
+        server.start()
+        return server
+
+    return start
+
+
+def xfr_discovery(server, **kw):
+    return Discovery(cfg(server.port, transfer_zone=XZONE, **kw))
+
+
+def test_transfer_reads_members_past_one_dns_message(nsd):
+    server = nsd(member_records(2000))
+    with pytest.raises(DiscoveryError):  # one SRV answer cannot carry them (NSD: no answer)
+        discover(server.port)
+    nodes, ttl = xfr_discovery(server).discover()
+    assert len(nodes) == 2000
+    assert [n.name for n in nodes[:3]] == ["w-0", "w-1", "w-2"]
+    assert nodes[1999].ip == "127.1.7.250" and nodes[999].port == 22
+    assert dict(nodes[5].labels) == {"component": "worker", "rack": "r1"}
+    assert ttl == 60  # the shortest TTL of the records read
+
+
+def test_transfer_unchanged_zone_is_not_rebuilt_and_changes_show(nsd, monkeypatch):
+    server = nsd(member_records(20))
+    d = xfr_discovery(server, recheck_s=300.0)
+    first, _ = d.discover()
+    rebuilt = []
+    real = d._discover
+    monkeypatch.setattr(d, "_discover", lambda p: rebuilt.append(1) or real(p))
+    assert d.discover()[0] == first and rebuilt == []  # same serial: the last list
+    records = member_records(19, rack=lambda i: "r9" if i == 3 else f"r{i % 4}")
+    records = [r.replace("127.1.0.6", "127.1.0.66") for r in records]  # w-5 moved
+    server.write({XZONE: records})
+    server.reload()
+    nodes, _ = d.discover()
+    assert rebuilt == [1]
+    by_name = {n.name: n for n in nodes}
+    assert len(nodes) == 19 and "w-19" not in by_name
+    assert by_name["w-3"].labels["rack"] == "r9"  # not kept for recheck_s: the copy is fresh
+    assert by_name["w-5"].ip == "127.1.0.66"
+
+
+def test_transfer_member_without_address_is_dropped_once_logged(nsd, caplog):
+    server = nsd(member_records(4, skip_address={2}))
+    d = xfr_discovery(server)
+    with caplog.at_level(logging.WARNING):
+        nodes, _ = d.discover()
+        server.write({XZONE: member_records(5, skip_address={2})})  # a change: a full pass
+        server.reload()
+        assert len(d.discover()[0]) == 4
+    assert [n.name for n in nodes] == ["w-0", "w-1", "w-3"]
+    misses = [r for r in caplog.records if "w-2." in r.getMessage()]
+    assert len(misses) == 1 and "has no A/AAAA record" in misses[0].getMessage()
+
+
+def test_transfer_refused_is_one_clear_error(nsd):
+    server = nsd(member_records(2), provide_xfr=False)
+    with pytest.raises(DiscoveryError) as e:
+        xfr_discovery(server).discover()
+    assert e.value.reason == "dns-error"
+    assert "REFUSED" in str(e.value) and "allow transfers" in str(e.value)
+
+
+def test_transfer_zone_must_hold_the_srv_name():
+    with pytest.raises(ValueError, match="does not hold"):
+        Discovery(cfg(53, transfer_zone="example.org"))
+    with pytest.raises(ValueError, match=r"needs discovery\.nameservers"):
+        Discovery(cfg(53, transfer_zone=XZONE, nameservers=[]))
+
+
+def edit(records, drop=(), replace=None, add=()):
+    """records without the lines containing any of `drop`, `replace` {old: new} applied."""
+    out = [r for r in records if not any(d in r for d in drop)]
+    for old, new in (replace or {}).items():
+        out = [r.replace(old, new) for r in out]
+    return out + list(add)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(drop=["w-19."]),  # a member leaves
+        dict(add=member_records(22)[-6:]),  # two join
+        dict(replace={'"rack=r3"': '"rack=r9"'}),  # labels change
+        dict(replace={"127.1.0.6": "127.1.0.66"}),  # an address moves
+        dict(drop=["w-4. 60 IN A"]),  # a member loses its address: dropped
+        dict(replace={"22 w-7.": "2222 w-7."}),  # a member's port changes
+        dict(add=[f"{SRV}. 60 IN SRV 0 0 22 w-1.elsewhere.{SVC}."]),  # first label taken
+        dict(add=[f"{SRV}. 60 IN SRV 1 0 2222 w-2.{SVC}."]),  # a member in two SRV records
+    ],
+)
+def test_ixfr_updates_only_the_changed_members_as_a_full_pass_would(knot, monkeypatch, change):
+    records = member_records(20)
+    server = knot(records)
+    d = xfr_discovery(server, recheck_s=300.0)
+    d.discover()
+    full = []
+    real = d._discover
+    monkeypatch.setattr(d, "_discover", lambda p: full.append(1) or real(p))
+    server.write({XZONE: edit(records, **change)})
+    server.reload()
+    nodes, _ = d.discover()
+    fresh, _ = xfr_discovery(server).discover()  # a new copy: AXFR and a full pass
+    assert nodes == fresh
+    clash = "elsewhere" in str(change) or "2222 w-2." in str(change)
+    assert full == ([1] if clash else [])  # a shared name or target needs the full pass

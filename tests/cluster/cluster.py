@@ -15,7 +15,9 @@ in by key and can ssh between hosts with host keys verified, so OpenMPI's
 mpirun works from any host. A dnsmasq in a namespace of its own publishes a Kubernetes-style
 headless-service zone: A records of the service, SRV records
 `_ssh._tcp.<service>` pointing at per-host names, per-host A/PTR records and
-TXT label records.
+TXT label records. `Cluster(dns="nsd")` serves the same records from NSD instead
+(zone files, zone transfers allowed, a new serial on each change): for big clusters,
+whose SRV answer dnsmasq breaks past about 300 members.
 
 Addresses come from 198.18.0.0/15 (the range set aside for network testing);
 one /24 per run, chosen so that it overlaps no route on the machine. All
@@ -44,6 +46,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .nsd import NSD
 
 HERE = Path(__file__).resolve().parent
 PREFIX = "mlbt"
@@ -167,6 +171,18 @@ def _children():
     return kids
 
 
+def _children_of(pid):
+    """pid's children, from the kernel's per-thread lists: no scan of /proc, which at 512
+    hosts (thousands of processes) made each host's start cost a second."""
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            out += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    except OSError:
+        pass
+    return out
+
+
 def _comm(pid):
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -230,7 +246,11 @@ def _check_traversable(path):
             )
 
 
-def _free_subnet():
+def _free_subnet(hosts):
+    """A free subnet of the pool with room for `hosts` (and the head, DNS and hosts added
+    later): a /24 up to about 190 hosts, a /22 for 512."""
+    prefix = min(24, 32 - (hosts + 64).bit_length())
+    size = 2 ** (32 - prefix)
     used = []
     for line in sh(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines():
         word = line.split()[0] if line.split() else ""
@@ -242,10 +262,11 @@ def _free_subnet():
         except ValueError:
             pass
     for _ in range(200):
-        net = ipaddress.ip_network(f"{NET_POOL.network_address + 256 * secrets.randbelow(512)}/24")
+        block = secrets.randbelow(NET_POOL.num_addresses // size)
+        net = ipaddress.ip_network(f"{NET_POOL.network_address + size * block}/{prefix}")
         if not any(net.overlaps(u) for u in used):
             return net
-    raise ClusterError("no free /24 left in 198.18.0.0/15")
+    raise ClusterError(f"no free /{prefix} left in {NET_POOL}")
 
 
 @dataclass
@@ -287,7 +308,7 @@ class Host:
 class Cluster:
     """Build with `Cluster(workers=3, extra=1).build()`; always `teardown()`."""
 
-    def __init__(self, workers=3, extra=1, release=None, sshd_log_level="ERROR"):
+    def __init__(self, workers=3, extra=1, release=None, sshd_log_level="ERROR", dns="dnsmasq"):
         cleanup_leftovers()
         self.id = secrets.token_hex(3)
         self.prefix = f"{PREFIX}{self.id}"
@@ -301,6 +322,10 @@ class Cluster:
         self.n_workers, self.n_extra = workers, extra
         self.hosts: list[Host] = []
         self.dns_ns = f"{self.prefix}dns"
+        if dns not in ("dnsmasq", "nsd"):
+            raise ValueError(f"dns={dns!r}: want dnsmasq or nsd")
+        self.dns = dns
+        self._nsd = None  # the NSD (dns="nsd"), kept so that its serial grows
         self.dns_pid = None
         self.uid = None
         self.dns_ttl = DNS_TTL  # TTL of every record served (0: "do not cache")
@@ -330,7 +355,7 @@ class Cluster:
         self.dir.mkdir(mode=0o755)
         self._save_state()
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep dir
-        self.net = _free_subnet()
+        self.net = _free_subnet(self.n_workers + self.n_extra)
         addrs = list(self.net.hosts())
         self.head_ip, self.dns_ip = str(addrs[0]), str(addrs[1])
         self._next_addr = 10
@@ -348,7 +373,8 @@ class Cluster:
             self.start_sshd(h, wait=False)
         self.start_dns()
         for h in self.hosts:
-            self._wait_port(h.ip, 22)
+            # a big cluster's sshds start while hundreds of others do: a longer bound
+            self._wait_port(h.ip, 22, timeout=10.0 + len(self.hosts) / 20)
         self._built = True
 
     def _save_state(self):
@@ -536,7 +562,39 @@ class Cluster:
             )
         (self.dir / "dnsmasq.conf").write_text("\n".join(conf) + "\n")
 
+    def _nsd_zones(self):
+        """The records of _dns_conf, as NSD zone lines: the zone, and one reverse zone per
+        /24 the hosts' addresses fall in (a big cluster's subnet spans several)."""
+        ttl, published = self.dns_ttl, [h for h in self.hosts if h.published]
+        zones = {ZONE: []}
+        for h in self.hosts:
+            zones[ZONE].append(f"{h.fqdn}. {ttl} IN A {h.ip}")
+            strings = " ".join(f'"{k}={v}"' for k, v in sorted(h.labels.items()))
+            if strings:
+                zones[ZONE].append(f"{h.fqdn}. {ttl} IN TXT {strings}")
+            ptr = ipaddress.ip_address(h.ip).reverse_pointer
+            rev = zones.setdefault(ptr.split(".", 1)[1], [])
+            rev.append(f"{ptr}. {ttl} IN PTR {h.fqdn}.")
+        for h in published:
+            zones[ZONE].append(f"{self.service}. {ttl} IN A {h.ip}")
+            zones[ZONE].append(f"_ssh._tcp.{self.service}. {ttl} IN SRV 0 0 22 {h.fqdn}.")
+        return zones
+
+    def _start_nsd(self):
+        if self._nsd is None:
+            self._nsd = NSD(self.dir / "nsd", self.dns_ip, 53, netns=self.dns_ns)
+        self._nsd.ttl = self.dns_ttl
+        self._nsd.write(self._nsd_zones())
+        if self.dns_pid and _pid_alive(self.dns_pid):
+            self._nsd.reload()  # a new serial: a zone transfer sees the change
+            return
+        self._nsd.start()
+        self.dns_pid = self._nsd.proc.pid
+
     def start_dns(self):
+        if self.dns == "nsd":
+            self._start_nsd()
+            return
         if self.dns_pid and _pid_alive(self.dns_pid):
             return
         self._dns_conf()
@@ -577,6 +635,8 @@ class Cluster:
 
     def dns_queries(self):
         """(type, name) of every query dnsmasq answered so far (its --log-queries lines)."""
+        if self.dns != "dnsmasq":
+            raise ClusterError("dns_queries() reads dnsmasq's query log: build with dns='dnsmasq'")
         try:
             text = (self.dir / "dnsmasq.query.log").read_text()
         except FileNotFoundError:
@@ -589,12 +649,16 @@ class Cluster:
         self.restart_dns()
 
     def stop_dns(self):
-        if self.dns_pid:
+        if self._nsd is not None:
+            self._nsd.stop()
+        elif self.dns_pid:
             _stop(self.dns_pid)
-            self.dns_pid = None
+        self.dns_pid = None
 
     def restart_dns(self):
-        self.stop_dns()
+        """Serve the records as they are now (NSD: reloaded in place, with a new serial)."""
+        if self.dns != "nsd":
+            self.stop_dns()
         self.start_dns()
 
     def unpublish(self, h):
@@ -641,7 +705,7 @@ class Cluster:
     def _wait_child(self, parent, pred, h, timeout=10.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = [p for p in _children().get(parent, []) if pred(p)]
+            found = [p for p in _children_of(parent) if pred(p)]
             if found:
                 return max(found)
             if not _pid_alive(parent):
@@ -652,7 +716,7 @@ class Cluster:
     def _listener(self, h):
         """The pid of the host's sshd listener (children of init are the listener and
         sessions a stopped listener left), or None."""
-        for p in _children().get(h.init_pid, []):
+        for p in _children_of(h.init_pid):
             if _comm(p) == "sshd" and "[listener]" in _cmdline(p):
                 return p
         return None
@@ -994,8 +1058,7 @@ class Cluster:
     def teardown(self):
         for h in self.hosts:
             self._stop_host(h)
-        if self.dns_pid:
-            _stop(self.dns_pid)
+        self.stop_dns()
         if self.dir.exists():
             _teardown_state(self.dir)
 
