@@ -87,7 +87,10 @@ class Api:
 @pytest.fixture
 def app(tmp_path):
     a = Api(tmp_path)
-    yield a
+    # the jobs' time runs on: a cancelled job's follower waits its backoff on that clock
+    # before it reads the end (else every cancel here answers 202 after cancel_answer_s)
+    with a.lj.clock.ticking(0.5):
+        yield a
     a.close()
 
 
