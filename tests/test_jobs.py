@@ -20,7 +20,7 @@ from mlbench_daemon.discovery import Discovery
 from mlbench_daemon.errors import BadRequest, Conflict, QueueFull, Unavailable
 from mlbench_daemon.jobs import Jobs, Request, json_with_response, remote, run, to_json, validate
 from mlbench_daemon.nodes import Registry
-from mlbench_daemon.ssh import Pool, Unreachable
+from mlbench_daemon.ssh import Pool, Unreachable, watch
 from mlbench_daemon.store import Store
 from tests.helpers import HANG, append_log, cancel_job, http, served, wait_for
 
@@ -278,7 +278,8 @@ def env(cluster, tmp_path):
 
 
 def job_processes(cluster):
-    """The cluster user's processes other than sshd: ranks, orted, mpirun, wrappers.
+    """The cluster user's processes other than sshd and the daemon's probe loops: ranks,
+    orted, mpirun, wrappers.
 
     Not the daemon's own `rm -rf -- <job dir>`: it removes the job's directory on the
     master just after the job is recorded final (so a daemon killed in between still
@@ -286,7 +287,7 @@ def job_processes(cluster):
     return [
         (pid, cmd)
         for pid, cmd in cluster.user_processes()
-        if not cmd.startswith("sshd") and not _HOUSEKEEPING.search(cmd)
+        if not cmd.startswith("sshd") and not _HOUSEKEEPING.search(cmd) and watch.MARK not in cmd
     ]
 
 

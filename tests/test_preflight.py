@@ -11,6 +11,7 @@ import time
 import pytest
 
 from mlbench_daemon.jobs import preflight
+from mlbench_daemon.ssh import watch
 
 
 @pytest.fixture
@@ -240,7 +241,11 @@ def _snapshot(cluster):
                 files.add(entry.path)
         except OSError:
             pass
-    procs = {(p, c) for p, c in cluster.user_processes() if not c.startswith("sshd")}
+    procs = {
+        (p, c)
+        for p, c in cluster.user_processes()
+        if not c.startswith("sshd") and watch.MARK not in c  # the daemon's probe loops
+    }
     return files, procs
 
 

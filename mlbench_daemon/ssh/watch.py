@@ -47,8 +47,12 @@ MAX_LINE = 4096
 
 # argv[1]: the listener check's goodbye (hex); argv[2]: the port we connect to, used when
 # SSH_CONNECTION does not say the session's local address and port.
-SCRIPT = r"""
-import os, socket, sys
+# The first line names the loop in the node's process list (`ps`), for its operators and
+# for the tests that look for what a job left behind.
+MARK = "mlbench-daemon probe loop"
+SCRIPT = (
+    f"# {MARK}\n"
+    + r"""import os, socket, sys
 bye = bytes.fromhex(sys.argv[1])
 c = os.environ.get("SSH_CONNECTION", "").split()
 addr = (c[2], int(c[3])) if len(c) == 4 else ("127.0.0.1", int(sys.argv[2]))
@@ -112,6 +116,7 @@ while True:
         mem.get("MemTotal:", "-1"), rx, tx))
     sys.stdout.flush()
 """.replace("MAX_BANNER", str(MAX_BANNER))
+)
 
 
 def loop_argv(port: int) -> list[str]:
