@@ -373,7 +373,9 @@ class Jobs:
         if not final and run.cancel_reason is None:  # withdrawn: the daemon is stopping
             raise Unavailable(f"job {job_id}: {run.kill_message or 'the daemon is stopping'}")
         fault = self.store.fault
-        if fault is not None and not final:
+        if fault is not None and (not final or job["store_error"] is not None):
+            # the state dir cannot take the cancel: said even when the job ended at once,
+            # for its end is not on disk yet
             cls = InsufficientStorage if fault.reason == StoreReason.DISK_FULL else Unavailable
             raise cls(
                 f"job {job_id}: the cancel goes on, but the daemon's state dir cannot be "

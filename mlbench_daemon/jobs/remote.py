@@ -73,23 +73,43 @@ tail $p -c "+$2" -F -s 0.01 --pid=$f out &
 wait $! || kill $f
 exit 0
 """
+# alive G: whether process group G has a member that can still run.  `kill -0 -G` alone
+# also counts the group's zombies, which stay until their parent reaps them (a slow
+# init may take a second): a group of zombies is over.  Reads /proc/PID/stat with
+# builtins only (the state and the group follow the command name's last ")").
+ALIVE = """alive() {
+  kill -0 "-$1" 2>/dev/null || return 1
+  for f in /proc/[0-9]*/stat; do
+    read -r l < "$f" 2>/dev/null || continue
+    set -- "$1" ${l##*) }
+    [ "$4" = "$1" ] && [ "$2" != Z ] && return 0
+  done
+  return 1
+}
+"""
 # -> "done RC SIZE" | "running - SIZE" | "gone - SIZE" | "missing"
-STATUS = """cd "$1" 2>/dev/null || { echo missing; exit 0; }
+STATUS = (
+    ALIVE
+    + """cd "$1" 2>/dev/null || { echo missing; exit 0; }
 s=$(stat -c %s out 2>/dev/null || echo 0)
 if [ -s rc ]; then echo "done $(cat rc) $s"
-elif [ -n "$2" ] && kill -0 "-$2" 2>/dev/null; then echo "running - $s"
+elif [ -n "$2" ] && alive "$2"; then echo "running - $s"
 else echo "gone - $s"; fi
 """
+)
 PIDFILE = 'cat "$1/pid" 2>/dev/null || true'
 # $1 = process group, $2 = grace in 0.1 s ticks -> "gone" | "terminated" | "killed"
-TERMINATE = """kill -TERM "-$1" 2>/dev/null || { echo gone; exit 0; }
+TERMINATE = (
+    ALIVE
+    + """kill -TERM "-$1" 2>/dev/null || { echo gone; exit 0; }
 i=0
-while kill -0 "-$1" 2>/dev/null; do
+while alive "$1"; do
   if [ "$i" -ge "$2" ]; then kill -KILL "-$1" 2>/dev/null; echo killed; exit 0; fi
   sleep 0.1; i=$((i+1))
 done
 echo terminated
 """
+)
 # The job id comes on stdin, so no sweeping process carries it; a second line may
 # name an option and a third its value (Hydra's proxies: --control-port and the
 # job's mpiexec's address:port), which marks a process too.  Prints the pids of the
