@@ -24,7 +24,7 @@ from mlbench_daemon.shapes import RankReport
 from mlbench_daemon.vocabulary import ProcessState, StackSource
 from tests.cluster import MPIS
 from tests.cluster.cluster import MPI_ROOT
-from tests.helpers import call_port, wait_for
+from tests.helpers import call_port, cancel_job, wait_for
 from tests.test_flavours import mpi_or_skip
 from tests.test_jobs import Env
 
@@ -321,9 +321,10 @@ def start_stalled(e, prog):
 
 
 def cancel_running(e):
+    """Cancel every job still live, each followed to its end."""
     for j in e.jobs.list():
         if j["state"] in ("pending", "running"):
-            e.jobs.cancel(j["id"])
+            cancel_job(e.jobs, j["id"])
 
 
 def settled_roll_call(e, job_id, waits_in="Allreduce"):

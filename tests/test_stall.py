@@ -18,10 +18,10 @@ import pytest
 from mlbench_daemon.jobs import stall
 from tests import test_rollcall, test_web
 from tests.cluster import MPIS
-from tests.helpers import HANG, cancel_job, http, served, wait_for
+from tests.helpers import HANG, http, served, wait_for
 from tests.test_flavours import mpi_or_skip
 from tests.test_jobs import wait_job_ended
-from tests.test_rollcall import DATA, OVERSUBSCRIBE, PYSPY_VENV, stall_env
+from tests.test_rollcall import DATA, OVERSUBSCRIBE, PYSPY_VENV, cancel_running, stall_env
 
 built = test_rollcall.built  # the stall programs, built once per session
 
@@ -91,9 +91,7 @@ def test_a_rank_sleeping_before_the_allreduce_stalls_the_job_and_is_the_one_susp
         assert e.jobs.stalled_count() == 1
         assert e.jobs.get(job_id)["state"] == "running"  # a signal, not a verdict
     finally:
-        for j in e.jobs.list():
-            if j["state"] in ("pending", "running"):
-                cancel_job(e.jobs, j["id"])
+        cancel_running(e)
         e.close()
 
 
@@ -119,9 +117,7 @@ def test_mpi4py_ranks_stall_with_py_spy_naming_the_function_rank_1_waits_in(clus
         assert [r["stack_source"] for r in rc["ranks"]] == ["py-spy"] * 4, rc
         assert [g["ranks"] for g in rc["groups"]] == [[0, 2, 3], [1]], rc
     finally:
-        for j in e.jobs.list():
-            if j["state"] in ("pending", "running"):
-                cancel_job(e.jobs, j["id"])
+        cancel_running(e)
         e.close()
 
 
@@ -181,9 +177,7 @@ def test_a_silent_cpu_bound_job_is_stalled_with_every_rank_on_a_cpu_and_no_suspe
         for r in rc["ranks"]:
             assert r["state"] == "running" and r["cpu_s"] > 0, r
     finally:
-        for j in e.jobs.list():
-            if j["state"] in ("pending", "running"):
-                cancel_job(e.jobs, j["id"])
+        cancel_running(e)
         e.close()
 
 
