@@ -84,19 +84,26 @@ def test_page_and_its_files_are_served_with_strict_headers():
         "jobs.js": "text/javascript",
         "job.js": "text/javascript",
         "launch.js": "text/javascript",
+        "runs.js": "text/javascript",
         "style.css": "text/css",
         "icon.svg": "image/svg+xml",
+        "vendor/uPlot.iife.min.js": "text/javascript",
+        "vendor/uPlot.min.css": "text/css",
     }
     for name, kind in types.items():
         status, headers, body = wsgi(app, f"/static/{name}")
         assert status == 200 and headers["Content-Type"].startswith(kind), name
         assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Content-Security-Policy"] == csp, name
         body = body.replace(b'xmlns="http://www.w3.org/2000/svg"', b"")  # a name, not a load
+        # uPlot's first line names its project in a comment: a name, not a load
+        body = body.replace(b"/*! https://github.com/leeoniya/uPlot (v1.6.32) */", b"")
         assert b"http://" not in body and b"https://" not in body, name
     # every file of the package's web/ directory is one of these, and ships as package data
     assert set(api.page_files()) == set(types) | {"index.html"}
-    status, headers, body = wsgi(app, "/static/../api.py")
-    assert status == 404 and json.loads(body)["error"] == "not-found"
+    for path in ("/static/../api.py", "/static/vendor/uPlot.LICENSE", "/static/vendor/app.js"):
+        status, headers, body = wsgi(app, path)
+        assert status == 404 and json.loads(body)["error"] == "not-found", path
     assert headers["Cache-Control"] == "no-store"
 
 

@@ -10,7 +10,7 @@ the audit log,
 ``ApiError`` and ``HTTPError`` -> JSON ``{"error", "message"}``, request counting.
 Every path works with and without its trailing slash.
 
-    page       GET /, GET /static/<name>
+    page       GET /, GET /static/<name>, GET /static/vendor/<name>
     preflight  POST /api/preflight
     nodes      GET /api/nodes, GET /api/pods
     jobs       POST/GET /api/mpi_jobs, GET/DELETE /api/mpi_jobs/<id>, GET .../logs

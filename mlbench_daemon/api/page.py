@@ -28,15 +28,22 @@ PAGE_TYPES = {
 }
 
 
+# Third-party files kept as their project ships them (web/vendor/, its licence beside
+# them), served under /static/vendor/ so that no name of ours can shadow one of theirs.
+VENDOR = "vendor"
+
+
 @functools.cache
 def page_files() -> dict[str, bytes]:
-    """{name: bytes} of the status page's static files (package data)."""
+    """{name: bytes} of the status page's static files (package data); the vendored
+    ones as ``vendor/<name>``."""
     web = importlib.resources.files("mlbench_daemon") / "web"
-    return {
-        f.name: f.read_bytes()
-        for f in web.iterdir()
-        if f.is_file() and "." + f.name.rpartition(".")[2] in PAGE_TYPES
-    }
+    files = {}
+    for prefix, folder in (("", web), (VENDOR + "/", web / VENDOR)):
+        for f in folder.iterdir():
+            if f.is_file() and "." + f.name.rpartition(".")[2] in PAGE_TYPES:
+                files[prefix + f.name] = f.read_bytes()
+    return files
 
 
 def _page_file(name: str) -> bytes:
@@ -55,6 +62,10 @@ def page(deps: Deps) -> bytes:
 
 def static(deps: Deps, name: str) -> bytes:
     return _page_file(name)
+
+
+def vendor(deps: Deps, name: str) -> bytes:
+    return _page_file(f"{VENDOR}/{name}")
 
 
 _TEXT = {"schema": {"type": "string"}}
@@ -91,6 +102,19 @@ ROUTES = [
                     "image/svg+xml": _TEXT,
                 },
             ),
+            404: error("No such file."),
+        },
+        auth=Auth.PUBLIC,
+    ),
+    Route(
+        "GET",
+        "/static/vendor/{name}",
+        vendor,
+        "statusPageVendorFile",
+        "A third-party file of the status page, as its project ships it (uPlot, the charts)",
+        "page",
+        {
+            200: Answer("The file.", {"text/javascript": _TEXT, "text/css": _TEXT}),
             404: error("No such file."),
         },
         auth=Auth.PUBLIC,

@@ -240,27 +240,43 @@ export function row(cells, header = 0) {
 }
 
 export function confirmCancel(jobId, button) {
+  confirmAction(button, {
+    title: "Cancel this job?",
+    text: `Job ${jobId} gets TERM, then KILL after the grace period; every host is then checked for its processes.`,
+    no: "Keep it running",
+    yes: "Cancel the job",
+    busy: "Cancelling\u2026",
+    path: `/api/mpi_jobs/${encodeURIComponent(jobId)}`,
+    read: (r) => r.json(),
+  });
+}
+
+// The confirm dialog, then DELETE `path` with `button` disabled meanwhile; a failure is
+// shown beside the button; every poller shown refreshes after.  `done(ok)` runs last.
+export function confirmAction(button, { title, text, no, yes, busy, path, read, done }) {
   const dialog = $("confirm-dialog");
-  $("confirm-text").textContent =
-    `Job ${jobId} gets TERM, then KILL after the grace period; every host is then checked for its processes.`;
+  $("confirm-title").textContent = title;
+  $("confirm-text").textContent = text;
+  $("confirm-no").textContent = no;
+  $("confirm-yes").textContent = yes;
   $("confirm-no").onclick = () => dialog.close();
   $("confirm-form").onsubmit = async (ev) => {
     ev.preventDefault();
     dialog.close();
+    const label = button.textContent;
     button.disabled = true;
-    button.textContent = "Cancelling\u2026";
+    button.textContent = busy;
+    let ok = false;
     try {
-      await request(`/api/mpi_jobs/${encodeURIComponent(jobId)}`, {
-        method: "DELETE",
-        timeout: CANCEL_TIMEOUT_MS,
-        read: (r) => r.json(),
-      });
+      await request(path, { method: "DELETE", timeout: CANCEL_TIMEOUT_MS, read });
+      ok = true;
     } catch (e) {
       alertInline(button, e.message);
     } finally {
       button.disabled = false;
-      button.textContent = button.id === "job-cancel" ? "Cancel job" : "Cancel";
+      button.textContent = label;
       for (const p of pollers) if (p.on) p.kick();
+      if (done) done(ok);
     }
   };
   dialog.showModal();
