@@ -5,6 +5,8 @@ HTTP clients of a running daemon (urllib only).
     mlbench-daemon nodes | jobs | logs [-f] [--rank N] ID | cancel ID | ranks ID
     mlbench-daemon run [--np N] [--node NAME ...] [--master NAME] [--env K=V ...]
                        [--timeout S] [--rank-output] [-- PROGRAM ARGS...]
+    mlbench-daemon run --catalogue NAME -n N [--name NAME] [--backend B] [--wait]
+    mlbench-daemon runs [delete ID]
     mlbench-daemon check [the same options as run]
     mlbench-daemon token add NAME --role R | list | revoke NAME   (--file F or --config F)
 
@@ -15,8 +17,10 @@ Exit codes: 0 ok; 1 the daemon answered with an error (its message is printed);
 2 the daemon is unreachable or the command line/config is wrong; 3 ``cancel``: the
 job was not final 60 s after the cancel (the daemon goes on with it); ``run`` exits with
 the job's exit code (1 if it failed without one, 130 after Ctrl-C cancelled it) and
-prints a root-cause block to stderr when the job did not succeed; ``check`` exits 0
-when no check failed, 1 when one did, 2 on a usage or API error.
+prints a root-cause block to stderr when the job did not succeed; ``run --catalogue``
+(an MLBench run) exits 0 once the run is made, with ``--wait`` 0 when it finished, the
+job's exit code (else 1) when it failed, 130 after Ctrl-C (the run goes on); ``check``
+exits 0 when no check failed, 1 when one did, 2 on a usage or API error.
 """
 
 import argparse
@@ -38,6 +42,7 @@ from mlbench_daemon.client import (
     ExitStatus,
     job_path,
     logs_path,
+    run_path,
 )
 from mlbench_daemon.config import read_token
 from mlbench_daemon.vocabulary import FINAL_STATES, JobState, Phase, Role
@@ -253,6 +258,10 @@ def rank_table(call: dict[str, Any]) -> str:
 
 
 def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    if args.catalogue is not None or args.workers is not None:
+        return cmd_mlbench_run(client, args, out)
+    if args.wait or args.backend:
+        raise ClientError("run: --wait and --backend go with --catalogue", ExitStatus.UNUSABLE)
     body = dict(
         job_body(args),
         wait=False,
@@ -287,6 +296,120 @@ def cmd_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         f"{PROG}: job {job_id} {job.get('state')}: {job.get('error') or 'no exit code'}\n"
     )
     return ExitStatus.INTERRUPTED if job.get("state") == JobState.CANCELLED else ExitStatus.FAILED
+
+
+# --- MLBench runs (PRODUCT.md "Runs and metrics") ----------------------------------------
+
+RUN_FINAL = ("finished", "failed")  # MLBench's words for a run that ended
+RUN_POLL_S = 2.0
+# What `run --catalogue` leaves to the job API: given with it, they are a usage error.
+JOB_ONLY = (("np", "--np"), ("node", "--node"), ("master", "--master"), ("env", "--env"),
+            ("timeout", "--timeout"), ("tag", "--tag"), ("rank_output", "--rank-output"),
+            ("program", "PROGRAM"))  # fmt: skip
+
+
+def run_form(args: argparse.Namespace) -> dict[str, str]:
+    """The form mlbench-core's ``ApiClient.create_run`` posts (its defaults for what this
+    command does not ask), with the catalogue entry as ``image_name``."""
+    name = args.name or f"{args.catalogue}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    form = {
+        "name": name,
+        "num_workers": str(args.workers),
+        "num_cpus": "2.0",
+        "max_bandwidth": "1000",
+        "gpu_enabled": "false",
+        "light_target": "false",
+        "run_all_nodes": "false",
+        "image_name": args.catalogue,
+    }
+    if args.backend:
+        form["backend"] = args.backend
+    return form
+
+
+def cmd_mlbench_run(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """POST /api/runs/ as a form; with --wait, follow its job's output and then the run
+    until it is final."""
+    if args.catalogue is None or args.workers is None:
+        raise ClientError("run: --catalogue NAME and -n N go together", ExitStatus.UNUSABLE)
+    extra = [flag for key, flag in JOB_ONLY if getattr(args, key)]
+    if extra:
+        raise ClientError(
+            f"run --catalogue: {', '.join(extra)} belong to plain jobs (the catalogue entry "
+            "says what runs, the daemon where)",
+            ExitStatus.UNUSABLE,
+        )
+    run = client.json("POST", "/api/runs/", form=run_form(args))
+    sys.stderr.write(f"{PROG}: run {run.get('id')} ({run.get('name')}): {run.get('state')}\n")
+    if args.wait:
+        try:
+            run = wait_run(client, run, out)
+        except KeyboardInterrupt:
+            sys.stderr.write(
+                f"{PROG}: no longer waiting; run {run.get('id')} goes on "
+                f"(stop it with: {PROG} runs delete {run.get('id')})\n"
+            )
+            return ExitStatus.INTERRUPTED
+    if args.json:
+        _print_json(run, out)
+    if not args.wait or run.get("state") == "finished":
+        return ExitStatus.OK
+    job = client.json("GET", job_path(run["job_id"])) if run.get("job_id") else {}
+    if job.get("failure"):
+        sys.stderr.write(root_cause(job))
+    code = job.get("exit_code")
+    sys.stderr.write(f"{PROG}: run {run.get('id')} {run.get('state')}\n")
+    return code if isinstance(code, int) and code > 0 else ExitStatus.FAILED
+
+
+def wait_run(client: Client, run: dict[str, Any], out: TextIO) -> dict[str, Any]:
+    """Poll the run until it is final, copying its job's output once it has a job;
+    says on stderr when the state changes (a queued run waits for its nodes)."""
+    followed = False
+    state = run.get("state")
+    while run.get("state") not in RUN_FINAL:
+        if run.get("job_id") and not followed:
+            copy_logs(client, str(run["job_id"]), 0, out.buffer, follow=True)
+            followed = True  # the job ended; the run follows within a round or two
+        else:
+            time.sleep(RUN_POLL_S)
+        run = client.json("GET", run_path(run["id"]))
+        if run.get("state") != state:
+            state = run.get("state")
+            sys.stderr.write(f"{PROG}: run {run.get('id')}: {state}\n")
+    return run
+
+
+def cmd_runs(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    """The runs as a table (or JSON); ``runs delete ID`` deletes one (a live one's job is
+    cancelled first: the daemon answers once that is done)."""
+    if args.action == "delete":
+        if args.id is None:
+            raise ClientError("runs delete: give the run's ID", ExitStatus.UNUSABLE)
+        with client.open("DELETE", run_path(args.id), timeout=CANCEL_WAIT_S + TIMEOUT_S):
+            pass
+        out.write(f"run {args.id}: deleted\n")
+        return ExitStatus.OK
+    if args.id is not None:
+        raise ClientError(f"runs: unexpected {args.id!r} (runs delete ID?)", ExitStatus.UNUSABLE)
+    runs = client.json("GET", "/api/runs/")
+    if args.json:
+        _print_json(runs, out)
+        return ExitStatus.OK
+    rows = [
+        (
+            _text(r.get("id")),
+            _text(r.get("name")),
+            _text(r.get("state")),
+            _text(r.get("num_workers")),
+            _text(r.get("created_at")),
+            _text(r.get("finished_at")),
+            _text(r.get("job_id")),
+        )
+        for r in sorted(runs, key=lambda r: -int(r.get("id") or 0))
+    ]
+    _table(out, ("ID", "NAME", "STATE", "WORKERS", "CREATED", "FINISHED", "JOB"), rows)
+    return ExitStatus.OK
 
 
 def root_cause(job: dict[str, Any]) -> str:
@@ -544,6 +667,13 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     p.add_argument("id")
     p.set_defaults(func=cmd_cancel)
 
+    p = sub.add_parser(
+        "runs", parents=[common], help="MLBench runs: list them, or delete one (runs delete ID)"
+    )
+    p.add_argument("action", nargs="?", choices=("list", "delete"), default="list")
+    p.add_argument("id", nargs="?", help="the run to delete")
+    p.set_defaults(func=cmd_runs)
+
     for name, func, what in (
         ("run", cmd_run, "run a job, follow its output, exit with its code"),
         ("check", cmd_check, "preflight: check that a job with these options can launch"),
@@ -559,6 +689,18 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
                 "--rank-output",
                 action="store_true",
                 help="keep each rank's output apart too (read it with `logs --rank N`)",
+            )
+            p.add_argument(
+                "--catalogue",
+                metavar="NAME",
+                help="an MLBench run of this benchmark catalogue entry (with -n)",
+            )
+            p.add_argument(
+                "-n", "--workers", type=_positive(int), metavar="N", help="the run's nodes"
+            )
+            p.add_argument("--backend", help="the run's backend (default: the daemon's, mpi)")
+            p.add_argument(
+                "--wait", action="store_true", help="follow the run's output until it ends"
             )
         p.set_defaults(func=func)
     return parser

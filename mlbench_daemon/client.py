@@ -13,6 +13,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from http.client import HTTPResponse
 from typing import Any
 
@@ -54,6 +55,10 @@ def job_path(job_id: str) -> str:
     return f"/api/mpi_jobs/{urllib.parse.quote(str(job_id), safe='')}"
 
 
+def run_path(run_id: str | int) -> str:
+    return f"/api/runs/{urllib.parse.quote(str(run_id), safe='')}"
+
+
 def logs_path(job_id: str, offset: int, follow: bool = False, rank: int | None = None) -> str:
     query = {"offset": offset, **({"follow": 1} if follow else {})}
     if rank is not None:
@@ -72,10 +77,21 @@ class Client:
             self.headers["Authorization"] = f"Bearer {token}"
 
     def _request(
-        self, method: str, path: str, body: Any, headers: dict[str, str] | None
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        headers: dict[str, str] | None,
+        form: Mapping[str, str] | None = None,
     ) -> urllib.request.Request:
-        data = None if body is None else json.dumps(body).encode()
-        sent = dict(self.headers, **({"Content-Type": "application/json"} if data else {}))
+        """A JSON body, or with `form` an urlencoded one (MLBench's POST /api/runs/)."""
+        if form is not None:
+            data: bytes | None = urllib.parse.urlencode(form).encode()
+            kind = "application/x-www-form-urlencoded"
+        else:
+            data = None if body is None else json.dumps(body).encode()
+            kind = "application/json"
+        sent = dict(self.headers, **({"Content-Type": kind} if data else {}))
         sent.update(headers or {})
         return urllib.request.Request(self.url + path, data=data, method=method, headers=sent)
 
@@ -103,9 +119,10 @@ class Client:
         body: Any = None,
         timeout: float = TIMEOUT_S,
         headers: dict[str, str] | None = None,
+        form: Mapping[str, str] | None = None,
     ) -> HTTPResponse:
         """The open response of a successful call; ClientError otherwise."""
-        req = self._request(method, path, body, headers)
+        req = self._request(method, path, body, headers, form)
         try:
             response: HTTPResponse = urllib.request.urlopen(req, timeout=timeout)
             return response
@@ -118,9 +135,16 @@ class Client:
                 f"cannot reach daemon at {self.url}: {reason}", ExitStatus.UNUSABLE
             ) from None
 
-    def json(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT_S) -> Any:
+    def json(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = TIMEOUT_S,
+        form: Mapping[str, str] | None = None,
+    ) -> Any:
         """The decoded answer of a successful call; ClientError otherwise."""
-        with self.open(method, path, body, timeout) as resp:
+        with self.open(method, path, body, timeout, form=form) as resp:
             raw = resp.read()
         try:
             return json.loads(raw)
