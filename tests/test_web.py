@@ -965,3 +965,159 @@ def test_preflight_from_the_launch_form(tab, daemon, cluster):
     first = page.locator("#preflight-checks tbody tr").first.inner_text()
     assert "program" in first and "fail" in first
     assert not tab.console_errors() and not tab.errors and not tab.csp()
+
+
+# --- the Runs view ------------------------------------------------------------------------
+
+MLBENCH_DATE = "%Y-%m-%dT%H:%M:%S.%fZ"  # the dates of MLBench's answers (PRODUCT.md)
+
+
+def mlbench_date(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+class RoutedRuns:
+    """The runs and metrics answers, in PRODUCT.md's shapes, given to the browser by
+    Playwright's routing (the page, its files and CSP, and every other answer come from
+    the real daemon). While `live`, each metrics request finds one more point of each
+    series; `end()` makes the run final."""
+
+    def __init__(self, page, pods=("node-a", "node-b")):
+        self.created = time.time() - 60
+        self.run = {
+            "id": 7,
+            "name": "resnet-test",
+            "created_at": mlbench_date(self.created),
+            "finished_at": None,
+            "state": "started",
+            "job_id": "0123456789abcdef0123",
+            "job_metadata": {
+                "command": "mpirun -np 2 python3 train.py --run_id 7",
+                "master_name": pods[0],
+                "pods": [[f"10.0.0.{i}", "default", p, {}] for i, p in enumerate(pods, 1)],
+                "notes": ["node-b refused port forwarding; ranks post to 10.0.0.1:8080"],
+                "stdout": ["epoch 1"],
+                "stderr": [],
+            },
+            "num_workers": len(pods),
+        }
+        self.pods = pods
+        self.ticks = 0
+        self.requests = []  # (path, query) of every routed request
+        page.route(re.compile(r"/api/(runs|metrics)/"), self.answer)
+
+    def points(self, n, value, step=5.0):
+        return [
+            {
+                "date": mlbench_date(self.created + 1 + i * step),
+                "value": str(value(i)),
+                "cumulative": False,
+            }
+            for i in range(n)
+        ]
+
+    def end(self):
+        self.run.update(state="finished", finished_at=mlbench_date(time.time()))
+
+    def answer(self, route):
+        url = urllib.parse.urlsplit(route.request.url)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        self.requests.append((url.path, query))
+        live = self.run["state"] == "started"
+        if url.path == "/api/runs/":
+            body = [self.run]
+        elif url.path == "/api/runs/7":
+            body = self.run
+        elif query.get("metric_type") == "run":
+            if live:
+                self.ticks += 1
+            n = 3 + self.ticks
+            body = {
+                "loss": self.points(n, lambda i: 2.0 / (i + 1)),
+                "accuracy": self.points(n, lambda i: min(0.99, 0.1 * i)),
+                "TaskResult @ 0": self.points(1, lambda i: "ResNet-20 reached 0.99 in 10 s"),
+            }
+        else:
+            pod = url.path.rsplit("/", 1)[1]
+            since = query["since"]
+            n = 3 + self.ticks
+            body = {
+                name: [
+                    p
+                    for p in self.points(n, lambda i, k=k: k * 10 + i + self.pods.index(pod))
+                    if p["date"] >= since
+                ]
+                for k, name in enumerate(("cpu", "memory", "network_in", "network_out"))
+            }
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
+
+
+def figure(page, key):
+    return page.locator(f'figure.chart[data-key="{key}"]')
+
+
+def points_of(page, key):
+    fig = figure(page, key)
+    return int(fig.get_attribute("data-points") or 0) if fig.count() else 0
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_runs_view_plots_a_live_run_and_stops_when_it_ends(tab, daemon):
+    routed = RoutedRuns(tab.page)
+    page = tab.open("#/runs")
+    row = page.locator('#runs tr[data-key="7"]')
+    text = wait_text(row, r"resnet-test")
+    assert "started" in text and "0123456789abcdef0123" in text
+    assert row.get_by_role("button", name="Delete run 7").is_visible()  # no token: admin
+    row.locator("a").first.click()
+    page.wait_for_url(re.compile(r"#/runs/7$"))
+    wait_text(page.locator("#h-run"), r"Run 7 \(resnet-test\): started")
+    record = wait_text(page.locator("#run-record"), r"refused port forwarding")
+    for part in ("mpirun -np 2 python3 train.py", "node-a, node-b", "Master"):
+        assert part in record
+    assert page.locator('#run-job a[href="#/jobs/0123456789abcdef0123"]').count() == 1
+    # one chart per metric name, one per node metric with a series per node
+    for key in ("run:loss", "run:accuracy", "node:cpu", "node:memory", "node:network_in"):
+        figure(page, key).locator("canvas").first.wait_for()
+    assert figure(page, "run:TaskResult @ 0").count() == 0  # not a number: shown as text
+    wait_text(page.locator("#run-results"), r"TaskResult @ 0\s*ResNet-20 reached 0.99")
+    legend = figure(page, "node:cpu").locator(".u-legend").inner_text()
+    assert "node-a" in legend and "node-b" in legend
+    # the plots grow while the run is live
+    before = points_of(page, "run:loss")
+    wait_for(lambda: points_of(page, "run:loss") >= before + 2, HANG, "the loss chart to grow")
+    wait_for(lambda: points_of(page, "node:cpu") >= 2 * (before + 2), HANG, "the cpu chart")
+    wait_text(figure(page, "run:loss").locator("figcaption"), r"^loss: loss 0\.\d+ \(\d+ points\)")
+    # node samples are asked for since the newest one held, not all again
+    sinces = [q["since"] for p, q in routed.requests if p == "/api/metrics/node-a"]
+    assert sinces[0] == routed.run["created_at"] and sinces[-1] > sinces[0]
+    assert all(q.get("summarize") == "500" for p, q in routed.requests if p == "/api/metrics/7")
+    # the run ends: one more round reads its end, then nothing more is asked
+    routed.end()
+    wait_text(page.locator("#h-run"), r"finished")
+    wait_text(page.locator("#run-charts-state"), r"ended")
+    asked = len(routed.requests)
+    page.wait_for_timeout(3 * 3000 + 1000)
+    assert len(routed.requests) == asked
+    assert not tab.console_errors() and not tab.errors and not tab.csp()
+    # a viewer sees no delete control, here or in the list
+    tab.page.route(
+        "**/api/whoami",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="application/json",
+            body=json.dumps(
+                {"name": "eve", "role": "viewer", "auth": True, "can_submit": False}
+                | {"can_cancel": "none"}
+            ),
+        ),
+    )
+    page.reload()
+    wait_text(page.locator("#h-run"), r"finished")
+    wait_text(page.locator("#run-record"), r"node-a")
+    assert page.locator("#run-delete").is_hidden()
+    page.goto(f"{daemon.url}/#/runs")
+    wait_text(page.locator('#runs tr[data-key="7"]'), r"finished")
+    assert page.locator('#runs tr[data-key="7"] button').is_hidden()
+    assert not tab.console_errors() and not tab.errors and not tab.csp()
