@@ -311,7 +311,8 @@ JOB_ONLY = (("np", "--np"), ("node", "--node"), ("master", "--master"), ("env", 
 def run_form(args: argparse.Namespace) -> dict[str, str]:
     """The form mlbench-core's ``ApiClient.create_run`` posts (its defaults for what this
     command does not ask), with the catalogue entry as ``image_name``."""
-    name = args.name or f"{args.catalogue}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    base = args.catalogue.rpartition("/")[2].partition(":")[0]  # mlbench/NAME:latest -> NAME
+    name = args.name or f"{base}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     form = {
         "name": name,
         "num_workers": str(args.workers),
@@ -698,7 +699,9 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
             p.add_argument(
                 "-n", "--workers", type=_positive(int), metavar="N", help="the run's nodes"
             )
-            p.add_argument("--backend", help="the run's backend (default: the daemon's, mpi)")
+            p.add_argument(
+                "--backend", help="the run's backend, as mlbench-core names it (MPI, GLOO, NCCL)"
+            )
             p.add_argument(
                 "--wait", action="store_true", help="follow the run's output until it ends"
             )

@@ -6,6 +6,7 @@ the daemon: ``?offset=N&limit=M`` -> raw bytes + ``X-Next-Offset``; ``follow=1``
 streams until the job ends.
 """
 
+import contextlib
 import io
 import json
 import logging
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 
 import bottle
 import pytest
@@ -27,6 +29,7 @@ from mlbench_daemon import cli, logs, metrics
 from mlbench_daemon.client import Client, ExitStatus
 
 TOKEN = "s3cret-token"
+HANG_S = 60  # bound on an answer that should take a moment
 NODES = [
     {
         "name": "w-2",
@@ -61,6 +64,12 @@ class StandIn:
         app.route("/api/mpi_jobs/<jid>", "GET", self.get)
         app.route("/api/mpi_jobs/<jid>", "DELETE", self.cancel)
         app.route("/api/mpi_jobs/<jid>/logs", "GET", self.logs)
+        app.route("/api/runs/", "GET", self.list_runs)
+        app.route("/api/runs/", "POST", self.create_run)
+        app.route("/api/runs/<rid>", "GET", self.get_run)
+        app.route("/api/runs/<rid>", "DELETE", self.delete_run)
+        self.runs = {}
+        self.forms = []  # every POST /api/runs/ form, as it came
         app.add_hook("before_request", self.check)
         self.app = app
 
@@ -89,7 +98,14 @@ class StandIn:
         return json.dumps([self.view(j) for j in self.jobs.values()])
 
     def create(self):
-        body = bottle.request.json or {}
+        job = self.start_job(bottle.request.json or {})
+        return bottle.HTTPResponse(
+            json.dumps(self.view(job)),
+            202,
+            {"Location": f"/api/mpi_jobs/{job['id']}", "Content-Type": "application/json"},
+        )
+
+    def start_job(self, body):
         if body.get("np", 1) > 2:
             raise self.error(409, "conflict", f"np={body['np']} but only 2 Running nodes")
         argv = body.get("program") or ["echo", "default program"]
@@ -109,11 +125,7 @@ class StandIn:
                 "done": threading.Event(),
             }
         threading.Thread(target=self.pump, args=(job,), daemon=True).start()
-        return bottle.HTTPResponse(
-            json.dumps(self.view(job)),
-            202,
-            {"Location": f"/api/mpi_jobs/{jid}", "Content-Type": "application/json"},
-        )
+        return job
 
     def pump(self, job):
         for chunk in iter(lambda: job["proc"].stdout.read1(4096), b""):
@@ -141,6 +153,47 @@ class StandIn:
         job["proc"].kill()
         job["done"].wait(10)
         return json.dumps(self.view(job))
+
+    # MLBench runs: one job each, of the catalogue entry the form names; the run's state
+    # in MLBench's words follows its job's
+    CATALOGUE: typing.ClassVar = {
+        "mlbench/pytorch-cifar10-resnet20-all-reduce:latest": ["sh", "-c", "echo epoch 1"],
+        "failing": ["sh", "-c", "sleep 0.3; echo diverged; exit 4"],
+    }
+    RUN_STATE: typing.ClassVar = {"running": "started", "succeeded": "finished"}
+
+    def run_view(self, run):
+        job = self.jobs[run["job_id"]]
+        state = self.RUN_STATE.get(job["state"], "failed")
+        return dict(run, state=state, finished_at=None if state == "started" else "2026-01-01")
+
+    def list_runs(self):
+        return json.dumps([self.run_view(r) for r in self.runs.values()])
+
+    def create_run(self):
+        form = dict(bottle.request.forms.decode())
+        self.forms.append((bottle.request.content_type, form))
+        if form.get("image_name") not in self.CATALOGUE:
+            raise self.error(400, "bad-request", f"no catalogue entry {form.get('image_name')}")
+        with self.lock:
+            rid = len(self.runs) + 1
+        job = self.start_job({"program": self.CATALOGUE[form["image_name"]]})
+        run = {"id": rid, "name": form["name"], "created_at": "2026-01-01", "job_id": job["id"]}
+        run["num_workers"] = int(form["num_workers"])
+        self.runs[rid] = run
+        return bottle.HTTPResponse(
+            json.dumps(self.run_view(run)), 201, {"Content-Type": "application/json"}
+        )
+
+    def get_run(self, rid):
+        if int(rid) not in self.runs:
+            raise self.error(404, "not-found", f"no run {rid}")
+        return json.dumps(self.run_view(self.runs[int(rid)]))
+
+    def delete_run(self, rid):
+        self.get_run(rid)
+        self.jobs[self.runs.pop(int(rid))["job_id"]]["proc"].kill()
+        return bottle.HTTPResponse(b"", 204)
 
     def logs(self, jid):
         job = self.job(jid)
@@ -702,3 +755,99 @@ def test_serve_refuses_a_full_store(tmp_path, unused_port):
     assert err.startswith(f"mlbench-daemon: state.dir: cannot write {full}"), err
     assert err.count("\n") == 1, err
     assert err.endswith("(state-disk-full)\n"), err
+
+
+# --- MLBench runs ---------------------------------------------------------------------
+
+
+def mlbench_core_api():
+    """mlbench-core 3.0.0's own api.py, loaded alone (its package imports torch), with
+    a stand-in `kubernetes` module: its code paths are not used when url= is given."""
+    import importlib.util
+    import types
+
+    path = "/var/tmp/mlc/mlbench_core/api.py"
+    if not os.path.exists(path):
+        pytest.skip("needs mlbench-core 3.0.0's api.py (pip download mlbench-core==3.0.0)")
+    k8s = types.ModuleType("kubernetes")
+    k8s.client = types.SimpleNamespace(ApiClient=type("ApiClient", (), {}))
+    k8s.config = types.SimpleNamespace()
+    saved = sys.modules.get("kubernetes")
+    sys.modules["kubernetes"] = k8s
+    try:
+        spec = importlib.util.spec_from_file_location("mlbench_core_api", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["kubernetes"]
+        else:
+            sys.modules["kubernetes"] = saved
+    return module
+
+
+def test_run_catalogue_posts_the_form_mlbench_core_posts(standin):
+    core = mlbench_core_api()
+    image = "PyTorch Cifar-10 ResNet-20"
+    client = core.ApiClient(in_cluster=False, url=standin.url.removeprefix("http://"))
+    assert client.create_run("r1", 2, image=image).result(HANG_S).status_code == 201
+    entry = core.MLBENCH_IMAGES[image][0]
+    assert run_cli(["--url", standin.url, "run", "--catalogue", entry, "-n", "2"])[0] == 0
+    code, text = run_cli(
+        ["--url", standin.url, "run", "--catalogue", entry, "-n", "2", "--name", "r1"]
+    )
+    assert code == 0, text
+    (core_type, core_form), _, (our_type, our_form) = standin.forms
+    assert core_type == our_type == "application/x-www-form-urlencoded"
+    assert our_form == core_form
+    # without --name: the entry and the time; with --backend as mlbench-core sends it
+    name = standin.forms[1][1]["name"]
+    assert re.fullmatch(r"pytorch-cifar10-resnet20-all-reduce-\d{8}-\d{6}", name), name
+    run_cli(["--url", standin.url, "run", "--catalogue", entry, "-n", "1", "--backend", "GLOO"])
+    client.create_run("r1", 1, image=image, backend="GLOO").result(HANG_S)
+    *_, (_, ours), (_, theirs) = standin.forms
+    assert dict(ours, name="r1") == theirs
+
+
+def test_runs_table_json_and_delete(standin):
+    entry = "mlbench/pytorch-cifar10-resnet20-all-reduce:latest"
+    for name in ("first", "second"):
+        assert run_cli(["--url", standin.url, "run", "--catalogue", entry, "-n", "2",
+                        "--name", name])[0] == 0  # fmt: skip
+    code, text = run_cli(["--url", standin.url, "runs"])
+    lines = text.splitlines()
+    assert code == 0 and lines[0].split() == [
+        "ID", "NAME", "STATE", "WORKERS", "CREATED", "FINISHED", "JOB"
+    ]  # fmt: skip
+    assert [line.split()[:2] for line in lines[1:]] == [["2", "second"], ["1", "first"]]
+    code, text = run_cli(["--url", standin.url, "runs", "--json"])
+    assert [r["name"] for r in json.loads(text)] == ["first", "second"]
+    assert run_cli(["--url", standin.url, "runs", "delete", "1"]) == (0, "run 1: deleted\n")
+    assert [r["id"] for r in json.loads(run_cli(["--url", standin.url, "runs", "--json"])[1])] == [
+        2
+    ]
+    code, text = run_cli(["--url", standin.url, "runs", "delete", "1"])
+    assert code == ExitStatus.FAILED
+    assert run_cli(["--url", standin.url, "runs", "delete"])[0] == ExitStatus.UNUSABLE
+
+
+def test_run_catalogue_wait_follows_the_output_and_exits_with_the_job_code(standin, capfd):
+    code, text = run_cli(["--url", standin.url, "run", "--catalogue", "failing", "-n", "1",
+                          "--wait"])  # fmt: skip
+    assert (code, text) == (4, "diverged\n")
+    err = capfd.readouterr().err
+    assert "run 1 (failing-2" in err and "run 1: failed" in err
+    entry = "mlbench/pytorch-cifar10-resnet20-all-reduce:latest"
+    code, text = run_cli(["--url", standin.url, "run", "--catalogue", entry, "-n", "1", "--wait",
+                          "--json"])  # fmt: skip
+    assert code == 0 and text.endswith("}\nepoch 1\n")  # run_cli: the text, then the bytes
+    assert json.loads(text.removesuffix("epoch 1\n"))["state"] == "finished"
+    # what the daemon refuses: its message, exit 1; usage errors: exit 2, nothing posted
+    assert run_cli(["--url", standin.url, "run", "--catalogue", "nope", "-n", "1"])[0] == 1
+    posted = len(standin.forms)
+    for argv in (["--catalogue", entry], ["-n", "2"], ["--wait", "--", "true"],
+                 ["--catalogue", entry, "-n", "2", "--np", "2"],
+                 ["--catalogue", entry, "-n", "0"]):  # fmt: skip
+        with pytest.raises(SystemExit) if "0" in argv else contextlib.nullcontext():
+            assert run_cli(["--url", standin.url, "run", *argv])[0] == ExitStatus.UNUSABLE
+    assert len(standin.forms) == posted
