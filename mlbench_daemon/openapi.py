@@ -208,6 +208,13 @@ PATH_PARAMS: dict[str, Schema] = {
         "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
     },
     "name": {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+    "run_id": {
+        "name": "run_id",
+        "in": "path",
+        "required": True,
+        "description": "The run's id (MLBench's integer pk).",
+        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+    },
 }
 
 
@@ -270,6 +277,11 @@ TAGS: list[Schema] = [
         "description": "MPI jobs: start, list, inspect, follow output, cancel.",
     },
     {"name": "meta", "description": "Health, metrics and this document."},
+    {
+        "name": "runs",
+        "description": "MLBench runs (mlbench-core 3's `ApiClient`): benchmarks on nodes "
+        "they hold alone.",
+    },
     {"name": "page", "description": "The status page and its static files."},
 ]
 
