@@ -24,7 +24,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from mlbench_daemon import browser
+from mlbench_daemon import browser, template
 
 ENV_PREFIX = "MLBENCH_DAEMON_"
 CLIENT_ENV = ("MLBENCH_DAEMON_URL", "MLBENCH_DAEMON_TOKEN_FILE")  # read by the CLI, not here
@@ -262,6 +262,22 @@ def label_rules(value: Any) -> list[dict[str, Any]]:
             raise ValueError(f"must be {what}; bad entry [{i}]")
         rules.append({"match": rule["match"], "labels": dict(rule["labels"])})
     return rules
+
+
+@_json_env
+def catalogue(value: Any) -> dict[str, str]:
+    """MLBench runs' benchmark catalogue: name -> command template (template.py)."""
+    what = 'a table of name = "command template"'
+    if not isinstance(value, dict):
+        raise ValueError(f"must be {what}")
+    for name, text in value.items():
+        if not isinstance(name, str) or not name or not isinstance(text, str):
+            raise ValueError(f"must be {what}; bad entry {name!r}")
+        try:
+            template.words(text)
+        except template.TemplateError as e:
+            raise ValueError(f"entry {name!r} {e}") from None
+    return dict(value)
 
 
 SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
@@ -522,6 +538,15 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         ".mlbench-daemon/jobs",
         "job directory on the master, relative to the user's home",
     ),
+    (
+        "mpi",
+        "catalogue",
+        catalogue,
+        {},
+        "MLBench runs' benchmarks: name -> command template (fields {run_id}, {rank}, "
+        "{hosts}, {backend}); a run's image_name picks one by MLBench's image string "
+        "(mlbench/NAME:TAG) or by NAME",
+    ),
     ("state", "dir", nonempty, "/var/lib/mlbench-daemon", "job database and logs"),
     (
         "state",
@@ -623,6 +648,7 @@ class Mpi:
     lost_after_s: float
     preflight_timeout_s: float
     remote_dir: str
+    catalogue: dict[str, str]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,6 +125,7 @@ class Route:
     query: tuple[Param, ...] = ()
     body: Schema | None = None  # the optional JSON request body's schema
     aliases: tuple[Alias, ...] = ()
+    form: bool = False  # the body may also be a form (urlencoded or multipart): MLBench's POSTs
 
     def documented(self) -> Iterator[tuple[str, str, str]]:
         """(path, operationId, summary) of each documented spelling, the main one first."""
@@ -154,7 +155,11 @@ class Route:
         if self.query:
             op["parameters"] = [p.to_doc() for p in self.query]
         if self.body is not None:
-            op["requestBody"] = {"required": False, "content": json_content(self.body)}
+            content = json_content(self.body)
+            if self.form:
+                content["application/x-www-form-urlencoded"] = {"schema": self.body}
+                content["multipart/form-data"] = {"schema": self.body}
+            op["requestBody"] = {"required": False, "content": content}
         responses = {str(status): a.to_doc() for status, a in self.answers.items()}
         shared = _SHARED if self.auth is Auth.PUBLIC else {"401": _UNAUTHORIZED, **_SHARED}
         for status, shared_answer in shared.items():
@@ -183,7 +188,10 @@ _SHARED: dict[str, Schema] = {
         "`Origin` is present and is neither the daemon's own origin nor in "
         "`server.allowed_origins`."
     ).to_doc(),
-    "415": error("A non-empty body whose `Content-Type` is not `application/json`.").to_doc(),
+    "415": error(
+        "A non-empty body whose `Content-Type` is not `application/json` (nor, on an "
+        "operation whose `requestBody` lists them, a form type)."
+    ).to_doc(),
     "500": error(
         "A bug in the daemon; the message points to its log (never a stack trace)."
     ).to_doc(),
@@ -200,6 +208,13 @@ PATH_PARAMS: dict[str, Schema] = {
         "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
     },
     "name": {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+    "run_id": {
+        "name": "run_id",
+        "in": "path",
+        "required": True,
+        "description": "The run's id (MLBench's integer pk).",
+        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+    },
 }
 
 
@@ -250,7 +265,9 @@ INFO: Schema = {
         "least role that may call it.  Every write and every refused request is a line in the "
         "audit log (`state.audit_file`).  Browser safety: a request whose "
         "`Host` is not a name of the daemon, or whose `Origin` is foreign, gets 403; a "
-        "non-empty body that is not `application/json` gets 415.  No CORS headers are sent."
+        "non-empty body that is not `application/json` gets 415, except a form body on the "
+        "operations that list form types (MLBench's client posts forms), which a foreign "
+        "`Origin` cannot reach either.  No CORS headers are sent."
     ),
 }
 TAGS: list[Schema] = [
@@ -260,6 +277,11 @@ TAGS: list[Schema] = [
         "description": "MPI jobs: start, list, inspect, follow output, cancel.",
     },
     {"name": "meta", "description": "Health, metrics and this document."},
+    {
+        "name": "runs",
+        "description": "MLBench runs (mlbench-core 3's `ApiClient`): benchmarks on nodes "
+        "they hold alone.",
+    },
     {"name": "page", "description": "The status page and its static files."},
 ]
 

@@ -34,6 +34,7 @@ from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.jobs.preflight import Preflight
+from mlbench_daemon.jobs.runs import Runs
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store, StoreError, fs_fault_message
@@ -114,6 +115,7 @@ class Daemon:
                 f"state.audit_file: cannot open {audit_path}: {e.strerror or e}"
             ) from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
+        self.runs = Runs(cfg, self.jobs, self.registry)
         self.preflight = Preflight(cfg, self.pool, self.registry)
         self.app = api.make_app(
             self.registry,
@@ -124,6 +126,7 @@ class Daemon:
             max_body_bytes=cfg.server.max_body_bytes,
             max_streams=cfg.server.max_streams,
             policy=Policy.from_config(cfg.server),
+            runs=self.runs,
         )
         self.http: Any = None  # waitress's server, once bound (private parts: test_internals)
         self.url: str | None = None
@@ -139,6 +142,7 @@ class Daemon:
         code = 0
         self.registry.start()
         try:
+            self.runs.start()  # the holds first: a job re-attached may wait for them
             self.jobs.start()
             self._prune()
             threading.Thread(target=self._retain, name="retention", daemon=True).start()
@@ -164,6 +168,7 @@ class Daemon:
             self._drain(http_thread)
         finally:
             self._stop.set()
+            self.runs.stop()
             self.jobs.stop()
             self.registry.stop()
             self.pool.close()

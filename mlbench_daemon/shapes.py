@@ -38,6 +38,7 @@ from mlbench_daemon.vocabulary import (
     Phase,
     ProcessState,
     Role,
+    RunState,
     SSHReason,
     StackSource,
     StoreReason,
@@ -204,6 +205,13 @@ class Waiting(msgspec.Struct):
             "(a queued job: when a running job is checked next)."
         ),
     ]
+    detail: (
+        Annotated[
+            str,
+            Meta(description="With `held`: which run holds which of the job's nodes."),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 JobName = Annotated[
@@ -620,6 +628,128 @@ class RollCall(msgspec.Struct):
     nodes_failed: list[NodeProblem]
 
 
+# --- MLBench runs (mlbench-dashboard's ModelRun, as mlbench-core 3's ApiClient uses it) ---
+
+RUN_DATE_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{6}Z$"
+RunDate = Annotated[
+    str, Meta(pattern=RUN_DATE_PATTERN, description="`%Y-%m-%dT%H:%M:%S.%fZ` (UTC).")
+]
+FORM_FLAG = "^(?:[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[01])?$"
+FormFlag = Annotated[str, Meta(pattern=FORM_FLAG, description="`true`/`false` (any case), 1/0.")]
+
+
+class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The form `POST /api/runs/` takes (every value a string, as mlbench-core's
+    `ApiClient.create_run` sends it); JSON with the same keys is taken too."""
+
+    name: JobName
+    num_workers: Annotated[
+        str, Meta(pattern="^[0-9]{1,6}$", description="How many nodes the run holds (>= 1).")
+    ]
+    image_name: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=256,
+            description="An entry of `mpi.catalogue`, by MLBench's image string "
+            "(`mlbench/<name>:<tag>`) or by its short name; or `custom_image`, which runs "
+            "`custom_image_command`.",
+        ),
+    ]
+    num_cpus: (
+        Annotated[str, Meta(max_length=32, description="Kept for MLBench; not enforced.")]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    max_bandwidth: (
+        Annotated[str, Meta(max_length=32, description="Kept for MLBench; not enforced.")]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    backend: (
+        Annotated[
+            str,
+            Meta(
+                max_length=64,
+                pattern="^[A-Za-z0-9_.-]*$",
+                description="`mpi` (or missing): one mpirun over the run's nodes, `{rank}` 0.  "
+                "`custom_backend`: `custom_backend` names it.  Any other: with "
+                "`run_all_nodes`, one process per node with its own `{rank}` (one MPMD "
+                "launch); without, the first node only.",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    custom_backend: (
+        Annotated[str, Meta(max_length=64, pattern="^[A-Za-z0-9_.-]*$")] | msgspec.UnsetType
+    ) = msgspec.UNSET
+    custom_image_name: (
+        Annotated[str, Meta(max_length=256, description="Kept for MLBench; not used.")]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    custom_image_command: (
+        Annotated[
+            str,
+            Meta(
+                max_length=65536,
+                pattern=NO_NUL,
+                description="With `image_name` `custom_image`: the command template, split "
+                "like a shell would (no shell runs it); each word may name `{run_id}`, "
+                "`{rank}`, `{hosts}` (the run's node addresses, comma-separated) and "
+                "`{backend}`.",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    run_all_nodes: FormFlag | msgspec.UnsetType = msgspec.UNSET
+    gpu_enabled: (
+        Annotated[FormFlag, Meta(description="Appends `--gpu` to the command.")] | msgspec.UnsetType
+    ) = msgspec.UNSET
+    light_target: (
+        Annotated[FormFlag, Meta(description="Appends `--light` to the command.")]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+
+
+class RunWaiting(msgspec.Struct):
+    """Why an `initialized` run has not started."""
+
+    position: Annotated[int, Meta(ge=1, description="1: the next run to start.")]
+    reason: Annotated[str, Meta(description="One line: what the run waits for.")]
+
+
+class RunMetadata(msgspec.Struct):
+    """MLBench's `job_metadata`: the run's job as MLBench's dashboard showed it."""
+
+    stdout: Annotated[
+        list[str], Meta(description="The last lines of the job's output (at most 200).")
+    ]
+    stderr: Annotated[list[str], Meta(description="The job's error, if any, as lines.")]
+    command: Annotated[
+        str | None, Meta(description="The launcher's argv, joined; null until launched.")
+    ]
+    master_name: Annotated[str | None, Meta(description="The node mpirun runs on.")]
+    pods: Annotated[
+        list[NodeRow], Meta(description="The run's nodes: `[ip, namespace, name, labels]`.")
+    ]
+    waiting: RunWaiting | None
+    notes: Annotated[list[str], Meta(description="What the daemon tells about the launch.")]
+
+
+class Run(msgspec.Struct):
+    """One MLBench run (mlbench-dashboard's `ModelRunSerializer` keys, then the daemon's)."""
+
+    id: Annotated[int, Meta(ge=1)]
+    name: JobName
+    created_at: RunDate
+    finished_at: RunDate | None
+    state: RunState
+    job_id: Annotated[str, Meta(pattern=JOB_ID_PATTERN)] | None  # null until started
+    job_metadata: RunMetadata
+    num_workers: Annotated[int, Meta(ge=1)]
+    submitted_by: Annotated[
+        str | None, Meta(description="The token that created the run; null without tokens.")
+    ]
+
+
 ENUMS = (
     Phase,
     JobState,
@@ -632,6 +762,7 @@ ENUMS = (
     ProcessState,
     StackSource,
     Role,
+    RunState,
 )
 ENUM_TEXT: dict[type, str] = {
     Phase: "`Pending`: first probe not finished; `Running`: a job can be launched "
@@ -644,8 +775,8 @@ ENUM_TEXT: dict[type, str] = {
     "`Failed`: reached it but it refused us or could not be trusted (also when seen on a "
     "fresh login while an old session still works).",
 }
-ANSWERS = (Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall, Whoami)
-REQUESTS = (JobRequest, PreflightRequest)
+ANSWERS = (Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall, Whoami, Run)
+REQUESTS = (JobRequest, PreflightRequest, RunRequest)
 
 
 def _words_ref(t: type) -> dict[str, object]:

@@ -41,7 +41,7 @@ import time
 from typing import Any, BinaryIO
 
 from mlbench_daemon.shapes import NodeRow
-from mlbench_daemon.vocabulary import FINAL_STATES, JobState, StoreReason
+from mlbench_daemon.vocabulary import FINAL_STATES, JobState, RunState, StoreReason
 
 KEEP_RECENT_S = 600.0  # prune() never removes a job that finished less than this ago
 
@@ -49,7 +49,8 @@ STATES = tuple(JobState)
 Ids = list[str]
 LOG_CHUNK_MAX = 1 << 20  # the most bytes of a log read at once (and per /logs answer)
 __all__ = [
-    "COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "JobRecord", "Store", "StoreError",
+    "COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "JobRecord", "RunRecord", "Store",
+    "StoreError",
 ]  # fmt: skip
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -154,6 +155,8 @@ class JobRecord:
     tags: list[str] = column("TEXT NOT NULL DEFAULT '[]'", json=True, added=True)
     # jobs/stall.py: the job's stall episodes, the newest roll-call whole
     stalls: list[dict[str, Any]] = column("TEXT NOT NULL DEFAULT '[]'", json=True, added=True)
+    # the MLBench run this job is the launch of (runs table), or None
+    run_id: int | None = column("INTEGER", added=True)
     log_bytes: int = 0
 
     @classmethod
@@ -195,6 +198,50 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS jobs (\n{}\n)\n".format(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One MLBench run (``jobs/runs.py``), its columns declared once as `JobRecord`'s are.
+    The id is MLBench's integer pk; `spec` is the checked request (``runspec.RunSpec``),
+    `nodes` the names of the nodes it holds (empty while it waits), `notes` what the
+    launch said (``job_metadata.notes``)."""
+
+    id: int = column("INTEGER PRIMARY KEY AUTOINCREMENT")
+    name: str = column("TEXT NOT NULL")
+    state: RunState = column("TEXT NOT NULL")
+    created_at: float = column("REAL NOT NULL")
+    finished_at: float | None = column("REAL")
+    job_id: str | None = column("TEXT")
+    num_workers: int = column("INTEGER NOT NULL")
+    spec: dict[str, Any] = column("TEXT NOT NULL DEFAULT '{}'", json=True)
+    nodes: list[str] = column("TEXT NOT NULL DEFAULT '[]'", json=True)
+    notes: list[str] = column("TEXT NOT NULL DEFAULT '[]'", json=True)
+    submitted_by: str | None = column("TEXT")
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "RunRecord":
+        values = {f.name: row[f.name] for f in dataclasses.fields(cls)}
+        for name in RUN_JSON:
+            values[name] = json.loads(values[name])
+        values["state"] = RunState(values["state"])
+        return cls(**values)
+
+    @staticmethod
+    def to_row(fields: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(fields) - RUN_SETTABLE
+        if unknown:
+            raise ValueError(f"not a settable run column: {', '.join(sorted(unknown))}")
+        return {k: json.dumps(v) if k in RUN_JSON else v for k, v in fields.items()}
+
+
+RunRecords = list[RunRecord]
+RUN_FIELDS = dataclasses.fields(RunRecord)
+RUN_SETTABLE = frozenset(f.name for f in RUN_FIELDS) - {"id"}
+RUN_JSON = frozenset(f.name for f in RUN_FIELDS if f.metadata["json"])
+RUN_SCHEMA = "CREATE TABLE IF NOT EXISTS runs (\n{}\n)\n".format(
+    ",\n".join(f"    {f.name} {f.metadata['sql']}" for f in RUN_FIELDS)
+)
+
+
 class Store:
     def __init__(self, state_dir: str) -> None:
         self.dir = state_dir
@@ -214,6 +261,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
+        self._db.execute(RUN_SCHEMA)
         have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
         for name, decl in ADDED_COLUMNS:
             if name not in have:
@@ -398,6 +446,54 @@ class Store:
         except FileNotFoundError:
             pass
         return total
+
+    # --- MLBench runs (jobs/runs.py): their own table in the same database
+
+    def create_run(self, **fields: Any) -> RunRecord:
+        """Insert a new run (the id is the next integer); returns the record."""
+        row = RunRecord.to_row({"created_at": time.time(), **fields})
+        with self._lock:
+            self._write(
+                f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+            run_id = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return self.run(int(run_id))
+
+    def update_run(self, run_id: int, **fields: Any) -> RunRecord:
+        row = RunRecord.to_row(fields)
+        if row:
+            with self._lock:
+                self._write(
+                    f"UPDATE runs SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
+                    [*row.values(), run_id],
+                )
+        return self.run(run_id)
+
+    def get_run(self, run_id: int) -> RunRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return RunRecord.from_row(row) if row else None
+
+    def run(self, run_id: int) -> RunRecord:
+        """The record of a run that exists (KeyError if it does not)."""
+        rec = self.get_run(run_id)
+        if rec is None:
+            raise KeyError(f"no run {run_id!r}")
+        return rec
+
+    def runs(self, states: tuple[RunState, ...] = ()) -> RunRecords:
+        """Runs in order of creation; only those in *states*, if given."""
+        sql, params = "SELECT * FROM runs", list(states)
+        if states:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id", params).fetchall()
+        return [RunRecord.from_row(r) for r in rows]
+
+    def delete_run(self, run_id: int) -> None:
+        with self._lock:
+            self._write("DELETE FROM runs WHERE id = ?", (run_id,))
 
     # --- logs
 

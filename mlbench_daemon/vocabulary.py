@@ -24,6 +24,7 @@ enum               where the words appear
 ``StackSource``    where a roll-call's rank ``stack`` came from
 ``Role``           a token's role (tokens file, route table, ``/api/whoami``)
 ``Refusal``        why a request was refused (audit log ``outcome``, metrics ``reason``)
+``RunState``       an MLBench run's ``state`` (MLBench's own words)
 =================  ===============================================================
 """
 
@@ -130,6 +131,7 @@ class JobWait(StrEnum):
     FINISHING = "finishing"  # the record of its end (the failure's cause may need a preflight)
     UNFOLLOWED = "unfollowed"  # nothing: no thread of this daemon follows it (it is stopping);
     # the next start re-attaches it
+    HELD = "held"  # its nodes, held by a run (a benchmark has its nodes to itself): `detail`
 
 
 class DiscoveryReason(StrEnum):
@@ -238,3 +240,16 @@ def checked(reason: str, allowed: Iterable[str], what: str) -> str:
     if reason not in allowed:
         raise ValueError(f"{what}: unknown reason {reason!r} (known: {', '.join(allowed)})")
     return reason
+
+
+class RunState(StrEnum):
+    """An MLBench run's state, in MLBench's words (mlbench-dashboard's ModelRun)."""
+
+    INITIALIZED = "initialized"  # waiting for num_workers nodes free of other runs and jobs
+    STARTED = "started"  # its job is launched (or queued for a slot)
+    FINISHED = "finished"  # its job succeeded
+    FAILED = "failed"  # its job failed, was cancelled or lost
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RunState.FINISHED, RunState.FAILED)

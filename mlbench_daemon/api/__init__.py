@@ -14,6 +14,7 @@ Every path works with and without its trailing slash.
     preflight  POST /api/preflight
     nodes      GET /api/nodes, GET /api/pods
     jobs       POST/GET /api/mpi_jobs, GET/DELETE /api/mpi_jobs/<id>, GET .../logs
+    runs       POST/GET /api/runs, GET/DELETE /api/runs/<id> (MLBench's runs)
     whoami     GET /api/whoami
     health     GET /api/openapi.json, GET /healthz, GET /metrics
 """
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import bottle
 
 from mlbench_daemon import openapi
-from mlbench_daemon.api import health, jobs, nodes, page, preflight, whoami
+from mlbench_daemon.api import health, jobs, nodes, page, preflight, runs, whoami
 from mlbench_daemon.api.common import MAX_JSON_DEPTH, Deps, json_depth
 from mlbench_daemon.api.page import page_files
 from mlbench_daemon.api.plugin import ApiPlugin
@@ -37,11 +38,12 @@ if TYPE_CHECKING:  # the API is given these; it imports none of them
     from mlbench_daemon.audit import AuditLog
     from mlbench_daemon.jobs import Jobs
     from mlbench_daemon.jobs.preflight import Preflight
+    from mlbench_daemon.jobs.runs import Runs
     from mlbench_daemon.nodes import Registry
 
 __all__ = ["DOCUMENT", "MAX_JSON_DEPTH", "ROUTES", "json_depth", "make_app", "page_files", "render"]
 
-MODULES = (page, preflight, nodes, jobs, whoami, health)  # in the document's order
+MODULES = (page, preflight, nodes, jobs, runs, whoami, health)  # in the document's order
 ROUTES: list[openapi.Route] = [route for module in MODULES for route in module.ROUTES]
 DOCUMENT: dict[str, Any] = openapi.document(ROUTES)
 
@@ -61,6 +63,7 @@ def make_app(
     preflight: Preflight | None = None,
     tokens: Tokens | None = None,
     audit: AuditLog | None = None,
+    runs: Runs | None = None,
 ) -> bottle.Bottle:
     """The app; *tokens* (or the single *token*, an admin) are what requests must carry,
     none = no auth; *audit* gets a line per write and per refusal."""
@@ -68,7 +71,7 @@ def make_app(
     tokens = tokens or Tokens(legacy=token)
     app = bottle.Bottle(catchall=True)
     streams = Streams(max_streams)
-    deps = Deps(registry, jobs, preflight, max_body_bytes, streams, render(), tokens.enabled)
+    deps = Deps(registry, jobs, preflight, max_body_bytes, streams, render(), tokens.enabled, runs)
     app.install(ApiPlugin(tokens, policy, audit))
     for module in MODULES:
         module.install(app, deps)

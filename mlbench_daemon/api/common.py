@@ -17,6 +17,7 @@ from mlbench_daemon.tokens import NOBODY, Caller
 if TYPE_CHECKING:  # the API is given these; it imports none of them
     from mlbench_daemon.jobs import Jobs
     from mlbench_daemon.jobs.preflight import Preflight
+    from mlbench_daemon.jobs.runs import Runs
     from mlbench_daemon.nodes import Registry
 
 JSON = "application/json"
@@ -39,6 +40,7 @@ class Deps:
     streams: Streams
     document: str  # the served OpenAPI document (made from the route table once)
     tokens_enabled: bool = False  # whether requests must carry a token
+    runs: Runs | None = None  # MLBench runs (api/runs.py); None: those routes answer 503
 
 
 def caller() -> Caller:

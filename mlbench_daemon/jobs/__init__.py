@@ -12,7 +12,9 @@ cancel, re-attach.  The modules, from the bottom up:
   and the one that explains a failed daemon launch);
 - ``run``: one ``JobRun`` per live job (launch, follow, re-attach, timeout, cancel,
   the failure of a job that did not succeed);
-- ``manager``: ``Jobs``, the API api/ calls: slots, the FIFO queue, JSON shapes.
+- ``manager``: ``Jobs``, the API api/ calls: slots, the FIFO queue, JSON shapes;
+- ``runspec``: an MLBench run's form and command template -> argv(s) (pure);
+- ``runs``: ``Runs``, MLBench runs: each a job on nodes it holds alone, queued in order.
 """
 
 from mlbench_daemon.jobs.manager import Jobs, json_with_response, to_json

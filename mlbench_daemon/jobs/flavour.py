@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mlbench_daemon.shapes import JOB_MARKER
+from mlbench_daemon.shapes import JOB_MARKER, MPMD_SEPARATOR
 from mlbench_daemon.vocabulary import FlavourName
 
 NAMES = tuple(FlavourName)
@@ -55,6 +55,7 @@ class Flavour:
     markers: tuple[str, ...]  # variables set to the job id
     launcher_first: bool  # default placement fills the launcher's own host first
     proxy_option: str | None = None  # remote proxies carry no marker: found by this option
+    app_hosts: bool = True  # an MPMD app context takes its own host option (Hydra's is global)
     tag_option: tuple[str, ...] = ()  # makes the launcher tag each piece of output with its rank
     tag: re.Pattern[bytes] = re.compile(b"(?!)")  # one tag as printed; group "rank"
 
@@ -78,6 +79,32 @@ class Flavour:
         if np:
             argv += [self.np_option, str(np)]
         return argv + list(program)
+
+    def mpmd_argv(
+        self,
+        launcher: str,
+        args: Sequence[str],
+        apps: Sequence[tuple[str, Sequence[str]]],
+        env_names: Sequence[str],
+    ) -> list[str]:
+        """One launch of one process per (host, argv) of `apps`, rank i on host i: app
+        contexts joined by ":".  OpenMPI 4 and 5 take a host option in each context (and
+        its env options, which are per context in ORTE); Hydra's host list is global and
+        fills each host's one slot in order, so context i lands on host i."""
+        argv = [launcher, *self.fixed, *args]
+        env: list[str] = []
+        if self.env_option:
+            for name in env_names:
+                env += [self.env_option, name]
+        if not self.app_hosts:
+            argv += [self.host_option, ",".join(host for host, _ in apps)]
+        for i, (host, program) in enumerate(apps):
+            if i:
+                argv.append(MPMD_SEPARATOR)
+            if self.app_hosts:
+                argv += [*env, self.host_option, host]
+            argv += [self.np_option, "1", *program]
+        return argv
 
     def marker_env(self, job_id: str) -> dict[str, str]:
         return {name: job_id for name in self.markers}
@@ -125,6 +152,7 @@ FLAVOURS = {
             markers=("MLBENCH_JOB_ID",),
             launcher_first=False,
             proxy_option="--control-port",
+            app_hosts=False,
             tag_option=("-prepend-pattern", "[%r]<rank>: "),
             tag=re.compile(rb"\[(?P<rank>\d{1,9})\]<rank>: "),
         ),
@@ -151,6 +179,8 @@ def rank_count(name: str, command: Sequence[str]) -> int | None:
     """How many ranks a job's argv starts: its np, else the slots of its host list;
     None if the argv says neither."""
     f = FLAVOURS[name]
+    if MPMD_SEPARATOR in command:  # an MPMD launch (a run's): one process per app context
+        return len(mpmd_hosts(name, command))
     np = _option_value(command, f.np_option)
     if np is not None:
         return int(np) if np.isdigit() else None
@@ -333,6 +363,8 @@ def explain(
     np = _option_value(command, f.np_option)
     hosts = parse_hosts(items.split(",")) if items else []
     ranks = rank_hosts(flavour, hosts, int(np) if np and np.isdigit() else None, launcher_host)
+    if MPMD_SEPARATOR in command:
+        ranks = mpmd_hosts(flavour, command)
     if ranks and len(ranks) == 1 and facts.get("rank") is None and facts.get("host") is None:
         facts["rank"] = 0
     if ranks and len(set(ranks)) == 1 and facts.get("host") is None:
@@ -344,6 +376,16 @@ def explain(
         facts["rank"] = ranks.index(facts["host"]) + facts["nth"]
     facts.pop("nth", None)
     return facts
+
+
+def mpmd_hosts(flavour: str, command: Sequence[str]) -> list[str]:
+    """The host of each rank of an MPMD argv made by ``Flavour.mpmd_argv`` (one process
+    per app context)."""
+    f = FLAVOURS[flavour]
+    if not f.app_hosts:
+        items = _option_value(command, f.host_option)
+        return [h for h, _ in parse_hosts(items.split(","))] if items else []
+    return [command[i + 1] for i, a in enumerate(command[:-1]) if a == f.host_option]
 
 
 def _option_value(argv: Sequence[str], option: str) -> str | None:

@@ -96,6 +96,7 @@ class Job:
     names: Sequence[str] | None  # node names of a job queued again after a restart
     cancel_reason: JobReason | None  # a cancel that came before the launch
     rank_output: bool = False  # the launcher tags each line with its rank
+    apps: Sequence[tuple[str, Sequence[str]]] = ()  # an MPMD launch: (node ip, argv) each
 
 
 class Launcher:
@@ -134,10 +135,17 @@ class Launcher:
         if master is None or flavour_name is None:
             return LaunchFailed(JobState.FAILED, JobReason.NO_USABLE_MASTER, "; ".join(failed))
         env = job.env
-        command = mpirun_argv(
-            self.mpi.mpirun, self.mpi.args, nodes, job.np, sorted(env), job.program,
-            flavour_name, job.rank_output,
-        )  # fmt: skip
+        if job.apps and len(nodes) != len(job.apps):  # a node left: the ranks would not fit
+            why = "; ".join(failed) or "a node of the launch is not Running"
+            return LaunchFailed(JobState.FAILED, JobReason.NO_USABLE_MASTER, why)
+        if job.apps:
+            f = flavour.get(flavour_name)
+            command = f.mpmd_argv(self.mpi.mpirun, self.mpi.args, job.apps, sorted(env))
+        else:
+            command = mpirun_argv(
+                self.mpi.mpirun, self.mpi.args, nodes, job.np, sorted(env), job.program,
+                flavour_name, job.rank_output,
+            )  # fmt: skip
         job_dir = f"{self.mpi.remote_dir.rstrip('/')}/{job.id}"
         self.store.update(
             job.id,

@@ -28,10 +28,11 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from mlbench_daemon.config import Config
+from mlbench_daemon.discovery import Node
 from mlbench_daemon.errors import (
     BadRequest,
     Conflict,
@@ -43,7 +44,14 @@ from mlbench_daemon.errors import (
 )
 from mlbench_daemon.jobs import flavour
 from mlbench_daemon.jobs.clock import Clock
-from mlbench_daemon.jobs.placement import Registry, choose, master_order, mpirun_argv, node_row
+from mlbench_daemon.jobs.placement import (
+    Registry,
+    choose,
+    host_spec,
+    master_order,
+    mpirun_argv,
+    node_row,
+)
 from mlbench_daemon.jobs.remote import Host, Pool, Remote
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.jobs.rollcall import Coalescer, Target, take
@@ -118,6 +126,8 @@ class Jobs:
             names=req["nodes"],
             reattached=True,
             rank_output=req.get("rank_output", False),
+            apps=[(h, a) for h, a in req.get("apps", ())],
+            run_id=rec.run_id,
         )
         with self._lock:
             self._admit(run)
@@ -186,6 +196,87 @@ class Jobs:
         log.info("job %s submitted: %d node(s), env %s", run.id, len(nodes), env_names)
         return self._view(rec)
 
+    def submit_run(
+        self,
+        run_id: int,
+        nodes: Sequence[Node],
+        program: Sequence[str],
+        apps: Sequence[tuple[str, Sequence[str]]] = (),
+        env: Mapping[str, str] | None = None,
+        by: str | None = None,
+        name: str | None = None,
+    ) -> JobRecord:
+        """An MLBench run's job (jobs/runs.py), on exactly `nodes` (the first is tried as
+        master first): `program` over them, or the MPMD launch `apps` (one process per
+        (node ip, argv)).  Its slot and queue are every job's; its `env` values, like a
+        request's, are never stored nor shown (names only).  QueueFull as for submit."""
+        env = dict(env or {})
+        env_names = sorted(env)
+        hosts = [host_spec(n) for n in nodes] if not apps else [h for h, _ in apps]
+        np = sum(slots for _, slots in flavour.parse_hosts(hosts))
+        master = nodes[0].name if nodes else None
+        run = JobRun(
+            self._ctx, "", env=env, master=master, program=program, np=np, candidates=nodes,
+            apps=apps, run_id=run_id,
+        )  # fmt: skip
+        known = (self._ctx.flavour_for(n) for n in master_order(nodes, master))
+        f = flavour.get(next((f for f in known if f), "openmpi4"))
+        command = (
+            f.mpmd_argv(self.mpi.mpirun, self.mpi.args, apps, env_names)
+            if apps
+            else mpirun_argv(self.mpi.mpirun, self.mpi.args, nodes, np, env_names, program, f.name)
+        )
+        request = {
+            "program": list(program),
+            "np": np,
+            "master": master,
+            "nodes": [n.name for n in nodes],
+            "stall_after_s": None,
+            "rank_output": False,
+            "apps": [[h, list(a)] for h, a in apps],
+        }
+        with self._lock:
+            if (
+                self._active >= self.mpi.max_concurrent_jobs
+                and len(self._queue) >= self.mpi.queue_size
+            ):
+                raise QueueFull(
+                    f"{self._active} job(s) running and {len(self._queue)} queued; try later"
+                )
+            rec = self.store.create(
+                nodes=[node_row(n) for n in nodes], np=np, env_names=env_names,
+                request=request, command=command, submitted_by=by, name=name, run_id=run_id,
+                timeout_s=self.mpi.default_timeout_s or None,
+            )  # fmt: skip
+            run.id = rec.id
+            self._admit(run)
+        log.info("job %s submitted for run %d: %d node(s)", run.id, run_id, len(nodes))
+        return rec
+
+    def busy_nodes(self) -> dict[str, str]:
+        """{node name: job id} of every node a job not yet final runs on or is placed on
+        (queued ones too), so a run is never given a node a job has."""
+        with self._lock:
+            runs = list(self._live.values())
+        out: dict[str, str] = {}
+        for run in runs:
+            names = [n.name for n in run.candidates] or list(run.names or ())
+            if not names and run.id:
+                rec = self.store.get(run.id)
+                names = [row.name for row in rec.nodes] if rec is not None else []
+            for name in names:
+                out.setdefault(name, run.id)
+        return out
+
+    def set_held(self, held: Callable[[int | None, Sequence[str]], str | None] | None) -> None:
+        """Jobs wait before their launch while `held(run id, node names)` names a run that
+        holds one of their nodes (jobs/runs.py installs it)."""
+        self._ctx.held = held
+
+    def now(self) -> float:
+        """The jobs' clock's wall time (a test's manual clock, else time.time())."""
+        return self._ctx.clock.time()
+
     def counts(self) -> dict[str, int]:
         """{state: number of jobs}, for metrics and the status line."""
         return self.store.count_by_state()
@@ -225,6 +316,8 @@ class Jobs:
                 waiting = _waiting(JobWait.CANCELLING, run.next_check)
             else:
                 waiting = _waiting(run.wait_reason, run.next_check)
+                if run.wait_reason == JobWait.HELD and run.held_by:
+                    waiting["detail"] = run.held_by
             fault = run.store_fault if run is not None else None
         store_error = None
         if fault is not None:

@@ -97,6 +97,9 @@ class Context:
     live: dict[str, JobRun]
     launcher: Launcher = dataclasses.field(init=False)
     roll_call: Callable[[str], RollCall] | None = None  # Jobs.roll_call: a stall takes one
+    # (run id of the asking job or None, its node names) -> which run holds which of them,
+    # or None when none is held for another run (jobs/runs.py: a run has its nodes alone)
+    held: Callable[[int | None, Sequence[str]], str | None] | None = None
 
     def __post_init__(self) -> None:
         self.launcher = Launcher(
@@ -126,8 +129,13 @@ class JobRun:
         names: Sequence[str] | None = None,
         reattached: bool = False,
         rank_output: bool = False,
+        apps: Sequence[tuple[str, Sequence[str]]] = (),
+        run_id: int | None = None,
     ) -> None:
         self.ctx, self.mpi, self.id = ctx, ctx.cfg.mpi, job_id
+        self.apps = tuple((h, tuple(a)) for h, a in apps)  # an MPMD launch's (host, argv)s
+        self.run_id = run_id  # the MLBench run this job launches, if any
+        self.held_by: str | None = None  # while it waits for nodes a run holds: which
         self.env: Mapping[str, str] | None = env or {}  # values; dropped once launched
         self.master = master  # requested master name, or None
         self.program, self.np, self.candidates = list(program), np, list(candidates)
@@ -236,6 +244,8 @@ class JobRun:
                         self.ctx.cfg.discovery.timeout_s + self.ctx.ssh_timeout
                     )
                 rec: JobRecord | None = self.record()
+                if rec is not None and rec.pid is None and not rec.master_name:
+                    self._wait_unheld(rec)
                 if rec is not None and rec.pid is None:
                     rec = self._launch(rec)
                 if rec is None:  # the launch ended the job
@@ -260,11 +270,29 @@ class JobRun:
                 if timer:
                     timer.cancel()
 
+    def _wait_unheld(self, rec: JobRecord) -> None:
+        """Before a launch: wait while a run holds one of the job's nodes (checked every
+        second; a cancel or the daemon's stop ends the wait)."""
+        held = self.ctx.held
+        if held is None:
+            return
+        names = [n.name for n in self.candidates] or list(self.names or ())
+        names = names or [row.name for row in rec.nodes]
+        while self.cancel_reason is None:
+            why = held(self.run_id, names)
+            with self.ctx.changed:
+                self.held_by = why
+            if why is None:
+                return
+            self._expect(JobWait.HELD, 1.0)
+            if self.ctx.clock.wait(self.ctx.stop, 1.0):
+                raise Stopped()
+
     def _launch(self, rec: JobRecord) -> JobRecord | None:
         """Launch the job -> its record once running, None if the launch ended it."""
         job = Job(
             self.id, self.program, self.np, self.env or {}, self.master, self.candidates,
-            self.names, self.cancel_reason, self.rank_output,
+            self.names, self.cancel_reason, self.rank_output, self.apps,
         )  # fmt: skip
         backoff = STORE_BACKOFF_S[0]
         while True:

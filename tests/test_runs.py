@@ -1,0 +1,282 @@
+"""MLBench runs, driven by mlbench-core 3.0.0's own ApiClient (tests/mlbench_core.py) against
+the daemon on the test cluster; and the pure parts (template, form, dates, ranks)."""
+
+import json
+import time
+import urllib.parse
+
+import pytest
+
+from mlbench_daemon import template
+from mlbench_daemon.errors import BadRequest
+from mlbench_daemon.jobs import flavour, runspec
+from mlbench_daemon.timefmt import mlbench_date, parse_mlbench_date
+from tests.helpers import wait_for
+from tests.test_jobs import job_processes
+
+RESNET = "PyTorch Cifar-10 ResNet-20"  # mlbench-core's MLBENCH_IMAGES key
+RESNET_IMAGE = "mlbench/pytorch-cifar10-resnet20-all-reduce:latest"
+
+
+# ---- pure: templates, forms, dates, ranks ---------------------------------------------------
+
+
+def test_a_template_is_split_without_a_shell_and_filled_per_word():
+    argv = template.render(
+        "prog --hosts {hosts} 'a b' $HOME;rm --r{rank}", {"hosts": "1.2.3.4,5.6.7.8", "rank": "3"}
+    )
+    assert argv == ["prog", "--hosts", "1.2.3.4,5.6.7.8", "a b", "$HOME;rm", "--r3"]
+    assert template.render("p {{x}}", {}) == ["p", "{x}"]
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("prog {user}", "{user}"),
+        ("prog {}", "{}"),
+        ("prog {rank.real}", "{rank.real}"),
+        ("prog {rank!r}", "conversion"),
+        ("prog {rank:>3}", "format"),
+        ("prog 'open", "split"),
+        ("", "empty"),
+        ("prog {rank", "braces"),
+    ],
+)
+def test_a_bad_template_names_why(text, named):
+    with pytest.raises(template.TemplateError) as e:
+        template.words(text)
+    assert named in str(e.value)
+
+
+FORM = {  # as mlbench-core's create_run sends it
+    "name": "r1",
+    "num_workers": "2",
+    "num_cpus": "2.0",
+    "max_bandwidth": "1000",
+    "gpu_enabled": "false",
+    "light_target": "false",
+    "run_all_nodes": "false",
+    "image_name": RESNET_IMAGE,
+}
+CATALOGUE = {"pytorch-cifar10-resnet20-all-reduce": "main.py --rank {rank} --backend {backend}"}
+
+
+def test_the_form_mlbench_core_sends():
+    spec = runspec.parse(FORM, CATALOGUE)  # short catalogue key, image string asked
+    assert (spec.num_workers, spec.backend, spec.run_all_nodes, spec.gpu) == (
+        2,
+        "mpi",
+        False,
+        False,
+    )
+    assert runspec.parse({**FORM, "backend": "GLOO"}, CATALOGUE).backend == "gloo"
+    assert runspec.parse(FORM, {RESNET_IMAGE: "x {rank}"}).template == "x {rank}"
+    custom = runspec.parse(
+        {**FORM, "image_name": "custom_image", "custom_image_name": "me/img",
+         "custom_image_command": "run {rank}", "backend": "custom_backend",
+         "custom_backend": "NCCL", "run_all_nodes": "True", "light_target": "TRUE"},
+        {},
+    )  # fmt: skip
+    assert (custom.template, custom.backend, custom.run_all_nodes, custom.light) == (
+        "run {rank}", "nccl", True, True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"image_name": "mlbench/nope:latest"}, "image_name"),
+        ({"num_workers": "0"}, "num_workers"),
+        ({"num_workers": "two"}, "num_workers"),
+        ({"run_all_nodes": "maybe"}, "run_all_nodes"),
+        ({"colour": "red"}, "colour"),
+        ({"image_name": "custom_image"}, "custom_image_command"),
+        (
+            {"image_name": "custom_image", "custom_image_command": "p {user}"},
+            "custom_image_command",
+        ),
+        ({"backend": "custom_backend"}, "custom_backend"),
+    ],
+)
+def test_a_bad_form_names_its_field(change, field):
+    with pytest.raises(BadRequest) as e:
+        runspec.parse({**FORM, **change}, CATALOGUE)
+    assert e.value.field == field, e.value.message
+    if field == "custom_image_command" and "custom_image_command" in change:
+        assert "{user}" in e.value.message
+
+
+def test_form_values_take_json_as_the_form_would():
+    assert runspec.form_values({"a": True, "b": 2, "c": "x"}) == {"a": "true", "b": "2", "c": "x"}
+    with pytest.raises(BadRequest):
+        runspec.form_values({"a": [1]})
+
+
+def test_dates_as_mlbench_sends_and_reads_them():
+    t = parse_mlbench_date("2026-12-05 09:16:58.123456")  # str(datetime): a space, no Z
+    assert t == parse_mlbench_date("2026-12-05T09:16:58.123456Z")
+    assert mlbench_date(t) == "2026-12-05T09:16:58.123456Z"
+    with pytest.raises(ValueError):
+        parse_mlbench_date("yesterday")
+
+
+def test_ranks_per_backend():
+    spec = runspec.parse({**FORM, "gpu_enabled": "true"}, CATALOGUE)
+    mpi = runspec.plan(spec, 7, ["10.0.0.1", "10.0.0.2"])
+    assert mpi.program == ("main.py", "--rank", "0", "--backend", "mpi", "--gpu")
+    assert (mpi.hosts, mpi.apps) == (("10.0.0.1", "10.0.0.2"), ())
+    gloo = runspec.parse({**FORM, "backend": "gloo", "run_all_nodes": "true"}, CATALOGUE)
+    apps = runspec.plan(gloo, 7, ["10.0.0.1", "10.0.0.2"]).apps
+    assert [(h, a[2]) for h, a in apps] == [("10.0.0.1", "0"), ("10.0.0.2", "1")]
+    first = runspec.plan(runspec.parse({**FORM, "backend": "gloo"}, CATALOGUE), 7, ["a", "b"])
+    assert (first.hosts, first.apps) == (("a",), ())
+
+
+@pytest.mark.parametrize("name", ["openmpi4", "openmpi5", "mpich"])
+def test_mpmd_argv_puts_rank_i_on_host_i(name):
+    f = flavour.get(name)
+    argv = f.mpmd_argv("mpirun", [], [("h0", ["p", "0"]), ("h1", ["p", "1"])], ["X"])
+    assert argv.count(":") == 1
+    assert flavour.mpmd_hosts(name, argv) == ["h0", "h1"]
+    assert flavour.rank_count(name, argv) == 2
+
+
+# ---- on the cluster, through mlbench-core's client ------------------------------------------
+
+
+def _client(d):
+    from tests.mlbench_core import api_client
+
+    return api_client(urllib.parse.urlsplit(d.url).netloc)
+
+
+def _poll(fn, timeout=120):
+    """fn()'s first true value, polled until `timeout` s."""
+    found = []
+    wait_for(lambda: found.append(fn()) or found[-1], timeout=timeout)
+    return found[-1]
+
+
+def _until_final(api, run_id, timeout=120):
+    def final():
+        run = api.get_run(run_id).result().json()
+        return run if run["state"] in ("finished", "failed") else None
+
+    return _poll(final, timeout)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_mlbench_core_runs_a_catalogue_entry_and_a_custom_image(start_daemon, cluster):
+    prog = str(cluster.mpi_program)
+    d = start_daemon(mpi={"catalogue": {RESNET_IMAGE: f"{prog} --argv {{run_id}} {{backend}}"}})
+    api = _client(d)
+    r = api.create_run("bench-1", 2, image=RESNET, backend="MPI").result()
+    assert r.status_code == 201, r.text
+    run = r.json()
+    assert run["state"] in ("initialized", "started") and run["num_workers"] == 2
+    done = _until_final(api, run["id"])
+    assert done["state"] == "finished", done
+    meta = done["job_metadata"]
+    assert "allreduce ok 2" in meta["stdout"], meta
+    assert len(meta["pods"]) == 2 and meta["master_name"] in [p[2] for p in meta["pods"]]
+    assert meta["command"].endswith(f"{prog} --argv {run['id']} mpi")
+    assert done["finished_at"].endswith("Z") and done["created_at"].endswith("Z")
+    # `mlbench status`: get_runs, find by name; `charts` reads num_workers
+    listed = [x for x in api.get_runs().result().json() if x["name"] == "bench-1"]
+    assert [x["num_workers"] for x in listed] == [2]
+    # custom_image; a failing command is `failed`
+    bad = api.create_run(
+        "bench-2", 1, custom_image_name="x", custom_image_command="/bin/false {rank}"
+    ).result()
+    assert bad.status_code == 201, bad.text
+    assert _until_final(api, bad.json()["id"])["state"] == "failed"
+    # `mlbench delete`
+    assert api.delete_run(run["id"]).result().status_code == 204
+    assert api.get_run(run["id"]).result().status_code == 404
+    assert [x["name"] for x in api.get_runs().result().json()] == ["bench-2"]
+    # more nodes than exist: 400 saying why, nothing made
+    big = api.create_run("big", 99, custom_image_name="x", custom_image_command=prog).result()
+    assert big.status_code == 400 and "could never start" in big.json()["message"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_mpmd_ranks_and_a_delete_that_leaves_nothing(start_daemon, cluster):
+    d = start_daemon()
+    api = _client(d)
+    run = api.create_run(
+        "mpmd", 2, custom_image_name="x", custom_image_command="echo rank={rank} of {hosts}",
+        backend=None, custom_backend="gloo", run_all_nodes=True,
+    ).result().json()  # fmt: skip
+    done = _until_final(api, run["id"])
+    assert done["state"] == "finished", done
+    out = done["job_metadata"]["stdout"]
+    ips = done["job_metadata"]["pods"]
+    hosts = ",".join(p[0] for p in ips)
+    assert sorted(out) == [f"rank=0 of {hosts}", f"rank=1 of {hosts}"], out
+    assert " : " in done["job_metadata"]["command"]
+    # a long MPMD run, deleted while it runs: nothing left on any host
+    long = api.create_run(
+        "long", 2, custom_image_name="x", custom_image_command="sleep 30{rank}",
+        custom_backend="gloo", run_all_nodes=True,
+    ).result().json()  # fmt: skip
+    wait_for(lambda: len(job_processes(cluster)) >= 2, timeout=60)
+    assert api.delete_run(long["id"]).result().status_code == 204
+    wait_for(lambda: job_processes(cluster) == [], timeout=60)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_runs_hold_their_nodes(start_daemon, cluster):
+    """3 workers, max_concurrent_jobs 2: a run of 2 holds its nodes; a second run of 2 waits
+    (position 1) and never shares one; a plain job waits naming the run; both start in
+    turn once the first run ends."""
+    d = start_daemon(mpi={"max_concurrent_jobs": 2})
+    api = _client(d)
+
+    def create(name, n, command):
+        r = api.create_run(name, n, custom_image_name="x", custom_image_command=command)
+        return r.result().json()
+
+    first = create("first", 2, "sleep 300")
+    assert first["state"] == "started", first
+    second = create("second", 2, "true")
+    assert second["state"] == "initialized"
+    assert second["job_metadata"]["waiting"]["position"] == 1
+    status, job = d.json("POST", "/api/mpi_jobs/", {"program": ["true"], "wait": False})
+    assert status == 202, job
+
+    def held():
+        j = d.json("GET", f"/api/mpi_jobs/{job['id']}")[1]
+        return j if (j["waiting"] or {}).get("reason") == "held" else None
+
+    j = _poll(held, 30)
+    assert f"run {first['id']} holds" in j["waiting"]["detail"]
+    time.sleep(2)  # nothing moves while the first run holds its nodes
+    assert api.get_run(second["id"]).result().json()["state"] == "initialized"
+    assert d.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["state"] == "pending"
+    assert api.delete_run(first["id"]).result().status_code == 204
+    # the plain job came first (it had nodes busy): it runs, then the second run
+    _poll(lambda: d.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["state"] == "succeeded")
+    done = _until_final(api, second["id"])
+    assert done["state"] == "finished"
+    firsts = {p[2] for p in api.get_runs().result().json()[0]["job_metadata"]["pods"]}
+    assert len(firsts) == 2
+
+
+@pytest.mark.cluster
+def test_a_cross_site_form_cannot_create_a_run(daemon):
+    form = urllib.parse.urlencode({**FORM, "image_name": "custom_image",
+                                   "custom_image_command": "true"}).encode()  # fmt: skip
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, _, raw = daemon.request(
+        "POST", "/api/runs/", body=form, headers={**headers, "Origin": "http://evil.example"}
+    )
+    assert status == 403 and json.loads(raw)["error"] == "origin"
+    assert daemon.json("GET", "/api/runs/")[1] == []
+    status, _, raw = daemon.request("POST", "/api/mpi_jobs/", body=form, headers=headers)
+    assert status == 415  # a route without form=True
+    status, _, raw = daemon.request("POST", "/api/runs/", body=form, headers=headers)
+    assert status == 201, raw
+    assert [r["name"] for r in daemon.json("GET", "/api/runs/")[1]] == ["r1"]
