@@ -200,6 +200,13 @@ PATH_PARAMS: dict[str, Schema] = {
         "schema": {"type": "string", "pattern": "^[0-9a-f]{20,}$"},
     },
     "name": {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+    "pk": {
+        "name": "pk",
+        "in": "path",
+        "required": True,
+        "description": "A run's id (`metric_type=run`) or a node's name (`metric_type=pod`).",
+        "schema": {"type": "string"},
+    },
 }
 
 
@@ -261,6 +268,7 @@ TAGS: list[Schema] = [
     },
     {"name": "meta", "description": "Health, metrics and this document."},
     {"name": "page", "description": "The status page and its static files."},
+    {"name": "metrics", "description": "MLBench's metrics of runs and of their nodes."},
 ]
 
 

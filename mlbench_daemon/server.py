@@ -34,6 +34,8 @@ from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.jobs.preflight import Preflight
+from mlbench_daemon.jobs.sampler import NodeSampler
+from mlbench_daemon.metricstore import MetricStore, RunLookup
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store, StoreError, fs_fault_message
@@ -74,7 +76,9 @@ def read_tokens(server_cfg: config.Server) -> Tokens:
 
 
 class Daemon:
-    def __init__(self, cfg: config.Config) -> None:
+    def __init__(self, cfg: config.Config, runs: RunLookup | None = None) -> None:
+        """`runs`: the runs metrics belong to and whose nodes are sampled (none: no run,
+        no samples)."""
         self.cfg = cfg
         tokens = read_tokens(cfg.server)
         if cfg.server.max_streams >= cfg.server.threads:
@@ -113,6 +117,24 @@ class Daemon:
             raise StartupError(
                 f"state.audit_file: cannot open {audit_path}: {e.strerror or e}"
             ) from None
+        m = cfg.metrics
+        try:
+            self.metric_store = MetricStore(
+                os.path.join(cfg.state.dir, "metrics.sqlite"),
+                max_points_per_series=m.max_points_per_series,
+                max_points_per_run=m.max_points_per_run,
+                queue_size=m.queue_size,
+            )
+        except (OSError, sqlite3.Error) as e:
+            fault = fs_fault_message(cfg.state.dir)
+            raise StartupError(
+                f"state.dir: {fault or f'cannot open metrics.sqlite: {e}'}"
+            ) from None
+        self.sampler = (
+            NodeSampler(m.sample_interval_s, runs, self.registry, self.pool, self.metric_store)
+            if runs is not None and m.sample_interval_s > 0
+            else None
+        )
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.preflight = Preflight(cfg, self.pool, self.registry)
         self.app = api.make_app(
@@ -121,6 +143,8 @@ class Daemon:
             preflight=self.preflight,
             tokens=tokens,
             audit=self.audit,
+            metric_store=self.metric_store,
+            run_lookup=runs,
             max_body_bytes=cfg.server.max_body_bytes,
             max_streams=cfg.server.max_streams,
             policy=Policy.from_config(cfg.server),
@@ -140,6 +164,8 @@ class Daemon:
         self.registry.start()
         try:
             self.jobs.start()
+            if self.sampler is not None:
+                self.sampler.start()
             self._prune()
             threading.Thread(target=self._retain, name="retention", daemon=True).start()
             self.http = self._bind()
@@ -164,10 +190,13 @@ class Daemon:
             self._drain(http_thread)
         finally:
             self._stop.set()
+            if self.sampler is not None:
+                self.sampler.stop()
             self.jobs.stop()
             self.registry.stop()
             self.pool.close()
             self.audit.close()
+            self.metric_store.close()
         log.info("stopped")
         return code
 
