@@ -9,7 +9,11 @@ or through an SSH tunnel). Three checks, run before any route:
 * an ``Origin`` header, when present, must be the daemon's own origin or listed
   in ``server.allowed_origins`` (a cross-site ``fetch``/form sends its origin);
 * a non-empty body must be ``application/json``: the only types a page of
-  another origin can send without a CORS preflight are form and text types.
+  another origin can send without a CORS preflight are form and text types.  The
+  routes declared ``form=True`` (the two MLBench POSTs, whose client sends forms) also
+  take ``application/x-www-form-urlencoded`` and ``multipart/form-data``; the ``Origin``
+  rule above is what keeps other sites' forms out of them (a browser always sends
+  ``Origin`` with a cross-site POST).
 
 No CORS header is ever sent, so browsers keep cross-origin reads blocked.
 Every function here is pure; ``api.make_app`` maps a refusal to JSON 403/415.
@@ -86,6 +90,17 @@ def is_loopback(host: str) -> bool:
 def is_json(content_type: str) -> bool:
     """True for 'application/json', any case, with or without parameters."""
     return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def body_type_ok(content_type: str, form_allowed: bool) -> bool:
+    """Whether a non-empty body of *content_type* may reach a route: JSON always, a form
+    only on a route that takes forms (*form_allowed*)."""
+    if is_json(content_type):
+        return True
+    return form_allowed and content_type.split(";", 1)[0].strip().lower() in FORM_TYPES
 
 
 @dataclasses.dataclass(frozen=True)

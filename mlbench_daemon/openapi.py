@@ -125,6 +125,7 @@ class Route:
     query: tuple[Param, ...] = ()
     body: Schema | None = None  # the optional JSON request body's schema
     aliases: tuple[Alias, ...] = ()
+    form: bool = False  # the body may also be a form (urlencoded or multipart): MLBench's POSTs
 
     def documented(self) -> Iterator[tuple[str, str, str]]:
         """(path, operationId, summary) of each documented spelling, the main one first."""
@@ -154,7 +155,11 @@ class Route:
         if self.query:
             op["parameters"] = [p.to_doc() for p in self.query]
         if self.body is not None:
-            op["requestBody"] = {"required": False, "content": json_content(self.body)}
+            content = json_content(self.body)
+            if self.form:
+                content["application/x-www-form-urlencoded"] = {"schema": self.body}
+                content["multipart/form-data"] = {"schema": self.body}
+            op["requestBody"] = {"required": False, "content": content}
         responses = {str(status): a.to_doc() for status, a in self.answers.items()}
         shared = _SHARED if self.auth is Auth.PUBLIC else {"401": _UNAUTHORIZED, **_SHARED}
         for status, shared_answer in shared.items():
@@ -183,7 +188,10 @@ _SHARED: dict[str, Schema] = {
         "`Origin` is present and is neither the daemon's own origin nor in "
         "`server.allowed_origins`."
     ).to_doc(),
-    "415": error("A non-empty body whose `Content-Type` is not `application/json`.").to_doc(),
+    "415": error(
+        "A non-empty body whose `Content-Type` is not `application/json` (nor, on an "
+        "operation whose `requestBody` lists them, a form type)."
+    ).to_doc(),
     "500": error(
         "A bug in the daemon; the message points to its log (never a stack trace)."
     ).to_doc(),
@@ -257,7 +265,9 @@ INFO: Schema = {
         "least role that may call it.  Every write and every refused request is a line in the "
         "audit log (`state.audit_file`).  Browser safety: a request whose "
         "`Host` is not a name of the daemon, or whose `Origin` is foreign, gets 403; a "
-        "non-empty body that is not `application/json` gets 415.  No CORS headers are sent."
+        "non-empty body that is not `application/json` gets 415, except a form body on the "
+        "operations that list form types (MLBench's client posts forms), which a foreign "
+        "`Origin` cannot reach either.  No CORS headers are sent."
     ),
 }
 TAGS: list[Schema] = [

@@ -13,7 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlbench_daemon.browser import DEFAULT_PORTS, Policy, is_json, normalise_origin, split_host
+from mlbench_daemon.browser import (
+    DEFAULT_PORTS,
+    Policy,
+    body_type_ok,
+    is_json,
+    normalise_origin,
+    split_host,
+)
 
 
 class _Server:
@@ -80,6 +87,33 @@ def test_json_content_type():
         "",
     ):
         assert not is_json(other)
+
+
+def test_form_bodies_only_where_a_route_takes_them():
+    forms = ("application/x-www-form-urlencoded", "Multipart/Form-Data; boundary=x")
+    for ctype in forms:
+        assert body_type_ok(ctype, form_allowed=True)
+        assert not body_type_ok(ctype, form_allowed=False)
+    for ctype in ("text/plain", "application/x-www-form-urlencodedx", ""):
+        assert not body_type_ok(ctype, form_allowed=True)
+    assert body_type_ok("application/json; charset=utf-8", form_allowed=False)
+
+
+def test_a_form_route_documents_its_form_body():
+    from mlbench_daemon.openapi import Route, ref
+
+    def handler(deps):
+        return ""
+
+    args = ("POST", "/api/x/", handler, "x", "x", "jobs", {})
+    plain = Route(*args, body=ref("JobRequest")).operation("x", "x")
+    form = Route(*args, body=ref("JobRequest"), form=True).operation("x", "x")
+    assert set(plain["requestBody"]["content"]) == {"application/json"}
+    assert set(form["requestBody"]["content"]) == {
+        "application/json",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    }
 
 
 @pytest.mark.parametrize(

@@ -302,6 +302,7 @@ ROUTES = [
             "point is queued and committed with others within 0.1 s; a later read sees it."
         ),
         body=ref("MetricRequest"),
+        form=True,
         role=Role.SUBMITTER,
     ),
     Route(

@@ -19,7 +19,7 @@ import bottle
 
 from mlbench_daemon import metrics
 from mlbench_daemon.api.common import AUDIT_NOTES, CALLER, JSON, Deps
-from mlbench_daemon.browser import Policy, is_json
+from mlbench_daemon.browser import Policy, body_type_ok
 from mlbench_daemon.errors import ApiError, Forbidden, Unauthorized, cut, echo
 from mlbench_daemon.openapi import Auth, Route
 from mlbench_daemon.tokens import NOBODY, Caller, Tokens
@@ -85,8 +85,9 @@ def _refuse(status: int, message: str, why: Refusal) -> NoReturn:
     )
 
 
-def _browser_checks(policy: Policy) -> None:
-    """Host, Origin and body type (see browser.py), for every request, before routing."""
+def _browser_checks(policy: Policy, route: Route | None) -> None:
+    """Host, Origin and body type (see browser.py), for every request, before routing;
+    *route*: the table entry the request would reach (a form body only for ``form=True``)."""
     env = bottle.request.environ
     host = env.get("HTTP_HOST")
     if not policy.host_allowed(host, int(env.get("SERVER_PORT") or 0)):
@@ -102,8 +103,14 @@ def _browser_checks(policy: Policy) -> None:
             f"Origin {echo(origin)} may not use this API; see server.allowed_origins",
             Refusal.ORIGIN,
         )
-    if bottle.request.content_length > 0 and not is_json(env.get("CONTENT_TYPE", "")):
-        _refuse(415, "a request body must have Content-Type: application/json", Refusal.MEDIA_TYPE)
+    form = route is not None and route.form
+    if bottle.request.content_length > 0 and not body_type_ok(env.get("CONTENT_TYPE", ""), form):
+        _refuse(
+            415,
+            "a request body must have Content-Type: application/json"
+            + (" or application/x-www-form-urlencoded (or multipart/form-data)" if form else ""),
+            Refusal.MEDIA_TYPE,
+        )
 
 
 class ApiPlugin:
@@ -209,11 +216,20 @@ class ApiPlugin:
         if len(path) > 1 and path.endswith("/"):
             env["PATH_INFO"] = path.rstrip("/") or "/"
         try:
-            _browser_checks(self.policy)
+            _browser_checks(self.policy, self._declared())
         except bottle.HTTPResponse as refused:
             bottle.response.status = refused.status_code
             self._audit(self._rule())
             raise
+
+    def _declared(self) -> Route | None:
+        """The table entry of the route this request would reach, if any."""
+        try:
+            route, _ = self.app.router.match(bottle.request.environ) if self.app else (None, None)
+        except bottle.HTTPError:
+            return None
+        declared = route.config.get(DECLARED) if route is not None else None
+        return declared if isinstance(declared, Route) else None
 
     def _rule(self) -> str:
         """The pattern of the route this request would reach (never the path as sent)."""
