@@ -570,6 +570,43 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         "the audit log (JSON lines, mode 0640); empty = audit.log in state.dir",
     ),
     ("log", "level", one_of("debug", "info", "warning", "error"), "info", "log level"),
+    (
+        "metrics",
+        "max_points_per_series",
+        integer(1),
+        100_000,
+        "points kept per metric of one run or one node; more are refused (413)",
+    ),
+    (
+        "metrics",
+        "max_points_per_run",
+        integer(1),
+        1_000_000,
+        "points clients may post for one run, its nodes' included; more are refused (413)",
+    ),
+    (
+        "metrics",
+        "queue_size",
+        integer(1),
+        10_000,
+        "points accepted but not yet written; more are refused (429 with Retry-After)",
+    ),
+    (
+        "metrics",
+        "sample_interval_s",
+        number(0),
+        5.0,
+        "seconds between the daemon's samples of a live run's nodes (cpu, memory, network), "
+        "read from the node's probe loop (0 = no samples)",
+    ),
+    (
+        "metrics",
+        "forward_port",
+        integer(1, 65535),
+        18080,
+        "the port on each node's 127.0.0.1 forwarded to the daemon, where a run's ranks post "
+        "metrics (the same on every node)",
+    ),
 )
 
 SECTIONS = tuple(dict.fromkeys(s for s, *_ in SETTINGS))
@@ -665,6 +702,15 @@ class Log:
 
 
 @dataclasses.dataclass(frozen=True)
+class Metrics:
+    max_points_per_series: int
+    max_points_per_run: int
+    queue_size: int
+    sample_interval_s: float
+    forward_port: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One frozen object per section: cfg.server.port, cfg.ssh.user, ..."""
 
@@ -674,6 +720,7 @@ class Config:
     mpi: Mpi
     state: State
     log: Log
+    metrics: Metrics
 
 
 SECTION_TYPES: dict[str, type] = {
@@ -683,6 +730,7 @@ SECTION_TYPES: dict[str, type] = {
     "mpi": Mpi,
     "state": State,
     "log": Log,
+    "metrics": Metrics,
 }
 
 

@@ -215,6 +215,13 @@ PATH_PARAMS: dict[str, Schema] = {
         "description": "The run's id (MLBench's integer pk).",
         "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
     },
+    "pk": {
+        "name": "pk",
+        "in": "path",
+        "required": True,
+        "description": "A run's id (`metric_type=run`) or a node's name (`metric_type=pod`).",
+        "schema": {"type": "string"},
+    },
 }
 
 
@@ -283,6 +290,7 @@ TAGS: list[Schema] = [
         "they hold alone.",
     },
     {"name": "page", "description": "The status page and its static files."},
+    {"name": "metrics", "description": "MLBench's metrics of runs and of their nodes."},
 ]
 
 

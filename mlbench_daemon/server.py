@@ -35,6 +35,8 @@ from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.jobs.preflight import Preflight
 from mlbench_daemon.jobs.runs import Runs
+from mlbench_daemon.jobs.sampler import NodeSampler
+from mlbench_daemon.metricstore import MetricStore, RunLookup
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store, StoreError, fs_fault_message
@@ -75,7 +77,9 @@ def read_tokens(server_cfg: config.Server) -> Tokens:
 
 
 class Daemon:
-    def __init__(self, cfg: config.Config) -> None:
+    def __init__(self, cfg: config.Config, runs: RunLookup | None = None) -> None:
+        """`runs`: the runs metrics belong to and whose nodes are sampled (none: no run,
+        no samples)."""
         self.cfg = cfg
         tokens = read_tokens(cfg.server)
         if cfg.server.max_streams >= cfg.server.threads:
@@ -114,8 +118,29 @@ class Daemon:
             raise StartupError(
                 f"state.audit_file: cannot open {audit_path}: {e.strerror or e}"
             ) from None
+        m = cfg.metrics
+        try:
+            self.metric_store = MetricStore(
+                os.path.join(cfg.state.dir, "metrics.sqlite"),
+                max_points_per_series=m.max_points_per_series,
+                max_points_per_run=m.max_points_per_run,
+                queue_size=m.queue_size,
+            )
+        except (OSError, sqlite3.Error) as e:
+            fault = fs_fault_message(cfg.state.dir)
+            raise StartupError(
+                f"state.dir: {fault or f'cannot open metrics.sqlite: {e}'}"
+            ) from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.runs = Runs(cfg, self.jobs, self.registry)
+        runs = self.runs if runs is None else runs  # the daemon's own runs, unless given
+        store = self.metric_store
+        self.runs.on_deleted(lambda run_id: (store.delete_run(run_id), None)[1])  # prune with it
+        self.sampler = (
+            NodeSampler(m.sample_interval_s, runs, self.registry, self.pool, self.metric_store)
+            if m.sample_interval_s > 0
+            else None
+        )
         self.preflight = Preflight(cfg, self.pool, self.registry)
         self.app = api.make_app(
             self.registry,
@@ -123,6 +148,8 @@ class Daemon:
             preflight=self.preflight,
             tokens=tokens,
             audit=self.audit,
+            metric_store=self.metric_store,
+            run_lookup=runs,
             max_body_bytes=cfg.server.max_body_bytes,
             max_streams=cfg.server.max_streams,
             policy=Policy.from_config(cfg.server),
@@ -144,6 +171,8 @@ class Daemon:
         try:
             self.runs.start()  # the holds first: a job re-attached may wait for them
             self.jobs.start()
+            if self.sampler is not None:
+                self.sampler.start()
             self._prune()
             threading.Thread(target=self._retain, name="retention", daemon=True).start()
             self.http = self._bind()
@@ -169,10 +198,13 @@ class Daemon:
         finally:
             self._stop.set()
             self.runs.stop()
+            if self.sampler is not None:
+                self.sampler.stop()
             self.jobs.stop()
             self.registry.stop()
             self.pool.close()
             self.audit.close()
+            self.metric_store.close()
         log.info("stopped")
         return code
 

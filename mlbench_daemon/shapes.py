@@ -20,7 +20,7 @@ messages and the order it checks fields in are its own (the golden files pin the
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import msgspec
 from msgspec import Meta
@@ -750,6 +750,85 @@ class Run(msgspec.Struct):
     ]
 
 
+# --- metrics (MLBench's runs and metrics; metricstore.py) ------------------------------
+
+METRIC_DATE_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{6}Z$"
+MetricDate = Annotated[
+    str,
+    Meta(pattern=METRIC_DATE_PATTERN,
+         description="UTC, microseconds (MLBench's `%Y-%m-%dT%H:%M:%S.%fZ`)."),
+]  # fmt: skip
+METRIC_NAME_MAX = 200
+METRIC_VALUE_MAX = 10_000
+METRIC_METADATA_MAX = 10_000
+
+
+class MetricPoint(msgspec.Struct):
+    """One point of a metric series, as MLBench serves it."""
+
+    date: MetricDate
+    value: Annotated[
+        str,
+        Meta(description="As posted (a number as text, or text such as an official "
+             "result); the mean of a group's numbers with `summarize`."),
+    ]  # fmt: skip
+    cumulative: bool
+
+
+class MetricPosted(msgspec.Struct):
+    """The point a `POST /api/metrics/` stored (MLBench's answer)."""
+
+    name: str
+    value: str
+    date: MetricDate
+    metadata: str
+    cumulative: bool
+
+
+class AllMetrics(msgspec.Struct):
+    """Every node's and every run's metric series (MLBench's `GET /api/metrics/`)."""
+
+    pod_metrics: Annotated[
+        dict[str, dict[str, list[MetricPoint]]],
+        Meta(description="Node name -> metric name -> points, oldest first."),
+    ]
+    run_metrics: Annotated[
+        dict[str, dict[str, list[MetricPoint]]],
+        Meta(description="Run name -> metric name -> points, oldest first."),
+    ]
+
+
+class MetricRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A metric point to store (`POST /api/metrics/`), as JSON or as a form (every value
+    then a string, as mlbench-core's `post_metric` sends it).  Exactly one of `run_id`
+    (a run's own metric) and `pod_name` (a node's, for the run holding that node)."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=METRIC_NAME_MAX, pattern=NO_NUL)]
+    value: Annotated[
+        str | float,
+        Meta(description="A number, or text (at most 10,000 characters)."),
+    ]
+    run_id: Annotated[
+        int | str | None,
+        Meta(description="The run's id (a whole number; as text in a form)."),
+    ] = None
+    pod_name: Annotated[str | None, Meta(description="A node of a run.")] = None
+    date: Annotated[
+        str | None,
+        Meta(description="ISO 8601 (`Z` or an offset) or Python's `str(datetime)` (a space, "
+             "no zone: UTC); none = now."),
+    ] = None  # fmt: skip
+    metadata: Annotated[
+        str | dict[str, Any] | None,
+        Meta(description="Free text or an object (stored as its JSON), at most 10,000 "
+             "characters."),
+    ] = None  # fmt: skip
+    cumulative: Annotated[
+        bool | str | None,
+        Meta(description="Whether the value adds up over time; `True`/`False` in a form."),
+    ] = None
+
+
 ENUMS = (
     Phase,
     JobState,
@@ -775,8 +854,13 @@ ENUM_TEXT: dict[type, str] = {
     "`Failed`: reached it but it refused us or could not be trusted (also when seen on a "
     "fresh login while an old session still works).",
 }
-ANSWERS = (Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall, Whoami, Run)
-REQUESTS = (JobRequest, PreflightRequest, RunRequest)
+ANSWERS: tuple[type[msgspec.Struct], ...] = (
+    Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall, Whoami, Run,
+    MetricPoint, MetricPosted, AllMetrics,
+)  # fmt: skip
+REQUESTS: tuple[type[msgspec.Struct], ...] = (
+    JobRequest, PreflightRequest, RunRequest, MetricRequest,
+)  # fmt: skip
 
 
 def _words_ref(t: type) -> dict[str, object]:

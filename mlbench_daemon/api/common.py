@@ -12,12 +12,14 @@ import bottle
 
 from mlbench_daemon.api.streams import Streams
 from mlbench_daemon.errors import BadRequest, PayloadTooLarge, echo
+from mlbench_daemon.metricstore import NO_RUNS, RunLookup
 from mlbench_daemon.tokens import NOBODY, Caller
 
 if TYPE_CHECKING:  # the API is given these; it imports none of them
     from mlbench_daemon.jobs import Jobs
     from mlbench_daemon.jobs.preflight import Preflight
     from mlbench_daemon.jobs.runs import Runs
+    from mlbench_daemon.metricstore import MetricStore
     from mlbench_daemon.nodes import Registry
 
 JSON = "application/json"
@@ -41,6 +43,8 @@ class Deps:
     document: str  # the served OpenAPI document (made from the route table once)
     tokens_enabled: bool = False  # whether requests must carry a token
     runs: Runs | None = None  # MLBench runs (api/runs.py); None: those routes answer 503
+    metric_store: MetricStore | None = None  # None: the metrics routes answer 404
+    run_lookup: RunLookup = NO_RUNS  # the runs metrics belong to (none: nothing to post)
 
 
 def caller() -> Caller:

@@ -78,6 +78,11 @@ class Pool:
         checked its listener) while the node's probe loop runs; None when it does not."""
         return self.watches.ages(self.connection(ip, port))
 
+    def counters(self, ip: str, port: int) -> tuple[float, Answer] | None:
+        """The node's newest probe-loop answer (its /proc counters) and when it came (epoch);
+        None before its first.  Asks nothing: what the probe rounds already read."""
+        return self.watches.last(ip, port)
+
     def watch_many(
         self, rounds: list[tuple[str, int, bool]], timeout: float
     ) -> list[Answer | SSHError]:

@@ -181,6 +181,7 @@ class Loop:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     exec_at: float = -1e18  # monotonic: the last new exec that worked on this session
     checked_at: float = -1e18  # monotonic: the node's last listener check that worked
+    last: tuple[float, Answer] | None = None  # the newest answer and its time (epoch)
 
     def live(self, conn: Connection) -> bool:
         chan = self.chan
@@ -217,6 +218,13 @@ class Watches:
             return None
         now = time.monotonic()
         return now - loop.exec_at, now - loop.checked_at
+
+    def last(self, ip: str, port: int) -> tuple[float, Answer] | None:
+        """The newest answer of (ip, port)'s loop and when it came (epoch seconds); None
+        before the first.  Read, never asked: a run's node samples are these counters."""
+        with self._lock:
+            loop = self._loops.get((ip, port))
+        return None if loop is None else loop.last
 
     def executed(self, conn: Connection) -> None:
         """A new command just ran on conn's session (`true`)."""
@@ -325,6 +333,7 @@ class Watches:
         answer = parse(line, now - start, conn.where)
         if answer.checked:
             loop.checked_at = now
+        loop.last = (time.time(), answer)
         return answer
 
     @staticmethod
