@@ -27,6 +27,7 @@ from waitress import wasyncore
 import mlbench_daemon
 from mlbench_daemon import cli, logs, metrics
 from mlbench_daemon.client import Client, ExitStatus
+from tests import mlbench_core
 
 TOKEN = "s3cret-token"
 HANG_S = 60  # bound on an answer that should take a moment
@@ -760,36 +761,10 @@ def test_serve_refuses_a_full_store(tmp_path, unused_port):
 # --- MLBench runs ---------------------------------------------------------------------
 
 
-def mlbench_core_api():
-    """mlbench-core 3.0.0's own api.py, loaded alone (its package imports torch), with
-    a stand-in `kubernetes` module: its code paths are not used when url= is given."""
-    import importlib.util
-    import types
-
-    path = "/var/tmp/mlc/mlbench_core/api.py"
-    if not os.path.exists(path):
-        pytest.skip("needs mlbench-core 3.0.0's api.py (pip download mlbench-core==3.0.0)")
-    k8s = types.ModuleType("kubernetes")
-    k8s.client = types.SimpleNamespace(ApiClient=type("ApiClient", (), {}))
-    k8s.config = types.SimpleNamespace()
-    saved = sys.modules.get("kubernetes")
-    sys.modules["kubernetes"] = k8s
-    try:
-        spec = importlib.util.spec_from_file_location("mlbench_core_api", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del sys.modules["kubernetes"]
-        else:
-            sys.modules["kubernetes"] = saved
-    return module
-
-
 def test_run_catalogue_posts_the_form_mlbench_core_posts(standin):
-    core = mlbench_core_api()
+    core = mlbench_core.api_module()
     image = "PyTorch Cifar-10 ResNet-20"
-    client = core.ApiClient(in_cluster=False, url=standin.url.removeprefix("http://"))
+    client = mlbench_core.api_client(standin.url.removeprefix("http://"))
     assert client.create_run("r1", 2, image=image).result(HANG_S).status_code == 201
     entry = core.MLBENCH_IMAGES[image][0]
     assert run_cli(["--url", standin.url, "run", "--catalogue", entry, "-n", "2"])[0] == 0

@@ -1121,3 +1121,103 @@ def test_runs_view_plots_a_live_run_and_stops_when_it_ends(tab, daemon):
     wait_text(page.locator('#runs tr[data-key="7"]'), r"finished")
     assert page.locator('#runs tr[data-key="7"] button').is_hidden()
     assert not tab.console_errors() and not tab.errors and not tab.csp()
+
+
+def post_run(daemon, name, workers, image):
+    """POST /api/runs/ as mlbench-core posts it (a form) -> the run."""
+    form = {
+        "name": name,
+        "num_workers": str(workers),
+        "num_cpus": "2.0",
+        "max_bandwidth": "1000",
+        "gpu_enabled": "false",
+        "light_target": "false",
+        "run_all_nodes": "false",
+        "image_name": image,
+    }
+    status, _, raw = daemon.request(
+        "POST",
+        "/api/runs/",
+        urllib.parse.urlencode(form).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 201, raw
+    return json.loads(raw)
+
+
+class Poster:
+    """What a rank of the run does (until the forward branch gives the ranks a URL): posts
+    its loss and accuracy to the daemon through the REST API every 0.3 s, and one text
+    result, from a thread of the test process."""
+
+    def __init__(self, daemon, run_id):
+        self.daemon, self.run_id, self.sent = daemon, run_id, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.post_all, daemon=True)
+        self.thread.start()
+
+    def post(self, name, value):
+        body = {"run_id": self.run_id, "name": name, "value": value, "cumulative": False}
+        status, _, raw = self.daemon.request("POST", "/api/metrics/", body)
+        assert status == 201, raw
+
+    def post_all(self):
+        self.post("TaskResult @ 0", "ResNet-20 reached 0.9 in 12 s")
+        while not self.done.wait(0.3):
+            self.sent += 1
+            self.post("loss", 2.0 / self.sent)
+            self.post("accuracy", min(0.99, 0.05 * self.sent))
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(HANG)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_runs_view_plots_a_real_run_on_the_cluster_live(browser, start_daemon, cluster):
+    """A run launched through the daemon's POST /api/runs/ on two nodes of the cluster; its
+    metrics posted through POST /api/metrics/ while it runs, its nodes sampled by the
+    daemon every second; the page plots both, the charts grow while the run is live and
+    stop when it ends."""
+    daemon = start_daemon(
+        mpi={"catalogue": {"sleeper": f"{cluster.mpi_program} --sleep 30"}},
+        metrics={"sample_interval_s": 1.0},
+    )
+    run = post_run(daemon, "live-run", 2, "sleeper")
+    tab = Tab(browser, daemon.url)
+    poster = None
+    try:
+        page = tab.open("#/runs")
+        wait_text(page.locator(f'#runs tr[data-key="{run["id"]}"]'), r"live-run\s+started")
+        poster = Poster(daemon, run["id"])
+        page.locator(f'#runs tr[data-key="{run["id"]}"] a').first.click()
+        wait_text(page.locator("#h-run"), rf"Run {run['id']} \(live-run\): started")
+        record = wait_text(page.locator("#run-record"), r"--sleep 30")
+        pods = daemon.json("GET", f"/api/runs/{run['id']}")[1]["job_metadata"]["pods"]
+        assert ", ".join(p[2] for p in pods) in record
+        for key in ("run:loss", "run:accuracy", "node:cpu", "node:memory", "node:network_in"):
+            figure(page, key).locator("canvas").first.wait_for()
+        wait_text(page.locator("#run-results"), r"TaskResult @ 0\s*ResNet-20 reached 0.9")
+        legend = figure(page, "node:cpu").locator(".u-legend").inner_text()
+        assert all(p[2] in legend for p in pods), legend
+        seen = {k: points_of(page, k) for k in ("run:loss", "node:cpu")}
+        for key, before in seen.items():
+            wait_for(lambda k=key, b=before: points_of(page, k) > b + 2, HANG, f"{key} to grow")
+        # the run ends by itself; the page reads its end and then asks nothing more
+        wait_text(page.locator("#h-run"), r": finished", timeout=HANG * 2)
+        poster.stop()
+        wait_text(page.locator("#run-charts-state"), r"ended")
+        run_path = urllib.parse.urlsplit(f"{daemon.url}/api/runs/{run['id']}").path
+        asked = sum(urllib.parse.urlsplit(u).path == run_path for m, u, h in tab.requests)
+        page.wait_for_timeout(3 * 3000 + 1000)
+        assert sum(urllib.parse.urlsplit(u).path == run_path for m, u, h in tab.requests) == asked
+        # what the page shows is what the daemon holds
+        loss = daemon.json("GET", f"/api/metrics/{run['id']}?metric_type=run&metric_filter=loss")
+        shown = points_of(page, "run:loss")
+        assert 0 < shown <= len(loss[1]["loss"])
+        assert not tab.console_errors() and not tab.errors and not tab.csp()
+    finally:
+        if poster:
+            poster.stop()
+        tab.close()

@@ -5,7 +5,7 @@
 // Charts are uPlot (vendored, loaded on the first run shown: the other views never pay
 // for it); it styles its elements through CSSOM properties, which the CSP allows.
 
-import { getJSON } from "./api.js";
+import { ApiError, getJSON } from "./api.js";
 import { $, JOBS_EVERY_MS, confirmAction, fmtTime, mayCancel, poller, row, setText, syncRows } from "./page.js";
 
 export const RUN_EVERY_MS = 3000;
@@ -277,7 +277,11 @@ async function loadNodeMetrics(run, signal) {
       let held = detail.pods.get(pod);
       if (!held) detail.pods.set(pod, (held = { since: run.created_at, last: -Infinity, series: {} }));
       const q = new URLSearchParams({ metric_type: "pod", since: held.since });
-      const got = await getJSON(`/api/metrics/${encodeURIComponent(pod)}?${q}`, { signal });
+      // a node with no sample yet is a 404 ("no node ... has metrics"): nothing to add
+      const got = await getJSON(`/api/metrics/${encodeURIComponent(pod)}?${q}`, { signal }).catch((e) => {
+        if (e instanceof ApiError && e.status === 404) return {};
+        throw e;
+      });
       for (const [name, points] of Object.entries(got)) {
         const [xs, ys] = (held.series[name] ||= [[], []]);
         for (const p of points) {
