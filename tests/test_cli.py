@@ -826,3 +826,50 @@ def test_run_catalogue_wait_follows_the_output_and_exits_with_the_job_code(stand
         with pytest.raises(SystemExit) if "0" in argv else contextlib.nullcontext():
             assert run_cli(["--url", standin.url, "run", *argv])[0] == ExitStatus.UNUSABLE
     assert len(standin.forms) == posted
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_runs_cli_against_the_daemon(start_daemon, cluster, capfd):
+    prog = str(cluster.mpi_program)
+    daemon = start_daemon(
+        mpi={
+            "catalogue": {
+                "allreduce": prog,
+                "exit3": f"{prog} --exit 3",
+                "long": f"{prog} --sleep 120",
+            }
+        }
+    )
+    url = ["--url", daemon.url]
+    code, text = run_cli([*url, "run", "--catalogue", "allreduce", "-n", "2", "--wait"])
+    assert code == 0 and "allreduce ok 2" in text, text
+    err = capfd.readouterr().err
+    assert re.search(r"run 1 \(allreduce-\d{8}-\d{6}\): (initialized|started)", err), err
+    assert "run 1: finished" in err
+    # a failing run: the job's exit code, and its root cause on stderr
+    code, text = run_cli(
+        [*url, "run", "--catalogue", "exit3", "-n", "1", "--name", "bad", "--wait"]
+    )
+    assert code == 3, text
+    assert "run 2: failed" in capfd.readouterr().err
+    # without --wait: made, and listed; the daemon's refusal is its message, exit 1
+    code, text = run_cli([*url, "--json", "run", "--catalogue", "long", "-n", "3", "--name", "x"])
+    assert code == 0 and json.loads(text)["state"] in ("initialized", "started")
+    code, text = run_cli([*url, "run", "--catalogue", "nope", "-n", "1"])
+    assert code == ExitStatus.FAILED and "nope" in capfd.readouterr().err
+    code, text = run_cli([*url, "runs"])
+    rows = [line.split() for line in text.splitlines()[1:]]
+    assert [(r[0], r[1], r[2]) for r in rows][1:] == [
+        ("2", "bad", "failed"),
+        ("1", rows[2][1], "finished"),
+    ]
+    assert rows[0][:3] in (["3", "x", "started"], ["3", "x", "initialized"])
+    listed = json.loads(run_cli([*url, "runs", "--json"])[1])
+    assert listed == daemon.json("GET", "/api/runs/")[1]
+    # delete a live run: its job is cancelled first, then the run is gone
+    job_id = daemon.json("GET", "/api/runs/3")[1]["job_id"]
+    assert run_cli([*url, "runs", "delete", "3"]) == (0, "run 3: deleted\n")
+    assert daemon.request("GET", "/api/runs/3")[0] == 404
+    assert daemon.json("GET", f"/api/mpi_jobs/{job_id}")[1]["state"] == "cancelled"
+    assert run_cli([*url, "runs", "delete", "3"])[0] == ExitStatus.FAILED
