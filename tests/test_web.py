@@ -525,6 +525,7 @@ def test_no_console_error_or_csp_violation_on_any_view(tab, daemon, cluster):
         ("#/jobs", f'#jobs tr[data-key="{job["id"]}"]'),
         (f"#/jobs/{job['id']}", "#job-record dt"),
         ("#/launch", "#launch-nodes label"),
+        ("#/runs", "#runs-empty:not([hidden])"),
         ("#/", "#nodes tbody tr"),
     ):
         page.goto(f"{daemon.url}/{hash}")
@@ -533,7 +534,7 @@ def test_no_console_error_or_csp_violation_on_any_view(tab, daemon, cluster):
     wait_text(page.locator("#updated"), r"Updated \d+ s ago")
     assert tab.console_errors() == [] and tab.errors == [] and tab.csp() == []
     # structure: real tables, one polite live region, keyboard only
-    for table in ("#nodes", "#jobs"):
+    for table in ("#nodes", "#jobs", "#runs"):
         assert page.locator(f"{table} caption").count() == 1
         assert page.locator(f"{table} thead th:not([scope=col])").count() == 0
     assert page.locator("#nodes tbody th[scope=row]").count() == 3
