@@ -134,8 +134,7 @@ class Daemon:
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.runs = Runs(cfg, self.jobs, self.registry)
         runs = self.runs if runs is None else runs  # the daemon's own runs, unless given
-        store = self.metric_store
-        self.runs.on_deleted(lambda run_id: (store.delete_run(run_id), None)[1])  # prune with it
+        self.runs.on_deleted(self._prune_metrics)
         self.sampler = (
             NodeSampler(m.sample_interval_s, runs, self.registry, self.pool, self.metric_store)
             if m.sample_interval_s > 0
@@ -207,6 +206,10 @@ class Daemon:
             self.metric_store.close()
         log.info("stopped")
         return code
+
+    def _prune_metrics(self, run_id: int) -> None:
+        """A deleted run's metrics go with it."""
+        self.metric_store.delete_run(run_id)
 
     def stop(self) -> None:
         """Ask run() to shut down (what SIGTERM does)."""
