@@ -148,10 +148,10 @@ def make_cluster():
 class LiveDaemon:
     """The real daemon (server.Daemon) serving on a loopback port, in a thread."""
 
-    def __init__(self, cfg_path):
+    def __init__(self, cfg_path, runs=None):
         from mlbench_daemon import config, server
 
-        self.daemon = server.Daemon(config.load(cfg_path))
+        self.daemon = server.Daemon(config.load(cfg_path), runs=runs)
         self.errors = []
         self.thread = threading.Thread(target=self._run, name="daemon", daemon=True)
         self.thread.start()
@@ -227,14 +227,14 @@ def start_daemon(cluster, tmp_path):
     """start_daemon(**config_overrides) -> LiveDaemon on the shared cluster, all workers Running."""
     started = []
 
-    def start(wait_running=True, **overrides):
+    def start(wait_running=True, runs=None, **overrides):
         overrides.setdefault("server", {}).setdefault("port", 0)
         overrides.setdefault("log", {}).setdefault("level", "warning")
         n = len(started)
         path = cluster.write_config(
             tmp_path / f"daemon{n}.toml", tmp_path / f"state{n}", **overrides
         )
-        d = LiveDaemon(path)
+        d = LiveDaemon(path, runs=runs)
         started.append(d)
         token_file = overrides.get("server", {}).get("token_file")
         if token_file:
