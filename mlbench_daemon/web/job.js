@@ -3,30 +3,13 @@
 
 import { ApiError, getJSON } from "./api.js";
 import { LogView, download, follow, loadTail } from "./log.js";
-import { $, BACKOFF_MAX_MS, FAILURE_FIELDS, JOBS_EVERY_MS, STYLED, confirmCancel, failing, fmtBytes, fmtDuration, fmtTime, isFinal, mayCancel, poller, row, setText } from "./page.js";
+import { $, BACKOFF_MAX_MS, FAILURE_FIELDS, dl, JOBS_EVERY_MS, STYLED, confirmCancel, failing, fmtBytes, fmtDuration, fmtTime, isFinal, mayCancel, poller, row, setText } from "./page.js";
 import { loadVocabulary } from "./vocabulary.js";
 
 // ---- job detail ---------------------------------------------------------------------
 
 const detail = { id: null, job: null, view: null, ctrl: null, rollCall: null };
 const RANKS_TIMEOUT_MS = 120000; // the daemon bounds a roll-call by mpi.roll_call_timeout_s
-
-// A <dl> of [term, value] pairs: values are updated in place while the terms stay
-// the same (a selection survives a refresh); rebuilt when the terms change.
-function dl(el, pairs) {
-  const terms = pairs.map((p) => p[0]).join("\u0000");
-  if (el.dataset.terms !== terms) {
-    el.dataset.terms = terms;
-    const items = [];
-    for (const [k] of pairs) {
-      const dt = document.createElement("dt");
-      dt.textContent = k;
-      items.push(dt, document.createElement("dd"));
-    }
-    el.replaceChildren(...items);
-  }
-  pairs.forEach(([, v], i) => setText(el.children[2 * i + 1], v));
-}
 
 function showExtent() {
   const v = detail.view;

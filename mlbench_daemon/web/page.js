@@ -168,13 +168,35 @@ export function fmtTime(iso) {
 }
 
 export function fmtDuration(job) {
-  if (!job.started) return "\u2014";
-  const end = job.finished ? Date.parse(job.finished) : Date.now();
-  let s = Math.max(0, Math.round((end - Date.parse(job.started)) / 1000));
+  return fmtSpan(job.started, job.finished);
+}
+
+// From `start` to `end` (ISO dates; no end: until now).
+export function fmtSpan(start, end) {
+  if (!start) return "\u2014";
+  const until = end ? Date.parse(end) : Date.now();
+  let s = Math.max(0, Math.round((until - Date.parse(start)) / 1000));
   const h = Math.floor(s / 3600);
   const m = Math.floor((s % 3600) / 60);
   s %= 60;
   return h ? `${h} h ${m} min` : m ? `${m} min ${s} s` : `${s} s`;
+}
+
+// A <dl> of [term, value] pairs: values are updated in place while the terms stay
+// the same (a selection survives a refresh); rebuilt when the terms change.
+export function dl(el, pairs) {
+  const terms = pairs.map((p) => p[0]).join("\u0000");
+  if (el.dataset.terms !== terms) {
+    el.dataset.terms = terms;
+    const items = [];
+    for (const [k] of pairs) {
+      const dt = document.createElement("dt");
+      dt.textContent = k;
+      items.push(dt, document.createElement("dd"));
+    }
+    el.replaceChildren(...items);
+  }
+  pairs.forEach(([, v], i) => setText(el.children[2 * i + 1], v));
 }
 
 export function setText(el, text) {

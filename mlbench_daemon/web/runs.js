@@ -6,7 +6,7 @@
 // for it); it styles its elements through CSSOM properties, which the CSP allows.
 
 import { ApiError, getJSON } from "./api.js";
-import { $, JOBS_EVERY_MS, confirmAction, fmtTime, mayCancel, poller, row, setText, syncRows } from "./page.js";
+import { $, JOBS_EVERY_MS, confirmAction, dl, fmtSpan, fmtTime, mayCancel, poller, row, setText, syncRows } from "./page.js";
 
 export const RUN_EVERY_MS = 3000;
 const SUMMARIZE = 500; // a run metric is averaged by the daemon down to this many points
@@ -27,15 +27,7 @@ export const isLive = (run) => LIVE.includes(run.state);
 const runPath = (id) => `/api/runs/${encodeURIComponent(id)}`;
 const seconds = (iso) => Date.parse(iso) / 1000;
 
-function fmtRunDuration(run) {
-  if (!run.created_at) return "\u2014";
-  const end = run.finished_at ? Date.parse(run.finished_at) : Date.now();
-  let s = Math.max(0, Math.round((end - Date.parse(run.created_at)) / 1000));
-  const h = Math.floor(s / 3600);
-  const m = Math.floor((s % 3600) / 60);
-  s %= 60;
-  return h ? `${h} h ${m} min` : m ? `${m} min ${s} s` : `${s} s`;
-}
+const fmtRunDuration = (run) => fmtSpan(run.created_at, run.finished_at);
 
 // The names of the run's nodes: job_metadata.pods is MLBench's [ip, namespace, name, labels].
 function podNames(run) {
@@ -113,22 +105,6 @@ export const runsPoller = poller("runs", JOBS_EVERY_MS, async (signal) => {
 // ---- one run ----------------------------------------------------------------------------
 
 const detail = { id: null, run: null, pods: new Map(), charts: new Map(), texts: new Map(), gen: 0 };
-
-// The record: [term, value] pairs in a <dl>, values updated in place.
-function dl(el, pairs) {
-  const terms = pairs.map((p) => p[0]).join("\u0000");
-  if (el.dataset.terms !== terms) {
-    el.dataset.terms = terms;
-    const items = [];
-    for (const [k] of pairs) {
-      const dt = document.createElement("dt");
-      dt.textContent = k;
-      items.push(dt, document.createElement("dd"));
-    }
-    el.replaceChildren(...items);
-  }
-  pairs.forEach(([, v], i) => setText(el.children[2 * i + 1], v));
-}
 
 const KNOWN = new Set(["id", "name", "created_at", "finished_at", "state", "job_id", "job_metadata", "num_workers"]);
 const KNOWN_META = new Set(["stdout", "stderr", "command", "master_name", "pods", "notes"]);
