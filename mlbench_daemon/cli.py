@@ -364,21 +364,23 @@ def cmd_mlbench_run(client: Client, args: argparse.Namespace, out: TextIO) -> in
 
 
 def wait_run(client: Client, run: dict[str, Any], out: TextIO) -> dict[str, Any]:
-    """Poll the run until it is final, copying its job's output once it has a job;
-    says on stderr when the state changes (a queued run waits for its nodes)."""
+    """Copy the run's job output once it has a job (also when the run already ended),
+    and poll the run until it is final; says on stderr when the state changes (a queued
+    run waits for its nodes)."""
     followed = False
     state = run.get("state")
-    while run.get("state") not in RUN_FINAL:
+    while True:
         if run.get("job_id") and not followed:
             copy_logs(client, str(run["job_id"]), 0, out.buffer, follow=True)
             followed = True  # the job ended; the run follows within a round or two
+        elif run.get("state") in RUN_FINAL:
+            return run
         else:
             time.sleep(RUN_POLL_S)
         run = client.json("GET", run_path(run["id"]))
         if run.get("state") != state:
             state = run.get("state")
             sys.stderr.write(f"{PROG}: run {run.get('id')}: {state}\n")
-    return run
 
 
 def cmd_runs(client: Client, args: argparse.Namespace, out: TextIO) -> int:

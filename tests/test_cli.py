@@ -160,6 +160,7 @@ class StandIn:
     CATALOGUE: typing.ClassVar = {
         "mlbench/pytorch-cifar10-resnet20-all-reduce:latest": ["sh", "-c", "echo epoch 1"],
         "failing": ["sh", "-c", "sleep 0.3; echo diverged; exit 4"],
+        "over-at-once": ["sh", "-c", "echo already done"],  # answered once its job ended
     }
     RUN_STATE: typing.ClassVar = {"running": "started", "succeeded": "finished"}
 
@@ -179,6 +180,8 @@ class StandIn:
         with self.lock:
             rid = len(self.runs) + 1
         job = self.start_job({"program": self.CATALOGUE[form["image_name"]]})
+        if form["image_name"] == "over-at-once":
+            job["done"].wait(HANG_S)
         run = {"id": rid, "name": form["name"], "created_at": "2026-01-01", "job_id": job["id"]}
         run["num_workers"] = int(form["num_workers"])
         self.runs[rid] = run
@@ -817,6 +820,11 @@ def test_run_catalogue_wait_follows_the_output_and_exits_with_the_job_code(stand
                           "--json"])  # fmt: skip
     assert code == 0 and text.endswith("}\nepoch 1\n")  # run_cli: the text, then the bytes
     assert json.loads(text.removesuffix("epoch 1\n"))["state"] == "finished"
+    # a run over before the POST answers: its output all the same
+    code, text = run_cli(
+        ["--url", standin.url, "run", "--catalogue", "over-at-once", "-n", "1", "--wait"]
+    )
+    assert (code, text) == (0, "already done\n")
     # what the daemon refuses: its message, exit 1; usage errors: exit 2, nothing posted
     assert run_cli(["--url", standin.url, "run", "--catalogue", "nope", "-n", "1"])[0] == 1
     posted = len(standin.forms)
