@@ -1222,3 +1222,48 @@ def test_runs_view_plots_a_real_run_on_the_cluster_live(browser, start_daemon, c
         if poster:
             poster.stop()
         tab.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(240)
+def test_runs_view_delete_control_follows_the_role(browser, start_daemon, cluster, tmp_path):
+    """With named tokens: a viewer reads the runs and their charts but sees no delete
+    control; an admin sees it, and deleting from the page cancels the live run's job."""
+    from mlbench_daemon import tokens
+    from mlbench_daemon.vocabulary import Role
+
+    path = str(tmp_path / "tokens.json")
+    viewer = tokens.add(path, "vera", Role.VIEWER)
+    admin = tokens.add(path, "root", Role.ADMIN)
+    daemon = start_daemon(
+        wait_running=False,
+        server={"tokens_file": path},
+        mpi={"catalogue": {"long": f"{cluster.mpi_program} --sleep 120"}},
+    )
+    daemon.token = admin
+    daemon.wait_nodes(lambda ns: len(ns) == 3 and all(n["phase"] == "Running" for n in ns))
+    run = post_run(daemon, "held-run", 1, "long")
+    for token, may in ((viewer, False), (admin, True)):
+        tab = Tab(browser, daemon.url)
+        tab.context.add_init_script(f"sessionStorage.setItem('mlbench-daemon-token', '{token}')")
+        try:
+            page = tab.open("#/runs")
+            row = page.locator(f'#runs tr[data-key="{run["id"]}"]')
+            wait_text(row, r"held-run")
+            page.wait_for_timeout(500)  # who am I has answered: the controls are decided
+            assert row.locator("button").is_visible() == may
+            page.goto(f"{daemon.url}/#/runs/{run['id']}")
+            wait_text(page.locator("#run-record"), r"--sleep 120")
+            assert page.locator("#run-delete").is_visible() == may
+            if may:
+                job_id = daemon.json("GET", f"/api/runs/{run['id']}")[1]["job_id"]
+                page.click("#run-delete")
+                assert page.locator("#confirm-title").inner_text() == "Delete this run?"
+                page.click("#confirm-yes")
+                page.wait_for_url(re.compile(r"#/runs$"))
+                wait_for(lambda r=row: r.count() == 0, HANG, "the run gone from the list")
+                assert daemon.request("GET", f"/api/runs/{run['id']}")[0] == 404
+                assert daemon.wait_job(job_id)["state"] == "cancelled"
+            assert not tab.console_errors() and not tab.errors and not tab.csp()
+        finally:
+            tab.close()
