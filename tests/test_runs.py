@@ -285,3 +285,47 @@ def test_a_cross_site_form_cannot_create_a_run(daemon):
     status, _, raw = daemon.request("POST", "/api/runs/", body=form, headers=headers)
     assert status == 201, raw
     assert [r["name"] for r in daemon.json("GET", "/api/runs/")[1]] == ["r1"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_a_restart_keeps_a_runs_holds_and_delete_fires_the_callbacks(
+    start_daemon, cluster, tmp_path
+):
+    from tests.conftest import LiveDaemon
+
+    first = start_daemon(mpi={"max_concurrent_jobs": 2})  # a slot for the plain job
+    api = _client(first)
+    run = api.create_run(
+        "holder", 2, custom_image_name="x", custom_image_command="sleep 300"
+    ).result().json()  # fmt: skip
+    assert run["state"] == "started", run
+    _poll(lambda: api.get_run(run["id"]).result().json()["job_metadata"]["master_name"])
+    first.stop()  # the run's job goes on on the cluster
+    again = LiveDaemon(tmp_path / "daemon0.toml")  # the same state dir
+    try:
+        again.wait_nodes(lambda ns: all(x["phase"] == "Running" for x in ns) and len(ns) == 3)
+        ended, deleted = [], []
+        again.daemon.runs.on_ended(ended.append)
+        again.daemon.runs.on_deleted(deleted.append)
+        assert [r.id for r in again.daemon.runs.live()] == [run["id"]]
+        api = _client(again)
+        held_nodes = api.get_run(run["id"]).result().json()["job_metadata"]["pods"]
+        assert again.daemon.runs.by_pod(held_nodes[0][2]).id == run["id"]
+        _, job = again.json("POST", "/api/mpi_jobs/", {"program": ["true"], "wait": False})
+        waiting = _poll(
+            lambda: (again.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["waiting"] or {}).get(
+                "detail"
+            ),
+            30,
+        )
+        assert f"run {run['id']} holds" in waiting
+        assert api.delete_run(run["id"]).result().status_code == 204
+        assert deleted == [run["id"]] and [(r.id, r.state) for r in ended] == [
+            (run["id"], "failed")
+        ]
+        assert again.daemon.runs.get_run(run["id"]) is None
+        assert again.wait_job(job["id"])["state"] == "succeeded"
+        wait_for(lambda: job_processes(cluster) == [], timeout=60)
+    finally:
+        again.stop()
