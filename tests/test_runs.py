@@ -329,3 +329,49 @@ def test_a_restart_keeps_a_runs_holds_and_delete_fires_the_callbacks(
         wait_for(lambda: job_processes(cluster) == [], timeout=60)
     finally:
         again.stop()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_four_nodes_two_slots(make_cluster, tmp_path):
+    """mpi.max_concurrent_jobs 2 on 4 workers: two runs of 3 nodes, the second waiting with
+    its position until the first ends, never on a node the first holds; two runs of 2 at
+    once on disjoint nodes."""
+    from tests.conftest import LiveDaemon
+
+    c = make_cluster(workers=4)
+    path = c.write_config(
+        tmp_path / "d.toml", tmp_path / "state", server={"port": 0},
+        log={"level": "warning"}, mpi={"max_concurrent_jobs": 2},
+    )  # fmt: skip
+    d = LiveDaemon(path)
+    try:
+        d.wait_nodes(lambda ns: len(ns) == 4 and all(x["phase"] == "Running" for x in ns), 60)
+        api = _client(d)
+
+        def create(name, n, command):
+            r = api.create_run(name, n, custom_image_name="x", custom_image_command=command)
+            return r.result().json()
+
+        def pods(run_id):
+            run = api.get_run(run_id).result().json()
+            return {p[2] for p in run["job_metadata"]["pods"]}
+
+        a = create("a", 3, "sleep 8")
+        b = create("b", 3, "true")
+        assert a["state"] == "started" and b["state"] == "initialized"
+        assert b["job_metadata"]["waiting"]["position"] == 1
+        assert _until_final(api, a["id"])["state"] == "finished"
+        assert _until_final(api, b["id"])["state"] == "finished"
+        ran_a, ran_b = pods(a["id"]), pods(b["id"])
+        assert len(ran_a) == len(ran_b) == 3
+        a_job = d.json("GET", f"/api/mpi_jobs/{a['job_id']}")[1]
+        b_job = d.json("GET", f"/api/mpi_jobs/{api.get_run(b['id']).result().json()['job_id']}")[1]
+        assert b_job["started"] >= a_job["finished"]  # never at once: they share nodes
+        x, y = create("x", 2, "sleep 5"), create("y", 2, "sleep 5")
+        assert x["state"] == y["state"] == "started"  # at once
+        assert not pods(x["id"]) & pods(y["id"])  # on disjoint nodes
+        assert _until_final(api, x["id"])["state"] == "finished"
+        assert _until_final(api, y["id"])["state"] == "finished"
+    finally:
+        d.stop()
