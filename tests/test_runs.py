@@ -375,3 +375,44 @@ def test_four_nodes_two_slots(make_cluster, tmp_path):
         assert _until_final(api, y["id"])["state"] == "finished"
     finally:
         d.stop()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_roles_and_the_audit_of_runs(start_daemon, tmp_path):
+    from mlbench_daemon import tokens
+    from mlbench_daemon.vocabulary import Role
+
+    path = str(tmp_path / "tokens.json")
+    token = {
+        who: tokens.add(path, who, role)
+        for who, role in (("vera", Role.VIEWER), ("alice", Role.SUBMITTER),
+                          ("bob", Role.SUBMITTER), ("root", Role.ADMIN))
+    }  # fmt: skip
+    d = start_daemon(wait_running=False, server={"tokens_file": path})
+    d.token = token["root"]  # the document's fetch and the wait for the nodes
+    d.wait_nodes(lambda ns: ns and all(x["phase"] == "Running" for x in ns))
+    form = urllib.parse.urlencode(
+        {**FORM, "image_name": "custom_image", "custom_image_command": "sleep 60"}
+    ).encode()
+
+    def call(who, method, url, body=None):
+        headers = {"Authorization": f"Bearer {token[who]}" if who else ""}
+        if body is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        status, _, raw = d.request(method, url, body=body, headers=headers)
+        return status, (json.loads(raw) if raw else None)
+
+    assert call(None, "GET", "/api/runs/")[0] == 401
+    assert call("vera", "POST", "/api/runs/", form)[0] == 403
+    status, run = call("alice", "POST", "/api/runs/", form)
+    assert status == 201 and run["submitted_by"] == "alice"
+    assert call("vera", "GET", f"/api/runs/{run['id']}")[0] == 200
+    status, refused = call("bob", "DELETE", f"/api/runs/{run['id']}")
+    assert (status, refused["error"]) == (403, "not-owner") and "alice" in refused["message"]
+    assert call("vera", "GET", f"/api/runs/{run['id']}")[1]["state"] == "started"
+    assert call("root", "DELETE", f"/api/runs/{run['id']}")[0] == 204
+    lines = [json.loads(x) for x in open(tmp_path / "state0" / "audit.log")]
+    runs = [(x["token"], x["method"], x["status"]) for x in lines if "/api/runs" in x["path"]]
+    assert ("alice", "POST", 201) in runs and ("bob", "DELETE", 403) in runs
+    assert ("root", "DELETE", 204) in runs
