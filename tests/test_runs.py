@@ -416,3 +416,33 @@ def test_roles_and_the_audit_of_runs(start_daemon, tmp_path):
     runs = [(x["token"], x["method"], x["status"]) for x in lines if "/api/runs" in x["path"]]
     assert ("alice", "POST", 201) in runs and ("bob", "DELETE", 403) in runs
     assert ("root", "DELETE", 204) in runs
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_the_env_hook_reaches_the_ranks_and_no_answer(start_daemon, cluster):
+    from mlbench_daemon.jobs.runs import RunEnv
+
+    d = start_daemon()
+    secret = "s3cret-value-of-the-hook"
+    seen = []
+
+    def hook(run, nodes):
+        seen.append((run.id, run.state, run.nodes, [n.name for n in nodes]))
+        return RunEnv({"MLBENCH_RUN_SECRET": secret}, ("node-x refused forwarding",))
+
+    d.daemon.runs.run_env = hook
+    api = _client(d)
+    prog = str(cluster.mpi_program)
+    run = api.create_run(
+        "env", 2, custom_image_name="x", custom_image_command=f"{prog} --env MLBENCH_RUN_SECRET"
+    ).result().json()  # fmt: skip
+    done = _until_final(api, run["id"])
+    assert done["state"] == "finished", done
+    meta = done["job_metadata"]
+    assert f"env 1 MLBENCH_RUN_SECRET={secret}" in meta["stdout"]  # the program printed it
+    assert meta["notes"] == ["node-x refused forwarding"]
+    assert seen == [(run["id"], "started", tuple(seen[0][3]), seen[0][3])] and len(seen[0][3]) == 2
+    assert secret not in meta["command"]
+    job = d.json("GET", f"/api/mpi_jobs/{done['job_id']}")[1]
+    assert job["env"] == {"MLBENCH_RUN_SECRET": "***"} and secret not in job["command"]
