@@ -57,7 +57,8 @@ class Answer:
         out: Schema = {"description": self.description}
         if self.headers:
             out["headers"] = self.headers
-        out["content"] = self.content
+        if self.content:  # none: an answer with no body (a 204)
+            out["content"] = self.content
         return out
 
 

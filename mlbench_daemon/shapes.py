@@ -644,7 +644,7 @@ class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     name: JobName
     num_workers: Annotated[
-        str, Meta(pattern="^[0-9]{1,6}$", description="How many nodes the run holds (>= 1).")
+        str, Meta(pattern="^[1-9][0-9]{0,5}$", description="How many nodes the run holds.")
     ]
     image_name: Annotated[
         str,

@@ -114,6 +114,9 @@ def check_answer(
         assert response is not None, (
             f"{where}: status not in the document ({sorted(op['responses'])})"
         )
+    if "content" not in response:  # an answer declared with no body (a 204)
+        assert body == b"", f"{where}: a body where the document declares none"
+        return
     media = (content_type or "").split(";", 1)[0].strip()
     content = response.get("content", {})
     assert media in content, f"{where}: Content-Type {content_type!r} not in {sorted(content)}"

@@ -285,3 +285,164 @@ def test_a_cross_site_form_cannot_create_a_run(daemon):
     status, _, raw = daemon.request("POST", "/api/runs/", body=form, headers=headers)
     assert status == 201, raw
     assert [r["name"] for r in daemon.json("GET", "/api/runs/")[1]] == ["r1"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_a_restart_keeps_a_runs_holds_and_delete_fires_the_callbacks(
+    start_daemon, cluster, tmp_path
+):
+    from tests.conftest import LiveDaemon
+
+    first = start_daemon(mpi={"max_concurrent_jobs": 2})  # a slot for the plain job
+    api = _client(first)
+    run = api.create_run(
+        "holder", 2, custom_image_name="x", custom_image_command="sleep 300"
+    ).result().json()  # fmt: skip
+    assert run["state"] == "started", run
+    _poll(lambda: api.get_run(run["id"]).result().json()["job_metadata"]["master_name"])
+    first.stop()  # the run's job goes on on the cluster
+    again = LiveDaemon(tmp_path / "daemon0.toml")  # the same state dir
+    try:
+        again.wait_nodes(lambda ns: all(x["phase"] == "Running" for x in ns) and len(ns) == 3)
+        ended, deleted = [], []
+        again.daemon.runs.on_ended(ended.append)
+        again.daemon.runs.on_deleted(deleted.append)
+        assert [r.id for r in again.daemon.runs.live()] == [run["id"]]
+        api = _client(again)
+        held_nodes = api.get_run(run["id"]).result().json()["job_metadata"]["pods"]
+        assert again.daemon.runs.by_pod(held_nodes[0][2]).id == run["id"]
+        _, job = again.json("POST", "/api/mpi_jobs/", {"program": ["true"], "wait": False})
+        waiting = _poll(
+            lambda: (again.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["waiting"] or {}).get(
+                "detail"
+            ),
+            30,
+        )
+        assert f"run {run['id']} holds" in waiting
+        assert api.delete_run(run["id"]).result().status_code == 204
+        assert deleted == [run["id"]] and [(r.id, r.state) for r in ended] == [
+            (run["id"], "failed")
+        ]
+        assert again.daemon.runs.get_run(run["id"]) is None
+        assert again.wait_job(job["id"])["state"] == "succeeded"
+        wait_for(lambda: job_processes(cluster) == [], timeout=60)
+    finally:
+        again.stop()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+def test_four_nodes_two_slots(make_cluster, tmp_path):
+    """mpi.max_concurrent_jobs 2 on 4 workers: two runs of 3 nodes, the second waiting with
+    its position until the first ends, never on a node the first holds; two runs of 2 at
+    once on disjoint nodes."""
+    from tests.conftest import LiveDaemon
+
+    c = make_cluster(workers=4)
+    path = c.write_config(
+        tmp_path / "d.toml", tmp_path / "state", server={"port": 0},
+        log={"level": "warning"}, mpi={"max_concurrent_jobs": 2},
+    )  # fmt: skip
+    d = LiveDaemon(path)
+    try:
+        d.wait_nodes(lambda ns: len(ns) == 4 and all(x["phase"] == "Running" for x in ns), 60)
+        api = _client(d)
+
+        def create(name, n, command):
+            r = api.create_run(name, n, custom_image_name="x", custom_image_command=command)
+            return r.result().json()
+
+        def pods(run_id):
+            run = api.get_run(run_id).result().json()
+            return {p[2] for p in run["job_metadata"]["pods"]}
+
+        a = create("a", 3, "sleep 8")
+        b = create("b", 3, "true")
+        assert a["state"] == "started" and b["state"] == "initialized"
+        assert b["job_metadata"]["waiting"]["position"] == 1
+        assert _until_final(api, a["id"])["state"] == "finished"
+        assert _until_final(api, b["id"])["state"] == "finished"
+        ran_a, ran_b = pods(a["id"]), pods(b["id"])
+        assert len(ran_a) == len(ran_b) == 3
+        a_job = d.json("GET", f"/api/mpi_jobs/{a['job_id']}")[1]
+        b_job = d.json("GET", f"/api/mpi_jobs/{api.get_run(b['id']).result().json()['job_id']}")[1]
+        assert b_job["started"] >= a_job["finished"]  # never at once: they share nodes
+        x, y = create("x", 2, "sleep 5"), create("y", 2, "sleep 5")
+        assert x["state"] == y["state"] == "started"  # at once
+        assert not pods(x["id"]) & pods(y["id"])  # on disjoint nodes
+        assert _until_final(api, x["id"])["state"] == "finished"
+        assert _until_final(api, y["id"])["state"] == "finished"
+    finally:
+        d.stop()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_roles_and_the_audit_of_runs(start_daemon, tmp_path):
+    from mlbench_daemon import tokens
+    from mlbench_daemon.vocabulary import Role
+
+    path = str(tmp_path / "tokens.json")
+    token = {
+        who: tokens.add(path, who, role)
+        for who, role in (("vera", Role.VIEWER), ("alice", Role.SUBMITTER),
+                          ("bob", Role.SUBMITTER), ("root", Role.ADMIN))
+    }  # fmt: skip
+    d = start_daemon(wait_running=False, server={"tokens_file": path})
+    d.token = token["root"]  # the document's fetch and the wait for the nodes
+    d.wait_nodes(lambda ns: ns and all(x["phase"] == "Running" for x in ns))
+    form = urllib.parse.urlencode(
+        {**FORM, "image_name": "custom_image", "custom_image_command": "sleep 60"}
+    ).encode()
+
+    def call(who, method, url, body=None):
+        headers = {"Authorization": f"Bearer {token[who]}" if who else ""}
+        if body is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        status, _, raw = d.request(method, url, body=body, headers=headers)
+        return status, (json.loads(raw) if raw else None)
+
+    assert call(None, "GET", "/api/runs/")[0] == 401
+    assert call("vera", "POST", "/api/runs/", form)[0] == 403
+    status, run = call("alice", "POST", "/api/runs/", form)
+    assert status == 201 and run["submitted_by"] == "alice"
+    assert call("vera", "GET", f"/api/runs/{run['id']}")[0] == 200
+    status, refused = call("bob", "DELETE", f"/api/runs/{run['id']}")
+    assert (status, refused["error"]) == (403, "not-owner") and "alice" in refused["message"]
+    assert call("vera", "GET", f"/api/runs/{run['id']}")[1]["state"] == "started"
+    assert call("root", "DELETE", f"/api/runs/{run['id']}")[0] == 204
+    lines = [json.loads(x) for x in open(tmp_path / "state0" / "audit.log")]
+    runs = [(x["token"], x["method"], x["status"]) for x in lines if "/api/runs" in x["path"]]
+    assert ("alice", "POST", 201) in runs and ("bob", "DELETE", 403) in runs
+    assert ("root", "DELETE", 204) in runs
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_the_env_hook_reaches_the_ranks_and_no_answer(start_daemon, cluster):
+    from mlbench_daemon.jobs.runs import RunEnv
+
+    d = start_daemon()
+    secret = "s3cret-value-of-the-hook"
+    seen = []
+
+    def hook(run, nodes):
+        seen.append((run.id, run.state, run.nodes, [n.name for n in nodes]))
+        return RunEnv({"MLBENCH_RUN_SECRET": secret}, ("node-x refused forwarding",))
+
+    d.daemon.runs.run_env = hook
+    api = _client(d)
+    prog = str(cluster.mpi_program)
+    run = api.create_run(
+        "env", 2, custom_image_name="x", custom_image_command=f"{prog} --env MLBENCH_RUN_SECRET"
+    ).result().json()  # fmt: skip
+    done = _until_final(api, run["id"])
+    assert done["state"] == "finished", done
+    meta = done["job_metadata"]
+    assert f"env 1 MLBENCH_RUN_SECRET={secret}" in meta["stdout"]  # the program printed it
+    assert meta["notes"] == ["node-x refused forwarding"]
+    assert seen == [(run["id"], "started", tuple(seen[0][3]), seen[0][3])] and len(seen[0][3]) == 2
+    assert secret not in meta["command"]
+    job = d.json("GET", f"/api/mpi_jobs/{done['job_id']}")[1]
+    assert job["env"] == {"MLBENCH_RUN_SECRET": "***"} and secret not in job["command"]

@@ -173,13 +173,7 @@ class Jobs:
             "rank_output": req.rank_output,
         }
         with self._lock:
-            if (
-                self._active >= self.mpi.max_concurrent_jobs
-                and len(self._queue) >= self.mpi.queue_size
-            ):
-                raise QueueFull(
-                    f"{self._active} job(s) running and {len(self._queue)} queued; try later"
-                )
+            self._check_room()
             rec = self.store.create(
                 nodes=[node_row(n) for n in nodes],
                 np=req.np,
@@ -236,13 +230,7 @@ class Jobs:
             "apps": [[h, list(a)] for h, a in apps],
         }
         with self._lock:
-            if (
-                self._active >= self.mpi.max_concurrent_jobs
-                and len(self._queue) >= self.mpi.queue_size
-            ):
-                raise QueueFull(
-                    f"{self._active} job(s) running and {len(self._queue)} queued; try later"
-                )
+            self._check_room()
             rec = self.store.create(
                 nodes=[node_row(n) for n in nodes], np=np, env_names=env_names,
                 request=request, command=command, submitted_by=by, name=name, run_id=run_id,
@@ -494,6 +482,13 @@ class Jobs:
         )
 
     # --- slots and queue --------------------------------------------------------------
+
+    def _check_room(self) -> None:
+        """QueueFull when every slot runs and the queue is full (the caller holds the lock)."""
+        if self._active >= self.mpi.max_concurrent_jobs and len(self._queue) >= self.mpi.queue_size:
+            raise QueueFull(
+                f"{self._active} job(s) running and {len(self._queue)} queued; try later"
+            )
 
     def _admit(self, run: JobRun) -> None:
         """Run `run` now if a slot is free, else queue it (the caller holds self._lock)."""

@@ -121,9 +121,7 @@ def parse(values: Mapping[str, str], catalogue: Mapping[str, str]) -> RunSpec:
     """The form -> a RunSpec; BadRequest naming the field (an unknown template field, a
     catalogue entry that does not exist, a count out of range, ...)."""
     req = _declared(values)
-    workers = int(req.num_workers)
-    if workers < 1:
-        raise BadRequest("num_workers: must be at least 1", field="num_workers")
+    workers = int(req.num_workers)  # a whole number >= 1 (its declared pattern)
     if req.image_name == CUSTOM_IMAGE:
         if not isinstance(req.custom_image_command, str) or not req.custom_image_command:
             raise BadRequest(
