@@ -481,7 +481,29 @@ SCHEMATHESIS_CONFIG = {
                     ]
                 }
             },
-        }
+        },
+        # MLBench's metrics: exactly one of run_id and pod_name, and a date or `since` the
+        # parser takes (ISO 8601 or str(datetime): no pattern says it), are checked in code
+        *(
+            {
+                "include-operation-id": op,
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": [
+                            "2xx",
+                            "400",
+                            "401",
+                            "403",
+                            "404",
+                            "413",
+                            "429",
+                            "5xx",
+                        ]
+                    }
+                },
+            }
+            for op in ("postMetric", "getMetrics")
+        ),
     ],
 }
 
