@@ -466,25 +466,49 @@ SCHEMATHESIS_CONFIG = {
     # So for a run: its image_name must be in the daemon's catalogue (data, not schema),
     # custom_image needs custom_image_command, num_workers cannot pass the nodes known.
     "operations": [
-        {
-            "include-operation-id": operation,
-            "checks": {
-                "positive_data_acceptance": {
-                    "expected-statuses": [
-                        "2xx",
-                        "3xx",
-                        "400",
-                        "401",
-                        "403",
-                        "404",
-                        "409",
-                        "429",
-                        "5xx",
-                    ]
-                }
-            },
-        }
-        for operation in ("getJobLogs", "createRun", "createRunNoSlash")
+        *(
+            {
+                "include-operation-id": operation,
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": [
+                            "2xx",
+                            "3xx",
+                            "400",
+                            "401",
+                            "403",
+                            "404",
+                            "409",
+                            "429",
+                            "5xx",
+                        ]
+                    }
+                },
+            }
+            for operation in ("getJobLogs", "createRun", "createRunNoSlash")
+        ),
+        # MLBench's metrics: exactly one of run_id and pod_name, and a date or `since` the
+        # parser takes (ISO 8601 or str(datetime): no pattern says it), are checked in code
+        *(
+            {
+                "include-operation-id": op,
+                "checks": {
+                    "positive_data_acceptance": {
+                        "expected-statuses": [
+                            "2xx",
+                            "400",
+                            "401",
+                            "403",
+                            "404",
+                            "413",
+                            "429",
+                            "5xx",
+                        ]
+                    }
+                },
+            }
+            for op in ("postMetric", "getMetrics")
+        ),
     ],
 }
 

@@ -54,7 +54,7 @@ OFFICIAL = "TaskResult @ 0"  # the metric whose value is a run's official result
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 FIELDS = ("run_id", "pod_name", "name", "value", "date", "metadata", "cumulative")
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no", "")
-MAX_SUMMARIZE = 1_000_000
+MAX_SUMMARIZE = 9_999_999  # the document's pattern: up to 7 digits
 
 
 def _store(deps: Deps) -> MetricStore:
