@@ -271,8 +271,15 @@ class LocalJobs:
     """Jobs wired to a LocalPool, a ManualClock and a StaticRegistry of `hosts` hosts."""
 
     def __init__(
-        self, tmp: Path, hosts: int = 2, store: Callable[[str], Store] = Store, **mpi: object
+        self,
+        tmp: Path,
+        hosts: int = 2,
+        store: Callable[[str], Store] = Store,
+        server: dict[str, object] | None = None,
+        **mpi: object,
     ) -> None:
+        """`mpi`: settings of the [mpi] section; `server`: of [server] (e.g. a short
+        ``cancel_answer_s`` for a test whose cancel must answer 202 after it)."""
         self.tmp = tmp
         self.home = tmp / "home"
         self.home.mkdir(exist_ok=True)
@@ -294,6 +301,7 @@ class LocalJobs:
                     "discovery": {"service": "local.invalid"},
                     "state": {"dir": str(tmp / "state")},
                     "mpi": settings,
+                    **({"server": server} if server else {}),
                 }
             )
         )

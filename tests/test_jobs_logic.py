@@ -151,8 +151,15 @@ def test_two_slots_run_two_jobs_at_once(local, tmp_path):
 # --- cancel ---------------------------------------------------------------------------------
 
 
+# A cancel whose kill cannot end the job answers 202 once server.cancel_answer_s has
+# passed: these tests wait that long for real, so they set it short (0.5 s; the default's
+# 2 s was 6 of the logic stage's seconds). They still fail a cancel that answers 200
+# early, or waits past its bound.
+ANSWER_SOON = {"cancel_answer_s": 0.5}
+
+
 def test_cancel_results(local, tmp_path):
-    lj = local(max_concurrent_jobs=1, queue_size=1)
+    lj = local(max_concurrent_jobs=1, queue_size=1, server=ANSWER_SOON)
     running = lj.jobs.submit({"program": gate(tmp_path / "never"), "wait": False})
     queued = lj.jobs.submit({"program": sh("echo never"), "wait": False})
     wait_for(lambda: b"started" in log_of(lj, running["id"]), what="the job to start")
@@ -183,7 +190,7 @@ def test_cancel_results(local, tmp_path):
 def test_a_cancel_the_store_cannot_record_answers_507_and_still_kills(local, tmp_path):
     # a full disk (every record write fails; a real one cannot be timed to the cancel's
     # writes): the answer names the reason, and the kill and sweep go on all the same
-    lj = local()
+    lj = local(server=ANSWER_SOON)
     job = lj.jobs.submit({"program": gate(tmp_path / "never"), "wait": False})
     wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
     pid = lj.store.record(job["id"]).pid
@@ -211,7 +218,7 @@ def group_alive(pid):
 
 
 def test_a_job_that_ends_while_its_kill_is_undelivered_keeps_its_own_end(local, tmp_path):
-    lj = local()
+    lj = local(server=ANSWER_SOON)
     job = lj.jobs.submit({"program": gate(tmp_path / "go"), "wait": False})
     wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
     lj.pool.cut("127.77.0.1")

@@ -160,46 +160,63 @@ if [ "$1" = values ]; then echo $vals; else echo $found; fi
 # The tools of all ranks run at once, each under `timeout` (TERM, then KILL 2 s later:
 # gdb detaches on TERM).  eu-stack -1 and gdb's bt: the main thread only; py-spy
 # --nonblocking reads the interpreter's memory without stopping it.
+# Few processes, none per /proc entry: two greps find the marked processes and their rank
+# variables among all the user's processes, and /proc files are read with the shell's
+# `read`.  Beside a job's busy-polling ranks each new process waits for a CPU (16 ranks
+# on 2 cores: tens of ms each), so a process per /proc entry cost most of a roll-call.
+# The job id (hex, from the daemon) is checked before it goes into grep's pattern.
 ROLL_CALL = """read -r id
+case $id in ''|*[!0-9A-Za-z_-]*) echo "roll-call: not a job id" >&2; exit 2;; esac
 s=$1
 b=$2
-nl='
-'
+tools=
+for t in $3; do command -v "$t" >/dev/null && tools="$tools $t"; done
 echo "hz $(getconf CLK_TCK) $(getconf PAGESIZE)"
-tools=$3
-spy=$(command -v py-spy) || spy=
-eus=$(command -v eu-stack) || eus=
-gdb=$(command -v gdb) || gdb=
 d=$(mktemp -d) || exit 1
 trap 'rm -rf "$d"' EXIT
+set --
+for p in /proc/[0-9]*; do [ -O "$p" ] && set -- "$@" "$p/environ"; done
+[ $# -eq 0 ] || grep -l -a -z -x -E ".*(mlbench_job_id|MLBENCH_JOB_ID)=$id" "$@" \\
+  > "$d/marked" 2>/dev/null
+set --
+while IFS= read -r f; do set -- "$@" "$f"; done < "$d/marked"
+v='^(OMPI_COMM_WORLD_(RANK|SIZE)|PMIX_RANK|PMI_(RANK|SIZE))=[0-9]+$'
+[ $# -eq 0 ] || grep -H -a -z -E "$v" "$@" 2>/dev/null | tr '\\0' '\\n' > "$d/vars"
 ranks=
-for p in /proc/[0-9]*; do
-  [ -O "$p" ] || continue
-  e=$(tr '\\0' '\\n' 2>/dev/null < "$p/environ")$nl
-  case "$e" in
-    *"mlbench_job_id=$id$nl"*|*"MLBENCH_JOB_ID=$id$nl"*) ;;
-    *) continue;;
-  esac
-  v=$(printf %s "$e" | grep -E '^(OMPI_COMM_WORLD_(RANK|SIZE)|PMIX_RANK|PMI_(RANK|SIZE))=[0-9]+$')
-  [ -n "$v" ] || continue
-  p=${p#/proc/}
-  ranks="$ranks $p"
-  echo "proc $p" $v > "$d/$p.head"
-  echo "stat1 $(cat "/proc/$p/stat" 2>/dev/null)" >> "$d/$p.head"
-done
+cur=
+v=
+found() {
+  [ -n "$cur" ] || return 0
+  ranks="$ranks $cur"
+  st=
+  { read -r st < "/proc/$cur/stat"; } 2>/dev/null
+  printf 'proc %s%s\\nstat1 %s\\n' "$cur" "$v" "$st" > "$d/$cur.head"
+}
+while IFS=: read -r f kv; do
+  p=${f#/proc/}
+  p=${p%/environ}
+  [ "$p" = "$cur" ] || { found; cur=$p; v=; }
+  v="$v $kv"
+done < "$d/vars"
+found
 sleep "$s"
 for p in $ranks; do
-  echo "stat2 $(cat "/proc/$p/stat" 2>/dev/null)" >> "$d/$p.head"
-  echo "wchan $(cat "/proc/$p/wchan" 2>/dev/null)" >> "$d/$p.head"
-  x=$(readlink "/proc/$p/exe" 2>/dev/null) || x=
-  case "${x##*/}" in python*) py=1;; *) py=;; esac
+  st=
+  w=
+  { read -r st < "/proc/$p/stat"; } 2>/dev/null
+  { read -r w < "/proc/$p/wchan"; } 2>/dev/null
+  printf 'stat2 %s\\nwchan %s\\n' "$st" "$w" >> "$d/$p.head"
+  py=
+  case " $tools " in
+    *" py-spy "*) x=$(readlink "/proc/$p/exe" 2>/dev/null) || x=
+      case "${x##*/}" in python*) py=1;; esac;;
+  esac
   set --
   for t in $tools; do
     case $t in
-      py-spy) [ -n "$py" ] && [ -n "$spy" ] && set -- py-spy "$spy" dump --nonblocking --pid "$p";;
-      eu-stack) [ -n "$eus" ] && set -- eu-stack "$eus" -1 -m -p "$p";;
-      gdb) [ -n "$gdb" ] && set -- gdb "$gdb" -nx -batch -q -iex "set debuginfod enabled off" \\
-        -p "$p" -ex bt;;
+      py-spy) [ -n "$py" ] && set -- py-spy py-spy dump --nonblocking --pid "$p";;
+      eu-stack) set -- eu-stack eu-stack -1 -m -p "$p";;
+      gdb) set -- gdb gdb -nx -batch -q -iex "set debuginfod enabled off" -p "$p" -ex bt;;
     esac
     [ $# -eq 0 ] || break
   done

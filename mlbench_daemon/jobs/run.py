@@ -564,15 +564,16 @@ class JobRun:
                 self.ranks.advance(final=True)
             except StoreError as e:
                 log.warning("job %s: rank logs incomplete (the log has it all): %s", self.id, e)
-        with ctx.changed:  # a stall under way ends with the job
-            ended = self.stall is not None and self.stall.end(ctx.clock.time())
+        now = ctx.clock.time()  # one reading: a stall under way ends when the job does
+        with ctx.changed:
+            ended = self.stall is not None and self.stall.end(now)
             episodes = self.stall.snapshot() if ended and self.stall else None
         if episodes is not None:
             self._save(stalls=episodes)  # apart from `fields`: they are logged
         if state != JobState.SUCCEEDED:
             fields["failure"] = self._failure(state, fields)
             metrics.job_failures_total.labels(fields["failure"]["kind"]).inc()
-        written = self._save(state=state, finished=ctx.clock.time(), **fields)
+        written = self._save(state=state, finished=now, **fields)
         self.decided.set()
         with ctx.changed:
             ctx.changed.notify_all()

@@ -125,11 +125,15 @@ class NSD:
         deadline = time.monotonic() + timeout
         for origin in self.zones:
             q = dns.message.make_query(f"{origin}.", dns.rdatatype.SOA)
+            # A query sent while the server is still starting is lost: ask again soon, and
+            # give each retry longer (a loaded machine answers slowly, not never).
+            wait = 0.05
             while True:
                 if self.proc is not None and self.proc.poll() is not None:
                     raise RuntimeError("nsd exited: " + self.log())
                 try:
-                    r = dns.query.udp(q, self.ip, timeout=0.5, port=self.port)
+                    wait = min(wait * 2, 0.5)
+                    r = dns.query.udp(q, self.ip, timeout=wait, port=self.port)
                     if r.answer and r.answer[0][0].serial == self.serial:
                         break
                 except (dns.exception.DNSException, OSError):
