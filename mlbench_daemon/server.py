@@ -28,7 +28,7 @@ from typing import Any
 import waitress.server
 from waitress import wasyncore
 
-from mlbench_daemon import api, config, logs, metrics, sdnotify
+from mlbench_daemon import api, config, logs, metrics, sdnotify, webhooks
 from mlbench_daemon.audit import AuditLog
 from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
@@ -37,7 +37,7 @@ from mlbench_daemon.jobs.preflight import Preflight
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store, StoreError, fs_fault_message
-from mlbench_daemon.tokens import Tokens
+from mlbench_daemon.tokens import Tokens, check_mode
 from mlbench_daemon.vocabulary import JobState, Phase
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,14 @@ def read_tokens(server_cfg: config.Server) -> Tokens:
     non-loopback bind without any."""
     legacy = None
     if server_cfg.token_file:
-        try:
+        try:  # owner-only, as the tokens file must be (tokens.check_mode)
+            with open(server_cfg.token_file, "rb") as f:
+                check_mode(server_cfg.token_file, os.fstat(f.fileno()))
             legacy = config.read_token(server_cfg.token_file)
+        except OSError as e:
+            raise StartupError(
+                f"server.token_file: cannot read {server_cfg.token_file}: {e.strerror or e}"
+            ) from None
         except ValueError as e:
             raise StartupError(f"server.token_file: {e}") from None
     try:
@@ -113,6 +119,11 @@ class Daemon:
             raise StartupError(
                 f"state.audit_file: cannot open {audit_path}: {e.strerror or e}"
             ) from None
+        try:
+            hooks = webhooks.load(cfg.webhooks)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+        self.deliveries = webhooks.Deliveries(self.store, cfg.webhooks, hooks) if hooks else None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.preflight = Preflight(cfg, self.pool, self.registry)
         self.app = api.make_app(
@@ -139,6 +150,8 @@ class Daemon:
         code = 0
         self.registry.start()
         try:
+            if self.deliveries is not None:  # pending deliveries resume (a restart's too)
+                self.deliveries.start()
             self.jobs.start()
             self._prune()
             threading.Thread(target=self._retain, name="retention", daemon=True).start()
@@ -165,6 +178,8 @@ class Daemon:
         finally:
             self._stop.set()
             self.jobs.stop()
+            if self.deliveries is not None:
+                self.deliveries.stop()
             self.registry.stop()
             self.pool.close()
             self.audit.close()
