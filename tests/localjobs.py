@@ -271,7 +271,12 @@ class LocalJobs:
     """Jobs wired to a LocalPool, a ManualClock and a StaticRegistry of `hosts` hosts."""
 
     def __init__(
-        self, tmp: Path, hosts: int = 2, store: Callable[[str], Store] = Store, **mpi: object
+        self,
+        tmp: Path,
+        hosts: int = 2,
+        store: Callable[[str], Store] = Store,
+        webhooks: dict | None = None,
+        **mpi: object,
     ) -> None:
         self.tmp = tmp
         self.home = tmp / "home"
@@ -294,6 +299,7 @@ class LocalJobs:
                     "discovery": {"service": "local.invalid"},
                     "state": {"dir": str(tmp / "state")},
                     "mpi": settings,
+                    **({"webhooks": webhooks} if webhooks else {}),
                 }
             )
         )
