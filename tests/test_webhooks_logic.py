@@ -236,3 +236,34 @@ def test_a_secret_file_others_can_read_is_refused(tmp_path):
         webhooks.load(settings)
     secret.chmod(0o600)
     assert webhooks.load(settings)[0].secret == b"x"
+
+
+def test_a_stall_is_one_event_naming_its_suspects(tmp_path):
+    from tests.test_stall_logic import AFTER, _fake_roll_call, started, steps
+
+    receiver = Receiver(SECRET).start()
+    lj = LocalJobs(tmp_path, webhooks=hooks_config(tmp_path, receiver)).start()
+    lj.roll_calls = []
+    lj.jobs._ctx.roll_call = lambda job_id: _fake_roll_call(lj, job_id)
+    d = deliveries(lj)
+    try:
+        silent = 'echo started; while [ ! -e "$1/go" ]; do sleep 0.01; done; exit 5'
+        job_id = started(lj, tmp_path, silent, stall_after_s=AFTER)
+        steps(lj, 4 * AFTER)  # one episode, however long
+        wait_for(lambda: len(receiver.delivered()) == 2, what="job.stalled")
+        (tmp_path / "go").touch()
+        lj.run_clock_until_final(job_id, 0.5)
+        wait_for(lambda: lj.store.outbox_depth() == 0, what="delivered")
+        time.sleep(0.3)
+    finally:
+        d.stop()
+        receiver.stop()
+        lj.close()
+    got = receiver.delivered()
+    assert [g["event"] for g in got] == ["job.started", "job.stalled", "job.failed"]
+    stalled = body(got[1])
+    assert stalled["id"].startswith(f"{job_id}.job.stalled.")
+    assert stalled["job"]["stalled"]["suspects"] == [
+        {"rank": 1, "node": "w-1", "top_frame": "nanosleep"}
+    ]
+    assert body(got[2])["failure"]["suspects"] == stalled["job"]["stalled"]["suspects"]
