@@ -49,19 +49,19 @@ def round_(daemon, jobs, receivers, workers):
                                 {"program": ["true"], "wait": False})  # fmt: skip
         assert status == 202, job
         ids.append(job["id"])
-    left, final_s, deadline = set(ids), None, time.monotonic() + HANG * 10
+    left, want, deadline = set(ids), 0, time.monotonic() + HANG * 10
     while left:
         assert time.monotonic() < deadline, "jobs never ended"
         for job_id in list(left):
             _, job = call_port(daemon.port, "GET", f"/api/mpi_jobs/{job_id}")
             if job["state"] not in ("pending", "running"):
-                assert job["state"] == "succeeded", job
+                # its end, and its start if it ran (a launch can fail at a load of 50)
+                want += 1 + (job["started"] is not None)
                 left.discard(job_id)
         time.sleep(0.02)
     final_s = time.perf_counter() - t0
     delivered_s = None
     if receivers:
-        want = 2 * jobs
         while any(len(r.delivered()) - b < want for r, b in zip(receivers, before, strict=True)):
             assert time.monotonic() < deadline, "events never delivered"
             time.sleep(0.01)
