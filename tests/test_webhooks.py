@@ -58,22 +58,26 @@ def test_a_hanging_receiver_then_a_kill_9_loses_no_event(cluster, tmp_path):
                 slowest = max(slowest, time.monotonic() - t0)
                 time.sleep(0.05)
             assert slowest < 1.0, slowest
-            assert outbox(client) == 2 * JOBS  # nothing delivered to a hanging receiver
+            # what each job made: its start if it ran (a launch may fail at a high load), its end
+            ends = [client.json("GET", f"/api/mpi_jobs/{i}") for i in ids]
+            expected = {f"{j['id']}.job.{j['state']}" for j in ends} | {
+                f"{j['id']}.job.started" for j in ends if j["started"] is not None
+            }
+            assert outbox(client) == len(expected)  # nothing delivered to a hanging receiver
             receiver.stop()  # down
             down_at = time.monotonic()
             daemon.process.kill()  # SIGKILL while every delivery is pending
             daemon.process.wait(HANG)
             daemon.start()
             wait_for(lambda: serves(daemon.url), what="the daemon to serve again")
-            assert outbox(client) == 2 * JOBS
+            assert outbox(client) == len(expected)
             time.sleep(max(0.0, down_at + DOWN_S - time.monotonic()))
             receiver.start("ok")
             wait_for(lambda: outbox(client) == 0, timeout=120, what="every event delivered")
     finally:
         receiver.stop()
     got = receiver.delivered()
-    expected = {f"{j}.job.{e}" for j in ids for e in ("started", "succeeded")}
-    assert {g["id"] for g in got} == expected
+    assert {g["id"] for g in got} == expected and len(expected) >= JOBS + 1
     assert all(g["verified"] for g in got)
     first = {}
     for g in got:  # duplicates only as the same event: same id, same bytes
