@@ -123,7 +123,9 @@ class Daemon:
             hooks = webhooks.load(cfg.webhooks)
         except ValueError as e:
             raise StartupError(str(e)) from None
-        self.deliveries = webhooks.Deliveries(self.store, cfg.webhooks, hooks) if hooks else None
+        # rows left by hooks since removed from the config are given up, each with its line
+        pending = hooks or self.store.outbox_depth()
+        self.deliveries = webhooks.Deliveries(self.store, cfg.webhooks, hooks) if pending else None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.preflight = Preflight(cfg, self.pool, self.registry)
         self.app = api.make_app(

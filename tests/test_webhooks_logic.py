@@ -267,3 +267,20 @@ def test_a_stall_is_one_event_naming_its_suspects(tmp_path):
         {"rank": 1, "node": "w-1", "top_frame": "nanosleep"}
     ]
     assert body(got[2])["failure"]["suspects"] == stalled["job"]["stalled"]["suspects"]
+
+
+def test_events_of_a_hook_removed_from_the_config_are_given_up_each_with_a_line(tmp_path, caplog):
+    receiver = Receiver(SECRET).start()
+    receiver.stop()  # never delivered while the hook was configured
+    lj = LocalJobs(tmp_path, webhooks=hooks_config(tmp_path, receiver)).start()
+    try:
+        lj.jobs.wait(lj.jobs.submit({"program": sh("true"), "wait": False})["id"])
+        assert lj.store.outbox_depth() == 2
+        d = webhooks.Deliveries(lj.store, lj.cfg.webhooks, [])  # the hook is gone
+        d.start()
+        wait_for(lambda: lj.store.outbox_depth() == 0, what="given up")
+        d.stop()
+    finally:
+        lj.close()
+    lines = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
+    assert len(lines) == 2
