@@ -23,8 +23,10 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from mlbench_daemon import browser, template
+from mlbench_daemon.vocabulary import HOOK_EVENTS
 
 ENV_PREFIX = "MLBENCH_DAEMON_"
 CLIENT_ENV = ("MLBENCH_DAEMON_URL", "MLBENCH_DAEMON_TOKEN_FILE")  # read by the CLI, not here
@@ -216,6 +218,67 @@ def host_names(value: Any) -> list[str]:
 def origins(value: Any) -> list[str]:
     what = 'a list of origins like "https://host" or "http://host:port"'
     return _every(value, what, browser.normalise_origin)
+
+
+HOOK_NAME = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,39}")
+HOOK_KEYS = {"name", "url", "secret_file", "events", "tags"}
+
+
+@_json_env
+def hooks(value: Any) -> list[dict[str, Any]]:
+    """Webhooks: a list of tables {name, url, secret_file, events = [...], tags = [...]};
+    `events` defaults to every event, `tags` (every one must be on the job) to none."""
+    what = "a list of tables {name, url, secret_file, events, tags}"
+    if not isinstance(value, list):
+        raise ValueError(f"must be {what}")
+    out, names = [], set()
+    for i, hook in enumerate(value):
+        if not isinstance(hook, dict) or not {"name", "url", "secret_file"} <= set(hook):
+            raise ValueError(f"must be {what}; [{i}] needs name, url and secret_file")
+        if set(hook) - HOOK_KEYS:
+            raise ValueError(f"[{i}]: unknown key {sorted(set(hook) - HOOK_KEYS)[0]!r}")
+        name = hook["name"]
+        if not isinstance(name, str) or not HOOK_NAME.fullmatch(name) or name in names:
+            raise ValueError(f"[{i}].name must be unique and match {HOOK_NAME.pattern}")
+        names.add(name)
+        url = hook["url"]
+        try:
+            parts = urlsplit(url) if isinstance(url, str) else None
+            port = parts.port if parts else None
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in browser.DEFAULT_PORTS or not parts.hostname:
+            raise ValueError(f"[{i}].url must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"[{i}].url must carry no user or password (the secret signs)")
+        events = str_list(hook.get("events", list(HOOK_EVENTS)), what=f"[{i}].events: a list")
+        unknown = [e for e in events if e not in HOOK_EVENTS]
+        if unknown or not events:
+            raise ValueError(f"[{i}].events must name some of {', '.join(HOOK_EVENTS)}")
+        out.append({
+            "name": name,
+            "url": url,
+            "host": parts.hostname.lower().rstrip("."),
+            "port": port or browser.DEFAULT_PORTS[parts.scheme],
+            "secret_file": nonempty(hook["secret_file"]),
+            "events": list(dict.fromkeys(events)),
+            "tags": str_list(hook.get("tags", []), what=f"[{i}].tags: a list of key:value"),
+        })  # fmt: skip
+    return out
+
+
+def _hook_at_daemon(hook: Mapping[str, Any], server: "Server") -> str | None:
+    """Why `hook` would POST to this daemon itself (None if it would not): its bind
+    address, a loopback name or address, or one of server.allowed_hosts, on its port."""
+    host, port = hook["host"], hook["port"]
+    policy = browser.Policy.from_config(server)
+    named = [(n, p if p is not None else server.port) for n, p in policy.allowed_hosts]
+    own = {policy.bind} | ({policy.hostname} if policy.bind in ("0.0.0.0", "::") else set())
+    if (host, port) in named or (
+        port == server.port and (host in own or browser.is_loopback(host))
+    ):
+        return f"points at the daemon itself ({host}:{port}); a hook must go elsewhere"
+    return None
 
 
 def read_token(path: str) -> str:
@@ -607,6 +670,30 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         "the port on each node's 127.0.0.1 forwarded to the daemon, where a run's ranks post "
         "metrics (the same on every node)",
     ),
+    (
+        "webhooks",
+        "hooks",
+        hooks,
+        [],
+        "POST signed job events to these (name, url, secret_file, events, tags); empty = none",
+    ),
+    ("webhooks", "timeout_s", number(0, strict=True), 5.0, "connect and read timeout of a POST"),
+    ("webhooks", "concurrency", integer(1, 64), 4, "deliveries in flight at once (all hooks)"),
+    ("webhooks", "backoff_s", number(0, strict=True), 1.0, "first retry's longest backoff"),
+    (
+        "webhooks",
+        "backoff_max_s",
+        number(0, strict=True),
+        300.0,
+        "longest backoff between two attempts (exponential, full jitter, up to this)",
+    ),
+    (
+        "webhooks",
+        "max_age_s",
+        number(0, strict=True),
+        86400.0,
+        "an event not delivered this long after it happened is given up (logged, counted)",
+    ),
 )
 
 SECTIONS = tuple(dict.fromkeys(s for s, *_ in SETTINGS))
@@ -711,6 +798,16 @@ class Metrics:
 
 
 @dataclasses.dataclass(frozen=True)
+class Webhooks:
+    hooks: list[dict[str, Any]]
+    timeout_s: float
+    concurrency: int
+    backoff_s: float
+    backoff_max_s: float
+    max_age_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One frozen object per section: cfg.server.port, cfg.ssh.user, ..."""
 
@@ -721,6 +818,7 @@ class Config:
     state: State
     log: Log
     metrics: Metrics
+    webhooks: Webhooks
 
 
 SECTION_TYPES: dict[str, type] = {
@@ -731,6 +829,7 @@ SECTION_TYPES: dict[str, type] = {
     "state": State,
     "log": Log,
     "metrics": Metrics,
+    "webhooks": Webhooks,
 }
 
 
@@ -807,7 +906,12 @@ def load(
         except ValueError as e:
             raise ConfigError(f"{where}: {e}, got {_show(value)}") from None
 
-    return Config(**{s: SECTION_TYPES[s](**values[s]) for s in SECTIONS})
+    cfg = Config(**{s: SECTION_TYPES[s](**values[s]) for s in SECTIONS})
+    for i, hook in enumerate(cfg.webhooks.hooks):
+        why = _hook_at_daemon(hook, cfg.server)
+        if why is not None:
+            raise ConfigError(f"webhooks.hooks[{i}].url: {why}")
+    return cfg
 
 
 def _env_key(name: str, known: set[tuple[str, str]]) -> bool:

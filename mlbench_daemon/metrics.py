@@ -26,6 +26,10 @@ mlbench_daemon_refused_requests_total  counter    reason          api (each refu
                                                                   bad-token, revoked, role,
                                                                   not-owner, host, origin,
                                                                   media-type)
+mlbench_daemon_webhook_deliveries_     counter    hook, outcome   webhooks (each delivery attempt:
+total                                                             delivered, retry, gave-up)
+mlbench_daemon_webhook_outbox          gauge      -               webhooks (events not yet
+                                                                  delivered nor given up)
 =====================================  =========  ==============  ================================
 
 ``render()`` gives the exposition text and its content type for ``GET /metrics``.
@@ -108,6 +112,21 @@ refused_requests_total = Counter(
 )
 for _why in Refusal:  # every reason shows from the start, at 0
     refused_requests_total.labels(_why)
+
+
+webhook_deliveries_total = Counter(
+    "webhook_deliveries",
+    "Webhook delivery attempts, by hook and outcome (vocabulary.Delivery)",
+    ["hook", "outcome"],
+    namespace=_NS,
+    registry=REGISTRY,
+)
+webhook_outbox = Gauge(
+    "webhook_outbox",
+    "Webhook events waiting in the outbox (not yet delivered nor given up)",
+    namespace=_NS,
+    registry=REGISTRY,
+)
 
 
 def observe_probe(status: NodeStatus) -> None:

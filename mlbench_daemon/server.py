@@ -28,7 +28,7 @@ from typing import Any
 import waitress.server
 from waitress import wasyncore
 
-from mlbench_daemon import api, config, logs, metrics, sdnotify
+from mlbench_daemon import api, config, logs, metrics, sdnotify, webhooks
 from mlbench_daemon.audit import AuditLog
 from mlbench_daemon.browser import Policy, is_loopback
 from mlbench_daemon.discovery import Discovery, DiscoveryError
@@ -40,7 +40,7 @@ from mlbench_daemon.metricstore import MetricStore, RunLookup
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store, StoreError, fs_fault_message
-from mlbench_daemon.tokens import Tokens
+from mlbench_daemon.tokens import Tokens, check_mode
 from mlbench_daemon.vocabulary import JobState, Phase
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,14 @@ def read_tokens(server_cfg: config.Server) -> Tokens:
     non-loopback bind without any."""
     legacy = None
     if server_cfg.token_file:
-        try:
+        try:  # owner-only, as the tokens file must be (tokens.check_mode)
+            with open(server_cfg.token_file, "rb") as f:
+                check_mode(server_cfg.token_file, os.fstat(f.fileno()))
             legacy = config.read_token(server_cfg.token_file)
+        except OSError as e:
+            raise StartupError(
+                f"server.token_file: cannot read {server_cfg.token_file}: {e.strerror or e}"
+            ) from None
         except ValueError as e:
             raise StartupError(f"server.token_file: {e}") from None
     try:
@@ -131,6 +137,13 @@ class Daemon:
             raise StartupError(
                 f"state.dir: {fault or f'cannot open metrics.sqlite: {e}'}"
             ) from None
+        try:
+            hooks = webhooks.load(cfg.webhooks)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+        # rows left by hooks since removed from the config are given up, each with its line
+        pending = hooks or self.store.outbox_depth()
+        self.deliveries = webhooks.Deliveries(self.store, cfg.webhooks, hooks) if pending else None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.runs = Runs(cfg, self.jobs, self.registry)
         runs = self.runs if runs is None else runs  # the daemon's own runs, unless given
@@ -169,6 +182,8 @@ class Daemon:
         self.registry.start()
         try:
             self.runs.start()  # the holds first: a job re-attached may wait for them
+            if self.deliveries is not None:  # pending deliveries resume (a restart's too)
+                self.deliveries.start()
             self.jobs.start()
             if self.sampler is not None:
                 self.sampler.start()
@@ -200,6 +215,8 @@ class Daemon:
             if self.sampler is not None:
                 self.sampler.stop()
             self.jobs.stop()
+            if self.deliveries is not None:
+                self.deliveries.stop()
             self.registry.stop()
             self.pool.close()
             self.audit.close()

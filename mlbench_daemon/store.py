@@ -22,6 +22,14 @@ when ``create``/``update`` returns.  Log appends are plain writes: they
 survive a killed daemon (the page cache keeps them), and the follower
 resumes from ``log_size()`` after a restart.
 
+Webhooks: table ``outbox`` holds the events still to deliver (``OutboxRecord``, declared
+like ``JobRecord``), one row per (event id, hook).  ``watch(columns, events)`` makes every
+``update`` that writes one of `columns` call ``events(old record, new record)`` inside the
+same transaction and insert the rows it returns: the state change and its events are
+committed together or not at all, so a write the disk refuses (retried by the job) loses
+no event, and a state written again (a retry, a restart) adds none (``INSERT OR IGNORE``
+on the event id).  Delivered and given-up rows are deleted (webhooks.py).
+
 Retention: ``prune()`` removes finished jobs (record, log and rank logs), oldest first,
 once they are older than ``state.keep_days`` or while the logs together (rank logs
 counted) take more than ``state.max_bytes``; pending and running jobs are never
@@ -38,6 +46,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 from mlbench_daemon.shapes import NodeRow
@@ -49,8 +58,8 @@ STATES = tuple(JobState)
 Ids = list[str]
 LOG_CHUNK_MAX = 1 << 20  # the most bytes of a log read at once (and per /logs answer)
 __all__ = [
-    "COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "JobRecord", "RunRecord", "Store",
-    "StoreError",
+    "COLUMNS", "FINAL_STATES", "LOG_CHUNK_MAX", "STATES", "JobRecord", "OutboxRecord", "RunRecord",
+    "Store", "StoreError",
 ]  # fmt: skip
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -242,6 +251,33 @@ RUN_SCHEMA = "CREATE TABLE IF NOT EXISTS runs (\n{}\n)\n".format(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class OutboxRecord:
+    """One event to deliver to one hook (webhooks.py): the body is kept as first made, so
+    every attempt sends the same bytes under the same event id."""
+
+    seq: int = column("INTEGER PRIMARY KEY AUTOINCREMENT")
+    event_id: str = column("TEXT NOT NULL")  # the idempotency key (the same for every hook)
+    hook: str = column("TEXT NOT NULL")  # the hook's name
+    event: str = column("TEXT NOT NULL")  # e.g. job.failed
+    job_id: str = column("TEXT NOT NULL")
+    created: float = column("REAL NOT NULL")  # when it happened (wall time): max_age_s counts
+    body: bytes = column("BLOB NOT NULL")  # the JSON sent
+    attempts: int = column("INTEGER NOT NULL DEFAULT 0")  # failed attempts so far
+    next_at: float = column("REAL NOT NULL")  # wall time of the next attempt
+    last_error: str | None = column("TEXT")
+
+
+Events = Callable[[JobRecord, JobRecord], Sequence[OutboxRecord]]
+_OUTBOX = tuple(f.name for f in dataclasses.fields(OutboxRecord))
+OUTBOX_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS outbox (\n{},\n    UNIQUE (event_id, hook)\n)\n".format(
+        ",\n".join(f"    {f.name} {f.metadata['sql']}" for f in dataclasses.fields(OutboxRecord))
+    ),
+    "CREATE INDEX IF NOT EXISTS outbox_order ON outbox (hook, job_id, seq)",
+)
+
+
 class Store:
     def __init__(self, state_dir: str) -> None:
         self.dir = state_dir
@@ -266,6 +302,11 @@ class Store:
         for name, decl in ADDED_COLUMNS:
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        for sql in OUTBOX_SCHEMA:
+            self._db.execute(sql)
+        self._watched: frozenset[str] = frozenset()
+        self._events: Events | None = None
+        self.on_outbox: Callable[[], None] | None = None  # called after rows are added
 
     def close(self) -> None:
         with self._lock:
@@ -324,16 +365,95 @@ class Store:
             )
         return self.record(row["id"])
 
+    def watch(self, columns: frozenset[str], events: Events) -> None:
+        """Every later update writing one of `columns` calls `events(old, new)` in its
+        transaction (with the store's lock held: it must not call the store) and adds
+        the outbox rows it returns, committed with the change."""
+        self._watched, self._events = columns, events
+
     def update(self, job_id: str, **fields: Any) -> JobRecord:
-        """Change some columns of one job; returns the record (KeyError if unknown)."""
+        """Change some columns of one job; returns the record (KeyError if unknown).  With
+        `watch`ed columns among them, the events they make are committed with them."""
         row = JobRecord.to_row(fields)
+        sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?"
+        added = 0
         if row:
             with self._lock:
-                self._write(
-                    f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
-                    [*row.values(), job_id],
-                )
+                if self._events is None or not self._watched & row.keys():
+                    self._write(sql, [*row.values(), job_id])
+                else:
+                    added = self._update_with_events(job_id, sql, [*row.values(), job_id])
+        if added and self.on_outbox is not None:
+            self.on_outbox()
         return self.record(job_id)
+
+    def _update_with_events(self, job_id: str, sql: str, params: list[Any]) -> int:
+        """One transaction: the update and the outbox rows of the events it makes ->
+        how many rows were new (the caller holds the lock)."""
+        select = "SELECT * FROM jobs WHERE id = ?"
+        marks = ", ".join("?" * len(_OUTBOX[1:]))
+        insert = f"INSERT OR IGNORE INTO outbox ({', '.join(_OUTBOX[1:])}) VALUES ({marks})"
+        assert self._events is not None
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                old = self._db.execute(select, (job_id,)).fetchone()
+                self._db.execute(sql, params)
+                new = self._db.execute(select, (job_id,)).fetchone()
+                rows = self._events(self._decode(old), self._decode(new)) if old and new else []
+                before = self._db.total_changes
+                self._db.executemany(
+                    insert, [dataclasses.astuple(r)[1:] for r in rows]
+                )  # fmt: skip
+                added = self._db.total_changes - before
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            self.fault = StoreError(self.db_path, e)
+            raise self.fault from None
+        if self.fault and self.fault.path != self.logs:
+            self.fault = None
+        return added
+
+    # --- the webhooks' outbox (webhooks.py delivers)
+
+    def outbox_due(self, now: float, limit: int) -> list[OutboxRecord]:
+        """Rows due at `now`, oldest first, each the oldest of its (hook, job): a job's
+        events reach a hook in the order they happened."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM outbox o WHERE next_at <= ? AND NOT EXISTS (SELECT 1 FROM "
+                "outbox p WHERE p.hook = o.hook AND p.job_id = o.job_id AND p.seq < o.seq) "
+                "ORDER BY seq LIMIT ?",
+                (now, int(limit)),
+            ).fetchall()
+        return [OutboxRecord(**{k: r[k] for k in _OUTBOX}) for r in rows]
+
+    def outbox_next(self) -> float | None:
+        """The earliest next attempt of any row (None: the outbox is empty)."""
+        with self._lock:
+            value = self._db.execute("SELECT MIN(next_at) FROM outbox").fetchone()[0]
+        return None if value is None else float(value)
+
+    def outbox_depth(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def outbox_retry(self, seq: int, attempts: int, next_at: float, error: str) -> None:
+        """An attempt failed: tried again at `next_at` (StoreError if not written)."""
+        with self._lock:
+            self._write(
+                "UPDATE outbox SET attempts = ?, next_at = ?, last_error = ? WHERE seq = ?",
+                (attempts, next_at, error, seq),
+            )
+
+    def outbox_remove(self, seq: int) -> None:
+        """Delivered or given up (StoreError if not written)."""
+        with self._lock:
+            self._write("DELETE FROM outbox WHERE seq = ?", (seq,))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:

@@ -25,6 +25,8 @@ enum               where the words appear
 ``Role``           a token's role (tokens file, route table, ``/api/whoami``)
 ``Refusal``        why a request was refused (audit log ``outcome``, metrics ``reason``)
 ``RunState``       an MLBench run's ``state`` (MLBench's own words)
+``HookEvent``      what a webhook event says happened (``job.<event>``; webhooks.py)
+``Delivery``       how one webhook delivery attempt ended (metrics ``outcome`` label)
 =================  ===============================================================
 """
 
@@ -232,6 +234,30 @@ class Refusal(StrEnum):
     HOST = "host"  # browser safety: a foreign Host
     ORIGIN = "origin"  # browser safety: a foreign Origin
     MEDIA_TYPE = "media-type"  # a body that is not application/json
+
+
+class HookEvent(StrEnum):
+    """What happened to a job, as a webhook event names it: ``<subject>.<event>`` with a
+    subject of ``HOOK_SUBJECTS`` (``job.failed``)."""
+
+    STARTED = "started"  # running: the launcher has a pid
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+    STALLED = "stalled"  # a stall episode, once its roll-call is taken (or the episode ended)
+
+
+HOOK_SUBJECTS = ("job",)  # what an event is about; a run's job adds "run" events
+HOOK_EVENTS = tuple(f"{s}.{e}" for s in HOOK_SUBJECTS for e in HookEvent)
+
+
+class Delivery(StrEnum):
+    """How one webhook delivery attempt ended."""
+
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    RETRY = "retry"  # it failed (no answer, timeout, non-2xx): tried again after a backoff
+    GAVE_UP = "gave-up"  # the event is older than webhooks.max_age_s (or its hook is gone)
 
 
 def checked(reason: str, allowed: Iterable[str], what: str) -> str:

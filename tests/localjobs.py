@@ -276,6 +276,7 @@ class LocalJobs:
         hosts: int = 2,
         store: Callable[[str], Store] = Store,
         server: dict[str, object] | None = None,
+        webhooks: dict | None = None,
         **mpi: object,
     ) -> None:
         """`mpi`: settings of the [mpi] section; `server`: of [server] (e.g. a short
@@ -302,6 +303,7 @@ class LocalJobs:
                     "state": {"dir": str(tmp / "state")},
                     "mpi": settings,
                     **({"server": server} if server else {}),
+                    **({"webhooks": webhooks} if webhooks else {}),
                 }
             )
         )

@@ -62,6 +62,7 @@ def test_selector(start_daemon, cluster, selector, expect):
 def test_bearer_token(start_daemon, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
+    token.chmod(0o600)  # the daemon refuses a token file others can read
     d = start_daemon(server={"token_file": str(token)})
     for headers in (
         {"Authorization": "Bearer wrong"},

@@ -243,6 +243,7 @@ def test_a_foreign_origin_is_refused_with_or_without_a_token(start_daemon, clust
 
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
+    token.chmod(0o600)
     t = start_daemon(server={"token_file": str(token)})
     _refused(t, "POST", "/api/mpi_jobs/", 403, "forbidden", JOB, dict(evil))  # token sent
     _refused(t, "POST", "/api/mpi_jobs/", 403, "forbidden", JOB, {**evil, "Authorization": ""})
@@ -320,6 +321,7 @@ def test_allowed_hosts_and_origins_let_named_ones_in(start_daemon, cluster):
 def test_metrics_needs_the_token_unless_public(start_daemon, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
+    token.chmod(0o600)
     d = start_daemon(server={"token_file": str(token)})
     assert d.request("GET", "/metrics", headers={"Authorization": ""})[0] == 401
     status, _, raw = d.request("GET", "/metrics")

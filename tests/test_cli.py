@@ -635,12 +635,19 @@ def _serve(config_path, **env):
             "mlbench-daemon: server.token_file: cannot read /nonexistent/token: ",
         ),
         ({"token_file": "EMPTY"}, "mlbench-daemon: server.token_file: "),
+        (
+            {"token_file": "OPEN"},
+            "mlbench-daemon: server.token_file: TOKEN has mode 0640: others may read",
+        ),
     ],
 )
 def test_serve_refuses_to_start(tmp_path, unused_port, server, expected):
-    if server.get("token_file") == "EMPTY":
-        (tmp_path / "empty").write_text("\n")
-        server = {"token_file": str(tmp_path / "empty")}
+    if server.get("token_file") in ("EMPTY", "OPEN"):
+        token = tmp_path / "token"
+        token.write_text("\n" if server["token_file"] == "EMPTY" else "s3cret\n")
+        token.chmod(0o600 if server["token_file"] == "EMPTY" else 0o640)
+        server = {"token_file": str(token)}
+        expected = expected.replace("TOKEN", str(token))
     proc = _serve(_serve_config(tmp_path, unused_port, **server))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2

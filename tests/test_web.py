@@ -482,6 +482,7 @@ def test_cancel_from_the_page_leaves_no_rank(browser, start_daemon, cluster):
 def test_token_dialog_on_401_then_data(browser, start_daemon, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token-for-the-page\n")
+    token_file.chmod(0o600)
     daemon = start_daemon(server={"token_file": str(token_file)})
     tab = Tab(browser, daemon.url)
     try:

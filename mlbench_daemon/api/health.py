@@ -31,6 +31,7 @@ def prometheus(deps: Deps) -> bytes:
     metrics.set_state_fault(fault.reason if fault else None)
     metrics.set_gauges(deps.registry.nodes(), deps.jobs.counts())
     metrics.jobs_stalled.set(deps.jobs.stalled_count())
+    metrics.webhook_outbox.set(deps.jobs.store.outbox_depth())
     text, content_type = metrics.render()
     bottle.response.content_type = content_type
     return text

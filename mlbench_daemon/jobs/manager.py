@@ -42,7 +42,7 @@ from mlbench_daemon.errors import (
     Unavailable,
     echo,
 )
-from mlbench_daemon.jobs import flavour
+from mlbench_daemon.jobs import events, flavour
 from mlbench_daemon.jobs.clock import Clock
 from mlbench_daemon.jobs.placement import (
     Registry,
@@ -58,7 +58,7 @@ from mlbench_daemon.jobs.rollcall import Coalescer, Target, take
 from mlbench_daemon.jobs.run import Cancel, Context, JobRun
 from mlbench_daemon.jobs.stall import view as stall_view
 from mlbench_daemon.shapes import Job, RollCall
-from mlbench_daemon.store import LOG_CHUNK_MAX, JobRecord, Store, StoreError
+from mlbench_daemon.store import LOG_CHUNK_MAX, JobRecord, OutboxRecord, Store, StoreError
 from mlbench_daemon.timefmt import iso
 from mlbench_daemon.vocabulary import JobReason, JobState, JobWait, StoreReason
 
@@ -86,6 +86,8 @@ class Jobs:
         ctx.roll_call = self.roll_call  # a stall takes one (coalesced with the API's)
         self._ctx = ctx
         self._roll_calls = Coalescer()
+        if cfg.webhooks.hooks:  # every start, end and stall makes its events (jobs/events.py)
+            store.watch(events.WATCHED, self._events)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -480,6 +482,20 @@ class Jobs:
         return self._roll_calls.run(
             job_id, lambda: take(self._ctx.remote, job_id, targets, rec.np, bound, tools)
         )
+
+    def _events(self, old: JobRecord, new: JobRecord) -> Sequence[OutboxRecord]:
+        """The outbox rows of what the change from `old` to `new` says happened (called in
+        the store's transaction of that change; reads no record)."""
+        fired = events.happened(old, new)
+        if not fired:
+            return []
+        now = time.time()  # wall time, not the jobs' clock: delivery ages count from it
+        try:
+            output = events.tail(self.store, new.id)
+        except OSError as e:  # the event goes all the same
+            output = [f"(the output could not be read: {e.strerror or e})"]
+        job = to_json(new, None, None, self._ctx.clock.time())
+        return events.rows(self.cfg.webhooks.hooks, new, fired, job, output, now)
 
     # --- slots and queue --------------------------------------------------------------
 
