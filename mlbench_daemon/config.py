@@ -545,6 +545,14 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         "the audit log (JSON lines, mode 0640); empty = audit.log in state.dir",
     ),
     ("log", "level", one_of("debug", "info", "warning", "error"), "info", "log level"),
+    (
+        "metrics",
+        "forward_port",
+        integer(1, 65535),
+        18080,
+        "a run's ranks reach the daemon at 127.0.0.1:<this> on every node of the run (a reverse "
+        "forward on the daemon's SSH session); the same port on every node",
+    ),
 )
 
 SECTIONS = tuple(dict.fromkeys(s for s, *_ in SETTINGS))
@@ -639,6 +647,11 @@ class Log:
 
 
 @dataclasses.dataclass(frozen=True)
+class Metrics:
+    forward_port: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One frozen object per section: cfg.server.port, cfg.ssh.user, ..."""
 
@@ -648,6 +661,7 @@ class Config:
     mpi: Mpi
     state: State
     log: Log
+    metrics: Metrics
 
 
 SECTION_TYPES: dict[str, type] = {
@@ -657,6 +671,7 @@ SECTION_TYPES: dict[str, type] = {
     "mpi": Mpi,
     "state": State,
     "log": Log,
+    "metrics": Metrics,
 }
 
 

@@ -31,10 +31,12 @@ from waitress import wasyncore
 from mlbench_daemon import api, config, logs, metrics, sdnotify
 from mlbench_daemon.audit import AuditLog
 from mlbench_daemon.browser import Policy, is_loopback
+from mlbench_daemon.capability import Capabilities
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.jobs.preflight import Preflight
 from mlbench_daemon.nodes import Registry
+from mlbench_daemon.runenv import make_run_env
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store, StoreError, fs_fault_message
 from mlbench_daemon.tokens import Tokens
@@ -115,6 +117,10 @@ class Daemon:
             ) from None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
         self.preflight = Preflight(cfg, self.pool, self.registry)
+        # runs' capability URLs, and the hook that gives a run's ranks one (runs.run_env;
+        # its end, runs.on_ended(self.run_env.ended))
+        self.caps = Capabilities()
+        self.run_env = make_run_env(self.pool, cfg, self.caps, bound=self.bound)
         self.app = api.make_app(
             self.registry,
             self.jobs,
@@ -124,6 +130,7 @@ class Daemon:
             max_body_bytes=cfg.server.max_body_bytes,
             max_streams=cfg.server.max_streams,
             policy=Policy.from_config(cfg.server),
+            caps=self.caps,
         )
         self.http: Any = None  # waitress's server, once bound (private parts: test_internals)
         self.url: str | None = None
@@ -205,6 +212,13 @@ class Daemon:
             else f"http://{host}:{http.effective_port}"
         )
         return http
+
+    def bound(self) -> tuple[str, int] | None:
+        """The (host, port) the API listens on, once bound."""
+        http = self.http
+        if http is None:
+            return None
+        return str(http.effective_host), int(http.effective_port)
 
     def _drain(self, http_thread: threading.Thread) -> None:
         """Stop accepting, give in-flight requests DRAIN_S, then close everything."""

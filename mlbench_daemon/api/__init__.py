@@ -35,6 +35,7 @@ from mlbench_daemon.tokens import Tokens
 
 if TYPE_CHECKING:  # the API is given these; it imports none of them
     from mlbench_daemon.audit import AuditLog
+    from mlbench_daemon.capability import Capabilities
     from mlbench_daemon.jobs import Jobs
     from mlbench_daemon.jobs.preflight import Preflight
     from mlbench_daemon.nodes import Registry
@@ -61,15 +62,17 @@ def make_app(
     preflight: Preflight | None = None,
     tokens: Tokens | None = None,
     audit: AuditLog | None = None,
+    caps: Capabilities | None = None,
 ) -> bottle.Bottle:
     """The app; *tokens* (or the single *token*, an admin) are what requests must carry,
-    none = no auth; *audit* gets a line per write and per refusal."""
+    none = no auth; *audit* gets a line per write and per refusal; *caps*: the runs'
+    capability URLs (capability.py), none = no such URL is valid."""
     policy = policy or Policy()
     tokens = tokens or Tokens(legacy=token)
     app = bottle.Bottle(catchall=True)
     streams = Streams(max_streams)
     deps = Deps(registry, jobs, preflight, max_body_bytes, streams, render(), tokens.enabled)
-    app.install(ApiPlugin(tokens, policy, audit))
+    app.install(ApiPlugin(tokens, policy, audit, caps))
     for module in MODULES:
         module.install(app, deps)
     return app
