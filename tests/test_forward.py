@@ -26,7 +26,7 @@ from mlbench_daemon.api.plugin import register
 from mlbench_daemon.openapi import Route, answer, ref
 from mlbench_daemon.runenv import RUN_ENV, URL_ENV, RunRefused
 from mlbench_daemon.vocabulary import Role
-from tests.helpers import HANG
+from tests.helpers import HANG, wait_for
 
 PORT = 18080  # metrics.forward_port's default
 
@@ -267,3 +267,43 @@ def test_global_requests_on_one_connection_never_take_each_others_reply(cluster,
         assert conn.connects == 1
     finally:
         pool.close()
+
+
+def test_a_reconnected_session_gets_its_forward_again(cluster, tmp_path):
+    from mlbench_daemon.ssh import Pool
+    from tests.test_ssh import ssh_cfg
+
+    pool = Pool(ssh_cfg(cluster, tmp_path))
+    target = socket_server()
+    try:
+        h = cluster.workers[1]
+        pool.probe(h.ip, 22, h.fqdn)
+        pool.forward(h.ip, 22, PORT, target.getsockname())
+        assert cluster.ssh(h, ["python3", "-c", CONNECT, str(PORT)]).stdout.startswith("open")
+        pool.connection(h.ip, 22).close()  # the session is lost: sshd drops its forward
+        wait_for(
+            lambda: cluster.ssh(h, ["python3", "-c", CONNECT, str(PORT)]).stdout.startswith(
+                "closed"
+            ),
+            what="sshd to drop the lost session's forward",
+        )
+        pool.probe(h.ip, 22)  # reconnects; the forward is asked for again
+        assert pool.connection(h.ip, 22).connects == 2
+        wait_for(
+            lambda: cluster.ssh(h, ["python3", "-c", CONNECT, str(PORT)]).stdout.startswith("open"),
+            what="the forward on the new session",
+        )
+        pool.unforward(h.ip, 22, PORT)
+        assert pool.forwards.ports(h.ip, 22) == {}
+    finally:
+        target.close()
+        pool.close()
+
+
+def socket_server():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s
