@@ -144,7 +144,9 @@ def test_a_node_refusing_forwards_is_reported_and_the_run_falls_back_or_is_refus
     cluster.set_sshd_option(no_fwd, "AllowTcpForwarding", "local")  # local only: no remote
     holder = subprocess.Popen(
         ["ip", "netns", "exec", taken.ns, "python3", "-c",
-         f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {PORT})); "
+         # SO_REUSEADDR: the last test's forwarded connections may be in TIME_WAIT there
+         f"import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
+         f"socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', {PORT})); "
          "s.listen(); print('bound', flush=True); time.sleep(300)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
