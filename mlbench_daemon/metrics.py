@@ -160,6 +160,15 @@ def set_gauges(nodes: Iterable[NodeStatus], job_counts: Mapping[str, int]) -> No
         jobs.labels(state).set(job_counts.get(state, 0))
 
 
+capability_requests_total = Counter(
+    "capability_requests",
+    "Requests that came in through a run's capability URL and reached their route (refused "
+    "ones count in refused_requests, reason capability)",
+    namespace=_NS,
+    registry=REGISTRY,
+)
+
+
 def render() -> tuple[bytes, str]:
     """-> (body bytes, content type) of the whole registry."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

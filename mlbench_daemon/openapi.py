@@ -265,8 +265,11 @@ INFO: Schema = {
         "`field` for bad input), with its 4xx/5xx status: unknown paths answer 404 and "
         "unsupported methods 405 (with `Allow`), both as `Error`.  Every path works with and "
         "without its trailing slash.  When the daemon has a token (`server.token_file`), "
-        "every `/api/` call needs `Authorization: Bearer <token>` (and `/metrics` too, unless "
-        "`server.public_metrics`); without one, none does.  Named tokens "
+        "every `/api/` call needs `Authorization: Bearer <token>`, or HTTP Basic with the token "
+        "as the password (and `/metrics` too, unless `server.public_metrics`); without one, "
+        "none does.  A run's capability URL (`/run-cap/<secret>/api/metrics/`, given to its "
+        "ranks in `MLBENCH_DASHBOARD_URL`) needs no token and allows only posting that "
+        "run's metrics while it runs.  Named tokens "
         "(`server.tokens_file`) have a role: `viewer` reads, `submitter` also launches, "
         "runs preflights and cancels its own jobs, `admin` does everything (the token of "
         "`server.token_file` is the admin `admin`); each operation's `x-required-role` is the "
@@ -317,7 +320,7 @@ def document(routes: list[Route]) -> Schema:
         "openapi": "3.1.0",
         "info": INFO,
         "tags": TAGS,
-        "security": [{}, {"bearerAuth": []}],
+        "security": [{}, {"bearerAuth": []}, {"basicAuth": []}],
         "paths": paths(routes),
         "components": {
             "schemas": SCHEMAS,
@@ -328,6 +331,13 @@ def document(routes: list[Route]) -> Schema:
                     "description": "The token in `server.token_file`, or a named token "
                     "(`<id>.<secret>`) of `server.tokens_file`; required only when the daemon "
                     "has tokens.",
+                },
+                "basicAuth": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "The same token as the password, any user name: what "
+                    "`requests` sends from `~/.netrc` for a client that sets no header "
+                    "(mlbench-core's `ApiClient`).",
                 },
             },
         },

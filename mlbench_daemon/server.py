@@ -31,6 +31,7 @@ from waitress import wasyncore
 from mlbench_daemon import api, config, logs, metrics, sdnotify, webhooks
 from mlbench_daemon.audit import AuditLog
 from mlbench_daemon.browser import Policy, is_loopback
+from mlbench_daemon.capability import Capabilities
 from mlbench_daemon.discovery import Discovery, DiscoveryError
 from mlbench_daemon.jobs import Jobs
 from mlbench_daemon.jobs.preflight import Preflight
@@ -38,6 +39,7 @@ from mlbench_daemon.jobs.runs import Runs
 from mlbench_daemon.jobs.sampler import NodeSampler
 from mlbench_daemon.metricstore import MetricStore, RunLookup
 from mlbench_daemon.nodes import Registry
+from mlbench_daemon.runenv import make_run_env
 from mlbench_daemon.ssh import Pool
 from mlbench_daemon.store import Store, StoreError, fs_fault_message
 from mlbench_daemon.tokens import Tokens, check_mode
@@ -145,7 +147,12 @@ class Daemon:
         pending = hooks or self.store.outbox_depth()
         self.deliveries = webhooks.Deliveries(self.store, cfg.webhooks, hooks) if pending else None
         self.jobs = Jobs(cfg, self.registry, self.pool, self.store)
-        self.runs = Runs(cfg, self.jobs, self.registry)
+        # runs' capability URLs, and the hook that gives a run's ranks one (and at the
+        # run's end revokes it and closes the forwards)
+        self.caps = Capabilities()
+        self.run_env = make_run_env(self.pool, cfg, self.caps, bound=self.bound)
+        self.runs = Runs(cfg, self.jobs, self.registry, run_env=self.run_env)
+        self.runs.on_ended(self.run_env.ended)
         runs = self.runs if runs is None else runs  # the daemon's own runs, unless given
         self.runs.on_deleted(self._prune_metrics)
         self.sampler = (
@@ -166,6 +173,7 @@ class Daemon:
             max_streams=cfg.server.max_streams,
             policy=Policy.from_config(cfg.server),
             runs=self.runs,
+            caps=self.caps,
         )
         self.http: Any = None  # waitress's server, once bound (private parts: test_internals)
         self.url: str | None = None
@@ -262,6 +270,13 @@ class Daemon:
             else f"http://{host}:{http.effective_port}"
         )
         return http
+
+    def bound(self) -> tuple[str, int] | None:
+        """The (host, port) the API listens on, once bound."""
+        http = self.http
+        if http is None:
+            return None
+        return str(http.effective_host), int(http.effective_port)
 
     def _drain(self, http_thread: threading.Thread) -> None:
         """Stop accepting, give in-flight requests DRAIN_S, then close everything."""

@@ -25,6 +25,7 @@ The single ``server.token_file`` keeps working beside it, as the admin token ``a
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -136,6 +137,17 @@ def read(path: str) -> dict[str, Entry]:
     return {e.id: e for e in entries}
 
 
+def basic_password(credentials: str) -> str:
+    """The password of HTTP Basic credentials (base64 of ``user:password``, RFC 7617);
+    "" when they are malformed."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    _user, colon, password = decoded.partition(":")
+    return password if colon else ""
+
+
 class Tokens:
     """The daemon's tokens: ``check(authorization header)`` -> Caller or a Refusal."""
 
@@ -161,10 +173,17 @@ class Tokens:
         return bool(self.path or self.legacy)
 
     def check(self, header: str) -> Caller | Refusal:
-        """The caller an ``Authorization`` header names, or why it is refused."""
+        """The caller an ``Authorization`` header names, or why it is refused: ``Bearer
+        <token>``, or HTTP Basic with the token as the password (any user name), which is
+        what ``requests`` sends from ``~/.netrc`` for a client that sets no header itself
+        (mlbench-core's ``ApiClient``)."""
         scheme, _, value = header.partition(" ")
         token = value.strip()
-        if scheme.lower() != "bearer" or not token:
+        if scheme.lower() == "basic" and token:
+            token = basic_password(token)
+        elif scheme.lower() != "bearer":
+            return Refusal.NO_TOKEN
+        if not token:
             return Refusal.NO_TOKEN
         token_id, dot, secret = token.partition(".")
         entry = self._table().get(token_id) if dot else None

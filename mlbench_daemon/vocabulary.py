@@ -234,6 +234,7 @@ class Refusal(StrEnum):
     HOST = "host"  # browser safety: a foreign Host
     ORIGIN = "origin"  # browser safety: a foreign Origin
     MEDIA_TYPE = "media-type"  # a body that is not application/json
+    CAPABILITY = "capability"  # a run capability URL that is unknown, or asked for another route
 
 
 class HookEvent(StrEnum):

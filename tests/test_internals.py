@@ -124,9 +124,19 @@ def test_paramiko_global_request_reply(transport, monkeypatch):
         reply[0](transport, paramiko.Message())  # the transport thread's handler
 
     monkeypatch.setattr(transport, "_send_user_message", send)
-    for handler, answer in (("_parse_request_success", True), ("_parse_request_failure", False)):
-        reply = [need(paramiko.Transport, handler, "internals.global_request")]
-        assert internals.global_request(transport, "keepalive@openssh.com", 5.0) is answer
+    reply = [need(paramiko.Transport, "_parse_request_success", "internals.global_request")]
+    got = internals.global_request(transport, "tcpip-forward", 5.0, ("127.0.0.1", 18080))
+    assert isinstance(got, paramiko.Message)  # the reply itself: a forward of port 0 reads it
+    m = sent[-1]
+    assert (m.get_byte(), m.get_text(), m.get_boolean(), m.get_text(), m.get_int()) == (
+        paramiko.common.cMSG_GLOBAL_REQUEST,
+        "tcpip-forward",
+        True,
+        "127.0.0.1",
+        18080,
+    )
+    reply = [need(paramiko.Transport, "_parse_request_failure", "internals.global_request")]
+    assert internals.global_request(transport, "keepalive@openssh.com", 5.0) is False
     m = sent[-1]
     assert (m.get_byte(), m.get_text(), m.get_boolean()) == (
         paramiko.common.cMSG_GLOBAL_REQUEST,
@@ -135,6 +145,27 @@ def test_paramiko_global_request_reply(transport, monkeypatch):
     )
     reply = [lambda t, m: None]  # no reply: None after the timeout, not a wait forever
     assert internals.global_request(transport, "keepalive@openssh.com", 0.05) is None
+
+
+def test_paramiko_forward_handler(transport, monkeypatch):
+    """internals.forward_handler sets Transport._tcp_handler, which paramiko's channel-open
+    parser calls with (channel, origin, server) for a forwarded-tcpip open, after it has
+    accepted the channel; without one it refuses the open."""
+    need(transport, "_tcp_handler", "internals.forward_handler")
+    monkeypatch.setattr(transport, "_send_message", lambda m: None)
+    got = []
+    internals.forward_handler(transport, lambda *a: got.append(a))
+    m = paramiko.Message()
+    for field in ("forwarded-tcpip", 7, 2**20, 2**15, "127.0.0.1", 18080, "127.0.0.1", 40000):
+        (m.add_int if isinstance(field, int) else m.add_string)(field)
+    m.rewind()
+    need(paramiko.Transport, "_parse_channel_open", "internals.forward_handler")(transport, m)
+    assert len(got) == 1
+    chan, origin, server = got[0]
+    assert isinstance(chan, paramiko.Channel)
+    assert (origin, server) == (("127.0.0.1", 40000), ("127.0.0.1", 18080))
+    internals.forward_handler(transport, None)
+    assert transport._tcp_handler is None
 
 
 def test_every_paramiko_internal_has_its_test():

@@ -38,6 +38,7 @@ from mlbench_daemon.tokens import Tokens
 
 if TYPE_CHECKING:  # the API is given these; it imports none of them
     from mlbench_daemon.audit import AuditLog
+    from mlbench_daemon.capability import Capabilities
     from mlbench_daemon.jobs import Jobs
     from mlbench_daemon.jobs.preflight import Preflight
     from mlbench_daemon.jobs.runs import Runs
@@ -69,10 +70,12 @@ def make_app(
     runs: Runs | None = None,
     metric_store: MetricStore | None = None,
     run_lookup: RunLookup | None = None,
+    caps: Capabilities | None = None,
 ) -> bottle.Bottle:
     """The app; *tokens* (or the single *token*, an admin) are what requests must carry,
     none = no auth; *audit* gets a line per write and per refusal; *metric_store* holds
-    the runs' metrics, *run_lookup* says which runs there are (none: no run)."""
+    the runs' metrics, *run_lookup* says which runs there are (none: no run); *caps*: the
+    runs' capability URLs (capability.py), none = no such URL is valid."""
     policy = policy or Policy()
     tokens = tokens or Tokens(legacy=token)
     app = bottle.Bottle(catchall=True)
@@ -82,7 +85,7 @@ def make_app(
         deps = dataclasses.replace(deps, metric_store=metric_store)
     if run_lookup is not None:
         deps = dataclasses.replace(deps, run_lookup=run_lookup)
-    app.install(ApiPlugin(tokens, policy, audit))
+    app.install(ApiPlugin(tokens, policy, audit, caps))
     for module in MODULES:
         module.install(app, deps)
     return app

@@ -23,6 +23,7 @@ import bottle
 
 from mlbench_daemon.api.common import Deps, as_json, body, int_param, note
 from mlbench_daemon.api.plugin import register
+from mlbench_daemon.capability import SCOPE
 from mlbench_daemon.errors import (
     BadRequest,
     Forbidden,
@@ -49,7 +50,7 @@ from mlbench_daemon.shapes import METRIC_METADATA_MAX, METRIC_NAME_MAX, METRIC_V
 from mlbench_daemon.store import StoreError
 from mlbench_daemon.vocabulary import Role, StoreReason
 
-RUN_SCOPE = "mlbench.run_scope"  # environ: the run a capability lets this request post for
+RUN_SCOPE = SCOPE  # environ: the run a capability lets this request post for
 OFFICIAL = "TaskResult @ 0"  # the metric whose value is a run's official result (MLBench)
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 FIELDS = ("run_id", "pod_name", "name", "value", "date", "metadata", "cumulative")

@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import bottle
 
-from mlbench_daemon import metrics
+from mlbench_daemon import capability, metrics
 from mlbench_daemon.api.common import AUDIT_NOTES, CALLER, JSON, Deps
 from mlbench_daemon.browser import Policy, body_type_ok
 from mlbench_daemon.errors import ApiError, Forbidden, Unauthorized, cut, echo
 from mlbench_daemon.openapi import Auth, Route
 from mlbench_daemon.tokens import NOBODY, Caller, Tokens
-from mlbench_daemon.vocabulary import Refusal
+from mlbench_daemon.vocabulary import Refusal, Role
 
 if TYPE_CHECKING:  # the API is given the audit log; it imports none of it
     from mlbench_daemon.audit import AuditLog
+    from mlbench_daemon.capability import Capabilities
 
 log = logging.getLogger("mlbench_daemon.api")
 
@@ -72,6 +73,8 @@ UNAUTHORIZED = {
     Refusal.BAD_TOKEN: "missing or wrong bearer token",
     Refusal.REVOKED: "this token was revoked",
 }
+CAPABILITY_ROUTE = ("POST", "/api/metrics")  # the one route a run's capability URL reaches
+RUN_RANK = Caller(None, Role.VIEWER)  # who a capability request is: no token, no more rights
 
 
 def _refuse(status: int, message: str, why: Refusal) -> NoReturn:
@@ -120,8 +123,14 @@ class ApiPlugin:
     name = "mlbench-api"
     api = 2
 
-    def __init__(self, tokens: Tokens, policy: Policy, audit: AuditLog | None = None) -> None:
-        self.tokens, self.policy, self.audit = tokens, policy, audit
+    def __init__(
+        self,
+        tokens: Tokens,
+        policy: Policy,
+        audit: AuditLog | None = None,
+        caps: Capabilities | None = None,
+    ) -> None:
+        self.tokens, self.policy, self.audit, self.caps = tokens, policy, audit, caps
         self.app: bottle.Bottle | None = None
 
     def setup(self, app: bottle.Bottle) -> None:
@@ -145,7 +154,11 @@ class ApiPlugin:
             env = bottle.request.environ
             env[AUDIT_NOTES] = notes = {"job": kwargs.get("job_id")}
             try:
-                env[CALLER] = self._caller(declared) if checked else NOBODY
+                if capability.SCOPE in env:  # _before let only its one route through
+                    env[CALLER] = RUN_RANK
+                    metrics.capability_requests_total.inc()
+                else:
+                    env[CALLER] = self._caller(declared) if checked else NOBODY
                 result = callback(*args, **kwargs)
                 notes.setdefault("outcome", "ok")
                 return result
@@ -208,14 +221,17 @@ class ApiPlugin:
             outcome=notes.get("outcome") or "ok",
             status=bottle.response.status_code,
             **({"owner": notes["owner"]} if notes.get("owner") else {}),
+            **({"run_capability": env[capability.SCOPE]} if capability.SCOPE in env else {}),
         )
 
     def _before(self) -> None:
         env = bottle.request.environ
         path = env.get("PATH_INFO", "/")
         if len(path) > 1 and path.endswith("/"):
-            env["PATH_INFO"] = path.rstrip("/") or "/"
+            env["PATH_INFO"] = path = path.rstrip("/") or "/"
         try:
+            if path.startswith(capability.PREFIX):
+                self._capability(env, path)
             _browser_checks(self.policy, self._declared())
         except bottle.HTTPResponse as refused:
             bottle.response.status = refused.status_code
@@ -230,6 +246,30 @@ class ApiPlugin:
             return None
         declared = route.config.get(DECLARED) if route is not None else None
         return declared if isinstance(declared, Route) else None
+
+    def _capability(self, env: dict[str, Any], path: str) -> None:
+        """A run's capability URL: the secret leaves the path (and the request line
+        waitress keeps) before anything reads it; the run it names becomes the request's
+        scope (capability.SCOPE), for its one route; else 404 or 403."""
+        secret, _, rest = path[len(capability.PREFIX) :].partition("/")
+        env["PATH_INFO"] = "/" + rest
+        env.pop("REQUEST_URI", None)
+        env.pop("RAW_URI", None)
+        run_id = self.caps.check(secret) if self.caps is not None else None
+        if run_id is None:
+            _refuse(
+                404,
+                "no such run capability: its run has ended, or the URL is not one this daemon "
+                "gave out",
+                Refusal.CAPABILITY,
+            )
+        env[capability.SCOPE] = run_id
+        if (bottle.request.method, env["PATH_INFO"]) != CAPABILITY_ROUTE:
+            _refuse(
+                403,
+                "a run's capability URL allows only POST /api/metrics/ (that run's metrics)",
+                Refusal.CAPABILITY,
+            )
 
     def _rule(self) -> str:
         """The pattern of the route this request would reach (never the path as sent)."""

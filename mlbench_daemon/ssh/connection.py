@@ -185,18 +185,44 @@ class Connection:
         finally:
             self._open_lock.release()
 
-    def global_request(self, kind: str, deadline: float) -> bool | None:
+    def global_request(
+        self, kind: str, deadline: float, data: tuple[internals.Field, ...] = ()
+    ) -> bool | None:
         """Global request `kind` on the live transport -> True (accepted), False (refused),
         None (no answer by `deadline`, or not connected); serialised per connection."""
+        reply = self.global_reply(kind, deadline, data)
+        return reply if reply is None or reply is False else True
+
+    def global_reply(
+        self, kind: str, deadline: float, data: tuple[internals.Field, ...] = ()
+    ) -> paramiko.Message | bool | None:
+        """`global_request`, with the reply's message when it is accepted (a forward of
+        port 0 says there which port the server chose).  Every global request of the
+        daemon goes through here (the probe loop's keepalive, the reverse forwards):
+        paramiko has one reply slot per transport, so two at once would take each other's."""
         t = self.transport
         if t is None or not self.is_connected:
             return None
         if not self._requests.acquire(timeout=remaining(deadline)):
             return None
         try:
-            return internals.global_request(t, kind, remaining(deadline))
+            return internals.global_request(t, kind, remaining(deadline), data)
         finally:
             self._requests.release()
+
+    def local_address(self) -> str | None:
+        """This end's address of the live connection: an address of ours the node reaches
+        (None when not connected)."""
+        t = self.transport
+        if t is None or not self.is_connected:
+            return None
+        sock = t.sock
+        if not isinstance(sock, socket.socket):
+            return None
+        try:
+            return str(sock.getsockname()[0])
+        except OSError:
+            return None
 
     def connect_kwargs(self, deadline: float) -> dict[str, Any]:
         """Everything a connect depends on, gathered in one place."""

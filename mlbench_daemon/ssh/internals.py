@@ -9,7 +9,10 @@ test per item here, so an upgrade that changes one fails naming it.
   (``Transport._active_check_timeout``) raised to ``TRANSPORT_POLL_S``;
 - ``open_failure``: ``paramiko.common``'s channel-open failure codes;
 - ``global_request``: ``Transport.completion_event``, ``.global_response`` and
-  ``._send_user_message``.
+  ``._send_user_message``;
+- ``forward_handler``: ``Transport._tcp_handler``, the one callback paramiko gives every
+  ``forwarded-tcpip`` channel (``request_port_forward`` sets it, and would wait for the
+  server's reply without a bound).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import collections
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import paramiko
 from paramiko.buffered_pipe import PipeTimeout
@@ -63,9 +67,15 @@ def open_failure(exc: paramiko.ChannelException) -> str:
     return "other"
 
 
-def global_request(transport: paramiko.Transport, kind: str, timeout: float) -> bool | None:
-    """Send global request `kind` wanting a reply -> True (accepted), False (refused), None
-    (no reply within `timeout`).
+Field = str | int
+
+
+def global_request(
+    transport: paramiko.Transport, kind: str, timeout: float, data: tuple[Field, ...] = ()
+) -> paramiko.Message | bool | None:
+    """Send global request `kind` (then `data`: strings and uint32s) wanting a reply -> the
+    reply's message after its type (accepted), False (refused), None (no reply within
+    `timeout`).
 
     paramiko's ``global_request(wait=True)`` waits without a bound, on the one completion
     event of the transport: two requests at once share it, and a key exchange ending sets
@@ -80,10 +90,25 @@ def global_request(transport: paramiko.Transport, kind: str, timeout: float) -> 
     m.add_byte(paramiko.common.cMSG_GLOBAL_REQUEST)
     m.add_string(kind)
     m.add_boolean(True)
+    for field in data:
+        if isinstance(field, int):
+            m.add_int(field)
+        else:
+            m.add_string(field)
     transport._send_user_message(m)  # type: ignore[attr-defined]
     if not event.wait(timeout):
         return None
-    return transport.global_response is not None
+    reply: paramiko.Message | None = transport.global_response
+    return False if reply is None else reply
+
+
+ForwardHandler = Callable[[paramiko.Channel, tuple[str, int], tuple[str, int]], None]
+
+
+def forward_handler(transport: paramiko.Transport, handler: ForwardHandler | None) -> None:
+    """Give every ``forwarded-tcpip`` channel of `transport` to `handler` (called on the
+    transport's thread, after paramiko accepted the channel); None refuses them."""
+    transport._tcp_handler = handler  # type: ignore[attr-defined]
 
 
 def exit_status(chan: paramiko.Channel, timeout: float) -> int | None:

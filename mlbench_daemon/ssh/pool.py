@@ -19,6 +19,7 @@ from mlbench_daemon.ssh.connection import (
     load_client_key,
     remaining,
 )
+from mlbench_daemon.ssh.forward import Forwards
 from mlbench_daemon.ssh.listener import ListenerCheck
 from mlbench_daemon.ssh.watch import Answer, Watches
 from mlbench_daemon.ssh_errors import SSHError, Unreachable
@@ -42,6 +43,7 @@ class Pool:
         )
         self.listener = ListenerCheck()
         self.watches = Watches()
+        self.forwards = Forwards()
         self.on_reconnect = on_reconnect
         self.reconnects = 0
         self._conns: dict[tuple[str, int], Connection] = {}
@@ -158,12 +160,30 @@ class Pool:
         conn.uname = (conn.connects, name)
         return name
 
+    def forward(self, ip: str, port: int, remote_port: int, target: tuple[str, int]) -> None:
+        """Forward the node's 127.0.0.1:`remote_port` to `target` (an address here) over
+        the node's connection (forward.py), connecting first if needed; bounded by the
+        connect timeout.  Raises forward.ForwardRefused (taken, prohibited, no answer) or
+        SSHError (the node cannot be reached)."""
+        deadline = time.monotonic() + self.cfg.connect_timeout_s
+        self.forwards.open(self.connection(ip, port), remote_port, target, deadline)
+
+    def unforward(self, ip: str, port: int, remote_port: int) -> None:
+        """Stop forwarding the node's `remote_port` (bounded by the connect timeout)."""
+        deadline = time.monotonic() + self.cfg.connect_timeout_s
+        self.forwards.close(self.connection(ip, port), remote_port, deadline)
+
+    def local_address(self, ip: str, port: int) -> str | None:
+        """Our address on the node's live connection (one the node can reach), else None."""
+        return self.connection(ip, port).local_address()
+
     def drop(self, ip: str, port: int) -> None:
         """Forget and close the connection to (ip, port)."""
         with self._lock:
             conn = self._conns.pop((ip, port), None)
         self.listener.forget(ip, port)
         self.watches.forget(ip, port)
+        self.forwards.forget(ip, port)
         if conn is not None:
             conn.close()
 
@@ -188,6 +208,11 @@ class Pool:
     def _reconnected(self, conn: Connection) -> None:
         with self._lock:
             self.reconnects += 1
+        if self.forwards.ports(conn.ip, conn.port):  # not on the connecting thread: it waits
+            deadline = time.monotonic() + self.cfg.connect_timeout_s
+            threading.Thread(
+                target=self.forwards.reopen, args=(conn, deadline), name="reforward", daemon=True
+            ).start()
         if self.on_reconnect is not None:
             try:
                 self.on_reconnect(conn.ip, conn.port)
