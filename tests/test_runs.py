@@ -284,7 +284,11 @@ def test_a_cross_site_form_cannot_create_a_run(daemon):
     assert status == 415  # a route without form=True
     status, _, raw = daemon.request("POST", "/api/runs/", body=form, headers=headers)
     assert status == 201, raw
-    assert [r["name"] for r in daemon.json("GET", "/api/runs/")[1]] == ["r1"]
+    runs = daemon.json("GET", "/api/runs/")[1]
+    assert [r["name"] for r in runs] == ["r1"]
+    # this daemon lives on past the test: its run must not keep its nodes' forward port
+    # (metrics.forward_port) from the next test's daemon
+    assert daemon.request("DELETE", f"/api/runs/{runs[0]['id']}")[0] == 204
 
 
 @pytest.mark.cluster
