@@ -275,7 +275,7 @@ export function confirmCancel(jobId, button) {
 
 // The confirm dialog, then DELETE `path` with `button` disabled meanwhile; a failure is
 // shown beside the button; every poller shown refreshes after.  `done(ok)` runs last.
-export function confirmAction(button, { title, text, no, yes, busy, path, read, done }) {
+export function confirmAction(button, { title, text, no, yes, busy, path, read, before, done }) {
   const dialog = $("confirm-dialog");
   $("confirm-title").textContent = title;
   $("confirm-text").textContent = text;
@@ -288,6 +288,7 @@ export function confirmAction(button, { title, text, no, yes, busy, path, read, 
     const label = button.textContent;
     button.disabled = true;
     button.textContent = busy;
+    if (before) before(); // e.g. stop polling what the DELETE removes
     let ok = false;
     try {
       await request(path, { method: "DELETE", timeout: CANCEL_TIMEOUT_MS, read });

@@ -45,7 +45,7 @@ function jobLink(cell, jobId) {
   cell.replaceChildren(link);
 }
 
-function confirmDelete(run, button, done) {
+function confirmDelete(run, button, done, before) {
   confirmAction(button, {
     title: "Delete this run?",
     text: isLive(run)
@@ -55,6 +55,7 @@ function confirmDelete(run, button, done) {
     yes: "Delete the run",
     busy: "Deleting\u2026",
     path: runPath(run.id),
+    before,
     done,
   });
 }
@@ -331,9 +332,17 @@ export function openRun(id) {
 
 $("run-delete").addEventListener("click", () => {
   if (detail.run)
-    confirmDelete(detail.run, $("run-delete"), (ok) => {
-      if (ok) location.hash = "#/runs";
-    });
+    // the run's page stops polling before the DELETE: once it is gone, a round would
+    // ask for the run (and its nodes' metrics) and get 404s
+    confirmDelete(
+      detail.run,
+      $("run-delete"),
+      (ok) => {
+        if (ok) location.hash = "#/runs";
+        else runPoller.start();
+      },
+      () => runPoller.stop(),
+    );
 });
 
 // The charts follow the width of the page.
