@@ -1,77 +1,89 @@
 """Ranks reach the daemon without the operator's token (issue 22 item 4), on the real
-cluster: the run_env hook (runenv.py) mints a run's capability and opens a reverse forward
-on each node's SSH session (ssh/forward.py); a real MPI job's ranks post through the URL it
-gives them to a loopback-bound daemon; a node that refuses forwarding or holds the port is
-reported, and the run falls back to a routable bind address or is refused; the capability
-dies with the run; HTTP Basic through a real ~/.netrc with `requests`.
+cluster: a real run (POST /api/runs/, mlbench-core's client) gets its capability from the
+run_env hook (runenv.py) and a reverse forward on each node's SSH session (ssh/forward.py);
+its MPI ranks post metrics as mlbench-core's post_metric does (a form) through the URL the
+run gives them, to the real metric store of a loopback-bound daemon; a node that refuses
+forwarding or holds the port is reported, and the run falls back to a routable bind address
+or fails saying why; the capability dies with the run; HTTP Basic through a real ~/.netrc
+with `requests`."""
 
-The metrics route is another part's (the metrics store); until it is merged, a small real
-route stands in for it (`POST /api/metrics/`, registered through the route table machinery
-like any route), recording what it was posted and the run scope the capability gave it."""
-
-import dataclasses
 import json
 import logging
 import subprocess
 import threading
 import time
+import urllib.parse
 
 import paramiko
-import pytest
 import requests
 
 from mlbench_daemon import capability
-from mlbench_daemon.api.common import Deps, as_json, body
-from mlbench_daemon.api.plugin import register
-from mlbench_daemon.openapi import Route, answer, ref
-from mlbench_daemon.runenv import RUN_ENV, URL_ENV, RunRefused
-from mlbench_daemon.vocabulary import Role
+from mlbench_daemon.runenv import RUN_ENV, URL_ENV
 from tests.helpers import HANG, wait_for
 
 PORT = 18080  # metrics.forward_port's default
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """The fields of the runs registry's RunView the hook reads."""
-
-    id: int
-    nodes: tuple[str, ...]
-
-
-def stand_in_metrics(d):
-    """Give the live daemon a POST /api/metrics/ that records (scope, body)."""
-    posted = []
-    lock = threading.Lock()
-
-    def post(deps: Deps) -> str:
-        import bottle
-
-        with lock:
-            posted.append((bottle.request.environ.get(capability.SCOPE), body(deps.max_body_bytes)))
-        return as_json({"ok": True}, 201)
-
-    route = Route(
-        "POST", "/api/metrics/", post, "postMetricStandIn", "stand-in", "meta",
-        {201: answer("posted", ref("Error"))}, role=Role.SUBMITTER,
-    )  # fmt: skip
-    register(d.daemon.app, [route], Deps(None, None, None, 1 << 20, None, "", False))
-    return posted
-
-
-# Each rank posts one point from its node, as a rank would: urllib, a JSON body, the URL
-# from its environment (form bodies are another part's, with the metrics route).
+# Each rank posts one point from its node as mlbench-core's post_metric does (a form with
+# its fields; the nodes' python3 has no `requests`), to the URL from its environment; then
+# tries to read the job list with the same capability, which must be refused.
 RANK = r"""
-import json, os, socket, urllib.request
+import os, socket, urllib.error, urllib.parse, urllib.request
 rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK")
-body = {"run_id": os.environ["MLBENCH_RUN_ID"], "name": "rank@" + rank,
-        "value": socket.gethostname(), "cumulative": "False"}
-req = urllib.request.Request("http://" + os.environ["MLBENCH_DASHBOARD_URL"] + "/api/metrics/",
-                             data=json.dumps(body).encode(),
-                             headers={"Content-Type": "application/json"})
+base = "http://" + os.environ["MLBENCH_DASHBOARD_URL"] + "/api/"
+form = {"run_id": os.environ["MLBENCH_RUN_ID"], "name": "from-" + socket.gethostname(),
+        "value": rank,
+        "cumulative": "False", "date": "2026-12-05 10:00:0" + rank,
+        "metadata": "rank " + rank}
+req = urllib.request.Request(base + "metrics/", data=urllib.parse.urlencode(form).encode())
 with urllib.request.urlopen(req, timeout=60) as r:
     print("rank", rank, "posted", r.status, flush=True)
+try:
+    urllib.request.urlopen(base + "mpi_jobs/", timeout=60)
+    print("rank", rank, "read the jobs", flush=True)
+except urllib.error.HTTPError as e:
+    print("rank", rank, "refused", e.code, flush=True)
 """
+
+
+def _client(d):
+    from tests.mlbench_core import api_client
+
+    return api_client(urllib.parse.urlsplit(d.url).netloc)
+
+
+def _until_final(api, run_id):
+    got = []
+
+    def final():
+        run = api.get_run(run_id).result().json()
+        got[:] = [run]
+        return run["state"] in ("finished", "failed")
+
+    wait_for(final, timeout=120, what=f"run {run_id} to end")
+    return got[0]
+
+
+def spy_run_env(d):
+    """The RunEnvs the daemon's real hook gives (values are never stored, so the test keeps
+    them to try the capability after the run)."""
+    given, hook = [], d.daemon.runs.run_env
+
+    def passing(run, nodes):
+        got = hook(run, nodes)
+        given.append(got)
+        return got
+
+    d.daemon.runs.run_env = passing
+    return given
+
+
+def rank_script(cluster):
+    path = cluster.dir / "bin" / "post_metric.py"
+    path.write_text(RANK)
+    path.chmod(0o644)
+    return path
+
 
 CONNECT = r"""
 import socket, sys
@@ -94,51 +106,55 @@ def test_ranks_post_through_the_reverse_forward_and_the_capability_ends(
 ):
     caplog.set_level(logging.INFO)
     d = start_daemon()
-    posted = stand_in_metrics(d)
-    nodes = nodes_of(d, cluster)
-    run = Run(11, tuple(n.name for n in nodes))
-    env = d.daemon.run_env(run, nodes)
-    url, secret = env.env[URL_ENV], env.env[URL_ENV].rsplit("/", 1)[1]
-    assert env.notes == () and url == f"127.0.0.1:{PORT}{capability.PREFIX}{secret}"
-    assert env.env[RUN_ENV] == "11" and d.daemon.caps.check(secret) == 11
+    api = _client(d)
     piped = d.daemon.pool.forwards.piped
+    given = spy_run_env(d)
+    cmd = f"python3 {rank_script(cluster)}"
+    n = len(cluster.workers)
+    r = api.create_run("fwd", n, custom_image_name="x", custom_image_command=cmd).result()
+    assert r.status_code == 201, r.text
+    run = _until_final(api, r.json()["id"])
+    assert run["state"] == "finished", run
+    meta = run["job_metadata"]
+    assert meta["notes"] == [], meta  # every node took its forward
+    for rank in range(n):
+        assert f"rank {rank} posted 201" in meta["stdout"], meta["stdout"]
+        assert f"rank {rank} refused 403" in meta["stdout"], meta["stdout"]
+    (env,) = [g.env for g in given]
+    url, secret = env[URL_ENV], env[URL_ENV].rsplit("/", 1)[1]
+    assert url == f"127.0.0.1:{PORT}{capability.PREFIX}{secret}" and env[RUN_ENV] == str(run["id"])
 
-    status, job = d.json(
-        "POST", "/api/mpi_jobs/",
-        {"program": ["python3", "-c", RANK], "np": 3, "env": dict(env.env), "wait": True},
-    )  # fmt: skip
-    assert status == 200 and job["state"] == "succeeded", job
-    assert all(f"rank {r} posted 201" in job["response"] for r in range(3)), job["response"]
-    assert sorted(p[1]["name"] for p in posted) == ["rank@0", "rank@1", "rank@2"]
-    assert {p[0] for p in posted} == {11}  # every post scoped to the run
-    assert len({p[1]["value"] for p in posted}) == 3  # from three nodes, each its own forward
-    assert d.daemon.pool.forwards.piped == piped + 3
-    assert secret not in json.dumps({k: v for k, v in job.items() if k != "response"})
+    # the real metric store has one point per rank, each from its own node
+    got = api.get_run_metrics(run["id"]).result()
+    assert got.status_code == 200, got.text
+    series = {k: v for k, v in got.json().items() if k.startswith("from-")}
+    assert len(series) == n, series  # n nodes, each posting through its own forward
+    assert sorted(float(p["value"]) for ps in series.values() for p in ps) == list(range(n))
+    assert d.daemon.pool.forwards.piped >= piped + 2 * n
+    answers = json.dumps([api.get_run(run["id"]).result().json(), api.get_runs().result().json()])
+    assert secret not in answers
+    job = d.json("GET", f"/api/mpi_jobs/{run['job_id']}")[1]
+    assert secret not in json.dumps(job)
 
-    # the capability reads nothing, through the forward as from here
-    r = cluster.ssh(cluster.workers[0], ["curl", "-s", f"http://{url}/api/nodes/"])
-    assert '"error": "forbidden"' in r.stdout and secret not in r.stdout, r
+    # the run ended: its capability is gone, and nothing listens on the nodes' port
+    assert d.daemon.caps.check(secret) is None and d.daemon.caps.live() == 0
     u = d.url + capability.PREFIX + secret
-    assert requests.get(u + "/api/mpi_jobs/", timeout=HANG).status_code == 403
-    assert requests.post(u + "/api/mpi_jobs/", json={}, timeout=HANG).status_code == 403
-
-    d.daemon.run_env.ended(run)  # what runs.on_ended calls
-    assert d.daemon.caps.check(secret) is None
-    answer_ = requests.post(u + "/api/metrics/", json={"run_id": 11}, timeout=HANG)
+    answer_ = requests.post(u + "/api/metrics/", data={"run_id": run["id"]}, timeout=HANG)
     assert answer_.status_code == 404 and "ended" in answer_.json()["message"]
-    for w in cluster.workers:  # the forwards are gone: nothing listens on the nodes' port
+    for w in cluster.workers:
         r = cluster.ssh(w, ["python3", "-c", CONNECT, str(PORT)])
         assert r.stdout.startswith("closed"), (w.name, r)
-    assert len(posted) == 3
+    assert api.get_run_metrics(run["id"]).result().json() == got.json()  # nothing lost
 
     d.daemon.audit.flush()
     audit = open(d.daemon.audit.path).read()
     assert "run_capability" in audit
     assert secret not in audit and secret not in caplog.text and "run-cap" not in audit
+    assert api.delete_run(run["id"]).result().status_code == 204  # frees the shared daemon
 
 
 def test_a_node_refusing_forwards_is_reported_and_the_run_falls_back_or_is_refused(
-    start_daemon, cluster, tmp_path
+    start_daemon, cluster, tmp_path, monkeypatch
 ):
     no_fwd, taken = cluster.workers[0], cluster.workers[1]
     cluster.set_sshd_option(no_fwd, "AllowTcpForwarding", "local")  # local only: no remote
@@ -153,31 +169,49 @@ def test_a_node_refusing_forwards_is_reported_and_the_run_falls_back_or_is_refus
     try:
         assert holder.stdout.readline().strip() == "bound"
         d = start_daemon()  # loopback: the nodes cannot reach it but through a forward
-        nodes = nodes_of(d, cluster)
-        with pytest.raises(RunRefused) as e:
-            d.daemon.run_env(Run(21, tuple(n.name for n in nodes)), nodes)
-        msg = str(e.value)
+        api = _client(d)
+        n = len(cluster.workers)
+        cmd = f"python3 {rank_script(cluster)}"
+        r = api.create_run("refused", n, custom_image_name="x", custom_image_command=cmd)
+        r = r.result()
+        assert r.status_code == 201, r.text
+        run = _until_final(api, r.json()["id"])
+        assert run["state"] == "failed" and run["job_id"] is None, run
+        msg = " ".join(run["job_metadata"]["notes"])
         assert f"{no_fwd.name} refused the reverse forward" in msg and "AllowTcpForwarding" in msg
         assert (
             f"{taken.name} refused the reverse forward of port {PORT}: port {PORT} is taken" in msg
         )
-        assert "127.0.0.1 only" in msg and e.value.status == 503
+        assert "127.0.0.1 only" in msg
         assert d.daemon.caps.live() == 0  # nothing minted survives a refused run
         ok = cluster.workers[2]
         r = cluster.ssh(ok, ["python3", "-c", CONNECT, str(PORT)])
         assert r.stdout.startswith("closed"), r  # its forward was closed again
+        assert api.delete_run(run["id"]).result().status_code == 204
 
         token = tmp_path / "token"
         token.write_text("fallback-token-0123456789\n")
         token.chmod(0o600)
         h = start_daemon(server={"host": cluster.head_ip, "token_file": str(token)})
-        posted = stand_in_metrics(h)
-        nodes = nodes_of(h, cluster)
-        env = h.daemon.run_env(Run(22, tuple(n.name for n in nodes)), nodes)
+        given = spy_run_env(h)
+        # mlbench-core's client sends no token: requests takes it from ~/.netrc (HTTP Basic)
+        home = tmp_path / "home"
+        home.mkdir()
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.delenv("NETRC", raising=False)
+        netrc = home / ".netrc"
+        netrc.write_text(
+            f"machine {cluster.head_ip}\n  login x\n  password fallback-token-0123456789\n"
+        )
+        netrc.chmod(0o600)
+        api = _client(h)
+        r = api.create_run("fallback", n, custom_image_name="x", custom_image_command=cmd)
+        r = r.result()
+        assert r.status_code == 201, r.text
+        run = _until_final(api, r.json()["id"])
+        assert run["state"] == "finished", run
         port = h.daemon.bound()[1]
-        url = env.env[URL_ENV]
-        assert url.startswith(f"{cluster.head_ip}:{port}{capability.PREFIX}")
-        assert sorted(env.notes) == sorted(
+        assert sorted(run["job_metadata"]["notes"]) == sorted(
             [
                 f"{no_fwd.name} refused the reverse forward of port {PORT}: its sshd refuses "
                 f"remote port forwarding (AllowTcpForwarding); ranks post to "
@@ -186,16 +220,13 @@ def test_a_node_refusing_forwards_is_reported_and_the_run_falls_back_or_is_refus
                 f"on the node; ranks post to {cluster.head_ip}:{port}",
             ]
         )
-        post = (
-            "import json, urllib.request, sys; r = urllib.request.urlopen(urllib.request."
-            "Request(sys.argv[1], data=b'{\"run_id\": \"22\"}', headers={'Content-Type': "
-            "'application/json'}), timeout=30); print(r.status)"
-        )
-        r = cluster.ssh(no_fwd, ["python3", "-c", post, f"http://{url}/api/metrics/"])
-        assert r.stdout.strip() == "201", r  # no token: the capability is enough
-        assert posted == [(22, {"run_id": "22"})]
-        h.daemon.run_env.ended(Run(22, ()))
-        assert h.daemon.caps.live() == 0
+        (env,) = [g.env for g in given]
+        assert env[URL_ENV].startswith(f"{cluster.head_ip}:{port}{capability.PREFIX}")
+        for rank in range(n):  # no token: the capability is enough
+            assert f"rank {rank} posted 201" in run["job_metadata"]["stdout"], run
+        got = api.get_run_metrics(run["id"]).result().json()
+        assert len([k for k in got if k.startswith("from-")]) == n and h.daemon.caps.live() == 0
+        assert api.delete_run(run["id"]).result().status_code == 204
     finally:
         holder.kill()
         holder.wait()
