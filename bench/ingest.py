@@ -15,10 +15,12 @@ sees it), and the daemon process's CPU (share of one core) over the window.  On 
 baseline path the daemon only pipes the forwarded connections, so its CPU per POST there
 is what one forwarded connection costs.
 
-Until the metrics store is merged, the daemon's ``POST /api/metrics/`` is a stand-in
-route (parses the JSON body, answers 201, stores nothing), and the posters send JSON
-(form bodies arrive with the runs part).  The node's python3 has no ``requests``: the
-posters use http.client, one connection per POST.
+The daemon's side is the real thing: a live run (POST /api/runs/, holding both nodes with
+a long sleep) whose capability URL the posters use, and the real ``POST /api/metrics/``
+storing every point in the metric store.  The posters send what mlbench-core's
+``post_metric`` sends (a form: run_id, name, value, cumulative, date, metadata), each
+poster its own series; the node's python3 has no ``requests``, so they use http.client,
+one connection per POST.
 
     python3 -m bench.ingest [--seconds 30] [--repeats 2]   (from the repository root)
 """
@@ -31,6 +33,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from bench.common import Figures, cpu_s, load
@@ -42,14 +46,17 @@ FORWARD_PORT = 18080  # the daemon's path (metrics.forward_port)
 BARE_PORT = 18081  # the baseline's path, forwarded the same way
 
 POSTER = r"""
-import http.client, json, sys, time
+import datetime, http.client, json, os, sys, time, urllib.parse
 host, port, path, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-body = json.dumps({"run_id": "1", "name": "loss", "value": "0.5", "cumulative": "False"})
+form = {"run_id": sys.argv[5], "name": "loss-%s-%d" % (os.uname().nodename, os.getpid()),
+        "value": "0.5", "cumulative": "False", "metadata": ""}
+hdrs = {"Content-Type": "application/x-www-form-urlencoded"}
 lat, bad, end = [], 0, time.monotonic() + seconds
 while time.monotonic() < end:
     t = time.perf_counter()
     c = http.client.HTTPConnection(host, port, timeout=60)
-    c.request("POST", path, body, {"Content-Type": "application/json"})
+    body = urllib.parse.urlencode({**form, "date": str(datetime.datetime.utcnow())})
+    c.request("POST", path, body, hdrs)
     r = c.getresponse(); r.read(); c.close()
     lat.append(time.perf_counter() - t)
     bad += r.status != 201
@@ -73,36 +80,46 @@ s.serve_forever()
 """
 
 
-class Run:
-    id = 1
-    nodes: tuple = ()
+def start_run(d):
+    """A live run holding both nodes (a long sleep), created through the REST API as a
+    client would; -> (run id, its capability path), the path as the real hook gave it."""
+    given, hook = [], d.runs.run_env
+
+    def passing(run, nodes):
+        given.append(hook(run, nodes))
+        return given[-1]
+
+    d.runs.run_env = passing
+    form = {"name": "ingest", "num_workers": "2", "image_name": "custom_image",
+            "custom_image_name": "sleep",
+            "custom_image_command": "sleep 100000", "run_all_nodes": "false"}  # fmt: skip
+    req = urllib.request.Request(d.url + "/api/runs/", data=urllib.parse.urlencode(form).encode())
+    with urllib.request.urlopen(req, timeout=HANG) as r:
+        run_id = json.load(r)["id"]
+
+    def started():
+        with urllib.request.urlopen(f"{d.url}/api/runs/{run_id}", timeout=HANG) as r:
+            return json.load(r)["state"] == "started" and bool(given)
+
+    wait_for(started, what="the run to start")
+    assert not given[0].notes, given[0].notes
+    return run_id, given[0].env["MLBENCH_DASHBOARD_URL"].split("/", 1)[1]
 
 
-def stand_in(d):
-    """POST /api/metrics/ on the live daemon: parse, answer 201 (the store is not here)."""
-    from mlbench_daemon.api.common import Deps, as_json, body
-    from mlbench_daemon.api.plugin import register
-    from mlbench_daemon.openapi import Route, answer, ref
-    from mlbench_daemon.vocabulary import Role
-
-    def post(deps):
-        body(deps.max_body_bytes)
-        return as_json({"ok": True}, 201)
-
-    route = Route(
-        "POST", "/api/metrics/", post, "postMetricStandIn", "stand-in", "meta",
-        {201: answer("posted", ref("Error"))}, role=Role.SUBMITTER,
-    )  # fmt: skip
-    register(d.app, [route], Deps(None, None, None, 1 << 20, None, "", False))
+def delete_run(d, run_id):
+    req = urllib.request.Request(f"{d.url}/api/runs/{run_id}", method="DELETE")
+    with urllib.request.urlopen(req, timeout=HANG) as r:
+        assert r.status == 204
 
 
-def phase(cluster, workers, path, seconds):
+def phase(cluster, workers, path, seconds, run_id):
     """All posters at once on `path` (the node's URL path) -> (points/s, p99 s, bad)."""
     port = FORWARD_PORT if path.startswith("/run-cap/") else BARE_PORT
     procs = [
         subprocess.Popen(
             cluster.ssh_argv(
-                w, ["python3", "-c", POSTER, "127.0.0.1", str(port), path, str(seconds)]
+                w,
+                ["python3", "-c", POSTER, "127.0.0.1", str(port), path, str(seconds), str(run_id)],
             ),
             stdout=subprocess.PIPE,
             text=True,
@@ -137,11 +154,8 @@ def main():
             lambda: sum(n.phase == "Running" for n in d.registry.nodes()) == 2,
             what="both nodes Running",
         )
-        stand_in(d)
         nodes = [s.node for s in d.registry.nodes()]
-        env = d.run_env(Run(), nodes)
-        assert not env.notes, env.notes
-        cap_path = env.env["MLBENCH_DASHBOARD_URL"].split("/", 1)[1]
+        run_id, cap_path = start_run(d)
         bare_port = free_port()
         bare = subprocess.Popen(
             [sys.executable, "-c", BARE, str(bare_port)], stdout=subprocess.PIPE, text=True
@@ -160,7 +174,9 @@ def main():
             for name in order:
                 piped0, c0, t0 = d.pool.forwards.piped, cpu_s(os.getpid()), time.perf_counter()
                 at = load()
-                rate, p99, bad, n = phase(cluster, cluster.workers, paths[name], args.seconds)
+                rate, p99, bad, n = phase(
+                    cluster, cluster.workers, paths[name], args.seconds, run_id
+                )
                 cpu = (cpu_s(os.getpid()) - c0) / (time.perf_counter() - t0)
                 piped = d.pool.forwards.piped - piped0
                 rates[name] = rate
@@ -175,7 +191,7 @@ def main():
         for name in figs.values:
             target = "0.5 or more" if name.startswith("ratio") else ""
             print(figs.line(name, "{:.3f}", target))
-        d.run_env.ended(Run())
+        delete_run(d, run_id)
         d.stop()
     finally:
         if bare is not None:
