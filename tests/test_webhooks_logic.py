@@ -5,6 +5,7 @@ The receiver's outage here is 10 s of refused connections then 3 s of 503s (the 
 says 60 s; backoff is capped at 1 s here, so the outage spans many retries all the same);
 test_webhooks.py runs the daemon process with a `kill -9`."""
 
+import ipaddress
 import json
 import os
 import time
@@ -224,6 +225,51 @@ def test_a_hook_at_the_daemon_itself_or_not_http_is_refused(tmp_path, url, serve
     text = str(e.value)
     assert "\n" not in text and text.startswith("webhooks.hooks")
     assert ("daemon itself" if refused is True else refused) in text
+
+
+def test_on_a_wildcard_bind_a_hook_at_any_own_address_on_the_port_is_refused(tmp_path):
+    own = sorted(a for a in config.own_addresses() if not ipaddress.ip_address(a).is_loopback)
+    assert own, "this machine has interface addresses besides loopback"
+    v4 = next(a for a in own if ipaddress.ip_address(a).version == 4)
+    for host in (v4, f"[::ffff:{v4}]", *(f"[{a}]" for a in own if ":" in a)):
+        with pytest.raises(config.ConfigError, match="daemon itself"):
+            load_with(tmp_path, f"http://{host}:8080/h", host="0.0.0.0")
+        load_with(tmp_path, f"http://{host}:8081/h", host="0.0.0.0")  # another port: fine
+    load_with(tmp_path, f"http://{v4}:8080/h", host="127.0.0.1")  # not bound there
+    load_with(tmp_path, "http://203.0.113.7:8080/h", host="0.0.0.0")  # not ours
+
+
+def test_own_addresses_reads_the_kernels_local_routes_and_v6_interfaces(tmp_path):
+    trie = tmp_path / "fib_trie"
+    trie.write_text(
+        "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n"
+        "     |-- 10.9.8.7\n        /32 host LOCAL\n     |-- 10.9.8.255\n"
+        "        /32 link BROADCAST\n"
+    )
+    inet6 = tmp_path / "if_inet6"
+    inet6.write_text("fd000000000000000000000000000002 03 40 00 80 eth0\n")
+    assert config.own_addresses(str(trie), str(inet6)) == {"10.9.8.7", "fd00::2"}
+    assert config.own_addresses(str(tmp_path / "none"), str(tmp_path / "none")) == set()
+
+
+def test_a_bad_hooks_value_names_the_key_and_the_problem_never_the_value(tmp_path):
+    secret_url = "https://hooks.example/T0/B1?token=sup3rs3cret"
+    for bad in (
+        json.dumps([{"name": "no spaces allowed", "url": secret_url, "secret_file": "s"}]),
+        json.dumps([{"name": "h", "url": secret_url, "secret_file": "s", "events": ["x"]}]),
+        json.dumps({"url": secret_url}),
+        '[{"name": "h", "url": "' + secret_url,  # not JSON
+    ):
+        env = {"MLBENCH_DAEMON_DISCOVERY_SERVICE": "x.invalid",
+               "MLBENCH_DAEMON_WEBHOOKS_HOOKS": bad}  # fmt: skip
+        with pytest.raises(config.ConfigError) as e:
+            config.load(None, environ=env)
+        text = str(e.value)
+        assert text.startswith("webhooks.hooks (from MLBENCH_DAEMON_WEBHOOKS_HOOKS): ")
+        assert "sup3rs3cret" not in text and "hooks.example" not in text and "got" not in text
+    with pytest.raises(config.ConfigError, match=r"got 'x'"):  # other settings still echo
+        config.load(None, environ={"MLBENCH_DAEMON_DISCOVERY_SERVICE": "x.invalid",
+                                   "MLBENCH_DAEMON_SERVER_PORT": "x"})  # fmt: skip
 
 
 def test_a_secret_file_others_can_read_is_refused(tmp_path):
