@@ -263,7 +263,7 @@ class OutboxRecord:
     job_id: str = column("TEXT NOT NULL")
     created: float = column("REAL NOT NULL")  # when it happened (wall time): max_age_s counts
     body: bytes = column("BLOB NOT NULL")  # the JSON sent
-    attempts: int = column("INTEGER NOT NULL DEFAULT 0")  # failed attempts so far
+    attempts: int = column("INTEGER NOT NULL DEFAULT 0")  # attempts begun so far
     next_at: float = column("REAL NOT NULL")  # wall time of the next attempt
     last_error: str | None = column("TEXT")
 
@@ -441,6 +441,13 @@ class Store:
     def outbox_depth(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def outbox_attempt(self, seq: int, attempts: int) -> None:
+        """An attempt is about to be sent: it is counted first, so a POST cut short by a
+        crash is sent again after a restart as the next attempt (StoreError if not
+        written)."""
+        with self._lock:
+            self._write("UPDATE outbox SET attempts = ? WHERE seq = ?", (attempts, seq))
 
     def outbox_retry(self, seq: int, attempts: int, next_at: float, error: str) -> None:
         """An attempt failed: tried again at `next_at` (StoreError if not written)."""

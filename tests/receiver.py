@@ -20,6 +20,7 @@ class Receiver:
         self.mode = "ok"
         self.lock = threading.Lock()
         self.got: list[dict] = []  # every POST: id, event, attempt, verified, status, body
+        self.hung: list[dict] = []  # the POSTs answered nothing in mode "hang" (status None)
         self.release = threading.Event()
         self.server: http.server.ThreadingHTTPServer | None = None
 
@@ -43,12 +44,9 @@ class Receiver:
                     )
                     and abs(time.time() - int(stamp)) < 300
                 )
-                if owner.mode == "hang":
-                    owner.release.wait(60)
-                    return
-                status = 204 if owner.mode == "ok" else 503
+                status = {"ok": 204, "fail": 503}.get(owner.mode)
                 with owner.lock:
-                    owner.got.append({
+                    (owner.got if status else owner.hung).append({
                         "id": self.headers["X-Mlbench-Event-Id"],
                         "event": self.headers["X-Mlbench-Event"],
                         "attempt": int(self.headers["X-Mlbench-Attempt"]),
@@ -56,6 +54,9 @@ class Receiver:
                         "status": status,
                         "body": body,
                     })  # fmt: skip
+                if status is None:  # "hang"
+                    owner.release.wait(60)
+                    return
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -92,6 +92,30 @@ def test_a_receiver_down_then_failing_gets_every_event_once_signed_in_order(tmp_
         assert end["failure"] == end["job"]["failure"]
 
 
+def test_a_post_cut_short_is_sent_again_after_a_restart_as_the_next_attempt(tmp_path):
+    """A dispatcher that dies mid-POST (as under `kill -9`) has counted the attempt first:
+    the next daemon on the same store sends the same id and bytes as attempt 2."""
+    receiver = Receiver(SECRET).start("hang")
+    lj = LocalJobs(tmp_path, webhooks=hooks_config(tmp_path, receiver, timeout_s=30.0)).start()
+    first = deliveries(lj)
+    try:
+        lj.jobs.wait(lj.jobs.submit({"program": sh("true"), "wait": False})["id"])
+        wait_for(lambda: receiver.hung, what="the first POST, hanging")
+        first.stop(timeout=0.1)  # the POST is still in flight: the daemon "dies" here
+        [row] = [r for r in lj.store.outbox_due(time.time() + 1, 10) if r.event == "job.started"]
+        assert row.attempts == 1  # counted before it was sent
+        receiver.mode = "ok"
+        second = deliveries(lj)  # the restart, on the same store
+        wait_for(lambda: lj.store.outbox_depth() == 0, what="delivered after the restart")
+        second.stop()
+    finally:
+        receiver.stop()
+        lj.close()
+    cut, again = receiver.hung[0], receiver.delivered()[0]
+    assert (cut["attempt"], again["attempt"]) == (1, 2)
+    assert again["id"] == cut["id"] and again["body"] == cut["body"]
+
+
 def test_a_hook_takes_only_its_events_and_tags(tmp_path):
     receiver = Receiver(SECRET).start()
     cfg = hooks_config(tmp_path, receiver)
