@@ -728,7 +728,7 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         "hooks",
         hooks,
         [],
-        "POST signed job events to these (name, url, secret_file, events, tags); empty = none",
+        "POST signed job and run events to these (name, url, secret_file, events, tags); [] = none",
     ),
     ("webhooks", "timeout_s", number(0, strict=True), 5.0, "connect and read timeout of a POST"),
     ("webhooks", "concurrency", integer(1, 64), 4, "deliveries in flight at once (all hooks)"),

@@ -26,6 +26,7 @@ import msgspec
 from msgspec import Meta
 
 from mlbench_daemon.vocabulary import (
+    HOOK_EVENTS,
     PREFLIGHT_FLAVOURS,
     CheckName,
     CheckStatus,
@@ -829,6 +830,65 @@ class MetricRequest(msgspec.Struct, forbid_unknown_fields=True):
     ] = None
 
 
+# --- webhooks (webhooks.py delivers, jobs/events.py makes the bodies) -------------------
+
+
+class HookEventName(Words):
+    description = (
+        "A webhook event, `<subject>.<event>`: a job's `started`, `succeeded`, `failed`, "
+        "`cancelled`, `lost` or `stalled`; a run's `started`, `finished`, `failed` or "
+        "`cancelled` (a run deleted before it ended, or whose job was cancelled)."
+    )
+    words = HOOK_EVENTS
+
+
+class HookRun(msgspec.Struct):
+    """The run a `run.*` event is about, as it was after the change."""
+
+    id: Annotated[int, Meta(ge=1)]
+    name: JobName
+    state: Annotated[
+        RunState,
+        Meta(description="A run deleted before it ended is `failed` (MLBench's word)."),
+    ]
+    num_workers: Annotated[int, Meta(ge=1)]
+    job_id: Annotated[str, Meta(pattern=JOB_ID_PATTERN)] | None
+    nodes: Annotated[list[str], Meta(description="The names of the nodes it holds or held.")]
+    notes: Annotated[list[str], Meta(description="What the daemon told about its launch.")]
+    created_at: RunDate
+    finished_at: Annotated[
+        RunDate | None, Meta(description="When it ended (a deleted run: the delete).")
+    ]
+    submitted_by: str | None
+
+
+class WebhookEvent(msgspec.Struct):
+    """The JSON body POSTed to a hook.  The headers carry the event (`X-Mlbench-Event`), its
+    id (`X-Mlbench-Event-Id`), the attempt (`X-Mlbench-Attempt`, 1 first), the time sent
+    (`X-Mlbench-Timestamp`, Unix seconds) and `X-Mlbench-Signature: sha256=<hex
+    HMAC-SHA256(secret, timestamp + "." + body)>`.  Every attempt sends the same bytes."""
+
+    id: Annotated[
+        str,
+        Meta(description="The idempotency key: the same for every hook, attempt and restart "
+             "(`<job>.job.<event>[.<stall ms>]`, `run-<id>.run.<event>`)."),
+    ]  # fmt: skip
+    event: HookEventName
+    time: Annotated[DateTime, Meta(description="When it happened.")]
+    job: Annotated[
+        Job | None,
+        Meta(description="The job's answer at the change; for a `run.*` event the run's "
+             "job, null if it has none (it failed before its job was submitted)."),
+    ]  # fmt: skip
+    run: Annotated[HookRun | None, Meta(description="The run of a `run.*` event; else null.")]
+    failure: Annotated[Failure | None, Meta(description="The job's `failure` block.")]
+    output: Annotated[
+        list[str],
+        Meta(description="The last 50 lines of the job's output (each cut at 1,000 "
+             "characters); empty without a job."),
+    ]  # fmt: skip
+
+
 ENUMS = (
     Phase,
     JobState,
@@ -861,6 +921,7 @@ ANSWERS: tuple[type[msgspec.Struct], ...] = (
 REQUESTS: tuple[type[msgspec.Struct], ...] = (
     JobRequest, PreflightRequest, RunRequest, MetricRequest,
 )  # fmt: skip
+HOOK_BODIES: tuple[type[msgspec.Struct], ...] = (WebhookEvent,)  # the document's `webhooks`
 
 
 def _words_ref(t: type) -> dict[str, object]:
@@ -874,9 +935,9 @@ def components() -> dict[str, dict[str, object]]:
     """The JSON Schema (2020-12) of every declared answer and request and what they refer
     to, by name."""
     _, schemas = msgspec.json.schema_components(
-        ANSWERS + REQUESTS, schema_hook=_words_ref, ref_template=REF_TEMPLATE
+        ANSWERS + REQUESTS + HOOK_BODIES, schema_hook=_words_ref, ref_template=REF_TEMPLATE
     )
-    for words in (NodeReasonCode, PreflightFlavour):
+    for words in (NodeReasonCode, PreflightFlavour, HookEventName):
         schemas[words.__name__] = {
             "type": "string",
             "enum": list(words.words),

@@ -1,8 +1,9 @@
 """A real webhook receiver on loopback (http.server in a thread) for the tests and the
-bench: it verifies each POST's signature as README says a receiver should, and records
-what came.  `mode` says how it answers: "ok" (204), "fail" (503), "hang" (reads the
-request and answers nothing until stopped).  `stop()` closes its socket (connections
-refused); `start()` again binds the same port."""
+bench: it verifies each POST's signature as README says a receiver should, checks each
+body against the `WebhookEvent` schema of the document the daemon serves (its `webhooks`
+section; `invalid()`), and records what came.  `mode` says how it answers: "ok" (204),
+"fail" (503), "hang" (reads the request and answers nothing until stopped).  `stop()`
+closes its socket (connections refused); `start()` again binds the same port."""
 
 from __future__ import annotations
 
@@ -12,6 +13,31 @@ import http.server
 import json
 import threading
 import time
+
+import jsonschema_rs
+
+from mlbench_daemon.api import DOCUMENT
+
+
+def _event_validator():
+    """A validator of a POST's body against the document's `webhooks` declaration."""
+    [schema] = {
+        json.dumps(item["post"]["requestBody"]["content"]["application/json"]["schema"])
+        for item in DOCUMENT["webhooks"].values()
+    }  # every subject declares the one body
+    return jsonschema_rs.validator_for({**json.loads(schema), "components": DOCUMENT["components"]})
+
+
+EVENT = _event_validator()
+
+
+def body_errors(data: bytes) -> list[str]:
+    """Why `data` is not a body the document declares (empty: it is one)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return ["not JSON"]
+    return [f"{'/'.join(map(str, e.instance_path))}: {e.message}" for e in EVENT.iter_errors(value)]
 
 
 class Receiver:
@@ -53,6 +79,7 @@ class Receiver:
                         "verified": verified,
                         "status": status,
                         "body": body,
+                        "errors": body_errors(body),
                     })  # fmt: skip
                 if status is None:  # "hang"
                     owner.release.wait(60)
@@ -80,6 +107,11 @@ class Receiver:
     def delivered(self) -> list[dict]:
         with self.lock:
             return [g for g in self.got if g["status"] == 204]
+
+    def invalid(self) -> list[tuple[str, list[str]]]:
+        """(event id, schema errors) of every POST whose body the document does not declare."""
+        with self.lock:
+            return [(g["id"], g["errors"]) for g in self.got + self.hung if g["errors"]]
 
     def failed(self) -> list[dict]:
         with self.lock:

@@ -14,8 +14,9 @@ import pytest
 
 from mlbench_daemon import config, webhooks
 from mlbench_daemon.store import StoreError
+from mlbench_daemon.vocabulary import HOOK_EVENTS
 from tests.helpers import wait_for
-from tests.localjobs import LocalJobs, sh
+from tests.localjobs import LocalJobs, gate, sh
 from tests.receiver import Receiver, body
 from tests.test_faults_logic import FaultyStore
 
@@ -78,7 +79,7 @@ def test_a_receiver_down_then_failing_gets_every_event_once_signed_in_order(tmp_
     }
     assert [g["id"] for g in got if g["id"] not in expected] == []
     assert {g["id"] for g in got} == expected and len(got) == 20  # each once
-    assert all(g["verified"] for g in receiver.got)
+    assert receiver.invalid() == [] and all(g["verified"] for g in receiver.got)
     for g in receiver.failed():  # a retry is the same event: same id, same bytes, later attempt
         again = next(x for x in got if x["id"] == g["id"])
         assert again["body"] == g["body"] and again["attempt"] > g["attempt"]
@@ -114,6 +115,70 @@ def test_a_post_cut_short_is_sent_again_after_a_restart_as_the_next_attempt(tmp_
     cut, again = receiver.hung[0], receiver.delivered()[0]
     assert (cut["attempt"], again["attempt"]) == (1, 2)
     assert again["id"] == cut["id"] and again["body"] == cut["body"]
+
+
+def test_a_runs_state_changes_are_events_in_order_with_the_document_s_body(tmp_path):
+    """run.* events from each way a run ends: its job succeeds, fails, is cancelled, or
+    the run is deleted before it ends; each once, signed, in order after run.started, with
+    the run as it is after the change and a body the document declares.  (The cancelled
+    runs' jobs wait for the one slot, so a cancel ends them at once.)"""
+    from mlbench_daemon.jobs.runs import Runs
+
+    receiver = Receiver(SECRET).start()
+    cfg = hooks_config(tmp_path, receiver)
+    cfg["hooks"][0]["events"] = [e for e in HOOK_EVENTS if e.startswith("run.")]
+    lj = LocalJobs(tmp_path, webhooks=cfg, max_concurrent_jobs=1).start()
+    runs = Runs(lj.cfg, lj.jobs, lj.registry)
+    runs.start()
+    d = deliveries(lj)
+    form = {"num_workers": "1", "image_name": "custom_image", "custom_image_name": "x"}
+
+    def run(name, command="true"):
+        got = runs.create({**form, "name": name, "custom_image_command": command})
+        wait_for(lambda: runs.get_run(got["id"]).job_id, what=f"run {name}'s job")
+        return got["id"], runs.get_run(got["id"]).job_id
+
+    try:
+        ok, ok_job = run("ok", "/bin/sh -c 'echo fine'")
+        bad, bad_job = run("bad", "/bin/sh -c 'echo broken; exit 3'")
+        for job_id in (ok_job, bad_job):
+            lj.jobs.wait(job_id)
+        wait_for(lambda: runs.get_run(bad).state == "failed", what="run bad ended")
+        slot = lj.jobs.submit({"program": gate(tmp_path / "go"), "nodes": ["w-0"], "wait": False})
+        lj.wait_state(slot["id"], "running")
+        stopped, stopped_job = run("stopped")
+        assert lj.jobs.cancel(stopped_job)[0] == 200  # queued: final at once
+        wait_for(lambda: runs.get_run(stopped).state == "failed", what="run stopped ended")
+        gone, gone_job = run("gone")
+        runs.delete(gone)
+        (tmp_path / "go").touch()
+        lj.jobs.wait(slot["id"])
+        wait_for(lambda: lj.store.outbox_depth() == 0 and len(receiver.delivered()) == 8,
+                 what="every run event delivered")  # fmt: skip
+        time.sleep(0.6)  # a scheduler pass after the delete adds nothing
+    finally:
+        d.stop()
+        runs.stop()
+        receiver.stop()
+        lj.close()
+    assert receiver.invalid() == [] and all(g["verified"] for g in receiver.got)
+    got = [body(g) for g in receiver.delivered()]
+    assert len(got) == 8 and len({b["id"] for b in got}) == 8
+    events = {}
+    for b in got:
+        events.setdefault(b["run"]["id"], []).append(b)
+    ends = {ok: "finished", bad: "failed", stopped: "cancelled", gone: "cancelled"}
+    for run_id, end in ends.items():
+        started, ended = events[run_id]  # in order, per run
+        assert [started["event"], ended["event"]] == ["run.started", f"run.{end}"]
+        assert ended["id"] == f"run-{run_id}.run.{end}"
+        assert started["run"]["state"] == "started" and started["run"]["nodes"]
+        assert ended["run"]["state"] == ("finished" if end == "finished" else "failed")
+        assert ended["run"]["finished_at"] is not None
+    assert events[ok][1]["output"] == ["fine"] and events[ok][1]["failure"] is None
+    assert events[bad][1]["failure"]["exit_code"] == 3 and events[bad][1]["output"] == ["broken"]
+    assert events[stopped][1]["job"]["state"] == "cancelled"
+    assert events[gone][1]["job"]["id"] == gone_job
 
 
 def test_a_hook_takes_only_its_events_and_tags(tmp_path):

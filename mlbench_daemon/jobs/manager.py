@@ -490,10 +490,7 @@ class Jobs:
         if not fired:
             return []
         now = time.time()  # wall time, not the jobs' clock: delivery ages count from it
-        try:
-            output = events.tail(self.store, new.id)
-        except OSError as e:  # the event goes all the same
-            output = [f"(the output could not be read: {e.strerror or e})"]
+        output = events.tail_or_why(self.store, new.id)
         job = to_json(new, None, None, self._ctx.clock.time())
         return events.rows(self.cfg.webhooks.hooks, new, fired, job, output, now)
 
