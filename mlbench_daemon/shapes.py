@@ -268,8 +268,8 @@ class Stall(msgspec.Struct):
     suspects: Annotated[list[Suspect], Meta(description="The roll-call's suspects.")]
 
 
-class Job(msgspec.Struct):
-    """One MPI job: the seed's keys first."""
+class JobFields(msgspec.Struct):
+    """The fields a job has in every answer (``Job``, ``JobListItem``): the seed's keys first."""
 
     nodes: list[NodeRow]
     command: Annotated[str, Meta(description="Python `str()` of the exact argv run on the master.")]
@@ -345,17 +345,54 @@ class Job(msgspec.Struct):
     ]
     name: JobName | None
     tags: Tags
-    stalled: Annotated[
-        Stall | None,
-        Meta(
-            description="Null, or the stall under way: the job runs, but its output has not "
-            "grown for `stall_after_s` (a signal, not a verdict: the job stays `running`)."
-        ),
+
+
+STALLED = (
+    "Null, or the stall under way: the job runs, but its output has not grown for "
+    "`stall_after_s` (a signal, not a verdict: the job stays `running`)."
+)
+STALLS = "The job's other stalls (ended), oldest first; at most 20."
+
+
+class Job(JobFields):
+    """One MPI job: the seed's keys first."""
+
+    stalled: Annotated[Stall | None, Meta(description=STALLED)]
+    stalls: Annotated[list[Stall], Meta(description=STALLS)]
+
+
+class RollCallCounts(msgspec.Struct):
+    """A roll-call as a job list shows it: when, and how many; `GET /api/mpi_jobs/<id>`
+    (or `/ranks`) has its ranks and stacks."""
+
+    taken: DateTime
+    took_s: Annotated[float, Meta(ge=0)]
+    ranks: Annotated[int, Meta(ge=0, description="Ranks reported.")]
+    groups: Annotated[
+        list[Annotated[int, Meta(ge=1)]],
+        Meta(description="The size of each group of ranks with one stack; largest first."),
     ]
-    stalls: Annotated[
-        list[Stall],
-        Meta(description="The job's other stalls (ended), oldest first; at most 20."),
-    ]
+    nodes_failed: Annotated[list[str], Meta(description="Nodes whose ranks could not be read.")]
+
+
+class StallSummary(msgspec.Struct):
+    """A stall as a job list shows it: ``Stall`` with its roll-call's counts only."""
+
+    since: DateTime
+    detected: DateTime
+    ended: DateTime | None
+    quiet_s: Annotated[float, Meta(ge=0)]
+    roll_call: RollCallCounts | None
+    roll_call_error: str | None
+    suspects: Annotated[list[Suspect], Meta(description="The roll-call's suspects.")]
+
+
+class JobListItem(JobFields):
+    """One job of `GET /api/mpi_jobs/`: ``Job``, with each stall's roll-call summed up
+    (a list of stalled jobs stays small)."""
+
+    stalled: Annotated[StallSummary | None, Meta(description=STALLED)]
+    stalls: Annotated[list[StallSummary], Meta(description=STALLS)]
 
 
 class Whoami(msgspec.Struct):
@@ -916,7 +953,7 @@ ENUM_TEXT: dict[type, str] = {
 }
 ANSWERS: tuple[type[msgspec.Struct], ...] = (
     Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall, Whoami, Run,
-    MetricPoint, MetricPosted, AllMetrics,
+    MetricPoint, MetricPosted, AllMetrics, JobListItem,
 )  # fmt: skip
 REQUESTS: tuple[type[msgspec.Struct], ...] = (
     JobRequest, PreflightRequest, RunRequest, MetricRequest,
