@@ -10,14 +10,25 @@ The summary gives the median and range over the repeats of each, and of the rati
 against the baseline's figures of the same repeat.
 
     python3 -m bench.webhooks [--repeats 3] [--jobs 50]   (from the repository root)
+
+With `--hang` it measures instead the API while a receiver hangs: a third daemon has one
+hook to a receiver that reads each POST and never answers (`webhooks.timeout_s` 60, so
+every sender stays stuck); each repeat ends --jobs jobs on it and on the baseline, waits
+until the hooked daemon's senders all hang, then times --requests `GET /api/nodes/` on
+each, the two taking turns request by request.  It reports p50 and p99 of each and their
+ratios (hanging / no hooks).
+
+    python3 -m bench.webhooks --hang [--repeats 3] [--jobs 10] [--requests 300]
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Figures, cpu_s, settle
+from bench.common import Figures, cpu_s, load, settle
+from mlbench_daemon.client import Client
 from tests.cluster import Cluster
 from tests.helpers import HANG, Served, call_port, free_port, stop_process
 from tests.receiver import Receiver
@@ -70,11 +81,100 @@ def round_(daemon, jobs, receivers, workers):
     return final_s, delivered_s, cpu_s(daemon.process.pid) - c0, at_load
 
 
+def end_jobs(daemon, jobs):
+    """Submit `jobs` jobs (`true`) and wait until every one is final."""
+    ids = [
+        call_port(daemon.port, "POST", "/api/mpi_jobs/", {"program": ["true"], "wait": False})[1][
+            "id"
+        ]
+        for _ in range(jobs)
+    ]
+    deadline = time.monotonic() + HANG * 10
+    for job_id in ids:
+        while call_port(daemon.port, "GET", f"/api/mpi_jobs/{job_id}")[1]["state"] in (
+            "pending", "running",
+        ):  # fmt: skip
+            assert time.monotonic() < deadline, "jobs never ended"
+            time.sleep(0.05)
+
+
+def nodes_ms(daemons, requests):
+    """`requests` timed `GET /api/nodes/` on each daemon, taking turns -> [ms list] each."""
+    clients = [Client(f"http://127.0.0.1:{d.port}") for d in daemons]
+    times: list[list[float]] = [[] for _ in daemons]
+    for _ in range(requests):
+        for client, got in zip(clients, times, strict=True):
+            t0 = time.perf_counter()
+            assert client.call("GET", "/api/nodes/", timeout=HANG).status == 200
+            got.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def p99(values):
+    return statistics.quantiles(values, n=100, method="inclusive")[98]
+
+
+def hang_main(a, figures, c, work, secret):
+    """The API while a receiver hangs, against a daemon without hooks (module doc)."""
+    hung = Receiver(SECRET).start("hang")
+    hook = {"name": "hung", "url": hung.url, "secret_file": str(secret)}
+    plain = start(c, work, "plain")
+    hooked = start(c, work, "hanging", webhooks={"hooks": [hook], "timeout_s": 60.0})
+    try:
+        for rep in range(a.repeats):
+            settle(plain, len(c.workers))
+            at_load = settle(hooked, len(c.workers))
+            end_jobs(plain, a.jobs)
+            end_jobs(hooked, a.jobs)
+            deadline = time.monotonic() + HANG
+            while len(hung.hung) < min(4, 2 * a.jobs):  # webhooks.concurrency senders stuck
+                assert time.monotonic() < deadline, "the senders never reached the receiver"
+                time.sleep(0.05)
+            base, hanging = nodes_ms([plain, hooked], a.requests)
+            after = load()
+            print(
+                f"repeat {rep + 1}: GET /api/nodes/ p50/p99 no hooks {statistics.median(base):.1f}"
+                f"/{p99(base):.1f} ms, receiver hanging {statistics.median(hanging):.1f}/"
+                f"{p99(hanging):.1f} ms; {len(hung.hung)} POSTs hanging (load {at_load:.2f}-"
+                f"{after:.2f})",
+                flush=True,
+            )
+            figures.add("no hooks: p50 (ms)", statistics.median(base), after)
+            figures.add("no hooks: p99 (ms)", p99(base), after)
+            figures.add("receiver hanging: p50 (ms)", statistics.median(hanging), after)
+            figures.add("receiver hanging: p99 (ms)", p99(hanging), after)
+            figures.add("ratio p50", statistics.median(hanging) / statistics.median(base), after)
+            figures.add("ratio p99", p99(hanging) / p99(base), after)
+    finally:
+        for d in (plain, hooked):
+            stop_process(d.process)
+        hung.stop()
+    print(f"GET /api/nodes/ x {a.requests} per daemon per repeat, {len(c.workers)} hosts:")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--jobs", type=int, default=50)
+    p.add_argument("--jobs", type=int, default=None, help="default: 50 (--hang: 10)")
+    p.add_argument("--hang", action="store_true", help="the API while a receiver hangs")
+    p.add_argument("--requests", type=int, default=300, help="--hang: GETs per daemon")
     a = p.parse_args()
+    if a.hang:
+        a.jobs = a.jobs or 10
+        figures = Figures()
+        c = Cluster(workers=3, extra=0).build()
+        with tempfile.TemporaryDirectory(prefix="bench-webhooks-") as tmp:
+            secret = Path(tmp) / "hook.secret"
+            secret.write_bytes(SECRET)
+            secret.chmod(0o600)
+            try:
+                hang_main(a, figures, c, Path(tmp), secret)
+            finally:
+                c.teardown()
+        for name in figures.values:
+            print("  " + figures.line(name, "{:.3f}"))
+        return
+    a.jobs = a.jobs or 50
     receivers = [Receiver(SECRET).start() for _ in range(RECEIVERS)]
     figures = Figures()
     c = Cluster(workers=3, extra=0).build()

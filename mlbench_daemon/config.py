@@ -35,6 +35,7 @@ REQUIRED = object()
 Converter = Callable[[Any], Any]
 JSON_ENV: set[Converter] = set()  # converters whose environment value is JSON
 EXPANDED: set[Converter] = set()  # converters whose value gets $VAR / ${VAR} expanded
+UNECHOED: set[Converter] = set()  # converters whose bad value is never echoed (may hold secrets)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -47,6 +48,11 @@ def _json_env(fn: F) -> F:
 
 def _expanded(fn: F) -> F:
     EXPANDED.add(fn)
+    return fn
+
+
+def _unechoed(fn: F) -> F:
+    UNECHOED.add(fn)
     return fn
 
 
@@ -224,6 +230,7 @@ HOOK_NAME = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,39}")
 HOOK_KEYS = {"name", "url", "secret_file", "events", "tags"}
 
 
+@_unechoed  # a URL may carry a secret (a token in its path or query)
 @_json_env
 def hooks(value: Any) -> list[dict[str, Any]]:
     """Webhooks: a list of tables {name, url, secret_file, events = [...], tags = [...]};
@@ -267,15 +274,61 @@ def hooks(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _hook_at_daemon(hook: Mapping[str, Any], server: "Server") -> str | None:
+WILDCARDS = ("0.0.0.0", "::")
+
+
+def own_addresses(
+    fib_trie: str = "/proc/net/fib_trie", if_inet6: str = "/proc/net/if_inet6"
+) -> set[str]:
+    """The addresses of this machine's interfaces (in the daemon's network namespace),
+    from the kernel's tables: IPv4's local routes and IPv6's interface list.  Empty where
+    they cannot be read (not Linux): the other checks still apply."""
+    found: set[str] = set()
+    try:
+        with open(fib_trie, encoding="ascii") as f:
+            last = ""
+            for line in f:  # "|-- 10.0.0.5" then "/32 host LOCAL" under it
+                if "|--" in line:
+                    last = line.split("|--", 1)[1].strip()
+                elif line.split()[-1:] == ["LOCAL"] and last:
+                    found.add(last)
+    except OSError:
+        pass
+    try:
+        with open(if_inet6, encoding="ascii") as f:
+            for line in f:  # "fe80000000000000c4855bfffe1641bb 1ad2 40 20 80 eth0"
+                hexed = line.split()[0]
+                found.add(str(ipaddress.IPv6Address(int(hexed, 16))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+def _unmapped(host: str) -> str:
+    """An IP literal in its canonical text (an IPv4-mapped IPv6 as the IPv4); a name as is."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
+def _hook_at_daemon(
+    hook: Mapping[str, Any], server: "Server", own: Callable[[], set[str]] = own_addresses
+) -> str | None:
     """Why `hook` would POST to this daemon itself (None if it would not): its bind
-    address, a loopback name or address, or one of server.allowed_hosts, on its port."""
-    host, port = hook["host"], hook["port"]
+    address, a loopback name or address, or one of server.allowed_hosts, on its port; on a
+    wildcard bind also the machine's hostname, any address of its interfaces, or the
+    wildcard address itself (a connect to 0.0.0.0 reaches this machine)."""
+    host, port = _unmapped(hook["host"]), hook["port"]
     policy = browser.Policy.from_config(server)
     named = [(n, p if p is not None else server.port) for n, p in policy.allowed_hosts]
-    own = {policy.bind} | ({policy.hostname} if policy.bind in ("0.0.0.0", "::") else set())
+    mine = {policy.bind, *WILDCARDS}
+    if policy.bind in WILDCARDS and port == server.port:
+        mine |= {policy.hostname, *own()}
     if (host, port) in named or (
-        port == server.port and (host in own or browser.is_loopback(host))
+        port == server.port and (host in mine or browser.is_loopback(host))
     ):
         return f"points at the daemon itself ({host}:{port}); a hook must go elsewhere"
     return None
@@ -675,7 +728,7 @@ SETTINGS: tuple[tuple[str, str, Converter, Any, str], ...] = (
         "hooks",
         hooks,
         [],
-        "POST signed job events to these (name, url, secret_file, events, tags); empty = none",
+        "POST signed job and run events to these (name, url, secret_file, events, tags); [] = none",
     ),
     ("webhooks", "timeout_s", number(0, strict=True), 5.0, "connect and read timeout of a POST"),
     ("webhooks", "concurrency", integer(1, 64), 4, "deliveries in flight at once (all hooks)"),
@@ -855,6 +908,12 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _got(convert: Converter, value: Any) -> str:
+    """The end of a bad value's message: the value shown, unless it may hold a secret
+    (then the message names the key and the problem only)."""
+    return "" if convert in UNECHOED else f", got {_show(value)}"
+
+
 def load(
     path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] = os.environ
 ) -> Config:
@@ -894,7 +953,7 @@ def load(
                 try:
                     value = json.loads(value)
                 except ValueError:
-                    raise ConfigError(f"{where}: must be JSON, got {_show(value)}") from None
+                    raise ConfigError(f"{where}: must be JSON{_got(convert, value)}") from None
         elif key in data.get(section, {}):
             value = data[section][key]
         elif default is REQUIRED:
@@ -904,7 +963,7 @@ def load(
         try:
             values[section][key] = _convert(convert, value, environ)
         except ValueError as e:
-            raise ConfigError(f"{where}: {e}, got {_show(value)}") from None
+            raise ConfigError(f"{where}: {e}{_got(convert, value)}") from None
 
     cfg = Config(**{s: SECTION_TYPES[s](**values[s]) for s in SECTIONS})
     for i, hook in enumerate(cfg.webhooks.hooks):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlbench_daemon import __version__, shapes
-from mlbench_daemon.vocabulary import Role
+from mlbench_daemon.vocabulary import HOOK_SUBJECTS, Role
 
 _REF = "#/components/schemas/"
 Schema = dict[str, Any]  # a piece of the OpenAPI document
@@ -314,6 +314,45 @@ def paths(routes: list[Route]) -> Schema:
     return out
 
 
+HOOK_HEADERS: list[tuple[str, Schema, str]] = [
+    ("X-Mlbench-Event", ref("HookEventName"), "The event (also the body's `event`)."),
+    ("X-Mlbench-Event-Id", {"type": "string"}, "The idempotency key (the body's `id`)."),
+    ("X-Mlbench-Attempt", {"type": "string", "pattern": "^[1-9][0-9]*$"},
+     "1 for the first attempt; a resend after a restart counts on."),
+    ("X-Mlbench-Timestamp", {"type": "string", "pattern": "^[0-9]+$"},
+     "Unix seconds when this attempt was sent."),
+    ("X-Mlbench-Signature", {"type": "string", "pattern": "^sha256=[0-9a-f]{64}$"},
+     'HMAC-SHA256 with the hook\'s secret over `timestamp + "." + body`, hex.'),
+]  # fmt: skip
+
+
+def webhooks() -> Schema:
+    """The document's `webhooks`: the POST the daemon makes to a configured hook
+    (webhooks.py), one entry per subject of events."""
+    return {
+        subject: {
+            "post": {
+                "operationId": f"webhook_{subject}",
+                "summary": f"A {subject}'s event, POSTed to each hook whose `events` name it.",
+                "description": "Delivered at least once, in order per hook and "
+                f"{subject}: receivers deduplicate by `X-Mlbench-Event-Id`.",
+                "parameters": [
+                    {"name": n, "in": "header", "required": True, "description": d, "schema": s}
+                    for n, s, d in HOOK_HEADERS
+                ],
+                "requestBody": {"required": True, "content": json_content(ref("WebhookEvent"))},
+                "responses": {
+                    "2XX": {
+                        "description": "Taken.  Any other answer, a redirect, or none within "
+                        "`webhooks.timeout_s` is retried with backoff until `max_age_s`."
+                    }
+                },
+            }
+        }
+        for subject in HOOK_SUBJECTS
+    }
+
+
 def document(routes: list[Route]) -> Schema:
     """The whole OpenAPI document of the routes *routes*."""
     return {
@@ -322,6 +361,7 @@ def document(routes: list[Route]) -> Schema:
         "tags": TAGS,
         "security": [{}, {"bearerAuth": []}, {"basicAuth": []}],
         "paths": paths(routes),
+        "webhooks": webhooks(),
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {

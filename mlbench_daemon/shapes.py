@@ -26,6 +26,7 @@ import msgspec
 from msgspec import Meta
 
 from mlbench_daemon.vocabulary import (
+    HOOK_EVENTS,
     PREFLIGHT_FLAVOURS,
     CheckName,
     CheckStatus,
@@ -267,8 +268,8 @@ class Stall(msgspec.Struct):
     suspects: Annotated[list[Suspect], Meta(description="The roll-call's suspects.")]
 
 
-class Job(msgspec.Struct):
-    """One MPI job: the seed's keys first."""
+class JobFields(msgspec.Struct):
+    """The fields a job has in every answer (``Job``, ``JobListItem``): the seed's keys first."""
 
     nodes: list[NodeRow]
     command: Annotated[str, Meta(description="Python `str()` of the exact argv run on the master.")]
@@ -344,17 +345,54 @@ class Job(msgspec.Struct):
     ]
     name: JobName | None
     tags: Tags
-    stalled: Annotated[
-        Stall | None,
-        Meta(
-            description="Null, or the stall under way: the job runs, but its output has not "
-            "grown for `stall_after_s` (a signal, not a verdict: the job stays `running`)."
-        ),
+
+
+STALLED = (
+    "Null, or the stall under way: the job runs, but its output has not grown for "
+    "`stall_after_s` (a signal, not a verdict: the job stays `running`)."
+)
+STALLS = "The job's other stalls (ended), oldest first; at most 20."
+
+
+class Job(JobFields):
+    """One MPI job: the seed's keys first."""
+
+    stalled: Annotated[Stall | None, Meta(description=STALLED)]
+    stalls: Annotated[list[Stall], Meta(description=STALLS)]
+
+
+class RollCallCounts(msgspec.Struct):
+    """A roll-call as a job list shows it: when, and how many; `GET /api/mpi_jobs/<id>`
+    (or `/ranks`) has its ranks and stacks."""
+
+    taken: DateTime
+    took_s: Annotated[float, Meta(ge=0)]
+    ranks: Annotated[int, Meta(ge=0, description="Ranks reported.")]
+    groups: Annotated[
+        list[Annotated[int, Meta(ge=1)]],
+        Meta(description="The size of each group of ranks with one stack; largest first."),
     ]
-    stalls: Annotated[
-        list[Stall],
-        Meta(description="The job's other stalls (ended), oldest first; at most 20."),
-    ]
+    nodes_failed: Annotated[list[str], Meta(description="Nodes whose ranks could not be read.")]
+
+
+class StallSummary(msgspec.Struct):
+    """A stall as a job list shows it: ``Stall`` with its roll-call's counts only."""
+
+    since: DateTime
+    detected: DateTime
+    ended: DateTime | None
+    quiet_s: Annotated[float, Meta(ge=0)]
+    roll_call: RollCallCounts | None
+    roll_call_error: str | None
+    suspects: Annotated[list[Suspect], Meta(description="The roll-call's suspects.")]
+
+
+class JobListItem(JobFields):
+    """One job of `GET /api/mpi_jobs/`: ``Job``, with each stall's roll-call summed up
+    (a list of stalled jobs stays small)."""
+
+    stalled: Annotated[StallSummary | None, Meta(description=STALLED)]
+    stalls: Annotated[list[StallSummary], Meta(description=STALLS)]
 
 
 class Whoami(msgspec.Struct):
@@ -829,6 +867,65 @@ class MetricRequest(msgspec.Struct, forbid_unknown_fields=True):
     ] = None
 
 
+# --- webhooks (webhooks.py delivers, jobs/events.py makes the bodies) -------------------
+
+
+class HookEventName(Words):
+    description = (
+        "A webhook event, `<subject>.<event>`: a job's `started`, `succeeded`, `failed`, "
+        "`cancelled`, `lost` or `stalled`; a run's `started`, `finished`, `failed` or "
+        "`cancelled` (a run deleted before it ended, or whose job was cancelled)."
+    )
+    words = HOOK_EVENTS
+
+
+class HookRun(msgspec.Struct):
+    """The run a `run.*` event is about, as it was after the change."""
+
+    id: Annotated[int, Meta(ge=1)]
+    name: JobName
+    state: Annotated[
+        RunState,
+        Meta(description="A run deleted before it ended is `failed` (MLBench's word)."),
+    ]
+    num_workers: Annotated[int, Meta(ge=1)]
+    job_id: Annotated[str, Meta(pattern=JOB_ID_PATTERN)] | None
+    nodes: Annotated[list[str], Meta(description="The names of the nodes it holds or held.")]
+    notes: Annotated[list[str], Meta(description="What the daemon told about its launch.")]
+    created_at: RunDate
+    finished_at: Annotated[
+        RunDate | None, Meta(description="When it ended (a deleted run: the delete).")
+    ]
+    submitted_by: str | None
+
+
+class WebhookEvent(msgspec.Struct):
+    """The JSON body POSTed to a hook.  The headers carry the event (`X-Mlbench-Event`), its
+    id (`X-Mlbench-Event-Id`), the attempt (`X-Mlbench-Attempt`, 1 first), the time sent
+    (`X-Mlbench-Timestamp`, Unix seconds) and `X-Mlbench-Signature: sha256=<hex
+    HMAC-SHA256(secret, timestamp + "." + body)>`.  Every attempt sends the same bytes."""
+
+    id: Annotated[
+        str,
+        Meta(description="The idempotency key: the same for every hook, attempt and restart "
+             "(`<job>.job.<event>[.<stall ms>]`, `run-<id>.run.<event>`)."),
+    ]  # fmt: skip
+    event: HookEventName
+    time: Annotated[DateTime, Meta(description="When it happened.")]
+    job: Annotated[
+        Job | None,
+        Meta(description="The job's answer at the change; for a `run.*` event the run's "
+             "job, null if it has none (it failed before its job was submitted)."),
+    ]  # fmt: skip
+    run: Annotated[HookRun | None, Meta(description="The run of a `run.*` event; else null.")]
+    failure: Annotated[Failure | None, Meta(description="The job's `failure` block.")]
+    output: Annotated[
+        list[str],
+        Meta(description="The last 50 lines of the job's output (each cut at 1,000 "
+             "characters); empty without a job."),
+    ]  # fmt: skip
+
+
 ENUMS = (
     Phase,
     JobState,
@@ -856,11 +953,12 @@ ENUM_TEXT: dict[type, str] = {
 }
 ANSWERS: tuple[type[msgspec.Struct], ...] = (
     Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall, Whoami, Run,
-    MetricPoint, MetricPosted, AllMetrics,
+    MetricPoint, MetricPosted, AllMetrics, JobListItem,
 )  # fmt: skip
 REQUESTS: tuple[type[msgspec.Struct], ...] = (
     JobRequest, PreflightRequest, RunRequest, MetricRequest,
 )  # fmt: skip
+HOOK_BODIES: tuple[type[msgspec.Struct], ...] = (WebhookEvent,)  # the document's `webhooks`
 
 
 def _words_ref(t: type) -> dict[str, object]:
@@ -874,9 +972,9 @@ def components() -> dict[str, dict[str, object]]:
     """The JSON Schema (2020-12) of every declared answer and request and what they refer
     to, by name."""
     _, schemas = msgspec.json.schema_components(
-        ANSWERS + REQUESTS, schema_hook=_words_ref, ref_template=REF_TEMPLATE
+        ANSWERS + REQUESTS + HOOK_BODIES, schema_hook=_words_ref, ref_template=REF_TEMPLATE
     )
-    for words in (NodeReasonCode, PreflightFlavour):
+    for words in (NodeReasonCode, PreflightFlavour, HookEventName):
         schemas[words.__name__] = {
             "type": "string",
             "enum": list(words.words),

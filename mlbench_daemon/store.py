@@ -260,15 +260,16 @@ class OutboxRecord:
     event_id: str = column("TEXT NOT NULL")  # the idempotency key (the same for every hook)
     hook: str = column("TEXT NOT NULL")  # the hook's name
     event: str = column("TEXT NOT NULL")  # e.g. job.failed
-    job_id: str = column("TEXT NOT NULL")
+    job_id: str = column("TEXT NOT NULL")  # the job, or run-<id> for a run's events
     created: float = column("REAL NOT NULL")  # when it happened (wall time): max_age_s counts
     body: bytes = column("BLOB NOT NULL")  # the JSON sent
-    attempts: int = column("INTEGER NOT NULL DEFAULT 0")  # failed attempts so far
+    attempts: int = column("INTEGER NOT NULL DEFAULT 0")  # attempts begun so far
     next_at: float = column("REAL NOT NULL")  # wall time of the next attempt
     last_error: str | None = column("TEXT")
 
 
 Events = Callable[[JobRecord, JobRecord], Sequence[OutboxRecord]]
+RunEvents = Callable[[RunRecord, RunRecord | None, JobRecord | None], Sequence[OutboxRecord]]
 _OUTBOX = tuple(f.name for f in dataclasses.fields(OutboxRecord))
 OUTBOX_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS outbox (\n{},\n    UNIQUE (event_id, hook)\n)\n".format(
@@ -306,6 +307,7 @@ class Store:
             self._db.execute(sql)
         self._watched: frozenset[str] = frozenset()
         self._events: Events | None = None
+        self._run_events: RunEvents | None = None
         self.on_outbox: Callable[[], None] | None = None  # called after rows are added
 
     def close(self) -> None:
@@ -391,16 +393,52 @@ class Store:
         """One transaction: the update and the outbox rows of the events it makes ->
         how many rows were new (the caller holds the lock)."""
         select = "SELECT * FROM jobs WHERE id = ?"
+        events = self._events
+        assert events is not None
+
+        def change() -> Sequence[OutboxRecord]:
+            old = self._db.execute(select, (job_id,)).fetchone()
+            self._db.execute(sql, params)
+            new = self._db.execute(select, (job_id,)).fetchone()
+            return events(self._decode(old), self._decode(new)) if old and new else []
+
+        return self._with_events(change)
+
+    def _run_change_with_events(self, run_id: int, sql: str, params: Sequence[Any]) -> int:
+        """One transaction: a run's state write or delete and the outbox rows of the events
+        it makes -> how many rows were new (the caller holds the lock)."""
+        events = self._run_events
+        assert events is not None
+
+        def change() -> Sequence[OutboxRecord]:
+            select = "SELECT * FROM runs WHERE id = ?"
+            old = self._db.execute(select, (run_id,)).fetchone()
+            self._db.execute(sql, params)
+            if old is None:
+                return []
+            new = self._db.execute(select, (run_id,)).fetchone()
+            job = None
+            if old["job_id"]:
+                row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (old["job_id"],))
+                job = row.fetchone()
+            return events(
+                RunRecord.from_row(old),
+                RunRecord.from_row(new) if new else None,
+                self._decode(job) if job else None,
+            )
+
+        return self._with_events(change)
+
+    def _with_events(self, change: Callable[[], Sequence[OutboxRecord]]) -> int:
+        """One transaction: `change()` (which writes, and returns the outbox rows of the
+        events that makes) and those rows -> how many rows were new (the caller holds the
+        lock)."""
         marks = ", ".join("?" * len(_OUTBOX[1:]))
         insert = f"INSERT OR IGNORE INTO outbox ({', '.join(_OUTBOX[1:])}) VALUES ({marks})"
-        assert self._events is not None
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                old = self._db.execute(select, (job_id,)).fetchone()
-                self._db.execute(sql, params)
-                new = self._db.execute(select, (job_id,)).fetchone()
-                rows = self._events(self._decode(old), self._decode(new)) if old and new else []
+                rows = change()
                 before = self._db.total_changes
                 self._db.executemany(
                     insert, [dataclasses.astuple(r)[1:] for r in rows]
@@ -441,6 +479,13 @@ class Store:
     def outbox_depth(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def outbox_attempt(self, seq: int, attempts: int) -> None:
+        """An attempt is about to be sent: it is counted first, so a POST cut short by a
+        crash is sent again after a restart as the next attempt (StoreError if not
+        written)."""
+        with self._lock:
+            self._write("UPDATE outbox SET attempts = ? WHERE seq = ?", (attempts, seq))
 
     def outbox_retry(self, seq: int, attempts: int, next_at: float, error: str) -> None:
         """An attempt failed: tried again at `next_at` (StoreError if not written)."""
@@ -580,15 +625,29 @@ class Store:
             run_id = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
         return self.run(int(run_id))
 
+    def watch_runs(self, events: RunEvents) -> None:
+        """Every later write of a run's state, and every delete of a run, calls
+        `events(old, new or None if deleted, the run's job record or None)` in its
+        transaction (the store's lock held: it must not call the store) and adds the
+        outbox rows it returns, committed with the change."""
+        self._run_events = events
+
     def update_run(self, run_id: int, **fields: Any) -> RunRecord:
         row = RunRecord.to_row(fields)
-        if row:
-            with self._lock:
-                self._write(
-                    f"UPDATE runs SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
-                    [*row.values(), run_id],
-                )
+        sql = f"UPDATE runs SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?"
+        added = self._run_write(run_id, sql, [*row.values(), run_id], "state" in row) if row else 0
+        if added and self.on_outbox is not None:
+            self.on_outbox()
         return self.run(run_id)
+
+    def _run_write(self, run_id: int, sql: str, params: Sequence[Any], watched: bool) -> int:
+        """One committed write of a run -> the outbox rows it added (its events, when
+        `watched` and runs are watched)."""
+        with self._lock:
+            if self._run_events is None or not watched:
+                self._write(sql, params)
+                return 0
+            return self._run_change_with_events(run_id, sql, params)
 
     def get_run(self, run_id: int) -> RunRecord | None:
         with self._lock:
@@ -612,8 +671,10 @@ class Store:
         return [RunRecord.from_row(r) for r in rows]
 
     def delete_run(self, run_id: int) -> None:
-        with self._lock:
-            self._write("DELETE FROM runs WHERE id = ?", (run_id,))
+        """Delete the run's row; a run not yet ended makes its `run.cancelled` event here."""
+        if self._run_write(run_id, "DELETE FROM runs WHERE id = ?", (run_id,), True):
+            if self.on_outbox is not None:
+                self.on_outbox()
 
     # --- logs
 

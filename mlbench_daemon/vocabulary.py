@@ -249,8 +249,18 @@ class HookEvent(StrEnum):
     STALLED = "stalled"  # a stall episode, once its roll-call is taken (or the episode ended)
 
 
-HOOK_SUBJECTS = ("job",)  # what an event is about; a run's job adds "run" events
-HOOK_EVENTS = tuple(f"{s}.{e}" for s in HOOK_SUBJECTS for e in HookEvent)
+class RunHookEvent(StrEnum):
+    """What happened to an MLBench run, as a webhook event names it (``run.finished``):
+    the run states' words (``RunState``), and `cancelled` for a run ended by a cancel."""
+
+    STARTED = "started"  # its nodes are chosen and its job submitted
+    FINISHED = "finished"  # its job succeeded
+    FAILED = "failed"  # it could not start, or its job failed or was lost
+    CANCELLED = "cancelled"  # deleted before it ended, or its job was cancelled
+
+
+HOOK_SUBJECTS = ("job", "run")  # what an event is about
+HOOK_EVENTS = (*(f"job.{e}" for e in HookEvent), *(f"run.{e}" for e in RunHookEvent))
 
 
 class Delivery(StrEnum):

@@ -12,7 +12,9 @@ A 2xx answer deletes the row.  Anything else is retried after a backoff with ful
 (a random time up to ``backoff_s * 2**(attempt-1)``, at most ``backoff_max_s``), until
 the event is ``max_age_s`` old: then it is given up, with one log line and the counter.
 Rows live in the store, so pending deliveries resume after a restart (or a ``kill -9``:
-a POST that was in flight is sent again, with the same event id and body).
+a POST that was in flight is sent again, with the same event id and body).  Each
+attempt is counted in the store before it is sent, so that resend carries the next
+attempt number.
 
 When the state dir cannot be written (read-only, full), deliveries go on: an attempt's
 outcome that cannot be written is kept here and written once the disk takes writes; a
@@ -199,6 +201,7 @@ class Deliveries:
 
     def _send(self, row: OutboxRecord, hook: Hook) -> None:
         try:
+            self._begin(row)
             error = self._post(row, hook, row.attempts + 1)
             if error is None:
                 self._delivered(row, hook)
@@ -210,6 +213,16 @@ class Deliveries:
             with self._lock:
                 self._inflight.discard(row.seq)
             self._wake.set()
+
+    def _begin(self, row: OutboxRecord) -> None:
+        """Count the attempt in the store before it is sent: after a `kill -9` mid-POST,
+        the resend carries the next attempt number (same id, same bytes).  A store that
+        cannot take the write does not hold the POST back (a restart before the disk
+        recovers then repeats this attempt's number)."""
+        try:
+            self.store.outbox_attempt(row.seq, row.attempts + 1)
+        except StoreError:
+            pass
 
     def _post(self, row: OutboxRecord, hook: Hook, attempt: int) -> str | None:
         """POST the row's body -> None if the receiver took it (2xx), else why not."""

@@ -56,17 +56,33 @@ GDB_WAIT = """#0  0x00007f9 in mca_btl_tcp_component_progress () from /lib/libmp
 STAT = "{pid} (stall) {s} 700 700 700 0 -1 4194304 0 0 0 0 {ut} 20 0 0 20 0 3 0 1 2 {rss} 0"
 
 
-def block(pid, rank, tool="gdb 0", out="", s="S", ut=(10, 30), wchan="hrtimer_nanosleep"):
+def block(pid, rank, tool="gdb 0", out="", s="S", ut=(10, 30), wchan="hrtimer_nanosleep",
+          up=()):  # fmt: skip
     lines = [
         f"proc {pid} OMPI_COMM_WORLD_RANK={rank} OMPI_COMM_WORLD_SIZE=4 PMIX_RANK={rank}",
         "stat1 " + STAT.format(pid=pid, s=s, ut=ut[0], rss=100),
+        *([f"up1 {up[0]} 9.00"] if up else []),
         "stat2 " + STAT.format(pid=pid, s=s, ut=ut[1], rss=100),
+        *([f"up2 {up[1]} 9.50"] if up else []),
         f"wchan {wchan}",
         f"tool {tool}",
         *("| " + line for line in out.splitlines()),
         "end",
     ]
     return "\n".join(lines) + "\n"
+
+
+@pytest.mark.logic
+def test_cpu_percent_divides_by_the_time_that_passed_between_the_two_reads():
+    """Under load the sleep between a rank's two stat reads lasts longer than the nominal
+    sample: /proc/uptime read beside each gives the real window."""
+    text = "hz 100 4096\n" + "".join(
+        block(900 + n, n, ut=(10, 30), up=up)
+        for n, up in enumerate([("100.00", "100.50"), ("7.10", "7.30"), ("5.00", "5.00"), ()])
+    )
+    got = [p.report.cpu_percent for p in rollcall.parse_node(text, "w1")]
+    # 20 ticks over 0.5 s; over 0.2 s; a window too short to be real, and none: 0.2 s
+    assert got == [pytest.approx(40.0), pytest.approx(100.0), 100.0, 100.0]
 
 
 @pytest.mark.logic

@@ -5,6 +5,7 @@ local pool (tests/localjobs.py) whose time is a ManualClock, so the quiet of
 ones on the cluster."""
 
 import datetime
+import json
 
 import pytest
 
@@ -240,3 +241,43 @@ def test_a_restart_keeps_the_open_stall_and_its_roll_call_without_taking_another
     )  # fmt: skip
     assert after["quiet_s"] >= before["quiet_s"] + 2 * AFTER
     assert lj.roll_calls == [job_id] and lj.jobs.stalled_count() == 1
+
+
+def test_a_job_list_sums_up_each_roll_call_and_the_job_keeps_it_whole(local, tmp_path):
+    from mlbench_daemon.api import DOCUMENT
+    from mlbench_daemon.shapes import NodeProblem, RankGroup, RankReport
+    from tests.helpers import check_answer
+
+    lj = local(stall_after_s=AFTER, max_concurrent_jobs=2)
+    rank = dict(node="w-0", pid=7, state="S", cpu_s=1.0, cpu_percent=0.0, rss_bytes=1,
+                wchan="poll", stack_source="wchan", stack_error=None, stack=["poll"])  # fmt: skip
+    lj.jobs._ctx.roll_call = lambda job_id: RollCall(
+        job_id=job_id, taken="2027-01-15T08:00:00.000Z", took_s=0.5, sample_s=0.2,
+        ranks=[RankReport(rank=r, **rank) for r in range(3)],
+        groups=[RankGroup(ranks=[0, 2], key=["do_poll"]), RankGroup(ranks=[1], key=["x"])],
+        suspects=[Suspect(rank=1, node="w-0", top_frame="x")],
+        nodes_failed=[NodeProblem(node="w-1", error="unreachable")],
+    )  # fmt: skip
+    quiet = lj.jobs.submit({"program": sh("echo started; sleep 60"), "wait": False})["id"]
+    wait_for(lambda: lj.jobs.read_log(quiet, 0, 100)[0] == b"started\n", what="started")
+    wait_for(lambda: lj.clock.pending_timers(), what="the stall timer armed")
+    steps(lj, AFTER + stall.check_interval(AFTER))
+    wait_for(lambda: (lj.jobs.get(quiet)["stalled"] or {}).get("roll_call"), what="stalled")
+    other = lj.jobs.submit({"program": sh("echo hi"), "wait": False, "stall_after_s": 0})
+    lj.jobs.wait(other["id"])
+    listed = {j["id"]: j for j in lj.jobs.list()}
+    whole = lj.jobs.get(quiet)
+    assert len(whole["stalled"]["roll_call"]["ranks"]) == 3  # the job keeps it whole
+    summed = listed[quiet]["stalled"]
+    counts = {"ranks": 3, "groups": [2, 1], "nodes_failed": ["w-1"]}
+    assert summed["roll_call"] == {"taken": "2027-01-15T08:00:00.000Z", "took_s": 0.5, **counts}
+    assert summed["suspects"] == whole["stalled"]["suspects"]
+    assert {k: v for k, v in summed.items() if k not in ("roll_call", "quiet_s")} == {
+        k: v for k, v in whole["stalled"].items() if k not in ("roll_call", "quiet_s")
+    }
+    assert listed[other["id"]] == lj.jobs.get(other["id"])  # no stall: as the job answers
+    body = json.dumps(list(listed.values())).encode()
+    check_answer(DOCUMENT, "GET", "/api/mpi_jobs/", 200, "application/json", body)
+    with pytest.raises(AssertionError, match="does not match"):  # the whole one is not a summary
+        check_answer(DOCUMENT, "GET", "/api/mpi_jobs/", 200, "application/json",
+                     json.dumps([whole]).encode())  # fmt: skip

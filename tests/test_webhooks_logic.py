@@ -5,6 +5,7 @@ The receiver's outage here is 10 s of refused connections then 3 s of 503s (the 
 says 60 s; backoff is capped at 1 s here, so the outage spans many retries all the same);
 test_webhooks.py runs the daemon process with a `kill -9`."""
 
+import ipaddress
 import json
 import os
 import time
@@ -13,8 +14,9 @@ import pytest
 
 from mlbench_daemon import config, webhooks
 from mlbench_daemon.store import StoreError
+from mlbench_daemon.vocabulary import HOOK_EVENTS
 from tests.helpers import wait_for
-from tests.localjobs import LocalJobs, sh
+from tests.localjobs import LocalJobs, gate, sh
 from tests.receiver import Receiver, body
 from tests.test_faults_logic import FaultyStore
 
@@ -77,7 +79,7 @@ def test_a_receiver_down_then_failing_gets_every_event_once_signed_in_order(tmp_
     }
     assert [g["id"] for g in got if g["id"] not in expected] == []
     assert {g["id"] for g in got} == expected and len(got) == 20  # each once
-    assert all(g["verified"] for g in receiver.got)
+    assert receiver.invalid() == [] and all(g["verified"] for g in receiver.got)
     for g in receiver.failed():  # a retry is the same event: same id, same bytes, later attempt
         again = next(x for x in got if x["id"] == g["id"])
         assert again["body"] == g["body"] and again["attempt"] > g["attempt"]
@@ -89,6 +91,94 @@ def test_a_receiver_down_then_failing_gets_every_event_once_signed_in_order(tmp_
         assert end["output"] == [f"job {n}"]
         assert (end["failure"] is None) == (n % 2 == 0)
         assert end["failure"] == end["job"]["failure"]
+
+
+def test_a_post_cut_short_is_sent_again_after_a_restart_as_the_next_attempt(tmp_path):
+    """A dispatcher that dies mid-POST (as under `kill -9`) has counted the attempt first:
+    the next daemon on the same store sends the same id and bytes as attempt 2."""
+    receiver = Receiver(SECRET).start("hang")
+    lj = LocalJobs(tmp_path, webhooks=hooks_config(tmp_path, receiver, timeout_s=30.0)).start()
+    first = deliveries(lj)
+    try:
+        lj.jobs.wait(lj.jobs.submit({"program": sh("true"), "wait": False})["id"])
+        wait_for(lambda: receiver.hung, what="the first POST, hanging")
+        first.stop(timeout=0.1)  # the POST is still in flight: the daemon "dies" here
+        [row] = [r for r in lj.store.outbox_due(time.time() + 1, 10) if r.event == "job.started"]
+        assert row.attempts == 1  # counted before it was sent
+        receiver.mode = "ok"
+        second = deliveries(lj)  # the restart, on the same store
+        wait_for(lambda: lj.store.outbox_depth() == 0, what="delivered after the restart")
+        second.stop()
+    finally:
+        receiver.stop()
+        lj.close()
+    cut, again = receiver.hung[0], receiver.delivered()[0]
+    assert (cut["attempt"], again["attempt"]) == (1, 2)
+    assert again["id"] == cut["id"] and again["body"] == cut["body"]
+
+
+def test_a_runs_state_changes_are_events_in_order_with_the_document_s_body(tmp_path):
+    """run.* events from each way a run ends: its job succeeds, fails, is cancelled, or
+    the run is deleted before it ends; each once, signed, in order after run.started, with
+    the run as it is after the change and a body the document declares.  (The cancelled
+    runs' jobs wait for the one slot, so a cancel ends them at once.)"""
+    from mlbench_daemon.jobs.runs import Runs
+
+    receiver = Receiver(SECRET).start()
+    cfg = hooks_config(tmp_path, receiver)
+    cfg["hooks"][0]["events"] = [e for e in HOOK_EVENTS if e.startswith("run.")]
+    lj = LocalJobs(tmp_path, webhooks=cfg, max_concurrent_jobs=1).start()
+    runs = Runs(lj.cfg, lj.jobs, lj.registry)
+    runs.start()
+    d = deliveries(lj)
+    form = {"num_workers": "1", "image_name": "custom_image", "custom_image_name": "x"}
+
+    def run(name, command="true"):
+        got = runs.create({**form, "name": name, "custom_image_command": command})
+        wait_for(lambda: runs.get_run(got["id"]).job_id, what=f"run {name}'s job")
+        return got["id"], runs.get_run(got["id"]).job_id
+
+    try:
+        ok, ok_job = run("ok", "/bin/sh -c 'echo fine'")
+        bad, bad_job = run("bad", "/bin/sh -c 'echo broken; exit 3'")
+        for job_id in (ok_job, bad_job):
+            lj.jobs.wait(job_id)
+        wait_for(lambda: runs.get_run(bad).state == "failed", what="run bad ended")
+        slot = lj.jobs.submit({"program": gate(tmp_path / "go"), "nodes": ["w-0"], "wait": False})
+        lj.wait_state(slot["id"], "running")
+        stopped, stopped_job = run("stopped")
+        assert lj.jobs.cancel(stopped_job)[0] == 200  # queued: final at once
+        wait_for(lambda: runs.get_run(stopped).state == "failed", what="run stopped ended")
+        gone, gone_job = run("gone")
+        runs.delete(gone)
+        (tmp_path / "go").touch()
+        lj.jobs.wait(slot["id"])
+        wait_for(lambda: lj.store.outbox_depth() == 0 and len(receiver.delivered()) == 8,
+                 what="every run event delivered")  # fmt: skip
+        time.sleep(0.6)  # a scheduler pass after the delete adds nothing
+    finally:
+        d.stop()
+        runs.stop()
+        receiver.stop()
+        lj.close()
+    assert receiver.invalid() == [] and all(g["verified"] for g in receiver.got)
+    got = [body(g) for g in receiver.delivered()]
+    assert len(got) == 8 and len({b["id"] for b in got}) == 8
+    events = {}
+    for b in got:
+        events.setdefault(b["run"]["id"], []).append(b)
+    ends = {ok: "finished", bad: "failed", stopped: "cancelled", gone: "cancelled"}
+    for run_id, end in ends.items():
+        started, ended = events[run_id]  # in order, per run
+        assert [started["event"], ended["event"]] == ["run.started", f"run.{end}"]
+        assert ended["id"] == f"run-{run_id}.run.{end}"
+        assert started["run"]["state"] == "started" and started["run"]["nodes"]
+        assert ended["run"]["state"] == ("finished" if end == "finished" else "failed")
+        assert ended["run"]["finished_at"] is not None
+    assert events[ok][1]["output"] == ["fine"] and events[ok][1]["failure"] is None
+    assert events[bad][1]["failure"]["exit_code"] == 3 and events[bad][1]["output"] == ["broken"]
+    assert events[stopped][1]["job"]["state"] == "cancelled"
+    assert events[gone][1]["job"]["id"] == gone_job
 
 
 def test_a_hook_takes_only_its_events_and_tags(tmp_path):
@@ -224,6 +314,55 @@ def test_a_hook_at_the_daemon_itself_or_not_http_is_refused(tmp_path, url, serve
     text = str(e.value)
     assert "\n" not in text and text.startswith("webhooks.hooks")
     assert ("daemon itself" if refused is True else refused) in text
+
+
+def test_on_a_wildcard_bind_a_hook_at_any_own_address_on_the_port_is_refused(tmp_path):
+    # not link-local: the test clusters of other runs add and remove such interfaces
+    own = sorted(
+        a for a in config.own_addresses()
+        if not (ipaddress.ip_address(a).is_loopback or ipaddress.ip_address(a).is_link_local)
+    )  # fmt: skip
+    assert own, "this machine has interface addresses besides loopback"
+    v4 = next(a for a in own if ipaddress.ip_address(a).version == 4)
+    for host in (v4, f"[::ffff:{v4}]", *(f"[{a}]" for a in own if ":" in a)):
+        with pytest.raises(config.ConfigError, match="daemon itself"):
+            load_with(tmp_path, f"http://{host}:8080/h", host="0.0.0.0")
+        load_with(tmp_path, f"http://{host}:8081/h", host="0.0.0.0")  # another port: fine
+    load_with(tmp_path, f"http://{v4}:8080/h", host="127.0.0.1")  # not bound there
+    load_with(tmp_path, "http://203.0.113.7:8080/h", host="0.0.0.0")  # not ours
+
+
+def test_own_addresses_reads_the_kernels_local_routes_and_v6_interfaces(tmp_path):
+    trie = tmp_path / "fib_trie"
+    trie.write_text(
+        "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n"
+        "     |-- 10.9.8.7\n        /32 host LOCAL\n     |-- 10.9.8.255\n"
+        "        /32 link BROADCAST\n"
+    )
+    inet6 = tmp_path / "if_inet6"
+    inet6.write_text("fd000000000000000000000000000002 03 40 00 80 eth0\n")
+    assert config.own_addresses(str(trie), str(inet6)) == {"10.9.8.7", "fd00::2"}
+    assert config.own_addresses(str(tmp_path / "none"), str(tmp_path / "none")) == set()
+
+
+def test_a_bad_hooks_value_names_the_key_and_the_problem_never_the_value(tmp_path):
+    secret_url = "https://hooks.example/T0/B1?token=sup3rs3cret"
+    for bad in (
+        json.dumps([{"name": "no spaces allowed", "url": secret_url, "secret_file": "s"}]),
+        json.dumps([{"name": "h", "url": secret_url, "secret_file": "s", "events": ["x"]}]),
+        json.dumps({"url": secret_url}),
+        '[{"name": "h", "url": "' + secret_url,  # not JSON
+    ):
+        env = {"MLBENCH_DAEMON_DISCOVERY_SERVICE": "x.invalid",
+               "MLBENCH_DAEMON_WEBHOOKS_HOOKS": bad}  # fmt: skip
+        with pytest.raises(config.ConfigError) as e:
+            config.load(None, environ=env)
+        text = str(e.value)
+        assert text.startswith("webhooks.hooks (from MLBENCH_DAEMON_WEBHOOKS_HOOKS): ")
+        assert "sup3rs3cret" not in text and "hooks.example" not in text and "got" not in text
+    with pytest.raises(config.ConfigError, match=r"got 'x'"):  # other settings still echo
+        config.load(None, environ={"MLBENCH_DAEMON_DISCOVERY_SERVICE": "x.invalid",
+                                   "MLBENCH_DAEMON_SERVER_PORT": "x"})  # fmt: skip
 
 
 def test_a_secret_file_others_can_read_is_refused(tmp_path):

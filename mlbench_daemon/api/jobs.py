@@ -196,7 +196,7 @@ ROUTES = [
         "Jobs, newest first",
         "jobs",
         {
-            200: answer("The jobs.", {"type": "array", "items": ref("Job")}),
+            200: answer("The jobs.", {"type": "array", "items": ref("JobListItem")}),
             400: error("Bad `limit`, `offset`, `state` or `tag` (`field` names it)."),
         },
         query=(

@@ -9,8 +9,11 @@ this one point, and nothing is emitted twice: the same change written again comp
 equal, and an event's id is made from the job and the event, so a row already in the
 outbox is not added again (``INSERT OR IGNORE``).
 
-Events are ``<subject>.<event>``.  The subject is ``job``; a job that belongs to a run
-will also make ``run.<event>`` rows at this point (``subjects``).
+Events are ``<subject>.<event>``.  ``job.*`` events come from a job's record as above.
+``run.*`` events come from a run's own state changes (``Store.watch_runs`` calls
+``Runs._events`` in the transaction of every run state write and delete, with the run's
+job as it is then): ``run_happened`` and ``run_rows``.  A run's rows carry
+``run-<id>`` in the outbox's `job_id` column, so they reach each hook in order too.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mlbench_daemon.store import JobRecord, OutboxRecord, Store
-from mlbench_daemon.timefmt import iso
-from mlbench_daemon.vocabulary import HookEvent, JobState
+from mlbench_daemon.store import JobRecord, OutboxRecord, RunRecord, Store
+from mlbench_daemon.timefmt import iso, mlbench_date
+from mlbench_daemon.vocabulary import HookEvent, JobState, RunHookEvent, RunState
 
 WATCHED = frozenset({"state", "stalls"})  # the columns whose change may be an event
 TAIL_LINES = 50  # lines of output in an event
@@ -62,21 +65,16 @@ def happened(old: JobRecord, new: JobRecord) -> list[tuple[HookEvent, str]]:
     return found
 
 
-def subjects(rec: JobRecord) -> tuple[str, ...]:
-    """What the record's events are about: the job (and, when the runs land, its run)."""
-    return ("job",)
-
-
 def event_id(rec: JobRecord, name: str, key: str) -> str:
     """The event's id, the receivers' idempotency key: the same for every hook, every
     attempt and every restart."""
     return f"{rec.id}.{name}" + (f".{key}" if key else "")
 
 
-def wanted(hook: Mapping[str, Any], name: str, rec: JobRecord) -> bool:
-    """Whether `hook` (a webhooks.hooks entry) takes event `name` of this job: it is one of
-    its `events` and the job carries every tag of its `tags`."""
-    return name in hook["events"] and set(hook["tags"]) <= set(rec.tags)
+def wanted(hook: Mapping[str, Any], name: str, tags: Sequence[str]) -> bool:
+    """Whether `hook` (a webhooks.hooks entry) takes event `name` of a job with `tags`: it
+    is one of its `events` and the job carries every tag of its `tags`."""
+    return name in hook["events"] and set(hook["tags"]) <= set(tags)
 
 
 def tail(store: Store, job_id: str, lines: int = TAIL_LINES) -> list[str]:
@@ -87,6 +85,29 @@ def tail(store: Store, job_id: str, lines: int = TAIL_LINES) -> list[str]:
     if size > TAIL_BYTES and text:
         text = text[1:]  # the first line read may be cut
     return [line[:LINE_MAX] for line in text[-lines:]]
+
+
+def tail_or_why(store: Store, job_id: str) -> list[str]:
+    """`tail`, or one line saying why the output could not be read (the event goes all
+    the same)."""
+    try:
+        return tail(store, job_id)
+    except OSError as e:
+        return [f"(the output could not be read: {e.strerror or e})"]
+
+
+def body(
+    eid: str,
+    name: str,
+    now: float,
+    job: Mapping[str, Any] | None,
+    run: Mapping[str, Any] | None,
+    failure: Mapping[str, Any] | None,
+    output: Sequence[str],
+) -> bytes:
+    """An event's JSON body: ``shapes.WebhookEvent``'s fields, in its order."""
+    fields = {"id": eid, "event": name, "time": iso(now), "job": job, "run": run}
+    return json.dumps({**fields, "failure": failure, "output": list(output)}).encode()
 
 
 def rows(
@@ -100,25 +121,77 @@ def rows(
     """One outbox row per (event, hook that wants it); the body is made once per event.
     `job` is the job's API answer, `now` the wall time (max_age_s counts from it)."""
     out = []
-    for subject in subjects(rec):
-        for event, key in fired:
-            name = f"{subject}.{event}"
-            takers = [h for h in hooks if wanted(h, name, rec)]
-            if not takers:
-                continue
+    for event, key in fired:
+        name = f"job.{event}"
+        takers = [h for h in hooks if wanted(h, name, rec.tags)]
+        if takers:
             eid = event_id(rec, name, key)
-            body = json.dumps(
-                {
-                    "id": eid,
-                    "event": name,
-                    "time": iso(now),
-                    "job": job,
-                    "failure": rec.failure,
-                    "output": list(output),
-                }
-            ).encode()
-            out += [
-                OutboxRecord(0, eid, h["name"], name, rec.id, now, body, 0, now, None)
-                for h in takers
-            ]
+            data = body(eid, name, now, job, None, rec.failure, output)
+            out += [OutboxRecord(0, eid, h["name"], name, rec.id, now, data, 0, now, None)
+                    for h in takers]  # fmt: skip
     return out
+
+
+# --- runs: a run's own state changes (``Store.watch_runs``; jobs/runs.py calls these)
+
+
+def run_happened(
+    old: RunRecord, new: RunRecord | None, job: JobRecord | None
+) -> RunHookEvent | None:
+    """What the change of a run from `old` to `new` (None: deleted) says happened, its
+    job (if any) as it is then -> the event, or None."""
+    if new is None:  # a delete: a cancel of a run that had not ended
+        return None if old.state.is_final else RunHookEvent.CANCELLED
+    if old.state == new.state:
+        return None
+    if new.state == RunState.STARTED:
+        return RunHookEvent.STARTED
+    if new.state == RunState.FINISHED:
+        return RunHookEvent.FINISHED
+    if new.state == RunState.FAILED:
+        cancelled = job is not None and job.state == JobState.CANCELLED
+        return RunHookEvent.CANCELLED if cancelled else RunHookEvent.FAILED
+    return None
+
+
+def run_subject(run_id: int) -> str:
+    """A run's events' key in the outbox's `job_id` column (their order is kept per hook
+    and key) and the start of their ids."""
+    return f"run-{run_id}"
+
+
+def run_view(old: RunRecord, new: RunRecord | None, now: float) -> dict[str, Any]:
+    """The run as a `run.*` event shows it (``shapes.HookRun``): as it was after the
+    change; a run deleted before it ended as `failed`, ended at the delete."""
+    rec = new or old
+    state, finished = rec.state, rec.finished_at
+    if new is None and not old.state.is_final:
+        state, finished = RunState.FAILED, now
+    return {
+        "id": rec.id, "name": rec.name, "state": state, "num_workers": rec.num_workers,
+        "job_id": rec.job_id, "nodes": list(rec.nodes), "notes": list(rec.notes),
+        "created_at": mlbench_date(rec.created_at), "finished_at": mlbench_date(finished),
+        "submitted_by": rec.submitted_by,
+    }  # fmt: skip
+
+
+def run_rows(
+    hooks: Sequence[Mapping[str, Any]],
+    event: RunHookEvent,
+    run: Mapping[str, Any],
+    job: JobRecord | None,
+    job_json: Mapping[str, Any] | None,
+    output: Sequence[str],
+    now: float,
+) -> list[OutboxRecord]:
+    """One outbox row per hook that wants the run's `event`; a hook's `tags` are matched
+    against the run's job's (a run without a job has none)."""
+    name = f"run.{event}"
+    takers = [h for h in hooks if wanted(h, name, job.tags if job is not None else [])]
+    if not takers:
+        return []
+    key = run_subject(run["id"])
+    eid = f"{key}.{name}"
+    failure = job.failure if job is not None else None
+    data = body(eid, name, now, job_json, run, failure, output)
+    return [OutboxRecord(0, eid, h["name"], name, key, now, data, 0, now, None) for h in takers]

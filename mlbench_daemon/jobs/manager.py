@@ -56,6 +56,7 @@ from mlbench_daemon.jobs.remote import Host, Pool, Remote
 from mlbench_daemon.jobs.request import validate
 from mlbench_daemon.jobs.rollcall import Coalescer, Target, take
 from mlbench_daemon.jobs.run import Cancel, Context, JobRun
+from mlbench_daemon.jobs.stall import summary as stall_summary
 from mlbench_daemon.jobs.stall import view as stall_view
 from mlbench_daemon.shapes import Job, RollCall
 from mlbench_daemon.store import LOG_CHUNK_MAX, JobRecord, OutboxRecord, Store, StoreError
@@ -284,7 +285,9 @@ class Jobs:
         """Newest first; *filters* as ``Store.list`` takes them (states, submitted_by, name,
         tags)."""
         _check_counts(limit=limit, offset=offset)
-        return [self._view(r) for r in self.store.list(min(limit, 1000), offset, **filters)]
+        return [
+            _list_item(self._view(r)) for r in self.store.list(min(limit, 1000), offset, **filters)
+        ]
 
     def _view(self, rec: JobRecord) -> dict[str, Any]:
         """The API's job dict for a stored record, as this daemon knows the job: the
@@ -490,10 +493,7 @@ class Jobs:
         if not fired:
             return []
         now = time.time()  # wall time, not the jobs' clock: delivery ages count from it
-        try:
-            output = events.tail(self.store, new.id)
-        except OSError as e:  # the event goes all the same
-            output = [f"(the output could not be read: {e.strerror or e})"]
+        output = events.tail_or_why(self.store, new.id)
         job = to_json(new, None, None, self._ctx.clock.time())
         return events.rows(self.cfg.webhooks.hooks, new, fired, job, output, now)
 
@@ -606,6 +606,14 @@ def to_json(
         else getattr(rec, name)
         for name in _ANSWER
     }  # fmt: skip
+
+
+def _list_item(job: dict[str, Any]) -> dict[str, Any]:
+    """A job's answer as a list shows it (``shapes.JobListItem``): stalls summed up."""
+    if job["stalled"] is None and not job["stalls"]:
+        return job
+    stalled = job["stalled"] and stall_summary(job["stalled"])
+    return {**job, "stalled": stalled, "stalls": [stall_summary(s) for s in job["stalls"]]}
 
 
 def json_with_response(

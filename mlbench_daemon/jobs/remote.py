@@ -165,7 +165,11 @@ if [ "$1" = values ]; then echo $vals; else echo $found; fi
 # `read`.  Beside a job's busy-polling ranks each new process waits for a CPU (16 ranks
 # on 2 cores: tens of ms each), so a process per /proc entry cost most of a roll-call.
 # The job id (hex, from the daemon) is checked before it goes into grep's pattern.
+# Each stat read is followed by a read of /proc/uptime (`up1`, `up2`): the CPU % divides
+# by the time that really passed between a rank's two reads, which under load is longer
+# than the sleep.
 ROLL_CALL = """read -r id
+up=
 case $id in ''|*[!0-9A-Za-z_-]*) echo "roll-call: not a job id" >&2; exit 2;; esac
 s=$1
 b=$2
@@ -190,7 +194,8 @@ found() {
   ranks="$ranks $cur"
   st=
   { read -r st < "/proc/$cur/stat"; } 2>/dev/null
-  printf 'proc %s%s\\nstat1 %s\\n' "$cur" "$v" "$st" > "$d/$cur.head"
+  { read -r up _ < /proc/uptime; } 2>/dev/null
+  printf 'proc %s%s\\nstat1 %s\\nup1 %s\\n' "$cur" "$v" "$st" "$up" > "$d/$cur.head"
 }
 while IFS=: read -r f kv; do
   p=${f#/proc/}
@@ -204,8 +209,9 @@ for p in $ranks; do
   st=
   w=
   { read -r st < "/proc/$p/stat"; } 2>/dev/null
+  { read -r up _ < /proc/uptime; } 2>/dev/null
   { read -r w < "/proc/$p/wchan"; } 2>/dev/null
-  printf 'stat2 %s\\nwchan %s\\n' "$st" "$w" >> "$d/$p.head"
+  printf 'stat2 %s\\nup2 %s\\nwchan %s\\n' "$st" "$up" "$w" >> "$d/$p.head"
   py=
   case " $tools " in
     *" py-spy "*) x=$(readlink "/proc/$p/exe" 2>/dev/null) || x=

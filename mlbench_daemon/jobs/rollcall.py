@@ -193,7 +193,8 @@ def _parse_block(block: list[str], node: str, hz: int, page: int) -> _Proc | Non
     cpu_s = after[2] / hz if after else None
     percent = None
     if after and before:
-        percent = round(max(0, after[2] - before[2]) / hz / SAMPLE_S * 100, 1)
+        window = _window(head.get("up1", ""), head.get("up2", ""))
+        percent = round(max(0, after[2] - before[2]) / hz / window * 100, 1)
     report = RankReport(
         rank=rank,
         node=node,
@@ -209,6 +210,16 @@ def _parse_block(block: list[str], node: str, hz: int, page: int) -> _Proc | Non
     )
     ppid = (after or before or ("", 0))[1]
     return _Proc(int(words[0]), int(ppid), rank, size, report)
+
+
+def _window(up1: str, up2: str) -> float:
+    """Seconds between a rank's two stat reads, from the node's /proc/uptime read beside
+    each (10 ms resolution); the nominal SAMPLE_S if either is missing or unreadable."""
+    try:
+        took = float(up2.split()[0]) - float(up1.split()[0])
+    except (ValueError, IndexError):
+        return SAMPLE_S
+    return took if took >= SAMPLE_S / 2 else SAMPLE_S
 
 
 def _missing(rank: int, why: str) -> RankReport:

@@ -23,6 +23,10 @@ than the daemon knows is refused (400).  The scheduler thread checks every
 start in order.  A restart takes up the holds of started runs from their records (their
 jobs are re-attached by ``Jobs.start``) and the waiting runs in their order.
 
+Webhooks: with hooks configured, every state write of a run and every delete commits
+its ``run.*`` event (``started``, ``finished``, ``failed``; ``cancelled`` for a run
+deleted before it ended or whose job was cancelled) with the change (``_events``).
+
 The env hook (``run_env``) is called once a run's nodes are chosen, just before its job
 is submitted; its values go to the job as a request's env values do (names only in the
 record and the answers; never in an argv), its notes into ``job_metadata.notes``.
@@ -34,16 +38,17 @@ import dataclasses
 import logging
 import shlex
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mlbench_daemon.config import Config
 from mlbench_daemon.discovery import Node, natural_key
 from mlbench_daemon.errors import ApiError, BadRequest, NotFound, echo
-from mlbench_daemon.jobs import runspec
-from mlbench_daemon.jobs.manager import Jobs
+from mlbench_daemon.jobs import events, runspec
+from mlbench_daemon.jobs.manager import Jobs, to_json
 from mlbench_daemon.jobs.placement import Registry, node_row
-from mlbench_daemon.store import JobRecord, RunRecord, StoreError
+from mlbench_daemon.store import JobRecord, OutboxRecord, RunRecord, StoreError
 from mlbench_daemon.timefmt import mlbench_date
 from mlbench_daemon.vocabulary import JobState, Phase, RunState
 
@@ -111,6 +116,8 @@ class Runs:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         jobs.set_held(self.held)
+        if cfg.webhooks.hooks:  # every run state change makes its events (jobs/events.py)
+            self.store.watch_runs(self._events)
 
     # --- the interface other branches use (interfaces.md) --------------------------------
 
@@ -357,6 +364,20 @@ class Runs:
                 self._started[rec.id] = job.id
         self.store.update_run(rec.id, job_id=job.id)
         log.info("run %d started as job %s on %s", rec.id, job.id, ", ".join(names))
+
+    def _events(
+        self, old: RunRecord, new: RunRecord | None, job: JobRecord | None
+    ) -> Sequence[OutboxRecord]:
+        """The outbox rows of what a run's change says happened (called in the store's
+        transaction of that change; reads no record)."""
+        event = events.run_happened(old, new, job)
+        if event is None:
+            return []
+        now = time.time()  # wall time, as a job's events: delivery ages count from it
+        run = events.run_view(old, new, now)
+        job_json = to_json(job, None, None, self.jobs.now()) if job is not None else None
+        output = events.tail_or_why(self.store, job.id) if job is not None else []
+        return events.run_rows(self.cfg.webhooks.hooks, event, run, job, job_json, output, now)
 
     def _fire_ended(self, run: RunView) -> None:
         for callback in self._ended:

@@ -17,12 +17,14 @@ job as stored in its record's ``stalls`` column, a JSON list of::
 ``since`` is when the output last grew (the quiet began); ``detected`` when the quiet
 was found to be a stall.  Only the newest roll-call is kept whole (a roll-call of many
 ranks is large); older episodes keep their suspects.  At most ``MAX_EPISODES`` are kept.
+A job list shows each roll-call's counts only (``summary``): its whole stays with
+``GET /api/mpi_jobs/<id>``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mlbench_daemon.timefmt import iso
@@ -122,3 +124,17 @@ def view(episodes: Sequence[Episode], now: float, running: bool) -> tuple[Any, l
     if running and episodes and episodes[-1]["ended"] is None:
         return to_json(episodes[-1], now), [to_json(e, now) for e in episodes[:-1]]
     return None, [to_json(e, now) for e in episodes]
+
+
+def summary(stall: Mapping[str, Any]) -> dict[str, Any]:
+    """A stall as `to_json` gives it, as a job list shows it (``shapes.StallSummary``): its
+    roll-call's time and counts instead of every rank's stack."""
+    rc = stall["roll_call"]
+    counts = rc and {
+        "taken": rc["taken"],
+        "took_s": rc["took_s"],
+        "ranks": len(rc["ranks"]),
+        "groups": [len(g["ranks"]) for g in rc["groups"]],
+        "nodes_failed": [n["node"] for n in rc["nodes_failed"]],
+    }
+    return {k: counts if k == "roll_call" else v for k, v in stall.items()}
