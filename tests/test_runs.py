@@ -246,6 +246,9 @@ def test_runs_hold_their_nodes(start_daemon, cluster):
 
     first = create("first", 2, "sleep 300")
     assert first["state"] == "started", first
+    # answered before its job is launched: its master is the node it is launched on first
+    meta = first["job_metadata"]
+    assert meta["master_name"] == meta["pods"][0][2], meta
     second = create("second", 2, "true")
     assert second["state"] == "initialized"
     assert second["job_metadata"]["waiting"]["position"] == 1
@@ -450,3 +453,18 @@ def test_the_env_hook_reaches_the_ranks_and_no_answer(start_daemon, cluster):
     assert secret not in meta["command"]
     job = d.json("GET", f"/api/mpi_jobs/{done['job_id']}")[1]
     assert job["env"] == {"MLBENCH_RUN_SECRET": "***"} and secret not in job["command"]
+    # the hook refuses (no routable address for the ranks): the run fails saying why
+    from mlbench_daemon.runenv import RunRefused
+
+    def refuse(run, nodes):
+        raise RunRefused("the daemon listens on loopback only and node-x refused forwarding")
+
+    d.daemon.runs.run_env = refuse
+    r = api.create_run("refused", 1, custom_image_name="x", custom_image_command="true").result()
+    assert r.status_code == 201, r.text
+    failed = api.get_run(r.json()["id"]).result().json()
+    assert failed["state"] == "failed" and failed["job_id"] is None, failed
+    assert failed["job_metadata"]["notes"] == [
+        "the daemon listens on loopback only and node-x refused forwarding"
+    ]
+    assert failed["finished_at"] is not None

@@ -394,11 +394,19 @@ class Runs:
             "stdout": self._output(job),
             "stderr": (job.error or "").splitlines() if job is not None else [],
             "command": shlex.join(job.command) if job is not None and job.command else None,
-            "master_name": job.master_name if job is not None else None,
+            "master_name": self._master(rec, job),
             "pods": pods,
             "waiting": self._waiting_for(rec),
             "notes": list(rec.notes),
         }
+
+    def _master(self, rec: RunRecord, job: JobRecord | None) -> str | None:
+        """The job's master once launched; before that (a started run whose job is not
+        yet submitted, queued for a slot, or launching over SSH) the master it is
+        launched on first: the run's first node.  Only a waiting run has none."""
+        if job is not None and job.master_name:
+            return job.master_name
+        return rec.nodes[0] if rec.state != RunState.INITIALIZED and rec.nodes else None
 
     def _output(self, job: JobRecord | None) -> list[str]:
         """The last OUTPUT_LINES lines of the job's output (from its last OUTPUT_BYTES)."""
