@@ -261,6 +261,13 @@ def test_runs_hold_their_nodes(start_daemon, cluster):
 
     j = _poll(held, 30)
     assert f"run {first['id']} holds" in j["waiting"]["detail"]
+    # the held job has no slot of the two: a job on the free node runs meanwhile
+    held_names = {p[2] for p in first["job_metadata"]["pods"]}
+    free = [h.name for h in cluster.workers if h.name not in held_names]
+    body = {"program": ["true"], "nodes": free, "wait": False}
+    status, other = d.json("POST", "/api/mpi_jobs/", body)
+    assert status == 202, other
+    assert d.wait_job(other["id"], timeout=60)["state"] == "succeeded"
     time.sleep(2)  # nothing moves while the first run holds its nodes
     assert api.get_run(second["id"]).result().json()["state"] == "initialized"
     assert d.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["state"] == "pending"
@@ -468,3 +475,39 @@ def test_the_env_hook_reaches_the_ranks_and_no_answer(start_daemon, cluster):
         "the daemon listens on loopback only and node-x refused forwarding"
     ]
     assert failed["finished_at"] is not None
+
+
+class _JobsOf:
+    """What Runs reads of Jobs to prune: the store (no job is involved)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def set_held(self, held):
+        pass
+
+
+def test_runs_that_ended_before_keep_days_are_pruned_with_their_metrics(tmp_path):
+    from mlbench_daemon.jobs.runs import Runs
+    from mlbench_daemon.store import Store
+    from mlbench_daemon.vocabulary import RunState
+
+    store = Store(str(tmp_path))
+    now, day = 1_800_000_000.0, 86400.0
+    made = {}
+    for name, state, ended in (
+        ("old", RunState.FINISHED, now - 8 * day),
+        ("old-failed", RunState.FAILED, now - 7.5 * day),
+        ("recent", RunState.FINISHED, now - 6 * day),
+        ("live", RunState.STARTED, None),
+        ("waiting", RunState.INITIALIZED, None),
+    ):
+        rec = store.create_run(name=name, state=state, num_workers=1, spec={}, finished_at=ended)
+        made[name] = rec.id
+    runs = Runs(None, _JobsOf(store), None)
+    deleted = []
+    runs.on_deleted(deleted.append)
+    assert runs.prune(0, now=now) == [] and deleted == []  # 0: keep them
+    assert runs.prune(7, now=now) == [made["old"], made["old-failed"]]
+    assert deleted == [made["old"], made["old-failed"]]  # the daemon drops their metrics
+    assert [r.name for r in store.runs()] == ["recent", "live", "waiting"]

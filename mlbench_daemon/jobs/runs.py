@@ -6,6 +6,7 @@ nodes it has to itself.
     create(form, by) -> the run's JSON      list_json(), get_json(id), delete(id, by)
     get_run(id) -> RunView | None            live() -> [RunView]     by_pod(name)
     on_deleted(callback(run_id))             on_ended(callback(RunView))
+    prune(keep_days) -> [run id]             (the daemon's retention pass)
 
 A run is a row of the ``runs`` table (``store.RunRecord``; its id is MLBench's integer
 pk) and, once started, one job (``Jobs.submit_run``) whose record carries the run's id.
@@ -15,8 +16,9 @@ Running nodes are free of other runs and of every job not yet final (queued ones
 ``Jobs.busy_nodes``); the first waiting run must start before any later one.  A started
 run holds its nodes until its job is final: no other run is given them, and a job whose
 nodes a run holds waits before its launch (``JobWait.HELD``, its ``waiting.detail``
-naming the run; ``Jobs.set_held``).  Runs on disjoint nodes run at once, their jobs
-taking slots of ``mpi.max_concurrent_jobs`` like any job.  A run asking for more nodes
+naming the run; ``Jobs.set_held``; it has no slot of ``mpi.max_concurrent_jobs``
+while it waits).  Runs on disjoint nodes run at once, their jobs taking slots like any
+job.  Ended runs are pruned after ``state.keep_days`` (``prune``).  A run asking for more nodes
 than the daemon knows is refused (400).  The scheduler thread checks every
 ``TICK_S`` (and at once on a create or delete): started runs whose job is final end
 (``finished`` if it succeeded, else ``failed``) and free their nodes, then waiting runs
@@ -34,6 +36,7 @@ import dataclasses
 import logging
 import shlex
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -241,6 +244,20 @@ class Runs:
             _call(callback, rec.id)
         with self._lock:
             self._lock.notify_all()
+
+    def prune(self, keep_days: float, now: float | None = None) -> list[int]:
+        """Delete runs that ended more than `keep_days` ago (0: keep them), as the store
+        prunes finished jobs; on_deleted fires for each (their metrics go with them)."""
+        if not keep_days:
+            return []
+        cutoff = (time.time() if now is None else now) - keep_days * 86400
+        ended = self.store.runs((RunState.FINISHED, RunState.FAILED))
+        doomed = [r.id for r in ended if r.finished_at is not None and r.finished_at < cutoff]
+        for run_id in doomed:
+            self.store.delete_run(run_id)
+            for callback in self._deleted:
+                _call(callback, run_id)
+        return doomed
 
     def _record(self, run_id: Any) -> RunRecord:
         text = str(run_id)
