@@ -244,7 +244,8 @@ def test_runs_hold_their_nodes(start_daemon, cluster):
         r = api.create_run(name, n, custom_image_name="x", custom_image_command=command)
         return r.result().json()
 
-    first = create("first", 2, "sleep 300")
+    # its ranks outlive a TERM for a while: the sweep of its delete takes time
+    first = create("first", 2, "sh -c 'trap \"\" TERM; sleep 300 & wait; sleep 300'")
     assert first["state"] == "started", first
     # answered before its job is launched: its master is the node it is launched on first
     meta = first["job_metadata"]
@@ -274,6 +275,8 @@ def test_runs_hold_their_nodes(start_daemon, cluster):
     assert api.delete_run(first["id"]).result().status_code == 204
     # the plain job came first (it had nodes busy): it runs, then the second run
     _poll(lambda: d.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["state"] == "succeeded")
+    swept = d.wait_job(first["job_id"], timeout=60)  # the plain job waited for its sweep
+    assert d.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["started"] >= swept["finished"]
     done = _until_final(api, second["id"])
     assert done["state"] == "finished"
     firsts = {p[2] for p in api.get_runs().result().json()[0]["job_metadata"]["pods"]}

@@ -223,7 +223,8 @@ class Runs:
     def delete(self, run_id: Any, by: str | None = None) -> None:
         """Cancel the run's job if it is live (the usual cancel and sweep, answered within
         ``server.cancel_answer_s``; it goes on in the job's thread after that), then delete
-        the run.  on_ended fires for a run that was live, then on_deleted."""
+        the run.  Its nodes stay held until the job is final, so nothing starts on nodes
+        still being swept.  on_ended fires for a run that was live, then on_deleted."""
         rec = self._record(run_id)
         with self._lock:
             if rec.id in self._waiting:
@@ -236,7 +237,11 @@ class Runs:
             except ApiError as e:  # final meanwhile, or the state dir: the cancel goes on
                 log.info("run %d: cancel of job %s: %s", rec.id, job.id, e.message)
         self.store.delete_run(rec.id)
-        was_live = self._release(rec.id)
+        after = self.store.get(job.id) if job is not None else None
+        if after is not None and not after.state.is_final:  # swept still: its nodes stay
+            was_live = True  # held until its job is final (_end_finished releases them)
+        else:
+            was_live = self._release(rec.id)
         log.info("run %d deleted%s", rec.id, f" (job {job_id} cancelled)" if was_live else "")
         if was_live:
             self._fire_ended(dataclasses.replace(view(rec), state=RunState.FAILED))
