@@ -211,7 +211,8 @@ def test_mpmd_ranks_and_a_delete_that_leaves_nothing(start_daemon, cluster, laun
     d = start_daemon(mpi=cluster.mpi_config(launcher))
     api = _client(d)
     run = api.create_run(
-        "mpmd", 2, custom_image_name="x", custom_image_command="echo rank={rank} of {hosts}",
+        "mpmd", 2, custom_image_name="x",
+        custom_image_command='sh -c "echo rank={rank} of {hosts} on $(hostname)"',
         backend=None, custom_backend="gloo", run_all_nodes=True,
     ).result().json()  # fmt: skip
     done = _until_final(api, run["id"])
@@ -219,7 +220,8 @@ def test_mpmd_ranks_and_a_delete_that_leaves_nothing(start_daemon, cluster, laun
     out = done["job_metadata"]["stdout"]
     ips = done["job_metadata"]["pods"]
     hosts = ",".join(p[0] for p in ips)
-    assert sorted(out) == [f"rank=0 of {hosts}", f"rank=1 of {hosts}"], out
+    # rank i ran on node i of the run (a host's hostname is its node's name)
+    assert sorted(out) == [f"rank={i} of {hosts} on {p[2]}" for i, p in enumerate(ips)], out
     assert " : " in done["job_metadata"]["command"]
     # a long MPMD run, deleted while it runs: nothing left on any host
     long = api.create_run(
