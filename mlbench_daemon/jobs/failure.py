@@ -194,9 +194,11 @@ def rank_map(command: Sequence[str], master_ip: str | None) -> list[str] | None:
     start = 1
     while start < len(argv):
         got = _launch_options(argv, start)
-        if got is None or got[1] is None:
+        if got is None:
             return None
         own, n, end = got
+        if n is None:
+            return None
         if own is not None and (shared is None or start > 1):  # the context's own hosts
             placed = rank_hosts(parse_hosts(own), n, None)
         elif shared is not None:  # the global list, one slot after another
