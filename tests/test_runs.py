@@ -235,6 +235,27 @@ def test_mpmd_ranks_and_a_delete_that_leaves_nothing(start_daemon, cluster, laun
 
 @pytest.mark.cluster
 @pytest.mark.timeout(300)
+def test_a_failing_mpmd_rank_is_named_on_its_own_node(start_daemon, cluster):
+    """An MPMD run whose rank 2 exits 3: the job's failure names rank 2's node (the third
+    of the run), not the master's.  OpenMPI 4: the launcher whose text names the rank
+    (OpenMPI 5's names none here; Hydra's MPMD launch ended 0)."""
+    d = start_daemon(mpi=cluster.mpi_config("openmpi4"))
+    api = _client(d)
+    run = api.create_run(
+        "mpmd-fail", 3, custom_image_name="x",
+        custom_image_command=f"{cluster.mpi_program} --exit-rank 2 3",
+        custom_backend="gloo", run_all_nodes=True,
+    ).result().json()  # fmt: skip
+    done = _until_final(api, run["id"])
+    assert done["state"] == "failed", done
+    job = d.json("GET", f"/api/mpi_jobs/{done['job_id']}")[1]
+    failure = job["failure"]
+    assert failure["exit_code"] == 3 and failure["rank"] == 2, failure
+    assert failure["node"] == done["job_metadata"]["pods"][2][2], failure
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
 def test_runs_hold_their_nodes(start_daemon, cluster):
     """3 workers, max_concurrent_jobs 2: a run of 2 holds its nodes; a second run of 2 waits
     (position 1) and never shares one; a plain job waits naming the run; both start in
