@@ -2,12 +2,17 @@
 
 Layout: ``<state_dir>/metrics.sqlite`` (WAL), apart from the job records so that a
 flood of points never queues behind a job's state transition, nor a job's commit
-behind a flood of points.  Two tables, one row per point:
+behind a flood of points.  One table, one row per point; a run's own points have no
+``pod``, a node's name it:
 
-    run_points (run_id, name, date, value, num, cumulative, metadata)
-        index (run_id, name, date, num, cumulative)
-    pod_points (pod, run_id, name, date, value, num, cumulative, metadata, posted)
-        index (pod, name, date, num, cumulative), index (run_id)   (pruned with the run)
+    points (id, run_id, pod, name, date, value, num, cumulative, metadata, posted)
+        index (run_id, pod, name, date, id, num, cumulative)     a run's series; pruning
+        index (pod, name, date, id, num, cumulative) where pod   a node's series
+
+Both indexes hold a series in answer order (``date``, then arrival) with what
+``summarize`` averages, so a read walks one index range and never sorts.  A file
+written before this layout (``run_points`` and ``pod_points``, the same columns twice)
+is moved into ``points`` when it is opened, in one transaction.
 
 ``date`` is text in the API's point format (``%Y-%m-%dT%H:%M:%S.%fZ``, UTC, fixed
 width): it sorts as time does, so a ``since`` filter and ``ORDER BY date`` use the
@@ -56,21 +61,10 @@ FLUSH_WAIT_S = 2.0  # the longest a read waits for the points queued before it
 RETRY_AFTER_S = 1  # what a refused add() tells the client to wait
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS run_points (
+CREATE TABLE IF NOT EXISTS points (
     id INTEGER PRIMARY KEY,
     run_id INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    date TEXT NOT NULL,
-    value TEXT NOT NULL,
-    num REAL,
-    cumulative INTEGER NOT NULL,
-    metadata TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS run_points_series ON run_points (run_id, name, date, num, cumulative);
-CREATE TABLE IF NOT EXISTS pod_points (
-    id INTEGER PRIMARY KEY,
-    pod TEXT NOT NULL,
-    run_id INTEGER NOT NULL,
+    pod TEXT,
     name TEXT NOT NULL,
     date TEXT NOT NULL,
     value TEXT NOT NULL,
@@ -79,8 +73,53 @@ CREATE TABLE IF NOT EXISTS pod_points (
     metadata TEXT NOT NULL,
     posted INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS pod_points_series ON pod_points (pod, name, date, num, cumulative);
-CREATE INDEX IF NOT EXISTS pod_points_run ON pod_points (run_id);
+CREATE INDEX IF NOT EXISTS points_run ON points (run_id, pod, name, date, id, num, cumulative);
+CREATE INDEX IF NOT EXISTS points_pod ON points (pod, name, date, id, num, cumulative)
+    WHERE pod IS NOT NULL;
+"""
+OLD_TABLES = """
+INSERT INTO points (run_id, pod, name, date, value, num, cumulative, metadata, posted)
+    SELECT run_id, NULL, name, date, value, num, cumulative, metadata, 1
+    FROM run_points ORDER BY id;
+INSERT INTO points (run_id, pod, name, date, value, num, cumulative, metadata, posted)
+    SELECT run_id, pod, name, date, value, num, cumulative, metadata, posted
+    FROM pod_points ORDER BY id;
+DROP TABLE run_points;
+DROP TABLE pod_points;
+"""  # the layout before one table: moved in arrival order, so ties keep their order
+
+RUN_KEY = "run_id = :key AND pod IS NULL"  # a run's own series
+POD_KEY = "pod = :key"  # a node's series
+
+# The names of a run's or node's series, in order: one index seek each.
+NAMES = """
+WITH RECURSIVE names(name) AS (
+    SELECT min(name) FROM points WHERE {key}
+    UNION ALL
+    SELECT (SELECT min(name) FROM points WHERE {key} AND name > names.name)
+    FROM names WHERE names.name IS NOT NULL
+)
+SELECT name FROM names WHERE name IS NOT NULL
+"""
+
+# One series read walks its index range in answer order.  With ``summarize``: the first
+# point of each group of :f (a recursive step skips :f - 1 points of the index from
+# the previous group's first), then each group's mean of numbers by SQLite (``avg``
+# skips the NULLs of text values), its first point's date, ``cumulative`` and value.
+# About 2 x count index steps in SQLite, and only the groups come to Python.
+SUMMARY = """
+WITH RECURSIVE firsts(id, date) AS (
+    SELECT id, date FROM (SELECT id, date FROM points WHERE {where} ORDER BY date, id LIMIT 1)
+    UNION ALL
+    SELECT p.id, p.date FROM firsts f, points p WHERE p.id = (
+        SELECT id FROM points WHERE {where} AND (date, id) > (f.date, f.id)
+        ORDER BY date, id LIMIT 1 OFFSET :f - 1)
+)
+SELECT p.date, p.cumulative, p.value, (
+    SELECT avg(num) FROM (
+        SELECT num FROM points WHERE {where} AND (date, id) >= (p.date, p.id)
+        ORDER BY date, id LIMIT :f)
+) FROM firsts f JOIN points p ON p.id = f.id ORDER BY p.date, p.id
 """
 
 
@@ -220,7 +259,7 @@ class MetricStore:
         self.fault: StoreError | None = None  # the last commit's failure; None once one works
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         self._db = self._connect()
-        self._db.executescript(SCHEMA)
+        self._create()
         self._read = self._connect()  # readers never wait for the writer's transaction
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()  # the writer's connection: commits, delete_run
@@ -242,20 +281,31 @@ class MetricStore:
         db.execute("PRAGMA synchronous=FULL")
         return db
 
+    def _create(self) -> None:
+        """The schema, in one transaction with the move of a file in the old layout."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in SCHEMA.split(";"):
+                self._db.execute(statement)
+            old = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'run_points'"
+            if self._db.execute(old).fetchone():
+                for statement in OLD_TABLES.split(";"):
+                    self._db.execute(statement)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
     def _load_counts(self) -> None:
-        for run_id, name, n in self._db.execute(
-            "SELECT run_id, name, COUNT(*) FROM run_points GROUP BY run_id, name"
+        for run_id, pod, name, posted, n in self._db.execute(
+            "SELECT run_id, pod, name, posted, COUNT(*) FROM points "
+            "GROUP BY run_id, pod, name, posted"
         ):
-            self._series["r", run_id, name] = n
-            self._runs[run_id] = self._runs.get(run_id, 0) + n
-        for pod, name, n in self._db.execute(
-            "SELECT pod, name, COUNT(*) FROM pod_points GROUP BY pod, name"
-        ):
-            self._series["p", pod, name] = n
-        for run_id, n in self._db.execute(
-            "SELECT run_id, COUNT(*) FROM pod_points WHERE posted GROUP BY run_id"
-        ):
-            self._runs[run_id] = self._runs.get(run_id, 0) + n
+            key = ("r", run_id, name) if pod is None else ("p", pod, name)
+            self._series[key] = self._series.get(key, 0) + n
+            if posted:
+                self._runs[run_id] = self._runs.get(run_id, 0) + n
 
     def close(self, timeout: float = 5.0) -> None:
         """Commit what is queued (bounded by `timeout`), then stop the writer."""
@@ -349,20 +399,14 @@ class MetricStore:
                 return
 
     def _commit(self, batch: list[Point]) -> bool:
-        runs = [
-            (p.run_id, p.name, p.date, p.value, number(p.value), p.cumulative, p.metadata)
-            for p in batch
-            if p.pod is None
-        ]
-        pods = [
-            (p.pod, p.run_id, p.name, p.date, p.value, number(p.value), p.cumulative,
+        rows = [
+            (p.run_id, p.pod, p.name, p.date, p.value, number(p.value), p.cumulative,
              p.metadata, p.posted)
             for p in batch
-            if p.pod is not None
         ]  # fmt: skip
         try:
             with self._write_lock:
-                self._insert(runs, pods)
+                self._insert(rows)
         except sqlite3.Error as e:
             fault = StoreError(self.path, e)
             if self.fault is None or self.fault.reason != fault.reason:
@@ -376,23 +420,18 @@ class MetricStore:
             self.fault = None
         return True
 
-    def _insert(self, runs: list[tuple[Any, ...]], pods: list[tuple[Any, ...]]) -> None:
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         """One transaction: a group of points, all or none (none: a write of the header
         page that changes nothing, to see whether the file can be written again)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if not runs and not pods:
+            if not rows:
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
                 self._db.execute(f"PRAGMA user_version = {int(version)}")
             self._db.executemany(
-                "INSERT INTO run_points (run_id, name, date, value, num, cumulative, metadata) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                runs,
-            )
-            self._db.executemany(
-                "INSERT INTO pod_points (pod, run_id, name, date, value, num, cumulative, "
-                "metadata, posted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                pods,
+                "INSERT INTO points (run_id, pod, name, date, value, num, cumulative, metadata, "
+                "posted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
             self._db.execute("COMMIT")
         except BaseException:
@@ -407,8 +446,7 @@ class MetricStore:
         with self._counts_lock, self._write_lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                n = self._db.execute("DELETE FROM run_points WHERE run_id = ?", (run_id,)).rowcount
-                n += self._db.execute("DELETE FROM pod_points WHERE run_id = ?", (run_id,)).rowcount
+                n = self._db.execute("DELETE FROM points WHERE run_id = ?", (run_id,)).rowcount
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 if self._db.in_transaction:
@@ -417,96 +455,81 @@ class MetricStore:
             self._runs.pop(run_id, None)
             self._series = {k: v for k, v in self._series.items() if k[0] == "r" and k[1] != run_id}
             for pod, name, count in self._db.execute(
-                "SELECT pod, name, COUNT(*) FROM pod_points GROUP BY pod, name"
+                "SELECT pod, name, COUNT(*) FROM points WHERE pod IS NOT NULL GROUP BY pod, name"
             ):
                 self._series["p", pod, name] = count
         return n
 
     # --- reads ----------------------------------------------------------------------
 
-    def _rows(self, sql: str, params: Iterable[Any]) -> list[tuple[Any, ...]]:
+    def _rows(self, sql: str, params: Iterable[Any] | dict[str, Any]) -> list[tuple[Any, ...]]:
         with self._read_lock:
-            return self._read.execute(sql, tuple(params)).fetchall()
+            return self._read.execute(
+                sql, params if isinstance(params, dict) else tuple(params)
+            ).fetchall()
 
     def run_series(self, run_id: int, q: Query = Query()) -> Series:
         """The run's own series, by name."""
-        return self._series_of("run_points", "run_id", run_id, q)
+        return self._series_of(RUN_KEY, run_id, q)
 
     def pod_series(self, pod: str, q: Query = Query()) -> Series:
         """A node's series (every run's samples and posts for it), by name."""
-        return self._series_of("pod_points", "pod", pod, q)
+        return self._series_of(POD_KEY, pod, q)
 
     def has_pod(self, pod: str) -> bool:
         self.flush()
-        return bool(self._rows("SELECT 1 FROM pod_points WHERE pod = ? LIMIT 1", (pod,)))
+        return bool(self._rows("SELECT 1 FROM points WHERE pod = ? LIMIT 1", (pod,)))
 
     def value(self, run_id: int, name: str) -> str | None:
         """The run's first point named `name` (its official result), or None."""
         self.flush()
         rows = self._rows(
-            "SELECT value FROM run_points WHERE run_id = ? AND name = ? ORDER BY date LIMIT 1",
-            (run_id, name),
+            f"SELECT value FROM points WHERE {RUN_KEY} AND name = :name ORDER BY date, id LIMIT 1",
+            {"key": run_id, "name": name},
         )
         return rows[0][0] if rows else None
 
-    def _series_of(self, table: str, column: str, key: int | str, q: Query) -> Series:
+    def _series_of(self, key_sql: str, key: int | str, q: Query) -> Series:
         self.flush()
-        where, params = f"{column} = ?", [key]
+        params = {"key": key, "name": q.name, "since": q.since, "until": q.until}
         if q.name is not None:
-            where += " AND name = ?"
-            params.append(q.name)
-        names = [
-            r[0] for r in self._rows(f"SELECT DISTINCT name FROM {table} WHERE {where}", params)
-        ]
+            names = [q.name]
+        else:  # one index seek per name, not a walk over every point (DISTINCT)
+            names = [r[0] for r in self._rows(NAMES.format(key=key_sql), params)]
         out: Series = {}
-        for name in sorted(names):
-            points = self._one_series(table, column, key, name, q)
+        for name in names:
+            points = self._one_series(key_sql, {**params, "name": name}, q)
             if points:
                 out[name] = points
         return out
 
-    def _one_series(
-        self, table: str, column: str, key: int | str, name: str, q: Query
-    ) -> list[dict[str, Any]]:
-        where, params = f"{column} = ? AND name = ?", [key, name]
+    def _one_series(self, key_sql: str, params: dict[str, Any], q: Query) -> list[dict[str, Any]]:
+        where = key_sql + " AND name = :name"
         if q.since is not None:
-            where += " AND date >= ?"
-            params.append(q.since)
+            where += " AND date >= :since"
         if q.until is not None:
-            where += " AND date <= ?"
-            params.append(q.until)
-        rows = []
+            where += " AND date <= :until"
+        count = 0
         if q.summarize:
-            rows = self._rows(
-                f"SELECT date, num, cumulative, id FROM {table} WHERE {where} ORDER BY date, id",
-                params,
-            )  # its length is the count: no COUNT(*) pass over the index first
-        if q.summarize and len(rows) > q.summarize:
+            count = self._rows(f"SELECT COUNT(*) FROM points WHERE {where}", params)[0][0]
+        if q.summarize and count > q.summarize:
             # MLBench's averaging: consecutive groups of ceil(count / summarize) points, each
             # the mean of its values at its first point's date and `cumulative`.  MLBench
             # dropped a last, shorter group; it is kept here (its own mean), so the newest
-            # points are never lost from a summary.  The series index holds date, num and
-            # cumulative, so the read never touches the table (about 40% faster than the
-            # same averaging by SQLite's window functions, which sort into a temporary tree).
-            factor = math.ceil(len(rows) / q.summarize)
-            points = []
-            for i in range(0, len(rows), factor):
-                group = rows[i : i + factor]
-                nums = [r[1] for r in group if r[1] is not None]
-                if nums:
-                    value = str(math.fsum(nums) / len(nums))
-                else:  # text (an official result): the group's first, as posted
-                    value = self._rows(f"SELECT value FROM {table} WHERE id = ?", (group[0][3],))[
-                        0
-                    ][0]
-                points.append(
-                    {"date": group[0][0], "value": value, "cumulative": bool(group[0][2])}
+            # points are never lost from a summary.  A group of text only (an official
+            # result) shows its first value as posted.
+            factor = math.ceil(count / q.summarize)
+            points = [
+                {"date": d, "value": v if mean is None else str(mean), "cumulative": bool(c)}
+                for d, c, v, mean in self._rows(
+                    SUMMARY.format(where=where), {**params, "f": factor}
                 )
+            ]
         else:
             points = [
                 {"date": d, "value": v, "cumulative": bool(c)}
                 for d, v, c in self._rows(
-                    f"SELECT date, value, cumulative FROM {table} WHERE {where} ORDER BY date, id",
+                    f"SELECT date, value, cumulative FROM points WHERE {where} ORDER BY date, id",
                     params,
                 )
             ]
@@ -520,7 +543,7 @@ class MetricStore:
         self.flush()
         pods: dict[str, Series] = {}
         for pod, name, d, v, c in self._rows(
-            "SELECT pod, name, date, value, cumulative FROM pod_points "
+            "SELECT pod, name, date, value, cumulative FROM points WHERE pod IS NOT NULL "
             "ORDER BY pod, name, date, id",
             (),
         ):
@@ -529,7 +552,7 @@ class MetricStore:
             )
         runs: dict[str, Series] = {}
         for run_id, name, d, v, c in self._rows(
-            "SELECT run_id, name, date, value, cumulative FROM run_points "
+            "SELECT run_id, name, date, value, cumulative FROM points WHERE pod IS NULL "
             "ORDER BY run_id, name, date, id",
             (),
         ):
@@ -542,7 +565,5 @@ class MetricStore:
     def run_ids(self) -> list[int]:
         """Every run that has points (its own or its nodes')."""
         self.flush()
-        rows = self._rows(
-            "SELECT run_id FROM run_points UNION SELECT run_id FROM pod_points ORDER BY 1", ()
-        )
+        rows = self._rows("SELECT DISTINCT run_id FROM points ORDER BY 1", ())
         return [r[0] for r in rows]

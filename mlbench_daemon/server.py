@@ -305,7 +305,8 @@ class Daemon:
     # --- supervision ----------------------------------------------------------------
 
     def _prune(self) -> None:
-        """Remove finished jobs past state.keep_days / state.max_bytes (never a running one)."""
+        """Remove finished jobs past state.keep_days / state.max_bytes (never a running one),
+        and runs that ended more than state.keep_days ago."""
         try:
             removed = self.store.prune(self.cfg.state.keep_days, self.cfg.state.max_bytes)
         except (OSError, sqlite3.Error) as e:
@@ -313,6 +314,13 @@ class Daemon:
             return
         if removed:
             log.info("retention: removed %d finished job(s)", len(removed))
+        try:  # ended runs with their metrics, by the same rule
+            runs = self.runs.prune(self.cfg.state.keep_days)
+        except (OSError, sqlite3.Error, StoreError) as e:
+            log.warning("retention: runs: %s", e)
+        else:
+            if runs:
+                log.info("retention: removed %d ended run(s) and their metrics", len(runs))
         try:
             self.audit.rotate(self.cfg.state.keep_days)
         except OSError as e:

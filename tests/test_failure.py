@@ -270,3 +270,17 @@ def test_a_verdict_is_found_anywhere_in_the_output(before, after):
     tail = doc["output"][doc["output"].index("-----") :]
     facts = failure.parse_openmpi4(before.replace("Process name", "") + "\n" + tail + after)
     assert facts["kind"] == "rank-exit" and facts["rank"] == 3
+
+
+@pytest.mark.parametrize("name", ["openmpi4", "openmpi5", "mpich"])
+def test_an_mpmd_launch_maps_rank_i_to_host_i(name):
+    from mlbench_daemon.jobs import flavour
+
+    apps = [(f"10.0.0.{i}", ["prog", "--np", "9", "-H", "x"]) for i in (1, 2, 3)]
+    argv = flavour.get(name).mpmd_argv("/usr/bin/mpirun", ["--mca", "btl", "tcp"], apps, ["A"])
+    # whichever node launches: context i's one process is rank i, on its host
+    assert rank_map(argv, "10.0.0.3") == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    two = [*argv[: argv.index(":")], ":", "-n" if name == "mpich" else "-np", "2", "prog"]
+    assert rank_map(two, "10.0.0.1") == (
+        ["10.0.0.1", "10.0.0.2", "10.0.0.3"] if name == "mpich" else None
+    )  # Hydra fills its global list on; a context without its own --host is not modelled

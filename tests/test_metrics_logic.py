@@ -297,7 +297,7 @@ def test_a_store_fault_refuses_at_once_and_heals(tmp_path, monkeypatch):
     try:
         real = s._insert
 
-        def full(runs, pods):
+        def full(rows):
             raise sqlite3.OperationalError("database or disk is full")
 
         monkeypatch.setattr(s, "_insert", full)
@@ -373,3 +373,48 @@ def test_sampler_stores_live_runs_nodes_only_on_new_answers(store):
     assert [p["value"] for p in got["cpu"]] == ["1.0"]
     assert [p["value"] for p in got["network_in"]] == ["0.0", "1.0"]
     assert not store.has_pod("c")
+
+
+OLD_LAYOUT = """
+CREATE TABLE run_points (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, name TEXT NOT NULL,
+    date TEXT NOT NULL, value TEXT NOT NULL, num REAL, cumulative INTEGER NOT NULL,
+    metadata TEXT NOT NULL);
+CREATE TABLE pod_points (id INTEGER PRIMARY KEY, pod TEXT NOT NULL, run_id INTEGER NOT NULL,
+    name TEXT NOT NULL, date TEXT NOT NULL, value TEXT NOT NULL, num REAL,
+    cumulative INTEGER NOT NULL, metadata TEXT NOT NULL, posted INTEGER NOT NULL);
+INSERT INTO run_points VALUES (1, 1, 'loss', '1970-01-01T00:00:05.000000Z', '2', 2, 0, '');
+INSERT INTO run_points VALUES (2, 1, 'loss', '1970-01-01T00:00:05.000000Z', '1', 1, 0, '');
+INSERT INTO pod_points VALUES (1, 'n1', 1, 'cpu', '1970-01-01T00:00:01.000000Z', '0.5', 0.5, 0,
+    '', 0);
+INSERT INTO pod_points VALUES (2, 'n1', 1, 'x', '1970-01-01T00:00:01.000000Z', '7', 7, 0, '', 1);
+"""
+
+
+def test_a_file_in_the_two_table_layout_opens_with_its_points_and_caps(tmp_path):
+    path = str(tmp_path / "m.sqlite")
+    db = sqlite3.connect(path)
+    db.executescript(OLD_LAYOUT)
+    db.close()
+    s = MetricStore(path, max_points_per_series=3, max_points_per_run=4)
+    try:  # ties keep their arrival order; the posted pod point counts in the run's cap
+        assert [p["value"] for p in s.run_series(1)["loss"]] == ["2", "1"]
+        assert s.pod_series("n1") == {
+            "cpu": [{"date": format_date(1), "value": "0.5", "cumulative": False}],
+            "x": [{"date": format_date(1), "value": "7", "cumulative": False}],
+        }
+        s.add(Point(1, "loss", "3", format_date(6)))
+        with pytest.raises(CapReached, match="max_points_per_run"):
+            s.add(Point(1, "acc", "3", format_date(6)))
+    finally:
+        s.close()
+    tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")
+    assert [t[0] for t in tables] == ["points"]
+
+
+def test_summarize_groups_ties_and_text_in_arrival_order(store):
+    for v in ["a", "b", "4", "6", "x"]:  # one date for all: arrival decides
+        store.add(Point(1, "m", v, format_date(7)))
+    got = store.run_series(1, Query(summarize=3))["m"]  # factor 2: (a b) (4 6) (x)
+    assert [p["value"] for p in got] == ["a", "5.0", "x"]
+    got = store.run_series(1, Query(summarize=2, since=format_date(7)))["m"]  # 3: (a b 4) (6 x)
+    assert [p["value"] for p in got] == ["4.0", "6.0"]

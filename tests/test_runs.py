@@ -211,7 +211,8 @@ def test_mpmd_ranks_and_a_delete_that_leaves_nothing(start_daemon, cluster, laun
     d = start_daemon(mpi=cluster.mpi_config(launcher))
     api = _client(d)
     run = api.create_run(
-        "mpmd", 2, custom_image_name="x", custom_image_command="echo rank={rank} of {hosts}",
+        "mpmd", 2, custom_image_name="x",
+        custom_image_command='sh -c "echo rank={rank} of {hosts} on $(hostname)"',
         backend=None, custom_backend="gloo", run_all_nodes=True,
     ).result().json()  # fmt: skip
     done = _until_final(api, run["id"])
@@ -219,7 +220,8 @@ def test_mpmd_ranks_and_a_delete_that_leaves_nothing(start_daemon, cluster, laun
     out = done["job_metadata"]["stdout"]
     ips = done["job_metadata"]["pods"]
     hosts = ",".join(p[0] for p in ips)
-    assert sorted(out) == [f"rank=0 of {hosts}", f"rank=1 of {hosts}"], out
+    # rank i ran on node i of the run (a host's hostname is its node's name)
+    assert sorted(out) == [f"rank={i} of {hosts} on {p[2]}" for i, p in enumerate(ips)], out
     assert " : " in done["job_metadata"]["command"]
     # a long MPMD run, deleted while it runs: nothing left on any host
     long = api.create_run(
@@ -229,6 +231,27 @@ def test_mpmd_ranks_and_a_delete_that_leaves_nothing(start_daemon, cluster, laun
     wait_for(lambda: len(job_processes(cluster)) >= 2, timeout=60)
     assert api.delete_run(long["id"]).result().status_code == 204
     wait_for(lambda: job_processes(cluster) == [], timeout=60)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_a_failing_mpmd_rank_is_named_on_its_own_node(start_daemon, cluster):
+    """An MPMD run whose rank 2 exits 3: the job's failure names rank 2's node (the third
+    of the run), not the master's.  OpenMPI 4: the launcher whose text names the rank
+    (OpenMPI 5's names none here; Hydra's MPMD launch ended 0)."""
+    d = start_daemon(mpi=cluster.mpi_config("openmpi4"))
+    api = _client(d)
+    run = api.create_run(
+        "mpmd-fail", 3, custom_image_name="x",
+        custom_image_command=f"{cluster.mpi_program} --exit-rank 2 3",
+        custom_backend="gloo", run_all_nodes=True,
+    ).result().json()  # fmt: skip
+    done = _until_final(api, run["id"])
+    assert done["state"] == "failed", done
+    job = d.json("GET", f"/api/mpi_jobs/{done['job_id']}")[1]
+    failure = job["failure"]
+    assert failure["exit_code"] == 3 and failure["rank"] == 2, failure
+    assert failure["node"] == done["job_metadata"]["pods"][2][2], failure
 
 
 @pytest.mark.cluster
@@ -244,8 +267,12 @@ def test_runs_hold_their_nodes(start_daemon, cluster):
         r = api.create_run(name, n, custom_image_name="x", custom_image_command=command)
         return r.result().json()
 
-    first = create("first", 2, "sleep 300")
+    # its ranks outlive a TERM for a while: the sweep of its delete takes time
+    first = create("first", 2, "sh -c 'trap \"\" TERM; sleep 300 & wait; sleep 300'")
     assert first["state"] == "started", first
+    # answered before its job is launched: its master is the node it is launched on first
+    meta = first["job_metadata"]
+    assert meta["master_name"] == meta["pods"][0][2], meta
     second = create("second", 2, "true")
     assert second["state"] == "initialized"
     assert second["job_metadata"]["waiting"]["position"] == 1
@@ -258,12 +285,21 @@ def test_runs_hold_their_nodes(start_daemon, cluster):
 
     j = _poll(held, 30)
     assert f"run {first['id']} holds" in j["waiting"]["detail"]
+    # the held job has no slot of the two: a job on the free node runs meanwhile
+    held_names = {p[2] for p in first["job_metadata"]["pods"]}
+    free = [h.name for h in cluster.workers if h.name not in held_names]
+    body = {"program": ["true"], "nodes": free, "wait": False}
+    status, other = d.json("POST", "/api/mpi_jobs/", body)
+    assert status == 202, other
+    assert d.wait_job(other["id"], timeout=60)["state"] == "succeeded"
     time.sleep(2)  # nothing moves while the first run holds its nodes
     assert api.get_run(second["id"]).result().json()["state"] == "initialized"
     assert d.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["state"] == "pending"
     assert api.delete_run(first["id"]).result().status_code == 204
     # the plain job came first (it had nodes busy): it runs, then the second run
     _poll(lambda: d.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["state"] == "succeeded")
+    swept = d.wait_job(first["job_id"], timeout=60)  # the plain job waited for its sweep
+    assert d.json("GET", f"/api/mpi_jobs/{job['id']}")[1]["started"] >= swept["finished"]
     done = _until_final(api, second["id"])
     assert done["state"] == "finished"
     firsts = {p[2] for p in api.get_runs().result().json()[0]["job_metadata"]["pods"]}
@@ -450,3 +486,54 @@ def test_the_env_hook_reaches_the_ranks_and_no_answer(start_daemon, cluster):
     assert secret not in meta["command"]
     job = d.json("GET", f"/api/mpi_jobs/{done['job_id']}")[1]
     assert job["env"] == {"MLBENCH_RUN_SECRET": "***"} and secret not in job["command"]
+    # the hook refuses (no routable address for the ranks): the run fails saying why
+    from mlbench_daemon.runenv import RunRefused
+
+    def refuse(run, nodes):
+        raise RunRefused("the daemon listens on loopback only and node-x refused forwarding")
+
+    d.daemon.runs.run_env = refuse
+    r = api.create_run("refused", 1, custom_image_name="x", custom_image_command="true").result()
+    assert r.status_code == 201, r.text
+    failed = api.get_run(r.json()["id"]).result().json()
+    assert failed["state"] == "failed" and failed["job_id"] is None, failed
+    assert failed["job_metadata"]["notes"] == [
+        "the daemon listens on loopback only and node-x refused forwarding"
+    ]
+    assert failed["finished_at"] is not None
+
+
+class _JobsOf:
+    """What Runs reads of Jobs to prune: the store (no job is involved)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def set_held(self, held):
+        pass
+
+
+def test_runs_that_ended_before_keep_days_are_pruned_with_their_metrics(tmp_path):
+    from mlbench_daemon.jobs.runs import Runs
+    from mlbench_daemon.store import Store
+    from mlbench_daemon.vocabulary import RunState
+
+    store = Store(str(tmp_path))
+    now, day = 1_800_000_000.0, 86400.0
+    made = {}
+    for name, state, ended in (
+        ("old", RunState.FINISHED, now - 8 * day),
+        ("old-failed", RunState.FAILED, now - 7.5 * day),
+        ("recent", RunState.FINISHED, now - 6 * day),
+        ("live", RunState.STARTED, None),
+        ("waiting", RunState.INITIALIZED, None),
+    ):
+        rec = store.create_run(name=name, state=state, num_workers=1, spec={}, finished_at=ended)
+        made[name] = rec.id
+    runs = Runs(None, _JobsOf(store), None)
+    deleted = []
+    runs.on_deleted(deleted.append)
+    assert runs.prune(0, now=now) == [] and deleted == []  # 0: keep them
+    assert runs.prune(7, now=now) == [made["old"], made["old-failed"]]
+    assert deleted == [made["old"], made["old-failed"]]  # the daemon drops their metrics
+    assert [r.name for r in store.runs()] == ["recent", "live", "waiting"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlbench_daemon.jobs import flavour as flavours
+from mlbench_daemon.shapes import MPMD_SEPARATOR
 from mlbench_daemon.vocabulary import FailureKind, JobReason
 
 PARSE_TAIL_BYTES = 64 * 1024  # OpenMPI's verdicts come at the end of the output
@@ -127,6 +128,7 @@ _VALUED = (
     "default-hostfile hnp launch-agent max-restarts max-vm-size ompi-server "
     "output-filename path personality preload-files report-events report-pid report-uri "
     "stdin timeout tune wd wdir xml-file xterm bind-to output prefix"
+    " launcher prepend-pattern genvlist"  # Hydra's (flavour.py's mpich launches)
 ).split()
 VALUE_OPTIONS = {"-x"} | {f"-{o}" for o in _VALUED} | {f"--{o}" for o in _VALUED}
 
@@ -177,16 +179,53 @@ def rank_map(command: Sequence[str], master_ip: str | None) -> list[str] | None:
     """The host (as in `--host`) of each rank of a job's argv, or None if unknown.
 
     Only the launcher's part of the argv is read: it ends at the first word that is
-    not an option or an option's value (the program)."""
-    spec, np, i = None, None, 1
+    not an option or an option's value (the program).  An MPMD launch (app contexts
+    joined by ":") numbers its ranks context by context: a context's own `--host`
+    (OpenMPI) places its ranks, else Hydra's global `-hosts` list is filled in order."""
     argv = list(command)
+    first = _launch_options(argv, 1)
+    if first is None:
+        return None
+    spec, np, end = first
+    if MPMD_SEPARATOR not in argv[end:]:
+        return rank_hosts(parse_hosts(spec), np, master_ip) if spec is not None else None
+    ranks: list[str] = []
+    shared = parse_hosts(spec) if spec is not None and argv[1:end].count("-hosts") else None
+    start = 1
+    while start < len(argv):
+        got = _launch_options(argv, start)
+        if got is None:
+            return None
+        own, n, end = got
+        if n is None:
+            return None
+        if own is not None and (shared is None or start > 1):  # the context's own hosts
+            placed = rank_hosts(parse_hosts(own), n, None)
+        elif shared is not None:  # the global list, one slot after another
+            slots = [h for h, k in shared for _ in range(k)]
+            placed = slots[len(ranks) : len(ranks) + n]
+            placed = placed if len(placed) == n else None
+        else:
+            return None
+        if placed is None:
+            return None
+        ranks += placed
+        nxt = argv.index(MPMD_SEPARATOR, end) + 1 if MPMD_SEPARATOR in argv[end:] else len(argv)
+        start = nxt
+    return ranks
+
+
+def _launch_options(argv: list[str], i: int) -> tuple[str | None, int | None, int] | None:
+    """From argv[i]: (the host option's value, -np's, where the program starts), or None
+    for a mapping option we do not model."""
+    spec, np = None, None
     while i < len(argv):
         a = argv[i]
         if a in MAPPING_OPTIONS or (
             a in ("--mca", "-mca") and i + 1 < len(argv) and argv[i + 1].startswith("rmaps")
         ):
             return None
-        if a in ("--host", "-host", "-H") and i + 1 < len(argv):
+        if a in ("--host", "-host", "-H", "-hosts") and i + 1 < len(argv):
             spec, i = argv[i + 1], i + 2
         elif a in ("-np", "--np", "-n", "-c") and i + 1 < len(argv):
             if not argv[i + 1].isdigit():
@@ -200,9 +239,7 @@ def rank_map(command: Sequence[str], master_ip: str | None) -> list[str] | None:
             i += 1  # a flag we do not model; an unknown option with a value would shift us
         else:
             break
-    if spec is None:
-        return None
-    return rank_hosts(parse_hosts(spec), np, master_ip)
+    return spec, np, i
 
 
 def node_for_host(host: str | None, nodes: Iterable[NodeRef], master: str | None) -> str | None:

@@ -12,7 +12,9 @@
 ``submit`` never blocks on the job; a request with ``wait`` true (the default) is
 answered with ``wait_json(job["id"])``.  At most ``mpi.max_concurrent_jobs`` jobs
 run at once (each in its own thread, a ``JobRun``); up to ``mpi.queue_size`` more
-wait in submission order.
+wait in submission order.  A job waiting for nodes an MLBench run holds (``held``) gives
+its slot to the next one meanwhile, and takes the next free slot first once they are
+free.
 
 Every answer is the job as this daemon knows it (``_view``): a record the state dir
 could not take yet is shown with its unwritten fields, ``store_error`` says why, and
@@ -85,6 +87,8 @@ class Jobs:
                       self._changed, self._live)  # fmt: skip
         ctx.remote.timeout = ctx.ssh_timeout
         ctx.roll_call = self.roll_call  # a stall takes one (coalesced with the API's)
+        ctx.leave_slot, ctx.take_slot = self._leave_slot, self._take_slot
+        self._rejoining = 0  # jobs whose wait for a run's nodes is over, waiting for a slot
         self._ctx = ctx
         self._roll_calls = Coalescer()
         if cfg.webhooks.hooks:  # every start, end and stall makes its events (jobs/events.py)
@@ -525,11 +529,45 @@ class Jobs:
         try:
             run.run()
         finally:
-            with self._lock:  # the slot goes to the next queued job, if any
-                if self._queue and not self._stop.is_set():
+            with self._lock:
+                if not run.slotless:
+                    self._free_slot()
+
+    def _free_slot(self) -> None:
+        """A slot is free (the caller holds self._lock): a job back from a wait for a
+        run's nodes takes it first, else the next queued job."""
+        if self._queue and not self._stop.is_set() and not self._rejoining:
+            self._spawn(self._queue.popleft())
+        else:
+            self._active -= 1
+            self._changed.notify_all()
+
+    def _leave_slot(self, run: JobRun) -> None:
+        """`run` waits for a run's nodes: its slot goes to another job meanwhile."""
+        with self._lock:
+            run.slotless = True
+            self._free_slot()
+
+    def _take_slot(self, run: JobRun) -> None:
+        """`run`'s wait is over: it takes a slot, waiting for one (not after a cancel or
+        at the stop: it ends without launching, and without a slot)."""
+        with self._lock:
+            self._rejoining += 1
+            try:
+                while self._active >= self.mpi.max_concurrent_jobs:
+                    if run.cancel_reason is not None or self._stop.is_set():
+                        return
+                    self._changed.wait(1.0)
+                self._active += 1
+                run.slotless = False
+            finally:
+                self._rejoining -= 1
+                while (  # a slot kept free for it, if it gave up: to the queue
+                    self._queue and not self._rejoining and not self._stop.is_set()
+                    and self._active < self.mpi.max_concurrent_jobs
+                ):  # fmt: skip
+                    self._active += 1
                     self._spawn(self._queue.popleft())
-                else:
-                    self._active -= 1
 
     def _record(self, job_id: Any) -> JobRecord:
         rec = self.store.get(job_id) if isinstance(job_id, str) and job_id.isalnum() else None

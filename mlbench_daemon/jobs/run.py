@@ -100,6 +100,10 @@ class Context:
     # (run id of the asking job or None, its node names) -> which run holds which of them,
     # or None when none is held for another run (jobs/runs.py: a run has its nodes alone)
     held: Callable[[int | None, Sequence[str]], str | None] | None = None
+    # a job waiting for a run's nodes gives its mpi.max_concurrent_jobs slot up while it
+    # waits, and takes one again (waiting for it; not after a cancel or the stop) after
+    leave_slot: Callable[[JobRun], None] | None = None
+    take_slot: Callable[[JobRun], None] | None = None
 
     def __post_init__(self) -> None:
         self.launcher = Launcher(
@@ -135,6 +139,7 @@ class JobRun:
         self.ctx, self.mpi, self.id = ctx, ctx.cfg.mpi, job_id
         self.apps = tuple((h, tuple(a)) for h, a in apps)  # an MPMD launch's (host, argv)s
         self.run_id = run_id  # the MLBench run this job launches, if any
+        self.slotless = False  # its slot given up (guarded by ctx.changed; Jobs' slots)
         self.held_by: str | None = None  # while it waits for nodes a run holds: which
         self.env: Mapping[str, str] | None = env or {}  # values; dropped once launched
         self.master = master  # requested master name, or None
@@ -272,21 +277,29 @@ class JobRun:
 
     def _wait_unheld(self, rec: JobRecord) -> None:
         """Before a launch: wait while a run holds one of the job's nodes (checked every
-        second; a cancel or the daemon's stop ends the wait)."""
+        second; a cancel or the daemon's stop ends the wait), without a slot meanwhile."""
         held = self.ctx.held
         if held is None:
             return
         names = [n.name for n in self.candidates] or list(self.names or ())
         names = names or [row.name for row in rec.nodes]
-        while self.cancel_reason is None:
-            why = held(self.run_id, names)
-            with self.ctx.changed:
-                self.held_by = why
-            if why is None:
-                return
-            self._expect(JobWait.HELD, 1.0)
-            if self.ctx.clock.wait(self.ctx.stop, 1.0):
-                raise Stopped()
+        left = False
+        try:
+            while self.cancel_reason is None:
+                why = held(self.run_id, names)
+                with self.ctx.changed:
+                    self.held_by = why
+                if why is None:
+                    return
+                if not left and self.ctx.leave_slot is not None:
+                    self.ctx.leave_slot(self)
+                    left = True
+                self._expect(JobWait.HELD, 1.0)
+                if self.ctx.clock.wait(self.ctx.stop, 1.0):
+                    raise Stopped()
+        finally:
+            if left and self.ctx.take_slot is not None:
+                self.ctx.take_slot(self)
 
     def _launch(self, rec: JobRecord) -> JobRecord | None:
         """Launch the job -> its record once running, None if the launch ended it."""

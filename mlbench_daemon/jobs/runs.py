@@ -6,6 +6,7 @@ nodes it has to itself.
     create(form, by) -> the run's JSON      list_json(), get_json(id), delete(id, by)
     get_run(id) -> RunView | None            live() -> [RunView]     by_pod(name)
     on_deleted(callback(run_id))             on_ended(callback(RunView))
+    prune(keep_days) -> [run id]             (the daemon's retention pass)
 
 A run is a row of the ``runs`` table (``store.RunRecord``; its id is MLBench's integer
 pk) and, once started, one job (``Jobs.submit_run``) whose record carries the run's id.
@@ -15,8 +16,9 @@ Running nodes are free of other runs and of every job not yet final (queued ones
 ``Jobs.busy_nodes``); the first waiting run must start before any later one.  A started
 run holds its nodes until its job is final: no other run is given them, and a job whose
 nodes a run holds waits before its launch (``JobWait.HELD``, its ``waiting.detail``
-naming the run; ``Jobs.set_held``).  Runs on disjoint nodes run at once, their jobs
-taking slots of ``mpi.max_concurrent_jobs`` like any job.  A run asking for more nodes
+naming the run; ``Jobs.set_held``; it has no slot of ``mpi.max_concurrent_jobs``
+while it waits).  Runs on disjoint nodes run at once, their jobs taking slots like any
+job.  Ended runs are pruned after ``state.keep_days`` (``prune``).  A run asking for more nodes
 than the daemon knows is refused (400).  The scheduler thread checks every
 ``TICK_S`` (and at once on a create or delete): started runs whose job is final end
 (``finished`` if it succeeded, else ``failed``) and free their nodes, then waiting runs
@@ -227,7 +229,8 @@ class Runs:
     def delete(self, run_id: Any, by: str | None = None) -> None:
         """Cancel the run's job if it is live (the usual cancel and sweep, answered within
         ``server.cancel_answer_s``; it goes on in the job's thread after that), then delete
-        the run.  on_ended fires for a run that was live, then on_deleted."""
+        the run.  Its nodes stay held until the job is final, so nothing starts on nodes
+        still being swept.  on_ended fires for a run that was live, then on_deleted."""
         rec = self._record(run_id)
         with self._lock:
             if rec.id in self._waiting:
@@ -240,7 +243,11 @@ class Runs:
             except ApiError as e:  # final meanwhile, or the state dir: the cancel goes on
                 log.info("run %d: cancel of job %s: %s", rec.id, job.id, e.message)
         self.store.delete_run(rec.id)
-        was_live = self._release(rec.id)
+        after = self.store.get(job.id) if job is not None else None
+        if after is not None and not after.state.is_final:  # swept still: its nodes stay
+            was_live = True  # held until its job is final (_end_finished releases them)
+        else:
+            was_live = self._release(rec.id)
         log.info("run %d deleted%s", rec.id, f" (job {job_id} cancelled)" if was_live else "")
         if was_live:
             self._fire_ended(dataclasses.replace(view(rec), state=RunState.FAILED))
@@ -248,6 +255,20 @@ class Runs:
             _call(callback, rec.id)
         with self._lock:
             self._lock.notify_all()
+
+    def prune(self, keep_days: float, now: float | None = None) -> list[int]:
+        """Delete runs that ended more than `keep_days` ago (0: keep them), as the store
+        prunes finished jobs; on_deleted fires for each (their metrics go with them)."""
+        if not keep_days:
+            return []
+        cutoff = (time.time() if now is None else now) - keep_days * 86400
+        ended = self.store.runs((RunState.FINISHED, RunState.FAILED))
+        doomed = [r.id for r in ended if r.finished_at is not None and r.finished_at < cutoff]
+        for run_id in doomed:
+            self.store.delete_run(run_id)
+            for callback in self._deleted:
+                _call(callback, run_id)
+        return doomed
 
     def _record(self, run_id: Any) -> RunRecord:
         text = str(run_id)
@@ -415,11 +436,19 @@ class Runs:
             "stdout": self._output(job),
             "stderr": (job.error or "").splitlines() if job is not None else [],
             "command": shlex.join(job.command) if job is not None and job.command else None,
-            "master_name": job.master_name if job is not None else None,
+            "master_name": self._master(rec, job),
             "pods": pods,
             "waiting": self._waiting_for(rec),
             "notes": list(rec.notes),
         }
+
+    def _master(self, rec: RunRecord, job: JobRecord | None) -> str | None:
+        """The job's master once launched; before that (a started run whose job is not
+        yet submitted, queued for a slot, or launching over SSH) the master it is
+        launched on first: the run's first node.  Only a waiting run has none."""
+        if job is not None and job.master_name:
+            return job.master_name
+        return rec.nodes[0] if rec.state != RunState.INITIALIZED and rec.nodes else None
 
     def _output(self, job: JobRecord | None) -> list[str]:
         """The last OUTPUT_LINES lines of the job's output (from its last OUTPUT_BYTES)."""
