@@ -367,7 +367,7 @@ class MetricStore:
         while True:
             if not batch:
                 try:
-                    batch.append(self._queue.get(timeout=0.5))
+                    batch.append(self._queue.get(timeout=GROUP_S))  # idle: close() waits this
                 except queue.Empty:
                     if self._stop.is_set():
                         return

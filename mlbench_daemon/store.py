@@ -39,6 +39,7 @@ still read its end.
 
 import dataclasses
 import errno
+import functools
 import json
 import os
 import secrets
@@ -121,9 +122,52 @@ class StoreError(Exception):
 
 
 def column(sql: str, *, json: bool = False, added: bool = False) -> Any:
-    """A field of `JobRecord` stored in a column of `sql` (its SQLite declaration); `json`:
-    stored as JSON text; `added`: after the first release, so added to older databases."""
+    """A field of a record (`JobRecord`, `RunRecord`, `OutboxRecord`) stored in a column of
+    `sql` (its SQLite declaration); `json`: stored as JSON text; `added`: after the first
+    release, so added to older databases."""
     return dataclasses.field(metadata={"sql": sql, "json": json, "added": added})
+
+
+# The three records' machinery, once: their fields -> the table, the settable and JSON
+# columns, and the conversions between a record's values and a row's.
+
+
+@functools.cache
+def _columns(record: type) -> tuple[dataclasses.Field[Any], ...]:
+    """`record`'s column fields, in order: the first is the key."""
+    return tuple(f for f in dataclasses.fields(record) if "sql" in f.metadata)
+
+
+def _table(name: str, record: type, *constraints: str) -> str:
+    """The CREATE TABLE statement of `record`'s columns (then `constraints`)."""
+    lines = [f"    {f.name} {f.metadata['sql']}" for f in _columns(record)]
+    lines += [f"    {c}" for c in constraints]
+    return f"CREATE TABLE IF NOT EXISTS {name} (\n" + ",\n".join(lines) + "\n)\n"
+
+
+@functools.cache
+def _json(record: type) -> frozenset[str]:
+    return frozenset(f.name for f in _columns(record) if f.metadata["json"])
+
+
+def _values(record: type, row: sqlite3.Row) -> dict[str, Any]:
+    """A row's columns as `record`'s values (JSON columns decoded)."""
+    json_columns = _json(record)
+    return {
+        f.name: json.loads(row[f.name]) if f.name in json_columns else row[f.name]
+        for f in _columns(record)
+    }
+
+
+def _to_row(record: type, what: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Columns of `record` to write -> their SQLite values (ValueError for a column that
+    is not settable: the key, or not a column); `what` names the record in the message."""
+    columns = _columns(record)
+    unknown = set(fields) - {f.name for f in columns[1:]}  # the key is never set
+    if unknown:
+        raise ValueError(f"not a settable {what} column: {', '.join(sorted(unknown))}")
+    json_columns = _json(record)
+    return {k: json.dumps(v) if k in json_columns else v for k, v in fields.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,22 +214,17 @@ class JobRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row, log_bytes: int) -> "JobRecord":
-        values = {f.name: row[f.name] for f in _COLUMNS}
-        for name in JSON_COLUMNS:
-            values[name] = json.loads(values[name])
+        values = _values(cls, row)
         values["nodes"] = [NodeRow(*n) for n in values["nodes"]]
         values["state"] = JobState(values["state"])
         return cls(**values, log_bytes=log_bytes)
 
-    @staticmethod
-    def to_row(fields: dict[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def to_row(cls, fields: dict[str, Any]) -> dict[str, Any]:
         """Columns to write -> their SQLite values (ValueError for what is not settable)."""
-        unknown = set(fields) - SETTABLE
-        if unknown:
-            raise ValueError(f"not a settable job column: {', '.join(sorted(unknown))}")
         if "state" in fields and fields["state"] not in STATES:
             raise ValueError(f"bad state {fields['state']!r}")
-        return {k: json.dumps(v) if k in JSON_COLUMNS else v for k, v in fields.items()}
+        return _to_row(cls, "job", fields)
 
     def overlaid(self, fields: dict[str, Any]) -> "JobRecord":
         """This record with `fields` (columns not written yet) laid over it."""
@@ -195,16 +234,13 @@ class JobRecord:
         return dataclasses.replace(self, **fields)
 
 
-_COLUMNS = tuple(f for f in dataclasses.fields(JobRecord) if "sql" in f.metadata)
-COLUMNS = tuple(f.name for f in _COLUMNS)
-SETTABLE = frozenset(COLUMNS) - {"seq"}
-JSON_COLUMNS = frozenset(f.name for f in _COLUMNS if f.metadata["json"])
+COLUMNS = tuple(f.name for f in _columns(JobRecord))
 # Columns added after the first release: (name, declaration), added to older databases.
-ADDED_COLUMNS = tuple((f.name, f.metadata["sql"]) for f in _COLUMNS if f.metadata["added"])
-Records = list[JobRecord]
-SCHEMA = "CREATE TABLE IF NOT EXISTS jobs (\n{}\n)\n".format(
-    ",\n".join(f"    {f.name} {f.metadata['sql']}" for f in _COLUMNS)
+ADDED_COLUMNS = tuple(
+    (f.name, f.metadata["sql"]) for f in _columns(JobRecord) if f.metadata["added"]
 )
+Records = list[JobRecord]
+SCHEMA = _table("jobs", JobRecord)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,27 +264,17 @@ class RunRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "RunRecord":
-        values = {f.name: row[f.name] for f in dataclasses.fields(cls)}
-        for name in RUN_JSON:
-            values[name] = json.loads(values[name])
+        values = _values(cls, row)
         values["state"] = RunState(values["state"])
         return cls(**values)
 
-    @staticmethod
-    def to_row(fields: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(fields) - RUN_SETTABLE
-        if unknown:
-            raise ValueError(f"not a settable run column: {', '.join(sorted(unknown))}")
-        return {k: json.dumps(v) if k in RUN_JSON else v for k, v in fields.items()}
+    @classmethod
+    def to_row(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        return _to_row(cls, "run", fields)
 
 
 RunRecords = list[RunRecord]
-RUN_FIELDS = dataclasses.fields(RunRecord)
-RUN_SETTABLE = frozenset(f.name for f in RUN_FIELDS) - {"id"}
-RUN_JSON = frozenset(f.name for f in RUN_FIELDS if f.metadata["json"])
-RUN_SCHEMA = "CREATE TABLE IF NOT EXISTS runs (\n{}\n)\n".format(
-    ",\n".join(f"    {f.name} {f.metadata['sql']}" for f in RUN_FIELDS)
-)
+RUN_SCHEMA = _table("runs", RunRecord)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,11 +296,9 @@ class OutboxRecord:
 
 Events = Callable[[JobRecord, JobRecord], Sequence[OutboxRecord]]
 RunEvents = Callable[[RunRecord, RunRecord | None, JobRecord | None], Sequence[OutboxRecord]]
-_OUTBOX = tuple(f.name for f in dataclasses.fields(OutboxRecord))
+_OUTBOX = tuple(f.name for f in _columns(OutboxRecord))
 OUTBOX_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS outbox (\n{},\n    UNIQUE (event_id, hook)\n)\n".format(
-        ",\n".join(f"    {f.name} {f.metadata['sql']}" for f in dataclasses.fields(OutboxRecord))
-    ),
+    _table("outbox", OutboxRecord, "UNIQUE (event_id, hook)"),
     "CREATE INDEX IF NOT EXISTS outbox_order ON outbox (hook, job_id, seq)",
 )
 
@@ -468,7 +492,7 @@ class Store:
                 "ORDER BY seq LIMIT ?",
                 (now, int(limit)),
             ).fetchall()
-        return [OutboxRecord(**{k: r[k] for k in _OUTBOX}) for r in rows]
+        return [OutboxRecord(**_values(OutboxRecord, r)) for r in rows]
 
     def outbox_next(self) -> float | None:
         """The earliest next attempt of any row (None: the outbox is empty)."""

@@ -122,8 +122,13 @@ class Deliveries:
         *,
         now: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        wait: Callable[[threading.Event, float], bool] = threading.Event.wait,
     ) -> None:
+        """`now` (wall time), `rand` and `wait` (``wait(event, seconds)``: whether it is
+        set) are the time, jitter and pause of the backoff: tests pass their own, so an
+        outage and its retries pass without waiting them out."""
         self.store, self.settings, self._now, self._rand = store, settings, now, rand
+        self._wait = wait
         self.hooks: Mapping[str, Hook] = {h.name: h for h in hooks}
         self._opener = _opener()
         self._lock = threading.Lock()
@@ -160,7 +165,7 @@ class Deliveries:
             except Exception:  # a bug, or a store that cannot be read: try again later
                 log.exception("webhooks: dispatch failed")
                 wait = IDLE_WAIT_S
-            self._wake.wait(wait)
+            self._wait(self._wake, wait)
             self._wake.clear()
 
     def _dispatch(self) -> float:

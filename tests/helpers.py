@@ -4,6 +4,7 @@ the daemon served as a subprocess on a test cluster."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import wsgiref.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -35,8 +37,10 @@ __all__ = [
     "http",
     "serve_argv",
     "served",
+    "serves",
     "wait_for",
     "wait_hosts_running",
+    "wsgi",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +60,45 @@ def wait_for(
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval)
     return True
+
+
+def serves(url: str) -> bool:
+    """Whether a daemon answers /healthz at `url` (a kill -9 test waits for it to stop)."""
+    try:
+        return Client(url).call("GET", "/healthz", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def wsgi(
+    app: Callable[..., Iterator[bytes]],
+    method: str,
+    path: str,
+    raw: bytes = b"",
+    content_type: str = "",
+    **environ: object,
+) -> tuple[int, dict[str, str], bytes]:
+    """Call the WSGI `app` in this process (`environ`: more of the request, e.g.
+    REMOTE_ADDR) -> (status, headers by lower-case name, body)."""
+    env: dict[str, object] = {}
+    wsgiref.util.setup_testing_defaults(env)
+    path, _, query = path.partition("?")
+    env.update(
+        PATH_INFO=path,
+        QUERY_STRING=query,
+        REQUEST_METHOD=method,
+        CONTENT_TYPE=content_type,
+        CONTENT_LENGTH=str(len(raw)),
+    )
+    env["wsgi.input"] = io.BytesIO(raw)
+    env.update(environ)
+    seen: dict[str, object] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc: object = None) -> None:
+        seen.update(status=int(status.split()[0]), headers={k.lower(): v for k, v in headers})
+
+    out = b"".join(app(env, start_response))
+    return seen["status"], seen["headers"], out  # type: ignore[return-value]
 
 
 # --- every answer checked against the served OpenAPI document ---------------------------

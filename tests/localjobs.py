@@ -10,6 +10,7 @@
 - ``MPIRUN``: a stand-in for mpirun that drops its options and runs the program.
 - ``ManualClock``: time moves only when a test calls ``advance()``; waits and
   timers follow it, so timeouts and ``mpi.lost_after_s`` need no sleeping.
+- ``SkipClock``: real wall time that a test can move on by ``skip()`` (webhooks).
 - ``StaticRegistry``: a fixed node table (the registry's reader interface).
 """
 
@@ -228,6 +229,28 @@ class ManualClock:
         """Seconds until each live timer fires."""
         with self._cv:
             return sorted(t.due - self.now for t in self._timers if not t.cancelled)
+
+
+class SkipClock:
+    """Wall time that runs on as usual and also jumps by ``skip()``: for code that takes
+    ``now`` and ``wait(event, seconds)`` and compares with times other code took from
+    ``time.time()`` (webhooks' outbox rows), so a test can pass a long outage at once."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.skipped
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        deadline = self.time() + seconds
+        while not event.wait(min(0.01, max(0.0, deadline - self.time()))):
+            if self.time() >= deadline:  # a skip ends the wait within 10 ms
+                return False
+        return True
+
+    def skip(self, seconds: float) -> None:
+        self.skipped += seconds
 
 
 @dataclasses.dataclass

@@ -14,17 +14,10 @@ import pytest
 from mlbench_daemon import tokens
 from mlbench_daemon.client import Client
 from mlbench_daemon.vocabulary import Role
-from tests.helpers import HANG, Served, free_port, stop_process, wait_for
+from tests.helpers import HANG, Served, free_port, serves, stop_process, wait_for
 
 WRITES = 50
 SPREAD_S = 10.0
-
-
-def serves(url):
-    try:
-        return Client(url).call("GET", "/healthz", timeout=2).status == 200
-    except OSError:
-        return False
 
 
 @pytest.mark.cluster

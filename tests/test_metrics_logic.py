@@ -7,7 +7,6 @@ import io
 import json
 import sqlite3
 import urllib.parse
-import wsgiref.util
 import zipfile
 
 import pytest
@@ -23,7 +22,7 @@ from mlbench_daemon.metricstore import (
     parse_date,
 )
 from mlbench_daemon.shapes import MetricRequest
-from tests.helpers import check_answer
+from tests.helpers import check_answer, wsgi
 
 DOC = json.loads(api.render())
 
@@ -65,32 +64,15 @@ def store(tmp_path):
 
 def call(app, method, path, body=None, form=False, environ=None):
     """-> (status, headers, raw); every answer checked against the document."""
-    env = {}
-    wsgiref.util.setup_testing_defaults(env)
-    path, _, query = path.partition("?")
     if form:
         raw = urllib.parse.urlencode(body).encode()
         ctype = "application/x-www-form-urlencoded"
     else:
         raw = b"" if body is None else json.dumps(body).encode()
         ctype = "application/json"
-    env.update(
-        PATH_INFO=path,
-        QUERY_STRING=query,
-        REQUEST_METHOD=method,
-        CONTENT_TYPE=ctype,
-        CONTENT_LENGTH=str(len(raw)),
-        **{"wsgi.input": io.BytesIO(raw)},
-        **(environ or {}),
-    )
-    seen = {}
-
-    def start_response(status, headers, exc_info=None):
-        seen.update(status=int(status.split()[0]), headers={k.lower(): v for k, v in headers})
-
-    out = b"".join(app(env, start_response))
-    check_answer(DOC, method, path, seen["status"], seen["headers"].get("content-type"), out)
-    return seen["status"], seen["headers"], out
+    status, headers, out = wsgi(app, method, path, raw, ctype, **(environ or {}))
+    check_answer(DOC, method, path.partition("?")[0], status, headers.get("content-type"), out)
+    return status, headers, out
 
 
 def app_with(store, runs):

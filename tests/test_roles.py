@@ -3,7 +3,6 @@ through the real app (plugin, routes, Jobs) over the local job stand-in: every r
 table with every role, a role that must not write actually trying, the owner check of a
 cancel, the filters, and the audit line of each write and refusal."""
 
-import io
 import json
 import re
 import wsgiref.util
@@ -15,6 +14,7 @@ from mlbench_daemon.audit import AuditLog
 from mlbench_daemon.openapi import Auth
 from mlbench_daemon.tokens import Tokens
 from mlbench_daemon.vocabulary import Role
+from tests.helpers import wsgi
 from tests.localjobs import LocalJobs, sh
 
 pytestmark = [pytest.mark.logic, pytest.mark.timeout(120)]
@@ -43,26 +43,14 @@ class Api:
         )
 
     def call(self, method, path, who=None, body=None, remote="10.9.8.7"):
-        environ = {}
-        wsgiref.util.setup_testing_defaults(environ)
-        path, _, query = path.partition("?")
         raw = b"" if body is None else json.dumps(body).encode()
-        environ.update(
-            PATH_INFO=path,
-            QUERY_STRING=query,
-            REQUEST_METHOD=method,
-            REMOTE_ADDR=remote,
-            CONTENT_LENGTH=str(len(raw)),
-            CONTENT_TYPE="application/json" if raw else "",
-        )
-        environ["wsgi.input"] = io.BytesIO(raw)
+        environ = {"REMOTE_ADDR": remote}
         if who:
             environ["HTTP_AUTHORIZATION"] = f"Bearer {self.token.get(who, who)}"
-        seen = {}
-        out = b"".join(
-            self.app(environ, lambda status, headers, exc=None: seen.update(status=status))
+        status, _, out = wsgi(
+            self.app, method, path, raw, "application/json" if raw else "", **environ
         )
-        return int(seen["status"][:3]), out
+        return status, out
 
     def json(self, *args, **kw):
         status, out = self.call(*args, **kw)

@@ -138,6 +138,59 @@ def test_a_database_from_before_the_request_column_is_upgraded(tmp_path):
     Store(str(tmp_path)).close()  # and opening it again changes nothing
 
 
+def test_a_database_written_by_an_earlier_version_opens_unchanged_and_reads_back(tmp_path):
+    """tests/data/store_main_1b62355.sql: a job, its outbox row and a run, as the store of
+    main at 1b62355 wrote them (sqlite3's dump): the records read back field by field, and
+    opening it neither changes a table nor refuses a write."""
+    from pathlib import Path
+
+    dump = (Path(__file__).parent / "data" / "store_main_1b62355.sql").read_text()
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.executescript(dump)
+    db.close()
+
+    def tables():
+        with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+            return db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+
+    from mlbench_daemon import store as store_module
+
+    for sql in (store_module.SCHEMA, store_module.RUN_SCHEMA, *store_module.OUTBOX_SCHEMA):
+        assert sql.replace("IF NOT EXISTS ", "").strip() + ";" in dump  # new databases too
+    before = tables()
+    s = Store(str(tmp_path))
+    try:
+        job = s.get("0190000000000a1b2c3d")
+        assert (job.seq, job.state, job.created, job.started) == (
+            1,
+            "running",
+            1.8e9 + 0.5,
+            1.8e9 + 1,
+        )
+        assert job.nodes == [NodeRow("w-0", "10.0.0.1", 22, 1)]
+        assert job.command == ["mpirun", "-np", "2", "a.out"] and job.tags == ["team:a"]
+        assert job.request == {"program": ["a.out"], "np": 2} and job.failure is None
+        assert job.stalls == [{"since": 1.0, "detected": 9.0}] and job.name == "main-job"
+        run = s.run(1)
+        assert (run.name, run.state, run.job_id, run.num_workers) == (
+            "run-1", "started", job.id, 2,
+        )  # fmt: skip
+        assert (run.spec, run.nodes, run.notes, run.submitted_by) == (
+            {"image": "x"}, ["w-0"], ["a note"], "alice",
+        )  # fmt: skip
+        (row,) = s.outbox_due(2e9, 10)
+        assert (row.seq, row.event_id, row.hook, row.body, row.attempts, row.last_error) == (
+            1, f"{job.id}.job.started", "h", b'{"id": 1}', 0, None,
+        )  # fmt: skip
+        assert s.update(job.id, state="succeeded", tags=["x"]).tags == ["x"]
+        assert s.update_run(1, notes=["b"]).notes == ["b"]
+        s.outbox_retry(1, 1, 2e9, "HTTP 503")
+        assert s.outbox_due(2e9, 10)[0].attempts == 1
+    finally:
+        s.close()
+    assert tables() == before
+
+
 def _finished(store, state, finished, log=b""):
     rec = store.create(state=state, finished=finished)
     if log:

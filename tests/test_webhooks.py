@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mlbench_daemon.client import Client
-from tests.helpers import HANG, served, wait_for
+from tests.helpers import HANG, served, serves, wait_for
 from tests.receiver import Receiver, body
 from tests.test_webhooks_logic import SECRET, hooks_config
 
@@ -24,13 +24,6 @@ DOWN_S = 60.0
 def outbox(client):
     text = client.call("GET", "/metrics").body.decode()
     return float(re.search(r"^mlbench_daemon_webhook_outbox (\S+)$", text, re.M).group(1))
-
-
-def serves(url):
-    try:
-        return Client(url).call("GET", "/healthz", timeout=2).status == 200
-    except OSError:
-        return False
 
 
 @pytest.mark.cluster

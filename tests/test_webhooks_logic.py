@@ -1,10 +1,12 @@
 """Webhooks (issue 24 item 4) on the job code with real processes (tests/localjobs.py)
 and a real HTTP receiver on loopback (tests/receiver.py) that verifies every signature.
 
-The receiver's outage here is 10 s of refused connections then 3 s of 503s (the issue
-says 60 s; backoff is capped at 1 s here, so the outage spans many retries all the same);
-test_webhooks.py runs the daemon process with a `kill -9`."""
+The deliveries run on a SkipClock: the receiver's outage here is 10 s of refused
+connections then 3 s of 503s (the issue says 60 s; backoff is capped at 1 s here, so the
+outage spans many retries all the same), passed in steps of 0.5 s without waiting them
+out; test_webhooks.py runs the daemon process with a `kill -9`."""
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -15,8 +17,8 @@ import pytest
 from mlbench_daemon import config, webhooks
 from mlbench_daemon.store import StoreError
 from mlbench_daemon.vocabulary import HOOK_EVENTS
-from tests.helpers import wait_for
-from tests.localjobs import LocalJobs, gate, sh
+from tests.helpers import HANG, wait_for
+from tests.localjobs import LocalJobs, SkipClock, gate, sh
 from tests.receiver import Receiver, body
 from tests.test_faults_logic import FaultyStore
 
@@ -39,20 +41,53 @@ def hooks_config(tmp_path, receiver, **settings):
 
 
 def deliveries(lj):
+    """Deliveries on the real clock, for the tests that restart them on one store."""
     d = webhooks.Deliveries(lj.store, lj.cfg.webhooks, webhooks.load(lj.cfg.webhooks))
     d.start()
     return d
 
 
+@contextlib.contextmanager
+def delivering(tmp_path, receiver, hooks=None, lj=None, **settings):
+    """Local jobs (`settings`: of [mpi], or `lj` made and started by the caller) whose
+    events the deliveries send to `receiver` (`hooks`: the configured ones) on a
+    SkipClock -> (jobs, clock); all stopped after."""
+    if lj is None:
+        lj = LocalJobs(tmp_path, webhooks=hooks_config(tmp_path, receiver), **settings).start()
+    clock = SkipClock()
+    hooks = webhooks.load(lj.cfg.webhooks) if hooks is None else hooks
+    d = webhooks.Deliveries(lj.store, lj.cfg.webhooks, hooks, now=clock.time, wait=clock.wait)
+    d.start()
+    try:
+        yield lj, clock
+    finally:
+        d.stop()
+        receiver.stop()
+        lj.close()
+
+
+def skip_through(lj, clock, seconds, step=0.5):
+    """Move the deliveries' clock on `seconds` in `step`s, each once every row then due
+    has been tried."""
+    for _ in range(round(seconds / step)):
+        clock.skip(step)
+        wait_for(lambda: not lj.store.outbox_due(clock.time(), 1), what="the due rows tried",
+                 interval=0.005)  # fmt: skip
+
+
+def skip_until(clock, predicate, what, step=0.5):
+    """Move the clock on by `step` until `predicate` holds (bounded in real time)."""
+    deadline = time.monotonic() + HANG
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        clock.skip(step)
+        time.sleep(0.01)
+
+
 def test_a_receiver_down_then_failing_gets_every_event_once_signed_in_order(tmp_path):
     receiver = Receiver(SECRET).start()
     receiver.stop()  # down: its port refuses connections
-    lj = LocalJobs(
-        tmp_path, webhooks=hooks_config(tmp_path, receiver), max_concurrent_jobs=10
-    ).start()
-    d = deliveries(lj)
-    try:
-        down_since = time.monotonic()
+    with delivering(tmp_path, receiver, max_concurrent_jobs=10) as (lj, clock):
         ids = [
             lj.jobs.submit({"program": sh('echo "job $1"; exit "$2"', str(n), str(n % 2)),
                             "wait": False})["id"]
@@ -61,16 +96,16 @@ def test_a_receiver_down_then_failing_gets_every_event_once_signed_in_order(tmp_
         for job_id in ids:
             lj.jobs.wait(job_id)
         assert lj.store.outbox_depth() == 20  # nothing delivered, nothing lost
-        time.sleep(max(0.0, down_since + 10 - time.monotonic()))
+        skip_through(lj, clock, 10)  # 10 s refused: each row tried at least every 1 s
+        heads = lj.store.outbox_due(clock.time() + 10, 100)  # each job's job.started
+        assert len(heads) == 10 and min(r.attempts for r in heads) >= 8
+        assert lj.store.outbox_depth() == 20
         receiver.start("fail")  # up, but answering 503
-        wait_for(lambda: len({g["id"] for g in receiver.failed()}) >= 5, what="503s")
-        time.sleep(3)
+        skip_through(lj, clock, 3)
+        assert {g["id"] for g in receiver.failed()} == {r.event_id for r in heads}
         receiver.mode = "ok"
+        clock.skip(1.0)
         wait_for(lambda: lj.store.outbox_depth() == 0, timeout=60, what="all delivered")
-    finally:
-        d.stop()
-        receiver.stop()
-        lj.close()
     got = receiver.delivered()
     expected = {
         f"{j}.job.{e}"
@@ -186,8 +221,7 @@ def test_a_hook_takes_only_its_events_and_tags(tmp_path):
     cfg = hooks_config(tmp_path, receiver)
     cfg["hooks"][0].update(events=["job.failed"], tags=["team:a"])
     lj = LocalJobs(tmp_path, webhooks=cfg, max_concurrent_jobs=4).start()
-    d = deliveries(lj)
-    try:
+    with delivering(tmp_path, receiver, lj=lj):
         jobs = [
             ({"program": sh("exit 1"), "tags": ["team:a", "x:y"]}, True),
             ({"program": sh("exit 1"), "tags": ["team:b"]}, False),
@@ -197,10 +231,6 @@ def test_a_hook_takes_only_its_events_and_tags(tmp_path):
         for job_id, _ in ids:
             lj.jobs.wait(job_id)
         wait_for(lambda: lj.store.outbox_depth() == 0, what="delivered")
-    finally:
-        d.stop()
-        receiver.stop()
-        lj.close()
     assert [body(g)["job"]["id"] for g in receiver.delivered()] == [i for i, w in ids if w]
 
 
@@ -210,29 +240,25 @@ def test_a_store_fault_holds_the_event_with_the_state_and_loses_neither(tmp_path
     writes, both are, and the event is delivered once."""
     receiver = Receiver(SECRET).start()
     lj = LocalJobs(tmp_path, store=FaultyStore, webhooks=hooks_config(tmp_path, receiver)).start()
-    d = deliveries(lj)
     go = tmp_path / "go"
-    try:
+    with delivering(tmp_path, receiver, lj=lj):
         job = lj.jobs.submit(
             {"program": sh('echo up; while [ ! -e "$1" ]; do sleep 0.01; done', str(go)),
              "wait": False}
         )  # fmt: skip
-        wait_for(lambda: len(receiver.delivered()) == 1, what="job.started")
+        wait_for(lambda: len(receiver.delivered()) == 1, what="job.started", interval=0.01)
         lj.store.records_fail = True
         go.touch()
         wait_for(lambda: lj.jobs.get(job["id"])["store_error"] is not None, what="the fault")
-        with lj.clock.ticking():
-            time.sleep(1)
+        tries = lj.store.failed
+        with lj.clock.ticking():  # the job's store retries, on its clock
+            wait_for(lambda: lj.store.failed >= tries + 3, what="writes retried", interval=0.01)
             assert lj.store.get(job["id"]).state == "running"
             assert lj.store.outbox_depth() == 0 and len(receiver.delivered()) == 1
             lj.store.records_fail = False
             wait_for(lambda: lj.store.get(job["id"]).state == "succeeded", what="written")
-        wait_for(lambda: len(receiver.delivered()) == 2, what="job.succeeded")
-        time.sleep(0.5)
-    finally:
-        d.stop()
-        receiver.stop()
-        lj.close()
+        wait_for(lambda: len(receiver.delivered()) == 2, what="job.succeeded", interval=0.01)
+        wait_for(lambda: lj.store.outbox_depth() == 0, what="the row deleted", interval=0.01)
     assert [g["event"] for g in receiver.delivered()] == ["job.started", "job.succeeded"]
 
 
@@ -251,14 +277,9 @@ def test_a_delivery_the_store_cannot_record_is_not_sent_again(tmp_path):
         real(seq)
 
     lj.store.outbox_remove = refuse
-    d = deliveries(lj)
-    try:
+    with delivering(tmp_path, receiver, lj=lj) as (lj, clock):
         lj.jobs.wait(lj.jobs.submit({"program": sh("true"), "wait": False})["id"])
-        wait_for(lambda: lj.store.outbox_depth() == 0, what="the rows deleted at last")
-    finally:
-        d.stop()
-        receiver.stop()
-        lj.close()
+        skip_until(clock, lambda: lj.store.outbox_depth() == 0, "the rows deleted at last")
     assert len(removes) >= 4
     assert sorted(g["event"] for g in receiver.got) == ["job.started", "job.succeeded"]
 
@@ -266,14 +287,13 @@ def test_a_delivery_the_store_cannot_record_is_not_sent_again(tmp_path):
 def test_an_event_past_max_age_is_given_up_with_one_log_line(tmp_path, caplog):
     receiver = Receiver(SECRET).start()
     receiver.stop()
-    lj = LocalJobs(tmp_path, webhooks=hooks_config(tmp_path, receiver, max_age_s=1.0)).start()
-    d = deliveries(lj)
-    try:
+    lj = LocalJobs(tmp_path, webhooks=hooks_config(tmp_path, receiver, max_age_s=10.0)).start()
+    with delivering(tmp_path, receiver, lj=lj) as (lj, clock):
         lj.jobs.wait(lj.jobs.submit({"program": sh("true"), "wait": False})["id"])
-        wait_for(lambda: lj.store.outbox_depth() == 0, what="given up")
-    finally:
-        d.stop()
-        lj.close()
+        skip_through(lj, clock, 5)  # retried, not given up
+        assert lj.store.outbox_depth() == 2
+        assert not [r for r in caplog.records if "gave up" in r.getMessage()]
+        skip_until(clock, lambda: lj.store.outbox_depth() == 0, "given up")
     gave_up = [r for r in caplog.records if "gave up" in r.getMessage()]
     assert len(gave_up) == 2 and "job.succeeded" in gave_up[1].getMessage()
 
@@ -382,22 +402,16 @@ def test_a_stall_is_one_event_naming_its_suspects(tmp_path):
 
     receiver = Receiver(SECRET).start()
     lj = LocalJobs(tmp_path, webhooks=hooks_config(tmp_path, receiver)).start()
-    lj.roll_calls = []
-    lj.jobs._ctx.roll_call = lambda job_id: _fake_roll_call(lj, job_id)
-    d = deliveries(lj)
-    try:
+    with delivering(tmp_path, receiver, lj=lj):
+        lj.roll_calls = []
+        lj.jobs._ctx.roll_call = lambda job_id: _fake_roll_call(lj, job_id)
         silent = 'echo started; while [ ! -e "$1/go" ]; do sleep 0.01; done; exit 5'
         job_id = started(lj, tmp_path, silent, stall_after_s=AFTER)
         steps(lj, 4 * AFTER)  # one episode, however long
-        wait_for(lambda: len(receiver.delivered()) == 2, what="job.stalled")
+        wait_for(lambda: len(receiver.delivered()) == 2, what="job.stalled", interval=0.01)
         (tmp_path / "go").touch()
         lj.run_clock_until_final(job_id, 0.5)
-        wait_for(lambda: lj.store.outbox_depth() == 0, what="delivered")
-        time.sleep(0.3)
-    finally:
-        d.stop()
-        receiver.stop()
-        lj.close()
+        wait_for(lambda: lj.store.outbox_depth() == 0, what="delivered", interval=0.01)
     got = receiver.delivered()
     assert [g["event"] for g in got] == ["job.started", "job.stalled", "job.failed"]
     stalled = body(got[1])
@@ -412,14 +426,9 @@ def test_events_of_a_hook_removed_from_the_config_are_given_up_each_with_a_line(
     receiver = Receiver(SECRET).start()
     receiver.stop()  # never delivered while the hook was configured
     lj = LocalJobs(tmp_path, webhooks=hooks_config(tmp_path, receiver)).start()
-    try:
-        lj.jobs.wait(lj.jobs.submit({"program": sh("true"), "wait": False})["id"])
-        assert lj.store.outbox_depth() == 2
-        d = webhooks.Deliveries(lj.store, lj.cfg.webhooks, [])  # the hook is gone
-        d.start()
-        wait_for(lambda: lj.store.outbox_depth() == 0, what="given up")
-        d.stop()
-    finally:
-        lj.close()
+    lj.jobs.wait(lj.jobs.submit({"program": sh("true"), "wait": False})["id"])
+    assert lj.store.outbox_depth() == 2
+    with delivering(tmp_path, receiver, hooks=[], lj=lj):  # the hook is gone
+        wait_for(lambda: lj.store.outbox_depth() == 0, what="given up", interval=0.01)
     lines = [r.getMessage() for r in caplog.records if "no longer configured" in r.getMessage()]
     assert len(lines) == 2

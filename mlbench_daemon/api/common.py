@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 import bottle
 
 from mlbench_daemon.api.streams import Streams
-from mlbench_daemon.errors import BadRequest, PayloadTooLarge, echo
+from mlbench_daemon.errors import BadRequest, Forbidden, PayloadTooLarge, echo
 from mlbench_daemon.metricstore import NO_RUNS, RunLookup
 from mlbench_daemon.tokens import NOBODY, Caller
+from mlbench_daemon.vocabulary import Refusal, Role
 
 if TYPE_CHECKING:  # the API is given these; it imports none of them
     from mlbench_daemon.jobs import Jobs
@@ -122,3 +123,25 @@ def body(max_bytes: int) -> dict[str, Any] | None:
     if not isinstance(parsed, dict):
         raise BadRequest("body: must be a JSON object", field="body")
     return parsed
+
+
+def own_only(who: Caller, owner: str | None, thing: str, made: str, verb: str) -> None:
+    """A submitter acts only on what it made (an admin on anything): Forbidden otherwise,
+    naming the owner (in the audit line too).  `thing` is e.g. ``job <id>``, `made` how
+    it came (``submitted``), `verb` what the request does (``cancel``)."""
+    if who.role.allows(Role.ADMIN) or owner == who.name:
+        return
+    note(owner=owner)
+    kind = thing.split()[0]
+    raise Forbidden(
+        f"{thing} was {made} by {owner!r}, not {who.name!r}: a submitter {verb}s only its "
+        f"own {kind}s (an admin token can {verb} it)",
+        error=Refusal.NOT_OWNER,
+    )
+
+
+def location(path: str) -> dict[str, Any]:
+    """The document's `Location` header of a 201/202 answer: where the new thing is."""
+    return {
+        "Location": {"description": f"`{path}`", "required": True, "schema": {"type": "string"}}
+    }

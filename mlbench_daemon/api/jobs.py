@@ -7,14 +7,25 @@ import re
 import bottle
 import msgspec
 
-from mlbench_daemon.api.common import JSON, Deps, as_json, body, caller, flag, int_param, note
+from mlbench_daemon.api.common import (
+    JSON,
+    Deps,
+    as_json,
+    body,
+    caller,
+    flag,
+    int_param,
+    location,
+    note,
+    own_only,
+)
 from mlbench_daemon.api.plugin import register
 from mlbench_daemon.api.streams import Held
-from mlbench_daemon.errors import BadRequest, Forbidden, InsufficientStorage, Unavailable, echo
+from mlbench_daemon.errors import BadRequest, InsufficientStorage, Unavailable, echo
 from mlbench_daemon.openapi import FLAG, Alias, Answer, Param, Route, answer, error, ref
 from mlbench_daemon.shapes import TAG_PATTERN
 from mlbench_daemon.store import LOG_CHUNK_MAX, StoreError
-from mlbench_daemon.vocabulary import JobState, Refusal, Role, StoreReason
+from mlbench_daemon.vocabulary import JobState, Role, StoreReason
 
 
 def refuse_if_store_fault(deps: Deps) -> None:
@@ -82,15 +93,9 @@ def get_job(deps: Deps, job_id: str) -> str:
 
 def cancel_job(deps: Deps, job_id: str) -> str:
     who = caller()
-    if not who.role.allows(Role.ADMIN):  # a submitter cancels its own jobs only
+    if not who.role.allows(Role.ADMIN):  # (an admin's cancel reads no record first)
         owner = deps.jobs.get(job_id)["submitted_by"]  # 404 first
-        if owner != who.name:
-            note(owner=owner)
-            raise Forbidden(
-                f"job {job_id} was submitted by {owner!r}, not {who.name!r}: a submitter "
-                "cancels only its own jobs (an admin token can cancel it)",
-                error=Refusal.NOT_OWNER,
-            )
+        own_only(who, owner, f"job {job_id}", "submitted", "cancel")
     status, job = deps.jobs.cancel(job_id, by=who.name)  # bounded by server.cancel_answer_s
     return as_json(job, status)
 
@@ -144,13 +149,7 @@ ROUTES = [
             202: answer(
                 "`wait` false: the job is accepted (pending or running).",
                 ref("Job"),
-                headers={
-                    "Location": {
-                        "description": "`/api/mpi_jobs/<id>`",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                },
+                headers=location("/api/mpi_jobs/<id>"),
             ),
             400: error(
                 "Bad request body; `field` names the field (`body` for the body as a whole)."

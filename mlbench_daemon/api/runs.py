@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import bottle
 
-from mlbench_daemon.api.common import Deps, as_json, body, caller, note
+from mlbench_daemon.api.common import Deps, as_json, body, caller, location, note, own_only
 from mlbench_daemon.api.plugin import register
 from mlbench_daemon.browser import is_json
-from mlbench_daemon.errors import Forbidden, PayloadTooLarge, Unavailable
+from mlbench_daemon.errors import PayloadTooLarge, Unavailable
 from mlbench_daemon.jobs.runspec import form_values
 from mlbench_daemon.openapi import Alias, Answer, Route, answer, error, ref
-from mlbench_daemon.vocabulary import Refusal, Role
+from mlbench_daemon.vocabulary import Role
 
 if TYPE_CHECKING:  # the API is given the runs; it imports none of them
     from mlbench_daemon.jobs.runs import Runs
@@ -61,13 +61,7 @@ def delete_run(deps: Deps, run_id: str) -> Any:
     run = runs.get_json(run_id)  # a 404 first
     owner = run["submitted_by"]
     note(job=run["job_id"])
-    if not who.role.allows(Role.ADMIN) and owner != who.name:
-        note(owner=owner)
-        raise Forbidden(
-            f"run {run_id} was created by {owner!r}, not {who.name!r}: a submitter deletes "
-            "only its own runs (an admin token can delete it)",
-            error=Refusal.NOT_OWNER,
-        )
+    own_only(who, owner, f"run {run_id}", "created", "delete")
     runs.delete(run_id, by=who.name)
     bottle.response.status = 204
     return ""
@@ -88,13 +82,7 @@ ROUTES = [
                 "The run: `started` if its nodes were free, else `initialized` (waiting, with "
                 "its place in `job_metadata.waiting`).",
                 ref("Run"),
-                headers={
-                    "Location": {
-                        "description": "`/api/runs/<id>`",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                },
+                headers=location("/api/runs/<id>"),
             ),
             400: error(
                 "A bad field (`field` names it): an unknown field, a value that is not a "

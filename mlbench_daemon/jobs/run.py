@@ -379,6 +379,9 @@ class JobRun:
                 self.stream = ctx.remote.follow(
                     host, job_dir, ctx.store.log_size(self.id), FOLLOW_IDLE_S
                 )
+                if ctx.stop.is_set():  # stopped while it opened: detach() did not see it
+                    self.stream.close()
+                    raise Stopped()
                 down_since = None  # the master answered
                 with self._log_file() as log_file:
                     for chunk in self.stream:
