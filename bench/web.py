@@ -11,6 +11,11 @@ Prints, each with a baseline measured in the same run:
   size; baseline: the same log of an identical job read by a bare fetch() reader in
   the same browser (bytes/s), and the heap of the job view before the output came.
 
+The longest task is given twice: its wall time (PerformanceObserver), and the most CPU
+one task of the page's main thread took (the trace's thread time).  On a shared 2-core
+machine the wall time is mostly time spent waiting for a core: the CPU figure is what the
+page costs, and repeats under load.
+
 Each round starts on a settled cluster and daemon (bench.common.settle: every node
 Running and probed, the daemon's CPU quiet): measured while 128 hosts were still probed
 cold, the same ratio once came out 0.47 and 370.  Every figure is a median over --rounds
