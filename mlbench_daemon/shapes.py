@@ -788,6 +788,17 @@ class Run(msgspec.Struct):
     ]
 
 
+class CatalogueEntry(msgspec.Struct):
+    """One benchmark of the daemon's catalogue (`mpi.catalogue`): what a run's
+    `image_name` may name, as the page's run form offers it."""
+
+    name: Annotated[str, Meta(description="The entry's key: `image_name` takes it as it is.")]
+    command: Annotated[
+        str,
+        Meta(description="Its command template (`{run_id}`, `{rank}`, `{hosts}`, `{backend}`)."),
+    ]
+
+
 # --- metrics (MLBench's runs and metrics; metricstore.py) ------------------------------
 
 METRIC_DATE_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{6}Z$"
@@ -954,6 +965,7 @@ ENUM_TEXT: dict[type, str] = {
 ANSWERS: tuple[type[msgspec.Struct], ...] = (
     Error, Node, Job, Failure, Check, PreflightResult, Health, RollCall, Whoami, Run,
     MetricPoint, MetricPosted, AllMetrics, JobListItem,
+    CatalogueEntry,
 )  # fmt: skip
 REQUESTS: tuple[type[msgspec.Struct], ...] = (
     JobRequest, PreflightRequest, RunRequest, MetricRequest,

@@ -121,7 +121,8 @@ def _operation(doc: dict, method: str, path: str) -> dict | None:
     """The document's operation for `method` `path` (either slash spelling), or None."""
     path = path.split("?", 1)[0]
     bare = path.rstrip("/") or "/"
-    for template, item in doc["paths"].items():
+    # a concrete path before a templated one that also matches (OpenAPI's rule)
+    for template, item in sorted(doc["paths"].items(), key=lambda kv: "{" in kv[0]):
         pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template.rstrip("/") or "/"))
         if re.fullmatch(pattern, bare) and method.lower() in item:
             return item[method.lower()]

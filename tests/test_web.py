@@ -85,6 +85,7 @@ def test_page_and_its_files_are_served_with_strict_headers():
         "job.js": "text/javascript",
         "launch.js": "text/javascript",
         "runs.js": "text/javascript",
+        "runform.js": "text/javascript",
         "style.css": "text/css",
         "icon.svg": "image/svg+xml",
         "vendor/uPlot.iife.min.js": "text/javascript",
@@ -809,9 +810,9 @@ def test_the_failure_object_is_shown(tab, daemon, cluster):
 @pytest.mark.cluster
 @pytest.mark.timeout(240)
 def test_the_page_takes_states_and_phases_from_the_served_document(tab, daemon):
-    """The state filter lists JobState.enum of /api/openapi.json and the counts list
-    Phase.enum: served as they are, then with a name added and one the page styles
-    taken out (which the page reports on the console)."""
+    """The state filters list JobState.enum and RunState.enum of /api/openapi.json and
+    the counts list Phase.enum: served as they are, then with a name added and one the
+    page styles taken out (which the page reports on the console)."""
     page = tab.open("#/jobs")
     doc = daemon.json("GET", "/api/openapi.json")[1]
     states = doc["components"]["schemas"]["JobState"]["enum"]
@@ -821,10 +822,20 @@ def test_the_page_takes_states_and_phases_from_the_served_document(tab, daemon):
         "",
         *states,
     ]
+    page.locator('nav a[data-view="runs"]').click()
+    run_states = doc["components"]["schemas"]["RunState"]["enum"]
+    options = page.locator("#run-state-filter option")
+    wait_for(lambda: options.count() == len(run_states) + 1, FEW_S, "the run state filter")
+    assert [options.nth(i).get_attribute("value") for i in range(options.count())] == [
+        "",
+        *run_states,
+    ]
     assert not tab.console_errors()
     schemas = doc["components"]["schemas"]
     schemas["JobState"]["enum"] = [s for s in states if s != "cancelled"] + ["paused"]
     schemas["Phase"]["enum"] = [*schemas["Phase"]["enum"], "Draining"]
+    runs = schemas["RunState"]["enum"]
+    schemas["RunState"]["enum"] = [s for s in runs if s != "started"] + ["queued"]
     tab.page.route(
         "**/api/openapi.json",
         lambda route: route.fulfill(
@@ -842,6 +853,15 @@ def test_the_page_takes_states_and_phases_from_the_served_document(tab, daemon):
     )
     assert page.locator('#state-filter option[value="cancelled"]').count() == 0
     assert any('states "cancelled"' in e for e in tab.console_errors())
+    # the runs' filter lists RunState.enum; a run state the page styles, taken out, is reported
+    page.locator('nav a[data-view="runs"]').click()
+    wait_for(
+        lambda: page.locator('#run-state-filter option[value="queued"]').count() == 1,
+        FEW_S,
+        "the added run state",
+    )
+    assert page.locator('#run-state-filter option[value="started"]').count() == 0
+    assert any('runStates "started"' in e for e in tab.console_errors())
 
 
 @pytest.mark.cluster
@@ -1030,6 +1050,8 @@ class RoutedRuns:
             body = [self.run]
         elif url.path == "/api/runs/7":
             body = self.run
+        elif url.path == "/api/runs/catalogue/":
+            body = []
         elif query.get("metric_type") == "run":
             if live:
                 self.ticks += 1

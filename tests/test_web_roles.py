@@ -87,3 +87,96 @@ def test_a_viewers_page_has_no_launch_or_cancel_and_the_api_refuses(
     status, done = daemon.json("DELETE", f"/api/mpi_jobs/{job['id']}")
     assert status in (200, 202) and done["cancelled_by"] == "root"
     daemon.wait_job(job["id"], timeout=HANG)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_a_submitter_starts_a_run_from_the_page_and_a_viewer_sees_no_form(
+    browser,  # noqa: F811
+    start_daemon,
+    cluster,
+    tmp_path,
+):
+    """The run form on #/runs offers the daemon's catalogue, says in one message why a run
+    was not started, posts mlbench-core's create_run fields, and the run shows in the list,
+    started, created by the submitter; a viewer's page has no form and asks for no
+    catalogue."""
+    path = str(tmp_path / "tokens.json")
+    admin = tokens.add(path, "root", Role.ADMIN)
+    viewer = tokens.add(path, "vera", Role.VIEWER)
+    submitter = tokens.add(path, "alice", Role.SUBMITTER)
+    command = f"{cluster.mpi_program} --sleep 120"
+    daemon = start_daemon(
+        server={"tokens_file": path}, mpi={"catalogue": {"sleeper": command}}, wait_running=False
+    )
+    daemon.token = admin
+    daemon.wait_nodes(lambda ns: len(ns) == 3 and all(n["phase"] == "Running" for n in ns))
+    assert daemon.json("GET", "/api/runs/catalogue/") == (
+        200,
+        [{"name": "sleeper", "command": command}],
+    )
+    tab = tab_as(browser, daemon, submitter, "#/runs")
+    posted = []
+    tab.page.on(
+        "request",
+        lambda r: posted.append(r.post_data) if r.method == "POST" and "/api/runs" in r.url else 0,
+    )
+    run = None
+    try:
+        page = tab.page
+        page.wait_for_selector("#run-form:not([hidden])")
+        wait_text(page.locator("#run-image-command"), re.escape(command))
+        assert page.locator("#run-image").input_value() == "sleeper"
+        page.fill("#run-name", "from-the-page")
+        page.fill("#run-workers", "")
+        page.click("#run-submit")  # refused by the page: nothing is sent
+        wait_text(page.locator("#run-launch-error"), r"^Not started: workers: a whole number")
+        assert posted == []
+        page.fill("#run-workers", "4")  # the cluster has 3 nodes: it could never start
+        page.click("#run-submit")
+        error = wait_text(page.locator("#run-launch-error"), r"^Not started: .*num_workers")
+        assert "\n" not in error.strip()
+        assert daemon.json("GET", "/api/runs/")[1] == []
+        page.fill("#run-workers", "2")
+        page.click("#run-submit")
+        link = page.locator("#run-launch-state a")
+        run_id = wait_text(link, r"^Run \d+$").split()[1]
+        assert page.locator("#run-launch-error").is_hidden()
+        assert json.loads(posted[-1]) == {
+            "name": "from-the-page",
+            "num_workers": "2",
+            "num_cpus": "2.0",
+            "max_bandwidth": "1000",
+            "gpu_enabled": "false",
+            "light_target": "false",
+            "run_all_nodes": "false",
+            "image_name": "sleeper",
+            "backend": "MPI",
+        }
+        row = page.locator(f'#runs tr[data-key="{run_id}"]')
+        wait_text(row, r"from-the-page\s+started\s+2\b")
+        run = daemon.json("GET", f"/api/runs/{run_id}")[1]
+        assert (run["state"], run["submitted_by"], len(run["job_metadata"]["pods"])) == (
+            "started",
+            "alice",
+            2,
+        )
+        job = daemon.json("GET", f"/api/mpi_jobs/{run['job_id']}")[1]
+        assert job["state"] in ("pending", "running"), job
+        # the one 400 the daemon answered is the only console error (Chromium logs it)
+        assert all("400" in e for e in tab.console_errors()), tab.console_errors()
+        assert not tab.errors and not tab.csp()
+    finally:
+        tab.close()
+    tab = tab_as(browser, daemon, viewer, "#/runs")
+    try:
+        page = tab.page
+        wait_text(page.locator(f'#runs tr[data-key="{run["id"]}"]'), r"from-the-page")
+        wait_text(page.locator("#whoami"), r"^vera \(viewer\)$")
+        assert page.locator("#run-form").is_hidden()
+        assert not any("/api/runs/catalogue" in u for _, u, _ in tab.requests)
+        assert not tab.console_errors() and not tab.errors and not tab.csp()
+    finally:
+        tab.close()
+    assert daemon.request("DELETE", f"/api/runs/{run['id']}")[0] == 204
+    assert daemon.wait_job(run["job_id"], timeout=HANG)["state"] == "cancelled"

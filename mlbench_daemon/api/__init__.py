@@ -15,6 +15,7 @@ Every path works with and without its trailing slash.
     nodes      GET /api/nodes, GET /api/pods
     jobs       POST/GET /api/mpi_jobs, GET/DELETE /api/mpi_jobs/<id>, GET .../logs
     runs       POST/GET /api/runs, GET/DELETE /api/runs/<id> (MLBench's runs)
+               GET /api/runs/catalogue (the runs' benchmarks, for the page)
     whoami     GET /api/whoami
     metrics    POST/GET /api/metrics, GET /api/metrics/<pk> (MLBench's runs' metrics)
     health     GET /api/openapi.json, GET /healthz, GET /metrics

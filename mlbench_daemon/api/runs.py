@@ -1,4 +1,5 @@
-"""MLBench runs: POST/GET /api/runs/, GET/DELETE /api/runs/<id> (jobs/runs.py).
+"""MLBench runs: POST/GET /api/runs/, GET/DELETE /api/runs/<id> (jobs/runs.py), and
+GET /api/runs/catalogue/ (the benchmarks a run may name, for the page's run form).
 
 The answers and the form are mlbench-dashboard's, as mlbench-core 3's ``ApiClient``
 sends and reads them: a form body of strings (JSON with the same keys is taken too),
@@ -65,6 +66,12 @@ def delete_run(deps: Deps, run_id: str) -> Any:
     runs.delete(run_id, by=who.name)
     bottle.response.status = 204
     return ""
+
+
+def list_catalogue(deps: Deps) -> str:
+    """The catalogue's entries by name: what the page's run form offers as `image_name`."""
+    catalogue = _runs(deps).cfg.mpi.catalogue
+    return as_json([{"name": k, "command": v} for k, v in sorted(catalogue.items())])
 
 
 _NO_SUCH_RUN = error("No such run.")
@@ -143,6 +150,22 @@ ROUTES = [
             404: _NO_SUCH_RUN,
         },
         role=Role.SUBMITTER,
+    ),
+    Route(
+        "GET",
+        "/api/runs/catalogue/",
+        list_catalogue,
+        "listRunCatalogue",
+        "The benchmarks a run may name as `image_name` (`mpi.catalogue`), by name",
+        "runs",
+        {
+            200: answer(
+                "The entries; empty when none is configured.",
+                {"type": "array", "items": ref("CatalogueEntry")},
+            )
+        },
+        description="Not MLBench's: its images were a list built into the client.  The "
+        "status page's run form reads it.",
     ),
 ]
 

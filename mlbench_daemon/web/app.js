@@ -7,6 +7,7 @@ import { jobsPoller } from "./jobs.js";
 import { followsNext } from "./launch.js";
 import { nodesPoller } from "./overview.js";
 import { $, loadMe, me, tickClock } from "./page.js";
+import { openRunForm } from "./runform.js";
 import { openRun, runPoller, runsPoller } from "./runs.js";
 
 // ---- routing --------------------------------------------------------------------------
@@ -48,7 +49,10 @@ function route() {
   if (view === "job") {
     openJob(jobId, followsNext(jobId));
   }
-  if (view === "runs") runsPoller.start();
+  if (view === "runs") {
+    runsPoller.start();
+    openRunForm();
+  }
   if (view === "run") openRun(runId);
   const titles = { overview: "Overview", jobs: "Jobs", job: `Job ${jobId}`, launch: "Launch", runs: "Runs", run: `Run ${runId}` };
   document.title = `${titles[view]} \u2013 mlbench-daemon`;

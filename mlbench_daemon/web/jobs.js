@@ -1,7 +1,7 @@
 // The job list (#/jobs).
 
 import { getJSON } from "./api.js";
-import { $, JOBS_EVERY_MS, STYLED, cause, confirmCancel, fmtDuration, fmtTime, isFinal, mayCancel, poller, row, setText, syncRows } from "./page.js";
+import { $, JOBS_EVERY_MS, STYLED, cause, confirmCancel, fmtDuration, fmtTime, isFinal, mayCancel, poller, row, setText, stateOptions, syncRows } from "./page.js";
 import { loadVocabulary, vocabulary } from "./vocabulary.js";
 
 // ---- jobs -----------------------------------------------------------------------------
@@ -48,24 +48,8 @@ function renderJobs() {
 
 export const jobsPoller = poller("jobs", JOBS_EVERY_MS, async (signal) => {
   await loadVocabulary(STYLED);
-  showStates();
+  stateOptions($("state-filter"), vocabulary.states);
   jobsCache = await getJSON("/api/mpi_jobs?limit=200", { signal });
   renderJobs();
 });
 $("state-filter").addEventListener("change", renderJobs);
-
-// The filter's choices: every state the document declares.
-function showStates() {
-  syncRows(
-    $("state-filter"),
-    ["", ...vocabulary.states],
-    (s) => s,
-    (s) => {
-      const option = document.createElement("option");
-      option.value = s;
-      option.textContent = s || "all states";
-      return option;
-    },
-    () => {},
-  );
-}

@@ -12,17 +12,23 @@ export const BACKOFF_MAX_MS = 30000;
 const CANCEL_TIMEOUT_MS = 600000;
 // The phase and state names come from /api/openapi.json (vocabulary.js); here only how
 // the page shows the ones it knows: a phase it does not know gets "?" and sorts first,
-// and every state but the active ones is final.
+// and every job or run state but the active ones is final.
 export const PHASE_MARK = { Running: "\u25cf", Pending: "\u25cc", Unknown: "\u25b2", Failed: "\u2716" };
 const PHASE_ORDER = ["Running", "Pending", "Unknown", "Failed"]; // the counts; the table reverses
 const ACTIVE = ["pending", "running"];
-export const STYLED = { phases: PHASE_ORDER, states: [...ACTIVE, "failed", "cancelled"] };
+const RUN_ACTIVE = ["initialized", "started"]; // an MLBench run's (RunState): the others are final
+export const STYLED = {
+  phases: PHASE_ORDER,
+  states: [...ACTIVE, "failed", "cancelled"],
+  runStates: [...RUN_ACTIVE, "finished", "failed"],
+};
 export const phaseRank = (p) => {
   const i = PHASE_ORDER.indexOf(p);
   return i < 0 ? PHASE_ORDER.length : i;
 };
 export const phases = () => [...vocabulary.phases].sort((a, b) => phaseRank(a) - phaseRank(b));
 export const isFinal = (state) => vocabulary.states.includes(state) && !ACTIVE.includes(state);
+export const isRunFinal = (state) => vocabulary.runStates.includes(state) && !RUN_ACTIVE.includes(state);
 
 export const $ = (id) => document.getElementById(id);
 
@@ -249,6 +255,22 @@ export function syncRows(tbody, items, key, make, update) {
     if (next !== tr) tbody.insertBefore(tr, next);
     prev = tr;
   }
+}
+
+// A state filter's choices: "" (every state), then `states` as the document declares them.
+export function stateOptions(select, states) {
+  syncRows(
+    select,
+    ["", ...states],
+    (s) => s,
+    (s) => {
+      const option = document.createElement("option");
+      option.value = s;
+      option.textContent = s || "all states";
+      return option;
+    },
+    () => {},
+  );
 }
 
 export function row(cells, header = 0) {

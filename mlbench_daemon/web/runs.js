@@ -6,12 +6,12 @@
 // for it); it styles its elements through CSSOM properties, which the CSP allows.
 
 import { ApiError, getJSON } from "./api.js";
-import { $, JOBS_EVERY_MS, confirmAction, dl, fmtSpan, fmtTime, mayCancel, poller, row, setText, syncRows } from "./page.js";
+import { $, JOBS_EVERY_MS, STYLED, confirmAction, dl, fmtSpan, fmtTime, isRunFinal, mayCancel, poller, row, setText, stateOptions, syncRows } from "./page.js";
+import { loadVocabulary, vocabulary } from "./vocabulary.js";
 
 export const RUN_EVERY_MS = 3000;
 const SUMMARIZE = 500; // a run metric is averaged by the daemon down to this many points
 const MAX_POINTS = 20000; // a node series keeps its newest points, the older are dropped
-const LIVE = ["initialized", "started"]; // MLBench's words; the others are final
 // What the daemon samples on each node of a live run (PRODUCT.md "Runs and metrics").
 const NODE_METRICS = [
   ["cpu", "CPU, cores in use"],
@@ -23,7 +23,8 @@ const NODE_METRICS = [
 const COLOURS = ["#0a58ca", "#b3261e", "#116329", "#8a4600", "#6f42c1", "#0b7285", "#57606a", "#c2255c"];
 const DASHES = [[], [6, 3], [2, 3], [8, 3, 2, 3]];
 
-export const isLive = (run) => LIVE.includes(run.state);
+// A state the served document does not declare is not taken as final: the page keeps asking.
+export const isLive = (run) => !isRunFinal(run.state);
 const runPath = (id) => `/api/runs/${encodeURIComponent(id)}`;
 const seconds = (iso) => Date.parse(iso) / 1000;
 
@@ -62,7 +63,11 @@ function confirmDelete(run, button, done, before) {
 
 // ---- the list ---------------------------------------------------------------------------
 
-function renderRuns(runs) {
+let runsCache = [];
+
+function renderRuns() {
+  const want = $("run-state-filter").value;
+  const runs = runsCache.filter((r) => !want || r.state === want);
   const sorted = [...runs].sort((a, b) => b.id - a.id); // newest first
   syncRows(
     $("runs").tBodies[0],
@@ -90,7 +95,12 @@ function renderRuns(runs) {
       c[2].className = `state run-state-${r.state}`;
       setText(c[3], r.num_workers == null ? "\u2014" : String(r.num_workers));
       setText(c[4], fmtTime(r.created_at));
-      const since = r.state === "initialized" ? "waiting for its nodes" : `running for ${fmtRunDuration(r)}`;
+      const waiting = r.job_metadata && r.job_metadata.waiting;
+      const since = waiting
+        ? `waiting for its nodes (place ${waiting.position})`
+        : r.job_id
+          ? `running for ${fmtRunDuration(r)}`
+          : "starting";
       setText(c[5], r.finished_at ? fmtTime(r.finished_at) : since);
       jobLink(c[6], r.job_id);
       c[7].firstElementChild.hidden = !mayCancel(r);
@@ -100,8 +110,12 @@ function renderRuns(runs) {
 }
 
 export const runsPoller = poller("runs", JOBS_EVERY_MS, async (signal) => {
-  renderRuns(await getJSON("/api/runs/", { signal }));
+  await loadVocabulary(STYLED);
+  stateOptions($("run-state-filter"), vocabulary.runStates);
+  runsCache = await getJSON("/api/runs/", { signal });
+  renderRuns();
 });
+$("run-state-filter").addEventListener("change", renderRuns);
 
 // ---- one run ----------------------------------------------------------------------------
 
@@ -293,6 +307,7 @@ function renderNodeMetrics(uPlot, run) {
 
 export const runPoller = poller("run", RUN_EVERY_MS, async (signal) => {
   const gen = detail.gen;
+  await loadVocabulary(STYLED);
   const [run, uPlot] = await Promise.all([getJSON(runPath(detail.id), { signal }), loadUPlot()]);
   if (gen !== detail.gen) return;
   renderRun(run);
