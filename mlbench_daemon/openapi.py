@@ -139,7 +139,7 @@ class Route:
         slash (the app strips it from every request), `{name}` as `<name>`."""
         out: list[str] = []
         for path, _, _ in self.documented():
-            rule = re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", r"<\1>", path.rstrip("/") or "/")
+            rule = re.sub(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", _rule_arg, path.rstrip("/") or "/")
             if rule not in out:
                 out.append(rule)
         return out
@@ -198,6 +198,17 @@ _SHARED: dict[str, Schema] = {
     ).to_doc(),
 }
 
+
+def _rule_arg(m: re.Match[str]) -> str:
+    """A path argument as Bottle's wildcard; one in ROUTED_BY_PATTERN matches its schema's
+    pattern only, so that a sibling path is its own resource and not that argument
+    (`/api/runs/catalogue/` is not run "catalogue": its 405 names GET alone)."""
+    name = m.group(1)
+    if name in ROUTED_BY_PATTERN:
+        return f"<{name}:re:{PATH_PARAMS[name]['schema']['pattern'].strip('^$')}>"
+    return f"<{name}>"
+
+
 # Path arguments, described once by name for every path that has them.
 PATH_PARAMS: dict[str, Schema] = {
     "job_id": {
@@ -224,6 +235,7 @@ PATH_PARAMS: dict[str, Schema] = {
         "schema": {"type": "string"},
     },
 }
+ROUTED_BY_PATTERN = ("run_id",)  # job ids keep their own 404 ("no job ...") for any text
 
 
 # A query flag as the API reads it: 1/true/yes or 0/false/no (any case); empty = off.

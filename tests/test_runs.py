@@ -7,7 +7,7 @@ import urllib.parse
 
 import pytest
 
-from mlbench_daemon import template
+from mlbench_daemon import config, template
 from mlbench_daemon.errors import BadRequest
 from mlbench_daemon.jobs import flavour, runspec
 from mlbench_daemon.timefmt import mlbench_date, parse_mlbench_date
@@ -530,7 +530,8 @@ def test_runs_that_ended_before_keep_days_are_pruned_with_their_metrics(tmp_path
     ):
         rec = store.create_run(name=name, state=state, num_workers=1, spec={}, finished_at=ended)
         made[name] = rec.id
-    runs = Runs(None, _JobsOf(store), None)
+    cfg = config.load(None, environ={"MLBENCH_DAEMON_DISCOVERY_SERVICE": "x.invalid"})
+    runs = Runs(cfg, _JobsOf(store), None)
     deleted = []
     runs.on_deleted(deleted.append)
     assert runs.prune(0, now=now) == [] and deleted == []  # 0: keep them
