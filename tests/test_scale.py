@@ -8,7 +8,6 @@ Marked slow: `pytest -m slow tests` runs it (not CI's default stage: see README.
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,8 @@ from mlbench_daemon import config
 from mlbench_daemon.discovery import Discovery
 from mlbench_daemon.nodes import Registry
 from mlbench_daemon.ssh import Pool
-from tests.cluster.cluster import ZONE, _children
+from tests.cluster.cluster import ZONE
+from tests.cluster.memory import cluster_size
 from tests.helpers import wait_for
 
 # minutes, not the suite's 300 s hang bound: building 512 hosts and probing each one cold
@@ -33,45 +33,6 @@ FAULTS = [
     ("rotate_host_key", "Failed", "host-key-changed"),
     ("revoke_key", "Failed", "auth-failed"),
 ]
-
-
-def memory_mb(pids, field):
-    """Sum of `field` ("Rss:" counts shared pages in each process, "Pss:" shares them
-    out) over pids, in MB."""
-    total = 0
-    for pid in pids:
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        total += sum(int(ln.split()[1]) for ln in rollup.splitlines() if ln.startswith(field))
-    return total / 1024
-
-
-def cluster_size(cluster):
-    """What the cluster holds in memory, as one line: every process under each host's
-    init (init, the sshd listener, one privileged and one user sshd per connection from
-    the head) and NSD's."""
-    kids = _children()
-    per_host = []
-    for h in cluster.hosts:
-        tree, todo = [], [h.init_pid]
-        while todo:
-            p = todo.pop()
-            tree.append(p)
-            todo.extend(kids.get(p, []))
-        per_host.append(tree)
-    procs = sum(len(t) for t in per_host)
-    pids = [p for t in per_host for p in t]
-    rss, pss = memory_mb(pids, "Rss:"), memory_mb(pids, "Pss:")
-    nsd = [cluster.dns_pid, *kids.get(cluster.dns_pid, [])]
-    mem = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path("/proc/meminfo").open()}
-    return (
-        f"{len(cluster.hosts)} hosts: {procs} processes under their inits, RSS {rss:.0f} MB,"
-        f" PSS {pss:.0f} MB ({pss / len(cluster.hosts):.2f} MB per host);"
-        f" NSD PSS {memory_mb(nsd, 'Pss:'):.1f} MB;"
-        f" machine: {mem['MemAvailable'] / 1024:.0f} of {mem['MemTotal'] / 1024:.0f} MB available"
-    )
 
 
 def test_512_hosts_come_up_running_and_show_each_fault(make_cluster, tmp_path):
