@@ -31,7 +31,7 @@ the sweep, cold <= 0.5x, p50 <= 2 ms, >= 1000 req/s with zero errors.
 
 `--scale N` instead builds one N-host cluster (its zone served by NSD, read by zone
 transfer) and measures, on it, each daemon in turn: this checkout's and, with
-`--baseline DIR`, the one in another checkout (run from there): the cold start to all
+`--baseline DIR` (repeatable), the one in another checkout (run from there): the cold start to all
 Running against the OpenSSH sweep before it, then (settled: bench/common.py) the
 cluster's memory with the daemon's sessions, the idle daemon at default intervals over
 --windows windows (CPU, RSS, threads, fds), `GET /api/nodes/` p50/p99 over --requests
@@ -349,7 +349,13 @@ def main():
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--skip-api", action="store_true", help="only the idle and check figures")
     ap.add_argument("--scale", type=int, default=0, help="one N-host cluster (see above)")
-    ap.add_argument("--baseline", type=Path, help="with --scale: another checkout to compare")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --scale: another checkout to compare (may be repeated)",
+    )
     ap.add_argument("--requests", type=int, default=2000, help="with --scale: GETs timed")
     args = ap.parse_args()
 
@@ -552,8 +558,7 @@ def scale_report(args):
         print(f"  built in {time.perf_counter() - t:.0f} s; {cluster_size(c)}", flush=True)
         figs = Figures()
         runs = [("this checkout", ROOT)]
-        if args.baseline:
-            runs.append((f"baseline {args.baseline.name}", args.baseline))
+        runs += [(f"checkout {root.name}", root) for root in args.baseline]
         for name, root in runs:
             scale_run(c, root, name, args, figs)
         print(f"\n{args.scale} hosts:")
