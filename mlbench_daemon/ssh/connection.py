@@ -9,6 +9,7 @@ reconnects (and counts a reconnect).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -300,8 +301,14 @@ class Connection:
         ]
 
     def close(self) -> None:
-        """Close the connection (idempotent, never blocks for long); the next use reconnects."""
+        """Close the connection (idempotent, never blocks for long); the next use reconnects.
+        The socket is shut down first: that ends the transport thread's wait on it at once
+        (closing alone leaves it until its poll timeout, ``internals.TRANSPORT_POLL_S``,
+        with the TCP connection still open to the node meanwhile)."""
         with self._lock:
             t, self.transport = self.transport, None
         if t is not None:
+            if isinstance(t.sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    t.sock.shutdown(socket.SHUT_RDWR)
             t.close()
