@@ -9,6 +9,8 @@ The cluster tests (test_jobs.py) prove the same paths over real sshd and mpirun.
 import errno
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -19,7 +21,7 @@ from mlbench_daemon.ssh import Result
 from mlbench_daemon.ssh_errors import SSHError, Unreachable, Untrusted
 from mlbench_daemon.store import StoreError
 from tests.helpers import wait_for
-from tests.localjobs import LocalJobs, gate, settle, sh
+from tests.localjobs import LocalJobs, LocalPool, gate, settle, sh
 
 pytestmark = [pytest.mark.logic, pytest.mark.timeout(60)]
 
@@ -314,6 +316,94 @@ def test_restart_reattaches_a_running_job_and_completes_its_log(local, tmp_path)
     (tmp_path / "go").touch()
     done = lj.jobs.wait(job["id"])
     assert (done["state"], done["response"]) == ("succeeded", "started\ndone\n")
+
+
+# The job writes this many bytes while the daemon is away: enough to be packed (CATCH_UP_MIN)
+AWAY = "seq 1 400000; "  # 2,888,896 bytes
+
+
+def test_a_restart_catches_up_what_was_written_meanwhile_packed_and_exact(local, tmp_path):
+    lj = local()
+    script = (
+        'echo started; while [ ! -e "$1" ]; do sleep 0.01; done; ' + AWAY + ': > "$1.wrote"; '
+        'while [ ! -e "$2" ]; do sleep 0.01; done; echo done'
+    )
+    go, more = tmp_path / "go", tmp_path / "more"
+    job = lj.jobs.submit({"program": sh(script, str(go), str(more)), "wait": False})
+    wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    lj.jobs.stop()
+    go.touch()
+    wait_for((tmp_path / "go.wrote").exists, what="the output written while away")
+    lj.restart()
+    away = b"started\n" + b"".join(b"%d\n" % i for i in range(1, 400001))
+    assert len(away) - len(b"started\n") >= remote.CATCH_UP_MIN
+    wait_for(lambda: lj.jobs.log_size(job["id"]) == len(away), what="the catch-up")
+    more.touch()
+    done = lj.jobs.wait(job["id"])
+    whole = open(lj.store.log_path(job["id"]), "rb").read()
+    assert (done["state"], whole) == ("succeeded", away + b"done\n")
+    # all of it came packed: the plain follow after the restart started past it
+    follows = [argv for _, argv in lj.pool.calls if remote.FOLLOW in argv]
+    assert follows[-1][-1] == str(len(away) + 1)
+
+
+def packed(data: bytes) -> bytes:
+    """`data` as the master's zstd packs it (CATCH_UP)."""
+    return subprocess.run(["zstd", "-1", "-q", "-c"], input=data, capture_output=True).stdout
+
+
+class Chunks:
+    """A Stream of given chunks (closed: whether close() was called)."""
+
+    def __init__(self, chunks):
+        self.chunks, self.closed = chunks, False
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def close(self):
+        self.closed = True
+
+
+DIGITS = b"".join(b"%d" % (i % 10) * 99 + b"\n" for i in range(10))
+
+
+@pytest.mark.parametrize("first", [1, 1000])  # the mark alone, or with packed bytes
+def test_caught_up_unpacks_in_bounded_pieces_and_a_cut_gives_a_prefix(first):
+    data = DIGITS * 50_000  # 50 MB that packs to a few KB
+    wire = b"z" + packed(data)
+    chunks = [wire[:first]] + [wire[i : i + 1000] for i in range(first, len(wire), 1000)]
+    stream = Chunks(chunks)
+    pieces = list(remote.CaughtUp(stream))
+    assert b"".join(pieces) == data and stream.closed
+    assert max(map(len, pieces)) <= remote.UNPACK_SIZE
+    cut = b"".join(remote.CaughtUp(Chunks(chunks[: len(chunks) // 2])))
+    assert 0 < len(cut) < len(data) and data.startswith(cut)
+
+
+def test_caught_up_is_empty_without_the_mark():
+    for chunks in ([], [b"plain output"], [b"", b"z"]):
+        stream = Chunks(chunks)
+        assert list(remote.CaughtUp(stream)) == [] and stream.closed
+
+
+def test_the_catch_up_script_packs_only_enough_bytes_and_only_with_zstd(tmp_path, monkeypatch):
+    job = tmp_path / "job"
+    job.mkdir()
+    data = DIGITS * (remote.CATCH_UP_MIN // len(DIGITS) + 1)
+    (job / "out").write_bytes(data)
+    r = remote.Remote(LocalPool(tmp_path), 10.0)
+    host = remote.Host("127.0.0.1", 22)
+    assert b"".join(r.catch_up(host, str(job), 5, 10.0)) == data[5:]
+    enough = len(data) - remote.CATCH_UP_MIN
+    assert b"".join(r.catch_up(host, str(job), enough, 10.0)) == data[enough:]
+    assert list(r.catch_up(host, str(job), enough + 1, 10.0)) == []  # too few: FOLLOW's
+    tools = tmp_path / "bin"  # a master without zstd
+    tools.mkdir()
+    for tool in ("sh", "stat", "tail"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    monkeypatch.setenv("PATH", str(tools))
+    assert list(r.catch_up(host, str(job), 0, 10.0)) == []
 
 
 # A job with rank_output, its launcher's tagged output printed by the program itself (the

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mlbench_daemon import config, ssh
+from mlbench_daemon.jobs import remote
 from mlbench_daemon.ssh import CommandTimeout, Pool, Unreachable, Untrusted, internals, listener
 
 CONNECT_TIMEOUT = 2.0
@@ -545,3 +546,23 @@ def test_chunk_pipe_blocking_timeout_close_and_event():
     assert event.is_set()
     pipe.feed(b"")
     assert pipe.read(10, 0) == b""
+
+
+# --- the packed catch-up over real sshd (jobs/remote.py CATCH_UP) --------------------------
+
+
+def test_catch_up_over_sshd_unpacks_the_waiting_bytes_exactly(cluster, pool):
+    h = cluster.workers[0]
+    job = ".mlbench-test-catch-up"
+    write = f"mkdir -p {job} && seq 1 500000 > {job}/out"
+    made = pool.run(h.ip, 22, ["sh", "-c", write], timeout=30)
+    assert made.exit_code == 0
+    want = b"".join(b"%d\n" % i for i in range(1, 500001))
+    r = remote.Remote(pool, 30.0)
+    try:
+        got = list(r.catch_up(remote.Host(h.ip, 22), job, 7, 30.0))
+        assert b"".join(got) == want[7:]
+        enough = len(want) - remote.CATCH_UP_MIN
+        assert list(r.catch_up(remote.Host(h.ip, 22), job, enough + 1, 30.0)) == []
+    finally:
+        pool.run(h.ip, 22, ["rm", "-rf", "--", job], timeout=30)

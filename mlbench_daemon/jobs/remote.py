@@ -24,7 +24,9 @@ import math
 import shlex
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Literal, Protocol
+from typing import IO, Literal, Protocol, cast
+
+import zstandard
 
 from mlbench_daemon.ssh_errors import SSHError, Unreachable
 from mlbench_daemon.vocabulary import SSHReason
@@ -72,6 +74,20 @@ tail $p --version >/dev/null || p=
 tail $p -c "+$2" -F -s 0.01 --pid=$f out &
 wait $! || kill $f
 exit 0
+"""
+# $1 = job dir, $2 = first byte wanted (1-based), $3 = the fewest waiting bytes worth
+# compressing.  Run before FOLLOW: what the job wrote while the daemon was away (a restart,
+# a lost link) comes compressed by the master's zstd and is unpacked here in C: the SSH
+# packets, each decrypted and parsed in Python, shrink by the log's packing ratio (text
+# logs pack several times; bench.reattach's repeated lines a thousandfold).  Prints
+# nothing when fewer bytes are waiting or the master has no zstd (FOLLOW then streams them
+# as they are); else "z", then the bytes there now as one zstd stream.
+CATCH_UP = """exec 2>/dev/null
+cd "$1" || exit 0
+s=$(stat -c %s out) || exit 0
+[ $((s - $2 + 1)) -ge "$3" ] && command -v zstd >/dev/null || exit 0
+printf z
+tail -c "+$2" out | zstd -1 -q -c
 """
 # alive G: whether process group G has a member that can still run.  `kill -0 -G` alone
 # also counts the group's zombies, which stay until their parent reaps them (a slow
@@ -240,6 +256,8 @@ done
 """
 
 SWEEP_SETTLE_S = (0.05, 0.1, 0.2, 0.4, 0.8)  # pauses before each new look after a KILL
+CATCH_UP_MIN = 2**20  # fewer waiting bytes are left to FOLLOW: not worth one more exec
+UNPACK_SIZE = 2**20  # the most bytes of one CaughtUp chunk, however well they packed
 
 
 class Result(Protocol):
@@ -266,6 +284,52 @@ class Pool(Protocol):
     def stream(
         self, ip: str, port: int, argv: list[str], *, stdin: bytes = b"", idle_timeout: float
     ) -> Stream: ...
+
+
+class CaughtUp:
+    """The CATCH_UP answer as the bytes it carries, unpacked as they arrive and at most
+    UNPACK_SIZE at a time (repeated log lines pack a thousandfold: memory stays bounded
+    however well they packed).  Nothing when the master sent nothing.  A stream cut short
+    gives the bytes of the blocks it carried whole, a prefix (the caller follows on from
+    the log's size); a lost link raises as the Stream does; a frame that does not unpack
+    ends the catch-up (FOLLOW streams the rest plain)."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._chunks = iter(stream)
+        self._first = b""
+        self._reader: zstandard.ZstdDecompressionReader | None = None
+
+    def read(self, size: int) -> bytes:
+        """The unpacker's source: the next compressed chunk (of any size), b"" at the end."""
+        if self._first:
+            data, self._first = self._first, b""
+            return data
+        return next(self._chunks, b"")
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._reader is None:
+            head = next(self._chunks, b"")
+            if head[:1] != b"z":  # nothing worth packing, or no zstd there
+                self.close()
+                raise StopIteration
+            self._first = head[1:]
+            source = cast(IO[bytes], self)  # (the reader calls only read)
+            self._reader = zstandard.ZstdDecompressor().stream_reader(source, closefd=False)
+        try:
+            data = self._reader.read(UNPACK_SIZE)
+        except zstandard.ZstdError:
+            data = b""
+        if not data:
+            self.close()
+            raise StopIteration
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +407,12 @@ class Remote:
         """``out`` from byte `offset` (0-based) until the job is over."""
         argv = ["sh", "-c", FOLLOW, "sh", job_dir, str(offset + 1)]
         return self.pool.stream(host.ip, host.port, argv, idle_timeout=idle_timeout)
+
+    def catch_up(self, host: Host, job_dir: str, offset: int, idle_timeout: float) -> CaughtUp:
+        """The bytes of ``out`` from `offset` (0-based) that are there now, when at least
+        CATCH_UP_MIN are and the master has zstd; else none (FOLLOW streams them)."""
+        argv = ["sh", "-c", CATCH_UP, "sh", job_dir, str(offset + 1), str(CATCH_UP_MIN)]
+        return CaughtUp(self.pool.stream(host.ip, host.port, argv, idle_timeout=idle_timeout))
 
     def status(self, host: Host, job_dir: str, pid: int | None) -> Status:
         r = self._run(host, ["sh", "-c", STATUS, "sh", job_dir, str(pid or "")])

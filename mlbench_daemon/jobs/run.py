@@ -376,25 +376,25 @@ class JobRun:
                 self._flush()
             try:
                 self._expect(JobWait.RUNNING, checked_within)
-                self.stream = ctx.remote.follow(
-                    host, job_dir, ctx.store.log_size(self.id), FOLLOW_IDLE_S
-                )
-                if ctx.stop.is_set():  # stopped while it opened: detach() did not see it
-                    self.stream.close()
-                    raise Stopped()
-                down_since = None  # the master answered
-                with self._log_file() as log_file:
-                    for chunk in self.stream:
-                        self._append(log_file, chunk)
-                        if self.ranks is not None:  # before readers are told
-                            self.ranks.advance()
-                        self._output_grew()
-                        self._expect(JobWait.RUNNING, checked_within)
-                        if self.store_fault is not None:  # written again: the record too
-                            self._flush()
-                        with ctx.changed:
-                            ctx.changed.notify_all()
-                        backoff, store_backoff = BACKOFF_S[0], STORE_BACKOFF_S[0]
+                # what is there already, packed on the way if it is a lot; then the rest
+                for source in (ctx.remote.catch_up, ctx.remote.follow):
+                    self.stream = source(host, job_dir, ctx.store.log_size(self.id), FOLLOW_IDLE_S)
+                    if ctx.stop.is_set():  # stopped while it opened: detach() did not see it
+                        self.stream.close()
+                        raise Stopped()
+                    down_since = None  # the master answered
+                    with self._log_file() as log_file:
+                        for chunk in self.stream:
+                            self._append(log_file, chunk)
+                            if self.ranks is not None:  # before readers are told
+                                self.ranks.advance()
+                            self._output_grew()
+                            self._expect(JobWait.RUNNING, checked_within)
+                            if self.store_fault is not None:  # written again: the record too
+                                self._flush()
+                            with ctx.changed:
+                                ctx.changed.notify_all()
+                            backoff, store_backoff = BACKOFF_S[0], STORE_BACKOFF_S[0]
                 status = ctx.remote.status(host, job_dir, pid)
             except StoreError as e:
                 # the log keeps the bytes written: follow again from its size, later
