@@ -331,6 +331,8 @@ def test_a_restart_catches_up_what_was_written_meanwhile_packed_and_exact(local,
     go, more = tmp_path / "go", tmp_path / "more"
     job = lj.jobs.submit({"program": sh(script, str(go), str(more)), "wait": False})
     wait_for(lambda: b"started" in log_of(lj, job["id"]), what="the job to start")
+    catch_ups = lambda: [argv for _, argv in lj.pool.calls if remote.CATCH_UP in argv]  # noqa: E731
+    assert catch_ups() == []  # a job followed from its start has nothing to catch up
     lj.jobs.stop()
     go.touch()
     wait_for((tmp_path / "go.wrote").exists, what="the output written while away")
@@ -345,6 +347,7 @@ def test_a_restart_catches_up_what_was_written_meanwhile_packed_and_exact(local,
     # all of it came packed: the plain follow after the restart started past it
     follows = [argv for _, argv in lj.pool.calls if remote.FOLLOW in argv]
     assert follows[-1][-1] == str(len(away) + 1)
+    assert len(catch_ups()) == 1  # once, after the restart
 
 
 def packed(data: bytes) -> bytes:

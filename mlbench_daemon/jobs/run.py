@@ -364,6 +364,9 @@ class JobRun:
         (host, job_dir), pid = placed(rec), pid_of(rec)
         backoff, down_since = BACKOFF_S[0], None
         store_backoff = STORE_BACKOFF_S[0]
+        # output may have piled up unread on the master: since before a restart, or while
+        # the link or the log was down; then a catch-up goes first, packed if it is a lot
+        behind = self.reattached
         if rec.request.get("rank_output"):
             self.ranks = RankLogs(ctx.store, self.id, rec.flavour or "openmpi4")
         # a silent stream ends after FOLLOW_IDLE_S, then the master is asked for the status
@@ -376,8 +379,7 @@ class JobRun:
                 self._flush()
             try:
                 self._expect(JobWait.RUNNING, checked_within)
-                # what is there already, packed on the way if it is a lot; then the rest
-                for source in (ctx.remote.catch_up, ctx.remote.follow):
+                for source in (ctx.remote.catch_up, ctx.remote.follow)[0 if behind else 1 :]:
                     self.stream = source(host, job_dir, ctx.store.log_size(self.id), FOLLOW_IDLE_S)
                     if ctx.stop.is_set():  # stopped while it opened: detach() did not see it
                         self.stream.close()
@@ -395,8 +397,10 @@ class JobRun:
                             with ctx.changed:
                                 ctx.changed.notify_all()
                             backoff, store_backoff = BACKOFF_S[0], STORE_BACKOFF_S[0]
+                    behind = False
                 status = ctx.remote.status(host, job_dir, pid)
             except StoreError as e:
+                behind = True
                 # the log keeps the bytes written: follow again from its size, later
                 if self.stream is not None:
                     self.stream.close()
@@ -406,6 +410,7 @@ class JobRun:
                 store_backoff = min(store_backoff * 2, STORE_BACKOFF_S[1])
                 continue
             except SSHError as e:
+                behind = True
                 if ctx.stop.is_set():
                     raise Stopped() from None
                 down_since = clock.monotonic() if down_since is None else down_since
@@ -423,6 +428,7 @@ class JobRun:
                 status.state != "running" and status.size <= ctx.store.log_size(self.id)
             ):
                 return status
+            behind = status.size > ctx.store.log_size(self.id)
             if status.state == "running":
                 self._expect(JobWait.RUNNING, backoff + checked_within)
                 clock.wait(ctx.stop, backoff)  # the stream ended early: go again, without spinning
