@@ -310,6 +310,7 @@ class Store:
         self.db_path = os.path.join(state_dir, "jobs.sqlite3")
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
+        self._run_cache: dict[int, RunRecord] = {}  # get_run's: its readers take no lock
         self._last_ms = 0
         self.fault: StoreError | None = None  # the last write's failure; None once one succeeds
         self._db = sqlite3.connect(
@@ -668,15 +669,26 @@ class Store:
         """One committed write of a run -> the outbox rows it added (its events, when
         `watched` and runs are watched)."""
         with self._lock:
-            if self._run_events is None or not watched:
-                self._write(sql, params)
-                return 0
-            return self._run_change_with_events(run_id, sql, params)
+            try:
+                if self._run_events is None or not watched:
+                    self._write(sql, params)
+                    return 0
+                return self._run_change_with_events(run_id, sql, params)
+            finally:  # written or not (a fault may leave it unknown): read it again
+                self._run_cache.pop(run_id, None)
 
     def get_run(self, run_id: int) -> RunRecord | None:
+        """The run's record; from memory once read (every write of runs passes through
+        _run_write, under the lock, and drops it), as each metric POST asks for it."""
+        rec = self._run_cache.get(run_id)
+        if rec is not None:
+            return rec
         with self._lock:
             row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return RunRecord.from_row(row) if row else None
+            rec = RunRecord.from_row(row) if row else None
+            if rec is not None:
+                self._run_cache[run_id] = rec
+        return rec
 
     def run(self, run_id: int) -> RunRecord:
         """The record of a run that exists (KeyError if it does not)."""
