@@ -244,7 +244,7 @@ def test_a_failing_mpmd_rank_is_named_on_its_own_node(start_daemon, cluster, lau
 
     OpenMPI 4 prints its "Process name / Exit code" notice.  OpenMPI 5 (PRRTE) sees rank
     2's non-zero exit every time but prints that notice only if the exit is handled while
-    other ranks still run; in lockstep with them it often is not (2 runs in 8 here), and
+    other ranks still run; in lockstep with them it often is not (3 runs in 11 here), and
     its output then names no rank: the code alone is given.  Hydra prints nothing for a
     non-zero exit (its status is the OR of the ranks' codes); with -print-all-exitcodes
     in mpi.args its per-host codes name the host, hence rank 2."""
@@ -270,8 +270,9 @@ def test_a_failing_mpmd_rank_is_named_on_its_own_node(start_daemon, cluster, lau
     named = launcher == "openmpi4" or (launcher == "openmpi5" and "Process name:" in log)
     want = (2, third) if named else (None, None)
     assert (failure["rank"], failure["node"]) == want, (failure, log)
+    why = {"openmpi5": "only while other ranks run", "mpich": "-print-all-exitcodes in mpi.args"}
+    assert named or why[launcher] in failure["message"], failure
     if launcher == "mpich":
-        assert "-print-all-exitcodes in mpi.args" in failure["message"], failure
         opt_in = {**mpi, "args": [*mpi["args"], "-print-all-exitcodes"]}
         failure, third, log = fail(start_daemon(mpi=opt_in))
         assert (failure["rank"], failure["node"]) == (2, third), (failure, log)
