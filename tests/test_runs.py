@@ -244,7 +244,7 @@ def test_a_failing_mpmd_rank_is_named_on_its_own_node(start_daemon, cluster, lau
 
     OpenMPI 4 prints its "Process name / Exit code" notice.  OpenMPI 5 (PRRTE) sees rank
     2's non-zero exit every time but prints that notice only if the exit is handled while
-    other ranks still run; in lockstep with them it often is not (3 runs in 11 here), and
+    other ranks still run; in lockstep with them it often is not (1 run in 4 here), and
     its output then names no rank: the code alone is given.  Hydra prints nothing for a
     non-zero exit (its status is the OR of the ranks' codes); with -print-all-exitcodes
     in mpi.args its per-host codes name the host, hence rank 2."""
