@@ -453,6 +453,8 @@ def attribute(
             f["message"] = f"{rank}{where} exited with code {f['exit_code']}"
             if not where and flavour == "mpich":
                 f["message"] += " (Hydra names the host only with -print-all-exitcodes in mpi.args)"
+            elif not where and f["rank"] is None:
+                f["message"] += " (mpirun names a failing rank only while other ranks run)"
     elif kind == "rank-signal":
         f["message"] = (
             f"{rank}{where} was killed by signal {f['signal']} "
