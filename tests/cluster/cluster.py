@@ -369,6 +369,7 @@ class Cluster:
             self._new_host(f"{self.release}-mlbench-dashboard-{i}", "dashboard")
         self._write_known_hosts()
         self._write_etc_hosts()
+        self._pin_neighbours()
         for h in self.hosts:
             self.start_sshd(h, wait=False)
         self.start_dns()
@@ -430,12 +431,34 @@ class Cluster:
         """A namespace with lo up and eth0 = `ip`, its peer `veth` on the bridge."""
         self._save_state_ns(ns)
         sh(["ip", "netns", "add", ns])
-        sh(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        mac = _mac(ip)
+        sh(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "address", mac,
+            "netns", ns])  # fmt: skip
         sh(["ip", "link", "set", veth, "master", self.bridge, "up"])
         sh(
             ["ip", "-n", ns, "-b", "-"],
             input=(
                 f"addr add {ip}/{self.net.prefixlen} dev eth0\nlink set lo up\nlink set eth0 up\n"
+            ),
+        )
+
+    def _pin_neighbours(self):
+        """Past the kernel's soft limit of neighbour entries (gc_thresh2, 512 by default)
+        the head's ARP table overflows ("neighbor table overflow!" in dmesg) and a few
+        hosts are never reached: a 512-host cluster is 513 addresses on one segment.  A
+        real head with that many nodes on one L2 segment needs gc_thresh2/3 raised (see
+        README); here, not to change the machine's settings, the bridge gets a permanent
+        entry per host (MACs are ours, `_mac`), which the kernel's GC does not count.
+        Small clusters keep ordinary ARP, so an unreachable host fails as it would."""
+        limit = int(Path("/proc/sys/net/ipv4/neigh/default/gc_thresh2").read_text())
+        if len(self.hosts) + 16 < limit:
+            return
+        ips = [self.dns_ip] + [h.ip for h in self.hosts]
+        sh(
+            ["ip", "-b", "-"],
+            input="".join(
+                f"neigh replace {ip} lladdr {_mac(ip)} dev {self.bridge} nud permanent\n"
+                for ip in ips
             ),
         )
 
@@ -675,6 +698,7 @@ class Cluster:
         """A new running host with sshd, published in DNS (membership change)."""
         i = len(self.hosts)
         h = self._new_host(name or f"{self.release}-mlbench-worker-{i}", "worker", labels)
+        self._pin_neighbours()
         self._write_known_hosts()
         self._write_etc_hosts()
         self.start_sshd(h)
@@ -1109,6 +1133,11 @@ def to_toml(cfg):
         f"[{s}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in kv.items()) + "\n"
         for s, kv in cfg.items()
     )
+
+
+def _mac(ip):
+    """A host's eth0 MAC: locally administered, unicast, its IPv4 address in the low bytes."""
+    return "02:00:" + ":".join(f"{int(b):02x}" for b in ip.split("."))
 
 
 def _teardown_ns(ns):
