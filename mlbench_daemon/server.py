@@ -18,6 +18,7 @@ checks its own settings) with one line for the user.
 
 import logging
 import os
+import resource
 import signal
 import sqlite3
 import threading
@@ -82,6 +83,40 @@ def read_tokens(server_cfg: config.Server) -> Tokens:
             "server.tokens_file so the API is not open to the network"
         )
     return tokens
+
+
+FD_LIMIT = 65536
+
+
+def raise_fd_limit(want: int = FD_LIMIT) -> int:
+    """Raise the soft limit of open files towards the hard one; returns the soft limit.
+
+    Each node's persistent connection holds a socket, so 1,000 nodes pass the soft limit
+    of 1,024 that systemd gives a service by default (its hard limit is 524,288): new
+    connections, API clients and log files would fail with "Too many open files"."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def http_server(app: Any, host: str, port: int, threads: int) -> Any:
+    """waitress's server for `app`: JSON 413s come from the app (it enforces
+    max_body_bytes); a lookahead of 1 keeps reading the connection while a request
+    runs, so a log follow sees (waitress.client_disconnected) that its client went
+    away; poll(), not select(): past 1,024 open files (a socket per node) select()
+    refuses every client ("filedescriptor out of range") and the HTTP loop dies."""
+    return waitress.server.create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        ident="mlbench-daemon",
+        channel_request_lookahead=1,
+        asyncore_use_poll=True,
+    )
 
 
 class Daemon:
@@ -187,6 +222,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._stop.set())
         code = 0
+        raise_fd_limit()
         self.registry.start()
         try:
             self.runs.start()  # the holds first: a job re-attached may wait for them
@@ -243,17 +279,7 @@ class Daemon:
     def _bind(self) -> Any:
         s = self.cfg.server
         try:
-            # api enforces max_body_bytes itself, so the 413 is JSON like every other error
-            # a lookahead of 1 keeps reading the connection while a request runs, so a
-            # log follow sees (waitress.client_disconnected) that its client went away
-            http: Any = waitress.server.create_server(
-                logs.errors_to_log(self.app),
-                host=s.host,
-                port=s.port,
-                threads=s.threads,
-                ident="mlbench-daemon",
-                channel_request_lookahead=1,
-            )
+            http = http_server(logs.errors_to_log(self.app), s.host, s.port, s.threads)
         except OSError as e:
             raise StartupError(
                 f"server: cannot listen on {s.host}:{s.port}: {e.strerror or e}"
