@@ -370,8 +370,11 @@ def test_a_live_probe_loop_does_not_hide_a_node_where_new_commands_cannot_start(
         inherit, and the live sessions), set by each one's owner (no privilege needed up
         to the hard limit); None: back to the hard limit."""
         for pid in sshd_tree(a.init_pid):
-            st = os.stat(f"/proc/{pid}")
-            limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+            try:
+                st = os.stat(f"/proc/{pid}")
+                limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+            except FileNotFoundError:
+                continue  # a session that ended since the tree was listed
             hard = next(x.split()[3] for x in limits if x.startswith("Max processes"))
             owner = ["setpriv", f"--reuid={st.st_uid}", f"--regid={st.st_gid}", "--clear-groups"]
             limit = f"--nproc={hard if soft is None else soft}:{hard}"
