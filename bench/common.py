@@ -13,6 +13,7 @@ import os
 import statistics
 import time
 
+from mlbench_daemon.config import SETTINGS
 from tests.helpers import call_port, wait_hosts_running
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -91,3 +92,24 @@ class Figures:
             f"{name}: {spread(v, fmt)} over {len(v)} repeats; "
             f"load {spread(ld, '{:.2f}')} on {os.cpu_count()} cores{goal}"
         )
+
+
+def default(section, key):
+    return next(d for s, k, _, d, _ in SETTINGS if (s, k) == (section, key))
+
+
+def defaults(**ssh):
+    """Config sections with the daemon's default intervals (not the test cluster's short
+    ones), and only warnings logged."""
+    names = (
+        "probe_interval_s",
+        "verify_interval_s",
+        "listener_interval_s",
+        "connect_timeout_s",
+        "keepalive_s",
+    )
+    return {
+        "log": {"level": "warning"},
+        "discovery": {k: default("discovery", k) for k in ("refresh_s", "timeout_s", "recheck_s")},
+        "ssh": {**{k: default("ssh", k) for k in names}, **ssh},
+    }

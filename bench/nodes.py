@@ -55,10 +55,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Figures, settle
+from bench.common import Figures, default, defaults, settle
 from bench.common import load as machine_load
 from mlbench_daemon import config
-from mlbench_daemon.config import SETTINGS
 from mlbench_daemon.nodes import EXEC_EVERY_S
 from mlbench_daemon.ssh import Pool
 from tests.cluster import Cluster, free_port, stop_process
@@ -68,27 +67,6 @@ from tests.helpers import ROOT, Served, served, wait_hosts_running
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def default(section, key):
-    return next(d for s, k, _, d, _ in SETTINGS if (s, k) == (section, key))
-
-
-def defaults(**ssh):
-    """Config sections with the daemon's default intervals (not the test cluster's short
-    ones), and only warnings logged."""
-    names = (
-        "probe_interval_s",
-        "verify_interval_s",
-        "listener_interval_s",
-        "connect_timeout_s",
-        "keepalive_s",
-    )
-    return {
-        "log": {"level": "warning"},
-        "discovery": {k: default("discovery", k) for k in ("refresh_s", "timeout_s", "recheck_s")},
-        "ssh": {**{k: default("ssh", k) for k in names}, **ssh},
-    }
 
 
 def proc_cpu(pid):

@@ -43,8 +43,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from bench.common import default
 from mlbench_daemon import config
-from mlbench_daemon.config import SETTINGS
 from mlbench_daemon.nodes import EXEC_EVERY_S
 from mlbench_daemon.ssh import HEAD_CHECK_EVERY_S, Pool, Untrusted
 from tests.cluster import Cluster
@@ -52,10 +52,6 @@ from tests.cluster import Cluster
 MAXRETRY, FINDTIME = 5, 600  # fail2ban's defaults (jail.conf), also Debian's sshd jail
 MODES = ("normal", "aggressive", "ddos")
 OPS = 20
-
-
-def default(section, key):
-    return next(d for s, k, _, d, _ in SETTINGS if (s, k) == (section, key))
 
 
 def refused(pool, h):
