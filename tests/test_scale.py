@@ -2,8 +2,8 @@
 brought to Running by the real Registry and Pool, then one fault of each kind on a few
 hosts, each shown with its own reason while the others stay Running.
 
-Marked slow: `pytest -m slow tests` runs it (not CI's default stage: see README.md,
-"Run the tests", for how long it takes).
+Marked slow: `pytest -m slow tests` runs it, CI's last stage (README.md, "Run the
+tests", says how long it takes).
 """
 
 import os
