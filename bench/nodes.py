@@ -55,7 +55,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Figures, default, defaults, settle
+from bench.common import Figures, cpu_s, default, defaults, machine_cpu, settle
 from bench.common import load as machine_load
 from mlbench_daemon import config
 from mlbench_daemon.nodes import EXEC_EVERY_S
@@ -65,21 +65,6 @@ from tests.cluster.cluster import ZONE
 from tests.cluster.memory import cluster_size
 from tests.helpers import ROOT, Served, served, wait_hosts_running
 
-TICK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def proc_cpu(pid):
-    """CPU seconds (user + system, all threads) of one process."""
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
-
-
-def machine_cpu():
-    """(busy, total) jiffies of the whole machine, all CPUs."""
-    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    idle = f[3] + f[4]
-    return sum(f) - idle, sum(f)
 
 
 def status_field(pid, name):
@@ -98,9 +83,9 @@ def idle_windows(pid, window, windows):
     window."""
     out = []
     for _ in range(windows):
-        c0, m0, t0 = proc_cpu(pid), machine_cpu(), time.monotonic()
+        c0, m0, t0 = cpu_s(pid), machine_cpu(), time.monotonic()
         time.sleep(window)
-        c1, m1, t1 = proc_cpu(pid), machine_cpu(), time.monotonic()
+        c1, m1, t1 = cpu_s(pid), machine_cpu(), time.monotonic()
         out.append(
             (
                 100 * (c1 - c0) / (t1 - t0),

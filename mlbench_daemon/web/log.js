@@ -10,7 +10,7 @@ export const MAX_CHARS = 2 * 1024 * 1024;
 export const MAX_LINES = 20000;
 export const MAX_LINE = 10000;
 export const TAIL = 1 << 20; // bytes loaded first (one answer of the logs API)
-const FRAME_CHARS = 256 * 1024; // laid out per frame at most: a frame stays short
+const FRAME_CHARS = 128 * 1024; // laid out per frame at most: a frame stays short
 const CUT_MARK = " \u2026 [line cut for display; the download has all of it]";
 
 function countLines(s) {
