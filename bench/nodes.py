@@ -66,7 +66,6 @@ from tests.cluster.memory import cluster_size
 from tests.helpers import ROOT, Served, served, wait_hosts_running
 
 
-
 def status_field(pid, name):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith(name + ":"):
