@@ -29,7 +29,7 @@ from mlbench_daemon.discovery import (
     natural_key,
     negative_ttl,
 )
-from tests.cluster.nsd import KNOTD_BIN, NSD, NSD_BIN, Knot
+from tests.cluster.nsd import KNOTD_BIN, NAMED_BIN, NSD, NSD_BIN, Bind, Knot
 from tests.cluster.nsd import free_port as nsd_port
 
 DNSMASQ = "/usr/sbin/dnsmasq"
@@ -704,37 +704,38 @@ def member_records(n, *, skip_address=(), rack=lambda i: f"r{i % 4}"):
     return lines
 
 
-@pytest.fixture
-def nsd(tmp_path, request):
-    """start(records, provide_xfr=True) -> a running NSD on 127.0.0.1 serving XZONE."""
-    if not os.path.exists(NSD_BIN):
-        pytest.skip("nsd not installed")
+def _serving(kind, binary, tmp_path, request):
+    """start(records, **kw) -> a running `kind` (tests.cluster.nsd) on 127.0.0.1 serving
+    XZONE, stopped at the test's end."""
+    if not os.path.exists(binary):
+        pytest.skip(f"{binary} not installed")
 
-    def start(records, provide_xfr=True):
-        server = NSD(tmp_path / "nsd", "127.0.0.1", nsd_port(), provide_xfr=provide_xfr)
+    def start(records, **kw):
+        server = kind(tmp_path / kind.__name__.lower(), "127.0.0.1", nsd_port(), **kw)
         request.addfinalizer(server.stop)
         server.write({XZONE: records})
         server.start()
         return server
 
     return start
+
+
+@pytest.fixture
+def nsd(tmp_path, request):
+    """NSD 4.6: AXFR; an IXFR is answered with the whole zone."""
+    return _serving(NSD, NSD_BIN, tmp_path, request)
 
 
 @pytest.fixture
 def knot(tmp_path, request):
-    """start(records) -> a running Knot DNS on 127.0.0.1 serving XZONE, answering IXFR
-    with the changes only."""
-    if not os.path.exists(KNOTD_BIN):
-        pytest.skip("knot not installed")
+    """Knot DNS: IXFR answered with the changes only."""
+    return _serving(Knot, KNOTD_BIN, tmp_path, request)
 
-    def start(records):
-        server = Knot(tmp_path / "knot", "127.0.0.1", nsd_port())
-        request.addfinalizer(server.stop)
-        server.write({XZONE: records})
-        server.start()
-        return server
 
-    return start
+@pytest.fixture
+def bind(tmp_path, request):
+    """BIND 9: IXFR answered with the changes only, an RRset split over AXFR messages."""
+    return _serving(Bind, NAMED_BIN, tmp_path, request)
 
 
 def xfr_discovery(server, **kw):
@@ -837,3 +838,23 @@ def test_ixfr_updates_only_the_changed_members_as_a_full_pass_would(knot, monkey
     assert nodes == fresh
     clash = "elsewhere" in str(change) or "2222 w-2." in str(change)
     assert full == ([1] if clash else [])  # a shared name or target needs the full pass
+
+
+def test_bind_transfers_1000_members_then_only_their_changes(bind, monkeypatch):
+    """BIND 9 (Debian 12's 9.18) keeps IXFR journals, like Knot: 1,000 members (the
+    issue's 1,000-node head) copied once, then a pass after a member leaves and another
+    moves reads only those changes and gives what a fresh full pass gives."""
+    records = member_records(1000)
+    server = bind(records)
+    d = xfr_discovery(server, recheck_s=300.0)
+    assert len(d.discover()[0]) == 1000
+    full = []
+    real = d._discover
+    monkeypatch.setattr(d, "_discover", lambda p: full.append(1) or real(p))
+    moved = {f"w-5.{SVC}. 60 IN A 127.1.0.6": f"w-5.{SVC}. 60 IN A 127.1.0.66"}
+    server.write({XZONE: edit(records, drop=["w-19."], replace=moved)})
+    server.reload()
+    nodes, _ = d.discover()
+    assert full == [] and len(nodes) == 999  # the changes only: no full pass
+    assert nodes == xfr_discovery(server).discover()[0]
+    assert {n.name: n.ip for n in nodes}["w-5"] == "127.1.0.66"

@@ -1,6 +1,8 @@
 """NSD, an authoritative DNS server, serving zone files on one address: for clusters and
 benches past what dnsmasq answers (its TCP answer is malformed past about 300 SRV members).
-`Knot` runs Knot DNS the same way, for IXFR (bench.discovery).
+`Knot` runs Knot DNS the same way, for IXFR (bench.discovery); `Bind` runs BIND 9, which
+also answers IXFR with the changes and, unlike Knot 3.2, splits an SRV set past one
+message over the AXFR's messages.
 
 NSD runs unprivileged in the foreground (`nsd -d -c FILE`), with every file under one
 directory: no system configuration is read or written. It answers zone transfers (AXFR;
@@ -26,6 +28,7 @@ import dns.rdatatype
 
 NSD_BIN = shutil.which("nsd") or "/usr/sbin/nsd"
 KNOTD_BIN = shutil.which("knotd") or "/usr/sbin/knotd"
+NAMED_BIN = shutil.which("named") or "/usr/sbin/named"
 
 
 def free_port(ip="127.0.0.1"):
@@ -130,7 +133,7 @@ class NSD:
             wait = 0.05
             while True:
                 if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError("nsd exited: " + self.log())
+                    raise RuntimeError(f"{self.argv()[0]} exited: " + self.log())
                 try:
                     wait = min(wait * 2, 0.5)
                     r = dns.query.udp(q, self.ip, timeout=wait, port=self.port)
@@ -139,13 +142,15 @@ class NSD:
                 except (dns.exception.DNSException, OSError):
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"nsd does not serve serial {self.serial}: " + self.log())
+                    raise RuntimeError(
+                        f"{self.argv()[0]} does not serve serial {self.serial}: " + self.log()
+                    )
                 time.sleep(0.05)
 
     def log(self):
         return "".join(
             p.read_text(errors="replace")[-2000:]
-            for p in (self.dir / "nsd.log", self.dir / "nsd.out", self.dir / "knot.log")
+            for p in (self.dir / n for n in ("nsd.log", "nsd.out", "knot.log", "named.log"))
             if p.exists()
         )
 
@@ -195,3 +200,44 @@ class Knot(NSD):
 
     def argv(self):
         return [KNOTD_BIN, "-c", str(self.dir / "nsd.conf")]
+
+
+class Bind(NSD):
+    """BIND 9 in NSD's place (same interface): `ixfr-from-differences` keeps the difference
+    of each reloaded zone file in a journal, so an IXFR gets only the changes; and its AXFR
+    splits an RRset over several messages, so a 2,000-member SRV set transfers (Knot 3.2
+    sends no AXFR of it).  Run in the foreground with every file under one directory."""
+
+    def conf(self):
+        d = self.dir
+        xfr = "any" if self.provide_xfr else "none"
+        lines = [
+            "options {",
+            f'  directory "{d}";',
+            f'  pid-file "{d}/named.pid";',
+            f'  session-keyfile "{d}/session.key";',
+            f'  managed-keys-directory "{d}";',
+            f"  listen-on port {self.port} {{ {self.ip}; }};",
+            "  listen-on-v6 { none; };",
+            "  recursion no;",
+            "  dnssec-validation no;",
+            "  notify no;",
+            f"  allow-transfer {{ {xfr}; }};",
+            "  ixfr-from-differences yes;",
+            # 9.18.28 on cap an RRset at 100 records (CVE-2024-1737); a headless
+            # service's SRV set is one RRset of every member
+            "  max-records-per-type 0;",
+            "};",
+            "controls { };",
+            "logging {",
+            f'  channel file {{ file "{d}/named.log"; severity notice; }};',
+            "  category default { file; };",
+            "};",
+        ]
+        for origin in self.zones:
+            lines.append(f'zone "{origin}" {{ type primary; file "{origin}.zone"; }};')
+        return "\n".join(lines) + "\n"
+
+    def argv(self):
+        # -g: foreground, no daemon user switch; -n 1: one worker thread (a bench's server)
+        return [NAMED_BIN, "-g", "-n", "1", "-c", str(self.dir / "nsd.conf")]
