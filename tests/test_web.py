@@ -403,7 +403,11 @@ def test_job_from_the_form_log_grows_live_and_succeeds(tab, daemon):
     wait_text(page.locator("#h-job"), r"succeeded")
     wait_text(log, r"line 30\b")
     text = log.inner_text()
-    assert [f"line {i}" for i in range(1, 31)] == [x for x in text.split("\n") if x]
+    # mpirun's own diagnostics share the log ("[host:pid] plm:rsh: Warning: setpgid(...)
+    # failed in parent with errno=Permission denied(13)": OpenMPI 4's rsh launcher racing
+    # its child's exec, seen once in a clean-clone CI); the program's lines are all there
+    ours = [x for x in text.split("\n") if x and not re.match(r"\[[^\]]+:\d+\] ", x)]
+    assert [f"line {i}" for i in range(1, 31)] == ours
     wait_text(page.locator("#log-extent"), r"Showing all")
     assert daemon.json("GET", f"/api/mpi_jobs/{job_id}")[1]["state"] == "succeeded"
     # the follow stream was the only one, and it is closed
