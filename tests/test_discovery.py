@@ -734,7 +734,7 @@ def knot(tmp_path, request):
 
 @pytest.fixture
 def bind(tmp_path, request):
-    """BIND 9: IXFR answered with the changes only, an RRset split over AXFR messages."""
+    """BIND 9: IXFR answered with the changes only; one RRset of at most 64 KB."""
     return _serving(Bind, NAMED_BIN, tmp_path, request)
 
 

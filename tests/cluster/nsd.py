@@ -1,8 +1,7 @@
 """NSD, an authoritative DNS server, serving zone files on one address: for clusters and
 benches past what dnsmasq answers (its TCP answer is malformed past about 300 SRV members).
 `Knot` runs Knot DNS the same way, for IXFR (bench.discovery); `Bind` runs BIND 9, which
-also answers IXFR with the changes and, unlike Knot 3.2, splits an SRV set past one
-message over the AXFR's messages.
+also answers IXFR with the changes only (Debian 12 ships both).
 
 NSD runs unprivileged in the foreground (`nsd -d -c FILE`), with every file under one
 directory: no system configuration is read or written. It answers zone transfers (AXFR;
@@ -204,9 +203,10 @@ class Knot(NSD):
 
 class Bind(NSD):
     """BIND 9 in NSD's place (same interface): `ixfr-from-differences` keeps the difference
-    of each reloaded zone file in a journal, so an IXFR gets only the changes; and its AXFR
-    splits an RRset over several messages, so a 2,000-member SRV set transfers (Knot 3.2
-    sends no AXFR of it).  Run in the foreground with every file under one directory."""
+    of each reloaded zone file in a journal, so an IXFR gets only the changes.  It holds at
+    most 64 KB of one RRset: a zone whose SRV set is bigger is not loaded ("ran out of
+    space"; about 1,300 of bench.discovery's members).  Run in the foreground with every
+    file under one directory."""
 
     def conf(self):
         d = self.dir
